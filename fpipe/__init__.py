@@ -1,0 +1,1 @@
+"""fpipe: a functional, pure-PyTorch pipeline for evaluating and adapting pretrained vision backbones."""
