@@ -1,0 +1,49 @@
+"""Freezing by partition: regex rules over dotted names split params into trainable and frozen.
+
+Only ``trainable`` is differentiated and owns optimizer state. Norm layers whose scale is frozen
+run with their running statistics and keep them unchanged (VISSL / detectron2 semantics).
+Rules are full-match regexes; three words stand for VISSL's conveniences: ``trunk`` (freeze the
+trunk only: linear evaluation), ``heads``, and ``all`` (trunk and heads: feature extraction).
+"""
+import re
+
+from fpipe import tree
+
+ALIASES = {"trunk": r"trunk\..*", "heads": r"heads\..*", "all": r".*"}
+
+
+def rules(freeze):
+    """Expands aliases and checks every rule compiles; returns a tuple of regexes."""
+    if isinstance(freeze, str):
+        freeze = (freeze,)
+    out = []
+    for rule in freeze or ():
+        rule = ALIASES.get(rule, rule)
+        try:
+            re.compile(rule)
+        except re.error as e:
+            raise ValueError(f"model.freeze rule {rule!r} is not a valid regex: {e}") from None
+        out.append(rule)
+    return tuple(out)
+
+
+def partition(params, freeze):
+    """``(trainable, frozen)`` trees; ``tree.merge(trainable, frozen)`` gives ``params`` back.
+
+    A rule that matches nothing is an error (a typo would silently train what should be frozen).
+    """
+    regexes = rules(freeze)
+    names = list(tree.flatten(params))
+    for r in regexes:
+        if not any(re.fullmatch(r, n) for n in names):
+            raise ValueError(f"model.freeze rule {r!r} matches no parameter; names look like "
+                             f"{names[:3]} … {names[-2:]}")
+    frozen, trainable = tree.partition(params, regexes)
+    return trainable, frozen
+
+
+def eval_norms(state, frozen):
+    """Dotted names of norm layers with running statistics whose scale (``.weight``) is frozen."""
+    frozen_names = set(tree.flatten(frozen))
+    layers = {n.rsplit(".", 1)[0] for n in tree.flatten(state) if n.endswith(".running_mean")}
+    return frozenset(l for l in layers if f"{l}.weight" in frozen_names or f"{l}.bias" in frozen_names)

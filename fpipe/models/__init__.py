@@ -1,0 +1,1 @@
+"""Models as parameter trees plus pure ``init``/``apply`` functions (no nn.Module)."""

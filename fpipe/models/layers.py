@@ -1,0 +1,97 @@
+"""Pure layer functions over parameter dicts: conv, linear, norms, pooling.
+
+Initialisers return ``(params, state)``; appliers return outputs (norms also the new state).
+Names follow torch.nn (``weight``, ``bias``, ``running_mean``, ``running_var``,
+``num_batches_tracked``), so a torchvision ``state_dict`` maps onto these trees by name.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+BN_MOMENTUM = 0.1
+BN_EPS = 1e-5
+
+
+# ---------------------------------------------------------------- initialisers
+def conv_init(gen, in_ch, out_ch, kernel, groups=1, bias=False):
+    """Kaiming-normal (fan_out, relu), as torchvision's ResNet initialises its convolutions."""
+    fan_out = out_ch * kernel * kernel
+    w = torch.randn(out_ch, in_ch // groups, kernel, kernel, generator=gen) * math.sqrt(2.0 / fan_out)
+    p = {"weight": w}
+    if bias:
+        p["bias"] = torch.zeros(out_ch)
+    return p
+
+
+def linear_init(gen, in_dim, out_dim, bias=True, std=None):
+    """torch.nn.Linear's default init (uniform ±1/sqrt(fan_in)); a normal init if ``std`` is given."""
+    bound = 1.0 / math.sqrt(in_dim)
+    if std is None:
+        w = (torch.rand(out_dim, in_dim, generator=gen) * 2 - 1) * bound
+    else:
+        w = torch.randn(out_dim, in_dim, generator=gen) * std
+    p = {"weight": w}
+    if bias:
+        p["bias"] = (torch.rand(out_dim, generator=gen) * 2 - 1) * bound if std is None else torch.zeros(out_dim)
+    return p
+
+
+def norm_init(kind, channels, zero_scale=False, groups=32):
+    """(params, state) of a norm layer: ``batch`` keeps running statistics, ``group``/``layer`` none."""
+    params = {"weight": torch.zeros(channels) if zero_scale else torch.ones(channels),
+              "bias": torch.zeros(channels)}
+    if kind == "batch":
+        state = {"running_mean": torch.zeros(channels), "running_var": torch.ones(channels),
+                 "num_batches_tracked": torch.tensor(0, dtype=torch.long)}
+        return params, state
+    if kind in ("group", "layer"):
+        return params, {}
+    raise ValueError(f"unknown norm {kind!r}; valid: 'batch', 'group', 'layer'")
+
+
+# ---------------------------------------------------------------- appliers
+def conv(p, x, stride=1, padding=0, groups=1):
+    return F.conv2d(x, p["weight"], p.get("bias"), stride, padding, 1, groups)
+
+
+def linear(p, x):
+    return F.linear(x, p["weight"], p.get("bias"))
+
+
+def batch_norm(p, s, x, train, momentum=BN_MOMENTUM, eps=BN_EPS):
+    """BatchNorm over dim 1 with PyTorch's semantics; returns ``(y, new_state)``.
+
+    In train mode the batch statistics normalise and the running statistics are updated out of
+    place (momentum, unbiased running variance, ``num_batches_tracked`` + 1); otherwise the
+    running statistics normalise and the state comes back unchanged.
+    """
+    if not train:
+        return F.batch_norm(x, s["running_mean"], s["running_var"], p["weight"], p["bias"], False, 0.0, eps), s
+    y, _, _, mean, var = torch.ops.aten._native_batch_norm_legit_functional(
+        x, p["weight"], p["bias"], s["running_mean"], s["running_var"], True, momentum, eps)
+    return y, {"running_mean": mean, "running_var": var, "num_batches_tracked": s["num_batches_tracked"] + 1}
+
+
+def group_norm(p, x, groups, eps=BN_EPS):
+    return F.group_norm(x, groups, p["weight"], p["bias"], eps)
+
+
+def norm(kind, p, s, x, train, groups=32):
+    """Dispatches on the norm kind; ``layer`` is GroupNorm with one group (as VISSL's LayerNorm2d)."""
+    if kind == "batch":
+        return batch_norm(p, s, x, train)
+    return group_norm(p, x, 1 if kind == "layer" else groups), s
+
+
+def max_pool(x, kernel=3, stride=2, padding=1):
+    return F.max_pool2d(x, kernel, stride, padding)
+
+
+def adaptive_pool(x, size, kind="avg"):
+    """Pools N×C×H×W to a fixed grid ``size`` (int or (h, w)); ``kind`` is ``avg`` or ``max``."""
+    if kind == "avg":
+        return F.adaptive_avg_pool2d(x, size)
+    if kind == "max":
+        return F.adaptive_max_pool2d(x, size)
+    raise ValueError(f"unknown pooling {kind!r}; valid: 'avg', 'max'")

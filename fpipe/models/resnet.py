@@ -1,0 +1,221 @@
+"""The ResNet family (ResNet, ResNeXt, wide ResNets) as a pure trunk with torchvision's names.
+
+``build(depth=50, ...)`` returns a :class:`Trunk` whose ``init(seed)`` gives ``(params, state)``
+trees that flatten to exactly torchvision's ``state_dict`` names (without the ``fc`` classifier),
+and whose ``apply`` returns the requested named features, computing only up to the deepest:
+
+    conv1    after the stem's ReLU            res1     after the max-pool
+    res2..5  after layer1..layer4              res5avg  global average pool, N×C×1×1
+    flatten  N×C
+
+Options follow VISSL's trunk: ``width_multiplier`` scales every stage (SimCLR's wide ResNets),
+``groups``/``width_per_group`` make ResNeXt and torchvision's wide_resnet, ``layer4_stride``
+(1 keeps res5 at res4's resolution), ``zero_init_residual``, and ``norm``.
+"""
+import dataclasses
+from typing import Callable, NamedTuple
+
+import torch
+
+from fpipe.models import layers
+
+FEATURES = ("conv1", "res1", "res2", "res3", "res4", "res5", "res5avg", "flatten")
+DEPTHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+NORMS = ("batch", "group", "layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    depth: int = 50
+    width_multiplier: int = 1
+    groups: int = 1
+    width_per_group: int = 64
+    zero_init_residual: bool = False
+    layer4_stride: int = 2
+    norm: str = "batch"
+    norm_groups: int = 32  # GroupNorm groups when norm == "group"
+
+    def __post_init__(self):
+        if self.depth not in DEPTHS:
+            raise ValueError(f"unknown ResNet depth {self.depth}; valid: {sorted(DEPTHS)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; valid: {NORMS}")
+        if self.layer4_stride not in (1, 2):
+            raise ValueError(f"layer4_stride must be 1 or 2, got {self.layer4_stride}")
+        if self.block == "basic" and (self.groups != 1 or self.width_per_group != 64):
+            raise ValueError(f"ResNet-{self.depth} has basic blocks, which support only groups=1 and "
+                             "width_per_group=64; use depth >= 50 for ResNeXt or wide ResNets")
+
+    @property
+    def block(self):
+        return DEPTHS[self.depth][0]
+
+    @property
+    def expansion(self):
+        return 1 if self.block == "basic" else 4
+
+    def planes(self, stage):  # stage 0..3
+        return 64 * self.width_multiplier * 2 ** stage
+
+    def stride(self, stage):
+        return (1, 2, 2, self.layer4_stride)[stage]
+
+    def channels(self, feature):
+        """Channels of a named feature."""
+        if feature in ("conv1", "res1"):
+            return 64 * self.width_multiplier
+        stage = 3 if feature in ("res5avg", "flatten") else int(feature[3]) - 2
+        return self.planes(stage) * self.expansion
+
+
+class Trunk(NamedTuple):
+    spec: Spec
+    init: Callable
+    apply: Callable
+
+
+def build(**options) -> Trunk:
+    spec = Spec(**options)
+    return Trunk(spec, lambda seed=0: init_params(spec, seed),
+                 lambda *a, **k: apply(spec, *a, **k))
+
+
+def init(seed=0, **options):
+    """``(params, state)`` of a ResNet trunk; a convenience for ``build(**options).init(seed)``."""
+    return init_params(Spec(**options), seed)
+
+
+# ---------------------------------------------------------------- init
+def init_params(spec: Spec, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params, state = {}, {}
+
+    def add_norm(p, s, key, channels, zero=False):
+        p[key], st = layers.norm_init(spec.norm, channels, zero_scale=zero)
+        if st:
+            s[key] = st
+
+    width0 = 64 * spec.width_multiplier
+    params["conv1"] = layers.conv_init(gen, 3, width0, 7)
+    add_norm(params, state, "bn1", width0)
+    inplanes = width0
+    for stage, n_blocks in enumerate(DEPTHS[spec.depth][1]):
+        planes, out = spec.planes(stage), spec.planes(stage) * spec.expansion
+        lp, ls = {}, {}
+        for i in range(n_blocks):
+            stride = spec.stride(stage) if i == 0 else 1
+            bp, bs = {}, {}
+            if spec.block == "basic":
+                bp["conv1"] = layers.conv_init(gen, inplanes, planes, 3)
+                add_norm(bp, bs, "bn1", planes)
+                bp["conv2"] = layers.conv_init(gen, planes, planes, 3)
+                add_norm(bp, bs, "bn2", planes, zero=spec.zero_init_residual)
+            else:
+                width = int(planes * spec.width_per_group / 64) * spec.groups
+                bp["conv1"] = layers.conv_init(gen, inplanes, width, 1)
+                add_norm(bp, bs, "bn1", width)
+                bp["conv2"] = layers.conv_init(gen, width, width, 3, groups=spec.groups)
+                add_norm(bp, bs, "bn2", width)
+                bp["conv3"] = layers.conv_init(gen, width, out, 1)
+                add_norm(bp, bs, "bn3", out, zero=spec.zero_init_residual)
+            if i == 0 and (stride != 1 or inplanes != out):
+                dp, ds = {"0": layers.conv_init(gen, inplanes, out, 1)}, {}
+                add_norm(dp, ds, "1", out)
+                bp["downsample"] = dp
+                if ds:
+                    bs["downsample"] = ds
+            lp[str(i)] = bp
+            if bs:
+                ls[str(i)] = bs
+            inplanes = out
+        params[f"layer{stage + 1}"] = lp
+        if ls:
+            state[f"layer{stage + 1}"] = ls
+    return params, state
+
+
+# ---------------------------------------------------------------- apply
+def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_norms=frozenset()):
+    """Returns ``({feature: tensor}, new_state)`` for the requested ``features``.
+
+    ``train`` selects batch statistics for norm layers; norm layers named in ``eval_norms``
+    (dotted names such as ``bn1`` or ``layer1.0.downsample.1``, e.g. frozen ones) use running
+    statistics regardless and keep their state unchanged.
+    """
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:
+        raise ValueError(f"unknown trunk feature(s) {unknown}; valid: {FEATURES}")
+    deepest = max(FEATURES.index(f) for f in features)
+    out, new_state = {}, {}
+
+    def norm(p, s, ns, key, h, name):
+        if key not in p:  # folded into the preceding conv (fpipe.models.fold)
+            return h
+        y, ns_key = layers.norm(spec.norm, p[key], s.get(key), h, train and name not in eval_norms,
+                                spec.norm_groups)
+        if ns_key:
+            ns[key] = ns_key
+        return y
+
+    def emit(name, h):
+        if name in features:
+            out[name] = h
+        return FEATURES.index(name) >= deepest
+
+    h = layers.conv(params["conv1"], x, stride=2, padding=3)
+    h = torch.relu(norm(params, state, new_state, "bn1", h, "bn1"))
+    if emit("conv1", h):
+        return out, _keep_rest(state, new_state)
+    h = layers.max_pool(h)
+    if emit("res1", h):
+        return out, _keep_rest(state, new_state)
+    for stage in range(4):
+        lname = f"layer{stage + 1}"
+        lp, ls, lns = params[lname], state.get(lname, {}), {}
+        for i in range(len(lp)):
+            bname = f"{lname}.{i}"
+            bns = {}
+            h = _block(spec, lp[str(i)], ls.get(str(i), {}), bns, h, spec.stride(stage) if i == 0 else 1,
+                       lambda p, s, ns, k, t, b=bname: norm(p, s, ns, k, t, f"{b}.{k}"))
+            if bns:
+                lns[str(i)] = bns
+        if lns:
+            new_state[lname] = lns
+        if emit(f"res{stage + 2}", h):
+            return out, _keep_rest(state, new_state)
+    h = torch.mean(h, dim=(2, 3), keepdim=True)
+    if emit("res5avg", h):
+        return out, _keep_rest(state, new_state)
+    emit("flatten", torch.flatten(h, 1))
+    return out, _keep_rest(state, new_state)
+
+
+def _block(spec, p, s, ns, x, stride, norm):
+    if spec.block == "basic":
+        h = torch.relu(norm(p, s, ns, "bn1", layers.conv(p["conv1"], x, stride, 1)))
+        h = norm(p, s, ns, "bn2", layers.conv(p["conv2"], h, 1, 1))
+    else:
+        h = torch.relu(norm(p, s, ns, "bn1", layers.conv(p["conv1"], x)))
+        h = torch.relu(norm(p, s, ns, "bn2", layers.conv(p["conv2"], h, stride, 1, spec.groups)))
+        h = norm(p, s, ns, "bn3", layers.conv(p["conv3"], h))
+    if "downsample" in p:
+        dns = {}
+        x = norm(p["downsample"], s.get("downsample", {}), dns, "1", layers.conv(p["downsample"]["0"], x, stride))
+        if dns:
+            ns["downsample"] = dns
+    return torch.relu(h + x)
+
+
+def _keep_rest(old, new):
+    """State of layers that did not run (features cut early) comes back unchanged."""
+    merged = dict(old)
+    for k, v in new.items():
+        merged[k] = _keep_rest(old[k], v) if isinstance(v, dict) and isinstance(old.get(k), dict) else v
+    return merged
