@@ -1,0 +1,41 @@
+"""The ``config.data`` section: its defaults, and reading a key from a partial config.
+
+Every key the data package reads is listed here once, so a config that sets only some keys
+still gets documented defaults for the rest.
+"""
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults for ``config.data``; the embedded digits dataset trains with no download."""
+    return ml_collections.ConfigDict(dict(
+        name="digits",         # digits | image_folder | synthetic (see fpipe.data.registry)
+        root="",               # image_folder: root/<train_split>/<class>/<image files>
+        image_size=64,         # the trunk's input size; digits are upsampled to it at load
+        batch_size=64,         # GLOBAL training batch, split evenly across ranks
+        eval_batch_size=256,   # GLOBAL evaluation batch; each rank gets ceil(it / world_size)
+        num_workers=0,         # decode threads per process (0: decode in the calling thread)
+        # Op strings (fpipe.data.transforms); a bare crop/resize size means ``image_size``.
+        # No flip by default: the default data are digits, which a mirror does not preserve.
+        train_transforms="random_resized_crop(scale=(0.35, 1.0))|normalize",
+        eval_transforms="resize|center_crop|normalize",
+        seed=0,                # data order and augmentation (and synthetic's pixels)
+        train_split="train",   # image_folder subfolder names
+        test_split="val",
+        num_classes=10,        # synthetic only
+        num_train=1024,        # synthetic only
+        num_test=256,          # synthetic only
+    ))
+
+
+_DEFAULTS = default_config()
+
+
+def get(data_cfg, key: str):
+    """``data_cfg[key]``, or its default when the config does not set it."""
+    if key not in _DEFAULTS:
+        raise KeyError(f"{key!r} is not a data config key; keys: {', '.join(_DEFAULTS)}")
+    try:
+        return data_cfg[key]
+    except (KeyError, AttributeError):
+        return _DEFAULTS[key]

@@ -1,0 +1,189 @@
+"""Tests for the dataset modules (digits, synthetic, image_folder) and the registry."""
+import ast
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fpipe import data
+from fpipe.data import config as config_lib
+
+
+def cfg(**overrides):
+    c = data.default_config()
+    c.update(overrides)
+    return c
+
+
+# --- digits ----------------------------------------------------------------------------------
+
+def test_digits_split_sizes_pixels_and_stratification():
+    ds = data.build(cfg())
+    assert ds.name == "digits" and ds.num_classes == 10
+    assert (len(ds.train), len(ds.test)) == (1437, 360)
+    image, label = ds.test[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert isinstance(label, int) and 0 <= label < 10
+    assert 0 <= image.min() and image.max() <= 1 and image.max() > 0.5
+    assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+    counts = torch.bincount(ds.test.labels, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: 360 / 10 each, give or take
+    assert data.build(cfg()).test is ds.test  # cached: built once per image size
+
+
+def test_digits_at_native_size_are_the_raw_images_split_disjointly():
+    from sklearn.datasets import load_digits
+    ds = data.build(cfg(image_size=8))
+    ours = [ds.train[i][0][0] for i in range(len(ds.train))] + \
+           [ds.test[i][0][0] for i in range(len(ds.test))]
+    key = lambda x: tuple(np.round(np.asarray(x) * 16).astype(int).ravel())
+    raw = load_digits().images
+    assert sorted(map(key, ours)) == sorted(key(r / 16) for r in raw)
+    assert data.build(cfg(image_size=16)).train[0][0].shape == (3, 16, 16)
+
+
+def test_digits_access_returns_a_copy():
+    ds = data.build(cfg(image_size=8))
+    ds.train[0][0].zero_()
+    assert ds.train[0][0].sum() > 0
+
+
+# --- synthetic -------------------------------------------------------------------------------
+
+def test_synthetic_is_deterministic_and_configurable():
+    c = cfg(name="synthetic", num_classes=4, num_train=40, num_test=12, image_size=16, seed=5)
+    a, b = data.build(c), data.build(c)
+    assert a.num_classes == 4 and (len(a.train), len(a.test)) == (40, 12)
+    image, label = a.train[3]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+    assert torch.equal(image, b.train[3][0]) and label == b.train[3][1]
+    assert torch.bincount(a.train.labels).tolist() == [10] * 4
+    c.seed = 6
+    assert not torch.equal(image, data.build(c).train[3][0])
+    assert not torch.equal(a.train[0][0], a.test[0][0])
+
+
+def test_synthetic_labels_are_learnable():
+    ds = data.build(cfg(name="synthetic", num_classes=10, num_train=200, num_test=100,
+                        image_size=8))
+    stack = lambda s: torch.stack([s[i][0] for i in range(len(s))]).flatten(1).float()
+    train, test = stack(ds.train), stack(ds.test)
+    means = torch.stack([train[ds.train.labels == c].mean(0) for c in range(10)])
+    predicted = torch.cdist(test, means).argmin(1)
+    assert (predicted == ds.test.labels).float().mean() > 0.9
+
+
+# --- image_folder ----------------------------------------------------------------------------
+
+def write_tree(root: pathlib.Path, layout: dict) -> dict:
+    """layout {split: {class: count}}: writes small PNGs of varying size; returns pixels."""
+    pixels = {}
+    rng = np.random.default_rng(0)
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(count):
+                array = rng.integers(0, 256, (5 + k, 7, 3), dtype=np.uint8)
+                Image.fromarray(array).save(folder / f"img{k}.png")
+                pixels[str(folder / f"img{k}.png")] = array
+            (folder / "notes.txt").write_text("not an image")
+    return pixels
+
+
+def test_image_folder_classes_labels_and_pixels(tmp_path):
+    pixels = write_tree(tmp_path, {"train": {"zebra": 2, "cat": 3}, "val": {"cat": 1}})
+    ds = data.build(cfg(name="image_folder", root=str(tmp_path)))
+    assert ds.classes == ("cat", "zebra") and ds.num_classes == 2
+    assert (len(ds.train), len(ds.test)) == (5, 1)
+    assert ds.train.labels.tolist() == [0, 0, 0, 1, 1]
+    for i, path in enumerate(ds.train.files):
+        image, label = ds.train[i]
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), pixels[path])
+    # Greyscale files come back as RGB.
+    Image.new("L", (4, 3), 200).save(tmp_path / "val" / "cat" / "grey.png")
+    grey = data.build(cfg(name="image_folder", root=str(tmp_path))).test
+    assert grey[0][0].shape == (3, 3, 4) and (grey[0][0] == 200).all()
+
+
+def test_image_folder_loader_with_workers_matches_without(tmp_path):
+    write_tree(tmp_path, {"tr": {"a": 4, "b": 3}, "te": {"a": 2, "b": 3}})
+    c = cfg(name="image_folder", root=str(tmp_path), train_split="tr", test_split="te",
+            image_size=6, batch_size=2, eval_batch_size=4,
+            train_transforms="random_resized_crop|flip|normalize")
+    ds = data.build(c)
+    runs = []
+    for workers in (0, 2):
+        c.num_workers = workers
+        runs.append([list(data.Loader(s, c, train=t).epoch(1)) for s, t in
+                     ((ds.train, True), (ds.test, False))])
+    for a, b in zip(*runs):
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            assert all(torch.equal(x[k], y[k]) for k in x)
+    assert runs[0][0][0]["image"].shape == (2, 3, 6, 6)
+
+
+def test_image_folder_layout_errors_name_the_path(tmp_path):
+    with pytest.raises(ValueError, match="needs data.root"):
+        data.build(cfg(name="image_folder"))
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=f"{missing}.*Expected layout"):
+        data.build(cfg(name="image_folder", root=str(missing)))
+    write_tree(tmp_path, {"train": {"a": 1}})
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'val'}.*Expected layout"):
+        data.build(cfg(name="image_folder", root=str(tmp_path)))
+    (tmp_path / "val" / "b").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"classes the train split lacks: \['b'\]"):
+        data.build(cfg(name="image_folder", root=str(tmp_path)))
+    (tmp_path / "val" / "b").rmdir()
+    (tmp_path / "val" / "a").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        data.build(cfg(name="image_folder", root=str(tmp_path)))
+
+
+def test_image_folder_corrupt_file_is_named(tmp_path):
+    write_tree(tmp_path, {"train": {"a": 1}, "val": {"a": 1}})
+    bad = tmp_path / "val" / "a" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 this is not really a jpeg")
+    ds = data.build(cfg(name="image_folder", root=str(tmp_path)))
+    with pytest.raises(ValueError, match=f"cannot decode image file '{bad}'.*replace"):
+        [ds.test[i] for i in range(len(ds.test))]
+
+
+# --- registry and config ---------------------------------------------------------------------
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="'imagenet'.*digits, image_folder, synthetic"):
+        data.build(cfg(name="imagenet"))
+
+
+def test_default_config_and_partial_configs():
+    c = data.default_config()
+    for key in ("name", "root", "image_size", "batch_size", "eval_batch_size", "num_workers",
+                "train_transforms", "eval_transforms", "seed", "train_split", "test_split",
+                "num_classes", "num_train", "num_test"):
+        assert key in c
+    assert (c.name, c.root, c.image_size, c.batch_size, c.num_workers) == \
+        ("digits", "", 64, 64, 0)
+    # A config that sets only some keys reads the defaults for the rest.
+    assert config_lib.get({"name": "synthetic"}, "image_size") == 64
+    ds = data.build({"name": "synthetic", "num_train": 8, "num_test": 4, "image_size": 8})
+    assert len(ds.train) == 8
+    with pytest.raises(KeyError, match="not a data config key"):
+        config_lib.get(c, "batchsize")
+
+
+def test_data_package_imports_no_models_training_or_torchvision():
+    for path in pathlib.Path(data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                module = getattr(node, "module", None)
+                names = [f"{module}.{a.name}" if module else a.name for a in node.names]
+                for name in names:
+                    assert not name.startswith(("torchvision", "fpipe.models", "fpipe.train")), \
+                        f"{path.name} imports {name}"

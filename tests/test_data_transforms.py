@@ -1,0 +1,130 @@
+"""Tests for fpipe.data.transforms: values by hand, shapes, determinism, op strings."""
+import pytest
+import torch
+
+from fpipe.data import transforms as T
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_to_float_scales_uint8_and_keeps_floats():
+    x = torch.tensor([[[0, 51, 255]]], dtype=torch.uint8)
+    assert torch.equal(T.to_float(x), torch.tensor([[[0.0, 0.2, 1.0]]]))
+    y = torch.tensor([[[0.5]]], dtype=torch.float64)
+    assert T.to_float(y).dtype == torch.float32 and T.to_float(y).item() == 0.5
+
+
+def test_resize_bilinear_values_by_hand():
+    # One row [0, 4] doubled with half-pixel centres: samples at -0.25, 0.25, 0.75, 1.25
+    # (clamped at the edges) -> 0, 1, 3, 4. The shorter side (1) goes to 2, the longer to 4.
+    x = torch.tensor([[[0.0, 4.0]]])
+    out = T.resize(x, 2)
+    assert out.shape == (1, 2, 4)
+    assert torch.allclose(out, torch.tensor([[0.0, 1.0, 3.0, 4.0]] * 2)[None])
+
+
+def test_resize_sets_shorter_side_and_keeps_aspect():
+    assert T.resize(torch.zeros(3, 10, 20), 5).shape == (3, 5, 10)
+    assert T.resize(torch.zeros(3, 20, 10), 5).shape == (3, 10, 5)
+    assert T.resize(torch.zeros(3, 3, 5), 4).shape == (3, 4, 7)  # 5 * 4/3 = 6.67 -> 7
+    assert T.resize(torch.zeros(3, 9, 9), (4, 6)).shape == (3, 4, 6)
+
+
+def test_resize_uint8_keeps_dtype_and_constant_images():
+    x = torch.full((3, 40, 30), 77, dtype=torch.uint8)
+    out = T.resize(x, 7)
+    assert out.dtype == torch.uint8 and out.shape == (3, 9, 7)
+    assert (out == 77).all()
+    assert T.resize(x, 30) is x  # already the size: untouched
+
+
+def test_center_crop_values_by_hand():
+    x = torch.arange(25.0).reshape(1, 5, 5)
+    assert torch.equal(T.center_crop(x, 3), x[:, 1:4, 1:4])
+    y = torch.arange(36.0).reshape(1, 6, 6)
+    # Odd margin (3): one pixel top/left, two bottom/right.
+    assert torch.equal(T.center_crop(y, 3), y[:, 1:4, 1:4])
+    assert torch.equal(T.center_crop(y, (2, 4)), y[:, 2:4, 1:5])
+    with pytest.raises(ValueError, match="larger than"):
+        T.center_crop(x, 6)
+
+
+def test_hflip_and_random_flip():
+    x = torch.arange(6.0).reshape(1, 2, 3)
+    assert torch.equal(T.hflip(x), torch.tensor([[[2.0, 1, 0], [5, 4, 3]]]))
+    assert torch.equal(T.random_flip(x, gen(), p=1.0), T.hflip(x))
+    assert torch.equal(T.random_flip(x, gen(), p=0.0), x)
+    flips = [not torch.equal(T.random_flip(x, gen(s)), x) for s in range(200)]
+    assert 60 < sum(flips) < 140
+    assert [not torch.equal(T.random_flip(x, gen(s)), x) for s in range(200)] == flips
+
+
+def test_normalize_exact():
+    x = torch.rand(3, 4, 5, generator=gen())
+    mean, std = torch.tensor(T.IMAGENET_MEAN), torch.tensor(T.IMAGENET_STD)
+    expected = (x - mean[:, None, None]) / std[:, None, None]
+    assert torch.equal(T.normalize(x), expected)
+    white = torch.full((3, 1, 1), 255, dtype=torch.uint8)
+    got = T.normalize(white).flatten().tolist()
+    want = [(1 - m) / s for m, s in zip(T.IMAGENET_MEAN, T.IMAGENET_STD)]
+    assert got == pytest.approx(want, abs=1e-6)
+    assert torch.equal(T.normalize(x, mean=(0.5,), std=(0.25,)), (x - 0.5) / 0.25)
+
+
+def test_random_resized_crop_shape_dtype_determinism():
+    x = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=gen())
+    a = T.random_resized_crop(x, 16, gen(1))
+    assert a.shape == (3, 16, 16) and a.dtype == torch.uint8
+    assert torch.equal(a, T.random_resized_crop(x, 16, gen(1)))
+    assert T.random_resized_crop(x.float(), (8, 12), gen(1)).shape == (3, 8, 12)
+    outs = {T.random_resized_crop(x, 16, gen(s)).sum().item() for s in range(10)}
+    assert len(outs) > 5
+
+
+def test_random_resized_crop_box_respects_scale_ratio_and_bounds():
+    h, w = 60, 80
+    for s in range(300):
+        top, left, ch, cw = T.random_resized_crop_box(h, w, gen(s), (0.2, 0.6), (0.5, 2.0))
+        assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
+        # Rounding each side to an int moves the area and aspect a little.
+        assert 0.2 * 0.9 <= ch * cw / (h * w) <= 0.6 * 1.1
+        assert 0.5 * 0.9 <= cw / ch <= 2.0 * 1.1
+
+
+def test_random_resized_crop_full_image_and_fallback():
+    x = torch.rand(3, 10, 10, generator=gen())
+    assert T.random_resized_crop_box(10, 10, gen(), (1.0, 1.0), (1.0, 1.0)) == (0, 0, 10, 10)
+    assert torch.equal(T.random_resized_crop(x, 10, gen(), (1.0, 1.0), (1.0, 1.0)), x)
+    # Aspect 2 at full area never fits a square: the central crop of aspect 2 (10×5).
+    assert T.random_resized_crop_box(10, 10, gen(), (1.0, 1.0), (2.0, 2.0)) == (2, 0, 5, 10)
+    with pytest.raises(ValueError, match="scale"):
+        T.random_resized_crop_box(10, 10, gen(), (0.5, 0.1))
+
+
+def test_parse_pipeline_string_list_and_default_size():
+    x = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=gen())
+    p = T.parse("resize(8)|center_crop(8)|normalize")
+    out = p(x, gen())
+    assert out.shape == (3, 8, 8) and out.dtype == torch.float32
+    assert torch.equal(out, T.normalize(T.center_crop(T.resize(x, 8), 8)))
+    q = T.parse(["resize", "center_crop", "normalize"], size=8)
+    assert torch.equal(q(x, gen()), out)
+    r = T.parse("random_resized_crop(scale=(0.3, 1))|flip|to_float", size=12)
+    assert r(x, gen(3)).shape == (3, 12, 12)
+    assert torch.equal(r(x, gen(3)), r(x, gen(3)))
+    assert T.parse("", size=8)(x, gen()) is x
+    assert T.parse(None)(x, gen()) is x
+    assert p.spec == "resize(8)|center_crop(8)|normalize"
+
+
+def test_parse_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"unknown transform op 'blur'.*center_crop.*flip"):
+        T.parse("resize(8)|blur")
+    with pytest.raises(ValueError, match="bad arguments.*resize"):
+        T.parse("resize(8, 9, 10)")
+    with pytest.raises(ValueError, match="needs a size"):
+        T.parse("center_crop")
+    with pytest.raises(ValueError, match="cannot parse"):
+        T.parse("resize(x)")
