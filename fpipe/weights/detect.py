@@ -1,0 +1,179 @@
+"""``format: auto``: find the trunk in a file by the tails of its names and their shapes.
+
+A prefix is whatever stands in front of the model's own trunk names (``module.encoder_q.``,
+``teacher.module.backbone.``, anything never seen before); no list of prefixes is needed to
+find it. Conventions (below) only choose among several full copies of the trunk.
+"""
+import dataclasses
+from collections import defaultdict
+
+import torch
+
+from fpipe.weights.errors import WeightsError
+
+COUNTERS = ("num_batches_tracked",)
+
+# When a file holds several full copies of the trunk: the copy each project evaluates.
+PREFERRED = {
+    "encoder_q": "MoCo evaluates the query encoder (encoder_k is its momentum copy)",
+    "base_encoder": "MoCo v3 evaluates base_encoder (momentum_encoder is for training)",
+    "online_encoder": "BYOL evaluates the online encoder (target_encoder is for training)",
+    "teacher": "DINO evaluates the teacher",
+    "state_dict_ema": "timm prefers the EMA weights (state_dict_ema) to state_dict",
+}
+TRAINING_ONLY = {"encoder_k", "momentum_encoder", "target_encoder", "student", "loss"}
+
+
+def is_counter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in COUNTERS
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One place in the file where (part of) the trunk sits."""
+    prefix: str                 # full dotted prefix in the flattened file
+    matched: dict               # trunk name -> file name, shapes equal
+    wrong_shape: dict           # trunk name -> (file shape, model shape), names equal
+    total: int                  # trunk weight tensors in the model (counters not counted)
+    aliases: list = dataclasses.field(default_factory=list)  # tensor-equal copies folded in
+
+    @property
+    def loaded(self) -> int:
+        return sum(not is_counter(n) for n in self.matched)
+
+    @property
+    def coverage(self) -> float:
+        return self.loaded / max(self.total, 1)
+
+    def describe(self) -> str:
+        text = f"{self.prefix or '<no prefix>'!s}: {self.loaded}/{self.total} trunk tensors"
+        if self.wrong_shape:
+            text += f", {len(self.wrong_shape)} with other shapes"
+        if self.aliases:
+            text += f" (identical copies: {', '.join(a or '<no prefix>' for a in self.aliases)})"
+        return text
+
+
+def find_trunks(flat: dict, trunk_shapes: dict, *, min_coverage: float = 0.25) -> list:
+    """Candidates whose coverage is at least ``min_coverage``, best first, then in file order.
+
+    ``flat``: the file's tensors by dotted path; ``trunk_shapes``: ``{torchvision name: shape}``.
+    """
+    total = sum(not is_counter(n) for n in trunk_shapes)
+    matched, wrong = defaultdict(dict), defaultdict(dict)
+    for name, tensor in flat.items():
+        parts = name.split(".")
+        for i in range(len(parts)):
+            tail = ".".join(parts[i:])
+            if tail not in trunk_shapes:
+                continue
+            prefix = ".".join(parts[:i]) + ("." if i else "")
+            if tuple(tensor.shape) == tuple(trunk_shapes[tail]):
+                matched[prefix].setdefault(tail, name)
+            else:
+                wrong[prefix][tail] = (tuple(tensor.shape), tuple(trunk_shapes[tail]))
+    order = {p: i for i, p in enumerate(dict.fromkeys(list(matched) + list(wrong)))}
+    cands = [Candidate(p, matched[p], wrong[p], total) for p in order]
+    cands = [c for c in cands if c.coverage >= min_coverage or len(c.wrong_shape) >= min_coverage * total]
+    return sorted(cands, key=lambda c: (-c.coverage, order[c.prefix]))
+
+
+def fold_aliases(cands: list, flat: dict) -> list:
+    """Merges candidates whose tensors are all equal (one copy saved twice is no ambiguity)."""
+    kept = []
+    for c in cands:
+        twin = next((k for k in kept if _same_tensors(k, c, flat)), None)
+        if twin is None:
+            kept.append(c)
+        else:
+            twin.aliases.append(c.prefix)
+    return kept
+
+
+def _same_tensors(a: Candidate, b: Candidate, flat: dict) -> bool:
+    if a.matched.keys() != b.matched.keys():
+        return False
+    for tail in a.matched:  # the first differing tensor ends it, so distinct copies cost little
+        x, y = flat[a.matched[tail]], flat[b.matched[tail]]
+        if x.data_ptr() == y.data_ptr() and x.stride() == y.stride():
+            continue
+        if x.dtype != y.dtype or not torch.equal(x, y):
+            return False
+    return True
+
+
+def choose(cands: list, flat: dict, *, select: str = "", where: str = "the file") -> tuple:
+    """``(candidate, reason)`` for the copy to load; a ``WeightsError`` when none or no rule decides."""
+    if not cands:
+        raise WeightsError(f"no ResNet trunk found in {where}: no tensor names end in the model's "
+                           f"names (conv1.weight, layer1.0.bn1.running_mean, ...) with its shapes.")
+    best = cands[0].coverage
+    if best == 0:
+        c = max(cands, key=lambda c: len(c.wrong_shape))
+        name, (fs, ms) = next(iter(c.wrong_shape.items()))
+        raise WeightsError(f"no trunk of this model's shape in {where}: names fit at "
+                           f"{c.prefix or '<no prefix>'!r} but shapes differ ({name}: file {list(fs)}, "
+                           f"model {list(ms)}); is the model's depth/width that of the file?")
+    pool = fold_aliases([c for c in cands if c.coverage == best], flat)
+    what = "full copies" if best == 1 else f"partial copies ({best:.0%})"
+    if select:
+        chosen = [c for c in pool if _selected(c, select)]
+        if len(chosen) != 1:
+            raise WeightsError(f"select={select!r} matches {len(chosen)} of the {what} of the trunk in "
+                               f"{where}; candidates:\n{_listing(cands)}")
+        return chosen[0], f"chosen by select={select!r}" + _alias_note(chosen[0])
+    if len(pool) == 1:
+        only = "the only full copy of the trunk" if best == 1 else f"the best partial copy ({best:.0%})"
+        return pool[0], only + _alias_note(pool[0])
+    scores = [_score(c) for c in pool]
+    top = max(scores)
+    winners = [c for c, s in zip(pool, scores) if s == top]
+    if len(winners) == 1 and len(set(scores)) > 1:
+        c = winners[0]
+        why = next((PREFERRED[s] for s in _segments(c.prefix) if s in PREFERRED),
+                   "the other copies are training-only (" +
+                   ", ".join(sorted({s for o in pool for s in _segments(o.prefix)} & TRAINING_ONLY)) + ")")
+        return c, (f"{len(pool)} {what} of the trunk; took {c.prefix!r} by convention: {why}. "
+                   f"To take another, set select= one of {[o.prefix for o in pool if o is not c]}")
+    raise WeightsError(f"{len(pool)} different {what} of the trunk in {where} and no convention decides "
+                       f"which to load; set model.weights.select (or state_dict_key / remove_prefix). "
+                       f"Candidates:\n{_listing(cands)}")
+
+
+def _segments(prefix: str) -> list:
+    return [s for s in prefix.split(".") if s]
+
+
+def _score(c: Candidate) -> int:
+    segs = set(_segments(c.prefix))
+    return int(bool(segs & PREFERRED.keys())) - int(bool(segs & TRAINING_ONLY))
+
+
+def _selected(c: Candidate, select: str) -> bool:
+    for prefix in [c.prefix, *c.aliases]:
+        if prefix.startswith(select) or select.strip(".") in _segments(prefix):
+            return True
+    return False
+
+
+def _alias_note(c: Candidate) -> str:
+    return f" (identical copies at {', '.join(repr(a) for a in c.aliases)})" if c.aliases else ""
+
+
+def _listing(cands: list) -> str:
+    return "\n".join(f"  {c.describe()}" for c in cands)
+
+
+def split_prefix(prefix: str, dict_paths: list) -> tuple:
+    """``(state_dict_key, remove_prefix)`` for a flat prefix: the deepest dict it lies in, and the rest."""
+    key = max((p for p in dict_paths if prefix.startswith(p + ".")), key=len, default="")
+    return key, prefix[len(key) + 1:] if key else prefix
+
+
+def advice(prefix: str, dict_paths: list) -> str:
+    """The config lines that load the trunk found at ``prefix`` (a prefix of the whole file)."""
+    key, rest = split_prefix(prefix, dict_paths)
+    parts = [f"model.weights.state_dict_key={key!r}"] if key else []
+    if rest:
+        parts.append(f"model.weights.remove_prefix={rest!r}")
+    return "set " + ", ".join(parts) if parts else "use no prefix (format='torchvision')"

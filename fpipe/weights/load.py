@@ -1,0 +1,176 @@
+"""``load_into``: file -> select -> rename -> skip -> merge into the model's tensors, with a report.
+
+Each format makes a *plan*: ``{R: file name}`` (the name each file tensor takes, R, as in
+docs/DESIGN.md) plus ``{file name: why dropped}``. The plan only moves names; the tensors follow.
+"""
+import dataclasses
+
+from fpipe.tree import flatten
+from fpipe.weights import config, detect, io, merge, transforms
+from fpipe.weights.errors import WeightsError
+from fpipe.weights.report import LoadReport
+
+VISSL_ROOT = "classy_state_dict"
+VISSL_TRUNK = "base_model.model.trunk"
+VISSL_PREFIXES = ("base_model._feature_blocks.", "_feature_blocks.")  # linear-eval, pretraining
+
+
+@dataclasses.dataclass
+class Plan:
+    names: dict                       # R -> file name
+    dropped: dict                     # file name -> why not loaded
+    format: str
+    state_dict_key: str = ""
+    remove_prefix: str = ""
+    reason: str = ""
+    candidates: list = dataclasses.field(default_factory=list)
+
+
+def load_into(target_flat: dict, cfg=None) -> tuple:
+    """``(new flat dict, LoadReport)``: ``target_flat`` with the file's tensors in place.
+
+    ``target_flat``: the model's params and state by dotted name (``trunk.*``, ``heads.*``);
+    ``cfg``: ``model.weights`` (ConfigDict or dict; see ``config.Options``).
+    """
+    opts = config.resolve(cfg)
+    target = flatten(target_flat)
+    if not opts.path:
+        return dict(target), LoadReport()
+    obj = read_checkpoint(opts.path)
+    files = transforms.tensor_leaves(obj)
+    plan = make_plan(obj, files, target, opts)
+    report = LoadReport(path=opts.path, format=plan.format, state_dict_key=plan.state_dict_key,
+                        remove_prefix=plan.remove_prefix, reason=plan.reason,
+                        candidates=plan.candidates, source=_source(plan),
+                        roots=sorted({n.split(".")[1] for n in target if n.count(".") >= 2}))
+    report.not_loaded.update(plan.dropped)
+    tensors = {rel: files[src] for rel, src in plan.names.items()}
+    out = merge.merge(target, tensors, plan.names, report, load_heads=opts.load_heads)
+    fix = None if plan.format.startswith("auto") and not plan.reason.startswith("explicit") else (
+        lambda: detection_fix(obj, files, target))
+    merge.check(report, target, allow_partial=opts.allow_partial, load_heads=opts.load_heads, fix=fix)
+    return out, report
+
+
+def read_checkpoint(path: str) -> dict:
+    """The file's contents, which must be a dict holding at least one tensor."""
+    obj = io.read(path)
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors.")
+    if not transforms.tensor_leaves(obj):
+        raise WeightsError(f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:20]))}).")
+    return obj
+
+
+def make_plan(obj: dict, files: dict, target: dict, opts: config.Options) -> Plan:
+    if opts.format == "fpipe" or (opts.format == "auto" and is_fpipe_checkpoint(obj)):
+        return _plan_fpipe(files, opts)
+    if opts.format == "vissl":
+        return _plan_vissl(files, opts)
+    if opts.format == "torchvision" or opts.remove_prefix or opts.append_prefix:
+        return _plan_explicit(files, opts)
+    return _plan_auto(obj, files, target, opts)
+
+
+def is_fpipe_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("params"), dict) and isinstance(obj.get("model_state"), dict)
+
+
+def _plan_fpipe(files: dict, opts) -> Plan:
+    names, dropped = {}, {}
+    for src in files:
+        part, _, rest = src.partition(".")
+        group, _, rel = rest.partition(".")
+        if part in ("params", "model_state") and group in ("trunk", "heads") and rel:
+            names[rel] = src
+        else:
+            dropped[src] = "not a params/model_state entry of trunk.* or heads.*"
+    names = _finish(names, opts, dropped)
+    return Plan(names, dropped, "fpipe", reason="fpipe checkpoint: params and model_state by model name")
+
+
+def _plan_explicit(files: dict, opts, *, fmt: str = "", reason: str = "") -> Plan:
+    names = {n: n for n in files}
+    dropped = {}
+    if opts.state_dict_key:
+        kept = transforms.select(names, opts.state_dict_key)
+        dropped.update({n: f"outside state_dict_key {opts.state_dict_key!r}" for n in set(names) - set(kept.values())})
+        names = kept
+    names = transforms.remove_prefix(names, opts.remove_prefix)
+    names = _finish(names, opts, dropped)
+    fmt = fmt or (opts.format if opts.format != "auto" else "auto (explicit prefix)")
+    return Plan(names, dropped, fmt, opts.state_dict_key, opts.remove_prefix,
+                reason=reason or "explicit config (state_dict_key / remove_prefix), no detection")
+
+
+def _plan_vissl(files: dict, opts) -> Plan:
+    root = opts.state_dict_key or VISSL_ROOT
+    trunk_key = f"{root}.{VISSL_TRUNK}"
+    key = trunk_key if any(n.startswith(trunk_key + ".") for n in files) else root
+    prefix = opts.remove_prefix
+    if not prefix:
+        under = [n[len(key) + 1:] for n in files if n.startswith(key + ".")]
+        prefix = next((p for p in VISSL_PREFIXES if under and all(n.startswith(p) for n in under)), "")
+    vissl = dataclasses.replace(opts, state_dict_key=key, remove_prefix=prefix)
+    return _plan_explicit(files, vissl, fmt="vissl",
+                          reason=f"VISSL layout: trunk under {key!r}, prefix {prefix!r} removed")
+
+
+def _plan_auto(obj: dict, files: dict, target: dict, opts) -> Plan:
+    names = {n: n for n in files}
+    dropped = {}
+    if opts.state_dict_key:
+        names = transforms.select(names, opts.state_dict_key)
+        dropped.update({n: f"outside state_dict_key {opts.state_dict_key!r}" for n in set(files) - set(names.values())})
+    scope = {rel: files[src] for rel, src in names.items()}
+    cands = detect.find_trunks(scope, trunk_shapes(target))
+    where = f"{opts.path}" + (f" under {opts.state_dict_key!r}" if opts.state_dict_key else "")
+    chosen, reason = detect.choose(cands, scope, select=opts.select, where=where)
+    prefix = chosen.prefix
+    copies = set(chosen.aliases)
+    kept = {}
+    for rel, src in names.items():
+        if rel.startswith(prefix):
+            kept[rel[len(prefix):]] = src
+        else:
+            other = next((a for a in copies if rel.startswith(a)), None)
+            dropped[src] = f"identical copy at {other!r}" if other is not None else f"outside the chosen copy {prefix!r}"
+    kept = _finish(kept, opts, dropped)
+    full = (opts.state_dict_key + "." if opts.state_dict_key else "") + prefix
+    key, rest = detect.split_prefix(full, transforms.dict_paths(obj))
+    return Plan(kept, dropped, "auto", key, rest, reason=reason,
+                candidates=[c.describe() for c in cands if c.coverage > 0])
+
+
+def _finish(names: dict, opts, dropped: dict) -> dict:
+    """append_prefix, rename, then skip (on the final names); skipped ones go to ``dropped``."""
+    names = transforms.append_prefix(names, opts.append_prefix)
+    names = transforms.rename(names, opts.rename)
+    names, skipped = transforms.skip(names, opts.skip_layers)
+    dropped.update({src: "skip_layers" for src in skipped.values()})
+    return names
+
+
+def trunk_shapes(target: dict) -> dict:
+    shapes = {n[len("trunk."):]: tuple(t.shape) for n, t in target.items() if n.startswith("trunk.")}
+    if not shapes:
+        raise WeightsError("the model has no trunk.* tensors to load weights into.")
+    return shapes
+
+
+def detection_fix(obj: dict, files: dict, target: dict) -> str:
+    """What ``format: auto`` would have set, for errors on explicit settings."""
+    try:
+        chosen, _ = detect.choose(detect.find_trunks(files, trunk_shapes(target)), files)
+    except WeightsError as e:
+        return f"format='auto' could not decide either: {str(e).splitlines()[0]}"
+    return detect.advice(chosen.prefix, transforms.dict_paths(obj)) + " (what format='auto' finds)"
+
+
+def _source(plan: Plan) -> str:
+    parts = []
+    if plan.state_dict_key:
+        parts.append(f"state_dict_key={plan.state_dict_key!r}")
+    if plan.remove_prefix:
+        parts.append(f"remove_prefix={plan.remove_prefix!r}")
+    return ", ".join(parts)

@@ -1,0 +1,90 @@
+"""Merging renamed file tensors into the model's flat dict, and the checks that refuse a bad load.
+
+Rule (docs/DESIGN.md): a file name ``R`` goes to ``trunk.R`` if the model has it, else to
+``heads.R`` when heads were asked for, else it is "not loaded".
+"""
+import torch
+
+from fpipe.weights.detect import is_counter
+from fpipe.weights.errors import WeightsError
+from fpipe.weights.report import SHOW, LoadReport
+
+
+def merge(target: dict, tensors: dict, origin: dict, report: LoadReport, *, load_heads: bool) -> dict:
+    """Returns ``target`` with the fitting tensors of ``tensors`` ({R: tensor}) in place; fills ``report``."""
+    out = dict(target)
+    for rel, tensor in tensors.items():
+        src = origin[rel]
+        name = f"trunk.{rel}"
+        if name not in target:
+            name = f"heads.{rel}"
+            if name not in target:
+                report.not_loaded[src] = "not in the model"
+                continue
+            if not load_heads:
+                report.not_loaded[src] = "head (load_heads=False)"
+                continue
+        ref = target[name]
+        if tuple(tensor.shape) != tuple(ref.shape):
+            report.shape_mismatches.append((name, tuple(tensor.shape), tuple(ref.shape)))
+            report.not_loaded[src] = "shape mismatch"
+            continue
+        if tensor.dtype != ref.dtype:
+            report.dtype_casts.append((name, _dtype(tensor), _dtype(ref)))
+        out[name] = _like(tensor, ref)
+        report.loaded.append(name)
+        report.sources[name] = src
+    loaded = set(report.loaded)
+    trunk = [n for n in target if n.startswith("trunk.") and not is_counter(n)]
+    report.trunk_total = len(trunk)
+    report.trunk_loaded = sum(n in loaded for n in trunk)
+    report.heads_loaded = [n for n in report.loaded if n.startswith("heads.")]
+    wanted = ("trunk.", "heads.") if load_heads else ("trunk.",)
+    report.missing = [n for n in target if n.startswith(wanted) and n not in loaded and not is_counter(n)]
+    return out
+
+
+def _like(tensor: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The file tensor with the model tensor's dtype, device and requires_grad."""
+    out = tensor.detach().to(device=ref.device, dtype=ref.dtype)
+    return out.requires_grad_(True) if ref.requires_grad else out
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: bool, fix=None) -> None:
+    """Raises unless the trunk is fully covered and shapes agree (or ``allow_partial``).
+
+    ``fix``: a function returning the config change that would load the trunk, or ``None``.
+    """
+    if allow_partial:
+        return
+    where = f"{report.path}: " if report.path else ""
+    if report.shape_mismatches:
+        shown = "; ".join(f"{n}: file {list(a)} vs model {list(b)}" for n, a, b in report.shape_mismatches[:SHOW])
+        raise WeightsError(f"{where}{len(report.shape_mismatches)} tensor(s) have other shapes than the "
+                           f"model's: {shown}. Is the model the one the file was trained with? "
+                           f"(allow_partial=True keeps those at their init.)")
+    if report.trunk_loaded < report.trunk_total:
+        model_side = [n for n in report.missing if n.startswith("trunk.")]
+        file_side = [n for n, why in report.not_loaded.items() if why == "not in the model"]
+        suggestion = fix() if fix else ""
+        raise WeightsError(
+            f"{where}only {report.trunk_loaded}/{report.trunk_total} trunk tensors would be loaded "
+            f"(source {report.source or '<whole file>'}); refusing to leave the rest random.\n"
+            f"  model names with no file tensor: {_first(model_side)}\n"
+            f"  file names that fit no model name: {_first(file_side)}\n"
+            + (f"  fix: {suggestion}\n" if suggestion else "")
+            + "  (allow_partial=True accepts a partial trunk, if you mean it.)")
+    heads = [n for n in target if n.startswith("heads.")]
+    if load_heads and heads and not report.heads_loaded:
+        raise WeightsError(f"{where}load_heads=True but no head tensor was found in the file "
+                           f"(model heads: {_first(heads)}).")
+
+
+def _first(names: list) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:SHOW]) + (f", … (+{len(names) - SHOW})" if len(names) > SHOW else "")
