@@ -1,0 +1,28 @@
+"""Shared test setup: the repo on sys.path and the torchvision reference fixtures in ../shared/reference."""
+import importlib.util
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REFERENCE = pathlib.Path(os.environ.get("FPIPE_REFERENCE", ROOT.parent / "shared" / "reference"))
+
+
+def _load_seeded():
+    spec = importlib.util.spec_from_file_location("reference_seeded", REFERENCE / "seeded.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The reference folder's ``seeded`` module (load_manifest, seeded_state_dict, seeded_images)."""
+    if not (REFERENCE / "seeded.py").exists():
+        pytest.fail(f"reference fixtures not found at {REFERENCE}; set FPIPE_REFERENCE")
+    module = _load_seeded()
+    module.OUTPUTS = REFERENCE / "outputs"
+    return module

@@ -1,0 +1,43 @@
+"""Pure layers against torch.nn: BatchNorm semantics (momentum, unbiased running var, counter)."""
+import torch
+
+from fpipe.models import layers
+
+
+def test_batch_norm_train_matches_torch_batchnorm2d_over_steps():
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(5)
+    ref.weight.data.uniform_(0.5, 1.5)
+    ref.bias.data.uniform_(-0.5, 0.5)
+    p = {"weight": ref.weight.detach().clone(), "bias": ref.bias.detach().clone()}
+    _, s = layers.norm_init("batch", 5)
+    for _ in range(4):
+        x = torch.randn(8, 5, 3, 3) * 3 + 1
+        y, s_new = layers.batch_norm(p, s, x, train=True)
+        assert s_new is not s and s["num_batches_tracked"] != s_new["num_batches_tracked"]
+        s = s_new
+        torch.testing.assert_close(y, ref(x).detach())
+    torch.testing.assert_close(s["running_mean"], ref.running_mean)
+    torch.testing.assert_close(s["running_var"], ref.running_var)
+    assert int(s["num_batches_tracked"]) == int(ref.num_batches_tracked) == 4
+    ref.eval()
+    x = torch.randn(2, 5, 3, 3)
+    y, s_eval = layers.batch_norm(p, s, x, train=False)
+    torch.testing.assert_close(y, ref(x).detach())
+    assert s_eval is s
+
+
+def test_batch_norm_does_not_mutate_its_inputs():
+    p = {"weight": torch.ones(3), "bias": torch.zeros(3)}
+    _, s = layers.norm_init("batch", 3)
+    before = {k: v.clone() for k, v in s.items()}
+    layers.batch_norm(p, s, torch.randn(4, 3, 2, 2) + 5, train=True)
+    assert all(torch.equal(before[k], s[k]) for k in s)
+
+
+def test_group_and_layer_norm_match_torch():
+    x = torch.randn(2, 64, 4, 4)
+    p, s = layers.norm_init("group", 64)
+    assert s == {}
+    torch.testing.assert_close(layers.norm("group", p, s, x, True)[0], torch.nn.GroupNorm(32, 64)(x).detach())
+    torch.testing.assert_close(layers.norm("layer", p, s, x, True)[0], torch.nn.GroupNorm(1, 64)(x).detach())

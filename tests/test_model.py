@@ -1,0 +1,50 @@
+"""A trunk plus named heads from config: several layers evaluated in one pass, with clear errors."""
+import ml_collections
+import pytest
+import torch
+
+from fpipe import tree
+from fpipe.models import model as models
+
+
+def cfg(**heads):
+    return ml_collections.ConfigDict(dict(trunk=models.trunk_config(depth=18), heads=heads))
+
+
+def test_heads_on_several_layers_in_one_pass():
+    m = models.build(cfg(res4=models.head_config("res4", "eval_mlp", pool=[2, 2]),
+                         res5avg=models.head_config("res5avg", "eval_mlp"),
+                         fc=models.head_config("flatten", "linear")), num_classes=7, image_size=32)
+    params, state = m.init(0)
+    names = tree.flatten(params)
+    assert names["heads.res4.clf.clf.0.weight"].shape == (7, 256 * 2 * 2)
+    assert names["heads.res5avg.clf.clf.0.weight"].shape == (7, 512)
+    assert names["heads.fc.weight"].shape == (7, 512)
+    x = torch.randn(3, 3, 32, 32)
+    out, new_state = m.apply(params, state, x, train=False)
+    assert {k: v.shape for k, v in out.items()} == {n: (3, 7) for n in ("res4", "res5avg", "fc")}
+    # the fc head equals a linear layer on the trunk's flatten feature
+    flat = m.features(params, state, x, ("flatten",))["flatten"]
+    torch.testing.assert_close(out["fc"], flat @ params["heads"]["fc"]["weight"].T + params["heads"]["fc"]["bias"])
+
+
+def test_chain_of_heads():
+    m = models.build(cfg(proj=dict(feature="flatten", chain=[dict(type="mlp", dims=[64], use_relu=True,
+                                                                   skip_last_layer_relu_bn=False),
+                                                              dict(type="linear")])),
+                     num_classes=5, image_size=32)
+    params, state = m.init(0)
+    assert tree.flatten(params)["heads.proj.1.weight"].shape == (5, 64)
+    out, _ = m.apply(params, state, torch.randn(2, 3, 32, 32), train=True)
+    assert out["proj"].shape == (2, 5)
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(ValueError, match=r"valid: \['resnet'\]"):
+        models.build(ml_collections.ConfigDict(dict(trunk=dict(name="vit"), heads={})), num_classes=2, image_size=32)
+    with pytest.raises(ValueError, match="valid:.*res5avg"):
+        models.build(cfg(x=dict(feature="res9")), num_classes=2, image_size=32)
+    with pytest.raises(ValueError, match="unknown type 'svm'"):
+        models.build(cfg(x=dict(feature="res5avg", type="svm")), num_classes=2, image_size=32)
+    with pytest.raises(ValueError, match="unknown key"):
+        models.build(cfg(x=dict(feature="res5avg", poool=[1, 1])), num_classes=2, image_size=32)
