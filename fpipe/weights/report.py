@@ -59,7 +59,7 @@ class LoadReport:
         if self.not_loaded:
             lines.append(f"  not loaded: {len(self.not_loaded)} file tensors")
             for why, names in _by_reason(self.not_loaded).items():
-                lines.append(f"    {why}: {_grouped(names, set(self.roots))}")
+                lines.append(f"    {why}: {grouped(names, set(self.roots))}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(l for l in lines if l)
 
@@ -76,12 +76,12 @@ def _by_reason(not_loaded: dict) -> dict:
     return out
 
 
-def _grouped(names: list, roots: set) -> str:
+def grouped(names: list, roots: set) -> str:
     """``module.encoder_k.* (320), module.queue``: names folded before the model's own name parts."""
-    groups = Counter()
+    groups = defaultdict(list)
     for n in names:
         parts = n.split(".")
         cut = max(1, next((i for i, p in enumerate(parts) if p in roots), min(len(parts) - 1, 2)))
-        groups[".".join(parts[:cut]) + (".*" if cut < len(parts) else "")] += 1
-    shown = [f"{g} ({c})" if c > 1 else g for g, c in list(groups.items())[:8]]
+        groups[".".join(parts[:cut]) + ".*"].append(n)
+    shown = [f"{g} ({len(v)})" if len(v) > 1 else v[0] for g, v in list(groups.items())[:8]]
     return ", ".join(shown) + (f", … ({len(groups) - 8} more groups)" if len(groups) > 8 else "")
