@@ -1,0 +1,305 @@
+"""Checkpoints: atomic save, keep the last K, restore the newest readable one, keep the best.
+
+A checkpoint is one ``torch.save`` file per save, ``WORKDIR/checkpoints/ckpt_<step:08d>.pt``,
+holding a plain dict that ``torch.load(weights_only=True)`` reads: tensors, dicts, lists,
+tuples, ints, floats, strings, bools and None only (checked when saving, so a checkpoint that
+could not be restored is never written). What goes in is the caller's; the convention is
+
+        params       flat {dotted name: tensor} of ALL model params (trunk.* and heads.*)
+        model_state  flat {dotted name: tensor}: BatchNorm running stats, num_batches_tracked
+        opt_state    the optimizer's state tree
+        step, epoch  ints; ``step`` (if present) must equal the step the file is named by
+        rng          {name: torch generator state (uint8 tensor)}
+        data         the data loader's position
+        hooks        {hook name: hook.state_dict()}
+        scaler       the gradient scaler's state, or None
+        meta         {"fpipe_version": str, "config": config as a JSON string}
+
+``save`` adds one reserved key, ``"fpipe_checkpoint"``: ``{"format", "step", "sha256"}``; the
+hash covers every leaf (tensor bytes, dtype, shape; other values by repr) and the nesting, so
+a file that loads but holds damaged bytes is caught as well as a truncated one. ``load`` and
+``restore`` check it and strip it.
+
+Durability: write to ``<name>.<pid>.tmp`` in the same directory, fsync, ``os.replace`` onto the
+final name, fsync the directory, and only then delete old checkpoints. An interruption at any
+point leaves the previous checkpoints intact; leftover ``*.tmp`` files are never listed as
+checkpoints and the next ``save`` removes them. One process (rank 0) writes a workdir.
+
+Damage: ``restore`` tries the newest file, then older ones. A file that fails while an older
+one loads is logged and renamed to ``*.corrupt`` (kept for inspection, never retried, never
+pruned). If no file loads at all, nothing is renamed and ``restore`` raises: that pattern
+points at the environment (a bad mount, an unreadable torch version) rather than at a file,
+and starting from scratch over it would waste the run.
+
+Best by metric: ``save_best`` keeps ``best.pt`` and ``best.json`` (step, metric, mode, value)
+in the same directory, both replaced atomically (``best.pt`` first); after a restart the value
+to beat is read back from ``best.json``. Pruning only ever touches ``ckpt_*.pt``.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+from collections import OrderedDict
+from typing import Any, Optional
+
+import torch
+from absl import logging
+
+CKPT_DIR = "checkpoints"
+BEST_FILE = "best.pt"
+BEST_JSON = "best.json"
+RESERVED = "fpipe_checkpoint"
+FORMAT = 1
+_NAME = re.compile(r"ckpt_(\d+)\.pt")
+_SCALARS = (int, float, str, bool, type(None))
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read, or whose contents do not match its checksum."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, CKPT_DIR)
+
+
+def checkpoint_path(workdir: str, step: int) -> str:
+    return os.path.join(checkpoint_dir(workdir), f"ckpt_{int(step):08d}.pt")
+
+
+def list_checkpoints(workdir: str) -> list:
+    """``[(step, path)]`` of the complete-looking checkpoint files, oldest first."""
+    d = checkpoint_dir(workdir)
+    if not os.path.isdir(d):
+        return []
+    found = [(int(m.group(1)), os.path.join(d, n))
+             for n in os.listdir(d) if (m := _NAME.fullmatch(n))]
+    return sorted(found)
+
+
+def latest(workdir: str) -> Optional[str]:
+    """Path of the newest checkpoint by step, or None. Not opened: ``restore`` validates."""
+    found = list_checkpoints(workdir)
+    return found[-1][1] if found else None
+
+
+# ------------------------------------------------------------------ contents: check and hash
+
+def _check_savable(obj: Any, where: str = "payload") -> None:
+    """Raises TypeError at the first value that ``torch.load(weights_only=True)`` would refuse."""
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"{where}: key {k!r} is a {type(k).__name__}; use str or int keys")
+            _check_savable(v, f"{where}[{k!r}]")
+    elif type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            _check_savable(v, f"{where}[{i}]")
+    elif type(obj) in (torch.Tensor, torch.nn.Parameter):
+        if obj.layout != torch.strided:
+            raise TypeError(f"{where}: {obj.layout} tensors are not supported; save a dense tensor")
+    elif type(obj) not in _SCALARS:
+        raise TypeError(f"{where}: a {type(obj).__module__}.{type(obj).__name__} is not "
+                        "loadable with weights_only=True; store tensors, dicts, lists, numbers, "
+                        "str, None (float(x) for a numpy scalar, torch.as_tensor for an array)")
+
+
+def _hash(obj: Any, h) -> None:
+    if isinstance(obj, dict):
+        h.update(b"{%d" % len(obj))
+        for k, v in obj.items():
+            h.update(repr(k).encode() + b":")
+            _hash(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[%d" % len(obj))
+        for v in obj:
+            _hash(v, h)
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy())
+    else:
+        h.update(f"{type(obj).__name__}={obj!r};".encode())
+
+
+def checksum(payload: dict) -> str:
+    h = hashlib.sha256()
+    _hash(payload, h)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ atomic file writes
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # e.g. platforms where directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    """``write_fn(file)`` into a temporary sibling, fsync, then rename onto ``path``."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+def _remove_leftover_tmp(d: str) -> None:
+    for name in os.listdir(d):
+        if name.endswith(".tmp"):
+            logging.warning("checkpoint: removing %s, left by an interrupted write", name)
+            try:
+                os.remove(os.path.join(d, name))
+            except FileNotFoundError:
+                pass
+
+
+def _write_checkpoint(path: str, step: int, payload: dict, extra: Optional[dict] = None) -> None:
+    if not isinstance(payload, dict):
+        raise TypeError(f"payload must be a dict, got {type(payload).__name__}")
+    if RESERVED in payload:
+        raise ValueError(f"payload key {RESERVED!r} is reserved")
+    if "step" in payload and payload["step"] != step:
+        raise ValueError(f"payload['step']={payload['step']!r} but saving as step {step}")
+    _check_savable(payload)
+    marker = {"format": FORMAT, "step": int(step), "sha256": checksum(payload), **(extra or {})}
+    _atomic_write(path, lambda f: torch.save({**payload, RESERVED: marker}, f))
+
+
+# ------------------------------------------------------------------ save / load / restore
+
+def save(workdir: str, step: int, payload: dict, *, keep: Optional[int] = 3) -> str:
+    """Writes ``payload`` as the checkpoint of ``step`` atomically; keeps the newest ``keep``.
+
+    The file just written is never deleted, even when newer-numbered files exist.
+    ``keep=None`` keeps everything. Returns the path written.
+    """
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 or None, got {keep}")
+    d = checkpoint_dir(workdir)
+    os.makedirs(d, exist_ok=True)
+    _remove_leftover_tmp(d)
+    path = checkpoint_path(workdir, step)
+    _write_checkpoint(path, step, payload)
+    logging.info("checkpoint: saved step %d to %s", step, path)
+    if keep is not None:
+        for _, old in list_checkpoints(workdir)[:-keep]:
+            if old != path:
+                os.remove(old)
+    return path
+
+
+def load(path: str, map_location="cpu") -> dict:
+    """Reads one checkpoint file (a ``ckpt_*.pt`` or ``best.pt``) and checks it; strips the marker.
+
+    Raises CorruptCheckpointError when it cannot be loaded or does not match its checksum.
+    """
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncation shows up as RuntimeError, OSError, EOFError, ...
+        raise CorruptCheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict) or not isinstance(obj.get(RESERVED), dict):
+        raise CorruptCheckpointError(f"{path}: no {RESERVED!r} marker; not from checkpoint.save")
+    marker = obj.pop(RESERVED)
+    if marker.get("format") != FORMAT:
+        raise CorruptCheckpointError(f"{path}: unknown format {marker.get('format')!r}")
+    if marker.get("sha256") != checksum(obj):
+        raise CorruptCheckpointError(f"{path}: contents do not match the stored checksum")
+    m = _NAME.fullmatch(os.path.basename(path))
+    if m and int(m.group(1)) != marker.get("step"):
+        raise CorruptCheckpointError(f"{path}: holds step {marker.get('step')}, not {m.group(1)}")
+    return obj
+
+
+def restore(workdir: str, map_location="cpu") -> tuple:
+    """``(payload, path)`` of the newest checkpoint that loads, or ``(None, None)`` if none exist.
+
+    Newer files that fail are logged and renamed ``*.corrupt``. Raises CorruptCheckpointError
+    if checkpoints exist but none loads (and then renames nothing).
+    """
+    found = list_checkpoints(workdir)
+    bad = []
+    for _, path in reversed(found):
+        try:
+            payload = load(path, map_location)
+        except (CorruptCheckpointError, FileNotFoundError) as e:
+            logging.warning("checkpoint: %s is unreadable, trying the previous one: %s", path, e)
+            bad.append(path)
+            continue
+        for b in bad:
+            try:
+                os.replace(b, b + ".corrupt")
+                logging.warning("checkpoint: renamed %s to %s.corrupt", b, os.path.basename(b))
+            except FileNotFoundError:
+                pass
+        logging.info("checkpoint: restored %s", path)
+        return payload, path
+    if bad:
+        raise CorruptCheckpointError(
+            f"none of the {len(bad)} checkpoints in {checkpoint_dir(workdir)} loads; see the "
+            "warnings above. Move them away to start this workdir from scratch.")
+    return None, None
+
+
+# ------------------------------------------------------------------ best by metric
+
+def read_best(workdir: str) -> Optional[dict]:
+    """``{"step", "metric", "mode", "value"}`` of the best checkpoint so far, or None."""
+    p = os.path.join(checkpoint_dir(workdir), BEST_JSON)
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+def _improves(value: float, best: float, mode: str) -> bool:
+    return value > best if mode == "max" else value < best
+
+
+def save_best(workdir: str, step: int, payload: dict, metric_name: str, value: float,
+              mode: str = "max") -> bool:
+    """Writes ``best.pt`` and ``best.json`` if ``value`` beats the recorded best; returns whether.
+
+    A NaN never improves. The metric name and mode must match what ``best.json`` records.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    value = float(value)
+    best = read_best(workdir)
+    if best is not None and (best["metric"], best["mode"]) != (metric_name, mode):
+        raise ValueError(
+            f"{BEST_JSON} in {checkpoint_dir(workdir)} tracks {best['metric']!r} "
+            f"({best['mode']}), not {metric_name!r} ({mode}); delete it to track another metric")
+    if math.isnan(value):
+        logging.warning("checkpoint: %s is NaN at step %d; best not updated", metric_name, step)
+        return False
+    if best is not None and not _improves(value, best["value"], mode):
+        return False
+    d = checkpoint_dir(workdir)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, BEST_FILE)
+    record = {"step": int(step), "metric": metric_name, "mode": mode, "value": value}
+    _write_checkpoint(path, step, payload, {"best": dict(record)})
+    _atomic_write(os.path.join(d, BEST_JSON),
+                  lambda f: f.write(json.dumps(record, indent=1).encode()))
+    previous = "none" if best is None else f"{best['value']:.6g} at step {best['step']}"
+    logging.info("checkpoint: new best %s=%.6g at step %d (was %s)", metric_name, value, step,
+                 previous)
+    return True
