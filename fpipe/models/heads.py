@@ -53,15 +53,17 @@ def init(gen, kind, in_shape, dims, **options):
     return {"clf": params}, ({"clf": state} if state else {})
 
 
-def apply(kind, params, state, x, *, train, eval_norms=frozenset(), name="", **options):
+def apply(kind, params, state, x, *, train, eval_norms=frozenset(), sync_stats=None, **options):
     """Returns ``(y, new_state)``; ``eval_norms`` are dotted norm names (relative) using running stats."""
     if kind == "linear":
         return layers.linear(params, x.flatten(1)), state
     if kind == "eval_mlp":
         h, bn_s = layers.batch_norm(params["channel_bn"], state["channel_bn"], x,
-                                    train and "channel_bn" not in eval_norms)
+                                    train and "channel_bn" not in eval_norms,
+                                    sync_stats=sync_stats)
         y, clf_s = apply("mlp", params["clf"], state.get("clf", {}), h, train=train,
-                         eval_norms={n[4:] for n in eval_norms if n.startswith("clf.")}, **options)
+                         eval_norms={n[4:] for n in eval_norms if n.startswith("clf.")},
+                         sync_stats=sync_stats, **options)
         return y, {"channel_bn": bn_s, **clf_s}
     opts = {**MLP_OPTIONS, **options}
     p, s, new_s = params["clf"], state.get("clf", {}), {}
@@ -71,7 +73,8 @@ def apply(kind, params, state, x, *, train, eval_norms=frozenset(), name="", **o
         if op == "linear":
             h = layers.linear(p[key], h)
         elif op == "bn":
-            h, new_s[key] = layers.batch_norm(p[key], s[key], h, train and f"clf.{key}" not in eval_norms)
+            h, new_s[key] = layers.batch_norm(p[key], s[key], h, train and f"clf.{key}" not in eval_norms,
+                                              sync_stats=sync_stats)
         elif op == "relu":
             h = torch.relu(h)
         else:

@@ -59,28 +59,47 @@ def linear(p, x):
     return F.linear(x, p["weight"], p.get("bias"))
 
 
-def batch_norm(p, s, x, train, momentum=BN_MOMENTUM, eps=BN_EPS):
+def batch_norm(p, s, x, train, momentum=BN_MOMENTUM, eps=BN_EPS, sync_stats=None):
     """BatchNorm over dim 1 with PyTorch's semantics; returns ``(y, new_state)``.
 
     In train mode the batch statistics normalise and the running statistics are updated out of
     place (momentum, unbiased running variance, ``num_batches_tracked`` + 1); otherwise the
-    running statistics normalise and the state comes back unchanged.
+    running statistics normalise and the state comes back unchanged. ``sync_stats`` (SyncBN)
+    all-reduces ``(count, sum, sum of squares)`` per channel across processes, differentiably.
     """
     if not train:
         return F.batch_norm(x, s["running_mean"], s["running_var"], p["weight"], p["bias"], False, 0.0, eps), s
+    if sync_stats is not None:
+        return _synced_batch_norm(p, s, x, momentum, eps, sync_stats)
     y, _, _, mean, var = torch.ops.aten._native_batch_norm_legit_functional(
         x, p["weight"], p["bias"], s["running_mean"], s["running_var"], True, momentum, eps)
     return y, {"running_mean": mean, "running_var": var, "num_batches_tracked": s["num_batches_tracked"] + 1}
+
+
+def _synced_batch_norm(p, s, x, momentum, eps, sync_stats):
+    dims = [0] + list(range(2, x.dim()))
+    xf = x.float()
+    count = torch.full((1,), x.numel() / x.shape[1], dtype=torch.float32, device=x.device)
+    count, total, total_sq = sync_stats(count, xf.sum(dims), (xf * xf).sum(dims))
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps) * p["weight"].view(shape) + p["bias"].view(shape)
+    unbiased = var * count / (count - 1).clamp_min(1)
+    new_s = {"running_mean": (1 - momentum) * s["running_mean"] + momentum * mean.detach(),
+             "running_var": (1 - momentum) * s["running_var"] + momentum * unbiased.detach(),
+             "num_batches_tracked": s["num_batches_tracked"] + 1}
+    return y.to(x.dtype), new_s
 
 
 def group_norm(p, x, groups, eps=BN_EPS):
     return F.group_norm(x, groups, p["weight"], p["bias"], eps)
 
 
-def norm(kind, p, s, x, train, groups=32):
+def norm(kind, p, s, x, train, groups=32, sync_stats=None):
     """Dispatches on the norm kind; ``layer`` is GroupNorm with one group (as VISSL's LayerNorm2d)."""
     if kind == "batch":
-        return batch_norm(p, s, x, train)
+        return batch_norm(p, s, x, train, sync_stats=sync_stats)
     return group_norm(p, x, 1 if kind == "layer" else groups), s
 
 

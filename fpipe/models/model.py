@@ -71,10 +71,12 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
             hp[h.name], hs[h.name] = _init_head(gen, h, shapes[h.feature])
         return {"trunk": params, "heads": hp}, {"trunk": state, "heads": hs}
 
-    def apply(params, state, images, *, train, eval_norms=frozenset()):
-        """``({head: logits}, new_state)``; norm layers named in ``eval_norms`` use running stats."""
+    def apply(params, state, images, *, train, eval_norms=frozenset(), sync_stats=None):
+        """``({head: logits}, new_state)``; norm layers named in ``eval_norms`` use running stats;
+        ``sync_stats`` makes training BatchNorms synchronous across processes (SyncBN)."""
         feats, trunk_state = trunk.apply(params["trunk"], state.get("trunk", {}), images, train=train,
-                                         features=deepest, eval_norms=_under("trunk", eval_norms))
+                                         features=deepest, eval_norms=_under("trunk", eval_norms),
+                                         sync_stats=sync_stats)
         outputs, head_states = {}, {}
         for h in heads:
             x = feats[h.feature]
@@ -82,7 +84,7 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
                 x = layers.adaptive_pool(x, h.pool, h.pool_type)
             outputs[h.name], head_states[h.name] = _apply_head(
                 h, params["heads"][h.name], state.get("heads", {}).get(h.name, {}), x, train,
-                _under(f"heads.{h.name}", eval_norms))
+                _under(f"heads.{h.name}", eval_norms), sync_stats)
         return outputs, {"trunk": trunk_state, "heads": head_states}
 
     def features(params, state, images, names=("flatten",)):
@@ -146,14 +148,14 @@ def _init_head(gen, head, in_shape):
     return params, state
 
 
-def _apply_head(head, params, state, x, train, eval_norms):
+def _apply_head(head, params, state, x, train, eval_norms, sync_stats):
     single = len(head.layers) == 1
     new_state = {}
     for i, (kind, opts) in enumerate(head.layers):
         key = str(i)
         p, s = (params, state) if single else (params[key], state[key])
         norms = eval_norms if single else _under(key, eval_norms)
-        x, new_s = heads_lib.apply(kind, p, s, x, train=train, eval_norms=norms, **opts)
+        x, new_s = heads_lib.apply(kind, p, s, x, train=train, eval_norms=norms, sync_stats=sync_stats, **opts)
         if single:
             return x, new_s
         new_state[key] = new_s

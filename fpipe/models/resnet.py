@@ -142,12 +142,14 @@ def init_params(spec: Spec, seed=0):
 
 
 # ---------------------------------------------------------------- apply
-def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_norms=frozenset()):
+def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_norms=frozenset(),
+          sync_stats=None):
     """Returns ``({feature: tensor}, new_state)`` for the requested ``features``.
 
     ``train`` selects batch statistics for norm layers; norm layers named in ``eval_norms``
     (dotted names such as ``bn1`` or ``layer1.0.downsample.1``, e.g. frozen ones) use running
-    statistics regardless and keep their state unchanged.
+    statistics regardless and keep their state unchanged. ``sync_stats``: SyncBN's all-reduce
+    (see ``layers.batch_norm``) for the norm layers that train.
     """
     unknown = [f for f in features if f not in FEATURES]
     if unknown:
@@ -159,7 +161,7 @@ def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_no
         if key not in p:  # folded into the preceding conv (fpipe.models.fold)
             return h
         y, ns_key = layers.norm(spec.norm, p[key], s.get(key), h, train and name not in eval_norms,
-                                spec.norm_groups)
+                                spec.norm_groups, sync_stats)
         if ns_key:
             ns[key] = ns_key
         return y

@@ -21,18 +21,20 @@ def heads_loss(outputs, labels):
     return sum(losses.values()), losses
 
 
-def make_step(model, opt, *, eval_norms=frozenset(), clip=None, grad_reduce=None, autocast=None) -> Callable:
+def make_step(model, opt, *, eval_norms=frozenset(), clip=None, grad_reduce=None, sync_stats=None,
+              autocast=None) -> Callable:
     """Returns ``step(train_state, batch, lr) -> (train_state, metrics)``.
 
     train_state: ``{"trainable", "frozen", "model_state", "opt_state"}`` trees.
     clip: ``grads -> (grads, grad_norm)`` (from fpipe.optim); grad_reduce: averages grads across
-    processes (data parallel); autocast: a dtype for mixed precision, or None.
+    processes (data parallel); sync_stats: SyncBN's all-reduce of BatchNorm statistics;
+    autocast: a dtype for mixed precision, or None.
     """
     def loss_fn(trainable, frozen, model_state, batch):
         params = tree.merge(trainable, frozen)
         with _autocast(autocast, batch["image"]):
             outputs, new_model_state = model.apply(params, model_state, batch["image"], train=True,
-                                                   eval_norms=eval_norms)
+                                                   eval_norms=eval_norms, sync_stats=sync_stats)
         loss, losses = heads_loss(outputs, batch["label"])
         return loss, (losses, outputs, new_model_state)
 
