@@ -42,7 +42,7 @@ def load_into(target_flat: dict, cfg=None) -> tuple:
     report = LoadReport(path=opts.path, format=plan.format, state_dict_key=plan.state_dict_key,
                         remove_prefix=plan.remove_prefix, reason=plan.reason,
                         candidates=plan.candidates, source=_source(plan),
-                        roots=sorted({n.split(".")[1] for n in target if n.count(".") >= 2}))
+                        roots=sorted({n.split(".")[1] for n in target if n.count(".") >= 2} | {"fc"}))
     report.not_loaded.update(plan.dropped)
     tensors = {rel: files[src] for rel, src in plan.names.items()}
     out = merge.merge(target, tensors, plan.names, report, load_heads=opts.load_heads)

@@ -1,0 +1,113 @@
+"""``python -m fpipe.weights inspect|convert|export``."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fpipe.weights import cli, io, load_into
+from test_weights_fixtures import MANIFEST, layouts, state_dict, target, trunk
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_RESNET = importlib.util.find_spec("fpipe.models.resnet") is not None
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv], build_target=lambda args: target())
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def moco(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "moco.pth.tar"
+    torch.save(layouts()["moco_v2"][0], path)
+    return path
+
+
+def test_inspect_outlines_candidates_choice_and_leftovers(moco, capsys):
+    code, out, _ = run(["inspect", moco], capsys)
+    assert code == 0
+    assert "state_dict: 250 tensors" in out and "epoch: int 200" in out and "param_groups: list" in out
+    assert "module.encoder_q.* (124), module.encoder_k.* (124), module.* (2)" in out
+    assert "state_dict.module.encoder_q.: 100/100 trunk tensors" in out
+    assert "state_dict.module.encoder_k.: 100/100 trunk tensors" in out
+    assert "by convention: MoCo" in out and "remove_prefix='module.encoder_q.'" in out
+    assert "outside the chosen copy 'state_dict.module.encoder_q.': state_dict.module.encoder_k.* (124)" in out
+    assert len(out.splitlines()) < 40  # one screen
+
+
+def test_inspect_ambiguous_file_lists_candidates(tmp_path, capsys):
+    path = tmp_path / "two.pth"
+    torch.save({"a": trunk(0), "b": trunk(1)}, path)
+    code, out, err = run(["inspect", path], capsys)
+    assert code == 1 and "a.: 100/100" in out and "no convention decides" in err
+
+
+def test_convert_writes_torchvision_names(moco, tmp_path, capsys):
+    out_path = tmp_path / "r18.safetensors"
+    code, out, _ = run(["convert", moco, out_path], capsys)
+    assert code == 0 and "100/100" in out
+    got = io.read(out_path)
+    want = [row for row in MANIFEST if not row[0].startswith("fc.")]
+    assert sorted(got) == sorted(r[0] for r in want)
+    assert all(list(got[n].shape) == s and str(got[n].dtype) == d for n, s, d in want)
+    assert all(torch.equal(got[n], t) for n, t in trunk(0).items())
+
+
+def test_convert_with_heads_is_torchvision_strict(tmp_path, capsys):
+    src = tmp_path / "backbone.pth"
+    torch.save({f"backbone.{n}": t for n, t in state_dict(3).items()}, src)
+    out_path = tmp_path / "r18.pth"
+    assert run(["convert", src, out_path, "--heads"], capsys)[0] == 0
+    got = torch.load(out_path, weights_only=True)
+    assert list(got) == [row[0] for row in MANIFEST]  # torchvision's order too
+    assert all(torch.equal(got[n], t) for n, t in state_dict(3).items())  # counters kept
+
+
+def test_export_round_trip_is_exact(tmp_path, capsys):
+    sd = state_dict(5)
+    params = {f"trunk.{n}": t for n, t in sd.items() if "running" not in n and "tracked" not in n and "fc" not in n}
+    params |= {"heads.fc.weight": sd["fc.weight"], "heads.fc.bias": sd["fc.bias"]}
+    model_state = {f"trunk.{n}": t + 0 for n, t in sd.items() if "running" in n or "tracked" in n}
+    model_state["trunk.bn1.num_batches_tracked"] = torch.tensor(123)
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    torch.save({"params": {}, "model_state": {}}, workdir / "checkpoints" / "ckpt_00000010.pt")
+    torch.save({"params": params, "model_state": model_state, "step": 20}, workdir / "checkpoints" / "ckpt_00000020.pt")
+    out_path = tmp_path / "export.safetensors"
+    code, out, _ = run(["export", workdir, out_path], capsys)
+    assert code == 0 and "ckpt_00000020.pt" in out
+    plain = io.read(out_path)
+    assert set(plain) == {row[0] for row in MANIFEST}
+    back, report = load_into(target(heads=True), {"path": str(out_path), "format": "torchvision",
+                                                  "load_heads": True, "skip_layers": []})
+    original = params | model_state
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[n], t) and back[n].dtype == t.dtype for n, t in original.items())
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, capsys):
+    code, out, err = run(["convert", tmp_path / "missing.pth", tmp_path / "o.pth"], capsys)
+    assert code == 1 and err.strip() == f"error: {tmp_path / 'missing.pth'}: no such file."
+    code, _, err = run(["export", tmp_path, tmp_path / "o.pth"], capsys)
+    assert code == 1 and "no checkpoints/ckpt_<step>.pt" in err and len(err.strip().splitlines()) == 1
+    plain = tmp_path / "plain.pth"
+    torch.save(trunk(0), plain)
+    code, _, err = run(["export", plain, tmp_path / "o.pth"], capsys)
+    assert code == 1 and "not an fpipe checkpoint" in err
+
+
+@pytest.mark.skipif(not HAS_RESNET, reason="fpipe.models.resnet not written yet")
+def test_convert_with_the_real_model_matches_the_manifest(moco, tmp_path):
+    out_path = tmp_path / "r18.pth"
+    done = subprocess.run([sys.executable, "-m", "fpipe.weights", "convert", str(moco), str(out_path),
+                           "--depth", "18"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    got = torch.load(out_path, weights_only=True)
+    assert [[n, list(t.shape), str(t.dtype)] for n, t in got.items()] == [r for r in MANIFEST if not r[0].startswith("fc.")]
+    bad = subprocess.run([sys.executable, "-m", "fpipe.weights", "inspect", str(tmp_path / "nope.pth")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr == f"error: {tmp_path / 'nope.pth'}: no such file.\n"
