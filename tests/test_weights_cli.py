@@ -100,14 +100,16 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert code == 1 and "not an fpipe checkpoint" in err
 
 
-@pytest.mark.skipif(not HAS_RESNET, reason="fpipe.models.resnet not written yet")
-def test_convert_with_the_real_model_matches_the_manifest(moco, tmp_path):
-    out_path = tmp_path / "r18.pth"
-    done = subprocess.run([sys.executable, "-m", "fpipe.weights", "convert", str(moco), str(out_path),
-                           "--depth", "18"], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    got = torch.load(out_path, weights_only=True)
-    assert [[n, list(t.shape), str(t.dtype)] for n, t in got.items()] == [r for r in MANIFEST if not r[0].startswith("fc.")]
+def test_module_entry_point_fails_in_one_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fpipe.weights", "inspect", str(tmp_path / "nope.pth")],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr == f"error: {tmp_path / 'nope.pth'}: no such file.\n"
+
+
+@pytest.mark.skipif(not HAS_RESNET, reason="fpipe.models.resnet not written yet")
+def test_convert_with_the_real_model_matches_the_manifest(moco, tmp_path):
+    out_path = tmp_path / "r18.pth"
+    assert cli.main(["convert", str(moco), str(out_path), "--depth", "18"]) == 0  # fpipe.models.resnet
+    got = torch.load(out_path, weights_only=True)
+    assert [[n, list(t.shape), str(t.dtype)] for n, t in got.items()] == [r for r in MANIFEST if not r[0].startswith("fc.")]
+    assert all(torch.equal(got[n], t) for n, t in trunk(0).items())
