@@ -185,7 +185,7 @@ def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_no
             bname = f"{lname}.{i}"
             bns = {}
             h = _block(spec, lp[str(i)], ls.get(str(i), {}), bns, h, spec.stride(stage) if i == 0 else 1,
-                       lambda p, s, ns, k, t, b=bname: norm(p, s, ns, k, t, f"{b}.{k}"))
+                       lambda p, s, ns, k, t, b=bname, under="": norm(p, s, ns, k, t, f"{b}.{under}{k}"))
             if bns:
                 lns[str(i)] = bns
         if lns:
@@ -209,7 +209,8 @@ def _block(spec, p, s, ns, x, stride, norm):
         h = norm(p, s, ns, "bn3", layers.conv(p["conv3"], h))
     if "downsample" in p:
         dns = {}
-        x = norm(p["downsample"], s.get("downsample", {}), dns, "1", layers.conv(p["downsample"]["0"], x, stride))
+        x = norm(p["downsample"], s.get("downsample", {}), dns, "1", layers.conv(p["downsample"]["0"], x, stride),
+                 under="downsample.")
         if dns:
             ns["downsample"] = dns
     return torch.relu(h + x)

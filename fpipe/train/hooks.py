@@ -5,14 +5,9 @@ and may keep state of its own; ``state_dict``/``load_state_dict`` put it in ever
 so a resumed run carries on where the hook left off. Hooks run in the order they are given.
 """
 import json
-import math
 import os
-import time
 
-import torch
-from absl import logging
-
-from fpipe import tree
+from fpipe import writers
 
 
 class Hook:
@@ -37,32 +32,31 @@ def every(n, ctx):
 
 
 class LogMetrics(Hook):
-    """Every ``n`` steps writes the period's mean of each step metric, the lr, images/s and ETA.
+    """Every ``n`` steps writes the period's mean of each step metric, the lr, epoch and images/s.
 
-    The first ``warmup`` steps (compilation) are excluded from rates and the ETA.
+    The first ``warmup`` steps (compilation) are excluded from the rate.
     """
 
     def __init__(self, n, images_per_step, warmup=2):
         self.n, self.images_per_step, self.warmup = n, images_per_step, warmup
-        self.sums, self.count, self.t0, self.timed_from = {}, 0, None, None
+        self.sums, self.count, self.timer = {}, 0, None
 
-    def before_step(self, ctx):
-        if self.t0 is None and ctx.step - ctx.start_step >= self.warmup:
-            self.t0, self.timed_from = time.perf_counter(), ctx.step
+    def before_train(self, ctx):
+        self.timer = writers.EtaTimer(ctx.total_steps, batch_size=self.images_per_step,
+                                      start_step=ctx.start_step, warmup_steps=self.warmup)
 
     def after_step(self, ctx):
         for k, v in ctx.metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
         self.count += 1
+        self.timer.tick(ctx.step + 1)
         if not every(self.n, ctx):
             return
         scalars = {k: v / self.count for k, v in self.sums.items()}
         scalars["lr"] = ctx.lr
         scalars["epoch"] = (ctx.step + 1) / ctx.steps_per_epoch
-        if self.t0 is not None and ctx.step + 1 > self.timed_from:
-            per_step = (time.perf_counter() - self.t0) / (ctx.step + 1 - self.timed_from)
-            scalars["images_per_s"] = self.images_per_step / per_step
-            scalars["eta_s"] = per_step * (ctx.total_steps - ctx.step - 1)
+        if self.timer.images_per_second is not None:
+            scalars["images_per_s"] = self.timer.images_per_second
         ctx.writer.write_scalars(ctx.step + 1, scalars)
         self.sums, self.count = {}, 0
 

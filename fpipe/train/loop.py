@@ -43,7 +43,6 @@ class Context:
 def run(config, workdir):
     """Trains and evaluates as ``config`` says; returns the final per-head results."""
     os.makedirs(workdir, exist_ok=True)
-    writer = writers.make_writers(workdir, is_main_process=True)
     torch.manual_seed(config.seed)
 
     # Data.
@@ -92,6 +91,9 @@ def run(config, workdir):
         train_state, start_step = restore_train_state(train_state, saved)
         for hook, state in zip(the_hooks, saved.get("hooks", [])):
             hook.load_state_dict(state)
+        logging.info("Resumed at step %d of %d from %s.", start_step, total_steps, resume_path)
+    writer = writers.make_writers(workdir, is_main_process=True, total_steps=total_steps,
+                                  batch_size=config.data.batch_size, resume_step=start_step)
 
     def evaluate():
         params = tree.merge(train_state["trainable"], train_state["frozen"])

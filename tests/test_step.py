@@ -1,0 +1,141 @@
+"""The pure train step against PyTorch's own autograd + torch.optim.SGD on the same model and data."""
+import ml_collections
+import pytest
+import torch
+
+from fpipe import freeze, optim, tree
+from fpipe.models import model as models
+from fpipe.train import step as step_lib
+
+
+def build(freeze_rules, heads):
+    cfg = ml_collections.ConfigDict(dict(trunk=models.trunk_config(depth=18), heads=heads))
+    model = models.build(cfg, num_classes=5, image_size=32)
+    params, state = model.init(0)
+    trainable, frozen = freeze.partition(params, freeze_rules)
+    return model, params, state, trainable, frozen
+
+
+def optim_cfg():
+    c = optim.default_config()
+    c.lr, c.momentum, c.nesterov, c.weight_decay = 0.05, 0.9, True, 1e-3
+    c.wd_mults = ()
+    return c
+
+
+def batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [{"image": torch.randn(6, 3, 32, 32, generator=g), "label": torch.randint(0, 5, (6,), generator=g)}
+            for _ in range(n)]
+
+
+def reference_run(model, params, state, trainable_names, eval_norms, data, lr):
+    """The same computation written the usual eager way: requires_grad, backward, torch.optim.SGD."""
+    flat = {n: t.clone().requires_grad_(n in trainable_names) for n, t in tree.flatten(params).items()}
+    sgd = torch.optim.SGD([flat[n] for n in trainable_names], lr=lr, momentum=0.9, nesterov=True,
+                          weight_decay=1e-3)
+    for batch in data:
+        outputs, state = model.apply(tree.unflatten(flat), state, batch["image"], train=True, eval_norms=eval_norms)
+        loss, _ = step_lib.heads_loss(outputs, batch["label"])
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+    return {n: t.detach() for n, t in flat.items()}, state
+
+
+def assert_close_scaled(actual, expected, name, rel=1e-4):
+    """Float32 agreement relative to the tensor's scale (train-mode BN amplifies rounding)."""
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= rel * max(scale, 1e-3), f"{name}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+# Float32 for the frozen trunk; float64 where trunk BatchNorms train on tiny batches, which
+# amplifies float32 rounding over steps (the two agree to ~1e-13 in float64).
+@pytest.mark.parametrize("freeze_rules,dtype,rel", [(("trunk",), torch.float32, 1e-4),
+                                                    ((r"trunk\.(conv1|bn1|layer1|layer2)\..*",), torch.float64, 1e-9)])
+def test_step_matches_autograd_and_torch_sgd(freeze_rules, dtype, rel):
+    heads = dict(res4=models.head_config("res4", "eval_mlp", pool=[1, 1]), fc=models.head_config("flatten"))
+    model, params, state, _, _ = build(freeze_rules, heads)
+    cast = lambda t: t.to(dtype) if t.is_floating_point() else t
+    params, state = tree.map_leaves(cast, params), tree.map_leaves(cast, state)
+    trainable, frozen = freeze.partition(params, freeze_rules)
+    eval_norms = freeze.eval_norms(state, frozen)
+    opt = optim.build(optim_cfg(), trainable)
+    step = step_lib.make_step(model, opt, eval_norms=eval_norms)
+    ts = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
+    data = [{k: cast(v) for k, v in b.items()} for b in batches(4)]
+    for batch in data:
+        ts, metrics = step(ts, batch, torch.tensor(0.05, dtype=dtype))
+    ref_params, ref_state = reference_run(model, params, state, set(tree.flatten(trainable)), eval_norms, data, 0.05)
+    ours = tree.flatten(tree.merge(ts["trainable"], ts["frozen"]))
+    for n, t in ref_params.items():
+        assert_close_scaled(ours[n], t, n, rel)
+    for n, t in tree.flatten(ref_state).items():
+        assert_close_scaled(tree.flatten(ts["model_state"])[n], t, n, rel)
+    # frozen params are the very same tensors: never copied, never updated
+    assert all(a is b for a, b in zip(tree.leaves(ts["frozen"]), tree.leaves(frozen)))
+    assert set(metrics) >= {"loss", "grad_norm", "res4/loss", "fc/loss", "res4/train_top1"}
+
+
+def test_frozen_trunk_keeps_running_stats_and_builds_no_graph():
+    model, params, state, trainable, frozen = build(("trunk",), dict(fc=models.head_config("flatten")))
+    eval_norms = freeze.eval_norms(state, frozen)
+    opt = optim.build(optim_cfg(), trainable)
+    step = step_lib.make_step(model, opt, eval_norms=eval_norms)
+    ts = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
+    ts, _ = step(ts, batches(1)[0], torch.tensor(0.1))
+    for n, t in tree.flatten(state).items():
+        assert torch.equal(tree.flatten(ts["model_state"])[n], t), n
+    # in ordinary autograd, the frozen trunk's features do not require grad: no graph is kept
+    live = tree.map_leaves(lambda t: t.clone().requires_grad_(), trainable)
+    feats = model.trunk.apply(frozen["trunk"], state["trunk"], torch.randn(2, 3, 32, 32), train=True,
+                              features=("flatten",), eval_norms=frozenset(n[6:] for n in eval_norms))[0]
+    assert not feats["flatten"].requires_grad
+    assert live["heads"]["fc"]["weight"].requires_grad
+
+
+def test_eval_step_counts_are_exact_with_padding_mask():
+    model, params, state, _, _ = build(("trunk",), dict(fc=models.head_config("flatten")))
+    batch = batches(1)[0]
+    logits = model.apply(params, state, batch["image"], train=False)[0]["fc"]
+    mask = torch.tensor([True, True, True, True, False, False])
+    counts = step_lib.make_eval_step(model, topk=(1, 5))(params, state, {**batch, "mask": mask})
+    expected_top1 = int(((logits.argmax(1) == batch["label"]) & mask).sum())
+    assert int(counts["count"]) == 4
+    assert int(counts["fc"]["top1"]) == expected_top1
+    assert int(counts["fc"]["top5"]) == 4  # 5 classes: top-5 always hits
+
+
+def test_compiled_step_equals_eager():
+    model, params, state, trainable, frozen = build(("trunk",), dict(fc=models.head_config("flatten")))
+    eval_norms = freeze.eval_norms(state, frozen)
+    opt = optim.build(optim_cfg(), trainable)
+    step = step_lib.make_step(model, opt, eval_norms=eval_norms)
+    compiled = step_lib.maybe_compile(step, True)
+    ts0 = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
+    a, b = ts0, ts0
+    for batch in batches(3):
+        a, ma = step(a, batch, torch.tensor(0.05))
+        b, mb = compiled(b, batch, torch.tensor(0.05))
+    for n, t in tree.flatten(a["trainable"]).items():
+        torch.testing.assert_close(tree.flatten(b["trainable"])[n], t, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mb["loss"], ma["loss"], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_logged_reason(monkeypatch, caplog):
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda *x: None, RuntimeError("no compiler"), None)
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    f = step_lib.maybe_compile(lambda x: x + 1, True, "toy")
+    with caplog.at_level("WARNING"):
+        assert f(torch.tensor(1)) == 2
+    assert f(torch.tensor(2)) == 3
+    assert "torch.compile of toy failed" in caplog.text and "config.compile=False" in caplog.text
+
+    def user_error(x):
+        raise ValueError("a bug in the step, not in the compiler")
+    with pytest.raises(ValueError, match="a bug in the step"):
+        step_lib.maybe_compile(user_error, True)(torch.tensor(1))
