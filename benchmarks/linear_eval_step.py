@@ -1,0 +1,387 @@
+"""Linear-evaluation step throughput: fpipe's compiled step vs. the eager nn.Module code, and vs. the floor.
+
+    PYTHONPATH=. python benchmarks/linear_eval_step.py                  # ResNet-18 and -50, 32 px, batch 64
+    PYTHONPATH=. python benchmarks/linear_eval_step.py --depth 50 --image-size 224 --batch-size 32
+
+One model (a ResNet trunk, frozen, and one linear head ``fc`` on the pooled features), one batch,
+three programs, timed in one process, round-robin (so a busy machine slows each alike):
+
+  eager    what a user would write otherwise: a torchvision-style ``nn.Module`` with the trunk's
+           ``requires_grad=False`` and ``trunk.eval()``, ``loss.backward()``, ``torch.optim.SGD``
+           (momentum 0.9). Same weights: fpipe's params are copied into it by torchvision name.
+  step     fpipe's train step as the loop builds it: ``freeze.partition(params, ["trunk"])``,
+           ``eval_norms``, frozen norms folded into their convs and channels_last weights
+           (fpipe.models.fold), ``make_step`` with fpipe.optim's SGD (momentum 0.9),
+           ``maybe_compile``. Images are handed over channels_last.
+  forward  the floor: the same eager nn.Module trunk forward under ``torch.inference_mode``. A
+           linear-eval step cannot cost less than computing the features. Also shown: fpipe's own
+           trunk forward, and the nn.Module forward with channels_last weights and input.
+
+Times are medians over ``--iters`` steps after ``--warmup`` steps (compile time is reported
+separately). Peak memory: each program runs alone in a fresh subprocess; the figure is the rise of
+peak RSS (ru_maxrss) over the RSS after the model, batch and (for the step) compilation are ready,
+i.e. what the steps themselves add. Output lines per model:
+
+  ratio_vs_eager: X       eager time / step time (>1: fpipe is faster)
+  ratio_vs_forward: Y     step time / forward time (1.0 is the floor)
+  memory_vs_forward: Z    step peak-memory rise / forward peak-memory rise
+"""
+import argparse
+import ctypes
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import ml_collections
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fpipe import freeze, tree
+from fpipe.models import fold
+from fpipe.models import model as model_lib
+from fpipe.train import step as step_lib
+
+NUM_CLASSES = 10
+LR, MOMENTUM = 0.1, 0.9
+
+
+# ---------------------------------------------------------------- the nn.Module a user would write
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet, written out (no torchvision here); ``fc`` is the linear head."""
+
+    def __init__(self, block, layers, num_classes):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(block, 64, layers[0], 1)
+        self.layer2 = self._make_layer(block, 128, layers[1], 2)
+        self.layer3 = self._make_layer(block, 256, layers[2], 2)
+        self.layer4 = self._make_layer(block, 512, layers[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, blocks, stride):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def features(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+ARCH = {18: (BasicBlock, (2, 2, 2, 2)), 50: (Bottleneck, (3, 4, 6, 3))}
+
+
+def torch_module(depth, params, state):
+    """The nn.Module with fpipe's weights, copied by torchvision name (``trunk.`` dropped, ``heads.``)."""
+    net = ResNet(*ARCH[depth], NUM_CLASSES)
+    flat = {n.split(".", 1)[1]: v for n, v in tree.flatten(params).items() | tree.flatten(state).items()}
+    net.load_state_dict(flat, strict=True)
+    return net
+
+
+# ---------------------------------------------------------------- programs
+def build(depth, image_size, batch_size, seed=0):
+    cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config(depth=depth),
+                                         heads=dict(fc=model_lib.head_config("flatten", "linear"))))
+    model = model_lib.build(cfg, num_classes=NUM_CLASSES, image_size=image_size)
+    params, state = model.init(seed)
+    gen = torch.Generator().manual_seed(seed)
+    # Pretrained-like running statistics, so eval-mode norms are not identities.
+    state = tree.map_with_names(
+        lambda n, v: (torch.rand(v.shape, generator=gen) * 0.2 - 0.1 if n.endswith("running_mean") else
+                      torch.rand(v.shape, generator=gen) + 0.5 if n.endswith("running_var") else v), state)
+    batch = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen),
+             "label": torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)}
+    return model, params, state, batch
+
+
+def make_optimizer(trainable):
+    """fpipe.optim's SGD (momentum, no weight decay), or a pure stand-in if fpipe.optim is absent."""
+    try:
+        from fpipe import optim
+    except ImportError:
+        optim = None
+    if optim is not None:
+        cfg = optim.default_config()
+        cfg.name, cfg.lr, cfg.momentum, cfg.weight_decay = "sgd", LR, MOMENTUM, 0.0
+        return optim.build(cfg, trainable), "fpipe.optim sgd"
+
+    class SGD:  # torch.optim.SGD's update with momentum, dampening 0
+        def init(self, params):
+            return {"momentum": tree.map_leaves(torch.zeros_like, params)}
+
+        def update(self, grads, state, params, lr):
+            buf = tree.map_leaves(lambda b, g: MOMENTUM * b + g, state["momentum"], grads)
+            return tree.map_leaves(lambda p, b: p - lr * b, params, buf), {"momentum": buf}
+
+    return SGD(), "stand-in sgd"
+
+
+def fpipe_step(model, params, state, batch, *, split=True, compile_head=False, compile=True,
+               fold_norms=True, nhwc=True):
+    """``(run, train_state_box, optimizer_name)``: ``run()`` does one step on the batch.
+
+    split (the default, what the loop should build): ``fold.frozen_trunk`` (the frozen trunk as
+    a compiled constant under no_grad) then the heads' step, eager unless ``compile_head``.
+    Otherwise the whole step over the whole model (frozen norms folded and channels_last weights
+    if asked), compiled if ``compile``.
+    """
+    trainable, frozen = freeze.partition(params, ["trunk"])
+    eval_norms = freeze.eval_norms(state, frozen)
+    opt, opt_name = make_optimizer(trainable)
+    if split:
+        ft = fold.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=compile)
+        step = step_lib.maybe_compile(step_lib.make_step(ft.model, opt, eval_norms=eval_norms), compile_head)
+        step = fold.on_features(step, ft.features)
+    else:
+        if fold_norms:
+            frozen = fold.fold_frozen_norms(frozen, state, eval_norms)
+        if nhwc:
+            frozen = fold.channels_last(frozen)
+        step = step_lib.maybe_compile(step_lib.make_step(model, opt, eval_norms=eval_norms), compile)
+    ts = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
+    b = dict(batch, image=batch["image"].contiguous(memory_format=torch.channels_last)) if nhwc else batch
+    lr = torch.tensor(LR)
+    box = {"ts": ts}
+
+    def run():
+        box["ts"], metrics = step(box["ts"], b, lr)
+        return metrics["loss"]
+
+    return run, box, opt_name
+
+
+def eager_step(depth, params, state, batch):
+    net = torch_module(depth, params, state)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in net.fc.parameters():
+        p.requires_grad_(True)
+    net.train()
+    for m in (net.conv1, net.bn1, net.layer1, net.layer2, net.layer3, net.layer4):
+        m.eval()
+    opt = torch.optim.SGD(net.fc.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(batch["image"]), batch["label"])
+        loss.backward()
+        opt.step()
+        return loss
+
+    return run, net
+
+
+def eager_forward(depth, params, state, batch, nhwc=False):
+    net = torch_module(depth, params, state).eval()
+    x = batch["image"]
+    if nhwc:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.inference_mode():
+            return net.features(x)
+
+    return run, net
+
+
+def fpipe_forward(model, params, state, batch):
+    def run():
+        with torch.inference_mode():
+            return model.features(params, state, batch["image"])
+    return run
+
+
+# ---------------------------------------------------------------- timing
+def time_round_robin(programs, iters, warmup):
+    """Median seconds per call of each program; calls interleave so that load hits all alike."""
+    first = {}
+    for name, run in programs.items():
+        t = time.perf_counter()
+        run()
+        first[name] = time.perf_counter() - t
+        for _ in range(warmup - 1):
+            run()
+    times = {name: [] for name in programs}
+    for _ in range(iters):
+        for name, run in programs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    return {n: statistics.median(v) for n, v in times.items()}, first
+
+
+# ---------------------------------------------------------------- memory, in a fresh process
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_child(args):
+    """Runs one program alone: peak RSS rise over the steps, after setup and warm-up (compile).
+
+    Prints JSON: ``base_mib`` (RSS after setup, warm-up and malloc_trim: model, batch, compiled
+    code and constants) and ``rise_mib`` (the peak during the timed calls minus that).
+    """
+    torch.set_num_threads(args.threads)
+    model, params, state, batch = build(args.depth, args.image_size, args.batch_size)
+    run = programs(args.depth, model, params, state, batch, only=args.memory_child)[args.memory_child]
+    for _ in range(args.warmup):
+        run()
+    # Hand freed memory back to the OS, so that what the steps need shows up as a rise of RSS
+    # (otherwise the warm-up's pages stay mapped and the steps seem to cost nothing).
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:  # resets VmHWM (the peak) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base, reset = _rss_kib("VmRSS"), True
+    except OSError:
+        base, reset = _rss_kib("VmRSS"), False
+    for _ in range(args.iters):
+        run()
+    peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"base_mib": base / 1024, "rise_mib": (peak - base) / 1024, "reset": reset}))
+
+
+def measure_memory(args, name):
+    cmd = [sys.executable, __file__, "--memory-child", name, "--depth", str(args.depth[0]),
+           "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads), "--iters", str(min(args.iters, 5)), "--warmup", str(args.warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if out.returncode:
+        raise RuntimeError(f"memory run of {name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- main
+def programs(depth, model, params, state, batch, only=None):
+    makers = {
+        "eager_step": lambda: eager_step(depth, params, state, batch)[0],
+        "fpipe_step": lambda: fpipe_step(model, params, state, batch)[0],
+        "forward": lambda: eager_forward(depth, params, state, batch)[0],
+        "forward_nhwc": lambda: eager_forward(depth, params, state, batch, nhwc=True)[0],
+        "fpipe_forward": lambda: fpipe_forward(model, params, state, batch),
+    }
+    return {n: make() for n, make in makers.items() if only in (None, n)}
+
+
+def bench(args, depth):
+    torch.set_num_threads(args.threads)
+    model, params, state, batch = build(depth, args.image_size, args.batch_size)
+    progs = programs(depth, model, params, state, batch)
+    # The same outputs: one step of each from the same start gives the same loss and head.
+    loss_eager, loss_fpipe = float(progs["eager_step"]().detach()), float(progs["fpipe_step"]())
+    progs = programs(depth, model, params, state, batch)  # fresh states for timing
+    med, first = time_round_robin(progs, args.iters, args.warmup)
+    per_s = lambda n: args.batch_size / med[n]
+    print(f"== ResNet-{depth}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
+          f"median of {args.iters} after {args.warmup} warm-up; optimizer: {make_optimizer({'w': torch.zeros(1)})[1]}")
+    print(f"first-step loss: eager {loss_eager:.6f}  fpipe {loss_fpipe:.6f}")
+    for n in progs:
+        print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {per_s(n):8.1f} images/s   first call {first[n]:6.2f} s")
+    print(f"compile_s: {first['fpipe_step'] - med['fpipe_step']:.1f}")
+    print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
+    print(f"ratio_vs_forward: {med['fpipe_step'] / med['forward']:.3f}")
+    print(f"ratio_vs_forward_nhwc: {med['fpipe_step'] / med['forward_nhwc']:.3f}")
+    print(f"eager_vs_forward: {med['eager_step'] / med['forward']:.3f}")
+    if not args.no_memory:
+        mem = {}
+        for n in ("forward", "eager_step", "fpipe_step"):
+            a = dict(vars(args), depth=[depth])
+            mem[n] = measure_memory(argparse.Namespace(**a), n)
+            print(f"memory {n:12s} peak rise {mem[n]['rise_mib']:8.1f} MiB over {mem[n]['base_mib']:8.1f} MiB "
+                  f"resident after setup")
+        print(f"memory_vs_forward: {mem['fpipe_step']['rise_mib'] / max(mem['forward']['rise_mib'], 1e-9):.3f}")
+        total = lambda n: mem[n]["base_mib"] + mem[n]["rise_mib"]
+        print(f"memory_total_vs_forward: {total('fpipe_step') / total('forward'):.3f}  (peak RSS of the "
+              "process, model, compiled code and constants included)")
+        print(f"memory_eager_vs_forward: {mem['eager_step']['rise_mib'] / max(mem['forward']['rise_mib'], 1e-9):.3f}")
+    sys.stdout.flush()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depth", type=int, nargs="+", default=[18, 50], choices=sorted(ARCH))
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        args.depth = args.depth[0]
+        return memory_child(args)
+    for depth in args.depth:
+        bench(args, depth)
+
+
+if __name__ == "__main__":
+    main()
