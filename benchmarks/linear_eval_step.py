@@ -9,10 +9,11 @@ three programs, timed in one process, round-robin (so a busy machine slows each 
   eager    what a user would write otherwise: a torchvision-style ``nn.Module`` with the trunk's
            ``requires_grad=False`` and ``trunk.eval()``, ``loss.backward()``, ``torch.optim.SGD``
            (momentum 0.9). Same weights: fpipe's params are copied into it by torchvision name.
-  step     fpipe's train step as the loop builds it: ``freeze.partition(params, ["trunk"])``,
-           ``eval_norms``, frozen norms folded into their convs and channels_last weights
-           (fpipe.models.fold), ``make_step`` with fpipe.optim's SGD (momentum 0.9),
-           ``maybe_compile``. Images are handed over channels_last.
+  step     fpipe's train step as the loop should build it: ``freeze.partition(params, ["trunk"])``,
+           ``eval_norms``; ``fold.frozen_trunk`` (frozen norms folded, the trunk compiled with
+           inductor's freezing: packed oneDNN weights, fused bias/ReLU/add, under no_grad), then
+           ``make_step`` over the heads with fpipe.optim's SGD (momentum 0.9), via
+           ``fold.on_features``. Images are handed over channels_last.
   forward  the floor: the same eager nn.Module trunk forward under ``torch.inference_mode``. A
            linear-eval step cannot cost less than computing the features. Also shown: fpipe's own
            trunk forward, and the nn.Module forward with channels_last weights and input.
