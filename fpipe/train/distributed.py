@@ -10,6 +10,7 @@ functions from here:
                      sync_stats=distributed.sync_stats(dist))    # only if SyncBN is asked for
     ...
     metrics = distributed.mean_metrics(dist, metrics)            # for logging
+    counts = distributed.sum_over_ranks(dist, counts)            # eval counts of each shard
     data_time = distributed.max_over_ranks(dist, data_time)
     dist.shutdown()
 
@@ -19,6 +20,7 @@ step's graph and the step stays pure. ``grad_mean`` and ``sync_stats`` return ``
 nothing to synchronise, which is what ``make_step`` expects for "off".
 """
 import dataclasses
+import datetime
 import os
 from collections import defaultdict
 from typing import Callable, Optional
@@ -86,7 +88,6 @@ def init(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> Di
     backend = backend or ("nccl" if cuda else "gloo")
     kwargs = {"device_id": device} if cuda else {}
     if timeout_s:
-        import datetime
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
     tdist.init_process_group(backend, rank=rank, world_size=world_size, **kwargs)
     return Dist(rank, world_size, local_rank, local_world_size, device, backend,
@@ -112,6 +113,8 @@ def grad_mean(dist: Dist) -> Optional[Callable[[dict], dict]]:
     Leaves are packed into one flat buffer per (device, dtype), so a ResNet's ~160 gradient
     tensors cost one all-reduce, not 160; each buffer is divided by the world size and summed
     (as DistributedDataParallel does: with a power-of-two world size the two orders agree bit for bit).
+    The mean of per-rank mean losses is the global batch's mean when every rank has the same
+    batch size, as the rank-sharded loader gives.
     """
     if not dist.enabled:
         return None
@@ -204,21 +207,34 @@ def sync_stats(dist: Dist, group=None) -> Optional[Callable]:
 
 
 # ---------------------------------------------------------------- outside the step
+def _sum_leaves(dist: Dist, values: dict) -> dict:
+    """Sums every numeric leaf of a (nested) dict over ranks in one float64 all-reduce (CPU out)."""
+    flat = tree.flatten(values)
+    if not flat:
+        return values
+    stacked = torch.stack([torch.as_tensor(v).detach().to(dist.device, torch.float64).reshape(())
+                           for v in flat.values()])
+    tdist.all_reduce(stacked)
+    stacked = stacked.cpu()
+    return tree.unflatten({n: stacked[i] for i, n in enumerate(flat)})
+
+
 def mean_metrics(dist: Dist, metrics: dict) -> dict:
     """Averages every numeric leaf of a (nested) metrics dict over ranks, in one all-reduce.
 
-    Leaves come back as 0-d float32 CPU tensors (summed in float64); unchanged on one process.
+    Leaves come back as 0-d float32 CPU tensors; ``metrics`` itself on one process.
     """
     if not dist.enabled:
         return metrics
-    flat = tree.flatten(metrics)
-    values = torch.stack([torch.as_tensor(v).detach().to(dist.device, torch.float64).reshape(())
-                          for v in flat.values()]) if flat else None
-    if values is None:
-        return metrics
-    tdist.all_reduce(values)
-    values = (values / dist.world_size).float().cpu()
-    return tree.unflatten({n: values[i] for i, n in enumerate(flat)})
+    return tree.map_leaves(lambda v: (v / dist.world_size).float(), _sum_leaves(dist, metrics))
+
+
+def sum_over_ranks(dist: Dist, counts: dict) -> dict:
+    """Sums a (nested) dict of counts over ranks (e.g. eval's per-shard top-k hits): exact ints
+    below 2**53, returned as Python ints; ``counts`` itself on one process."""
+    if not dist.enabled:
+        return counts
+    return tree.map_leaves(lambda v: int(v.round()), _sum_leaves(dist, counts))
 
 
 def max_over_ranks(dist: Dist, value) -> float:
