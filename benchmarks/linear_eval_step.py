@@ -10,10 +10,10 @@ three programs, timed in one process, round-robin (so a busy machine slows each 
            ``requires_grad=False`` and ``trunk.eval()``, ``loss.backward()``, ``torch.optim.SGD``
            (momentum 0.9). Same weights: fpipe's params are copied into it by torchvision name.
   step     fpipe's train step as the loop should build it: ``freeze.partition(params, ["trunk"])``,
-           ``eval_norms``; ``fold.frozen_trunk`` (frozen norms folded, the trunk compiled with
+           ``eval_norms``; ``frozen_trunk.frozen_trunk`` (frozen norms folded, the trunk compiled with
            inductor's freezing: packed oneDNN weights, fused bias/ReLU/add, under no_grad), then
            ``make_step`` over the heads with fpipe.optim's SGD (momentum 0.9), via
-           ``fold.on_features``. Images are handed over channels_last.
+           ``frozen_trunk.on_features``. Images are handed over channels_last.
   forward  the floor: the same eager nn.Module trunk forward under ``torch.inference_mode``. A
            linear-eval step cannot cost less than computing the features. Also shown: fpipe's own
            trunk forward, and the nn.Module forward with channels_last weights and input.
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from fpipe import freeze, tree
 from fpipe.models import fold
+from fpipe.train import frozen_trunk as ft_lib
 from fpipe.models import model as model_lib
 from fpipe.train import step as step_lib
 
@@ -183,7 +184,7 @@ def fpipe_step(model, params, state, batch, *, split=True, compile_head=False, c
                fold_norms=True, nhwc=True):
     """``(run, train_state_box, optimizer_name)``: ``run()`` does one step on the batch.
 
-    split (the default, what the loop should build): ``fold.frozen_trunk`` (the frozen trunk as
+    split (the default, what the loop should build): ``frozen_trunk.frozen_trunk`` (the frozen trunk as
     a compiled constant under no_grad) then the heads' step, eager unless ``compile_head``.
     Otherwise the whole step over the whole model (frozen norms folded and channels_last weights
     if asked), compiled if ``compile``.
@@ -192,9 +193,9 @@ def fpipe_step(model, params, state, batch, *, split=True, compile_head=False, c
     eval_norms = freeze.eval_norms(state, frozen)
     opt, opt_name = make_optimizer(trainable)
     if split:
-        ft = fold.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=compile)
+        ft = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=compile)
         step = step_lib.maybe_compile(step_lib.make_step(ft.model, opt, eval_norms=eval_norms), compile_head)
-        step = fold.on_features(step, ft.features)
+        step = ft_lib.on_features(step, ft.features)
     else:
         if fold_norms:
             frozen = fold.fold_frozen_norms(frozen, state, eval_norms)

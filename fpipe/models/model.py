@@ -45,7 +45,8 @@ class Model(NamedTuple):
     trunk: resnet.Trunk
     heads: tuple
     init: Callable
-    apply: Callable
+    apply: Callable         # (params, state, images, *, train, ...) -> ({head: logits}, state)
+    apply_heads: Callable   # (params, state, features, *, train, ...) -> the same, from trunk features
     features: Callable
 
 
@@ -77,6 +78,11 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
         feats, trunk_state = trunk.apply(params["trunk"], state.get("trunk", {}), images, train=train,
                                          features=deepest, eval_norms=_under("trunk", eval_norms),
                                          sync_stats=sync_stats)
+        return apply_heads(params, {**state, "trunk": trunk_state}, feats, train=train,
+                           eval_norms=eval_norms, sync_stats=sync_stats)
+
+    def apply_heads(params, state, feats, *, train, eval_norms=frozenset(), sync_stats=None):
+        """The heads alone on trunk features ``{name: tensor}``; the trunk state passes through."""
         outputs, head_states = {}, {}
         for h in heads:
             x = feats[h.feature]
@@ -85,13 +91,13 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
             outputs[h.name], head_states[h.name] = _apply_head(
                 h, params["heads"][h.name], state.get("heads", {}).get(h.name, {}), x, train,
                 _under(f"heads.{h.name}", eval_norms), sync_stats)
-        return outputs, {"trunk": trunk_state, "heads": head_states}
+        return outputs, {"trunk": state.get("trunk", {}), "heads": head_states}
 
     def features(params, state, images, names=("flatten",)):
         """Trunk features in eval mode, for feature extraction."""
         return trunk.apply(params["trunk"], state.get("trunk", {}), images, train=False, features=tuple(names))[0]
 
-    return Model(trunk, heads, init, apply, features)
+    return Model(trunk, heads, init, apply, apply_heads, features)
 
 
 def _parse_head(name, h, num_classes):

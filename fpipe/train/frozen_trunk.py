@@ -1,0 +1,90 @@
+"""Linear evaluation's fast path: the frozen trunk compiled as constants, and a step over the heads.
+
+When the whole trunk is frozen and its norms run on running statistics, the trunk is a fixed
+function of the images. Compiled with inductor's freezing, its weights are packed once for
+oneDNN and bias/ReLU/residual-add fuse into the convs (an eager conv repacks its weights on
+every call); the train step then differentiates the heads alone. Same math as the full step
+(tests/test_frozen_trunk.py); figures in benchmarks/linear_eval_step.py.
+"""
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch._inductor.config
+
+from fpipe import tree
+from fpipe.models import fold
+
+
+class FrozenTrunk(NamedTuple):
+    features: Callable  # images -> {feature: tensor}, no grad; frozen params baked in
+    model: Any  # the model with ``apply(params, state, features, ...)``: heads only
+
+
+def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=True, fold_norms=True):
+    """Splits a linear-evaluation model into a constant trunk and the heads that train on it.
+
+    Returns ``FrozenTrunk(features, model)``: ``features(images)`` computes the trunk features
+    the heads read, under ``torch.no_grad()``, with the frozen trunk params and running statistics
+    held as constants; compiled with inductor's freezing, the conv weights are packed once into
+    oneDNN's blocked layout (an eager conv reorders its weight on every call) and the bias, ReLU
+    and residual add run inside the conv (oneDNN post-ops). ``model`` is the given model whose
+    ``apply(params, state, features, ...)`` takes that features dict in place of images and runs
+    the heads only (``params["trunk"]`` is ignored; the trunk state comes back unchanged). Use
+    it with :func:`on_features`:
+
+        ft = frozen_trunk(model, trainable, frozen, model_state, eval_norms)
+        step = on_features(maybe_compile(make_step(ft.model, opt, eval_norms=eval_norms), ...), ft.features)
+
+    Same math as the step over the whole model when the whole trunk is frozen and every trunk
+    norm runs in eval mode (both checked). The constants are a snapshot: build it again if the
+    frozen params change (they do not during training; after loading weights, build it then).
+    """
+    if tree.flatten(trainable.get("trunk", {})):
+        raise ValueError("frozen_trunk needs the whole trunk frozen; trainable trunk params: "
+                         f"{list(tree.flatten(trainable['trunk']))[:5]}")
+    trunk_state = model_state.get("trunk", {})
+    training_norms = sorted({n.rsplit(".", 1)[0] for n in tree.flatten(trunk_state) if n.endswith("running_mean")}
+                            - {n[len("trunk."):] for n in eval_norms if n.startswith("trunk.")})
+    if training_norms:
+        raise ValueError(f"frozen_trunk needs every trunk norm in eval mode; in train mode: {training_norms[:5]}")
+    if fold_norms:
+        frozen = fold.fold_frozen_norms(frozen, model_state, eval_norms)
+    names = tuple(sorted({h.feature for h in model.heads}))
+    module = _TrunkConstants(model.trunk.apply, frozen["trunk"], trunk_state, names)
+    run = torch.compile(module, dynamic=False) if compile else module
+
+    def features(images):
+        # Inductor reads `freezing` when it compiles (first call, or a new input shape); the
+        # `options=` of torch.compile does not reach it (torch 2.13), so patch the config here.
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            return run(images)
+
+    return FrozenTrunk(features, model._replace(apply=model.apply_heads))
+
+
+def on_features(step, features):
+    """``step(train_state, batch, lr)`` with ``batch["image"]`` replaced by ``features(batch["image"])``."""
+    def run(train_state, batch, lr):
+        return step(train_state, {**batch, "image": features(batch["image"])}, lr)
+    return run
+
+
+class _TrunkConstants(torch.nn.Module):
+    """The trunk's pure apply over params and state held as buffers: constants to the compiler."""
+
+    def __init__(self, apply, params, state, features):
+        super().__init__()
+        self._apply, self._features, self._names = apply, tuple(features), {}
+        for prefix, t in (("p", params), ("s", state)):
+            for name, leaf in tree.flatten(t).items():
+                key = f"{prefix}__{name.replace('.', '__')}"
+                self.register_buffer(key, leaf)
+                self._names[key] = (prefix, name)
+
+    def forward(self, images):
+        flat = {"p": {}, "s": {}}
+        for key, (prefix, name) in self._names.items():
+            flat[prefix][name] = getattr(self, key)
+        feats, _ = self._apply(tree.unflatten(flat["p"]), tree.unflatten(flat["s"]), images, train=False,
+                               features=self._features)
+        return feats
