@@ -1,0 +1,286 @@
+"""Pure optimizers over trees (SGD, AdamW, LARS), per-parameter rules by name, gradient clipping.
+
+``build(cfg, trainable)`` resolves every rule once, to Python floats per dotted name. ``init`` and
+``update`` are then pure tensor functions: they never modify their inputs, never read a tensor's
+value into Python, and take the lr as a 0-d tensor, so one compiled train step serves a whole
+schedule. Only the trainable tree is given: frozen params own no optimizer state.
+
+    opt = build(config.optim, trainable)
+    opt_state = opt.init(trainable)
+    grads, grad_norm = clip_and_norm(grads, config.optim)
+    params, opt_state = opt.update(grads, opt_state, params, lr)
+"""
+import math
+import re
+
+import ml_collections
+import torch
+
+from fpipe.tree import first_match, flatten, leaves, map_leaves, unflatten
+
+# Default rules recognise norm params by name. The norm layers: torchvision's bn1..bn3 and
+# downsample.1 (ResNet), VISSL's channel_bn, and bn/norm/gn/ln with an optional index (norm1,
+# ln_1). Their weights, and every bias, get no weight decay and no LARS adaptation.
+BIAS = r"(.*\.)?bias"
+NORM_WEIGHT = r"(.*\.)?((bn|norm|gn|ln|channel_bn)(_?\d+)?|downsample\.1)\.weight"
+NO_DECAY = ((BIAS, 0.0), (NORM_WEIGHT, 0.0))
+NO_LARS = ((BIAS, True), (NORM_WEIGHT, True))
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``config.optim`` defaults; rule lists are ``[(regex, value)]``, first full match wins."""
+    c = ml_collections.ConfigDict()
+    c.name = "sgd"  # sgd | adamw | lars
+    c.lr = 0.1  # base lr: scaled by scaled_lr() when scale_lr, then multiplied by the schedule.
+    c.momentum = 0.9  # sgd and lars; dampening is always 0.
+    c.nesterov = False
+    c.weight_decay = 0.0  # coupled (added to the grad) for sgd and lars; decoupled for adamw.
+    c.betas = (0.9, 0.999)
+    c.eps = 1e-8
+    c.lars_eta = 0.001  # trust coefficient.
+    c.lr_mults = []  # e.g. [("heads\\..*", 10.0)]; unmatched params: 1.0
+    c.wd_mults = list(NO_DECAY)  # unmatched params: 1.0
+    c.lars_exclude = list(NO_LARS)  # unmatched params: False (adapted)
+    c.clip_grad_norm = ml_collections.config_dict.placeholder(float)  # None or 0: off
+    c.clip_grad_value = ml_collections.config_dict.placeholder(float)  # None or 0: off
+    c.scale_lr = False  # VISSL's linear scaling rule: lr * global_batch / reference_batch_size.
+    c.reference_batch_size = 256
+    return c
+
+
+_DEFAULTS = default_config()
+
+
+def _get(cfg, key):
+    return cfg[key] if key in cfg else _DEFAULTS[key]
+
+
+def scaled_lr(cfg, global_batch_size: int) -> tuple:
+    """Returns ``(lr, message)``: the base lr, times global_batch / reference_batch if scale_lr."""
+    base, scale = float(_get(cfg, "lr")), _get(cfg, "scale_lr")
+    if not isinstance(scale, bool):
+        raise ValueError(f"optim.scale_lr must be True or False (linear scaling), got {scale!r}")
+    if not scale:
+        return base, f"lr {base:g} (optim.scale_lr off; global batch {global_batch_size})"
+    ref = _get(cfg, "reference_batch_size")
+    if global_batch_size <= 0 or ref <= 0:
+        raise ValueError(f"batch sizes must be positive: global {global_batch_size}, reference {ref}")
+    lr = base * global_batch_size / ref
+    return lr, (f"lr {lr:g} = {base:g} x {global_batch_size}/{ref} "
+                "(linear scaling: optim.lr x global batch / optim.reference_batch_size)")
+
+
+def global_norm(tree: dict) -> torch.Tensor:
+    """L2 norm over all leaves (in float32 at least), as a 0-d tensor; 0 for an empty tree."""
+    norms = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))
+             for g in leaves(tree)]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def clip_and_norm(grads: dict, cfg) -> tuple:
+    """Returns ``(grads, grad_norm)``: grads clipped as configured, and their norm before clipping.
+
+    Clip by global norm like ``torch.nn.utils.clip_grad_norm_`` (same 1e-6 guard), or by value;
+    the norm is a 0-d tensor whether or not clipping is on, for the log and the NaN check.
+    """
+    max_norm, max_value = _get(cfg, "clip_grad_norm"), _get(cfg, "clip_grad_value")
+    if max_norm and max_value:
+        raise ValueError("set one of optim.clip_grad_norm and optim.clip_grad_value, not both "
+                         f"(got {max_norm} and {max_value})")
+    norm = global_norm(grads)
+    if max_norm:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        grads = map_leaves(lambda g: g * coef.to(g.dtype), grads)
+    elif max_value:
+        grads = map_leaves(lambda g: g.clamp(-max_value, max_value), grads)
+    return grads, norm
+
+
+# One update per leaf. `h`: that leaf's resolved hyper-parameters (Python numbers); `s`: its slots.
+
+def _momentum_step(p, d, s, lr, h):
+    """torch.optim.SGD's step for direction d (weight decay already in d): lr outside the buffer."""
+    if not h["momentum"]:
+        return p - lr * d, {}
+    buf = h["momentum"] * s["momentum"] + d  # the zero-initialised buffer makes step 1 give buf = d.
+    d = d + h["momentum"] * buf if h["nesterov"] else buf
+    return p - lr * d, {"momentum": buf}
+
+
+def _sgd(p, g, s, lr, h, count):
+    d = g + h["wd"] * p if h["wd"] else g
+    return _momentum_step(p, d, s, lr, h)
+
+
+def _lars(p, g, s, lr, h, count):
+    """LARS as in SimCLR: d = g + wd p, scaled by eta |p| / |d| (1 where a norm is 0), then SGD.
+
+    Excluded params (norms, biases by default) are neither adapted nor decayed by the default rules.
+    The lr stays outside the momentum buffer, as with LARC wrapping torch.optim.SGD (VISSL).
+    """
+    d = g + h["wd"] * p if h["wd"] else g
+    if not h["lars_exclude"]:
+        p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+        ok = (p_norm > 0) & (d_norm > 0)
+        trust = torch.where(ok, h["lars_eta"] * p_norm / torch.where(ok, d_norm, 1.0), 1.0)
+        d = d * trust
+    return _momentum_step(p, d, s, lr, h)
+
+
+def _adamw(p, g, s, lr, h, count):
+    """torch.optim.AdamW: decoupled decay p (1 - lr wd), then the bias-corrected Adam step."""
+    (b1, b2), t = h["betas"], count.to(torch.float32)
+    mu = b1 * s["mu"] + (1 - b1) * g
+    nu = b2 * s["nu"] + (1 - b2) * g * g
+    bc1, bc2 = _bias_correction(b1, t), _bias_correction(b2, t)
+    if h["wd"]:
+        p = p * (1 - lr * h["wd"])
+    return p - (lr / bc1) * mu / (torch.sqrt(nu) / torch.sqrt(bc2) + h["eps"]), {"mu": mu, "nu": nu}
+
+
+def _bias_correction(beta, t):
+    """1 - beta**t, computed as -expm1(t log beta): accurate in float32 even where it is small."""
+    return -torch.expm1(t * math.log(beta)) if beta else torch.ones_like(t)
+
+
+_UPDATES = {"sgd": _sgd, "adamw": _adamw, "lars": _lars}
+
+
+def _slots(name, momentum):
+    return ("mu", "nu") if name == "adamw" else ("momentum",) if momentum else ()
+
+
+def _check_rules(key, rules, check):
+    out = []
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ValueError(f"optim.{key}: each rule must be a (regex, value) pair, got {rule!r}")
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise ValueError(f"optim.{key}: rule {tuple(rule)!r} has a bad regex: {e}") from None
+        out.append((rule[0], check(key, rule)))
+    return out
+
+
+def _number(key, rule):
+    value = rule[1]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"optim.{key}: rule {tuple(rule)!r} needs a number >= 0")
+    return float(value)
+
+
+def _flag(key, rule):
+    if not isinstance(rule[1], bool):
+        raise ValueError(f"optim.{key}: rule {tuple(rule)!r} needs True or False")
+    return rule[1]
+
+
+def _resolve(key, rules, names, default, check):
+    """First full match per name, with ``(".*", default)`` last: returns values and rule report."""
+    rules = _check_rules(key, rules, check) + [(".*", default)]
+    index = [(pattern, i) for i, (pattern, _) in enumerate(rules)]
+    chosen = {name: first_match(name, index) for name in names}
+    report = [(rule, [n for n in names if chosen[n] == i]) for i, rule in enumerate(rules)]
+    return {n: rules[i][1] for n, i in chosen.items()}, report
+
+
+class Optimizer:
+    """Rules resolved per dotted name at build time; ``init``/``update`` are pure tensor functions."""
+
+    def __init__(self, cfg, trainable: dict):
+        self.name = _get(cfg, "name")
+        if self.name not in _UPDATES:
+            raise ValueError(f"unknown optimizer optim.name={self.name!r}; valid: {', '.join(_UPDATES)}")
+        self.cfg = cfg
+        flat = flatten(trainable)
+        for name, p in flat.items():
+            if not (isinstance(p, torch.Tensor) and p.is_floating_point()):
+                what = f"a {p.dtype} tensor" if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(f"trainable param {name!r} is {what}; the optimizer needs float tensors")
+        self.names = list(flat)
+        self._sizes = {n: p.numel() for n, p in flat.items()}
+        lr_mults, lr_report = _resolve("lr_mults", _get(cfg, "lr_mults"), self.names, 1.0, _number)
+        wd_mults, wd_report = _resolve("wd_mults", _get(cfg, "wd_mults"), self.names, 1.0, _number)
+        self.reports = {"lr_mults": lr_report, "wd_mults": wd_report}
+        shared = dict(momentum=float(_get(cfg, "momentum")), nesterov=bool(_get(cfg, "nesterov")),
+                      betas=tuple(map(float, _get(cfg, "betas"))), eps=float(_get(cfg, "eps")),
+                      lars_eta=float(_get(cfg, "lars_eta")))
+        self._check(shared)
+        lars_exclude = {n: True for n in self.names}
+        if self.name == "lars":
+            lars_exclude, self.reports["lars_exclude"] = _resolve(
+                "lars_exclude", _get(cfg, "lars_exclude"), self.names, False, _flag)
+        wd = float(_get(cfg, "weight_decay"))
+        self.hyper = {n: dict(shared, lr_mult=lr_mults[n], wd=wd * wd_mults[n],
+                              lars_exclude=lars_exclude[n]) for n in self.names}
+        self.slots = _slots(self.name, shared["momentum"])
+
+    def _check(self, h):
+        if not 0 <= h["momentum"] < 1:
+            raise ValueError(f"optim.momentum must be in [0, 1), got {h['momentum']}")
+        if h["nesterov"] and not h["momentum"] and self.name != "adamw":
+            raise ValueError("optim.nesterov needs optim.momentum > 0")
+        if len(h["betas"]) != 2 or not all(0 <= b < 1 for b in h["betas"]):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {h['betas']}")
+        if h["eps"] <= 0 or h["lars_eta"] <= 0:
+            raise ValueError(f"optim.eps and optim.lars_eta must be > 0, got {h['eps']}, {h['lars_eta']}")
+
+    def _flat(self, tree, what):
+        flat = flatten(tree)
+        if set(flat) != set(self.names):
+            missing = [n for n in self.names if n not in flat]
+            extra = [n for n in flat if n not in self._sizes]
+            raise ValueError(f"{what} do not match the trainable params the optimizer was built for: "
+                             f"missing {missing[:10]}, unexpected {extra[:10]}")
+        return flat
+
+    def init(self, params: dict) -> dict:
+        """``{"count": 0-d int64, <slot>: tree like params}``; plain tensors, so torch.save-able."""
+        self._flat(params, "params")
+        state = {"count": torch.zeros((), dtype=torch.int64)}
+        state.update({slot: map_leaves(torch.zeros_like, params) for slot in self.slots})
+        return state
+
+    def update(self, grads: dict, state: dict, params: dict, lr) -> tuple:
+        """Returns ``(new_params, new_state)``; lr is the step's lr (0-d tensor) before lr_mults."""
+        p, g = self._flat(params, "params"), self._flat(grads, "grads")
+        slots = {slot: flatten(state[slot]) for slot in self.slots}
+        count = state["count"] + 1
+        leaf_update = _UPDATES[self.name]
+        new_p, new_slots = {}, {slot: {} for slot in self.slots}
+        for n in self.names:
+            h = self.hyper[n]
+            new_p[n], leaf_slots = leaf_update(p[n], g[n], {k: v[n] for k, v in slots.items()},
+                                               lr * h["lr_mult"], h, count)
+            for slot in self.slots:
+                new_slots[slot][n] = leaf_slots[slot]
+        return unflatten(new_p), {"count": count, **{k: unflatten(v) for k, v in new_slots.items()}}
+
+    def clip_and_norm(self, grads: dict) -> tuple:
+        return clip_and_norm(grads, self.cfg)
+
+    def describe(self, max_names: int | None = 8) -> list:
+        """Lines for the log: the optimizer, then each rule and the params it matched."""
+        cfg, size = self.cfg, sum(self._sizes.values())
+        hyper = {"sgd": ("momentum", "nesterov", "weight_decay"),
+                 "adamw": ("betas", "eps", "weight_decay"),
+                 "lars": ("momentum", "nesterov", "weight_decay", "lars_eta")}[self.name]
+        lines = [f"optimizer {self.name}: " + ", ".join(f"{k}={_get(cfg, k)}" for k in hyper) +
+                 f"; {len(self.names)} trainable params ({size:,} values); state slots: "
+                 f"{', '.join(self.slots) or 'none'}"]
+        for key, report in self.reports.items():
+            lines.append(f"  {key} (first full match wins):")
+            last = len(report) - 1
+            for i, ((pattern, value), names) in enumerate(report):
+                label = f"default -> {value}" if i == last else f"'{pattern}' -> {value}"
+                shown = names if max_names is None else names[:max_names]
+                more = f" … (+{len(names) - len(shown)} more)" if len(names) > len(shown) else ""
+                what = ", ".join(shown) + more if names else "matched nothing"
+                lines.append(f"    {label}: {len(names)} params: {what}")
+        return lines
+
+
+def build(cfg, trainable: dict) -> Optimizer:
+    """The optimizer named by ``cfg.name`` for this trainable tree, with its rules resolved."""
+    return Optimizer(cfg, trainable)

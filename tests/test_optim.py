@@ -1,0 +1,293 @@
+"""fpipe.optim against torch.optim (SGD, AdamW, clip_grad_norm_) and a per-tensor LARS reference."""
+import io
+import math
+
+import pytest
+import torch
+
+from fpipe import optim
+from fpipe.tree import flatten, unflatten
+
+SHAPES = {
+    "trunk.conv1.weight": (4, 3, 3, 3),
+    "trunk.bn1.weight": (4,),
+    "trunk.bn1.bias": (4,),
+    "trunk.layer1.0.conv1.weight": (4, 4, 3, 3),
+    "trunk.layer1.0.downsample.0.weight": (4, 4, 1, 1),
+    "trunk.layer1.0.downsample.1.weight": (4,),
+    "trunk.layer1.0.downsample.1.bias": (4,),
+    "heads.res5avg.clf.weight": (5, 4),
+    "heads.res5avg.clf.bias": (5,),
+}
+# Written out by hand, independently of optim's regexes.
+NO_DECAY = {"trunk.bn1.weight", "trunk.bn1.bias", "trunk.layer1.0.downsample.1.weight",
+            "trunk.layer1.0.downsample.1.bias", "heads.res5avg.clf.bias"}
+HEAD = {"heads.res5avg.clf.weight", "heads.res5avg.clf.bias"}
+STEPS = 60
+
+
+def _params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return unflatten({n: torch.randn(s, generator=gen) for n, s in SHAPES.items()})
+
+
+def _grads(gen):
+    return unflatten({n: torch.randn(s, generator=gen) for n, s in SHAPES.items()})
+
+
+def _lr(step):
+    return 0.01 + 0.04 * (1 + math.cos(math.pi * step / STEPS)) / 2  # changes every step.
+
+
+def _config(**kw):
+    c = optim.default_config()
+    c.lr_mults = [("heads\\..*", 10.0)]
+    c.update(kw)
+    return c
+
+
+def _run_ours(cfg, params, steps=STEPS, seed=1):
+    opt = optim.build(cfg, params)
+    state, gen = opt.init(params), torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        params, state = opt.update(_grads(gen), state, params, torch.tensor(_lr(step)))
+    return flatten(params)
+
+
+def _run_torch(make_opt, params, steps=STEPS, seed=1):
+    """torch.optim with one param group per tensor; lr_mult 10 on the head, wd 0 on NO_DECAY."""
+    ref = {n: torch.nn.Parameter(t.clone()) for n, t in flatten(params).items()}
+    groups = [{"params": [p], "name": n} for n, p in ref.items()]
+    opt = make_opt(groups)
+    decay = opt.defaults["weight_decay"]
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group, (n, g) in zip(opt.param_groups, flatten(_grads(gen)).items()):
+            group["lr"] = _lr(step) * (10.0 if n in HEAD else 1.0)
+            group["weight_decay"] = 0.0 if n in NO_DECAY else decay
+            group["params"][0].grad = g
+        opt.step()
+    return {n: p.detach() for n, p in ref.items()}
+
+
+def _assert_close(ours, ref):
+    assert ours.keys() == ref.keys()
+    for n in ref:
+        torch.testing.assert_close(ours[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("momentum,nesterov,wd", [(0.9, False, 1e-2), (0.9, True, 5e-2),
+                                                  (0.0, False, 1e-2)])
+def test_sgd_matches_torch(momentum, nesterov, wd):
+    params = _params()
+    cfg = _config(name="sgd", momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    ref = _run_torch(lambda g: torch.optim.SGD(g, lr=0.1, momentum=momentum, nesterov=nesterov,
+                                               weight_decay=wd), params)
+    ours = _run_ours(cfg, params)
+    assert not torch.allclose(ours["trunk.conv1.weight"], flatten(params)["trunk.conv1.weight"])
+    _assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("betas,wd", [((0.9, 0.999), 0.05), ((0.8, 0.95), 0.0)])
+def test_adamw_matches_torch(betas, wd):
+    params = _params()
+    cfg = _config(name="adamw", betas=betas, weight_decay=wd, eps=1e-6)
+    ref = _run_torch(lambda g: torch.optim.AdamW(g, lr=0.1, betas=betas, eps=1e-6,
+                                                 weight_decay=wd), params)
+    _assert_close(_run_ours(cfg, params), ref)
+
+
+def _lars_reference(params, momentum, nesterov, wd, eta, steps=STEPS, seed=1):
+    """LARS written as an optimizer over nn.Parameters: trust ratio per tensor in Python floats,
+    then plain torch.optim.SGD (no weight decay) on the rescaled grads, as LARC wraps SGD."""
+    module = torch.nn.Module()
+    names = list(flatten(params))
+    for i, (n, t) in enumerate(flatten(params).items()):
+        module.register_parameter(f"p{i}", torch.nn.Parameter(t.clone()))
+    plist = list(module.parameters())
+    sgd = torch.optim.SGD([{"params": [p]} for p in plist], lr=0.1, momentum=momentum,
+                          nesterov=nesterov)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        grads = flatten(_grads(gen))
+        for group, p, n in zip(sgd.param_groups, plist, names):
+            excluded = n in NO_DECAY
+            d = grads[n] + (0.0 if excluded else wd) * p.detach()
+            p_norm, d_norm = p.detach().norm().item(), d.norm().item()
+            trust = eta * p_norm / d_norm if not excluded and p_norm > 0 and d_norm > 0 else 1.0
+            p.grad = d * trust
+            group["lr"] = _lr(step) * (10.0 if n in HEAD else 1.0)
+        sgd.step()
+    return {n: p.detach() for n, p in zip(names, plist)}
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_matches_reference(nesterov):
+    params = _params()
+    cfg = _config(name="lars", momentum=0.9, nesterov=nesterov, weight_decay=1e-2, lars_eta=0.02)
+    ref = _lars_reference(params, 0.9, nesterov, 1e-2, 0.02)
+    _assert_close(_run_ours(cfg, params), ref)
+
+
+def test_lars_one_step_by_hand():
+    # |w| = 5 and, with wd 0.5, d = g + 0.5 w = (0.6, 0.8) + (1.5, 2) = (2.1, 2.8): |d| = 3.5.
+    params = {"fc": {"weight": torch.tensor([[3.0, 4.0]]), "bias": torch.tensor([1.0])},
+              "zero": {"weight": torch.zeros(1, 2)}}
+    grads = {"fc": {"weight": torch.tensor([[0.6, 0.8]]), "bias": torch.tensor([2.0])},
+             "zero": {"weight": torch.tensor([[1.0, 1.0]])}}
+    cfg = _config(name="lars", momentum=0.9, weight_decay=0.5, lars_eta=0.1, lr_mults=[])
+    opt = optim.build(cfg, params)
+    new, state = opt.update(grads, opt.init(params), params, torch.tensor(2.0))
+    trust = 0.1 * 5 / 3.5
+    torch.testing.assert_close(new["fc"]["weight"], torch.tensor([[3 - 2 * trust * 2.1,
+                                                                   4 - 2 * trust * 2.8]]))
+    torch.testing.assert_close(new["fc"]["bias"], torch.tensor([1.0 - 2 * 2.0]))  # excluded: plain SGD
+    torch.testing.assert_close(new["zero"]["weight"], torch.tensor([[-2.0, -2.0]]))  # |w|=0: trust 1
+    torch.testing.assert_close(state["momentum"]["fc"]["bias"], torch.tensor([2.0]))
+
+
+def test_default_rules_recognise_norms_and_biases_by_name():
+    no_decay = ["trunk.bn1.weight", "trunk.layer4.2.bn3.weight", "trunk.layer1.0.downsample.1.weight",
+                "heads.mlp.channel_bn.weight", "encoder.layers.encoder_layer_0.ln_1.weight",
+                "encoder.ln.weight", "blocks.0.norm1.weight", "stem.gn.weight", "trunk.conv1.bias",
+                "heads.res5avg.clf.bias", "bias"]
+    decay = ["trunk.conv1.weight", "trunk.layer1.0.downsample.0.weight", "trunk.fc.weight",
+             "heads.res5avg.clf.weight", "trunk.abn1.weight", "trunk.bn1.weight_extra"]
+    params = unflatten({n: torch.zeros(2) for n in no_decay + decay})
+    opt = optim.build(_config(name="lars", weight_decay=0.1), params)
+    assert {n for n, h in opt.hyper.items() if h["wd"] == 0} == set(no_decay)
+    assert {n for n, h in opt.hyper.items() if h["lars_exclude"]} == set(no_decay)
+    assert {n for n, h in opt.hyper.items() if h["lr_mult"] == 10.0} == {"heads.mlp.channel_bn.weight",
+                                                                         "heads.res5avg.clf.bias",
+                                                                         "heads.res5avg.clf.weight"}
+
+
+def test_first_rule_wins_and_describe_lists_matches():
+    params = _params()
+    cfg = _config(lr_mults=[("heads\\..*\\.bias", 0.5), ("heads\\..*", 10.0), ("nothing", 3.0)],
+                  weight_decay=1e-4)
+    opt = optim.build(cfg, params)
+    assert opt.hyper["heads.res5avg.clf.bias"]["lr_mult"] == 0.5
+    assert opt.hyper["heads.res5avg.clf.weight"]["lr_mult"] == 10.0
+    assert opt.hyper["trunk.conv1.weight"]["lr_mult"] == 1.0
+    assert opt.hyper["trunk.conv1.weight"]["wd"] == pytest.approx(1e-4)
+    text = "\n".join(opt.describe())
+    assert "'heads\\..*\\.bias' -> 0.5: 1 params: heads.res5avg.clf.bias" in text
+    assert "'nothing' -> 3.0: 0 params: matched nothing" in text
+    assert "default -> 1.0: 7 params" in text
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(name="adam"), "valid: sgd, adamw, lars"),
+    (dict(lr_mults=[("heads\\..*", -1.0)]), "heads"),
+    (dict(lr_mults=[("heads(", 2.0)]), "bad regex"),
+    (dict(lr_mults=["heads"]), "(regex, value) pair"),
+    (dict(name="lars", lars_exclude=[(".*bias", 0.0)]), "True or False"),
+    (dict(momentum=0.0, nesterov=True), "nesterov"),
+])
+def test_config_errors(change, message):
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        optim.build(_config(**change), _params())
+
+
+def test_param_and_tree_errors_name_the_param():
+    with pytest.raises(ValueError, match="trunk.count"):
+        optim.build(_config(), {"trunk": {"count": torch.zeros((), dtype=torch.int64)}})
+    params = _params()
+    opt = optim.build(_config(), params)
+    grads = flatten(params)
+    del grads["heads.res5avg.clf.bias"]
+    with pytest.raises(ValueError, match="heads.res5avg.clf.bias"):
+        opt.update(unflatten(grads), opt.init(params), params, torch.tensor(0.1))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
+def test_update_is_pure_and_state_survives_save(name):
+    params = _params()
+    opt = optim.build(_config(name=name, weight_decay=1e-3), params)
+    gen = torch.Generator().manual_seed(3)
+    state = opt.init(params)
+    params, state = opt.update(_grads(gen), state, params, torch.tensor(0.1))
+    before = {k: v.clone() for k, v in flatten({"p": params, "s": state}).items()}
+    grads = _grads(gen)
+    new_params, new_state = opt.update(grads, state, params, torch.tensor(0.1))
+    for k, v in flatten({"p": params, "s": state}).items():  # inputs untouched
+        assert torch.equal(v, before[k]), k
+    buffer = io.BytesIO()
+    torch.save({"params": params, "state": state}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)
+    again = opt.update(grads, loaded["state"], loaded["params"], torch.tensor(0.1))
+    for k, v in flatten({"p": new_params, "s": new_state}).items():
+        assert torch.equal(v, flatten({"p": again[0], "s": again[1]})[k]), k
+    assert int(new_state["count"]) == 2
+
+
+def test_frozen_params_get_no_state():
+    trainable = {"heads": flatten(_params())["heads.res5avg.clf.weight"]}
+    state = optim.build(_config(name="adamw"), trainable).init(trainable)
+    assert set(flatten(state)) == {"count", "mu.heads", "nu.heads"}
+    assert optim.build(_config(momentum=0.0), trainable).init(trainable).keys() == {"count"}
+
+
+def test_compiles_once_for_all_lrs():
+    from torch._dynamo.testing import CompileCounter
+    params = _params()
+    opt = optim.build(_config(name="adamw", weight_decay=1e-2), params)
+    counter = CompileCounter()
+    step = torch.compile(opt.update, backend=counter, fullgraph=True)
+    state, gen = opt.init(params), torch.Generator().manual_seed(1)
+    eager_params, eager_state = params, state
+    for i in range(3):
+        grads, lr = _grads(gen), torch.tensor(_lr(i))
+        params, state = step(grads, state, params, lr)
+        eager_params, eager_state = opt.update(grads, eager_state, eager_params, lr)
+    assert counter.frame_count == 1
+    _assert_close(flatten(params), flatten(eager_params))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_clip_grad_norm_matches_torch(max_norm):
+    grads = _grads(torch.Generator().manual_seed(5))
+    ref = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES.values()]
+    for p, g in zip(ref, flatten(grads).values()):
+        p.grad = g.clone()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    clipped, norm = optim.clip_and_norm(grads, {"clip_grad_norm": max_norm})
+    torch.testing.assert_close(norm, ref_norm)
+    for p, g in zip(ref, flatten(clipped).values()):
+        torch.testing.assert_close(g, p.grad)
+    assert (max_norm < norm) == (not torch.equal(flatten(clipped)["trunk.conv1.weight"],
+                                                 flatten(grads)["trunk.conv1.weight"]))
+
+
+def test_clip_grad_value_and_norm_when_off():
+    grads = _grads(torch.Generator().manual_seed(6))
+    flat = list(flatten(grads).values())
+    expected = torch.cat([g.flatten() for g in flat]).norm()
+    same, norm = optim.clip_and_norm(grads, optim.default_config())
+    torch.testing.assert_close(norm, expected)
+    assert all(a is b for a, b in zip(flatten(same).values(), flat))
+    clipped, norm = optim.clip_and_norm(grads, {"clip_grad_value": 0.3})
+    torch.testing.assert_close(norm, expected)  # the norm before clipping
+    ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in flat]
+    for p, g in zip(ref, flat):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_value_(ref, 0.3)
+    for p, g in zip(ref, flatten(clipped).values()):
+        torch.testing.assert_close(g, p.grad)
+    with pytest.raises(ValueError, match="not both"):
+        optim.clip_and_norm(grads, {"clip_grad_norm": 1.0, "clip_grad_value": 0.3})
+
+
+def test_scaled_lr():
+    cfg = optim.default_config()
+    cfg.lr = 0.3
+    assert optim.scaled_lr(cfg, 4096)[0] == 0.3
+    cfg.scale_lr = True
+    lr, message = optim.scaled_lr(cfg, 4096)
+    assert lr == pytest.approx(0.3 * 16) and "4.8" in message and "4096/256" in message
+    cfg.reference_batch_size = 512
+    assert optim.scaled_lr(cfg, 128)[0] == pytest.approx(0.075)
+    with pytest.raises(ValueError, match="scale_lr"):
+        optim.scaled_lr({"lr": 0.1, "scale_lr": "sqrt"}, 256)
