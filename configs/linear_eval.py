@@ -12,7 +12,7 @@ from fpipe.models.model import head_config
 
 def get_config(arg=None):
     c = common.base_config()
-    c.total_epochs = 10
+    c.total_epochs = 10.0
     c.model.freeze = ("trunk",)          # freeze the trunk; its BatchNorm uses running statistics
     # One eval_mlp head (BatchNorm + linear) per evaluated layer; pooled to small fixed grids.
     c.model.heads.conv1 = head_config("conv1", "eval_mlp", pool=[4, 4])
@@ -25,5 +25,5 @@ def get_config(arg=None):
     c.optim.nesterov = True
     c.optim.weight_decay = 5e-4
     c.schedule.name = "cosine"
-    c.schedule.warmup_epochs = 1
+    c.schedule.warmup_epochs = 1.0
     return c

@@ -38,9 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.betas = (0.9, 0.999)
     c.eps = 1e-8
     c.lars_eta = 0.001  # trust coefficient.
-    c.lr_mults = []  # e.g. [("heads\\..*", 10.0)]; unmatched params: 1.0
-    c.wd_mults = list(NO_DECAY)  # unmatched params: 1.0
-    c.lars_exclude = list(NO_LARS)  # unmatched params: False (adapted)
+    c.lr_mults = ()  # e.g. (("heads\\..*", 10.0),); unmatched params: 1.0
+    c.wd_mults = NO_DECAY  # unmatched params: 1.0
+    c.lars_exclude = NO_LARS  # unmatched params: False (adapted)
     c.clip_grad_norm = ml_collections.config_dict.placeholder(float)  # None or 0: off
     c.clip_grad_value = ml_collections.config_dict.placeholder(float)  # None or 0: off
     c.scale_lr = False  # VISSL's linear scaling rule: lr * global_batch / reference_batch_size.

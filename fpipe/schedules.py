@@ -18,6 +18,7 @@ import math
 from typing import Callable
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 NAMES = ("constant", "multistep", "cosine", "polynomial")
 WARMUP_METHODS = ("linear", "constant", "exponential")
@@ -27,30 +28,32 @@ def default_config() -> ml_collections.ConfigDict:
     """The schedule defaults: cosine to 0 over the whole run, no warmup, no delay."""
     c = ml_collections.ConfigDict()
     c.name = "cosine"  # constant | multistep | cosine | polynomial
-    c.warmup_epochs = None  # or warmup_steps; None: no warmup.
-    c.warmup_steps = None
+    # Unset values are typed placeholders, so each can be set from the command line.
+    c.warmup_epochs = placeholder(float)  # or warmup_steps; unset: no warmup.
+    c.warmup_steps = placeholder(int)
     c.warmup_method = "linear"  # linear | constant | exponential
     c.warmup_factor = 0.001  # multiplier at step 0 of the warmup (detectron2's default).
-    c.delay_epochs = None  # or delay_steps: hold the base lr after warmup (cosine, polynomial).
-    c.delay_steps = None
-    c.milestones_epochs = None  # or milestones_steps: multistep's decay points, from step 0.
-    c.milestones_steps = None
+    c.delay_epochs = placeholder(float)  # or delay_steps: hold the base lr after warmup (cosine, polynomial).
+    c.delay_steps = placeholder(int)
+    c.milestones_epochs = placeholder(tuple)  # or milestones_steps: multistep's decay points, from step 0.
+    c.milestones_steps = placeholder(tuple)
     c.gamma = 0.1  # multistep's factor per milestone.
-    c.end_factor = None  # cosine/polynomial final multiplier (default 0) ...
-    c.end_lr = None  # ... or final absolute lr: needs build(..., base_lr=).
+    c.end_factor = placeholder(float)  # cosine/polynomial final multiplier (default 0) ...
+    c.end_lr = placeholder(float)  # ... or final absolute lr: needs build(..., base_lr=).
     c.power = 1.0  # polynomial's exponent.
     return c
 
 
 def to_steps(cfg, name: str, steps_per_epoch: int, default=None):
-    """``cfg.<name>_steps`` or ``cfg.<name>_epochs`` x steps_per_epoch (rounded), or ``default``.
+    """``cfg.<name>_steps``, else ``cfg.<name>_epochs`` x steps_per_epoch (rounded), else ``default``.
 
-    Works on a number or a list of numbers (milestones); setting both keys is an error.
+    Works on a number or a list of numbers (milestones). Steps, when set, win over epochs: a
+    config file gives epochs and ``--config.total_steps=100`` still overrides them (a command
+    line cannot unset a value).
     """
     steps, epochs = cfg.get(f"{name}_steps"), cfg.get(f"{name}_epochs")
-    if steps is not None and epochs is not None:
-        raise ValueError(f"schedule: set {name}_steps or {name}_epochs, not both "
-                         f"(got {steps!r} and {epochs!r})")
+    if steps is not None:
+        epochs = None
     if steps is None and epochs is None:
         return default
     key, value = (f"{name}_steps", steps) if steps is not None else (f"{name}_epochs", epochs)

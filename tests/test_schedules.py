@@ -27,14 +27,14 @@ def _torch_lrs(make_scheduler, base_lr, steps):
 @pytest.mark.parametrize("gamma", [0.1, 0.5])
 def test_multistep_matches_torch(gamma):
     ref = _torch_lrs(lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [3, 7, 12], gamma), 0.2, 20)
-    by_steps = schedules.build(_config(name="multistep", milestones_steps=[3, 7, 12], gamma=gamma),
+    by_steps = schedules.build(_config(name="multistep", milestones_steps=(3, 7, 12), gamma=gamma),
                                steps_per_epoch=1, total_steps=20)
-    by_epochs = schedules.build(_config(name="multistep", milestones_epochs=[0.75, 1.75, 3],
+    by_epochs = schedules.build(_config(name="multistep", milestones_epochs=(0.75, 1.75, 3),
                                         gamma=gamma), steps_per_epoch=4, total_steps=20)
     for step, lr in enumerate(ref):
         assert 0.2 * by_steps(step) == pytest.approx(lr, rel=1e-12), step
         assert by_epochs(step) == by_steps(step), step
-    one = schedules.build(_config(name="multistep", milestones_epochs=2), 3, 20)
+    one = schedules.build(_config(name="multistep", milestones_epochs=(2,)), 3, 20)
     assert [one(s) for s in (5, 6)] == [1.0, 0.1]
 
 
@@ -107,8 +107,8 @@ def test_to_steps():
     assert schedules.to_steps({"milestones_epochs": (1, 2.5)}, "milestones", 4) == [4, 10]
     assert schedules.to_steps({}, "delay", 10, default=0) == 0
     assert schedules.to_steps(_config(), "milestones", 10) is None
-    with pytest.raises(ValueError, match="warmup_steps or warmup_epochs, not both"):
-        schedules.to_steps({"warmup_steps": 7, "warmup_epochs": 1}, "warmup", 10)
+    # steps, when set, override epochs (a command line cannot unset the config file's epochs)
+    assert schedules.to_steps({"warmup_steps": 7, "warmup_epochs": 1}, "warmup", 10) == 7
     with pytest.raises(ValueError, match="whole steps"):
         schedules.to_steps({"warmup_steps": 7.5}, "warmup", 10)
     with pytest.raises(ValueError, match=">= 0"):

@@ -8,6 +8,7 @@ from typing import Callable, NamedTuple
 
 import ml_collections
 import torch
+from ml_collections.config_dict import placeholder
 
 from fpipe import tree
 from fpipe.models import heads as heads_lib
@@ -29,8 +30,13 @@ def trunk_config(**overrides):
 
 def head_config(feature, type="linear", pool=None, dims=None, **options):
     """One head: reads ``feature``, pools it to ``pool`` ((h, w) adaptive grid) if given, then
-    ``type`` with output sizes ``dims`` (default: the dataset's class count)."""
-    return dict(feature=feature, pool=pool, type=type, dims=dims, **options)
+    ``type`` with output sizes ``dims`` (default: the dataset's class count).
+
+    Unset values are typed placeholders, so ``--config.model.heads.NAME.pool='(2, 2)'`` works."""
+    c = ml_collections.ConfigDict(dict(feature=feature, type=type, **options))
+    c.pool = placeholder(tuple) if pool is None else tuple(pool)
+    c.dims = placeholder(tuple) if dims is None else tuple(dims)
+    return c
 
 
 class Head(NamedTuple):

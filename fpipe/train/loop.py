@@ -73,7 +73,7 @@ def run(config, workdir):
     opt = optim.build(config.optim, trainable)
     for line in opt.describe():
         logging.info("optim: %s", line)
-    schedule = schedules.build(config.schedule, steps_per_epoch, total_steps)
+    schedule = schedules.build(config.schedule, steps_per_epoch, total_steps, base_lr=base_lr)
     train_state = {"trainable": trainable, "frozen": frozen, "model_state": model_state,
                    "opt_state": opt.init(trainable)}
     step_fn = step_lib.maybe_compile(

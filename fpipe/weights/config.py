@@ -24,10 +24,7 @@ class Options:
 
 def default_config() -> ml_collections.ConfigDict:
     """The defaults as a ConfigDict, for ``config.model.weights = weights.default_config()``."""
-    d = dataclasses.asdict(Options())
-    d["skip_layers"] = list(d["skip_layers"])
-    d["rename"] = list(d["rename"])
-    return ml_collections.ConfigDict(d)
+    return ml_collections.ConfigDict(dataclasses.asdict(Options()))  # tuples: overridable by flags
 
 
 def resolve(cfg) -> Options:

@@ -1,0 +1,61 @@
+"""Every shipped config builds, and every one of its keys can be set from the command line."""
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_dict
+
+from fpipe.models import model as models
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
+FLAG_TYPES = (bool, int, float, str, tuple)  # what config_flags can parse from a command line
+
+
+def load(name):
+    sys.path.insert(0, str(ROOT))
+    module = __import__(f"configs.{name}", fromlist=["get_config"])
+    return module.get_config()
+
+
+def leaves(cfg, prefix=""):
+    for key in cfg.keys():
+        value = cfg[key]
+        if isinstance(value, config_dict.ConfigDict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", cfg._fields[key], value
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_key_is_overridable_from_the_command_line(name):
+    bad = []
+    for key, field, value in leaves(load(name)):
+        if isinstance(field, config_dict.FieldReference):  # a typed placeholder
+            continue
+        if value is None or not isinstance(value, FLAG_TYPES):
+            bad.append(f"{key}={value!r} ({type(value).__name__})")
+    assert not bad, "use a tuple or ml_collections placeholder(type) for: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds_its_model(name):
+    cfg = load(name)
+    model = models.build(cfg.model, num_classes=10, image_size=cfg.data.image_size)
+    assert model.heads
+
+
+def test_overrides_of_tuples_and_placeholders_parse(tmp_path):
+    """The flag parser itself: a placeholder, a tuple of rules, a head's pooling grid."""
+    script = ("from absl import app, flags\nfrom ml_collections import config_flags\n"
+              "config_flags.DEFINE_config_file('config', lock_config=True)\n"
+              "def main(_):\n  c = flags.FLAGS.config\n"
+              "  print(c.total_steps, c.optim.lr_mults, c.model.heads.res4.pool, c.schedule.milestones_epochs)\n"
+              "app.run(main)\n")
+    out = subprocess.run([sys.executable, "-c", script, "--config=configs/linear_eval.py",
+                          "--config.total_steps=7", "--config.optim.lr_mults=((r'heads\\..*', 10.0),)",
+                          "--config.model.heads.res4.pool=(1, 1)", "--config.schedule.milestones_epochs=(8, 16)"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "7 (('heads\\\\..*', 10.0),) (1, 1) (8, 16)"

@@ -1,0 +1,109 @@
+"""main.py end to end, as a user runs it: outputs, errors, resume after a kill, the two-step flow."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Small and eager so the suite stays fast; the shipped configs otherwise run as they are.
+TINY = ["--config.compile=False", "--config.data.image_size=16", "--config.data.batch_size=32",
+        "--config.log_steps=5"]
+
+
+def main(workdir, *args, check=True, config="configs/linear_eval.py"):
+    cmd = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *TINY, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_linear_eval_writes_results_metrics_tensorboard_and_checkpoints(tmp_path):
+    main(tmp_path, "--config.total_steps=12", "--config.ckpt_steps=6")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["heads"]) == {"conv1", "res3", "res4", "res5avg"}
+    for head in results["heads"].values():
+        assert 0 <= head["top1"] <= head["top5"] <= 100
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["freeze"] == ["trunk"] and config["total_steps"] == 12
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l] == [5, 10, 12]
+    assert any("res4/test_top1" in l for l in lines)
+    assert list((tmp_path / "tb").iterdir())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt_*.pt")) == [
+        "ckpt_00000006.pt", "ckpt_00000012.pt"]
+
+
+def test_unknown_override_is_an_error_naming_the_key(tmp_path):
+    proc = main(tmp_path, "--config.optim.lrr=0.1", check=False)
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr and "lr" in proc.stderr
+
+
+def test_killed_run_resumes_with_the_same_command_and_ends_identically(tmp_path):
+    args = ["--config.total_steps=24", "--config.ckpt_steps=4", "--config.model.heads.res4.pool=(1, 1)"]
+    main(tmp_path / "straight", *args)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "main.py", "--config=configs/linear_eval.py", f"--workdir={killed}", *TINY, *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((killed / "checkpoints").glob("ckpt_0000000[48].pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = sorted((killed / "checkpoints").glob("ckpt_*.pt"))
+    assert first and "ckpt_00000024.pt" not in [p.name for p in first], "the kill came too late to test resume"
+    main(killed, *args)
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "ckpt_00000024.pt", weights_only=True)
+    b = torch.load(killed / "checkpoints" / "ckpt_00000024.pt", weights_only=True)
+    for name, t in a["params"].items():
+        assert torch.equal(b["params"][name], t), name
+    for name, t in a["model_state"].items():
+        assert torch.equal(b["model_state"][name], t), name
+    ra = json.loads((tmp_path / "straight" / "results.json").read_text())
+    rb = json.loads((killed / "results.json").read_text())
+    assert ra == rb
+
+
+def test_supervised_checkpoint_loads_into_linear_eval_by_path(tmp_path):
+    main(tmp_path / "sup", "--config.total_steps=4", config="configs/supervised.py")
+    ckpt = sorted((tmp_path / "sup" / "checkpoints").glob("ckpt_*.pt"))[-1]
+    main(tmp_path / "lin", "--config.total_steps=2", f"--config.model.weights.path={ckpt}")
+    report = json.loads((tmp_path / "lin" / "weights_report.json").read_text())
+    assert report["trunk_loaded"] == report["trunk_total"] > 0 and report["format"] == "fpipe"
+    # the frozen trunk in the new run's checkpoint is exactly the supervised one
+    sup = torch.load(ckpt, weights_only=True)["params"]
+    lin = torch.load(sorted((tmp_path / "lin" / "checkpoints").glob("ckpt_*.pt"))[-1], weights_only=True)
+    for name, t in sup.items():
+        if name.startswith("trunk."):
+            assert torch.equal(lin["params"][name], t), name
+
+
+def test_wrong_prefix_fails_loudly_with_the_fix(tmp_path, reference):
+    sd = reference.seeded_state_dict(reference.load_manifest("resnet18"), 0)
+    path = tmp_path / "moco.pth"
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in sd.items()}}, path)
+    proc = main(tmp_path / "run", "--config.total_steps=2", f"--config.model.weights.path={path}",
+                "--config.model.weights.format=torchvision", "--config.model.weights.remove_prefix=module.",
+                check=False)
+    assert proc.returncode != 0
+    assert "module.encoder_q." in proc.stderr
+    ok = main(tmp_path / "auto", "--config.total_steps=2", f"--config.model.weights.path={path}")
+    assert "module.encoder_q." in (tmp_path / "auto" / "weights_report.txt").read_text()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    proc = main(tmp_path, "--config.total_steps=20", "--config.ckpt_steps=2", "--config.optim.lr=1e30",
+                "--config.schedule.warmup_epochs=0", check=False)
+    assert proc.returncode != 0
+    assert "loss is nan" in proc.stderr or "loss is inf" in proc.stderr
+    kept = list((tmp_path / "checkpoints").glob("ckpt_*.pt"))
+    for path in kept:
+        saved = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in saved["params"].values() if t.is_floating_point())
