@@ -114,7 +114,7 @@ def test_scaled_step_equals_plain_step_and_skips_overflow():
     lr = torch.tensor(0.1)
     plain = step_lib.make_step(model, opt, eval_norms=eval_norms)
     cfg = scaler_cfg(init_scale=2.0 ** 16, growth_interval=2)
-    scaled = precision.make_scaled_step(model, opt, scaler_cfg=cfg, eval_norms=eval_norms, autocast=None)
+    scaled = step_lib.make_step(model, opt, loss_scaling=cfg, eval_norms=eval_norms, autocast=None)
     want, a = ts, ts | {"scaler": precision.scaler_init(cfg)}
     for scale in (2.0 ** 16, 2.0 ** 16, 2.0 ** 17):  # a power-of-two scale is exact: identical params
         want, _ = plain(want, batch, lr)

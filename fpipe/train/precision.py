@@ -12,17 +12,16 @@ autocast only runs the forward's matmuls and convolutions in the lower dtype.
       -> optimizer update, kept only where found_inf is False (torch.where, no Python branch)
       -> scale x backoff_factor on found_inf, x growth_factor after growth_interval good steps.
 
-  ``make_scaled_step`` is ``step.make_step`` with these stages; its train state has a ``"scaler"``.
+  ``step.make_step(..., loss_scaling=config.precision)`` runs these stages; its train state then
+  has a ``"scaler"``.
 """
 import contextlib
-from typing import Callable, Optional
+from typing import Optional
 
 import ml_collections
 import torch
-from torch.func import grad_and_value
 
 from fpipe import tree
-from fpipe.train import step as step_lib
 
 DTYPES = {"float32": None, "fp32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -114,52 +113,3 @@ def update_scaler(scaler: dict, found_inf: torch.Tensor, cfg=None) -> dict:
                             torch.where(grow, grown, scale))
     new_tracker = torch.where(found_inf | grow, torch.zeros_like(tracker), good)
     return {"scale": new_scale, "growth_tracker": new_tracker}
-
-
-# ---------------------------------------------------------------- the step with loss scaling
-def make_scaled_step(model, opt, *, scaler_cfg=None, eval_norms=frozenset(), clip=None,
-                     grad_reduce=None, sync_stats=None, autocast=torch.float16) -> Callable:
-    """``step(train_state, batch, lr) -> (train_state, metrics)`` like ``step.make_step``, with
-    dynamic loss scaling; ``train_state["scaler"]`` comes from :func:`scaler_init`.
-
-    The gradient mean over ranks runs on the scaled gradients, so every rank sees the same
-    found_inf and skips (or not) together, as DDP + GradScaler do. A skipped step keeps params and
-    optimizer state (its step count included) but, as in PyTorch, the BatchNorm running statistics
-    of the forward pass are kept. Metrics add ``loss_scale`` (before the update) and ``skipped``.
-    """
-    def loss_fn(trainable, frozen, model_state, batch, scale):
-        params = tree.merge(trainable, frozen)
-        with _autocast_like(autocast, batch["image"]):
-            outputs, new_model_state = model.apply(params, model_state, batch["image"], train=True,
-                                                   eval_norms=eval_norms, sync_stats=sync_stats)
-        loss, losses = step_lib.heads_loss(outputs, batch["label"])
-        return loss * scale, (loss, losses, outputs, new_model_state)
-
-    grad_fn = grad_and_value(loss_fn, has_aux=True)
-
-    def step(train_state, batch, lr):
-        scaler = train_state["scaler"]
-        grads, (_, (loss, losses, outputs, new_model_state)) = grad_fn(
-            train_state["trainable"], train_state["frozen"], train_state["model_state"], batch,
-            scaler["scale"])
-        if grad_reduce is not None:
-            grads = grad_reduce(grads)
-        grads, found_inf = unscale(grads, scaler)
-        grads, grad_norm = clip(grads) if clip is not None else (grads, step_lib._global_norm(grads))
-        trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], lr)
-        trainable = where_finite(found_inf, trainable, train_state["trainable"])
-        opt_state = where_finite(found_inf, opt_state, train_state["opt_state"])
-        metrics = {"loss": loss.detach(), "grad_norm": grad_norm, "loss_scale": scaler["scale"],
-                   "skipped": found_inf.float()}
-        for name, head_loss in losses.items():
-            metrics[f"{name}/loss"] = head_loss.detach()
-            metrics[f"{name}/train_top1"] = (outputs[name].argmax(1) == batch["label"]).float().mean()
-        new_state = {**train_state, "trainable": trainable, "model_state": new_model_state,
-                     "opt_state": opt_state, "scaler": update_scaler(scaler, found_inf, scaler_cfg)}
-        return new_state, metrics
-
-    return step
-
-
-def _autocast_like(dtype, like):
-    return autocast(dtype, like.device.type)

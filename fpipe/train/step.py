@@ -4,7 +4,6 @@
 norm layers are plain inputs, so a frozen trunk builds no autograd graph and keeps no
 activations for backward. The step returns a new train state; nothing is mutated in place.
 """
-import contextlib
 from typing import Callable
 
 import torch
@@ -12,7 +11,8 @@ import torch.nn.functional as F
 from absl import logging
 from torch.func import grad_and_value
 
-from fpipe import tree
+from fpipe import optim, tree
+from fpipe.train import precision
 
 
 def heads_loss(outputs, labels):
@@ -22,37 +22,47 @@ def heads_loss(outputs, labels):
 
 
 def make_step(model, opt, *, eval_norms=frozenset(), clip=None, grad_reduce=None, sync_stats=None,
-              autocast=None) -> Callable:
+              autocast=None, loss_scaling=None) -> Callable:
     """Returns ``step(train_state, batch, lr) -> (train_state, metrics)``.
 
-    train_state: ``{"trainable", "frozen", "model_state", "opt_state"}`` trees.
-    clip: ``grads -> (grads, grad_norm)`` (from fpipe.optim); grad_reduce: averages grads across
-    processes (data parallel); sync_stats: SyncBN's all-reduce of BatchNorm statistics;
-    autocast: a dtype for mixed precision, or None.
+    train_state: ``{"trainable", "frozen", "model_state", "opt_state"}`` trees (plus ``"scaler"``
+    with loss scaling). clip: ``grads -> (grads, grad_norm)`` (from fpipe.optim); grad_reduce:
+    averages grads across processes (data parallel); sync_stats: SyncBN's all-reduce of BatchNorm
+    statistics; autocast: a dtype for mixed precision, or None; loss_scaling: ``config.precision``
+    for fp16's dynamic loss scaling (fpipe.train.precision), or None.
     """
-    def loss_fn(trainable, frozen, model_state, batch):
+    def loss_fn(trainable, frozen, model_state, batch, scale):
         params = tree.merge(trainable, frozen)
-        with _autocast(autocast, batch["image"]):
+        with precision.autocast(autocast, batch["label"].device.type):
             outputs, new_model_state = model.apply(params, model_state, batch["image"], train=True,
                                                    eval_norms=eval_norms, sync_stats=sync_stats)
         loss, losses = heads_loss(outputs, batch["label"])
-        return loss, (losses, outputs, new_model_state)
+        return (loss if scale is None else loss * scale), (loss, losses, outputs, new_model_state)
 
     grad_fn = grad_and_value(loss_fn, has_aux=True)
 
     def step(train_state, batch, lr):
-        grads, (loss, (losses, outputs, new_model_state)) = grad_fn(
-            train_state["trainable"], train_state["frozen"], train_state["model_state"], batch)
-        if grad_reduce is not None:
+        scaler = train_state["scaler"] if loss_scaling is not None else None
+        grads, (_, (loss, losses, outputs, new_model_state)) = grad_fn(
+            train_state["trainable"], train_state["frozen"], train_state["model_state"], batch,
+            None if scaler is None else scaler["scale"])
+        if grad_reduce is not None:  # on scaled grads: every rank then skips (or not) together
             grads = grad_reduce(grads)
-        grads, grad_norm = clip(grads) if clip is not None else (grads, _global_norm(grads))
+        if scaler is not None:
+            grads, found_inf = precision.unscale(grads, scaler)
+        grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
         trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], lr)
         metrics = {"loss": loss.detach(), "grad_norm": grad_norm}
+        new_state = {**train_state, "model_state": new_model_state}
+        if scaler is not None:  # a non-finite step keeps params and optimizer state, as GradScaler
+            trainable = precision.where_finite(found_inf, trainable, train_state["trainable"])
+            opt_state = precision.where_finite(found_inf, opt_state, train_state["opt_state"])
+            new_state["scaler"] = precision.update_scaler(scaler, found_inf, loss_scaling)
+            metrics.update(loss_scale=scaler["scale"], skipped=found_inf.float())
         for name, head_loss in losses.items():
             metrics[f"{name}/loss"] = head_loss.detach()
             metrics[f"{name}/train_top1"] = (outputs[name].argmax(1) == batch["label"]).float().mean()
-        new_state = {**train_state, "trainable": trainable, "model_state": new_model_state,
-                     "opt_state": opt_state}
+        new_state.update(trainable=trainable, opt_state=opt_state)
         return new_state, metrics
 
     return step
@@ -64,7 +74,7 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
     Counts (not means) so that shards and batches add up exactly; ``batch["mask"]`` marks padding.
     """
     def eval_step(params, model_state, batch):
-        with torch.no_grad(), _autocast(autocast, batch["image"]):
+        with torch.no_grad(), precision.autocast(autocast, batch["label"].device.type):
             outputs, _ = model.apply(params, model_state, batch["image"], train=False)
         mask = batch.get("mask")
         valid = torch.ones_like(batch["label"], dtype=torch.bool) if mask is None else mask.bool()
@@ -77,19 +87,6 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
         return counts
 
     return eval_step
-
-
-def _global_norm(grads):
-    leaves = tree.leaves(grads)
-    if not leaves:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in leaves]))
-
-
-def _autocast(dtype, like):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=like.device.type, dtype=dtype)
 
 
 def maybe_compile(fn, enabled, name="step", **options):
