@@ -3,6 +3,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from fpipe import data, optim, schedules, weights
+from fpipe.train import precision
 from fpipe.models import model
 
 
@@ -29,4 +30,15 @@ def base_config():
     c.model.freeze = ()
     c.optim = optim.default_config()
     c.schedule = schedules.default_config()
+    c.precision = precision.default_config()  # dtype: float32 | bf16 | fp16 (CUDA, loss scaling)
+    # Processes: `torchrun --nproc_per_node=N main.py ...` splits data.batch_size (global) over N.
+    c.sync_bn = False                   # BatchNorms that train reduce statistics across processes
+    c.sync_bn_group = "global"          # global | node | "<N>" processes per group (VISSL's option)
+    c.fast_frozen_trunk = True          # a fully frozen trunk runs as a compiled constant
+    # Trainer hooks (fpipe.train.hooks); each is off until configured.
+    c.layer_freeze = ml_collections.ConfigDict(dict(rules=(), freeze_epochs=0.0))  # or freeze_steps
+    c.layer_freeze.freeze_steps = placeholder(int)
+    c.precise_bn = ml_collections.ConfigDict(dict(num_batches=0))  # before each evaluation
+    c.best_metric = ""                  # e.g. "res5avg/top1": keep checkpoints/best.pt
+    c.best_mode = "max"
     return c

@@ -10,6 +10,8 @@ import time
 import pytest
 import torch
 
+from fpipe import weights
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Small and eager so the suite stays fast; the shipped configs otherwise run as they are.
 TINY = ["--config.compile=False", "--config.data.image_size=16", "--config.data.batch_size=32",
@@ -77,9 +79,12 @@ def test_supervised_checkpoint_loads_into_linear_eval_by_path(tmp_path):
     main(tmp_path / "lin", "--config.total_steps=2", f"--config.model.weights.path={ckpt}")
     report = json.loads((tmp_path / "lin" / "weights_report.json").read_text())
     assert report["trunk_loaded"] == report["trunk_total"] > 0 and report["format"] == "fpipe"
-    # the frozen trunk in the new run's checkpoint is exactly the supervised one
+    # the frozen trunk is stored once beside the new run's checkpoints (not in each), and is
+    # exactly the supervised one; the weights reader puts the checkpoint back together
     sup = torch.load(ckpt, weights_only=True)["params"]
-    lin = torch.load(sorted((tmp_path / "lin" / "checkpoints").glob("ckpt_*.pt"))[-1], weights_only=True)
+    lin_path = sorted((tmp_path / "lin" / "checkpoints").glob("ckpt_*.pt"))[-1]
+    assert not any(n.startswith("trunk.") for n in torch.load(lin_path, weights_only=True)["params"])
+    lin = weights.read_checkpoint(str(lin_path))
     for name, t in sup.items():
         if name.startswith("trunk."):
             assert torch.equal(lin["params"][name], t), name

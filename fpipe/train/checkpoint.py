@@ -5,7 +5,8 @@ holding a plain dict that ``torch.load(weights_only=True)`` reads: tensors, dict
 tuples, ints, floats, strings, bools and None only (checked when saving, so a checkpoint that
 could not be restored is never written). What goes in is the caller's; the convention is
 
-        params       flat {dotted name: tensor} of ALL model params (trunk.* and heads.*)
+        params       flat {dotted name: tensor} of the params that train (trunk.* / heads.*)
+        frozen_params  {"file", "sha256"}: the frozen params, written once (save_frozen)
         model_state  flat {dotted name: tensor}: BatchNorm running stats, num_batches_tracked
         opt_state    the optimizer's state tree
         step, epoch  ints; ``step`` (if present) must equal the step the file is named by
@@ -202,6 +203,40 @@ def save(workdir: str, step: int, payload: dict, *, keep: Optional[int] = 3) -> 
             if old != path:
                 os.remove(old)
     return path
+
+
+FROZEN_FILE = "frozen.pt"
+
+
+def save_frozen(workdir: str, frozen_flat: dict) -> dict:
+    """Writes the frozen params once per run to ``checkpoints/frozen.pt`` (they never change).
+
+    Step checkpoints then hold only what trains, plus the returned reference
+    ``{"file", "sha256"}``; an existing file with the same checksum is not written again.
+    """
+    d = checkpoint_dir(workdir)
+    os.makedirs(d, exist_ok=True)
+    payload = {"params": frozen_flat}
+    ref = {"file": FROZEN_FILE, "sha256": checksum(payload)}
+    path = os.path.join(d, FROZEN_FILE)
+    if os.path.exists(path):
+        try:
+            if checksum(load(path)) == ref["sha256"]:
+                return ref
+        except CorruptCheckpointError:
+            pass
+    _write_checkpoint(path, 0, payload)
+    return ref
+
+
+def load_frozen(workdir: str, ref: dict) -> dict:
+    """The frozen params a step checkpoint refers to, checked against the checksum it recorded."""
+    path = os.path.join(checkpoint_dir(workdir), ref["file"])
+    payload = load(path)
+    if checksum(payload) != ref["sha256"]:
+        raise CorruptCheckpointError(f"{path} is not the frozen-params file the checkpoint was saved with "
+                                     "(checksum differs); use a new --workdir or restore that file")
+    return payload["params"]
 
 
 def load(path: str, map_location="cpu") -> dict:

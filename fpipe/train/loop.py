@@ -1,21 +1,26 @@
 """The training loop, readable top to bottom: build, resume, iterate with hooks, evaluate, write.
 
-    config -> data -> model (init, load weights, partition) -> optimizer -> step
-           -> resume from WORKDIR/checkpoints (beats pretrained weights) -> loop with hooks
-           -> results.json
+    config -> processes (torchrun or one) -> data shards -> model (init, load weights, freeze)
+           -> optimizer, schedule -> resume from WORKDIR/checkpoints (beats pretrained weights)
+           -> compiled step -> loop with hooks -> results.json
 """
 import dataclasses
 import json
 import math
 import os
+import signal
+import time
 from typing import Any, Callable
 
 import torch
 from absl import logging
 
 from fpipe import data, freeze, optim, schedules, tree, weights, writers
+from fpipe.models import layers
 from fpipe.models import model as models
-from fpipe.train import checkpoint, hooks as hooks_lib, step as step_lib
+from fpipe.train import checkpoint, distributed, frozen_trunk, precision
+from fpipe.train import hooks as hooks_lib
+from fpipe.train import step as step_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -24,9 +29,10 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass
 class Context:
-    """What hooks see: the loop's position, state and services."""
+    """What hooks see: the loop's position, its state, and its services."""
     config: Any
     workdir: str
+    dist: Any
     writer: Any
     step: int
     start_step: int
@@ -35,24 +41,30 @@ class Context:
     train_state: dict
     evaluate: Callable
     save_checkpoint: Callable
+    step_fn: Callable        # the current train step (LayerFreeze rebuilds it)
+    prepare: Callable        # loader batch -> step batch (device, frozen-trunk features)
+    rebuild_step: Callable
+    precise_bn: Callable
     lr: float = 0.0
     metrics: dict = dataclasses.field(default_factory=dict)
     results: dict = dataclasses.field(default_factory=dict)
+    results_step: int = -1
 
 
 def run(config, workdir):
     """Trains and evaluates as ``config`` says; returns the final per-head results."""
+    dist = distributed.init()
     os.makedirs(workdir, exist_ok=True)
     torch.manual_seed(config.seed)
 
-    # Data.
+    # Data: every rank reads its shard of each global batch.
     dataset = data.build(config.data)
-    train_loader = data.Loader(dataset.train, config.data, train=True)
-    test_loader = data.Loader(dataset.test, config.data, train=False)
+    train_loader = data.Loader(dataset.train, config.data, train=True, rank=dist.rank, world_size=dist.world_size)
+    test_loader = data.Loader(dataset.test, config.data, train=False, rank=dist.rank, world_size=dist.world_size)
     steps_per_epoch = train_loader.steps_per_epoch
     total_steps = schedules.to_steps(config, "total", steps_per_epoch)
 
-    # Model: init, then pretrained weights unless a checkpoint will be resumed.
+    # Model: init, then pretrained weights unless a checkpoint will be resumed; then freeze.
     model = models.build(config.model, num_classes=dataset.num_classes, image_size=config.data.image_size)
     params, model_state = model.init(config.seed)
     resume_path = checkpoint.latest(workdir)
@@ -60,140 +72,299 @@ def run(config, workdir):
         logging.warning("Resuming from %s: it takes precedence over model.weights.path=%r, which is "
                         "not read.", resume_path, config.model.weights.path)
     else:
-        params, model_state = load_weights(params, model_state, config.model.weights, workdir)
+        params, model_state = load_weights(params, model_state, config.model.weights, workdir, dist.is_main)
     trainable, frozen = freeze.partition(params, config.model.freeze)
     eval_norms = freeze.eval_norms(model_state, frozen)
     logging.info("Trainable: %d tensors (%d values); frozen: %d tensors (%d values).",
                  len(tree.leaves(trainable)), tree.tree_size(trainable),
                  len(tree.leaves(frozen)), tree.tree_size(frozen))
 
-    # Optimizer, schedule, step.
+    # Optimizer and schedule; the lr follows the global batch when optim.scale_lr is on.
     base_lr, lr_message = optim.scaled_lr(config.optim, config.data.batch_size)
-    logging.info(lr_message)
+    logging.info("%s (world size %d)", lr_message, dist.world_size)
     opt = optim.build(config.optim, trainable)
     for line in opt.describe():
         logging.info("optim: %s", line)
     schedule = schedules.build(config.schedule, steps_per_epoch, total_steps, base_lr=base_lr)
     train_state = {"trainable": trainable, "frozen": frozen, "model_state": model_state,
                    "opt_state": opt.init(trainable)}
-    step_fn = step_lib.maybe_compile(
-        step_lib.make_step(model, opt, eval_norms=eval_norms, clip=lambda g: optim.clip_and_norm(g, config.optim)),
-        config.compile, "train step")
-    eval_fn = step_lib.maybe_compile(step_lib.make_eval_step(model), config.compile, "eval step")
+    if precision.needs_scaler(config.precision):
+        train_state["scaler"] = precision.scaler_init(config.precision)
 
-    # Resume: the whole train state, the data position and the hooks' state.
-    the_hooks = [hooks_lib.LogMetrics(config.log_steps, config.data.batch_size),
-                 hooks_lib.Evaluate(schedules.to_steps(config, "eval", steps_per_epoch, default=0)),
-                 hooks_lib.Checkpoint(schedules.to_steps(config, "ckpt", steps_per_epoch, default=0))]
-    start_step = 0
+    # Resume: the whole train state and the hooks' state; the data position follows the step.
+    start_step, saved = 0, None
     if resume_path:
         saved, resume_path = checkpoint.restore(workdir)
-        train_state, start_step = restore_train_state(train_state, saved)
-        for hook, state in zip(the_hooks, saved.get("hooks", [])):
-            hook.load_state_dict(state)
+        train_state, start_step = restore_train_state(train_state, saved, workdir)
         logging.info("Resumed at step %d of %d from %s.", start_step, total_steps, resume_path)
-    writer = writers.make_writers(workdir, is_main_process=True, total_steps=total_steps,
-                                  batch_size=config.data.batch_size, resume_step=start_step)
+    train_state = to_device(train_state, dist.device)
+    frozen_ref = checkpoint.save_frozen(workdir, tree.flatten(frozen)) if dist.is_main else None
+
+    # The compiled steps. With the whole trunk frozen, the trunk runs as a compiled constant and
+    # only the heads are differentiated (fpipe.train.frozen_trunk: same math, faster).
+    steps = StepFactory(config, model, opt, train_state, eval_norms, dist)
+    eval_fn = steps.eval_step()
 
     def evaluate():
-        params = tree.merge(train_state["trainable"], train_state["frozen"])
-        return evaluate_model(eval_fn, params, train_state["model_state"], test_loader)
+        params = tree.merge(ctx.train_state["trainable"], ctx.train_state["frozen"])
+        results = evaluate_model(eval_fn, params, ctx.train_state["model_state"], test_loader, dist,
+                                 steps.prepare)
+        ctx.results_step = ctx.step
+        return results
 
-    def save_checkpoint():
-        checkpoint.save(workdir, ctx.step + 1, checkpoint_payload(ctx, the_hooks, config),
-                        keep=config.keep_ckpts)
+    def save_checkpoint(best=None):
+        if not dist.is_main:
+            return
+        payload = checkpoint_payload(ctx, the_hooks, config, frozen_ref)
+        if best is None:
+            checkpoint.save(workdir, ctx.step + 1, payload, keep=config.keep_ckpts)
+        else:
+            checkpoint.save_best(workdir, ctx.step + 1, payload, *best)
 
-    ctx = Context(config, workdir, writer, start_step, start_step, total_steps, steps_per_epoch,
-                  train_state, evaluate, save_checkpoint)
+    def rebuild_step(hold):
+        ctx.step_fn = steps.train_step(hold=hold)
+
+    def precise_bn(num_batches):
+        params = tree.merge(ctx.train_state["trainable"], ctx.train_state["frozen"])
+        batches = (steps.prepare(b)["image"] for _, b in zip(range(num_batches), train_loader.epoch(ctx.step)))
+        return hooks_lib.precise_bn_statistics(steps.model.apply, params, ctx.train_state["model_state"],
+                                               batches, eval_norms, layers.BN_MOMENTUM)
+
+    the_hooks = make_hooks(config, steps_per_epoch)
+    if saved:
+        for hook, state in zip(the_hooks, saved.get("hooks", [])):
+            hook.load_state_dict(state)
+    writer = writers.make_writers(workdir, dist.is_main, total_steps=total_steps,
+                                  batch_size=config.data.batch_size, resume_step=start_step)
+    ctx = Context(config, workdir, dist, writer, start_step, start_step, total_steps, steps_per_epoch,
+                  train_state, evaluate, save_checkpoint, steps.train_step(), steps.prepare, rebuild_step,
+                  precise_bn)
+    stop = StopOnSignal()
+    try:
+        return train_loop(ctx, the_hooks, train_loader, schedule, base_lr, stop)
+    finally:
+        stop.restore()
+        writer.close()
+        dist.shutdown()
+
+
+def train_loop(ctx, the_hooks, train_loader, schedule, base_lr, stop):
+    """Steps from ``ctx.start_step`` to the end with hooks around each; then the final results."""
     for hook in the_hooks:
         hook.before_train(ctx)
 
-    # The loop.
-    batches = train_loader.iterate(start_step)
-    for ctx.step in range(start_step, total_steps):
+    batches = train_loader.iterate(ctx.start_step)
+    for ctx.step in range(ctx.start_step, ctx.total_steps):
         for hook in the_hooks:
             hook.before_step(ctx)
-        batch = next(batches)
+        t0 = time.perf_counter()
+        batch = ctx.prepare(next(batches))
+        data_time = time.perf_counter() - t0
         ctx.lr = base_lr * schedule(ctx.step)
-        train_state, ctx.metrics = step_fn(train_state, batch, torch.tensor(ctx.lr, dtype=torch.float32))
-        ctx.train_state = train_state
-        if not math.isfinite(float(ctx.metrics["loss"])):
-            raise NonFiniteLossError(
-                f"loss is {float(ctx.metrics['loss'])} at step {ctx.step + 1}; the last good checkpoint "
-                f"in {workdir}/checkpoints is kept. Lower optim.lr or check the data.")
+        ctx.train_state, ctx.metrics = ctx.step_fn(ctx.train_state, batch, torch.tensor(ctx.lr, dtype=torch.float32))
+        check_finite(ctx.metrics, ctx.step, ctx.workdir, skips_bad_steps="scaler" in ctx.train_state)
+        ctx.metrics["data_time"] = data_time
         for hook in the_hooks:
             hook.after_step(ctx)
+        if stop.requested and ctx.step + 1 < ctx.total_steps:
+            ctx.save_checkpoint()
+            logging.warning("Stopped by %s at step %d; a checkpoint is written: re-run the same "
+                            "command to continue.", stop.requested, ctx.step + 1)
+            return None
 
     for hook in the_hooks:
         hook.after_train(ctx)
-    results = ctx.results or evaluate()
-    hooks_lib.write_results(workdir, results, {"step": total_steps})
-    log_results(results)
-    writer.close()
+    results = ctx.results or ctx.evaluate()
+    if ctx.dist.is_main:
+        hooks_lib.write_results(ctx.workdir, results, {"step": ctx.total_steps, "world_size": ctx.dist.world_size})
+        log_results(results)
     return results
 
 
-def load_weights(params, model_state, weights_cfg, workdir):
+def make_hooks(config, steps_per_epoch):
+    """The hooks, in the order they run (see fpipe.train.hooks)."""
+    to_steps = lambda name: schedules.to_steps(config, name, steps_per_epoch, default=0)
+    eval_every = to_steps("eval")
+    hooks = []
+    if config.get("layer_freeze") and config.layer_freeze.rules:
+        hooks.append(hooks_lib.LayerFreeze(config.layer_freeze.rules,
+                                           schedules.to_steps(config.layer_freeze, "freeze", steps_per_epoch, 0)))
+    hooks.append(hooks_lib.LogMetrics(config.log_steps, config.data.batch_size))
+    if config.get("precise_bn") and config.precise_bn.num_batches:
+        hooks.append(hooks_lib.PreciseBN(eval_every, config.precise_bn.num_batches))
+    hooks.append(hooks_lib.Evaluate(eval_every))
+    if config.get("best_metric"):
+        hooks.append(hooks_lib.BestCheckpoint(config.best_metric, config.get("best_mode", "max")))
+    hooks.append(hooks_lib.Checkpoint(to_steps("ckpt")))
+    return hooks
+
+
+class StepFactory:
+    """Builds the train and eval steps for this run's model, precision, processes and freezing."""
+
+    def __init__(self, config, model, opt, train_state, eval_norms, dist):
+        self.config, self.opt, self.eval_norms, self.dist = config, opt, eval_norms, dist
+        self.model, self.features = model, None
+        self.trainable_names = list(tree.flatten(train_state["trainable"]))
+        self.autocast = precision.autocast_dtype(config.precision, dist.device)
+        trunk_frozen = not tree.flatten(train_state["trainable"].get("trunk", {}))
+        if trunk_frozen and config.get("fast_frozen_trunk", True):
+            ft = frozen_trunk.frozen_trunk(model, train_state["trainable"], train_state["frozen"],
+                                           train_state["model_state"], eval_norms, compile=config.compile)
+            self.model, self.features = ft.model, ft.features
+            logging.info("The trunk is frozen: it runs as a constant%s, and only the heads are differentiated.",
+                         " compiled with inductor freezing" if config.compile else "")
+        self.sync_stats = None
+        if config.get("sync_bn"):
+            group = config.get("sync_bn_group", "global")
+            self.sync_stats = distributed.sync_stats(dist, int(group) if str(group).isdigit() else group)
+
+    def train_step(self, hold=()):
+        held = frozenset()
+        eval_norms = self.eval_norms
+        if hold:  # LayerFreeze: these params stay fixed, their norms use running statistics
+            params = tree.unflatten({n: None for n in self.trainable_names})
+            held_tree, _ = tree.partition(params, hold)
+            held = frozenset(tree.flatten(held_tree))
+            eval_norms = eval_norms | frozenset(n.rsplit(".", 1)[0] for n in held if n.endswith(".weight"))
+        step = step_lib.make_step(
+            self.model, self.opt, eval_norms=eval_norms, hold=held,
+            clip=lambda g: optim.clip_and_norm(g, self.config.optim),
+            grad_reduce=distributed.grad_mean(self.dist), sync_stats=self.sync_stats, autocast=self.autocast,
+            loss_scaling=self.config.precision if precision.needs_scaler(self.config.precision) else None)
+        return step_lib.maybe_compile(step, self.config.compile, "train step")
+
+    def eval_step(self):
+        return step_lib.maybe_compile(step_lib.make_eval_step(self.model, autocast=self.autocast),
+                                      self.config.compile, "eval step")
+
+    def prepare(self, batch):
+        """A loader batch on this process's device; trunk features in place of images if frozen."""
+        batch = to_device(batch, self.dist.device)
+        if self.features is not None:
+            batch = {**batch, "image": self.features(batch["image"])}
+        return batch
+
+
+
+def load_weights(params, model_state, weights_cfg, workdir, write_report=True):
     """Pretrained weights into the initialised model, with the load report saved to the workdir."""
     if not weights_cfg.path:
         logging.warning("model.weights.path is empty: the trunk stays at its RANDOM initialisation. "
                         "Set --config.model.weights.path=FILE to evaluate pretrained weights.")
         return params, model_state
     param_names = set(tree.flatten(params))
-    target = {**tree.flatten(params), **tree.flatten(model_state)}
-    loaded, report = weights.load_into(target, weights_cfg)
-    with open(os.path.join(workdir, "weights_report.json"), "w") as f:
-        json.dump(report.to_dict(), f, indent=2)
-    with open(os.path.join(workdir, "weights_report.txt"), "w") as f:
-        f.write(report.summary() + "\n")
+    loaded, report = weights.load_into({**tree.flatten(params), **tree.flatten(model_state)}, weights_cfg)
+    if write_report:
+        with open(os.path.join(workdir, "weights_report.json"), "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+        with open(os.path.join(workdir, "weights_report.txt"), "w") as f:
+            f.write(report.summary() + "\n")
     logging.info("Weights loaded from %s:\n%s", weights_cfg.path, report.summary())
     new_params = tree.unflatten({n: v for n, v in loaded.items() if n in param_names})
     new_state = tree.unflatten({n: v for n, v in loaded.items() if n not in param_names})
     return tree.merge_in_order(params, new_params), tree.merge_in_order(model_state, new_state)
 
 
-def evaluate_model(eval_fn, params, model_state, loader):
-    """Exact top-k per head over the whole split: counts add up across batches, then divide."""
+def evaluate_model(eval_fn, params, model_state, loader, dist, prepare):
+    """Exact top-k per head over the whole split: counts add up over batches and ranks, then divide."""
     totals = {}
     for batch in loader.epoch(0):
-        counts = eval_fn(params, model_state, batch)
-        for head, c in counts.items():
-            if head == "count":
-                totals["count"] = totals.get("count", 0) + int(c)
-                continue
-            acc = totals.setdefault(head, {})
-            for k, v in c.items():
-                acc[k] = acc.get(k, 0) + int(v)
+        counts = eval_fn(params, model_state, prepare(batch))
+        for name, value in tree.flatten(counts).items():
+            totals[name] = totals.get(name, 0) + int(value)
+    totals = distributed.sum_over_ranks(dist, totals)
     n = max(totals.pop("count", 0), 1)
-    return {head: {k: 100.0 * v / n for k, v in c.items()} for head, c in totals.items()}
+    results = {}
+    for name, value in totals.items():
+        head, k = name.rsplit(".", 1)
+        results.setdefault(head, {})[k] = 100.0 * value / n
+    return results
 
 
-def checkpoint_payload(ctx, the_hooks, config):
+def check_finite(metrics, step, workdir, skips_bad_steps):
+    """A NaN/inf loss (or grad norm, unless fp16 loss scaling skips such steps) stops the run."""
+    values = {"loss": float(metrics["loss"])}
+    if not skips_bad_steps:
+        values["grad_norm"] = float(metrics["grad_norm"])
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"{name} is {value} at step {step + 1}; the last good checkpoint in {workdir}/checkpoints "
+                "is kept (nothing after it was saved). Lower optim.lr, set optim.clip_grad_norm, or check the data.")
+
+
+def checkpoint_payload(ctx, the_hooks, config, frozen_ref):
     ts = ctx.train_state
     return {
-        "params": tree.flatten(tree.merge(ts["trainable"], ts["frozen"])),
-        "model_state": tree.flatten(ts["model_state"]),
-        "opt_state": ts["opt_state"],
+        "params": tree.flatten(to_device(ts["trainable"], "cpu")),
+        "frozen_params": frozen_ref,
+        "model_state": tree.flatten(to_device(ts["model_state"], "cpu")),
+        "opt_state": to_device(ts["opt_state"], "cpu"),
+        "scaler": to_device(ts.get("scaler"), "cpu"),
         "step": ctx.step + 1,
         "rng": {"torch": torch.get_rng_state()},
         "hooks": [h.state_dict() for h in the_hooks],
-        "meta": {"config": config.to_json()},
+        "meta": {"config": config.to_json_best_effort()},
     }
 
 
-def restore_train_state(train_state, saved):
+def restore_train_state(train_state, saved, workdir):
     """The train state of a checkpoint, checked name by name against the model being trained."""
-    params = saved["params"]
-    names = set(tree.flatten(train_state["trainable"])) | set(tree.flatten(train_state["frozen"]))
-    if set(params) != names:
-        missing, extra = sorted(names - set(params)), sorted(set(params) - names)
-        raise ValueError(f"the checkpoint does not fit this model: missing {missing[:5]}, unexpected "
-                         f"{extra[:5]}. Was the config changed? Use a new --workdir for a new model.")
-    trainable = tree.unflatten({n: params[n] for n in tree.flatten(train_state["trainable"])})
-    frozen = tree.unflatten({n: params[n] for n in tree.flatten(train_state["frozen"])})
+    trainable_names = set(tree.flatten(train_state["trainable"]))
+    frozen_names = set(tree.flatten(train_state["frozen"]))
+    params = dict(saved["params"])
+    if saved.get("frozen_params"):
+        params.update(checkpoint.load_frozen(workdir, saved["frozen_params"]))
+    if set(params) != trainable_names | frozen_names:
+        expected = trainable_names | frozen_names
+        missing, extra = sorted(expected - set(params)), sorted(set(params) - expected)
+        raise ValueError(f"the checkpoint in {workdir} does not fit this model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}. Was the config changed? Use a new --workdir for a new model.")
+    restored = {
+        "trainable": tree.unflatten({n: params[n] for n in tree.flatten(train_state["trainable"])}),
+        "frozen": tree.unflatten({n: params[n] for n in tree.flatten(train_state["frozen"])}),
+        "model_state": tree.unflatten(saved["model_state"]),
+        "opt_state": saved["opt_state"],
+    }
+    if "scaler" in train_state:
+        restored["scaler"] = saved.get("scaler") or train_state["scaler"]
     torch.set_rng_state(saved["rng"]["torch"])
-    return {"trainable": trainable, "frozen": frozen,
-            "model_state": tree.unflatten(saved["model_state"]), "opt_state": saved["opt_state"]}, saved["step"]
+    return restored, saved["step"]
+
+
+def to_device(t, device):
+    if t is None or str(device) == "cpu" and not _any_off_cpu(t):
+        return t
+    if isinstance(t, dict):
+        return {k: to_device(v, device) for k, v in t.items()}
+    return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+
+
+def _any_off_cpu(t):
+    if isinstance(t, dict):
+        return any(_any_off_cpu(v) for v in t.values())
+    return isinstance(t, torch.Tensor) and t.device.type != "cpu"
+
+
+class StopOnSignal:
+    """SIGTERM / SIGINT ask the loop to write a checkpoint and exit cleanly after the current step."""
+
+    def __init__(self):
+        self.requested = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def log_results(results):

@@ -22,14 +22,15 @@ def heads_loss(outputs, labels):
 
 
 def make_step(model, opt, *, eval_norms=frozenset(), clip=None, grad_reduce=None, sync_stats=None,
-              autocast=None, loss_scaling=None) -> Callable:
+              autocast=None, loss_scaling=None, hold=frozenset()) -> Callable:
     """Returns ``step(train_state, batch, lr) -> (train_state, metrics)``.
 
     train_state: ``{"trainable", "frozen", "model_state", "opt_state"}`` trees (plus ``"scaler"``
     with loss scaling). clip: ``grads -> (grads, grad_norm)`` (from fpipe.optim); grad_reduce:
     averages grads across processes (data parallel); sync_stats: SyncBN's all-reduce of BatchNorm
     statistics; autocast: a dtype for mixed precision, or None; loss_scaling: ``config.precision``
-    for fp16's dynamic loss scaling (fpipe.train.precision), or None.
+    for fp16's dynamic loss scaling (fpipe.train.precision), or None; hold: dotted names of
+    trainable params kept fixed for now, with their optimizer state (LayerFreeze).
     """
     def loss_fn(trainable, frozen, model_state, batch, scale):
         params = tree.merge(trainable, frozen)
@@ -52,6 +53,9 @@ def make_step(model, opt, *, eval_norms=frozenset(), clip=None, grad_reduce=None
             grads, found_inf = precision.unscale(grads, scaler)
         grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
         trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], lr)
+        if hold:
+            trainable = _keep_held(trainable, train_state["trainable"], hold)
+            opt_state = _keep_held(opt_state, train_state["opt_state"], hold)
         metrics = {"loss": loss.detach(), "grad_norm": grad_norm}
         new_state = {**train_state, "model_state": new_model_state}
         if scaler is not None:  # a non-finite step keeps params and optimizer state, as GradScaler
@@ -87,6 +91,13 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
         return counts
 
     return eval_step
+
+
+def _keep_held(new, old, held):
+    """``new`` with the leaves named in ``held`` (or, in optimizer slots, ending in one) from ``old``."""
+    old_flat = tree.flatten(old)
+    return tree.unflatten({n: old_flat[n] if n in held or n.split(".", 1)[-1] in held else v
+                           for n, v in tree.flatten(new).items()})
 
 
 def maybe_compile(fn, enabled, name="step", **options):

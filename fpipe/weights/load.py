@@ -4,6 +4,7 @@ Each format makes a *plan*: ``{R: file name}`` (the name each file tensor takes,
 docs/DESIGN.md) plus ``{file name: why dropped}``. The plan only moves names; the tensors follow.
 """
 import dataclasses
+import os
 
 from fpipe.tree import flatten
 from fpipe.weights import config, detect, io, merge, transforms
@@ -53,10 +54,21 @@ def load_into(target_flat: dict, cfg=None) -> tuple:
 
 
 def read_checkpoint(path: str) -> dict:
-    """The file's contents, which must be a dict holding at least one tensor."""
+    """The file's contents, which must be a dict holding at least one tensor.
+
+    An fpipe checkpoint keeps its frozen params in a sibling file (``frozen_params``: written
+    once per run); they are read back into ``params`` here, so the checkpoint loads whole.
+    """
     obj = io.read(path)
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors.")
+    ref = obj.get("frozen_params")
+    if is_fpipe_checkpoint(obj) and isinstance(ref, dict) and isinstance(ref.get("file"), str):
+        sibling = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(ref["file"]))
+        frozen = io.read(sibling)
+        if not isinstance(frozen, dict) or not isinstance(frozen.get("params"), dict):
+            raise WeightsError(f"{sibling}: not the frozen-params file that {path} refers to.")
+        obj = {**obj, "params": {**frozen["params"], **obj["params"]}}
     if not transforms.tensor_leaves(obj):
         raise WeightsError(f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:20]))}).")
     return obj
