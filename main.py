@@ -29,7 +29,8 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
     os.makedirs(workdir, exist_ok=True)
-    logging.get_absl_handler().use_absl_log_file("log", workdir)
+    logging.get_absl_handler().use_absl_log_file("log", workdir)  # WORKDIR/log.INFO ...
+    logging.set_stderrthreshold("info")                            # ... and the console
     logging.info("Config:\n%s", config)
     print(f"workdir: {workdir}\nconfig:\n{config}", flush=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

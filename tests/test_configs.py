@@ -10,13 +10,15 @@ from fpipe.models import model as models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
+CONFIGS += ["linear_eval:vissl_imagenet"]  # documented variants (get_config's argument)
 FLAG_TYPES = (bool, int, float, str, tuple)  # what config_flags can parse from a command line
 
 
 def load(name):
     sys.path.insert(0, str(ROOT))
+    name, _, arg = name.partition(":")
     module = __import__(f"configs.{name}", fromlist=["get_config"])
-    return module.get_config()
+    return module.get_config(arg or None)
 
 
 def leaves(cfg, prefix=""):
@@ -44,6 +46,11 @@ def test_config_builds_its_model(name):
     cfg = load(name)
     model = models.build(cfg.model, num_classes=10, image_size=cfg.data.image_size)
     assert model.heads
+    if name == "linear_eval:vissl_imagenet":  # VISSL's feature sizes per evaluated layer
+        dims = {h.name: h for h in model.heads}
+        params, _ = model.init(0)
+        sizes = {n: params["heads"][n]["clf"]["clf"]["0"]["weight"].shape[1] for n in dims}
+        assert sizes == dict(conv1=9216, res2=9216, res3=8192, res4=9216, res5=8192, res5avg=2048)
 
 
 def test_overrides_of_tuples_and_placeholders_parse(tmp_path):

@@ -52,7 +52,13 @@ class Context:
 
 
 def run(config, workdir):
-    """Trains and evaluates as ``config`` says; returns the final per-head results."""
+    """Trains and evaluates as ``config`` says; returns the final per-head results (None when
+    stopped by SIGTERM/SIGINT, after writing a checkpoint)."""
+    with StopOnSignal() as stop:
+        return _run(config, workdir, stop)
+
+
+def _run(config, workdir, stop):
     dist = distributed.init()
     os.makedirs(workdir, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -139,11 +145,9 @@ def run(config, workdir):
     ctx = Context(config, workdir, dist, writer, start_step, start_step, total_steps, steps_per_epoch,
                   train_state, evaluate, save_checkpoint, steps.train_step(), steps.prepare, rebuild_step,
                   precise_bn)
-    stop = StopOnSignal()
     try:
         return train_loop(ctx, the_hooks, train_loader, schedule, base_lr, stop)
     finally:
-        stop.restore()
         writer.close()
         dist.shutdown()
 
@@ -362,7 +366,10 @@ class StopOnSignal:
     def _handle(self, signum, frame):
         self.requested = signal.Signals(signum).name
 
-    def restore(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 

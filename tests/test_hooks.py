@@ -1,0 +1,100 @@
+"""Each hook's effect, through the loop as a user runs it (main.py), or against a direct computation."""
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections
+import torch
+import torch.nn.functional as F
+
+from fpipe import tree
+from fpipe.models import layers
+from fpipe.models import model as models
+from fpipe.train import hooks
+from test_main import ROOT, TINY, main
+
+
+def test_precise_bn_is_the_equal_weight_mean_of_batch_statistics():
+    cfg = ml_collections.ConfigDict(dict(trunk=models.trunk_config(depth=18), heads=dict(fc=models.head_config("flatten"))))
+    model = models.build(cfg, num_classes=3, image_size=16)
+    params, state = model.init(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 16, 16, generator=g) * (i + 1) for i in range(3)]
+    new_state = hooks.precise_bn_statistics(model.apply, params, state, batches, frozenset(), layers.BN_MOMENTUM)
+    # trunk.bn1 sees conv1's output: its statistics can be computed directly
+    convs = [F.conv2d(x, params["trunk"]["conv1"]["weight"], None, 2, 3) for x in batches]
+    mean = torch.stack([h.mean((0, 2, 3)) for h in convs]).mean(0)
+    var = torch.stack([h.transpose(0, 1).flatten(1).var(1, unbiased=True) for h in convs]).mean(0)
+    torch.testing.assert_close(new_state["trunk"]["bn1"]["running_mean"], mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(new_state["trunk"]["bn1"]["running_var"], var, rtol=1e-4, atol=1e-5)
+    assert torch.equal(new_state["trunk"]["bn1"]["num_batches_tracked"], state["trunk"]["bn1"]["num_batches_tracked"])
+    # norms in eval mode (frozen) are left alone
+    kept = hooks.precise_bn_statistics(model.apply, params, state, batches, frozenset({"trunk.bn1"}), layers.BN_MOMENTUM)
+    assert kept["trunk"]["bn1"]["running_mean"] is state["trunk"]["bn1"]["running_mean"]
+
+
+def ckpt(workdir, step):
+    return torch.load(pathlib.Path(workdir) / "checkpoints" / f"ckpt_{step:08d}.pt", weights_only=True)
+
+
+FREEZE = ["--config.layer_freeze.rules=('trunk.layer1.*',)", "--config.layer_freeze.freeze_steps=3",
+          "--config.schedule.name=constant", "--config.ckpt_steps=1", "--config.keep_ckpts=10"]
+
+
+def test_layer_freeze_holds_layers_then_trains_them(tmp_path):
+    main(tmp_path, "--config.total_steps=5", *FREEZE, config="configs/supervised.py")
+    init = {f"trunk.{n}": t for n, t in tree.flatten(models.build(
+        _supervised_model_cfg(), num_classes=10, image_size=16).init(0)[0]["trunk"]).items()}
+    for step in (1, 2, 3):
+        saved = ckpt(tmp_path, step)
+        assert torch.equal(saved["params"]["trunk.layer1.0.conv1.weight"], init["trunk.layer1.0.conv1.weight"])
+        assert torch.equal(saved["model_state"]["trunk.layer1.0.bn1.running_mean"], torch.zeros(64))
+        assert not torch.equal(saved["params"]["trunk.layer2.0.conv1.weight"], init["trunk.layer2.0.conv1.weight"])
+    after = ckpt(tmp_path, 4)
+    assert not torch.equal(after["params"]["trunk.layer1.0.conv1.weight"], init["trunk.layer1.0.conv1.weight"])
+
+
+def test_layer_freeze_does_not_freeze_again_after_resume(tmp_path):
+    main(tmp_path / "straight", "--config.total_steps=6", *FREEZE, config="configs/supervised.py")
+    main(tmp_path / "resumed", "--config.total_steps=4", *FREEZE, config="configs/supervised.py")
+    main(tmp_path / "resumed", "--config.total_steps=6", *FREEZE, config="configs/supervised.py")
+    a, b = ckpt(tmp_path / "straight", 6), ckpt(tmp_path / "resumed", 6)
+    for name, t in a["params"].items():
+        assert torch.equal(b["params"][name], t), name
+
+
+def _supervised_model_cfg():
+    sys.path.insert(0, str(ROOT))
+    from configs import supervised
+    return supervised.get_config().model
+
+
+def test_best_checkpoint_keeps_the_best_evaluation(tmp_path):
+    main(tmp_path, "--config.total_steps=8", "--config.eval_steps=2", "--config.best_metric=res5avg/top1")
+    evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [(l["step"], l["res5avg/test_top1"]) for l in evals if "res5avg/test_top1" in l]
+    assert [s for s, _ in evals] == [2, 4, 6, 8]
+    best = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
+    best_value = max(v for _, v in evals)
+    assert best["value"] == best_value and best["step"] == min(s for s, v in evals if v == best_value)
+    assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["step"] == best["step"]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    cmd = [sys.executable, "main.py", "--config=configs/supervised.py", f"--workdir={tmp_path}", *TINY,
+           "--config.total_steps=400", "--config.ckpt_steps=1000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    metrics = tmp_path / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Stopped by SIGTERM" in err
+    saved = sorted((tmp_path / "checkpoints").glob("ckpt_*.pt"))
+    assert len(saved) == 1 and 5 <= torch.load(saved[0], weights_only=True)["step"] < 400
+    assert not (tmp_path / "results.json").exists()
