@@ -41,3 +41,25 @@ def test_group_and_layer_norm_match_torch():
     assert s == {}
     torch.testing.assert_close(layers.norm("group", p, s, x, True)[0], torch.nn.GroupNorm(32, 64)(x).detach())
     torch.testing.assert_close(layers.norm("layer", p, s, x, True)[0], torch.nn.GroupNorm(1, 64)(x).detach())
+
+
+def test_conv_on_a_1x1_input_uses_the_centre_tap_exactly():
+    """Same values and gradients as F.conv2d; the unused taps' gradients are exact zeros, also under
+    bf16 autocast on CPU (where oneDNN leaves them uninitialised)."""
+    x = torch.randn(8, 16, 1, 1)
+    w = torch.randn(32, 16, 3, 3, requires_grad=True)
+    for stride in (1, 2):
+        y = layers.conv({"weight": w}, x, stride=stride, padding=1)
+        torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, None, stride, 1))
+    g, = torch.autograd.grad(layers.conv({"weight": w}, x, stride=2, padding=1).sum(), w)
+    g_ref, = torch.autograd.grad(torch.nn.functional.conv2d(x, w, None, 2, 1).sum(), w)
+    torch.testing.assert_close(g, g_ref)
+    for _ in range(5):
+        junk = torch.full((1 << 20,), float("nan"))  # dirty the allocator as a real run would
+        del junk
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layers.conv({"weight": w}, x, stride=2, padding=1)
+        g, = torch.autograd.grad(y.float().sum(), w)
+        border = g.clone()
+        border[:, :, 1, 1] = 0
+        assert torch.isfinite(g).all() and border.abs().max() == 0

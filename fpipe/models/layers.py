@@ -52,7 +52,14 @@ def norm_init(kind, channels, zero_scale=False, groups=32):
 
 # ---------------------------------------------------------------- appliers
 def conv(p, x, stride=1, padding=0, groups=1):
-    return F.conv2d(x, p["weight"], p.get("bias"), stride, padding, 1, groups)
+    w = p["weight"]
+    if x.shape[-2:] == (1, 1) and padding and w.shape[-2] == w.shape[-1] == 2 * padding + 1:
+        # On a 1×1 input a "same"-padded k×k conv touches only its centre tap: the same math as a
+        # 1×1 conv with it, with a ninth of the weight traffic; it also avoids oneDNN's bf16
+        # weight gradient, which leaves the untouched taps uninitialised (NaN) on CPU.
+        w = w[:, :, padding:padding + 1, padding:padding + 1]
+        stride, padding = 1, 0
+    return F.conv2d(x, w, p.get("bias"), stride, padding, 1, groups)
 
 
 def linear(p, x):

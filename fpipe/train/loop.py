@@ -5,6 +5,7 @@
            -> compiled step -> loop with hooks -> results.json
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -131,9 +132,11 @@ def _run(config, workdir, stop):
         ctx.step_fn = steps.train_step(hold=hold)
 
     def precise_bn(num_batches):
+        """Statistics of the global batch (synced over processes), as one process would compute."""
         params = tree.merge(ctx.train_state["trainable"], ctx.train_state["frozen"])
         batches = (steps.prepare(b)["image"] for _, b in zip(range(num_batches), train_loader.epoch(ctx.step)))
-        return hooks_lib.precise_bn_statistics(steps.model.apply, params, ctx.train_state["model_state"],
+        apply = functools.partial(steps.model.apply, sync_stats=distributed.sync_stats(dist))
+        return hooks_lib.precise_bn_statistics(apply, params, ctx.train_state["model_state"],
                                                batches, eval_norms, layers.BN_MOMENTUM)
 
     the_hooks = make_hooks(config, steps_per_epoch)
@@ -277,7 +280,7 @@ def evaluate_model(eval_fn, params, model_state, loader, dist, prepare):
         counts = eval_fn(params, model_state, prepare(batch))
         for name, value in tree.flatten(counts).items():
             totals[name] = totals.get(name, 0) + int(value)
-    totals = distributed.sum_over_ranks(dist, totals)
+    totals = tree.flatten(distributed.sum_over_ranks(dist, tree.unflatten(totals)))
     n = max(totals.pop("count", 0), 1)
     results = {}
     for name, value in totals.items():
