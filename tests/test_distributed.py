@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import _dist_cases as cases
-from fpipe import tree
 from fpipe.train import distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))

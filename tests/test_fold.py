@@ -6,7 +6,6 @@ import torch
 from fpipe import freeze, tree
 from fpipe.models import fold
 from fpipe.models import model as model_lib
-from fpipe.train import step as step_lib
 
 
 def _model(depth=18, heads=None, image_size=32):

@@ -1,14 +1,12 @@
 """main.py end to end, as a user runs it: outputs, errors, resume after a kill, the two-step flow."""
 import json
 import math
-import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from fpipe import weights
@@ -100,7 +98,7 @@ def test_wrong_prefix_fails_loudly_with_the_fix(tmp_path, reference):
                 check=False)
     assert proc.returncode != 0
     assert "module.encoder_q." in proc.stderr
-    ok = main(tmp_path / "auto", "--config.total_steps=2", f"--config.model.weights.path={path}")
+    main(tmp_path / "auto", "--config.total_steps=2", f"--config.model.weights.path={path}")
     assert "module.encoder_q." in (tmp_path / "auto" / "weights_report.txt").read_text()
 
 

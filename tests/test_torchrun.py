@@ -5,7 +5,6 @@ batch; then the loss curve, the final params and the per-head accuracies agree.
 """
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys

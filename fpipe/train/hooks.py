@@ -7,7 +7,6 @@ the loop's order is LayerFreeze -> LogMetrics (timer, lr, ETA) -> PreciseBN -> E
 BestCheckpoint -> Checkpoint, so evaluation sees precise statistics and checkpoints see results.
 """
 import json
-import math
 import os
 
 import torch
