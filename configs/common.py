@@ -41,4 +41,6 @@ def base_config():
     c.precise_bn = ml_collections.ConfigDict(dict(num_batches=0))  # before each evaluation
     c.best_metric = ""                  # e.g. "res5avg/top1": keep checkpoints/best.pt
     c.best_mode = "max"
+    # Feature extraction after the run: trunk features per split to WORKDIR/features/<split>.pt.
+    c.extract = ml_collections.ConfigDict(dict(features=()))  # e.g. ("res5avg", "flatten")
     return c

@@ -133,3 +133,15 @@ def test_bf16_autocast_tracks_float32(tmp_path):
 def test_fp16_off_cuda_is_refused_with_the_alternative(tmp_path):
     proc = main(tmp_path, "--config.total_steps=2", "--config.precision.dtype=fp16", check=False)
     assert proc.returncode != 0 and "use bf16 or float32" in proc.stderr
+
+
+def test_feature_extraction_writes_every_sample_once_and_trains_nothing(tmp_path):
+    main(tmp_path, config="configs/extract_features.py")
+    assert not list((tmp_path / "checkpoints").glob("ckpt_*.pt"))
+    assert json.loads((tmp_path / "results.json").read_text())["step"] == 0
+    for split, n in (("train", 1437), ("test", 360)):
+        saved = torch.load(tmp_path / "features" / f"{split}.pt", weights_only=True)
+        assert sorted(saved["indices"].tolist()) == list(range(n))
+        assert saved["features"]["flatten"].shape == (n, 512) and saved["features"]["res5avg"].shape == (n, 512, 1, 1)
+        torch.testing.assert_close(saved["features"]["res5avg"].flatten(1), saved["features"]["flatten"])
+        assert saved["labels"].shape == (n,)

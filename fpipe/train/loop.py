@@ -19,7 +19,7 @@ from absl import logging
 from fpipe import data, freeze, optim, schedules, tree, weights, writers
 from fpipe.models import layers
 from fpipe.models import model as models
-from fpipe.train import checkpoint, distributed, frozen_trunk, precision
+from fpipe.train import checkpoint, distributed, extract, frozen_trunk, precision
 from fpipe.train import hooks as hooks_lib
 from fpipe.train import step as step_lib
 
@@ -149,7 +149,19 @@ def _run(config, workdir, stop):
                   train_state, evaluate, save_checkpoint, steps.train_step(), steps.prepare, rebuild_step,
                   precise_bn)
     try:
-        return train_loop(ctx, the_hooks, train_loader, schedule, base_lr, stop)
+        if not tree.leaves(trainable):
+            logging.warning("model.freeze leaves nothing to train: evaluating the model as loaded.")
+            results = evaluate_only(ctx)
+        else:
+            results = train_loop(ctx, the_hooks, train_loader, schedule, base_lr, stop)
+        if results is not None and config.extract.features:
+            params = tree.merge(ctx.train_state["trainable"], ctx.train_state["frozen"])
+            for split, loader in (("train", data.Loader(dataset.train, config.data, train=False, rank=dist.rank,
+                                                        world_size=dist.world_size)), ("test", test_loader)):
+                payload = extract.extract(model.features, params, ctx.train_state["model_state"], loader,
+                                          tuple(config.extract.features), lambda b: to_device(b, dist.device))
+                extract.write(workdir, split, payload, dist.rank, dist.world_size)
+        return results
     finally:
         writer.close()
         dist.shutdown()
@@ -184,6 +196,16 @@ def train_loop(ctx, the_hooks, train_loader, schedule, base_lr, stop):
     results = ctx.results or ctx.evaluate()
     if ctx.dist.is_main:
         hooks_lib.write_results(ctx.workdir, results, {"step": ctx.total_steps, "world_size": ctx.dist.world_size})
+        log_results(results)
+    return results
+
+
+def evaluate_only(ctx):
+    """No training: evaluate the heads as loaded (VISSL's frozen trunk and heads) and write results."""
+    ctx.step = ctx.total_steps - 1
+    results = ctx.evaluate()
+    if ctx.dist.is_main:
+        hooks_lib.write_results(ctx.workdir, results, {"step": 0, "world_size": ctx.dist.world_size})
         log_results(results)
     return results
 
