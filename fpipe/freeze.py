@@ -42,6 +42,14 @@ def partition(params, freeze):
     return trainable, frozen
 
 
+def frozen_by_rules(params, value_rules):
+    """Exact-name regexes of the params whose FIRST matching ``(regex, value)`` rule has value
+    None: big_vision's way to freeze inside a per-parameter policy (e.g. ``optim.lr_mults``)."""
+    marker = object()
+    return tuple(re.escape(n) for n in tree.flatten(params)
+                 if tree.first_match(n, [(r, marker if v is None else v) for r, v in value_rules]) is marker)
+
+
 def eval_norms(state, frozen):
     """Dotted names of norm layers with running statistics whose scale (``.weight``) is frozen."""
     frozen_names = set(tree.flatten(frozen))

@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.betas = (0.9, 0.999)
     c.eps = 1e-8
     c.lars_eta = 0.001  # trust coefficient.
-    c.lr_mults = ()  # e.g. (("heads\\..*", 10.0),); unmatched params: 1.0
+    c.lr_mults = ()  # e.g. (("heads\\..*", 10.0),); None freezes (big_vision); unmatched params: 1.0
     c.wd_mults = NO_DECAY  # unmatched params: 1.0
     c.lars_exclude = NO_LARS  # unmatched params: False (adapted)
     c.clip_grad_norm = ml_collections.config_dict.placeholder(float)  # None or 0: off
@@ -170,6 +170,11 @@ def _number(key, rule):
     return float(value)
 
 
+def _lr_mult(key, rule):
+    """An lr multiplier, or None: frozen (big_vision's convention; the loop partitions those out)."""
+    return None if rule[1] is None else _number(key, rule)
+
+
 def _flag(key, rule):
     if not isinstance(rule[1], bool):
         raise ValueError(f"optim.{key}: rule {tuple(rule)!r} needs True or False")
@@ -200,7 +205,11 @@ class Optimizer:
                 raise ValueError(f"trainable param {name!r} is {what}; the optimizer needs float tensors")
         self.names = list(flat)
         self._sizes = {n: p.numel() for n, p in flat.items()}
-        lr_mults, lr_report = _resolve("lr_mults", _get(cfg, "lr_mults"), self.names, 1.0, _number)
+        lr_mults, lr_report = _resolve("lr_mults", _get(cfg, "lr_mults"), self.names, 1.0, _lr_mult)
+        held = [n for n in self.names if lr_mults[n] is None]
+        if held:
+            raise ValueError(f"optim.lr_mults freezes {held[:5]} (value None), but they were given as "
+                             "trainable; partition them out first (fpipe.freeze.frozen_by_rules)")
         wd_mults, wd_report = _resolve("wd_mults", _get(cfg, "wd_mults"), self.names, 1.0, _number)
         self.reports = {"lr_mults": lr_report, "wd_mults": wd_report}
         shared = dict(momentum=float(_get(cfg, "momentum")), nesterov=bool(_get(cfg, "nesterov")),

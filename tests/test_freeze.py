@@ -32,3 +32,13 @@ def test_rule_matching_nothing_is_an_error():
         freeze.partition({"trunk": params}, [r"truck\..*"])
     with pytest.raises(ValueError, match="not a valid regex"):
         freeze.partition({"trunk": params}, ["(("])
+
+
+def test_none_in_a_value_policy_freezes_by_first_match():
+    params, _ = resnet.init(0, depth=18)
+    params = {"trunk": params}
+    rules = ((r"trunk\.layer4\..*", 1.0), (r"trunk\.layer.*", None), (r".*", 0.1))
+    frozen_rules = freeze.frozen_by_rules(params, rules)
+    trainable, frozen = freeze.partition(params, frozen_rules)
+    assert {n.split(".")[1] for n in tree.flatten(frozen)} == {"layer1", "layer2", "layer3"}
+    assert {n.split(".")[1] for n in tree.flatten(trainable)} == {"conv1", "bn1", "layer4"}

@@ -145,3 +145,16 @@ def test_feature_extraction_writes_every_sample_once_and_trains_nothing(tmp_path
         assert saved["features"]["flatten"].shape == (n, 512) and saved["features"]["res5avg"].shape == (n, 512, 1, 1)
         torch.testing.assert_close(saved["features"]["res5avg"].flatten(1), saved["features"]["flatten"])
         assert saved["labels"].shape == (n,)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    args = ["--config.ckpt_steps=4", "--config.schedule.name=constant"]
+    main(tmp_path / "straight", "--config.total_steps=12", *args)
+    main(tmp_path / "broken", "--config.total_steps=8", *args)
+    latest = tmp_path / "broken" / "checkpoints" / "ckpt_00000008.pt"
+    latest.write_bytes(latest.read_bytes()[:-100])  # a write cut short
+    proc = main(tmp_path / "broken", "--config.total_steps=12", *args)
+    assert "ckpt_00000008.pt" in proc.stderr and "Resumed at step 4" in proc.stderr
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "ckpt_00000012.pt", weights_only=True)
+    b = torch.load(tmp_path / "broken" / "checkpoints" / "ckpt_00000012.pt", weights_only=True)
+    assert all(torch.equal(b["params"][n], t) for n, t in a["params"].items())

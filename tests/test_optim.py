@@ -291,3 +291,12 @@ def test_scaled_lr():
     assert optim.scaled_lr(cfg, 128)[0] == pytest.approx(0.075)
     with pytest.raises(ValueError, match="scale_lr"):
         optim.scaled_lr({"lr": 0.1, "scale_lr": "sqrt"}, 256)
+
+
+def test_lr_mult_none_is_accepted_only_for_params_partitioned_out():
+    params = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    cfg = optim.default_config()
+    cfg.lr_mults = (("a", None),)
+    optim.build(cfg, {"b": params["b"]})  # "a" was frozen by the partition: fine
+    with pytest.raises(ValueError, match="freezes"):
+        optim.build(cfg, params)

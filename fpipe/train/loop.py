@@ -80,7 +80,8 @@ def _run(config, workdir, stop):
                         "not read.", resume_path, config.model.weights.path)
     else:
         params, model_state = load_weights(params, model_state, config.model.weights, workdir, dist.is_main)
-    trainable, frozen = freeze.partition(params, config.model.freeze)
+    freeze_rules = tuple(config.model.freeze) + freeze.frozen_by_rules(params, config.optim.lr_mults)
+    trainable, frozen = freeze.partition(params, freeze_rules)
     eval_norms = freeze.eval_norms(model_state, frozen)
     logging.info("Trainable: %d tensors (%d values); frozen: %d tensors (%d values).",
                  len(tree.leaves(trainable)), tree.tree_size(trainable),
