@@ -89,3 +89,15 @@ def test_head_norms_not_folded():
     assert "heads.res4.channel_bn" in eval_norms
     folded = fold.fold_frozen_norms(frozen, state, eval_norms)
     assert {"heads.res4.channel_bn.weight", "heads.res4.channel_bn.bias"} <= _names(folded)
+
+
+def test_folding_keeps_tensors_on_their_device():
+    """Meta tensors stand in for CUDA: every new tensor must follow the weights' device."""
+    params, state = model_lib.build(
+        ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config(depth=18), heads={})), num_classes=2,
+        image_size=32).init(0)
+    meta = lambda t: t.to("meta")
+    params, state = tree.map_leaves(meta, params), tree.map_leaves(meta, state)
+    trainable, frozen = freeze.partition(params, ["trunk"])
+    folded = fold.fold_frozen_norms(frozen, state, freeze.eval_norms(state, frozen))
+    assert {t.device.type for t in tree.leaves(folded)} == {"meta"}

@@ -98,3 +98,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     saved = sorted((tmp_path / "checkpoints").glob("ckpt_*.pt"))
     assert len(saved) == 1 and 5 <= torch.load(saved[0], weights_only=True)["step"] < 400
     assert not (tmp_path / "results.json").exists()
+
+
+def test_layer_freeze_rule_matching_nothing_is_an_error(tmp_path):
+    proc = main(tmp_path, "--config.total_steps=2", "--config.layer_freeze.rules=('trunk.layr1.*',)",
+                "--config.layer_freeze.freeze_steps=1", check=False, config="configs/finetune.py")
+    assert proc.returncode != 0 and "matches no parameter" in proc.stderr

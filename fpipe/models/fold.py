@@ -59,7 +59,7 @@ def fold_frozen_norms(frozen, model_state, eval_norms, eps=layers.BN_EPS):
         scale = fp.pop(f"{norm}.weight").double() / torch.sqrt(st[f"{norm}.running_var"].double() + eps)
         shift = fp.pop(f"{norm}.bias").double()
         bias = fp.get(f"{conv}.bias")
-        bias = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+        bias = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.double()
         fp[f"{conv}.weight"] = (w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
         fp[f"{conv}.bias"] = ((bias - st[f"{norm}.running_mean"].double()) * scale + shift).to(w.dtype)
     return tree.unflatten(fp)

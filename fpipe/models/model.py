@@ -68,7 +68,7 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
     trunk = TRUNKS[name].build(**tcfg)
     heads = tuple(_parse_head(n, dict(h), num_classes) for n, h in dict(model_cfg.get("heads", {})).items())
     shapes = _feature_shapes(trunk, {h.feature for h in heads}, image_size)
-    deepest = tuple({h.feature for h in heads})
+    read = tuple(sorted({h.feature for h in heads}))  # the features the heads read
 
     def init(seed=0):
         params, state = trunk.init(seed)
@@ -82,7 +82,7 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
         """``({head: logits}, new_state)``; norm layers named in ``eval_norms`` use running stats;
         ``sync_stats`` makes training BatchNorms synchronous across processes (SyncBN)."""
         feats, trunk_state = trunk.apply(params["trunk"], state.get("trunk", {}), images, train=train,
-                                         features=deepest, eval_norms=_under("trunk", eval_norms),
+                                         features=read, eval_norms=_under("trunk", eval_norms),
                                          sync_stats=sync_stats)
         return apply_heads(params, {**state, "trunk": trunk_state}, feats, train=train,
                            eval_norms=eval_norms, sync_stats=sync_stats)

@@ -174,8 +174,6 @@ class LayerFreeze(Hook):
             logging.info("LayerFreeze: step %d: training %s from now on.", ctx.step, self.rules)
             ctx.rebuild_step(hold=())
 
-    def state_dict(self):
-        return {"steps": self.steps}
 
 
 def write_results(workdir, results, extra=None):

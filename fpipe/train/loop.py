@@ -178,8 +178,9 @@ def train_loop(ctx, the_hooks, train_loader, schedule, base_lr, stop):
         for hook in the_hooks:
             hook.before_step(ctx)
         t0 = time.perf_counter()
-        batch = ctx.prepare(next(batches))
+        batch = next(batches)
         data_time = time.perf_counter() - t0
+        batch = ctx.prepare(batch)
         ctx.lr = base_lr * schedule(ctx.step)
         ctx.train_state, ctx.metrics = ctx.step_fn(ctx.train_state, batch, torch.tensor(ctx.lr, dtype=torch.float32))
         check_finite(ctx.metrics, ctx.step, ctx.workdir, skips_bad_steps="scaler" in ctx.train_state)
@@ -235,7 +236,7 @@ class StepFactory:
     def __init__(self, config, model, opt, train_state, eval_norms, dist):
         self.config, self.opt, self.eval_norms, self.dist = config, opt, eval_norms, dist
         self.model, self.features = model, None
-        self.trainable_names = list(tree.flatten(train_state["trainable"]))
+        self.trainable, self.model_state = train_state["trainable"], train_state["model_state"]
         self.autocast = precision.autocast_dtype(config.precision, dist.device)
         trunk_frozen = not tree.flatten(train_state["trainable"].get("trunk", {}))
         if trunk_frozen and config.get("fast_frozen_trunk", True):
@@ -250,16 +251,14 @@ class StepFactory:
             self.sync_stats = distributed.sync_stats(dist, int(group) if str(group).isdigit() else group)
 
     def train_step(self, hold=()):
-        held = frozenset()
-        eval_norms = self.eval_norms
+        held, eval_norms = frozenset(), self.eval_norms
         if hold:  # LayerFreeze: these params stay fixed, their norms use running statistics
-            params = tree.unflatten({n: None for n in self.trainable_names})
-            held_tree, _ = tree.partition(params, hold)
+            _, held_tree = freeze.partition(self.trainable, hold)
             held = frozenset(tree.flatten(held_tree))
-            eval_norms = eval_norms | frozenset(n.rsplit(".", 1)[0] for n in held if n.endswith(".weight"))
+            eval_norms = eval_norms | freeze.eval_norms(self.model_state, held_tree)
         step = step_lib.make_step(
             self.model, self.opt, eval_norms=eval_norms, hold=held,
-            clip=lambda g: optim.clip_and_norm(g, self.config.optim),
+            clip=self.opt.clip_and_norm,
             grad_reduce=distributed.grad_mean(self.dist), sync_stats=self.sync_stats, autocast=self.autocast,
             loss_scaling=self.config.precision if precision.needs_scaler(self.config.precision) else None)
         return step_lib.maybe_compile(step, self.config.compile, "train step")
@@ -364,17 +363,11 @@ def restore_train_state(train_state, saved, workdir):
 
 
 def to_device(t, device):
-    if t is None or str(device) == "cpu" and not _any_off_cpu(t):
-        return t
-    if isinstance(t, dict):
-        return {k: to_device(v, device) for k, v in t.items()}
-    return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
-
-
-def _any_off_cpu(t):
-    if isinstance(t, dict):
-        return any(_any_off_cpu(v) for v in t.values())
-    return isinstance(t, torch.Tensor) and t.device.type != "cpu"
+    """Every tensor of a tree on ``device`` (asynchronous only towards an accelerator: a copy to
+    the CPU must be complete before a checkpoint hashes and saves it)."""
+    device = torch.device(device)
+    move = lambda x: x.to(device, non_blocking=device.type != "cpu") if isinstance(x, torch.Tensor) else x
+    return None if t is None else tree.map_leaves(move, t) if isinstance(t, dict) else move(t)
 
 
 class StopOnSignal:
