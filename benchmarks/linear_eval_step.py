@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fpipe import freeze, tree
+from fpipe import freeze, optim, tree
 from fpipe.models import fold
 from fpipe.train import frozen_trunk as ft_lib
 from fpipe.models import model as model_lib
@@ -159,25 +159,10 @@ def build(depth, image_size, batch_size, seed=0):
 
 
 def make_optimizer(trainable):
-    """fpipe.optim's SGD (momentum, no weight decay), or a pure stand-in if fpipe.optim is absent."""
-    try:
-        from fpipe import optim
-    except ImportError:
-        optim = None
-    if optim is not None:
-        cfg = optim.default_config()
-        cfg.name, cfg.lr, cfg.momentum, cfg.weight_decay = "sgd", LR, MOMENTUM, 0.0
-        return optim.build(cfg, trainable), "fpipe.optim sgd"
-
-    class SGD:  # torch.optim.SGD's update with momentum, dampening 0
-        def init(self, params):
-            return {"momentum": tree.map_leaves(torch.zeros_like, params)}
-
-        def update(self, grads, state, params, lr):
-            buf = tree.map_leaves(lambda b, g: MOMENTUM * b + g, state["momentum"], grads)
-            return tree.map_leaves(lambda p, b: p - lr * b, params, buf), {"momentum": buf}
-
-    return SGD(), "stand-in sgd"
+    """fpipe.optim's SGD (momentum, no weight decay), as the eager baseline's torch.optim.SGD."""
+    cfg = optim.default_config()
+    cfg.name, cfg.lr, cfg.momentum, cfg.weight_decay = "sgd", LR, MOMENTUM, 0.0
+    return optim.build(cfg, trainable), "fpipe.optim sgd"
 
 
 def fpipe_step(model, params, state, batch, *, split=True, compile_head=False, compile=True,

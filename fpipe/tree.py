@@ -120,10 +120,6 @@ def get_path(tree: dict, path: str, *, what: str = "tree"):
     return node
 
 
-def filter_names(tree: dict, predicate: Callable[[str], bool]) -> dict:
-    return unflatten({n: v for n, v in flatten(tree).items() if predicate(n)})
-
-
 def tree_size(tree: dict) -> int:
     """Number of scalar elements over all tensor leaves."""
     return sum(int(v.numel()) for v in leaves(tree) if hasattr(v, "numel"))

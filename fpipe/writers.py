@@ -16,6 +16,8 @@ from typing import Callable, Optional, Sequence
 
 from absl import logging
 
+from fpipe import files
+
 
 def to_scalar(value, name: str = "value"):
     """Python int (for integer values) or float from a number, 1-element tensor or numpy value."""
@@ -206,10 +208,7 @@ class JsonlWriter(MetricWriter):
             if dropped:
                 logging.info("metrics: dropping %d lines of %s (partial, or step > %s)",
                              dropped, path, resume_step)
-                tmp = f"{path}.{os.getpid()}.tmp"
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.writelines(kept)
-                os.replace(tmp, path)
+                files.atomic_write(path, lambda f: f.writelines(kept), mode="w")
         self._file = open(path, "a", encoding="utf-8")
 
     def _write(self, record: dict) -> None:
@@ -254,15 +253,15 @@ class TensorBoardWriter(MetricWriter):
 
 def make_writers(workdir: str, is_main_process: bool, *, total_steps: Optional[int] = None,
                  batch_size: Optional[int] = None, resume_step: Optional[int] = None,
-                 warmup_steps: int = 2) -> MetricWriter:
+                 warmup_steps: int = 2, timer: Optional[EtaTimer] = None) -> MetricWriter:
     """Console + ``WORKDIR/metrics.jsonl`` + ``WORKDIR/tb/`` on the main process; else a no-op.
 
     ``batch_size`` is the global batch (all ranks), for images/s.
     """
     if not is_main_process:
         return MetricWriter()
-    timer = EtaTimer(total_steps, batch_size=batch_size, start_step=resume_step or 0,
-                     warmup_steps=warmup_steps)
+    timer = timer or EtaTimer(total_steps, batch_size=batch_size, start_step=resume_step or 0,
+                              warmup_steps=warmup_steps)
     return MultiWriter([
         ConsoleWriter(total_steps, timer=timer),
         JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step=resume_step),

@@ -47,6 +47,8 @@ from typing import Any, Optional
 import torch
 from absl import logging
 
+from fpipe import files
+
 CKPT_DIR = "checkpoints"
 BEST_FILE = "best.pt"
 BEST_JSON = "best.json"
@@ -131,35 +133,6 @@ def checksum(payload: dict) -> str:
 
 # ------------------------------------------------------------------ atomic file writes
 
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # e.g. platforms where directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, write_fn) -> None:
-    """``write_fn(file)`` into a temporary sibling, fsync, then rename onto ``path``."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path))
-
-
 def _remove_leftover_tmp(d: str) -> None:
     for name in os.listdir(d):
         if name.endswith(".tmp"):
@@ -170,7 +143,8 @@ def _remove_leftover_tmp(d: str) -> None:
                 pass
 
 
-def _write_checkpoint(path: str, step: int, payload: dict, extra: Optional[dict] = None) -> None:
+def _write_checkpoint(path: str, step: int, payload: dict, extra: Optional[dict] = None,
+                      sha256: Optional[str] = None) -> None:
     if not isinstance(payload, dict):
         raise TypeError(f"payload must be a dict, got {type(payload).__name__}")
     if RESERVED in payload:
@@ -178,8 +152,8 @@ def _write_checkpoint(path: str, step: int, payload: dict, extra: Optional[dict]
     if "step" in payload and payload["step"] != step:
         raise ValueError(f"payload['step']={payload['step']!r} but saving as step {step}")
     _check_savable(payload)
-    marker = {"format": FORMAT, "step": int(step), "sha256": checksum(payload), **(extra or {})}
-    _atomic_write(path, lambda f: torch.save({**payload, RESERVED: marker}, f))
+    marker = {"format": FORMAT, "step": int(step), "sha256": sha256 or checksum(payload), **(extra or {})}
+    files.atomic_write(path, lambda f: torch.save({**payload, RESERVED: marker}, f))
 
 
 # ------------------------------------------------------------------ save / load / restore
@@ -219,21 +193,20 @@ def save_frozen(workdir: str, frozen_flat: dict) -> dict:
     payload = {"params": frozen_flat}
     ref = {"file": FROZEN_FILE, "sha256": checksum(payload)}
     path = os.path.join(d, FROZEN_FILE)
-    if os.path.exists(path):
-        try:
-            if checksum(load(path)) == ref["sha256"]:
-                return ref
-        except CorruptCheckpointError:
-            pass
-    _write_checkpoint(path, 0, payload)
+    try:
+        if _load(path)[1]["sha256"] == ref["sha256"]:
+            return ref
+    except (FileNotFoundError, CorruptCheckpointError):
+        pass
+    _write_checkpoint(path, 0, payload, sha256=ref["sha256"])
     return ref
 
 
 def load_frozen(workdir: str, ref: dict) -> dict:
     """The frozen params a step checkpoint refers to, checked against the checksum it recorded."""
     path = os.path.join(checkpoint_dir(workdir), ref["file"])
-    payload = load(path)
-    if checksum(payload) != ref["sha256"]:
+    payload, marker = _load(path)
+    if marker["sha256"] != ref["sha256"]:
         raise CorruptCheckpointError(f"{path} is not the frozen-params file the checkpoint was saved with "
                                      "(checksum differs); use a new --workdir or restore that file")
     return payload["params"]
@@ -244,6 +217,11 @@ def load(path: str, map_location="cpu") -> dict:
 
     Raises CorruptCheckpointError when it cannot be loaded or does not match its checksum.
     """
+    return _load(path, map_location)[0]
+
+
+def _load(path: str, map_location="cpu") -> tuple:
+    """``(payload, marker)`` of a checked checkpoint file."""
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -260,7 +238,7 @@ def load(path: str, map_location="cpu") -> dict:
     m = _NAME.fullmatch(os.path.basename(path))
     if m and int(m.group(1)) != marker.get("step"):
         raise CorruptCheckpointError(f"{path}: holds step {marker.get('step')}, not {m.group(1)}")
-    return obj
+    return obj, marker
 
 
 def restore(workdir: str, map_location="cpu") -> tuple:
@@ -332,7 +310,7 @@ def save_best(workdir: str, step: int, payload: dict, metric_name: str, value: f
     path = os.path.join(d, BEST_FILE)
     record = {"step": int(step), "metric": metric_name, "mode": mode, "value": value}
     _write_checkpoint(path, step, payload, {"best": dict(record)})
-    _atomic_write(os.path.join(d, BEST_JSON),
+    files.atomic_write(os.path.join(d, BEST_JSON),
                   lambda f: f.write(json.dumps(record, indent=1).encode()))
     previous = "none" if best is None else f"{best['value']:.6g} at step {best['step']}"
     logging.info("checkpoint: new best %s=%.6g at step %d (was %s)", metric_name, value, step,

@@ -9,6 +9,8 @@ import os
 import torch
 from absl import logging
 
+from fpipe import files
+
 
 def extract(features_fn, params, model_state, loader, names, prepare):
     """``{"features": {name: N×...}, "labels", "indices"}`` over the loader's samples (one rank's)."""
@@ -30,8 +32,7 @@ def write(workdir, split, payload, rank, world_size):
     os.makedirs(os.path.join(workdir, "features"), exist_ok=True)
     name = f"{split}.pt" if world_size == 1 else f"{split}_rank{rank}.pt"
     path = os.path.join(workdir, "features", name)
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    files.atomic_write(path, lambda f: torch.save(payload, f))
     shapes = {n: tuple(t.shape) for n, t in payload["features"].items()}
     logging.info("Features of %s written to %s: %s", split, path, shapes)
     return path

@@ -20,7 +20,7 @@ class FrozenTrunk(NamedTuple):
     model: Any  # the model with ``apply(params, state, features, ...)``: heads only
 
 
-def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=True, fold_norms=True):
+def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=True):
     """Splits a linear-evaluation model into a constant trunk and the heads that train on it.
 
     Returns ``FrozenTrunk(features, model)``: ``features(images)`` computes the trunk features
@@ -47,8 +47,7 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
                             - {n[len("trunk."):] for n in eval_norms if n.startswith("trunk.")})
     if training_norms:
         raise ValueError(f"frozen_trunk needs every trunk norm in eval mode; in train mode: {training_norms[:5]}")
-    if fold_norms:
-        frozen = fold.fold_frozen_norms(frozen, model_state, eval_norms)
+    frozen = fold.fold_frozen_norms(frozen, model_state, eval_norms)
     names = tuple(sorted({h.feature for h in model.heads}))
     module = _TrunkConstants(model.trunk.apply, frozen["trunk"], trunk_state, names)
     run = torch.compile(module, dynamic=False) if compile else module

@@ -12,7 +12,7 @@ import os
 import torch
 from absl import logging
 
-from fpipe import freeze, tree, writers
+from fpipe import files, freeze, tree
 from fpipe.train import distributed
 
 
@@ -39,25 +39,21 @@ def every(n, ctx):
 
 class LogMetrics(Hook):
     """Every ``n`` steps: the period's mean of each step metric (averaged over ranks), the lr,
-    epoch, images/s, and the data-loading time (max over ranks). Warm-up (compile) steps are
-    excluded from the rate."""
+    epoch, images/s from the run's timer (warm-up steps excluded), and the data-loading time
+    (max over ranks). Metrics accumulate as tensors: no device sync between log steps."""
 
-    def __init__(self, n, images_per_step, warmup=2):
-        self.n, self.images_per_step, self.warmup = n, images_per_step, warmup
-        self.sums, self.count, self.timer = {}, 0, None
-
-    def before_train(self, ctx):
-        self.timer = writers.EtaTimer(ctx.total_steps, batch_size=self.images_per_step,
-                                      start_step=ctx.start_step, warmup_steps=self.warmup)
+    def __init__(self, n, timer):
+        self.n, self.timer = n, timer
+        self.sums, self.count = {}, 0
 
     def after_step(self, ctx):
         for k, v in ctx.metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.sums[k] = self.sums.get(k, 0) + (v.detach() if isinstance(v, torch.Tensor) else v)
         self.count += 1
         self.timer.tick(ctx.step + 1)
         if not every(self.n, ctx):
             return
-        data_time = self.sums.pop("data_time", 0.0) / self.count
+        data_time = float(self.sums.pop("data_time", 0.0)) / self.count
         means = distributed.mean_metrics(ctx.dist, {k: v / self.count for k, v in self.sums.items()})
         scalars = {k: float(v) for k, v in means.items()}
         scalars.update(lr=ctx.lr, epoch=(ctx.step + 1) / ctx.steps_per_epoch,
@@ -179,8 +175,5 @@ class LayerFreeze(Hook):
 def write_results(workdir, results, extra=None):
     """``WORKDIR/results.json``: final metrics per head (written atomically)."""
     path = os.path.join(workdir, "results.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({**(extra or {}), "heads": results}, f, indent=2)
-    os.replace(tmp, path)
+    files.atomic_write(path, lambda f: json.dump({**(extra or {}), "heads": results}, f, indent=2), mode="w")
     return path

@@ -106,7 +106,10 @@ def _run(config, workdir, stop):
         train_state, start_step = restore_train_state(train_state, saved, workdir)
         logging.info("Resumed at step %d of %d from %s.", start_step, total_steps, resume_path)
     train_state = to_device(train_state, dist.device)
-    frozen_ref = checkpoint.save_frozen(workdir, tree.flatten(frozen)) if dist.is_main else None
+    if saved and saved.get("frozen_params"):  # verified when the train state was restored
+        frozen_ref = saved["frozen_params"]
+    else:
+        frozen_ref = checkpoint.save_frozen(workdir, tree.flatten(frozen)) if dist.is_main else None
 
     # The compiled steps. With the whole trunk frozen, the trunk runs as a compiled constant and
     # only the heads are differentiated (fpipe.train.frozen_trunk: same math, faster).
@@ -120,10 +123,14 @@ def _run(config, workdir, stop):
         ctx.results_step = ctx.step
         return results
 
+    built = {}  # this step's payload, built once when several hooks save
+
     def save_checkpoint(best=None):
         if not dist.is_main:
             return
-        payload = checkpoint_payload(ctx, the_hooks, config, frozen_ref)
+        if built.get("step") != ctx.step:
+            built.update(step=ctx.step, payload=checkpoint_payload(ctx, the_hooks, config, frozen_ref))
+        payload = built["payload"]
         if best is None:
             checkpoint.save(workdir, ctx.step + 1, payload, keep=config.keep_ckpts)
         else:
@@ -140,12 +147,13 @@ def _run(config, workdir, stop):
         return hooks_lib.precise_bn_statistics(apply, params, ctx.train_state["model_state"],
                                                batches, eval_norms, layers.BN_MOMENTUM)
 
-    the_hooks = make_hooks(config, steps_per_epoch)
+    timer = writers.EtaTimer(total_steps, batch_size=config.data.batch_size, start_step=start_step)
+    the_hooks = make_hooks(config, steps_per_epoch, timer)
     if saved:
         for hook, state in zip(the_hooks, saved.get("hooks", [])):
             hook.load_state_dict(state)
-    writer = writers.make_writers(workdir, dist.is_main, total_steps=total_steps,
-                                  batch_size=config.data.batch_size, resume_step=start_step)
+    writer = writers.make_writers(workdir, dist.is_main, total_steps=total_steps, resume_step=start_step,
+                                  timer=timer)
     ctx = Context(config, workdir, dist, writer, start_step, start_step, total_steps, steps_per_epoch,
                   train_state, evaluate, save_checkpoint, steps.train_step(), steps.prepare, rebuild_step,
                   precise_bn)
@@ -212,7 +220,7 @@ def evaluate_only(ctx):
     return results
 
 
-def make_hooks(config, steps_per_epoch):
+def make_hooks(config, steps_per_epoch, timer):
     """The hooks, in the order they run (see fpipe.train.hooks)."""
     to_steps = lambda name: schedules.to_steps(config, name, steps_per_epoch, default=0)
     eval_every = to_steps("eval")
@@ -220,7 +228,7 @@ def make_hooks(config, steps_per_epoch):
     if config.get("layer_freeze") and config.layer_freeze.rules:
         hooks.append(hooks_lib.LayerFreeze(config.layer_freeze.rules,
                                            schedules.to_steps(config.layer_freeze, "freeze", steps_per_epoch, 0)))
-    hooks.append(hooks_lib.LogMetrics(config.log_steps, config.data.batch_size))
+    hooks.append(hooks_lib.LogMetrics(config.log_steps, timer))
     if config.get("precise_bn") and config.precise_bn.num_batches:
         hooks.append(hooks_lib.PreciseBN(eval_every, config.precise_bn.num_batches))
     hooks.append(hooks_lib.Evaluate(eval_every))
@@ -297,12 +305,11 @@ def load_weights(params, model_state, weights_cfg, workdir, write_report=True):
 
 def evaluate_model(eval_fn, params, model_state, loader, dist, prepare):
     """Exact top-k per head over the whole split: counts add up over batches and ranks, then divide."""
-    totals = {}
-    for batch in loader.epoch(0):
+    totals = None
+    for batch in loader.epoch(0):  # counts stay on the device until the end
         counts = eval_fn(params, model_state, prepare(batch))
-        for name, value in tree.flatten(counts).items():
-            totals[name] = totals.get(name, 0) + int(value)
-    totals = tree.flatten(distributed.sum_over_ranks(dist, tree.unflatten(totals)))
+        totals = counts if totals is None else tree.map_leaves(torch.add, totals, counts)
+    totals = {k: int(v) for k, v in tree.flatten(distributed.sum_over_ranks(dist, totals)).items()}
     n = max(totals.pop("count", 0), 1)
     results = {}
     for name, value in totals.items():

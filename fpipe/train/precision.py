@@ -76,10 +76,6 @@ def scaler_init(cfg=None, device="cpu") -> dict:
             "growth_tracker": torch.zeros((), dtype=torch.int32, device=device)}
 
 
-def scale_loss(loss: torch.Tensor, scaler: dict) -> torch.Tensor:
-    return loss * scaler["scale"].to(loss.dtype)
-
-
 def unscale(grads: dict, scaler: dict) -> tuple:
     """``(grads / scale, found_inf)``; found_inf (0-d bool) is True if any scaled gradient is inf/NaN.
 

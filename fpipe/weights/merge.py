@@ -7,7 +7,7 @@ import torch
 
 from fpipe.weights.detect import is_counter
 from fpipe.weights.errors import WeightsError
-from fpipe.weights.report import SHOW, LoadReport
+from fpipe.weights.report import SHOW, LoadReport, short_names
 
 
 def merge(target: dict, tensors: dict, origin: dict, report: LoadReport, *, load_heads: bool) -> dict:
@@ -74,17 +74,13 @@ def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: 
         raise WeightsError(
             f"{where}only {report.trunk_loaded}/{report.trunk_total} trunk tensors would be loaded "
             f"(source {report.source or '<whole file>'}); refusing to leave the rest random.\n"
-            f"  model names with no file tensor: {_first(model_side)}\n"
-            f"  file names that fit no model name: {_first(file_side)}\n"
+            f"  model names with no file tensor: {short_names(model_side)}\n"
+            f"  file names that fit no model name: {short_names(file_side)}\n"
             + (f"  fix: {suggestion}\n" if suggestion else "")
             + "  (allow_partial=True accepts a partial trunk, if you mean it.)")
     heads = [n for n in target if n.startswith("heads.")]
     if load_heads and heads and not report.heads_loaded:
         raise WeightsError(f"{where}load_heads=True but no head tensor was found in the file "
-                           f"(model heads: {_first(heads)}).")
+                           f"(model heads: {short_names(heads)}).")
 
 
-def _first(names: list) -> str:
-    if not names:
-        return "none"
-    return ", ".join(names[:SHOW]) + (f", … (+{len(names) - SHOW})" if len(names) > SHOW else "")

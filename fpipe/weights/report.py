@@ -46,11 +46,11 @@ class LoadReport:
                  f"  trunk: {self.trunk_loaded}/{self.trunk_total} tensors loaded "
                  f"({self.trunk_coverage:.1%})"]
         if self.heads_loaded:
-            lines.append(f"  heads: {len(self.heads_loaded)} tensors loaded ({_short(self.heads_loaded)})")
+            lines.append(f"  heads: {len(self.heads_loaded)} tensors loaded ({short_names(self.heads_loaded)})")
         if len(self.candidates) > 1:
             lines.append("  candidates: " + "; ".join(self.candidates))
         if self.missing:
-            lines.append(f"  MISSING (kept at init): {len(self.missing)}: {_short(self.missing)}")
+            lines.append(f"  MISSING (kept at init): {len(self.missing)}: {short_names(self.missing)}")
         for name, fs, ms in self.shape_mismatches[:SHOW]:
             lines.append(f"  SHAPE MISMATCH {name}: file {list(fs)} vs model {list(ms)}")
         if self.dtype_casts:
@@ -64,7 +64,7 @@ class LoadReport:
         return "\n".join(l for l in lines if l)
 
 
-def _short(names: list) -> str:
+def short_names(names: list) -> str:
     more = f", … (+{len(names) - SHOW})" if len(names) > SHOW else ""
     return ", ".join(names[:SHOW]) + more
 
