@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from fpipe import weights
@@ -158,3 +159,11 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     a = torch.load(tmp_path / "straight" / "checkpoints" / "ckpt_00000012.pt", weights_only=True)
     b = torch.load(tmp_path / "broken" / "checkpoints" / "ckpt_00000012.pt", weights_only=True)
     assert all(torch.equal(b["params"][n], t) for n, t in a["params"].items())
+
+
+def test_a_checkpoint_with_the_wrong_frozen_file_is_refused(tmp_path):
+    main(tmp_path / "a", "--config.total_steps=2")
+    main(tmp_path / "b", "--config.total_steps=2", "--config.seed=1")
+    (tmp_path / "a" / "checkpoints" / "frozen.pt").write_bytes((tmp_path / "b" / "checkpoints" / "frozen.pt").read_bytes())
+    with pytest.raises(weights.WeightsError, match="checksum differs"):
+        weights.read_checkpoint(str(tmp_path / "a" / "checkpoints" / "ckpt_00000002.pt"))

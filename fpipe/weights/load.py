@@ -66,8 +66,11 @@ def read_checkpoint(path: str) -> dict:
     if is_fpipe_checkpoint(obj) and isinstance(ref, dict) and isinstance(ref.get("file"), str):
         sibling = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(ref["file"]))
         frozen = io.read(sibling)
-        if not isinstance(frozen, dict) or not isinstance(frozen.get("params"), dict):
-            raise WeightsError(f"{sibling}: not the frozen-params file that {path} refers to.")
+        marker = frozen.get("fpipe_checkpoint") if isinstance(frozen, dict) else None
+        if (not isinstance(frozen.get("params") if isinstance(frozen, dict) else None, dict)
+                or not isinstance(marker, dict) or marker.get("sha256") != ref.get("sha256")):
+            raise WeightsError(f"{sibling}: not the frozen-params file that {path} refers to "
+                               "(its checksum differs); keep each run's checkpoints/ folder together.")
         obj = {**obj, "params": {**frozen["params"], **obj["params"]}}
     if not transforms.tensor_leaves(obj):
         raise WeightsError(f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:20]))}).")
