@@ -66,7 +66,7 @@ def inspect(args, build_target) -> None:
     if not cands:
         print("  none: no names end in the model's names with its shapes")
     print()
-    _, report = load.load_into(target, _weights_cfg(args))
+    _, report = load.load_into(target, _weights_cfg(args), obj=obj)
     print(report.summary())
 
 

@@ -27,17 +27,18 @@ class Plan:
     candidates: list = dataclasses.field(default_factory=list)
 
 
-def load_into(target_flat: dict, cfg=None) -> tuple:
+def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
     """``(new flat dict, LoadReport)``: ``target_flat`` with the file's tensors in place.
 
     ``target_flat``: the model's params and state by dotted name (``trunk.*``, ``heads.*``);
-    ``cfg``: ``model.weights`` (ConfigDict or dict; see ``config.Options``).
+    ``cfg``: ``model.weights`` (ConfigDict or dict; see ``config.Options``); ``obj``: the
+    file's contents when the caller has already read them (``read_checkpoint``).
     """
     opts = config.resolve(cfg)
     target = flatten(target_flat)
     if not opts.path:
         return dict(target), LoadReport()
-    obj = read_checkpoint(opts.path)
+    obj = read_checkpoint(opts.path) if obj is None else obj
     files = transforms.tensor_leaves(obj)
     plan = make_plan(obj, files, target, opts)
     report = LoadReport(path=opts.path, format=plan.format, state_dict_key=plan.state_dict_key,
