@@ -20,6 +20,16 @@ TRUNK_OPTIONS = ("depth", "width_multiplier", "groups", "width_per_group", "zero
 HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain") + tuple(heads_lib.MLP_OPTIONS)
 
 
+def build_trunk(name, **options) -> resnet.Trunk:
+    """The trunk named ``name`` (a family in TRUNKS) built with ``options``."""
+    if name not in TRUNKS:
+        raise ValueError(f"unknown model.trunk.name {name!r}; valid: {sorted(TRUNKS)}")
+    unknown = sorted(set(options) - set(TRUNK_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown model.trunk option(s) {unknown}; valid: {TRUNK_OPTIONS}")
+    return TRUNKS[name].build(**options)
+
+
 def trunk_config(**overrides):
     c = ml_collections.ConfigDict(dict(name="resnet", depth=50, width_multiplier=1, groups=1,
                                        width_per_group=64, zero_init_residual=False, layer4_stride=2,
@@ -48,7 +58,7 @@ class Head(NamedTuple):
 
 
 class Model(NamedTuple):
-    trunk: resnet.Trunk
+    trunk: resnet.Trunk      # spec, init, apply, features (valid feature names)
     heads: tuple
     init: Callable
     apply: Callable         # (params, state, images, *, train, ...) -> ({head: logits}, state)
@@ -59,14 +69,9 @@ class Model(NamedTuple):
 def build(model_cfg, *, num_classes, image_size) -> Model:
     """Builds the trunk and heads named in ``model_cfg``; ``image_size`` sizes the heads' inputs."""
     tcfg = dict(model_cfg.trunk)
-    name = tcfg.pop("name")
-    if name not in TRUNKS:
-        raise ValueError(f"unknown model.trunk.name {name!r}; valid: {sorted(TRUNKS)}")
-    unknown = sorted(set(tcfg) - set(TRUNK_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown model.trunk option(s) {unknown}; valid: {TRUNK_OPTIONS}")
-    trunk = TRUNKS[name].build(**tcfg)
-    heads = tuple(_parse_head(n, dict(h), num_classes) for n, h in dict(model_cfg.get("heads", {})).items())
+    trunk = build_trunk(tcfg.pop("name"), **tcfg)
+    heads = tuple(_parse_head(n, dict(h), num_classes, trunk.features)
+                  for n, h in dict(model_cfg.get("heads", {})).items())
     shapes = _feature_shapes(trunk, {h.feature for h in heads}, image_size)
     read = tuple(sorted({h.feature for h in heads}))  # the features the heads read
 
@@ -106,12 +111,12 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
     return Model(trunk, heads, init, apply, apply_heads, features)
 
 
-def _parse_head(name, h, num_classes):
+def _parse_head(name, h, num_classes, features):
     unknown = sorted(set(h) - set(HEAD_KEYS))
     if unknown:
         raise ValueError(f"model.heads.{name}: unknown key(s) {unknown}; valid: {HEAD_KEYS}")
-    if h.get("feature") not in resnet.FEATURES:
-        raise ValueError(f"model.heads.{name}.feature={h.get('feature')!r}; valid: {resnet.FEATURES}")
+    if h.get("feature") not in features:
+        raise ValueError(f"model.heads.{name}.feature={h.get('feature')!r}; valid: {features}")
     chain = h.pop("chain", None) or [{k: v for k, v in h.items() if k not in ("feature", "pool", "pool_type")}]
     layer_specs = []
     for i, spec in enumerate(chain):

@@ -13,7 +13,7 @@ Options follow VISSL's trunk: ``width_multiplier`` scales every stage (SimCLR's 
 (1 keeps res5 at res4's resolution), ``zero_init_residual``, and ``norm``.
 """
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -76,15 +76,23 @@ class Spec:
 
 
 class Trunk(NamedTuple):
-    spec: Spec
+    """What every trunk family's ``build`` returns (fpipe.models.model's registry relies on it).
+
+    init(seed=0) -> (params, state); apply(params, state, images, *, train, features=(...),
+    eval_norms=frozenset(), sync_stats=None) -> ({feature: tensor}, new_state); ``features``:
+    the valid feature names, shallow to deep. ``apply`` must also run on the meta device (head
+    input shapes are computed that way).
+    """
+    spec: Any
     init: Callable
     apply: Callable
+    features: tuple = FEATURES
 
 
 def build(**options) -> Trunk:
     spec = Spec(**options)
     return Trunk(spec, lambda seed=0: init_params(spec, seed),
-                 lambda *a, **k: apply(spec, *a, **k))
+                 lambda *a, **k: apply(spec, *a, **k), FEATURES)
 
 
 def init(seed=0, **options):

@@ -19,7 +19,8 @@ from absl import logging
 from fpipe import data, freeze, optim, schedules, tree, weights, writers
 from fpipe.models import layers
 from fpipe.models import model as models
-from fpipe.train import checkpoint, distributed, extract, frozen_trunk, precision
+from fpipe.evaluate import extract, topk
+from fpipe.train import checkpoint, distributed, frozen_trunk, precision
 from fpipe.train import hooks as hooks_lib
 from fpipe.train import step as step_lib
 
@@ -118,7 +119,7 @@ def _run(config, workdir, stop):
 
     def evaluate():
         params = tree.merge(ctx.train_state["trainable"], ctx.train_state["frozen"])
-        results = evaluate_model(eval_fn, params, ctx.train_state["model_state"], test_loader, dist,
+        results = topk.evaluate(eval_fn, params, ctx.train_state["model_state"], test_loader, dist,
                                  steps.prepare)
         ctx.results_step = ctx.step
         return results
@@ -301,21 +302,6 @@ def load_weights(params, model_state, weights_cfg, workdir, write_report=True):
     new_params = tree.unflatten({n: v for n, v in loaded.items() if n in param_names})
     new_state = tree.unflatten({n: v for n, v in loaded.items() if n not in param_names})
     return tree.merge_in_order(params, new_params), tree.merge_in_order(model_state, new_state)
-
-
-def evaluate_model(eval_fn, params, model_state, loader, dist, prepare):
-    """Exact top-k per head over the whole split: counts add up over batches and ranks, then divide."""
-    totals = None
-    for batch in loader.epoch(0):  # counts stay on the device until the end
-        counts = eval_fn(params, model_state, prepare(batch))
-        totals = counts if totals is None else tree.map_leaves(torch.add, totals, counts)
-    totals = {k: int(v) for k, v in tree.flatten(distributed.sum_over_ranks(dist, totals)).items()}
-    n = max(totals.pop("count", 0), 1)
-    results = {}
-    for name, value in totals.items():
-        head, k = name.rsplit(".", 1)
-        results.setdefault(head, {})[k] = 100.0 * value / n
-    return results
 
 
 def check_finite(metrics, step, workdir, skips_bad_steps):

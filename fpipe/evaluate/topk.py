@@ -1,0 +1,20 @@
+"""Exact top-k accuracy per head over a whole split, on one or several processes."""
+import torch
+
+from fpipe import tree
+from fpipe.train import distributed
+
+
+def evaluate(eval_fn, params, model_state, loader, dist, prepare):
+    """Exact top-k per head over the whole split: counts add up over batches and ranks, then divide."""
+    totals = None
+    for batch in loader.epoch(0):  # counts stay on the device until the end
+        counts = eval_fn(params, model_state, prepare(batch))
+        totals = counts if totals is None else tree.map_leaves(torch.add, totals, counts)
+    totals = {k: int(v) for k, v in tree.flatten(distributed.sum_over_ranks(dist, totals)).items()}
+    n = max(totals.pop("count", 0), 1)
+    results = {}
+    for name, value in totals.items():
+        head, k = name.rsplit(".", 1)
+        results.setdefault(head, {})[k] = 100.0 * value / n
+    return results
