@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fpipe import tree
-from fpipe.train import checkpoint as ckpt
+from fpipe import checkpoint as ckpt
 
 
 def _payload(step, seed=0):

@@ -20,7 +20,8 @@ from fpipe import data, freeze, optim, schedules, tree, weights, writers
 from fpipe.models import layers
 from fpipe.models import model as models
 from fpipe.evaluate import extract, topk
-from fpipe.train import checkpoint, distributed, frozen_trunk, precision
+from fpipe import checkpoint
+from fpipe.train import distributed, frozen_trunk, precision
 from fpipe.train import hooks as hooks_lib
 from fpipe.train import step as step_lib
 

@@ -7,8 +7,6 @@
 Errors are one line naming the file, with a non-zero exit (``--traceback`` shows the rest).
 """
 import argparse
-import os
-import re
 import sys
 
 import torch
@@ -17,9 +15,6 @@ from fpipe.tree import flatten
 from fpipe.weights import detect, io, load, transforms
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import grouped
-
-CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)\.pt")  # fpipe's WORKDIR/checkpoints/ckpt_<step>.pt
-
 
 def resnet_target(args) -> dict:
     """``{trunk.<torchvision name>: tensor}`` of the model named by the --trunk options."""
@@ -144,14 +139,11 @@ def _fc_target(args, trunk_target: dict) -> dict:
 
 def _checkpoint_in(path: str) -> str:
     """A checkpoint file, or the newest ``ckpt_<step>.pt`` of a workdir."""
-    if not os.path.isdir(path):
-        return path
-    for d in (os.path.join(path, "checkpoints"), path):
-        steps = [(int(m.group(1)), n) for n in (os.listdir(d) if os.path.isdir(d) else [])
-                 if (m := CHECKPOINT_NAME.fullmatch(n))]
-        if steps:
-            return os.path.join(d, max(steps)[1])
-    raise WeightsError(f"{path}: a directory with no checkpoints/ckpt_<step>.pt in it.")
+    from fpipe import checkpoint
+    found = checkpoint.find_latest(path)
+    if found is None:
+        raise WeightsError(f"{path}: a directory with no checkpoints/ckpt_<step>.pt in it.")
+    return found
 
 
 def _weights_cfg(args) -> dict:

@@ -4,8 +4,8 @@ Each format makes a *plan*: ``{R: file name}`` (the name each file tensor takes,
 docs/DESIGN.md) plus ``{file name: why dropped}``. The plan only moves names; the tensors follow.
 """
 import dataclasses
-import os
 
+from fpipe import checkpoint
 from fpipe.tree import flatten
 from fpipe.weights import config, detect, io, merge, transforms
 from fpipe.weights.errors import WeightsError
@@ -63,16 +63,12 @@ def read_checkpoint(path: str) -> dict:
     obj = io.read(path)
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors.")
-    ref = obj.get("frozen_params")
-    if is_fpipe_checkpoint(obj) and isinstance(ref, dict) and isinstance(ref.get("file"), str):
-        sibling = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(ref["file"]))
-        frozen = io.read(sibling)
-        marker = frozen.get("fpipe_checkpoint") if isinstance(frozen, dict) else None
-        if (not isinstance(frozen.get("params") if isinstance(frozen, dict) else None, dict)
-                or not isinstance(marker, dict) or marker.get("sha256") != ref.get("sha256")):
-            raise WeightsError(f"{sibling}: not the frozen-params file that {path} refers to "
-                               "(its checksum differs); keep each run's checkpoints/ folder together.")
-        obj = {**obj, "params": {**frozen["params"], **obj["params"]}}
+    if checkpoint.is_checkpoint(obj):
+        try:
+            frozen = checkpoint.frozen_params_of(path, obj, io.read)
+        except checkpoint.CorruptCheckpointError as e:
+            raise WeightsError(str(e)) from None
+        obj = {**obj, "params": {**frozen, **obj["params"]}} if frozen else obj
     if not transforms.tensor_leaves(obj):
         raise WeightsError(f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:20]))}).")
     return obj
@@ -88,8 +84,7 @@ def make_plan(obj: dict, files: dict, target: dict, opts: config.Options) -> Pla
     return _plan_auto(obj, files, target, opts)
 
 
-def is_fpipe_checkpoint(obj) -> bool:
-    return isinstance(obj, dict) and isinstance(obj.get("params"), dict) and isinstance(obj.get("model_state"), dict)
+is_fpipe_checkpoint = checkpoint.is_checkpoint
 
 
 def _plan_fpipe(files: dict, opts) -> Plan:

@@ -1,4 +1,6 @@
-"""Checkpoints: atomic save, keep the last K, restore the newest readable one, keep the best.
+"""fpipe's checkpoint files, the one owner of their format: write, read, latest, checksum, frozen file.
+
+Used by training (save, restore, best) and by ``fpipe.weights`` (reading a checkpoint as weights).
 
 A checkpoint is one ``torch.save`` file per save, ``WORKDIR/checkpoints/ckpt_<step:08d>.pt``,
 holding a plain dict that ``torch.load(weights_only=True)`` reads: tensors, dicts, lists,
@@ -78,6 +80,40 @@ def list_checkpoints(workdir: str) -> list:
     found = [(int(m.group(1)), os.path.join(d, n))
              for n in os.listdir(d) if (m := _NAME.fullmatch(n))]
     return sorted(found)
+
+
+def is_checkpoint(obj) -> bool:
+    """Whether a loaded object is an fpipe checkpoint (``params`` and ``model_state`` dicts)."""
+    return isinstance(obj, dict) and isinstance(obj.get("params"), dict) and isinstance(obj.get("model_state"), dict)
+
+
+def frozen_params_of(path: str, obj: dict, read) -> dict:
+    """The frozen params a checkpoint ``obj`` (read from ``path``) refers to, via ``read(file)``,
+    checked against the checksum it recorded; ``{}`` when it refers to none."""
+    ref = obj.get("frozen_params")
+    if not (isinstance(ref, dict) and isinstance(ref.get("file"), str)):
+        return {}
+    sibling = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(ref["file"]))
+    frozen = read(sibling)
+    marker = frozen.get(RESERVED) if isinstance(frozen, dict) else None
+    if (not isinstance(frozen.get("params") if isinstance(frozen, dict) else None, dict)
+            or not isinstance(marker, dict) or marker.get("sha256") != ref.get("sha256")):
+        raise CorruptCheckpointError(f"{sibling}: not the frozen-params file that {path} refers to "
+                                     "(its checksum differs); keep each run's checkpoints/ folder together.")
+    return frozen["params"]
+
+
+def find_latest(path: str) -> Optional[str]:
+    """A checkpoint file as given, or the newest ``ckpt_<step>.pt`` of a workdir (or of its
+    ``checkpoints/`` folder); None if a directory holds none."""
+    if not os.path.isdir(path):
+        return path
+    return latest(path) or _latest_in(path)
+
+
+def _latest_in(d: str) -> Optional[str]:
+    found = sorted((int(m.group(1)), os.path.join(d, n)) for n in os.listdir(d) if (m := _NAME.fullmatch(n)))
+    return found[-1][1] if found else None
 
 
 def latest(workdir: str) -> Optional[str]:
