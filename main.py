@@ -1,42 +1,138 @@
 """fpipe's entry point: ``python main.py --config=configs/linear_eval.py [--config.a.b=v] [--workdir=DIR]``.
 
-The config is locked, so an override of a key that does not exist is an error. It is printed
-and saved to ``WORKDIR/config.json``; then ``fpipe.train.loop.run`` does the work.
+    flags -> locked config -> checked (fpipe.train.loop.check_config) -> workdir claimed
+    (fpipe.workdir: one config per workdir, one run at a time) -> fpipe.train.loop.run
+
+Exit status: 0 done; 1 failed during the run; 2 refused before any work (bad config, a workdir
+holding another config's run or in use); 3 training diverged; 128 + signal number when stopped by
+SIGTERM (143) or SIGINT (130) after writing a checkpoint. Errors print one line; ``--verbose``
+(or FPIPE_DEBUG=1) shows the traceback, which the workdir's ``log`` keeps in any case.
 """
+import importlib.util
+import logging as std_logging
 import os
+import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where logs, checkpoints and results go; default: runs/<config name>.")
-flags.mark_flags_as_required(["config"])
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where logs, checkpoints and results go; default: runs/<config name>, "
+                    "plus +<hash> when result-affecting keys are overridden.")
+flags.DEFINE_list("allow_change", [], "Config keys allowed to differ from the run already in --workdir "
+                  "(e.g. total_epochs to train longer); any other difference is refused.")
+flags.DEFINE_bool("config_only", False, "Print the full config (every key, its value and help) and exit.")
+flags.DEFINE_bool("verbose", False, "Show tracebacks of errors (also: FPIPE_DEBUG=1).")
 FLAGS = flags.FLAGS
 
-
-def default_workdir(config_path):
-    """``runs/linear_eval`` for ``configs/linear_eval.py`` (``:arg`` variants get a suffix)."""
-    path, _, arg = config_path.partition(":")
-    name = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join("runs", name + (f"_{arg.replace('=', '-').replace(',', '_')}" if arg else ""))
+EXIT_FAILED, EXIT_REFUSED, EXIT_DIVERGED = 1, 2, 3
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from fpipe.train import loop  # after flag parsing: importing torch is slow
-
     config = FLAGS.config
-    workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
-    os.makedirs(workdir, exist_ok=True)
-    logging.get_absl_handler().use_absl_log_file("log", workdir)  # WORKDIR/log.INFO ...
-    logging.set_stderrthreshold("info")                            # ... and the console
-    logging.info("Config:\n%s", config)
-    print(f"workdir: {workdir}\nconfig:\n{config}", flush=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    loop.run(config, workdir)
+    path = config_flags.get_config_filename(FLAGS["config"])
+    if FLAGS.config_only:
+        from fpipe import config_help  # torch-free
+        print(config_help.describe(config, path))
+        return 0
+    from fpipe import workdir as workdir_lib
+    from fpipe.train import config_check, loop  # after flag parsing: importing torch is slow
+
+    workdir = FLAGS.workdir or workdir_lib.default_workdir(path, config, _file_config(path))
+    config_check.check(config)  # every value, before any data, model or file is touched
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with workdir_lib.claim(workdir, config, tuple(FLAGS.allow_change), main_process=main_process) as changes:
+        if main_process:
+            _log_to_file(os.path.join(workdir, "log"), f"config {path}:\n{config}")
+        overrides = config_flags.get_override_values(FLAGS["config"])
+        shown = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        print(f"config: {path}{f' with {shown}' if shown else ''} (all keys: {workdir}/config.json)\n"
+              f"workdir: {workdir}", flush=True)
+        run = dict(config_path=path, fingerprint=workdir_lib.fingerprint(config),
+                   config_changes={k: list(v) for k, v in changes.items()})
+        loop.run(config, workdir, run_info=run)
+    return 0
+
+
+def _file_config(path):
+    """The config file's own values (no overrides), for naming the default workdir."""
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("fpipe_config_file", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+_LOG_FILE = {}
+
+
+def _log_to_file(path, header):
+    """Everything logged also goes to WORKDIR/log (appended: a resumed run continues it)."""
+    with open(path, "a") as f:
+        f.write(header + "\n")
+    handler = std_logging.FileHandler(path)
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.get_absl_logger().addHandler(handler)
+    logging.set_stderrthreshold("info")
+    _LOG_FILE["path"] = path
+
+
+def _exit_code(e):
+    from fpipe import workdir as workdir_lib
+    from fpipe.train import config_check, divergence
+    if isinstance(e, (workdir_lib.WorkdirError, config_check.ConfigError)):
+        return EXIT_REFUSED
+    if isinstance(e, divergence.DivergedError):
+        return EXIT_DIVERGED
+    return EXIT_FAILED
+
+
+def _debug():
+    return FLAGS.is_parsed() and FLAGS.verbose or os.environ.get("FPIPE_DEBUG") == "1"
+
+
+def run_main(argv):
+    from fpipe.train.signals import Stopped  # torch-free
+    try:
+        return main(argv)
+    except Stopped as e:  # a checkpoint is written; the run is unfinished
+        sys.exit(128 + e.signum)
+    except (app.UsageError, SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # one line for the user; the traceback goes to the log file
+        if _debug():
+            raise
+        if "path" in _LOG_FILE:
+            with open(_LOG_FILE["path"], "a") as f:
+                f.write(traceback.format_exc())
+        where = f"; the traceback is in {_LOG_FILE['path']}" if "path" in _LOG_FILE else ""
+        print(f"error: {e}\n(--verbose shows the traceback{where})", file=sys.stderr, flush=True)
+        sys.exit(_exit_code(e))
+
+
+def parse_flags(argv):
+    """absl's parsing, with a bad flag or config key reported in one line (exit 2)."""
+    try:
+        return FLAGS(argv)
+    except Exception as e:  # absl's flags.Error, and ml_collections' errors for config keys
+        if "--verbose" in argv or os.environ.get("FPIPE_DEBUG") == "1":
+            raise
+        print(f"error: {_flag_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_REFUSED)
+
+
+def _flag_message(e):
+    if isinstance(e, (AttributeError, KeyError)):  # ml_collections: overriding a key that does not exist
+        detail = str(e.args[0] if e.args else e).replace("\\'", "'").replace("\\n", "\n").strip("'\"")
+        key, _, hint = detail.partition("\n")
+        return (f"no such config key {key.strip(chr(39))!r}{'. ' + hint if hint else ''}. List every key "
+                "with --config_only, e.g. python main.py --config=configs/linear_eval.py --config_only")
+    text = " ".join(str(e).split())
+    return text[:500] if text else type(e).__name__
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(run_main, flags_parser=parse_flags)

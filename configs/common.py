@@ -32,9 +32,12 @@ def base_config():
     c.schedule = schedules.default_config()
     c.precision = precision.default_config()  # dtype: float32 | bf16 | fp16 (CUDA, loss scaling)
     # Processes: `torchrun --nproc_per_node=N main.py ...` splits data.batch_size (global) over N.
-    c.sync_bn = False                   # BatchNorms that train reduce statistics across processes
+    # BatchNorms that train use the global batch's statistics (SyncBN), so 1 and N processes give
+    # the same numbers; False: per-process statistics (one all-reduce less per BatchNorm layer).
+    c.sync_bn = True
     c.sync_bn_group = "global"          # global | node | "<N>" processes per group (VISSL's option)
     c.fast_frozen_trunk = True          # a fully frozen trunk runs as a compiled constant
+    c.collective_timeout_s = 600.0      # a collective waiting longer (a stuck rank) stops the run
     # Trainer hooks (fpipe.train.hooks); each is off until configured.
     c.layer_freeze = ml_collections.ConfigDict(dict(rules=(), freeze_epochs=0.0))  # or freeze_steps
     c.layer_freeze.freeze_steps = placeholder(int)

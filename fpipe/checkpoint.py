@@ -49,7 +49,7 @@ from typing import Any, Optional
 import torch
 from absl import logging
 
-from fpipe import files
+from fpipe import files, tree
 
 CKPT_DIR = "checkpoints"
 BEST_FILE = "best.pt"
@@ -314,8 +314,16 @@ def read_best(workdir: str) -> Optional[dict]:
     p = os.path.join(checkpoint_dir(workdir), BEST_JSON)
     if not os.path.exists(p):
         return None
-    with open(p) as f:
-        return json.load(f)
+    try:
+        with open(p) as f:
+            best = json.load(f)
+        if not {"step", "metric", "mode", "value"} <= set(best):
+            raise ValueError("keys missing")
+        return best
+    except (OSError, ValueError) as e:  # a damaged record must not block a rerun: start it again
+        logging.warning("checkpoint: %s is unreadable (%s); the best so far is forgotten and tracked "
+                        "again from now on", p, e)
+        return None
 
 
 def _improves(value: float, best: float, mode: str) -> bool:
@@ -352,3 +360,85 @@ def save_best(workdir: str, step: int, payload: dict, metric_name: str, value: f
     logging.info("checkpoint: new best %s=%.6g at step %d (was %s)", metric_name, value, step,
                  previous)
     return True
+
+
+# ------------------------------------------------------------------ the train state in a checkpoint
+LAST_LINK = "last.pt"
+
+
+def train_state_payload(train_state: dict, step: int, frozen_ref, meta: dict) -> dict:
+    """A checkpoint payload (see the module docstring) of the train state after ``step`` steps.
+
+    Tensors are copied to the CPU (blocking: the copy must be complete before it is hashed).
+    """
+    return {"params": _to_cpu(_flat(train_state["trainable"])), "frozen_params": frozen_ref,
+            "model_state": _to_cpu(_flat(train_state["model_state"])),
+            "opt_state": _to_cpu(train_state["opt_state"]), "scaler": _to_cpu(train_state.get("scaler")),
+            "step": int(step),
+            "rng": {"torch": torch.get_rng_state()}, "meta": meta}
+
+
+def restore_train_state(train_state: dict, saved: dict, workdir: str, path: str = "") -> tuple:
+    """``(train_state, step)`` from a checkpoint payload, checked against the train state being built:
+    the same names, shapes and dtypes for params, model state and optimizer state (so a changed
+    model or optimizer is refused, never trained with the old tensors)."""
+    params = dict(saved["params"])
+    if saved.get("frozen_params"):
+        params.update(load_frozen(workdir, saved["frozen_params"]))
+    where = path or checkpoint_dir(workdir)
+    _check_fits(where, "params", params, {**_flat(train_state["trainable"]), **_flat(train_state["frozen"])})
+    _check_fits(where, "model state", saved["model_state"], _flat(train_state["model_state"]))
+    _check_fits(where, "optimizer state", _flat(saved["opt_state"]), _flat(train_state["opt_state"]),
+                hint=f"was optim.name changed? the checkpoint's optimizer: "
+                     f"{(saved.get('meta') or {}).get('optimizer', 'unknown')}")
+    restored = {
+        "trainable": _unflat({n: params[n] for n in _flat(train_state["trainable"])}),
+        "frozen": _unflat({n: params[n] for n in _flat(train_state["frozen"])}),
+        "model_state": _unflat(saved["model_state"]),
+        "opt_state": saved["opt_state"],
+    }
+    if "scaler" in train_state:
+        restored["scaler"] = saved.get("scaler") or train_state["scaler"]
+    torch.set_rng_state(saved["rng"]["torch"])
+    return restored, int(saved["step"])
+
+
+def _check_fits(where, what, saved: dict, expected: dict, hint: str = "") -> None:
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    other = [f"{n}: {tuple(saved[n].shape)} {saved[n].dtype} vs {tuple(t.shape)} {t.dtype}"
+             for n, t in expected.items() if n in saved and isinstance(t, torch.Tensor)
+             and (tuple(saved[n].shape) != tuple(t.shape) or saved[n].dtype != t.dtype)]
+    if missing or extra or other:
+        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "",
+                 f"other shape/dtype {other[:5]}" if other else ""]
+        raise CorruptCheckpointError(
+            f"{where}: its {what} does not fit this run ({'; '.join(p for p in parts if p)})"
+            f"{'; ' + hint if hint else ''}. Use a new --workdir for a different model or optimizer.")
+
+
+def link_last(workdir: str, path: str) -> None:
+    """Points ``checkpoints/last.pt`` at ``path`` (a relative symlink, replaced atomically)."""
+    link = os.path.join(checkpoint_dir(workdir), LAST_LINK)
+    tmp = f"{link}.{os.getpid()}.tmp"
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.symlink(os.path.basename(path), tmp)
+        os.replace(tmp, link)
+    except OSError as e:  # a filesystem without symlinks: the numbered files are still there
+        logging.warning("checkpoint: could not link %s -> %s (%s)", link, path, e)
+
+
+def _flat(t):
+    return tree.flatten(t) if isinstance(t, dict) else {}
+
+
+_unflat = tree.unflatten
+
+
+def _to_cpu(t):
+    if isinstance(t, torch.Tensor):
+        return t.detach().to("cpu")
+    if isinstance(t, dict):
+        return {k: _to_cpu(v) for k, v in t.items()}
+    return t

@@ -24,8 +24,10 @@ def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:
+            raise OSError(e.errno, f"{e.strerror or e}: writing {path}", path) from e  # say where
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))

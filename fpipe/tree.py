@@ -101,6 +101,20 @@ def merge_in_order(reference: dict, *trees: dict) -> dict:
     return unflatten({n: merged[n] for n in order})
 
 
+def split_like(flat: dict, *references: dict) -> tuple:
+    """Splits a flat ``{dotted name: leaf}`` dict into trees shaped like ``references`` (each leaf
+    goes to the reference that has its name, in that reference's order); e.g. a loaded
+    ``flatten(params) | flatten(state)`` back into ``(params, state)``."""
+    out = []
+    for ref in references:
+        names = flatten(ref)
+        out.append(unflatten({n: flat.get(n, leaf) for n, leaf in names.items()}))
+    extra = set(flat) - {n for ref in references for n in flatten(ref)}
+    if extra:
+        raise ValueError(f"split_like: names in no reference tree: {sorted(extra)[:5]}")
+    return tuple(out)
+
+
 def get_path(tree: dict, path: str, *, what: str = "tree"):
     """Returns the sub-tree or leaf at a dotted path, with a "did you mean" error."""
     node = tree

@@ -11,6 +11,7 @@ dropped, so each step appears once. Records at ``resume_step`` itself are kept.
 import json
 import math
 import os
+import re
 import time
 from typing import Callable, Optional, Sequence
 
@@ -157,18 +158,27 @@ def format_line(step: int, scalars: dict, timer: Optional[EtaTimer] = None,
     return f"{head}: {body}" + (f" | {', '.join(rate)}" if rate else "")
 
 
+# What the console shows of a step's scalars (everything goes to metrics.jsonl and TensorBoard).
+CONSOLE_KEYS = r"loss|lr|data_time|loss_scale|.*/test_top1"
+
+
 class ConsoleWriter(MetricWriter):
-    """One compact absl log line per call; ticks its timer (if any) with each scalar write."""
+    """One compact absl log line per call; ticks its timer (if any) with each scalar write.
+
+    ``keys``: a regex of the scalar names to show (None: all)."""
 
     def __init__(self, total_steps: Optional[int] = None, *, timer: Optional[EtaTimer] = None,
-                 log: Callable[[str], None] = None):
-        self.total_steps, self.timer = total_steps, timer
+                 log: Callable[[str], None] = None, keys: Optional[str] = None):
+        self.total_steps, self.timer, self.keys = total_steps, timer, keys
         self.log = log or (lambda line: logging.info("%s", line))
 
     def write_scalars(self, step, scalars):
         if self.timer is not None:
             self.timer.tick(step)
-        self.log(format_line(step, scalars, self.timer, self.total_steps))
+        if self.keys is not None:
+            scalars = {k: v for k, v in scalars.items() if re.fullmatch(self.keys, k)}
+        if scalars:
+            self.log(format_line(step, scalars, self.timer, self.total_steps))
 
     def write_text(self, step, name, text):
         self.log(f"step {step}: {name}: {text}")
@@ -263,7 +273,7 @@ def make_writers(workdir: str, is_main_process: bool, *, total_steps: Optional[i
     timer = timer or EtaTimer(total_steps, batch_size=batch_size, start_step=resume_step or 0,
                               warmup_steps=warmup_steps)
     return MultiWriter([
-        ConsoleWriter(total_steps, timer=timer),
+        ConsoleWriter(total_steps, timer=timer, keys=CONSOLE_KEYS),
         JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step=resume_step),
         TensorBoardWriter(os.path.join(workdir, "tb"), resume_step=resume_step),
     ])

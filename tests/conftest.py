@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+# A compile failure or graph break raises instead of falling back to eager (fpipe.train.step).
+os.environ.setdefault("FPIPE_STRICT_COMPILE", "1")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REFERENCE = pathlib.Path(os.environ.get("FPIPE_REFERENCE", ROOT.parent / "shared" / "reference"))

@@ -137,3 +137,34 @@ def test_sync_bn_equals_batch_norm_over_the_global_batch(ranks, key):
         torch.testing.assert_close(got["state"]["running_var"], bn.running_var)
         assert int(got["state"]["num_batches_tracked"]) == int(bn.num_batches_tracked)
     assert ranks[0]["sync_bn_alone"] and ranks[1]["sync_bn_alone"]
+
+
+_STUCK_RANK = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as tdist
+from fpipe.train import distributed
+dist = distributed.init(timeout_s=3)
+if dist.rank == 1:
+    time.sleep(30)   # a stuck rank: never joins the collective
+    sys.exit(0)
+try:
+    tdist.all_reduce(torch.ones(1))
+except RuntimeError as e:
+    print("EXPLAINED:", distributed.explain_timeout(e, dist, 3))
+    os._exit(0)
+print("no timeout")
+"""
+
+
+def test_a_stuck_rank_times_out_with_a_message_naming_the_rank(tmp_path):
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": ""}
+        procs.append(subprocess.Popen([sys.executable, "-c", _STUCK_RANK, os.path.dirname(HERE)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    out, _ = procs[0].communicate(timeout=120)
+    procs[1].kill()
+    assert "EXPLAINED: rank 0 of 2: a collective did not complete within 3 s" in out, out[-2000:]

@@ -1,16 +1,24 @@
 """Exact top-k accuracy per head over a whole split, on one or several processes."""
+import time
+
 import torch
+from absl import logging
 
 from fpipe import tree
 from fpipe.train import distributed
 
+PROGRESS_EVERY_S = 10.0  # a long evaluation says how far it is
+
 
 def evaluate(eval_fn, params, model_state, loader, dist, prepare):
     """Exact top-k per head over the whole split: counts add up over batches and ranks, then divide."""
-    totals = None
-    for batch in loader.epoch(0):  # counts stay on the device until the end
+    totals, last_report = None, time.perf_counter()
+    for i, batch in enumerate(loader.epoch(0)):  # counts stay on the device until the end
         counts = eval_fn(params, model_state, prepare(batch))
         totals = counts if totals is None else tree.map_leaves(torch.add, totals, counts)
+        if dist.is_main and time.perf_counter() - last_report > PROGRESS_EVERY_S:
+            logging.info("evaluating: batch %d/%d", i + 1, loader.steps_per_epoch)
+            last_report = time.perf_counter()
     totals = {k: int(v) for k, v in tree.flatten(distributed.sum_over_ranks(dist, totals)).items()}
     n = max(totals.pop("count", 0), 1)
     results = {}

@@ -94,6 +94,18 @@ def init(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> Di
                 tdist.group.WORLD.group_name, owns_group=True)
 
 
+def explain_timeout(error: BaseException, dist: Dist, timeout_s) -> Optional[RuntimeError]:
+    """A one-line error naming this rank and the operation when ``error`` is a collective's timeout
+    (gloo: "Timed out waiting … for recv"; NCCL: "Watchdog caught collective operation timeout");
+    None for any other error."""
+    text = str(error)
+    if not dist.enabled or not any(w in text.lower() for w in ("timed out", "timeout")):
+        return None
+    op = next((line.strip() for line in text.splitlines() if "out" in line.lower()), text)[:200]
+    return RuntimeError(f"rank {dist.rank} of {dist.world_size}: a collective did not complete within "
+                        f"{timeout_s} s (collective_timeout_s): another process is stuck or gone ({op})")
+
+
 # ---------------------------------------------------------------- inside the step
 def _all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """Functional sum all-reduce that returns a plain tensor (waits in eager; traced when compiled).

@@ -8,8 +8,11 @@ every call); the train step then differentiates the heads alone. Same math as th
 """
 from typing import Any, Callable, NamedTuple
 
+import time
+
 import torch
 import torch._inductor.config
+from absl import logging
 
 from fpipe import tree
 from fpipe.models import fold
@@ -20,7 +23,7 @@ class FrozenTrunk(NamedTuple):
     model: Any  # the model with ``apply(params, state, features, ...)``: heads only
 
 
-def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=True):
+def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=True, batch_size=None):
     """Splits a linear-evaluation model into a constant trunk and the heads that train on it.
 
     Returns ``FrozenTrunk(features, model)``: ``features(images)`` computes the trunk features
@@ -29,7 +32,9 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
     oneDNN's blocked layout (an eager conv reorders its weight on every call) and the bias, ReLU
     and residual add run inside the conv (oneDNN post-ops). ``model`` is the given model whose
     ``apply(params, state, features, ...)`` takes that features dict in place of images and runs
-    the heads only (``params["trunk"]`` is ignored; the trunk state comes back unchanged). Use
+    the heads only (``params["trunk"]`` is ignored; the trunk state comes back unchanged).
+    ``batch_size``: the trunk always runs on chunks of exactly this many images (the last one
+    padded), so training and evaluation batches of other sizes share one compiled graph. Use
     it with :func:`on_features`:
 
         ft = frozen_trunk(model, trainable, frozen, model_state, eval_norms)
@@ -50,15 +55,58 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
     frozen = fold.fold_frozen_norms(frozen, model_state, eval_norms)
     names = tuple(sorted({h.feature for h in model.heads}))
     module = _TrunkConstants(model.trunk.apply, frozen["trunk"], trunk_state, names)
-    run = torch.compile(module, dynamic=False) if compile else module
+    run = torch.compile(module, dynamic=False, fullgraph=True) if compile else module
+    compiled_for = set()
 
     def features(images):
+        if batch_size and images.shape[0] != batch_size:
+            return _in_chunks(run_once, images, batch_size)
+        return run_once(images)
+
+    def run_once(images):
         # Inductor reads `freezing` when it compiles (first call, or a new input shape); the
         # `options=` of torch.compile does not reach it (torch 2.13), so patch the config here.
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-            return run(images)
+            if not compile or tuple(images.shape) in compiled_for:
+                return run(images)
+            logging.info("compiling the frozen trunk for inputs %s…", tuple(images.shape))
+            t0 = time.perf_counter()
+            out = run(images)
+            compiled_for.add(tuple(images.shape))
+            logging.info("frozen trunk compiled in %.1f s", time.perf_counter() - t0)
+            return out
 
     return FrozenTrunk(features, model._replace(apply=model.apply_heads))
+
+
+def _in_chunks(fn, images, size):
+    """``fn`` over chunks of exactly ``size`` rows (the last padded by repeating rows), concatenated."""
+    n = images.shape[0]
+    pad = (-n) % size
+    if pad:
+        images = torch.cat([images, images[:1].expand(pad, *images.shape[1:])])
+    outs = [fn(chunk) for chunk in images.split(size)]
+    return {k: torch.cat([o[k] for o in outs])[:n] for k in outs[0]}
+
+
+def without_trunk(t):
+    """A params/state tree without its ``trunk`` part (constants of the compiled trunk)."""
+    return {k: v for k, v in t.items() if k != "trunk"}
+
+
+def heads_only(step):
+    """``step`` over a train state without the frozen trunk's tensors: the compiled heads step then
+    takes and returns a few head tensors instead of the whole trunk (a much shorter compile, no
+    copies); the trunk's params and statistics are put back unchanged."""
+    def run(train_state, batch, lr):
+        slim = {**train_state, "frozen": without_trunk(train_state["frozen"]),
+                "model_state": without_trunk(train_state["model_state"])}
+        new_state, metrics = step(slim, batch, lr)
+        for key in ("frozen", "model_state"):
+            if "trunk" in train_state[key]:
+                new_state[key] = {**new_state[key], "trunk": train_state[key]["trunk"]}
+        return new_state, metrics
+    return run
 
 
 def on_features(step, features):

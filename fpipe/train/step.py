@@ -4,6 +4,8 @@
 norm layers are plain inputs, so a frozen trunk builds no autograd graph and keeps no
 activations for backward. The step returns a new train state; nothing is mutated in place.
 """
+import os
+import time
 from typing import Callable
 
 import torch
@@ -11,8 +13,8 @@ import torch.nn.functional as F
 from absl import logging
 from torch.func import grad_and_value
 
-from fpipe import optim, tree
-from fpipe.train import precision
+from fpipe import freeze, optim, tree
+from fpipe.train import divergence, precision
 
 
 def heads_loss(outputs, labels):
@@ -21,18 +23,21 @@ def heads_loss(outputs, labels):
     return sum(losses.values()), losses
 
 
-def make_step(model, opt, *, eval_norms=frozenset(), clip=None, grad_reduce=None, sync_stats=None,
+def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_stats=None,
               autocast=None, loss_scaling=None, hold=frozenset()) -> Callable:
     """Returns ``step(train_state, batch, lr) -> (train_state, metrics)``.
 
     train_state: ``{"trainable", "frozen", "model_state", "opt_state"}`` trees (plus ``"scaler"``
-    with loss scaling). clip: ``grads -> (grads, grad_norm)`` (from fpipe.optim); grad_reduce:
+    with loss scaling). eval_norms: dotted names of norm layers that run on running statistics;
+    default: those whose params are frozen (``freeze.eval_norms``), so frozen BatchNorms never
+    update. clip: ``grads -> (grads, grad_norm)``; default: the optimizer's own
+    (``opt.clip_and_norm``, from ``optim.clip_grad_*``). grad_reduce:
     averages grads across processes (data parallel); sync_stats: SyncBN's all-reduce of BatchNorm
     statistics; autocast: a dtype for mixed precision, or None; loss_scaling: ``config.precision``
     for fp16's dynamic loss scaling (fpipe.train.precision), or None; hold: dotted names of
     trainable params kept fixed for now, with their optimizer state (LayerFreeze).
     """
-    def loss_fn(trainable, frozen, model_state, batch, scale):
+    def loss_fn(trainable, frozen, model_state, batch, scale, eval_norms):
         params = tree.merge(trainable, frozen)
         with precision.autocast(autocast, batch["label"].device.type):
             outputs, new_model_state = model.apply(params, model_state, batch["image"], train=True,
@@ -41,12 +46,17 @@ def make_step(model, opt, *, eval_norms=frozenset(), clip=None, grad_reduce=None
         return (loss if scale is None else loss * scale), (loss, losses, outputs, new_model_state)
 
     grad_fn = grad_and_value(loss_fn, has_aux=True)
+    if clip is None:
+        clip = getattr(opt, "clip_and_norm", None)
 
     def step(train_state, batch, lr):
+        norms = eval_norms
+        if norms is None:  # decided at trace time from the tree structure: no graph cost
+            norms = freeze.eval_norms(train_state["model_state"], train_state["frozen"])
         scaler = train_state["scaler"] if loss_scaling is not None else None
         grads, (_, (loss, losses, outputs, new_model_state)) = grad_fn(
             train_state["trainable"], train_state["frozen"], train_state["model_state"], batch,
-            None if scaler is None else scaler["scale"])
+            None if scaler is None else scaler["scale"], norms)
         if grad_reduce is not None:  # on scaled grads: every rank then skips (or not) together
             grads = grad_reduce(grads)
         if scaler is not None:
@@ -65,8 +75,12 @@ def make_step(model, opt, *, eval_norms=frozenset(), clip=None, grad_reduce=None
             metrics.update(loss_scale=scaler["scale"], skipped=found_inf.float())
         for name, head_loss in losses.items():
             metrics[f"{name}/loss"] = head_loss.detach()
-            metrics[f"{name}/train_top1"] = (outputs[name].argmax(1) == batch["label"]).float().mean()
+            metrics[f"{name}/train_top1"] = 100.0 * (outputs[name].argmax(1) == batch["label"]).float().mean()
         new_state.update(trainable=trainable, opt_state=opt_state)
+        # One flag for the divergence check (fpipe.train.divergence); with loss scaling a
+        # non-finite step is skipped, so only the state counts.
+        checked = (trainable, new_model_state, opt_state) + (() if scaler is not None else (loss, grad_norm))
+        metrics["nonfinite"] = (~divergence.all_finite(*checked)).to(torch.int32)
         return new_state, metrics
 
     return step
@@ -100,23 +114,35 @@ def _keep_held(new, old, held):
                            for n, v in tree.flatten(new).items()})
 
 
+STRICT_COMPILE_ENV = "FPIPE_STRICT_COMPILE"  # "1": a compile failure raises (the tests set it)
+
+
 def maybe_compile(fn, enabled, name="step", **options):
-    """``torch.compile(fn)`` when enabled; if compiling fails, logs why and runs eagerly."""
+    """``torch.compile(fn, fullgraph=True)`` when enabled, with its first call (the compilation)
+    announced and timed in the log. A graph break or compiler error falls back to eager with a
+    loud error naming the cause (or raises, when FPIPE_STRICT_COMPILE=1)."""
     if not enabled:
         return fn
-    compiled = torch.compile(fn, **options)
-    use = {"fn": compiled}
+    compiled = torch.compile(fn, fullgraph=True, **options)
+    use = {"fn": compiled, "first": True}
 
     def run(*args):
         if use["fn"] is compiled:
             try:
-                return compiled(*args)
+                if not use["first"]:
+                    return compiled(*args)
+                logging.info("compiling the %s (first call)…", name)
+                t0 = time.perf_counter()
+                out = compiled(*args)
+                logging.info("%s compiled in %.1f s", name, time.perf_counter() - t0)
+                use["first"] = False
+                return out
             except Exception as e:  # a compiler error must not kill a run that works eagerly
-                if not _is_compile_error(e):
+                if not _is_compile_error(e) or os.environ.get(STRICT_COMPILE_ENV) == "1":
                     raise
-                logging.warning("torch.compile of %s failed (%s: %s); running it eagerly. Set "
-                                "config.compile=False to skip compilation.", name, type(e).__name__,
-                                str(e).splitlines()[0] if str(e) else "")
+                logging.error("torch.compile of the %s FAILED (%s: %s); running it EAGERLY (slower). "
+                              "Set config.compile=False to skip compilation.", name, type(e).__name__,
+                              str(e).splitlines()[0] if str(e) else "")
                 use["fn"] = fn
         return use["fn"](*args)
 

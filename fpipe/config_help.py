@@ -1,0 +1,56 @@
+"""``main.py --config_only``: every key of a config with its value and its help, without running.
+
+The help of a key is the ``# comment`` on the line that sets its default, in the file that owns
+that section's defaults (SECTIONS), so the documentation lives in one place: next to the value.
+Imports no torch.
+"""
+import os
+import re
+
+from fpipe import tree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# section prefix -> the file setting its defaults (relative to the repository root)
+SECTIONS = {"": "configs/common.py", "data.": "fpipe/data/config.py", "optim.": "fpipe/optim.py",
+            "schedule.": "fpipe/schedules.py", "precision.": "fpipe/train/precision.py",
+            "model.weights.": "fpipe/weights/config.py", "model.trunk.": "fpipe/models/model.py"}
+_SETTING = re.compile(r"""^\s*(?:c(?:\.\w+)*\.)?(\w+)\s*[:=][^#]*#\s*(.+)$|^\s*(\w+)\s*=[^#]*#\s*(.+)$""")
+
+
+def _comments(path: str) -> dict:
+    """``{key: comment}`` of the lines ``c.key = value  # comment`` / ``key=value,  # comment``."""
+    out = {}
+    try:
+        with open(os.path.join(ROOT, path)) as f:
+            lines = f.readlines()
+    except OSError:
+        return out
+    for line in lines:
+        m = _SETTING.match(line)
+        if m:
+            key, text = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            out.setdefault(key, text.strip())
+    return out
+
+
+def help_for(keys) -> dict:
+    comments = {prefix: _comments(path) for prefix, path in SECTIONS.items()}
+    out = {}
+    for key in keys:
+        prefix = max((p for p in SECTIONS if key.startswith(p)), key=len)
+        leaf = key[len(prefix):].split(".")[-1]
+        out[key] = comments[prefix].get(leaf, "")
+    return out
+
+
+def describe(config, path: str = "") -> str:
+    """One line per key: ``key = value   # help``, in the config's order."""
+    import json
+    flat = tree.flatten(json.loads(config.to_json_best_effort()))
+    helps = help_for(flat)
+    width = max((len(f"{k} = {json.dumps(v)}") for k, v in flat.items()), default=0)
+    lines = [f"# {path}: {len(flat)} keys; override any with --config.KEY=VALUE"] if path else []
+    for key, value in flat.items():
+        text = f"{key} = {json.dumps(value)}"
+        lines.append(f"{text:<{min(width, 60)}}  # {helps[key]}" if helps[key] else text)
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Every config value checked when the config is read, before any data, model weights or compile.
+
+``check(config)`` builds what is cheap to build (the model on the meta device, the optimizer's
+rules, the schedule, the transforms) and checks the rest by hand; the first problem is a
+:class:`ConfigError` naming the key and the fix. Nothing is written before it passes.
+"""
+import math
+import os
+import re
+
+import torch
+
+from fpipe import data, freeze, optim, schedules
+from fpipe.models import model as models
+from fpipe.train import precision
+from fpipe.weights import config as weights_config
+
+RESULT_METRICS = ("top1", "top5")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; main.py exits with status 2 before doing anything."""
+
+
+def check(config) -> None:
+    try:
+        _check(config)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:  # the builders' own messages name the key
+        raise ConfigError(str(e).strip("'\"")) from e
+
+
+def _check(c) -> None:
+    for key in ("total", "log", "eval", "ckpt"):
+        for unit in ("epochs", "steps"):
+            value = c.get(f"{key}_{unit}")
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key}_{unit}={value!r}: a number >= 0 is needed")
+    if schedules.to_steps(c, "total", 1, default=0) <= 0:
+        raise ConfigError("total_epochs / total_steps must be > 0")
+    if not (isinstance(c.log_steps, int) and c.log_steps >= 1):
+        raise ConfigError(f"log_steps={c.log_steps!r}: a whole number >= 1 is needed")
+    if not (isinstance(c.keep_ckpts, int) and c.keep_ckpts >= 1):
+        raise ConfigError(f"keep_ckpts={c.keep_ckpts!r}: keep at least 1 checkpoint (resuming needs one)")
+    if c.get("collective_timeout_s") is not None and not c.collective_timeout_s > 0:
+        raise ConfigError(f"collective_timeout_s={c.collective_timeout_s!r} must be > 0 seconds")
+
+    # Data: the name, sizes and transform strings (the files themselves are read later).
+    if data.config.get(c.data, "name") not in data.DATASETS:
+        raise ConfigError(f"unknown data.name {c.data.name!r}; valid: {', '.join(sorted(data.DATASETS))}")
+    for key in ("image_size", "batch_size", "eval_batch_size"):
+        if not (isinstance(c.data[key], int) and c.data[key] >= 1):
+            raise ConfigError(f"data.{key}={c.data[key]!r}: a whole number >= 1 is needed")
+    for key in ("train_transforms", "eval_transforms"):
+        data.transforms.parse(c.data[key], size=c.data.image_size)
+
+    # Model: trunk name and options, heads, features, pooling — built on the meta device.
+    for name, head in dict(c.model.heads).items():
+        pool = head.get("pool")
+        sizes = () if pool is None else (pool if isinstance(pool, (tuple, list)) else (pool,))
+        if any(not (isinstance(p, int) and p >= 1) for p in sizes):
+            raise ConfigError(f"model.heads.{name}.pool={pool!r}: pooled sizes must be whole numbers >= 1")
+    model = models.build(c.model, num_classes=max(int(c.data.get("num_classes") or 2), 2),
+                         image_size=c.data.image_size)
+    freeze.rules(c.model.freeze)
+    freeze.rules(c.layer_freeze.rules)
+    weights = weights_config.resolve(c.model.weights)
+    if weights.path and not os.path.exists(weights.path):
+        raise ConfigError(f"model.weights.path={weights.path!r}: no such file")
+    extract = tuple(c.extract.features)
+    unknown = [f for f in extract if f not in model.trunk.features]
+    if unknown or len(set(extract)) != len(extract):
+        raise ConfigError(f"extract.features={extract!r}: each once, from {model.trunk.features}")
+
+    # Optimizer rules, lr and schedule.
+    if not (isinstance(c.optim.lr, (int, float)) and math.isfinite(c.optim.lr) and c.optim.lr >= 0):
+        raise ConfigError(f"optim.lr={c.optim.lr!r}: the learning rate must be a finite number >= 0")
+    optim.build(c.optim, {})  # checks the names, ranges and every rule's regex
+    for key in ("clip_grad_norm", "clip_grad_value"):
+        if c.optim.get(key) is not None and c.optim[key] < 0:
+            raise ConfigError(f"optim.{key}={c.optim[key]!r} must be >= 0 (0 or unset: off)")
+    base_lr, _ = optim.scaled_lr(c.optim, c.data.batch_size)
+    schedules.build(c.schedule, 10, 100, base_lr=base_lr)
+
+    # Precision, processes, hooks.
+    precision.autocast_dtype(c.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    group = str(c.get("sync_bn_group", "global"))
+    if group not in ("global", "node") and not group.isdigit():
+        raise ConfigError(f"sync_bn_group={group!r}; valid: 'global', 'node' or a number of processes")
+    if c.precise_bn.num_batches < 0:
+        raise ConfigError(f"precise_bn.num_batches={c.precise_bn.num_batches} must be >= 0")
+    check_best_metric(c)
+
+
+def best_metric_key(metric: str) -> tuple:
+    """``(head, metric)`` of ``best_metric``, written as logged (``res5avg/test_top1``) or short
+    (``res5avg/top1``)."""
+    head, _, key = metric.partition("/")
+    return head, re.sub(r"^test_", "", key)
+
+
+def check_best_metric(c) -> None:
+    if not c.get("best_metric"):
+        return
+    head, key = best_metric_key(c.best_metric)
+    valid = [f"{h}/test_{k}" for h in c.model.heads for k in RESULT_METRICS]
+    if head not in c.model.heads or key not in RESULT_METRICS:
+        raise ConfigError(f"best_metric={c.best_metric!r}; valid: {', '.join(valid)} (as logged to "
+                          "metrics.jsonl; the 'test_' may be left out)")
+    if c.get("best_mode", "max") not in ("max", "min"):
+        raise ConfigError(f"best_mode={c.best_mode!r}; valid: 'max', 'min'")

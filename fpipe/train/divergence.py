@@ -1,0 +1,46 @@
+"""A diverged run stops with an error before anything non-finite is saved, evaluated or reported.
+
+Each train step computes one flag, "is every value of the new params, norm statistics and
+optimizer state (and the loss and grad norm) finite", inside the compiled graph; the loop adds
+the flags up on the device and looks at them (one host sync) only before it logs, evaluates or
+writes a checkpoint. So no checkpoint ever holds an ``inf`` running variance, and the advice
+"lower the lr and rerun" never resumes a poisoned checkpoint.
+"""
+import torch
+
+from fpipe import tree
+
+
+class DivergedError(FloatingPointError):
+    """Training produced NaN/inf; main.py exits with status 3."""
+
+
+def all_finite(*trees) -> torch.Tensor:
+    """0-d bool: every floating-point value in the trees is finite (one fused reduction per leaf)."""
+    leaves = [t for t in (leaf for x in trees for leaf in (tree.leaves(x) if isinstance(x, dict) else [x]))
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(t.float().abs().amax()) for t in leaves]).all()
+
+
+def nonfinite_names(train_state: dict, limit: int = 5) -> list:
+    """Dotted names of the leaves holding NaN/inf (for the error message; runs on the host)."""
+    bad = []
+    for part in ("trainable", "model_state", "opt_state"):
+        for name, t in tree.flatten(train_state.get(part) or {}).items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                bad.append(f"{part}:{name}")
+    return bad[:limit] + ([f"… (+{len(bad) - limit})"] if len(bad) > limit else [])
+
+
+def raise_diverged(step: int, train_state: dict, workdir: str, last_saved) -> None:
+    names = nonfinite_names(train_state)
+    what = f"non-finite values in {', '.join(names)}" if names else "a non-finite loss or grad norm"
+    clean = (f"the newest checkpoint, {last_saved}, is from before (none with non-finite values is ever "
+             "written)" if last_saved else "no checkpoint was written")
+    raise DivergedError(
+        f"training diverged by step {step}: {what}; {clean}. Rerun in a new --workdir with a lower "
+        "optim.lr or optim.clip_grad_norm (a changed lr is another config)"
+        + (f", or start a new workdir from that checkpoint with --config.model.weights.path={last_saved}"
+           if last_saved else "") + ".")
