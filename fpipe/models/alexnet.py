@@ -63,8 +63,10 @@ def apply(spec: Spec, params, state, x, *, train, features=("fc7",), eval_norms=
     del eval_norms, sync_stats
 
     def conv(index, in_ch, out_ch, kernel, stride, padding):
-        p = params["features"][str(index)]
-        return lambda h: torch.relu(F.conv2d(h, p["weight"], p["bias"], stride, padding))
+        def run_conv(h):
+            p = params["features"][str(index)]
+            return torch.relu(F.conv2d(h, p["weight"], p["bias"], stride, padding))
+        return run_conv
 
     def fc(name):
         return lambda h: torch.relu(layers.linear(params["classifier"][name], F.dropout(h, spec.dropout, train)))
