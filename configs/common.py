@@ -24,7 +24,7 @@ def base_config():
     c.data = data.default_config()
     c.data.image_size = 32     # digits are 8x8: 32 px keeps every stage of a ResNet meaningful
     c.model = ml_collections.ConfigDict()
-    c.model.trunk = model.trunk_config(depth=18)
+    c.model.trunk = model.trunk_config("resnet18")  # a family or any preset: see docs/MODELS.md
     c.model.heads = ml_collections.ConfigDict()
     c.model.weights = weights.default_config()
     c.model.freeze = ()

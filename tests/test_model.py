@@ -40,8 +40,8 @@ def test_chain_of_heads():
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(ValueError, match=r"valid: \['resnet'\]"):
-        models.build(ml_collections.ConfigDict(dict(trunk=dict(name="vit"), heads={})), num_classes=2, image_size=32)
+    with pytest.raises(ValueError, match=r"valid families: \[.*'resnet'.*presets: \[.*'resnet18'"):
+        models.build(ml_collections.ConfigDict(dict(trunk=dict(name="vgg16"), heads={})), num_classes=2, image_size=32)
     with pytest.raises(ValueError, match="valid:.*res5avg"):
         models.build(cfg(x=dict(feature="res9")), num_classes=2, image_size=32)
     with pytest.raises(ValueError, match="unknown type 'svm'"):

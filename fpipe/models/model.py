@@ -4,6 +4,7 @@ Each head reads one named trunk feature, optionally pools it to a fixed grid (VI
 evaluation on several layers), and runs a chain of head layers. The trunk runs once, only up to
 the deepest feature any head reads. Params and state are ``{"trunk": ..., "heads": {name: ...}}``.
 """
+import difflib
 from typing import Callable, NamedTuple
 
 import ml_collections
@@ -12,29 +13,80 @@ from ml_collections.config_dict import placeholder
 
 from fpipe import tree
 from fpipe.models import heads as heads_lib
-from fpipe.models import layers, resnet
+from fpipe.models import alexnet, convnext, efficientnet, layers, regnet, resnet
+from fpipe.models.trunk import Trunk
 
-TRUNKS = {"resnet": resnet}
-TRUNK_OPTIONS = ("depth", "width_multiplier", "groups", "width_per_group", "zero_init_residual",
-                 "layer4_stride", "norm", "norm_groups")
+# Trunk families by name. A family module has FEATURES, OPTIONS (option -> default), PRESETS
+# (torchvision/timm name -> options) and build(**options) -> Trunk; registering one is one line.
+TRUNKS = {"resnet": resnet, "regnet": regnet, "efficientnet": efficientnet, "convnext": convnext,
+          "alexnet": alexnet}
 HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain") + tuple(heads_lib.MLP_OPTIONS)
 
 
-def build_trunk(name, **options) -> resnet.Trunk:
-    """The trunk named ``name`` (a family in TRUNKS) built with ``options``."""
-    if name not in TRUNKS:
-        raise ValueError(f"unknown model.trunk.name {name!r}; valid: {sorted(TRUNKS)}")
-    unknown = sorted(set(options) - set(TRUNK_OPTIONS))
+def trunk_presets():
+    """``{preset name: (family, options)}`` over every registered family."""
+    return {preset: (family, options) for family, module in TRUNKS.items()
+            for preset, options in module.PRESETS.items()}
+
+
+def trunk_option_types():
+    """``{option: type}``: every option of every family (int and float together are float)."""
+    types = {}
+    for family, module in TRUNKS.items():
+        for option, default in module.OPTIONS.items():
+            kind = type(default)
+            if default is None:
+                raise TypeError(f"{family} option {option!r} defaults to None; give it a typed default "
+                                "(the config's placeholder takes its type)")
+            seen = types.setdefault(option, kind)
+            if seen != kind:
+                if {seen, kind} != {int, float}:
+                    raise TypeError(f"trunk option {option!r} is {seen.__name__} in one family and "
+                                    f"{kind.__name__} in {family}; give families' shared options one type")
+                types[option] = float
+    return types
+
+
+def build_trunk(name, **options) -> Trunk:
+    """The trunk ``name``: a family (``resnet``, ``regnet``, ...) with its defaults, or a preset
+    of any family (``resnet50``, ``regnet_y_400mf``, ``convnext_tiny``, ...). ``options`` set
+    (not None) override the family's or preset's; one the family does not take is an error."""
+    presets = trunk_presets()
+    if name in TRUNKS:
+        family, base = name, {}
+    elif name in presets:
+        family, base = presets[name]
+    else:
+        close = difflib.get_close_matches(name, list(TRUNKS) + list(presets), n=3)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"unknown model.trunk.name {name!r}{hint}; valid families: {sorted(TRUNKS)}; "
+                         f"presets: {sorted(presets)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    module = TRUNKS[family]
+    unknown = sorted(set(options) - set(module.OPTIONS))
     if unknown:
-        raise ValueError(f"unknown model.trunk option(s) {unknown}; valid: {TRUNK_OPTIONS}")
-    return TRUNKS[name].build(**options)
+        raise ValueError(f"model.trunk.name={name!r} ({family}) takes no option(s) {unknown}; "
+                         f"{family}'s options: {sorted(module.OPTIONS)}")
+    return module.build(**{**base, **options})
 
 
-def trunk_config(**overrides):
-    c = ml_collections.ConfigDict(dict(name="resnet", depth=50, width_multiplier=1, groups=1,
-                                       width_per_group=64, zero_init_residual=False, layer4_stride=2,
-                                       norm="batch", norm_groups=32))
-    c.update(overrides)
+def trunk_config(name="resnet", **options):
+    """``model.trunk``: ``name`` (a family or preset, see build_trunk) and every option of every
+    family as a typed placeholder, so any of them can be set from the command line.
+
+    The rule: an option left None means "the preset's (or family's) default"; an option that is
+    set must be one the named family takes. So a config names what it means in ``name``
+    (``trunk_config("resnet18")``, not ``depth=18``): switching ``--config.model.trunk.name=
+    convnext_tiny`` then carries no ResNet option along, while ``--config.model.trunk.depth=50``
+    on ``resnet18`` gives ResNet-50 (explicit options override the preset's).
+    """
+    types = trunk_option_types()
+    unknown = sorted(set(options) - set(types))
+    if unknown:
+        raise ValueError(f"unknown trunk option(s) {unknown}; valid: {sorted(types)}")
+    c = ml_collections.ConfigDict({"name": name, **{k: placeholder(t) for k, t in sorted(types.items())}})
+    for key, value in options.items():
+        c[key] = tuple(value) if isinstance(value, list) else value
     return c
 
 
@@ -58,7 +110,7 @@ class Head(NamedTuple):
 
 
 class Model(NamedTuple):
-    trunk: resnet.Trunk      # spec, init, apply, features (valid feature names)
+    trunk: Trunk             # spec, init, apply, features (valid feature names)
     heads: tuple
     init: Callable
     apply: Callable         # (params, state, images, *, train, ...) -> ({head: logits}, state)

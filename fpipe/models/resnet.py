@@ -10,14 +10,15 @@ and whose ``apply`` returns the requested named features, computing only up to t
 
 Options follow VISSL's trunk: ``width_multiplier`` scales every stage (SimCLR's wide ResNets),
 ``groups``/``width_per_group`` make ResNeXt and torchvision's wide_resnet, ``layer4_stride``
-(1 keeps res5 at res4's resolution), ``zero_init_residual``, and ``norm``.
+(1 keeps res5 at res4's resolution), ``zero_init_residual``, and ``norm``. ``stem="cifar"`` is
+the small-image stem: a 3×3 stride-1 ``conv1`` and no max-pool (``res1`` equals ``conv1``), so a
+32 px input reaches res5 at 4×4 instead of 1×1. ``PRESETS`` name torchvision's models.
 """
 import dataclasses
-from typing import Any, Callable, NamedTuple
-
 import torch
 
 from fpipe.models import layers
+from fpipe.models.trunk import Trunk
 
 FEATURES = ("conv1", "res1", "res2", "res3", "res4", "res5", "res5avg", "flatten")
 DEPTHS = {
@@ -29,6 +30,16 @@ DEPTHS = {
     200: ("bottleneck", (3, 24, 36, 3)),
 }
 NORMS = ("batch", "group", "layer")
+STEMS = ("imagenet", "cifar")
+PRESETS = {
+    "resnet18": dict(depth=18), "resnet34": dict(depth=34), "resnet50": dict(depth=50),
+    "resnet101": dict(depth=101), "resnet152": dict(depth=152),
+    "resnext50_32x4d": dict(depth=50, groups=32, width_per_group=4),
+    "resnext101_32x8d": dict(depth=101, groups=32, width_per_group=8),
+    "resnext101_64x4d": dict(depth=101, groups=64, width_per_group=4),
+    "wide_resnet50_2": dict(depth=50, width_per_group=128),
+    "wide_resnet101_2": dict(depth=101, width_per_group=128),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +52,15 @@ class Spec:
     layer4_stride: int = 2
     norm: str = "batch"
     norm_groups: int = 32  # GroupNorm groups when norm == "group"
+    stem: str = "imagenet"  # or "cifar": 3×3 stride-1 conv1, no max-pool
 
     def __post_init__(self):
         if self.depth not in DEPTHS:
             raise ValueError(f"unknown ResNet depth {self.depth}; valid: {sorted(DEPTHS)}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; valid: {NORMS}")
+        if self.stem not in STEMS:
+            raise ValueError(f"unknown ResNet stem {self.stem!r}; valid: {STEMS}")
         if self.layer4_stride not in (1, 2):
             raise ValueError(f"layer4_stride must be 1 or 2, got {self.layer4_stride}")
         if self.block == "basic" and (self.groups != 1 or self.width_per_group != 64):
@@ -75,18 +89,7 @@ class Spec:
         return self.planes(stage) * self.expansion
 
 
-class Trunk(NamedTuple):
-    """What every trunk family's ``build`` returns (fpipe.models.model's registry relies on it).
-
-    init(seed=0) -> (params, state); apply(params, state, images, *, train, features=(...),
-    eval_norms=frozenset(), sync_stats=None) -> ({feature: tensor}, new_state); ``features``:
-    the valid feature names, shallow to deep. ``apply`` must also run on the meta device (head
-    input shapes are computed that way).
-    """
-    spec: Any
-    init: Callable
-    apply: Callable
-    features: tuple = FEATURES
+OPTIONS = {f.name: f.default for f in dataclasses.fields(Spec)}
 
 
 def build(**options) -> Trunk:
@@ -111,7 +114,7 @@ def init_params(spec: Spec, seed=0):
             s[key] = st
 
     width0 = 64 * spec.width_multiplier
-    params["conv1"] = layers.conv_init(gen, 3, width0, 7)
+    params["conv1"] = layers.conv_init(gen, 3, width0, 7 if spec.stem == "imagenet" else 3)
     add_norm(params, state, "bn1", width0)
     inplanes = width0
     for stage, n_blocks in enumerate(DEPTHS[spec.depth][1]):
@@ -179,11 +182,12 @@ def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_no
             out[name] = h
         return FEATURES.index(name) >= deepest
 
-    h = layers.conv(params["conv1"], x, stride=2, padding=3)
+    imagenet = spec.stem == "imagenet"
+    h = layers.conv(params["conv1"], x, stride=2 if imagenet else 1, padding=3 if imagenet else 1)
     h = torch.relu(norm(params, state, new_state, "bn1", h, "bn1"))
     if emit("conv1", h):
         return out, _keep_rest(state, new_state)
-    h = layers.max_pool(h)
+    h = layers.max_pool(h) if imagenet else h
     if emit("res1", h):
         return out, _keep_rest(state, new_state)
     for stage in range(4):
