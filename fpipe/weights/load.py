@@ -7,7 +7,7 @@ import dataclasses
 
 from fpipe import checkpoint
 from fpipe.tree import flatten
-from fpipe.weights import config, detect, io, merge, transforms
+from fpipe.weights import config, detect, io, merge, transforms, walk
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import LoadReport
 
@@ -36,9 +36,13 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
     """
     opts = config.resolve(cfg)
     target = flatten(target_flat)
-    if not opts.path:
+    if obj is None and not opts.path:
         return dict(target), LoadReport()
-    obj = read_checkpoint(opts.path) if obj is None else obj
+    if obj is None:
+        obj = read_checkpoint(opts.path, stub_objects=opts.stub_objects)
+    else:
+        opts = dataclasses.replace(opts, path=opts.path or "<object given to load_into>")
+        _check_contents(obj, opts.path)
     files = transforms.tensor_leaves(obj)
     plan = make_plan(obj, files, target, opts)
     report = LoadReport(path=opts.path, format=plan.format, state_dict_key=plan.state_dict_key,
@@ -46,23 +50,27 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
                         candidates=plan.candidates, source=_source(plan),
                         roots=sorted({n.split(".")[1] for n in target if n.count(".") >= 2} | {"fc"}))
     report.not_loaded.update(plan.dropped)
+    stubs = io.stubbed(obj)
+    if stubs:
+        report.notes.append("objects replaced by inert stand-ins (stub_objects=True): " +
+                            ", ".join(f"{n} (at {w})" for n, w in list(stubs.items())[:5]))
     tensors = {rel: files[src] for rel, src in plan.names.items()}
     out = merge.merge(target, tensors, plan.names, report, load_heads=opts.load_heads)
     fix = None if plan.format.startswith("auto") and not plan.reason.startswith("explicit") else (
         lambda: detection_fix(obj, files, target))
+    merge.check_finite(report, out)
     merge.check(report, target, allow_partial=opts.allow_partial, load_heads=opts.load_heads, fix=fix)
     return out, report
 
 
-def read_checkpoint(path: str) -> dict:
+def read_checkpoint(path: str, *, stub_objects: bool = False) -> dict:
     """The file's contents, which must be a dict holding at least one tensor.
 
     An fpipe checkpoint keeps its frozen params in a sibling file (``frozen_params``: written
     once per run); they are read back into ``params`` here, so the checkpoint loads whole.
     """
-    obj = io.read(path)
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors.")
+    obj = io.read(path, stub_objects=stub_objects)
+    _check_contents(obj, path)
     if checkpoint.is_checkpoint(obj):
         try:
             frozen = checkpoint.frozen_params_of(path, obj, io.read)
@@ -72,6 +80,16 @@ def read_checkpoint(path: str) -> dict:
     if not transforms.tensor_leaves(obj):
         raise WeightsError(f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:20]))}).")
     return obj
+
+
+def _check_contents(obj, path: str) -> None:
+    """A dict whose structure can be walked: no cycles, bounded depth and size (``walk``)."""
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors.")
+    try:
+        walk.check(obj)
+    except WeightsError as e:
+        raise WeightsError(f"{path}: refused: {e}") from None
 
 
 def make_plan(obj: dict, files: dict, target: dict, opts: config.Options) -> Plan:

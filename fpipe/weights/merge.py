@@ -54,6 +54,15 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
+def check_finite(report: LoadReport, out: dict) -> None:
+    """Refuses NaN or inf in any loaded tensor, naming the file and the tensors."""
+    bad = [report.sources[n] for n in report.loaded
+           if out[n].is_floating_point() and not bool(torch.isfinite(out[n]).all())]
+    if bad:
+        raise WeightsError(f"{report.path}: {len(bad)} tensor(s) hold NaN or inf values: {short_names(bad)}; "
+                           "the file is damaged or its training diverged.")
+
+
 def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: bool, fix=None) -> None:
     """Raises unless the trunk is fully covered and shapes agree (or ``allow_partial``).
 
