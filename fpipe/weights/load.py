@@ -4,10 +4,11 @@ Each format makes a *plan*: ``{R: file name}`` (the name each file tensor takes,
 docs/DESIGN.md) plus ``{file name: why dropped}``. The plan only moves names; the tensors follow.
 """
 import dataclasses
+import os
 
 from fpipe import checkpoint
 from fpipe.tree import flatten
-from fpipe.weights import config, detect, io, merge, transforms, walk
+from fpipe.weights import config, detect, io, merge, renames, resample, transforms, walk
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import LoadReport
 
@@ -55,6 +56,8 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
         report.notes.append("objects replaced by inert stand-ins (stub_objects=True): " +
                             ", ".join(f"{n} (at {w})" for n, w in list(stubs.items())[:5]))
     tensors = {rel: files[src] for rel, src in plan.names.items()}
+    tensors, notes = _adapt(tensors, target)
+    report.notes.extend(notes)
     out = merge.merge(target, tensors, plan.names, report, load_heads=opts.load_heads)
     fix = None if plan.format.startswith("auto") and not plan.reason.startswith("explicit") else (
         lambda: detection_fix(obj, files, target))
@@ -151,10 +154,13 @@ def _plan_auto(obj: dict, files: dict, target: dict, opts) -> Plan:
     if opts.state_dict_key:
         names = transforms.select(names, opts.state_dict_key)
         dropped.update({n: f"outside state_dict_key {opts.state_dict_key!r}" for n in set(files) - set(names.values())})
+    shapes = trunk_shapes(target)
+    names, table, cands = _best_names(names, files, shapes)
     scope = {rel: files[src] for rel, src in names.items()}
-    cands = detect.find_trunks(scope, trunk_shapes(target))
     where = f"{opts.path}" + (f" under {opts.state_dict_key!r}" if opts.state_dict_key else "")
     chosen, reason = detect.choose(cands, scope, select=opts.select, where=where)
+    if table:
+        reason += f"; names mapped by the rename table renames.{table.upper()}"
     prefix = chosen.prefix
     copies = set(chosen.aliases)
     kept = {}
@@ -165,10 +171,35 @@ def _plan_auto(obj: dict, files: dict, target: dict, opts) -> Plan:
             other = next((a for a in copies if rel.startswith(a)), None)
             dropped[src] = f"identical copy at {other!r}" if other is not None else f"outside the chosen copy {prefix!r}"
     kept = _finish(kept, opts, dropped)
-    full = (opts.state_dict_key + "." if opts.state_dict_key else "") + prefix
+    src_prefix = _source_prefix(names, chosen) if table else prefix
+    full = (opts.state_dict_key + "." if opts.state_dict_key else "") + src_prefix
     key, rest = detect.split_prefix(full, transforms.dict_paths(obj))
-    return Plan(kept, dropped, "auto", key, rest, reason=reason,
+    return Plan(kept, dropped, "auto" + (f" ({table} names)" if table else ""), key, rest, reason=reason,
                 candidates=[c.describe() for c in cands if c.coverage > 0])
+
+
+def _best_names(names: dict, files: dict, shapes: dict) -> tuple:
+    """``(names, table, candidates)``: the file's own names, or a rename table's when those
+    cover more of the trunk (timm ViT names, detectron2 ResNet names)."""
+    cands = detect.find_trunks({rel: files[src] for rel, src in names.items()}, shapes)
+    best = cands[0].coverage if cands else 0.0
+    table_used = ""
+    for table_name, table in ([] if best == 1 else renames.TABLES.items()):
+        mapped = renames.rename_all(names, table)
+        if mapped is None:
+            continue
+        renamed = {new: names[old] for new, old in mapped.items()}
+        found = detect.find_trunks({rel: files[src] for rel, src in renamed.items()}, shapes)
+        if found and found[0].coverage > best:
+            names, cands, best, table_used = renamed, found, found[0].coverage, table_name
+    return names, table_used, cands
+
+
+def _source_prefix(names: dict, chosen) -> str:
+    """The file's own prefix in front of a renamed trunk: its names' common leading parts."""
+    sources = [names[n] for n in chosen.matched.values()]
+    common = os.path.commonprefix(sources)
+    return common[:common.rfind(".") + 1]
 
 
 def _finish(names: dict, opts, dropped: dict) -> dict:
@@ -178,6 +209,12 @@ def _finish(names: dict, opts, dropped: dict) -> dict:
     names, skipped = transforms.skip(names, opts.skip_layers)
     dropped.update({src: "skip_layers" for src in skipped.values()})
     return names
+
+
+def _adapt(tensors: dict, target: dict) -> tuple:
+    """Resamples position embeddings of another grid to the model's (``resample.adapt``)."""
+    shapes = {rel: tuple(target[f"trunk.{rel}"].shape) for rel in tensors if f"trunk.{rel}" in target}
+    return resample.adapt(tensors, shapes)
 
 
 def trunk_shapes(target: dict) -> dict:

@@ -1,0 +1,66 @@
+r"""Rename tables: other libraries' names for a trunk -> fpipe's (torchvision's) names.
+
+A table is a sequence of ``(regex, replacement)`` rules applied one after the other to each
+name (every rule, not the first match), so a table reads as the mapping it documents. Rules
+anchor on name parts (``(^|\.)``), so they work behind any prefix (``teacher.backbone.``).
+``format: auto`` tries each table when the file's own names do not cover the trunk, and the
+report says which table it used.
+"""
+import re
+
+# timm's VisionTransformer (and DINO, DINOv2 hub, MAE, MoCo v3 and DeiT files, which use its
+# names) -> torchvision's VisionTransformer, plus layer scale, registers and MAE's fc_norm.
+TIMM_VIT = (
+    (r"(^|\.)cls_token$", r"\1class_token"),
+    (r"(^|\.)(reg_token|register_tokens)$", r"\1register_tokens"),
+    (r"(^|\.)pos_embed$", r"\1encoder.pos_embedding"),
+    (r"(^|\.)patch_embed\.proj\.", r"\1conv_proj."),
+    (r"(^|\.)blocks\.(\d+)\.", r"\1encoder.layers.encoder_layer_\2."),
+    (r"\.norm1\.", ".ln_1."),
+    (r"\.norm2\.", ".ln_2."),
+    (r"\.attn\.qkv\.(weight|bias)$", r".self_attention.in_proj_\1"),
+    (r"\.attn\.proj\.", ".self_attention.out_proj."),
+    (r"\.mlp\.fc1\.", ".mlp.0."),
+    (r"\.mlp\.fc2\.", ".mlp.3."),
+    (r"\.ls([12])\.gamma$", r".ls_\1.gamma"),
+    (r"(^|\.)norm\.(weight|bias)$", r"\1encoder.ln.\2"),
+    (r"(^|\.)head\.(weight|bias)$", r"\1heads.head.\2"),
+)
+
+# detectron2's ResNet (MoCo's and solo-learn's convert-pretrain-to-detectron2.py, detectron2's
+# own checkpoints behind backbone.bottom_up.) -> torchvision's ResNet.
+DETECTRON2_RESNET = (
+    (r"(^|\.)stem\.conv1\.norm\.", r"\1bn1."),
+    (r"(^|\.)stem\.conv1\.", r"\1conv1."),
+    (r"(^|\.)res2\.", r"\1layer1."),
+    (r"(^|\.)res3\.", r"\1layer2."),
+    (r"(^|\.)res4\.", r"\1layer3."),
+    (r"(^|\.)res5\.", r"\1layer4."),
+    (r"\.conv([123])\.norm\.", r".bn\1."),
+    (r"\.shortcut\.norm\.", ".downsample.1."),
+    (r"\.shortcut\.", ".downsample.0."),
+)
+
+TABLES = {"timm_vit": TIMM_VIT, "detectron2_resnet": DETECTRON2_RESNET}
+_COMPILED = {}
+
+
+def apply(name: str, table) -> str:
+    """``name`` after every rule of ``table``, in order."""
+    key = id(table)
+    if key not in _COMPILED:
+        _COMPILED[key] = [(re.compile(p), r) for p, r in table]
+    for pattern, repl in _COMPILED[key]:
+        name = pattern.sub(repl, name)
+    return name
+
+
+def rename_all(names, table) -> dict:
+    """``{new name: old name}``; None when two names would become one (the table does not fit)."""
+    out = {}
+    for old in names:
+        new = apply(old, table)
+        if new in out:
+            return None
+        out[new] = old
+    return out
