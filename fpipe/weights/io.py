@@ -17,6 +17,7 @@ import pickle
 import pickletools
 import re
 import struct
+import types
 import zipfile
 
 import numpy as np
@@ -93,21 +94,37 @@ def _read_safetensors(path: str) -> dict:
 
 
 def _read_torch(path: str, kind: str, stub_objects: bool):
-    stubs = [(stand_in(n), n) for n in sorted(globals_in(path, kind) - allowed_names())] if stub_objects else []
-    for _ in range(100):  # a global the scan missed is stubbed on the next try
-        try:
-            with torch.serialization.safe_globals(SAFE_GLOBALS + stubs):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=(kind == "zip"))
-        except pickle.UnpicklingError as e:
-            names = unsafe_globals_in(str(e))
-            if not names:
-                raise WeightsError(f"{path}: corrupt PyTorch file ({_cause(str(e))}).") from None
-            if not stub_objects or names[0] in {n for _, n in stubs}:
-                raise WeightsError(_refusal(path, kind, str(e))) from None
-            stubs.append((stand_in(names[0]), names[0]))
-        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
-            raise WeightsError(f"{path}: truncated or corrupt PyTorch file ({_cause(str(e)) or type(e).__name__}).") from None
-    raise WeightsError(f"{path}: refused: more than 100 kinds of foreign objects.")
+    try:
+        if stub_objects:
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_stub_pickle(),
+                              mmap=(kind == "zip"))
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=(kind == "zip"))
+    except pickle.UnpicklingError as e:
+        if not unsafe_globals_in(str(e)):
+            raise WeightsError(f"{path}: corrupt PyTorch file ({_cause(str(e))}).") from None
+        raise WeightsError(_refusal(path, kind, str(e))) from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise WeightsError(f"{path}: truncated or corrupt PyTorch file ({_cause(str(e)) or type(e).__name__}).") from None
+
+
+def _stub_pickle() -> types.ModuleType:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler gives every global outside the
+    allow-list (torch's own for ``weights_only`` and SAFE_GLOBALS) as a ``StandIn``: foreign
+    constructors, ``__setstate__`` and ``__reduce__`` callables are never looked up, let alone run."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+    allowed = dict(_get_allowed_globals())
+    allowed.update({_qualname(g): g[0] if isinstance(g, tuple) else g for g in SAFE_GLOBALS})
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            full = f"{module}.{name}"
+            return allowed[full] if full in allowed else stand_in(full)
+
+    module = types.ModuleType("fpipe_stub_pickle")
+    module.Unpickler = Unpickler
+    module.load = lambda f, **kwargs: Unpickler(f, **kwargs).load()
+    return module
 
 
 def _cause(message: str) -> str:

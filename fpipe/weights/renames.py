@@ -41,7 +41,18 @@ DETECTRON2_RESNET = (
     (r"\.shortcut\.", ".downsample.0."),
 )
 
-TABLES = {"timm_vit": TIMM_VIT, "detectron2_resnet": DETECTRON2_RESNET}
+# torchvision's ResNet as nn.Sequential(*list(resnet.children())[:-1]) (lightly's examples,
+# PyTorch-BYOL, SimCLR ports): children by position, 0 conv1, 1 bn1, 4..7 layer1..layer4.
+SEQUENTIAL_RESNET = (
+    (r"(^|\.)4\.(\d+)\.", r"\1layer1.\2."),
+    (r"(^|\.)5\.(\d+)\.", r"\1layer2.\2."),
+    (r"(^|\.)6\.(\d+)\.", r"\1layer3.\2."),
+    (r"(^|\.)7\.(\d+)\.", r"\1layer4.\2."),
+    (r"(^|\.)(?<!downsample\.)0\.weight$", r"\1conv1.weight"),
+    (r"(^|\.)(?<!downsample\.)1\.(weight|bias|running_mean|running_var|num_batches_tracked)$", r"\1bn1.\2"),
+)
+
+TABLES = {"timm_vit": TIMM_VIT, "detectron2_resnet": DETECTRON2_RESNET, "sequential_resnet": SEQUENTIAL_RESNET}
 _COMPILED = {}
 
 
