@@ -12,6 +12,7 @@ objects (mmengine's ``HistoryBuffer`` in OpenMMLab training checkpoints): each s
 replaced by an inert ``StandIn`` before loading, so only the tensors and plain values come out.
 """
 import argparse
+import contextlib
 import os
 import pickle
 import pickletools
@@ -94,12 +95,18 @@ def _read_safetensors(path: str) -> dict:
 
 
 def _read_torch(path: str, kind: str, stub_objects: bool):
+    # torch.load takes a path ending in .safetensors for a safetensors file; a file object does
+    # not get that guess (and then cannot be memory-mapped).
+    by_name = not path.endswith(SAFETENSORS_EXTENSIONS)
+    mmap = kind == "zip" and by_name
     try:
-        if stub_objects:
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_stub_pickle(),
-                              mmap=(kind == "zip"))
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=(kind == "zip"))
+        with contextlib.ExitStack() as stack:
+            source = path if by_name else stack.enter_context(open(path, "rb"))
+            if stub_objects:
+                return torch.load(source, map_location="cpu", weights_only=False, pickle_module=_stub_pickle(),
+                                  mmap=mmap)
+            stack.enter_context(torch.serialization.safe_globals(SAFE_GLOBALS))
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if not unsafe_globals_in(str(e)):
             raise WeightsError(f"{path}: corrupt PyTorch file ({_cause(str(e))}).") from None
