@@ -7,9 +7,14 @@ Modules, one concern each: ``io`` (read/write files safely), ``transforms`` (sel
 rename, skip), ``detect`` (``format: auto``), ``merge`` (into the model, with checks),
 ``report``, ``config`` (``model.weights.*``), ``load`` (the pipeline), ``cli``.
 """
-from fpipe.weights.config import default_config
-from fpipe.weights.errors import WeightsError
-from fpipe.weights.load import load_into, read_checkpoint
-from fpipe.weights.report import LoadReport
-
 __all__ = ["load_into", "read_checkpoint", "default_config", "WeightsError", "LoadReport"]
+_WHERE = {"load_into": "load", "read_checkpoint": "load", "default_config": "config",
+          "WeightsError": "errors", "LoadReport": "report"}
+
+
+def __getattr__(name):
+    """Imported on first use, so ``python -m fpipe.weights -h`` never loads torch."""
+    if name in _WHERE:
+        import importlib
+        return getattr(importlib.import_module(f"fpipe.weights.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'fpipe.weights' has no attribute {name!r}")

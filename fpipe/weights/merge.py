@@ -46,7 +46,8 @@ def merge(target: dict, tensors: dict, origin: dict, report: LoadReport, *, load
 
 def _like(tensor: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The file tensor with the model tensor's dtype, device and requires_grad."""
-    out = tensor.detach().to(device=ref.device, dtype=ref.dtype)
+    device = tensor.device if ref.is_meta else ref.device  # a meta target gives shapes only
+    out = tensor.detach().to(device=device, dtype=ref.dtype)
     return out.requires_grad_(True) if ref.requires_grad else out
 
 
