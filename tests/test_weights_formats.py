@@ -200,3 +200,36 @@ def test_pkl_with_code_is_refused_and_never_runs(tmp_path):
     with pytest.raises(WeightsError, match=r"evil\.pkl: refused to load posix\.system"):
         load_into(target(), {"path": str(path)})
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- VISSL / SEER RegNets
+
+def to_vissl_regnet(name: str, fsdp_groups: bool) -> str:
+    """torchvision's RegNet name -> VISSL's (ClassyVision AnyNet under _feature_blocks), by hand."""
+    parts = name.split(".")
+    if parts[0] == "stem":
+        return "_feature_blocks.conv1.stem." + ".".join(parts[1:])
+    stage = int(parts[1][len("block"):])                     # trunk_output.block<s>.block<s>-<i>.<rest>
+    block, rest = parts[2], ".".join(parts[3:])
+    rest = {"proj.0.weight": "proj.weight", "f.c.0.weight": "f.c.weight"}.get(rest, rest)
+    for old, new in (("proj.1.", "bn."), ("f.se.fc1.", "f.se.excitation.0."), ("f.se.fc2.", "f.se.excitation.2."),
+                     ("f.c.1.", "f.final_bn.")):
+        if rest.startswith(old):
+            rest = new + rest[len(old):]
+    group = f"block{stage}-part0." if fsdp_groups else ""
+    return f"_feature_blocks.res{stage + 1}.{group}{block}.{rest}"
+
+
+@pytest.mark.parametrize("fsdp_groups", [False, True])
+def test_seer_regnet_in_vissl_classy_state_dict(fsdp_groups):
+    from test_weights_fixtures import seeded
+    rows = [r for r in seeded.load_manifest("regnet_y_400mf") if not r[0].startswith("fc.")]
+    sd = seeded.seeded_state_dict(rows, 0)
+    obj = {"classy_state_dict": {"base_model": {"model": {
+        "trunk": {to_vissl_regnet(n, fsdp_groups): t for n, t in sd.items()},
+        "heads": {"0.clf.0.weight": torch.zeros(1000, 440)}}}}, "phase_idx": 3}
+    regnet_target = {f"trunk.{n}": torch.zeros(s) for n, s, _ in rows}
+    loaded, report = load_into(regnet_target, {}, obj=obj)
+    assert all(torch.equal(loaded[f"trunk.{n}"], t) for n, t in sd.items() if "num_batches" not in n)
+    assert report.trunk_loaded == report.trunk_total and "VISSL_REGNET" in report.reason
+    assert report.state_dict_key == "classy_state_dict.base_model.model.trunk"

@@ -52,7 +52,24 @@ SEQUENTIAL_RESNET = (
     (r"(^|\.)(?<!downsample\.)1\.(weight|bias|running_mean|running_var|num_batches_tracked)$", r"\1bn1.\2"),
 )
 
-TABLES = {"timm_vit": TIMM_VIT, "detectron2_resnet": DETECTRON2_RESNET, "sequential_resnet": SEQUENTIAL_RESNET}
+# VISSL's RegNet trunk (ClassyVision's AnyNet under _feature_blocks: conv1 = stem, res2..res5 =
+# block1..block4; SEER's FSDP version adds a block<i>-part<j> group) -> torchvision's RegNet.
+VISSL_REGNET = (
+    (r"(^|\.)conv1\.stem\.", r"\1stem."),
+    (r"(^|\.)res2\.(block\d+-part\d+\.)?", r"\1trunk_output.block1."),
+    (r"(^|\.)res3\.(block\d+-part\d+\.)?", r"\1trunk_output.block2."),
+    (r"(^|\.)res4\.(block\d+-part\d+\.)?", r"\1trunk_output.block3."),
+    (r"(^|\.)res5\.(block\d+-part\d+\.)?", r"\1trunk_output.block4."),
+    (r"\.proj\.weight$", ".proj.0.weight"),
+    (r"\.bn\.(weight|bias|running_mean|running_var|num_batches_tracked)$", r".proj.1.\1"),
+    (r"\.f\.se\.excitation\.0\.", ".f.se.fc1."),
+    (r"\.f\.se\.excitation\.2\.", ".f.se.fc2."),
+    (r"\.f\.c\.weight$", ".f.c.0.weight"),
+    (r"\.f\.final_bn\.", ".f.c.1."),
+)
+
+TABLES = {"timm_vit": TIMM_VIT, "detectron2_resnet": DETECTRON2_RESNET, "sequential_resnet": SEQUENTIAL_RESNET,
+          "vissl_regnet": VISSL_REGNET}
 _COMPILED = {}
 
 
