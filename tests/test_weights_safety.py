@@ -27,7 +27,7 @@ def deadline(seconds):
 
 
 def inspect(path, capsys, *extra):
-    code = cli.main(["inspect", str(path), *extra], build_target=lambda args: target())
+    code = cli.main(["inspect", str(path), *extra], build_target=lambda args, files: (target(), "resnet18 (test)"))
     out = capsys.readouterr()
     return code, out.out, out.err
 

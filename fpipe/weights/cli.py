@@ -48,11 +48,11 @@ def registry_target(args, files: dict) -> tuple:
     one the file holds (``infer.infer_trunk``)."""
     resnet_options = {k: getattr(args, k) for k in ("depth", "width_multiplier", "groups", "width_per_group")
                       if getattr(args, k) is not None}
-    if args.trunk is None and not resnet_options:
+    if args.trunk in (None, "resnet") and not resnet_options:  # --trunk resnet alone: its depth is read too
         from fpipe.weights import infer
         presets = {name: (family, options, lambda name=name: meta_target(name))
                    for name, (family, options) in registry().items() if family != "resnet" and name != family}
-        name, options, why = infer.infer_trunk(files, presets)
+        name, options, why = infer.infer_trunk(files, presets if args.trunk is None else {})
         return meta_target(name, **options), f"{name} {_shown(options)} (inferred: {why})".replace("  ", " ")
     name = args.trunk or "resnet"
     names = registry()
