@@ -233,3 +233,67 @@ def test_seer_regnet_in_vissl_classy_state_dict(fsdp_groups):
     assert all(torch.equal(loaded[f"trunk.{n}"], t) for n, t in sd.items() if "num_batches" not in n)
     assert report.trunk_loaded == report.trunk_total and "VISSL_REGNET" in report.reason
     assert report.state_dict_key == "classy_state_dict.base_model.model.trunk"
+
+
+# ---------------------------------------------------------------- timm RegNet, timm and original ConvNeXt
+
+def marked(rows) -> dict:
+    """``{name: its position, broadcast to its shape}``: distinct per tensor, no memory."""
+    return {n: torch.full((), float(i)).expand(s) for i, (n, s, _) in enumerate(rows)}
+
+
+def to_timm_regnet(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "stem":
+        return {"0": "stem.conv", "1": "stem.bn"}[parts[1]] + "." + parts[2]
+    stage, index = parts[1][len("block"):], int(parts[2].split("-")[1])
+    rest = ".".join(parts[3:])
+    table = {"f.a.0": "conv1.conv", "f.a.1": "conv1.bn", "f.b.0": "conv2.conv", "f.b.1": "conv2.bn",
+             "f.c.0": "conv3.conv", "f.c.1": "conv3.bn", "f.se.fc1": "se.fc1", "f.se.fc2": "se.fc2",
+             "proj.0": "downsample.conv", "proj.1": "downsample.bn"}
+    module, leaf = rest.rsplit(".", 1)
+    return f"s{stage}.b{index + 1}.{table[module]}.{leaf}"
+
+
+def to_convnext(name: str, timm: bool) -> tuple:
+    """torchvision ConvNeXt name -> (timm or original name, whether the tensor is a [C] layer scale)."""
+    parts = name.split(".")
+    feature, rest = int(parts[1]), parts[2:]
+    if feature == 0:
+        return (f"stem.{rest[0]}." if timm else f"downsample_layers.0.{rest[0]}.") + rest[1], False
+    if feature % 2 == 0:
+        s = feature // 2
+        return (f"stages.{s}.downsample.{rest[0]}." if timm else f"downsample_layers.{s}.{rest[0]}.") + rest[1], False
+    s, i = (feature - 1) // 2, rest[0]
+    head = f"stages.{s}.blocks.{i}." if timm else f"stages.{s}.{i}."
+    if rest[1] == "layer_scale":
+        return head + "gamma", True
+    names = {"0": "conv_dw" if timm else "dwconv", "2": "norm", "3": "mlp.fc1" if timm else "pwconv1",
+             "5": "mlp.fc2" if timm else "pwconv2"}
+    return head + names[rest[2]] + "." + rest[3], False
+
+
+def test_timm_regnet_names_load():
+    from test_weights_fixtures import seeded
+    rows = [r for r in seeded.load_manifest("regnet_y_400mf") if not r[0].startswith("fc.")]
+    sd = marked(rows)
+    loaded, report = load_into({f"trunk.{n}": torch.zeros(s) for n, s, _ in rows}, {},
+                               obj={to_timm_regnet(n): t for n, t in sd.items()})
+    assert all(torch.equal(loaded[f"trunk.{n}"], t) for n, t in sd.items() if "num_batches" not in n)
+    assert "TIMM_REGNET" in report.reason
+
+
+@pytest.mark.parametrize("timm", [True, False])
+def test_timm_and_original_convnext_names_load_with_layer_scales_reshaped(timm):
+    from test_weights_fixtures import seeded
+    rows = [r for r in seeded.load_manifest("convnext_tiny") if not r[0].startswith("classifier.")]
+    sd = marked(rows)
+    obj = {}
+    for n, t in sd.items():
+        name, flat = to_convnext(n, timm)
+        obj[name] = t.reshape(-1) if flat else t
+    loaded, report = load_into({f"trunk.{n}": torch.zeros(()).expand(s) for n, s, _ in rows}, {},
+                               obj={"model": obj} if not timm else obj)
+    assert all(torch.equal(loaded[f"trunk.{n}"], t) for n, t in sd.items())
+    assert loaded["trunk.features.1.0.layer_scale"].shape == (96, 1, 1)
+    assert ("TIMM_CONVNEXT" if timm else "FB_CONVNEXT") in report.reason

@@ -1,7 +1,8 @@
 r"""Rename tables: other libraries' names for a trunk -> fpipe's (torchvision's) names.
 
 A table is a sequence of ``(regex, replacement)`` rules applied one after the other to each
-name (every rule, not the first match), so a table reads as the mapping it documents. Rules
+name (every rule, not the first match), so a table reads as the mapping it documents; a
+replacement is a ``re.sub`` string, or a function of the match where an index must change. Rules
 anchor on name parts (``(^|\.)``), so they work behind any prefix (``teacher.backbone.``).
 ``format: auto`` tries each table when the file's own names do not cover the trunk, and the
 report says which table it used.
@@ -68,8 +69,46 @@ VISSL_REGNET = (
     (r"\.f\.final_bn\.", ".f.c.1."),
 )
 
+# timm's RegNet (stem.conv/bn, s<i>.b<j> counted from 1, ConvNormAct conv1..3, downsample)
+# -> torchvision's RegNet.
+TIMM_REGNET = (
+    (r"(^|\.)stem\.conv\.", r"\1stem.0."),
+    (r"(^|\.)stem\.bn\.", r"\1stem.1."),
+    (r"(^|\.)s(\d)\.b(\d+)\.", lambda m: f"{m[1]}trunk_output.block{m[2]}.block{m[2]}-{int(m[3]) - 1}."),
+    (r"\.conv1\.conv\.", ".f.a.0."), (r"\.conv1\.bn\.", ".f.a.1."),
+    (r"\.conv2\.conv\.", ".f.b.0."), (r"\.conv2\.bn\.", ".f.b.1."),
+    (r"\.conv3\.conv\.", ".f.c.0."), (r"\.conv3\.bn\.", ".f.c.1."),
+    (r"\.se\.fc([12])\.", r".f.se.fc\1."),
+    (r"\.downsample\.conv\.", ".proj.0."), (r"\.downsample\.bn\.", ".proj.1."),
+    (r"(^|\.)head\.fc\.", r"\1fc."),
+)
+
+# ConvNeXt, timm's names and the original facebookresearch/ConvNeXt names -> torchvision's
+# (features.0 stem, features.2s+1 stage s, features.2s its downsampling; layer scales are
+# [C] there and [C, 1, 1] here: reshaped on load).
+_CONVNEXT_BLOCK = (
+    (r"(features\.\d+\.\d+)\.norm\.", r"\1.block.2."),
+    (r"\.gamma$", ".layer_scale"),
+)
+TIMM_CONVNEXT = (
+    (r"(^|\.)stem\.([01])\.", r"\1features.0.\2."),
+    (r"(^|\.)stages\.(\d)\.downsample\.([01])\.", lambda m: f"{m[1]}features.{2 * int(m[2])}.{m[3]}."),
+    (r"(^|\.)stages\.(\d)\.blocks\.(\d+)\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 1}.{m[3]}."),
+    (r"\.conv_dw\.", ".block.0."), (r"\.mlp\.fc1\.", ".block.3."), (r"\.mlp\.fc2\.", ".block.5."),
+    *_CONVNEXT_BLOCK,
+    (r"(^|\.)head\.norm\.", r"\1classifier.0."), (r"(^|\.)head\.fc\.", r"\1classifier.2."),
+)
+FB_CONVNEXT = (
+    (r"(^|\.)downsample_layers\.(\d)\.([01])\.", lambda m: f"{m[1]}features.{2 * int(m[2])}.{m[3]}."),
+    (r"(^|\.)stages\.(\d)\.(\d+)\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 1}.{m[3]}."),
+    (r"\.dwconv\.", ".block.0."), (r"\.pwconv1\.", ".block.3."), (r"\.pwconv2\.", ".block.5."),
+    *_CONVNEXT_BLOCK,
+    (r"(^|\.)norm\.(weight|bias)$", r"\1classifier.0.\2"), (r"(^|\.)head\.", r"\1classifier.2."),
+)
+
 TABLES = {"timm_vit": TIMM_VIT, "detectron2_resnet": DETECTRON2_RESNET, "sequential_resnet": SEQUENTIAL_RESNET,
-          "vissl_regnet": VISSL_REGNET}
+          "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET, "timm_convnext": TIMM_CONVNEXT,
+          "fb_convnext": FB_CONVNEXT}
 _COMPILED = {}
 
 

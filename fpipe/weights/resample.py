@@ -1,4 +1,7 @@
-"""Position embeddings of another grid: resampled on load, as timm's checkpoint filter does.
+"""Tensors stored in another layout than the model's: position grids resampled, layer scales reshaped.
+
+ConvNeXt's layer scale is ``[C]`` in timm and the original code, ``[C, 1, 1]`` in torchvision:
+the same numbers, reshaped on load.
 
 A ViT's ``pos_embedding`` is ``[1, prefix + h*w, D]``: ``prefix`` tokens (the class token's
 position, or none) then an h×w grid of patch positions. A file trained at another resolution
@@ -42,6 +45,8 @@ def fits(name: str, file_shape: tuple, model_shape: tuple) -> bool:
     """Whether a file tensor fits a model tensor, counting resamplable position embeddings."""
     if tuple(file_shape) == tuple(model_shape):
         return True
+    if name.endswith("layer_scale"):
+        return math.prod(file_shape) == math.prod(model_shape)
     if not name.endswith("pos_embedding") or len(file_shape) != 3 or len(model_shape) != 3:
         return False
     if file_shape[0] != model_shape[0] or file_shape[2] != model_shape[2]:
@@ -64,6 +69,9 @@ def adapt(tensors: dict, shapes: dict) -> tuple:
     for name, t in tensors.items():
         want = shapes.get(name)
         if want is None or tuple(t.shape) == tuple(want) or not fits(name, t.shape, want):
+            continue
+        if name.endswith("layer_scale"):
+            out[name] = t.reshape(want)
             continue
         if split_tokens(t.shape[1])[0] == 0 and split_tokens(want[1])[0] == 1:
             t = torch.cat([t.new_zeros(1, 1, t.shape[2]), t], dim=1)

@@ -7,7 +7,7 @@ walk over loaded contents in ``fpipe.weights`` goes through ``entries``, so none
 from fpipe.weights.errors import WeightsError
 
 MAX_DEPTH = 64            # nesting levels; real checkpoints use fewer than 10
-MAX_ENTRIES = 2_000_000   # entries visited; a VISSL checkpoint with optimizer state has ~10^4
+MAX_ENTRIES = 10_000_000  # entries visited; a VISSL checkpoint with optimizer state has ~10^4
 
 
 def dict_items(node):
