@@ -205,3 +205,9 @@ def test_resample_keeps_constants_prefix_and_orientation():
     assert out[0, 0, 0] == -1
     cells = out[0, 1:, 0].reshape(9, 9)
     assert torch.allclose(cells, cells[:1].expand(9, 9)) and cells[0, -1] > cells[0, 0]
+
+
+def test_explicit_torchvision_format_on_a_timm_file_points_to_auto():
+    f = timm_file("vit_small_patch16_224")
+    with pytest.raises(WeightsError, match=r"use format='auto': it maps this file's names by renames.TIMM_VIT"):
+        load_into(our_target("vit_small_patch16_224"), {"format": "torchvision"}, obj=f)

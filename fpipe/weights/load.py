@@ -227,9 +227,12 @@ def trunk_shapes(target: dict) -> dict:
 def detection_fix(obj: dict, files: dict, target: dict) -> str:
     """What ``format: auto`` would have set, for errors on explicit settings."""
     try:
-        chosen, _ = detect.choose(detect.find_trunks(files, trunk_shapes(target)), files)
+        names, table, cands = _best_names({n: n for n in files}, files, trunk_shapes(target))
+        chosen, _ = detect.choose(cands, {rel: files[src] for rel, src in names.items()})
     except WeightsError as e:
         return f"format='auto' could not decide either: {str(e).splitlines()[0]}"
+    if table:
+        return f"use format='auto': it maps this file's names by renames.{table.upper()}"
     return detect.advice(chosen.prefix, transforms.dict_paths(obj)) + " (what format='auto' finds)"
 
 
