@@ -8,7 +8,7 @@ import os
 
 from fpipe import checkpoint
 from fpipe.tree import flatten
-from fpipe.weights import config, detect, io, merge, renames, resample, transforms, walk
+from fpipe.weights import config, detect, io, merge, renames, resample, stubs, transforms, walk
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import LoadReport
 
@@ -51,10 +51,10 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
                         candidates=plan.candidates, source=_source(plan),
                         roots=sorted({n.split(".")[1] for n in target if n.count(".") >= 2} | {"fc"}))
     report.not_loaded.update(plan.dropped)
-    stubs = io.stubbed(obj)
-    if stubs:
+    replaced = stubs.stubbed(obj) if opts.stub_objects else {}
+    if replaced:
         report.notes.append("objects replaced by inert stand-ins (stub_objects=True): " +
-                            ", ".join(f"{n} (at {w})" for n, w in list(stubs.items())[:5]))
+                            ", ".join(f"{n} (at {w})" for n, w in list(replaced.items())[:5]))
     tensors = {rel: files[src] for rel, src in plan.names.items()}
     tensors, notes = _adapt(tensors, target)
     report.notes.extend(notes)
