@@ -166,3 +166,16 @@ def test_truncated_safetensors_header_is_corrupt(tmp_path):
     path.write_bytes(path.read_bytes()[:60])
     with pytest.raises(WeightsError, match="truncated or corrupt safetensors"):
         io.read(path)
+
+
+def test_shared_lists_beside_a_trunk_load_and_inspect_quickly(tmp_path, capsys):
+    bomb = [torch.ones(1)]
+    for _ in range(60):  # 2^60 paths, within the depth limit
+        bomb = [bomb, bomb]
+    path = tmp_path / "list_bomb.pth"
+    torch.save({**prefixed("backbone.", trunk(0)), "history": bomb}, path)
+    with deadline(30):
+        code, out, _ = inspect(path, capsys)
+        loaded, _ = load_into(target(), {"path": str(path)})
+    assert code == 0 and "history: list" in out
+    assert_trunk_is(loaded, trunk(0))

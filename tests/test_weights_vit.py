@@ -101,6 +101,20 @@ def test_dino_vit_checkpoint_takes_the_teacher():
     assert_mapped(loaded, obj["student"], prefix="module.backbone.", skip=())
 
 
+def test_dino_vit_b8_teacher_loads():
+    """ViT-B/8: 8×8 patches, a 28×28 grid; same names as B/16."""
+    rows = []
+    for n, s, d in seeded.load_manifest("vit_base_patch16_224"):
+        s = {"patch_embed.proj.weight": [768, 3, 8, 8], "pos_embed": [1, 785, 768]}.get(n, s)
+        rows.append((n, s, d))
+    f = marked([r for r in rows if not r[0].startswith("head.")])
+    target = {f"trunk.{ours(n)}": torch.zeros(()).expand(s) for n, s, _ in rows if ours(n)}
+    loaded, report = load_into(target, {}, obj={"teacher": {f"backbone.{n}": t for n, t in f.items()},
+                                                "student": {f"module.backbone.{n}": t + 1 for n, t in f.items()}})
+    assert_mapped(loaded, {f"backbone.{n}": t for n, t in f.items()}, prefix="backbone.", skip=())
+    assert "DINO" in report.reason
+
+
 def dinov2_hub_file() -> dict:
     """DINOv2's hub file: timm-like names, ``register_tokens``, ``mask_token``, a 37×37 grid with
     the class token's position in front (1 + 1369 positions)."""
