@@ -34,7 +34,10 @@ def meta_target(name: str, **options) -> dict:
     except ValueError as e:
         from fpipe.weights.errors import WeightsError
         raise WeightsError(f"--trunk {name} {_shown(options)}: {e}") from None
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            params, state = trunk.init(0)
+    except Exception:  # noqa: BLE001 - an init that cannot run on meta: shapes from a real one
         params, state = trunk.init(0)
     return {f"trunk.{n}": t for n, t in torchvision_order(flatten(params), flatten(state)).items()}
 
