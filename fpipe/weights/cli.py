@@ -49,18 +49,22 @@ def _shown(options: dict) -> str:
 def registry_target(args, files: dict) -> tuple:
     """``(target, description)``: the trunk named by --trunk and the ResNet options, or else the
     one the file holds (``infer.infer_trunk``)."""
+    from fpipe.weights.errors import WeightsError
     resnet_options = {k: getattr(args, k) for k in ("depth", "width_multiplier", "groups", "width_per_group")
                       if getattr(args, k) is not None}
     if args.trunk in (None, "resnet") and not resnet_options:  # --trunk resnet alone: its depth is read too
         from fpipe.weights import infer
         presets = {name: (family, options, lambda name=name: meta_target(name))
                    for name, (family, options) in registry().items() if family != "resnet" and name != family}
-        name, options, why = infer.infer_trunk(files, presets if args.trunk is None else {})
-        return meta_target(name, **options), f"{name} {_shown(options)} (inferred: {why})".replace("  ", " ")
+        try:
+            name, options, why = infer.infer_trunk(files, presets if args.trunk is None else {})
+            return meta_target(name, **options), f"{name} {_shown(options)} (inferred: {why})".replace("  ", " ")
+        except WeightsError:
+            if args.trunk is None:
+                raise  # else: --trunk resnet with its default options
     name = args.trunk or "resnet"
     names = registry()
     if name not in names:
-        from fpipe.weights.errors import WeightsError
         raise WeightsError(f"--trunk {name!r}: unknown; valid: {', '.join(sorted(names))}.")
     return meta_target(name, **resnet_options), f"{name} {_shown(resnet_options)}".strip()
 
