@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from fpipe.weights import cli, io, load_into
-from test_weights_fixtures import MANIFEST, layouts, state_dict, target, trunk
+from fpipe.weights import WeightsError
+from test_weights_fixtures import MANIFEST, layouts, seeded, state_dict, target, trunk
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_RESNET = importlib.util.find_spec("fpipe.models.resnet") is not None
 
 
 def run(argv, capsys):
-    code = cli.main([str(a) for a in argv], build_target=lambda args: target())
+    code = cli.main([str(a) for a in argv], build_target=lambda args, files: (target(), "resnet18 (test)"))
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -32,7 +33,7 @@ def test_inspect_outlines_candidates_choice_and_leftovers(moco, capsys):
     assert code == 0
     assert "state_dict: 250 tensors" in out and "epoch: int 200" in out and "param_groups: list" in out
     assert "module.encoder_q.* (124), module.encoder_k.* (124), module.* (2)" in out
-    assert "state_dict.module.encoder_q.: 100/100 trunk tensors" in out
+    assert "state_dict.module.encoder_q.: 100/100 trunk tensors" in out and "trunk: resnet18 (test)" in out
     assert "state_dict.module.encoder_k.: 100/100 trunk tensors" in out
     assert "by convention: MoCo" in out and "remove_prefix='module.encoder_q.'" in out
     assert "outside the chosen copy 'state_dict.module.encoder_q.': state_dict.module.encoder_k.* (124)" in out
@@ -113,3 +114,104 @@ def test_convert_with_the_real_model_matches_the_manifest(moco, tmp_path):
     got = torch.load(out_path, weights_only=True)
     assert [[n, list(t.shape), str(t.dtype)] for n, t in got.items()] == [r for r in MANIFEST if not r[0].startswith("fc.")]
     assert all(torch.equal(got[n], t) for n, t in trunk(0).items())
+
+
+def test_help_imports_no_torch_and_every_option_is_explained():
+    code = ("import runpy, sys\n"
+            "for argv in (['-h'], ['inspect', '-h'], ['convert', '-h'], ['export', '-h']):\n"
+            "    sys.argv = ['fpipe.weights', *argv]\n"
+            "    try:\n"
+            "        runpy.run_module('fpipe.weights', run_name='__main__')\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0\n"
+            "print('torch loaded:', 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("torch loaded: False") and "--stub-objects" in done.stdout
+    parser = cli._parser()
+    subparsers = next(a for a in parser._actions if a.choices and "inspect" in a.choices).choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_cli_formats_are_the_configs():
+    from fpipe.weights import config
+    assert cli.FORMATS == config.FORMATS
+
+
+@pytest.mark.skipif(not HAS_RESNET, reason="fpipe.models.resnet not written yet")
+def test_the_trunk_is_inferred_from_the_file(tmp_path, capsys):
+    """A ResNet-18 file with no --trunk/--depth is a ResNet-18, not a ResNet-50 with shape errors."""
+    path = tmp_path / "moco_r18.pth.tar"
+    torch.save(layouts()["moco_v2"][0], path)
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "trunk: resnet --depth 18 --width-multiplier 1 (inferred: basic blocks [2, 2, 2, 2]" in out
+    out_path = tmp_path / "r18.pth"
+    assert cli.main(["convert", str(path), str(out_path)]) == 0
+    got = torch.load(out_path, weights_only=True)
+    assert all(torch.equal(got[n], t) for n, t in trunk(0).items())
+
+
+def test_infer_reads_resnext_and_wide_resnet_options():
+    from fpipe.weights import infer
+    for model, want in [("resnext50_32x4d", {"depth": 50, "groups": 32, "width_per_group": 4}),
+                        ("wide_resnet50_2", {"depth": 50, "groups": 1, "width_per_group": 128}),
+                        ("resnet152", {"depth": 152, "groups": 1, "width_per_group": 64})]:
+        rows = seeded.load_manifest(model)
+        files = {f"module.encoder.{n}": torch.zeros(()).expand(s) for n, s, _ in rows}
+        name, options, why = infer.infer_trunk(files)
+        assert name == "resnet" and {k: options[k] for k in want} == want, (model, options)
+        assert "module.encoder." in why
+
+
+def test_infer_matches_other_families_against_presets():
+    from fpipe.weights import infer
+    rows = seeded.load_manifest("vit_base_patch16_224")
+    files = {f"teacher.backbone.{n}": torch.zeros(()).expand(s) for n, s, _ in rows}
+    vit_target = {f"trunk.{n}": torch.zeros(()).expand(s) for n, s, _ in seeded.load_manifest("vit_b_16")
+                  if not n.startswith("heads.")}
+    small = {n: torch.zeros(()).expand(t.shape[:-1] + (t.shape[-1] // 2,)) for n, t in vit_target.items()}
+    presets = {"vit_tiny": ("vit", {}, lambda: small), "vit_b_16": ("vit", {}, lambda: vit_target)}
+    name, _, why = infer.infer_trunk(files, presets)
+    assert name == "vit_b_16" and "teacher.backbone." in why
+    with pytest.raises(WeightsError, match="pass --trunk NAME"):
+        infer.infer_trunk({"a.weight": torch.zeros(3)}, presets)
+
+
+@pytest.mark.skipif(not HAS_RESNET, reason="fpipe.models.resnet not written yet")
+def test_every_registry_name_is_accepted(moco, capsys):
+    """Each family and preset builds a shape-only (meta) target; no weights are allocated."""
+    parser = cli._parser()
+    for name in cli.registry():
+        args = parser.parse_args(["inspect", "f.pth", "--trunk", name])
+        target, described = cli.registry_target(args, {})
+        assert target and described.startswith(name)
+        assert all(t.is_meta for t in target.values()), name
+    assert cli.main(["inspect", str(moco), "--trunk", "resnet", "--depth", "18"]) == 0
+
+
+@pytest.mark.skipif(not HAS_RESNET, reason="fpipe.models.resnet not written yet")
+def test_bad_depth_trunk_and_missing_directory_are_one_line_errors(moco, tmp_path, capsys):
+    assert cli.main(["convert", str(moco), str(tmp_path / "o.pth"), "--depth", "51"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --trunk resnet --depth 51: unknown ResNet depth 51; valid: [18, 34") and err.count("\n") == 1
+    assert cli.main(["inspect", str(moco), "--trunk", "resnet_51"]) == 1
+    err = capsys.readouterr().err
+    assert "--trunk 'resnet_51': unknown; valid: " in err and err.count("\n") == 1
+    missing = tmp_path / "no" / "such" / "dir" / "o.safetensors"
+    assert cli.main(["convert", str(moco), str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {missing}: the directory {missing.parent} does not exist; create it or write elsewhere.\n"
+    assert cli.main(["export", str(moco), str(missing)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_stub_objects_flag_reads_an_mmengine_checkpoint(tmp_path, monkeypatch, capsys):
+    from test_weights_formats import mmengine_checkpoint
+    path = mmengine_checkpoint(tmp_path, monkeypatch)
+    code, _, err = run(["inspect", path], capsys)
+    assert code == 1 and "--stub-objects" in err
+    code, out, _ = run(["inspect", path, "--stub-objects"], capsys)
+    assert code == 0 and "stand-ins" in out and "100/100" in out

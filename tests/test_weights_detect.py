@@ -223,7 +223,7 @@ def test_other_depth_is_named_as_a_shape_problem(tmp_path):
 
 
 def test_no_trunk_at_all(tmp_path):
-    with pytest.raises(WeightsError, match="no ResNet trunk found"):
+    with pytest.raises(WeightsError, match="no trunk of the model found"):
         load_into(target(), {"path": save(tmp_path, {"a.weight": torch.ones(3)})})
 
 

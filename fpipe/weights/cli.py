@@ -7,23 +7,66 @@
 Errors are one line naming the file, with a non-zero exit (``--traceback`` shows the rest).
 """
 import argparse
+import os
 import sys
 
-import torch
+# Nothing heavy (torch, the models) is imported before the arguments are parsed: ``-h`` is instant.
 
-from fpipe.tree import flatten
-from fpipe.weights import detect, io, load, transforms
-from fpipe.weights.errors import WeightsError
-from fpipe.weights.report import grouped
 
-def resnet_target(args) -> dict:
-    """``{trunk.<torchvision name>: tensor}`` of the model named by the --trunk options."""
-    if args.trunk != "resnet":
-        raise WeightsError(f"--trunk {args.trunk!r}: only 'resnet' is known.")
-    from fpipe.models import resnet  # the model only; never training code
-    params, state = resnet.init(0, depth=args.depth, width_multiplier=args.width_multiplier,
-                                groups=args.groups, width_per_group=args.width_per_group)
+def registry() -> dict:
+    """``{trunk name: (family, options)}``: every family of the model registry and its presets."""
+    from fpipe.models import model
+    names = {}
+    for family, module in model.TRUNKS.items():
+        names[family] = (family, {})
+        for preset, options in getattr(module, "PRESETS", {}).items():
+            names[preset] = (family, dict(options))
+    return names
+
+
+def meta_target(name: str, **options) -> dict:
+    """``{trunk.<name>: tensor}`` of a registry trunk, built on the meta device: shapes, no memory."""
+    import torch
+    from fpipe.models import model
+    from fpipe.tree import flatten
+    try:
+        trunk = model.build_trunk(name, **options)
+    except ValueError as e:
+        from fpipe.weights.errors import WeightsError
+        raise WeightsError(f"--trunk {name} {_shown(options)}: {e}") from None
+    try:
+        with torch.device("meta"):
+            params, state = trunk.init(0)
+    except Exception:  # noqa: BLE001 - an init that cannot run on meta: shapes from a real one
+        params, state = trunk.init(0)
     return {f"trunk.{n}": t for n, t in torchvision_order(flatten(params), flatten(state)).items()}
+
+
+def _shown(options: dict) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
+
+
+def registry_target(args, files: dict) -> tuple:
+    """``(target, description)``: the trunk named by --trunk and the ResNet options, or else the
+    one the file holds (``infer.infer_trunk``)."""
+    from fpipe.weights.errors import WeightsError
+    resnet_options = {k: getattr(args, k) for k in ("depth", "width_multiplier", "groups", "width_per_group")
+                      if getattr(args, k) is not None}
+    if args.trunk in (None, "resnet") and not resnet_options:  # --trunk resnet alone: its depth is read too
+        from fpipe.weights import infer
+        presets = {name: (family, options, lambda name=name: meta_target(name))
+                   for name, (family, options) in registry().items() if family != "resnet" and name != family}
+        try:
+            name, options, why = infer.infer_trunk(files, presets if args.trunk is None else {})
+            return meta_target(name, **options), f"{name} {_shown(options)} (inferred: {why})".replace("  ", " ")
+        except WeightsError:
+            if args.trunk is None:
+                raise  # else: --trunk resnet with its default options
+    name = args.trunk or "resnet"
+    names = registry()
+    if name not in names:
+        raise WeightsError(f"--trunk {name!r}: unknown; valid: {', '.join(sorted(names))}.")
+    return meta_target(name, **resnet_options), f"{name} {_shown(resnet_options)}".strip()
 
 
 def torchvision_order(params: dict, state: dict) -> dict:
@@ -36,8 +79,9 @@ def torchvision_order(params: dict, state: dict) -> dict:
     return out
 
 
-def main(argv=None, *, build_target=resnet_target) -> int:
+def main(argv=None, *, build_target=registry_target) -> int:
     args = _parser().parse_args(argv)
+    from fpipe.weights.errors import WeightsError
     try:
         args.run(args, build_target)
     except (WeightsError, OSError) as e:
@@ -49,35 +93,43 @@ def main(argv=None, *, build_target=resnet_target) -> int:
 
 
 def inspect(args, build_target) -> None:
-    obj = load.read_checkpoint(args.file)
+    from fpipe.weights import detect, load, transforms
+    obj = load.read_checkpoint(args.file, stub_objects=args.stub_objects)
     files = transforms.tensor_leaves(obj)
     print(f"{args.file}: {len(files)} tensors, {_mb(files.values())}")
-    target = build_target(args)
+    target, trunk = build_target(args, files)
     print(outline(obj, roots={n.split(".")[1] for n in target} | {"fc"}))
     cands = detect.find_trunks(files, load.trunk_shapes(target))
-    print(f"\ntrunk candidates ({args.trunk}, depth {args.depth}):")
+    print(f"\ntrunk: {trunk}; candidates by plain names:")
     for c in cands:
         print(f"  {c.describe()}")
     if not cands:
-        print("  none: no names end in the model's names with its shapes")
+        print("  none (format auto also tries the rename tables of fpipe/weights/renames.py)")
     print()
     _, report = load.load_into(target, _weights_cfg(args), obj=obj)
     print(report.summary())
 
 
 def convert(args, build_target) -> None:
-    target = build_target(args)
+    from fpipe.weights import io, load, transforms
+    _check_out(args.out)
+    obj = load.read_checkpoint(args.file, stub_objects=args.stub_objects)
+    target, trunk = build_target(args, transforms.tensor_leaves(obj))
     if args.heads:
-        target.update(_fc_target(args, target))
+        target.update(_fc_target(args, obj, target))
     cfg = {**_weights_cfg(args), "load_heads": args.heads, "skip_layers": []}  # keep the counters
-    out, report = load.load_into(target, cfg)
+    out, report = load.load_into(target, cfg, obj=obj)
     plain = {n.split(".", 1)[1]: t for n, t in out.items()}
     io.write(plain, args.out)
-    print(f"{args.out}: {len(plain)} tensors with torchvision names "
+    print(f"{args.out}: {len(plain)} tensors with torchvision names for {trunk} "
           f"(trunk {report.trunk_loaded}/{report.trunk_total} from {report.source or args.file})")
 
 
 def export(args, build_target) -> None:
+    from fpipe.tree import flatten
+    from fpipe.weights import io, load
+    from fpipe.weights.errors import WeightsError
+    _check_out(args.out)
     path = _checkpoint_in(args.file)
     obj = load.read_checkpoint(path)
     if not load.is_fpipe_checkpoint(obj):
@@ -91,18 +143,35 @@ def export(args, build_target) -> None:
     print(f"{args.out}: {len(plain)} tensors with torchvision names from {path}")
 
 
+def _check_out(out: str) -> None:
+    from fpipe.weights.errors import WeightsError
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise WeightsError(f"{out}: the directory {folder} does not exist; create it or write elsewhere.")
+
+
 def outline(obj: dict, depth: int = 3, roots: set = frozenset()) -> str:
-    """One line per nested dict (tensors, size, name groups), and the non-tensor entries' types."""
-    lines = []
+    """One line per nested dict (tensors, size, name groups), and the non-tensor entries' types.
+
+    Each dict is read once and at most ``depth`` levels and a few entries per level are shown,
+    so a hostile structure (shared or deep) prints a bounded outline.
+    """
+    import torch
+    from fpipe.weights import transforms
+    lines, seen = [], set()
 
     def walk(node, name, level):
+        if id(node) in seen:
+            lines.append(f"{'  ' * level}{name}: (the same dict as above)")
+            return
+        seen.add(id(node))
         tensors = transforms.tensor_leaves(node)
         subdicts = [k for k, v in node.items() if isinstance(v, dict)]
-        others = {k: v for k, v in node.items() if not isinstance(v, dict) and k not in tensors}
+        others = {k: v for k, v in node.items() if not isinstance(v, (dict, torch.Tensor))}
         lines.append(f"{'  ' * level}{name or '<top level>'}: {len(tensors)} tensors, {_mb(tensors.values())}")
         own = [str(k) for k, v in node.items() if isinstance(v, torch.Tensor)]
         if own:
-            lines.append(f"{'  ' * (level + 1)}tensors: {grouped(own, roots)}")
+            lines.append(f"{'  ' * (level + 1)}tensors: {_grouped(own, roots)}")
         for k, v in list(others.items())[:8]:
             lines.append(f"{'  ' * (level + 1)}{k}: {_describe(v)}")
         if len(others) > 8:
@@ -115,8 +184,17 @@ def outline(obj: dict, depth: int = 3, roots: set = frozenset()) -> str:
     return "\n".join(lines)
 
 
+def _grouped(names, roots):
+    from fpipe.weights.report import grouped
+    return grouped(names, roots)
+
+
 def _describe(value) -> str:
-    text = repr(value)
+    """Type and a short repr, bounded in depth and length whatever the value holds."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 2, 40, 40
+    text = r.repr(value)
     return f"{type(value).__name__} {text[:60]}{'…' if len(text) > 60 else ''}"
 
 
@@ -124,9 +202,10 @@ def _mb(tensors) -> str:
     return f"{sum(t.numel() * t.element_size() for t in tensors) / 2**20:.1f} MiB"
 
 
-def _fc_target(args, trunk_target: dict) -> dict:
+def _fc_target(args, obj: dict, trunk_target: dict) -> dict:
     """``heads.fc.*`` shaped like the file's classifier next to the trunk (for --heads)."""
-    obj = load.read_checkpoint(args.file)
+    from fpipe.weights import load, transforms
+    from fpipe.weights.errors import WeightsError
     files = transforms.tensor_leaves(obj)
     opts = load.config.resolve({**_weights_cfg(args), "load_heads": True})
     plan = load.make_plan(obj, files, trunk_target, opts)
@@ -140,6 +219,7 @@ def _fc_target(args, trunk_target: dict) -> dict:
 def _checkpoint_in(path: str) -> str:
     """A checkpoint file, or the newest ``ckpt_<step>.pt`` of a workdir."""
     from fpipe import checkpoint
+    from fpipe.weights.errors import WeightsError
     found = checkpoint.find_latest(path)
     if found is None:
         raise WeightsError(f"{path}: a directory with no checkpoints/ckpt_<step>.pt in it.")
@@ -148,7 +228,10 @@ def _checkpoint_in(path: str) -> str:
 
 def _weights_cfg(args) -> dict:
     return {"path": args.file, "format": args.format, "state_dict_key": args.state_dict_key,
-            "remove_prefix": args.remove_prefix, "select": args.select}
+            "remove_prefix": args.remove_prefix, "select": args.select, "stub_objects": args.stub_objects}
+
+
+FORMATS = ("auto", "torchvision", "vissl", "fpipe")  # fpipe.weights.config.FORMATS, without importing it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,23 +240,28 @@ def _parser() -> argparse.ArgumentParser:
     for name, fn, helptext in [("inspect", inspect, "what is in a file, and what would load"),
                                ("convert", convert, "write the trunk with torchvision names"),
                                ("export", export, "fpipe checkpoint -> torchvision names")]:
-        s = sub.add_parser(name, help=helptext)
+        s = sub.add_parser(name, help=helptext, description=helptext)
         s.set_defaults(run=fn)
         s.add_argument("file", help="weights file" + (" or workdir" if name == "export" else ""))
         if name != "inspect":
-            s.add_argument("out", help="OUT.safetensors or OUT.pth")
+            s.add_argument("out", help="OUT.safetensors or OUT.pth (the directory must exist)")
         s.add_argument("--traceback", action="store_true", help="show the full error")
         if name == "export":
             continue
-        s.add_argument("--trunk", default="resnet")
-        s.add_argument("--depth", type=int, default=50)
-        s.add_argument("--width-multiplier", type=int, default=1)
-        s.add_argument("--groups", type=int, default=1)
-        s.add_argument("--width-per-group", type=int, default=64)
-        s.add_argument("--format", default="auto")
-        s.add_argument("--state-dict-key", default="")
-        s.add_argument("--remove-prefix", default="")
-        s.add_argument("--select", default="")
+        s.add_argument("--trunk", default=None, metavar="NAME",
+                       help="a trunk family or preset of the model registry (resnet, resnet50, vit_b_16, ...); "
+                            "default: inferred from the file's names and shapes")
+        s.add_argument("--depth", type=int, default=None, help="ResNet depth (18, 34, 50, 101, 152, 200)")
+        s.add_argument("--width-multiplier", type=int, default=None, help="ResNet width multiplier (SimCLR's 2x, 4x)")
+        s.add_argument("--groups", type=int, default=None, help="ResNeXt groups")
+        s.add_argument("--width-per-group", type=int, default=None, help="ResNeXt / wide ResNet width per group")
+        s.add_argument("--format", default="auto", choices=FORMATS, help="how to find the trunk (default auto)")
+        s.add_argument("--state-dict-key", default="", help="dotted path of the sub-dict holding the weights")
+        s.add_argument("--remove-prefix", default="", help="prefix to strip from the names")
+        s.add_argument("--select", default="", help="which copy when a file holds several (student, encoder_k, ...)")
+        s.add_argument("--stub-objects", action="store_true",
+                       help="read a file holding other libraries' objects (mmengine); they become inert "
+                            "stand-ins and no code from the file runs")
         if name == "convert":
             s.add_argument("--heads", action="store_true", help="also write fc.* (the classifier)")
     return p

@@ -20,6 +20,7 @@ class Options:
     select: str = ""                # which copy among several: 'teacher', 'module.encoder_k.', ...
     allow_partial: bool = False     # accept a trunk not fully covered, or shape mismatches
     load_heads: bool = False        # also load heads.<name>.* from the file
+    stub_objects: bool = False      # read files holding other libraries' objects (inert stand-ins)
 
 
 def default_config() -> ml_collections.ConfigDict:

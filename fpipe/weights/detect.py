@@ -9,19 +9,26 @@ from collections import defaultdict
 
 import torch
 
+from fpipe.weights import resample
 from fpipe.weights.errors import WeightsError
 
 COUNTERS = ("num_batches_tracked",)
 
-# When a file holds several full copies of the trunk: the copy each project evaluates.
+# When a file holds several full copies of the trunk: the copy each project evaluates (read from
+# each project's own linear-evaluation or export code; README "Pretrained weights from elsewhere").
 PREFERRED = {
     "encoder_q": "MoCo evaluates the query encoder (encoder_k is its momentum copy)",
     "base_encoder": "MoCo v3 evaluates base_encoder (momentum_encoder is for training)",
     "online_encoder": "BYOL evaluates the online encoder (target_encoder is for training)",
-    "teacher": "DINO evaluates the teacher",
+    "online_network": "BYOL evaluates the online network (target_network is for training)",
+    "teacher": "DINO evaluates the teacher (eval_linear's default checkpoint_key)",
     "state_dict_ema": "timm prefers the EMA weights (state_dict_ema) to state_dict",
 }
-TRAINING_ONLY = {"encoder_k", "momentum_encoder", "target_encoder", "student", "loss"}
+# Copies that exist only to train the other one. Besides these names, any name part with the
+# word "momentum" or "target" (solo-learn's momentum_backbone, lightly's backbone_momentum,
+# mmpretrain's momentum_encoder / target_net, PyTorch-BYOL's target_network_state_dict).
+TRAINING_ONLY = {"encoder_k", "student", "loss"}
+TRAINING_WORDS = {"momentum", "target"}
 
 
 def is_counter(name: str) -> bool:
@@ -68,7 +75,7 @@ def find_trunks(flat: dict, trunk_shapes: dict, *, min_coverage: float = 0.25) -
             if tail not in trunk_shapes:
                 continue
             prefix = ".".join(parts[:i]) + ("." if i else "")
-            if tuple(tensor.shape) == tuple(trunk_shapes[tail]):
+            if resample.fits(tail, tuple(tensor.shape), tuple(trunk_shapes[tail])):
                 matched[prefix].setdefault(tail, name)
             else:
                 wrong[prefix][tail] = (tuple(tensor.shape), tuple(trunk_shapes[tail]))
@@ -105,8 +112,8 @@ def _same_tensors(a: Candidate, b: Candidate, flat: dict) -> bool:
 def choose(cands: list, flat: dict, *, select: str = "", where: str = "the file") -> tuple:
     """``(candidate, reason)`` for the copy to load; a ``WeightsError`` when none or no rule decides."""
     if not cands:
-        raise WeightsError(f"no ResNet trunk found in {where}: no tensor names end in the model's "
-                           f"names (conv1.weight, layer1.0.bn1.running_mean, ...) with its shapes.")
+        raise WeightsError(f"no trunk of the model found in {where}: no tensor names end in the model's "
+                           f"trunk names (such as conv1.weight, layer1.0.bn1.running_mean) with its shapes.")
     best = cands[0].coverage
     if best == 0:
         c = max(cands, key=lambda c: len(c.wrong_shape))
@@ -132,7 +139,7 @@ def choose(cands: list, flat: dict, *, select: str = "", where: str = "the file"
         c = winners[0]
         why = next((PREFERRED[s] for s in _segments(c.prefix) if s in PREFERRED),
                    "the other copies are training-only (" +
-                   ", ".join(sorted({s for o in pool for s in _segments(o.prefix)} & TRAINING_ONLY)) + ")")
+                   ", ".join(sorted({s for o in pool for s in _segments(o.prefix) if _training_only(s)})) + ")")
         return c, (f"{len(pool)} {what} of the trunk; took {c.prefix!r} by convention: {why}. "
                    f"To take another, set select= one of {[o.prefix for o in pool if o is not c]}")
     raise WeightsError(f"{len(pool)} different {what} of the trunk in {where} and no convention decides "
@@ -144,9 +151,13 @@ def _segments(prefix: str) -> list:
     return [s for s in prefix.split(".") if s]
 
 
+def _training_only(segment: str) -> bool:
+    return segment in TRAINING_ONLY or bool(set(segment.split("_")) & TRAINING_WORDS)
+
+
 def _score(c: Candidate) -> int:
-    segs = set(_segments(c.prefix))
-    return int(bool(segs & PREFERRED.keys())) - int(bool(segs & TRAINING_ONLY))
+    segs = _segments(c.prefix)
+    return int(any(s in PREFERRED for s in segs)) - int(any(_training_only(s) for s in segs))
 
 
 def _selected(c: Candidate, select: str) -> bool:

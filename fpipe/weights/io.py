@@ -2,23 +2,34 @@
 
 PyTorch files go through ``torch.load(weights_only=True)`` with a short allow-list of harmless
 globals that real checkpoints carry (``argparse.Namespace``, numpy scalars and dtypes);
-``.safetensors`` files through the safetensors package. Every failure is one ``WeightsError``
-that names the file and says what is wrong with it.
+``.safetensors`` files through the safetensors package; other pickles (detectron2's ``.pkl``)
+through an unpickler that builds numpy arrays and containers only. The kind of file is sniffed
+from its bytes, never from its name. Every failure is one ``WeightsError`` that names the file
+and says whether it is corrupt or refused, and why.
+
+``stub_objects=True`` (``model.weights.stub_objects``) reads a file that holds other libraries'
+objects (mmengine's ``HistoryBuffer`` in OpenMMLab training checkpoints): each such class is
+replaced by an inert ``stubs.StandIn`` while loading, so only tensors and plain values come out.
 """
 import argparse
+import contextlib
 import os
 import pickle
+import re
 import struct
-import zipfile
 
 import numpy as np
 import torch
 
+from fpipe.weights import numpy_pickle, stubs
 from fpipe.weights.errors import WeightsError
 
 SAFETENSORS_EXTENSIONS = (".safetensors",)
-RESAVE_HINT = ('In an environment you trust, load it with weights_only=False and save only the '
-               'weights, e.g. torch.save(ckpt["state_dict"], "clean.pth").')
+STUB_HINT = ("To take only its tensors, with every other object replaced by an inert stand-in "
+             "(nothing from the file runs), set model.weights.stub_objects=True "
+             "(CLI: --stub-objects).")
+TORCH_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # first pickle of a pre-1.6 torch file
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
 
 def _numpy_globals() -> list:
@@ -32,17 +43,20 @@ def _numpy_globals() -> list:
 SAFE_GLOBALS = [argparse.Namespace, *_numpy_globals()]
 
 
-def read(path: str):
+def read(path: str, *, stub_objects: bool = False):
     """Returns what the file holds (usually a nested dict with tensors at the leaves)."""
     path = os.fspath(path)
     kind = sniff(path)
     if kind == "safetensors":
         return _read_safetensors(path)
-    return _read_torch(path, kind)
+    if kind == "numpy_pickle":
+        return numpy_pickle.read(path)
+    return _read_torch(path, kind, stub_objects)
 
 
 def sniff(path: str) -> str:
-    """'safetensors', 'zip' (torch >= 1.6), 'pickle' or 'tar' (older torch); else a WeightsError."""
+    """'safetensors', 'zip' (torch >= 1.6), 'pickle' (older torch), 'numpy_pickle' (a plain
+    pickle, as detectron2 writes) or 'tar' (oldest torch), by content; else a WeightsError."""
     if not os.path.exists(path):
         raise WeightsError(f"{path}: no such file.")
     if os.path.isdir(path):
@@ -54,15 +68,17 @@ def sniff(path: str) -> str:
         head = f.read(512)
     if len(head) >= 9 and head[8:9] == b"{":
         (header_len,) = struct.unpack("<Q", head[:8])
-        if header_len + 8 <= size or path.endswith(SAFETENSORS_EXTENSIONS):
+        if header_len + 8 <= size:
             return "safetensors"
+        raise WeightsError(f"{path}: truncated or corrupt safetensors file (its header claims "
+                           f"{header_len} bytes, the file has {size}).")
     if head.startswith(b"PK\x03\x04"):
         return "zip"
     if head.startswith(b"\x80"):
-        return "pickle"
+        return "pickle" if TORCH_MAGIC in head[:16] else "numpy_pickle"
     if len(head) > 262 and head[257:262] == b"ustar":
         return "tar"
-    raise WeightsError(f"{path}: not a PyTorch or safetensors checkpoint "
+    raise WeightsError(f"{path}: not a PyTorch, safetensors or pickle weights file "
                        f"(it starts with {head[:16]!r}).")
 
 
@@ -75,120 +91,72 @@ def _read_safetensors(path: str) -> dict:
         raise WeightsError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def _read_torch(path: str, kind: str):
+def _read_torch(path: str, kind: str, stub_objects: bool):
+    # torch.load takes a path ending in .safetensors for a safetensors file; a file object does
+    # not get that guess (and then cannot be memory-mapped).
+    by_name = not path.endswith(SAFETENSORS_EXTENSIONS)
+    mmap = kind == "zip" and by_name
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=(kind == "zip"))
+        with contextlib.ExitStack() as stack:
+            source = path if by_name else stack.enter_context(open(path, "rb"))
+            if stub_objects:
+                return torch.load(source, map_location="cpu", weights_only=False, pickle_module=stubs.pickle_module(allowed_globals()),
+                                  mmap=mmap)
+            stack.enter_context(torch.serialization.safe_globals(SAFE_GLOBALS))
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e) or "Weights only load failed" in str(e):
-            raise WeightsError(_refusal(path, kind, str(e))) from None
-        raise WeightsError(f"{path}: corrupt pickle data ({e}).") from None
+        if not unsafe_globals_in(str(e)):
+            raise WeightsError(f"{path}: corrupt PyTorch file ({_cause(str(e))}).") from None
+        raise WeightsError(_refusal(path, kind, str(e))) from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        what = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsError(f"{path}: truncated or corrupt PyTorch file ({what}).") from None
+        raise WeightsError(f"{path}: truncated or corrupt PyTorch file ({_cause(str(e)) or type(e).__name__}).") from None
+
+
+def _cause(message: str) -> str:
+    """The unpickler's own complaint, without torch's advice around it."""
+    if "WeightsUnpickler error:" in message:
+        message = message.split("WeightsUnpickler error:", 1)[1]
+    return message.strip().split(". ")[0].splitlines()[0] if message.strip() else ""
 
 
 def _refusal(path: str, kind: str, message: str) -> str:
-    """Says which object the file wanted to create, where it sits, and how to re-save the file."""
-    names = sorted(set(_unsafe_globals_in(message)))
-    if kind == "zip":
-        try:
-            allowed = {_qualname(g) for g in SAFE_GLOBALS}
-            names = sorted(set(names) | (set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed))
-        except Exception:  # noqa: BLE001 - a diagnosis only; the refusal stands either way
-            pass
-    where = _locate(path, kind, set(names))
-    shown = ", ".join(f"{n} (at {where[n]})" if n in where else n for n in names) or "an object"
-    return (f"{path}: refused to load {shown}: weights files may hold only tensors, containers, "
-            f"numbers, strings, argparse.Namespace and numpy scalars, because loading anything "
-            f"else can run code. {RESAVE_HINT}")
+    """Says which object the file wanted to create, where it sits, and what to do instead."""
+    names = set(unsafe_globals_in(message))
+    try:
+        names |= stubs.globals_in(path, kind) - set(allowed_globals())
+    except Exception:  # noqa: BLE001 - a diagnosis only; the refusal stands either way
+        pass
+    names = sorted(names)
+    where = stubs.locate(path, kind, set(names))
+    shown = ", ".join(f"{n} (at {where[n]})" if n in where else n for n in names[:8]) or "an object"
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    return (f"{path}: refused to load {shown}{more}: weights files may hold only tensors, containers, "
+            f"numbers, strings, argparse.Namespace and numpy scalars, because creating anything "
+            f"else can run code. {STUB_HINT}")
 
 
-def _unsafe_globals_in(message: str) -> list:
+def unsafe_globals_in(message: str) -> list:
+    """The dotted global names torch's refusal message mentions (none for a corrupt file)."""
     out = []
     for part in message.split("GLOBAL ")[1:]:
-        out.append(part.split()[0])
+        name = part.split()[0] if part.split() else ""
+        if _DOTTED.match(name):
+            out.append(name)
     return out
+
+
+def allowed_globals() -> dict:
+    """``{name: object}`` that ``torch.load(weights_only=True)`` builds here: torch's own and SAFE_GLOBALS."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+    allowed = dict(_get_allowed_globals())
+    allowed.update({_qualname(g): g[0] if isinstance(g, tuple) else g for g in SAFE_GLOBALS})
+    return allowed
 
 
 def _qualname(g) -> str:
     if isinstance(g, tuple):
         return g[1]
     return f"{g.__module__}.{g.__qualname__}"
-
-
-# Where a refused object sits: unpickle again with every global replaced by an inert stand-in.
-class _StandIn:
-    """Takes the place of any global while probing; records nothing but its name and contents."""
-    qualname = "?"
-
-    def __new__(cls, *args, **kwargs):
-        self = object.__new__(cls)
-        self.contents = {}
-        return self
-
-    def __init__(self, *args, **kwargs):
-        self.contents.update({f"[{i}]": a for i, a in enumerate(args)})
-
-    def __setstate__(self, state):
-        self.contents["state"] = state
-
-    def __setitem__(self, key, value):
-        self.contents[key] = value
-
-    def append(self, value):
-        self.contents[f"[{len(self.contents)}]"] = value
-
-    def extend(self, values):
-        for v in values:
-            self.append(v)
-
-
-class _Probe(pickle.Unpickler):
-    def find_class(self, module, name):
-        return type("StandIn", (_StandIn,), {"qualname": f"{module}.{name}"})
-
-    def persistent_load(self, pid):
-        return None
-
-
-def _locate(path: str, kind: str, names: set) -> dict:
-    """``{global name: dotted place in the file}`` for the first place each name appears."""
-    try:
-        if kind == "zip":
-            with zipfile.ZipFile(path) as z:
-                pkl = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
-                with z.open(pkl) as f:
-                    obj = _Probe(f).load()
-        elif kind == "pickle":
-            with open(path, "rb") as f:
-                for _ in range(3):  # magic number, protocol version, system info
-                    _Probe(f).load()
-                obj = _Probe(f).load()
-        else:
-            return {}
-    except Exception:  # noqa: BLE001 - a diagnosis only
-        return {}
-    found = {}
-
-    def walk(node, where):
-        if isinstance(node, _StandIn):
-            if node.qualname in names and node.qualname not in found:
-                found[node.qualname] = where or "<top level>"
-            items = node.contents.items()  # e.g. an OrderedDict's entries, a call's arguments
-        elif isinstance(node, dict):
-            items = node.items()
-        elif isinstance(node, (list, tuple)):
-            items = [(f"[{i}]", v) for i, v in enumerate(node)]
-        else:
-            return
-        for key, value in items:
-            key = str(key)
-            sub = f"{where}{key}" if key.startswith("[") else (f"{where}.{key}" if where else key)
-            walk(value, sub)
-
-    walk(obj, "")
-    return found
 
 
 def write(flat: dict, path: str) -> None:

@@ -4,10 +4,11 @@ Each format makes a *plan*: ``{R: file name}`` (the name each file tensor takes,
 docs/DESIGN.md) plus ``{file name: why dropped}``. The plan only moves names; the tensors follow.
 """
 import dataclasses
+import os
 
 from fpipe import checkpoint
 from fpipe.tree import flatten
-from fpipe.weights import config, detect, io, merge, transforms
+from fpipe.weights import config, detect, io, merge, renames, resample, stubs, transforms, walk
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import LoadReport
 
@@ -36,9 +37,13 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
     """
     opts = config.resolve(cfg)
     target = flatten(target_flat)
-    if not opts.path:
+    if obj is None and not opts.path:
         return dict(target), LoadReport()
-    obj = read_checkpoint(opts.path) if obj is None else obj
+    if obj is None:
+        obj = read_checkpoint(opts.path, stub_objects=opts.stub_objects)
+    else:
+        opts = dataclasses.replace(opts, path=opts.path or "<object given to load_into>")
+        _check_contents(obj, opts.path)
     files = transforms.tensor_leaves(obj)
     plan = make_plan(obj, files, target, opts)
     report = LoadReport(path=opts.path, format=plan.format, state_dict_key=plan.state_dict_key,
@@ -46,23 +51,29 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
                         candidates=plan.candidates, source=_source(plan),
                         roots=sorted({n.split(".")[1] for n in target if n.count(".") >= 2} | {"fc"}))
     report.not_loaded.update(plan.dropped)
+    replaced = stubs.stubbed(obj) if opts.stub_objects else {}
+    if replaced:
+        report.notes.append("objects replaced by inert stand-ins (stub_objects=True): " +
+                            ", ".join(f"{n} (at {w})" for n, w in list(replaced.items())[:5]))
     tensors = {rel: files[src] for rel, src in plan.names.items()}
+    tensors, notes = _adapt(tensors, target)
+    report.notes.extend(notes)
     out = merge.merge(target, tensors, plan.names, report, load_heads=opts.load_heads)
     fix = None if plan.format.startswith("auto") and not plan.reason.startswith("explicit") else (
         lambda: detection_fix(obj, files, target))
+    merge.check_finite(report, out)
     merge.check(report, target, allow_partial=opts.allow_partial, load_heads=opts.load_heads, fix=fix)
     return out, report
 
 
-def read_checkpoint(path: str) -> dict:
+def read_checkpoint(path: str, *, stub_objects: bool = False) -> dict:
     """The file's contents, which must be a dict holding at least one tensor.
 
     An fpipe checkpoint keeps its frozen params in a sibling file (``frozen_params``: written
     once per run); they are read back into ``params`` here, so the checkpoint loads whole.
     """
-    obj = io.read(path)
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors.")
+    obj = io.read(path, stub_objects=stub_objects)
+    _check_contents(obj, path)
     if checkpoint.is_checkpoint(obj):
         try:
             frozen = checkpoint.frozen_params_of(path, obj, io.read)
@@ -72,6 +83,16 @@ def read_checkpoint(path: str) -> dict:
     if not transforms.tensor_leaves(obj):
         raise WeightsError(f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:20]))}).")
     return obj
+
+
+def _check_contents(obj, path: str) -> None:
+    """A dict whose structure can be walked: no cycles, bounded depth and size (``walk``)."""
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors.")
+    try:
+        walk.check(obj)
+    except WeightsError as e:
+        raise WeightsError(f"{path}: refused: {e}") from None
 
 
 def make_plan(obj: dict, files: dict, target: dict, opts: config.Options) -> Plan:
@@ -133,10 +154,13 @@ def _plan_auto(obj: dict, files: dict, target: dict, opts) -> Plan:
     if opts.state_dict_key:
         names = transforms.select(names, opts.state_dict_key)
         dropped.update({n: f"outside state_dict_key {opts.state_dict_key!r}" for n in set(files) - set(names.values())})
+    shapes = trunk_shapes(target)
+    names, table, cands = _best_names(names, files, shapes)
     scope = {rel: files[src] for rel, src in names.items()}
-    cands = detect.find_trunks(scope, trunk_shapes(target))
     where = f"{opts.path}" + (f" under {opts.state_dict_key!r}" if opts.state_dict_key else "")
     chosen, reason = detect.choose(cands, scope, select=opts.select, where=where)
+    if table:
+        reason += f"; names mapped by the rename table renames.{table.upper()}"
     prefix = chosen.prefix
     copies = set(chosen.aliases)
     kept = {}
@@ -147,10 +171,35 @@ def _plan_auto(obj: dict, files: dict, target: dict, opts) -> Plan:
             other = next((a for a in copies if rel.startswith(a)), None)
             dropped[src] = f"identical copy at {other!r}" if other is not None else f"outside the chosen copy {prefix!r}"
     kept = _finish(kept, opts, dropped)
-    full = (opts.state_dict_key + "." if opts.state_dict_key else "") + prefix
+    src_prefix = _source_prefix(names, chosen) if table else prefix
+    full = (opts.state_dict_key + "." if opts.state_dict_key else "") + src_prefix
     key, rest = detect.split_prefix(full, transforms.dict_paths(obj))
-    return Plan(kept, dropped, "auto", key, rest, reason=reason,
+    return Plan(kept, dropped, "auto" + (f" ({table} names)" if table else ""), key, rest, reason=reason,
                 candidates=[c.describe() for c in cands if c.coverage > 0])
+
+
+def _best_names(names: dict, files: dict, shapes: dict) -> tuple:
+    """``(names, table, candidates)``: the file's own names, or a rename table's when those
+    cover more of the trunk (timm ViT names, detectron2 ResNet names)."""
+    cands = detect.find_trunks({rel: files[src] for rel, src in names.items()}, shapes)
+    best = cands[0].coverage if cands else 0.0
+    table_used = ""
+    for table_name, table in ([] if best == 1 else renames.TABLES.items()):
+        mapped = renames.rename_all(names, table)
+        if mapped is None:
+            continue
+        renamed = {new: names[old] for new, old in mapped.items()}
+        found = detect.find_trunks({rel: files[src] for rel, src in renamed.items()}, shapes)
+        if found and found[0].coverage > best:
+            names, cands, best, table_used = renamed, found, found[0].coverage, table_name
+    return names, table_used, cands
+
+
+def _source_prefix(names: dict, chosen) -> str:
+    """The file's own prefix in front of a renamed trunk: its names' common leading parts."""
+    sources = [names[n] for n in chosen.matched.values()]
+    common = os.path.commonprefix(sources)
+    return common[:common.rfind(".") + 1]
 
 
 def _finish(names: dict, opts, dropped: dict) -> dict:
@@ -160,6 +209,12 @@ def _finish(names: dict, opts, dropped: dict) -> dict:
     names, skipped = transforms.skip(names, opts.skip_layers)
     dropped.update({src: "skip_layers" for src in skipped.values()})
     return names
+
+
+def _adapt(tensors: dict, target: dict) -> tuple:
+    """Resamples position embeddings of another grid to the model's (``resample.adapt``)."""
+    shapes = {rel: tuple(target[f"trunk.{rel}"].shape) for rel in tensors if f"trunk.{rel}" in target}
+    return resample.adapt(tensors, shapes)
 
 
 def trunk_shapes(target: dict) -> dict:
@@ -172,9 +227,12 @@ def trunk_shapes(target: dict) -> dict:
 def detection_fix(obj: dict, files: dict, target: dict) -> str:
     """What ``format: auto`` would have set, for errors on explicit settings."""
     try:
-        chosen, _ = detect.choose(detect.find_trunks(files, trunk_shapes(target)), files)
+        names, table, cands = _best_names({n: n for n in files}, files, trunk_shapes(target))
+        chosen, _ = detect.choose(cands, {rel: files[src] for rel, src in names.items()})
     except WeightsError as e:
         return f"format='auto' could not decide either: {str(e).splitlines()[0]}"
+    if table:
+        return f"use format='auto': it maps this file's names by renames.{table.upper()}"
     return detect.advice(chosen.prefix, transforms.dict_paths(obj)) + " (what format='auto' finds)"
 
 

@@ -46,12 +46,28 @@ def merge(target: dict, tensors: dict, origin: dict, report: LoadReport, *, load
 
 def _like(tensor: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The file tensor with the model tensor's dtype, device and requires_grad."""
-    out = tensor.detach().to(device=ref.device, dtype=ref.dtype)
+    device = tensor.device if ref.is_meta else ref.device  # a meta target gives shapes only
+    out = tensor.detach().to(device=device, dtype=ref.dtype)
     return out.requires_grad_(True) if ref.requires_grad else out
 
 
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
+
+
+def check_finite(report: LoadReport, out: dict) -> None:
+    """Refuses NaN or inf in any loaded tensor, naming the file and the tensors."""
+    bad = [report.sources[n] for n in report.loaded if not _finite(out[n])]
+    if bad:
+        raise WeightsError(f"{report.path}: {len(bad)} tensor(s) hold NaN or inf values: {short_names(bad)}; "
+                           "the file is damaged or its training diverged.")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """All values finite; a finite sum (NaN and inf propagate) settles it without a mask."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: bool, fix=None) -> None:

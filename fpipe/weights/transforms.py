@@ -9,35 +9,28 @@ from typing import Iterable, Sequence
 
 import torch
 
+from fpipe.weights import walk
 from fpipe.weights.errors import WeightsError
 
 
 def tensor_leaves(obj, prefix: str = "") -> dict:
-    """``{dotted path: tensor}`` over nested dicts at any depth; other leaves are ignored."""
-    out = {}
+    """``{dotted path: tensor}`` over nested dicts at any depth; other leaves are ignored.
+
+    Bounded (``walk.entries``): a shared sub-dict is read once, cycles and deep nesting are errors.
+    """
     if isinstance(obj, torch.Tensor):
-        return {prefix: obj} if prefix else {"": obj}
-    if not isinstance(obj, dict):
-        return out
-    for key, value in obj.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
+        return {prefix or "": obj}
+    out = {}
+    for name, value in walk.entries(obj):
         if isinstance(value, torch.Tensor):
-            out[name] = value
-        elif isinstance(value, dict):
-            out.update(tensor_leaves(value, name))
+            out[f"{prefix}.{name}" if prefix else name] = value
     return out
 
 
 def dict_paths(obj, prefix: str = "") -> list:
     """Dotted paths of every nested dict (the places a ``state_dict_key`` can point to)."""
-    out = []
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if isinstance(value, dict):
-                name = f"{prefix}.{key}" if prefix else str(key)
-                out.append(name)
-                out.extend(dict_paths(value, name))
-    return out
+    return [f"{prefix}.{name}" if prefix else name
+            for name, value in walk.entries(obj) if isinstance(value, dict)]
 
 
 def select(flat: dict, key: str) -> dict:

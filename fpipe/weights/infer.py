@@ -1,0 +1,75 @@
+"""Which trunk a file holds, from its names and shapes alone (for the CLI without ``--trunk``).
+
+ResNets are read off directly: blocks per stage and bottleneck or basic give the depth, the
+stem and first block give width and groups. Other families are matched against each registry
+preset's names and shapes, built on the meta device (no memory, no compute).
+"""
+import re
+
+from fpipe.weights import detect, renames
+from fpipe.weights.errors import WeightsError
+
+_RESNET_CONV = re.compile(r"^(.*?)layer([1-4])\.(\d+)\.conv([123])\.weight$")
+
+
+def infer_trunk(files: dict, presets=None) -> tuple:
+    """``(registry name, options, why)`` for the trunk in ``files`` ({dotted name: tensor}).
+
+    ``presets``: ``{name: (family, options, build_target)}`` to try when the file is not a
+    ResNet; ``build_target()`` returns ``{trunk.<name>: meta tensor}``.
+    """
+    for table_name, names in _views(files):
+        found = _resnet(names)
+        if found:
+            options, why = found
+            via = f" (after the {table_name} rename table)" if table_name else ""
+            return "resnet", options, why + via
+    for name, (_, options, build_target) in (presets or {}).items():
+        shapes = {n[len("trunk."):]: tuple(t.shape) for n, t in build_target().items() if n.startswith("trunk.")}
+        for table_name, names in _views(files):
+            cands = detect.find_trunks(names, shapes)
+            if cands and cands[0].coverage == 1:
+                return name, options, f"every tensor of preset {name!r} found at {cands[0].prefix or '<no prefix>'!r}"
+    raise WeightsError("could not tell which trunk the file holds from its names and shapes; "
+                       "pass --trunk NAME (and --depth for a ResNet).")
+
+
+def _views(files: dict):
+    """The file's names as they are, then under each rename table."""
+    yield "", files
+    for table_name, table in renames.TABLES.items():
+        mapped = renames.rename_all(files, table)
+        if mapped:
+            yield table_name, {new: files[old] for new, old in mapped.items()}
+
+
+def _resnet(files: dict):
+    from fpipe.models.resnet import DEPTHS
+    by_prefix = {}
+    for name, tensor in files.items():
+        m = _RESNET_CONV.match(name)
+        if m:
+            by_prefix.setdefault(m.group(1), {})[name[len(m.group(1)):]] = tensor
+    if not by_prefix:
+        return None
+    prefix, convs = max(by_prefix.items(), key=lambda kv: len(kv[1]))
+    blocks = [1 + max((int(n.split(".")[1]) for n in convs if n.startswith(f"layer{s}.")), default=-1)
+              for s in range(1, 5)]
+    bottleneck = any(n.endswith("conv3.weight") for n in convs)
+    kind = "bottleneck" if bottleneck else "basic"
+    depth = next((d for d, spec in DEPTHS.items() if spec == (kind, tuple(blocks))), None)
+    if depth is None:
+        raise WeightsError(f"the file holds a ResNet with {kind} blocks {blocks} per stage at "
+                           f"{prefix or '<no prefix>'!r}, which is no known depth ({sorted(DEPTHS)}).")
+    stem = files.get(prefix + "conv1.weight")
+    width_multiplier = stem.shape[0] // 64 if stem is not None else 1
+    options = {"depth": depth, "width_multiplier": width_multiplier}
+    if bottleneck:
+        conv2 = convs["layer1.0.conv2.weight"]
+        width, groups = conv2.shape[0], conv2.shape[0] // conv2.shape[1]
+        options |= {"groups": groups, "width_per_group": width // (groups * width_multiplier)}
+    why = (f"{kind} blocks {blocks} per stage at {prefix or '<no prefix>'!r}: ResNet-{depth}"
+           + (f", width x{width_multiplier}" if width_multiplier != 1 else "")
+           + (f", groups {options['groups']} x {options['width_per_group']}"
+              if bottleneck and (options["groups"], options["width_per_group"]) != (1, 64) else ""))
+    return options, why

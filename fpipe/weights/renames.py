@@ -1,0 +1,133 @@
+r"""Rename tables: other libraries' names for a trunk -> fpipe's (torchvision's) names.
+
+A table is a sequence of ``(regex, replacement)`` rules applied one after the other to each
+name (every rule, not the first match), so a table reads as the mapping it documents; a
+replacement is a ``re.sub`` string, or a function of the match where an index must change. Rules
+anchor on name parts (``(^|\.)``), so they work behind any prefix (``teacher.backbone.``).
+``format: auto`` tries each table when the file's own names do not cover the trunk, and the
+report says which table it used.
+"""
+import re
+
+# timm's VisionTransformer (and DINO, DINOv2 hub, MAE, MoCo v3 and DeiT files, which use its
+# names) -> torchvision's VisionTransformer, plus layer scale, registers and MAE's fc_norm.
+TIMM_VIT = (
+    (r"(^|\.)cls_token$", r"\1class_token"),
+    (r"(^|\.)(reg_token|register_tokens)$", r"\1register_tokens"),
+    (r"(^|\.)pos_embed$", r"\1encoder.pos_embedding"),
+    (r"(^|\.)patch_embed\.proj\.", r"\1conv_proj."),
+    (r"(^|\.)blocks\.(\d+)\.", r"\1encoder.layers.encoder_layer_\2."),
+    (r"\.norm1\.", ".ln_1."),
+    (r"\.norm2\.", ".ln_2."),
+    (r"\.attn\.qkv\.(weight|bias)$", r".self_attention.in_proj_\1"),
+    (r"\.attn\.proj\.", ".self_attention.out_proj."),
+    (r"\.mlp\.fc1\.", ".mlp.0."),
+    (r"\.mlp\.fc2\.", ".mlp.3."),
+    (r"\.ls([12])\.gamma$", r".ls_\1.gamma"),
+    (r"(^|\.)norm\.(weight|bias)$", r"\1encoder.ln.\2"),
+    (r"(^|\.)head\.(weight|bias)$", r"\1heads.head.\2"),
+)
+
+# detectron2's ResNet (MoCo's and solo-learn's convert-pretrain-to-detectron2.py, detectron2's
+# own checkpoints behind backbone.bottom_up.) -> torchvision's ResNet.
+DETECTRON2_RESNET = (
+    (r"(^|\.)stem\.conv1\.norm\.", r"\1bn1."),
+    (r"(^|\.)stem\.conv1\.", r"\1conv1."),
+    (r"(^|\.)res2\.", r"\1layer1."),
+    (r"(^|\.)res3\.", r"\1layer2."),
+    (r"(^|\.)res4\.", r"\1layer3."),
+    (r"(^|\.)res5\.", r"\1layer4."),
+    (r"\.conv([123])\.norm\.", r".bn\1."),
+    (r"\.shortcut\.norm\.", ".downsample.1."),
+    (r"\.shortcut\.", ".downsample.0."),
+)
+
+# torchvision's ResNet as nn.Sequential(*list(resnet.children())[:-1]) (lightly's examples,
+# PyTorch-BYOL, SimCLR ports): children by position, 0 conv1, 1 bn1, 4..7 layer1..layer4.
+SEQUENTIAL_RESNET = (
+    (r"(^|\.)4\.(\d+)\.", r"\1layer1.\2."),
+    (r"(^|\.)5\.(\d+)\.", r"\1layer2.\2."),
+    (r"(^|\.)6\.(\d+)\.", r"\1layer3.\2."),
+    (r"(^|\.)7\.(\d+)\.", r"\1layer4.\2."),
+    (r"(^|\.)(?<!downsample\.)0\.weight$", r"\1conv1.weight"),
+    (r"(^|\.)(?<!downsample\.)1\.(weight|bias|running_mean|running_var|num_batches_tracked)$", r"\1bn1.\2"),
+)
+
+# VISSL's RegNet trunk (ClassyVision's AnyNet under _feature_blocks: conv1 = stem, res2..res5 =
+# block1..block4; SEER's FSDP version adds a block<i>-part<j> group) -> torchvision's RegNet.
+VISSL_REGNET = (
+    (r"(^|\.)conv1\.stem\.", r"\1stem."),
+    (r"(^|\.)res2\.(block\d+-part\d+\.)?", r"\1trunk_output.block1."),
+    (r"(^|\.)res3\.(block\d+-part\d+\.)?", r"\1trunk_output.block2."),
+    (r"(^|\.)res4\.(block\d+-part\d+\.)?", r"\1trunk_output.block3."),
+    (r"(^|\.)res5\.(block\d+-part\d+\.)?", r"\1trunk_output.block4."),
+    (r"\.proj\.weight$", ".proj.0.weight"),
+    (r"\.bn\.(weight|bias|running_mean|running_var|num_batches_tracked)$", r".proj.1.\1"),
+    (r"\.f\.se\.excitation\.0\.", ".f.se.fc1."),
+    (r"\.f\.se\.excitation\.2\.", ".f.se.fc2."),
+    (r"\.f\.c\.weight$", ".f.c.0.weight"),
+    (r"\.f\.final_bn\.", ".f.c.1."),
+)
+
+# timm's RegNet (stem.conv/bn, s<i>.b<j> counted from 1, ConvNormAct conv1..3, downsample)
+# -> torchvision's RegNet.
+TIMM_REGNET = (
+    (r"(^|\.)stem\.conv\.", r"\1stem.0."),
+    (r"(^|\.)stem\.bn\.", r"\1stem.1."),
+    (r"(^|\.)s(\d)\.b(\d+)\.", lambda m: f"{m[1]}trunk_output.block{m[2]}.block{m[2]}-{int(m[3]) - 1}."),
+    (r"\.conv1\.conv\.", ".f.a.0."), (r"\.conv1\.bn\.", ".f.a.1."),
+    (r"\.conv2\.conv\.", ".f.b.0."), (r"\.conv2\.bn\.", ".f.b.1."),
+    (r"\.conv3\.conv\.", ".f.c.0."), (r"\.conv3\.bn\.", ".f.c.1."),
+    (r"\.se\.fc([12])\.", r".f.se.fc\1."),
+    (r"\.downsample\.conv\.", ".proj.0."), (r"\.downsample\.bn\.", ".proj.1."),
+    (r"(^|\.)head\.fc\.", r"\1fc."),
+)
+
+# ConvNeXt, timm's names and the original facebookresearch/ConvNeXt names -> torchvision's
+# (features.0 stem, features.2s+1 stage s, features.2s its downsampling; layer scales are
+# [C] there and [C, 1, 1] here: reshaped on load).
+_CONVNEXT_BLOCK = (
+    (r"(features\.\d+\.\d+)\.norm\.", r"\1.block.2."),
+    (r"\.gamma$", ".layer_scale"),
+)
+TIMM_CONVNEXT = (
+    (r"(^|\.)stem\.([01])\.", r"\1features.0.\2."),
+    (r"(^|\.)stages\.(\d)\.downsample\.([01])\.", lambda m: f"{m[1]}features.{2 * int(m[2])}.{m[3]}."),
+    (r"(^|\.)stages\.(\d)\.blocks\.(\d+)\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 1}.{m[3]}."),
+    (r"\.conv_dw\.", ".block.0."), (r"\.mlp\.fc1\.", ".block.3."), (r"\.mlp\.fc2\.", ".block.5."),
+    *_CONVNEXT_BLOCK,
+    (r"(^|\.)head\.norm\.", r"\1classifier.0."), (r"(^|\.)head\.fc\.", r"\1classifier.2."),
+)
+FB_CONVNEXT = (
+    (r"(^|\.)downsample_layers\.(\d)\.([01])\.", lambda m: f"{m[1]}features.{2 * int(m[2])}.{m[3]}."),
+    (r"(^|\.)stages\.(\d)\.(\d+)\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 1}.{m[3]}."),
+    (r"\.dwconv\.", ".block.0."), (r"\.pwconv1\.", ".block.3."), (r"\.pwconv2\.", ".block.5."),
+    *_CONVNEXT_BLOCK,
+    (r"(^|\.)norm\.(weight|bias)$", r"\1classifier.0.\2"), (r"(^|\.)head\.", r"\1classifier.2."),
+)
+
+TABLES = {"timm_vit": TIMM_VIT, "detectron2_resnet": DETECTRON2_RESNET, "sequential_resnet": SEQUENTIAL_RESNET,
+          "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET, "timm_convnext": TIMM_CONVNEXT,
+          "fb_convnext": FB_CONVNEXT}
+_COMPILED = {}
+
+
+def apply(name: str, table) -> str:
+    """``name`` after every rule of ``table``, in order."""
+    key = id(table)
+    if key not in _COMPILED:
+        _COMPILED[key] = [(re.compile(p), r) for p, r in table]
+    for pattern, repl in _COMPILED[key]:
+        name = pattern.sub(repl, name)
+    return name
+
+
+def rename_all(names, table) -> dict:
+    """``{new name: old name}``; None when two names would become one (the table does not fit)."""
+    out = {}
+    for old in names:
+        new = apply(old, table)
+        if new in out:
+            return None
+        out[new] = old
+    return out

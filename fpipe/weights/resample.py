@@ -1,0 +1,84 @@
+"""Tensors stored in another layout than the model's: position grids resampled, layer scales reshaped.
+
+ConvNeXt's layer scale is ``[C]`` in timm and the original code, ``[C, 1, 1]`` in torchvision:
+the same numbers, reshaped on load.
+
+A ViT's ``pos_embedding`` is ``[1, prefix + h*w, D]``: ``prefix`` tokens (the class token's
+position, or none) then an h×w grid of patch positions. A file trained at another resolution
+(DINOv2's 37×37 grid for 518 px) fits a model of another grid after bicubic resampling of the
+grid part (antialiased, as timm's ``resample_abs_pos_embed``); prefix positions are kept.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+MAX_PREFIX = 8
+
+
+def split_tokens(n: int) -> tuple:
+    """``(prefix, side)`` for ``n`` position tokens: the largest square grid, the rest in front."""
+    side = math.isqrt(n)
+    prefix = n - side * side
+    if side == 0 or prefix > MAX_PREFIX:
+        raise ValueError(f"{n} position tokens are not a square grid plus up to {MAX_PREFIX} prefix tokens")
+    return prefix, side
+
+
+def resample_pos_embedding(pos: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``pos`` ``[1, p + s*s, D]`` -> ``[1, p + t*t, D]`` with ``tokens = p + t*t`` (same ``p``)."""
+    prefix, side = split_tokens(pos.shape[1])
+    new_prefix, new_side = split_tokens(tokens)
+    if new_prefix != prefix:
+        raise ValueError(f"position embedding with {prefix} prefix token(s) cannot become one with {new_prefix}")
+    if new_side == side:
+        return pos
+    head, grid = pos[:, :prefix], pos[:, prefix:]
+    dim = pos.shape[-1]
+    grid = grid.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_side * new_side, dim).to(pos.dtype)
+    return torch.cat([head, grid], dim=1)
+
+
+def fits(name: str, file_shape: tuple, model_shape: tuple) -> bool:
+    """Whether a file tensor fits a model tensor, counting resamplable position embeddings."""
+    if tuple(file_shape) == tuple(model_shape):
+        return True
+    if name.endswith("layer_scale"):
+        return math.prod(file_shape) == math.prod(model_shape)
+    if not name.endswith("pos_embedding") or len(file_shape) != 3 or len(model_shape) != 3:
+        return False
+    if file_shape[0] != model_shape[0] or file_shape[2] != model_shape[2]:
+        return False
+    try:
+        (pf, _), (pm, _) = split_tokens(file_shape[1]), split_tokens(model_shape[1])
+    except ValueError:
+        return False
+    return pf == pm or (pf == 0 and pm == 1)
+
+
+def adapt(tensors: dict, shapes: dict) -> tuple:
+    """``(tensors, notes)``: each ``pos_embedding`` of another grid resampled to the model's.
+
+    ``tensors``: ``{model name: tensor}``; ``shapes``: ``{model name: shape}``. A file without
+    the class token's position (timm's DINOv2 with registers folds it into ``cls_token``) gets
+    a zero one, which is the same model.
+    """
+    out, notes = dict(tensors), []
+    for name, t in tensors.items():
+        want = shapes.get(name)
+        if want is None or tuple(t.shape) == tuple(want) or not fits(name, t.shape, want):
+            continue
+        if name.endswith("layer_scale"):
+            out[name] = t.reshape(want)
+            continue
+        if split_tokens(t.shape[1])[0] == 0 and split_tokens(want[1])[0] == 1:
+            t = torch.cat([t.new_zeros(1, 1, t.shape[2]), t], dim=1)
+            notes.append(f"{name}: no class-token position in the file (folded into its class token); a zero one added")
+        if tuple(t.shape) != tuple(want):
+            old, new = split_tokens(t.shape[1])[1], split_tokens(want[1])[1]
+            t = resample_pos_embedding(t, want[1])
+            notes.append(f"{name}: position grid {old}x{old} resampled to {new}x{new} (bicubic, antialiased, as timm)")
+        out[name] = t
+    return out, notes
