@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAMILIES = dict(resnet=resnet, regnet=regnet, efficientnet=efficientnet, convnext=convnext, alexnet=alexnet)
 HEAD_ROWS = dict(resnet=r"fc\.", regnet=r"fc\.", efficientnet=r"classifier\.1\.", convnext=r"classifier\.2\.",
                  alexnet=r"classifier\.6\.")  # the classifier a head plays; the rest is the trunk
-TINY = dict(resnet=dict(depth=18, stem="cifar"), alexnet=dict(dropout=0.0),
+TINY = dict(alexnet=dict(dropout=0.0),
             regnet=dict(depth=5, w_0=8, w_a=12, w_m=2.0, group_width=8, stem_width=8),
             efficientnet=dict(width_mult=0.25, depth_mult=0.3),
             convnext=dict(channels=(8, 16, 16, 16), depths=(1, 1, 1, 1)))
@@ -104,9 +104,10 @@ def test_cifar_stem_keeps_32px_inputs_large():
         resnet.build(stem="tiny")
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"resnet"}))  # ResNet: tests/test_step.py etc.
 def test_compiled_tiny_trunk_equals_eager(family):
-    """fullgraph capture (no graph breaks) and the same features and state, in train mode."""
+    """fullgraph capture (no graph breaks) and functionalised BatchNorm state (aot_eager; inductor
+    runs on RegNet in benchmarks/regnet_step.py): the same features and state, in train mode."""
     trunk = models.build_trunk(family, **TINY[family])
     params, state = trunk.init(0)
     x = torch.randn(2, 3, 64 if family == "alexnet" else 32, 64 if family == "alexnet" else 32)  # AlexNet needs 63 px

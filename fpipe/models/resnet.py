@@ -15,6 +15,7 @@ the small-image stem: a 3×3 stride-1 ``conv1`` and no max-pool (``res1`` equals
 32 px input reaches res5 at 4×4 instead of 1×1. ``PRESETS`` name torchvision's models.
 """
 import dataclasses
+
 import torch
 
 from fpipe.models import layers

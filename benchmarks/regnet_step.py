@@ -1,0 +1,188 @@
+"""Frozen RegNetY linear-evaluation step: fpipe's compiled step vs. eager nn.Module code, and vs. the forward.
+
+    PYTHONPATH=. python benchmarks/regnet_step.py                        # RegNetY-400MF, 64 px, batch 64
+    PYTHONPATH=. python benchmarks/regnet_step.py --name regnet_y_1_6gf --image-size 224 --batch-size 16
+
+The same programs as benchmarks/linear_eval_step.py (read it for the method), on a RegNet trunk:
+
+  eager          a torchvision-style RegNetY ``nn.Module`` written out below (no torchvision here),
+                 trunk frozen and in eval mode, a linear ``fc`` trained by ``loss.backward()`` and
+                 ``torch.optim.SGD`` (momentum 0.9). fpipe's weights are copied in by torchvision name.
+  fpipe_step     fpipe's step as the loop builds it: the frozen trunk compiled as a constant
+                 (``frozen_trunk``), the head's step over fpipe.optim's SGD (momentum 0.9).
+  forward        the floor: the nn.Module trunk forward under ``torch.inference_mode``.
+  fpipe_forward  fpipe's eager trunk forward (``model.features``), for reference.
+
+Medians over ``--iters`` round-robin calls after ``--warmup``. Output lines:
+
+  ratio_vs_eager: X       eager step time / fpipe step time (>1: fpipe is faster)
+  ratio_vs_forward: Y     fpipe step time / eager forward time (1.0 is the floor)
+"""
+import argparse
+import collections
+import sys
+
+import ml_collections
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmarks.linear_eval_step import LR, MOMENTUM, NUM_CLASSES, fpipe_step, time_round_robin
+from fpipe import tree
+from fpipe.models import model as model_lib
+from fpipe.models import regnet
+
+
+# ---------------------------------------------------------------- the nn.Module a user would write
+def conv_bn(cin, cout, k, stride=1, groups=1, relu=True):
+    mods = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*mods, *([nn.ReLU(inplace=True)] if relu else []))
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self, channels, squeeze):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(channels, squeeze, 1), nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class Block(nn.Module):
+    """torchvision's ResBottleneckBlock: x (or proj(x)) + [1×1, 3×3 grouped, SE, 1×1](x), ReLU."""
+
+    def __init__(self, w_in, w_out, stride, groups, se_ratio):
+        super().__init__()
+        self.proj = conv_bn(w_in, w_out, 1, stride, relu=False) if (w_in != w_out or stride != 1) else None
+        f = collections.OrderedDict(a=conv_bn(w_in, w_out, 1), b=conv_bn(w_out, w_out, 3, stride, groups))
+        if se_ratio:
+            f["se"] = SqueezeExcitation(w_out, int(round(se_ratio * w_in)))
+        f["c"] = conv_bn(w_out, w_out, 1, relu=False)
+        self.f = nn.Sequential(f)
+
+    def forward(self, x):
+        return F.relu((x if self.proj is None else self.proj(x)) + self.f(x))
+
+
+class RegNet(nn.Module):
+    """torchvision's RegNet (bottleneck multiplier 1), stages from fpipe's generated widths."""
+
+    def __init__(self, spec, num_classes):
+        super().__init__()
+        self.stem = conv_bn(3, spec.stem_width, 3, 2)
+        stages, w_in = collections.OrderedDict(), spec.stem_width
+        for s, (width, depth, group) in enumerate(spec.stages, start=1):
+            blocks = collections.OrderedDict()
+            for i in range(depth):
+                blocks[f"block{s}-{i}"] = Block(w_in, width, 2 if i == 0 else 1, width // group, spec.se_ratio)
+                w_in = width
+            stages[f"block{s}"] = nn.Sequential(blocks)
+        self.trunk_output = nn.Sequential(stages)
+        self.fc = nn.Linear(w_in, num_classes)
+
+    def features(self, x):
+        return torch.flatten(F.adaptive_avg_pool2d(self.trunk_output(self.stem(x)), 1), 1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def torch_module(spec, params, state):
+    net = RegNet(spec, NUM_CLASSES)
+    flat = {n.split(".", 1)[1]: v for n, v in tree.flatten(params).items() | tree.flatten(state).items()}
+    net.load_state_dict(flat, strict=True)
+    return net
+
+
+# ---------------------------------------------------------------- programs
+def build(name, image_size, batch_size, seed=0):
+    cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config(name),
+                                         heads=dict(fc=model_lib.head_config("flatten", "linear"))))
+    model = model_lib.build(cfg, num_classes=NUM_CLASSES, image_size=image_size)
+    params, state = model.init(seed)
+    gen = torch.Generator().manual_seed(seed)
+    state = tree.map_with_names(  # pretrained-like running statistics
+        lambda n, v: (torch.rand(v.shape, generator=gen) * 0.2 - 0.1 if n.endswith("running_mean") else
+                      torch.rand(v.shape, generator=gen) + 0.5 if n.endswith("running_var") else v), state)
+    batch = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen),
+             "label": torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)}
+    return model, params, state, batch
+
+
+def eager_step(spec, params, state, batch):
+    net = torch_module(spec, params, state)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.fc.requires_grad_(True)
+    net.train()
+    net.stem.eval()
+    net.trunk_output.eval()
+    opt = torch.optim.SGD(net.fc.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(batch["image"]), batch["label"])
+        loss.backward()
+        opt.step()
+        return loss
+
+    return run
+
+
+def eager_forward(spec, params, state, batch):
+    net = torch_module(spec, params, state).eval()
+
+    def run():
+        with torch.inference_mode():
+            return net.features(batch["image"])
+
+    return run
+
+
+def fpipe_forward(model, params, state, batch):
+    def run():
+        with torch.inference_mode():
+            return model.features(params, state, batch["image"])
+    return run
+
+
+def programs(spec, model, params, state, batch):
+    return {"eager_step": eager_step(spec, params, state, batch),
+            "fpipe_step": fpipe_step(model, params, state, batch)[0],
+            "forward": eager_forward(spec, params, state, batch),
+            "fpipe_forward": fpipe_forward(model, params, state, batch)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", default="regnet_y_400mf", choices=sorted(regnet.PRESETS))
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, params, state, batch = build(args.name, args.image_size, args.batch_size)
+    spec = model.trunk.spec
+    progs = programs(spec, model, params, state, batch)
+    # Same math: one step of each from the same start gives the same loss; the same features.
+    loss_eager, loss_fpipe = float(progs["eager_step"]().detach()), float(progs["fpipe_step"]())
+    feat_err = (progs["forward"]() - progs["fpipe_forward"]()["flatten"]).abs().max().item()
+    progs = programs(spec, model, params, state, batch)  # fresh states for timing
+    med, first = time_round_robin(progs, args.iters, args.warmup)
+    print(f"== {args.name}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
+          f"median of {args.iters} after {args.warmup} warm-up")
+    print(f"first-step loss: eager {loss_eager:.6f}  fpipe {loss_fpipe:.6f}; max feature difference {feat_err:.2e}")
+    for n in progs:
+        print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {args.batch_size / med[n]:8.1f} images/s   first call {first[n]:6.2f} s")
+    print(f"compile_s: {first['fpipe_step'] - med['fpipe_step']:.1f}")
+    print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
+    print(f"ratio_vs_forward: {med['fpipe_step'] / med['forward']:.3f}")
+    print(f"eager_vs_forward: {med['eager_step'] / med['forward']:.3f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
