@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fpipe.data import pipeline as P
 from fpipe.data import transforms as T
 
 
@@ -105,26 +106,26 @@ def test_random_resized_crop_full_image_and_fallback():
 
 def test_parse_pipeline_string_list_and_default_size():
     x = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=gen())
-    p = T.parse("resize(8)|center_crop(8)|normalize")
+    p = P.parse("resize(8)|center_crop(8)|normalize")
     out = p(x, gen())
     assert out.shape == (3, 8, 8) and out.dtype == torch.float32
     assert torch.equal(out, T.normalize(T.center_crop(T.resize(x, 8), 8)))
-    q = T.parse(["resize", "center_crop", "normalize"], size=8)
+    q = P.parse(["resize", "center_crop", "normalize"], size=8)
     assert torch.equal(q(x, gen()), out)
-    r = T.parse("random_resized_crop(scale=(0.3, 1))|flip|to_float", size=12)
+    r = P.parse("random_resized_crop(scale=(0.3, 1))|flip|to_float", size=12)
     assert r(x, gen(3)).shape == (3, 12, 12)
     assert torch.equal(r(x, gen(3)), r(x, gen(3)))
-    assert T.parse("", size=8)(x, gen()) is x
-    assert T.parse(None)(x, gen()) is x
+    assert P.parse("", size=8)(x, gen()) is x
+    assert P.parse(None)(x, gen()) is x
     assert p.spec == "resize(8)|center_crop(8)|normalize"
 
 
 def test_parse_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"unknown transform op 'blur'.*center_crop.*flip"):
-        T.parse("resize(8)|blur")
+        P.parse("resize(8)|blur")
     with pytest.raises(ValueError, match="bad arguments.*resize"):
-        T.parse("resize(8, 9, 10)")
+        P.parse("resize(8, 9, 10)")
     with pytest.raises(ValueError, match="needs a size"):
-        T.parse("center_crop")
+        P.parse("center_crop")
     with pytest.raises(ValueError, match="cannot parse"):
-        T.parse("resize(x)")
+        P.parse("resize(x)")
