@@ -140,10 +140,14 @@ def read(path: str, plan, limits: Limits = Limits()):
     """``plan(height, width)`` -> a ``transforms.Geometry``, applied to the file's pixels.
 
     The geometry is planned from the header alone; a JPEG is then decoded at 1/k of its size
-    (k = ``geometry.reduction()``, 1 unless the resize shrinks by k or more) and the geometry
-    applied with its crops scaled to the decoded size.
+    (k = ``geometry.reduction()``, 1 unless the resize shrinks by k or more), a leading crop is
+    taken by Pillow before the pixels are copied out, and the rest applied to the tensor.
     """
     with open_image(path, limits) as image:
         geometry = plan(image.size[1], image.size[0])
         scale = draft(image, geometry.reduction())
-        return geometry.apply(to_tensor(image, path), scale)
+        box, _ = geometry.leading_crop((image.size[1], image.size[0]), scale)
+        if box is not None:
+            top, left, height, width = box
+            image = image.crop((left, top, left + width, top + height))
+        return geometry.apply(to_tensor(image, path), scale, cropped=box is not None)

@@ -185,19 +185,36 @@ class Geometry:
                 return next((k for k in REDUCTIONS if shrink >= k), 1)
         return 1
 
-    def apply(self, image: torch.Tensor, scale=(1.0, 1.0)) -> torch.Tensor:
-        """The steps on ``image``; ``scale`` = its size / the planned size (before a resize)."""
-        sy, sx = scale
-        reduced = (sy, sx) != (1.0, 1.0)
+    def leading_crop(self, shape: tuple, scale=(1.0, 1.0)):
+        """``(box, n)``: the crops the steps start with, as one ``(top, left, h, w)`` box in an
+        image of ``shape`` (the planned size × ``scale``), and how many steps it replaces;
+        ``(None, 0)`` when the steps do not start with a crop. A file reader crops with it
+        before converting pixels, so only the crop is ever copied."""
+        top = left = n = 0
+        h, w = self.source
         for kind, *args in self.steps:
+            if kind != "crop":
+                break
+            top, left, h, w = top + args[0], left + args[1], args[2], args[3]
+            n += 1
+        if n == 0:
+            return None, 0
+        if tuple(scale) != (1.0, 1.0):
+            top, h = _scaled_span(top, h, scale[0], shape[0])
+            left, w = _scaled_span(left, w, scale[1], shape[1])
+        return (top, left, h, w), n
+
+    def apply(self, image: torch.Tensor, scale=(1.0, 1.0), cropped: bool = False):
+        """The steps on ``image``; ``scale`` = its size / the planned size; ``cropped``: the
+        leading crop was already taken (``leading_crop``)."""
+        box, n = self.leading_crop(tuple(image.shape[-2:]), scale)
+        if box is not None and not cropped:
+            image = crop(image, *box)
+        for kind, *args in self.steps[n:]:
             if kind == "crop":
-                top, left, h, w = args
-                if reduced:
-                    top, h = _scaled_span(top, h, sy, image.shape[-2])
-                    left, w = _scaled_span(left, w, sx, image.shape[-1])
-                image = crop(image, top, left, h, w)
+                image = crop(image, *args)
             elif kind == "resize":
-                image, reduced = _interpolate(image, tuple(args)), False
+                image = _interpolate(image, tuple(args))
             else:
                 image = hflip(image)
         return image
