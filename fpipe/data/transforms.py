@@ -134,18 +134,18 @@ def random_resized_crop(image: torch.Tensor, size, generator: torch.Generator,
 
 def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """``(to_float(image) - mean) / std`` per channel; ImageNet statistics by default."""
-    mean, std = _channel_stats(mean, std)
+    mean, std = _channel_stats(mean, std, image.device)
     return (to_float(image) - mean) / std
 
 
 def normalize_(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """:func:`normalize` in place on float32 ``x`` (C×H×W or a N×C×H×W batch); same values."""
-    mean, std = _channel_stats(mean, std)
+    mean, std = _channel_stats(mean, std, x.device)
     return x.sub_(mean).div_(std)
 
 
-def _channel_stats(mean, std) -> tuple:
-    as_column = lambda v: torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1, 1)
+def _channel_stats(mean, std, device) -> tuple:
+    as_column = lambda v: torch.as_tensor(v, dtype=torch.float32, device=device).reshape(-1, 1, 1)
     return as_column(mean), as_column(std)
 
 
