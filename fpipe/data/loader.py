@@ -122,20 +122,16 @@ class Loader:
             raise ValueError(f"images in one batch have different shapes {sorted(shapes)}; give "
                              f"the transforms a fixed output size, e.g. 'resize|center_crop' "
                              f"(transforms: {self.transform.spec!r})")
-        is_uint8 = [image.dtype == torch.uint8 for image in images]
-        as_uint8 = all(is_uint8) and not finish
+        as_uint8 = not finish and all(image.dtype == torch.uint8 for image in images)
         out = workers.empty((len(images), *images[0].shape),
                             torch.uint8 if as_uint8 else torch.float32)
-        for row, image in zip(out, images):
+        for row, image in zip(out, images):  # row by row: each pass stays in cache
             row.copy_(image)
-        if not as_uint8:  # exactly transforms.to_float, per row
-            if all(is_uint8):
-                out.div_(255.0)
-            else:
-                for row, scale in zip(out, is_uint8):
-                    if scale:
-                        row.div_(255.0)
-        return self.transform.finish(out) if finish else out
+            if not as_uint8 and image.dtype == torch.uint8:
+                row.div_(255.0)  # exactly transforms.to_float
+            if finish:
+                self.transform.finish(row)
+        return out
 
     def epoch(self, epoch: int = 0, start_step: int = 0):
         """Iterator over this rank's batches of ``epoch``, from ``start_step`` (for resuming)."""
