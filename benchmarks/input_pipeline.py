@@ -149,7 +149,8 @@ def epoch_time(make_batches) -> tuple:
 
 def _first(split, n):
     keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:n].sort()[0]
-    files = [split.files[i] for i in keep]
+    every = split.files
+    files = [every[i] for i in keep]
     return image_folder.FolderSplit(files, split.labels[keep].tolist())
 
 

@@ -2,7 +2,8 @@
 
     from fpipe import data
     ds = data.build(config.data)          # ds.num_classes, ds.classes, ds.train, ds.test, ds.val
-    loader = data.Loader(ds.train, config.data, train=True, rank=0, world_size=1)
+    loader = data.Loader(ds.train, config.data, train=True, rank=0, world_size=1)  # device="cuda":
+                                          # normalised on the GPU, copied a batch ahead
     loader.steps_per_epoch
     for batch in loader.epoch(epoch, start_step=0):   # {"image", "label", "index"} (+ "mask")
         ...
