@@ -283,3 +283,16 @@ def test_split_file_lists_paths_labels_and_splits(tmp_path):
     bad.write_text(f"{files[0]},1,train\n")
     with pytest.raises(ValueError, match=r"no rows for split 'val'.*\['train'\]"):
         data.build(cfg(name="image_folder", split_file=str(bad)))
+
+
+def test_config_check_names_the_key(tmp_path):
+    config_lib.check(cfg())
+    for key, value in [("num_workers", -1), ("max_image_pixels", 0), ("max_aspect_ratio", 0.5),
+                       ("split_file", str(tmp_path / "none.csv"))]:
+        with pytest.raises(ValueError, match=f"data.{key}="):
+            config_lib.check(cfg(**{key: value}))
+
+
+def test_transforms_parse_is_still_importable_from_transforms():
+    from fpipe.data import transforms
+    assert transforms.parse("resize(8)|normalize").spec == "resize(8)|normalize"

@@ -3,6 +3,8 @@
 Every key the data package reads is listed here once, so a config that sets only some keys
 still gets documented defaults for the rest.
 """
+import os
+
 import ml_collections
 
 
@@ -43,3 +45,20 @@ def get(data_cfg, key: str):
         return data_cfg[key]
     except (KeyError, AttributeError):
         return _DEFAULTS[key]
+
+
+def check(data_cfg) -> None:
+    """The data keys a config can get wrong before any file is read; one line per problem."""
+    for key in ("num_workers",):
+        if not (isinstance(get(data_cfg, key), int) and get(data_cfg, key) >= 0):
+            raise ValueError(f"data.{key}={get(data_cfg, key)!r}: a whole number >= 0 is needed")
+    if not (isinstance(get(data_cfg, "max_image_pixels"), int) and
+            get(data_cfg, "max_image_pixels") >= 1):
+        raise ValueError(f"data.max_image_pixels={get(data_cfg, 'max_image_pixels')!r}: a whole "
+                         "number >= 1 is needed")
+    if not float(get(data_cfg, "max_aspect_ratio")) >= 1:
+        raise ValueError(f"data.max_aspect_ratio={get(data_cfg, 'max_aspect_ratio')!r}: a ratio "
+                         ">= 1 is needed (long side / short side)")
+    split_file = get(data_cfg, "split_file")
+    if split_file and not os.path.isfile(split_file):
+        raise ValueError(f"data.split_file={split_file!r} is not a file")

@@ -225,3 +225,9 @@ def _scaled_span(start: int, length: int, scale: float, limit: int) -> tuple:
     return first, max(1, min(round((start + length) * scale), limit) - first)
 
 
+
+
+def parse(spec, size=None):
+    """For callers of ``transforms.parse``: op strings are :func:`fpipe.data.pipeline.parse`'s."""
+    from fpipe.data import pipeline  # Lazily: pipeline builds on this module.
+    return pipeline.parse(spec, size)
