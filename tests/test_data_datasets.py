@@ -187,3 +187,112 @@ def test_data_package_imports_no_models_training_or_torchvision():
                 for name in names:
                     assert not name.startswith(("torchvision", "fpipe.models", "fpipe.train")), \
                         f"{path.name} imports {name}"
+
+
+# --- image_folder: trees that must not silently gain or lose a class --------------------------
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    write_tree(tmp_path, {"train": {"a": 2, "b": 1}, "val": {"a": 1}})
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"class folder '{tmp_path / 'train' / 'empty'}' has no image"):
+        data.build(cfg(name="image_folder", root=str(tmp_path)))
+    (tmp_path / "train" / "empty").rmdir()
+    (tmp_path / "val" / "b").mkdir()  # present in the test split but empty: an error too
+    with pytest.raises(ValueError, match=f"'{tmp_path / 'val' / 'b'}' has no image"):
+        data.build(cfg(name="image_folder", root=str(tmp_path)))
+
+
+def test_symlink_loops_duplicates_and_broken_links_are_errors(tmp_path):
+    write_tree(tmp_path, {"train": {"a": 2, "b": 1}, "val": {"a": 1}})
+    train = tmp_path / "train"
+    (train / "loop").symlink_to(train)  # a class folder that is its own parent
+    with pytest.raises(ValueError, match=f"'{train / 'loop'}' is the directory.*symlink loop"):
+        data.build(cfg(name="image_folder", root=str(tmp_path)))
+    (train / "loop").unlink()
+    (train / "a" / "deeper").symlink_to(train / "a")  # a loop inside a class folder
+    with pytest.raises(ValueError, match="symlink loop"):
+        data.build(cfg(name="image_folder", root=str(tmp_path)))
+    (train / "a" / "deeper").unlink()
+    (train / "c").symlink_to(train / "b")  # b's images would count twice, as b and as c
+    with pytest.raises(ValueError, match=f"'{train / 'c'}' is the directory '{train / 'b'}'"):
+        data.build(cfg(name="image_folder", root=str(tmp_path)))
+    (train / "c").unlink()
+    (train / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ValueError, match="gone.png' is a broken symlink"):
+        data.build(cfg(name="image_folder", root=str(tmp_path)))
+
+
+def test_images_in_nested_and_linked_folders_are_found_in_sorted_order(tmp_path):
+    write_tree(tmp_path, {"train": {"a": 1}, "val": {"a": 1}})
+    elsewhere = tmp_path / "elsewhere"
+    write_tree(elsewhere, {"x": {"b": 2}})
+    (tmp_path / "train" / "b").symlink_to(elsewhere / "x" / "b")  # a symlink farm is fine
+    nested = tmp_path / "train" / "a" / "sub"
+    nested.mkdir()
+    Image.new("RGB", (3, 3)).save(nested / "n.png")
+    Image.new("RGB", (3, 3)).save(tmp_path / "train" / "a" / ".hidden.png")
+    ds = data.build(cfg(name="image_folder", root=str(tmp_path)))
+    names = [f.split(str(tmp_path))[1] for f in ds.train.files]
+    assert names == ["/train/a/img0.png", "/train/a/sub/n.png", "/train/b/img0.png",
+                     "/train/b/img1.png"]
+    assert ds.train.labels.tolist() == [0, 0, 1, 1] and ds.val is None
+
+
+# --- image_folder: transfer datasets with three splits ----------------------------------------
+
+def test_val_split_folder_gives_a_third_split(tmp_path):
+    write_tree(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1}, "test": {"b": 3}})
+    ds = data.build(cfg(name="image_folder", root=str(tmp_path), test_split="test",
+                        val_split="val"))
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (4, 1, 3)
+    assert ds.val.labels.tolist() == [0] and ds.test.labels.tolist() == [1, 1, 1]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        data.build(cfg(name="image_folder", root=str(tmp_path), val_split="nope"))
+
+
+def test_split_file_lists_paths_labels_and_splits(tmp_path):
+    pixels = write_tree(tmp_path / "img", {"all": {"x": 6}})
+    files = sorted(pixels)
+    rows = ["path,label,split", "# a comment"]
+    for k, (label, split) in enumerate([("10", "train"), ("2", "train"), ("2", "val"),
+                                        ("10", "test"), ("2", "test"), ("10", "other")]):
+        rows.append(f"{files[k].split(str(tmp_path) + '/')[1]},{label},{split}")
+    (tmp_path / "splits.csv").write_text("\n".join(rows) + "\n\n")
+    c = cfg(name="image_folder", split_file=str(tmp_path / "splits.csv"), test_split="test",
+            val_split="val")
+    ds = data.build(c)
+    assert ds.classes == ("2", "10")  # integer labels sort by value, not as text
+    assert ds.train.labels.tolist() == [1, 0] and ds.val.labels.tolist() == [0]
+    assert ds.test.labels.tolist() == [1, 0]
+    assert ds.train.files == files[:2] and ds.test.files == files[3:5]
+    image, label = ds.test[0]
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), pixels[files[3]]) and label == 1
+    # The same file read against data.root.
+    c.root, c.split_file = str(tmp_path), str(tmp_path / "splits.csv")
+    assert data.build(c).train.files == files[:2]
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"{files[0]},1,train\n{files[1]},7,test\n")
+    with pytest.raises(ValueError, match=r"labels the train split lacks: \['7'\]"):
+        data.build(cfg(name="image_folder", split_file=str(bad), test_split="test"))
+    bad.write_text(f"{files[0]},1,train\nmissing.png,1,test\n")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        data.build(cfg(name="image_folder", split_file=str(bad), test_split="test"))
+    bad.write_text(f"{files[0]},1\n")
+    with pytest.raises(ValueError, match=r"bad.csv:1: want 'path,label,split'"):
+        data.build(cfg(name="image_folder", split_file=str(bad)))
+    bad.write_text(f"{files[0]},1,train\n")
+    with pytest.raises(ValueError, match=r"no rows for split 'val'.*\['train'\]"):
+        data.build(cfg(name="image_folder", split_file=str(bad)))
+
+
+def test_config_check_names_the_key(tmp_path):
+    config_lib.check(cfg())
+    for key, value in [("num_workers", -1), ("max_image_pixels", 0), ("max_aspect_ratio", 0.5),
+                       ("split_file", str(tmp_path / "none.csv"))]:
+        with pytest.raises(ValueError, match=f"data.{key}="):
+            config_lib.check(cfg(**{key: value}))
+
+
+def test_transforms_parse_is_still_importable_from_transforms():
+    from fpipe.data import transforms
+    assert transforms.parse("resize(8)|normalize").spec == "resize(8)|normalize"

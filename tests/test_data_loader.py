@@ -161,3 +161,44 @@ def test_mixed_image_sizes_are_a_clear_error():
         next(iter(loader.epoch()))
     fixed = data.Loader(Ragged(), cfg(eval_transforms="resize(4)|center_crop(4)"), train=False)
     assert next(iter(fixed.epoch()))["image"].shape == (8, 3, 4, 4)
+
+
+def test_batches_equal_the_per_image_pipeline_exactly():
+    """The batched, in-place normalise gives the values of the pipeline applied image by image."""
+    from fpipe.data import pipeline, rng
+    c = cfg(train_transforms=AUGMENT)
+    s = noisy_split()
+    batch = next(iter(data.Loader(s, c, train=True, seed=4).epoch(3)))
+    pipe = pipeline.parse(AUGMENT, size=c.image_size)
+    expected = torch.stack([pipe(s[i][0], rng.generator("augment", 4, 3, i))
+                            for i in batch["index"].tolist()])
+    assert torch.equal(batch["image"], expected)
+    assert not torch.equal(batch["image"][0], batch["image"][1])
+
+
+def test_workers_iterate_across_epochs_like_the_caller():
+    stream = lambda workers, start: data.Loader(
+        noisy_split(), cfg(train_transforms=AUGMENT, num_workers=workers), train=True
+    ).iterate(start)
+    spe = data.Loader(noisy_split(), cfg(), train=True).steps_per_epoch
+    inline, pooled = stream(0, spe - 1), stream(2, spe - 1)
+    for _ in range(3):  # the last step of epoch 0, then epoch 1
+        a, b = next(inline), next(pooled)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_worker_error_is_one_clean_line():
+    class Broken:
+        labels = torch.zeros(8, dtype=torch.int64)
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            if i == 5:
+                raise ValueError("cannot decode image file 'x.jpg' (bad). Fix: replace it.")
+            return torch.zeros(3, 4, 4, dtype=torch.uint8), 0
+    loader = data.Loader(Broken(), cfg(num_workers=2, eval_batch_size=4), train=False)
+    with pytest.raises(ValueError) as error:
+        list(loader.epoch())
+    assert str(error.value) == "cannot decode image file 'x.jpg' (bad). Fix: replace it."

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fpipe.data import pipeline as P
 from fpipe.data import transforms as T
 
 
@@ -105,26 +106,74 @@ def test_random_resized_crop_full_image_and_fallback():
 
 def test_parse_pipeline_string_list_and_default_size():
     x = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=gen())
-    p = T.parse("resize(8)|center_crop(8)|normalize")
+    p = P.parse("resize(8)|center_crop(8)|normalize")
     out = p(x, gen())
     assert out.shape == (3, 8, 8) and out.dtype == torch.float32
     assert torch.equal(out, T.normalize(T.center_crop(T.resize(x, 8), 8)))
-    q = T.parse(["resize", "center_crop", "normalize"], size=8)
+    q = P.parse(["resize", "center_crop", "normalize"], size=8)
     assert torch.equal(q(x, gen()), out)
-    r = T.parse("random_resized_crop(scale=(0.3, 1))|flip|to_float", size=12)
+    r = P.parse("random_resized_crop(scale=(0.3, 1))|flip|to_float", size=12)
     assert r(x, gen(3)).shape == (3, 12, 12)
     assert torch.equal(r(x, gen(3)), r(x, gen(3)))
-    assert T.parse("", size=8)(x, gen()) is x
-    assert T.parse(None)(x, gen()) is x
+    assert P.parse("", size=8)(x, gen()) is x
+    assert P.parse(None)(x, gen()) is x
     assert p.spec == "resize(8)|center_crop(8)|normalize"
 
 
 def test_parse_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"unknown transform op 'blur'.*center_crop.*flip"):
-        T.parse("resize(8)|blur")
+        P.parse("resize(8)|blur")
     with pytest.raises(ValueError, match="bad arguments.*resize"):
-        T.parse("resize(8, 9, 10)")
+        P.parse("resize(8, 9, 10)")
     with pytest.raises(ValueError, match="needs a size"):
-        T.parse("center_crop")
+        P.parse("center_crop")
     with pytest.raises(ValueError, match="cannot parse"):
-        T.parse("resize(x)")
+        P.parse("resize(x)")
+
+
+def test_uint8_resize_is_within_one_level_of_the_float_resize():
+    x = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=gen())
+    for size in [(16, 20), (50, 70), (37, 20)]:
+        fast = T.resize(x, size)
+        reference = T.resize(x.float(), size).round().clamp(0, 255)
+        assert fast.dtype == torch.uint8
+        assert (fast.float() - reference).abs().max() <= 1
+
+
+def test_pipeline_splits_into_geometry_per_sample_and_pixelwise_parts():
+    p = P.parse("random_resized_crop(8)|flip|normalize")
+    assert (len(p.geometric), len(p.per_sample), len(p.pixelwise)) == (2, 0, 1)
+    q = P.parse("to_float|resize(8)|normalize|to_float")
+    assert (len(q.geometric), len(q.per_sample), len(q.pixelwise)) == (0, 2, 2)
+    x = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=gen())
+    assert torch.equal(q(x, gen()), T.normalize(T.resize(T.to_float(x), 8)))
+    # The planned geometry draws what the ops draw, in order, and applies the same crops.
+    plan = p.plan(20, 30, gen(5))
+    box = T.random_resized_crop_box(20, 30, gen(5))
+    assert plan.steps[:2] == [("crop", *box), ("resize", 8, 8)]
+    batch = torch.stack([x, x.flip(-1)])
+    assert torch.equal(p.finish(batch.clone())[1], T.normalize(x.flip(-1)))
+
+
+def test_geometry_reduction_and_scaled_crops():
+    g = T.Geometry(400, 600)
+    g.crop(0, 100, 400, 400)
+    g.resize(100, 100)
+    assert g.reduction() == 4
+    g2 = T.Geometry(400, 600)
+    g2.resize(256, 384)
+    assert g2.reduction() == 1  # shrinks by 1.56 only
+    # Applied to a 1/4-size image, the crop scales with it: the same part of the picture.
+    x = torch.arange(600.0).repeat(400, 1)[None]  # value = column
+    small = x[:, ::4, ::4]
+    out = g.apply(small, (0.25, 0.25))
+    assert out.shape == (1, 100, 100)
+    assert 95 < out[0, 0, 0] < 110 and 490 < out[0, 0, -1] < 500
+
+
+def test_pipelines_pickle_by_their_string():
+    import pickle
+    p = P.parse("random_resized_crop(scale=(0.3, 1))|flip|normalize", size=12)
+    q = pickle.loads(pickle.dumps(p))
+    x = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=gen())
+    assert q.spec == p.spec and torch.equal(q(x, gen(2)), p(x, gen(2)))

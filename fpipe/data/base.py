@@ -1,4 +1,4 @@
-"""The containers every dataset returns: a :class:`Dataset` with two splits.
+"""The containers every dataset returns: a :class:`Dataset` with two or three splits.
 
 A split is anything with ``len(split)``, ``split[i] -> (image, label)`` (image a CHW tensor,
 uint8 in 0..255 or float in [0, 1]; label an int) and ``split.labels`` (int64, one per sample,
@@ -21,11 +21,13 @@ class Split(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A named dataset: class names (label ``i`` is ``classes[i]``) and its two splits."""
+    """A named dataset: class names (label ``i`` is ``classes[i]``) and its splits; ``val``
+    (for choosing hyper-parameters, never the test split) is optional."""
     name: str
     classes: tuple
     train: Split
     test: Split
+    val: Split | None = None
 
     @property
     def num_classes(self) -> int:

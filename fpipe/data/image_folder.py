@@ -1,51 +1,107 @@
-"""Images on disk, one subfolder per class: ``root/<split>/<class>/<image file>``.
+"""Images on disk: one subfolder per class, ``root/<split>/<class>/<image file>``, or a split file.
 
-Class names are the sorted subfolders of the train split; the test split may lack some of them
-but may not add new ones. Files are decoded with Pillow on access, to RGB uint8 CHW tensors
-of their own size (the transforms make them one size).
+Folders: class names are the sorted subfolders of the train split; the test (and optional val,
+``data.val_split``) split may lack some classes but may not add new ones. Images are found at
+any depth under a class folder (symlinks followed), in sorted path order; hidden entries
+(``.name``) are skipped. Every class folder must hold at least one image, a directory reached
+twice (a symlink loop, or two links to one folder) and a broken symlink are errors naming it, so
+the tree never silently gains or loses a class.
+
+Split file (``data.split_file``): a CSV of ``path,label,split`` rows (an optional header row
+with those names; blank and ``#`` lines skipped), paths relative to ``data.root`` or, without
+it, to the file's folder. Split names are matched to ``data.train_split``, ``test_split`` and
+``val_split``; rows of other splits are not used. Labels are class names, or integers (then
+sorted by value, so label ``k`` is class index ``k`` when labels are 0..K-1).
+
+Files decode on access (``fpipe.data.decode``: bit depths, alpha, size limits).
 """
+import csv
 import os
 
 import numpy as np
 import torch
-from PIL import Image
 
-from fpipe.data import base
+from fpipe.data import base, decode
 from fpipe.data import config as config_lib
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 LAYOUT = "root/<split>/<class name>/<image>.jpg|png|... (split names: data.train_split, " \
-         "data.test_split)"
-
-
-def decode(path: str) -> torch.Tensor:
-    """The file as an RGB uint8 3×H×W tensor; a file Pillow cannot read is a clear error."""
-    try:
-        with Image.open(path) as image:
-            pixels = np.array(image.convert("RGB"))
-    except Exception as e:  # Pillow raises many types for broken files; name the file for all.
-        raise ValueError(f"cannot decode image file {path!r} ({type(e).__name__}: {e}). Fix: "
-                         "delete or replace this file (e.g. re-save it as PNG or JPEG).") from e
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+         "data.test_split, data.val_split), or data.split_file"
+SPLIT_FILE_COLUMNS = ("path", "label", "split")
 
 
 class FolderSplit:
-    """Image files and their labels; decodes on access."""
+    """Image files and their labels; decodes on access.
 
-    def __init__(self, files: list, labels: list):
-        self.files = list(files)
+    Paths are kept in one numpy array rather than a list of str objects: forked worker
+    processes then share them instead of copying every page that a reference count touches.
+    """
+
+    def __init__(self, files: list, labels: list, limits: decode.Limits = decode.Limits()):
+        self._paths = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.limits = limits
+
+    @property
+    def files(self) -> list:
+        return [os.fsdecode(p) for p in self._paths]
+
+    def path(self, index: int) -> str:
+        return os.fsdecode(self._paths[base.check_index(index, len(self))])
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.labels)
 
     def __getitem__(self, index):
-        i = base.check_index(index, len(self))
-        return decode(self.files[i]), int(self.labels[i])
+        return decode.decode(self.path(index), self.limits), int(self.labels[index])
+
+    def read(self, index: int, plan) -> tuple:
+        """Like ``split[index]`` with a geometry planned from the header (``decode.read``)."""
+        return decode.read(self.path(index), plan, self.limits), int(self.labels[index])
 
 
-def _subdirs(path: str) -> list:
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(EXTENSIONS) and not name.startswith(".")
+
+
+class _Walk:
+    """Directories visited under one split, by device and inode: reaching one twice is an error."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def enter(self, path: str):
+        st = os.stat(path)
+        first = self.seen.setdefault((st.st_dev, st.st_ino), path)
+        if first != path:
+            raise ValueError(f"image_folder: {path!r} is the directory {first!r} again (a "
+                             "symlink loop, or two links to one folder would count its images "
+                             "twice). Fix: remove the symlink.")
+
+    def entries(self, path: str) -> list:
+        """Non-hidden entries, sorted; a broken symlink is an error."""
+        found = []
+        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                raise ValueError(f"image_folder: {entry.path!r} is a broken symlink (to "
+                                 f"{os.readlink(entry.path)!r}). Fix: remove or repair it.")
+            found.append(entry)
+        return found
+
+    def images(self, class_dir: str) -> list:
+        """Image files at any depth under ``class_dir``, in sorted path order."""
+        files, pending = [], [class_dir]
+        while pending:
+            folder = pending.pop()
+            self.enter(folder)
+            for entry in self.entries(folder):
+                if entry.is_dir():
+                    pending.append(entry.path)
+                elif _is_image(entry.name):
+                    files.append(entry.path)
+        return sorted(files, key=lambda f: os.path.relpath(f, class_dir).split(os.sep))
 
 
 def _split_dir(root: str, split: str) -> str:
@@ -55,36 +111,108 @@ def _split_dir(root: str, split: str) -> str:
     return path
 
 
-def _scan(path: str, classes: tuple) -> FolderSplit:
+def _class_dirs(split_dir: str, walk: _Walk) -> list:
+    walk.enter(split_dir)
+    return [e.name for e in walk.entries(split_dir) if e.is_dir()]
+
+
+def _scan(split_dir: str, classes: tuple, limits: decode.Limits) -> FolderSplit:
+    walk = _Walk()
+    names = _class_dirs(split_dir, walk)
     index = {name: i for i, name in enumerate(classes)}
-    extra = [c for c in _subdirs(path) if c not in index]
+    extra = [c for c in names if c not in index]
     if extra:
-        raise ValueError(f"image_folder: {path!r} has classes the train split lacks: {extra}")
+        raise ValueError(f"image_folder: {split_dir!r} has classes the train split lacks: {extra}")
     files, labels = [], []
-    for name in _subdirs(path):
-        class_dir = os.path.join(path, name)
-        for file in sorted(os.listdir(class_dir)):
-            if file.lower().endswith(EXTENSIONS):
-                files.append(os.path.join(class_dir, file))
-                labels.append(index[name])
+    for name in names:
+        found = walk.images(os.path.join(split_dir, name))
+        if not found:
+            raise ValueError(f"image_folder: class folder {os.path.join(split_dir, name)!r} has "
+                             f"no image files ({', '.join(EXTENSIONS)}). Fix: add images or "
+                             "remove the folder (an empty folder would be a class with none).")
+        files += found
+        labels += [index[name]] * len(found)
     if not files:
         raise ValueError(f"image_folder: no image files ({', '.join(EXTENSIONS)}) under "
-                         f"{path!r}. Expected layout: {LAYOUT}")
-    return FolderSplit(files, labels)
+                         f"{split_dir!r}. Expected layout: {LAYOUT}")
+    return FolderSplit(files, labels, limits)
+
+
+def _from_folders(root: str, split_names: dict, limits: decode.Limits) -> tuple:
+    dirs = {role: _split_dir(root, name) for role, name in split_names.items()}
+    classes = tuple(_class_dirs(dirs["train"], _Walk()))
+    if not classes:
+        raise ValueError(f"image_folder: {dirs['train']!r} has no class subfolders. "
+                         f"Expected layout: {LAYOUT}")
+    return classes, {role: _scan(d, classes, limits) for role, d in dirs.items()}
+
+
+def _read_split_file(path: str) -> list:
+    """``(path, label, split)`` rows of a split file; a malformed row names its line."""
+    rows = []
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.reader(f), start=1):
+            row = [cell.strip() for cell in row]
+            if not any(row) or row[0].startswith("#"):
+                continue
+            if len(rows) == 0 and tuple(c.lower() for c in row) == SPLIT_FILE_COLUMNS:
+                continue
+            if len(row) != 3 or not all(row):
+                raise ValueError(f"image_folder: {path}:{line}: want 'path,label,split', got "
+                                 f"{','.join(row)!r}")
+            rows.append(tuple(row))
+    return rows
+
+
+def _from_split_file(split_file: str, root: str, split_names: dict, limits) -> tuple:
+    if not os.path.isfile(split_file):
+        raise FileNotFoundError(f"image_folder: data.split_file {split_file!r} is not a file")
+    base_dir = root or os.path.dirname(os.path.abspath(split_file))
+    rows = _read_split_file(split_file)
+    by_split = {role: [(os.path.join(base_dir, p), label) for p, label, s in rows if s == name]
+                for role, name in split_names.items()}
+    for role, found in by_split.items():
+        if not found:
+            present = sorted({s for _, _, s in rows})
+            raise ValueError(f"image_folder: {split_file!r} has no rows for split "
+                             f"{split_names[role]!r} (data.{role}_split); splits in the file: "
+                             f"{present}")
+    labels = {label for _, label in by_split["train"]}
+    numeric = all(label.isdigit() for label in labels)
+    classes = tuple(sorted(labels, key=int if numeric else str))
+    index = {name: i for i, name in enumerate(classes)}
+    splits = {}
+    for role, found in by_split.items():
+        unknown = sorted({label for _, label in found if label not in index})
+        if unknown:
+            raise ValueError(f"image_folder: split {split_names[role]!r} of {split_file!r} has "
+                             f"labels the train split lacks: {unknown[:10]}")
+        missing = [p for p, _ in found if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"image_folder: {len(missing)} files of {split_file!r} do "
+                                    f"not exist, e.g. {missing[:3]}")
+        splits[role] = FolderSplit([p for p, _ in found], [index[label] for _, label in found],
+                                   limits)
+    return classes, splits
 
 
 def build(data_cfg) -> base.Dataset:
-    root = str(config_lib.get(data_cfg, "root"))
-    if not root:
-        raise ValueError(f"image_folder needs data.root. Expected layout: {LAYOUT}")
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image_folder: data.root {root!r} is not a directory. "
-                                f"Expected layout: {LAYOUT}")
-    train_dir = _split_dir(root, str(config_lib.get(data_cfg, "train_split")))
-    test_dir = _split_dir(root, str(config_lib.get(data_cfg, "test_split")))
-    classes = tuple(_subdirs(train_dir))
-    if not classes:
-        raise ValueError(f"image_folder: {train_dir!r} has no class subfolders. "
-                         f"Expected layout: {LAYOUT}")
-    return base.Dataset("image_folder", classes, _scan(train_dir, classes),
-                        _scan(test_dir, classes))
+    get = lambda key: config_lib.get(data_cfg, key)
+    root, split_file = str(get("root")), str(get("split_file"))
+    limits = decode.Limits(int(get("max_image_pixels")), float(get("max_aspect_ratio")))
+    split_names = {"train": str(get("train_split")), "test": str(get("test_split"))}
+    if get("val_split"):
+        split_names["val"] = str(get("val_split"))
+    if split_file:
+        if root and not os.path.isdir(root):
+            raise FileNotFoundError(f"image_folder: data.root {root!r} is not a directory")
+        classes, splits = _from_split_file(split_file, root, split_names, limits)
+    else:
+        if not root:
+            raise ValueError(f"image_folder needs data.root. Expected layout: {LAYOUT}")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image_folder: data.root {root!r} is not a directory. "
+                                    f"Expected layout: {LAYOUT}")
+        classes, splits = _from_folders(root, split_names, limits)
+    return base.Dataset("image_folder", classes, splits["train"], splits["test"],
+                        splits.get("val"))

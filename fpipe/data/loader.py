@@ -10,29 +10,36 @@ batch, so rank shards concatenated in rank order are exactly the 1-process batch
   (repeating samples from the start) and ``batch["mask"]`` is False on padding, so every rank
   has the same number of equal-sized batches and ``sum(correct * mask)`` is exact.
 - Augmentation draws from a generator seeded by ``(seed, epoch, sample index)``: independent of
-  ``num_workers``, ``world_size`` and where a run was resumed.
+  ``num_workers``, ``world_size`` and where a run was resumed. A batch is a pure function of
+  ``(epoch, step)``.
+
+How a batch is made: per sample, the pipeline's geometry is planned from the image size; a split
+that reads files (``split.read``) decodes at reduced size when the plan allows
+(``fpipe.data.decode``); then the per-batch pixelwise ops (``normalize``) run once on the
+stacked batch, in place. ``num_workers > 0`` makes whole batches in that many worker processes
+(``fpipe.data.workers``), into shared memory, pinned when CUDA is present. With
+``device="cuda"`` batches travel as uint8, are normalised on the device and are copied one
+batch ahead on a side stream.
 
 Batches: ``{"image": float32 N×C×H×W, "label": int64 N, "index": int64 N}`` (sample indices into
 the split), plus ``"mask": bool N`` in evaluation.
 """
-import collections
-import concurrent.futures
+import itertools
 import math
 
 import torch
 
 from fpipe.data import config as config_lib
+from fpipe.data import pipeline
 from fpipe.data import rng
-from fpipe.data import transforms
-
-PREFETCH_BATCHES = 2  # with num_workers > 0: batches being decoded ahead of the consumer
+from fpipe.data import workers
 
 
 class Loader:
     """Batches of one split for one rank. ``epoch(e, start_step)`` iterates an epoch."""
 
     def __init__(self, split, data_cfg, *, train: bool, rank: int = 0, world_size: int = 1,
-                 seed: int | None = None):
+                 seed: int | None = None, device=None):
         get = lambda key: config_lib.get(data_cfg, key)
         if not 0 <= rank < world_size:
             raise ValueError(f"want 0 <= rank < world_size, got rank={rank}, "
@@ -42,7 +49,9 @@ class Loader:
         self.num_workers = int(get("num_workers"))
         self.num_samples = len(split)
         spec = get("train_transforms" if train else "eval_transforms")
-        self.transform = transforms.parse(spec, size=int(get("image_size")))
+        self.transform = pipeline.parse(spec, size=int(get("image_size")))
+        self.device = None if device is None else torch.device(device)
+        self._order_cache = (None, None)
         if self.num_samples == 0:
             raise ValueError("the split is empty")
         if train:
@@ -71,7 +80,11 @@ class Loader:
         """The epoch's global sample order: all ranks, all steps (training: a permutation)."""
         if not self.train:
             return torch.arange(self.num_samples)
-        return torch.randperm(self.num_samples, generator=rng.generator("order", self.seed, epoch))
+        if self._order_cache[0] != epoch:  # a worker makes many batches of one epoch
+            order = torch.randperm(self.num_samples, generator=rng.generator("order", self.seed,
+                                                                             epoch))
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
 
     def _shard(self, order: torch.Tensor, step: int) -> tuple:
         """``(indices, mask)`` of this rank's part of global batch ``step``."""
@@ -80,62 +93,85 @@ class Loader:
         mask = positions < self.num_samples
         return order[positions % self.num_samples], mask
 
-    def _load(self, index: int, epoch: int) -> tuple:
-        image, label = self.split[index]
+    def _sample(self, index: int, epoch: int) -> tuple:
+        """Sample ``index`` through the per-sample part of the pipeline: ``(image, label)``."""
         generator = rng.generator("augment", self.seed, epoch, index)
-        return self.transform(image, generator), label
+        plan = lambda height, width: self.transform.plan(height, width, generator)
+        if hasattr(self.split, "read"):  # files: decoded knowing the plan (reduced size)
+            image, label = self.split.read(index, plan)
+        else:
+            image, label = self.split[index]
+            image = plan(*image.shape[-2:]).apply(image)
+        return self.transform.middle(image, generator), label
 
-    def _collate(self, samples: list, indices: torch.Tensor, mask: torch.Tensor) -> dict:
-        images = [image for image, _ in samples]
-        shapes = {tuple(image.shape) for image in images}
-        if len(shapes) > 1:
-            raise ValueError(f"images in one batch have different shapes {sorted(shapes)}; give "
-                             f"the transforms a fixed output size, e.g. 'resize|center_crop' "
-                             f"(transforms: {self.transform.spec!r})")
-        batch = {"image": transforms.to_float(torch.stack(images)),
+    def batch(self, epoch: int, step: int, finish: bool = True) -> dict:
+        """This rank's batch of global step ``step`` of ``epoch`` (``finish=False``: the images
+        before the pixelwise ops, uint8 when every image is)."""
+        indices, mask = self._shard(self.order(epoch), step)
+        samples = [self._sample(int(i), epoch) for i in indices]
+        batch = {"image": self._stack([image for image, _ in samples], finish),
                  "label": torch.tensor([label for _, label in samples], dtype=torch.int64),
                  "index": indices.clone()}
         if not self.train:
             batch["mask"] = mask
         return batch
 
+    def _stack(self, images: list, finish: bool) -> torch.Tensor:
+        shapes = {tuple(image.shape) for image in images}
+        if len(shapes) > 1:
+            raise ValueError(f"images in one batch have different shapes {sorted(shapes)}; give "
+                             f"the transforms a fixed output size, e.g. 'resize|center_crop' "
+                             f"(transforms: {self.transform.spec!r})")
+        as_uint8 = not finish and all(image.dtype == torch.uint8 for image in images)
+        out = workers.empty((len(images), *images[0].shape),
+                            torch.uint8 if as_uint8 else torch.float32)
+        for row, image in zip(out, images):  # row by row: each pass stays in cache
+            row.copy_(image)
+            if not as_uint8 and image.dtype == torch.uint8:
+                row.div_(255.0)  # exactly transforms.to_float
+            if finish:
+                self.transform.finish(row)
+        return out
+
     def epoch(self, epoch: int = 0, start_step: int = 0):
         """Iterator over this rank's batches of ``epoch``, from ``start_step`` (for resuming)."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} is outside 0..{self.steps_per_epoch}")
-        return self._iterate(int(epoch), int(start_step))
+        epoch = int(epoch)
+        return self._batches((epoch, step) for step in range(start_step, self.steps_per_epoch))
 
-    def _iterate(self, epoch: int, start_step: int):
-        order = self.order(epoch)
-        shards = (self._shard(order, s) for s in range(start_step, self.steps_per_epoch))
+    def _batches(self, keys):
+        """Batches for ``(epoch, step)`` keys: in this process or in workers; on the device."""
+        on_device = self.device is not None and self.device.type == "cuda"
         if self.num_workers <= 0:
-            for indices, mask in shards:
-                samples = [self._load(int(i), epoch) for i in indices]
-                yield self._collate(samples, indices, mask)
-            return
-        with concurrent.futures.ThreadPoolExecutor(self.num_workers, "fpipe-data") as pool:
-            pending = collections.deque()
-
-            def submit(shard):
-                indices, mask = shard
-                futures = [pool.submit(self._load, int(i), epoch) for i in indices]
-                pending.append((futures, indices, mask))
-            for shard in shards:
-                submit(shard)
-                if len(pending) >= PREFETCH_BATCHES:
-                    break
-            while pending:
-                futures, indices, mask = pending.popleft()
-                shard = next(shards, None)
-                if shard is not None:
-                    submit(shard)
-                yield self._collate([f.result() for f in futures], indices, mask)
+            made = (self.batch(*key, finish=not on_device) for key in keys)
+            if on_device:
+                made = (_pinned(b) for b in made)
+        else:
+            make = self.batch if not on_device else _Raw(self)
+            made = workers.batches(make, keys, self.num_workers,
+                                   pin_memory=torch.cuda.is_available())
+        if on_device:
+            return workers.to_device_ahead(made, self.device, self.transform.finish)
+        return made
 
     def iterate(self, start_step: int = 0):
         """Training batches without end, epoch after epoch, from global step ``start_step``."""
         if not self.train:
             raise ValueError("iterate() is for training; evaluate with epoch()")
-        epoch, step = divmod(int(start_step), self.steps_per_epoch)
-        while True:
-            yield from self.epoch(epoch, step)
-            epoch, step = epoch + 1, 0
+        steps = itertools.count(int(start_step))
+        return self._batches(divmod(step, self.steps_per_epoch) for step in steps)
+
+
+class _Raw:
+    """``loader.batch(epoch, step, finish=False)`` as a picklable callable for workers."""
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+
+    def __call__(self, epoch: int, step: int) -> dict:
+        return self.loader.batch(epoch, step, finish=False)
+
+
+def _pinned(batch: dict) -> dict:
+    return {k: v.pin_memory() for k, v in batch.items()}

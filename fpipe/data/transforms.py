@@ -1,26 +1,25 @@
-"""Image transforms as pure tensor functions, and their composition from a config string.
+"""Image transforms as pure tensor functions.
 
 Images are C×H×W tensors: uint8 in 0..255, or float in [0, 1] until ``normalize``. Geometric
-ops keep the dtype (uint8 results are rounded). Random ops draw only from the
-``torch.Generator`` passed in, so the loader can make augmentation a function of
-``(seed, epoch, sample)`` and a resumed run repeats it exactly.
+ops keep the dtype (uint8 is resized by PyTorch's uint8 kernel, within one level of the float
+result). Random ops draw only from the ``torch.Generator`` passed in, so the loader can make
+augmentation a function of ``(seed, epoch, sample)`` and a resumed run repeats it exactly.
 
-A pipeline is a string of registered ops, e.g. ``"random_resized_crop(64)|flip|normalize"``
-(or a list of such op strings); :func:`parse` turns it into ``fn(image, generator)``.
+Config strings of these ops (``"random_resized_crop|flip|normalize"``) are
+:mod:`fpipe.data.pipeline`'s concern.
 """
-import ast
-import inspect
 import math
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+REDUCTIONS = (8, 4, 2)  # the factors a JPEG decoder can shrink by in the DCT (1/k per side)
 
 
-def _hw(size) -> tuple:
+def size_hw(size) -> tuple:
+    """``(h, w)`` from an int (square) or a pair."""
     if isinstance(size, int):
         return size, size
     h, w = size
@@ -38,37 +37,45 @@ def _interpolate(image: torch.Tensor, hw: tuple) -> torch.Tensor:
     """Bilinear resize to exactly ``hw`` (antialiased when shrinking), keeping the dtype."""
     if tuple(image.shape[-2:]) == tuple(hw):
         return image
+    if image.dtype == torch.uint8:  # PyTorch's vectorised uint8 kernel: ~3× Pillow's resize
+        return F.interpolate(image[None], size=hw, mode="bilinear", align_corners=False,
+                             antialias=True)[0]
     x = image[None].to(torch.float32)
     out = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
-    if image.dtype == torch.uint8:
-        return out.round_().clamp_(0, 255).to(torch.uint8)
     return out.to(image.dtype)
+
+
+def resize_shape(height: int, width: int, size) -> tuple:
+    """The (h, w) :func:`resize` gives an ``height``×``width`` image."""
+    if isinstance(size, int):
+        short, long = min(height, width), max(height, width)
+        scaled = max(1, round(long * size / short))
+        return (size, scaled) if height <= width else (scaled, size)
+    return size_hw(size)
 
 
 def resize(image: torch.Tensor, size) -> torch.Tensor:
     """An int ``size`` sets the shorter side (the longer keeps the aspect, rounded); (h, w) both."""
-    h, w = image.shape[-2:]
-    if isinstance(size, int):
-        short, long = min(h, w), max(h, w)
-        scaled = max(1, round(long * size / short))
-        hw = (size, scaled) if h <= w else (scaled, size)
-    else:
-        hw = _hw(size)
-    return _interpolate(image, hw)
+    return _interpolate(image, resize_shape(*image.shape[-2:], size))
 
 
 def crop(image: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
     return image[..., top:top + height, left:left + width]
 
 
-def center_crop(image: torch.Tensor, size) -> torch.Tensor:
-    """The central ``size`` window; odd margins put the extra pixel at the bottom/right."""
-    th, tw = _hw(size)
-    h, w = image.shape[-2:]
-    if th > h or tw > w:
-        raise ValueError(f"center_crop({th}, {tw}) is larger than the {h}×{w} image; "
+def center_crop_box(height: int, width: int, size) -> tuple:
+    """``(top, left, h, w)`` of the central ``size`` window; odd margins put the extra pixel at
+    the bottom/right."""
+    th, tw = size_hw(size)
+    if th > height or tw > width:
+        raise ValueError(f"center_crop({th}, {tw}) is larger than the {height}×{width} image; "
                          "resize first (e.g. 'resize|center_crop')")
-    return crop(image, (h - th) // 2, (w - tw) // 2, th, tw)
+    return (height - th) // 2, (width - tw) // 2, th, tw
+
+
+def center_crop(image: torch.Tensor, size) -> torch.Tensor:
+    """The central ``size`` window (:func:`center_crop_box`)."""
+    return crop(image, *center_crop_box(*image.shape[-2:], size))
 
 
 def hflip(image: torch.Tensor) -> torch.Tensor:
@@ -76,10 +83,14 @@ def hflip(image: torch.Tensor) -> torch.Tensor:
     return image.flip(-1)
 
 
+def draw_flip(generator: torch.Generator, p: float = 0.5) -> bool:
+    """True with probability ``p``."""
+    return torch.rand((), generator=generator).item() < p
+
+
 def random_flip(image: torch.Tensor, generator: torch.Generator, p: float = 0.5):
     """:func:`hflip` with probability ``p``."""
-    flip = torch.rand((), generator=generator).item() < p
-    return hflip(image) if flip else image
+    return hflip(image) if draw_flip(generator, p) else image
 
 
 def random_resized_crop_box(height: int, width: int, generator: torch.Generator,
@@ -118,114 +129,105 @@ def random_resized_crop(image: torch.Tensor, size, generator: torch.Generator,
                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
     """A random :func:`random_resized_crop_box`, resized to ``size`` (int: square)."""
     box = random_resized_crop_box(*image.shape[-2:], generator, scale, ratio)
-    return _interpolate(crop(image, *box), _hw(size))
+    return _interpolate(crop(image, *box), size_hw(size))
 
 
 def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """``(to_float(image) - mean) / std`` per channel; ImageNet statistics by default."""
-    x = to_float(image)
-    mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
-    return (x - mean) / std
+    mean, std = _channel_stats(mean, std, image.device)
+    return (to_float(image) - mean) / std
 
 
-# ---------------------------------------------------------------------------------------------
-# Registered ops: each factory takes the op's arguments from the string and returns
-# ``fn(image, generator) -> image``. A ``size`` left out means the pipeline's default size.
-
-Op = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-OPS: dict = {}
+def normalize_(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """:func:`normalize` in place on float32 ``x`` (C×H×W or a N×C×H×W batch); same values."""
+    mean, std = _channel_stats(mean, std, x.device)
+    return x.sub_(mean).div_(std)
 
 
-def register(name: str):
-    def add(factory):
-        OPS[name] = factory
-        return factory
-    return add
+def _channel_stats(mean, std, device) -> tuple:
+    as_column = lambda v: torch.as_tensor(v, dtype=torch.float32, device=device).reshape(-1, 1, 1)
+    return as_column(mean), as_column(std)
 
 
-@register("random_resized_crop")
-def _random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Op:
-    return lambda image, g: random_resized_crop(image, size, g, tuple(scale), tuple(ratio))
+class Geometry:
+    """Crops, resizes and flips planned from an image's size alone, applied later to pixels.
 
-
-@register("flip")
-def _flip(p=0.5) -> Op:
-    return lambda image, g: random_flip(image, g, p)
-
-
-@register("resize")
-def _resize(size) -> Op:
-    return lambda image, g: resize(image, size)
-
-
-@register("center_crop")
-def _center_crop(size) -> Op:
-    return lambda image, g: center_crop(image, size)
-
-
-@register("normalize")
-def _normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Op:
-    return lambda image, g: normalize(image, mean, std)
-
-
-@register("to_float")
-def _to_float() -> Op:
-    return lambda image, g: to_float(image)
-
-
-def _parse_op(text: str, size) -> Op:
-    """One op string, ``name`` or ``name(args, key=value)``, with literal arguments."""
-    try:
-        node = ast.parse(text.strip(), mode="eval").body
-        if isinstance(node, ast.Name):
-            name, args, kwargs = node.id, [], {}
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            name = node.func.id
-            args = [ast.literal_eval(a) for a in node.args]
-            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-        else:
-            raise ValueError("not a name or a call")
-    except (SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot parse transform op {text!r} ({e}); write name or "
-                         "name(literal args), e.g. 'random_resized_crop(64, scale=(0.35, 1))'")
-    if name not in OPS:
-        raise ValueError(f"unknown transform op {name!r} in {text!r}; valid ops: "
-                         f"{', '.join(sorted(OPS))}")
-    factory = OPS[name]
-    signature = inspect.signature(factory)
-    try:
-        bound = signature.bind_partial(*args, **kwargs)
-        if "size" in signature.parameters and "size" not in bound.arguments:
-            if size is None:
-                raise TypeError("it needs a size and the pipeline has no default size")
-            bound.arguments["size"] = size
-        signature.bind(*bound.args, **bound.kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad arguments for transform op {text!r}: {e}; "
-                         f"signature: {name}{str(signature).split(' ->')[0]}") from None
-    return factory(*bound.args, **bound.kwargs)
-
-
-def parse(spec, size=None) -> Op:
-    """``"op|op(args)|..."`` or a list of op strings -> ``fn(image, generator)``.
-
-    An empty spec is the identity. ``size`` fills in crop/resize ops written without one, so
-    ``"random_resized_crop|normalize"`` follows ``data.image_size``.
+    Planning first lets a file be decoded at reduced size when the plan shrinks it anyway:
+    :meth:`reduction` is the largest k in ``REDUCTIONS`` by which the first resize shrinks its
+    input on both sides, so the pixels decoded at 1/k are still at least the resize's output
+    (it never enlarges them); :meth:`apply` then scales the crops before that resize to the
+    decoded size.
     """
-    if spec is None:
-        texts = []
-    elif isinstance(spec, str):
-        texts = [t for t in spec.split("|") if t.strip()]
-    elif isinstance(spec, Sequence):
-        texts = list(spec)
-    else:
-        raise TypeError(f"transforms: want a '|'-joined string or a list, got {spec!r}")
-    ops = [_parse_op(t, size) for t in texts]
 
-    def pipeline(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        for op in ops:
-            image = op(image, generator)
+    def __init__(self, height: int, width: int):
+        self.source = (int(height), int(width))
+        self.height, self.width = self.source
+        self.steps = []
+
+    def crop(self, top: int, left: int, height: int, width: int):
+        self.steps.append(("crop", top, left, height, width))
+        self.height, self.width = height, width
+
+    def resize(self, height: int, width: int):
+        self.steps.append(("resize", height, width))
+        self.height, self.width = height, width
+
+    def flip(self):
+        self.steps.append(("flip",))
+
+    def reduction(self) -> int:
+        h, w = self.source
+        for kind, *args in self.steps:
+            if kind == "crop":
+                h, w = args[2:]
+            elif kind == "resize":
+                shrink = min(h / args[0], w / args[1])
+                return next((k for k in REDUCTIONS if shrink >= k), 1)
+        return 1
+
+    def leading_crop(self, shape: tuple, scale=(1.0, 1.0)):
+        """``(box, n)``: the crops the steps start with, as one ``(top, left, h, w)`` box in an
+        image of ``shape`` (the planned size × ``scale``), and how many steps it replaces;
+        ``(None, 0)`` when the steps do not start with a crop. A file reader crops with it
+        before converting pixels, so only the crop is ever copied."""
+        top = left = n = 0
+        h, w = self.source
+        for kind, *args in self.steps:
+            if kind != "crop":
+                break
+            top, left, h, w = top + args[0], left + args[1], args[2], args[3]
+            n += 1
+        if n == 0:
+            return None, 0
+        if tuple(scale) != (1.0, 1.0):
+            top, h = _scaled_span(top, h, scale[0], shape[0])
+            left, w = _scaled_span(left, w, scale[1], shape[1])
+        return (top, left, h, w), n
+
+    def apply(self, image: torch.Tensor, scale=(1.0, 1.0), cropped: bool = False):
+        """The steps on ``image``; ``scale`` = its size / the planned size; ``cropped``: the
+        leading crop was already taken (``leading_crop``)."""
+        box, n = self.leading_crop(tuple(image.shape[-2:]), scale)
+        if box is not None and not cropped:
+            image = crop(image, *box)
+        for kind, *args in self.steps[n:]:
+            if kind == "crop":
+                image = crop(image, *args)
+            elif kind == "resize":
+                image = _interpolate(image, tuple(args))
+            else:
+                image = hflip(image)
         return image
-    pipeline.spec = "|".join(t.strip() for t in texts)
-    return pipeline
+
+
+def _scaled_span(start: int, length: int, scale: float, limit: int) -> tuple:
+    first = min(round(start * scale), limit - 1)
+    return first, max(1, min(round((start + length) * scale), limit) - first)
+
+
+
+
+def parse(spec, size=None):
+    """For callers of ``transforms.parse``: op strings are :func:`fpipe.data.pipeline.parse`'s."""
+    from fpipe.data import pipeline  # Lazily: pipeline builds on this module.
+    return pipeline.parse(spec, size)

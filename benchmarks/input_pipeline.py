@@ -1,0 +1,211 @@
+"""Input pipeline throughput at 224 px: fpipe's loader vs torch DataLoader + Pillow transforms.
+
+    PYTHONPATH=. python benchmarks/input_pipeline.py [--workers 2] [--rounds 2]
+
+Writes ~2,000 photo-like JPEGs (about 500×375, varied sizes and orientations, quality 90, ~100 KB
+like ImageNet's) once into a temporary folder, then times whole epochs over them (worker start
+included) for both pipelines with the same batch size and number of worker processes:
+
+- train: random_resized_crop(224) | flip | normalize
+- eval:  resize(256) | center_crop(224) | normalize
+
+The baseline is what a torchvision user writes, by hand because torchvision is not installed:
+``Image.open(path).convert("RGB")``, torchvision's PIL code paths (crop then resize, bilinear;
+transpose; ``to_tensor``; ``normalize``) per sample, and ``DataLoader``'s default collate.
+Rounds are interleaved and the best of each is kept (the machine is shared). Two rates: images
+per wall-clock second, and images per CPU-second (user + system time of the process and its
+workers: what one core delivers, robust to other load on the machine; use it to size a node).
+Both sides run 1 torch thread per process.
+"""
+import argparse
+import math
+import os
+import random
+import resource
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.utils.data
+from PIL import Image
+
+from fpipe import data
+from fpipe.data import image_folder
+
+MEAN, STD = data.transforms.IMAGENET_MEAN, data.transforms.IMAGENET_STD
+TRAIN, EVAL = "random_resized_crop|flip|normalize", "resize(256)|center_crop|normalize"
+
+
+def make_jpegs(root: str, count: int, classes: int = 10) -> None:
+    """``count`` JPEGs under root/train/<class>/, photo-like: smooth colour fields, shapes with
+    edges and sensor-like noise; written once (a marker file records completion)."""
+    marker = os.path.join(root, f"done_{count}")
+    if os.path.exists(marker):
+        return
+    g = np.random.default_rng(0)
+    for k in range(count):
+        width, height = int(g.integers(400, 640)), int(g.integers(300, 480))
+        if g.random() < 0.25:
+            width, height = height, width  # portrait
+        rows, cols = np.mgrid[0:height, 0:width]
+        yy, xx = rows / 500.0, cols / 500.0
+        fields = [np.sin(xx * g.uniform(2, 12) + g.uniform(0, 6)) *
+                  np.cos(yy * g.uniform(2, 12) + g.uniform(0, 6)) for _ in range(3)]
+        pixels = np.stack(fields, -1) * 70 + g.uniform(60, 190, 3)
+        for _ in range(int(g.integers(3, 9))):  # shapes: hard edges, as objects have
+            cy, cx, ry, rx = g.uniform(0, height), g.uniform(0, width), *g.uniform(20, 150, 2)
+            inside = ((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 < 1
+            pixels[inside] = g.uniform(0, 255, 3)
+        pixels += g.normal(0, 9, pixels.shape)
+        folder = os.path.join(root, "train", f"class_{k % classes}")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+            os.path.join(folder, f"{k:05d}.jpg"), quality=90)
+    open(marker, "w").close()
+
+
+# --- the baseline: torchvision's PIL code paths, written out -----------------------------------
+
+def pil_loader(path):
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def rrc_box(width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    area = width * height
+    for _ in range(10):
+        target = area * random.uniform(*scale)
+        aspect = math.exp(random.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = random.randint(0, height - h), random.randint(0, width - w)
+            return left, top, left + w, top + h
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2
+
+
+def to_tensor(image):
+    x = torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    return x.to(torch.float32).div(255)
+
+
+def normalize(x):
+    mean = torch.tensor(MEAN).view(-1, 1, 1)
+    std = torch.tensor(STD).view(-1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def baseline_train(image):
+    image = image.crop(rrc_box(*image.size)).resize((224, 224), Image.BILINEAR)
+    if random.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return normalize(to_tensor(image))
+
+
+def baseline_eval(image):
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    scaled = int(256 * long / short)
+    image = image.resize((256, scaled) if w <= h else (scaled, 256), Image.BILINEAR)
+    w, h = image.size
+    left, top = int(round((w - 224) / 2)), int(round((h - 224) / 2))
+    return normalize(to_tensor(image.crop((left, top, left + 224, top + 224))))
+
+
+class Files(torch.utils.data.Dataset):
+    def __init__(self, files, labels, transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.transform(pil_loader(self.files[i])), int(self.labels[i])
+
+
+def _seed_worker(worker_id):
+    random.seed(torch.initial_seed() % 2 ** 32)
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+def cpu_seconds() -> float:
+    """User + system time of this process and of its finished (joined) worker processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def epoch_time(make_batches) -> tuple:
+    """``(wall seconds, CPU seconds, images)`` of one pass, worker start and shutdown included."""
+    start, cpu, images = time.perf_counter(), cpu_seconds(), 0
+    batches = make_batches()
+    for batch in batches:
+        images += len(batch["image"] if isinstance(batch, dict) else batch[0])
+    del batches  # joins the workers, so their CPU time is counted
+    return time.perf_counter() - start, cpu_seconds() - cpu, images
+
+
+def _first(split, n):
+    keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:n].sort()[0]
+    every = split.files
+    files = [every[i] for i in keep]
+    return image_folder.FolderSplit(files, split.labels[keep].tolist())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--images", type=int, default=2000, help="JPEGs written")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N (0: all)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "fpipe_bench_jpegs"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    make_jpegs(args.dir, args.images)
+    cfg = data.default_config()
+    cfg.update(dict(name="image_folder", root=args.dir, train_split="train", test_split="train",
+                    image_size=224, batch_size=args.batch, eval_batch_size=args.batch,
+                    num_workers=args.workers, train_transforms=TRAIN, eval_transforms=EVAL))
+    ds = data.build(cfg)
+    if args.limit:
+        ds = data.Dataset(ds.name, ds.classes, _first(ds.train, args.limit), None)
+    sizes = [os.path.getsize(f) for f in ds.train.files]
+    print(f"{len(sizes)} JPEGs in {args.dir}, mean {np.mean(sizes) / 1e3:.0f} KB; batch "
+          f"{args.batch}, {args.workers} worker processes, 1 torch thread")
+    runs = {
+        ("train", "fpipe"): lambda: data.Loader(ds.train, cfg, train=True).epoch(0),
+        ("eval", "fpipe"): lambda: data.Loader(ds.train, cfg, train=False).epoch(0),
+    }
+    for kind, transform in (("train", baseline_train), ("eval", baseline_eval)):
+        runs[(kind, "baseline")] = lambda transform=transform, kind=kind: iter(torch.utils.data.DataLoader(
+            Files(ds.train.files, ds.train.labels, transform), batch_size=args.batch,
+            shuffle=kind == "train", drop_last=kind == "train", num_workers=args.workers,
+            worker_init_fn=_seed_worker, prefetch_factor=2 if args.workers else None))
+    wall = {key: math.inf for key in runs}
+    cpu = dict(wall)
+    counts = {}
+    for _ in range(args.rounds):
+        for key, make in runs.items():
+            seconds, cpu_used, counts[key] = epoch_time(make)
+            wall[key], cpu[key] = min(wall[key], seconds), min(cpu[key], cpu_used)
+    for kind in ("train", "eval"):
+        rate = {who: counts[(kind, who)] / wall[(kind, who)] for who in ("fpipe", "baseline")}
+        core = {who: counts[(kind, who)] / cpu[(kind, who)] for who in ("fpipe", "baseline")}
+        print(f"{kind:5s} img/s: fpipe {rate['fpipe']:6.1f}, DataLoader+Pillow "
+              f"{rate['baseline']:6.1f}, ratio {rate['fpipe'] / rate['baseline']:.2f} | img per "
+              f"CPU-second: fpipe {core['fpipe']:6.1f}, DataLoader+Pillow {core['baseline']:6.1f}, "
+              f"ratio {core['fpipe'] / core['baseline']:.2f}")
+    # The two pipelines compute the same thing: compare one eval image in pixel levels.
+    fpipe_image = next(iter(data.Loader(ds.train, cfg, train=False).epoch(0)))["image"][0]
+    ours = fpipe_image * torch.tensor(STD).view(-1, 1, 1) + torch.tensor(MEAN).view(-1, 1, 1)
+    theirs = baseline_eval(pil_loader(ds.train.files[0]))
+    theirs = theirs * torch.tensor(STD).view(-1, 1, 1) + torch.tensor(MEAN).view(-1, 1, 1)
+    print(f"eval image 0, fpipe vs baseline: mean |difference| "
+          f"{(ours - theirs).abs().mean().item() * 255:.2f} pixel levels")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Image files to tensors, with the pixel range each file format means, and size limits.
+
+What a file becomes (``decode``): 8-bit files give RGB uint8 3×H×W; files with more than 8 bits
+per sample give float32 3×H×W in [0, 1], so no precision is clipped away:
+
+| Pillow mode | meaning | result |
+|---|---|---|
+| ``1`` | 1-bit | uint8, black 0 / white 255 |
+| ``L``, ``P``, ``RGB``, ``YCbCr``, ``HSV`` | 8-bit | uint8 RGB (``P``: its palette colours) |
+| ``CMYK`` | 8-bit ink | uint8 RGB by Pillow's formula (ICC profiles are not applied) |
+| ``RGBA``, ``LA``, ``PA``, ``P`` with transparency | 8-bit + alpha | uint8 RGB composited onto black (colour × alpha / 255) |
+| ``I;16``, ``I;16L``, ``I;16B`` | 16-bit grey | float32, value / 65535 |
+| ``I`` | 32-bit integer grey | float32, value / 65535; values outside 0..65535 are refused |
+| ``F`` | 32-bit float grey | float32 as stored; NaN or values outside [0, 1] are refused |
+
+Pillow reads 16-bit-per-channel colour PNGs as 8-bit ``RGB``/``RGBA`` (the high byte), so those
+come back as uint8. Animated and multi-page files give their first frame. EXIF orientation is
+not applied (as in torchvision's ``ImageFolder``).
+
+Limits (``Limits``, from ``data.max_image_pixels`` and ``data.max_aspect_ratio``) are checked from
+the header, before any pixel is decoded: a decompression bomb or a 2,000,000×1 strip is refused
+with the file's name instead of asking a resize for gigabytes.
+"""
+import dataclasses
+
+import numpy as np
+import torch
+from PIL import Image
+
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default: 0.25 GiB of 24-bit pixels
+MAX_ASPECT_RATIO = 32.0        # longer side / shorter side
+DRAFT_FACTORS = (8, 4, 2)      # the reductions JPEG decoders do in the DCT (libjpeg scale 1/k)
+
+_EIGHT_BIT = ("1", "L", "P", "RGB", "YCbCr", "HSV", "CMYK", "RGBX")
+_ALPHA = ("RGBA", "LA", "PA")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+MODES = _EIGHT_BIT + _ALPHA + _SIXTEEN_BIT + ("I", "F")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Refuse files above ``max_pixels`` (width × height) or ``max_aspect_ratio`` (long / short)."""
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+
+    def __post_init__(self):
+        if self.max_pixels < 1 or not self.max_aspect_ratio >= 1:
+            raise ValueError(f"want data.max_image_pixels >= 1 and data.max_aspect_ratio >= 1, "
+                             f"got {self.max_pixels} and {self.max_aspect_ratio}")
+
+
+class ImageError(ValueError):
+    """A file that cannot become an image tensor; the message names the file and the fix."""
+
+
+def open_image(path: str, limits: Limits = Limits()) -> Image.Image:
+    """The file opened lazily (header only) after checking its size against ``limits``."""
+    if limits.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow's own bomb check must not be stricter
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image file {path!r} is refused: {e} Fix: remove the file, or raise "
+                         "data.max_image_pixels if it is genuine.") from None
+    except Exception as e:  # Pillow raises many types for broken files; name the file for all.
+        raise ImageError(f"cannot decode image file {path!r} ({type(e).__name__}: {e}). Fix: "
+                         "delete or replace this file (e.g. re-save it as PNG or JPEG).") from e
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        image.close()
+        raise ImageError(f"image file {path!r} is {width}×{height} = {width * height:,} pixels, "
+                         f"over data.max_image_pixels={limits.max_pixels:,} (a decompression "
+                         "bomb?). Fix: remove or shrink the file, or raise data.max_image_pixels.")
+    if width < 1 or height < 1 or max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        image.close()
+        raise ImageError(f"image file {path!r} is {width}×{height}, an aspect ratio over "
+                         f"data.max_aspect_ratio={limits.max_aspect_ratio:g}. Fix: remove or "
+                         "crop the file, or raise data.max_aspect_ratio.")
+    return image
+
+
+def draft(image: Image.Image, factor: int) -> tuple:
+    """Asks a JPEG decoder for 1/``factor`` of each side; returns the (y, x) scale it took."""
+    width, height = image.size
+    if factor > 1 and image.format == "JPEG":
+        image.draft(None, (width // factor, height // factor))
+    return image.size[1] / height, image.size[0] / width
+
+
+def to_tensor(image: Image.Image, path: str) -> torch.Tensor:
+    """Pixels as RGB uint8 or float32 3×H×W in [0, 1], by the table in this module's docstring."""
+    try:
+        mode = image.mode
+        if mode == "P" and "transparency" in image.info:
+            image, mode = image.convert("RGBA"), "RGBA"
+        if mode in _EIGHT_BIT:
+            return _chw(np.array(image if mode == "RGB" else image.convert("RGB")))
+        if mode in _ALPHA:
+            rgba = np.array(image.convert("RGBA")).astype(np.uint16)
+            rgb = (rgba[..., :3] * rgba[..., 3:] + 127) // 255  # rounded colour × alpha / 255
+            return _chw(rgb.astype(np.uint8))
+        if mode in _SIXTEEN_BIT or mode == "I":
+            values = np.array(image)
+            if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+                raise ImageError(f"image file {path!r} (mode I, 32-bit integers) has values "
+                                 f"{values.min()}..{values.max()}, outside the 16-bit range "
+                                 "0..65535 this loader scales to [0, 1]. Fix: re-save it as "
+                                 "16-bit, or as float (mode F) in [0, 1].")
+            grey = torch.from_numpy(values.astype(np.float32) / 65535.0)
+            return grey.expand(3, -1, -1).contiguous()
+        if mode == "F":
+            values = np.array(image, dtype=np.float32)
+            if values.size and not (np.isfinite(values).all() and values.min() >= 0
+                                    and values.max() <= 1):
+                raise ImageError(f"image file {path!r} (mode F, 32-bit float) has values "
+                                 f"{np.nanmin(values):g}..{np.nanmax(values):g} (or NaN/inf); "
+                                 "float images must lie in [0, 1]. Fix: rescale it to [0, 1].")
+            return torch.from_numpy(values).expand(3, -1, -1).contiguous()
+    except ImageError:
+        raise
+    except Exception as e:  # Truncated data surface here, when pixels are decoded.
+        raise ImageError(f"cannot decode image file {path!r} ({type(e).__name__}: {e}). Fix: "
+                         "delete or replace this file (e.g. re-save it as PNG or JPEG).") from e
+    raise ImageError(f"image file {path!r} has Pillow mode {mode!r}, which this loader does not "
+                     f"read; modes read: {', '.join(MODES)}. Fix: re-save it as RGB PNG or JPEG.")
+
+
+def _chw(hwc: np.ndarray) -> torch.Tensor:
+    """H×W×C numpy -> a C×H×W view (channels-last memory, which the uint8 resize kernel wants)."""
+    return torch.from_numpy(hwc).permute(2, 0, 1)
+
+
+def decode(path: str, limits: Limits = Limits()) -> torch.Tensor:
+    """The whole file as a 3×H×W tensor (see the module docstring for dtypes and ranges)."""
+    with open_image(path, limits) as image:
+        return to_tensor(image, path)
+
+
+def read(path: str, plan, limits: Limits = Limits()):
+    """``plan(height, width)`` -> a ``transforms.Geometry``, applied to the file's pixels.
+
+    The geometry is planned from the header alone; a JPEG is then decoded at 1/k of its size
+    (k = ``geometry.reduction()``, 1 unless the resize shrinks by k or more), a leading crop is
+    taken by Pillow before the pixels are copied out, and the rest applied to the tensor.
+    """
+    with open_image(path, limits) as image:
+        geometry = plan(image.size[1], image.size[0])
+        scale = draft(image, geometry.reduction())
+        box, _ = geometry.leading_crop((image.size[1], image.size[0]), scale)
+        if box is not None:
+            top, left, height, width = box
+            image = image.crop((left, top, left + width, top + height))
+        return geometry.apply(to_tensor(image, path), scale, cropped=box is not None)
