@@ -70,7 +70,7 @@ def test_killed_run_resumes_with_the_same_command_and_ends_identically(tmp_path)
         assert torch.equal(b["model_state"][name], t), name
     ra = json.loads((tmp_path / "straight" / "results.json").read_text())
     rb = json.loads((killed / "results.json").read_text())
-    assert ra == rb
+    assert ra["heads"] == rb["heads"] and ra["fingerprint"] == rb["fingerprint"]
 
 
 def test_supervised_checkpoint_loads_into_linear_eval_by_path(tmp_path):

@@ -52,6 +52,7 @@ def _check(c) -> None:
     for key in ("image_size", "batch_size", "eval_batch_size"):
         if not (isinstance(c.data[key], int) and c.data[key] >= 1):
             raise ConfigError(f"data.{key}={c.data[key]!r}: a whole number >= 1 is needed")
+    data.config.check(c.data)
     for key in ("train_transforms", "eval_transforms"):
         data.transforms.parse(c.data[key], size=c.data.image_size)
 
