@@ -35,7 +35,11 @@ def main(argv):
     print(f"workdir: {workdir}\nconfig:\n{config}", flush=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
-    loop.run(config, workdir)
+    if "eval" in config:  # an evaluation run (configs/knn.py & co.): fpipe.evaluate, no training
+        from fpipe import evaluate
+        evaluate.run(config, workdir)
+    else:
+        loop.run(config, workdir)
 
 
 if __name__ == "__main__":

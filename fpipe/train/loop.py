@@ -167,11 +167,8 @@ def _run(config, workdir, stop):
             results = train_loop(ctx, the_hooks, train_loader, schedule, base_lr, stop)
         if results is not None and config.extract.features:
             params = tree.merge(ctx.train_state["trainable"], ctx.train_state["frozen"])
-            for split, loader in (("train", data.Loader(dataset.train, config.data, train=False, rank=dist.rank,
-                                                        world_size=dist.world_size)), ("test", test_loader)):
-                payload = extract.extract(model.features, params, ctx.train_state["model_state"], loader,
-                                          tuple(config.extract.features), lambda b: to_device(b, dist.device))
-                extract.write(workdir, split, payload, dist.rank, dist.world_size)
+            extract.run(config, workdir, model, params, ctx.train_state["model_state"], dataset, dist,
+                        lambda b: to_device(b, dist.device))
         return results
     finally:
         writer.close()
