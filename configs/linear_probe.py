@@ -1,4 +1,4 @@
-r"""Linear probes on cached features: 13 lrs x 3 weight decays per layer, trained in one pass,
+r"""Linear probes on cached features: 13 lrs x 2 weight decays per layer, trained in one pass,
 the best chosen on a validation split carved from train, reported on test.
 
     python main.py --config=configs/linear_probe.py

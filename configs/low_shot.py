@@ -1,4 +1,4 @@
-r"""Low-shot: k = 1, 2, 5, 10, 25 labelled samples per class, 5 seeds, mean ± std on test.
+r"""Low-shot: k = 1, 2, 5, 10, 25 labelled samples per class, 3 seeds, mean ± std on test.
 
     python main.py --config=configs/low_shot.py
     python main.py --config=configs/low_shot.py --config.eval.low_shot.classifier=knn

@@ -25,12 +25,12 @@ def default_config() -> ml_collections.ConfigDict:
         normalize="standardize",  # linear, logreg, low_shot inputs: standardize (train mean/std) | l2 | none
         knn=dict(ks=(10, 20, 100, 200), temperature=0.07,  # DINO's weighted vote; all ks from one search
                  query_chunk=1024, bank_chunk=65536),      # memory: query_chunk x bank_chunk floats
-        linear=dict(lrs=LINEAR_LRS, wds=(0.0, 1e-4, 1e-3),  # the grid: len(lrs) x len(wds) heads per layer
+        linear=dict(lrs=LINEAR_LRS, wds=(0.0, 1e-3),  # the grid: len(lrs) x len(wds) heads per layer
                     epochs=20, batch_size=256, momentum=0.9, init_std=0.01, seed=0,
                     retrain=False),                       # True: the best head again on train + val
-        logreg=dict(Cs=(1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0), max_iter=100, tol=1e-4, history=10,
+        logreg=dict(Cs=(0.01, 0.1, 1.0, 10.0), max_iter=100, tol=1e-4, history=10,
                     refit=True),  # max_iter, tol: scikit-learn's defaults; refit the best C on train + val (CLIP)
-        low_shot=dict(shots=(1, 2, 5, 10, 25), seeds=(0, 1, 2, 3, 4),
+        low_shot=dict(shots=(1, 2, 5, 10, 25), seeds=(0, 1, 2),
                       classifier="logreg", C=1.0, k_nn=20),  # logreg at C, or knn with k_nn neighbours
     ))
 

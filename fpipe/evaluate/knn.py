@@ -10,17 +10,18 @@ which is exactly the top-``k_max`` over the whole bank.
 """
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 
 from fpipe.evaluate import metrics, ranks
 
 
 def normalise(x, chunk=65536):
-    """Rows flattened to vectors, float32, unit L2 norm (computed a chunk at a time)."""
+    """Rows flattened to vectors, float32, unit L2 norm; one float32 copy, normalised in place."""
     x = x.reshape(len(x), -1)
     out = torch.empty(x.shape, dtype=torch.float32)
     for i in range(0, len(x), chunk):
-        out[i:i + chunk] = F.normalize(x[i:i + chunk].float(), dim=1)
+        part = out[i:i + chunk]
+        part.copy_(x[i:i + chunk])
+        part.div_(torch.linalg.vector_norm(part, dim=1, keepdim=True).clamp_min_(1e-12))
     return out
 
 
@@ -28,20 +29,26 @@ def neighbours(bank, bank_labels, queries, k, dist=None, query_chunk=1024, bank_
     """``(sims, labels)``, each ``Q×k``: every query's ``k`` most similar bank rows, best first.
 
     ``bank`` (this rank's shard) and ``queries`` are unit-norm float32 rows. Where the whole bank
-    has fewer than ``k`` rows, the missing neighbours have similarity -inf (weight 0)."""
+    has fewer than ``k`` rows, the missing neighbours have similarity -inf (weight 0). The
+    similarity block is one buffer reused for every chunk (no fresh pages to fault in)."""
     q_total = len(queries)
     sims_out = torch.empty(q_total, k)
     labels_out = torch.empty(q_total, k, dtype=torch.int64)
     bank_labels = bank_labels.long()
+    buffer = torch.empty(min(query_chunk, q_total) * max(min(bank_chunk, len(bank)), 1))
     for q0 in range(0, q_total, query_chunk):
         q = queries[q0:q0 + query_chunk]
         best_s = torch.full((len(q), k), float("-inf"))
         best_l = torch.zeros(len(q), k, dtype=torch.int64)
         for b0 in range(0, len(bank), bank_chunk):
-            s = q @ bank[b0:b0 + bank_chunk].T
+            block = bank[b0:b0 + bank_chunk]
+            s = torch.mm(q, block.T, out=buffer[:len(q) * len(block)].view(len(q), len(block)))
             top_s, top_i = s.topk(min(k, s.shape[1]), dim=1)
-            best_s, best_l = _merge(torch.cat([best_s, top_s], 1),
-                                    torch.cat([best_l, bank_labels[b0:b0 + bank_chunk][top_i]], 1), k)
+            top_l = bank_labels[b0:b0 + bank_chunk][top_i]
+            if b0 == 0 and top_s.shape[1] == k:  # the first block fills the list: nothing to merge
+                best_s, best_l = top_s, top_l
+            else:
+                best_s, best_l = _merge(torch.cat([best_s, top_s], 1), torch.cat([best_l, top_l], 1), k)
         if dist is not None and dist.enabled:
             best_s, best_l = _merge(_gather(best_s, dist), _gather(best_l, dist), k)
         sims_out[q0:q0 + len(q)], labels_out[q0:q0 + len(q)] = best_s, best_l
