@@ -9,6 +9,7 @@ features themselves, and the ratio plain / fpipe (> 1: fpipe is faster). faiss-c
 installed, is timed too (exact inner-product search, IndexFlatIP); it is never installed here.
 """
 import argparse
+import importlib.util
 import json
 import resource
 import subprocess
@@ -82,10 +83,9 @@ def main():
     if a.method:
         return one(a.method, a.bank, a.dim, a.queries)
     methods = ["plain", "fpipe"]
-    try:
-        import faiss  # noqa: F401
+    if importlib.util.find_spec("faiss"):
         methods.append("faiss")
-    except ImportError:
+    else:
         print("faiss-cpu is not installed: not timed")
     out = {}
     for m in methods:
