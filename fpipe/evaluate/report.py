@@ -7,6 +7,8 @@ mean ± std per k. ``results.png``: top-1 per layer for each protocol; low-shot 
 import json
 import os
 
+from absl import logging
+
 from fpipe import files
 
 
@@ -103,5 +105,8 @@ def write(workdir, results, layers, provenance):
                        lambda f: json.dump({"provenance": provenance, "protocols": results}, f, indent=2), mode="w")
     md = markdown(results, layers, provenance)
     files.atomic_write(os.path.join(workdir, "results.md"), lambda f: f.write(md), mode="w")
-    plot(os.path.join(workdir, "results.png"), results, layers)
+    try:
+        plot(os.path.join(workdir, "results.png"), results, layers)
+    except ImportError:
+        logging.warning("matplotlib is not installed: no results.png (pip install -r requirements.txt).")
     return md
