@@ -9,7 +9,6 @@ contiguous shard of the train bank; the per-rank top-``k_max`` lists are gathere
 which is exactly the top-``k_max`` over the whole bank.
 """
 import torch
-import torch.distributed as tdist
 
 from fpipe.evaluate import metrics, ranks
 
@@ -62,9 +61,7 @@ def _merge(sims, labels, k):
 
 def _gather(t, dist):
     """Every rank's ``t`` side by side: ``Q × (world_size * k)``, in rank order."""
-    parts = [torch.empty_like(t) for _ in range(dist.world_size)]
-    tdist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, 1)
+    return torch.cat(ranks.all_gather(t, dist), 1)
 
 
 def vote(sims, labels, k, temperature, num_classes):

@@ -1,4 +1,5 @@
 """Which rows of a cached split this process works on under torchrun (all of them alone)."""
+import torch
 import torch.distributed as tdist
 
 
@@ -11,7 +12,19 @@ def rows(n, dist):
 
 
 def all_sum(t, dist):
-    """``t`` summed over ranks, in place (itself on one process)."""
+    """``t`` summed over ranks, in place (itself on one process). The collective runs on the
+    process's device (NCCL needs CUDA tensors); ``t`` stays where it is."""
     if dist is not None and dist.enabled:
-        tdist.all_reduce(t)
+        moved = t.to(dist.device)
+        tdist.all_reduce(moved)
+        if moved is not t:
+            t.copy_(moved)
     return t
+
+
+def all_gather(t, dist):
+    """Every rank's ``t`` (same shape everywhere), in rank order, on ``t``'s device."""
+    moved = t.contiguous().to(dist.device)
+    parts = [torch.empty_like(moved) for _ in range(dist.world_size)]
+    tdist.all_gather(parts, moved)
+    return [p.to(t.device) for p in parts]
