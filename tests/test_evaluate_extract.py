@@ -92,3 +92,25 @@ def test_fingerprint_checksum_sees_every_weight_and_buffer():
     assert fp["model.trunk.depth"] == 18 and fp["data.image_size"] == 32 and "data.batch_size" not in fp
     state["trunk"]["bn1"]["running_mean"] += 1
     assert fingerprint.of(cfg, params, state)["trunk_sha256"] != fp["trunk_sha256"]
+
+
+def test_extraction_with_head_outputs_matches_the_models_own_forward(tmp_path):
+    """extract.run on a tiny synthetic set: trunk features and heads.<name> as model.apply gives them."""
+    from fpipe import data
+    from fpipe.evaluate import config as eval_config
+    from fpipe.models import model as models
+    cfg = eval_config.run_config(("knn",))
+    cfg.data.update(name="synthetic", num_train=12, num_test=6, num_classes=3, image_size=16, eval_batch_size=5)
+    cfg.model.heads.fc = models.head_config("flatten", "linear")
+    cfg.extract.update(features=("res4",), heads=True, dtype="float32")
+    ds = data.build(cfg.data)
+    model = models.build(cfg.model, num_classes=3, image_size=16)
+    params, state = model.init(0)
+    fp = extract.run(cfg, str(tmp_path), model, params, state, ds, distributed.Dist(), lambda b: b)
+    test = extract.load(str(tmp_path), "test")
+    assert set(test.features) == {"res4", "heads.fc"} and test.metadata["fingerprint"] == fp
+    batch = next(data.Loader(  # the first 5 test samples, as the loader prepares them
+        ds.test, cfg.data, train=False).epoch(0))
+    logits, _ = model.apply(params, state, batch["image"], train=False)
+    torch.testing.assert_close(test.features["heads.fc"][:5], logits["fc"], rtol=1e-4, atol=1e-5)
+    assert test.labels.tolist() == [ds.test[i][1] for i in range(6)]
