@@ -15,6 +15,7 @@ without torch (``safetensors.numpy.load_file``), :func:`load` memory-maps it.
 - Head outputs: ``extract.heads=True`` adds ``heads.<name>`` (the logits of each head).
 """
 import collections
+import glob
 import os
 import time
 
@@ -74,6 +75,9 @@ def run(config, workdir, model, params, model_state, dataset, dist, prepare):
             out.update({f"heads.{k}": v for k, v in logits.items()})
         return out
 
+    if dist.is_main:  # what a killed run left half-written (one run per workdir at a time)
+        for stale in glob.glob(os.path.join(workdir, "features", "*.tmp")):
+            os.remove(stale)
     splits = {"train": dataset.train, "test": dataset.test}
     for split in SPLITS:
         if is_done(workdir, split, fp, wanted):
