@@ -75,9 +75,10 @@ def run(config, workdir, model, params, model_state, dataset, dist, prepare):
             out.update({f"heads.{k}": v for k, v in logits.items()})
         return out
 
-    if dist.is_main:  # what a killed run left half-written (one run per workdir at a time)
-        for stale in glob.glob(os.path.join(workdir, "features", "*.tmp")):
-            os.remove(stale)
+    # What a killed run left half-written: each rank its shards', rank 0 the merged files'.
+    patterns = [f"*.rank{dist.rank}of*.tmp"] + [f"{s}.safetensors.*.tmp" for s in SPLITS if dist.is_main]
+    for stale in (p for pattern in patterns for p in glob.glob(os.path.join(workdir, "features", pattern))):
+        os.remove(stale)
     splits = {"train": dataset.train, "test": dataset.test}
     for split in SPLITS:
         if is_done(workdir, split, fp, wanted):
