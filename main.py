@@ -53,7 +53,11 @@ def main(argv):
               f"workdir: {workdir}", flush=True)
         run = dict(config_path=path, fingerprint=workdir_lib.fingerprint(config),
                    config_changes={k: list(v) for k, v in changes.items()})
-        loop.run(config, workdir, run_info=run)
+        if "eval" in config:  # an evaluation run (configs/knn.py & co.): fpipe.evaluate, no training
+            from fpipe import evaluate
+            evaluate.run(config, workdir, run_info=run)
+        else:
+            loop.run(config, workdir, run_info=run)
     return 0
 
 

@@ -45,7 +45,7 @@ def test_every_key_is_overridable_from_the_command_line(name):
 def test_config_builds_its_model(name):
     cfg = load(name)
     model = models.build(cfg.model, num_classes=10, image_size=cfg.data.image_size)
-    assert model.heads
+    assert model.heads or "eval" in cfg  # evaluation runs (configs/knn.py & co.) train no heads
     if name == "linear_eval:vissl_imagenet":  # VISSL's feature sizes per evaluated layer
         dims = {h.name: h for h in model.heads}
         params, _ = model.init(0)

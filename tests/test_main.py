@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fpipe import tree, weights
+from fpipe.evaluate import extract
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Small and eager so the suite stays fast; the shipped configs otherwise run as they are.
@@ -145,11 +146,11 @@ def test_feature_extraction_writes_every_sample_once_and_trains_nothing(tmp_path
     assert not (tmp_path / "metrics.jsonl").exists()
     assert json.loads((tmp_path / "results.json").read_text())["step"] == 0
     for split, n in (("train", 1437), ("test", 360)):
-        saved = torch.load(tmp_path / "features" / f"{split}.pt", weights_only=True)
-        assert sorted(saved["indices"].tolist()) == list(range(n))
-        assert saved["features"]["flatten"].shape == (n, 512) and saved["features"]["res5avg"].shape == (n, 512, 1, 1)
-        torch.testing.assert_close(saved["features"]["res5avg"].flatten(1), saved["features"]["flatten"])
-        assert saved["labels"].shape == (n,)
+        saved = extract.load(str(tmp_path), split)  # features/<split>.safetensors
+        assert sorted(saved.indices.tolist()) == list(range(n))
+        assert saved.features["flatten"].shape == (n, 512) and saved.features["res5avg"].shape == (n, 512, 1, 1)
+        torch.testing.assert_close(saved.features["res5avg"].flatten(1), saved.features["flatten"])
+        assert saved.labels.shape == (n,)
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):

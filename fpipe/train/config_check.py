@@ -32,6 +32,12 @@ def check(config) -> None:
 
 
 def _check(c) -> None:
+    if "eval" in c:  # an evaluation run (configs/knn.py & co.): no optimizer, schedule or heads to train
+        _check_data(c)
+        model = _check_model(c)
+        _check_extract(c, model)
+        _check_evaluation(c)
+        return
     for key in ("total", "log", "eval", "ckpt"):
         for unit in ("epochs", "steps"):
             value = c.get(f"{key}_{unit}")
@@ -43,10 +49,17 @@ def _check(c) -> None:
         raise ConfigError(f"log_steps={c.log_steps!r}: a whole number >= 1 is needed")
     if not (isinstance(c.keep_ckpts, int) and c.keep_ckpts >= 1):
         raise ConfigError(f"keep_ckpts={c.keep_ckpts!r}: keep at least 1 checkpoint (resuming needs one)")
+    _check_data(c)
+    model = _check_model(c)
+    freeze.rules(c.layer_freeze.rules)
+    _check_extract(c, model)
+    _check_training(c)
+
+
+def _check_data(c) -> None:
+    """The data's name, sizes and transform strings (the files themselves are read later)."""
     if c.get("collective_timeout_s") is not None and not c.collective_timeout_s > 0:
         raise ConfigError(f"collective_timeout_s={c.collective_timeout_s!r} must be > 0 seconds")
-
-    # Data: the name, sizes and transform strings (the files themselves are read later).
     if data.config.get(c.data, "name") not in data.DATASETS:
         raise ConfigError(f"unknown data.name {c.data.name!r}; valid: {', '.join(sorted(data.DATASETS))}")
     for key in ("image_size", "batch_size", "eval_batch_size"):
@@ -56,7 +69,10 @@ def _check(c) -> None:
     for key in ("train_transforms", "eval_transforms"):
         data.transforms.parse(c.data[key], size=c.data.image_size)
 
-    # Model: trunk name and options, heads, features, pooling — built on the meta device.
+
+
+def _check_model(c):
+    """Trunk name and options, heads, features, pooling, weights options — built on the meta device."""
     for name, head in dict(c.model.heads).items():
         pool = head.get("pool")
         sizes = () if pool is None else (pool if isinstance(pool, (tuple, list)) else (pool,))
@@ -64,17 +80,36 @@ def _check(c) -> None:
             raise ConfigError(f"model.heads.{name}.pool={pool!r}: pooled sizes must be whole numbers >= 1")
     model = models.build(c.model, num_classes=max(int(c.data.get("num_classes") or 2), 2),
                          image_size=c.data.image_size)
-    freeze.rules(c.model.freeze)
-    freeze.rules(c.layer_freeze.rules)
+    freeze.rules(c.model.get("freeze", ()))
     weights = weights_config.resolve(c.model.weights)
     if weights.path and not os.path.exists(weights.path):
         raise ConfigError(f"model.weights.path={weights.path!r}: no such file")
+    return model
+
+
+def _check_extract(c, model) -> None:
     extract = tuple(c.extract.features)
     unknown = [f for f in extract if f not in model.trunk.features]
     if unknown or len(set(extract)) != len(extract):
         raise ConfigError(f"extract.features={extract!r}: each once, from {model.trunk.features}")
 
-    # Optimizer rules, lr and schedule.
+
+def _check_evaluation(c) -> None:
+    from fpipe.evaluate import config as eval_config
+    extract = tuple(c.extract.features)
+    protocols = tuple(c.eval.protocols)
+    bad = [p for p in protocols if p not in eval_config.PROTOCOLS]
+    if bad or not protocols:
+        raise ConfigError(f"eval.protocols={protocols}: unknown {bad}; valid: {eval_config.PROTOCOLS}")
+    layers = [layer for layer in c.eval.layers if layer not in extract]
+    if layers:
+        raise ConfigError(f"eval.layers {layers} are not extracted; extract.features={extract}")
+    if c.eval.features_from and not os.path.isdir(c.eval.features_from):
+        raise ConfigError(f"eval.features_from={c.eval.features_from!r}: no such workdir")
+
+
+def _check_training(c) -> None:
+    """Optimizer rules, lr, schedule, precision, processes and the periodic actions."""
     if not (isinstance(c.optim.lr, (int, float)) and math.isfinite(c.optim.lr) and c.optim.lr >= 0):
         raise ConfigError(f"optim.lr={c.optim.lr!r}: the learning rate must be a finite number >= 0")
     optim.build(c.optim, {})  # checks the names, ranges and every rule's regex

@@ -68,13 +68,9 @@ def _run(config, workdir, dist, stop, run_info):
             logging.warning("Resuming from %s: it takes precedence over model.weights.path=%r, which is not "
                             "read.", resume_path, config.model.weights.path)
             run_info["weights"] = (saved.get("meta") or {}).get("weights")
-        elif config.model.weights.path:
-            params, model_state, run_info["weights"] = load_weights(params, model_state, config.model.weights,
-                                                                    workdir, dist.is_main)
         else:
-            logging.warning("model.weights.path is empty: the trunk stays at its RANDOM initialisation. "
-                            "Set --config.model.weights.path=FILE to evaluate pretrained weights.")
-            run_info["weights"] = None
+            params, model_state, run_info["weights"] = initial_weights(params, model_state, config.model.weights,
+                                                                       workdir, dist.is_main)
 
         # ---------------------------------------------------------------- freeze, optimizer, schedule
         freeze_rules = tuple(config.model.freeze) + freeze.frozen_by_rules(params, config.optim.lr_mults)
@@ -240,7 +236,7 @@ def _run(config, workdir, dist, stop, run_info):
             write_results(workdir, results, info)
             log_results(results)
         if config.extract.features:
-            extract_features(config, dataset, model, train_state, test_loader, dist, workdir)
+            extract_features(config, dataset, model, train_state, dist, workdir)
         return results
     except Stopped:
         if training and dist.is_main and saved_step < completed and not int(nonfinite):
@@ -262,13 +258,20 @@ def precise_bn(train_state, train_loader, step, config, model, dist, eval_norms)
                                           layers.BN_MOMENTUM)
 
 
-def extract_features(config, dataset, model, train_state, test_loader, dist, workdir):
+def extract_features(config, dataset, model, train_state, dist, workdir):
     params = tree.merge(train_state["trainable"], train_state["frozen"])
-    train_eval = data.Loader(dataset.train, config.data, train=False, rank=dist.rank, world_size=dist.world_size)
-    for split, loader in (("train", train_eval), ("test", test_loader)):
-        payload = extract.extract(model.features, params, train_state["model_state"], loader,
-                                  tuple(config.extract.features), lambda b: to_device(b, dist.device))
-        extract.write(workdir, split, payload, dist.rank, dist.world_size)
+    extract.run(config, workdir, model, params, train_state["model_state"], dataset, dist,
+                lambda b: to_device(b, dist.device))
+
+
+def initial_weights(params, model_state, weights_cfg, workdir, write_report=True):
+    """``(params, model_state, provenance)`` from ``model.weights.path``, or the initialisation
+    as it is (said loudly; provenance None) when no path is given."""
+    if weights_cfg.path:
+        return load_weights(params, model_state, weights_cfg, workdir, write_report)
+    logging.warning("model.weights.path is empty: the trunk stays at its RANDOM initialisation. "
+                    "Set --config.model.weights.path=FILE to evaluate pretrained weights.")
+    return params, model_state, None
 
 
 def load_weights(params, model_state, weights_cfg, workdir, write_report=True):

@@ -1,0 +1,63 @@
+"""What cached features depend on, stored with them and checked before they are used.
+
+A fingerprint is a flat dict of the config keys that change the feature values (trunk, data,
+eval transforms) plus ``trunk_sha256``, the checksum of the trunk's weights as they were when
+the features were computed (loaded from a file, randomly initialised or trained: all the same
+here). A protocol that reads a cache made by another model, weights or data would print a
+wrong number; :func:`check` refuses instead and names the keys that differ.
+"""
+import hashlib
+import json
+
+import torch
+
+from fpipe import tree
+from fpipe.data import config as data_config
+
+# data keys that do not change the features of the evaluation transforms
+_DATA_IGNORED = ("batch_size", "eval_batch_size", "num_workers", "train_transforms", "seed")
+
+
+def of(config, params, model_state) -> dict:
+    """The fingerprint of features computed with ``config`` from this model's trunk."""
+    fp = {f"model.trunk.{k}": v for k, v in config.model.trunk.items()}
+    data = config.data
+    for key in data_config.default_config():
+        if key not in _DATA_IGNORED or (key == "seed" and data_config.get(data, "name") == "synthetic"):
+            fp[f"data.{key}"] = data_config.get(data, key)
+    fp["trunk_sha256"] = checksum({**tree.flatten(params.get("trunk", {})),
+                                   **tree.flatten(model_state.get("trunk", {}))})
+    return json.loads(json.dumps(fp))  # tuples -> lists, as read back from a file
+
+
+def checksum(flat: dict) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a flat dict of tensors, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(flat):
+        t = flat[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def short(fp: dict) -> str:
+    """A 12-character id of a whole fingerprint, for provenance lines."""
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def differences(stored: dict, current: dict) -> list:
+    """``key: stored -> current`` for every key that differs (or exists on one side only)."""
+    keys = sorted(set(stored) | set(current))
+    return [f"{k}: {stored.get(k, '<absent>')!r} (cache) vs {current.get(k, '<absent>')!r} (this run)"
+            for k in keys if stored.get(k, "<absent>") != current.get(k, "<absent>")]
+
+
+def check(stored: dict, current: dict, where: str):
+    """Raises unless ``stored`` (the cache's) equals ``current`` (this run's)."""
+    diff = differences(stored, current)
+    if diff:
+        hint = (" trunk_sha256 differs: the trunk's weights are not the ones the cache was made with "
+                "(model.weights.path, seed, or training)." if any(d.startswith("trunk_sha256") for d in diff) else "")
+        raise ValueError(f"cached features in {where} were made by another model, weights or data; they "
+                         f"differ in: {'; '.join(diff)}.{hint} Fix: run with the same settings as the "
+                         "extraction, or extract anew (drop eval.features_from, or use a fresh --workdir).")

@@ -1,0 +1,116 @@
+"""Feature files: safetensors that numpy reads, shards merged in index order, aliases, resume, fingerprints."""
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from fpipe.evaluate import extract, fingerprint, store
+from fpipe.train import distributed
+
+FP = {"model.trunk.depth": 18, "data.name": "digits", "trunk_sha256": "abc"}
+
+
+def payload(indices, seed=0, d=6):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.as_tensor(indices)
+    flat = torch.randn(len(idx), d, generator=g) + idx[:, None]  # rows identifiable by index
+    return {"features": {"res5avg": flat[:, :, None, None].clone(), "flatten": flat,
+                         "res4": torch.randn(len(idx), 2, 2, 2, generator=g)},
+            "labels": idx % 3, "indices": idx}
+
+
+def test_written_file_is_plain_safetensors_that_numpy_reads(tmp_path):
+    p = payload(range(5))
+    extract.write(str(tmp_path), "train", p, distributed.Dist(), FP)
+    arrays = load_file(str(tmp_path / "features" / "train.safetensors"))  # no torch involved
+    assert set(arrays) == {"flatten", "res4", "labels", "indices"}      # res5avg is an alias
+    np.testing.assert_array_equal(arrays["flatten"], p["features"]["flatten"].numpy())
+    np.testing.assert_array_equal(arrays["res4"], p["features"]["res4"].numpy())
+    np.testing.assert_array_equal(arrays["labels"], p["labels"].numpy())
+    loaded = extract.load(str(tmp_path), "train")
+    assert loaded.metadata["aliases"] == {"res5avg": {"of": "flatten", "shape": [6, 1, 1]}}
+    assert loaded.metadata["fingerprint"] == FP
+    for name, t in p["features"].items():
+        assert torch.equal(loaded.features[name], t), name
+
+
+def test_float16_storage_halves_the_file_and_rounds_like_torch(tmp_path):
+    p = payload(range(8))
+    extract.write(str(tmp_path / "a"), "test", p, distributed.Dist(), FP, dtype="float16")
+    loaded = extract.load(str(tmp_path / "a"), "test", ("flatten",))
+    assert loaded.features["flatten"].dtype == torch.float16
+    assert torch.equal(loaded.features["flatten"], p["features"]["flatten"].half())
+    arrays = load_file(str(tmp_path / "a" / "features" / "test.safetensors"))
+    assert arrays["res4"].dtype == np.float16
+
+
+def test_shards_merge_in_sample_index_order_with_every_sample_once(tmp_path):
+    """Rank shards as the eval loader deals them (interleaved slices of each global batch)."""
+    full = payload(range(10))
+    shards = []
+    for rank, rows in enumerate(([0, 1, 4, 5, 8], [2, 3, 6, 7, 9])):
+        part = {"features": {n: t[rows] for n, t in full["features"].items()},
+                "labels": full["labels"][rows], "indices": full["indices"][rows]}
+        path = str(tmp_path / f"shard{rank}.safetensors")
+        extract.merge([extract._Payload(part)], path, FP, "float32", "train", check_complete=False, dedupe=False)
+        shards.append(store.Reader(path))
+    out = str(tmp_path / "merged.safetensors")
+    extract.merge(shards, out, FP, "float32", "train")
+    arrays = load_file(out)
+    np.testing.assert_array_equal(arrays["indices"], np.arange(10))
+    np.testing.assert_array_equal(arrays["flatten"], full["features"]["flatten"].numpy())
+    with pytest.raises(RuntimeError, match="exactly once"):
+        extract.merge(shards[:1] * 2, str(tmp_path / "bad.safetensors"), FP, "float32", "train")
+
+
+def test_a_finished_split_is_reused_and_a_different_model_is_refused_naming_the_keys(tmp_path):
+    extract.write(str(tmp_path), "train", payload(range(4)), distributed.Dist(), FP)
+    assert extract.is_done(str(tmp_path), "train", FP, ("flatten", "res5avg"))
+    assert not extract.is_done(str(tmp_path), "train", FP, ("res3",))  # a layer it lacks: redo
+    assert not extract.is_done(str(tmp_path), "test", FP, ("flatten",))
+    other = {**FP, "model.trunk.depth": 50, "trunk_sha256": "def"}
+    with pytest.raises(ValueError, match=r"model\.trunk\.depth: 18 \(cache\) vs 50.*trunk_sha256"):
+        extract.is_done(str(tmp_path), "train", other, ("flatten",))
+
+
+def test_missing_layer_is_an_error_listing_the_cached_ones(tmp_path):
+    extract.write(str(tmp_path), "train", payload(range(4)), distributed.Dist(), FP)
+    with pytest.raises(ValueError, match="no layer.*res2.*flatten"):
+        extract.load(str(tmp_path), "train", ("res2",))
+
+
+def test_fingerprint_checksum_sees_every_weight_and_buffer():
+    params = {"trunk": {"conv1": {"weight": torch.ones(2, 2)}}}
+    state = {"trunk": {"bn1": {"running_mean": torch.zeros(2), "num_batches_tracked": torch.tensor(3)}}}
+    base = fingerprint.checksum({"a": torch.ones(2, 2), "b": torch.tensor(3)})
+    assert base == fingerprint.checksum({"b": torch.tensor(3), "a": torch.ones(2, 2)})
+    assert base != fingerprint.checksum({"a": torch.ones(2, 2), "b": torch.tensor(4)})
+    assert base != fingerprint.checksum({"a": torch.ones(4), "b": torch.tensor(3)})
+    from fpipe.evaluate import config as eval_config
+    cfg = eval_config.run_config(("knn",))
+    fp = fingerprint.of(cfg, params, state)
+    assert fp["model.trunk.depth"] == 18 and fp["data.image_size"] == 32 and "data.batch_size" not in fp
+    state["trunk"]["bn1"]["running_mean"] += 1
+    assert fingerprint.of(cfg, params, state)["trunk_sha256"] != fp["trunk_sha256"]
+
+
+def test_extraction_with_head_outputs_matches_the_models_own_forward(tmp_path):
+    """extract.run on a tiny synthetic set: trunk features and heads.<name> as model.apply gives them."""
+    from fpipe import data
+    from fpipe.evaluate import config as eval_config
+    from fpipe.models import model as models
+    cfg = eval_config.run_config(("knn",))
+    cfg.data.update(name="synthetic", num_train=12, num_test=6, num_classes=3, image_size=16, eval_batch_size=5)
+    cfg.model.heads.fc = models.head_config("flatten", "linear")
+    cfg.extract.update(features=("res4",), heads=True, dtype="float32")
+    ds = data.build(cfg.data)
+    model = models.build(cfg.model, num_classes=3, image_size=16)
+    params, state = model.init(0)
+    fp = extract.run(cfg, str(tmp_path), model, params, state, ds, distributed.Dist(), lambda b: b)
+    test = extract.load(str(tmp_path), "test")
+    assert set(test.features) == {"res4", "heads.fc"} and test.metadata["fingerprint"] == fp
+    batch = next(data.Loader(  # the first 5 test samples, as the loader prepares them
+        ds.test, cfg.data, train=False).epoch(0))
+    logits, _ = model.apply(params, state, batch["image"], train=False)
+    torch.testing.assert_close(test.features["heads.fc"][:5], logits["fc"], rtol=1e-4, atol=1e-5)
+    assert test.labels.tolist() == [ds.test[i][1] for i in range(6)]
