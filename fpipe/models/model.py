@@ -12,9 +12,9 @@ from ml_collections.config_dict import placeholder
 
 from fpipe import tree
 from fpipe.models import heads as heads_lib
-from fpipe.models import layers, resnet
+from fpipe.models import layers, resnet, vit
 
-TRUNKS = {"resnet": resnet}
+TRUNKS = {"resnet": resnet, "vit": vit}
 TRUNK_OPTIONS = ("depth", "width_multiplier", "groups", "width_per_group", "zero_init_residual",
                  "layer4_stride", "norm", "norm_groups")
 HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain") + tuple(heads_lib.MLP_OPTIONS)
@@ -24,9 +24,10 @@ def build_trunk(name, **options) -> resnet.Trunk:
     """The trunk named ``name`` (a family in TRUNKS) built with ``options``."""
     if name not in TRUNKS:
         raise ValueError(f"unknown model.trunk.name {name!r}; valid: {sorted(TRUNKS)}")
-    unknown = sorted(set(options) - set(TRUNK_OPTIONS))
+    valid = tuple(getattr(TRUNKS[name], "OPTIONS", TRUNK_OPTIONS))  # a family's own options, if it lists them
+    unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"unknown model.trunk option(s) {unknown}; valid: {TRUNK_OPTIONS}")
+        raise ValueError(f"unknown model.trunk option(s) {unknown} for {name!r}; valid: {valid}")
     return TRUNKS[name].build(**options)
 
 
