@@ -318,15 +318,25 @@ def test_model_registry_builds_a_vit_with_heads_on_vectors():
 def test_linear_eval_variants_build_and_every_key_is_overridable(variant):
     from ml_collections import config_dict
     from configs import linear_eval
+
+    def leaves(c, prefix=""):
+        for key in c.keys():
+            if isinstance(c[key], config_dict.ConfigDict):
+                yield from leaves(c[key], f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", c._fields[key], c[key]
+
     cfg = linear_eval.get_config(variant)
-    for key in cfg.model.trunk.keys():
-        assert isinstance(cfg.model.trunk[key], (bool, int, float, str)), key
+    bad = [k for k, field, v in leaves(cfg) if not isinstance(field, config_dict.FieldReference)
+           and (v is None or not isinstance(v, (bool, int, float, str, tuple)))]
+    assert not bad  # as tests/test_configs.py asks of every shipped config
+    assert set(cfg.model.trunk) == {"name", *vit.OPTIONS}
     model = model_lib.build(cfg.model, num_classes=10, image_size=cfg.data.image_size)
     if variant == "dinov2_imagenet":
-        assert len(model.heads) == 4 * 13
-        lr_of = dict((pattern, lr) for pattern, lr in cfg.optim.lr_mults)
+        assert len(model.heads) == 4 * 13 and model.trunk.spec.grid == 37
+        lr_of = dict(cfg.optim.lr_mults)
         assert lr_of[r"heads\.cls4_avgpool_lr_0_00100\..*"] == 1e-3
-        assert config_dict.ConfigDict(cfg).model.trunk.name == "vit"
+        assert {h.feature for h in model.heads} == {"lastCLS", "cls1_avgpool", "concatCLS4", "cls4_avgpool"}
 
 
 def test_bad_options_and_features_name_the_valid_ones(tiny):
