@@ -258,19 +258,21 @@ def _layer_norm(p, x, eps):
 
 
 # ---------------------------------------------------------------- apply
-def apply(spec: Spec, params, state, images, *, train, features=("lastCLS",), eval_norms=frozenset(),
-          sync_stats=None):
-    """Returns ``({feature: tensor}, state)`` for the requested ``features``.
+def apply(spec: Spec, params, state, images, *, train, features=None, eval_norms=frozenset(), sync_stats=None):
+    """Returns ``({feature: tensor}, state)`` for the requested ``features`` (default: ``lastCLS``,
+    or ``lastPOOL`` without a class token).
 
     A ViT has no train-mode behaviour (no dropout, no BatchNorm), so ``train``, ``eval_norms`` and
     ``sync_stats`` change nothing; they keep the trunk contract. Blocks run only as far as needed.
     """
     valid = spec.features
+    if features is None:
+        features = ("lastCLS",) if spec.class_token else ("lastPOOL",)
     unknown = [f for f in features if f not in valid]
     if unknown:
         raise ValueError(f"unknown ViT feature(s) {unknown}; valid: {valid}")
     final = [f for f in features if not f.startswith("block")]
-    n_blocks = spec.depth if final else 1 + max(int(f[len("block"):]) for f in features)
+    n_blocks = spec.depth if final else 1 + max((int(f[len("block"):]) for f in features), default=-1)
     keep = 4 if any(f in _NEEDS_4_BLOCKS for f in final) else 1  # last blocks' outputs the features read
     out, last = {}, []
     x = embed(spec, params, images)
