@@ -188,7 +188,7 @@ def test_a_dinov2_file_at_its_37x37_grid_evaluates_at_224_px(reference):
     params, _ = reference_params(reference, "vit_small_patch14_reg4_dinov2")
     assert params["encoder"]["pos_embedding"].shape == (1, 37 * 37, 384)
     x = reference.seeded_images(1, 224, seed=5)
-    features = ("block0", "lastCLS")
+    features = ("block0", "block1")  # the position embedding enters before block 0
     got, _ = vit.build(**vit.PRESETS["vit_small_patch14_reg4_dinov2"]).apply(params, {}, x, train=False,
                                                                              features=features)
     small = dict(params, encoder=dict(params["encoder"], pos_embedding=_slow_resample(
