@@ -15,9 +15,30 @@ Variant ``:vissl_imagenet`` is VISSL's ImageNet linear-evaluation recipe for a R
 SGD nesterov, momentum 0.9, weight decay 5e-4, lr 0.01 x batch/256, multistep at epochs
 8/16/24 of 28; eval_mlp heads on conv1, res2..res5 and res5avg pooled to VISSL's feature sizes
 (9216, 9216, 8192, 9216, 8192, 2048; adaptive pooling windows instead of VISSL's fixed ones).
+
+Variant ``:vit_s16`` is a ViT-S/16 layout shrunk for the digits (patch 4 at 32 px = 8×8 patches,
+hidden dim 48): linear heads on the class token, the mean patch token, dinov2's input and the
+patch grid pooled to 4×4 (docs/MODELS_VIT.md says which to read).
+
+    python main.py --config=configs/linear_eval.py:vit_s16
+
+Variant ``:dinov2_imagenet`` is dinov2's linear evaluation (dinov2/eval/linear.py) of a DINOv2
+ViT-S/14 on an ``image_folder`` dataset: a grid of linear heads, {last class token, concat of the
+last 4 class tokens} x {with, without the mean patch token} x 13 learning rates, trained at once
+(each head's lr by optim.lr_mults); SGD momentum 0.9, no weight decay, cosine to 0, lr x batch/256,
+10 epochs at global batch 1024 (= dinov2's 10 x 1250 iterations at 8 x 128).
+
+    torchrun --nproc_per_node=8 main.py --config=configs/linear_eval.py:dinov2_imagenet \
+        --config.data.root=/data/imagenet --config.model.weights.path=dinov2_vits14_pretrain.pth
 """
+import ml_collections
+
 from configs import common
+from fpipe.models import vit
 from fpipe.models.model import head_config
+
+VARIANTS = ("vissl_imagenet", "vit_s16", "dinov2_imagenet")
+DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 
 
 def get_config(arg=None):
@@ -36,11 +57,58 @@ def get_config(arg=None):
     c.optim.weight_decay = 5e-4
     c.schedule.name = "cosine"
     c.schedule.warmup_epochs = 1.0
-    if arg == "vissl_imagenet":
-        vissl_imagenet(c)
+    if arg in VARIANTS:
+        globals()[arg](c)
     elif arg:
-        raise ValueError(f"unknown linear_eval variant {arg!r}; valid: 'vissl_imagenet'")
+        raise ValueError(f"unknown linear_eval variant {arg!r}; valid: {VARIANTS}")
     return c
+
+
+def vit_trunk(preset, **overrides):
+    """``model.trunk`` for the ViT family: every option of the preset, each overridable."""
+    return ml_collections.ConfigDict(dict(name="vit", **{**vit.OPTIONS, **vit.PRESETS[preset], **overrides}))
+
+
+def vit_s16(c):
+    # ViT-S/16's layout at digits' scale: 8×8 patches of 4 px (one digit pixel each), hidden dim 48.
+    c.model.trunk = vit_trunk("vit_small_patch16_224", patch_size=4, image_size=32, hidden_dim=48, heads=3,
+                              mlp_dim=192)
+    c.model.heads = ml_collections.ConfigDict()
+    for feature in ("lastCLS", "lastPOOL", "cls4_avgpool"):  # the usual ViT linear inputs (vectors)
+        c.model.heads[feature] = head_config(feature, "linear")
+    c.model.heads.patch_grid = head_config("patch_grid", "linear", pool=[4, 4])  # keeps the layout
+    c.optim.lr = 0.01
+    c.best_metric = "patch_grid/top1"
+
+
+def dinov2_imagenet(c):
+    c.total_epochs = 10.0
+    c.data.name = "image_folder"
+    c.data.image_size = 224
+    c.data.batch_size = 1024
+    c.data.train_split, c.data.test_split = "train", "val"
+    c.data.train_transforms = "random_resized_crop|flip|normalize"
+    c.data.eval_transforms = "resize(256)|center_crop|normalize"
+    c.data.num_workers = 8
+    c.model.trunk = vit_trunk("vit_small_patch14_dinov2")  # 37x37 grid, resampled to 16x16 at 224 px
+    c.model.heads = ml_collections.ConfigDict()
+    lr_mults = []
+    for feature in ("lastCLS", "cls1_avgpool", "concatCLS4", "cls4_avgpool"):  # dinov2: n_blocks x avgpool
+        for lr in DINOV2_LRS:
+            name = f"{feature}_lr_{lr:.5f}".replace(".", "_")
+            c.model.heads[name] = head_config(feature, "linear")
+            lr_mults.append((rf"heads\.{name}\..*", lr))
+    c.optim.name = "sgd"
+    c.optim.lr = 1.0                      # each head's lr is its lr_mult (x batch/256)
+    c.optim.lr_mults = tuple(lr_mults)
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 0.0
+    c.optim.scale_lr = True
+    c.optim.reference_batch_size = 256
+    c.schedule.name = "cosine"
+    c.schedule.warmup_epochs = 0.0
+    c.eval_epochs = 1.0
 
 
 def vissl_imagenet(c):

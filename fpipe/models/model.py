@@ -13,13 +13,13 @@ from ml_collections.config_dict import placeholder
 
 from fpipe import tree
 from fpipe.models import heads as heads_lib
-from fpipe.models import alexnet, convnext, efficientnet, layers, regnet, resnet
+from fpipe.models import alexnet, convnext, efficientnet, layers, regnet, resnet, vit
 from fpipe.models.trunk import Trunk
 
 # Trunk families by name. A family module has FEATURES, OPTIONS (option -> default), PRESETS
 # (torchvision/timm name -> options) and build(**options) -> Trunk; registering one is one line.
 TRUNKS = {"resnet": resnet, "regnet": regnet, "efficientnet": efficientnet, "convnext": convnext,
-          "alexnet": alexnet}
+          "alexnet": alexnet, "vit": vit}
 HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain") + tuple(heads_lib.MLP_OPTIONS)
 
 

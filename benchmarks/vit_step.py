@@ -1,0 +1,192 @@
+"""ViT-S/16 linear evaluation: fpipe's compiled step vs. eager nn.Module code, and vs. the forward floor.
+
+    PYTHONPATH=. python benchmarks/vit_step.py                                 # 64 px, batch 16
+    PYTHONPATH=. python benchmarks/vit_step.py --image-size 224 --batch-size 32
+
+One model (a ViT-S/16 trunk, frozen, stored for the input size, and one linear head ``fc`` on
+``lastCLS``), one batch, timed in one process, round-robin (benchmarks/linear_eval_step.py's timer):
+
+  eager    what a user would write otherwise: a torchvision-style ViT ``nn.Module`` written out
+           below (explicit q/k/v projection and ``scaled_dot_product_attention``, no
+           nn.MultiheadAttention; the same math), trunk ``requires_grad=False``, ``loss.backward()``,
+           ``torch.optim.SGD`` (momentum 0.9) on the head. Same weights, copied by name.
+  step     fpipe's step as the loop builds it: the frozen trunk compiled as a constant
+           (fpipe.train.frozen_trunk, inductor freezing), ``make_step`` over the head with fpipe.optim's
+           SGD, compiled (``maybe_compile``), via ``frozen_trunk.on_features``.
+  forward  the floor: the eager nn.Module trunk under ``torch.inference_mode``; also fpipe's own
+           eager trunk forward.
+
+Output lines: ``ratio_vs_eager`` (eager step time / fpipe step time, >1: fpipe faster) and
+``ratio_vs_forward`` (fpipe step time / eager forward time; 1.0 is the floor).
+"""
+import argparse
+import collections
+import sys
+
+import ml_collections
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmarks.linear_eval_step import LR, MOMENTUM, NUM_CLASSES, fpipe_step, make_optimizer, time_round_robin
+from fpipe import tree
+from fpipe.models import model as model_lib
+from fpipe.models import vit
+
+
+# ---------------------------------------------------------------- the nn.Module a user would write
+class SelfAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(n, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d)
+        return self.out_proj(y)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_dim):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attention = SelfAttention(dim, heads)
+        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x):
+        x = x + self.self_attention(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, tokens, dim, depth, heads, mlp_dim):
+        super().__init__()
+        self.pos_embedding = nn.Parameter(torch.empty(1, tokens, dim))
+        self.layers = nn.Sequential(collections.OrderedDict(
+            (f"encoder_layer_{i}", EncoderBlock(dim, heads, mlp_dim)) for i in range(depth)))
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x):
+        return self.ln(self.layers(x + self.pos_embedding))
+
+
+class ViT(nn.Module):
+    """torchvision's VisionTransformer, written out; ``fc`` is the linear head on the class token."""
+
+    def __init__(self, spec, num_classes):
+        super().__init__()
+        d = spec.hidden_dim
+        self.patch_size = spec.patch_size
+        self.class_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.conv_proj = nn.Conv2d(3, d, spec.patch_size, spec.patch_size)
+        self.encoder = Encoder(1 + spec.grid ** 2, d, spec.depth, spec.heads, spec.mlp_dim)
+        self.fc = nn.Linear(d, num_classes)
+
+    def features(self, x):
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.encoder(x)[:, 0]
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def torch_module(spec, params):
+    net = ViT(spec, NUM_CLASSES)
+    net.load_state_dict({n.split(".", 1)[1]: v for n, v in tree.flatten(params).items()}, strict=True)
+    return net
+
+
+# ---------------------------------------------------------------- programs
+def build(image_size, batch_size, seed=0):
+    options = dict(vit.PRESETS["vit_small_patch16_224"], image_size=image_size)
+    cfg = ml_collections.ConfigDict(dict(trunk=dict(name="vit", **options),
+                                         heads=dict(fc=model_lib.head_config("lastCLS", "linear"))))
+    model = model_lib.build(cfg, num_classes=NUM_CLASSES, image_size=image_size)
+    params, state = model.init(seed)
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen),
+             "label": torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)}
+    return model, params, state, batch
+
+
+def eager_step(spec, params, batch):
+    net = torch_module(spec, params).train()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in net.fc.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(net.fc.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(batch["image"]), batch["label"])
+        loss.backward()
+        opt.step()
+        return loss
+
+    return run
+
+
+def eager_forward(spec, params, batch):
+    net = torch_module(spec, params).eval()
+
+    def run():
+        with torch.inference_mode():
+            return net.features(batch["image"])
+
+    return run
+
+
+def fpipe_forward(model, params, state, batch):
+    def run():
+        with torch.inference_mode():
+            return model.features(params, state, batch["image"], ("lastCLS",))
+    return run
+
+
+def programs(model, params, state, batch):
+    spec = model.trunk.spec
+    return {
+        "eager_step": eager_step(spec, params, batch),
+        "fpipe_step": fpipe_step(model, params, state, batch, compile_head=True, nhwc=False)[0],
+        "forward": eager_forward(spec, params, batch),
+        "fpipe_forward": fpipe_forward(model, params, state, batch),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, params, state, batch = build(args.image_size, args.batch_size)
+    progs = programs(model, params, state, batch)
+    # Same math: one step of each from the same start gives the same loss.
+    loss_eager, loss_fpipe = float(progs["eager_step"]().detach()), float(progs["fpipe_step"]())
+    progs = programs(model, params, state, batch)  # fresh states for timing
+    med, first = time_round_robin(progs, args.iters, args.warmup)
+    print(f"== ViT-S/16, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, median of "
+          f"{args.iters} after {args.warmup} warm-up; optimizer: {make_optimizer({'w': torch.zeros(1)})[1]}")
+    print(f"first-step loss: eager {loss_eager:.6f}  fpipe {loss_fpipe:.6f}")
+    for n in progs:
+        print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {args.batch_size / med[n]:8.1f} images/s   first call {first[n]:6.2f} s")
+    print(f"compile_s: {first['fpipe_step'] - med['fpipe_step']:.1f}")
+    print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
+    print(f"ratio_vs_forward: {med['fpipe_step'] / med['forward']:.3f}")
+    print(f"eager_vs_forward: {med['eager_step'] / med['forward']:.3f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

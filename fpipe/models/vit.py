@@ -1,0 +1,312 @@
+"""The Vision Transformer family as a pure trunk with torchvision's names (and timm/DINO/DINOv2 layouts).
+
+``build(**options)`` returns a :class:`~fpipe.models.resnet.Trunk` whose params flatten to
+torchvision's ``vit_*`` ``state_dict`` names without the classifier ``heads.head``:
+``class_token``, ``conv_proj.*``, ``encoder.pos_embedding``, ``encoder.layers.encoder_layer_<i>.
+{ln_1, self_attention.in_proj_*, self_attention.out_proj, ln_2, mlp.0, mlp.3}``, ``encoder.ln``;
+plus, where a layout has them, layer scale ``…encoder_layer_<i>.ls_1.gamma``/``ls_2.gamma``,
+register tokens ``register_tokens`` (1×R×D) and ``fc_norm`` (a norm of the pooled tokens that
+replaces ``encoder.ln``, as MAE's global-pool models). State is ``{}`` (LayerNorm only).
+
+Tokens are ``[class, registers…, patches…]``; registers never get a position embedding. The
+position embedding is stored for the ``image_size // patch_size`` grid, with a class row first
+when ``pos_embed_class``; another input grid resamples its patch part (``pos_resample``, see
+:func:`resample_pos_embedding`). Features (VISSL's names and dinov2's linear inputs) are listed in
+docs/MODELS_VIT.md; ``block<i>`` stops after block i, every other feature runs all blocks.
+"""
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fpipe.models.resnet import Trunk
+
+# Feature names after the last block; ``block<i>`` (i from 0) come before them, shallow to deep.
+FEATURES = ("tokens", "patch_grid", "lastCLS", "lastPOOL", "concatCLS4", "concatPOOL4",
+            "cls1_avgpool", "cls4_avgpool")
+_NEEDS_CLASS_TOKEN = ("lastCLS", "concatCLS4", "cls1_avgpool", "cls4_avgpool")
+_NEEDS_4_BLOCKS = ("concatCLS4", "concatPOOL4", "cls4_avgpool")
+# How a stored position grid is resampled to another input grid (all bicubic, align_corners=False):
+#   bicubic            torch's bicubic (a=-0.75) at the new size, no antialiasing
+#   bicubic_antialias  the PIL-style antialiased bicubic (a=-0.5, widened when shrinking): timm's
+#                      resample_abs_pos_embed, and DINOv2's hub models with registers
+#   bicubic_offset     no antialiasing, scale factor (new + 0.1) / old: DINO's and DINOv2's hub
+#                      models without registers (their "interpolate_offset" kludge)
+RESAMPLE_MODES = ("bicubic", "bicubic_antialias", "bicubic_offset")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    patch_size: int = 16
+    hidden_dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    image_size: int = 224         # the input size the position embedding's grid is stored for
+    layer_scale: float = 0.0      # init value of ls_1/ls_2.gamma; 0 (or None) = no layer scale
+    num_registers: int = 0
+    class_token: bool = True
+    pos_embed_class: bool = True  # the position embedding has a class-token row (timm DINOv2-reg: no)
+    ln_eps: float = 1e-6
+    fc_norm: bool = False         # pooled features normed by fc_norm; no encoder.ln
+    pos_resample: str = "bicubic"
+
+    def __post_init__(self):
+        for key in ("patch_size", "hidden_dim", "depth", "heads", "mlp_dim", "image_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"ViT option {key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.hidden_dim % self.heads:
+            raise ValueError(f"ViT hidden_dim={self.hidden_dim} must be divisible by heads={self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ViT image_size={self.image_size} must be a multiple of patch_size={self.patch_size} "
+                             "(it sets the stored position grid)")
+        if self.pos_embed_class and not self.class_token:
+            raise ValueError("ViT pos_embed_class=True needs class_token=True (no class token, no class row)")
+        if self.num_registers < 0:
+            raise ValueError(f"ViT num_registers must be >= 0, got {self.num_registers}")
+        if self.pos_resample not in RESAMPLE_MODES:
+            raise ValueError(f"unknown ViT pos_resample {self.pos_resample!r}; valid: {RESAMPLE_MODES}")
+
+    @property
+    def grid(self):
+        return self.image_size // self.patch_size
+
+    @property
+    def num_prefix(self):
+        """Tokens before the patches: the class token and the registers."""
+        return int(self.class_token) + self.num_registers
+
+    @property
+    def features(self):
+        names = [f"block{i}" for i in range(self.depth)] + list(FEATURES)
+        if not self.class_token:
+            names = [n for n in names if n not in _NEEDS_CLASS_TOKEN]
+        if self.depth < 4:
+            names = [n for n in names if n not in _NEEDS_4_BLOCKS]
+        return tuple(names)
+
+
+OPTIONS = {f.name: f.default for f in dataclasses.fields(Spec)}
+_S = dict(hidden_dim=384, heads=6, mlp_dim=1536)
+_B = dict(hidden_dim=768, heads=12, mlp_dim=3072)
+_L = dict(hidden_dim=1024, depth=24, heads=16, mlp_dim=4096)
+_H = dict(hidden_dim=1280, depth=32, heads=16, mlp_dim=5120)
+_DINOV2 = dict(patch_size=14, image_size=518, layer_scale=1e-5, pos_resample="bicubic_offset")
+_DINOV2_REG = dict(_DINOV2, num_registers=4, pos_embed_class=False, pos_resample="bicubic_antialias")
+PRESETS = {
+    # torchvision
+    "vit_b_16": dict(_B, patch_size=16), "vit_b_32": dict(_B, patch_size=32),
+    "vit_l_16": dict(_L, patch_size=16), "vit_l_32": dict(_L, patch_size=32),
+    "vit_h_14": dict(_H, patch_size=14),
+    # timm layouts: DINO's ViT-S/16, S/8, B/8 (and B/16); timm's supervised B/16, L/16; DINOv2
+    "vit_small_patch16_224": dict(_S, patch_size=16, pos_resample="bicubic_offset"),
+    "vit_small_patch8_224": dict(_S, patch_size=8, pos_resample="bicubic_offset"),
+    "vit_base_patch8_224": dict(_B, patch_size=8, pos_resample="bicubic_offset"),
+    "vit_base_patch16_224": dict(_B, patch_size=16, pos_resample="bicubic_antialias"),
+    "vit_large_patch16_224": dict(_L, patch_size=16, pos_resample="bicubic_antialias"),
+    "vit_small_patch14_dinov2": dict(_S, **_DINOV2),
+    "vit_base_patch14_dinov2": dict(_B, **_DINOV2),
+    "vit_large_patch14_dinov2": dict(_L, **_DINOV2),
+    "vit_small_patch14_reg4_dinov2": dict(_S, **_DINOV2_REG),
+    "vit_base_patch14_reg4_dinov2": dict(_B, **_DINOV2_REG),
+    "vit_large_patch14_reg4_dinov2": dict(_L, **_DINOV2_REG),
+}
+
+
+def build(**options) -> Trunk:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown ViT option(s) {unknown}; valid: {tuple(OPTIONS)}")
+    spec = Spec(**{**options, "layer_scale": options.get("layer_scale") or 0.0})
+    return Trunk(spec, lambda seed=0, meta=False: init_params(spec, seed, meta),
+                 lambda *a, **k: apply(spec, *a, **k), spec.features)
+
+
+# ---------------------------------------------------------------- init
+def init_params(spec: Spec, seed=0, meta=False):
+    """``(params, {})`` initialised as torchvision's ViT (layer scale, registers as DINOv2).
+
+    ``meta=True`` gives the same tree on the meta device (shapes only, no memory, no work).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    init = torch.nn.init
+
+    def new(shape, fill):
+        t = torch.empty(shape, device="meta" if meta else None)
+        if not meta:
+            with torch.no_grad():
+                fill(t)
+        return t
+
+    zeros, ones = init.zeros_, init.ones_
+    normal = lambda std: lambda t: init.normal_(t, std=std, generator=gen)
+    xavier = lambda t: init.xavier_uniform_(t, generator=gen)
+    d, p = spec.hidden_dim, spec.patch_size
+
+    def norm():
+        return {"weight": new((d,), ones), "bias": new((d,), zeros)}
+
+    params = {}
+    if spec.class_token:
+        params["class_token"] = new((1, 1, d), zeros)
+    if spec.num_registers:
+        params["register_tokens"] = new((1, spec.num_registers, d), normal(1e-6))
+    params["conv_proj"] = {
+        "weight": new((d, 3, p, p), lambda t: init.trunc_normal_(t, std=math.sqrt(1 / (3 * p * p)), generator=gen)),
+        "bias": new((d,), zeros)}
+    layers = {}
+    for i in range(spec.depth):
+        layer = {"ln_1": norm(), "self_attention": {
+            "in_proj_weight": new((3 * d, d), xavier), "in_proj_bias": new((3 * d,), zeros),
+            "out_proj": {"weight": new((d, d), lambda t: init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)),
+                         "bias": new((d,), zeros)}}}
+        layer["ln_2"] = norm()
+        layer["mlp"] = {"0": {"weight": new((spec.mlp_dim, d), xavier), "bias": new((spec.mlp_dim,), normal(1e-6))},
+                        "3": {"weight": new((d, spec.mlp_dim), xavier), "bias": new((d,), normal(1e-6))}}
+        if spec.layer_scale:
+            fill = lambda t: init.constant_(t, spec.layer_scale)
+            layer["ls_1"], layer["ls_2"] = {"gamma": new((d,), fill)}, {"gamma": new((d,), fill)}
+        layers[f"encoder_layer_{i}"] = layer
+    rows = spec.grid ** 2 + int(spec.pos_embed_class)
+    params["encoder"] = {"pos_embedding": new((1, rows, d), normal(0.02)), "layers": layers}
+    if spec.fc_norm:
+        params["fc_norm"] = norm()
+    else:
+        params["encoder"]["ln"] = norm()
+    return params, {}
+
+
+def init(seed=0, **options):
+    """``(params, state)`` of a ViT trunk; a convenience for ``build(**options).init(seed)``."""
+    return build(**options).init(seed)
+
+
+# ---------------------------------------------------------------- pieces
+def resample_pos_embedding(pos, new_grid_hw, num_prefix, *, mode="bicubic", old_grid_hw=None):
+    """A position embedding 1×(prefix + h·w)×D resampled to the grid ``new_grid_hw``.
+
+    The first ``num_prefix`` rows (the class row) are kept; the patch rows, a square grid unless
+    ``old_grid_hw`` says otherwise, are interpolated in float32 as ``mode`` says (RESAMPLE_MODES),
+    then cast back. Pure; used at apply time when the input's grid differs from the stored one.
+    """
+    if mode not in RESAMPLE_MODES:
+        raise ValueError(f"unknown pos_resample {mode!r}; valid: {RESAMPLE_MODES}")
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    if old_grid_hw is None:
+        side = math.isqrt(grid.shape[1])
+        if side * side != grid.shape[1]:
+            raise ValueError(f"{grid.shape[1]} position rows after {num_prefix} prefix row(s) are not a square "
+                             "grid; pass old_grid_hw")
+        old_grid_hw = (side, side)
+    (oh, ow), (nh, nw), d = old_grid_hw, new_grid_hw, pos.shape[-1]
+    g = grid.float().reshape(1, oh, ow, d).permute(0, 3, 1, 2)
+    if mode == "bicubic_offset":
+        g = F.interpolate(g, scale_factor=((nh + 0.1) / oh, (nw + 0.1) / ow), mode="bicubic", align_corners=False)
+    else:
+        g = F.interpolate(g, size=(nh, nw), mode="bicubic", align_corners=False,
+                          antialias=mode == "bicubic_antialias")
+    g = g.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(pos.dtype)
+    return torch.cat([prefix, g], dim=1)
+
+
+def patch_embed(params, images, patch_size):
+    """``conv_proj``: non-overlapping patches to N×D×h×w (torchvision's ``conv_proj`` output)."""
+    return F.conv2d(images, params["conv_proj"]["weight"], params["conv_proj"]["bias"], stride=patch_size)
+
+
+def embed(spec, params, images):
+    """Images to the token sequence ``[class, registers…, patches…]`` with position embeddings."""
+    x = patch_embed(params, images, spec.patch_size)
+    n, grid_hw = x.shape[0], tuple(x.shape[-2:])
+    x = x.flatten(2).transpose(1, 2)
+    pos = params["encoder"]["pos_embedding"]
+    rows = int(spec.pos_embed_class)
+    if grid_hw != (spec.grid, spec.grid):
+        pos = resample_pos_embedding(pos, grid_hw, rows, mode=spec.pos_resample,
+                                     old_grid_hw=(spec.grid, spec.grid))
+    prefix = []
+    if spec.class_token:
+        cls = params["class_token"]
+        prefix.append((cls + pos[:, :1] if rows else cls).expand(n, -1, -1))
+    if spec.num_registers:
+        prefix.append(params["register_tokens"].expand(n, -1, -1))
+    return torch.cat(prefix + [x + pos[:, rows:]], dim=1)
+
+
+def attention(p, x, heads):
+    """Multi-head self-attention with nn.MultiheadAttention's packed q/k/v projection."""
+    n, t, d = x.shape
+    q, k, v = F.linear(x, p["in_proj_weight"], p["in_proj_bias"]).view(n, t, 3, heads, d // heads).permute(
+        2, 0, 3, 1, 4).unbind(0)
+    y = F.scaled_dot_product_attention(q, k, v)
+    return F.linear(y.transpose(1, 2).reshape(n, t, d), p["out_proj"]["weight"], p["out_proj"]["bias"])
+
+
+def block(spec, p, x):
+    """Pre-norm encoder block: x + ls_1·attn(ln_1(x)), then + ls_2·mlp(ln_2(x)) (GELU, exact)."""
+    y = attention(p["self_attention"], _layer_norm(p["ln_1"], x, spec.ln_eps), spec.heads)
+    x = x + (y * p["ls_1"]["gamma"] if "ls_1" in p else y)
+    y = _layer_norm(p["ln_2"], x, spec.ln_eps)
+    y = F.linear(F.gelu(F.linear(y, p["mlp"]["0"]["weight"], p["mlp"]["0"]["bias"])),
+                 p["mlp"]["3"]["weight"], p["mlp"]["3"]["bias"])
+    return x + (y * p["ls_2"]["gamma"] if "ls_2" in p else y)
+
+
+def _layer_norm(p, x, eps):
+    return F.layer_norm(x, x.shape[-1:], p["weight"], p["bias"], eps)
+
+
+# ---------------------------------------------------------------- apply
+def apply(spec: Spec, params, state, images, *, train, features=None, eval_norms=frozenset(), sync_stats=None):
+    """Returns ``({feature: tensor}, state)`` for the requested ``features`` (default: ``lastCLS``,
+    or ``lastPOOL`` without a class token).
+
+    A ViT has no train-mode behaviour (no dropout, no BatchNorm), so ``train``, ``eval_norms`` and
+    ``sync_stats`` change nothing; they keep the trunk contract. Blocks run only as far as needed.
+    """
+    valid = spec.features
+    if features is None:
+        features = ("lastCLS",) if spec.class_token else ("lastPOOL",)
+    unknown = [f for f in features if f not in valid]
+    if unknown:
+        raise ValueError(f"unknown ViT feature(s) {unknown}; valid: {valid}")
+    final = [f for f in features if not f.startswith("block")]
+    n_blocks = spec.depth if final else 1 + max((int(f[len("block"):]) for f in features), default=-1)
+    keep = 4 if any(f in _NEEDS_4_BLOCKS for f in final) else 1  # last blocks' outputs the features read
+    out, last = {}, []
+    x = embed(spec, params, images)
+    for i in range(n_blocks):
+        x = block(spec, params["encoder"]["layers"][f"encoder_layer_{i}"], x)
+        if f"block{i}" in features:
+            out[f"block{i}"] = x
+        if final and i >= spec.depth - keep:
+            last.append(x)
+    if final:
+        out.update(_final_features(spec, params, last, final, images))
+    return out, state
+
+
+def _final_features(spec, params, last, names, images):
+    """The features read after the final norm from the last blocks' outputs ``last``."""
+    normed = [x if spec.fc_norm else _layer_norm(params["encoder"]["ln"], x, spec.ln_eps) for x in last]
+    cls = lambda t: t[:, 0]
+    patches = lambda t: t[:, spec.num_prefix:]
+
+    def pool(t):  # mean of the patch tokens (registers and class token excluded), fc_norm'ed if any
+        m = patches(t).mean(dim=1)
+        return _layer_norm(params["fc_norm"], m, spec.ln_eps) if spec.fc_norm else m
+
+    top = normed[-1]
+    make = {
+        "tokens": lambda: top,
+        "patch_grid": lambda: patches(top).unflatten(
+            1, (images.shape[-2] // spec.patch_size, images.shape[-1] // spec.patch_size)).permute(0, 3, 1, 2),
+        "lastCLS": lambda: cls(top),
+        "lastPOOL": lambda: pool(top),
+        "concatCLS4": lambda: torch.cat([cls(t) for t in normed[-4:]], dim=-1),
+        "concatPOOL4": lambda: torch.cat([pool(t) for t in normed[-4:]], dim=-1),
+        "cls1_avgpool": lambda: torch.cat([cls(top), pool(top)], dim=-1),
+        "cls4_avgpool": lambda: torch.cat([cls(t) for t in normed[-4:]] + [pool(top)], dim=-1),
+    }
+    return {name: make[name]() for name in names}

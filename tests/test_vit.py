@@ -1,0 +1,361 @@
+"""The ViT trunk against torchvision's and timm's facts: names, shapes, outputs; features; resampling."""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fpipe import tree
+from fpipe.models import model as model_lib
+from fpipe.models import vit
+
+# timm name -> ours (the weights helper's rename table says the same; kept here independently).
+TIMM_TO_OURS = [
+    (r"cls_token", "class_token"), (r"reg_token", "register_tokens"), (r"pos_embed", "encoder.pos_embedding"),
+    (r"patch_embed\.proj\.(.*)", r"conv_proj.\1"), (r"norm\.(.*)", r"encoder.ln.\1"),
+    (r"blocks\.(\d+)\.norm1\.(.*)", r"encoder.layers.encoder_layer_\1.ln_1.\2"),
+    (r"blocks\.(\d+)\.norm2\.(.*)", r"encoder.layers.encoder_layer_\1.ln_2.\2"),
+    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"encoder.layers.encoder_layer_\1.self_attention.in_proj_\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.(.*)", r"encoder.layers.encoder_layer_\1.self_attention.out_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(.*)", r"encoder.layers.encoder_layer_\1.mlp.0.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(.*)", r"encoder.layers.encoder_layer_\1.mlp.3.\2"),
+    (r"blocks\.(\d+)\.ls([12])\.gamma", r"encoder.layers.encoder_layer_\1.ls_\2.gamma"),
+]
+# manifest -> (preset, overrides); timm manifests are renamed with TIMM_TO_OURS.
+MANIFESTS = {
+    "vit_b_16": ("vit_b_16", {}), "vit_b_32": ("vit_b_32", {}), "vit_l_16": ("vit_l_16", {}),
+    "vit_small_patch16_224": ("vit_small_patch16_224", {}), "vit_base_patch16_224": ("vit_base_patch16_224", {}),
+    "vit_large_patch16_224": ("vit_large_patch16_224", {}),
+    "vit_small_patch14_dinov2": ("vit_small_patch14_dinov2", {}),
+    "vit_base_patch14_dinov2": ("vit_base_patch14_dinov2", {}),
+    "vit_small_patch14_dinov2_img_size224": ("vit_small_patch14_dinov2", dict(image_size=224)),
+    "vit_small_patch14_reg4_dinov2": ("vit_small_patch14_reg4_dinov2", {}),
+    "vit_small_patch14_reg4_dinov2_img_size224": ("vit_small_patch14_reg4_dinov2", dict(image_size=224)),
+}
+TINY = dict(patch_size=4, hidden_dim=32, depth=5, heads=4, mlp_dim=64, image_size=16)
+
+
+def ours(name):
+    """Our name of a torchvision or timm state_dict entry; None for the classifier."""
+    if name.startswith(("heads.head.", "head.")):
+        return None
+    if name.startswith(("class_token", "conv_proj", "encoder.")):
+        return name
+    for pattern, repl in TIMM_TO_OURS:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name)
+    raise KeyError(name)
+
+
+def reference_params(reference, manifest):
+    sd = reference.seeded_state_dict(reference.load_manifest(manifest), 0)
+    return tree.unflatten({ours(n): v for n, v in sd.items() if ours(n)}), sd
+
+
+def relative_error(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("manifest", sorted(MANIFESTS))
+def test_names_shapes_dtypes_equal_the_manifests(reference, manifest):
+    preset, overrides = MANIFESTS[manifest]
+    params, state = vit.build(**{**vit.PRESETS[preset], **overrides}).init(0, meta=True)
+    assert state == {}
+    got = {n: (list(t.shape), str(t.dtype)) for n, t in tree.flatten(params).items()}
+    expected = {ours(n): (s, d) for n, s, d in reference.load_manifest(manifest) if ours(n)}
+    assert got == expected
+
+
+def test_init_on_the_meta_device_is_the_real_init_without_values():
+    options = dict(TINY, layer_scale=0.1, num_registers=2)
+    real, _ = vit.build(**options).init(3)
+    meta, _ = vit.build(**options).init(3, meta=True)
+    assert {n: t.shape for n, t in tree.flatten(real).items()} == {n: t.shape for n, t in tree.flatten(meta).items()}
+    assert all(t.is_meta for t in tree.leaves(meta))
+    layer = real["encoder"]["layers"]["encoder_layer_0"]
+    assert torch.equal(layer["ls_1"]["gamma"], torch.full((32,), 0.1))
+    assert torch.equal(real["class_token"], torch.zeros(1, 1, 32))
+    assert 0.01 < float(real["encoder"]["pos_embedding"].std()) < 0.03  # torchvision: normal(0.02)
+    again, _ = vit.build(**options).init(3)
+    assert all(torch.equal(a, b) for a, b in zip(tree.leaves(real), tree.leaves(again)))
+
+
+# ---------------------------------------------------------------- outputs equal the fixtures
+def _blocks(depth):
+    return tuple(f"block{i}" for i in range(depth))
+
+
+@pytest.fixture(scope="module")
+def torchvision_b16(reference):
+    ref = torch.load(reference.OUTPUTS / "vit_b_16_seed0_224px.pt", weights_only=True)
+    params, sd = reference_params(reference, "vit_b_16")
+    trunk = vit.build(**vit.PRESETS["vit_b_16"])
+    x = ref["input"][:1]  # one image keeps it fast; the fixture's first row is its output
+    feats, state = trunk.apply(params, {}, x, train=False, features=_blocks(12) + ("tokens", "lastCLS"))
+    return ref, params, sd, x, feats, state
+
+
+def test_vit_b_16_equals_torchvision(torchvision_b16):
+    ref, params, sd, x, feats, state = torchvision_b16
+    assert state == {}
+    close = lambda got, key: relative_error(got, ref[key][:1]) <= 1e-4
+    assert close(vit.patch_embed(params, x, 16), "eval.conv_proj")
+    assert close(feats["block0"], "eval.encoder.layers.encoder_layer_0")
+    for i in range(12):
+        assert close(feats[f"block{i}"][:, 0], f"eval.encoder.layers.encoder_layer_{i}.cls"), i
+    assert close(feats["tokens"], "eval.encoder.ln")
+    assert close(feats["lastCLS"], "eval.encoder.ln.cls")
+    assert close(F.linear(feats["lastCLS"], sd["heads.head.weight"], sd["heads.head.bias"]), "eval.logits")
+
+
+@pytest.mark.parametrize("manifest,preset,overrides", [
+    ("vit_small_patch16_224", "vit_small_patch16_224", {}),
+    ("vit_small_patch14_reg4_dinov2_img_size224", "vit_small_patch14_reg4_dinov2", dict(image_size=224)),
+])
+def test_timm_layouts_equal_timm(reference, manifest, preset, overrides):
+    ref = torch.load(reference.OUTPUTS / f"{manifest}_seed0_224px.pt", weights_only=True)
+    params, sd = reference_params(reference, manifest)
+    trunk = vit.build(**{**vit.PRESETS[preset], **overrides})
+    x = ref["input"][:1]
+    feats, _ = trunk.apply(params, {}, x, train=False, features=_blocks(12) + ("tokens", "lastCLS"))
+    close = lambda got, key: relative_error(got, ref[key][:1]) <= 1e-4
+    assert close(vit.patch_embed(params, x, trunk.spec.patch_size).flatten(2)[:, :, 0], "eval.patch_embed.cls")
+    assert close(feats["block0"], "eval.blocks.0")  # [class, registers, patches], as timm
+    for i in range(12):
+        assert close(feats[f"block{i}"][:, 0], f"eval.blocks.{i}.cls"), i
+    assert close(feats["tokens"], "eval.norm")
+    logits = F.linear(feats["lastCLS"], sd["head.weight"], sd["head.bias"]) if "head.weight" in sd else feats["lastCLS"]
+    assert close(logits, "eval.logits")
+
+
+# ---------------------------------------------------------------- position embedding resampling
+def _cubic(t, a):
+    t = abs(t)
+    if t <= 1:
+        return ((a + 2) * t - (a + 3)) * t * t + 1
+    if t < 2:
+        return (((t - 5) * t + 8) * t - 4) * a
+    return 0.0
+
+
+def _matrix(n_in, n_out, mode, scale_factor=None):
+    """Slow 1-d resampling matrix (n_out × n_in), written from the kernels' definitions."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    scale = n_in / n_out if scale_factor is None else 1 / scale_factor
+    for i in range(n_out):
+        if mode == "bicubic_antialias":  # PIL: a=-0.5, support widened by the scale when shrinking
+            support, stretch = 2 * max(scale, 1.0), max(scale, 1.0)
+            center = (i + 0.5) * scale
+            lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+            w = [_cubic((j - center + 0.5) / stretch, -0.5) for j in range(lo, hi)]
+            for j, wj in zip(range(lo, hi), w):
+                m[i, j] += wj / sum(w)
+        else:  # torch's bicubic: a=-0.75, four taps, borders clamped
+            src = (i + 0.5) * scale - 0.5
+            base = math.floor(src)
+            for k in range(-1, 3):
+                m[i, min(max(base + k, 0), n_in - 1)] += _cubic(src - (base + k), -0.75)
+    return m
+
+
+def _slow_resample(pos, new_hw, num_prefix, mode, old_hw):
+    d = pos.shape[-1]
+    grid = pos[0, num_prefix:].double().reshape(*old_hw, d)
+    sf = lambda new, old: (new + 0.1) / old if mode == "bicubic_offset" else None
+    mh = _matrix(old_hw[0], new_hw[0], mode, sf(new_hw[0], old_hw[0]))
+    mw = _matrix(old_hw[1], new_hw[1], mode, sf(new_hw[1], old_hw[1]))
+    out = torch.einsum("ah,bw,hwd->abd", mh, mw, grid).reshape(1, -1, d)
+    return torch.cat([pos[:, :num_prefix].double(), out], dim=1).float()
+
+
+@pytest.mark.parametrize("mode", vit.RESAMPLE_MODES)
+@pytest.mark.parametrize("old_hw,new_hw", [((6, 6), (4, 3)), ((4, 4), (7, 9)), ((37, 37), (16, 16))])
+def test_resample_pos_embedding_equals_a_slow_bicubic(mode, old_hw, new_hw):
+    num_prefix = 1 if old_hw[0] != 4 else 0
+    pos = torch.randn(1, num_prefix + old_hw[0] * old_hw[1], 3, generator=torch.Generator().manual_seed(0))
+    got = vit.resample_pos_embedding(pos, new_hw, num_prefix, mode=mode,
+                                     old_grid_hw=None if old_hw[0] == old_hw[1] else old_hw)
+    expected = _slow_resample(pos, new_hw, num_prefix, mode, old_hw)
+    assert got.shape == (1, num_prefix + new_hw[0] * new_hw[1], 3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if num_prefix:
+        assert torch.equal(got[:, :1], pos[:, :1])
+
+
+def test_a_dinov2_file_at_its_37x37_grid_evaluates_at_224_px(reference):
+    """The 518-px DINOv2 layout on 224-px images equals a 224-grid model given the resampled grid."""
+    params, _ = reference_params(reference, "vit_small_patch14_reg4_dinov2")
+    assert params["encoder"]["pos_embedding"].shape == (1, 37 * 37, 384)
+    x = reference.seeded_images(1, 224, seed=5)
+    features = ("block0", "block1")  # the position embedding enters before block 0
+    got, _ = vit.build(**vit.PRESETS["vit_small_patch14_reg4_dinov2"]).apply(params, {}, x, train=False,
+                                                                             features=features)
+    small = dict(params, encoder=dict(params["encoder"], pos_embedding=_slow_resample(
+        params["encoder"]["pos_embedding"], (16, 16), 0, "bicubic_antialias", (37, 37))))
+    expected, _ = vit.build(**{**vit.PRESETS["vit_small_patch14_reg4_dinov2"], "image_size": 224}).apply(
+        small, {}, x, train=False, features=features)
+    assert got["block0"].shape == (1, 1 + 4 + 256, 384)
+    for f in features:
+        assert relative_error(got[f], expected[f]) <= 1e-4, f
+
+
+# ---------------------------------------------------------------- features
+@pytest.fixture(scope="module")
+def tiny():
+    trunk = vit.build(**TINY, num_registers=2, layer_scale=0.5)
+    params, _ = trunk.init(0)
+    # Non-trivial final norm, so that "after the final norm" is checked.
+    params["encoder"]["ln"] = {"weight": torch.rand(32) + 0.5, "bias": torch.randn(32)}
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return trunk, params, x
+
+
+def test_features_are_vissl_and_dinov2_definitions(tiny):
+    trunk, params, x = tiny
+    feats, _ = trunk.apply(params, {}, x, train=False, features=trunk.features)
+    ln = lambda t: F.layer_norm(t, (32,), params["encoder"]["ln"]["weight"], params["encoder"]["ln"]["bias"], 1e-6)
+    blocks = [ln(feats[f"block{i}"]) for i in range(5)]  # prefix: class + 2 registers
+    cls = [b[:, 0] for b in blocks]
+    mean = [b[:, 3:].mean(1) for b in blocks]
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    close(feats["tokens"], blocks[-1])
+    close(feats["lastCLS"], cls[-1])
+    close(feats["lastPOOL"], mean[-1])
+    close(feats["concatCLS4"], torch.cat(cls[1:], 1))
+    close(feats["concatPOOL4"], torch.cat(mean[1:], 1))
+    close(feats["cls1_avgpool"], torch.cat([cls[-1], mean[-1]], 1))
+    close(feats["cls4_avgpool"], torch.cat(cls[1:] + [mean[-1]], 1))
+    close(feats["patch_grid"], blocks[-1][:, 3:].reshape(3, 4, 4, 32).permute(0, 3, 1, 2))
+    assert feats["patch_grid"][:, :, 1, 2].equal(feats["tokens"][:, 3 + 1 * 4 + 2])  # row-major patches
+    assert feats["cls4_avgpool"].shape == (3, 5 * 32)
+    assert trunk.features[:5] == _blocks(5) and trunk.features[5:] == vit.FEATURES
+
+
+def test_blocks_run_only_as_far_as_the_deepest_requested_feature(tiny):
+    trunk, params, x = tiny
+    full, _ = trunk.apply(params, {}, x, train=False, features=("block1", "lastCLS"))
+    cut = dict(params, encoder=dict(params["encoder"], layers={
+        k: v for k, v in params["encoder"]["layers"].items() if k in ("encoder_layer_0", "encoder_layer_1")}))
+    del cut["encoder"]["ln"]
+    part, _ = trunk.apply(cut, {}, x, train=False, features=("block1",))  # later blocks would KeyError
+    assert set(part) == {"block1"} and torch.equal(part["block1"], full["block1"])
+
+
+def test_fc_norm_pools_then_norms_and_no_class_token_layout():
+    trunk = vit.build(**TINY, class_token=False, pos_embed_class=False, fc_norm=True)
+    params, _ = trunk.init(0)
+    assert "ln" not in params["encoder"] and "class_token" not in params and "fc_norm" in params
+    assert "lastCLS" not in trunk.features and "concatPOOL4" in trunk.features
+    x = torch.randn(2, 3, 16, 16)
+    feats, _ = trunk.apply(params, {}, x, train=False, features=("block4", "lastPOOL", "tokens"))
+    assert feats["tokens"].shape == (2, 16, 32) and torch.equal(feats["tokens"], feats["block4"])
+    fc = params["fc_norm"]
+    torch.testing.assert_close(feats["lastPOOL"], F.layer_norm(feats["block4"].mean(1), (32,), fc["weight"], fc["bias"], 1e-6))
+
+
+def test_block_math_equals_torch_nn_modules():
+    """One block against nn.LayerNorm + nn.MultiheadAttention + nn.Linear/GELU (torchvision's EncoderBlock)."""
+    trunk = vit.build(**dict(TINY, depth=1))
+    params, _ = trunk.init(0)
+    p = params["encoder"]["layers"]["encoder_layer_0"]
+    for t in tree.leaves(p):  # non-trivial norms and biases
+        t.add_(0.1 * torch.randn(t.shape))
+    ln1, ln2 = torch.nn.LayerNorm(32, eps=1e-6), torch.nn.LayerNorm(32, eps=1e-6)
+    attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Dropout(), torch.nn.Linear(64, 32))
+    for module, key in ((ln1, "ln_1"), (ln2, "ln_2"), (attn, "self_attention"), (mlp, "mlp")):
+        module.load_state_dict(tree.flatten(p[key]))
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        h = x + attn(ln1(x), ln1(x), ln1(x), need_weights=False)[0]
+        expected = h + mlp.eval()(ln2(h))
+    torch.testing.assert_close(vit.block(trunk.spec, p, x), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- compile, meta, autocast, registry
+def test_compiles_with_fullgraph_and_equals_eager():
+    """One graph, no breaks (dynamo fullgraph + AOT autograd tracing; inductor itself runs in the
+    frozen-trunk path of every linear-eval run), on an input grid that needs resampling."""
+    trunk = vit.build(**dict(TINY, depth=2, num_registers=1, layer_scale=0.5, pos_resample="bicubic_antialias"))
+    params, _ = trunk.init(0)
+    x = torch.randn(2, 3, 20, 24)
+    features = ("lastCLS", "cls1_avgpool", "patch_grid")
+    eager, _ = trunk.apply(params, {}, x, train=False, features=features)
+    compiled = torch.compile(lambda p, im: trunk.apply(p, {}, im, train=False, features=features)[0],
+                             fullgraph=True, dynamic=False, backend="aot_eager")
+    got = compiled(params, x)
+    assert got["patch_grid"].shape == (2, 32, 5, 6)
+    for f in features:
+        torch.testing.assert_close(got[f], eager[f], atol=1e-5, rtol=1e-5)
+
+
+def test_meta_device_bf16_autocast_and_grads(tiny):
+    trunk, params, x = tiny
+    meta_params = tree.map_leaves(lambda t: t.to("meta"), params)
+    feats, _ = trunk.apply(meta_params, {}, torch.empty(2, 3, 24, 24, device="meta"), train=False,
+                           features=("cls4_avgpool", "patch_grid"))
+    assert feats["cls4_avgpool"].shape == (2, 160) and feats["patch_grid"].shape == (2, 32, 6, 6)
+    ref, _ = trunk.apply(params, {}, x, train=False, features=("lastCLS",))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = trunk.apply(params, {}, x, train=True, features=("lastCLS",))
+    assert relative_error(low["lastCLS"].float(), ref["lastCLS"]) < 0.05
+    grads = torch.func.grad(lambda p: trunk.apply(p, {}, x, train=True, features=("lastPOOL",))[0]["lastPOOL"].square().sum())(params)
+    assert all(torch.isfinite(g).all() for g in tree.leaves(grads))
+    assert float(grads["encoder"]["layers"]["encoder_layer_0"]["mlp"]["0"]["weight"].abs().sum()) > 0
+
+
+def test_model_registry_builds_a_vit_with_heads_on_vectors():
+    cfg = dict(trunk=dict(name="vit", **TINY), heads=dict(
+        cls=model_lib.head_config("lastCLS", "linear"), dino=model_lib.head_config("cls4_avgpool", "linear")))
+    import ml_collections
+    model = model_lib.build(ml_collections.ConfigDict(cfg), num_classes=10, image_size=16)
+    params, state = model.init(0)
+    assert params["heads"]["cls"]["weight"].shape == (10, 32)
+    assert params["heads"]["dino"]["weight"].shape == (10, 5 * 32)
+    out, _ = model.apply(params, state, torch.randn(2, 3, 16, 16), train=True)
+    assert out["cls"].shape == out["dino"].shape == (2, 10)
+
+
+@pytest.mark.parametrize("variant", ["vit_s16", "dinov2_imagenet"])
+def test_linear_eval_variants_build_and_every_key_is_overridable(variant):
+    from ml_collections import config_dict
+    from configs import linear_eval
+
+    def leaves(c, prefix=""):
+        for key in c.keys():
+            if isinstance(c[key], config_dict.ConfigDict):
+                yield from leaves(c[key], f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", c._fields[key], c[key]
+
+    cfg = linear_eval.get_config(variant)
+    bad = [k for k, field, v in leaves(cfg) if not isinstance(field, config_dict.FieldReference)
+           and (v is None or not isinstance(v, (bool, int, float, str, tuple)))]
+    assert not bad  # as tests/test_configs.py asks of every shipped config
+    assert set(cfg.model.trunk) == {"name", *vit.OPTIONS}
+    model = model_lib.build(cfg.model, num_classes=10, image_size=cfg.data.image_size)
+    if variant == "dinov2_imagenet":
+        assert len(model.heads) == 4 * 13 and model.trunk.spec.grid == 37
+        lr_of = dict(cfg.optim.lr_mults)
+        assert lr_of[r"heads\.cls4_avgpool_lr_0_00100\..*"] == 1e-3
+        assert {h.feature for h in model.heads} == {"lastCLS", "cls1_avgpool", "concatCLS4", "cls4_avgpool"}
+
+
+def test_bad_options_and_features_name_the_valid_ones(tiny):
+    with pytest.raises(ValueError, match="divisible by heads"):
+        vit.build(**dict(TINY, heads=5))
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        vit.build(**dict(TINY, image_size=18))
+    with pytest.raises(ValueError, match="needs class_token"):
+        vit.build(**dict(TINY, class_token=False))
+    with pytest.raises(ValueError, match=r"valid: \('bicubic', 'bicubic_antialias', 'bicubic_offset'\)"):
+        vit.build(**dict(TINY, pos_resample="bilinear"))
+    with pytest.raises(ValueError, match=r"unknown ViT option\(s\) \['width'\]; valid: \('patch_size'"):
+        vit.build(width=3)
+    with pytest.raises(ValueError, match=r"unknown model.trunk option\(s\) \['width_multiplier'\] for 'vit'"):
+        model_lib.build_trunk("vit", width_multiplier=2)
+    trunk, params, x = tiny
+    with pytest.raises(ValueError, match=r"unknown ViT feature\(s\) \['block5'\]; valid: \('block0'"):
+        trunk.apply(params, {}, x, train=False, features=("block5",))
+    assert "concatCLS4" not in vit.build(**dict(TINY, depth=3)).features
