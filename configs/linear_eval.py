@@ -34,8 +34,7 @@ last 4 class tokens} x {with, without the mean patch token} x 13 learning rates,
 import ml_collections
 
 from configs import common
-from fpipe.models import vit
-from fpipe.models.model import head_config
+from fpipe.models.model import head_config, trunk_config
 
 VARIANTS = ("vissl_imagenet", "vit_s16", "dinov2_imagenet")
 DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -64,15 +63,10 @@ def get_config(arg=None):
     return c
 
 
-def vit_trunk(preset, **overrides):
-    """``model.trunk`` for the ViT family: every option of the preset, each overridable."""
-    return ml_collections.ConfigDict(dict(name="vit", **{**vit.OPTIONS, **vit.PRESETS[preset], **overrides}))
-
-
 def vit_s16(c):
     # ViT-S/16's layout at digits' scale: 8×8 patches of 4 px (one digit pixel each), hidden dim 48.
-    c.model.trunk = vit_trunk("vit_small_patch16_224", patch_size=4, image_size=32, hidden_dim=48, heads=3,
-                              mlp_dim=192)
+    c.model.trunk = trunk_config("vit_small_patch16_224", patch_size=4, image_size=32, hidden_dim=48, heads=3,
+                                 mlp_dim=192)
     c.model.heads = ml_collections.ConfigDict()
     for feature in ("lastCLS", "lastPOOL", "cls4_avgpool"):  # the usual ViT linear inputs (vectors)
         c.model.heads[feature] = head_config(feature, "linear")
@@ -90,7 +84,7 @@ def dinov2_imagenet(c):
     c.data.train_transforms = "random_resized_crop|flip|normalize"
     c.data.eval_transforms = "resize(256)|center_crop|normalize"
     c.data.num_workers = 8
-    c.model.trunk = vit_trunk("vit_small_patch14_dinov2")  # 37x37 grid, resampled to 16x16 at 224 px
+    c.model.trunk = trunk_config("vit_small_patch14_dinov2")  # 37x37 grid, resampled to 16x16 at 224 px
     c.model.heads = ml_collections.ConfigDict()
     lr_mults = []
     for feature in ("lastCLS", "cls1_avgpool", "concatCLS4", "cls4_avgpool"):  # dinov2: n_blocks x avgpool
@@ -120,7 +114,7 @@ def vissl_imagenet(c):
     c.data.train_transforms = "random_resized_crop|flip|normalize"
     c.data.eval_transforms = "resize(256)|center_crop|normalize"
     c.data.num_workers = 8
-    c.model.trunk.depth = 50
+    c.model.trunk.name = "resnet50"
     c.model.heads = common.ml_collections.ConfigDict()
     for feature, grid in (("conv1", 12), ("res2", 6), ("res3", 4), ("res4", 3), ("res5", 2), ("res5avg", None)):
         c.model.heads[feature] = head_config(feature, "eval_mlp", pool=None if grid is None else [grid, grid])
