@@ -89,7 +89,7 @@ def test_fingerprint_checksum_sees_every_weight_and_buffer():
     from fpipe.evaluate import config as eval_config
     cfg = eval_config.run_config(("knn",))
     fp = fingerprint.of(cfg, params, state)
-    assert fp["model.trunk.depth"] == 18 and fp["data.image_size"] == 32 and "data.batch_size" not in fp
+    assert fp["model.trunk.name"] == "resnet18" and "model.trunk.depth" not in fp and fp["data.image_size"] == 32 and "data.batch_size" not in fp
     state["trunk"]["bn1"]["running_mean"] += 1
     assert fingerprint.of(cfg, params, state)["trunk_sha256"] != fp["trunk_sha256"]
 

@@ -53,8 +53,10 @@ def test_run_writes_features_results_table_and_plot(one):
     assert set(r["protocols"]["knn"]["flatten"]) == {"k=5", "k=20"}
     assert r["protocols"]["linear"]["res4"]["top1"] > 50  # 6 learnable classes: chance is 17
     prov = r["provenance"]
-    assert prov["splits"] == {"train": 240, "of which val": 48, "test": 80} and prov["config"].endswith("knn.py")
-    assert prov["fingerprint"]["data.name"] == "synthetic" and len(prov["fingerprint"]["trunk_sha256"]) == 64
+    assert prov["splits"] == {"train": 240, "of which val": 48, "test": 80} and prov["config_path"].endswith("knn.py")
+    features = prov["features_fingerprint"]
+    assert features["data.name"] == "synthetic" and len(features["trunk_sha256"]) == 64
+    assert len(prov["fingerprint"]) == 12 and prov["weights"] is None  # random init: no weights file
     # res5avg and flatten are the same values: stored once, both evaluated, the same numbers
     assert r["protocols"]["knn"]["res5avg"] == r["protocols"]["knn"]["flatten"]
     arrays = load_file(str(workdir / "features" / "train.safetensors"))

@@ -134,7 +134,7 @@ def test_compile_failure_falls_back_to_eager_with_a_logged_reason(monkeypatch, c
     with caplog.at_level("WARNING"):
         assert f(torch.tensor(1)) == 2
     assert f(torch.tensor(2)) == 3
-    assert "torch.compile of toy failed" in caplog.text and "config.compile=False" in caplog.text
+    assert "torch.compile of the toy FAILED" in caplog.text and "EAGERLY" in caplog.text and "config.compile=False" in caplog.text
 
     def user_error(x):
         raise ValueError("a bug in the step, not in the compiler")

@@ -20,7 +20,9 @@ _DATA_IGNORED = ("batch_size", "eval_batch_size", "num_workers", "train_transfor
 
 def of(config, params, model_state) -> dict:
     """The fingerprint of features computed with ``config`` from this model's trunk."""
-    fp = {f"model.trunk.{k}": v for k, v in config.model.trunk.items()}
+    # the trunk as named (unset options mean the preset's defaults; the weights checksum below
+    # covers every shape, so two spellings of one architecture differ only by name here)
+    fp = {f"model.trunk.{k}": v for k, v in config.model.trunk.items() if v is not None}
     data = config.data
     for key in data_config.default_config():
         if key not in _DATA_IGNORED or (key == "seed" and data_config.get(data, "name") == "synthetic"):

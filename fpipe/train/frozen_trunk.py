@@ -11,7 +11,6 @@ from typing import Any, Callable, NamedTuple
 import time
 
 import torch
-import torch._inductor.config
 from absl import logging
 
 from fpipe import tree
@@ -66,8 +65,12 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
     def run_once(images):
         # Inductor reads `freezing` when it compiles (first call, or a new input shape); the
         # `options=` of torch.compile does not reach it (torch 2.13), so patch the config here.
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-            if not compile or tuple(images.shape) in compiled_for:
+        if not compile:
+            with torch.no_grad():
+                return run(images)
+        from torch._inductor import config as inductor  # lazily: its import takes over a second
+        with torch.no_grad(), inductor.patch(freezing=True):
+            if tuple(images.shape) in compiled_for:
                 return run(images)
             logging.info("compiling the frozen trunk for inputs %s…", tuple(images.shape))
             t0 = time.perf_counter()
