@@ -2,9 +2,7 @@
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from fpipe import data, optim, schedules, weights
-from fpipe.train import precision
-from fpipe.models import model
+from fpipe import defaults  # every section's defaults; torch-free
 
 
 def base_config():
@@ -21,16 +19,16 @@ def base_config():
     c.ckpt_epochs = 1.0
     c.ckpt_steps = placeholder(int)
     c.keep_ckpts = 3
-    c.data = data.default_config()
+    c.data = defaults.data()
     c.data.image_size = 32     # digits are 8x8: 32 px keeps every stage of a ResNet meaningful
     c.model = ml_collections.ConfigDict()
-    c.model.trunk = model.trunk_config("resnet18")  # a family or any preset: see docs/MODELS.md
+    c.model.trunk = defaults.trunk("resnet18")  # a family or any preset: see docs/MODELS.md
     c.model.heads = ml_collections.ConfigDict()
-    c.model.weights = weights.default_config()
+    c.model.weights = defaults.weights()
     c.model.freeze = ()
-    c.optim = optim.default_config()
-    c.schedule = schedules.default_config()
-    c.precision = precision.default_config()  # dtype: float32 | bf16 | fp16 (CUDA, loss scaling)
+    c.optim = defaults.optim()
+    c.schedule = defaults.schedule()
+    c.precision = defaults.precision()  # dtype: float32 | bf16 | fp16 (CUDA, loss scaling)
     # Processes: `torchrun --nproc_per_node=N main.py ...` splits data.batch_size (global) over N.
     # BatchNorms that train use the global batch's statistics (SyncBN), so 1 and N processes give
     # the same numbers; False: per-process statistics (one all-reduce less per BatchNorm layer).
@@ -38,7 +36,7 @@ def base_config():
     c.sync_bn_group = "global"          # global | node | "<N>" processes per group (VISSL's option)
     c.fast_frozen_trunk = True          # a fully frozen trunk runs as a compiled constant
     c.collective_timeout_s = 600.0      # a collective waiting longer (a stuck rank) stops the run
-    # Trainer hooks (fpipe.train.hooks); each is off until configured.
+    # Periodic actions (fpipe.train.periodic); each is off until configured.
     c.layer_freeze = ml_collections.ConfigDict(dict(rules=(), freeze_epochs=0.0))  # or freeze_steps
     c.layer_freeze.freeze_steps = placeholder(int)
     c.precise_bn = ml_collections.ConfigDict(dict(num_batches=0))  # before each evaluation

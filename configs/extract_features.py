@@ -6,7 +6,7 @@ Writes WORKDIR/features/{train,test}.pt: {"features": {name: N×...}, "labels", 
 results.json with the accuracy of heads loaded from the file (``model.weights.load_heads``).
 """
 from configs import common
-from fpipe.models.model import head_config
+from fpipe.defaults import head as head_config
 
 
 def get_config(arg=None):

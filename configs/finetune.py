@@ -7,7 +7,7 @@ slows the trunk; ``optim.wd_mults`` keeps norms and biases out of weight decay (
 ``layer_freeze`` can hold chosen layers for the first steps (fastreid's FREEZE_ITERS).
 """
 from configs import common
-from fpipe.models.model import head_config
+from fpipe.defaults import head as head_config
 
 
 def get_config(arg=None):

@@ -34,7 +34,7 @@ last 4 class tokens} x {with, without the mean patch token} x 13 learning rates,
 import ml_collections
 
 from configs import common
-from fpipe.models.model import head_config, trunk_config
+from fpipe.defaults import head as head_config, trunk as trunk_config
 
 VARIANTS = ("vissl_imagenet", "vit_s16", "dinov2_imagenet")
 DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)

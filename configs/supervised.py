@@ -6,7 +6,7 @@ Its checkpoints (runs/supervised/checkpoints/*.pt) load into linear_eval by
 ``--config.model.weights.path=...`` alone (fpipe's own checkpoint format is detected).
 """
 from configs import common
-from fpipe.models.model import head_config
+from fpipe.defaults import head as head_config
 
 
 def get_config(arg=None):

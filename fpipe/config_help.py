@@ -1,7 +1,8 @@
 """``main.py --config_only``: every key of a config with its value and its help, without running.
 
-The help of a key is the ``# comment`` on the line that sets its default, in the file that owns
-that section's defaults (SECTIONS), so the documentation lives in one place: next to the value.
+The help of a key is the ``# comment`` on the line that sets its default, in the function that
+owns that section's defaults (SECTIONS, all in fpipe/defaults.py but the top level), so the
+documentation lives in one place: next to the value.
 Imports no torch.
 """
 import os
@@ -10,21 +11,27 @@ import re
 from fpipe import tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# section prefix -> the file setting its defaults (relative to the repository root)
-SECTIONS = {"": "configs/common.py", "data.": "fpipe/data/config.py", "optim.": "fpipe/optim.py",
-            "schedule.": "fpipe/schedules.py", "precision.": "fpipe/train/precision.py",
-            "model.weights.": "fpipe/weights/config.py", "model.trunk.": "fpipe/models/model.py"}
+# section prefix -> (the file setting its defaults, relative to the repository root; its function)
+SECTIONS = {"": ("configs/common.py", None), "data.": ("fpipe/defaults.py", "data"),
+            "optim.": ("fpipe/defaults.py", "optim"), "schedule.": ("fpipe/defaults.py", "schedule"),
+            "precision.": ("fpipe/defaults.py", "precision"), "model.weights.": ("fpipe/defaults.py", "weights"),
+            "model.trunk.": ("fpipe/defaults.py", "trunk"), "eval.": ("fpipe/defaults.py", "evaluation")}
 _SETTING = re.compile(r"""^\s*(?:c(?:\.\w+)*\.)?(\w+)\s*[:=][^#]*#\s*(.+)$|^\s*(\w+)\s*=[^#]*#\s*(.+)$""")
 
 
-def _comments(path: str) -> dict:
-    """``{key: comment}`` of the lines ``c.key = value  # comment`` / ``key=value,  # comment``."""
+def _comments(path: str, function=None) -> dict:
+    """``{key: comment}`` of the lines ``c.key = value  # comment`` / ``key=value,  # comment``
+    (within ``def function(`` when given)."""
     out = {}
     try:
         with open(os.path.join(ROOT, path)) as f:
             lines = f.readlines()
     except OSError:
         return out
+    if function:
+        start = next((i for i, l in enumerate(lines) if l.startswith(f"def {function}(")), len(lines))
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("def ")), len(lines))
+        lines = lines[start:end]
     for line in lines:
         m = _SETTING.match(line)
         if m:
@@ -34,7 +41,7 @@ def _comments(path: str) -> dict:
 
 
 def help_for(keys) -> dict:
-    comments = {prefix: _comments(path) for prefix, path in SECTIONS.items()}
+    comments = {prefix: _comments(*where) for prefix, where in SECTIONS.items()}
     out = {}
     for key in keys:
         prefix = max((p for p in SECTIONS if key.startswith(p)), key=len)

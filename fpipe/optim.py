@@ -13,41 +13,13 @@ schedule. Only the trainable tree is given: frozen params own no optimizer state
 import math
 import re
 
-import ml_collections
 import torch
 
+from fpipe import defaults
+from fpipe.defaults import BIAS, NORM_WEIGHT, NO_DECAY, NO_LARS  # noqa: F401 (re-exported)
 from fpipe.tree import first_match, flatten, leaves, map_leaves, unflatten
 
-# Default rules recognise norm params by name. The norm layers: torchvision's bn1..bn3 and
-# downsample.1 (ResNet), VISSL's channel_bn, and bn/norm/gn/ln with an optional index (norm1,
-# ln_1). Their weights, and every bias, get no weight decay and no LARS adaptation.
-BIAS = r"(.*\.)?bias"
-NORM_WEIGHT = r"(.*\.)?((bn|norm|gn|ln|channel_bn)(_?\d+)?|downsample\.1)\.weight"
-NO_DECAY = ((BIAS, 0.0), (NORM_WEIGHT, 0.0))
-NO_LARS = ((BIAS, True), (NORM_WEIGHT, True))
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The ``config.optim`` defaults; rule lists are ``[(regex, value)]``, first full match wins."""
-    c = ml_collections.ConfigDict()
-    c.name = "sgd"  # sgd | adamw | lars
-    c.lr = 0.1  # base lr: scaled by scaled_lr() when scale_lr, then multiplied by the schedule.
-    c.momentum = 0.9  # sgd and lars; dampening is always 0.
-    c.nesterov = False
-    c.weight_decay = 0.0  # coupled (added to the grad) for sgd and lars; decoupled for adamw.
-    c.betas = (0.9, 0.999)
-    c.eps = 1e-8
-    c.lars_eta = 0.001  # trust coefficient.
-    c.lr_mults = ()  # e.g. (("heads\\..*", 10.0),); None freezes (big_vision); unmatched params: 1.0
-    c.wd_mults = NO_DECAY  # unmatched params: 1.0
-    c.lars_exclude = NO_LARS  # unmatched params: False (adapted)
-    c.clip_grad_norm = ml_collections.config_dict.placeholder(float)  # None or 0: off
-    c.clip_grad_value = ml_collections.config_dict.placeholder(float)  # None or 0: off
-    c.scale_lr = False  # VISSL's linear scaling rule: lr * global_batch / reference_batch_size.
-    c.reference_batch_size = 256
-    return c
-
-
+default_config = defaults.optim  # the config.optim keys and their help: fpipe/defaults.py
 _DEFAULTS = default_config()
 
 

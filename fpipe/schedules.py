@@ -17,31 +17,13 @@ import bisect
 import math
 from typing import Callable
 
-import ml_collections
-from ml_collections.config_dict import placeholder
+from fpipe import defaults
 
 NAMES = ("constant", "multistep", "cosine", "polynomial")
 WARMUP_METHODS = ("linear", "constant", "exponential")
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The schedule defaults: cosine to 0 over the whole run, no warmup, no delay."""
-    c = ml_collections.ConfigDict()
-    c.name = "cosine"  # constant | multistep | cosine | polynomial
-    # Unset values are typed placeholders, so each can be set from the command line.
-    c.warmup_epochs = placeholder(float)  # or warmup_steps; unset: no warmup.
-    c.warmup_steps = placeholder(int)
-    c.warmup_method = "linear"  # linear | constant | exponential
-    c.warmup_factor = 0.001  # multiplier at step 0 of the warmup (detectron2's default).
-    c.delay_epochs = placeholder(float)  # or delay_steps: hold the base lr after warmup (cosine, polynomial).
-    c.delay_steps = placeholder(int)
-    c.milestones_epochs = placeholder(tuple)  # or milestones_steps: multistep's decay points, from step 0.
-    c.milestones_steps = placeholder(tuple)
-    c.gamma = 0.1  # multistep's factor per milestone.
-    c.end_factor = placeholder(float)  # cosine/polynomial final multiplier (default 0) ...
-    c.end_lr = placeholder(float)  # ... or final absolute lr: needs build(..., base_lr=).
-    c.power = 1.0  # polynomial's exponent.
-    return c
+default_config = defaults.schedule  # the config.schedule keys and their help: fpipe/defaults.py
 
 
 def to_steps(cfg, name: str, steps_per_epoch: int, default=None):

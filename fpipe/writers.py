@@ -51,12 +51,17 @@ class EtaTimer:
     ``start_step + warmup_steps`` (at construction if ``warmup_steps=0``), so compile time and
     the first slow steps do not skew the rate. Ticks every step or only at log steps both work;
     ticks that do not move the step forward are ignored.
+
+    The ETA includes the evaluations still to come (every ``eval_every`` steps and after the
+    last): each costs as long as the last one took (``eval_took``), or, before the first, an
+    estimate of ``eval_images`` forward passes at a third of a training image's time.
     """
 
     def __init__(self, total_steps: Optional[int] = None, *, batch_size: Optional[int] = None,
-                 start_step: int = 0, warmup_steps: int = 2,
+                 start_step: int = 0, warmup_steps: int = 2, eval_every: int = 0, eval_images: int = 0,
                  clock: Callable[[], float] = time.perf_counter):
         self.total_steps, self.batch_size, self.clock = total_steps, batch_size, clock
+        self.eval_every, self.eval_images, self._eval_seconds = eval_every, eval_images, None
         self._warm_at = start_step + warmup_steps
         self._ref = (start_step, clock()) if warmup_steps == 0 else None
         self._last = self._ref
@@ -70,6 +75,23 @@ class EtaTimer:
                 self._ref = self._last = now
             return
         self._last = now
+
+    def eval_took(self, seconds: float) -> None:
+        self._eval_seconds = seconds
+
+    def _evaluations_left(self) -> int:
+        done, total = self._last[0], self.total_steps
+        if done >= total:
+            return 0
+        periodic = total // self.eval_every - done // self.eval_every if self.eval_every > 0 else 0
+        return periodic + (0 if self.eval_every > 0 and total % self.eval_every == 0 else 1)
+
+    def _seconds_per_evaluation(self, seconds_per_step: float) -> float:
+        if self._eval_seconds is not None:
+            return self._eval_seconds
+        if not self.batch_size:
+            return 0.0
+        return self.eval_images * seconds_per_step / self.batch_size / 3
 
     @property
     def seconds_per_step(self) -> Optional[float]:
@@ -90,7 +112,8 @@ class EtaTimer:
         sps = self.seconds_per_step
         if sps is None or self.total_steps is None:
             return None
-        return max(0, self.total_steps - self._last[0]) * sps
+        steps = max(0, self.total_steps - self._last[0]) * sps
+        return steps + self._evaluations_left() * self._seconds_per_evaluation(sps)
 
 
 class MetricWriter:

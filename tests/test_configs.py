@@ -66,3 +66,17 @@ def test_overrides_of_tuples_and_placeholders_parse(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[0] == "7 (('heads\\\\..*', 10.0),) (1, 1) (8, 16)"
+
+
+def test_loading_every_config_imports_no_torch():
+    """Config files build from fpipe.defaults only: loading one (a sweep tool, --config_only) is cheap."""
+    variants = [*CONFIGS, "linear_eval:vit_s16", "linear_eval:dinov2_imagenet"]
+    script = ("import sys\nsys.path.insert(0, '.')\n"
+              f"for name in {variants!r}:\n"
+              "    name, _, arg = name.partition(':')\n"
+              "    __import__(f'configs.{name}', fromlist=['get_config']).get_config(arg or None)\n"
+              "heavy = sorted(m for m in ('torch', 'numpy', 'sklearn') if m in sys.modules)\n"
+              "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

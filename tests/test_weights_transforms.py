@@ -72,7 +72,7 @@ def test_default_config_and_resolve():
     assert isinstance(cfg, ml_collections.ConfigDict)
     assert cfg.format == "auto" and list(cfg.skip_layers) == ["num_batches_tracked"] and not cfg.allow_partial
     opts = config.resolve(cfg)
-    assert opts == config.Options()
+    assert opts == config.resolve(None) and opts.format == "auto" and opts.path == ""
     opts = config.resolve({"path": "x.pth", "rename": [["a", "b"]], "skip_layers": "fc"})
     assert opts.rename == (("a", "b"),) and opts.skip_layers == ("fc",) and opts.format == "auto"
 

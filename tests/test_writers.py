@@ -186,3 +186,26 @@ def test_multi_writer_fans_out_plain_numbers():
     multi.close()
     assert seen == [(3, {"loss": 1.5}), (3, {"loss": 1.5}), "closed", "closed"]
     assert type(seen[0][1]["loss"]) is float
+
+
+def test_eta_includes_the_evaluations_still_to_come():
+    t = [0.0]
+    timer = writers.EtaTimer(100, batch_size=30, warmup_steps=0, eval_every=25, eval_images=90,
+                             clock=lambda: t[0])
+    t[0] = 10.0
+    timer.tick(10)  # 1 s per step; 4 evaluations left (25, 50, 75, 100), each 90 images
+    assert timer.eta_seconds == 90 * 1.0 + 4 * (90 / 30 * 1.0 / 3)  # before any: a third of a step per image
+    timer.eval_took(5.0)
+    assert timer.eta_seconds == 90 + 4 * 5.0
+    t[0] = 80.0
+    timer.tick(80)  # 100 is left, and the final evaluation
+    assert timer.eta_seconds == 20 + 1 * 5.0
+    final_only = writers.EtaTimer(100, batch_size=30, warmup_steps=0, eval_images=90, clock=lambda: t[0])
+    t[0] = 90.0
+    final_only.tick(10)
+    final_only.eval_took(2.0)
+    assert final_only.eta_seconds == 90 * 1.0 + 2.0
+    uneven = writers.EtaTimer(100, warmup_steps=0, eval_every=30, clock=lambda: t[0])
+    uneven.tick(10)
+    uneven.eval_took(1.0)  # 30, 60, 90 and the final 100
+    assert uneven._evaluations_left() == 4

@@ -5,35 +5,10 @@ still gets documented defaults for the rest.
 """
 import os
 
-import ml_collections
+from fpipe import defaults
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults for ``config.data``; the embedded digits dataset trains with no download."""
-    return ml_collections.ConfigDict(dict(
-        name="digits",         # digits | image_folder | synthetic (see fpipe.data.registry)
-        root="",               # image_folder: root/<train_split>/<class>/<image files>
-        split_file="",         # image_folder: a CSV of path,label,split rows instead of folders
-        image_size=64,         # the trunk's input size; digits are upsampled to it at load
-        batch_size=64,         # GLOBAL training batch, split evenly across ranks
-        eval_batch_size=256,   # GLOBAL evaluation batch; each rank gets ceil(it / world_size)
-        num_workers=0,         # worker processes per process (0: batches made in the caller)
-        # Op strings (fpipe.data.transforms); a bare crop/resize size means ``image_size``.
-        # No flip by default: the default data are digits, which a mirror does not preserve.
-        train_transforms="random_resized_crop(scale=(0.35, 1.0))|normalize",
-        eval_transforms="resize|center_crop|normalize",
-        seed=0,                # data order and augmentation (and synthetic's pixels)
-        train_split="train",   # image_folder subfolder names (or split names in split_file)
-        test_split="val",
-        val_split="",          # optional third split (e.g. "val" with test_split="test"); "": none
-        max_image_pixels=89_478_485,  # image files above this width × height are refused
-        max_aspect_ratio=32.0,        # ... and above this long side / short side
-        num_classes=10,        # synthetic only
-        num_train=1024,        # synthetic only
-        num_test=256,          # synthetic only
-    ))
-
-
+default_config = defaults.data  # the config.data keys and their help: fpipe/defaults.py
 _DEFAULTS = default_config()
 
 

@@ -7,11 +7,9 @@ the deepest feature any head reads. Params and state are ``{"trunk": ..., "heads
 import difflib
 from typing import Callable, NamedTuple
 
-import ml_collections
 import torch
-from ml_collections.config_dict import placeholder
 
-from fpipe import tree
+from fpipe import defaults, tree
 from fpipe.models import heads as heads_lib
 from fpipe.models import alexnet, convnext, efficientnet, layers, regnet, resnet, vit
 from fpipe.models.trunk import Trunk
@@ -70,35 +68,8 @@ def build_trunk(name, **options) -> Trunk:
     return module.build(**{**base, **options})
 
 
-def trunk_config(name="resnet", **options):
-    """``model.trunk``: ``name`` (a family or preset, see build_trunk) and every option of every
-    family as a typed placeholder, so any of them can be set from the command line.
-
-    The rule: an option left None means "the preset's (or family's) default"; an option that is
-    set must be one the named family takes. So a config names what it means in ``name``
-    (``trunk_config("resnet18")``, not ``depth=18``): switching ``--config.model.trunk.name=
-    convnext_tiny`` then carries no ResNet option along, while ``--config.model.trunk.depth=50``
-    on ``resnet18`` gives ResNet-50 (explicit options override the preset's).
-    """
-    types = trunk_option_types()
-    unknown = sorted(set(options) - set(types))
-    if unknown:
-        raise ValueError(f"unknown trunk option(s) {unknown}; valid: {sorted(types)}")
-    c = ml_collections.ConfigDict({"name": name, **{k: placeholder(t) for k, t in sorted(types.items())}})
-    for key, value in options.items():
-        c[key] = tuple(value) if isinstance(value, list) else value
-    return c
-
-
-def head_config(feature, type="linear", pool=None, dims=None, **options):
-    """One head: reads ``feature``, pools it to ``pool`` ((h, w) adaptive grid) if given, then
-    ``type`` with output sizes ``dims`` (default: the dataset's class count).
-
-    Unset values are typed placeholders, so ``--config.model.heads.NAME.pool='(2, 2)'`` works."""
-    c = ml_collections.ConfigDict(dict(feature=feature, type=type, **options))
-    c.pool = placeholder(tuple) if pool is None else tuple(pool)
-    c.dims = placeholder(tuple) if dims is None else tuple(dims)
-    return c
+trunk_config = defaults.trunk  # config.model.trunk (torch-free, for config files)
+head_config = defaults.head    # config.model.heads.<name>
 
 
 class Head(NamedTuple):

@@ -164,7 +164,8 @@ def _run(config, workdir, dist, stop, run_info):
 
     eval_every = schedules.to_steps(config, "eval", steps_per_epoch, default=0)
     ckpt_every = schedules.to_steps(config, "ckpt", steps_per_epoch, default=0)
-    timer = writers.EtaTimer(total_steps, batch_size=config.data.batch_size, start_step=start_step)
+    timer = writers.EtaTimer(total_steps, batch_size=config.data.batch_size, start_step=start_step,
+                             eval_every=eval_every, eval_images=len(dataset.test))
     writer = writers.make_writers(workdir, dist.is_main and training, total_steps=total_steps,
                                   resume_step=start_step, timer=timer)
     metric_log = periodic.MetricLog(dist)
@@ -212,7 +213,9 @@ def _run(config, workdir, dist, stop, run_info):
                 if config.precise_bn.num_batches:
                     train_state = {**train_state, "model_state": precise_bn(train_state, train_loader, step,
                                                                             config, model, dist, eval_norms)}
+                t0 = time.perf_counter()
                 results, results_step = evaluate(train_state), done
+                timer.eval_took(time.perf_counter() - t0)
                 writer.write_scalars(done, {f"{h}/test_{k}": v for h, r in results.items() for k, v in r.items()})
                 if config.best_metric:
                     head, key = config_check.best_metric_key(config.best_metric)

@@ -18,26 +18,15 @@ autocast only runs the forward's matmuls and convolutions in the lower dtype.
 import contextlib
 from typing import Optional
 
-import ml_collections
 import torch
 
-from fpipe import tree
+from fpipe import defaults, tree
 
 DTYPES = {"float32": None, "fp32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """``config.precision``: the autocast dtype and the loss scaler's settings (GradScaler's defaults)."""
-    c = ml_collections.ConfigDict()
-    c.dtype = "float32"  # float32 | bf16 | fp16 (fp16: CUDA only, with dynamic loss scaling)
-    c.init_scale = 2.0 ** 16
-    c.growth_factor = 2.0
-    c.backoff_factor = 0.5
-    c.growth_interval = 2000
-    return c
-
-
+default_config = defaults.precision  # config.precision: fpipe/defaults.py
 _DEFAULTS = default_config()
 
 

@@ -1,0 +1,192 @@
+"""Every config section's defaults, in one style and one torch-free file.
+
+Config files (``configs/*.py``) build their ConfigDicts from these functions only, so loading a
+config (``main.py --config_only``, a test, a sweep tool) imports ``ml_collections`` and nothing
+heavier. Each setting's ``# comment`` is its help text (``main.py --config_only`` prints it).
+The modules that use a section (``fpipe.optim``, ``fpipe.data``, …) read their defaults here.
+"""
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+# Default optimizer rules recognise norm params by name. The norm layers: torchvision's bn1..bn3
+# and downsample.1 (ResNet), VISSL's channel_bn, bn/norm/gn/ln with an optional index (norm1,
+# ln_1). Their weights, and every bias, get no weight decay and no LARS adaptation.
+BIAS = r"(.*\.)?bias"
+NORM_WEIGHT = r"(.*\.)?((bn|norm|gn|ln|channel_bn)(_?\d+)?|downsample\.1)\.weight"
+NO_DECAY = ((BIAS, 0.0), (NORM_WEIGHT, 0.0))
+NO_LARS = ((BIAS, True), (NORM_WEIGHT, True))
+
+# dinov2's 13 learning rates (for standardised features): the linear probe's default grid
+LINEAR_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0)
+
+# Every option of every trunk family, with its type (tests/test_defaults.py checks this table
+# against the families' own OPTIONS, so it cannot drift).
+TRUNK_OPTION_TYPES = dict(
+    bottleneck_multiplier=float, channels=tuple, class_token=bool, depth=int, depth_mult=float,
+    depths=tuple, dropout=float, fc_norm=bool, group_width=int, groups=int, heads=int,
+    hidden_dim=int, image_size=int, layer4_stride=int, layer_scale=float, ln_eps=float,
+    mlp_dim=int, norm=str, norm_eps=float, norm_groups=int, norm_momentum=float,
+    num_registers=int, patch_size=int, pos_embed_class=bool, pos_resample=str, se_ratio=float,
+    stem=str, stem_width=int, stochastic_depth_prob=float, w_0=int, w_a=float, w_m=float,
+    width_mult=float, width_multiplier=int, width_per_group=int, zero_init_residual=bool)
+
+
+def data():
+    """``config.data``: the embedded digits dataset trains with no download."""
+    c = ml_collections.ConfigDict()
+    c.name = "digits"              # digits | image_folder | synthetic (see fpipe.data.registry)
+    c.root = ""                    # image_folder: root/<train_split>/<class>/<image files>
+    c.split_file = ""              # image_folder: a CSV of path,label,split rows instead of folders
+    c.image_size = 64              # the trunk's input size; digits are upsampled to it at load
+    c.batch_size = 64              # GLOBAL training batch, split evenly across ranks
+    c.eval_batch_size = 256        # GLOBAL evaluation batch; each rank gets ceil(it / world_size)
+    c.num_workers = 0              # worker processes per process (0: batches made in the caller)
+    # Op strings (fpipe.data.transforms); a bare crop/resize size means ``image_size``.
+    # No flip by default: the default data are digits, which a mirror does not preserve.
+    c.train_transforms = "random_resized_crop(scale=(0.35, 1.0))|normalize"  # ops joined by |
+    c.eval_transforms = "resize|center_crop|normalize"  # ops joined by |
+    c.seed = 0                     # data order and augmentation (and synthetic's pixels)
+    c.train_split = "train"        # image_folder subfolder names (or split names in split_file)
+    c.test_split = "val"           # the split evaluated and reported
+    c.val_split = ""               # optional third split (e.g. "val" with test_split="test"); "": none
+    c.max_image_pixels = 89_478_485  # image files above this width × height are refused
+    c.max_aspect_ratio = 32.0      # ... and above this long side / short side
+    c.num_classes = 10             # synthetic only
+    c.num_train = 1024             # synthetic only
+    c.num_test = 256               # synthetic only
+    return c
+
+
+def optim():
+    """``config.optim``; rule lists are ``((regex, value), ...)``, the first full match wins."""
+    c = ml_collections.ConfigDict()
+    c.name = "sgd"                 # sgd | adamw | lars
+    c.lr = 0.1                     # base lr: scaled by scaled_lr() when scale_lr, times the schedule
+    c.momentum = 0.9               # sgd and lars; dampening is always 0
+    c.nesterov = False
+    c.weight_decay = 0.0           # coupled (added to the grad) for sgd and lars; decoupled for adamw
+    c.betas = (0.9, 0.999)         # adamw
+    c.eps = 1e-8                   # adamw
+    c.lars_eta = 0.001             # LARS trust coefficient
+    c.lr_mults = ()                # e.g. (("heads\\..*", 10.0),); None freezes; unmatched params: 1.0
+    c.wd_mults = NO_DECAY          # unmatched params: 1.0
+    c.lars_exclude = NO_LARS       # unmatched params: False (adapted)
+    c.clip_grad_norm = placeholder(float)   # None or 0: off
+    c.clip_grad_value = placeholder(float)  # None or 0: off
+    c.scale_lr = False             # VISSL's linear scaling rule: lr * global_batch / reference_batch_size
+    c.reference_batch_size = 256
+    return c
+
+
+def schedule():
+    """``config.schedule``: cosine to 0 over the whole run, no warmup, no delay."""
+    c = ml_collections.ConfigDict()
+    c.name = "cosine"              # constant | multistep | cosine | polynomial
+    c.warmup_epochs = placeholder(float)  # or warmup_steps; unset: no warmup
+    c.warmup_steps = placeholder(int)
+    c.warmup_method = "linear"     # linear | constant | exponential
+    c.warmup_factor = 0.001        # multiplier at step 0 of the warmup (detectron2's default)
+    c.delay_epochs = placeholder(float)  # or delay_steps: hold the base lr after warmup (cosine, polynomial)
+    c.delay_steps = placeholder(int)
+    c.milestones_epochs = placeholder(tuple)  # or milestones_steps: multistep's decay points, from step 0
+    c.milestones_steps = placeholder(tuple)
+    c.gamma = 0.1                  # multistep's factor per milestone
+    c.end_factor = placeholder(float)  # cosine/polynomial final multiplier (default 0) ...
+    c.end_lr = placeholder(float)  # ... or final absolute lr
+    c.power = 1.0                  # polynomial's exponent
+    return c
+
+
+def precision():
+    """``config.precision``: the autocast dtype and the loss scaler's settings (GradScaler's)."""
+    c = ml_collections.ConfigDict()
+    c.dtype = "float32"            # float32 | bf16 | fp16 (fp16: CUDA only, with dynamic loss scaling)
+    c.init_scale = 2.0 ** 16       # fp16 loss scale at the start
+    c.growth_factor = 2.0
+    c.backoff_factor = 0.5
+    c.growth_interval = 2000
+    return c
+
+
+def weights():
+    """``config.model.weights``: which file loads into the model, and how (fpipe.weights)."""
+    c = ml_collections.ConfigDict()
+    c.path = ""                    # a checkpoint file; empty: random initialisation
+    c.format = "auto"              # auto | torchvision (plain names) | vissl | fpipe
+    c.state_dict_key = ""          # dotted path of the sub-dict holding the weights
+    c.skip_layers = ("num_batches_tracked",)  # substrings or regexes of names to drop
+    c.remove_prefix = ""
+    c.append_prefix = ""
+    c.rename = ()                  # ((regex, replacement), ...): first match wins
+    c.select = ""                  # which copy among several: 'teacher', 'module.encoder_k.', ...
+    c.allow_partial = False        # accept a trunk not fully covered, or shape mismatches
+    c.load_heads = False           # also load heads.<name>.* from the file
+    c.stub_objects = False         # read files holding other libraries' objects (inert stand-ins)
+    return c
+
+
+def trunk(name="resnet", **options):
+    """``config.model.trunk``: ``name`` (a family or preset, see fpipe.models.model.build_trunk)
+    and every option of every family as a typed placeholder, settable from the command line.
+
+    An option left None means "the preset's (or family's) default"; an option that is set must
+    be one the named family takes. So a config names what it means (``trunk("resnet18")``, not
+    ``depth=18``): ``--config.model.trunk.name=convnext_tiny`` then carries no ResNet option
+    along, while ``--config.model.trunk.depth=50`` on ``resnet18`` gives ResNet-50.
+    """
+    unknown = sorted(set(options) - set(TRUNK_OPTION_TYPES))
+    if unknown:
+        raise ValueError(f"unknown trunk option(s) {unknown}; valid: {sorted(TRUNK_OPTION_TYPES)}")
+    c = ml_collections.ConfigDict({"name": name, **{k: placeholder(t) for k, t in sorted(TRUNK_OPTION_TYPES.items())}})
+    for key, value in options.items():
+        c[key] = tuple(value) if isinstance(value, list) else value
+    return c
+
+
+def head(feature, type="linear", pool=None, dims=None, **options):
+    """One head: reads ``feature``, pools it to ``pool`` ((h, w) adaptive grid) if given, then
+    ``type`` with output sizes ``dims`` (default: the dataset's class count).
+
+    Unset values are typed placeholders, so ``--config.model.heads.NAME.pool='(2, 2)'`` works."""
+    c = ml_collections.ConfigDict(dict(feature=feature, type=type, **options))
+    c.pool = placeholder(tuple) if pool is None else tuple(pool)
+    c.dims = placeholder(tuple) if dims is None else tuple(dims)
+    return c
+
+
+def evaluation():
+    """``config.eval``: the protocols of an evaluation run (fpipe.evaluate, docs/EVALUATION.md)."""
+    c = ml_collections.ConfigDict()
+    c.protocols = ("knn",)         # any of: knn, linear, logreg, low_shot
+    c.layers = ()                  # cached layers to evaluate; empty: every layer of extract.features
+    c.features_from = ""           # a WORKDIR whose features/ to read instead of running the trunk
+    c.seed = 0                     # the validation split carved from train (stratified)
+    c.val_fraction = 0.2           # of train, per class, to choose lr/wd (linear) and C (logreg); never test
+    c.normalize = "standardize"    # linear, logreg, low_shot inputs: standardize (train mean/std) | l2 | none
+    c.knn = ml_collections.ConfigDict()
+    c.knn.ks = (10, 20, 100, 200)  # DINO's weighted vote; all ks from one search
+    c.knn.temperature = 0.07
+    c.knn.query_chunk = 1024       # memory: query_chunk x bank_chunk floats
+    c.knn.bank_chunk = 65536
+    c.linear = ml_collections.ConfigDict()
+    c.linear.lrs = LINEAR_LRS      # the grid: len(lrs) x len(wds) heads per layer
+    c.linear.wds = (0.0, 1e-3)
+    c.linear.epochs = 20
+    c.linear.batch_size = 256
+    c.linear.momentum = 0.9
+    c.linear.init_std = 0.01
+    c.linear.seed = 0
+    c.linear.retrain = False       # True: the best head again on train + val
+    c.logreg = ml_collections.ConfigDict()
+    c.logreg.Cs = (0.01, 0.1, 1.0, 10.0)
+    c.logreg.max_iter = 100        # max_iter, tol: scikit-learn's defaults
+    c.logreg.tol = 1e-4
+    c.logreg.history = 10          # L-BFGS history size
+    c.logreg.refit = True          # refit the best C on train + val (CLIP)
+    c.low_shot = ml_collections.ConfigDict()
+    c.low_shot.shots = (1, 2, 5, 10, 25)
+    c.low_shot.seeds = (0, 1, 2)
+    c.low_shot.classifier = "logreg"  # logreg at C, or knn with k_nn neighbours
+    c.low_shot.C = 1.0
+    c.low_shot.k_nn = 20
+    return c
