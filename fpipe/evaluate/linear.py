@@ -25,9 +25,11 @@ def train_grid(x, y, num_classes, lrs, wds, cfg, dist=None):
     h, c = len(lr), num_classes
     gen = torch.Generator().manual_seed(int(cfg.seed))
     w0 = torch.randn(d, c, generator=gen) * float(cfg.init_std)
-    weight = w0[:, None, :].repeat(1, h, 1)             # D×H×C, as one D×(H·C) matrix
-    bias = torch.zeros(h, c)
+    weight = w0[:, None, :].repeat(1, h, 1).view(d, h * c)  # D×H×C, as one D×(H·C) matrix
+    bias = torch.zeros(h * c)
     mom_w, mom_b = torch.zeros_like(weight), torch.zeros_like(bias)
+    decay = wd.repeat_interleave(c) if bool(wd.any()) else None  # per column of W
+    lr_cols = lr.repeat_interleave(c)
     batch, momentum = int(cfg.batch_size), float(cfg.momentum)
     steps_per_epoch = math.ceil(n / batch)
     total = steps_per_epoch * int(cfg.epochs)
@@ -39,22 +41,24 @@ def train_grid(x, y, num_classes, lrs, wds, cfg, dist=None):
         rows = order[i * batch:(i + 1) * batch]
         mine = rows[ranks.rows(len(rows), dist)]
         xb, yb = x[mine], y[mine]
-        logits = (xb @ weight.view(d, h * c)).view(-1, h, c) + bias
-        grad = logits.softmax(-1)
+        # Few passes over the D×(H·C) tensors: they, not the matmuls, set the pace of a wide grid.
+        grad = torch.addmm(bias, xb, weight).view(-1, h, c).softmax(-1)
         grad[torch.arange(len(yb)), :, yb] -= 1.0
-        grad /= len(rows)                               # mean over the global batch
-        g_w = (xb.T @ grad.view(-1, h * c)).view(d, h, c)
-        g_b = grad.sum(0)
+        grad = grad.view(-1, h * c).div_(len(rows))     # mean over the global batch
         if dist is not None and dist.enabled:
-            packed = ranks.all_sum(torch.cat([g_w.reshape(-1), g_b.reshape(-1)]), dist)
-            g_w, g_b = packed[:g_w.numel()].view_as(g_w), packed[g_w.numel():].view_as(g_b)
-        g_w += wd[None, :, None] * weight                    # weight decay on weights, not biases
-        mom_w.mul_(momentum).add_(g_w)
-        mom_b.mul_(momentum).add_(g_b)
+            g_w, g_b = xb.T @ grad, grad.sum(0)
+            packed = ranks.all_sum(torch.cat([g_w.reshape(-1), g_b]), dist)
+            mom_w.mul_(momentum).add_(packed[:g_w.numel()].view_as(g_w))
+            mom_b.mul_(momentum).add_(packed[g_w.numel():])
+        else:
+            mom_w = torch.addmm(mom_w, xb.T, grad, beta=momentum)  # momentum * m + grad, one pass
+            mom_b.mul_(momentum).add_(grad.sum(0))
+        if decay is not None:
+            mom_w.addcmul_(weight, decay)               # weight decay on weights, not biases
         scale = 0.5 * (1.0 + math.cos(math.pi * step / total))
-        weight -= (lr * scale)[None, :, None] * mom_w
-        bias -= (lr * scale)[:, None] * mom_b
-    return weight.permute(1, 0, 2).contiguous(), bias
+        weight.addcmul_(mom_w, lr_cols, value=-scale)
+        bias.addcmul_(mom_b, lr_cols, value=-scale)
+    return weight.view(d, h, c).permute(1, 0, 2).contiguous(), bias.view(h, c)
 
 
 def scores(x, weight, bias, chunk=65536):
