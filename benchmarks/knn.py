@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -79,6 +80,7 @@ def main():
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--queries", type=int, default=10_000)
     p.add_argument("--method")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median time is reported")
     a = p.parse_args()
     if a.method:
         return one(a.method, a.bank, a.dim, a.queries)
@@ -87,12 +89,19 @@ def main():
         methods.append("faiss")
     else:
         print("faiss-cpu is not installed: not timed")
+    runs = {m: [] for m in methods}
+    for _ in range(a.rounds):  # interleaved, each in a fresh process (its own peak memory)
+        for m in methods:
+            proc = subprocess.run([sys.executable, __file__, f"--method={m}", f"--bank={a.bank}", f"--dim={a.dim}",
+                                   f"--queries={a.queries}"], capture_output=True, text=True, check=True)
+            runs[m].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     out = {}
-    for m in methods:
-        proc = subprocess.run([sys.executable, __file__, f"--method={m}", f"--bank={a.bank}", f"--dim={a.dim}",
-                               f"--queries={a.queries}"], capture_output=True, text=True, check=True)
-        out[m] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{m:6s} {out[m]['seconds']:8.2f} s   peak RSS above the features {out[m]['peak_rss_above_features_mb']:8.0f} MB")
+    for m, rs in runs.items():
+        out[m] = {**rs[0], "seconds": statistics.median(r["seconds"] for r in rs),
+                  "peak_rss_above_features_mb": max(r["peak_rss_above_features_mb"] for r in rs)}
+        print(f"{m:6s} {out[m]['seconds']:8.2f} s (median of {a.rounds}: "
+              f"{', '.join(format(r['seconds'], '.2f') for r in rs)})   "
+              f"peak RSS above the features {out[m]['peak_rss_above_features_mb']:8.0f} MB")
     same = all(out["fpipe"]["preds"][k] == out["plain"]["preds"][k] for k in out["plain"]["preds"])
     print(f"bank {a.bank} x {a.dim}, {a.queries} queries, k = {KS}; same predictions: {same}")
     print(f"ratio_vs_plain (plain time / fpipe time): {out['plain']['seconds'] / out['fpipe']['seconds']:.2f}")

@@ -40,6 +40,12 @@ def base_config():
     c.layer_freeze = ml_collections.ConfigDict(dict(rules=(), freeze_epochs=0.0))  # or freeze_steps
     c.layer_freeze.freeze_steps = placeholder(int)
     c.precise_bn = ml_collections.ConfigDict(dict(num_batches=0))  # before each evaluation
+    # A grid of heads on one trunk pass (dinov2): every head once per (lr, wd_mult), each head's
+    # best member chosen on a validation split, reported on test (fpipe/train/head_grid.py).
+    c.head_grid = ml_collections.ConfigDict()
+    c.head_grid.lrs = ()                # absolute learning rates; empty: no grid
+    c.head_grid.wd_mults = (1.0,)       # multipliers of optim.weight_decay
+    c.head_grid.val_fraction = 0.1      # of train, per class, when the dataset has no val split
     c.best_metric = ""                  # e.g. "res5avg/top1": keep checkpoints/best.pt
     c.best_mode = "max"
     # Feature extraction after the run: trunk features per split to WORKDIR/features/<split>.pt.

@@ -24,7 +24,7 @@ def normalise(x, chunk=65536):
     return out
 
 
-def neighbours(bank, bank_labels, queries, k, dist=None, query_chunk=1024, bank_chunk=65536):
+def neighbours(bank, bank_labels, queries, k, dist=None, query_chunk=1024, bank_chunk=50000):
     """``(sims, labels)``, each ``Q×k``: every query's ``k`` most similar bank rows, best first.
 
     ``bank`` (this rank's shard) and ``queries`` are unit-norm float32 rows. Where the whole bank

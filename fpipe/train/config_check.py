@@ -12,7 +12,7 @@ import torch
 
 from fpipe import data, freeze, optim, schedules
 from fpipe.models import model as models
-from fpipe.train import precision
+from fpipe.train import head_grid, precision
 from fpipe.weights import config as weights_config
 
 RESULT_METRICS = ("top1", "top5")
@@ -50,6 +50,7 @@ def _check(c) -> None:
     if not (isinstance(c.keep_ckpts, int) and c.keep_ckpts >= 1):
         raise ConfigError(f"keep_ckpts={c.keep_ckpts!r}: keep at least 1 checkpoint (resuming needs one)")
     _check_data(c)
+    c = head_grid.expand(c)  # a grid of heads: the heads and optimizer rules it makes
     model = _check_model(c)
     freeze.rules(c.layer_freeze.rules)
     _check_extract(c, model)

@@ -22,7 +22,7 @@ from fpipe import checkpoint, data, files, freeze, optim, schedules, tree, weigh
 from fpipe.evaluate import extract, topk
 from fpipe.models import layers
 from fpipe.models import model as models
-from fpipe.train import config_check, distributed, divergence, frozen_trunk, periodic, precision
+from fpipe.train import config_check, distributed, divergence, frozen_trunk, head_grid, periodic, precision
 from fpipe.train import step as step_lib
 from fpipe.train.signals import Stopped, StopOnSignal
 
@@ -52,7 +52,15 @@ def _run(config, workdir, dist, stop, run_info):
     torch.manual_seed(config.seed)
     with stop.interruptible():
         # ---------------------------------------------------------------- data: every rank its shard
+        grid_plan = head_grid.members(config) if head_grid.enabled(config) else None
+        config, heads_config = head_grid.expand(config), config.model  # head_grid: every head becomes one member per (lr, wd)
         dataset = data.build(config.data)
+        val_loader = None
+        if head_grid.enabled(config):
+            dataset, val_from = head_grid.carve_val(dataset, config)
+            val_loader = data.Loader(dataset.val, config.data, train=False, rank=dist.rank, world_size=dist.world_size)
+            logging.info("head_grid: %d members per head, the best chosen on val: %s.",
+                         len(config.head_grid.lrs) * len(config.head_grid.wd_mults), val_from)
         train_loader = data.Loader(dataset.train, config.data, train=True, rank=dist.rank, world_size=dist.world_size)
         test_loader = data.Loader(dataset.test, config.data, train=False, rank=dist.rank, world_size=dist.world_size)
         steps_per_epoch = train_loader.steps_per_epoch
@@ -61,6 +69,9 @@ def _run(config, workdir, dist, stop, run_info):
         # ---------------------------------------------------------------- model
         model = models.build(config.model, num_classes=dataset.num_classes, image_size=config.data.image_size)
         params, model_state = model.init(config.seed)
+        if grid_plan:  # every member starts from its head's own init
+            base = models.build(heads_config, num_classes=dataset.num_classes, image_size=config.data.image_size)
+            params, model_state = head_grid.same_init(grid_plan, params, model_state, *base.init(config.seed))
 
         # ---------------------------------------------------------------- weights: resume > pretrained > init
         saved, resume_path = checkpoint.restore(workdir)
@@ -142,12 +153,12 @@ def _run(config, workdir, dist, stop, run_info):
         train_step = make_train_step(hold_rules if holding else ())
 
     # -------------------------------------------------------------------- services for the loop
-    def evaluate(state):
+    def evaluate(state, loader=test_loader):
         with stop.interruptible():
             params, model_state = tree.merge(state["trainable"], state["frozen"]), state["model_state"]
             if trunk_features:  # the trunk's tensors are constants of the compiled trunk
                 params, model_state = frozen_trunk.without_trunk(params), frozen_trunk.without_trunk(model_state)
-            return topk.evaluate(eval_step, params, model_state, test_loader, dist, prepare)
+            return topk.evaluate(eval_step, params, model_state, loader, dist, prepare)
 
     def save(step, state, best=None):
         """A checkpoint of ``state`` after ``step`` steps (rank 0), never of a non-finite one."""
@@ -232,8 +243,13 @@ def _run(config, workdir, dist, stop, run_info):
         if results is None or results_step != total_steps:
             logging.info("Evaluating the final model on %d test images…", len(dataset.test))
             results = evaluate(train_state)
+        grid = None
+        if val_loader is not None:  # head_grid: each head's best member on val, reported on test
+            logging.info("Evaluating the head grid on %d validation images…", len(dataset.val))
+            results, grid = head_grid.select(grid_plan, results, evaluate(train_state, val_loader))
         if dist.is_main:
             info = {**run_info, "dataset": _dataset_info(dataset, config), "world_size": dist.world_size,
+                    **({"head_grid": grid} if grid else {}),
                     "step": total_steps if training else 0, "started": started, "ended": _now(),
                     "fpipe_version": fpipe.__version__, "fpipe_commit": _commit()}
             write_results(workdir, results, info)
@@ -303,7 +319,7 @@ def write_results(workdir, results, info):
 
 def log_results(results):
     for head, r in results.items():
-        logging.info("%-12s %s", head, "  ".join(f"{k}={v:.2f}%" for k, v in r.items()))
+        logging.info("%-12s %s", head, "  ".join(f"{k}={v:.2f}%" if "top" in k else f"{k}={v}" for k, v in r.items()))
 
 
 def to_device(t, device):
@@ -320,7 +336,8 @@ def _group(group):
 
 def _dataset_info(dataset, config):
     return {"name": dataset.name, "root": config.data.get("root") or None, "num_classes": dataset.num_classes,
-            "splits": {"train": len(dataset.train), "test": len(dataset.test)},
+            "splits": {"train": len(dataset.train), "test": len(dataset.test),
+                       **({"val": len(dataset.val)} if dataset.val is not None else {})},
             "image_size": config.data.image_size}
 
 
