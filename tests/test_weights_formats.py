@@ -49,6 +49,13 @@ def save(tmp_path, obj, name="w.ckpt"):
     ("lightly", lambda: {"state_dict": {**prefixed("backbone.", sequential(trunk(0))),
                                         **prefixed("backbone_momentum.", sequential(trunk(1))),
                                         **mlp("projection_head.layers.", [512, 128])}}, "backbone."),
+    # lightly's DINO example (Lightning): student_backbone + teacher_backbone; the teacher is evaluated
+    ("lightly_dino", lambda: {"state_dict": {**prefixed("student_backbone.", sequential(trunk(1))),
+                                             **prefixed("teacher_backbone.", sequential(trunk(0))),
+                                             **mlp("student_head.layer.", [512, 64])}}, "teacher_backbone."),
+    # lightly's DINO benchmark: backbone is the teacher (forward() and the linear eval use it)
+    ("lightly_dino_benchmark", lambda: {"state_dict": {**prefixed("backbone.", trunk(0)),
+                                                       **prefixed("student_backbone.", trunk(1))}}, "backbone."),
     # PyTorch-BYOL (sthalles): online/target network state dicts of a Sequential encoder
     ("pytorch_byol", lambda: {"online_network_state_dict": prefixed("encoder.", sequential(trunk(0))),
                               "target_network_state_dict": prefixed("encoder.", sequential(trunk(1))),
@@ -61,7 +68,8 @@ def test_online_copy_is_taken_and_select_takes_the_other(tmp_path, name, obj, ta
     assert taken in report.state_dict_key + "." + report.remove_prefix or taken in report.reason
     assert "training-only" in report.reason or "evaluates" in report.reason
     other = {"solo_learn": "momentum_backbone", "solo_learn_old": "momentum_encoder", "mmpretrain": "momentum_encoder",
-             "mmpretrain_byol": "target_net", "lightly": "backbone_momentum", "pytorch_byol": "target_network_state_dict"}[name]
+             "mmpretrain_byol": "target_net", "lightly": "backbone_momentum", "pytorch_byol": "target_network_state_dict",
+             "lightly_dino": "student_backbone", "lightly_dino_benchmark": "student_backbone"}[name]
     loaded, _ = load_into(target(), {"path": path, "select": other})
     assert_trunk_is(loaded, trunk(1))
 

@@ -27,6 +27,9 @@ PREFERRED = {
 # Copies that exist only to train the other one. Besides these names, any name part with the
 # word "momentum" or "target" (solo-learn's momentum_backbone, lightly's backbone_momentum,
 # mmpretrain's momentum_encoder / target_net, PyTorch-BYOL's target_network_state_dict).
+# One-word names also count as words of a name part: lightly's DINO examples keep
+# student_backbone + teacher_backbone, its benchmarks backbone (the teacher, which their
+# forward() and linear evaluation use) + student_backbone: the teacher is taken in both.
 TRAINING_ONLY = {"encoder_k", "student", "loss"}
 TRAINING_WORDS = {"momentum", "target"}
 
@@ -137,7 +140,7 @@ def choose(cands: list, flat: dict, *, select: str = "", where: str = "the file"
     winners = [c for c, s in zip(pool, scores) if s == top]
     if len(winners) == 1 and len(set(scores)) > 1:
         c = winners[0]
-        why = next((PREFERRED[s] for s in _segments(c.prefix) if s in PREFERRED),
+        why = next((PREFERRED[key] for s in _segments(c.prefix) for key in PREFERRED if _names(s, key)),
                    "the other copies are training-only (" +
                    ", ".join(sorted({s for o in pool for s in _segments(o.prefix) if _training_only(s)})) + ")")
         return c, (f"{len(pool)} {what} of the trunk; took {c.prefix!r} by convention: {why}. "
@@ -151,13 +154,19 @@ def _segments(prefix: str) -> list:
     return [s for s in prefix.split(".") if s]
 
 
+def _names(segment: str, key: str) -> bool:
+    """``segment`` is ``key``, or holds it as a word (lightly's ``teacher_backbone``: teacher)."""
+    return segment == key or ("_" not in key and key in segment.split("_"))
+
+
 def _training_only(segment: str) -> bool:
-    return segment in TRAINING_ONLY or bool(set(segment.split("_")) & TRAINING_WORDS)
+    return any(_names(segment, k) for k in TRAINING_ONLY) or bool(set(segment.split("_")) & TRAINING_WORDS)
 
 
 def _score(c: Candidate) -> int:
     segs = _segments(c.prefix)
-    return int(any(s in PREFERRED for s in segs)) - int(any(_training_only(s) for s in segs))
+    preferred = any(_names(s, k) for s in segs for k in PREFERRED)
+    return int(preferred) - int(any(_training_only(s) for s in segs))
 
 
 def _selected(c: Candidate, select: str) -> bool:
