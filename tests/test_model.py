@@ -48,3 +48,20 @@ def test_unknown_names_list_valid_ones():
         models.build(cfg(x=dict(feature="res5avg", type="svm")), num_classes=2, image_size=32)
     with pytest.raises(ValueError, match="unknown key"):
         models.build(cfg(x=dict(feature="res5avg", poool=[1, 1])), num_classes=2, image_size=32)
+
+
+def test_vissl_dims_list_the_input_size_first():
+    """A VISSL head config translates one to one: ["mlp", {"dims": [512, 128, 10]}]."""
+    vissl = models.build(cfg(h=models.head_config("res5avg", "mlp", dims=[512, 128, 10], vissl_dims=True,
+                                                  use_relu=True)), num_classes=10, image_size=32)
+    ours = models.build(cfg(h=models.head_config("res5avg", "mlp", dims=[128, 10], use_relu=True)),
+                        num_classes=10, image_size=32)
+    shapes = lambda m: {k: v.shape for k, v in tree.flatten(m.init(0)[0]["heads"]).items()}
+    assert shapes(vissl) == shapes(ours) == {"h.clf.0.weight": (128, 512), "h.clf.0.bias": (128,),
+                                             "h.clf.2.weight": (10, 128), "h.clf.2.bias": (10,)}
+    pooled = models.build(cfg(h=models.head_config("res4", "eval_mlp", pool=[2, 2], dims=[1024, 10],
+                                                   vissl_dims=True)), num_classes=10, image_size=32)
+    assert tree.flatten(pooled.init(0)[0]["heads"])["h.clf.clf.0.weight"].shape == (10, 1024)
+    with pytest.raises(ValueError, match=r"model.heads.h: vissl_dims=True lists the input size first.*input here is 512"):
+        models.build(cfg(h=models.head_config("res5avg", "mlp", dims=[2048, 10], vissl_dims=True)),
+                     num_classes=10, image_size=32)

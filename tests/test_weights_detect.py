@@ -271,3 +271,29 @@ def test_find_trunks_ranks_full_copies_first():
     cands = detect.find_trunks(flat, shapes)
     assert [c.prefix for c in cands[:2]] == ["a.", "b."]
     assert cands[0].coverage == 1 and 0.5 < cands[1].coverage < 1
+
+
+def test_vissl_linear_eval_heads_load_by_their_order(tmp_path):
+    """VISSL numbers its heads (heads.<i>.*) in the config's order; fpipe's keep that order."""
+    heads = {f"{i}.{part}": torch.randn(shape) for i in range(2) for part, shape in (
+        ("channel_bn.weight", (64,)), ("channel_bn.bias", (64,)), ("channel_bn.running_mean", (64,)),
+        ("channel_bn.running_var", (64,)), ("channel_bn.num_batches_tracked", ()),
+        ("clf.clf.0.weight", (10, 64)), ("clf.clf.0.bias", (10,)))}
+    ta = prefixed("base_model._feature_blocks.", trunk(0))
+    path = tmp_path / "vissl_eval.torch"
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": ta, "heads": heads}}}}, path)
+    names = ("res2", "res3")
+    tgt = dict(target())
+    for name in names:
+        tgt.update({f"heads.{name}.{part}": torch.zeros(heads[f"0.{part}"].shape)
+                    for part in ("channel_bn.weight", "channel_bn.bias", "channel_bn.running_mean",
+                                 "channel_bn.running_var", "clf.clf.0.weight", "clf.clf.0.bias")})
+    loaded, report = load_into(tgt, {"path": str(path), "format": "vissl", "load_heads": True})
+    for i, name in enumerate(names):
+        assert torch.equal(loaded[f"heads.{name}.clf.clf.0.weight"], heads[f"{i}.clf.clf.0.weight"])
+        assert torch.equal(loaded[f"heads.{name}.channel_bn.running_var"], heads[f"{i}.channel_bn.running_var"])
+    assert len(report.heads_loaded) == 12 and "VISSL heads" in report.reason
+    assert_trunk_is(loaded, trunk(0))
+    with pytest.raises(WeightsError, match=r"VISSL head 1 .* has no counterpart: the model has 1 head\(s\) \['res2'\]"):
+        load_into({k: v for k, v in tgt.items() if not k.startswith("heads.res3")},
+                  {"path": str(path), "format": "vissl", "load_heads": True})

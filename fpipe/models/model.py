@@ -18,7 +18,7 @@ from fpipe.models.trunk import Trunk
 # (torchvision/timm name -> options) and build(**options) -> Trunk; registering one is one line.
 TRUNKS = {"resnet": resnet, "regnet": regnet, "efficientnet": efficientnet, "convnext": convnext,
           "alexnet": alexnet, "vit": vit}
-HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain") + tuple(heads_lib.MLP_OPTIONS)
+HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain", "vissl_dims") + tuple(heads_lib.MLP_OPTIONS)
 
 
 def trunk_presets():
@@ -96,6 +96,7 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
     heads = tuple(_parse_head(n, dict(h), num_classes, trunk.features)
                   for n, h in dict(model_cfg.get("heads", {})).items())
     shapes = _feature_shapes(trunk, {h.feature for h in heads}, image_size)
+    heads = tuple(_from_vissl_dims(h, _pooled_shape(h, shapes[h.feature])) for h in heads)
     read = tuple(sorted({h.feature for h in heads}))  # the features the heads read
 
     def init(seed=0):
@@ -155,6 +156,24 @@ def _parse_head(name, h, num_classes, features):
     pool = h.get("pool")
     pool = None if pool is None else (tuple(pool) if isinstance(pool, (list, tuple)) else (pool, pool))
     return Head(name, h["feature"], pool, h.get("pool_type", "avg"), tuple(layer_specs))
+
+
+def _from_vissl_dims(head, in_shape):
+    """Layers given ``vissl_dims=True`` list sizes as VISSL does, input first (``[2048, 1000]``):
+    the first must be the layer's input size; fpipe's ``dims`` are the output sizes after it."""
+    layers, size = [], int(torch.tensor(in_shape).prod())
+    for kind, opts in head.layers:
+        opts = dict(opts)
+        dims = list(opts["dims"])
+        if opts.pop("vissl_dims", False):
+            if len(dims) < 2 or dims[0] != size:
+                raise ValueError(f"model.heads.{head.name}: vissl_dims=True lists the input size first, "
+                                 f"then the outputs; the input here is {size} ({head.feature}, pooled "
+                                 f"{tuple(in_shape)}), got dims={dims}")
+            dims = dims[1:]
+        layers.append((kind, {**opts, "dims": tuple(dims)}))
+        size = dims[-1] if dims else size
+    return head._replace(layers=tuple(layers))
 
 
 def _feature_shapes(trunk, names, image_size):

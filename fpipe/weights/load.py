@@ -14,6 +14,7 @@ from fpipe.weights.report import LoadReport
 
 VISSL_ROOT = "classy_state_dict"
 VISSL_TRUNK = "base_model.model.trunk"
+VISSL_HEADS = "base_model.model.heads"  # heads.<i>.*: the i-th head of the config's list
 VISSL_PREFIXES = ("base_model._feature_blocks.", "_feature_blocks.")  # linear-eval, pretraining
 
 
@@ -99,7 +100,7 @@ def make_plan(obj: dict, files: dict, target: dict, opts: config.Options) -> Pla
     if opts.format == "fpipe" or (opts.format == "auto" and is_fpipe_checkpoint(obj)):
         return _plan_fpipe(files, opts)
     if opts.format == "vissl":
-        return _plan_vissl(files, opts)
+        return _plan_vissl(files, opts, target)
     if opts.format == "torchvision" or opts.remove_prefix or opts.append_prefix:
         return _plan_explicit(files, opts)
     return _plan_auto(obj, files, target, opts)
@@ -135,7 +136,7 @@ def _plan_explicit(files: dict, opts, *, fmt: str = "", reason: str = "") -> Pla
                 reason=reason or "explicit config (state_dict_key / remove_prefix), no detection")
 
 
-def _plan_vissl(files: dict, opts) -> Plan:
+def _plan_vissl(files: dict, opts, target: dict) -> Plan:
     root = opts.state_dict_key or VISSL_ROOT
     trunk_key = f"{root}.{VISSL_TRUNK}"
     key = trunk_key if any(n.startswith(trunk_key + ".") for n in files) else root
@@ -144,8 +145,36 @@ def _plan_vissl(files: dict, opts) -> Plan:
         under = [n[len(key) + 1:] for n in files if n.startswith(key + ".")]
         prefix = next((p for p in VISSL_PREFIXES if under and all(n.startswith(p) for n in under)), "")
     vissl = dataclasses.replace(opts, state_dict_key=key, remove_prefix=prefix)
-    return _plan_explicit(files, vissl, fmt="vissl",
+    plan = _plan_explicit(files, vissl, fmt="vissl",
                           reason=f"VISSL layout: trunk under {key!r}, prefix {prefix!r} removed")
+    if opts.load_heads and key == trunk_key:
+        heads = _vissl_heads(files, f"{root}.{VISSL_HEADS}", target, opts)
+        for src in heads.values():
+            plan.dropped.pop(src, None)
+        plan.names.update(_finish(heads, dataclasses.replace(opts, append_prefix="", rename=()), plan.dropped))
+        if heads:
+            plan.reason += f"; VISSL heads {root}.{VISSL_HEADS}.<i> -> the model's i-th head"
+    return plan
+
+
+def _vissl_heads(files: dict, key: str, target: dict, opts) -> dict:
+    """``{R: file name}`` of VISSL's numbered heads: ``<key>.<i>.rest`` -> ``<i-th head's name>.rest``.
+
+    VISSL numbers its heads in the config's order (MULTI_INPUT_HEAD_MAPPING, then HEAD.PARAMS);
+    fpipe's heads keep the config's order too, so a translated config lines them up one to one."""
+    names = list(dict.fromkeys(n.split(".")[1] for n in target if n.startswith("heads.")))
+    found = {}
+    for src in files:
+        if not src.startswith(key + "."):
+            continue
+        index, _, rest = src[len(key) + 1:].partition(".")
+        if not index.isdigit():
+            continue
+        if int(index) >= len(names):
+            raise WeightsError(f"{opts.path}: VISSL head {index} ({src}) has no counterpart: the model has "
+                               f"{len(names)} head(s) {names}; list the heads in VISSL's order.")
+        found[f"heads.{names[int(index)]}.{rest}"] = src
+    return found
 
 
 def _plan_auto(obj: dict, files: dict, target: dict, opts) -> Plan:

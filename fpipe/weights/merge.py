@@ -1,7 +1,8 @@
 """Merging renamed file tensors into the model's flat dict, and the checks that refuse a bad load.
 
 Rule (docs/DESIGN.md): a file name ``R`` goes to ``trunk.R`` if the model has it, else to
-``heads.R`` when heads were asked for, else it is "not loaded".
+``heads.R`` (or to ``R`` itself when it names a head: ``heads.<name>.…``) when heads were asked
+for, else it is "not loaded".
 """
 import torch
 
@@ -17,7 +18,7 @@ def merge(target: dict, tensors: dict, origin: dict, report: LoadReport, *, load
         src = origin[rel]
         name = f"trunk.{rel}"
         if name not in target:
-            name = f"heads.{rel}"
+            name = rel if rel.startswith("heads.") and rel in target else f"heads.{rel}"
             if name not in target:
                 report.not_loaded[src] = "not in the model"
                 continue
