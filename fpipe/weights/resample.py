@@ -11,7 +11,8 @@ grid part (antialiased, as timm's ``resample_abs_pos_embed``); prefix positions 
 import math
 
 import torch
-import torch.nn.functional as F
+
+from fpipe.models import vit  # one resampler: the model's own (timm's antialiased bicubic here)
 
 MAX_PREFIX = 8
 
@@ -33,12 +34,7 @@ def resample_pos_embedding(pos: torch.Tensor, tokens: int) -> torch.Tensor:
         raise ValueError(f"position embedding with {prefix} prefix token(s) cannot become one with {new_prefix}")
     if new_side == side:
         return pos
-    head, grid = pos[:, :prefix], pos[:, prefix:]
-    dim = pos.shape[-1]
-    grid = grid.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False, antialias=True)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_side * new_side, dim).to(pos.dtype)
-    return torch.cat([head, grid], dim=1)
+    return vit.resample_pos_embedding(pos, (new_side, new_side), prefix, mode="bicubic_antialias")
 
 
 def fits(name: str, file_shape: tuple, model_shape: tuple) -> bool:
