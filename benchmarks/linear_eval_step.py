@@ -208,16 +208,8 @@ def eager_step(depth, params, state, batch):
     net.train()
     for m in (net.conv1, net.bn1, net.layer1, net.layer2, net.layer3, net.layer4):
         m.eval()
-    opt = torch.optim.SGD(net.fc.parameters(), lr=LR, momentum=MOMENTUM)
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(batch["image"]), batch["label"])
-        loss.backward()
-        opt.step()
-        return loss
-
-    return run, net
+    run = sgd_head_runner(net, net.fc)
+    return (lambda: run(batch)), net
 
 
 def eager_forward(depth, params, state, batch, nhwc=False):
@@ -242,6 +234,33 @@ def fpipe_forward(model, params, state, batch):
 
 
 # ---------------------------------------------------------------- timing
+def sgd_head_runner(net, head):
+    """An eager linear-eval step of ``net`` with ``torch.optim.SGD`` on ``head`` only."""
+    opt = torch.optim.SGD(head.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def run(batch):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(batch["image"]), batch["label"])
+        loss.backward()
+        opt.step()
+        return loss
+
+    return run
+
+
+def report_steps(title, progs, med, first, batch_size):
+    """The per-program lines and the ratios the zoo benchmarks (regnet_step, vit_step) print."""
+    if title:
+        print(title)
+    for n in progs:
+        print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {batch_size / med[n]:8.1f} images/s   first call {first[n]:6.2f} s")
+    print(f"compile_s: {first['fpipe_step'] - med['fpipe_step']:.1f}")
+    print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
+    print(f"ratio_vs_forward: {med['fpipe_step'] / med['forward']:.3f}")
+    print(f"eager_vs_forward: {med['eager_step'] / med['forward']:.3f}")
+    sys.stdout.flush()
+
+
 def time_round_robin(programs, iters, warmup):
     """Median seconds per call of each program; calls interleave so that load hits all alike."""
     first = {}

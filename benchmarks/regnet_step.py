@@ -20,14 +20,13 @@ Medians over ``--iters`` round-robin calls after ``--warmup``. Output lines:
 """
 import argparse
 import collections
-import sys
 
 import ml_collections
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.linear_eval_step import LR, MOMENTUM, NUM_CLASSES, fpipe_step, time_round_robin
+from benchmarks.linear_eval_step import (NUM_CLASSES, fpipe_step, report_steps, sgd_head_runner, time_round_robin)
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.models import regnet
@@ -118,16 +117,8 @@ def eager_step(spec, params, state, batch):
     net.train()
     net.stem.eval()
     net.trunk_output.eval()
-    opt = torch.optim.SGD(net.fc.parameters(), lr=LR, momentum=MOMENTUM)
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(batch["image"]), batch["label"])
-        loss.backward()
-        opt.step()
-        return loss
-
-    return run
+    run = sgd_head_runner(net, net.fc)
+    return lambda: run(batch)
 
 
 def eager_forward(spec, params, state, batch):
@@ -175,13 +166,7 @@ def main(argv=None):
     print(f"== {args.name}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
           f"median of {args.iters} after {args.warmup} warm-up")
     print(f"first-step loss: eager {loss_eager:.6f}  fpipe {loss_fpipe:.6f}; max feature difference {feat_err:.2e}")
-    for n in progs:
-        print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {args.batch_size / med[n]:8.1f} images/s   first call {first[n]:6.2f} s")
-    print(f"compile_s: {first['fpipe_step'] - med['fpipe_step']:.1f}")
-    print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
-    print(f"ratio_vs_forward: {med['fpipe_step'] / med['forward']:.3f}")
-    print(f"eager_vs_forward: {med['eager_step'] / med['forward']:.3f}")
-    sys.stdout.flush()
+    report_steps("", progs, med, first, args.batch_size)
 
 
 if __name__ == "__main__":
