@@ -8,7 +8,8 @@ from fpipe import defaults  # every section's defaults; torch-free
 def base_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.compile = True           # torch.compile the train and eval steps (eager on failure, logged)
+    c.compile = True           # torch.compile the train and eval steps (eager on failure, logged) ...
+    c.compile_min_images = 100_000  # ... in runs that train on at least this many images (0: always)
     # Durations: config files give *_epochs; *_steps, set on the command line, win over them
     # (converted in one place, schedules.to_steps).
     c.total_epochs = 10.0

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_mixed_precision_supervised_on_cuda(tmp_path, dtype):
     main(tmp_path, "--config.total_steps=12", "--config.log_steps=1", f"--config.precision.dtype={dtype}",
-         "--config.compile=True", config="configs/supervised.py")
+         "--config.compile=True", "--config.compile_min_images=0",
+         config="configs/supervised.py")
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert len(lines) == 12 and all(l["loss"] == l["loss"] for l in lines)
     saved = torch.load(sorted((tmp_path / "checkpoints").glob("ckpt_*.pt"))[-1], weights_only=True)
@@ -25,6 +26,6 @@ def test_mixed_precision_supervised_on_cuda(tmp_path, dtype):
 
 
 def test_compiled_linear_eval_on_cuda(tmp_path):
-    main(tmp_path, "--config.total_steps=20", "--config.compile=True")
+    main(tmp_path, "--config.total_steps=20", "--config.compile=True", "--config.compile_min_images=0")
     results = json.loads((tmp_path / "results.json").read_text())["heads"]
     assert all(0 <= r["top1"] <= 100 for r in results.values())

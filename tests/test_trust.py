@@ -139,7 +139,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_stale_lock_is_taken_ove
 
 def test_sigterm_during_compilation_stops_within_seconds(tmp_path):
     cmd = [sys.executable, "main.py", "--config=configs/supervised.py", f"--workdir={tmp_path}", *TINY,
-           "--config.compile=True", "--config.total_steps=50"]
+           "--config.compile=True", "--config.compile_min_images=0", "--config.total_steps=50"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "log"
     deadline = time.time() + 300
@@ -175,10 +175,22 @@ def test_the_main_job_compiles_whole_graphs(tmp_path):
     with fullgraph=True (FPIPE_STRICT_COMPILE makes a graph break or eager fallback an error)."""
     args = [a for a in TINY if not a.startswith("--config.compile")]
     cmd = [sys.executable, "main.py", "--config=configs/linear_eval.py", f"--workdir={tmp_path}", *args,
-           "--config.total_steps=2"]
+           "--config.total_steps=2", "--config.compile_min_images=0"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "FPIPE_STRICT_COMPILE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     for what in ("frozen trunk compiled", "train step compiled", "eval step compiled"):
         assert what in proc.stderr
     assert "FAILED" not in proc.stderr
+
+
+def test_compilation_only_for_runs_that_pay_it_back():
+    from configs import linear_eval
+    from fpipe.train import loop
+    c = linear_eval.get_config()
+    assert c.compile and loop.should_compile(c, c.compile_min_images)
+    assert not loop.should_compile(c, c.compile_min_images - 1)  # the main job (14k images) runs eager
+    c.compile_min_images = 0
+    assert loop.should_compile(c, 1)
+    c.compile = False
+    assert not loop.should_compile(c, 10 ** 9)
