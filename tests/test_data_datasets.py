@@ -1,6 +1,8 @@
 """Tests for the dataset modules (digits, synthetic, image_folder) and the registry."""
 import ast
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ from PIL import Image
 
 from fpipe import data
 from fpipe.data import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def cfg(**overrides):
@@ -42,6 +46,21 @@ def test_digits_at_native_size_are_the_raw_images_split_disjointly():
     raw = load_digits().images
     assert sorted(map(key, ours)) == sorted(key(r / 16) for r in raw)
     assert data.build(cfg(image_size=16)).train[0][0].shape == (3, 16, 16)
+
+
+def test_digits_split_is_scikit_learns_stratified_split_and_loads_without_importing_it():
+    from sklearn import datasets, model_selection
+    raw = datasets.load_digits()
+    train, test = model_selection.train_test_split(range(len(raw.target)), test_size=360, stratify=raw.target,
+                                                   random_state=0)
+    ds = data.build(cfg(image_size=8))
+    assert torch.equal(ds.test.labels, torch.as_tensor(raw.target[sorted(test)]))
+    assert torch.equal(ds.train.labels, torch.as_tensor(raw.target[sorted(train)]))
+    assert torch.allclose(ds.test.images[:, 0], torch.as_tensor(raw.images[sorted(test)], dtype=torch.float32) / 16)
+    script = ("import sys\nfrom fpipe import data\nfrom fpipe.data import config\n"
+              "c = config.default_config(); c.image_size = 8\ndata.build(c)\nprint('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 def test_digits_access_returns_a_copy():

@@ -1,12 +1,20 @@
 """scikit-learn's bundled 8×8 handwritten digits: the default dataset, no download ever.
 
 1797 greyscale images of 10 classes (pixel values 0..16). A fixed stratified split gives
-1437 train / 360 test images (seed 0, independent of ``data.seed``, so every run is scored on
-the same test set). Pixels are scaled to [0, 1], upsampled once to ``image_size`` by bilinear
+1437 train / 360 test images (scikit-learn's ``train_test_split(..., stratify=labels,
+random_state=0)``, stored in digits_test_indices.json and checked against scikit-learn by the
+tests; independent of ``data.seed``, so every run is scored on the same test set). The pixels
+are read from scikit-learn's bundled ``digits.csv.gz`` without importing scikit-learn (a second
+of start-up). Pixels are scaled to [0, 1], upsampled once to ``image_size`` by bilinear
 interpolation and cached in memory; access repeats the grey channel to RGB.
 """
 import functools
+import gzip
+import importlib.util
+import json
+import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -14,17 +22,15 @@ from fpipe.data import base
 from fpipe.data import config as config_lib
 
 NUM_TRAIN, NUM_TEST = 1437, 360
-SPLIT_SEED = 0
 
 
 @functools.lru_cache(maxsize=4)
 def _load(image_size: int) -> tuple:
-    from sklearn import datasets, model_selection  # Lazily: importing sklearn takes a second.
-    raw = datasets.load_digits()
-    labels = torch.as_tensor(raw.target, dtype=torch.int64)
-    train_idx, test_idx = model_selection.train_test_split(
-        range(len(labels)), test_size=NUM_TEST, stratify=raw.target, random_state=SPLIT_SEED)
-    images = torch.as_tensor(raw.images, dtype=torch.float32)[:, None] / 16.0
+    rows = _read_csv()
+    labels = torch.as_tensor(rows[:, -1], dtype=torch.int64)
+    test_idx = _test_indices()
+    train_idx = sorted(set(range(len(labels))) - set(test_idx))
+    images = torch.as_tensor(rows[:, :-1], dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     if images.shape[-1] != image_size:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
                                align_corners=False, antialias=image_size < images.shape[-1])
@@ -34,6 +40,21 @@ def _load(image_size: int) -> tuple:
         idx = torch.as_tensor(idx)
         splits.append(base.TensorSplit(images[idx].contiguous(), labels[idx]))
     return tuple(splits)
+
+
+def _read_csv() -> np.ndarray:
+    """scikit-learn's bundled digits: 1797 rows of 64 pixels and the label."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the digits dataset is scikit-learn's bundled copy: pip install scikit-learn")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    with gzip.open(path, "rt") as f:
+        return np.loadtxt(f, delimiter=",")
+
+
+def _test_indices() -> list:
+    with open(os.path.join(os.path.dirname(__file__), "digits_test_indices.json")) as f:
+        return json.load(f)["test_indices"]
 
 
 def build(data_cfg) -> base.Dataset:
