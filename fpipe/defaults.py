@@ -8,13 +8,20 @@ The modules that use a section (``fpipe.optim``, ``fpipe.data``, …) read their
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-# Default optimizer rules recognise norm params by name. The norm layers: torchvision's bn1..bn3
-# and downsample.1 (ResNet), VISSL's channel_bn, bn/norm/gn/ln with an optional index (norm1,
-# ln_1). Their weights, and every bias, get no weight decay and no LARS adaptation.
-BIAS = r"(.*\.)?bias"
-NORM_WEIGHT = r"(.*\.)?((bn|norm|gn|ln|channel_bn)(_?\d+)?|downsample\.1)\.weight"
-NO_DECAY = ((BIAS, 0.0), (NORM_WEIGHT, 0.0))
-NO_LARS = ((BIAS, True), (NORM_WEIGHT, True))
+# Default optimizer rules recognise norm params and embeddings by name; they, and every bias, get
+# no weight decay and no LARS adaptation (timm's and torchvision's recipes; tests/test_optim.py
+# checks every trunk family: all 1-D params are matched). The names, in torchvision's layouts:
+# bn1..bn3 and downsample.1 (ResNet), VISSL's channel_bn, bn/norm/gn/ln with an optional index
+# or prefix (norm1, ln_1, fc_norm); the norm after a conv in torchvision's Conv2dNormActivation
+# (RegNet's stem/proj/a/b/c.1, EfficientNet's features.0/8.1 and block.K.1); ConvNeXt's block.2
+# downsample (features.2/4/6.0) and classifier.0 LayerNorms; ViT's class/register tokens, position embedding
+# and layer scales (ls_1.gamma; ConvNeXt's layer_scale).
+BIAS = r"(.*\.)?\w*bias"
+NORM_WEIGHT = (r"(.*\.)?((bn|\w*norm|gn|ln|channel_bn)(_?\d+)?|downsample\.1|(stem|proj|a|b|c|features\.[08]|"
+               r"block\.\d+)\.1|block\.2|features\.[246]\.0|classifier\.0)\.weight")
+EMBEDDING = r"(.*\.)?(class_token|register_tokens|pos_embedding|layer_scale|ls_\d+\.gamma)"
+NO_DECAY = ((BIAS, 0.0), (NORM_WEIGHT, 0.0), (EMBEDDING, 0.0))
+NO_LARS = ((BIAS, True), (NORM_WEIGHT, True), (EMBEDDING, True))
 
 # dinov2's 13 learning rates (for standardised features): the linear probe's default grid
 LINEAR_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0)

@@ -16,7 +16,7 @@ import re
 import torch
 
 from fpipe import defaults
-from fpipe.defaults import BIAS, NORM_WEIGHT, NO_DECAY, NO_LARS  # noqa: F401 (re-exported)
+from fpipe.defaults import BIAS, EMBEDDING, NORM_WEIGHT, NO_DECAY, NO_LARS  # noqa: F401 (re-exported)
 from fpipe.tree import first_match, flatten, leaves, map_leaves, unflatten
 
 default_config = defaults.optim  # the config.optim keys and their help: fpipe/defaults.py

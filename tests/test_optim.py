@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fpipe import optim
+from fpipe import optim, tree
 from fpipe.tree import flatten, unflatten
 
 SHAPES = {
@@ -300,3 +300,21 @@ def test_lr_mult_none_is_accepted_only_for_params_partitioned_out():
     optim.build(cfg, {"b": params["b"]})  # "a" was frozen by the partition: fine
     with pytest.raises(ValueError, match="freezes"):
         optim.build(cfg, params)
+
+
+@pytest.mark.parametrize("preset", ["resnet18", "regnet_y_400mf", "regnet_x_400mf", "efficientnet_b0",
+                                    "convnext_tiny", "alexnet", "vit_b_16", "vit_small_patch14_reg4_dinov2"])
+def test_default_rules_spare_every_norm_bias_and_embedding_of_every_family(preset):
+    """Default weight decay (and LARS) touch conv and linear weights only, whatever the family:
+    every 1-D param (norms, biases, layer scales) and ViT's tokens / position embedding are spared."""
+    from fpipe import defaults
+    from fpipe.models import model as model_lib
+    params, _ = model_lib.build_trunk(preset).init(0)
+    flat = tree.flatten({"trunk": params})
+    cfg = defaults.optim()
+    cfg.weight_decay = 1.0
+    hyper = optim.build(cfg, {"trunk": params}).hyper
+    spared = {n for n in flat if hyper[n]["wd"] == 0.0}
+    embeddings = {n for n in flat if n.rsplit(".", 1)[-1] in ("class_token", "register_tokens", "pos_embedding",
+                                                               "layer_scale", "gamma")}
+    assert spared == {n for n, t in flat.items() if t.ndim <= 1} | embeddings
