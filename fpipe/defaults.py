@@ -52,6 +52,9 @@ def data():
     # No flip by default: the default data are digits, which a mirror does not preserve.
     c.train_transforms = "random_resized_crop(scale=(0.35, 1.0))|normalize"  # ops joined by |
     c.eval_transforms = "resize|center_crop|normalize"  # ops joined by |
+    # Multi-crop training (VISSL/SwAV's multi-resolution inputs): ((count, transforms), ...), e.g.
+    # ((2, "random_resized_crop(32)|normalize"), (4, "random_resized_crop(16, scale=(0.1, 0.5))|normalize")).
+    c.views = ()                   # training crops per image; empty: one, by train_transforms
     c.seed = 0                     # data order and augmentation (and synthetic's pixels)
     c.train_split = "train"        # image_folder subfolder names (or split names in split_file)
     c.test_split = "val"           # the split evaluated and reported

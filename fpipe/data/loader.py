@@ -22,7 +22,9 @@ stacked batch, in place. ``num_workers > 0`` makes whole batches in that many wo
 batch ahead on a side stream.
 
 Batches: ``{"image": float32 N×C×H×W, "label": int64 N, "index": int64 N}`` (sample indices into
-the split), plus ``"mask": bool N`` in evaluation.
+the split), plus ``"mask": bool N`` in evaluation. With ``data.views`` (training, multi-crop)
+``"image"`` is a tuple of crops, one N×C×h×w tensor per crop in the order the views list them;
+crop ``v`` of a sample draws from ``(seed, epoch, index, v)``.
 """
 import itertools
 import math
@@ -50,6 +52,7 @@ class Loader:
         self.num_samples = len(split)
         spec = get("train_transforms" if train else "eval_transforms")
         self.transform = pipeline.parse(spec, size=int(get("image_size")))
+        self.views = views(get("views") if train else (), int(get("image_size")))
         self.device = None if device is None else torch.device(device)
         self._order_cache = (None, None)
         if self.num_samples == 0:
@@ -93,35 +96,42 @@ class Loader:
         mask = positions < self.num_samples
         return order[positions % self.num_samples], mask
 
-    def _sample(self, index: int, epoch: int) -> tuple:
+    def _sample(self, index: int, epoch: int, transform=None, *view) -> tuple:
         """Sample ``index`` through the per-sample part of the pipeline: ``(image, label)``."""
-        generator = rng.generator("augment", self.seed, epoch, index)
-        plan = lambda height, width: self.transform.plan(height, width, generator)
+        transform = transform or self.transform
+        generator = rng.generator("augment", self.seed, epoch, index, *view)
+        plan = lambda height, width: transform.plan(height, width, generator)
         if hasattr(self.split, "read"):  # files: decoded knowing the plan (reduced size)
             image, label = self.split.read(index, plan)
         else:
             image, label = self.split[index]
             image = plan(*image.shape[-2:]).apply(image)
-        return self.transform.middle(image, generator), label
+        return transform.middle(image, generator), label
 
     def batch(self, epoch: int, step: int, finish: bool = True) -> dict:
         """This rank's batch of global step ``step`` of ``epoch`` (``finish=False``: the images
         before the pixelwise ops, uint8 when every image is)."""
         indices, mask = self._shard(self.order(epoch), step)
-        samples = [self._sample(int(i), epoch) for i in indices]
-        batch = {"image": self._stack([image for image, _ in samples], finish),
-                 "label": torch.tensor([label for _, label in samples], dtype=torch.int64),
+        if self.views:  # multi-crop: one stacked tensor per crop
+            crops = [[self._sample(int(i), epoch, t, v) for v, t in enumerate(self.views)] for i in indices]
+            samples = [c[0] for c in crops]
+            image = tuple(self._stack([c[v][0] for c in crops], finish, t) for v, t in enumerate(self.views))
+        else:
+            samples = [self._sample(int(i), epoch) for i in indices]
+            image = self._stack([image for image, _ in samples], finish)
+        batch = {"image": image, "label": torch.tensor([label for _, label in samples], dtype=torch.int64),
                  "index": indices.clone()}
         if not self.train:
             batch["mask"] = mask
         return batch
 
-    def _stack(self, images: list, finish: bool) -> torch.Tensor:
+    def _stack(self, images: list, finish: bool, transform=None) -> torch.Tensor:
+        transform = transform or self.transform
         shapes = {tuple(image.shape) for image in images}
         if len(shapes) > 1:
             raise ValueError(f"images in one batch have different shapes {sorted(shapes)}; give "
                              f"the transforms a fixed output size, e.g. 'resize|center_crop' "
-                             f"(transforms: {self.transform.spec!r})")
+                             f"(transforms: {transform.spec!r})")
         as_uint8 = not finish and all(image.dtype == torch.uint8 for image in images)
         out = workers.empty((len(images), *images[0].shape),
                             torch.uint8 if as_uint8 else torch.float32)
@@ -130,7 +140,7 @@ class Loader:
             if not as_uint8 and image.dtype == torch.uint8:
                 row.div_(255.0)  # exactly transforms.to_float
             if finish:
-                self.transform.finish(row)
+                transform.finish(row)
         return out
 
     def epoch(self, epoch: int = 0, start_step: int = 0):
@@ -143,6 +153,9 @@ class Loader:
     def _batches(self, keys):
         """Batches for ``(epoch, step)`` keys: in this process or in workers; on the device."""
         on_device = self.device is not None and self.device.type == "cuda"
+        if on_device and self.views:
+            raise ValueError("data.views (multi-crop) batches are made on the host; load them without "
+                             "device='cuda' and move them in the train loop")
         if self.num_workers <= 0:
             made = (self.batch(*key, finish=not on_device) for key in keys)
             if on_device:
@@ -161,6 +174,16 @@ class Loader:
             raise ValueError("iterate() is for training; evaluate with epoch()")
         steps = itertools.count(int(start_step))
         return self._batches(divmod(step, self.steps_per_epoch) for step in steps)
+
+
+def views(views, size: int) -> tuple:
+    """``data.views`` ``((count, transforms), ...)`` as one pipeline per crop, in order."""
+    out = []
+    for view in tuple(views or ()):
+        if not (isinstance(view, (tuple, list)) and len(view) == 2 and isinstance(view[0], int) and view[0] >= 1):
+            raise ValueError(f"data.views: each entry is (count >= 1, transforms), got {view!r}")
+        out += [pipeline.parse(view[1], size=size)] * view[0]
+    return tuple(out)
 
 
 class _Raw:

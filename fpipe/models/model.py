@@ -109,10 +109,17 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
 
     def apply(params, state, images, *, train, eval_norms=frozenset(), sync_stats=None):
         """``({head: logits}, new_state)``; norm layers named in ``eval_norms`` use running stats;
-        ``sync_stats`` makes training BatchNorms synchronous across processes (SyncBN)."""
-        feats, trunk_state = trunk.apply(params["trunk"], state.get("trunk", {}), images, train=train,
-                                         features=read, eval_norms=_under("trunk", eval_norms),
-                                         sync_stats=sync_stats)
+        ``sync_stats`` makes training BatchNorms synchronous across processes (SyncBN).
+        ``images``: a batch, or a tuple of crops (multi-crop, see :func:`over_views`)."""
+        trunk_state = state.get("trunk", {})
+
+        def run_trunk(x):
+            nonlocal trunk_state
+            feats, trunk_state = trunk.apply(params["trunk"], trunk_state, x, train=train, features=read,
+                                             eval_norms=_under("trunk", eval_norms), sync_stats=sync_stats)
+            return feats
+
+        feats = over_views(run_trunk, images)
         return apply_heads(params, {**state, "trunk": trunk_state}, feats, train=train,
                            eval_norms=eval_norms, sync_stats=sync_stats)
 
@@ -120,9 +127,7 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
         """The heads alone on trunk features ``{name: tensor}``; the trunk state passes through."""
         outputs, head_states = {}, {}
         for h in heads:
-            x = feats[h.feature]
-            if h.pool is not None:
-                x = layers.adaptive_pool(x, h.pool, h.pool_type)
+            x = _head_input(h, feats)
             outputs[h.name], head_states[h.name] = _apply_head(
                 h, params["heads"][h.name], state.get("heads", {}).get(h.name, {}), x, train,
                 _under(f"heads.{h.name}", eval_norms), sync_stats)
@@ -130,9 +135,47 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
 
     def features(params, state, images, names=("flatten",)):
         """Trunk features in eval mode, for feature extraction."""
-        return trunk.apply(params["trunk"], state.get("trunk", {}), images, train=False, features=tuple(names))[0]
+        return over_views(lambda x: trunk.apply(params["trunk"], state.get("trunk", {}), x, train=False,
+                                                features=tuple(names))[0], images)
 
     return Model(trunk, heads, init, apply, apply_heads, features)
+
+
+def over_views(run, images):
+    """``run(batch) -> {name: tensor}`` on a batch, or on a tuple of crops (VISSL/SwAV's multi-crop,
+    ``data.views``): consecutive crops of one shape run as one batch (the trunk runs once per
+    resolution; training BatchNorms see each resolution's statistics in turn, as in VISSL). One
+    batch gives one dict; several resolutions a list of dicts, one per resolution, which the heads
+    pool and concatenate (:func:`_head_input`): crop-major, row ``v * N + i`` is crop ``v`` of
+    sample ``i``."""
+    if isinstance(images, torch.Tensor):
+        return run(images)
+    groups = []
+    for crop in images:
+        if groups and groups[-1][0].shape == crop.shape:
+            groups[-1].append(crop)
+        else:
+            groups.append([crop])
+    outs = [run(torch.cat(group) if len(group) > 1 else group[0]) for group in groups]
+    return outs[0] if len(outs) == 1 else outs
+
+
+def _head_input(head, feats):
+    """The head's feature, pooled to its grid; of every resolution, concatenated (multi-crop)."""
+    parts = []
+    for f in feats if isinstance(feats, list) else [feats]:
+        x = f[head.feature]
+        parts.append(x if head.pool is None else layers.adaptive_pool(x, head.pool, head.pool_type))
+    shapes = sorted({tuple(x.shape[1:]) for x in parts})
+    if len(shapes) > 1:
+        raise ValueError(f"model.heads.{head.name}: crops of several resolutions give {head.feature} of "
+                         f"shapes {shapes}; give the head a pool (e.g. pool=(1, 1)) or read a vector feature")
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def labels_for(logits, labels):
+    """``labels`` for ``logits`` of every crop (crop-major rows): repeated once per crop."""
+    return labels if logits.shape[0] == labels.shape[0] else labels.repeat(logits.shape[0] // labels.shape[0])
 
 
 def _parse_head(name, h, num_classes, features):

@@ -71,7 +71,7 @@ def _check_data(c) -> None:
     data.config.check(c.data)
     for key in ("train_transforms", "eval_transforms"):
         data.transforms.parse(c.data[key], size=c.data.image_size)
-
+    data.loader.views(data.config.get(c.data, "views"), c.data.image_size)  # multi-crop: (count, transforms)
 
 
 def _check_model(c):

@@ -15,6 +15,7 @@ from absl import logging
 
 from fpipe import tree
 from fpipe.models import fold
+from fpipe.models import model as model_lib
 
 
 class FrozenTrunk(NamedTuple):
@@ -57,7 +58,10 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
     run = torch.compile(module, dynamic=False, fullgraph=True) if compile else module
     compiled_for = set()
 
-    def features(images):
+    def features(images):  # a batch, or a tuple of crops (multi-crop): one shape at a time
+        return model_lib.over_views(one_shape, images)
+
+    def one_shape(images):
         if batch_size and images.shape[0] != batch_size:
             return _in_chunks(run_once, images, batch_size)
         return run_once(images)

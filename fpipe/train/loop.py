@@ -341,7 +341,10 @@ def to_device(t, device):
     """Every tensor of a tree on ``device`` (asynchronous only towards an accelerator: a copy to
     the CPU must be complete before a checkpoint hashes and saves it)."""
     device = torch.device(device)
-    move = lambda x: x.to(device, non_blocking=device.type != "cpu") if isinstance(x, torch.Tensor) else x
+    def move(x):  # a tensor, or a tuple of them (multi-crop images)
+        if isinstance(x, tuple):
+            return tuple(move(v) for v in x)
+        return x.to(device, non_blocking=device.type != "cpu") if isinstance(x, torch.Tensor) else x
     return None if t is None else tree.map_leaves(move, t) if isinstance(t, dict) else move(t)
 
 

@@ -14,12 +14,14 @@ from absl import logging
 from torch.func import grad_and_value
 
 from fpipe import freeze, optim, tree
+from fpipe.models import model as models
 from fpipe.train import divergence, precision
 
 
 def heads_loss(outputs, labels):
     """Cross-entropy per head, summed: every head learns from the same labels."""
-    losses = {name: F.cross_entropy(logits.float(), labels) for name, logits in outputs.items()}
+    losses = {name: F.cross_entropy(logits.float(), models.labels_for(logits, labels))
+              for name, logits in outputs.items()}
     return sum(losses.values()), losses
 
 
@@ -75,7 +77,8 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
             metrics.update(loss_scale=scaler["scale"], skipped=found_inf.float())
         for name, head_loss in losses.items():
             metrics[f"{name}/loss"] = head_loss.detach()
-            metrics[f"{name}/train_top1"] = 100.0 * (outputs[name].argmax(1) == batch["label"]).float().mean()
+            hits = outputs[name].argmax(1) == models.labels_for(outputs[name], batch["label"])
+            metrics[f"{name}/train_top1"] = 100.0 * hits.float().mean()
         new_state.update(trainable=trainable, opt_state=opt_state)
         # One flag for the divergence check (fpipe.train.divergence); with loss scaling a
         # non-finite step is skipped, so only the state counts.

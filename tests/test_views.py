@@ -1,0 +1,81 @@
+"""Multi-crop training (data.views, VISSL/SwAV's multi-resolution inputs): the loader's crops,
+the trunk once per resolution, heads on every crop, labels repeated per crop."""
+import json
+
+import ml_collections
+import pytest
+import torch
+
+from fpipe import data, weights
+from fpipe.data import base
+from fpipe.models import model as models
+from test_main import main
+
+VIEWS = ((2, "random_resized_crop(16, scale=(0.35, 1.0))|normalize"),
+         (3, "random_resized_crop(8, scale=(0.1, 0.5))|normalize"))
+
+
+def loader(views=VIEWS, num_workers=0, **kw):
+    images = torch.rand(12, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    split = base.TensorSplit(images, torch.arange(12) % 3)
+    cfg = data.config.default_config()
+    cfg.batch_size, cfg.image_size, cfg.views, cfg.num_workers = 4, 16, views, num_workers
+    return data.Loader(split, cfg, train=True, **kw)
+
+
+def test_the_loader_makes_every_crop_each_from_its_own_stream():
+    batch = loader().batch(0, 1)
+    assert [tuple(c.shape) for c in batch["image"]] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 3
+    again = next(loader(num_workers=2).epoch(0, start_step=1))  # made in worker processes
+    assert all(torch.equal(a, b) for a, b in zip(batch["image"], again["image"]))  # a pure function of (epoch, step)
+    assert not torch.equal(batch["image"][0], batch["image"][1])  # two crops, two draws
+    two = [loader(rank=r, world_size=2).batch(0, 1) for r in (0, 1)]  # ranks' shards make the batch
+    for v in range(5):
+        assert torch.equal(torch.cat([two[0]["image"][v], two[1]["image"][v]]), batch["image"][v])
+    with pytest.raises(ValueError, match=r"data.views: each entry is \(count >= 1, transforms\)"):
+        loader(views=(("2", "normalize"),))
+
+
+def test_the_trunk_runs_once_per_resolution_and_heads_see_every_crop():
+    heads = dict(vec=models.head_config("res5avg", "linear"), grid=models.head_config("res4", "eval_mlp", pool=[1, 1]))
+    model = models.build(ml_collections.ConfigDict(dict(trunk=models.trunk_config("resnet18"), heads=heads)),
+                         num_classes=3, image_size=16)
+    params, state = model.init(0)
+    g = torch.Generator().manual_seed(0)
+    crops = (torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g),
+             torch.randn(4, 3, 8, 8, generator=g))
+    out, new_state = model.apply(params, state, crops, train=False)
+    big, _ = model.apply(params, state, torch.cat(crops[:2]), train=False)  # independent: one resolution at a time
+    small, _ = model.apply(params, state, crops[2], train=False)
+    for name in ("vec", "grid"):
+        assert out[name].shape == (12, 3)
+        torch.testing.assert_close(out[name], torch.cat([big[name], small[name]]))
+    assert torch.equal(models.labels_for(out["vec"], torch.tensor([0, 1, 2, 0])), torch.tensor([0, 1, 2, 0] * 3))
+    no_pool = models.build(ml_collections.ConfigDict(dict(trunk=models.trunk_config("resnet18"),
+                                                          heads=dict(h=models.head_config("res4", "linear")))),
+                           num_classes=3, image_size=16)
+    with pytest.raises(ValueError, match=r"model.heads.h: crops of several resolutions give res4 of shapes"):
+        no_pool.apply(*no_pool.init(0), (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 8, 8)), train=False)
+
+
+def test_identical_crops_train_exactly_as_one_crop(tmp_path):
+    """Two copies of a deterministic crop: every head's loss is the mean over duplicated rows,
+    so the run equals the single-crop run (an end-to-end check of views through main.py)."""
+    same = "resize|center_crop|normalize"
+    args = ["--config.total_steps=5", "--config.ckpt_steps=5", f"--config.data.train_transforms={same}"]
+    main(tmp_path / "one", *args)
+    main(tmp_path / "two", *args, f"--config.data.views=((2, '{same}'),)")
+    a = weights.read_checkpoint(str(tmp_path / "one" / "checkpoints" / "ckpt_00000005.pt"))
+    b = weights.read_checkpoint(str(tmp_path / "two" / "checkpoints" / "ckpt_00000005.pt"))
+    for name, t in a["params"].items():
+        torch.testing.assert_close(b["params"][name], t, rtol=1e-5, atol=1e-6)
+    ra = json.loads((tmp_path / "one" / "results.json").read_text())
+    rb = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert ra["heads"] == rb["heads"]
+
+
+def test_multi_crop_supervised_training_runs(tmp_path):
+    main(tmp_path, "--config.total_steps=3", "--config.log_steps=1", f"--config.data.views={VIEWS!r}",
+         config="configs/supervised.py")
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "fc/train_top1" in l] == [1, 2, 3]
