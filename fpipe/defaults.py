@@ -55,6 +55,7 @@ def data():
     # Multi-crop training (VISSL/SwAV's multi-resolution inputs): ((count, transforms), ...), e.g.
     # ((2, "random_resized_crop(32)|normalize"), (4, "random_resized_crop(16, scale=(0.1, 0.5))|normalize")).
     c.views = ()                   # training crops per image; empty: one, by train_transforms
+    c.eval_views = ()              # evaluation crops the same way; a head scores their mean logits
     c.seed = 0                     # data order and augmentation (and synthetic's pixels)
     c.train_split = "train"        # image_folder subfolder names (or split names in split_file)
     c.test_split = "val"           # the split evaluated and reported
@@ -153,12 +154,13 @@ def trunk(name="resnet", **options):
     return c
 
 
-def head(feature, type="linear", pool=None, dims=None, **options):
+def head(feature, type="linear", pool=None, dims=None, towers=1, **options):
     """One head: reads ``feature``, pools it to ``pool`` ((h, w) adaptive grid) if given, then
-    ``type`` with output sizes ``dims`` (default: the dataset's class count).
+    ``type`` with output sizes ``dims`` (default: the dataset's class count). ``towers`` > 1:
+    each image's that many crops (data.views) side by side, VISSL's siamese_concat_view.
 
     Unset values are typed placeholders, so ``--config.model.heads.NAME.pool='(2, 2)'`` works."""
-    c = ml_collections.ConfigDict(dict(feature=feature, type=type, **options))
+    c = ml_collections.ConfigDict(dict(feature=feature, type=type, towers=towers, **options))
     c.pool = placeholder(tuple) if pool is None else tuple(pool)
     c.dims = placeholder(tuple) if dims is None else tuple(dims)
     return c

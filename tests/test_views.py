@@ -79,3 +79,29 @@ def test_multi_crop_supervised_training_runs(tmp_path):
          config="configs/supervised.py")
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "fc/train_top1" in l] == [1, 2, 3]
+
+
+def test_towers_concatenate_each_images_crops_like_vissls_siamese_concat_view():
+    heads = dict(cat=models.head_config("res5avg", "linear", towers=3))
+    model = models.build(ml_collections.ConfigDict(dict(trunk=models.trunk_config("resnet18"), heads=heads)),
+                         num_classes=4, image_size=16)
+    params, state = model.init(0)
+    assert params["heads"]["cat"]["weight"].shape == (4, 3 * 512)
+    crops = tuple(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(v)) for v in range(3))
+    out, _ = model.apply(params, state, crops, train=False)
+    feats = [model.features(params, state, c, ("res5avg",))["res5avg"].flatten(1) for c in crops]
+    w, b = params["heads"]["cat"]["weight"], params["heads"]["cat"]["bias"]
+    expected = torch.cat(feats, 1) @ w.T + b  # image i: [crop 0 | crop 1 | crop 2] features
+    torch.testing.assert_close(out["cat"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_towers_train_and_evaluate_through_main(tmp_path):
+    views = ((3, "random_resized_crop(16, scale=(0.3, 0.6))|normalize"),)
+    eval_views = ((3, "resize|center_crop|normalize"),)
+    proc = main(tmp_path / "bad", "--config.total_steps=2", "--config.model.heads.fc.towers=3",
+                f"--config.data.views={views!r}", config="configs/supervised.py", check=False)
+    assert proc.returncode == 2 and "model.heads.fc.towers=3 needs 3 crops per image; data.eval_views gives 1" in proc.stderr
+    main(tmp_path / "ok", "--config.total_steps=2", "--config.model.heads.fc.towers=3", f"--config.data.views={views!r}",
+         f"--config.data.eval_views={eval_views!r}", config="configs/supervised.py")
+    r = json.loads((tmp_path / "ok" / "results.json").read_text())
+    assert 0 <= r["heads"]["fc"]["top1"] <= 100

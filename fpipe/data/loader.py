@@ -22,8 +22,8 @@ stacked batch, in place. ``num_workers > 0`` makes whole batches in that many wo
 batch ahead on a side stream.
 
 Batches: ``{"image": float32 N×C×H×W, "label": int64 N, "index": int64 N}`` (sample indices into
-the split), plus ``"mask": bool N`` in evaluation. With ``data.views`` (training, multi-crop)
-``"image"`` is a tuple of crops, one N×C×h×w tensor per crop in the order the views list them;
+the split), plus ``"mask": bool N`` in evaluation. With ``data.views`` (``data.eval_views`` in
+evaluation; multi-crop) ``"image"`` is a tuple of crops, one N×C×h×w tensor per crop in the order the views list them;
 crop ``v`` of a sample draws from ``(seed, epoch, index, v)``.
 """
 import itertools
@@ -52,7 +52,7 @@ class Loader:
         self.num_samples = len(split)
         spec = get("train_transforms" if train else "eval_transforms")
         self.transform = pipeline.parse(spec, size=int(get("image_size")))
-        self.views = views(get("views") if train else (), int(get("image_size")))
+        self.views = views(get("views" if train else "eval_views"), int(get("image_size")))
         self.device = None if device is None else torch.device(device)
         self._order_cache = (None, None)
         if self.num_samples == 0:

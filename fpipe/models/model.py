@@ -18,7 +18,7 @@ from fpipe.models.trunk import Trunk
 # (torchvision/timm name -> options) and build(**options) -> Trunk; registering one is one line.
 TRUNKS = {"resnet": resnet, "regnet": regnet, "efficientnet": efficientnet, "convnext": convnext,
           "alexnet": alexnet, "vit": vit}
-HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain", "vissl_dims") + tuple(heads_lib.MLP_OPTIONS)
+HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain", "vissl_dims", "towers") + tuple(heads_lib.MLP_OPTIONS)
 
 
 def trunk_presets():
@@ -78,6 +78,7 @@ class Head(NamedTuple):
     pool: tuple | None
     pool_type: str
     layers: tuple  # of (type, options) applied in sequence
+    towers: int = 1  # VISSL's siamese_concat_view: each sample's crops concatenated (num_towers)
 
 
 class Model(NamedTuple):
@@ -170,7 +171,15 @@ def _head_input(head, feats):
     if len(shapes) > 1:
         raise ValueError(f"model.heads.{head.name}: crops of several resolutions give {head.feature} of "
                          f"shapes {shapes}; give the head a pool (e.g. pool=(1, 1)) or read a vector feature")
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if head.towers > 1:  # siamese_concat_view: sample i's crops (rows v * N + i) side by side
+        if x.shape[0] % head.towers:
+            raise ValueError(f"model.heads.{head.name}.towers={head.towers}: the batch has {x.shape[0]} crops, "
+                             f"not a multiple of {head.towers}; give data.views (and data.eval_views) "
+                             f"{head.towers} crops per image")
+        rest = x.shape[1:]
+        x = x.reshape(head.towers, -1, *rest).transpose(0, 1).reshape(-1, head.towers * rest[0], *rest[1:])
+    return x
 
 
 def labels_for(logits, labels):
@@ -184,6 +193,9 @@ def _parse_head(name, h, num_classes, features):
         raise ValueError(f"model.heads.{name}: unknown key(s) {unknown}; valid: {HEAD_KEYS}")
     if h.get("feature") not in features:
         raise ValueError(f"model.heads.{name}.feature={h.get('feature')!r}; valid: {features}")
+    towers = h.pop("towers", None) or 1
+    if not (isinstance(towers, int) and towers >= 1):
+        raise ValueError(f"model.heads.{name}.towers={towers!r}: a whole number >= 1 is needed")
     chain = h.pop("chain", None) or [{k: v for k, v in h.items() if k not in ("feature", "pool", "pool_type")}]
     layer_specs = []
     for i, spec in enumerate(chain):
@@ -198,7 +210,7 @@ def _parse_head(name, h, num_classes, features):
         layer_specs.append((kind, {"dims": tuple(dims), **spec}))
     pool = h.get("pool")
     pool = None if pool is None else (tuple(pool) if isinstance(pool, (list, tuple)) else (pool, pool))
-    return Head(name, h["feature"], pool, h.get("pool_type", "avg"), tuple(layer_specs))
+    return Head(name, h["feature"], pool, h.get("pool_type", "avg"), tuple(layer_specs), towers)
 
 
 def _from_vissl_dims(head, in_shape):
@@ -232,9 +244,10 @@ def _feature_shapes(trunk, names, image_size):
 
 
 def _pooled_shape(head, shape):
-    if head.pool is None or len(shape) < 3:
-        return shape
-    return (shape[0], *head.pool)
+    """The head's input per sample: pooled to its grid, its towers' channels side by side."""
+    if head.pool is not None and len(shape) >= 3:
+        shape = (shape[0], *head.pool)
+    return (shape[0] * head.towers, *shape[1:])
 
 
 def _init_head(gen, head, in_shape):

@@ -71,7 +71,8 @@ def _check_data(c) -> None:
     data.config.check(c.data)
     for key in ("train_transforms", "eval_transforms"):
         data.transforms.parse(c.data[key], size=c.data.image_size)
-    data.loader.views(data.config.get(c.data, "views"), c.data.image_size)  # multi-crop: (count, transforms)
+    for key in ("views", "eval_views"):  # multi-crop: ((count, transforms), ...)
+        data.loader.views(data.config.get(c.data, key), c.data.image_size)
 
 
 def _check_model(c):
@@ -87,6 +88,12 @@ def _check_model(c):
     weights = weights_config.resolve(c.model.weights)
     if weights.path and not os.path.exists(weights.path):
         raise ConfigError(f"model.weights.path={weights.path!r}: no such file")
+    for head in model.heads:  # siamese_concat_view: one crop per tower, in training and evaluation
+        for key in ("views", "eval_views"):
+            crops = len(data.loader.views(data.config.get(c.data, key), c.data.image_size)) or 1
+            if head.towers > 1 and crops != head.towers:
+                raise ConfigError(f"model.heads.{head.name}.towers={head.towers} needs {head.towers} crops per "
+                                  f"image; data.{key} gives {crops}")
     return model
 
 

@@ -101,6 +101,8 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
         valid = torch.ones_like(batch["label"], dtype=torch.bool) if mask is None else mask.bool()
         counts = {"count": valid.sum()}
         for name, logits in outputs.items():
+            if logits.shape[0] != valid.shape[0]:  # one row per crop (data.eval_views): their mean
+                logits = logits.float().reshape(-1, valid.shape[0], logits.shape[1]).mean(0)
             k_max = min(max(topk), logits.shape[1])
             top = logits.float().topk(k_max, dim=1).indices
             hit = top == batch["label"][:, None]
