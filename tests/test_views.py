@@ -105,3 +105,26 @@ def test_towers_train_and_evaluate_through_main(tmp_path):
          f"--config.data.eval_views={eval_views!r}", config="configs/supervised.py")
     r = json.loads((tmp_path / "ok" / "results.json").read_text())
     assert 0 <= r["heads"]["fc"]["top1"] <= 100
+
+
+def test_heads_read_their_own_crops_like_vissls_multi_input_head_mapping():
+    """Two inputs: crops 0-1 ("images", 16 px) feed one head, crops 2-4 ("patches", 8 px) another."""
+    heads = dict(images=models.head_config("res5avg", "linear", crops=(0, 2)),
+                 patches=models.head_config("res5avg", "linear", crops=(2, 3)))
+    model = models.build(ml_collections.ConfigDict(dict(trunk=models.trunk_config("resnet18"), heads=heads)),
+                         num_classes=4, image_size=16)
+    params, state = model.init(0)
+    crops = tuple(torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(v))
+                  for v, s in enumerate((16, 16, 8, 8, 8)))
+    out, _ = model.apply(params, state, crops, train=False)
+    feats = [model.features(params, state, c, ("res5avg",))["res5avg"].flatten(1) for c in crops]
+    for name, chosen in (("images", feats[:2]), ("patches", feats[2:])):
+        w, b = params["heads"][name]["weight"], params["heads"][name]["bias"]
+        torch.testing.assert_close(out[name], torch.cat(chosen) @ w.T + b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_head_reading_crops_that_do_not_exist_is_refused_before_work(tmp_path):
+    proc = main(tmp_path, "--config.total_steps=2", "--config.model.heads.fc.crops=(1, 2)",
+                f"--config.data.views={VIEWS!r}", config="configs/supervised.py", check=False)
+    assert proc.returncode == 2
+    assert "model.heads.fc.crops=(1, 2) reads crops 1..2; data.eval_views gives 1" in proc.stderr

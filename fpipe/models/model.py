@@ -18,7 +18,7 @@ from fpipe.models.trunk import Trunk
 # (torchvision/timm name -> options) and build(**options) -> Trunk; registering one is one line.
 TRUNKS = {"resnet": resnet, "regnet": regnet, "efficientnet": efficientnet, "convnext": convnext,
           "alexnet": alexnet, "vit": vit}
-HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain", "vissl_dims", "towers") + tuple(heads_lib.MLP_OPTIONS)
+HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain", "vissl_dims", "towers", "crops") + tuple(heads_lib.MLP_OPTIONS)
 
 
 def trunk_presets():
@@ -79,6 +79,7 @@ class Head(NamedTuple):
     pool_type: str
     layers: tuple  # of (type, options) applied in sequence
     towers: int = 1  # VISSL's siamese_concat_view: each sample's crops concatenated (num_towers)
+    crops: tuple = ()  # (first, count) of the crops it reads (multi-input); (): all of them
 
 
 class Model(NamedTuple):
@@ -146,9 +147,9 @@ def over_views(run, images):
     """``run(batch) -> {name: tensor}`` on a batch, or on a tuple of crops (VISSL/SwAV's multi-crop,
     ``data.views``): consecutive crops of one shape run as one batch (the trunk runs once per
     resolution; training BatchNorms see each resolution's statistics in turn, as in VISSL). One
-    batch gives one dict; several resolutions a list of dicts, one per resolution, which the heads
-    pool and concatenate (:func:`_head_input`): crop-major, row ``v * N + i`` is crop ``v`` of
-    sample ``i``."""
+    batch gives one dict; crops a list of ``(crops, dict)``, one per resolution, which the heads
+    select (their ``crops``), pool and concatenate (:func:`_head_input`): crop-major, row
+    ``v * N + i`` is crop ``v`` of sample ``i``."""
     if isinstance(images, torch.Tensor):
         return run(images)
     groups = []
@@ -157,16 +158,25 @@ def over_views(run, images):
             groups[-1].append(crop)
         else:
             groups.append([crop])
-    outs = [run(torch.cat(group) if len(group) > 1 else group[0]) for group in groups]
-    return outs[0] if len(outs) == 1 else outs
+    return [(len(group), run(torch.cat(group) if len(group) > 1 else group[0])) for group in groups]
 
 
 def _head_input(head, feats):
-    """The head's feature, pooled to its grid; of every resolution, concatenated (multi-crop)."""
-    parts = []
-    for f in feats if isinstance(feats, list) else [feats]:
+    """The head's feature, pooled to its grid; of its crops (every crop unless ``head.crops``
+    says ``(first, count)``: VISSL's several inputs mapped to heads), concatenated."""
+    first, count = head.crops or (0, None)
+    parts, seen = [], 0
+    for crops, f in [(1, feats)] if isinstance(feats, dict) else feats:
+        lo, hi = max(first - seen, 0), crops if count is None else min(first + count - seen, crops)
+        seen += crops
+        if lo >= hi:
+            continue
         x = f[head.feature]
+        rows = x.shape[0] // crops
+        x = x[lo * rows:hi * rows] if (lo, hi) != (0, crops) else x
         parts.append(x if head.pool is None else layers.adaptive_pool(x, head.pool, head.pool_type))
+    if not parts:
+        raise ValueError(f"model.heads.{head.name}.crops={head.crops}: the batch has {seen} crop(s)")
     shapes = sorted({tuple(x.shape[1:]) for x in parts})
     if len(shapes) > 1:
         raise ValueError(f"model.heads.{head.name}: crops of several resolutions give {head.feature} of "
@@ -193,6 +203,9 @@ def _parse_head(name, h, num_classes, features):
         raise ValueError(f"model.heads.{name}: unknown key(s) {unknown}; valid: {HEAD_KEYS}")
     if h.get("feature") not in features:
         raise ValueError(f"model.heads.{name}.feature={h.get('feature')!r}; valid: {features}")
+    crops = tuple(h.pop("crops", None) or ())
+    if crops and not (len(crops) == 2 and all(isinstance(v, int) for v in crops) and crops[0] >= 0 and crops[1] >= 1):
+        raise ValueError(f"model.heads.{name}.crops={crops!r}: (first, count) with first >= 0, count >= 1")
     towers = h.pop("towers", None) or 1
     if not (isinstance(towers, int) and towers >= 1):
         raise ValueError(f"model.heads.{name}.towers={towers!r}: a whole number >= 1 is needed")
@@ -210,7 +223,7 @@ def _parse_head(name, h, num_classes, features):
         layer_specs.append((kind, {"dims": tuple(dims), **spec}))
     pool = h.get("pool")
     pool = None if pool is None else (tuple(pool) if isinstance(pool, (list, tuple)) else (pool, pool))
-    return Head(name, h["feature"], pool, h.get("pool_type", "avg"), tuple(layer_specs), towers)
+    return Head(name, h["feature"], pool, h.get("pool_type", "avg"), tuple(layer_specs), towers, crops)
 
 
 def _from_vissl_dims(head, in_shape):

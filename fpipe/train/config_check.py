@@ -88,12 +88,16 @@ def _check_model(c):
     weights = weights_config.resolve(c.model.weights)
     if weights.path and not os.path.exists(weights.path):
         raise ConfigError(f"model.weights.path={weights.path!r}: no such file")
-    for head in model.heads:  # siamese_concat_view: one crop per tower, in training and evaluation
+    for head in model.heads:  # its crops exist; siamese_concat_view: one crop per tower
         for key in ("views", "eval_views"):
             crops = len(data.loader.views(data.config.get(c.data, key), c.data.image_size)) or 1
-            if head.towers > 1 and crops != head.towers:
+            first, count = head.crops or (0, crops)
+            if first + count > crops:
+                raise ConfigError(f"model.heads.{head.name}.crops={head.crops} reads crops {first}..{first + count - 1}; "
+                                  f"data.{key} gives {crops}")
+            if head.towers > 1 and count != head.towers:
                 raise ConfigError(f"model.heads.{head.name}.towers={head.towers} needs {head.towers} crops per "
-                                  f"image; data.{key} gives {crops}")
+                                  f"image; data.{key} gives {count}")
     return model
 
 
