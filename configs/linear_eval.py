@@ -30,13 +30,17 @@ last 4 class tokens} x {with, without the mean patch token} x 13 learning rates,
 
     torchrun --nproc_per_node=8 main.py --config=configs/linear_eval.py:dinov2_imagenet \
         --config.data.root=/data/imagenet --config.model.weights.path=dinov2_vits14_pretrain.pth
+
+Variants ``:multi_crop`` (SwAV/VISSL multi-resolution crops, data.views) and ``:multi_input``
+(VISSL's several inputs mapped to heads, head crops=..., and a siamese_concat_view head,
+towers=4) run on the digits as they are.
 """
 import ml_collections
 
 from configs import common
 from fpipe.defaults import head as head_config, trunk as trunk_config
 
-VARIANTS = ("vissl_imagenet", "vit_s16", "dinov2_imagenet")
+VARIANTS = ("vissl_imagenet", "vit_s16", "dinov2_imagenet", "multi_crop", "multi_input")
 DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 
 
@@ -127,3 +131,24 @@ def vissl_imagenet(c):
     c.schedule.gamma = 0.1
     c.eval_epochs = 4.0
     c.best_metric = "res5avg/top1"
+
+
+def multi_crop(c):
+    # SwAV/VISSL multi-crop on digits: 2 crops at 32 px and 4 small ones at 16 px per image, every
+    # head on all six (pooled to its grid); evaluation on one centre view, as usual.
+    c.data.views = ((2, "random_resized_crop(32, scale=(0.35, 1.0))|normalize"),
+                    (4, "random_resized_crop(16, scale=(0.1, 0.4))|normalize"))
+
+
+def multi_input(c):
+    # VISSL's MULTI_INPUT_HEAD_MAPPING: "images" (crop 0, 32 px) feed the res4/res5avg heads, four
+    # "patches" (crops 1-4, 16 px) the res3 head, and a siamese_concat_view head (towers=4) reads
+    # the four patches side by side. The same crops in evaluation (deterministic ones).
+    c.data.views = ((1, "random_resized_crop(32, scale=(0.35, 1.0))|normalize"),
+                    (4, "random_resized_crop(16, scale=(0.1, 0.4))|normalize"))
+    c.data.eval_views = ((1, "resize|center_crop|normalize"), (4, "resize(16)|center_crop(16)|normalize"))
+    c.model.heads = ml_collections.ConfigDict()
+    c.model.heads.res4 = head_config("res4", "eval_mlp", pool=[2, 2], crops=(0, 1))
+    c.model.heads.res5avg = head_config("res5avg", "eval_mlp", crops=(0, 1))
+    c.model.heads.res3 = head_config("res3", "eval_mlp", pool=[1, 1], crops=(1, 4))
+    c.model.heads.tiles = head_config("res5avg", "linear", crops=(1, 4), towers=4)
