@@ -8,6 +8,12 @@ import pytest
 
 # A compile failure or graph break raises instead of falling back to eager (fpipe.train.step).
 os.environ.setdefault("FPIPE_STRICT_COMPILE", "1")
+# Under pytest-xdist (-n N) each worker and the runs it starts take one core: N workers with
+# several OpenMP threads each would oversubscribe the machine and spin-wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    torch.set_num_threads(1)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
