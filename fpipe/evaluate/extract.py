@@ -15,6 +15,7 @@ without torch (``safetensors.numpy.load_file``), :func:`load` memory-maps it.
 - Head outputs: ``extract.heads=True`` adds ``heads.<name>`` (the logits of each head).
 """
 import collections
+import copy
 import glob
 import os
 import time
@@ -80,11 +81,15 @@ def run(config, workdir, model, params, model_state, dataset, dist, prepare):
     for stale in (p for pattern in patterns for p in glob.glob(os.path.join(workdir, "features", pattern))):
         os.remove(stale)
     splits = {"train": dataset.train, "test": dataset.test}
+    one_view = copy.deepcopy(config.data)  # one vector per sample: the evaluation view, no eval_views crops
+    if "eval_views" in one_view:
+        with one_view.unlocked():
+            one_view.eval_views = ()
     for split in SPLITS:
         if is_done(workdir, split, fp, wanted):
             logging.info("Features of %s already in %s: not recomputed.", split, path_of(workdir, split))
             continue
-        loader = data.Loader(splits[split], config.data, train=False, rank=dist.rank, world_size=dist.world_size)
+        loader = data.Loader(splits[split], one_view, train=False, rank=dist.rank, world_size=dist.world_size)
         payload = extract(features_fn, params, model_state, loader, wanted, prepare)
         write(workdir, split, payload, dist, fp, dtype)
     return fp

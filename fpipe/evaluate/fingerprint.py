@@ -15,7 +15,8 @@ from fpipe import tree
 from fpipe.data import config as data_config
 
 # data keys that do not change the features of the evaluation transforms
-_DATA_IGNORED = ("batch_size", "eval_batch_size", "num_workers", "train_transforms", "seed")
+_DATA_IGNORED = ("batch_size", "eval_batch_size", "num_workers", "train_transforms", "seed",
+                 "views", "eval_views")  # features are of the one evaluation view
 
 
 def of(config, params, model_state) -> dict:
