@@ -89,6 +89,7 @@ class Model(NamedTuple):
     apply: Callable         # (params, state, images, *, train, ...) -> ({head: logits}, state)
     apply_heads: Callable   # (params, state, features, *, train, ...) -> the same, from trunk features
     features: Callable
+    init_heads: Callable    # seed -> (head params, head state), as ``init`` draws them
 
 
 def build(model_cfg, *, num_classes, image_size) -> Model:
@@ -103,11 +104,15 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
 
     def init(seed=0):
         params, state = trunk.init(seed)
+        hp, hs = init_heads(seed)
+        return {"trunk": params, "heads": hp}, {"trunk": state, "heads": hs}
+
+    def init_heads(seed=0):
         gen = torch.Generator().manual_seed(seed + 1)
         hp, hs = {}, {}
         for h in heads:
             hp[h.name], hs[h.name] = _init_head(gen, h, shapes[h.feature])
-        return {"trunk": params, "heads": hp}, {"trunk": state, "heads": hs}
+        return hp, hs
 
     def apply(params, state, images, *, train, eval_norms=frozenset(), sync_stats=None):
         """``({head: logits}, new_state)``; norm layers named in ``eval_norms`` use running stats;
@@ -140,7 +145,7 @@ def build(model_cfg, *, num_classes, image_size) -> Model:
         return over_views(lambda x: trunk.apply(params["trunk"], state.get("trunk", {}), x, train=False,
                                                 features=tuple(names))[0], images)
 
-    return Model(trunk, heads, init, apply, apply_heads, features)
+    return Model(trunk, heads, init, apply, apply_heads, features, init_heads)
 
 
 def over_views(run, images):
@@ -173,7 +178,7 @@ def _head_input(head, feats):
             continue
         x = f[head.feature]
         rows = x.shape[0] // crops
-        x = x[lo * rows:hi * rows] if (lo, hi) != (0, crops) else x
+        x = x[lo * rows:hi * rows]
         parts.append(x if head.pool is None else layers.adaptive_pool(x, head.pool, head.pool_type))
     if not parts:
         raise ValueError(f"model.heads.{head.name}.crops={head.crops}: the batch has {seen} crop(s)")
@@ -229,7 +234,7 @@ def _parse_head(name, h, num_classes, features):
 def _from_vissl_dims(head, in_shape):
     """Layers given ``vissl_dims=True`` list sizes as VISSL does, input first (``[2048, 1000]``):
     the first must be the layer's input size; fpipe's ``dims`` are the output sizes after it."""
-    layers, size = [], int(torch.tensor(in_shape).prod())
+    out, size = [], int(torch.tensor(in_shape).prod())
     for kind, opts in head.layers:
         opts = dict(opts)
         dims = list(opts["dims"])
@@ -239,9 +244,9 @@ def _from_vissl_dims(head, in_shape):
                                  f"then the outputs; the input here is {size} ({head.feature}, pooled "
                                  f"{tuple(in_shape)}), got dims={dims}")
             dims = dims[1:]
-        layers.append((kind, {**opts, "dims": tuple(dims)}))
+        out.append((kind, {**opts, "dims": tuple(dims)}))
         size = dims[-1] if dims else size
-    return head._replace(layers=tuple(layers))
+    return head._replace(layers=tuple(out))
 
 
 def _feature_shapes(trunk, names, image_size):

@@ -88,9 +88,10 @@ def _check_model(c):
     weights = weights_config.resolve(c.model.weights)
     if weights.path and not os.path.exists(weights.path):
         raise ConfigError(f"model.weights.path={weights.path!r}: no such file")
+    crops_per_image = {key: len(data.loader.views(data.config.get(c.data, key), c.data.image_size)) or 1
+                       for key in ("views", "eval_views")}
     for head in model.heads:  # its crops exist; siamese_concat_view: one crop per tower
-        for key in ("views", "eval_views"):
-            crops = len(data.loader.views(data.config.get(c.data, key), c.data.image_size)) or 1
+        for key, crops in crops_per_image.items():
             first, count = head.crops or (0, crops)
             if first + count > crops:
                 raise ConfigError(f"model.heads.{head.name}.crops={head.crops} reads crops {first}..{first + count - 1}; "

@@ -58,14 +58,14 @@ def expand(config):
 
 def same_init(plan: dict, params: dict, state: dict, head_params: dict, head_state: dict) -> tuple:
     """``params`` and ``state`` with every member's head tensors copied from its head's own init
-    (``head_params``/``head_state``: ``init`` of the model without the grid), so a member starts,
-    and trains, exactly as its head would alone at the member's lr and weight decay."""
+    (``head_params``/``head_state``: ``init_heads`` of the model without the grid), so a member
+    starts, and trains, exactly as its head would alone at the member's lr and weight decay."""
     params, state = {**params, "heads": dict(params["heads"])}, {**state, "heads": dict(state["heads"])}
     copy_of = lambda t: {k: copy_of(v) for k, v in t.items()} if isinstance(t, dict) else t.clone()
     for head, group in plan.items():
         for name, _, _ in group:
-            params["heads"][name] = copy_of(head_params["heads"][head])
-            state["heads"][name] = copy_of(head_state["heads"][head])
+            params["heads"][name] = copy_of(head_params[head])
+            state["heads"][name] = copy_of(head_state[head])
     return params, state
 
 

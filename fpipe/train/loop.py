@@ -53,10 +53,10 @@ def _run(config, workdir, dist, stop, run_info):
     with stop.interruptible():
         # ---------------------------------------------------------------- data: every rank its shard
         grid_plan = head_grid.members(config) if head_grid.enabled(config) else None
-        config, heads_config = head_grid.expand(config), config.model  # head_grid: every head becomes one member per (lr, wd)
+        config, model_config_without_grid = head_grid.expand(config), config.model  # one member per (lr, wd)
         dataset = data.build(config.data)
         val_loader = None
-        if head_grid.enabled(config):
+        if grid_plan:
             dataset, val_from = head_grid.carve_val(dataset, config)
             val_loader = data.Loader(dataset.val, config.data, train=False, rank=dist.rank, world_size=dist.world_size)
             logging.info("head_grid: %d members per head, the best chosen on val: %s.",
@@ -69,9 +69,10 @@ def _run(config, workdir, dist, stop, run_info):
         # ---------------------------------------------------------------- model
         model = models.build(config.model, num_classes=dataset.num_classes, image_size=config.data.image_size)
         params, model_state = model.init(config.seed)
-        if grid_plan:  # every member starts from its head's own init
-            base = models.build(heads_config, num_classes=dataset.num_classes, image_size=config.data.image_size)
-            params, model_state = head_grid.same_init(grid_plan, params, model_state, *base.init(config.seed))
+        if grid_plan:  # every member starts from its head's own init (the heads alone: no second trunk init)
+            base = models.build(model_config_without_grid, num_classes=dataset.num_classes,
+                                image_size=config.data.image_size)
+            params, model_state = head_grid.same_init(grid_plan, params, model_state, *base.init_heads(config.seed))
 
         # ---------------------------------------------------------------- weights: resume > pretrained > init
         saved, resume_path = checkpoint.restore(workdir)
