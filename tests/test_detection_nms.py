@@ -91,3 +91,11 @@ def test_nms_padded_with_categories_equals_batched_nms():
     idxs = torch.randint(0, 4, (60,), generator=torch.Generator().manual_seed(1))
     idx, ok = N.nms_padded(boxes[None], scores[None], 0.6, 100, idxs=idxs[None])
     assert idx[0][ok[0]].tolist() == N.batched_nms(boxes, scores, idxs, 0.6).tolist()
+
+
+def test_empty_inputs():
+    none = torch.zeros(0, 4)
+    assert N.nms(none, torch.zeros(0), 0.5).tolist() == []
+    assert N.batched_nms(none, torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).tolist() == []
+    idx, ok = N.nms_padded(none, torch.zeros(0), 0.5, 3)
+    assert idx.tolist() == [0, 0, 0] and ok.tolist() == [False] * 3

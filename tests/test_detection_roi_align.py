@@ -157,3 +157,15 @@ def test_multiscale_roi_align_matches_per_level_reference():
         want, _ = _ref_roi_align(feats[lvl - 2], rois[k:k + 1], (3, 3), 2.0 ** -lvl, 2, False)
         torch.testing.assert_close(got[k:k + 1], want, rtol=1e-5, atol=1e-5)
     assert len(set(levels)) == 4
+
+
+def test_empty_rois_and_dtype():
+    f = torch.randn(1, 2, 5, 5)
+    for ratio in (-1, 2):
+        assert R.roi_align(f, torch.zeros(0, 5), 3, 1.0, ratio, True).shape == (0, 2, 3, 3)
+    assert R.multiscale_roi_align([f, f[..., ::2, ::2]], torch.zeros(0, 5), [(20, 20)], 3).shape == (0, 2, 3, 3)
+    box = torch.tensor([[0.0, 0.0, 0.0, 3.0, 3.0]])
+    wide = R.roi_align(f.double(), box.double(), 2, 1.0, 2, True)
+    assert wide.dtype == torch.float64
+    torch.testing.assert_close(wide.float(), R.roi_align(f, box, 2, 1.0, 2, True))
+    assert R.roi_align(f.half(), box, 2, 1.0, 2, True).dtype == torch.float16  # the features' dtype

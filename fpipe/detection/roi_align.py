@@ -169,4 +169,4 @@ def _pool(flat, rois, level, output_size, sampling_ratio, aligned, max_grid):
             vals = flat.index_select(0, idx.reshape(-1)).view(*idx.shape, flat.shape[1])
             total = total + wgt[..., None] * vals
     out = total.sum(dim=(2, 4)) / count[:, None, None, None]  # [K, PH, PW, C]
-    return out.permute(0, 3, 1, 2).reshape(k, flat.shape[1], ph, pw)
+    return out.permute(0, 3, 1, 2).reshape(k, flat.shape[1], ph, pw).to(flat.dtype)
