@@ -70,3 +70,8 @@ def test_padded_gt_rows_are_ignored_and_batches_match_singles():
 def test_thresholds_are_checked():
     with pytest.raises(ValueError, match="low_threshold"):
         M.match(torch.zeros(1, 1), 0.3, 0.7)
+
+
+def test_no_gt_rows_is_all_below_low():
+    assert M.match(torch.zeros(0, 5), 0.7, 0.3, True).tolist() == [-1] * 5
+    assert M.match(torch.zeros(2, 0, 3), 0.7, 0.3).shape == (2, 3)

@@ -18,6 +18,9 @@ def match(quality, high_threshold, low_threshold, allow_low_quality_matches=Fals
     """
     if low_threshold > high_threshold:
         raise ValueError(f"low_threshold {low_threshold} > high_threshold {high_threshold}")
+    if quality.shape[-2] == 0:  # no gt rows at all: nothing to match (torchvision raises here)
+        return torch.full(quality.shape[:-2] + quality.shape[-1:], BELOW_LOW_THRESHOLD, dtype=torch.int64,
+                          device=quality.device)
     if gt_valid is not None:
         quality = torch.where(gt_valid[..., :, None], quality, torch.full_like(quality, -float("inf")))
     matched_vals = quality.max(dim=-2).values
