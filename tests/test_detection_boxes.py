@@ -43,6 +43,9 @@ def test_clip_and_remove_small():
     boxes = torch.tensor([[-5.0, -1.0, 12.0, 30.0], [1.0, 2.0, 1.5, 9.0], [3.0, 3.0, 8.0, 8.0]])
     clipped = B.clip_boxes_to_image(boxes, (20, 10))  # height 20, width 10
     torch.testing.assert_close(clipped, torch.tensor([[0.0, 0.0, 10.0, 20.0], [1.0, 2.0, 1.5, 9.0], [3.0, 3.0, 8.0, 8.0]]))
+    per_image = B.clip_boxes_to_image(torch.stack([boxes, boxes]), torch.tensor([[20, 10], [5, 4]])[:, None, :])
+    torch.testing.assert_close(per_image[0], clipped)
+    torch.testing.assert_close(per_image[1], torch.tensor([[0.0, 0.0, 4.0, 5.0], [1.0, 2.0, 1.5, 5.0], [3.0, 3.0, 4.0, 5.0]]))
     assert B.remove_small_boxes(boxes, 1.0).tolist() == [0, 2]
     assert B.remove_small_boxes(boxes, 5.0).tolist() == [0, 2]
     assert B.remove_small_boxes(boxes, 5.01).tolist() == [0]

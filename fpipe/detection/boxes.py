@@ -28,10 +28,16 @@ def box_iou(boxes1, boxes2):
 
 
 def clip_boxes_to_image(boxes, size):
-    """Clamps x to [0, width] and y to [0, height]; ``size`` is (height, width)."""
-    height, width = size
-    x = boxes[..., 0::2].clamp(min=0, max=width)
-    y = boxes[..., 1::2].clamp(min=0, max=height)
+    """Clamps x to [0, width] and y to [0, height]; ``size`` is (height, width), or a tensor
+    ``[..., 2]`` of per-image sizes that broadcasts against ``boxes[..., :2]``."""
+    if isinstance(size, torch.Tensor):
+        size = size.to(boxes.dtype)
+        x = torch.minimum(boxes[..., 0::2].clamp(min=0), size[..., 1:2])
+        y = torch.minimum(boxes[..., 1::2].clamp(min=0), size[..., 0:1])
+    else:
+        height, width = size
+        x = boxes[..., 0::2].clamp(min=0, max=width)
+        y = boxes[..., 1::2].clamp(min=0, max=height)
     return torch.stack((x, y), dim=-1).reshape(boxes.shape)
 
 
