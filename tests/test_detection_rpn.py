@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from fpipe import tree
+from fpipe.detection import anchors as A
+from fpipe.detection import proposals as P
 from fpipe.detection import rpn
 
 FACTS = pathlib.Path(__file__).resolve().parent / "fixtures" / "detection" / "torchvision_facts.pt"
@@ -45,3 +47,17 @@ def test_init_normal_001_and_depth():
     assert set(params["conv"]) == {"0", "1"}
     w = params["conv"]["1"]["0"]["weight"]
     assert abs(float(w.std()) - 0.01) < 0.001 and float(params["bbox_pred"]["bias"].abs().sum()) == 0
+
+
+def test_head_anchors_and_proposals_chain_like_torchvision_rpn(facts):
+    params = tree.unflatten(dict(facts["rpn_forward_state"]))
+    features = facts["fpn_out"]
+    (logits, deltas), _ = rpn.apply(params, {}, features)
+    grids = [tuple(f.shape[-2:]) for f in features]
+    anchors = A.anchors_for_levels(tuple(facts["rpn_image_size"].tolist()), grids)
+    per_level = [h * w * 3 for h, w in grids]
+    shapes = [tuple(s) for s in facts["rpn_image_sizes"].tolist()]
+    boxes, scores, valid = P.propose(logits, deltas, anchors, shapes, per_level, 50, 40, 0.7)
+    want = facts["rpn_proposals"][0]
+    assert int(valid.sum()) == len(want) == 40
+    torch.testing.assert_close(boxes[0], want, rtol=1e-5, atol=1e-4)

@@ -7,8 +7,17 @@ never depend on the data; validity masks say which slots hold proposals.
 """
 import torch
 
-from fpipe.detection.boxes import clip_boxes_to_image, small_box_mask
+from fpipe.detection.boxes import RPN_WEIGHTS, clip_boxes_to_image, decode, small_box_mask
 from fpipe.detection.nms import nms_mask
+
+
+def propose(objectness, deltas, anchors, image_shapes, num_anchors_per_level, pre_nms_top_n, post_nms_top_n,
+            nms_thresh=0.7, score_thresh=0.0, min_size=1e-3):
+    """The RPN's proposals: ``deltas [N, A, 4]`` decoded on ``anchors [A, 4]`` (no gradient, as
+    torchvision), then :func:`filter_proposals`."""
+    boxes = decode(deltas.detach(), anchors, RPN_WEIGHTS)
+    return filter_proposals(boxes, objectness, image_shapes, num_anchors_per_level, pre_nms_top_n, post_nms_top_n,
+                            nms_thresh, score_thresh, min_size)
 
 
 def filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level, pre_nms_top_n, post_nms_top_n,
