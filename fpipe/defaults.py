@@ -154,14 +154,18 @@ def trunk(name="resnet", **options):
     return c
 
 
-def head(feature, type="linear", pool=None, dims=None, towers=1, crops=(), **options):
+def head(feature, type="linear", pool=None, dims=None, towers=1, crops=(), target="label",
+         loss="cross_entropy", loss_weight=1.0, **options):
     """One head: reads ``feature``, pools it to ``pool`` ((h, w) adaptive grid) if given, then
-    ``type`` with output sizes ``dims`` (default: the dataset's class count). ``towers`` > 1:
-    each image's that many crops (data.views) side by side, VISSL's siamese_concat_view.
-    ``crops=(first, count)``: the crops it reads (VISSL's several inputs mapped to heads).
+    ``type`` with output sizes ``dims`` (default: the size of its target: the dataset's class
+    count). ``towers`` > 1: each image's that many crops (data.views) side by side, VISSL's
+    siamese_concat_view. ``crops=(first, count)``: the crops it reads (VISSL's several inputs
+    mapped to heads). Multi-task: ``target`` (``label`` or a dataset's extra target) learnt by
+    ``loss`` (cross_entropy | bce | mse), weighted by ``loss_weight`` in the summed loss.
 
     Unset values are typed placeholders, so ``--config.model.heads.NAME.pool='(2, 2)'`` works."""
-    c = ml_collections.ConfigDict(dict(feature=feature, type=type, towers=towers, crops=tuple(crops), **options))
+    c = ml_collections.ConfigDict(dict(feature=feature, type=type, towers=towers, crops=tuple(crops),
+                                       target=target, loss=loss, loss_weight=float(loss_weight), **options))
     c.pool = placeholder(tuple) if pool is None else tuple(pool)
     c.dims = placeholder(tuple) if dims is None else tuple(dims)
     return c

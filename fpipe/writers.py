@@ -182,7 +182,7 @@ def format_line(step: int, scalars: dict, timer: Optional[EtaTimer] = None,
 
 
 # What the console shows of a step's scalars (everything goes to metrics.jsonl and TensorBoard).
-CONSOLE_KEYS = r"loss|lr|data_time|loss_scale|.*/test_top1"
+CONSOLE_KEYS = r"loss|lr|data_time|loss_scale|.*/test_(top1|acc|mse)"
 
 
 class ConsoleWriter(MetricWriter):

@@ -36,7 +36,7 @@ def reference_run(model, params, state, trainable_names, eval_norms, data, lr):
                           weight_decay=1e-3)
     for batch in data:
         outputs, state = model.apply(tree.unflatten(flat), state, batch["image"], train=True, eval_norms=eval_norms)
-        loss, _ = step_lib.heads_loss(outputs, batch["label"])
+        loss = sum(torch.nn.functional.cross_entropy(logits.float(), batch["label"]) for logits in outputs.values())
         sgd.zero_grad()
         loss.backward()
         sgd.step()

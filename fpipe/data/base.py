@@ -2,7 +2,10 @@
 
 A split is anything with ``len(split)``, ``split[i] -> (image, label)`` (image a CHW tensor,
 uint8 in 0..255 or float in [0, 1]; label an int) and ``split.labels`` (int64, one per sample,
-so an evaluator can count classes without decoding images).
+so an evaluator can count classes without decoding images). A split may also have ``targets``:
+``{name: tensor}`` of extra per-sample targets (int64 class indices N, or float N×K columns:
+multi-label attributes, regression values) that heads learn with ``target=name``; batches
+carry them under their names.
 """
 import dataclasses
 import operator
@@ -34,6 +37,23 @@ class Dataset:
         return len(self.classes)
 
 
+def targets_of(split) -> dict:
+    """The split's extra targets ``{name: tensor}`` (none: ``{}``)."""
+    return dict(getattr(split, "targets", None) or {})
+
+
+def target_sizes(dataset: Dataset) -> dict:
+    """``{name: size}`` of the train split's extra targets: classes (max + 1) of an integer
+    target, columns of a float one: a head's output size when it learns that target."""
+    sizes = {}
+    for name, values in targets_of(dataset.train).items():
+        if values.is_floating_point():
+            sizes[name] = 1 if values.ndim == 1 else int(values.shape[1])
+        else:
+            sizes[name] = int(values.max()) + 1 if len(values) else 0
+    return sizes
+
+
 def check_index(index, length: int) -> int:
     """``index`` as a non-negative int below ``length`` (negative counts from the end)."""
     i = operator.index(index)
@@ -52,13 +72,17 @@ class TensorSplit:
     caller that edits it in place cannot damage the cache.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int = 3):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int = 3, targets=None):
         if images.ndim != 4 or len(images) != len(labels):
             raise ValueError(f"want images N×C×H×W and N labels, got {tuple(images.shape)} "
                              f"and {tuple(labels.shape)}")
         self.images = images
         self.labels = labels.to(torch.int64)
         self.channels = channels
+        self.targets = dict(targets or {})
+        for name, values in self.targets.items():
+            if len(values) != len(labels):
+                raise ValueError(f"target {name!r} has {len(values)} values for {len(labels)} samples")
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -7,6 +7,11 @@ tests; independent of ``data.seed``, so every run is scored on the same test set
 are read from scikit-learn's bundled ``digits.csv.gz`` without importing scikit-learn (a second
 of start-up). Pixels are scaled to [0, 1], upsampled once to ``image_size`` by bilinear
 interpolation and cached in memory; access repeats the grey channel to RGB.
+
+Extra targets, for multi-task heads (``model.heads.NAME.target``): ``parity`` (the digit's
+parity, 2 classes), ``attributes`` (3 binary columns: even, prime, at least 5; for
+``loss='bce'``) and ``ink`` (the 8×8 image's mean intensity, standardised over the dataset to
+mean 0, std 1, as regression targets should be; for ``loss='mse'``).
 """
 import functools
 import gzip
@@ -35,11 +40,20 @@ def _load(image_size: int) -> tuple:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
                                align_corners=False, antialias=image_size < images.shape[-1])
     images = images.clamp_(0.0, 1.0)
+    targets = _extra_targets(labels, torch.as_tensor(rows[:, :-1], dtype=torch.float32) / 16.0)
     splits = []
     for idx in (sorted(train_idx), sorted(test_idx)):
         idx = torch.as_tensor(idx)
-        splits.append(base.TensorSplit(images[idx].contiguous(), labels[idx]))
+        splits.append(base.TensorSplit(images[idx].contiguous(), labels[idx],
+                                       targets={k: v[idx] for k, v in targets.items()}))
     return tuple(splits)
+
+
+def _extra_targets(labels, pixels) -> dict:
+    even, prime = labels % 2 == 0, torch.isin(labels, torch.tensor([2, 3, 5, 7]))
+    return {"parity": labels % 2,
+            "attributes": torch.stack([even, prime, labels >= 5], 1).float(),
+            "ink": (pixels.mean(1) - pixels.mean(1).mean()) / pixels.mean(1).std()}
 
 
 def _read_csv() -> np.ndarray:

@@ -11,7 +11,10 @@ Split file (``data.split_file``): a CSV of ``path,label,split`` rows (an optiona
 with those names; blank and ``#`` lines skipped), paths relative to ``data.root`` or, without
 it, to the file's folder. Split names are matched to ``data.train_split``, ``test_split`` and
 ``val_split``; rows of other splits are not used. Labels are class names, or integers (then
-sorted by value, so label ``k`` is class index ``k`` when labels are 0..K-1).
+sorted by value, so label ``k`` is class index ``k`` when labels are 0..K-1). Columns after
+``split``, named in the header (``path,label,split,parity,attributes``), are extra targets for
+multi-task heads (``model.heads.NAME.target``): integers are class indices; other numbers are
+floats, and ``0;1;1`` a vector (multi-label attributes for ``loss='bce'``, values for ``'mse'``).
 
 Files decode on access (``fpipe.data.decode``: bit depths, alpha, size limits).
 """
@@ -37,10 +40,11 @@ class FolderSplit:
     processes then share them instead of copying every page that a reference count touches.
     """
 
-    def __init__(self, files: list, labels: list, limits: decode.Limits = decode.Limits()):
+    def __init__(self, files: list, labels: list, limits: decode.Limits = decode.Limits(), targets=None):
         self._paths = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.limits = limits
+        self.targets = dict(targets or {})  # extra per-sample targets (split file columns)
 
     @property
     def files(self) -> list:
@@ -147,52 +151,81 @@ def _from_folders(root: str, split_names: dict, limits: decode.Limits) -> tuple:
     return classes, {role: _scan(d, classes, limits) for role, d in dirs.items()}
 
 
-def _read_split_file(path: str) -> list:
-    """``(path, label, split)`` rows of a split file; a malformed row names its line."""
-    rows = []
+def _read_split_file(path: str) -> tuple:
+    """``(rows, target names)``: ``(path, label, split, *targets)`` rows of a split file, the extra
+    columns named by its header; a malformed row names its line."""
+    rows, names = [], ()
     with open(path, newline="") as f:
         for line, row in enumerate(csv.reader(f), start=1):
             row = [cell.strip() for cell in row]
             if not any(row) or row[0].startswith("#"):
                 continue
-            if len(rows) == 0 and tuple(c.lower() for c in row) == SPLIT_FILE_COLUMNS:
+            if not rows and not names and tuple(c.lower() for c in row[:3]) == SPLIT_FILE_COLUMNS:
+                names = tuple(row[3:])
+                bad = [n for n in names if not n.isidentifier() or n in ("label", "image", "index", "mask")]
+                if bad or len(set(names)) < len(names):
+                    raise ValueError(f"image_folder: {path}:{line}: extra columns name targets: distinct "
+                                     f"identifiers other than label/image/index/mask, got {list(names)}")
                 continue
-            if len(row) != 3 or not all(row):
-                raise ValueError(f"image_folder: {path}:{line}: want 'path,label,split', got "
+            if len(row) != 3 + len(names) or not all(row):
+                want = ",".join(SPLIT_FILE_COLUMNS + names)
+                raise ValueError(f"image_folder: {path}:{line}: want {want!r} (every cell filled), got "
                                  f"{','.join(row)!r}")
             rows.append(tuple(row))
-    return rows
+    return rows, names
+
+
+def _targets(path: str, names: tuple, extras: list) -> dict:
+    """Extra target columns as tensors: int64 if every value is an integer, else float32; values
+    with ``;`` are vectors (multi-label attributes, several regression values), one length each."""
+    targets = {}
+    for j, name in enumerate(names):
+        cells = [row[j] for row in extras]
+        try:
+            if all(c.lstrip("-").isdigit() for c in cells):
+                targets[name] = torch.tensor([int(c) for c in cells], dtype=torch.int64)
+                continue
+            values = [[float(v) for v in c.split(";")] for c in cells]
+        except ValueError as e:
+            raise ValueError(f"image_folder: {path}: column {name!r}: {e}") from None
+        widths = sorted({len(v) for v in values})
+        if len(widths) > 1:
+            raise ValueError(f"image_folder: {path}: column {name!r} has vectors of lengths {widths}; "
+                             "give every row the same number of ';'-separated values")
+        t = torch.tensor(values, dtype=torch.float32)
+        targets[name] = t[:, 0] if widths == [1] else t
+    return targets
 
 
 def _from_split_file(split_file: str, root: str, split_names: dict, limits) -> tuple:
     if not os.path.isfile(split_file):
         raise FileNotFoundError(f"image_folder: data.split_file {split_file!r} is not a file")
     base_dir = root or os.path.dirname(os.path.abspath(split_file))
-    rows = _read_split_file(split_file)
-    by_split = {role: [(os.path.join(base_dir, p), label) for p, label, s in rows if s == name]
+    rows, target_names = _read_split_file(split_file)
+    by_split = {role: [(os.path.join(base_dir, r[0]), r[1], *r[3:]) for r in rows if r[2] == name]
                 for role, name in split_names.items()}
     for role, found in by_split.items():
         if not found:
-            present = sorted({s for _, _, s in rows})
+            present = sorted({r[2] for r in rows})
             raise ValueError(f"image_folder: {split_file!r} has no rows for split "
                              f"{split_names[role]!r} (data.{role}_split); splits in the file: "
                              f"{present}")
-    labels = {label for _, label in by_split["train"]}
+    labels = {r[1] for r in by_split["train"]}
     numeric = all(label.isdigit() for label in labels)
     classes = tuple(sorted(labels, key=int if numeric else str))
     index = {name: i for i, name in enumerate(classes)}
     splits = {}
     for role, found in by_split.items():
-        unknown = sorted({label for _, label in found if label not in index})
+        unknown = sorted({r[1] for r in found if r[1] not in index})
         if unknown:
             raise ValueError(f"image_folder: split {split_names[role]!r} of {split_file!r} has "
                              f"labels the train split lacks: {unknown[:10]}")
-        missing = [p for p, _ in found if not os.path.isfile(p)]
+        missing = [r[0] for r in found if not os.path.isfile(r[0])]
         if missing:
             raise FileNotFoundError(f"image_folder: {len(missing)} files of {split_file!r} do "
                                     f"not exist, e.g. {missing[:3]}")
-        splits[role] = FolderSplit([p for p, _ in found], [index[label] for _, label in found],
-                                   limits)
+        splits[role] = FolderSplit([r[0] for r in found], [index[r[1]] for r in found], limits,
+                                   _targets(split_file, target_names, [r[2:] for r in found]))
     return classes, splits
 
 

@@ -22,7 +22,7 @@ stacked batch, in place. ``num_workers > 0`` makes whole batches in that many wo
 batch ahead on a side stream.
 
 Batches: ``{"image": float32 N×C×H×W, "label": int64 N, "index": int64 N}`` (sample indices into
-the split), plus ``"mask": bool N`` in evaluation. With ``data.views`` (``data.eval_views`` in
+the split), plus ``"mask": bool N`` in evaluation and the split's extra targets by name. With ``data.views`` (``data.eval_views`` in
 evaluation; multi-crop) ``"image"`` is a tuple of crops, one N×C×h×w tensor per crop in the order the views list them;
 crop ``v`` of a sample draws from ``(seed, epoch, index, v)``.
 """
@@ -31,6 +31,7 @@ import math
 
 import torch
 
+from fpipe.data import base
 from fpipe.data import config as config_lib
 from fpipe.data import pipeline
 from fpipe.data import rng
@@ -121,6 +122,8 @@ class Loader:
             image = self._stack([image for image, _ in samples], finish)
         batch = {"image": image, "label": torch.tensor([label for _, label in samples], dtype=torch.int64),
                  "index": indices.clone()}
+        for name, values in base.targets_of(self.split).items():  # multi-task heads' own targets
+            batch[name] = values[indices]
         if not self.train:
             batch["mask"] = mask
         return batch

@@ -1,17 +1,19 @@
-"""Exact top-k accuracy per head over a whole split, on one or several processes."""
+"""Exact accuracy (or a head's own metric) per head over a whole split, on one or several processes."""
 import time
 
 import torch
 from absl import logging
 
 from fpipe import tree
+from fpipe.models import losses
 from fpipe.train import distributed
 
 PROGRESS_EVERY_S = 10.0  # a long evaluation says how far it is
 
 
 def evaluate(eval_fn, params, model_state, loader, dist, prepare):
-    """Exact top-k per head over the whole split: counts add up over batches and ranks, then divide."""
+    """Exact metrics per head over the whole split (top-k, or its loss's: fpipe.models.losses):
+    counts add up over batches and ranks, then divide."""
     totals, last_report = None, time.perf_counter()
     for i, batch in enumerate(loader.epoch(0)):  # counts stay on the device until the end
         counts = eval_fn(params, model_state, prepare(batch))
@@ -19,10 +21,10 @@ def evaluate(eval_fn, params, model_state, loader, dist, prepare):
         if dist.is_main and time.perf_counter() - last_report > PROGRESS_EVERY_S:
             logging.info("evaluating: batch %d/%d", i + 1, loader.steps_per_epoch)
             last_report = time.perf_counter()
-    totals = {k: int(v) for k, v in tree.flatten(distributed.sum_over_ranks(dist, totals)).items()}
-    n = max(totals.pop("count", 0), 1)
+    totals = dict(tree.flatten(distributed.sum_over_ranks(dist, totals)))
+    n = int(totals.pop("count", 0))
     results = {}
     for name, value in totals.items():
         head, k = name.rsplit(".", 1)
-        results.setdefault(head, {})[k] = 100.0 * value / n
+        results.setdefault(head, {})[k] = losses.finish(k, value, n)
     return results

@@ -11,6 +11,7 @@ import torch
 
 from fpipe import defaults, tree
 from fpipe.models import heads as heads_lib
+from fpipe.models import losses
 from fpipe.models import alexnet, convnext, efficientnet, layers, regnet, resnet, vit
 from fpipe.models.trunk import Trunk
 
@@ -18,7 +19,8 @@ from fpipe.models.trunk import Trunk
 # (torchvision/timm name -> options) and build(**options) -> Trunk; registering one is one line.
 TRUNKS = {"resnet": resnet, "regnet": regnet, "efficientnet": efficientnet, "convnext": convnext,
           "alexnet": alexnet, "vit": vit}
-HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain", "vissl_dims", "towers", "crops") + tuple(heads_lib.MLP_OPTIONS)
+HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain", "vissl_dims", "towers", "crops",
+             "target", "loss", "loss_weight") + tuple(heads_lib.MLP_OPTIONS)
 
 
 def trunk_presets():
@@ -80,6 +82,9 @@ class Head(NamedTuple):
     layers: tuple  # of (type, options) applied in sequence
     towers: int = 1  # VISSL's siamese_concat_view: each sample's crops concatenated (num_towers)
     crops: tuple = ()  # (first, count) of the crops it reads (multi-input); (): all of them
+    target: str = "label"  # the batch key it learns (multi-task: the dataset's extra targets)
+    loss: str = "cross_entropy"  # fpipe.models.losses
+    loss_weight: float = 1.0  # its share of the summed loss
 
 
 class Model(NamedTuple):
@@ -92,11 +97,13 @@ class Model(NamedTuple):
     init_heads: Callable    # seed -> (head params, head state), as ``init`` draws them
 
 
-def build(model_cfg, *, num_classes, image_size) -> Model:
-    """Builds the trunk and heads named in ``model_cfg``; ``image_size`` sizes the heads' inputs."""
+def build(model_cfg, *, num_classes, image_size, target_sizes=None) -> Model:
+    """Builds the trunk and heads named in ``model_cfg``; ``image_size`` sizes the heads' inputs.
+    ``target_sizes``: ``{target: classes or columns}`` of the dataset's extra targets (None: any
+    target name is accepted, sized 2 — for checking a config before the data is read)."""
     tcfg = dict(model_cfg.trunk)
     trunk = build_trunk(tcfg.pop("name"), **tcfg)
-    heads = tuple(_parse_head(n, dict(h), num_classes, trunk.features)
+    heads = tuple(_parse_head(n, dict(h), num_classes, trunk.features, target_sizes)
                   for n, h in dict(model_cfg.get("heads", {})).items())
     shapes = _feature_shapes(trunk, {h.feature for h in heads}, image_size)
     heads = tuple(_from_vissl_dims(h, _pooled_shape(h, shapes[h.feature])) for h in heads)
@@ -198,16 +205,49 @@ def _head_input(head, feats):
 
 
 def labels_for(logits, labels):
-    """``labels`` for ``logits`` of every crop (crop-major rows): repeated once per crop."""
-    return labels if logits.shape[0] == labels.shape[0] else labels.repeat(logits.shape[0] // labels.shape[0])
+    """``labels`` (or any per-sample target) for ``logits`` of every crop (crop-major rows):
+    repeated once per crop."""
+    if logits.shape[0] == labels.shape[0]:
+        return labels
+    return labels.repeat(logits.shape[0] // labels.shape[0], *([1] * (labels.ndim - 1)))
 
 
-def _parse_head(name, h, num_classes, features):
+def head_targets(heads) -> dict:
+    """``{head name: (target, loss, loss_weight)}``: what each head learns and how."""
+    return {h.name: (h.target, h.loss, h.loss_weight) for h in heads}
+
+
+RESERVED_KEYS = ("image", "index", "mask")  # batch keys that are not targets
+
+
+def _parse_target(name, h, num_classes, target_sizes):
+    """``(target, loss, loss_weight, classes)`` of a head: what it learns and its output size."""
+    target = h.pop("target", None) or "label"
+    kind = losses.check(h.pop("loss", None) or "cross_entropy", f"model.heads.{name}.loss")
+    weight = h.pop("loss_weight", None)
+    weight = 1.0 if weight is None else weight
+    if not (isinstance(weight, (int, float)) and weight >= 0):
+        raise ValueError(f"model.heads.{name}.loss_weight={weight!r}: a number >= 0 is needed")
+    if target == "label":
+        return target, kind, float(weight), num_classes
+    if target in RESERVED_KEYS:
+        raise ValueError(f"model.heads.{name}.target={target!r} is not a target; valid: label or the "
+                         "dataset's extra targets")
+    if target_sizes is None:
+        return target, kind, float(weight), 2
+    if target not in target_sizes:
+        raise ValueError(f"model.heads.{name}.target={target!r}: the dataset has no such target; valid: "
+                         f"{['label', *sorted(target_sizes)]}")
+    return target, kind, float(weight), int(target_sizes[target])
+
+
+def _parse_head(name, h, num_classes, features, target_sizes=None):
     unknown = sorted(set(h) - set(HEAD_KEYS))
     if unknown:
         raise ValueError(f"model.heads.{name}: unknown key(s) {unknown}; valid: {HEAD_KEYS}")
     if h.get("feature") not in features:
         raise ValueError(f"model.heads.{name}.feature={h.get('feature')!r}; valid: {features}")
+    target, loss, weight, num_classes = _parse_target(name, h, num_classes, target_sizes)
     crops = tuple(h.pop("crops", None) or ())
     if crops and not (len(crops) == 2 and all(isinstance(v, int) for v in crops) and crops[0] >= 0 and crops[1] >= 1):
         raise ValueError(f"model.heads.{name}.crops={crops!r}: (first, count) with first >= 0, count >= 1")
@@ -228,7 +268,8 @@ def _parse_head(name, h, num_classes, features):
         layer_specs.append((kind, {"dims": tuple(dims), **spec}))
     pool = h.get("pool")
     pool = None if pool is None else (tuple(pool) if isinstance(pool, (list, tuple)) else (pool, pool))
-    return Head(name, h["feature"], pool, h.get("pool_type", "avg"), tuple(layer_specs), towers, crops)
+    return Head(name, h["feature"], pool, h.get("pool_type", "avg"), tuple(layer_specs), towers, crops,
+                target, loss, weight)
 
 
 def _from_vissl_dims(head, in_shape):

@@ -11,11 +11,11 @@ import re
 import torch
 
 from fpipe import data, freeze, optim, schedules
+from fpipe.models import losses
 from fpipe.models import model as models
 from fpipe.train import head_grid, precision
 from fpipe.weights import config as weights_config
 
-RESULT_METRICS = ("top1", "top5")
 
 
 class ConfigError(ValueError):
@@ -155,9 +155,14 @@ def check_best_metric(c) -> None:
     if not c.get("best_metric"):
         return
     head, key = best_metric_key(c.best_metric)
-    valid = [f"{h}/test_{k}" for h in c.model.heads for k in RESULT_METRICS]
-    if head not in c.model.heads or key not in RESULT_METRICS:
+    metrics = {h: losses.METRICS.get(c.model.heads[h].get("loss") or "cross_entropy", ()) for h in c.model.heads}
+    valid = [f"{h}/test_{k}" for h, ks in metrics.items() for k in ks]
+    if head not in c.model.heads or key not in metrics[head]:
         raise ConfigError(f"best_metric={c.best_metric!r}; valid: {', '.join(valid)} (as logged to "
                           "metrics.jsonl; the 'test_' may be left out)")
     if c.get("best_mode", "max") not in ("max", "min"):
         raise ConfigError(f"best_mode={c.best_mode!r}; valid: 'max', 'min'")
+    want = "min" if key in losses.LOWER_IS_BETTER else "max"
+    if c.get("best_mode", "max") != want:
+        raise ConfigError(f"best_metric={c.best_metric!r} is best when {'lowest' if want == 'min' else 'highest'}: "
+                          f"set best_mode={want!r}")

@@ -242,11 +242,14 @@ def mean_metrics(dist: Dist, metrics: dict) -> dict:
 
 
 def sum_over_ranks(dist: Dist, counts: dict) -> dict:
-    """Sums a (nested) dict of counts over ranks (e.g. eval's per-shard top-k hits): exact ints
-    below 2**53, returned as Python ints; ``counts`` itself on one process."""
+    """Sums a (nested) dict of counts over ranks (e.g. eval's per-shard top-k hits): integer
+    counts come back as exact Python ints (below 2**53), float sums (a head's squared error) as
+    floats; ``counts`` itself on one process."""
     if not dist.enabled:
         return counts
-    return tree.map_leaves(lambda v: int(v.round()), _sum_leaves(dist, counts))
+    is_int = {n: not torch.as_tensor(v).is_floating_point() for n, v in tree.flatten(counts).items()}
+    summed = tree.flatten(_sum_leaves(dist, counts))
+    return tree.unflatten({n: int(v.round()) if is_int[n] else float(v) for n, v in summed.items()})
 
 
 def max_over_ranks(dist: Dist, value) -> float:

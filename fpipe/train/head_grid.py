@@ -12,6 +12,9 @@ import copy
 
 import torch
 
+from fpipe.data import base
+from fpipe.models import losses
+
 
 def enabled(config) -> bool:
     return bool(config.get("head_grid") and tuple(config.head_grid.lrs))
@@ -96,6 +99,7 @@ class Subset:
     def __init__(self, split, indices):
         self.split, self.indices = split, indices.to(torch.long)
         self.labels = split.labels[self.indices]
+        self.targets = {k: v[self.indices] for k, v in base.targets_of(split).items()}
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -106,15 +110,18 @@ class Subset:
 
 def select(plan: dict, test: dict, val: dict) -> tuple:
     """``(results, grid)``: per head, the test metrics of the member best on val (the first on
-    ties) with its lr, wd_mult and val top-1; and every member's val and test top-1. ``plan``:
-    ``members(config)`` of the config before ``expand``."""
+    ties) with its lr, wd_mult and val metric (top-1, or its loss's own: ``acc`` up, ``mse``
+    down); and every member's val and test metric. ``plan``: ``members(config)`` of the config
+    before ``expand``."""
     results, grid = {}, {}
     for head, group in plan.items():
-        rows = [dict(name=name, lr=lr, wd_mult=m, val_top1=val[name]["top1"], test_top1=test[name]["top1"])
-                for name, lr, m in group]
-        best = max(range(len(rows)), key=lambda i: (rows[i]["val_top1"], -i))
+        metric = losses.selected_by(val[group[0][0]])
+        sign = -1.0 if metric in losses.LOWER_IS_BETTER else 1.0
+        rows = [{"name": name, "lr": lr, "wd_mult": m, f"val_{metric}": val[name][metric],
+                 f"test_{metric}": test[name][metric]} for name, lr, m in group]
+        best = max(range(len(rows)), key=lambda i: (sign * rows[i][f"val_{metric}"], -i))
         chosen = rows[best]
         results[head] = {**test[chosen["name"]], "lr": chosen["lr"], "wd_mult": chosen["wd_mult"],
-                         "val_top1": chosen["val_top1"], "member": chosen["name"]}
+                         f"val_{metric}": chosen[f"val_{metric}"], "member": chosen["name"]}
         grid[head] = rows
     return results, grid

@@ -20,7 +20,7 @@ from absl import logging
 import fpipe
 from fpipe import checkpoint, data, files, freeze, optim, schedules, tree, weights, writers
 from fpipe.evaluate import extract, topk
-from fpipe.models import layers
+from fpipe.models import layers, losses
 from fpipe.models import model as models
 from fpipe.train import config_check, distributed, divergence, frozen_trunk, head_grid, periodic, precision
 from fpipe.train import step as step_lib
@@ -67,11 +67,12 @@ def _run(config, workdir, dist, stop, run_info):
         total_steps = schedules.to_steps(config, "total", steps_per_epoch)
 
         # ---------------------------------------------------------------- model
-        model = models.build(config.model, num_classes=dataset.num_classes, image_size=config.data.image_size)
+        sizes = dict(num_classes=dataset.num_classes, image_size=config.data.image_size,
+                     target_sizes=data.base.target_sizes(dataset))
+        model = models.build(config.model, **sizes)
         params, model_state = model.init(config.seed)
         if grid_plan:  # every member starts from its head's own init (the heads alone: no second trunk init)
-            base = models.build(model_config_without_grid, num_classes=dataset.num_classes,
-                                image_size=config.data.image_size)
+            base = models.build(model_config_without_grid, **sizes)
             params, model_state = head_grid.same_init(grid_plan, params, model_state, *base.init_heads(config.seed))
 
         # ---------------------------------------------------------------- weights: resume > pretrained > init
@@ -335,7 +336,13 @@ def write_results(workdir, results, info):
 
 def log_results(results):
     for head, r in results.items():
-        logging.info("%-12s %s", head, "  ".join(f"{k}={v:.2f}%" if "top" in k else f"{k}={v}" for k, v in r.items()))
+        logging.info("%-12s %s", head, "  ".join(_shown(k, v) for k, v in r.items()))
+
+
+def _shown(key, value):
+    if key in losses.PERCENT:
+        return f"{key}={value:.2f}%"
+    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
 
 
 def to_device(t, device):

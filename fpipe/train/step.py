@@ -9,20 +9,27 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from absl import logging
 from torch.func import grad_and_value
 
 from fpipe import freeze, optim, tree
+from fpipe.models import losses as losses_lib
 from fpipe.models import model as models
 from fpipe.train import divergence, precision
 
 
-def heads_loss(outputs, labels):
-    """Cross-entropy per head, summed: every head learns from the same labels."""
-    losses = {name: F.cross_entropy(logits.float(), models.labels_for(logits, labels))
-              for name, logits in outputs.items()}
-    return sum(losses.values()), losses
+def heads_loss(outputs, batch, targets):
+    """Each head's loss on its own target (``targets``: ``models.head_targets``), weighted and
+    summed; by default every head learns ``label`` by cross-entropy."""
+    losses = {}
+    for name, logits in outputs.items():
+        target, kind, _ = targets.get(name, _LABEL)
+        losses[name] = losses_lib.loss(kind, logits, models.labels_for(logits, batch[target]))
+    total = sum(targets.get(name, _LABEL)[2] * value for name, value in losses.items())
+    return total, losses
+
+
+_LABEL = ("label", "cross_entropy", 1.0)
 
 
 def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_stats=None,
@@ -39,12 +46,14 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
     for fp16's dynamic loss scaling (fpipe.train.precision), or None; hold: dotted names of
     trainable params kept fixed for now, with their optimizer state (LayerFreeze).
     """
+    targets = models.head_targets(model.heads)
+
     def loss_fn(trainable, frozen, model_state, batch, scale, eval_norms):
         params = tree.merge(trainable, frozen)
         with precision.autocast(autocast, batch["label"].device.type):
             outputs, new_model_state = model.apply(params, model_state, batch["image"], train=True,
                                                    eval_norms=eval_norms, sync_stats=sync_stats)
-        loss, losses = heads_loss(outputs, batch["label"])
+        loss, losses = heads_loss(outputs, batch, targets)
         return (loss if scale is None else loss * scale), (loss, losses, outputs, new_model_state)
 
     grad_fn = grad_and_value(loss_fn, has_aux=True)
@@ -77,8 +86,9 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
             metrics.update(loss_scale=scaler["scale"], skipped=found_inf.float())
         for name, head_loss in losses.items():
             metrics[f"{name}/loss"] = head_loss.detach()
-            hits = outputs[name].argmax(1) == models.labels_for(outputs[name], batch["label"])
-            metrics[f"{name}/train_top1"] = 100.0 * hits.float().mean()
+            target, kind, _ = targets.get(name, _LABEL)
+            key, value = losses_lib.train_metric(kind, outputs[name], models.labels_for(outputs[name], batch[target]))
+            metrics[f"{name}/{key}"] = value
         new_state.update(trainable=trainable, opt_state=opt_state)
         # One flag for the divergence check (fpipe.train.divergence); with loss scaling a
         # non-finite step is skipped, so only the state counts.
@@ -93,7 +103,10 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
     """Returns ``eval_step(params, model_state, batch) -> {head: {"top1": count, ...}, "count": n}``.
 
     Counts (not means) so that shards and batches add up exactly; ``batch["mask"]`` marks padding.
+    Each head is scored on its own target by its loss's metrics (``fpipe.models.losses``).
     """
+    targets = models.head_targets(model.heads)
+
     def eval_step(params, model_state, batch):
         with torch.no_grad(), precision.autocast(autocast, batch["label"].device.type):
             outputs, _ = model.apply(params, model_state, batch["image"], train=False)
@@ -103,10 +116,8 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
         for name, logits in outputs.items():
             if logits.shape[0] != valid.shape[0]:  # one row per crop (data.eval_views): their mean
                 logits = logits.float().reshape(-1, valid.shape[0], logits.shape[1]).mean(0)
-            k_max = min(max(topk), logits.shape[1])
-            top = logits.float().topk(k_max, dim=1).indices
-            hit = top == batch["label"][:, None]
-            counts[name] = {f"top{k}": (hit[:, :min(k, k_max)].any(1) & valid).sum() for k in topk}
+            target, kind, _ = targets.get(name, _LABEL)
+            counts[name] = losses_lib.eval_counts(kind, logits, batch[target], valid, topk)
         return counts
 
     return eval_step
