@@ -106,9 +106,29 @@ FB_CONVNEXT = (
     (r"(^|\.)norm\.(weight|bias)$", r"\1classifier.0.\2"), (r"(^|\.)head\.", r"\1classifier.2."),
 )
 
+# timm's EfficientNet (efficientnet_b0..b7; tf_efficientnet_* share the names, not the padding)
+# -> torchvision's. timm's stage 0 is DepthwiseSeparableConv blocks (conv_dw, bn1, se, conv_pw,
+# bn2), the other stages InvertedResidual (conv_pw expands, bn1, conv_dw, bn2, se, conv_pwl
+# projects, bn3); torchvision numbers a block's sub-layers in order (block.<j>.0 conv, .1 BN;
+# SE's 1x1 convs fc1/fc2). Blocks first, so that the stem's bn1 and the head's bn2 are left.
+_TIMM_DS = {"conv_dw": "block.0.0", "bn1": "block.0.1", "se.conv_reduce": "block.1.fc1",
+            "se.conv_expand": "block.1.fc2", "conv_pw": "block.2.0", "bn2": "block.2.1"}
+_TIMM_IR = {"conv_pw": "block.0.0", "bn1": "block.0.1", "conv_dw": "block.1.0", "bn2": "block.1.1",
+            "se.conv_reduce": "block.2.fc1", "se.conv_expand": "block.2.fc2", "conv_pwl": "block.3.0",
+            "bn3": "block.3.1"}
+TIMM_EFFICIENTNET = (
+    (r"(^|\.)blocks\.0\.(\d+)\.(conv_dw|bn1|se\.conv_reduce|se\.conv_expand|conv_pw|bn2)\.",
+     lambda m: f"{m[1]}features.1.{m[2]}.{_TIMM_DS[m[3]]}."),
+    (r"(^|\.)blocks\.([1-6])\.(\d+)\.(conv_pwl|conv_pw|bn1|conv_dw|bn2|se\.conv_reduce|se\.conv_expand|bn3)\.",
+     lambda m: f"{m[1]}features.{int(m[2]) + 1}.{m[3]}.{_TIMM_IR[m[4]]}."),
+    (r"(^|\.)conv_stem\.", r"\1features.0.0."), (r"(^|\.)bn1\.", r"\1features.0.1."),
+    (r"(^|\.)conv_head\.", r"\1features.8.0."), (r"(^|\.)bn2\.", r"\1features.8.1."),
+    (r"(^|\.)classifier\.(weight|bias)$", r"\1classifier.1.\2"),
+)
+
 TABLES = {"timm_vit": TIMM_VIT, "detectron2_resnet": DETECTRON2_RESNET, "sequential_resnet": SEQUENTIAL_RESNET,
           "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET, "timm_convnext": TIMM_CONVNEXT,
-          "fb_convnext": FB_CONVNEXT}
+          "fb_convnext": FB_CONVNEXT, "timm_efficientnet": TIMM_EFFICIENTNET}
 _COMPILED = {}
 
 
