@@ -361,3 +361,66 @@ def test_bad_options_and_features_name_the_valid_ones(tiny):
     with pytest.raises(ValueError, match=r"unknown ViT feature\(s\) \['block5'\]; valid: \('block0'"):
         trunk.apply(params, {}, x, train=False, features=("block5",))
     assert "concatCLS4" not in vit.build(**dict(TINY, depth=3)).features
+
+
+# ---------------------------------------------------------------- SwiGLU (DINOv2 ViT-g)
+def test_swiglu_vit_equals_an_eager_forward_written_here():
+    """A tiny mlp="swiglu" ViT (registers, layer scale) against nn modules and dinov2's SwiGLUFFN
+    arithmetic: w12's first half is the gate (silu), its second half the value, then w3."""
+    trunk = vit.build(**dict(TINY, depth=2, mlp="swiglu", mlp_dim=24, num_registers=2, layer_scale=0.5))
+    params, _ = trunk.init(0)
+    g = torch.Generator().manual_seed(3)
+    for t in tree.leaves(params):
+        t.add_(0.1 * torch.randn(t.shape, generator=g))
+    flat = tree.flatten(params)
+    assert flat["encoder.layers.encoder_layer_0.mlp.w12.weight"].shape == (48, 32)
+    assert flat["encoder.layers.encoder_layer_0.mlp.w3.weight"].shape == (32, 24)
+    assert not any(".mlp.0." in n for n in flat)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        conv = torch.nn.Conv2d(3, 32, 4, stride=4)
+        conv.load_state_dict(tree.flatten(params["conv_proj"]))
+        pos = params["encoder"]["pos_embedding"]
+        h = conv(x).flatten(2).transpose(1, 2)
+        h = torch.cat([(params["class_token"] + pos[:, :1]).expand(2, -1, -1),
+                       params["register_tokens"].expand(2, -1, -1), h + pos[:, 1:]], dim=1)
+        for i in range(2):
+            p = params["encoder"]["layers"][f"encoder_layer_{i}"]
+            ln1, ln2 = torch.nn.LayerNorm(32, eps=1e-6), torch.nn.LayerNorm(32, eps=1e-6)
+            ln1.load_state_dict(p["ln_1"])
+            ln2.load_state_dict(p["ln_2"])
+            attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+            attn.load_state_dict(tree.flatten(p["self_attention"]))
+            w1, w2, w3 = torch.nn.Linear(32, 24), torch.nn.Linear(32, 24), torch.nn.Linear(24, 32)
+            w12 = p["mlp"]["w12"]
+            w1.load_state_dict({"weight": w12["weight"][:24], "bias": w12["bias"][:24]})
+            w2.load_state_dict({"weight": w12["weight"][24:], "bias": w12["bias"][24:]})
+            w3.load_state_dict(p["mlp"]["w3"])
+            y = ln1(h)
+            h = h + p["ls_1"]["gamma"] * attn(y, y, y, need_weights=False)[0]
+            y = ln2(h)
+            h = h + p["ls_2"]["gamma"] * w3(torch.sigmoid(w1(y)) * w1(y) * w2(y))
+        ln = params["encoder"]["ln"]
+        expected = F.layer_norm(h, (32,), ln["weight"], ln["bias"], 1e-6)
+    got, _ = trunk.apply(params, {}, x, train=False, features=("tokens", "lastCLS"))
+    torch.testing.assert_close(got["tokens"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["lastCLS"], expected[:, 0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown ViT mlp"):
+        vit.build(**TINY, mlp="geglu")
+
+
+@pytest.mark.parametrize("preset,registers", [("vit_giant_patch14_dinov2", 0), ("vit_giant_patch14_reg4_dinov2", 4)])
+def test_vit_giant_dinov2_presets_have_dinov2s_dims(preset, registers):
+    """dinov2's vit_giant2: D 1536, 40 blocks, 24 heads, patch 14, SwiGLUFFNFused at mlp_ratio 4."""
+    hidden = (int(1536 * 4 * 2 / 3) + 7) // 8 * 8
+    trunk = vit.build(**vit.PRESETS[preset])
+    params, _ = trunk.init(0, meta=True)
+    flat = tree.flatten(params)
+    last = "encoder.layers.encoder_layer_39."
+    assert trunk.spec.heads == 24 and trunk.features[39] == "block39" and "block40" not in trunk.features
+    assert flat[last + "mlp.w12.weight"].shape == (2 * hidden, 1536) == (8192, 1536)
+    assert flat[last + "mlp.w3.weight"].shape == (1536, hidden)
+    assert flat[last + "ls_2.gamma"].shape == (1536,) and flat["conv_proj.weight"].shape == (1536, 3, 14, 14)
+    assert flat["encoder.pos_embedding"].shape == (1, (0 if registers else 1) + 37 * 37, 1536)
+    assert ("register_tokens" in flat) == bool(registers)
+    assert round(sum(t.numel() for t in flat.values()) / 1e6, 1) == 1136.5  # timm's model cards: 1136.5 M

@@ -5,8 +5,9 @@ torchvision's ``vit_*`` ``state_dict`` names without the classifier ``heads.head
 ``class_token``, ``conv_proj.*``, ``encoder.pos_embedding``, ``encoder.layers.encoder_layer_<i>.
 {ln_1, self_attention.in_proj_*, self_attention.out_proj, ln_2, mlp.0, mlp.3}``, ``encoder.ln``;
 plus, where a layout has them, layer scale ``…encoder_layer_<i>.ls_1.gamma``/``ls_2.gamma``,
-register tokens ``register_tokens`` (1×R×D) and ``fc_norm`` (a norm of the pooled tokens that
-replaces ``encoder.ln``, as MAE's global-pool models). State is ``{}`` (LayerNorm only).
+register tokens ``register_tokens`` (1×R×D), ``fc_norm`` (a norm of the pooled tokens that
+replaces ``encoder.ln``, as MAE's global-pool models) and, with ``mlp="swiglu"`` (DINOv2's
+ViT-g), dinov2's SwiGLU FFN ``mlp.w12``/``mlp.w3`` instead of ``mlp.0``/``mlp.3``. State is ``{}``.
 
 Tokens are ``[class, registers…, patches…]``; registers never get a position embedding. The
 position embedding is stored for the ``image_size // patch_size`` grid, with a class row first
@@ -34,6 +35,9 @@ _NEEDS_4_BLOCKS = ("concatCLS4", "concatPOOL4", "cls4_avgpool")
 #   bicubic_offset     no antialiasing, scale factor (new + 0.1) / old: DINO's and DINOv2's hub
 #                      models without registers (their "interpolate_offset" kludge)
 RESAMPLE_MODES = ("bicubic", "bicubic_antialias", "bicubic_offset")
+# The block's feed-forward: gelu = fc, GELU, fc (mlp.0, mlp.3); swiglu = dinov2's SwiGLUFFN, w12
+# [2·mlp_dim, D] holding the gate then the value half, silu(gate)·value, then w3 [D, mlp_dim].
+MLPS = ("gelu", "swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,7 @@ class Spec:
     ln_eps: float = 1e-6
     fc_norm: bool = False         # pooled features normed by fc_norm; no encoder.ln
     pos_resample: str = "bicubic"
+    mlp: str = "gelu"             # the FFN (MLPS); with swiglu, mlp_dim is SwiGLU's hidden width
 
     def __post_init__(self):
         for key in ("patch_size", "hidden_dim", "depth", "heads", "mlp_dim", "image_size"):
@@ -67,6 +72,8 @@ class Spec:
             raise ValueError(f"ViT num_registers must be >= 0, got {self.num_registers}")
         if self.pos_resample not in RESAMPLE_MODES:
             raise ValueError(f"unknown ViT pos_resample {self.pos_resample!r}; valid: {RESAMPLE_MODES}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"unknown ViT mlp {self.mlp!r}; valid: {MLPS}")
 
     @property
     def grid(self):
@@ -91,6 +98,8 @@ OPTIONS = {f.name: f.default for f in dataclasses.fields(Spec)}
 _S = dict(hidden_dim=384, heads=6, mlp_dim=1536)
 _B = dict(hidden_dim=768, heads=12, mlp_dim=3072)
 _L = dict(hidden_dim=1024, depth=24, heads=16, mlp_dim=4096)
+# dinov2's vit_giant2: SwiGLU of hidden width (int(4·1536·2/3) + 7) // 8 * 8 = 4096
+_G = dict(hidden_dim=1536, depth=40, heads=24, mlp_dim=4096, mlp="swiglu")
 _H = dict(hidden_dim=1280, depth=32, heads=16, mlp_dim=5120)
 _DINOV2 = dict(patch_size=14, image_size=518, layer_scale=1e-5, pos_resample="bicubic_offset")
 _DINOV2_REG = dict(_DINOV2, num_registers=4, pos_embed_class=False, pos_resample="bicubic_antialias")
@@ -108,9 +117,11 @@ PRESETS = {
     "vit_small_patch14_dinov2": dict(_S, **_DINOV2),
     "vit_base_patch14_dinov2": dict(_B, **_DINOV2),
     "vit_large_patch14_dinov2": dict(_L, **_DINOV2),
+    "vit_giant_patch14_dinov2": dict(_G, **_DINOV2),
     "vit_small_patch14_reg4_dinov2": dict(_S, **_DINOV2_REG),
     "vit_base_patch14_reg4_dinov2": dict(_B, **_DINOV2_REG),
     "vit_large_patch14_reg4_dinov2": dict(_L, **_DINOV2_REG),
+    "vit_giant_patch14_reg4_dinov2": dict(_G, **_DINOV2_REG),
 }
 
 
@@ -162,8 +173,11 @@ def init_params(spec: Spec, seed=0, meta=False):
             "out_proj": {"weight": new((d, d), lambda t: init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)),
                          "bias": new((d,), zeros)}}}
         layer["ln_2"] = norm()
-        layer["mlp"] = {"0": {"weight": new((spec.mlp_dim, d), xavier), "bias": new((spec.mlp_dim,), normal(1e-6))},
-                        "3": {"weight": new((d, spec.mlp_dim), xavier), "bias": new((d,), normal(1e-6))}}
+        m = spec.mlp_dim
+        layer["mlp"] = ({"w12": {"weight": new((2 * m, d), xavier), "bias": new((2 * m,), zeros)},
+                         "w3": {"weight": new((d, m), xavier), "bias": new((d,), zeros)}} if spec.mlp == "swiglu" else
+                        {"0": {"weight": new((m, d), xavier), "bias": new((m,), normal(1e-6))},
+                         "3": {"weight": new((d, m), xavier), "bias": new((d,), normal(1e-6))}})
         if spec.layer_scale:
             fill = lambda t: init.constant_(t, spec.layer_scale)
             layer["ls_1"], layer["ls_2"] = {"gamma": new((d,), fill)}, {"gamma": new((d,), fill)}
@@ -244,13 +258,19 @@ def attention(p, x, heads):
 
 
 def block(spec, p, x):
-    """Pre-norm encoder block: x + ls_1·attn(ln_1(x)), then + ls_2·mlp(ln_2(x)) (GELU, exact)."""
+    """Pre-norm encoder block: x + ls_1·attn(ln_1(x)), then + ls_2·mlp(ln_2(x))."""
     y = attention(p["self_attention"], _layer_norm(p["ln_1"], x, spec.ln_eps), spec.heads)
     x = x + (y * p["ls_1"]["gamma"] if "ls_1" in p else y)
-    y = _layer_norm(p["ln_2"], x, spec.ln_eps)
-    y = F.linear(F.gelu(F.linear(y, p["mlp"]["0"]["weight"], p["mlp"]["0"]["bias"])),
-                 p["mlp"]["3"]["weight"], p["mlp"]["3"]["bias"])
+    y = feed_forward(p["mlp"], _layer_norm(p["ln_2"], x, spec.ln_eps))
     return x + (y * p["ls_2"]["gamma"] if "ls_2" in p else y)
+
+
+def feed_forward(p, x):
+    """torchvision's MLP (``0``, exact GELU, ``3``) or dinov2's SwiGLU (``w12`` = [gate; value], ``w3``)."""
+    if "w12" in p:
+        gate, value = F.linear(x, p["w12"]["weight"], p["w12"]["bias"]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * value, p["w3"]["weight"], p["w3"]["bias"])
+    return F.linear(F.gelu(F.linear(x, p["0"]["weight"], p["0"]["bias"])), p["3"]["weight"], p["3"]["bias"])
 
 
 def _layer_norm(p, x, eps):
