@@ -18,7 +18,8 @@ BLOCK = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in
 TOP = {"cls_token": "class_token", "reg_token": "register_tokens", "register_tokens": "register_tokens",
        "pos_embed": "encoder.pos_embedding", "patch_embed.proj.weight": "conv_proj.weight",
        "patch_embed.proj.bias": "conv_proj.bias", "norm.weight": "encoder.ln.weight",
-       "norm.bias": "encoder.ln.bias", "fc_norm.weight": "fc_norm.weight", "fc_norm.bias": "fc_norm.bias"}
+       "norm.bias": "encoder.ln.bias", "fc_norm.weight": "fc_norm.weight", "fc_norm.bias": "fc_norm.bias",
+       "dist_token": "dist_token"}
 
 
 def ours(timm_name: str) -> str:
@@ -286,3 +287,43 @@ def test_timm_vit_giant_packed_swiglu_names_load():
     assert report.trunk_loaded == report.trunk_total and "TIMM_VIT_SWIGLU" in report.reason
     assert torch.equal(loaded["trunk.encoder.layers.encoder_layer_5.mlp.w12.weight"], timm["blocks.5.mlp.fc1.weight"])
     assert torch.equal(loaded["trunk.encoder.layers.encoder_layer_5.mlp.w3.bias"], timm["blocks.5.mlp.fc2.bias"])
+
+
+# ---------------------------------------------------------------- distilled DeiT
+def deit_distilled_file() -> dict:
+    """DeiT's released deit_small_distilled_patch16_224 (facebookresearch/deit, timm): under
+    "model", timm's names plus dist_token, a position row for it (2 + 196) and head_dist."""
+    f = timm_file("vit_small_patch16_224", drop=())
+    f["dist_token"] = torch.full((1, 1, 384), -1.0)
+    f["pos_embed"] = torch.randn(1, 2 + 14 * 14, 384, generator=torch.Generator().manual_seed(0))
+    f["head_dist.weight"], f["head_dist.bias"] = torch.ones(1000, 384), torch.ones(1000)
+    return {"model": f}
+
+
+def deit_target(heads=False) -> dict:
+    from fpipe.models import vit
+    from fpipe.tree import flatten
+    params, _ = vit.build(**vit.PRESETS["deit_small_distilled_patch16_224"]).init(0, meta=True)
+    out = {f"trunk.{n}": torch.zeros(()).expand(t.shape) for n, t in flatten(params).items()}
+    return out | ({"heads.head.weight": torch.zeros(1000, 384), "heads.head.bias": torch.zeros(1000)} if heads else {})
+
+
+def test_distilled_deit_loads_both_tokens_and_leaves_head_dist_out():
+    obj = deit_distilled_file()
+    f = obj["model"]
+    loaded, report = load_into(deit_target(), {}, obj=obj)
+    assert report.trunk_loaded == report.trunk_total and not report.missing
+    assert_mapped(loaded, f, skip=())  # dist_token, and pos_embed with its 2 prefix rows, as stored
+    assert {report.not_loaded[f"model.{n}"] for n in ("head.weight", "head_dist.weight", "head_dist.bias")} == {
+        "not in the model"}
+    loaded, report = load_into(deit_target(heads=True), {"load_heads": True}, obj=obj)
+    assert torch.equal(loaded["heads.head.weight"], f["head.weight"])  # the class token's head
+    assert report.not_loaded["model.head_dist.weight"] == "not in the model"
+
+
+def test_distilled_deit_or_swiglu_file_into_a_plain_vit_names_the_option():
+    with pytest.raises(WeightsError, match=r"pos_embedding.*Hint: the file is a distilled DeiT: .*dist_token=True"):
+        load_into(our_target("vit_small_patch16_224"), {}, obj=deit_distilled_file())
+    f = {f"teacher.backbone.{chunked(n, 3)}": t for n, t in marked(swiglu_rows()).items() if not n.startswith("head.")}
+    with pytest.raises(WeightsError, match=r"(?s)only 126/174 .*Hint: .*SwiGLU FFN: build the ViT with mlp='swiglu'"):
+        load_into(our_target("vit_small_patch14_dinov2"), {}, obj=f)

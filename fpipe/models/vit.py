@@ -6,14 +6,17 @@ torchvision's ``vit_*`` ``state_dict`` names without the classifier ``heads.head
 {ln_1, self_attention.in_proj_*, self_attention.out_proj, ln_2, mlp.0, mlp.3}``, ``encoder.ln``;
 plus, where a layout has them, layer scale ``…encoder_layer_<i>.ls_1.gamma``/``ls_2.gamma``,
 register tokens ``register_tokens`` (1×R×D), ``fc_norm`` (a norm of the pooled tokens that
-replaces ``encoder.ln``, as MAE's global-pool models) and, with ``mlp="swiglu"`` (DINOv2's
-ViT-g), dinov2's SwiGLU FFN ``mlp.w12``/``mlp.w3`` instead of ``mlp.0``/``mlp.3``. State is ``{}``.
+replaces ``encoder.ln``, as MAE's global-pool models), DeiT's distillation token ``dist_token``
+and, with ``mlp="swiglu"`` (DINOv2's ViT-g), dinov2's SwiGLU FFN ``mlp.w12``/``mlp.w3`` instead
+of ``mlp.0``/``mlp.3``. State is ``{}`` (LayerNorm only).
 
-Tokens are ``[class, registers…, patches…]``; registers never get a position embedding. The
-position embedding is stored for the ``image_size // patch_size`` grid, with a class row first
-when ``pos_embed_class``; another input grid resamples its patch part (``pos_resample``, see
-:func:`resample_pos_embedding`). Features (VISSL's names and dinov2's linear inputs) are listed in
-docs/MODELS_VIT.md; ``block<i>`` stops after block i, every other feature runs all blocks.
+Tokens are ``[class, distillation, registers…, patches…]``; registers never get a position
+embedding. The position embedding is stored for the ``image_size // patch_size`` grid, with class
+(and distillation) rows first when ``pos_embed_class``; another input grid resamples its patch
+part (``pos_resample``, see :func:`resample_pos_embedding`). Features (VISSL's names and
+dinov2's linear inputs) are listed in docs/MODELS_VIT.md; ``block<i>`` stops after block i,
+every other feature runs all blocks; the distillation token is a feature only inside ``tokens``
+and ``block<i>`` (position 1), the pooled features skip it.
 """
 import dataclasses
 import math
@@ -56,6 +59,7 @@ class Spec:
     fc_norm: bool = False         # pooled features normed by fc_norm; no encoder.ln
     pos_resample: str = "bicubic"
     mlp: str = "gelu"             # the FFN (MLPS); with swiglu, mlp_dim is SwiGLU's hidden width
+    dist_token: bool = False      # DeiT's distillation token after the class token (features ignore it)
 
     def __post_init__(self):
         for key in ("patch_size", "hidden_dim", "depth", "heads", "mlp_dim", "image_size"):
@@ -68,6 +72,8 @@ class Spec:
                              "(it sets the stored position grid)")
         if self.pos_embed_class and not self.class_token:
             raise ValueError("ViT pos_embed_class=True needs class_token=True (no class token, no class row)")
+        if self.dist_token and not self.class_token:
+            raise ValueError("ViT dist_token=True needs class_token=True (DeiT's tokens are [class, distillation])")
         if self.num_registers < 0:
             raise ValueError(f"ViT num_registers must be >= 0, got {self.num_registers}")
         if self.pos_resample not in RESAMPLE_MODES:
@@ -81,8 +87,13 @@ class Spec:
 
     @property
     def num_prefix(self):
-        """Tokens before the patches: the class token and the registers."""
-        return int(self.class_token) + self.num_registers
+        """Tokens before the patches: the class and distillation tokens and the registers."""
+        return int(self.class_token) + int(self.dist_token) + self.num_registers
+
+    @property
+    def pos_rows(self):
+        """Rows of the position embedding before the patches' (the class and distillation tokens')."""
+        return (1 + int(self.dist_token)) if self.pos_embed_class else 0
 
     @property
     def features(self):
@@ -101,6 +112,7 @@ _L = dict(hidden_dim=1024, depth=24, heads=16, mlp_dim=4096)
 # dinov2's vit_giant2: SwiGLU of hidden width (int(4·1536·2/3) + 7) // 8 * 8 = 4096
 _G = dict(hidden_dim=1536, depth=40, heads=24, mlp_dim=4096, mlp="swiglu")
 _H = dict(hidden_dim=1280, depth=32, heads=16, mlp_dim=5120)
+_DEIT = dict(patch_size=16, dist_token=True, pos_resample="bicubic_antialias")
 _DINOV2 = dict(patch_size=14, image_size=518, layer_scale=1e-5, pos_resample="bicubic_offset")
 _DINOV2_REG = dict(_DINOV2, num_registers=4, pos_embed_class=False, pos_resample="bicubic_antialias")
 PRESETS = {
@@ -114,6 +126,11 @@ PRESETS = {
     "vit_base_patch8_224": dict(_B, patch_size=8, pos_resample="bicubic_offset"),
     "vit_base_patch16_224": dict(_B, patch_size=16, pos_resample="bicubic_antialias"),
     "vit_large_patch16_224": dict(_L, patch_size=16, pos_resample="bicubic_antialias"),
+    # timm's distilled DeiT (deit_*_distilled_patch16_*): class + distillation token
+    "deit_tiny_distilled_patch16_224": dict(_DEIT, hidden_dim=192, heads=3, mlp_dim=768),
+    "deit_small_distilled_patch16_224": dict(_S, **_DEIT),
+    "deit_base_distilled_patch16_224": dict(_B, **_DEIT),
+    "deit_base_distilled_patch16_384": dict(_B, **_DEIT, image_size=384),
     "vit_small_patch14_dinov2": dict(_S, **_DINOV2),
     "vit_base_patch14_dinov2": dict(_B, **_DINOV2),
     "vit_large_patch14_dinov2": dict(_L, **_DINOV2),
@@ -161,6 +178,8 @@ def init_params(spec: Spec, seed=0, meta=False):
     params = {}
     if spec.class_token:
         params["class_token"] = new((1, 1, d), zeros)
+    if spec.dist_token:
+        params["dist_token"] = new((1, 1, d), lambda t: init.trunc_normal_(t, std=0.02, generator=gen))
     if spec.num_registers:
         params["register_tokens"] = new((1, spec.num_registers, d), normal(1e-6))
     params["conv_proj"] = {
@@ -182,7 +201,7 @@ def init_params(spec: Spec, seed=0, meta=False):
             fill = lambda t: init.constant_(t, spec.layer_scale)
             layer["ls_1"], layer["ls_2"] = {"gamma": new((d,), fill)}, {"gamma": new((d,), fill)}
         layers[f"encoder_layer_{i}"] = layer
-    rows = spec.grid ** 2 + int(spec.pos_embed_class)
+    rows = spec.grid ** 2 + spec.pos_rows
     params["encoder"] = {"pos_embedding": new((1, rows, d), normal(0.02)), "layers": layers}
     if spec.fc_norm:
         params["fc_norm"] = norm()
@@ -230,19 +249,19 @@ def patch_embed(params, images, patch_size):
 
 
 def embed(spec, params, images):
-    """Images to the token sequence ``[class, registers…, patches…]`` with position embeddings."""
+    """Images to the token sequence ``[class, distillation, registers…, patches…]`` with position embeddings."""
     x = patch_embed(params, images, spec.patch_size)
     n, grid_hw = x.shape[0], tuple(x.shape[-2:])
     x = x.flatten(2).transpose(1, 2)
     pos = params["encoder"]["pos_embedding"]
-    rows = int(spec.pos_embed_class)
+    rows = spec.pos_rows
     if grid_hw != (spec.grid, spec.grid):
         pos = resample_pos_embedding(pos, grid_hw, rows, mode=spec.pos_resample,
                                      old_grid_hw=(spec.grid, spec.grid))
     prefix = []
-    if spec.class_token:
-        cls = params["class_token"]
-        prefix.append((cls + pos[:, :1] if rows else cls).expand(n, -1, -1))
+    for i, name in enumerate(t for t in ("class_token", "dist_token") if getattr(spec, t)):
+        token = params[name]
+        prefix.append((token + pos[:, i:i + 1] if rows else token).expand(n, -1, -1))
     if spec.num_registers:
         prefix.append(params["register_tokens"].expand(n, -1, -1))
     return torch.cat(prefix + [x + pos[:, rows:]], dim=1)
