@@ -19,7 +19,7 @@ from ml_collections.config_dict import placeholder
 BIAS = r"(.*\.)?\w*bias"
 NORM_WEIGHT = (r"(.*\.)?((bn|\w*norm|gn|ln|channel_bn)(_?\d+)?|downsample\.1|(stem|proj|a|b|c|features\.[08]|"
                r"block\.\d+)\.1|block\.2|features\.[246]\.0|classifier\.0)\.weight")
-EMBEDDING = r"(.*\.)?(class_token|register_tokens|pos_embedding|layer_scale|ls_\d+\.gamma)"
+EMBEDDING = r"(.*\.)?(class_token|dist_token|register_tokens|pos_embedding|layer_scale|ls_\d+\.gamma)"
 NO_DECAY = ((BIAS, 0.0), (NORM_WEIGHT, 0.0), (EMBEDDING, 0.0))
 NO_LARS = ((BIAS, True), (NORM_WEIGHT, True), (EMBEDDING, True))
 
@@ -30,9 +30,9 @@ LINEAR_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.
 # against the families' own OPTIONS, so it cannot drift).
 TRUNK_OPTION_TYPES = dict(
     bottleneck_multiplier=float, channels=tuple, class_token=bool, depth=int, depth_mult=float,
-    depths=tuple, dropout=float, fc_norm=bool, group_width=int, groups=int, heads=int,
+    depths=tuple, dist_token=bool, dropout=float, fc_norm=bool, group_width=int, groups=int, heads=int,
     hidden_dim=int, image_size=int, layer4_stride=int, layer_scale=float, ln_eps=float,
-    mlp_dim=int, norm=str, norm_eps=float, norm_groups=int, norm_momentum=float,
+    mlp=str, mlp_dim=int, norm=str, norm_eps=float, norm_groups=int, norm_momentum=float,
     num_registers=int, patch_size=int, pos_embed_class=bool, pos_resample=str, se_ratio=float,
     stem=str, stem_width=int, stochastic_depth_prob=float, w_0=int, w_a=float, w_m=float,
     width_mult=float, width_multiplier=int, width_per_group=int, zero_init_residual=bool)

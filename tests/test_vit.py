@@ -361,3 +361,104 @@ def test_bad_options_and_features_name_the_valid_ones(tiny):
     with pytest.raises(ValueError, match=r"unknown ViT feature\(s\) \['block5'\]; valid: \('block0'"):
         trunk.apply(params, {}, x, train=False, features=("block5",))
     assert "concatCLS4" not in vit.build(**dict(TINY, depth=3)).features
+
+
+# ---------------------------------------------------------------- SwiGLU (DINOv2 ViT-g), distilled DeiT
+def eager_tokens(params, x, *, dim=32, heads=4, patch=4, prefix=("class_token",), pos_rows=1):
+    """The normed final tokens, written here with nn modules: prefix tokens (the first ``pos_rows``
+    of them with position rows), registers, patches; blocks with layer scale and either
+    torchvision's MLP or dinov2's SwiGLUFFN arithmetic (w12's first half is the gate, then w3)."""
+    with torch.no_grad():
+        conv = torch.nn.Conv2d(3, dim, patch, stride=patch)
+        conv.load_state_dict(tree.flatten(params["conv_proj"]))
+        pos = params["encoder"]["pos_embedding"]
+        tokens = [params[name] + (pos[:, i:i + 1] if i < pos_rows else 0) for i, name in enumerate(prefix)]
+        tokens += [params["register_tokens"]] if "register_tokens" in params else []
+        h = torch.cat([t.expand(x.shape[0], -1, -1) for t in tokens] + [
+            conv(x).flatten(2).transpose(1, 2) + pos[:, pos_rows:]], dim=1)
+        for p in params["encoder"]["layers"].values():
+            ln1, ln2 = torch.nn.LayerNorm(dim, eps=1e-6), torch.nn.LayerNorm(dim, eps=1e-6)
+            ln1.load_state_dict(p["ln_1"])
+            ln2.load_state_dict(p["ln_2"])
+            attn = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+            attn.load_state_dict(tree.flatten(p["self_attention"]))
+            gamma1, gamma2 = (p["ls_1"]["gamma"], p["ls_2"]["gamma"]) if "ls_1" in p else (1.0, 1.0)
+            y = ln1(h)
+            h = h + gamma1 * attn(y, y, y, need_weights=False)[0]
+            y = ln2(h)
+            if "w12" in p["mlp"]:
+                hidden = p["mlp"]["w3"]["weight"].shape[1]
+                w1, w2, w3 = torch.nn.Linear(dim, hidden), torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+                w12 = p["mlp"]["w12"]
+                w1.load_state_dict({"weight": w12["weight"][:hidden], "bias": w12["bias"][:hidden]})
+                w2.load_state_dict({"weight": w12["weight"][hidden:], "bias": w12["bias"][hidden:]})
+                w3.load_state_dict(p["mlp"]["w3"])
+                y = w3(torch.sigmoid(w1(y)) * w1(y) * w2(y))
+            else:
+                hidden = p["mlp"]["0"]["weight"].shape[0]
+                fc1, fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+                fc1.load_state_dict(p["mlp"]["0"])
+                fc2.load_state_dict(p["mlp"]["3"])
+                y = fc2(F.gelu(fc1(y)))
+            h = h + gamma2 * y
+        ln = params["encoder"]["ln"]
+        return F.layer_norm(h, (dim,), ln["weight"], ln["bias"], 1e-6)
+
+
+def _perturbed(trunk, seed=3):
+    params, _ = trunk.init(0)
+    g = torch.Generator().manual_seed(seed)
+    for t in tree.leaves(params):  # non-trivial norms, biases and tokens
+        t.add_(0.1 * torch.randn(t.shape, generator=g))
+    return params, torch.randn(2, 3, 16, 16, generator=g)
+
+
+def test_swiglu_vit_equals_an_eager_forward_written_here():
+    trunk = vit.build(**dict(TINY, depth=2, mlp="swiglu", mlp_dim=24, num_registers=2, layer_scale=0.5))
+    params, x = _perturbed(trunk)
+    flat = tree.flatten(params)
+    assert flat["encoder.layers.encoder_layer_0.mlp.w12.weight"].shape == (48, 32)
+    assert flat["encoder.layers.encoder_layer_0.mlp.w3.weight"].shape == (32, 24)
+    assert not any(".mlp.0." in n for n in flat)
+    expected = eager_tokens(params, x)
+    got, _ = trunk.apply(params, {}, x, train=False, features=("tokens", "lastCLS"))
+    torch.testing.assert_close(got["tokens"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["lastCLS"], expected[:, 0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown ViT mlp"):
+        vit.build(**TINY, mlp="geglu")
+
+
+def test_distilled_deit_tokens_and_features():
+    """[class, distillation, patches] with a position row each; lastCLS is the class token, the
+    patch features skip both; timm's distilled eval averages head(token 0) and head_dist(token 1)."""
+    trunk = vit.build(**TINY, dist_token=True)
+    params, x = _perturbed(trunk)
+    assert params["dist_token"].shape == (1, 1, 32) and params["encoder"]["pos_embedding"].shape == (1, 2 + 16, 32)
+    expected = eager_tokens(params, x, prefix=("class_token", "dist_token"), pos_rows=2)
+    got, _ = trunk.apply(params, {}, x, train=False, features=trunk.features)
+    torch.testing.assert_close(got["tokens"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["lastCLS"], expected[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["lastPOOL"], expected[:, 2:].mean(1), atol=1e-5, rtol=1e-5)
+    assert got["patch_grid"].shape == (2, 32, 4, 4) and trunk.features == vit.build(**TINY).features
+    assert not torch.allclose(got["lastCLS"], expected[:, 1])  # the distillation token is another vector
+    resized, _ = trunk.apply(params, {}, torch.randn(1, 3, 24, 24), train=False, features=("tokens",))
+    assert resized["tokens"].shape == (1, 2 + 36, 32)  # both position rows kept, the grid resampled
+    with pytest.raises(ValueError, match="dist_token=True needs class_token=True"):
+        vit.build(**TINY, dist_token=True, class_token=False, pos_embed_class=False)
+
+
+@pytest.mark.parametrize("preset,registers", [("vit_giant_patch14_dinov2", 0), ("vit_giant_patch14_reg4_dinov2", 4)])
+def test_vit_giant_dinov2_presets_have_dinov2s_dims(preset, registers):
+    """dinov2's vit_giant2: D 1536, 40 blocks, 24 heads, patch 14, SwiGLUFFNFused at mlp_ratio 4."""
+    hidden = (int(1536 * 4 * 2 / 3) + 7) // 8 * 8
+    trunk = vit.build(**vit.PRESETS[preset])
+    params, _ = trunk.init(0, meta=True)
+    flat = tree.flatten(params)
+    last = "encoder.layers.encoder_layer_39."
+    assert trunk.spec.heads == 24 and trunk.features[39] == "block39" and "block40" not in trunk.features
+    assert flat[last + "mlp.w12.weight"].shape == (2 * hidden, 1536) == (8192, 1536)
+    assert flat[last + "mlp.w3.weight"].shape == (1536, hidden)
+    assert flat[last + "ls_2.gamma"].shape == (1536,) and flat["conv_proj.weight"].shape == (1536, 3, 14, 14)
+    assert flat["encoder.pos_embedding"].shape == (1, (0 if registers else 1) + 37 * 37, 1536)
+    assert ("register_tokens" in flat) == bool(registers)
+    assert round(sum(t.numel() for t in flat.values()) / 1e6, 1) == 1136.5  # timm's model cards: 1136.5 M

@@ -215,3 +215,22 @@ def test_stub_objects_flag_reads_an_mmengine_checkpoint(tmp_path, monkeypatch, c
     assert code == 1 and "--stub-objects" in err
     code, out, _ = run(["inspect", path, "--stub-objects"], capsys)
     assert code == 0 and "stand-ins" in out and "100/100" in out
+
+
+def test_a_timm_efficientnet_file_is_inferred_inspected_and_converted(tmp_path, capsys):
+    """timm names in, the efficientnet_b0 preset inferred (by renames.TIMM_EFFICIENTNET), torchvision names out."""
+    from test_weights_formats import timm_efficientnet_modules
+    from fpipe.models import efficientnet
+    rows = [r for r in seeded.load_manifest("efficientnet_b0") if not r[0].startswith("classifier.")]
+    modules = list(dict.fromkeys(n.rsplit(".", 1)[0] for n, _, _ in rows))
+    timm = dict(zip(modules, timm_efficientnet_modules(efficientnet.build().spec)))
+    sd = {n: torch.full((), float(i)).expand(s).clone() for i, (n, s, _) in enumerate(rows)}
+    path, out_path = tmp_path / "timm_b0.pth", tmp_path / "b0.safetensors"
+    torch.save({f"{timm[n.rsplit('.', 1)[0]]}.{n.rsplit('.', 1)[1]}": t for n, t in sd.items()}, path)
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "trunk: efficientnet_b0" in out and "after the timm_efficientnet rename table" in out
+    assert "trunk: 309/309 tensors loaded" in out and "MISSING" not in out
+    assert cli.main(["convert", str(path), str(out_path)]) == 0
+    got = io.read(out_path)
+    assert sorted(got) == sorted(sd) and all(torch.equal(got[n], t) for n, t in sd.items())

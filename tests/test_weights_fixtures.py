@@ -4,12 +4,13 @@ Imported by the other test_weights_* files; the tests here check the fixtures th
 """
 import argparse
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(os.environ.get("FPIPE_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 _spec = importlib.util.spec_from_file_location("fpipe_reference_seeded", REFERENCE / "seeded.py")
 seeded = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(seeded)

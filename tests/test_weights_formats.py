@@ -305,3 +305,46 @@ def test_timm_and_original_convnext_names_load_with_layer_scales_reshaped(timm):
     assert all(torch.equal(loaded[f"trunk.{n}"], t) for n, t in sd.items())
     assert loaded["trunk.features.1.0.layer_scale"].shape == (96, 1, 1)
     assert ("TIMM_CONVNEXT" if timm else "FB_CONVNEXT") in report.reason
+
+
+# ---------------------------------------------------------------- timm EfficientNet
+
+def timm_efficientnet_modules(spec) -> list:
+    """timm's module names of an EfficientNet in the order its ``__init__`` creates them:
+    conv_stem, bn1; blocks.<s>.<b> (stage 0 DepthwiseSeparableConv: conv_dw, bn1, se, conv_pw,
+    bn2; the others InvertedResidual: conv_pw, bn1, conv_dw, bn2, se, conv_pwl, bn3); conv_head, bn2."""
+    ds = ("conv_dw", "bn1", "se.conv_reduce", "se.conv_expand", "conv_pw", "bn2")
+    ir = ("conv_pw", "bn1", "conv_dw", "bn2", "se.conv_reduce", "se.conv_expand", "conv_pwl", "bn3")
+    names = ["conv_stem", "bn1"]
+    for s, blocks in enumerate(spec.stages()):
+        names += [f"blocks.{s}.{b}.{m}" for b in range(len(blocks)) for m in (ds if s == 0 else ir)]
+    return names + ["conv_head", "bn2"]
+
+
+@pytest.mark.parametrize("preset", ["efficientnet_b0", "efficientnet_b4"])
+def test_timm_efficientnet_names_load_every_tensor(preset, tmp_path):
+    """A replica of a timm EfficientNet file: fpipe's tensors (random values) under timm's names,
+    paired module by module in creation order (torchvision's and timm's orders agree)."""
+    from fpipe.models import efficientnet
+    from fpipe.tree import flatten
+    from fpipe.weights import cli
+    trunk = efficientnet.build(**efficientnet.PRESETS[preset])
+    params, state = trunk.init(0)
+    ours = cli.torchvision_order(flatten(params), flatten(state))
+    g = torch.Generator().manual_seed(1)
+    values = {n: t if n.endswith("num_batches_tracked") else torch.randn(t.shape, generator=g) for n, t in ours.items()}
+    modules = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in ours))
+    timm_modules = timm_efficientnet_modules(trunk.spec)
+    assert len(modules) == len(timm_modules)
+    timm_name = dict(zip(modules, timm_modules))
+    f = {f"{timm_name[n.rsplit('.', 1)[0]]}.{n.rsplit('.', 1)[1]}": t for n, t in values.items()}
+    f["classifier.weight"], f["classifier.bias"] = torch.zeros(1000, trunk.spec.head_width), torch.zeros(1000)
+    assert f["blocks.0.0.conv_dw.weight"].shape[1] == 1 and f["blocks.1.0.conv_dw.weight"].shape[1] == 1
+    path = tmp_path / "timm.pth"
+    torch.save({"state_dict": f}, path)
+    loaded, report = load_into({f"trunk.{n}": torch.zeros_like(t) for n, t in ours.items()}, {"path": str(path)})
+    assert all(torch.equal(loaded[f"trunk.{n}"], t) for n, t in values.items() if "num_batches" not in n)
+    assert not report.missing and report.trunk_loaded == report.trunk_total
+    assert "TIMM_EFFICIENTNET" in report.reason
+    assert {n: why for n, why in report.not_loaded.items() if "num_batches" not in n} == {
+        "state_dict.classifier.weight": "not in the model", "state_dict.classifier.bias": "not in the model"}

@@ -13,11 +13,13 @@ from test_weights_fixtures import seeded
 # timm's names inside a block -> torchvision's, written out by hand (independent of the table).
 BLOCK = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
          "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
-         "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3", "ls1.gamma": "ls_1.gamma", "ls2.gamma": "ls_2.gamma"}
+         "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3", "ls1.gamma": "ls_1.gamma", "ls2.gamma": "ls_2.gamma",
+         "mlp.w12": "mlp.w12", "mlp.w3": "mlp.w3"}  # dinov2's SwiGLU FFN keeps its names
 TOP = {"cls_token": "class_token", "reg_token": "register_tokens", "register_tokens": "register_tokens",
        "pos_embed": "encoder.pos_embedding", "patch_embed.proj.weight": "conv_proj.weight",
        "patch_embed.proj.bias": "conv_proj.bias", "norm.weight": "encoder.ln.weight",
-       "norm.bias": "encoder.ln.bias", "fc_norm.weight": "fc_norm.weight", "fc_norm.bias": "fc_norm.bias"}
+       "norm.bias": "encoder.ln.bias", "fc_norm.weight": "fc_norm.weight", "fc_norm.bias": "fc_norm.bias",
+       "dist_token": "dist_token"}
 
 
 def ours(timm_name: str) -> str:
@@ -225,3 +227,103 @@ def test_explicit_torchvision_format_on_a_timm_file_points_to_auto():
     f = timm_file("vit_small_patch16_224")
     with pytest.raises(WeightsError, match=r"use format='auto': it maps this file's names by renames.TIMM_VIT"):
         load_into(our_target("vit_small_patch16_224"), {"format": "torchvision"}, obj=f)
+
+
+# ---------------------------------------------------------------- DINOv2: block_chunks, SwiGLU (ViT-g)
+def swiglu_rows(model="vit_small_patch14_dinov2"):
+    """A timm DINOv2 manifest with dinov2's SwiGLUFFNFused in every block: mlp.w12 [2H, D], mlp.w3 [D, H]."""
+    rows = seeded.load_manifest(model)
+    dim = dict((n, s) for n, s, _ in rows)["cls_token"][-1]
+    hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8
+    shapes = {"mlp.w12.weight": [2 * hidden, dim], "mlp.w12.bias": [2 * hidden], "mlp.w3.weight": [dim, hidden]}
+    out = []
+    for n, s, d in rows:
+        n = n.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3")
+        out.append((n, shapes.get(n.split(".", 2)[-1], s), d))
+    return out
+
+
+def chunked(name: str, chunk: int) -> str:
+    """dinov2's block_chunks name: blocks.<i> -> blocks.<i // chunk>.<i> (the global index kept)."""
+    parts = name.split(".")
+    if parts[0] != "blocks":
+        return name
+    return ".".join(["blocks", str(int(parts[1]) // chunk), *parts[1:]])
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_dinov2_training_teacher_with_block_chunks_loads(swiglu):
+    """dinov2's eval/training_<i>/teacher_checkpoint.pth: {"teacher": backbone.*, dino_head.*,
+    ibot_head.*}, blocks in 4 chunks of 3 (ViT-g trains with block_chunks=4, SwiGLU)."""
+    rows = swiglu_rows() if swiglu else seeded.load_manifest("vit_small_patch14_dinov2")
+    plain = marked([r for r in rows if not r[0].startswith("head.")])
+    teacher = {f"backbone.{chunked(n, 3)}": t for n, t in plain.items()}
+    teacher |= {"backbone.mask_token": torch.zeros(1, 384), "dino_head.mlp.0.weight": torch.zeros(16, 384),
+                "ibot_head.last_layer.weight_g": torch.ones(16, 1)}
+    assert "backbone.blocks.3.11.ls2.gamma" in teacher
+    target = {f"trunk.{ours(n)}": torch.zeros(()).expand(s) for n, s, _ in rows if ours(n)}
+    if swiglu:  # the target is what fpipe's vit builds for this layout
+        from fpipe.models import vit
+        from fpipe.tree import flatten
+        options = dict(vit.PRESETS["vit_small_patch14_dinov2"], mlp="swiglu", mlp_dim=1024)
+        built, _ = vit.build(**options).init(0, meta=True)
+        assert {f"trunk.{n}": tuple(t.shape) for n, t in flatten(built).items()} == {
+            n: tuple(t.shape) for n, t in target.items()}
+    loaded, report = load_into(target, {}, obj={"teacher": teacher})
+    assert report.trunk_loaded == report.trunk_total and not report.missing
+    for n, t in plain.items():
+        assert torch.equal(loaded[f"trunk.{ours(n)}"], t), n
+    assert report.state_dict_key == "teacher" and report.remove_prefix == "backbone."
+    assert report.not_loaded["teacher.backbone.mask_token"] == "not in the model"
+
+
+def test_timm_vit_giant_packed_swiglu_names_load():
+    """timm's vit_giant_patch14_dinov2 stores dinov2's w12 / w3 as mlp.fc1 / mlp.fc2 (SwiGLUPacked)."""
+    rows = swiglu_rows()
+    timm = {n.replace("mlp.w12", "mlp.fc1").replace("mlp.w3", "mlp.fc2"): t
+            for n, t in marked([r for r in rows if not r[0].startswith("head.")]).items()}
+    target = {f"trunk.{ours(n)}": torch.zeros(()).expand(s) for n, s, _ in rows if ours(n)}
+    loaded, report = load_into(target, {}, obj=timm)
+    assert report.trunk_loaded == report.trunk_total and "TIMM_VIT_SWIGLU" in report.reason
+    assert torch.equal(loaded["trunk.encoder.layers.encoder_layer_5.mlp.w12.weight"], timm["blocks.5.mlp.fc1.weight"])
+    assert torch.equal(loaded["trunk.encoder.layers.encoder_layer_5.mlp.w3.bias"], timm["blocks.5.mlp.fc2.bias"])
+
+
+# ---------------------------------------------------------------- distilled DeiT
+def deit_distilled_file() -> dict:
+    """DeiT's released deit_small_distilled_patch16_224 (facebookresearch/deit, timm): under
+    "model", timm's names plus dist_token, a position row for it (2 + 196) and head_dist."""
+    f = timm_file("vit_small_patch16_224", drop=())
+    f["dist_token"] = torch.full((1, 1, 384), -1.0)
+    f["pos_embed"] = torch.randn(1, 2 + 14 * 14, 384, generator=torch.Generator().manual_seed(0))
+    f["head_dist.weight"], f["head_dist.bias"] = torch.ones(1000, 384), torch.ones(1000)
+    return {"model": f}
+
+
+def deit_target(heads=False) -> dict:
+    from fpipe.models import vit
+    from fpipe.tree import flatten
+    params, _ = vit.build(**vit.PRESETS["deit_small_distilled_patch16_224"]).init(0, meta=True)
+    out = {f"trunk.{n}": torch.zeros(()).expand(t.shape) for n, t in flatten(params).items()}
+    return out | ({"heads.head.weight": torch.zeros(1000, 384), "heads.head.bias": torch.zeros(1000)} if heads else {})
+
+
+def test_distilled_deit_loads_both_tokens_and_leaves_head_dist_out():
+    obj = deit_distilled_file()
+    f = obj["model"]
+    loaded, report = load_into(deit_target(), {}, obj=obj)
+    assert report.trunk_loaded == report.trunk_total and not report.missing
+    assert_mapped(loaded, f, skip=())  # dist_token, and pos_embed with its 2 prefix rows, as stored
+    assert {report.not_loaded[f"model.{n}"] for n in ("head.weight", "head_dist.weight", "head_dist.bias")} == {
+        "not in the model"}
+    loaded, report = load_into(deit_target(heads=True), {"load_heads": True}, obj=obj)
+    assert torch.equal(loaded["heads.head.weight"], f["head.weight"])  # the class token's head
+    assert report.not_loaded["model.head_dist.weight"] == "not in the model"
+
+
+def test_distilled_deit_or_swiglu_file_into_a_plain_vit_names_the_option():
+    with pytest.raises(WeightsError, match=r"pos_embedding.*Hint: the file is a distilled DeiT: .*dist_token=True"):
+        load_into(our_target("vit_small_patch16_224"), {}, obj=deit_distilled_file())
+    f = {f"teacher.backbone.{chunked(n, 3)}": t for n, t in marked(swiglu_rows()).items() if not n.startswith("head.")}
+    with pytest.raises(WeightsError, match=r"(?s)only 126/174 .*Hint: .*SwiGLU FFN: build the ViT with mlp='swiglu'"):
+        load_into(our_target("vit_small_patch14_dinov2"), {}, obj=f)

@@ -5,14 +5,18 @@ torchvision's ``vit_*`` ``state_dict`` names without the classifier ``heads.head
 ``class_token``, ``conv_proj.*``, ``encoder.pos_embedding``, ``encoder.layers.encoder_layer_<i>.
 {ln_1, self_attention.in_proj_*, self_attention.out_proj, ln_2, mlp.0, mlp.3}``, ``encoder.ln``;
 plus, where a layout has them, layer scale ``…encoder_layer_<i>.ls_1.gamma``/``ls_2.gamma``,
-register tokens ``register_tokens`` (1×R×D) and ``fc_norm`` (a norm of the pooled tokens that
-replaces ``encoder.ln``, as MAE's global-pool models). State is ``{}`` (LayerNorm only).
+register tokens ``register_tokens`` (1×R×D), ``fc_norm`` (a norm of the pooled tokens that
+replaces ``encoder.ln``, as MAE's global-pool models), DeiT's distillation token ``dist_token``
+and, with ``mlp="swiglu"`` (DINOv2's ViT-g), dinov2's SwiGLU FFN ``mlp.w12``/``mlp.w3`` instead
+of ``mlp.0``/``mlp.3``. State is ``{}`` (LayerNorm only).
 
-Tokens are ``[class, registers…, patches…]``; registers never get a position embedding. The
-position embedding is stored for the ``image_size // patch_size`` grid, with a class row first
-when ``pos_embed_class``; another input grid resamples its patch part (``pos_resample``, see
-:func:`resample_pos_embedding`). Features (VISSL's names and dinov2's linear inputs) are listed in
-docs/MODELS_VIT.md; ``block<i>`` stops after block i, every other feature runs all blocks.
+Tokens are ``[class, distillation, registers…, patches…]``; registers never get a position
+embedding. The position embedding is stored for the ``image_size // patch_size`` grid, with class
+(and distillation) rows first when ``pos_embed_class``; another input grid resamples its patch
+part (``pos_resample``, see :func:`resample_pos_embedding`). Features (VISSL's names and
+dinov2's linear inputs) are listed in docs/MODELS_VIT.md; ``block<i>`` stops after block i,
+every other feature runs all blocks; the distillation token is a feature only inside ``tokens``
+and ``block<i>`` (position 1), the pooled features skip it.
 """
 import dataclasses
 import math
@@ -34,6 +38,9 @@ _NEEDS_4_BLOCKS = ("concatCLS4", "concatPOOL4", "cls4_avgpool")
 #   bicubic_offset     no antialiasing, scale factor (new + 0.1) / old: DINO's and DINOv2's hub
 #                      models without registers (their "interpolate_offset" kludge)
 RESAMPLE_MODES = ("bicubic", "bicubic_antialias", "bicubic_offset")
+# The block's feed-forward: gelu = fc, GELU, fc (mlp.0, mlp.3); swiglu = dinov2's SwiGLUFFN, w12
+# [2·mlp_dim, D] holding the gate then the value half, silu(gate)·value, then w3 [D, mlp_dim].
+MLPS = ("gelu", "swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,8 @@ class Spec:
     ln_eps: float = 1e-6
     fc_norm: bool = False         # pooled features normed by fc_norm; no encoder.ln
     pos_resample: str = "bicubic"
+    mlp: str = "gelu"             # the FFN (MLPS); with swiglu, mlp_dim is SwiGLU's hidden width
+    dist_token: bool = False      # DeiT's distillation token after the class token (features ignore it)
 
     def __post_init__(self):
         for key in ("patch_size", "hidden_dim", "depth", "heads", "mlp_dim", "image_size"):
@@ -63,10 +72,14 @@ class Spec:
                              "(it sets the stored position grid)")
         if self.pos_embed_class and not self.class_token:
             raise ValueError("ViT pos_embed_class=True needs class_token=True (no class token, no class row)")
+        if self.dist_token and not self.class_token:
+            raise ValueError("ViT dist_token=True needs class_token=True (DeiT's tokens are [class, distillation])")
         if self.num_registers < 0:
             raise ValueError(f"ViT num_registers must be >= 0, got {self.num_registers}")
         if self.pos_resample not in RESAMPLE_MODES:
             raise ValueError(f"unknown ViT pos_resample {self.pos_resample!r}; valid: {RESAMPLE_MODES}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"unknown ViT mlp {self.mlp!r}; valid: {MLPS}")
 
     @property
     def grid(self):
@@ -74,8 +87,13 @@ class Spec:
 
     @property
     def num_prefix(self):
-        """Tokens before the patches: the class token and the registers."""
-        return int(self.class_token) + self.num_registers
+        """Tokens before the patches: the class and distillation tokens and the registers."""
+        return int(self.class_token) + int(self.dist_token) + self.num_registers
+
+    @property
+    def pos_rows(self):
+        """Rows of the position embedding before the patches' (the class and distillation tokens')."""
+        return (1 + int(self.dist_token)) if self.pos_embed_class else 0
 
     @property
     def features(self):
@@ -91,7 +109,10 @@ OPTIONS = {f.name: f.default for f in dataclasses.fields(Spec)}
 _S = dict(hidden_dim=384, heads=6, mlp_dim=1536)
 _B = dict(hidden_dim=768, heads=12, mlp_dim=3072)
 _L = dict(hidden_dim=1024, depth=24, heads=16, mlp_dim=4096)
+# dinov2's vit_giant2: SwiGLU of hidden width (int(4·1536·2/3) + 7) // 8 * 8 = 4096
+_G = dict(hidden_dim=1536, depth=40, heads=24, mlp_dim=4096, mlp="swiglu")
 _H = dict(hidden_dim=1280, depth=32, heads=16, mlp_dim=5120)
+_DEIT = dict(patch_size=16, dist_token=True, pos_resample="bicubic_antialias")
 _DINOV2 = dict(patch_size=14, image_size=518, layer_scale=1e-5, pos_resample="bicubic_offset")
 _DINOV2_REG = dict(_DINOV2, num_registers=4, pos_embed_class=False, pos_resample="bicubic_antialias")
 PRESETS = {
@@ -105,12 +126,19 @@ PRESETS = {
     "vit_base_patch8_224": dict(_B, patch_size=8, pos_resample="bicubic_offset"),
     "vit_base_patch16_224": dict(_B, patch_size=16, pos_resample="bicubic_antialias"),
     "vit_large_patch16_224": dict(_L, patch_size=16, pos_resample="bicubic_antialias"),
+    # timm's distilled DeiT (deit_*_distilled_patch16_*): class + distillation token
+    "deit_tiny_distilled_patch16_224": dict(_DEIT, hidden_dim=192, heads=3, mlp_dim=768),
+    "deit_small_distilled_patch16_224": dict(_S, **_DEIT),
+    "deit_base_distilled_patch16_224": dict(_B, **_DEIT),
+    "deit_base_distilled_patch16_384": dict(_B, **_DEIT, image_size=384),
     "vit_small_patch14_dinov2": dict(_S, **_DINOV2),
     "vit_base_patch14_dinov2": dict(_B, **_DINOV2),
     "vit_large_patch14_dinov2": dict(_L, **_DINOV2),
+    "vit_giant_patch14_dinov2": dict(_G, **_DINOV2),
     "vit_small_patch14_reg4_dinov2": dict(_S, **_DINOV2_REG),
     "vit_base_patch14_reg4_dinov2": dict(_B, **_DINOV2_REG),
     "vit_large_patch14_reg4_dinov2": dict(_L, **_DINOV2_REG),
+    "vit_giant_patch14_reg4_dinov2": dict(_G, **_DINOV2_REG),
 }
 
 
@@ -150,6 +178,8 @@ def init_params(spec: Spec, seed=0, meta=False):
     params = {}
     if spec.class_token:
         params["class_token"] = new((1, 1, d), zeros)
+    if spec.dist_token:
+        params["dist_token"] = new((1, 1, d), lambda t: init.trunc_normal_(t, std=0.02, generator=gen))
     if spec.num_registers:
         params["register_tokens"] = new((1, spec.num_registers, d), normal(1e-6))
     params["conv_proj"] = {
@@ -162,13 +192,16 @@ def init_params(spec: Spec, seed=0, meta=False):
             "out_proj": {"weight": new((d, d), lambda t: init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)),
                          "bias": new((d,), zeros)}}}
         layer["ln_2"] = norm()
-        layer["mlp"] = {"0": {"weight": new((spec.mlp_dim, d), xavier), "bias": new((spec.mlp_dim,), normal(1e-6))},
-                        "3": {"weight": new((d, spec.mlp_dim), xavier), "bias": new((d,), normal(1e-6))}}
+        m = spec.mlp_dim
+        layer["mlp"] = ({"w12": {"weight": new((2 * m, d), xavier), "bias": new((2 * m,), zeros)},
+                         "w3": {"weight": new((d, m), xavier), "bias": new((d,), zeros)}} if spec.mlp == "swiglu" else
+                        {"0": {"weight": new((m, d), xavier), "bias": new((m,), normal(1e-6))},
+                         "3": {"weight": new((d, m), xavier), "bias": new((d,), normal(1e-6))}})
         if spec.layer_scale:
             fill = lambda t: init.constant_(t, spec.layer_scale)
             layer["ls_1"], layer["ls_2"] = {"gamma": new((d,), fill)}, {"gamma": new((d,), fill)}
         layers[f"encoder_layer_{i}"] = layer
-    rows = spec.grid ** 2 + int(spec.pos_embed_class)
+    rows = spec.grid ** 2 + spec.pos_rows
     params["encoder"] = {"pos_embedding": new((1, rows, d), normal(0.02)), "layers": layers}
     if spec.fc_norm:
         params["fc_norm"] = norm()
@@ -216,19 +249,19 @@ def patch_embed(params, images, patch_size):
 
 
 def embed(spec, params, images):
-    """Images to the token sequence ``[class, registers…, patches…]`` with position embeddings."""
+    """Images to the token sequence ``[class, distillation, registers…, patches…]`` with position embeddings."""
     x = patch_embed(params, images, spec.patch_size)
     n, grid_hw = x.shape[0], tuple(x.shape[-2:])
     x = x.flatten(2).transpose(1, 2)
     pos = params["encoder"]["pos_embedding"]
-    rows = int(spec.pos_embed_class)
+    rows = spec.pos_rows
     if grid_hw != (spec.grid, spec.grid):
         pos = resample_pos_embedding(pos, grid_hw, rows, mode=spec.pos_resample,
                                      old_grid_hw=(spec.grid, spec.grid))
     prefix = []
-    if spec.class_token:
-        cls = params["class_token"]
-        prefix.append((cls + pos[:, :1] if rows else cls).expand(n, -1, -1))
+    for i, name in enumerate(t for t in ("class_token", "dist_token") if getattr(spec, t)):
+        token = params[name]
+        prefix.append((token + pos[:, i:i + 1] if rows else token).expand(n, -1, -1))
     if spec.num_registers:
         prefix.append(params["register_tokens"].expand(n, -1, -1))
     return torch.cat(prefix + [x + pos[:, rows:]], dim=1)
@@ -244,13 +277,19 @@ def attention(p, x, heads):
 
 
 def block(spec, p, x):
-    """Pre-norm encoder block: x + ls_1·attn(ln_1(x)), then + ls_2·mlp(ln_2(x)) (GELU, exact)."""
+    """Pre-norm encoder block: x + ls_1·attn(ln_1(x)), then + ls_2·mlp(ln_2(x))."""
     y = attention(p["self_attention"], _layer_norm(p["ln_1"], x, spec.ln_eps), spec.heads)
     x = x + (y * p["ls_1"]["gamma"] if "ls_1" in p else y)
-    y = _layer_norm(p["ln_2"], x, spec.ln_eps)
-    y = F.linear(F.gelu(F.linear(y, p["mlp"]["0"]["weight"], p["mlp"]["0"]["bias"])),
-                 p["mlp"]["3"]["weight"], p["mlp"]["3"]["bias"])
+    y = feed_forward(p["mlp"], _layer_norm(p["ln_2"], x, spec.ln_eps))
     return x + (y * p["ls_2"]["gamma"] if "ls_2" in p else y)
+
+
+def feed_forward(p, x):
+    """torchvision's MLP (``0``, exact GELU, ``3``) or dinov2's SwiGLU (``w12`` = [gate; value], ``w3``)."""
+    if "w12" in p:
+        gate, value = F.linear(x, p["w12"]["weight"], p["w12"]["bias"]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * value, p["w3"]["weight"], p["w3"]["bias"])
+    return F.linear(F.gelu(F.linear(x, p["0"]["weight"], p["0"]["bias"])), p["3"]["weight"], p["3"]["bias"])
 
 
 def _layer_norm(p, x, eps):

@@ -29,7 +29,9 @@ def infer_trunk(files: dict, presets=None) -> tuple:
         for table_name, names in _views(files):
             cands = detect.find_trunks(names, shapes)
             if cands and cands[0].coverage == 1:
-                return name, options, f"every tensor of preset {name!r} found at {cands[0].prefix or '<no prefix>'!r}"
+                via = f" (after the {table_name} rename table)" if table_name else ""
+                return name, options, (f"every tensor of preset {name!r} found at "
+                                       f"{cands[0].prefix or '<no prefix>'!r}{via}")
     raise WeightsError("could not tell which trunk the file holds from its names and shapes; "
                        "pass --trunk NAME (and --depth for a ResNet).")
 

@@ -212,12 +212,12 @@ def _best_names(names: dict, files: dict, shapes: dict) -> tuple:
     cover more of the trunk (timm ViT names, detectron2 ResNet names)."""
     cands = detect.find_trunks({rel: files[src] for rel, src in names.items()}, shapes)
     best = cands[0].coverage if cands else 0.0
-    table_used = ""
+    table_used, own = "", names
     for table_name, table in ([] if best == 1 else renames.TABLES.items()):
-        mapped = renames.rename_all(names, table)
+        mapped = renames.rename_all(own, table)  # each table on the file's own names
         if mapped is None:
             continue
-        renamed = {new: names[old] for new, old in mapped.items()}
+        renamed = {new: own[old] for new, old in mapped.items()}
         found = detect.find_trunks({rel: files[src] for rel, src in renamed.items()}, shapes)
         if found and found[0].coverage > best:
             names, cands, best, table_used = renamed, found, found[0].coverage, table_name

@@ -71,6 +71,19 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+# File tensors that no model name fits and the trunk option that would give them one.
+HINTS = {"dist_token": "the file is a distilled DeiT: build the ViT with dist_token=True "
+                       "(presets deit_*_distilled_patch16_*)",
+         "mlp.w12.weight": "the file's blocks have dinov2's SwiGLU FFN: build the ViT with mlp='swiglu'"}
+
+
+def _hints(report: LoadReport) -> str:
+    """`` Hint: …`` for each HINTS name among the file tensors that fit no model name."""
+    left = [n for n, why in report.not_loaded.items() if why == "not in the model"]
+    found = [hint for key, hint in HINTS.items() if any(n == key or n.endswith("." + key) for n in left)]
+    return "".join(f" Hint: {h}." for h in found)
+
+
 def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: bool, fix=None) -> None:
     """Raises unless the trunk is fully covered and shapes agree (or ``allow_partial``).
 
@@ -83,7 +96,7 @@ def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: 
         shown = "; ".join(f"{n}: file {list(a)} vs model {list(b)}" for n, a, b in report.shape_mismatches[:SHOW])
         raise WeightsError(f"{where}{len(report.shape_mismatches)} tensor(s) have other shapes than the "
                            f"model's: {shown}. Is the model the one the file was trained with? "
-                           f"(allow_partial=True keeps those at their init.)")
+                           f"(allow_partial=True keeps those at their init.){_hints(report)}")
     if report.trunk_loaded < report.trunk_total:
         model_side = [n for n in report.missing if n.startswith("trunk.")]
         file_side = [n for n, why in report.not_loaded.items() if why == "not in the model"]
@@ -94,7 +107,7 @@ def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: 
             f"  model names with no file tensor: {short_names(model_side)}\n"
             f"  file names that fit no model name: {short_names(file_side)}\n"
             + (f"  fix: {suggestion}\n" if suggestion else "")
-            + "  (allow_partial=True accepts a partial trunk, if you mean it.)")
+            + "  (allow_partial=True accepts a partial trunk, if you mean it.)" + _hints(report))
     heads = [n for n in target if n.startswith("heads.")]
     if load_heads and heads and not report.heads_loaded:
         raise WeightsError(f"{where}load_heads=True but no head tensor was found in the file "

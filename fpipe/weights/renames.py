@@ -11,11 +11,14 @@ import re
 
 # timm's VisionTransformer (and DINO, DINOv2 hub, MAE, MoCo v3 and DeiT files, which use its
 # names) -> torchvision's VisionTransformer, plus layer scale, registers and MAE's fc_norm.
+# DINOv2 training files with block_chunks name blocks.<chunk>.<i> (i the global index); its
+# SwiGLU FFN keeps dinov2's names mlp.w12 / mlp.w3, which are fpipe's (vit mlp="swiglu").
 TIMM_VIT = (
     (r"(^|\.)cls_token$", r"\1class_token"),
     (r"(^|\.)(reg_token|register_tokens)$", r"\1register_tokens"),
     (r"(^|\.)pos_embed$", r"\1encoder.pos_embedding"),
     (r"(^|\.)patch_embed\.proj\.", r"\1conv_proj."),
+    (r"(^|\.)blocks\.\d+\.(\d+)\.", r"\1encoder.layers.encoder_layer_\2."),
     (r"(^|\.)blocks\.(\d+)\.", r"\1encoder.layers.encoder_layer_\2."),
     (r"\.norm1\.", ".ln_1."),
     (r"\.norm2\.", ".ln_2."),
@@ -27,6 +30,10 @@ TIMM_VIT = (
     (r"(^|\.)norm\.(weight|bias)$", r"\1encoder.ln.\2"),
     (r"(^|\.)head\.(weight|bias)$", r"\1heads.head.\2"),
 )
+# timm's DINOv2 ViT-g (vit_giant_patch14_*dinov2): its SwiGLUPacked FFN is dinov2's w12 / w3
+# under the names mlp.fc1 / mlp.fc2 (same [gate; value] order), so fc1/fc2 mean w12/w3 here.
+TIMM_VIT_SWIGLU = tuple(rule for rule in TIMM_VIT if "mlp" not in rule[0]) + (
+    (r"\.mlp\.fc1\.", ".mlp.w12."), (r"\.mlp\.fc2\.", ".mlp.w3."))
 
 # detectron2's ResNet (MoCo's and solo-learn's convert-pretrain-to-detectron2.py, detectron2's
 # own checkpoints behind backbone.bottom_up.) -> torchvision's ResNet.
@@ -106,9 +113,29 @@ FB_CONVNEXT = (
     (r"(^|\.)norm\.(weight|bias)$", r"\1classifier.0.\2"), (r"(^|\.)head\.", r"\1classifier.2."),
 )
 
-TABLES = {"timm_vit": TIMM_VIT, "detectron2_resnet": DETECTRON2_RESNET, "sequential_resnet": SEQUENTIAL_RESNET,
-          "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET, "timm_convnext": TIMM_CONVNEXT,
-          "fb_convnext": FB_CONVNEXT}
+# timm's EfficientNet (efficientnet_b0..b7; tf_efficientnet_* share the names, not the padding)
+# -> torchvision's. timm's stage 0 is DepthwiseSeparableConv blocks (conv_dw, bn1, se, conv_pw,
+# bn2), the other stages InvertedResidual (conv_pw expands, bn1, conv_dw, bn2, se, conv_pwl
+# projects, bn3); torchvision numbers a block's sub-layers in order (block.<j>.0 conv, .1 BN;
+# SE's 1x1 convs fc1/fc2). Blocks first, so that the stem's bn1 and the head's bn2 are left.
+_TIMM_DS = {"conv_dw": "block.0.0", "bn1": "block.0.1", "se.conv_reduce": "block.1.fc1",
+            "se.conv_expand": "block.1.fc2", "conv_pw": "block.2.0", "bn2": "block.2.1"}
+_TIMM_IR = {"conv_pw": "block.0.0", "bn1": "block.0.1", "conv_dw": "block.1.0", "bn2": "block.1.1",
+            "se.conv_reduce": "block.2.fc1", "se.conv_expand": "block.2.fc2", "conv_pwl": "block.3.0",
+            "bn3": "block.3.1"}
+TIMM_EFFICIENTNET = (
+    (r"(^|\.)blocks\.0\.(\d+)\.(conv_dw|bn1|se\.conv_reduce|se\.conv_expand|conv_pw|bn2)\.",
+     lambda m: f"{m[1]}features.1.{m[2]}.{_TIMM_DS[m[3]]}."),
+    (r"(^|\.)blocks\.([1-6])\.(\d+)\.(conv_pwl|conv_pw|bn1|conv_dw|bn2|se\.conv_reduce|se\.conv_expand|bn3)\.",
+     lambda m: f"{m[1]}features.{int(m[2]) + 1}.{m[3]}.{_TIMM_IR[m[4]]}."),
+    (r"(^|\.)conv_stem\.", r"\1features.0.0."), (r"(^|\.)bn1\.", r"\1features.0.1."),
+    (r"(^|\.)conv_head\.", r"\1features.8.0."), (r"(^|\.)bn2\.", r"\1features.8.1."),
+    (r"(^|\.)classifier\.(weight|bias)$", r"\1classifier.1.\2"),
+)
+
+TABLES = {"timm_vit": TIMM_VIT, "timm_vit_swiglu": TIMM_VIT_SWIGLU, "detectron2_resnet": DETECTRON2_RESNET,
+          "sequential_resnet": SEQUENTIAL_RESNET, "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET,
+          "timm_convnext": TIMM_CONVNEXT, "fb_convnext": FB_CONVNEXT, "timm_efficientnet": TIMM_EFFICIENTNET}
 _COMPILED = {}
 
 
