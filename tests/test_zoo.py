@@ -12,6 +12,7 @@ from fpipe.models import model as models
 from fpipe.models import alexnet, convnext, efficientnet, regnet, resnet
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REFERENCE  # noqa: E402 (FPIPE_REFERENCE or ../shared/reference)
 FAMILIES = dict(resnet=resnet, regnet=regnet, efficientnet=efficientnet, convnext=convnext, alexnet=alexnet)
 HEAD_ROWS = dict(resnet=r"fc\.", regnet=r"fc\.", efficientnet=r"classifier\.1\.", convnext=r"classifier\.2\.",
                  alexnet=r"classifier\.6\.")  # the classifier a head plays; the rest is the trunk
@@ -22,8 +23,12 @@ TINY = dict(alexnet=dict(dropout=0.0),
 
 
 def manifest_presets():
-    names = {p.stem for p in (ROOT.parent / "shared" / "reference" / "manifests").glob("*.json")}
+    names = {p.stem for p in (REFERENCE / "manifests").glob("*.json")}
     return sorted((family, name) for family, m in FAMILIES.items() for name in m.PRESETS if name in names)
+
+
+def test_the_manifests_are_found():  # else the parametrised test below would silently collect nothing
+    assert len(manifest_presets()) >= 10, f"no preset manifests under {REFERENCE / 'manifests'}; set FPIPE_REFERENCE"
 
 
 @pytest.mark.parametrize("family,name", manifest_presets())
