@@ -35,6 +35,20 @@ def test_expand_gives_every_member_its_lr_and_weight_decay():
     assert bn and all(hyper[n]["wd"] == 0.0 for n in bn)  # norms never decay, as without a grid
 
 
+def test_a_members_weight_decay_is_its_wd_mult_times_what_the_heads_rules_give():
+    """Any order of the user's rules: a non-zero rule before the zero ones keeps winning."""
+    c = grid_config(lrs=(0.1,), wd_mults=(0.5,))
+    c.optim.wd_mults = ((r"heads\..*\.bias", 3.0),) + tuple(c.optim.wd_mults)
+    plain = optim.build(c.optim, {"heads": models.build(c.model, num_classes=10, image_size=32).init(0)[0]["heads"]})
+    out = head_grid.expand(c)
+    grid = optim.build(out.optim, {"heads": models.build(out.model, num_classes=10, image_size=32).init(0)[0]["heads"]})
+    for name, h in plain.hyper.items():
+        head, rest = name.split(".")[1], name.split(".", 2)[2]
+        member = grid.hyper[f"heads.{head}_lr0p1_wd0p5.{rest}"]
+        assert member["wd"] == 0.5 * h["wd"], name
+    assert plain.hyper["heads.res4.clf.clf.0.bias"]["wd"] == 3.0 * c.optim.weight_decay  # the user's rule won
+
+
 def test_carved_validation_is_per_class_disjoint_and_seeded():
     labels = torch.arange(100) % 4
     split = base.TensorSplit(torch.zeros(100, 1, 2, 2), labels)

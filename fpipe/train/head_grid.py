@@ -9,6 +9,7 @@ has one, else ``val_fraction`` of train carved per class (seeded by ``data.seed`
 heads then do not train on — never on test, and reported under the head's own name.
 """
 import copy
+import re
 
 import torch
 
@@ -50,13 +51,19 @@ def expand(config):
             for name, lr, wd_mult in group:
                 heads[name] = copy.deepcopy(config.model.heads[head])
                 lr_rules.append((rf"heads\.{name}\..*", lr / base_lr))
-                wd_rules.append((rf"heads\.{name}\..*\.weight", wd_mult))
+                wd_rules += member_wd_rules(name, wd_mult, config.optim.wd_mults)
         out.model.heads = type(config.model.heads)(heads)
-        # A member's weights decay at wd_mult × optim.weight_decay; its biases and norms as usual.
-        wd_defaults = tuple(r for r in config.optim.wd_mults if float(r[1]) == 0.0)
         out.optim.lr_mults = tuple(lr_rules) + tuple(config.optim.lr_mults)
-        out.optim.wd_mults = wd_defaults + tuple(wd_rules) + tuple(config.optim.wd_mults)
+        out.optim.wd_mults = tuple(wd_rules) + tuple(config.optim.wd_mults)
     return out
+
+
+def member_wd_rules(name: str, wd_mult: float, rules) -> list:
+    """A member's weight decay: ``wd_mult`` × what the config's own ``wd_mults`` rules give each
+    of its params (biases and norms 0 stay 0; a user's rule keeps its place), i.e. each rule
+    again, scoped to the member by a look-ahead on its prefix, then ``wd_mult`` for the rest."""
+    scoped = lambda pattern: rf"(?=heads\.{re.escape(name)}\.)(?:{pattern})"
+    return [(scoped(p), float(m) * wd_mult) for p, m in rules] + [(rf"heads\.{re.escape(name)}\..*", wd_mult)]
 
 
 def same_init(plan: dict, params: dict, state: dict, head_params: dict, head_state: dict) -> tuple:
