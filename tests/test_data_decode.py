@@ -154,3 +154,33 @@ def test_random_crops_decoded_at_reduced_size_stay_close(tmp_path):
         reduced = decode.read(path, lambda h, w: pipe.plan(h, w, g()))
         assert (reduced.float() - full.float()).abs().mean() < 2.5
     assert min(reductions) >= 2
+
+
+@pytest.mark.parametrize("subsampling, progressive", [(0, False), (2, False), (1, True), (2, True)])
+def test_jpegs_decoded_down_to_a_row_equal_the_full_decode(tmp_path, subsampling, progressive):
+    path = str(smooth_jpeg(tmp_path / "a.jpg", 203, 157, seed=2))
+    Image.open(path).save(path, quality=85, subsampling=subsampling, progressive=progressive)
+    for factor in (1, 2, 4):
+        full = Image.open(path)
+        decode.draft(full, factor)
+        reference = np.array(full)
+        height = reference.shape[0]
+        for rows in sorted({1, 2, 7, 8, 9, 15, 16, 17, height // 2, height - 1, height}):
+            image = decode.open_image(path)
+            decode.draft(image, factor)
+            top = np.array(decode.load_rows(image, rows, path, factor=factor))[:rows]
+            assert np.array_equal(top, reference[:rows]), (factor, rows)
+
+
+def test_a_jpeg_cut_short_fails_only_when_the_wanted_rows_are_missing(tmp_path):
+    path = smooth_jpeg(tmp_path / "a.jpg", 300, 400, seed=3)
+    whole = path.read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    reference = np.array(Image.open(path))
+    top = decode.load_rows(decode.open_image(str(cut)), 40, str(cut))
+    assert np.array_equal(np.array(top)[:40], reference[:40])
+    with pytest.raises(decode.ImageError, match=f"cannot decode image file '{cut}'.*truncated"):
+        decode.load_rows(decode.open_image(str(cut)), 299, str(cut))
+    with pytest.raises(decode.ImageError, match="truncated"):  # a crop reaching the damage
+        decode.read(str(cut), lambda h, w: pipeline.parse("center_crop(300)").plan(h, w, None))
