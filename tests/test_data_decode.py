@@ -168,8 +168,21 @@ def test_jpegs_decoded_down_to_a_row_equal_the_full_decode(tmp_path, subsampling
         for rows in sorted({1, 2, 7, 8, 9, 15, 16, 17, height // 2, height - 1, height}):
             image = decode.open_image(path)
             decode.draft(image, factor)
-            top = np.array(decode.load_rows(image, rows, path, factor=factor))[:rows]
-            assert np.array_equal(top, reference[:rows]), (factor, rows)
+            pixels = decode.jpeg_rows(image, rows)
+            assert pixels.shape == (rows, reference.shape[1], 4), (factor, rows)
+            assert np.array_equal(pixels[..., :3], reference[:rows]), (factor, rows)
+            assert (pixels[..., 3] == 255).all()
+
+
+def test_jpeg_rows_is_only_for_8_bit_rgb_jpegs(tmp_path):
+    grey = tmp_path / "grey.jpg"
+    Image.new("L", (8, 8), 100).save(grey)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    for path in (grey, tmp_path / "a.png"):
+        assert decode.jpeg_rows(decode.open_image(str(path)), 4) is None
+    # and read() still decodes them, by Pillow
+    pipe = pipeline.parse("center_crop(4)")
+    assert decode.read(str(grey), lambda h, w: pipe.plan(h, w, None)).eq(100).all()
 
 
 def test_a_jpeg_cut_short_fails_only_when_the_wanted_rows_are_missing(tmp_path):
@@ -178,9 +191,11 @@ def test_a_jpeg_cut_short_fails_only_when_the_wanted_rows_are_missing(tmp_path):
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(whole[: len(whole) * 2 // 3])
     reference = np.array(Image.open(path))
-    top = decode.load_rows(decode.open_image(str(cut)), 40, str(cut))
-    assert np.array_equal(np.array(top)[:40], reference[:40])
+    top = decode.jpeg_rows(decode.open_image(str(cut)), 40)
+    assert np.array_equal(top[..., :3], reference[:40])
+    assert decode.jpeg_rows(decode.open_image(str(cut)), 299) is None
+    crop = lambda size: lambda h, w: pipeline.parse(f"center_crop({size})").plan(h, w, None)
+    assert torch.equal(decode.read(str(cut), crop(40)),  # rows 130..169: above the cut
+                       decode.read(str(path), crop(40)))
     with pytest.raises(decode.ImageError, match=f"cannot decode image file '{cut}'.*truncated"):
-        decode.load_rows(decode.open_image(str(cut)), 299, str(cut))
-    with pytest.raises(decode.ImageError, match="truncated"):  # a crop reaching the damage
-        decode.read(str(cut), lambda h, w: pipeline.parse("center_crop(300)").plan(h, w, None))
+        decode.read(str(cut), crop(300))  # a crop reaching the damage
