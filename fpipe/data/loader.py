@@ -16,10 +16,11 @@ batch, so rank shards concatenated in rank order are exactly the 1-process batch
 How a batch is made: per sample, the pipeline's geometry is planned from the image size; a split
 that reads files (``split.read``) decodes at reduced size when the plan allows
 (``fpipe.data.decode``); then the per-batch pixelwise ops (``normalize``) run once on the
-stacked batch, in place. ``num_workers > 0`` makes whole batches in that many worker processes
-(``fpipe.data.workers``), into shared memory, pinned when CUDA is present. With
-``device="cuda"`` batches travel as uint8, are normalised on the device and are copied one
-batch ahead on a side stream.
+stacked batch, in place, into memory reused from batches nothing references any more
+(``workers.Buffers``). ``num_workers > 0`` makes whole batches in that many worker processes
+(``fpipe.data.workers``), into shared memory, pinned when CUDA is present; they travel as uint8
+and are normalised in this process (or, with ``device="cuda"``, on the device, copied one batch
+ahead on a side stream). Multi-crop batches are finished in the workers.
 
 Batches: ``{"image": float32 N×C×H×W, "label": int64 N, "index": int64 N}`` (sample indices into
 the split), plus ``"mask": bool N`` in evaluation and the split's extra targets by name. With ``data.views`` (``data.eval_views`` in
