@@ -1,18 +1,21 @@
 """Input pipeline throughput at 224 px: fpipe's loader vs torch DataLoader + Pillow transforms.
 
-    PYTHONPATH=. python benchmarks/input_pipeline.py [--workers 2] [--rounds 2]
+    PYTHONPATH=. python benchmarks/input_pipeline.py [--workers 2] [--rounds 3]
 
-Writes ~2,000 photo-like JPEGs (about 500×375, varied sizes and orientations, quality 90, ~100 KB
-like ImageNet's) once into a temporary folder, then times whole epochs over them (worker start
+Writes ~2,000 photo-like JPEGs (about 500×375, varied sizes and orientations, quality 90, ~65 KB
+each) once into a temporary folder, then times whole epochs over them (worker start
 included) for both pipelines with the same batch size and number of worker processes:
 
 - train: random_resized_crop(224) | flip | normalize
 - eval:  resize(256) | center_crop(224) | normalize
 
 The baseline is what a torchvision user writes, by hand because torchvision is not installed:
-``Image.open(path).convert("RGB")``, torchvision's PIL code paths (crop then resize, bilinear;
-transpose; ``to_tensor``; ``normalize``) per sample, and ``DataLoader``'s default collate.
-Rounds are interleaved and the best of each is kept (the machine is shared). Two rates: images
+``Image.open(path).convert("RGB")`` (torchvision's ``default_loader``), torchvision's PIL code
+paths per sample — ``RandomResizedCrop`` (its box draw and fallback; crop then resize, bilinear),
+``RandomHorizontalFlip`` (transpose), ``ToTensor``, ``Normalize`` (in place, i.e. with
+``inplace=True``; torchvision's default clones first, which is slower) — and ``DataLoader``'s
+default collate. Both give float32 normalised N×3×224×224 batches.
+Rounds are interleaved and the median of each is kept (the machine is shared). Two rates: images
 per wall-clock second, and images per CPU-second (user + system time of the process and its
 workers: what one core delivers, robust to other load on the machine; use it to size a node).
 Both sides run 1 torch thread per process.
@@ -81,8 +84,15 @@ def rrc_box(width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         if 0 < w <= width and 0 < h <= height:
             top, left = random.randint(0, height - h), random.randint(0, width - w)
             return left, top, left + w, top + h
-    side = min(width, height)
-    return (width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2
+    in_ratio = width / height  # torchvision's fallback: the central crop, aspect clamped to ratio
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
 
 
 def to_tensor(image):
@@ -160,7 +170,7 @@ def main():
     parser.add_argument("--images", type=int, default=2000, help="JPEGs written")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N (0: all)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "fpipe_bench_jpegs"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -184,16 +194,15 @@ def main():
             Files(ds.train.files, ds.train.labels, transform), batch_size=args.batch,
             shuffle=kind == "train", drop_last=kind == "train", num_workers=args.workers,
             worker_init_fn=_seed_worker, prefetch_factor=2 if args.workers else None))
-    wall = {key: math.inf for key in runs}
-    cpu = dict(wall)
-    counts = {}
+    wall, cpu, counts = {key: [] for key in runs}, {key: [] for key in runs}, {}
     for _ in range(args.rounds):
         for key, make in runs.items():
             seconds, cpu_used, counts[key] = epoch_time(make)
-            wall[key], cpu[key] = min(wall[key], seconds), min(cpu[key], cpu_used)
+            wall[key].append(seconds)
+            cpu[key].append(cpu_used)
     for kind in ("train", "eval"):
-        rate = {who: counts[(kind, who)] / wall[(kind, who)] for who in ("fpipe", "baseline")}
-        core = {who: counts[(kind, who)] / cpu[(kind, who)] for who in ("fpipe", "baseline")}
+        rate = {who: counts[(kind, who)] / np.median(wall[(kind, who)]) for who in ("fpipe", "baseline")}
+        core = {who: counts[(kind, who)] / np.median(cpu[(kind, who)]) for who in ("fpipe", "baseline")}
         print(f"{kind:5s} img/s: fpipe {rate['fpipe']:6.1f}, DataLoader+Pillow "
               f"{rate['baseline']:6.1f}, ratio {rate['fpipe'] / rate['baseline']:.2f} | img per "
               f"CPU-second: fpipe {core['fpipe']:6.1f}, DataLoader+Pillow {core['baseline']:6.1f}, "

@@ -154,3 +154,48 @@ def test_random_crops_decoded_at_reduced_size_stay_close(tmp_path):
         reduced = decode.read(path, lambda h, w: pipe.plan(h, w, g()))
         assert (reduced.float() - full.float()).abs().mean() < 2.5
     assert min(reductions) >= 2
+
+
+@pytest.mark.parametrize("subsampling, progressive", [(0, False), (2, False), (1, True), (2, True)])
+def test_jpegs_decoded_down_to_a_row_equal_the_full_decode(tmp_path, subsampling, progressive):
+    path = str(smooth_jpeg(tmp_path / "a.jpg", 203, 157, seed=2))
+    Image.open(path).save(path, quality=85, subsampling=subsampling, progressive=progressive)
+    for factor in (1, 2, 4):
+        full = Image.open(path)
+        decode.draft(full, factor)
+        reference = np.array(full)
+        height = reference.shape[0]
+        for rows in sorted({1, 2, 7, 8, 9, 15, 16, 17, height // 2, height - 1, height}):
+            image = decode.open_image(path)
+            decode.draft(image, factor)
+            pixels = decode.jpeg_rows(image, rows)
+            assert pixels.shape == (rows, reference.shape[1], 4), (factor, rows)
+            assert np.array_equal(pixels[..., :3], reference[:rows]), (factor, rows)
+            assert (pixels[..., 3] == 255).all()
+
+
+def test_jpeg_rows_is_only_for_8_bit_rgb_jpegs(tmp_path):
+    grey = tmp_path / "grey.jpg"
+    Image.new("L", (8, 8), 100).save(grey)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    for path in (grey, tmp_path / "a.png"):
+        assert decode.jpeg_rows(decode.open_image(str(path)), 4) is None
+    # and read() still decodes them, by Pillow
+    pipe = pipeline.parse("center_crop(4)")
+    assert decode.read(str(grey), lambda h, w: pipe.plan(h, w, None)).eq(100).all()
+
+
+def test_a_jpeg_cut_short_fails_only_when_the_wanted_rows_are_missing(tmp_path):
+    path = smooth_jpeg(tmp_path / "a.jpg", 300, 400, seed=3)
+    whole = path.read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    reference = np.array(Image.open(path))
+    top = decode.jpeg_rows(decode.open_image(str(cut)), 40)
+    assert np.array_equal(top[..., :3], reference[:40])
+    assert decode.jpeg_rows(decode.open_image(str(cut)), 299) is None
+    crop = lambda size: lambda h, w: pipeline.parse(f"center_crop({size})").plan(h, w, None)
+    assert torch.equal(decode.read(str(cut), crop(40)),  # rows 130..169: above the cut
+                       decode.read(str(path), crop(40)))
+    with pytest.raises(decode.ImageError, match=f"cannot decode image file '{cut}'.*truncated"):
+        decode.read(str(cut), crop(300))  # a crop reaching the damage

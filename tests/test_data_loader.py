@@ -202,3 +202,30 @@ def test_a_worker_error_is_one_clean_line():
     with pytest.raises(ValueError) as error:
         list(loader.epoch())
     assert str(error.value) == "cannot decode image file 'x.jpg' (bad). Fix: replace it."
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batch_memory_is_reused_only_once_nothing_holds_it(num_workers):
+    """Float batches are made in this process into memory recycled from dropped batches; a batch,
+    a view of it or its numpy array kept by the caller is never overwritten."""
+    loader = data.Loader(split(), cfg(num_workers=num_workers), train=True)
+    kept, copies, pointers = [], [], set()
+    for step, b in enumerate(loader.epoch(0)):
+        image = b["image"]
+        pointers.add(image.data_ptr())
+        if step == 0:
+            kept.append(image[2:4])
+        elif step == 1:
+            kept.append(image.numpy())
+        elif step == 2:
+            kept.append(b)
+        else:
+            continue
+        copies.append(torch.as_tensor(kept[-1]["image"] if step == 2 else kept[-1]).clone())
+        del b, image
+    assert torch.equal(torch.as_tensor(kept[0]), copies[0])
+    assert all(torch.equal(torch.as_tensor(k["image"] if isinstance(k, dict) else k), c)
+               for k, c in zip(kept, copies))
+    assert len(pointers) < loader.steps_per_epoch  # dropped batches' memory came back
+    assert torch.equal(torch.cat([b["image"] for b in batches(loader)]),
+                       torch.cat([b["image"].clone() for b in loader.epoch(0)]))

@@ -16,10 +16,11 @@ batch, so rank shards concatenated in rank order are exactly the 1-process batch
 How a batch is made: per sample, the pipeline's geometry is planned from the image size; a split
 that reads files (``split.read``) decodes at reduced size when the plan allows
 (``fpipe.data.decode``); then the per-batch pixelwise ops (``normalize``) run once on the
-stacked batch, in place. ``num_workers > 0`` makes whole batches in that many worker processes
-(``fpipe.data.workers``), into shared memory, pinned when CUDA is present. With
-``device="cuda"`` batches travel as uint8, are normalised on the device and are copied one
-batch ahead on a side stream.
+stacked batch, in place, into memory reused from batches nothing references any more
+(``workers.Buffers``). ``num_workers > 0`` makes whole batches in that many worker processes
+(``fpipe.data.workers``), into shared memory, pinned when CUDA is present; they travel as uint8
+and are normalised in this process (or, with ``device="cuda"``, on the device, copied one batch
+ahead on a side stream). Multi-crop batches are finished in the workers.
 
 Batches: ``{"image": float32 N×C×H×W, "label": int64 N, "index": int64 N}`` (sample indices into
 the split), plus ``"mask": bool N`` in evaluation and the split's extra targets by name. With ``data.views`` (``data.eval_views`` in
@@ -56,6 +57,7 @@ class Loader:
         self.views = views(get("views" if train else "eval_views"), int(get("image_size")))
         self.device = None if device is None else torch.device(device)
         self._order_cache = (None, None)
+        self._buffers = workers.Buffers()  # this process's float batches, reused when dropped
         if self.num_samples == 0:
             raise ValueError("the split is empty")
         if train:
@@ -136,8 +138,8 @@ class Loader:
                              f"the transforms a fixed output size, e.g. 'resize|center_crop' "
                              f"(transforms: {transform.spec!r})")
         as_uint8 = not finish and all(image.dtype == torch.uint8 for image in images)
-        out = workers.empty((len(images), *images[0].shape),
-                            torch.uint8 if as_uint8 else torch.float32)
+        empty = workers.empty if workers.in_worker() else self._buffers.empty
+        out = empty((len(images), *images[0].shape), torch.uint8 if as_uint8 else torch.float32)
         for row, image in zip(out, images):  # row by row: each pass stays in cache
             row.copy_(image)
             if not as_uint8 and image.dtype == torch.uint8:
@@ -145,6 +147,23 @@ class Loader:
             if finish:
                 transform.finish(row)
         return out
+
+    def _finish(self, batch: dict) -> dict:
+        """A worker's unfinished batch (``batch(finish=False)``) finished in this process, image
+        by image into reused memory: the same float operations as in ``_stack``."""
+        image = batch["image"]
+        if image.dtype == torch.uint8:
+            out = self._buffers.empty(tuple(image.shape), torch.float32)
+            for row, source in zip(out, image):
+                row.copy_(source)
+                row.div_(255.0)  # exactly transforms.to_float
+                self.transform.finish(row)
+        else:  # some images were float: already in [0, 1], in shared memory
+            out = image
+            for row in out:
+                self.transform.finish(row)
+        batch["image"] = out
+        return batch
 
     def epoch(self, epoch: int = 0, start_step: int = 0):
         """Iterator over this rank's batches of ``epoch``, from ``start_step`` (for resuming)."""
@@ -164,9 +183,14 @@ class Loader:
             if on_device:
                 made = (_pinned(b) for b in made)
         else:
-            make = self.batch if not on_device else _Raw(self)
+            # Workers send the images before the pixelwise ops (uint8: a quarter of the shared
+            # memory to map and fill); they are finished here, or on the device.
+            on_host = not on_device and not self.views
+            make = self.batch if not (on_device or on_host) else _Raw(self)
             made = workers.batches(make, keys, self.num_workers,
                                    pin_memory=torch.cuda.is_available())
+            if on_host:
+                made = (self._finish(batch) for batch in made)
         if on_device:
             return workers.to_device_ahead(made, self.device, self.transform.finish)
         return made
