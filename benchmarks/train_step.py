@@ -192,6 +192,10 @@ def in_fresh_process(args, mode, depth, image_size, name, iters):
 # ---------------------------------------------------------------- main
 def bench(args, mode, depth, image_size):
     torch.set_num_threads(args.threads)
+    # Each case compiles as a fresh process would: without this, Dynamo recompiling the same step
+    # code for a second config makes its changed Python floats (weight decay) graph inputs, a
+    # graph that a fresh process (the second run below) never builds.
+    torch._dynamo.reset()
     s = setup(mode, depth, image_size, args.batch_size)
     progs = {n: make_program(n, s) for n in args.programs}
     med, first, losses = time_interleaved(progs, args.iters, args.warmup)
