@@ -6,6 +6,8 @@ the flags up on the device and looks at them (one host sync) only before it logs
 writes a checkpoint. So no checkpoint ever holds an ``inf`` running variance, and the advice
 "lower the lr and rerun" never resumes a poisoned checkpoint.
 """
+import math
+
 import torch
 
 from fpipe import tree
@@ -16,12 +18,14 @@ class DivergedError(FloatingPointError):
 
 
 def all_finite(*trees) -> torch.Tensor:
-    """0-d bool: every floating-point value in the trees is finite (one fused reduction per leaf)."""
+    """0-d bool: every floating-point value in the trees is finite (the largest magnitude per leaf)."""
     leaves = [t for t in (leaf for x in trees for leaf in (tree.leaves(x) if isinstance(x, dict) else [x]))
               if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not leaves:
         return torch.ones((), dtype=torch.bool)
-    return torch.stack([torch.isfinite(t.float().abs().amax()) for t in leaves]).all()
+    # One list op over all leaves (a compiled step traces three calls, not three per leaf).
+    peaks = torch._foreach_norm(leaves, math.inf)
+    return torch.isfinite(torch.stack([m if m.dtype == torch.float32 else m.float() for m in peaks])).all()
 
 
 def nonfinite_names(train_state: dict, limit: int = 5) -> list:

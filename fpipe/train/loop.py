@@ -133,18 +133,9 @@ def _run(config, workdir, dist, stop, run_info):
             return {**batch, "image": trunk_features(batch["image"])} if trunk_features else batch
 
         def make_train_step(hold):
-            """LayerFreeze (``hold``): these params stay fixed and their norms use running statistics."""
-            held, norms = frozenset(), eval_norms
-            if hold:
-                _, held_tree = freeze.partition(trainable, hold)
-                held = frozenset(tree.flatten(held_tree))
-                norms = eval_norms | freeze.eval_norms(model_state, held_tree)
-            step = step_lib.make_step(
-                step_model, opt, eval_norms=norms, hold=held, grad_reduce=distributed.grad_mean(dist),
-                sync_stats=sync_stats, autocast=autocast,
-                loss_scaling=config.precision if precision.needs_scaler(config.precision) else None)
-            step = step_lib.maybe_compile(step, compiling, "train step")
-            return frozen_trunk.heads_only(step) if trunk_features else step
+            return build_train_step(config, step_model, opt, trainable, model_state, eval_norms, dist,
+                                    compiling=compiling, sync_stats=sync_stats, autocast=autocast,
+                                    heads_only=trunk_features is not None, hold=hold)
 
         eval_step = step_lib.maybe_compile(step_lib.make_eval_step(step_model, autocast=autocast),
                                            compiling, "eval step")
@@ -268,6 +259,25 @@ def _run(config, workdir, dist, stop, run_info):
         raise
     finally:
         writer.close()
+
+
+def build_train_step(config, model, opt, trainable, model_state, eval_norms, dist, *, compiling,
+                     sync_stats=None, autocast=None, heads_only=False, hold=()):
+    """The train step as the loop runs it: ``make_step`` with this run's options, compiled if
+    ``compiling``. ``hold`` (LayerFreeze): these params stay fixed and their norms use running
+    statistics. ``heads_only``: ``model`` is a frozen trunk's heads (``frozen_trunk``); the step
+    then takes and gives back the trunk's tensors untouched. (benchmarks/train_step.py times it.)"""
+    held, norms = frozenset(), eval_norms
+    if hold:
+        _, held_tree = freeze.partition(trainable, hold)
+        held = frozenset(tree.flatten(held_tree))
+        norms = eval_norms | freeze.eval_norms(model_state, held_tree)
+    step = step_lib.make_step(
+        model, opt, eval_norms=norms, hold=held, grad_reduce=distributed.grad_mean(dist),
+        sync_stats=sync_stats, autocast=autocast,
+        loss_scaling=config.precision if precision.needs_scaler(config.precision) else None)
+    step = step_lib.maybe_compile(step, compiling, "train step")
+    return frozen_trunk.heads_only(step) if heads_only else step
 
 
 def precise_bn(train_state, train_loader, step, config, model, dist, eval_norms):

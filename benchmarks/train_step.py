@@ -1,0 +1,254 @@
+"""Training step with the trunk training (supervised, finetune): fpipe vs. nn.Module + torch.optim.
+
+    PYTHONPATH=. python benchmarks/train_step.py                        # both modes, ResNet-18/50, 32 and 64 px
+    PYTHONPATH=. python benchmarks/train_step.py --mode finetune --depth 18 --image-size 32
+    PYTHONPATH=. python benchmarks/train_step.py --image-size 224 --batch-size 32 --depth 50
+
+Settings from the shipped configs (``configs/supervised.py``: SGD lr 0.1, momentum 0.9, weight
+decay 5e-4; ``configs/finetune.py``: SGD lr 0.05, Nesterov momentum 0.9, weight decay 1e-4, the
+trunk at 0.1x the lr; both: no weight decay on norms and biases), a ResNet trunk and a linear
+``fc`` head, 10 classes, batch 64, everything trains. Three programs, timed in one process,
+round-robin (a busy machine slows each alike), medians:
+
+  fpipe     fpipe's step exactly as the loop builds it (``loop.build_train_step``, compiled), on the
+            config's partition, eval norms and ``fpipe.optim`` optimizer.
+  eager     the torchvision-style ``nn.Module`` of benchmarks/linear_eval_step.py with fpipe's
+            weights, ``loss.backward()``, ``torch.optim.SGD(foreach=True)`` with one param group per
+            (lr multiplier, weight decay) of fpipe's resolved rules.
+  compiled  ``torch.compile`` of that module, the same eager ``torch.optim.SGD(foreach=True)``.
+
+Output per case:
+
+  ratio_vs_compiled: X   compiled step time / fpipe step time (>1: fpipe is faster; goal >= 1.0)
+  ratio_vs_eager: Y      eager step time / fpipe step time (goal >= 1.1)
+  first_call_s: ...      the first call (the compilation) of each program, in this process
+  second_run_first_call_s: ...  the first call in a fresh process after this one compiled
+                          (what a second run waits with a warm inductor/AOTAutograd cache)
+  memory: each program alone in a fresh process: the step peak RSS (the process's peak over 5
+          steps after the compiling first call, VmHWM reset), and the process peak (compile included)
+  memory_vs_compiled: Z  fpipe's step peak RSS / the compiled module's (goal <= 1.1)
+"""
+import argparse
+import ctypes
+import gc
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.linear_eval_step import ARCH, NUM_CLASSES, torch_module
+from fpipe import freeze, optim, tree
+from fpipe.models import model as model_lib
+from fpipe.train import distributed
+from fpipe.train import loop as loop_lib
+
+MODES = ("supervised", "finetune")
+PROGRAMS = ("fpipe", "eager", "compiled")
+
+
+def config_for(mode, depth, image_size, batch_size):
+    config = importlib.import_module(f"configs.{mode}").get_config()
+    config.model.trunk.depth = depth
+    config.data.image_size = image_size
+    config.data.batch_size = batch_size
+    return config
+
+
+def setup(mode, depth, image_size, batch_size, seed=0):
+    """The loop's model, partition and optimizer for this config, and one batch."""
+    config = config_for(mode, depth, image_size, batch_size)
+    model = model_lib.build(config.model, num_classes=NUM_CLASSES, image_size=image_size)
+    params, state = model.init(seed)
+    rules = tuple(config.model.freeze) + freeze.frozen_by_rules(params, config.optim.lr_mults)
+    trainable, frozen = freeze.partition(params, rules)
+    eval_norms = freeze.eval_norms(state, frozen)
+    base_lr, _ = optim.scaled_lr(config.optim, batch_size)
+    opt = optim.build(config.optim, trainable)
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen),
+             "label": torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)}
+    return dict(config=config, model=model, params=params, state=state, trainable=trainable, frozen=frozen,
+                eval_norms=eval_norms, opt=opt, lr=base_lr, batch=batch, depth=depth)
+
+
+# ---------------------------------------------------------------- programs
+def fpipe_program(s):
+    step = loop_lib.build_train_step(s["config"], s["model"], s["opt"], s["trainable"], s["state"],
+                                     s["eval_norms"], distributed.Dist(), compiling=True)
+    box = {"ts": {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
+                  "opt_state": s["opt"].init(s["trainable"])}}
+    lr = torch.tensor(s["lr"], dtype=torch.float32)
+
+    def run():
+        box["ts"], metrics = step(box["ts"], s["batch"], lr)
+        return metrics["loss"]
+    return run
+
+
+def torch_optimizer(net, s):
+    """torch.optim.SGD(foreach=True) with fpipe's resolved per-name rules as param groups."""
+    cfg, groups = s["config"].optim, {}
+    named = dict(net.named_parameters())
+    for name, h in s["opt"].hyper.items():
+        local = name.split(".", 1)[1]  # trunk.layer1.0.conv1.weight, heads.fc.weight -> torchvision's names
+        key = (h["lr_mult"], h["wd"])
+        groups.setdefault(key, []).append(named.pop(local))
+    assert not named, f"params without a group: {list(named)[:5]}"
+    return torch.optim.SGD([{"params": ps, "lr": s["lr"] * m, "weight_decay": wd} for (m, wd), ps in groups.items()],
+                           lr=s["lr"], momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
+
+
+def module_program(s, compiled):
+    net = torch_module(s["depth"], s["params"], s["state"]).train()
+    opt = torch_optimizer(net, s)
+    fwd = torch.compile(net) if compiled else net
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(fwd(s["batch"]["image"]), s["batch"]["label"])
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    return run
+
+
+def make_program(name, s):
+    return fpipe_program(s) if name == "fpipe" else module_program(s, compiled=name == "compiled")
+
+
+# ---------------------------------------------------------------- timing
+def time_interleaved(programs, iters, warmup):
+    """(median seconds per call, first-call seconds, first losses); calls interleave round-robin."""
+    first, losses = {}, {}
+    for name, run in programs.items():
+        t = time.perf_counter()
+        losses[name] = [float(run())]
+        first[name] = time.perf_counter() - t
+        for _ in range(warmup - 1):
+            losses[name].append(float(run()))
+    times = {name: [] for name in programs}
+    for _ in range(iters):
+        for name, run in programs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    return {n: statistics.median(v) for n, v in times.items()}, first, losses
+
+
+# ---------------------------------------------------------------- fresh processes
+def _kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def child(args):
+    """One program alone: its first-call time, the peak RSS over ``--iters`` steps after it (and
+    of the whole process, compilation included); prints JSON."""
+    torch.set_num_threads(args.threads)
+    s = setup(args.mode[0], args.depth[0], args.image_size[0], args.batch_size)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _kib("VmRSS")
+    run = make_program(args.child, s)
+    t = time.perf_counter()
+    run()
+    first = time.perf_counter() - t
+    compile_peak = _kib("VmHWM")
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:  # resets VmHWM to the current RSS: the steps' own peak, without the compilation's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    for _ in range(args.iters):
+        run()
+    from torch._dynamo.utils import counters
+    print(json.dumps({"first_call_s": first, "peak_mib": _kib("VmHWM") / 1024, "setup_mib": before / 1024,
+                      "process_peak_mib": max(compile_peak, _kib("VmHWM")) / 1024,
+                      "inductor": {k: v for k, v in counters["inductor"].items() if "cache" in k},
+                      "aot_autograd": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k}}))
+
+
+def in_fresh_process(args, mode, depth, image_size, name, iters):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--mode", mode, "--depth", str(depth),
+           "--image-size", str(image_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+           "--iters", str(iters)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if out.returncode:
+        raise RuntimeError(f"{name} in a fresh process failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- main
+def bench(args, mode, depth, image_size):
+    torch.set_num_threads(args.threads)
+    # Each case compiles as a fresh process would: without this, Dynamo recompiling the same step
+    # code for a second config makes its changed Python floats (weight decay) graph inputs, a
+    # graph that a fresh process (the second run below) never builds.
+    torch._dynamo.reset()
+    s = setup(mode, depth, image_size, args.batch_size)
+    progs = {n: make_program(n, s) for n in args.programs}
+    med, first, losses = time_interleaved(progs, args.iters, args.warmup)
+    print(f"== {mode} ResNet-{depth}, {image_size}px, batch {args.batch_size}, {args.threads} threads, "
+          f"median of {args.iters} interleaved rounds after {args.warmup} warm-up")
+    print("first losses: " + "  ".join(f"{n} " + " ".join(f"{v:.5f}" for v in losses[n]) for n in progs))
+    for n in progs:
+        print(f"{n:10s} {med[n] * 1e3:8.1f} ms  {args.batch_size / med[n]:7.1f} images/s   first call {first[n]:6.1f} s")
+    if "fpipe" in med:
+        for base, goal in (("compiled", 1.0), ("eager", 1.1)):
+            if base in med:
+                print(f"ratio_vs_{base}: {med[base] / med['fpipe']:.3f}  (goal >= {goal})")
+    print("first_call_s: " + "  ".join(f"{n} {first[n]:.1f}" for n in progs))
+    sys.stdout.flush()
+    if not args.no_second_run:
+        again = {n: in_fresh_process(args, mode, depth, image_size, n, 0) for n in progs if n != "eager"}
+        print("second_run_first_call_s: " + "  ".join(f"{n} {r['first_call_s']:.1f}" for n, r in again.items()))
+        for n, r in again.items():
+            print(f"  {n} caches: inductor {r['inductor']} aot_autograd {r['aot_autograd']}")
+        sys.stdout.flush()
+    if not args.no_memory:
+        mem = {n: in_fresh_process(args, mode, depth, image_size, n, 5) for n in progs}
+        for n, r in mem.items():
+            print(f"memory {n:10s} step peak RSS {r['peak_mib']:8.1f} MiB   process peak (compile included) "
+                  f"{r['process_peak_mib']:8.1f} MiB   ({r['setup_mib']:.1f} MiB after setup)")
+        if "fpipe" in mem and "compiled" in mem:
+            print(f"memory_vs_compiled: {mem['fpipe']['peak_mib'] / mem['compiled']['peak_mib']:.3f}  (goal <= 1.1)")
+        if "fpipe" in mem and "eager" in mem:
+            print(f"memory_vs_eager: {mem['fpipe']['peak_mib'] / mem['eager']['peak_mib']:.3f}")
+    sys.stdout.flush()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--depth", type=int, nargs="+", default=[18, 50], choices=sorted(ARCH))
+    ap.add_argument("--image-size", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument("--no-second-run", action="store_true", help="skip the second-run first-call processes")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args)
+    for mode in args.mode:
+        for depth in args.depth:
+            for size in args.image_size:
+                bench(args, mode, depth, size)
+
+
+if __name__ == "__main__":
+    main()
