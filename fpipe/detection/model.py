@@ -234,7 +234,7 @@ def build(det_cfg, num_classes) -> DetModel:
                 heat, _ = keypoint_head.apply(roi, {}, pooled)
                 kp = batch["keypoints"].to(rois.dtype)
                 kp = kp.gather(1, best_gt[..., None, None].expand(-1, -1, *kp.shape[-2:]))
-                target, ok = keypoint_head.keypoints_to_heatmap(kp, rois[..., None, :], heat.shape[-1])
+                target, ok = keypoint_head.keypoints_to_heatmap(kp, rois, heat.shape[-1])
                 out["loss_keypoint"] = keypoint_head.keypoint_loss(heat, target, ok & positive[..., None])
         total = sum(out.values())
         return (total, out, new_state) if return_state else (total, out)
