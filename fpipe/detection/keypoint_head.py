@@ -60,3 +60,29 @@ def keypoint_loss(heatmap_logits, targets, valid):
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     mask = valid.reshape(-1)
     return torch.where(mask, ce, 0.0).sum() / mask.sum().clamp(min=1).to(ce.dtype)
+
+
+def heatmaps_to_keypoints(maps, rois):
+    """torchvision's heatmaps_to_keypoints (inference; a loop over RoIs): ``maps [R, K, H, W]``
+    logits in ``rois [R, 4]`` -> ``(keypoints [R, K, 3] (x, y, 1), scores [R, K])``. Each map is
+    resized bicubic to the RoI's ceil'd size; the argmax cell's centre (d + 0.5), scaled back by
+    size / ceil(size), is the keypoint and the resized map's value there its score."""
+    offset_x, offset_y = rois[:, 0], rois[:, 1]
+    widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
+    heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
+    widths_ceil, heights_ceil = widths.ceil(), heights.ceil()
+    k = maps.shape[1]
+    xy = torch.zeros((len(rois), 3, k), dtype=torch.float32, device=maps.device)
+    scores = torch.zeros((len(rois), k), dtype=torch.float32, device=maps.device)
+    for i in range(len(rois)):
+        w_i, h_i = int(widths_ceil[i].item()), int(heights_ceil[i].item())
+        roi_map = F.interpolate(maps[i][:, None], size=(h_i, w_i), mode="bicubic", align_corners=False)[:, 0]
+        w = roi_map.shape[2]
+        pos = roi_map.reshape(k, -1).argmax(dim=1)
+        x_int = pos % w
+        y_int = torch.div(pos - x_int, w, rounding_mode="floor")
+        xy[i, 0] = (x_int.float() + 0.5) * (widths[i] / w_i) + offset_x[i]
+        xy[i, 1] = (y_int.float() + 0.5) * (heights[i] / h_i) + offset_y[i]
+        xy[i, 2] = 1
+        scores[i] = roi_map[torch.arange(k, device=roi_map.device), y_int, x_int]
+    return xy.permute(0, 2, 1), scores

@@ -262,7 +262,11 @@ def build(det_cfg, num_classes) -> DetModel:
             for d, m in zip(out, probs.split([len(x) for x in dboxes])):
                 d["masks"] = m  # [D, 1, 28, 28]; transform.postprocess pastes them into the image
         if kh.enabled:
-            raise NotImplementedError("keypoint inference (heatmaps_to_keypoints) is not implemented yet")
+            pooled = multiscale_roi_align(levels[:-1], dboxes, image_shapes, kh.pooler_resolution,
+                                          kh.pooler_sampling_ratio)
+            heat, _ = keypoint_head.apply(roi, {}, pooled)
+            for d, h, bx in zip(out, heat.split([len(x) for x in dboxes]), dboxes):
+                d["keypoints"], d["keypoint_scores"] = keypoint_head.heatmaps_to_keypoints(h, bx)
         return out
 
     return DetModel(cfg, num_classes, trunk, init, losses, predict, freeze_rules, features)
