@@ -131,3 +131,25 @@ def test_frozen_body_and_bn_stats_stay_bit_identical(rule):
         assert torch.equal(v, before_state[n]), n
     changed = [n for n, v in tree.flatten(trainable).items() if not torch.equal(v, before_trainable[n])]
     assert any(n.startswith("rpn.head.") for n in changed) and any(n.startswith("roi_heads.") for n in changed)
+
+
+def test_losses_with_given_proposals_trace_as_one_graph():
+    """With the proposals computed outside (train_proposals: the RPN's NMS is data-dependent),
+    the whole training loss, mask and keypoint heads included, traces without a graph break."""
+    cfg = tiny_config(mask=True, keypoints=True)
+    cfg.mask_head.target_max_grid = 4
+    model = det_model.build(cfg, 4)
+    params, state = model.init(0)
+    batch = tiny_batch(masks=True, keypoints=True)
+    proposals = model.train_proposals(params, state, batch)
+    assert proposals[0].shape == (2, 40, 4) and proposals[1].dtype == torch.bool
+    torch.manual_seed(0)
+    eager, eager_losses = model.losses(params, state, batch, proposals=proposals)
+    assert torch.isfinite(eager)
+
+    def fn(params, state, batch, proposals):
+        return model.losses(params, state, batch, proposals=proposals)[0]
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(params, state, batch, proposals)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

@@ -43,15 +43,17 @@ def apply(params, state, pooled, *, train=False):
     return x.reshape(*lead, *x.shape[-3:]), state
 
 
-def mask_targets(gt_masks, matched_gt, rois, size=28):
+def mask_targets(gt_masks, matched_gt, rois, size=28, max_grid=None):
     """torchvision's project_masks_on_boxes over padded tensors: for each RoI ``rois [N, S, 4]``,
     its matched gt mask (``gt_masks [N, M, H, W]``, ``matched_gt [N, S]``) RoI-aligned
-    (aligned=False, adaptive sampling) to ``size``×``size`` -> ``[N, S, size, size]`` in [0, 1]."""
+    (aligned=False, adaptive sampling) to ``size``×``size`` -> ``[N, S, size, size]`` in [0, 1].
+    The adaptive grid reads its largest size from the data (a host sync) unless ``max_grid`` bounds
+    it (static shapes; RoIs wider than ``max_grid * size`` px are then sampled less than torchvision)."""
     n, s = matched_gt.shape
     m = gt_masks.shape[1]
     flat = gt_masks.reshape(n * m, 1, *gt_masks.shape[-2:]).to(rois.dtype)
     batch_idx = (torch.arange(n, device=rois.device)[:, None] * m + matched_gt).reshape(-1, 1).to(rois.dtype)
-    out = roi_align(flat, torch.cat([batch_idx, rois.reshape(-1, 4)], 1), size, 1.0, -1, False)
+    out = roi_align(flat, torch.cat([batch_idx, rois.reshape(-1, 4)], 1), size, 1.0, -1, False, max_grid)
     return out.reshape(n, s, size, size)
 
 

@@ -88,6 +88,7 @@ def default_config():
         dim_reduced=256,  # MaskRCNNPredictor(dim_reduced=)
         pooler_resolution=14,  # mask_roi_pool output_size / ROI_MASK_HEAD.POOLER_RESOLUTION (28×28 masks)
         pooler_sampling_ratio=2,
+        target_max_grid=None,  # fpipe only: bounds the gt masks' adaptive RoIAlign grid (static shapes; None = exact)
     ))
     c.keypoint_head = ml_collections.ConfigDict(dict(
         enabled=False,  # keypointrcnn_resnet50_fpn / MODEL.KEYPOINT_ON
@@ -108,6 +109,7 @@ class DetModel(NamedTuple):
     predict: Callable  # (params, state, images, image_sizes) -> [per-image dict]
     freeze_rules: Callable  # params -> tuple of full-match regexes (for fpipe.freeze.partition)
     features: Callable  # (params, state, images, *, train) -> (FPN levels, new state)
+    train_proposals: Callable  # (params, state, batch) -> (boxes, valid), no gradient (for losses(proposals=))
 
 
 def build(det_cfg, num_classes) -> DetModel:
@@ -180,23 +182,46 @@ def build(det_cfg, num_classes) -> DetModel:
         levels, _ = fpn.apply(params["backbone"]["fpn"], {}, [feats[f] for f in feature_names])
         return levels, {**state, "backbone": {**state["backbone"], "body": body_state if eval_all else new_body}}
 
-    def proposals(params, levels, images, image_shapes, train):
+    def rpn_outputs(params, levels, images):
+        """RPN head outputs and the anchors of the padded batch (static shapes)."""
         (objectness, deltas), _ = rpn.apply(params["rpn"]["head"], {}, levels)
         grids = [tuple(int(s) for s in f.shape[-2:]) for f in levels]
         anchors = anchors_lib.anchors_for_levels(tuple(images.shape[-2:]), grids, anchor_sizes, ratios,
                                                  dtype=objectness.dtype, device=objectness.device)
         per_level = [h * w * a for (h, w), a in zip(grids, num_anchors)]
+        return objectness, deltas, anchors, per_level
+
+    def filter_(objectness, deltas, anchors, per_level, image_shapes, train):
         pre, post = (r.pre_nms_top_n_train, r.post_nms_top_n_train) if train else \
             (r.pre_nms_top_n_test, r.post_nms_top_n_test)
-        boxes, scores, valid = propose(objectness, deltas, anchors, image_shapes, per_level, pre, post,
-                                       r.nms_thresh, r.score_thresh, r.min_size)
-        return (boxes, scores, valid), (objectness, deltas, anchors)
+        return propose(objectness, deltas, anchors, image_shapes, per_level, pre, post, r.nms_thresh,
+                       r.score_thresh, r.min_size)
 
-    def losses(params, state, batch, *, generator=None, return_state=False):
+    def train_proposals(params, state, batch):
+        """``(boxes [N, post_nms_top_n_train, 4], valid)``: the training proposals, without gradient,
+        for :func:`losses`' ``proposals=`` (the NMS is data-dependent: keep it out of a compiled graph)."""
+        with torch.no_grad():
+            images = batch["image"]
+            image_shapes = [tuple(int(v) for v in s) for s in batch["image_size"].tolist()]
+            levels, _ = features(params, state, images, train=True)
+            boxes, _, valid = filter_(*rpn_outputs(params, levels, images), image_shapes, True)
+        return boxes, valid
+
+    def losses(params, state, batch, *, generator=None, proposals=None, return_state=False):
+        """``(total, {name: loss})`` (``+ (new_state,)`` with ``return_state``), torchvision's loss
+        names. ``proposals``: ``train_proposals``' output; then nothing syncs with the host and the
+        function traces as one graph (torch.compile fullgraph), except that the RoI pooler's level
+        scales come from the padded batch size instead of the largest image (the same unless the
+        largest image is under ~75 px, see docs/DETECTION.md); use ``generator=None`` there."""
         images = batch["image"]
-        image_shapes = [tuple(int(v) for v in s) for s in batch["image_size"].tolist()]
         levels, new_state = features(params, state, images, train=True)
-        (boxes, _, pvalid), (objectness, deltas, anchors) = proposals(params, levels, images, image_shapes, True)
+        objectness, deltas, anchors, per_level = rpn_outputs(params, levels, images)
+        if proposals is None:
+            image_shapes = [tuple(int(v) for v in s) for s in batch["image_size"].tolist()]
+            boxes, _, pvalid = filter_(objectness, deltas, anchors, per_level, image_shapes, True)
+        else:
+            image_shapes = [tuple(images.shape[-2:])]  # the pooler's reference size only
+            boxes, pvalid = proposals
         gt, gvalid = batch["boxes"].to(objectness.dtype), batch["valid"].bool()
         gt_labels = torch.where(gvalid, batch["labels"], 0)
         # RPN: anchors -> match (0.7 / 0.3, low-quality matches kept) -> sample -> loss
@@ -226,7 +251,7 @@ def build(det_cfg, num_classes) -> DetModel:
                 pooled = multiscale_roi_align(levels[:-1], rois, image_shapes, mh.pooler_resolution,
                                               mh.pooler_sampling_ratio)
                 logits, _ = mask_head.apply(roi, {}, pooled)
-                mt = mask_head.mask_targets(batch["masks"], best_gt, rois, logits.shape[-1])
+                mt = mask_head.mask_targets(batch["masks"], best_gt, rois, logits.shape[-1], mh.target_max_grid)
                 out["loss_mask"] = mask_head.mask_loss(logits, lab, mt, positive)
             if kh.enabled:
                 pooled = multiscale_roi_align(levels[:-1], rois, image_shapes, kh.pooler_resolution,
@@ -242,7 +267,7 @@ def build(det_cfg, num_classes) -> DetModel:
     def predict(params, state, images, image_sizes):
         image_shapes = [tuple(int(v) for v in s) for s in torch.as_tensor(image_sizes).tolist()]
         levels, _ = features(params, state, images, train=False)
-        (boxes, scores, valid), _ = proposals(params, levels, images, image_shapes, False)
+        boxes, scores, valid = filter_(*rpn_outputs(params, levels, images), image_shapes, False)
         props = [bx[v] for bx, v in zip(boxes, valid)]
         if cfg.rpn_only:
             return [{"boxes": p, "scores": s[v]} for p, s, v in zip(props, scores, valid)]
@@ -269,5 +294,5 @@ def build(det_cfg, num_classes) -> DetModel:
                 d["keypoints"], d["keypoint_scores"] = keypoint_head.heatmaps_to_keypoints(h, bx)
         return out
 
-    return DetModel(cfg, num_classes, trunk, init, losses, predict, freeze_rules, features)
+    return DetModel(cfg, num_classes, trunk, init, losses, predict, freeze_rules, features, train_proposals)
 
