@@ -91,7 +91,7 @@ def test_mask_targets_and_loss(facts):
 
 def test_keypoint_targets_and_loss(facts):
     f = facts["heads"]["keypoint_loss"]
-    start, all_t, all_v = 0, [], []
+    all_t, all_v = [], []
     for kp, p, idx, want_h, want_v in zip(f["keypoints"], f["proposals"], f["matched"], f["heatmaps"], f["valid"]):
         t, v = keypoint_head.keypoints_to_heatmap(kp[idx], p, 56)
         assert torch.equal(v.long(), want_v) and torch.equal(t * v, want_h)

@@ -117,8 +117,8 @@ def test_frozen_body_and_bn_stats_stay_bit_identical(rule):
     before_trainable = {n: v.clone() for n, v in tree.flatten(trainable).items()}
 
     def loss_fn(tr, fr, st, b, seed):
-        total, losses, new_state = model.losses(tree.merge(tr, fr), st, b, generator=torch.Generator().manual_seed(seed),
-                                                return_state=True)
+        gen = torch.Generator().manual_seed(seed)
+        total, _, new_state = model.losses(tree.merge(tr, fr), st, b, generator=gen, return_state=True)
         return total, new_state
 
     for seed in range(2):
@@ -153,3 +153,17 @@ def test_losses_with_given_proposals_trace_as_one_graph():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(fn)(params, state, batch, proposals)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_no_detections_and_no_gt_are_handled():
+    cfg = tiny_config(mask=True, keypoints=True)
+    cfg.box_head.score_thresh = 1.0  # nothing passes
+    model = det_model.build(cfg, 4)
+    params, state = model.init(0)
+    batch = tiny_batch(masks=True, keypoints=True)
+    for d in model.predict(params, state, batch["image"], batch["image_size"]):
+        assert d["boxes"].shape == (0, 4) and d["masks"].shape == (0, 1, 28, 28) and d["keypoints"].shape == (0, 3, 3)
+    batch["valid"][:] = False  # images without any gt: background-only losses, box terms 0
+    _, losses = model.losses(params, state, batch, generator=torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert float(losses["loss_rpn_box_reg"]) == float(losses["loss_box_reg"]) == float(losses["loss_mask"]) == 0.0
