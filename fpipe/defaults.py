@@ -255,7 +255,8 @@ def detection_model():
         representation_size=1024, pooler_resolution=7, pooler_sampling_ratio=2, fg_iou_thresh=0.5, bg_iou_thresh=0.5,
         batch_size_per_image=512, positive_fraction=0.25, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100))
     c.mask_head = ml_collections.ConfigDict(dict(
-        enabled=False, layers=(256, 256, 256, 256), dim_reduced=256, pooler_resolution=14, pooler_sampling_ratio=2))
+        enabled=False, layers=(256, 256, 256, 256), dim_reduced=256, pooler_resolution=14, pooler_sampling_ratio=2,
+        target_max_grid=placeholder(int)))  # None: exact (a host sync); a bound makes the targets static
     c.keypoint_head = ml_collections.ConfigDict(dict(
         enabled=False, num_keypoints=17, layers=(512,) * 8, pooler_resolution=14, pooler_sampling_ratio=2))
     return c
