@@ -167,7 +167,8 @@ def _run(config, workdir, dist, stop, run_info):
                 batch = next(batches)
                 data_time = time.perf_counter() - t0
                 lr = base_lr * schedule(step)
-                generator = rng.generator("detection-sample", config.seed, step, dist.rank)  # RPN / RoI sampling
+                generator = torch.Generator(dist.device).manual_seed(  # RPN / RoI sampling, on the model's device
+                    rng.seed_for("detection-sample", config.seed, step, dist.rank))
                 new_state, metrics = train_step(train_state, loop.to_device(batch, dist.device),
                                                 torch.tensor(lr, dtype=torch.float32), generator)
             train_state, completed = new_state, step + 1
