@@ -101,3 +101,27 @@ def test_backbone_weights_load_a_classification_checkpoint_into_backbone_body(tm
     assert provenance["trunk_loaded"] == provenance["trunk_total"] > 0
     assert torch.equal(new_params["rpn"]["head"]["cls_logits"]["weight"], params["rpn"]["head"]["cls_logits"]["weight"])
     assert (tmp_path / "weights_report.txt").exists()
+
+
+def test_a_run_resumed_from_a_middle_checkpoint_ends_bit_identical(tmp_path):
+    """Data by (epoch, step), RPN/RoI sampling by (seed, step, rank): resuming changes nothing."""
+    import os
+    import shutil
+
+    import torch
+    args = ["--config.total_steps=4", "--config.ckpt_steps=2"]
+    main(tmp_path / "straight", *args)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    os.remove(ckpts / "ckpt_00000004.pt")
+    os.remove(ckpts / "last.pt")
+    os.symlink("ckpt_00000002.pt", ckpts / "last.pt")
+    os.remove(tmp_path / "resumed" / "results.json")
+    proc = main(tmp_path / "resumed", *args)
+    assert "Resumed at step 2 of 4" in proc.stderr
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "ckpt_00000004.pt", weights_only=True)
+    b = torch.load(ckpts / "ckpt_00000004.pt", weights_only=True)
+    assert a["params"].keys() == b["params"].keys()
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    results = [json.loads((tmp_path / w / "results.json").read_text())["heads"] for w in ("straight", "resumed")]
+    assert results[0] == results[1]
