@@ -67,7 +67,6 @@ def test_torch_free_defaults_equal_the_models():
 
 
 def test_model_config_takes_the_models_new_keys_and_refuses_unknown_ones():
-    import ml_collections
     from fpipe.detection import train
     cfg = defaults.detection_model()
     cfg.rpn.nms_thresh = 0.6

@@ -10,7 +10,6 @@ metrics.jsonl / TensorBoard (fpipe.writers), freezing (fpipe.freeze), optimizers
 the distributed gradient mean, divergence checks, signals and the results file are the ones
 fpipe.train.loop uses; only the data, the loss and the evaluation are detection's own.
 """
-import json
 import os
 import signal
 import time
