@@ -1,7 +1,9 @@
 """fpipe's entry point: ``python main.py --config=configs/linear_eval.py [--config.a.b=v] [--workdir=DIR]``.
 
-    flags -> locked config -> checked (fpipe.train.loop.check_config) -> workdir claimed
+    flags -> locked config -> checked (fpipe.train.config_check) -> workdir claimed
     (fpipe.workdir: one config per workdir, one run at a time) -> fpipe.train.loop.run
+    (fpipe.evaluate.run for evaluation configs, fpipe.detection.train.run when the config has
+    model.detection)
 
 Exit status: 0 done; 1 failed during the run; 2 refused before any work (bad config, a workdir
 holding another config's run or in use); 3 training diverged; 128 + signal number when stopped by
@@ -42,7 +44,12 @@ def main(argv):
     from fpipe.train import config_check, loop  # after flag parsing: importing torch is slow
 
     workdir = FLAGS.workdir or workdir_lib.default_workdir(path, config, _file_config(path))
-    config_check.check(config)  # every value, before any data, model or file is touched
+    detection = "detection" in config.get("model", {})  # configs/detection.py: fpipe.detection.train
+    if detection:
+        from fpipe.detection import train as detection_train
+        detection_train.check(config)
+    else:
+        config_check.check(config)  # every value, before any data, model or file is touched
     main_process = int(os.environ.get("RANK", "0")) == 0
     with workdir_lib.claim(workdir, config, tuple(FLAGS.allow_change), main_process=main_process) as changes:
         if main_process:
@@ -53,7 +60,9 @@ def main(argv):
               f"workdir: {workdir}", flush=True)
         run = dict(config_path=path, fingerprint=workdir_lib.fingerprint(config),
                    config_changes={k: list(v) for k, v in changes.items()})
-        if "eval" in config:  # an evaluation run (configs/knn.py & co.): fpipe.evaluate, no training
+        if detection:  # Faster / Mask / Keypoint R-CNN: its own data, loss and COCO evaluation
+            detection_train.run(config, workdir, run_info=run)
+        elif "eval" in config:  # an evaluation run (configs/knn.py & co.): fpipe.evaluate, no training
             from fpipe import evaluate
             evaluate.run(config, workdir, run_info=run)
         else:

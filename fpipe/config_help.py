@@ -16,6 +16,10 @@ SECTIONS = {"": ("configs/common.py", None), "data.": ("fpipe/defaults.py", "dat
             "optim.": ("fpipe/defaults.py", "optim"), "schedule.": ("fpipe/defaults.py", "schedule"),
             "precision.": ("fpipe/defaults.py", "precision"), "model.weights.": ("fpipe/defaults.py", "weights"),
             "model.trunk.": ("fpipe/defaults.py", "trunk"), "eval.": ("fpipe/defaults.py", "evaluation")}
+# A detection config (model.detection): its own top level, data section and the model's options.
+DETECTION_SECTIONS = {**SECTIONS, "": ("configs/detection.py", "get_config"),
+                      "data.": ("fpipe/defaults.py", "detection_data"),
+                      "model.detection.": ("fpipe/detection/model.py", "default_config")}
 _SETTING = re.compile(r"""^\s*(?:c(?:\.\w+)*\.)?(\w+)\s*[:=][^#]*#\s*(.+)$|^\s*(\w+)\s*=[^#]*#\s*(.+)$""")
 
 
@@ -40,11 +44,11 @@ def _comments(path: str, function=None) -> dict:
     return out
 
 
-def help_for(keys) -> dict:
-    comments = {prefix: _comments(*where) for prefix, where in SECTIONS.items()}
+def help_for(keys, sections=SECTIONS) -> dict:
+    comments = {prefix: _comments(*where) for prefix, where in sections.items()}
     out = {}
     for key in keys:
-        prefix = max((p for p in SECTIONS if key.startswith(p)), key=len)
+        prefix = max((p for p in sections if key.startswith(p)), key=len)
         leaf = key[len(prefix):].split(".")[-1]
         out[key] = comments[prefix].get(leaf, "")
     return out
@@ -54,7 +58,8 @@ def describe(config, path: str = "") -> str:
     """One line per key: ``key = value   # help``, in the config's order."""
     import json
     flat = tree.flatten(json.loads(config.to_json_best_effort()))
-    helps = help_for(flat)
+    detection = any(k.startswith("model.detection.") for k in flat)
+    helps = help_for(flat, DETECTION_SECTIONS if detection else SECTIONS)
     width = max((len(f"{k} = {json.dumps(v)}") for k, v in flat.items()), default=0)
     lines = [f"# {path}: {len(flat)} keys; override any with --config.KEY=VALUE"] if path else []
     for key, value in flat.items():

@@ -207,3 +207,56 @@ def evaluation():
     c.low_shot.C = 1.0
     c.low_shot.k_nn = 20
     return c
+
+
+def detection_data():
+    """``config.data`` of a detection run (fpipe.detection.scenes, .coco, .collate)."""
+    c = ml_collections.ConfigDict()
+    c.name = "scenes"              # scenes (generated, no download) | coco (annotation JSON + image folder)
+    c.seed = 0                     # data order (and the scenes' pixels)
+    c.batch_size = 4               # GLOBAL training batch (images), split evenly across ranks
+    c.eval_batch_size = 8          # GLOBAL evaluation batch
+    c.min_size = 96                # resize: short side to min_size ... (torchvision: 800)
+    c.max_size = 96                # ... unless the long side passes max_size (torchvision: 1333)
+    c.size_divisible = 32          # pad to a multiple of this
+    c.fixed_canvas = True          # pad every batch to max_size (one shape); False: the batch's largest image
+    c.max_objects = 8              # objects per image in a batch (more are cut, with a warning)
+    c.num_train = 2048             # scenes: images per split
+    c.num_test = 256
+    c.min_side = 64                # scenes: image sides drawn from min_side..max_side px
+    c.max_side = 128
+    c.max_objects_per_image = 4    # scenes: 1..this many objects
+    c.root = ""                    # coco: root/annotations/instances_<split>.json + root/<split>/
+    c.train_split = "train2017"    # coco: split names
+    c.test_split = "val2017"
+    c.train_annotations = ""       # coco: explicit paths instead of the root layout
+    c.test_annotations = ""
+    c.train_images = ""
+    c.test_images = ""
+    return c
+
+
+def detection_model():
+    """``config.model.detection``: the same keys and values as ``fpipe.detection.model.default_config()``
+    (torchvision's fasterrcnn_resnet50_fpn), torch-free for config files; tests/test_detection_train.py
+    checks that the two agree."""
+    c = ml_collections.ConfigDict()
+    c.backbone = ml_collections.ConfigDict(dict(
+        name="resnet50", options={}, features=("res2", "res3", "res4", "res5"), frozen_norms=True, freeze_at=2,
+        freeze_conv_body=False))
+    c.fpn = ml_collections.ConfigDict(dict(enabled=True, out_channels=256))
+    c.rpn = ml_collections.ConfigDict(dict(
+        anchor_sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5, conv_depth=1,
+        pre_nms_top_n_train=2000, pre_nms_top_n_test=1000, post_nms_top_n_train=2000, post_nms_top_n_test=1000,
+        nms_thresh=0.7, score_thresh=0.0, min_size=1e-3, fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+        batch_size_per_image=256, positive_fraction=0.5))
+    c.rpn_only = False
+    c.box_head = ml_collections.ConfigDict(dict(
+        representation_size=1024, pooler_resolution=7, pooler_sampling_ratio=2, fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+        batch_size_per_image=512, positive_fraction=0.25, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100))
+    c.mask_head = ml_collections.ConfigDict(dict(
+        enabled=False, layers=(256, 256, 256, 256), dim_reduced=256, pooler_resolution=14, pooler_sampling_ratio=2,
+        target_max_grid=placeholder(int)))  # None: exact (a host sync); a bound makes the targets static
+    c.keypoint_head = ml_collections.ConfigDict(dict(
+        enabled=False, num_keypoints=17, layers=(512,) * 8, pooler_resolution=14, pooler_sampling_ratio=2))
+    return c

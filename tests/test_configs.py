@@ -45,6 +45,13 @@ def test_every_key_is_overridable_from_the_command_line(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds_its_model(name):
     cfg = load(name)
+    if "detection" in cfg.model:  # configs/detection.py: Faster/Mask/Keypoint R-CNN
+        from fpipe.detection import model as det_model
+        for mask, keypoints in ((False, False), (True, True)):
+            cfg.model.detection.mask_head.enabled, cfg.model.detection.keypoint_head.enabled = mask, keypoints
+            params, _ = det_model.build(cfg.model.detection, 4).init(0)
+            assert ("mask_predictor" in params["roi_heads"]) == mask
+        return
     model = models.build(cfg.model, num_classes=10, image_size=cfg.data.image_size)
     assert model.heads or "eval" in cfg  # evaluation runs (configs/knn.py & co.) train no heads
     if name == "linear_eval:vissl_imagenet":  # VISSL's feature sizes per evaluated layer

@@ -69,8 +69,8 @@ def map_levels(boxes, k_min, k_max, canonical_scale=224, canonical_level=4, eps=
 
 
 def _level_range(scales):
-    return (int(-torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item()),
-            int(-torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item()))
+    # the scales are exact powers of two (infer_scales), so math.log2 is exact: no host sync
+    return int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
 
 
 class _Level:

@@ -1,0 +1,67 @@
+r"""Faster / Mask / Keypoint R-CNN on the generated scenes (fpipe.detection.scenes), no download.
+
+    python main.py --config=configs/detection.py                                          # Faster R-CNN
+    python main.py --config=configs/detection.py --config.model.detection.mask_head.enabled=True      # + masks
+    python main.py --config=configs/detection.py --config.model.detection.keypoint_head.enabled=True  # + keypoints
+
+A ResNet-18 + FPN with GroupNorm, trained from scratch at 96 px on 2 CPU cores; results.json
+holds COCO AP per head (bbox, segm, keypoints) from pycocotools on the 256 test scenes. The
+sizes are torchvision's recipe scaled down to small images: anchors 16-256 px, 256-channel FPN
+narrowed to 64, fewer proposals and sampled RoIs (see docs/DETECTION.md for measured numbers).
+Real data: ``--config.data.name=coco --config.data.root=/data/coco`` (and torchvision's sizes).
+"""
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from fpipe import defaults
+
+
+def get_config(arg=None):
+    if arg:
+        raise ValueError(f"configs/detection.py has no variants ({arg!r}); switch heads by "
+                         "--config.model.detection.mask_head.enabled=True / keypoint_head.enabled=True")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.compile = False              # the model syncs with the host (NMS, image sizes): eager
+    c.compile_min_images = 100_000
+    c.num_threads = 1              # torch threads (0: torch's default); 1 is fastest on a busy 2-core machine
+    c.total_epochs = 1.0
+    c.total_steps = placeholder(int)
+    c.log_steps = 20
+    c.eval_epochs = placeholder(float)  # unset: evaluate only at the end
+    c.eval_steps = placeholder(int)
+    c.ckpt_epochs = 0.25
+    c.ckpt_steps = placeholder(int)
+    c.keep_ckpts = 2
+    c.best_metric = ""             # e.g. "bbox/AP": keep checkpoints/best.pt
+    c.best_mode = "max"
+    c.collective_timeout_s = 600.0
+
+    c.data = defaults.detection_data()
+    c.model = ml_collections.ConfigDict()
+    d = c.model.detection = defaults.detection_model()
+    d.backbone.name = "resnet18"
+    d.backbone.options = ml_collections.ConfigDict(dict(norm="group", norm_groups=32))  # trains from scratch
+    d.backbone.freeze_at = 0       # nothing pretrained to keep
+    d.fpn.out_channels = 64
+    d.rpn.anchor_sizes = ((16,), (32,), (64,), (128,), (256,))
+    d.rpn.pre_nms_top_n_train, d.rpn.post_nms_top_n_train = 200, 200
+    d.rpn.pre_nms_top_n_test, d.rpn.post_nms_top_n_test = 200, 100
+    d.rpn.batch_size_per_image = 128
+    d.box_head.representation_size = 256
+    d.box_head.batch_size_per_image = 64
+    d.box_head.pooler_sampling_ratio = 1
+    d.mask_head.layers, d.mask_head.dim_reduced, d.mask_head.pooler_sampling_ratio = (64, 64), 64, 1
+    d.keypoint_head.num_keypoints = 3  # the scenes' top, left, right
+    d.keypoint_head.layers, d.keypoint_head.pooler_sampling_ratio = (64, 64, 64, 64), 1
+    c.model.weights = defaults.weights()  # a classification checkpoint for backbone.body (fpipe.weights)
+    c.model.freeze = ()            # more regexes over param names to freeze (model.freeze_rules come first)
+
+    c.optim = defaults.optim()
+    c.optim.lr = 0.02
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-4
+    c.optim.clip_grad_norm = 10.0
+    c.schedule = defaults.schedule()
+    c.schedule.warmup_steps = 50
+    return c

@@ -1,0 +1,298 @@
+"""The assembled Faster / Mask / Keypoint R-CNN (torchvision's GeneralizedRCNN) as pure functions.
+
+``build(det_cfg, num_classes) -> DetModel``: ``init(seed) -> (params, state)``,
+``losses(params, state, batch, *, generator) -> (total, {name: loss})`` and
+``predict(params, state, images, image_sizes) -> [per-image dict]``. Params flatten to
+torchvision's detection names: ``backbone.body.*`` (any fpipe trunk; ResNet's names are
+torchvision's), ``backbone.fpn.*``, ``rpn.head.*``, ``roi_heads.box_head.fc6/fc7``,
+``roi_heads.box_predictor.*``, ``roi_heads.mask_head/mask_predictor.*``,
+``roi_heads.keypoint_head/keypoint_predictor.*``. State is the trunk's norm statistics under
+``backbone.body``; with frozen norms (the default, torchvision's FrozenBatchNorm2d) it passes
+through unchanged.
+
+Images come normalised and padded (fpipe.detection.transform); ``image_sizes`` are each image's
+(h, w) before padding. Detections are in that (resized) frame: ``transform.postprocess`` maps
+them back to the original images.
+"""
+import re
+from typing import Any, Callable, NamedTuple
+
+import ml_collections
+import torch
+
+from fpipe import tree
+from fpipe.detection import anchors as anchors_lib
+from fpipe.detection import box_head, fpn, keypoint_head, mask_head, rpn
+from fpipe.detection.boxes import RPN_WEIGHTS, box_iou, encode
+from fpipe.detection.losses import fastrcnn_loss, rpn_loss
+from fpipe.detection.matching import labels_from_matches, match
+from fpipe.detection.postprocess import postprocess_detections
+from fpipe.detection.proposals import propose
+from fpipe.detection.roi_align import multiscale_roi_align
+from fpipe.detection.roi_targets import select_training_samples
+from fpipe.detection.sampling import sample
+from fpipe.models.model import build_trunk
+
+# ResNet's stages in the order Detectron's FREEZE_AT counts them (stem = 1, res2 = 2, ...).
+RESNET_STAGES = (r"conv1\..*|bn1\..*", r"layer1\..*", r"layer2\..*", r"layer3\..*", r"layer4\..*")
+
+
+def default_config():
+    """``config.model.detection``: torchvision's fasterrcnn_resnet50_fpn defaults. Each key names
+    the torchvision argument / Detectron (maskrcnn-benchmark) option it stands for."""
+    c = ml_collections.ConfigDict()
+    c.backbone = ml_collections.ConfigDict(dict(
+        name="resnet50",  # resnet_fpn_backbone(backbone_name=) / MODEL.BACKBONE.CONV_BODY
+        options={},  # the trunk's own options (fpipe.models.model.build_trunk)
+        features=("res2", "res3", "res4", "res5"),  # returned_layers=[1, 2, 3, 4]
+        frozen_norms=True,  # norm_layer=FrozenBatchNorm2d / Detectron's AffineChannel
+        freeze_at=2,  # MODEL.BACKBONE.FREEZE_CONV_BODY_AT; torchvision trainable_backbone_layers = 5 - freeze_at
+        freeze_conv_body=False,  # MODEL.BACKBONE.FREEZE (all of backbone.body) / trainable_backbone_layers=0
+    ))
+    c.fpn = ml_collections.ConfigDict(dict(
+        enabled=True,  # MODEL.FPN (C4 without FPN is not supported yet: fpn.enabled=False raises)
+        out_channels=256,  # FeaturePyramidNetwork(out_channels=) / MODEL.RESNETS.BACKBONE_OUT_CHANNELS
+    ))
+    c.rpn = ml_collections.ConfigDict(dict(
+        anchor_sizes=((32,), (64,), (128,), (256,), (512,)),  # AnchorGenerator(sizes=) / RPN.ANCHOR_SIZES
+        aspect_ratios=((0.5, 1.0, 2.0),) * 5,  # AnchorGenerator(aspect_ratios=) / RPN.ASPECT_RATIOS
+        conv_depth=1,  # RPNHead(conv_depth=)
+        pre_nms_top_n_train=2000,  # rpn_pre_nms_top_n_train / RPN.PRE_NMS_TOP_N_TRAIN (per level)
+        pre_nms_top_n_test=1000,  # rpn_pre_nms_top_n_test / RPN.PRE_NMS_TOP_N_TEST (per level)
+        post_nms_top_n_train=2000,  # rpn_post_nms_top_n_train / RPN.POST_NMS_TOP_N_TRAIN (per image)
+        post_nms_top_n_test=1000,  # rpn_post_nms_top_n_test / RPN.POST_NMS_TOP_N_TEST
+        nms_thresh=0.7,  # rpn_nms_thresh / RPN.NMS_THRESH
+        score_thresh=0.0,  # rpn_score_thresh
+        min_size=1e-3,  # filter_proposals' min_size / RPN.MIN_SIZE
+        fg_iou_thresh=0.7,  # rpn_fg_iou_thresh / RPN.FG_IOU_THRESHOLD
+        bg_iou_thresh=0.3,  # rpn_bg_iou_thresh / RPN.BG_IOU_THRESHOLD
+        batch_size_per_image=256,  # rpn_batch_size_per_image / RPN.BATCH_SIZE_PER_IMAGE
+        positive_fraction=0.5,  # rpn_positive_fraction / RPN.POSITIVE_FRACTION
+    ))
+    c.rpn_only = False  # MODEL.RPN_ONLY: predict returns the proposals; no RoI heads
+    c.box_head = ml_collections.ConfigDict(dict(
+        representation_size=1024,  # TwoMLPHead(representation_size=) / ROI_BOX_HEAD.MLP_HEAD_DIM
+        pooler_resolution=7,  # MultiScaleRoIAlign(output_size=) / ROI_BOX_HEAD.POOLER_RESOLUTION
+        pooler_sampling_ratio=2,  # MultiScaleRoIAlign(sampling_ratio=) / ROI_BOX_HEAD.POOLER_SAMPLING_RATIO
+        fg_iou_thresh=0.5,  # box_fg_iou_thresh / ROI_HEADS.FG_IOU_THRESHOLD
+        bg_iou_thresh=0.5,  # box_bg_iou_thresh / ROI_HEADS.BG_IOU_THRESHOLD
+        batch_size_per_image=512,  # box_batch_size_per_image / ROI_HEADS.BATCH_SIZE_PER_IMAGE
+        positive_fraction=0.25,  # box_positive_fraction / ROI_HEADS.POSITIVE_FRACTION
+        score_thresh=0.05,  # box_score_thresh / ROI_HEADS.SCORE_THRESH
+        nms_thresh=0.5,  # box_nms_thresh / ROI_HEADS.NMS (per class)
+        detections_per_img=100,  # box_detections_per_img / ROI_HEADS.DETECTIONS_PER_IMG
+    ))
+    c.mask_head = ml_collections.ConfigDict(dict(
+        enabled=False,  # maskrcnn_resnet50_fpn / MODEL.MASK_ON
+        layers=(256, 256, 256, 256),  # MaskRCNNHeads(layers=) / ROI_MASK_HEAD.CONV_LAYERS
+        dim_reduced=256,  # MaskRCNNPredictor(dim_reduced=)
+        pooler_resolution=14,  # mask_roi_pool output_size / ROI_MASK_HEAD.POOLER_RESOLUTION (28×28 masks)
+        pooler_sampling_ratio=2,
+        target_max_grid=None,  # fpipe only: bounds the gt masks' adaptive RoIAlign grid (static shapes; None = exact)
+    ))
+    c.keypoint_head = ml_collections.ConfigDict(dict(
+        enabled=False,  # keypointrcnn_resnet50_fpn / MODEL.KEYPOINT_ON
+        num_keypoints=17,  # KeypointRCNNPredictor(num_keypoints=) / ROI_KEYPOINT_HEAD.NUM_CLASSES
+        layers=(512,) * 8,  # KeypointRCNNHeads(layers=) / ROI_KEYPOINT_HEAD.CONV_LAYERS
+        pooler_resolution=14,  # keypoint_roi_pool output_size (56×56 heatmaps)
+        pooler_sampling_ratio=2,
+    ))
+    return c
+
+
+class DetModel(NamedTuple):
+    config: Any
+    num_classes: int
+    trunk: Any
+    init: Callable  # seed -> (params, state)
+    losses: Callable  # (params, state, batch, *, generator) -> (total, {name: loss})
+    predict: Callable  # (params, state, images, image_sizes) -> [per-image dict]
+    freeze_rules: Callable  # params -> tuple of full-match regexes (for fpipe.freeze.partition)
+    features: Callable  # (params, state, images, *, train) -> (FPN levels, new state)
+    train_proposals: Callable  # (params, state, batch) -> (boxes, valid), no gradient (for losses(proposals=))
+
+
+def build(det_cfg, num_classes) -> DetModel:
+    """The model of ``det_cfg`` (:func:`default_config`'s layout) with ``num_classes`` including
+    the background (torchvision's num_classes, 91 for COCO)."""
+    cfg = det_cfg
+    if not cfg.fpn.enabled:
+        raise NotImplementedError("model.detection.fpn.enabled=False (C4 Faster R-CNN) is not supported yet; "
+                                  "only FPN backbones are")
+    b = cfg.backbone
+    trunk = build_trunk(b.name, **dict(b.options))
+    feature_names = tuple(b.features)
+    r, bh, mh, kh = cfg.rpn, cfg.box_head, cfg.mask_head, cfg.keypoint_head
+    anchor_sizes = tuple(tuple(s) for s in r.anchor_sizes)
+    ratios = tuple(tuple(a) for a in r.aspect_ratios)
+    num_anchors = anchors_lib.num_anchors_per_location(anchor_sizes, ratios)
+    if len(set(num_anchors)) != 1:
+        raise ValueError(f"the RPN head shares one conv over levels: every level needs the same number of "
+                         f"anchors, got {num_anchors}")
+    if len(anchor_sizes) != len(feature_names) + 1:
+        raise ValueError(f"{len(feature_names)} backbone features + the FPN pool level need "
+                         f"{len(feature_names) + 1} anchor sizes, got {len(anchor_sizes)}")
+    out_ch = cfg.fpn.out_channels
+
+    def trunk_channels():
+        params, state = trunk.init(0)
+        meta = lambda t: t.to("meta")  # noqa: E731
+        feats, _ = trunk.apply(tree.map_leaves(meta, params), tree.map_leaves(meta, state),
+                               torch.empty(1, 3, 64, 64, device="meta"), train=False, features=feature_names)
+        norms = sorted({n.rsplit(".", 1)[0] for n in tree.flatten(state) if n.endswith(".running_mean")})
+        return [int(feats[f].shape[1]) for f in feature_names], norms
+
+    in_channels, body_norms = trunk_channels()  # body_norms: layers with running statistics
+
+    def init(seed=0):
+        body, body_state = trunk.init(seed)
+        params = {"backbone": {"body": body, "fpn": fpn.init(seed + 1, in_channels, out_ch)[0]},
+                  "rpn": {"head": rpn.init(seed + 2, out_ch, num_anchors[0], r.conv_depth)[0]}}
+        if not cfg.rpn_only:
+            pooled = out_ch * bh.pooler_resolution ** 2
+            roi = box_head.init(seed + 3, pooled, bh.representation_size, num_classes)[0]
+            if mh.enabled:
+                roi.update(mask_head.init(seed + 4, out_ch, tuple(mh.layers), mh.dim_reduced, num_classes)[0])
+            if kh.enabled:
+                roi.update(keypoint_head.init(seed + 5, out_ch, tuple(kh.layers), kh.num_keypoints)[0])
+            params["roi_heads"] = roi
+        return params, {"backbone": {"body": body_state}}
+
+    def freeze_rules(params):
+        """Regexes of the frozen params: the whole body (freeze_conv_body), else its first
+        ``freeze_at`` stages, plus every norm's scale and shift when norms are frozen."""
+        del params  # the rules depend on the config only
+        if b.freeze_conv_body:
+            return (r"backbone\.body\..*",)
+        out = []
+        if b.freeze_at:
+            if not b.name.startswith("resnet") and "depth" not in dict(b.options):
+                raise ValueError(f"backbone.freeze_at knows ResNet's stages only; for {b.name!r} freeze by "
+                                 f"freeze_conv_body or explicit rules")
+            out += [r"backbone\.body\.(" + s + ")" for s in RESNET_STAGES[:b.freeze_at]]
+        if b.frozen_norms and body_norms:  # BatchNorms (with running stats) as FrozenBatchNorm2d
+            out.append(r"backbone\.body\.(" + "|".join(re.escape(n) for n in body_norms) + r")\.(weight|bias)")
+        return tuple(out)
+
+    def features(params, state, images, *, train=False):
+        body_state = state["backbone"]["body"]
+        eval_all = b.frozen_norms or not train
+        feats, new_body = trunk.apply(params["backbone"]["body"], body_state, images, train=not eval_all,
+                                      features=feature_names)
+        levels, _ = fpn.apply(params["backbone"]["fpn"], {}, [feats[f] for f in feature_names])
+        return levels, {**state, "backbone": {**state["backbone"], "body": body_state if eval_all else new_body}}
+
+    def rpn_outputs(params, levels, images):
+        """RPN head outputs and the anchors of the padded batch (static shapes)."""
+        (objectness, deltas), _ = rpn.apply(params["rpn"]["head"], {}, levels)
+        grids = [tuple(int(s) for s in f.shape[-2:]) for f in levels]
+        anchors = anchors_lib.anchors_for_levels(tuple(images.shape[-2:]), grids, anchor_sizes, ratios,
+                                                 dtype=objectness.dtype, device=objectness.device)
+        per_level = [h * w * a for (h, w), a in zip(grids, num_anchors)]
+        return objectness, deltas, anchors, per_level
+
+    def filter_(objectness, deltas, anchors, per_level, image_shapes, train):
+        pre, post = (r.pre_nms_top_n_train, r.post_nms_top_n_train) if train else \
+            (r.pre_nms_top_n_test, r.post_nms_top_n_test)
+        return propose(objectness, deltas, anchors, image_shapes, per_level, pre, post, r.nms_thresh,
+                       r.score_thresh, r.min_size)
+
+    def train_proposals(params, state, batch):
+        """``(boxes [N, post_nms_top_n_train, 4], valid)``: the training proposals, without gradient,
+        for :func:`losses`' ``proposals=`` (the NMS is data-dependent: keep it out of a compiled graph)."""
+        with torch.no_grad():
+            images = batch["image"]
+            image_shapes = [tuple(int(v) for v in s) for s in batch["image_size"].tolist()]
+            levels, _ = features(params, state, images, train=True)
+            boxes, _, valid = filter_(*rpn_outputs(params, levels, images), image_shapes, True)
+        return boxes, valid
+
+    def losses(params, state, batch, *, generator=None, proposals=None, return_state=False):
+        """``(total, {name: loss})`` (``+ (new_state,)`` with ``return_state``), torchvision's loss
+        names. ``proposals``: ``train_proposals``' output; then nothing syncs with the host and the
+        function traces as one graph (torch.compile fullgraph), except that the RoI pooler's level
+        scales come from the padded batch size instead of the largest image (the same unless the
+        largest image is under ~75 px, see docs/DETECTION.md); use ``generator=None`` there."""
+        images = batch["image"]
+        levels, new_state = features(params, state, images, train=True)
+        objectness, deltas, anchors, per_level = rpn_outputs(params, levels, images)
+        if proposals is None:
+            image_shapes = [tuple(int(v) for v in s) for s in batch["image_size"].tolist()]
+            boxes, _, pvalid = filter_(objectness, deltas, anchors, per_level, image_shapes, True)
+        else:
+            image_shapes = [tuple(images.shape[-2:])]  # the pooler's reference size only
+            boxes, pvalid = proposals
+        gt, gvalid = batch["boxes"].to(objectness.dtype), batch["valid"].bool()
+        gt_labels = torch.where(gvalid, batch["labels"], 0)
+        # RPN: anchors -> match (0.7 / 0.3, low-quality matches kept) -> sample -> loss
+        matches = match(box_iou(gt, anchors[None]), r.fg_iou_thresh, r.bg_iou_thresh, True, gvalid)
+        labels = labels_from_matches(matches)
+        matched = gt.gather(1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))
+        anchors_b = anchors[None].expand_as(matched)
+        targets = encode(torch.where((labels == 1)[..., None], matched, anchors_b), anchors_b, RPN_WEIGHTS)
+        sampled = sample(labels, r.batch_size_per_image, r.positive_fraction, generator)
+        out = {}
+        out["loss_objectness"], out["loss_rpn_box_reg"] = rpn_loss(objectness, deltas, labels, targets, *sampled)
+        if not cfg.rpn_only:
+            roi = params["roi_heads"]
+            t = select_training_samples(boxes, pvalid, gt, gt_labels, gvalid, bh.batch_size_per_image,
+                                        bh.positive_fraction, bh.fg_iou_thresh, bh.bg_iou_thresh, generator)
+            pooled = multiscale_roi_align(levels[:-1], t["rois"], image_shapes, bh.pooler_resolution,
+                                          bh.pooler_sampling_ratio)
+            (cls, reg), _ = box_head.apply(roi, {}, pooled)
+            out["loss_classifier"], out["loss_box_reg"] = fastrcnn_loss(cls, reg, t["labels"], t["targets"], t["valid"])
+            if mh.enabled or kh.enabled:
+                # positives come first among the sampled slots: at most int(B * fraction) of them
+                npos = min(int(bh.batch_size_per_image * bh.positive_fraction), t["rois"].shape[1])
+                rois, lab = t["rois"][:, :npos], t["labels"][:, :npos]
+                positive = t["valid"][:, :npos] & (lab > 0)
+                best_gt = torch.where(gvalid[..., None], box_iou(gt, rois), -1.0).argmax(1)  # the matcher's gt
+            if mh.enabled:
+                pooled = multiscale_roi_align(levels[:-1], rois, image_shapes, mh.pooler_resolution,
+                                              mh.pooler_sampling_ratio)
+                logits, _ = mask_head.apply(roi, {}, pooled)
+                mt = mask_head.mask_targets(batch["masks"], best_gt, rois, logits.shape[-1], mh.target_max_grid)
+                out["loss_mask"] = mask_head.mask_loss(logits, lab, mt, positive)
+            if kh.enabled:
+                pooled = multiscale_roi_align(levels[:-1], rois, image_shapes, kh.pooler_resolution,
+                                              kh.pooler_sampling_ratio)
+                heat, _ = keypoint_head.apply(roi, {}, pooled)
+                kp = batch["keypoints"].to(rois.dtype)
+                kp = kp.gather(1, best_gt[..., None, None].expand(-1, -1, *kp.shape[-2:]))
+                target, ok = keypoint_head.keypoints_to_heatmap(kp, rois, heat.shape[-1])
+                out["loss_keypoint"] = keypoint_head.keypoint_loss(heat, target, ok & positive[..., None])
+        total = sum(out.values())
+        return (total, out, new_state) if return_state else (total, out)
+
+    def predict(params, state, images, image_sizes):
+        image_shapes = [tuple(int(v) for v in s) for s in torch.as_tensor(image_sizes).tolist()]
+        levels, _ = features(params, state, images, train=False)
+        boxes, scores, valid = filter_(*rpn_outputs(params, levels, images), image_shapes, False)
+        props = [bx[v] for bx, v in zip(boxes, valid)]
+        if cfg.rpn_only:
+            return [{"boxes": p, "scores": s[v]} for p, s, v in zip(props, scores, valid)]
+        roi = params["roi_heads"]
+        pooled = multiscale_roi_align(levels[:-1], props, image_shapes, bh.pooler_resolution, bh.pooler_sampling_ratio)
+        (cls, reg), _ = box_head.apply(roi, {}, pooled)
+        dboxes, dscores, dlabels = postprocess_detections(cls, reg, props, image_shapes, bh.score_thresh,
+                                                          bh.nms_thresh, bh.detections_per_img)
+        out = [{"boxes": bx, "scores": s, "labels": lb} for bx, s, lb in zip(dboxes, dscores, dlabels)]
+        if mh.enabled:
+            pooled = multiscale_roi_align(levels[:-1], dboxes, image_shapes, mh.pooler_resolution,
+                                          mh.pooler_sampling_ratio)
+            logits, _ = mask_head.apply(roi, {}, pooled)
+            probs = logits.sigmoid()
+            labels = torch.cat(dlabels)
+            probs = probs[torch.arange(labels.shape[0], device=labels.device), labels][:, None]
+            for d, m in zip(out, probs.split([len(x) for x in dboxes])):
+                d["masks"] = m  # [D, 1, 28, 28]; transform.postprocess pastes them into the image
+        if kh.enabled:
+            pooled = multiscale_roi_align(levels[:-1], dboxes, image_shapes, kh.pooler_resolution,
+                                          kh.pooler_sampling_ratio)
+            heat, _ = keypoint_head.apply(roi, {}, pooled)
+            for d, h, bx in zip(out, heat.split([len(x) for x in dboxes]), dboxes):
+                d["keypoints"], d["keypoint_scores"] = keypoint_head.heatmaps_to_keypoints(h, bx)
+        return out
+
+    return DetModel(cfg, num_classes, trunk, init, losses, predict, freeze_rules, features, train_proposals)
+

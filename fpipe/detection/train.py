@@ -1,0 +1,398 @@
+"""The detection run, readable top to bottom, on the classification loop's services:
+
+    processes -> data (scenes | coco, padded batches) -> model.build -> init -> weights (resume >
+    backbone from a classification checkpoint > init) -> freeze (model.freeze_rules + model.freeze)
+    -> optimizer, schedule -> a torch.func step over model.losses -> for each step: batch, step,
+    then "is it time?" to log / evaluate (COCO AP) / checkpoint -> results.json (+ results.md)
+
+Workdir claim and fingerprint (main.py, fpipe.workdir), checkpoints (fpipe.checkpoint),
+metrics.jsonl / TensorBoard (fpipe.writers), freezing (fpipe.freeze), optimizers and schedules,
+the distributed gradient mean, divergence checks, signals and the results file are the ones
+fpipe.train.loop uses; only the data, the loss and the evaluation are detection's own.
+"""
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as tdist
+from absl import logging
+from torch.func import grad_and_value
+
+import fpipe
+from fpipe import checkpoint, files, freeze, optim, schedules, tree, writers
+from fpipe.data import rng
+from fpipe.detection import coco, coco_eval, collate, scenes
+from fpipe.detection import model as det_model
+from fpipe.train import config_check, distributed, divergence, loop, periodic
+from fpipe.train import step as step_lib
+from fpipe.train.signals import Stopped, StopOnSignal
+
+DATASETS = {"scenes": scenes.build, "coco": coco.build}
+SHOWN = ("AP", "AP50", "AP75")  # logged to metrics.jsonl per head; results.json has every COCO stat
+
+
+def run(config, workdir, run_info=None):
+    """Trains and evaluates as ``config`` says; returns ``{"bbox": {"AP": ...}, ...}`` (percent)."""
+    with StopOnSignal() as stop:
+        with stop.interruptible():
+            dist = distributed.init(timeout_s=config.get("collective_timeout_s"))
+        try:
+            return _run(config, workdir, dist, stop, dict(run_info or {}))
+        except RuntimeError as e:
+            explained = distributed.explain_timeout(e, dist, config.get("collective_timeout_s"))
+            if explained is not None:
+                raise explained from e
+            raise
+        finally:
+            dist.shutdown()
+
+
+def _run(config, workdir, dist, stop, run_info):
+    started = loop._now()
+    torch.manual_seed(config.seed)
+    if config.get("num_threads"):
+        torch.set_num_threads(int(config.num_threads))
+    det_cfg = model_config(config.model.detection)
+    with stop.interruptible():
+        # ---------------------------------------------------------------- data: every rank its shard
+        dataset = build_data(config.data)
+        options = collate_options(config.data, det_cfg, dataset)
+        train_loader = collate.Loader(dataset.train, config.data.batch_size, train=True, seed=config.data.seed,
+                                      rank=dist.rank, world_size=dist.world_size, **options)
+        test_loader = collate.Loader(dataset.test, config.data.eval_batch_size, train=False, rank=dist.rank,
+                                     world_size=dist.world_size, **{**options, "with_masks": False})
+        steps_per_epoch = train_loader.steps_per_epoch
+        total_steps = schedules.to_steps(config, "total", steps_per_epoch)
+        logging.info("Data: %s, %d train / %d test images, %d classes; batches of %d at %d-%d px.", dataset.name,
+                     len(dataset.train), len(dataset.test), dataset.num_classes, config.data.batch_size,
+                     config.data.min_size, config.data.max_size)
+
+        # ---------------------------------------------------------------- model
+        model = det_model.build(det_cfg, dataset.num_classes + 1)  # + background, as torchvision counts
+        params, model_state = model.init(config.seed)
+
+        # ---------------------------------------------------------------- weights: resume > backbone > init
+        saved, resume_path = checkpoint.restore(workdir)
+        if saved:
+            logging.warning("Resuming from %s: it takes precedence over model.weights.path=%r, which is not "
+                            "read.", resume_path, config.model.weights.path)
+            run_info["weights"] = (saved.get("meta") or {}).get("weights")
+        else:
+            params, model_state, run_info["weights"] = backbone_weights(params, model_state, config.model.weights,
+                                                                        workdir, dist.is_main)
+
+        # ---------------------------------------------------------------- freeze, optimizer, schedule
+        rules = (tuple(model.freeze_rules(params)) + freeze.rules(config.model.freeze)
+                 + freeze.frozen_by_rules(params, config.optim.lr_mults))
+        trainable, frozen = freeze.partition(params, rules)
+        logging.info("Trainable: %d tensors (%d values); frozen: %d tensors (%d values).",
+                     len(tree.leaves(trainable)), tree.tree_size(trainable), len(tree.leaves(frozen)),
+                     tree.tree_size(frozen))
+        base_lr, lr_message = optim.scaled_lr(config.optim, config.data.batch_size)
+        logging.info("%s (world size %d)", lr_message, dist.world_size)
+        opt = optim.build(config.optim, trainable)
+        schedule = schedules.build(config.schedule, steps_per_epoch, total_steps, base_lr=base_lr)
+        train_state = {"trainable": trainable, "frozen": frozen, "model_state": model_state,
+                       "opt_state": opt.init(trainable)}
+        start_step = 0
+        if saved:
+            train_state, start_step = checkpoint.restore_train_state(train_state, saved, workdir, resume_path)
+            # a norm without statistics (GroupNorm) leaves empty subtrees, which a checkpoint does not keep
+            train_state["model_state"] = _like(model_state, train_state["model_state"])
+            logging.info("Resumed at step %d of %d.", start_step, total_steps)
+        train_state = loop.to_device(train_state, dist.device)
+        frozen_ref = saved.get("frozen_params") if saved else None
+        if frozen_ref is None and dist.is_main and tree.leaves(frozen):
+            frozen_ref = checkpoint.save_frozen(workdir, tree.flatten(frozen))
+
+        # ---------------------------------------------------------------- the step
+        compiling = loop.should_compile(config, (total_steps - start_step) * config.data.batch_size)
+        train_step = step_lib.maybe_compile(make_step(model, opt, grad_reduce=distributed.grad_mean(dist)),
+                                            compiling, "detection train step")
+        gt = coco_eval.ground_truth(dataset.test, dataset.categories)
+        image_ids = coco_eval.image_ids(gt)
+
+    # -------------------------------------------------------------------- services for the loop
+    def evaluate(state):
+        """COCO AP per head on the test split: every rank predicts its shard, all see all results."""
+        with stop.interruptible():
+            params = tree.merge(state["trainable"], state["frozen"])
+            results = []
+            with torch.no_grad():
+                for batch in test_loader.epoch():
+                    moved = loop.to_device(batch, dist.device)
+                    predictions = model.predict(params, state["model_state"], moved["image"], moved["image_size"])
+                    results += coco_eval.to_results(predictions, batch, image_ids, dataset.categories)
+            if dist.enabled:
+                gathered = [None] * dist.world_size
+                tdist.all_gather_object(gathered, results)
+                results = [r for part in gathered for r in part]
+            return coco_eval.evaluate(gt, results, iou_types(det_cfg), dataset.keypoint_sigmas)
+
+    def save(step, state, best=None):
+        if dist.is_main:
+            meta = {"config": config.to_json_best_effort(), "optimizer": opt.name,
+                    "weights": run_info.get("weights"), "fpipe_version": fpipe.__version__}
+            payload = checkpoint.train_state_payload(state, step, frozen_ref, meta)
+            if best is None:
+                path = checkpoint.save(workdir, step, payload, keep=config.keep_ckpts)
+                checkpoint.link_last(workdir, path)
+            else:
+                checkpoint.save_best(workdir, step, payload, *best)
+        return step
+
+    eval_every = schedules.to_steps(config, "eval", steps_per_epoch, default=0)
+    ckpt_every = schedules.to_steps(config, "ckpt", steps_per_epoch, default=0)
+    timer = writers.EtaTimer(total_steps, batch_size=config.data.batch_size, start_step=start_step,
+                             eval_every=eval_every, eval_images=len(dataset.test))
+    writer = writers.make_writers(workdir, dist.is_main, total_steps=total_steps, resume_step=start_step, timer=timer)
+    metric_log = periodic.MetricLog(dist)
+    nonfinite = torch.zeros((), dtype=torch.int32, device=dist.device)
+    last_saved = checkpoint.latest(workdir) if saved else None
+    results, results_step = None, None
+
+    def check_finite(done, state):
+        if int(distributed.sum_over_ranks(dist, {"n": nonfinite})["n"]):
+            divergence.raise_diverged(done, state, workdir, last_saved)
+
+    try:
+        # ---------------------------------------------------------------- the loop
+        batches = train_loader.iterate(start_step)
+        saved_step = completed = start_step
+        for step in range(start_step, total_steps):
+            with stop.interruptible():
+                t0 = time.perf_counter()
+                batch = next(batches)
+                data_time = time.perf_counter() - t0
+                lr = base_lr * schedule(step)
+                generator = torch.Generator(dist.device).manual_seed(  # RPN / RoI sampling, on the model's device
+                    rng.seed_for("detection-sample", config.seed, step, dist.rank))
+                new_state, metrics = train_step(train_state, loop.to_device(batch, dist.device),
+                                                torch.tensor(lr, dtype=torch.float32), generator)
+            train_state, completed = new_state, step + 1
+            nonfinite = nonfinite + metrics.pop("nonfinite")
+            metric_log.add(metrics, data_time)
+            timer.tick(step + 1)
+            done = step + 1
+            is_time = lambda every: periodic.is_time(done, every, total_steps)
+
+            if is_time(config.log_steps):
+                check_finite(done, train_state)
+                scalars = metric_log.means()
+                scalars.update(lr=lr, epoch=done / steps_per_epoch)
+                if timer.images_per_second is not None:
+                    scalars["images_per_s"] = timer.images_per_second
+                writer.write_scalars(done, scalars)
+            if is_time(eval_every):
+                check_finite(done, train_state)
+                t0 = time.perf_counter()
+                results, results_step = evaluate(train_state), done
+                timer.eval_took(time.perf_counter() - t0)
+                writer.write_scalars(done, scalars_of(results))
+                if config.best_metric:
+                    head, key = config_check.best_metric_key(config.best_metric)
+                    save(done, train_state, best=(config.best_metric, results[head][key] or 0.0, config.best_mode))
+            if is_time(ckpt_every) or (stop.requested and done < total_steps):
+                check_finite(done, train_state)
+                saved_step = save(done, train_state)
+                last_saved = checkpoint.checkpoint_path(workdir, done)
+            if stop.requested and done < total_steps:
+                raise Stopped(stop.requested)
+
+        # ---------------------------------------------------------------- final results
+        check_finite(total_steps, train_state)
+        if results is None or results_step != total_steps:
+            logging.info("Evaluating the final model on %d test images…", len(dataset.test))
+            results = evaluate(train_state)
+        if dist.is_main:
+            info = {**run_info, "dataset": dataset_info(dataset, config), "world_size": dist.world_size,
+                    "step": total_steps, "started": started, "ended": loop._now(),
+                    "fpipe_version": fpipe.__version__, "fpipe_commit": loop._commit()}
+            loop.write_results(workdir, results, info)
+            files.atomic_write(os.path.join(workdir, "results.md"), lambda f: f.write(results_table(results)), mode="w")
+            logging.info("COCO AP on %d test images (percent):\n%s", len(dataset.test), results_table(results))
+        return results
+    except Stopped:
+        if dist.is_main and saved_step < completed and not int(nonfinite):
+            save(completed, train_state)
+        logging.warning("Stopped by %s at step %d; a checkpoint is written: re-run the same command to "
+                        "continue.", signal.Signals(stop.requested).name, completed)
+        raise
+    finally:
+        writer.close()
+
+
+# ------------------------------------------------------------------------ the pieces
+def build_data(data_cfg):
+    name = data_cfg.name
+    if name not in DATASETS:
+        raise ValueError(f"unknown data.name {name!r} for detection; valid: {', '.join(DATASETS)}")
+    return DATASETS[name](data_cfg)
+
+
+def collate_options(data_cfg, det_cfg, dataset) -> dict:
+    """How samples become batches (fpipe.detection.collate): the sizes, and only the targets the
+    enabled heads read."""
+    return dict(min_size=data_cfg.min_size, max_size=data_cfg.max_size, max_objects=data_cfg.max_objects,
+                num_keypoints=dataset.num_keypoints if det_cfg.keypoint_head.enabled else 0,
+                size_divisible=data_cfg.size_divisible, fixed_canvas=data_cfg.fixed_canvas,
+                with_masks=bool(det_cfg.mask_head.enabled))
+
+
+def make_step(model, opt, *, grad_reduce=None):
+    """``step(train_state, batch, lr, generator) -> (train_state, metrics)``: fpipe.train.step's
+    update over ``model.losses`` (grad_and_value over the trainable tree; gradient mean across
+    ranks; the optimizer's clipping; one non-finite flag), with each loss term as a metric."""
+    def loss_fn(trainable, frozen, model_state, batch, generator):
+        total, losses, new_state = model.losses(tree.merge(trainable, frozen), model_state, batch,
+                                                generator=generator, return_state=True)
+        return total, (losses, new_state)
+
+    grad_fn = grad_and_value(loss_fn, has_aux=True)
+    clip = getattr(opt, "clip_and_norm", None)
+
+    def step(train_state, batch, lr, generator):
+        grads, (loss, (losses, new_model_state)) = grad_fn(
+            train_state["trainable"], train_state["frozen"], train_state["model_state"], batch, generator)
+        if grad_reduce is not None:
+            grads = grad_reduce(grads)
+        grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
+        trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], lr)
+        metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **{k: v.detach() for k, v in losses.items()}}
+        metrics["nonfinite"] = (~divergence.all_finite(trainable, new_model_state, opt_state, loss, grad_norm)
+                                ).to(torch.int32)
+        return {**train_state, "trainable": trainable, "opt_state": opt_state, "model_state": new_model_state}, metrics
+
+    return step
+
+
+def model_config(det_cfg):
+    """``model.default_config()`` with the config's ``model.detection`` values on top: a key the
+    model has and the config file does not yet list (fpipe.defaults.detection_model lags behind)
+    keeps the model's default; a key the model does not know is an error."""
+    merged = det_model.default_config()
+
+    def update(into, values, prefix):
+        for key in values.keys():
+            if key not in into:
+                raise ValueError(f"model.detection.{prefix}{key} is not a detection model option; "
+                                 f"options here: {', '.join(into.keys())}")
+            value = values[key]
+            if hasattr(value, "keys") and hasattr(into[key], "keys") and key != "options":
+                update(into[key], value, f"{prefix}{key}.")
+            else:
+                into[key] = value
+
+    update(merged, det_cfg, "")
+    return merged
+
+
+def iou_types(det_cfg) -> tuple:
+    """The COCO evaluations of the enabled heads."""
+    if det_cfg.rpn_only:
+        return ()
+    return ("bbox",) + (("segm",) if det_cfg.mask_head.enabled else ()) + \
+        (("keypoints",) if det_cfg.keypoint_head.enabled else ())
+
+
+def backbone_weights(params, model_state, weights_cfg, workdir, write_report=True):
+    """``model.weights.path`` (a classification checkpoint, any format fpipe.weights reads) into
+    ``backbone.body``: the loader sees the body as a trunk, as in classification."""
+    body = {"trunk": params["backbone"]["body"]}
+    body_state = {"trunk": model_state["backbone"]["body"]}
+    if not weights_cfg.path:
+        logging.warning("model.weights.path is empty: the backbone starts from its RANDOM initialisation.")
+        return params, model_state, None
+    body, body_state, provenance = loop.load_weights(body, body_state, weights_cfg, workdir, write_report)
+    params = {**params, "backbone": {**params["backbone"], "body": body["trunk"]}}
+    model_state = {**model_state, "backbone": {**model_state["backbone"], "body": body_state["trunk"]}}
+    return params, model_state, provenance
+
+
+def _like(reference, restored):
+    """``restored`` with ``reference``'s nested dicts, empty ones included."""
+    return {k: _like(v, restored.get(k, {})) if isinstance(v, dict) else restored[k] for k, v in reference.items()}
+
+
+def scalars_of(results) -> dict:
+    return {f"{head}/test_{k}": v for head, r in results.items() for k, v in r.items() if k in SHOWN and v is not None}
+
+
+def results_table(results) -> str:
+    """A Markdown table: one row per head, COCO's AP columns."""
+    cols = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    show = lambda v: "—" if v is None else f"{v:.1f}"
+    lines = ["| head | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {head} | " + " | ".join(show(r.get(c)) for c in cols) + " |" for head, r in results.items()]
+    return "\n".join(lines) + "\n"
+
+
+def dataset_info(dataset, config) -> dict:
+    return {"name": dataset.name, "root": config.data.get("root") or None, "num_classes": dataset.num_classes,
+            "categories": [c["name"] for c in dataset.categories], "keypoints": list(dataset.keypoint_names),
+            "splits": {"train": len(dataset.train), "test": len(dataset.test)},
+            "min_size": config.data.min_size, "max_size": config.data.max_size}
+
+
+# ------------------------------------------------------------------------ config check
+def check(config) -> None:
+    """Every value of a detection config checked before any data is read or file written
+    (``config_check.ConfigError``: main.py exits with status 2)."""
+    try:
+        _check(config)
+    except config_check.ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError, NotImplementedError) as e:
+        raise config_check.ConfigError(str(e).strip("'\"")) from e
+
+
+def _check(c) -> None:
+    E = config_check.ConfigError
+    if c.data.name not in DATASETS:
+        raise E(f"unknown data.name {c.data.name!r} for detection; valid: {', '.join(DATASETS)}")
+    if c.data.name == "coco":
+        for which in ("train", "test"):
+            ann, images = coco.split_paths(c.data, which)
+            if not os.path.isfile(ann):
+                raise E(f"data.{which}: COCO annotation file {ann!r} does not exist (data.root / data.{which}_split "
+                        f"or data.{which}_annotations)")
+            if not os.path.isdir(images):
+                raise E(f"data.{which}: COCO image folder {images!r} does not exist")
+    for key in ("batch_size", "eval_batch_size", "min_size", "max_size", "max_objects", "size_divisible"):
+        if not (isinstance(c.data[key], int) and c.data[key] >= 1):
+            raise E(f"data.{key}={c.data[key]!r}: a whole number >= 1 is needed")
+    if c.data.min_size > c.data.max_size:
+        raise E(f"data.min_size={c.data.min_size} is above data.max_size={c.data.max_size}")
+    for key in ("total", "log", "eval", "ckpt"):
+        for unit in ("epochs", "steps"):
+            value = c.get(f"{key}_{unit}")
+            if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+                raise E(f"{key}_{unit}={value!r}: a number >= 0 is needed")
+    if schedules.to_steps(c, "total", 1, default=0) <= 0:
+        raise E("total_epochs / total_steps must be > 0")
+    if not (isinstance(c.log_steps, int) and c.log_steps >= 1):
+        raise E(f"log_steps={c.log_steps!r}: a whole number >= 1 is needed")
+    if not (isinstance(c.keep_ckpts, int) and c.keep_ckpts >= 1):
+        raise E(f"keep_ckpts={c.keep_ckpts!r}: keep at least 1 checkpoint (resuming needs one)")
+    det_model.build(model_config(c.model.detection), 2)  # names, sizes and head options (cheap: no init)
+    if c.model.detection.keypoint_head.enabled and c.data.name == "scenes" and \
+            c.model.detection.keypoint_head.num_keypoints != len(scenes.KEYPOINT_NAMES):
+        raise E(f"model.detection.keypoint_head.num_keypoints={c.model.detection.keypoint_head.num_keypoints}; "
+                f"the scenes have {len(scenes.KEYPOINT_NAMES)} keypoints per object")
+    freeze.rules(c.model.freeze)
+    if c.model.weights.path and not os.path.exists(c.model.weights.path):
+        raise E(f"model.weights.path={c.model.weights.path!r}: no such file")
+    if not (isinstance(c.optim.lr, (int, float)) and c.optim.lr >= 0):
+        raise E(f"optim.lr={c.optim.lr!r}: the learning rate must be a number >= 0")
+    optim.build(c.optim, {})
+    base_lr, _ = optim.scaled_lr(c.optim, c.data.batch_size)
+    schedules.build(c.schedule, 10, 100, base_lr=base_lr)
+    if c.best_metric:
+        head, key = config_check.best_metric_key(c.best_metric)
+        heads = iou_types(c.model.detection)
+        valid = [f"{h}/test_{k}" for h in heads for k in SHOWN]
+        if head not in heads or key not in SHOWN:
+            raise E(f"best_metric={c.best_metric!r}; valid: {', '.join(valid)}")
+        if c.best_mode != "max":
+            raise E(f"best_metric={c.best_metric!r} is best when highest: set best_mode='max'")

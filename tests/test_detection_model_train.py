@@ -1,0 +1,169 @@
+"""fpipe.detection.model training: the losses run, are finite, reach the RPN and RoI heads, and a
+frozen conv body (params and BatchNorm statistics) stays bit-identical through optimizer steps."""
+import pytest
+import torch
+from torch.func import grad_and_value
+
+from fpipe import freeze, optim, tree
+from fpipe.detection import model as det_model
+
+
+def tiny_config(mask=False, keypoints=False):
+    cfg = det_model.default_config()
+    cfg.backbone.name = "resnet18"
+    cfg.fpn.out_channels = 32
+    cfg.rpn.anchor_sizes = ((8,), (16,), (32,), (64,), (128,))
+    cfg.rpn.pre_nms_top_n_train, cfg.rpn.post_nms_top_n_train = 100, 40
+    cfg.rpn.pre_nms_top_n_test, cfg.rpn.post_nms_top_n_test = 100, 40
+    cfg.rpn.batch_size_per_image = 64
+    cfg.box_head.batch_size_per_image, cfg.box_head.representation_size = 32, 64
+    cfg.mask_head.enabled, cfg.mask_head.layers, cfg.mask_head.dim_reduced = mask, (16, 16), 16
+    cfg.keypoint_head.enabled, cfg.keypoint_head.layers, cfg.keypoint_head.num_keypoints = keypoints, (16, 16), 3
+    return cfg
+
+
+def tiny_batch(h=64, w=96, masks=False, keypoints=False):
+    g = torch.Generator().manual_seed(3)
+    boxes = torch.tensor([[[4., 6., 40., 30.], [30., 20., 80., 60.], [0., 0., 0., 0.]],
+                          [[10., 10., 50., 50.], [0., 0., 0., 0.], [0., 0., 0., 0.]]])
+    batch = {"image": torch.randn(2, 3, h, w, generator=g), "image_size": torch.tensor([[64, 96], [60, 70]]),
+             "boxes": boxes, "labels": torch.tensor([[1, 2, 0], [3, 0, 0]]),
+             "valid": torch.tensor([[True, True, False], [True, False, False]]), "index": torch.arange(2)}
+    if masks:
+        m = torch.zeros(2, 3, h, w, dtype=torch.uint8)
+        for i in range(2):
+            for j in range(3):
+                x1, y1, x2, y2 = boxes[i, j].int().tolist()
+                m[i, j, y1:y2, x1:x2] = 1
+        batch["masks"] = m
+    if keypoints:
+        kp = torch.zeros(2, 3, 3, 3)
+        kp[..., 0] = boxes[..., None, 0] + 5 + torch.arange(3.)
+        kp[..., 1] = boxes[..., None, 1] + 4 + torch.arange(3.)
+        kp[..., 2] = 2.0
+        batch["keypoints"] = kp
+    return batch
+
+
+@pytest.mark.parametrize("mask,keypoints", [(False, False), (True, True)])
+def test_losses_finite_and_gradients_reach_the_heads(mask, keypoints):
+    model = det_model.build(tiny_config(mask, keypoints), 4)
+    params, state = model.init(0)
+    batch = tiny_batch(masks=mask, keypoints=keypoints)
+    gen = torch.Generator().manual_seed(0)
+    (total, losses) = model.losses(params, state, batch, generator=gen)
+    want = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+    want |= {"loss_mask"} if mask else set()
+    want |= {"loss_keypoint"} if keypoints else set()
+    assert set(losses) == want
+    assert all(torch.isfinite(v) for v in losses.values()) and torch.isfinite(total)
+    grads, _ = grad_and_value(lambda p: model.losses(p, state, batch, generator=torch.Generator().manual_seed(0))[0])(
+        params)
+    flat = tree.flatten(grads)
+    for prefix in ("rpn.head.", "roi_heads.box_head.", "roi_heads.box_predictor.", "backbone.fpn.",
+                   "backbone.body.layer4.") + (("roi_heads.mask_predictor.",) if mask else ()) + \
+            (("roi_heads.keypoint_predictor.",) if keypoints else ()):
+        assert any(float(v.abs().sum()) > 0 for n, v in flat.items() if n.startswith(prefix)), prefix
+    assert all(torch.isfinite(v).all() for v in flat.values())
+
+
+def test_rpn_only_has_only_rpn_losses_and_proposals():
+    cfg = tiny_config()
+    cfg.rpn_only = True
+    model = det_model.build(cfg, 4)
+    params, state = model.init(0)
+    assert "roi_heads" not in params
+    _, losses = model.losses(params, state, tiny_batch(), generator=torch.Generator().manual_seed(0))
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg"}
+    out = model.predict(params, state, tiny_batch()["image"], torch.tensor([[64, 96], [60, 70]]))
+    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4 and len(out[0]["boxes"]) <= 40
+
+
+def test_predict_shapes_with_masks():
+    model = det_model.build(tiny_config(mask=True), 4)
+    params, state = model.init(0)
+    model.config.box_head.score_thresh = 0.0
+    out = model.predict(params, state, tiny_batch()["image"], torch.tensor([[64, 96], [60, 70]]))
+    for d in out:
+        assert d["boxes"].shape[0] == d["scores"].shape[0] == d["labels"].shape[0] == d["masks"].shape[0]
+        assert d["masks"].shape[1:] == (1, 28, 28)
+
+
+@pytest.mark.parametrize("rule", ["freeze_conv_body", "freeze_at"])
+def test_frozen_body_and_bn_stats_stay_bit_identical(rule):
+    cfg = tiny_config()
+    cfg.backbone.freeze_conv_body = rule == "freeze_conv_body"
+    cfg.backbone.freeze_at = 2
+    model = det_model.build(cfg, 4)
+    params, state = model.init(0)
+    # non-trivial running statistics, so that "unchanged" means something
+    state = tree.map_leaves(lambda t: t + 0.1 if t.is_floating_point() else t, state)
+    rules = model.freeze_rules(params)
+    trainable, frozen = freeze.partition(params, rules)
+    names = set(tree.flatten(frozen))
+    if rule == "freeze_conv_body":
+        assert names == {n for n in tree.flatten(params) if n.startswith("backbone.body.")}
+    else:  # stem + layer1, and every BatchNorm's scale/shift (FrozenBatchNorm2d)
+        assert "backbone.body.conv1.weight" in names and "backbone.body.layer1.0.conv1.weight" in names
+        assert "backbone.body.layer2.0.conv1.weight" not in names
+        assert "backbone.body.layer4.1.bn2.weight" in names
+    opt_cfg = optim.default_config()
+    opt_cfg.lr, opt_cfg.momentum, opt_cfg.weight_decay, opt_cfg.wd_mults = 0.01, 0.9, 1e-4, ()
+    opt = optim.build(opt_cfg, trainable)
+    opt_state = opt.init(trainable)
+    batch = tiny_batch()
+    before_frozen = {n: v.clone() for n, v in tree.flatten(frozen).items()}
+    before_state = {n: v.clone() for n, v in tree.flatten(state).items()}
+    before_trainable = {n: v.clone() for n, v in tree.flatten(trainable).items()}
+
+    def loss_fn(tr, fr, st, b, seed):
+        gen = torch.Generator().manual_seed(seed)
+        total, _, new_state = model.losses(tree.merge(tr, fr), st, b, generator=gen, return_state=True)
+        return total, new_state
+
+    for seed in range(2):
+        grads, (loss, state) = grad_and_value(loss_fn, has_aux=True)(trainable, frozen, state, batch, seed)
+        trainable, opt_state = opt.update(grads, opt_state, trainable, 0.01)
+        assert torch.isfinite(loss)
+    for n, v in tree.flatten(frozen).items():
+        assert torch.equal(v, before_frozen[n]), n
+    for n, v in tree.flatten(state).items():
+        assert torch.equal(v, before_state[n]), n
+    changed = [n for n, v in tree.flatten(trainable).items() if not torch.equal(v, before_trainable[n])]
+    assert any(n.startswith("rpn.head.") for n in changed) and any(n.startswith("roi_heads.") for n in changed)
+
+
+def test_losses_with_given_proposals_trace_as_one_graph():
+    """With the proposals computed outside (train_proposals: the RPN's NMS is data-dependent),
+    the whole training loss, mask and keypoint heads included, traces without a graph break."""
+    cfg = tiny_config(mask=True, keypoints=True)
+    cfg.mask_head.target_max_grid = 4
+    model = det_model.build(cfg, 4)
+    params, state = model.init(0)
+    batch = tiny_batch(masks=True, keypoints=True)
+    proposals = model.train_proposals(params, state, batch)
+    assert proposals[0].shape == (2, 40, 4) and proposals[1].dtype == torch.bool
+    torch.manual_seed(0)
+    eager, eager_losses = model.losses(params, state, batch, proposals=proposals)
+    assert torch.isfinite(eager)
+
+    def fn(params, state, batch, proposals):
+        return model.losses(params, state, batch, proposals=proposals)[0]
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(params, state, batch, proposals)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_no_detections_and_no_gt_are_handled():
+    cfg = tiny_config(mask=True, keypoints=True)
+    cfg.box_head.score_thresh = 1.0  # nothing passes
+    model = det_model.build(cfg, 4)
+    params, state = model.init(0)
+    batch = tiny_batch(masks=True, keypoints=True)
+    for d in model.predict(params, state, batch["image"], batch["image_size"]):
+        assert d["boxes"].shape == (0, 4) and d["masks"].shape == (0, 1, 28, 28) and d["keypoints"].shape == (0, 3, 3)
+    batch["valid"][:] = False  # images without any gt: background-only losses, box terms 0
+    _, losses = model.losses(params, state, batch, generator=torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert float(losses["loss_rpn_box_reg"]) == float(losses["loss_box_reg"]) == float(losses["loss_mask"]) == 0.0

@@ -1,0 +1,132 @@
+"""The detection run end to end through main.py: a few steps of each head, results.json with COCO AP."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fpipe import defaults
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Tiny and quick: 64-px scenes, 6 steps, 8 test images, 20 proposals.
+TINY = ["--config.data.num_train=16", "--config.data.num_test=4", "--config.data.min_side=48",
+        "--config.data.max_side=64", "--config.data.min_size=64", "--config.data.max_size=64",
+        "--config.data.batch_size=2", "--config.total_steps=6", "--config.log_steps=3", "--config.ckpt_steps=3",
+        "--config.model.detection.rpn.pre_nms_top_n_test=50", "--config.model.detection.rpn.post_nms_top_n_test=20",
+        "--config.model.detection.rpn.pre_nms_top_n_train=50", "--config.model.detection.rpn.post_nms_top_n_train=20"]
+
+
+def main(workdir, *args, check=True):
+    cmd = [sys.executable, "main.py", "--config=configs/detection.py", f"--workdir={workdir}", *TINY, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_mask_rcnn_run_writes_coco_ap_metrics_and_checkpoints(tmp_path):
+    main(tmp_path, "--config.model.detection.mask_head.enabled=True", "--config.eval_steps=3")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["heads"]) == {"bbox", "segm"}
+    for head in results["heads"].values():
+        assert {"AP", "AP50", "AP75"} <= set(head) and 0 <= head["AP"] <= 100
+    assert results["dataset"]["name"] == "scenes" and results["step"] == 6
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l] == [3, 6]
+    assert all("loss_mask" in l and "loss_classifier" in l for l in lines if "loss" in l)
+    assert [l["step"] for l in lines if "segm/test_AP" in l] == [3, 6]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt_*.pt")) == ["ckpt_00000003.pt",
+                                                                                    "ckpt_00000006.pt"]
+    assert "| segm |" in (tmp_path / "results.md").read_text()
+
+
+def test_keypoint_rcnn_run_trains_the_keypoint_head(tmp_path):
+    main(tmp_path, "--config.model.detection.keypoint_head.enabled=True")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["heads"]) == {"bbox", "keypoints"}
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_keypoint" in l for l in lines)
+
+
+def test_bad_detection_config_is_refused_before_any_work(tmp_path):
+    proc = main(tmp_path / "w", "--config.data.name=coco", "--config.data.root=/nonexistent", check=False)
+    assert proc.returncode == 2 and "annotation file" in proc.stderr
+    assert not (tmp_path / "w").exists()
+    sys.path.insert(0, str(ROOT))
+    from configs import detection
+    from fpipe.detection import train
+    from fpipe.train.config_check import ConfigError
+    config = detection.get_config()
+    config.best_metric = "segm/AP"  # no mask head
+    with pytest.raises(ConfigError, match="bbox/test_AP"):
+        train.check(config)
+    config.best_metric, config.data.min_size = "bbox/AP", 200
+    with pytest.raises(ConfigError, match="min_size=200 is above data.max_size=96"):
+        train.check(config)
+
+
+def test_torch_free_defaults_equal_the_models():
+    """fpipe.defaults.detection_model (what config files use) lists the model's options with its values."""
+    from fpipe.detection import model
+    assert defaults.detection_model().to_dict() == model.default_config().to_dict()
+
+
+def test_model_config_takes_the_models_new_keys_and_refuses_unknown_ones():
+    from fpipe.detection import train
+    cfg = defaults.detection_model()
+    cfg.rpn.nms_thresh = 0.6
+    merged = train.model_config(cfg)
+    assert merged.rpn.nms_thresh == 0.6 and merged.box_head.batch_size_per_image == 512
+    cfg.rpn.nmsthresh = 0.6
+    with pytest.raises(ValueError, match="rpn.nmsthresh is not a detection model option"):
+        train.model_config(cfg)
+
+
+def test_backbone_weights_load_a_classification_checkpoint_into_backbone_body(tmp_path):
+    """A torchvision-named ResNet-18 file lands in backbone.body (params and BN statistics), nothing else moves."""
+    import torch
+
+    from fpipe import tree
+    from fpipe.detection import model as det_model
+    from fpipe.detection import train
+    from fpipe.models import resnet
+    cfg = defaults.detection_model()
+    cfg.backbone.name, cfg.fpn.out_channels = "resnet18", 32
+    model = det_model.build(train.model_config(cfg), 4)
+    params, state = model.init(0)
+    trunk_params, trunk_state = resnet.init(7, depth=18)
+    file = {**tree.flatten(trunk_params), **tree.flatten(trunk_state)}
+    torch.save(file, tmp_path / "resnet18.pth")
+    wcfg = defaults.weights()
+    wcfg.path = str(tmp_path / "resnet18.pth")
+    new_params, new_state, provenance = train.backbone_weights(params, state, wcfg, str(tmp_path))
+    body = {**tree.flatten(new_params["backbone"]["body"]), **tree.flatten(new_state["backbone"]["body"])}
+    assert body.keys() == file.keys() and all(torch.equal(body[k], file[k]) for k in file)
+    assert provenance["trunk_loaded"] == provenance["trunk_total"] > 0
+    assert torch.equal(new_params["rpn"]["head"]["cls_logits"]["weight"], params["rpn"]["head"]["cls_logits"]["weight"])
+    assert (tmp_path / "weights_report.txt").exists()
+
+
+def test_a_run_resumed_from_a_middle_checkpoint_ends_bit_identical(tmp_path):
+    """Data by (epoch, step), RPN/RoI sampling by (seed, step, rank): resuming changes nothing."""
+    import os
+    import shutil
+
+    import torch
+    args = ["--config.total_steps=3", "--config.ckpt_steps=2"]
+    main(tmp_path / "straight", *args)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    os.remove(ckpts / "ckpt_00000003.pt")
+    os.remove(ckpts / "last.pt")
+    os.symlink("ckpt_00000002.pt", ckpts / "last.pt")
+    os.remove(tmp_path / "resumed" / "results.json")
+    proc = main(tmp_path / "resumed", *args)
+    assert "Resumed at step 2 of 3" in proc.stderr
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "ckpt_00000003.pt", weights_only=True)
+    b = torch.load(ckpts / "ckpt_00000003.pt", weights_only=True)
+    assert a["params"].keys() == b["params"].keys()
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    results = [json.loads((tmp_path / w / "results.json").read_text())["heads"] for w in ("straight", "resumed")]
+    assert results[0] == results[1]
