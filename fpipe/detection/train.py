@@ -130,17 +130,7 @@ def _run(config, workdir, dist, stop, run_info):
                 results = [r for part in gathered for r in part]
             return coco_eval.evaluate(gt, results, iou_types(det_cfg), dataset.keypoint_sigmas)
 
-    def save(step, state, best=None):
-        if dist.is_main:
-            meta = {"config": config.to_json_best_effort(), "optimizer": opt.name,
-                    "weights": run_info.get("weights"), "fpipe_version": fpipe.__version__}
-            payload = checkpoint.train_state_payload(state, step, frozen_ref, meta)
-            if best is None:
-                path = checkpoint.save(workdir, step, payload, keep=config.keep_ckpts)
-                checkpoint.link_last(workdir, path)
-            else:
-                checkpoint.save_best(workdir, step, payload, *best)
-        return step
+    save = loop.make_saver(workdir, dist, config, opt, run_info, frozen_ref)
 
     eval_every = schedules.to_steps(config, "eval", steps_per_epoch, default=0)
     ckpt_every = schedules.to_steps(config, "ckpt", steps_per_epoch, default=0)

@@ -154,18 +154,7 @@ def _run(config, workdir, dist, stop, run_info):
                 params, model_state = frozen_trunk.without_trunk(params), frozen_trunk.without_trunk(model_state)
             return topk.evaluate(eval_step, params, model_state, loader, dist, prepare)
 
-    def save(step, state, best=None):
-        """A checkpoint of ``state`` after ``step`` steps (rank 0), never of a non-finite one."""
-        if dist.is_main:
-            meta = {"config": config.to_json_best_effort(), "optimizer": opt.name,
-                    "weights": run_info.get("weights"), "fpipe_version": fpipe.__version__}
-            payload = checkpoint.train_state_payload(state, step, frozen_ref, meta)
-            if best is None:
-                path = checkpoint.save(workdir, step, payload, keep=config.keep_ckpts)
-                checkpoint.link_last(workdir, path)
-            else:
-                checkpoint.save_best(workdir, step, payload, *best)
-        return step
+    save = make_saver(workdir, dist, config, opt, run_info, frozen_ref)
 
     eval_every = schedules.to_steps(config, "eval", steps_per_epoch, default=0)
     ckpt_every = schedules.to_steps(config, "ckpt", steps_per_epoch, default=0)
@@ -335,6 +324,24 @@ def should_compile(config, images_to_train: int) -> bool:
                      "compile time; --config.compile_min_images=0 compiles anyway.", images_to_train, threshold)
         return False
     return True
+
+
+def make_saver(workdir, dist, config, opt, run_info, frozen_ref):
+    """``save(step, state, best=None) -> step``: a checkpoint of ``state`` after ``step`` steps
+    (rank 0; ``best=(metric, value, mode)`` for the best one), never of a non-finite one (callers
+    check first). Shared by every run that trains (fpipe.detection.train too)."""
+    def save(step, state, best=None):
+        if dist.is_main:
+            meta = {"config": config.to_json_best_effort(), "optimizer": opt.name,
+                    "weights": run_info.get("weights"), "fpipe_version": fpipe.__version__}
+            payload = checkpoint.train_state_payload(state, step, frozen_ref, meta)
+            if best is None:
+                path = checkpoint.save(workdir, step, payload, keep=config.keep_ckpts)
+                checkpoint.link_last(workdir, path)
+            else:
+                checkpoint.save_best(workdir, step, payload, *best)
+        return step
+    return save
 
 
 def write_results(workdir, results, info):
