@@ -143,7 +143,11 @@ def _flag_message(e):
         key, _, hint = detail.partition("\n")
         return (f"no such config key {key.strip(chr(39))!r}{'. ' + hint if hint else ''}. List every key "
                 "with --config_only, e.g. python main.py --config=configs/linear_eval.py --config_only")
-    text = " ".join(str(e).split())
+    text = str(e)
+    if "Error whilst parsing config file" in text and "Traceback" in text:  # the config's own error, last line
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        return f"{text.split(': Error whilst', 1)[0]}: {last}"
+    text = " ".join(text.split())
     return text[:500] if text else type(e).__name__
 
 

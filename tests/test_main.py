@@ -49,6 +49,15 @@ def test_unknown_override_is_an_error_naming_the_key(tmp_path):
     assert "lrr" in proc.stderr and "lr" in proc.stderr
 
 
+def test_an_unknown_config_variant_is_one_line_naming_the_valid_ones(tmp_path):
+    proc = main(tmp_path, config="configs/supervised.py:multi_tsk", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: flag --config=configs/supervised.py:multi_tsk: ValueError: unknown supervised variant 'multi_tsk'; "
+        "valid: ('multi_task',)"]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing written
+
+
 def test_killed_run_resumes_with_the_same_command_and_ends_identically(tmp_path):
     args = ["--config.total_steps=24", "--config.ckpt_steps=4", "--config.model.heads.res4.pool=(1, 1)"]
     main(tmp_path / "straight", *args)
