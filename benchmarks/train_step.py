@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.linear_eval_step import ARCH, NUM_CLASSES, torch_module
+from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
 from fpipe import freeze, optim, tree
 from fpipe.models import model as model_lib
 from fpipe.train import distributed
@@ -142,14 +143,6 @@ def time_interleaved(programs, iters, warmup):
 
 
 # ---------------------------------------------------------------- fresh processes
-def _kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def child(args):
     """One program alone: its first-call time, the peak RSS over ``--iters`` steps after it (and
     of the whole process, compilation included); prints JSON."""
