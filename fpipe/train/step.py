@@ -19,17 +19,14 @@ from fpipe.train import divergence, precision
 
 
 def heads_loss(outputs, batch, targets):
-    """Each head's loss on its own target (``targets``: ``models.head_targets``), weighted and
-    summed; by default every head learns ``label`` by cross-entropy."""
-    losses = {}
+    """Each head's loss on its own target (``targets``: ``models.head_targets``, one entry per
+    head of the model), weighted and summed; by default a head learns ``label`` by cross-entropy."""
+    losses, total = {}, 0
     for name, logits in outputs.items():
-        target, kind, _ = targets.get(name, _LABEL)
+        target, kind, weight = targets[name]
         losses[name] = losses_lib.loss(kind, logits, models.labels_for(logits, batch[target]))
-    total = sum(targets.get(name, _LABEL)[2] * value for name, value in losses.items())
+        total = total + weight * losses[name]
     return total, losses
-
-
-_LABEL = ("label", "cross_entropy", 1.0)
 
 
 def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_stats=None,
@@ -86,7 +83,7 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
             metrics.update(loss_scale=scaler["scale"], skipped=found_inf.float())
         for name, head_loss in losses.items():
             metrics[f"{name}/loss"] = head_loss.detach()
-            target, kind, _ = targets.get(name, _LABEL)
+            target, kind, _ = targets[name]
             key, value = losses_lib.train_metric(kind, outputs[name], models.labels_for(outputs[name], batch[target]))
             metrics[f"{name}/{key}"] = value
         new_state.update(trainable=trainable, opt_state=opt_state)
@@ -116,7 +113,7 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
         for name, logits in outputs.items():
             if logits.shape[0] != valid.shape[0]:  # one row per crop (data.eval_views): their mean
                 logits = logits.float().reshape(-1, valid.shape[0], logits.shape[1]).mean(0)
-            target, kind, _ = targets.get(name, _LABEL)
+            target, kind, _ = targets[name]
             counts[name] = losses_lib.eval_counts(kind, logits, batch[target], valid, topk)
         return counts
 
