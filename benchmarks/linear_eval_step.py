@@ -261,15 +261,18 @@ def report_steps(title, progs, med, first, batch_size):
     sys.stdout.flush()
 
 
-def time_round_robin(programs, iters, warmup):
-    """Median seconds per call of each program; calls interleave so that load hits all alike."""
+def time_round_robin(programs, iters, warmup, warm_outputs=None):
+    """Median seconds per call of each program; calls interleave so that load hits all alike.
+    ``warm_outputs``: a dict that receives each program's first and warm-up results."""
     first = {}
     for name, run in programs.items():
         t = time.perf_counter()
-        run()
+        outputs = [run()]
         first[name] = time.perf_counter() - t
         for _ in range(warmup - 1):
-            run()
+            outputs.append(run())
+        if warm_outputs is not None:
+            warm_outputs[name] = outputs
     times = {name: [] for name in programs}
     for _ in range(iters):
         for name, run in programs.items():

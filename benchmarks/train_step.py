@@ -34,7 +34,6 @@ import gc
 import importlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -42,9 +41,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.linear_eval_step import ARCH, NUM_CLASSES, torch_module
+from benchmarks.linear_eval_step import ARCH, NUM_CLASSES, time_round_robin, torch_module
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
-from fpipe import freeze, optim, tree
+from fpipe import freeze, optim
 from fpipe.models import model as model_lib
 from fpipe.train import distributed
 from fpipe.train import loop as loop_lib
@@ -123,25 +122,6 @@ def make_program(name, s):
     return fpipe_program(s) if name == "fpipe" else module_program(s, compiled=name == "compiled")
 
 
-# ---------------------------------------------------------------- timing
-def time_interleaved(programs, iters, warmup):
-    """(median seconds per call, first-call seconds, first losses); calls interleave round-robin."""
-    first, losses = {}, {}
-    for name, run in programs.items():
-        t = time.perf_counter()
-        losses[name] = [float(run())]
-        first[name] = time.perf_counter() - t
-        for _ in range(warmup - 1):
-            losses[name].append(float(run()))
-    times = {name: [] for name in programs}
-    for _ in range(iters):
-        for name, run in programs.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
-    return {n: statistics.median(v) for n, v in times.items()}, first, losses
-
-
 # ---------------------------------------------------------------- fresh processes
 def child(args):
     """One program alone: its first-call time, the peak RSS over ``--iters`` steps after it (and
@@ -191,7 +171,9 @@ def bench(args, mode, depth, image_size):
     torch._dynamo.reset()
     s = setup(mode, depth, image_size, args.batch_size)
     progs = {n: make_program(n, s) for n in args.programs}
-    med, first, losses = time_interleaved(progs, args.iters, args.warmup)
+    outputs = {}
+    med, first = time_round_robin(progs, args.iters, args.warmup, outputs)
+    losses = {name: [float(v) for v in values] for name, values in outputs.items()}
     print(f"== {mode} ResNet-{depth}, {image_size}px, batch {args.batch_size}, {args.threads} threads, "
           f"median of {args.iters} interleaved rounds after {args.warmup} warm-up")
     print("first losses: " + "  ".join(f"{n} " + " ".join(f"{v:.5f}" for v in losses[n]) for n in progs))
