@@ -8,6 +8,7 @@ import pytest
 
 # A compile failure or graph break raises instead of falling back to eager (fpipe.train.step).
 os.environ.setdefault("FPIPE_STRICT_COMPILE", "1")
+os.environ.setdefault("FPIPE_COMPILE_CACHE", "")  # no compiled steps saved to ~/.cache (tests/test_compile_cache.py: its own)
 # Under pytest-xdist (-n N) each worker and the runs it starts take one core: N workers with
 # several OpenMP threads each would oversubscribe the machine and spin-wait on each other.
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -22,7 +22,7 @@ from fpipe import checkpoint, data, files, freeze, optim, schedules, tree, weigh
 from fpipe.evaluate import extract, topk
 from fpipe.models import layers, losses
 from fpipe.models import model as models
-from fpipe.train import config_check, distributed, divergence, frozen_trunk, head_grid, periodic, precision
+from fpipe.train import compile_cache, config_check, distributed, divergence, frozen_trunk, head_grid, periodic, precision
 from fpipe.train import step as step_lib
 from fpipe.train.signals import Stopped, StopOnSignal
 
@@ -138,7 +138,7 @@ def _run(config, workdir, dist, stop, run_info):
                                     heads_only=trunk_features is not None, hold=hold)
 
         eval_step = step_lib.maybe_compile(step_lib.make_eval_step(step_model, autocast=autocast),
-                                           compiling, "eval step")
+                                           compiling, "eval step", cache=step_cache(config, dist, "eval"))
         hold_rules = freeze.rules(config.layer_freeze.rules)
         hold_until = schedules.to_steps(config.layer_freeze, "freeze", steps_per_epoch, 0) if hold_rules else 0
         holding = start_step < hold_until
@@ -265,7 +265,8 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
         model, opt, eval_norms=norms, hold=held, grad_reduce=distributed.grad_mean(dist),
         sync_stats=sync_stats, autocast=autocast,
         loss_scaling=config.precision if precision.needs_scaler(config.precision) else None)
-    step = step_lib.maybe_compile(step, compiling, "train step")
+    step = step_lib.maybe_compile(step, compiling, "train step",
+                                  cache=step_cache(config, dist, "train", heads_only, sorted(held)))
     return frozen_trunk.heads_only(step) if heads_only else step
 
 
@@ -310,6 +311,19 @@ def load_weights(params, model_state, weights_cfg, workdir, write_report=True):
                   "trunk_loaded": report.trunk_loaded, "trunk_total": report.trunk_total,
                   "source": report.source, "format": report.format}
     return new_params, new_state, provenance
+
+
+def step_cache(config, dist, *parts):
+    """``(directory, key)`` where a compiled step of this config is kept for the next run
+    (``config.compile_cache_dir``; fpipe.train.compile_cache), or None: off, or several processes
+    (their collectives are not saved: each run compiles)."""
+    directory = config.get("compile_cache_dir", "")
+    if not directory or dist.world_size > 1:
+        return None
+    directory = compile_cache.default_dir() if directory == "auto" else directory
+    if not directory:
+        return None
+    return directory, compile_cache.step_key(config, str(dist.device), *parts)
 
 
 def should_compile(config, images_to_train: int) -> bool:

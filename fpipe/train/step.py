@@ -15,7 +15,7 @@ from torch.func import grad_and_value
 from fpipe import freeze, optim, tree
 from fpipe.models import losses as losses_lib
 from fpipe.models import model as models
-from fpipe.train import divergence, precision
+from fpipe.train import compile_cache, divergence, precision
 
 
 def heads_loss(outputs, batch, targets):
@@ -106,7 +106,9 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
 
     def eval_step(params, model_state, batch):
         with torch.no_grad(), precision.autocast(autocast, batch["label"].device.type):
-            outputs, _ = model.apply(params, model_state, batch["image"], train=False)
+            # Every keyword given: a default read off ``model`` cannot be saved (compile_cache).
+            outputs, _ = model.apply(params, model_state, batch["image"], train=False, eval_norms=frozenset(),
+                                     sync_stats=None)
         mask = batch.get("mask")
         valid = torch.ones_like(batch["label"], dtype=torch.bool) if mask is None else mask.bool()
         counts = {"count": valid.sum()}
@@ -130,24 +132,28 @@ def _keep_held(new, old, held):
 STRICT_COMPILE_ENV = "FPIPE_STRICT_COMPILE"  # "1": a compile failure raises (the tests set it)
 
 
-def maybe_compile(fn, enabled, name="step", **options):
+def maybe_compile(fn, enabled, name="step", cache=None, **options):
     """``torch.compile(fn, fullgraph=True)`` when enabled, with its first call (the compilation)
-    announced and timed in the log. A graph break or compiler error falls back to eager with a
-    loud error naming the cause (or raises, when FPIPE_STRICT_COMPILE=1)."""
+    announced and timed in the log. ``cache``: ``(directory, key)`` to load the compiled ``fn``
+    from, or save it to (``fpipe.train.compile_cache``). A graph break or compiler error falls back
+    to eager with a loud error naming the cause (or raises, when FPIPE_STRICT_COMPILE=1)."""
     if not enabled:
         return fn
     compiled = torch.compile(fn, fullgraph=True, **options)
     use = {"fn": compiled, "first": True}
 
     def run(*args):
-        if use["fn"] is compiled:
+        if use["fn"] is not fn:
             try:
                 if not use["first"]:
-                    return compiled(*args)
+                    return use["fn"](*args)
                 logging.info("compiling the %s (first call)…", name)
                 t0 = time.perf_counter()
-                out = compiled(*args)
-                logging.info("%s compiled in %.1f s", name, time.perf_counter() - t0)
+                if cache is not None and not options:
+                    use["fn"] = compile_cache.saved_or_compiled(fn, args, *cache, name, fallback=compiled)
+                out = use["fn"](*args)
+                logging.info("%s %s in %.1f s", name, "loaded and run" if getattr(use["fn"], "loaded", False)
+                             else "compiled", time.perf_counter() - t0)
                 use["first"] = False
                 return out
             except Exception as e:  # a compiler error must not kill a run that works eagerly
@@ -157,7 +163,7 @@ def maybe_compile(fn, enabled, name="step", **options):
                               "Set config.compile=False to skip compilation.", name, type(e).__name__,
                               str(e).splitlines()[0] if str(e) else "")
                 use["fn"] = fn
-        return use["fn"](*args)
+        return fn(*args)
 
     return run
 

@@ -1,0 +1,167 @@
+"""Compiled steps kept on disk, so that a second run of the same config starts in seconds.
+
+torch.compile's own caches (inductor's FX graph cache, AOTAutograd's) keep the kernels, but every
+new process still traces the step with Dynamo, which takes 10-70 s for a ResNet train step on a
+CPU. ``torch.compile(fn).aot_compile`` (torch >= 2.10, experimental) traces and compiles once and
+returns a function that can be saved whole; loading it takes about 2 s.
+
+Such a file keeps the guards on the step's inputs (tree structure, shapes, dtypes, devices) but
+not the guards on what the step closes over (model, optimizer rules, freezing), which cannot be
+saved. Those are covered by the file's key instead: the config without the keys that never reach
+the step (``OUTSIDE_THE_STEP``), fpipe's own source, the torch and Python versions, the thread
+count and the device. Any change there means another file, never a stale graph. A file that fails
+to load, or inputs its guards reject, fall back to a plain ``torch.compile`` (said in the log).
+
+The files are pickles holding code, as inductor's own cache in /tmp is: they are read only from
+a directory that this user owns and no one else may write, and only files this user wrote.
+"""
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+
+import torch
+from absl import logging
+
+from fpipe import files, tree
+
+CACHE_ENV = "FPIPE_COMPILE_CACHE"  # overrides the default directory; "" turns the cache off
+
+# Config keys that are read outside the step (durations, logging, checkpoints, seeds, the base
+# lr, which reaches the step as a tensor input, and the schedule that makes it): a run that only
+# changes these reuses the saved step. Everything else is part of the key.
+OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_epochs", "eval_steps",
+                    "ckpt_epochs", "ckpt_steps", "keep_ckpts", "best_metric", "best_mode",
+                    "compile_min_images", "compile_cache_dir", "collective_timeout_s", "optim.lr",
+                    "schedule", "data.seed", "data.root", "data.num_workers", "model.weights")
+
+
+def default_dir() -> str:
+    """``$FPIPE_COMPILE_CACHE``, else ``$XDG_CACHE_HOME/fpipe/compiled`` (``~/.cache/...``)."""
+    if CACHE_ENV in os.environ:
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fpipe", "compiled")
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest() -> str:
+    """sha256 over fpipe's Python source: an edited fpipe never runs a step saved by another."""
+    h = hashlib.sha256()
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def step_key(config, *parts) -> str:
+    """The key of a step compiled for ``config`` (less ``OUTSIDE_THE_STEP``) and ``parts``."""
+    flat = {k: v for k, v in tree.flatten(config.to_dict()).items()
+            if not any(k == o or k.startswith(o + ".") for o in OUTSIDE_THE_STEP)}
+    facts = {"config": flat, "parts": [str(p) for p in parts], "fpipe": source_digest(),
+             "torch": torch.__version__, "python": sys.version, "threads": torch.get_num_threads()}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def saved_or_compiled(fn, args, directory: str, key: str, name: str, fallback):
+    """``fn`` compiled for ``args``: loaded from ``directory`` if saved under ``key``, else
+    compiled ahead of time and saved there. Calls whose inputs its guards reject go to
+    ``fallback`` (a plain ``torch.compile(fn)``)."""
+    path = os.path.join(directory, f"{re.sub(r'[^a-z0-9]+', '-', name.lower())}-{key[:40]}.bin")
+    compiled = _load(path, fn, args)
+    if compiled is None:
+        try:
+            compiled = _compile(fn, args)
+        except torch._dynamo.exc.PackageError as e:  # a guard this torch cannot save: compile as usual
+            logging.warning("The %s cannot be saved compiled (%s); compiling it for this run only.", name, e)
+            return fallback
+        _save(compiled, path, directory, name)
+    compiled.disable_guard_check()  # checked in Guarded, which then goes to the fallback
+    return Guarded(compiled, fallback, name)
+
+
+class Guarded:
+    """The saved step while its guards accept the inputs; the fallback for any other inputs."""
+
+    def __init__(self, compiled, fallback, name):
+        self.compiled, self.fallback, self.name, self.warned = compiled, fallback, name, False
+        self.loaded = getattr(compiled, "_fpipe_loaded", False)
+
+    def __call__(self, *args):
+        if self.compiled.guard_check(*args):
+            return self.compiled(*args)
+        if not self.warned:
+            logging.warning("The saved %s does not fit these inputs (%s); compiling it anew for them.",
+                            self.name, _why(self.compiled, args))
+            self.warned = True
+        return self.fallback(*args)
+
+
+def _compile(fn, args):
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        wrapper = torch.compile(fn, fullgraph=True, options={"guard_filter_fn": _savable_guards})
+    return wrapper.aot_compile((args, {}))
+
+
+def _savable_guards(entries):
+    """Keep the guards on the inputs; drop those that cannot be saved (on globals, closures,
+    object identities: the key covers them) and those naming an import (torch 2.13 cannot load
+    them back outside a trace)."""
+    unsavable = set(torch._dynamo.guards.CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+    return [not (e.is_global or e.guard_type in unsavable or unsavable & set(e.derived_guard_types)
+                 or "__import__(" in e.name) for e in entries]
+
+
+def _save(compiled, path, directory, name):
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not _private(directory):
+            logging.warning("Not saving the compiled %s: %s must belong to this user and be writable by "
+                            "no one else.", name, directory)
+            return
+        data = type(compiled).serialize(compiled).serialized_data
+        files.atomic_write(path, lambda f: f.write(data))
+        logging.info("Saved the compiled %s to %s (%.1f MB): the next run with this config loads it.",
+                     name, path, len(data) / 1e6)
+    except Exception as e:  # a step that cannot be saved still runs; only the next start is slower
+        logging.warning("Could not save the compiled %s (%s: %s); the next run compiles it again.", name,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+
+
+def _load(path, fn, args):
+    if not os.path.exists(path):
+        return None
+    if not (_private(os.path.dirname(path)) and _private(path)):
+        logging.warning("Not loading %s: it and its directory must belong to this user and be writable by "
+                        "no one else.", path)
+        return None
+    t0 = time.perf_counter()
+    try:
+        with open(path, "rb") as f, torch._guards.tracing(torch._guards.TracingContext(None)):
+            compiled = torch.compiler.load_compiled_function(f, f_globals=fn.__globals__)
+    except Exception as e:  # another torch or CPU, a truncated file: compile anew, and overwrite it
+        logging.warning("Could not load the saved step %s (%s: %s); compiling it anew.", path, type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+        return None
+    if not compiled.guard_check(*args):
+        logging.warning("The saved step %s does not fit this run's inputs (%s); compiling it anew.", path,
+                        _why(compiled, args))
+        return None
+    compiled._fpipe_loaded = True
+    logging.info("Loaded the compiled step from %s in %.1f s.", path, time.perf_counter() - t0)
+    return compiled
+
+
+def _private(path) -> bool:
+    st = os.stat(path)
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _why(compiled, args) -> str:
+    manager = compiled._artifacts.guard_manager
+    return str(manager.check_verbose(compiled.prepare_f_locals(*args))).splitlines()[-1][:300]
+

@@ -1,0 +1,133 @@
+"""Compiled steps saved to disk and loaded by the next run (fpipe.train.compile_cache)."""
+import logging
+import os
+
+import ml_collections
+import pytest
+import torch
+
+import configs.supervised
+from fpipe import defaults, freeze, optim, tree
+from fpipe.models import model as models
+from fpipe.train import compile_cache, distributed, loop
+from fpipe.train import step as step_lib
+
+
+def tiny_step():
+    """A real fpipe train step (a one-block ViT, frozen: a short compile; a linear head) and its inputs."""
+    cfg = ml_collections.ConfigDict(dict(
+        trunk=defaults.trunk("vit", patch_size=4, hidden_dim=32, depth=1, heads=4, mlp_dim=64),
+        heads=dict(fc=models.head_config("lastCLS"))))
+    model = models.build(cfg, num_classes=5, image_size=16)
+    params, state = model.init(0)
+    trainable, frozen = freeze.partition(params, ("trunk",))
+    opt_cfg = optim.default_config()
+    opt_cfg.momentum = 0.9
+    opt = optim.build(opt_cfg, trainable)
+    step = step_lib.make_step(model, opt)
+    ts = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
+    return step, ts
+
+
+def batch(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(n, 3, 16, 16, generator=g), "label": torch.randint(0, 5, (n,), generator=g)}
+
+
+def assert_same(a, b, exact=True):
+    for (n, x), y in zip(tree.flatten(a).items(), tree.leaves(b)):
+        if exact:
+            assert torch.equal(x, y), n
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_a_saved_step_loads_in_a_new_compile_state_computes_the_same_and_falls_back_on_other_inputs(
+        tmp_path, caplog):
+    step, ts = tiny_step()
+    lr, directory, key = torch.tensor(0.1), str(tmp_path / "cache"), "k" * 64
+    not_called = lambda *a: pytest.fail("the fallback ran")
+    first = compile_cache.saved_or_compiled(step, (ts, batch(), lr), directory, key, "train step", not_called)
+    assert not first.loaded and len(os.listdir(directory)) == 1
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    out1, m1 = first(ts, batch(), lr)
+
+    torch._dynamo.reset()  # as a new process: nothing traced in memory
+    calls = []
+    fallback = lambda *a: calls.append(a[1]["image"].shape[0]) or step(*a)
+    second = compile_cache.saved_or_compiled(step, (ts, batch(), lr), directory, key, "train step", fallback)
+    assert second.loaded
+    out2, m2 = second(ts, batch(), lr)
+    assert_same(out2, out1)
+    assert torch.equal(m2["loss"], m1["loss"]) and calls == []
+    eager_out, eager_m = step(ts, batch(), lr)
+    assert_same(out2["trainable"], eager_out["trainable"], exact=False)
+    torch.testing.assert_close(m2["loss"], eager_m["loss"])
+
+    with caplog.at_level(logging.WARNING):
+        out, _ = second(ts, batch(4), lr)  # another batch size: not what was compiled
+    assert calls == [4] and "does not fit these inputs" in caplog.text
+    assert_same(out["trainable"], step(ts, batch(4), lr)[0]["trainable"])
+
+
+def double(x):
+    return x * 2 + 1
+
+
+@pytest.mark.parametrize("spoil", ["garbage", "world_writable_dir"])
+def test_an_unreadable_or_unsafe_file_is_not_loaded(tmp_path, caplog, spoil):
+    directory, key, x = str(tmp_path / "c"), "a" * 64, torch.arange(3.0)
+    compile_cache.saved_or_compiled(double, (x,), directory, key, "toy", None)
+    (path,) = [os.path.join(directory, f) for f in os.listdir(directory)]
+    if spoil == "garbage":
+        with open(path, "wb") as f:
+            f.write(b"not a compiled function")
+    else:
+        os.chmod(directory, 0o777)
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING):
+        again = compile_cache.saved_or_compiled(double, (x,), directory, key, "toy", None)
+    assert not again.loaded
+    assert ("Could not load" if spoil == "garbage" else "writable by no one else") in caplog.text
+    assert torch.equal(again(x), double(x))
+
+
+def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
+    base = configs.supervised.get_config()
+    key = compile_cache.step_key(base, "cpu", "train")
+
+    def changed(**overrides):
+        c = configs.supervised.get_config()
+        for name, value in overrides.items():
+            *path, leaf = name.split("__")
+            node = c
+            for part in path:
+                node = node[part]
+            setattr(node, leaf, value)
+        return compile_cache.step_key(c, "cpu", "train")
+
+    # The same step: durations, logging, seeds and the base lr (a tensor input of the step).
+    assert changed(total_steps=5, log_steps=3, seed=7, optim__lr=0.3, schedule__warmup_steps=9) == key
+    # Another step: optimizer constants, the model, the data's shapes, the step's role.
+    for other in (dict(optim__momentum=0.5), dict(optim__weight_decay=0.0), dict(data__image_size=64),
+                  dict(model__trunk__depth=50), dict(precision__dtype="bf16")):
+        assert changed(**other) != key, other
+    assert compile_cache.step_key(base, "cpu", "eval") != key
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    assert compile_cache.step_key(base, "cpu", "train") != key
+    monkeypatch.undo()
+    monkeypatch.setattr(compile_cache, "source_digest", lambda: "another fpipe")
+    assert compile_cache.step_key(base, "cpu", "train") != key
+
+
+def test_the_loop_keeps_steps_of_single_process_runs_where_the_config_says(monkeypatch, tmp_path):
+    c = configs.supervised.get_config()
+    monkeypatch.setenv(compile_cache.CACHE_ENV, str(tmp_path))
+    assert loop.step_cache(c, distributed.Dist(), "train")[0] == str(tmp_path)  # "auto"
+    c.compile_cache_dir = str(tmp_path / "mine")
+    assert loop.step_cache(c, distributed.Dist(), "train")[0] == str(tmp_path / "mine")
+    c.compile_cache_dir = ""
+    assert loop.step_cache(c, distributed.Dist(), "train") is None
+    monkeypatch.setenv(compile_cache.CACHE_ENV, "")
+    c.compile_cache_dir = "auto"
+    assert loop.step_cache(c, distributed.Dist(), "train") is None
