@@ -83,31 +83,6 @@ def test_model_config_takes_the_models_new_keys_and_refuses_unknown_ones():
         train.model_config(cfg)
 
 
-def test_backbone_weights_load_a_classification_checkpoint_into_backbone_body(tmp_path):
-    """A torchvision-named ResNet-18 file lands in backbone.body (params and BN statistics), nothing else moves."""
-    import torch
-
-    from fpipe import tree
-    from fpipe.detection import model as det_model
-    from fpipe.detection import train
-    from fpipe.models import resnet
-    cfg = defaults.detection_model()
-    cfg.backbone.name, cfg.fpn.out_channels = "resnet18", 32
-    model = det_model.build(train.model_config(cfg), 4)
-    params, state = model.init(0)
-    trunk_params, trunk_state = resnet.init(7, depth=18)
-    file = {**tree.flatten(trunk_params), **tree.flatten(trunk_state)}
-    torch.save(file, tmp_path / "resnet18.pth")
-    wcfg = defaults.weights()
-    wcfg.path = str(tmp_path / "resnet18.pth")
-    new_params, new_state, provenance = train.backbone_weights(params, state, wcfg, str(tmp_path))
-    body = {**tree.flatten(new_params["backbone"]["body"]), **tree.flatten(new_state["backbone"]["body"])}
-    assert body.keys() == file.keys() and all(torch.equal(body[k], file[k]) for k in file)
-    assert provenance["trunk_loaded"] == provenance["trunk_total"] > 0
-    assert torch.equal(new_params["rpn"]["head"]["cls_logits"]["weight"], params["rpn"]["head"]["cls_logits"]["weight"])
-    assert (tmp_path / "weights_report.txt").exists()
-
-
 def test_a_run_resumed_from_a_middle_checkpoint_ends_bit_identical(tmp_path):
     """Data by (epoch, step), RPN/RoI sampling by (seed, step, rank): resuming changes nothing."""
     import os

@@ -1,7 +1,8 @@
 """The detection run, readable top to bottom, on the classification loop's services:
 
-    processes -> data (scenes | coco, padded batches) -> model.build -> init -> weights (resume >
-    backbone from a classification checkpoint > init) -> freeze (model.freeze_rules + model.freeze)
+    processes -> data (scenes | coco, padded batches) -> model.build -> init -> weights (resume > a
+    whole detection model's file, or a classification checkpoint for the backbone (detection.pretrained)
+    > init) -> freeze (model.freeze_rules + model.freeze)
     -> optimizer, schedule -> a torch.func step over model.losses -> for each step: batch, step,
     then "is it time?" to log / evaluate (COCO AP) / checkpoint -> results.json (+ results.md)
 
@@ -22,7 +23,7 @@ from torch.func import grad_and_value
 import fpipe
 from fpipe import checkpoint, files, freeze, optim, schedules, tree, writers
 from fpipe.data import rng
-from fpipe.detection import coco, coco_eval, collate, scenes
+from fpipe.detection import coco, coco_eval, collate, pretrained, scenes
 from fpipe.detection import model as det_model
 from fpipe.train import config_check, distributed, divergence, loop, periodic
 from fpipe.train import step as step_lib
@@ -72,15 +73,15 @@ def _run(config, workdir, dist, stop, run_info):
         model = det_model.build(det_cfg, dataset.num_classes + 1)  # + background, as torchvision counts
         params, model_state = model.init(config.seed)
 
-        # ---------------------------------------------------------------- weights: resume > backbone > init
+        # ---------------------------------------------------------------- weights: resume > file (model | body) > init
         saved, resume_path = checkpoint.restore(workdir)
         if saved:
             logging.warning("Resuming from %s: it takes precedence over model.weights.path=%r, which is not "
                             "read.", resume_path, config.model.weights.path)
             run_info["weights"] = (saved.get("meta") or {}).get("weights")
         else:
-            params, model_state, run_info["weights"] = backbone_weights(params, model_state, config.model.weights,
-                                                                        workdir, dist.is_main)
+            params, model_state, run_info["weights"] = pretrained.initial_weights(
+                params, model_state, config.model.weights, workdir, dist.is_main)
 
         # ---------------------------------------------------------------- freeze, optimizer, schedule
         rules = (tuple(model.freeze_rules(params)) + freeze.rules(config.model.freeze)
@@ -99,7 +100,7 @@ def _run(config, workdir, dist, stop, run_info):
         if saved:
             train_state, start_step = checkpoint.restore_train_state(train_state, saved, workdir, resume_path)
             # a norm without statistics (GroupNorm) leaves empty subtrees, which a checkpoint does not keep
-            train_state["model_state"] = _like(model_state, train_state["model_state"])
+            train_state["model_state"] = tree.shaped_like(model_state, train_state["model_state"])
             logging.info("Resumed at step %d of %d.", start_step, total_steps)
         train_state = loop.to_device(train_state, dist.device)
         frozen_ref = saved.get("frozen_params") if saved else None
@@ -284,25 +285,6 @@ def iou_types(det_cfg) -> tuple:
         return ()
     return ("bbox",) + (("segm",) if det_cfg.mask_head.enabled else ()) + \
         (("keypoints",) if det_cfg.keypoint_head.enabled else ())
-
-
-def backbone_weights(params, model_state, weights_cfg, workdir, write_report=True):
-    """``model.weights.path`` (a classification checkpoint, any format fpipe.weights reads) into
-    ``backbone.body``: the loader sees the body as a trunk, as in classification."""
-    body = {"trunk": params["backbone"]["body"]}
-    body_state = {"trunk": model_state["backbone"]["body"]}
-    if not weights_cfg.path:
-        logging.warning("model.weights.path is empty: the backbone starts from its RANDOM initialisation.")
-        return params, model_state, None
-    body, body_state, provenance = loop.load_weights(body, body_state, weights_cfg, workdir, write_report)
-    params = {**params, "backbone": {**params["backbone"], "body": body["trunk"]}}
-    model_state = {**model_state, "backbone": {**model_state["backbone"], "body": body_state["trunk"]}}
-    return params, model_state, provenance
-
-
-def _like(reference, restored):
-    """``restored`` with ``reference``'s nested dicts, empty ones included."""
-    return {k: _like(v, restored.get(k, {})) if isinstance(v, dict) else restored[k] for k, v in reference.items()}
 
 
 def scalars_of(results) -> dict:

@@ -295,21 +295,28 @@ def initial_weights(params, model_state, weights_cfg, workdir, write_report=True
     return params, model_state, None
 
 
-def load_weights(params, model_state, weights_cfg, workdir, write_report=True):
+def load_weights(params, model_state, weights_cfg, workdir, write_report=True, *, obj=None):
     """``(params, model_state, provenance)``: pretrained weights in the initialised model, with the
-    load report saved to the workdir; provenance is the file's path, sha256 and trunk coverage."""
-    loaded, report = weights.load_into({**tree.flatten(params), **tree.flatten(model_state)}, weights_cfg)
+    load report saved to the workdir; provenance is the file's path, sha256 and trunk coverage.
+    ``obj``: the file's contents when the caller has read them already (``weights.read_checkpoint``)."""
+    loaded, report = weights.load_into({**tree.flatten(params), **tree.flatten(model_state)}, weights_cfg, obj=obj)
+    new_params, new_state = tree.split_like(loaded, params, model_state)
+    return new_params, new_state, record_load(report, weights_cfg.path, workdir, write_report)
+
+
+def record_load(report, path, workdir, write_report=True) -> dict:
+    """The load report logged and (``write_report``) saved to the workdir as weights_report.json /
+    .txt; returns the provenance: the file's path, sha256, trunk coverage, source and format.
+    (Shared with fpipe.detection.train, which loads whole detection models.)"""
     if write_report:
         files.atomic_write(os.path.join(workdir, "weights_report.json"),
                            lambda f: json.dump(report.to_dict(), f, indent=2), mode="w")
         files.atomic_write(os.path.join(workdir, "weights_report.txt"),
                            lambda f: f.write(report.summary() + "\n"), mode="w")
-    logging.info("Weights loaded from %s:\n%s", weights_cfg.path, report.summary())
-    new_params, new_state = tree.split_like(loaded, params, model_state)
-    provenance = {"path": os.path.abspath(weights_cfg.path), "sha256": _sha256(weights_cfg.path),
-                  "trunk_loaded": report.trunk_loaded, "trunk_total": report.trunk_total,
-                  "source": report.source, "format": report.format}
-    return new_params, new_state, provenance
+    logging.info("Weights loaded from %s:\n%s", path, report.summary())
+    return {"path": os.path.abspath(path), "sha256": _sha256(path),
+            "trunk_loaded": report.trunk_loaded, "trunk_total": report.trunk_total,
+            "source": report.source, "format": report.format}
 
 
 def should_compile(config, images_to_train: int) -> bool:
