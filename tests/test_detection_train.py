@@ -105,3 +105,18 @@ def test_a_run_resumed_from_a_middle_checkpoint_ends_bit_identical(tmp_path):
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
     results = [json.loads((tmp_path / w / "results.json").read_text())["heads"] for w in ("straight", "resumed")]
     assert results[0] == results[1]
+
+
+def test_total_steps_0_evaluates_a_loaded_detection_checkpoint_as_the_run_that_wrote_it(tmp_path):
+    """model.weights.path = a detection run's checkpoint (a whole model), total_steps=0: no training,
+    the same COCO AP as that run's final evaluation; nothing but the results is written."""
+    main(tmp_path / "trained", "--config.total_steps=2", "--config.ckpt_steps=2")
+    ckpt = tmp_path / "trained" / "checkpoints" / "ckpt_00000002.pt"
+    proc = main(tmp_path / "eval", "--config.total_steps=0", f"--config.model.weights.path={ckpt}")
+    assert "evaluating the model as loaded" in proc.stderr
+    trained, evaluated = (json.loads((tmp_path / w / "results.json").read_text()) for w in ("trained", "eval"))
+    assert evaluated["heads"] == trained["heads"] and evaluated["step"] == 0
+    assert evaluated["weights"]["part"] == "model"
+    assert evaluated["weights"]["trunk_loaded"] == evaluated["weights"]["trunk_total"] > 0
+    assert not (tmp_path / "eval" / "checkpoints").exists() or not any((tmp_path / "eval" / "checkpoints").iterdir())
+    assert "whole detection model" in (tmp_path / "eval" / "weights_report.txt").read_text()

@@ -93,7 +93,8 @@ def _run(config, workdir, dist, stop, run_info):
         base_lr, lr_message = optim.scaled_lr(config.optim, config.data.batch_size)
         logging.info("%s (world size %d)", lr_message, dist.world_size)
         opt = optim.build(config.optim, trainable)
-        schedule = schedules.build(config.schedule, steps_per_epoch, total_steps, base_lr=base_lr)
+        training = total_steps > 0  # total_steps=0: evaluate the model as loaded (e.g. a COCO checkpoint)
+        schedule = schedules.build(config.schedule, steps_per_epoch, total_steps, base_lr=base_lr) if training else None
         train_state = {"trainable": trainable, "frozen": frozen, "model_state": model_state,
                        "opt_state": opt.init(trainable)}
         start_step = 0
@@ -104,7 +105,7 @@ def _run(config, workdir, dist, stop, run_info):
             logging.info("Resumed at step %d of %d.", start_step, total_steps)
         train_state = loop.to_device(train_state, dist.device)
         frozen_ref = saved.get("frozen_params") if saved else None
-        if frozen_ref is None and dist.is_main and tree.leaves(frozen):
+        if training and frozen_ref is None and dist.is_main and tree.leaves(frozen):
             frozen_ref = checkpoint.save_frozen(workdir, tree.flatten(frozen))
 
         # ---------------------------------------------------------------- the step
@@ -137,7 +138,8 @@ def _run(config, workdir, dist, stop, run_info):
     ckpt_every = schedules.to_steps(config, "ckpt", steps_per_epoch, default=0)
     timer = writers.EtaTimer(total_steps, batch_size=config.data.batch_size, start_step=start_step,
                              eval_every=eval_every, eval_images=len(dataset.test))
-    writer = writers.make_writers(workdir, dist.is_main, total_steps=total_steps, resume_step=start_step, timer=timer)
+    writer = writers.make_writers(workdir, dist.is_main and training, total_steps=total_steps, resume_step=start_step,
+                                  timer=timer)
     metric_log = periodic.MetricLog(dist)
     nonfinite = torch.zeros((), dtype=torch.int32, device=dist.device)
     last_saved = checkpoint.latest(workdir) if saved else None
@@ -149,6 +151,8 @@ def _run(config, workdir, dist, stop, run_info):
 
     try:
         # ---------------------------------------------------------------- the loop
+        if not training:
+            logging.warning("total_steps=0: evaluating the model as loaded, without training.")
         batches = train_loader.iterate(start_step)
         saved_step = completed = start_step
         for step in range(start_step, total_steps):
@@ -341,8 +345,8 @@ def _check(c) -> None:
             value = c.get(f"{key}_{unit}")
             if value is not None and not (isinstance(value, (int, float)) and value >= 0):
                 raise E(f"{key}_{unit}={value!r}: a number >= 0 is needed")
-    if schedules.to_steps(c, "total", 1, default=0) <= 0:
-        raise E("total_epochs / total_steps must be > 0")
+    if schedules.to_steps(c, "total", 1, default=0) <= 0 and c.get("total_steps") != 0:
+        raise E("total_epochs / total_steps must be > 0 (total_steps=0 evaluates the model as loaded)")
     if not (isinstance(c.log_steps, int) and c.log_steps >= 1):
         raise E(f"log_steps={c.log_steps!r}: a whole number >= 1 is needed")
     if not (isinstance(c.keep_ckpts, int) and c.keep_ckpts >= 1):
