@@ -6,13 +6,14 @@
     -> optimizer, schedule -> a torch.func step over model.losses -> for each step: batch, step,
     then "is it time?" to log / evaluate (COCO AP) / checkpoint -> results.json (+ results.md)
 
-Workdir claim and fingerprint (main.py, fpipe.workdir), checkpoints (fpipe.checkpoint),
-metrics.jsonl / TensorBoard (fpipe.writers), freezing (fpipe.freeze), optimizers and schedules,
-the distributed gradient mean, divergence checks, signals and the results file are the ones
-fpipe.train.loop uses; only the data, the loss and the evaluation are detection's own.
+Workdir claim and fingerprint (main.py, fpipe.workdir), the processes and signals
+(``loop.in_processes``), checkpoints (``loop.make_saver``), the bookkeeping around the steps
+(``periodic.Bookkeeping``: metrics.jsonl / TensorBoard, the ETA, divergence checks, periodic logs
+and checkpoints, a stop's checkpoint), freezing (fpipe.freeze), optimizers and schedules, the
+distributed gradient mean and the results file are the ones fpipe.train.loop uses; only the data,
+the loss and the evaluation are detection's own.
 """
 import os
-import signal
 import time
 
 import torch
@@ -21,13 +22,13 @@ from absl import logging
 from torch.func import grad_and_value
 
 import fpipe
-from fpipe import checkpoint, files, freeze, optim, schedules, tree, writers
+from fpipe import checkpoint, files, freeze, optim, schedules, tree
 from fpipe.data import rng
 from fpipe.detection import coco, coco_eval, collate, pretrained, scenes
 from fpipe.detection import model as det_model
 from fpipe.train import config_check, distributed, divergence, loop, periodic
 from fpipe.train import step as step_lib
-from fpipe.train.signals import Stopped, StopOnSignal
+from fpipe.train.signals import Stopped
 
 DATASETS = {"scenes": scenes.build, "coco": coco.build}
 SHOWN = ("AP", "AP50", "AP75")  # logged to metrics.jsonl per head; results.json has every COCO stat
@@ -35,18 +36,7 @@ SHOWN = ("AP", "AP50", "AP75")  # logged to metrics.jsonl per head; results.json
 
 def run(config, workdir, run_info=None):
     """Trains and evaluates as ``config`` says; returns ``{"bbox": {"AP": ...}, ...}`` (percent)."""
-    with StopOnSignal() as stop:
-        with stop.interruptible():
-            dist = distributed.init(timeout_s=config.get("collective_timeout_s"))
-        try:
-            return _run(config, workdir, dist, stop, dict(run_info or {}))
-        except RuntimeError as e:
-            explained = distributed.explain_timeout(e, dist, config.get("collective_timeout_s"))
-            if explained is not None:
-                raise explained from e
-            raise
-        finally:
-            dist.shutdown()
+    return loop.in_processes(_run, config, workdir, run_info)
 
 
 def _run(config, workdir, dist, stop, run_info):
@@ -133,28 +123,17 @@ def _run(config, workdir, dist, stop, run_info):
             return coco_eval.evaluate(gt, results, iou_types(det_cfg), dataset.keypoint_sigmas)
 
     save = loop.make_saver(workdir, dist, config, opt, run_info, frozen_ref)
-
-    eval_every = schedules.to_steps(config, "eval", steps_per_epoch, default=0)
-    ckpt_every = schedules.to_steps(config, "ckpt", steps_per_epoch, default=0)
-    timer = writers.EtaTimer(total_steps, batch_size=config.data.batch_size, start_step=start_step,
-                             eval_every=eval_every, eval_images=len(dataset.test))
-    writer = writers.make_writers(workdir, dist.is_main and training, total_steps=total_steps, resume_step=start_step,
-                                  timer=timer)
-    metric_log = periodic.MetricLog(dist)
-    nonfinite = torch.zeros((), dtype=torch.int32, device=dist.device)
-    last_saved = checkpoint.latest(workdir) if saved else None
+    # the classification loop's: metrics, timer, writers, the non-finite count, logs, checkpoints, stops
+    books = periodic.Bookkeeping(config, workdir, dist, save, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                 start_step=start_step, eval_images=len(dataset.test), write=dist.is_main and training,
+                                 resumed=bool(saved))
     results, results_step = None, None
-
-    def check_finite(done, state):
-        if int(distributed.sum_over_ranks(dist, {"n": nonfinite})["n"]):
-            divergence.raise_diverged(done, state, workdir, last_saved)
 
     try:
         # ---------------------------------------------------------------- the loop
         if not training:
             logging.warning("total_steps=0: evaluating the model as loaded, without training.")
         batches = train_loader.iterate(start_step)
-        saved_step = completed = start_step
         for step in range(start_step, total_steps):
             with stop.interruptible():
                 t0 = time.perf_counter()
@@ -165,38 +144,20 @@ def _run(config, workdir, dist, stop, run_info):
                     rng.seed_for("detection-sample", config.seed, step, dist.rank))
                 new_state, metrics = train_step(train_state, loop.to_device(batch, dist.device),
                                                 torch.tensor(lr, dtype=torch.float32), generator)
-            train_state, completed = new_state, step + 1
-            nonfinite = nonfinite + metrics.pop("nonfinite")
-            metric_log.add(metrics, data_time)
-            timer.tick(step + 1)
-            done = step + 1
-            is_time = lambda every: periodic.is_time(done, every, total_steps)
+            train_state, done = new_state, step + 1
+            books.step_done(done, metrics, data_time)
 
-            if is_time(config.log_steps):
-                check_finite(done, train_state)
-                scalars = metric_log.means()
-                scalars.update(lr=lr, epoch=done / steps_per_epoch)
-                if timer.images_per_second is not None:
-                    scalars["images_per_s"] = timer.images_per_second
-                writer.write_scalars(done, scalars)
-            if is_time(eval_every):
-                check_finite(done, train_state)
-                t0 = time.perf_counter()
-                results, results_step = evaluate(train_state), done
-                timer.eval_took(time.perf_counter() - t0)
-                writer.write_scalars(done, scalars_of(results))
+            books.log(done, train_state, lr)
+            if books.is_time(done, books.eval_every):
+                books.check_finite(done, train_state)
+                results, results_step = books.evaluate(done, train_state, evaluate, scalars_of), done
                 if config.best_metric:
                     head, key = config_check.best_metric_key(config.best_metric)
                     save(done, train_state, best=(config.best_metric, results[head][key] or 0.0, config.best_mode))
-            if is_time(ckpt_every) or (stop.requested and done < total_steps):
-                check_finite(done, train_state)
-                saved_step = save(done, train_state)
-                last_saved = checkpoint.checkpoint_path(workdir, done)
-            if stop.requested and done < total_steps:
-                raise Stopped(stop.requested)
+            books.checkpoint(done, train_state, stop)  # raises Stopped after it when a stop was requested
 
         # ---------------------------------------------------------------- final results
-        check_finite(total_steps, train_state)
+        books.check_finite(total_steps, train_state)
         if results is None or results_step != total_steps:
             logging.info("Evaluating the final model on %d test images…", len(dataset.test))
             results = evaluate(train_state)
@@ -209,13 +170,10 @@ def _run(config, workdir, dist, stop, run_info):
             logging.info("COCO AP on %d test images (percent):\n%s", len(dataset.test), results_table(results))
         return results
     except Stopped:
-        if dist.is_main and saved_step < completed and not int(nonfinite):
-            save(completed, train_state)
-        logging.warning("Stopped by %s at step %d; a checkpoint is written: re-run the same command to "
-                        "continue.", signal.Signals(stop.requested).name, completed)
+        books.stopped(train_state, stop.requested, training)  # the completed steps' checkpoint
         raise
     finally:
-        writer.close()
+        books.close()
 
 
 # ------------------------------------------------------------------------ the pieces
