@@ -2,14 +2,17 @@
 num_batches_tracked) load as whole models and predict as torchvision did; gaps and other shapes
 are one-line errors; a classification checkpoint still goes to backbone.body."""
 import importlib.util
+import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from fpipe import defaults, tree
 from fpipe.detection import model as det_model
-from fpipe.detection import pretrained, train
+from fpipe.detection import coco_eval, pretrained, train
 from fpipe.weights import WeightsError
 
 HERE = pathlib.Path(__file__).resolve().parent / "fixtures" / "detection"
@@ -30,14 +33,25 @@ def _r50_config(facts):
 
 
 @pytest.fixture(scope="module")
-def coco_file(facts, tmp_path_factory):
-    """A file laid out as torchvision's fasterrcnn_resnet50_fpn_coco: its names, FrozenBatchNorm2d
-    (no num_batches_tracked), the fixture's seeded values; saved by torch.save."""
+def drawn(facts):
+    """fasterrcnn_resnet50_fpn's tensors in the layout of torchvision's COCO checkpoints: its names,
+    FrozenBatchNorm2d (no num_batches_tracked), the fixture's seeded values before its ``add``."""
     spec = importlib.util.spec_from_file_location("seeded_weights", HERE / "seeded_weights.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    sd = mod.seeded_state_dict(facts["manifest"], facts["seed"], facts["scales"], facts["add"])
-    sd = {n: t for n, t in sd.items() if not n.endswith("num_batches_tracked")}
+    sd = mod.seeded_state_dict(facts["manifest"], facts["seed"], facts["scales"])
+    return {n: t for n, t in sd.items() if not n.endswith("num_batches_tracked")}
+
+
+def _with(drawn, add):
+    """The values seeded_state_dict gives with ``add`` (added after drawing and scaling, as there)."""
+    return {**drawn, **{n: drawn[n] + v for n, v in add.items()}}
+
+
+@pytest.fixture(scope="module")
+def coco_file(facts, drawn, tmp_path_factory):
+    """model_facts' weights as torchvision's COCO checkpoint layout, saved by torch.save."""
+    sd = _with(drawn, facts["add"])
     path = tmp_path_factory.mktemp("coco") / "fasterrcnn_resnet50_fpn_coco.pth"
     torch.save(sd, path)
     return path, sd
@@ -153,3 +167,46 @@ def test_a_classification_checkpoint_loads_into_backbone_body(tmp_path):
     assert provenance["part"] == "backbone.body" and provenance["trunk_loaded"] == provenance["trunk_total"] > 0
     assert torch.equal(new_params["rpn"]["head"]["cls_logits"]["weight"], params["rpn"]["head"]["cls_logits"]["weight"])
     assert (tmp_path / "weights_report.txt").exists()
+
+
+def test_a_coco_run_with_category_id_labels_scores_a_torchvision_checkpoint_as_torchvision(facts, drawn, tmp_path):
+    """main.py end to end: configs/detection.py:coco_torchvision (data.labels=category_id: 91
+    classes), a COCO-format split on disk, torchvision's checkpoint layout, total_steps=0: the COCO
+    AP of torchvision's own detections (coco_facts.pt, make_coco_fixture.py), whose labels are
+    category ids (those without a category, here 4, are no results)."""
+    from PIL import Image
+    cf = torch.load(HERE / "coco_facts.pt", weights_only=True)
+    assert (cf["seed"], cf["scales"], cf["options"]) == (facts["seed"], facts["scales"], facts["options"])
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(cf["coco"]))
+        (root / split).mkdir()
+        for info, image in zip(cf["coco"]["images"], cf["images"]):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / split / info["file_name"])
+    torch.save(_with(drawn, cf["add"]), tmp_path / "fasterrcnn_resnet50_fpn_coco.pth")
+    o = cf["options"]
+    cmd = [sys.executable, "main.py", "--config=configs/detection.py:coco_torchvision", f"--workdir={tmp_path / 'run'}",
+           f"--config.data.root={root}", "--config.data.train_split=train", "--config.data.test_split=val",
+           f"--config.data.min_size={o['min_size']}", f"--config.data.max_size={o['max_size']}",
+           "--config.data.batch_size=2", "--config.data.eval_batch_size=2", "--config.num_threads=1",
+           f"--config.model.detection.rpn.pre_nms_top_n_test={o['rpn_pre_nms_top_n_test']}",
+           f"--config.model.detection.rpn.post_nms_top_n_test={o['rpn_post_nms_top_n_test']}",
+           f"--config.model.detection.box_head.detections_per_img={o['box_detections_per_img']}",
+           f"--config.model.weights.path={tmp_path / 'fasterrcnn_resnet50_fpn_coco.pth'}", "--config.total_steps=0"]
+    proc = subprocess.run(cmd, cwd=HERE.parents[2], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["dataset"]["num_classes"] == 90 and results["dataset"]["labels"] == "category_id"
+    assert results["weights"]["part"] == "model" and results["step"] == 0
+
+    categories = {c["id"] for c in cf["coco"]["categories"]}
+    theirs = [{"image_id": info["id"], "category_id": int(label), "score": float(score),
+               "bbox": [x0, y0, x1 - x0, y1 - y0]}
+              for info, d in zip(cf["coco"]["images"], cf["detections"])
+              for (x0, y0, x1, y1), score, label in zip(d["boxes"].tolist(), d["scores"], d["labels"])
+              if int(label) in categories]
+    assert len(theirs) < sum(len(d["labels"]) for d in cf["detections"])  # label 4 has no category
+    want = coco_eval.evaluate(coco_eval.from_dict(cf["coco"]), theirs, ("bbox",))["bbox"]
+    assert 0 < want["AP"] < 100
+    assert results["heads"]["bbox"] == want

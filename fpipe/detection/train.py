@@ -115,7 +115,8 @@ def _run(config, workdir, dist, stop, run_info):
                 for batch in test_loader.epoch():
                     moved = loop.to_device(batch, dist.device)
                     predictions = model.predict(params, state["model_state"], moved["image"], moved["image_size"])
-                    results += coco_eval.to_results(predictions, batch, image_ids, dataset.categories)
+                    results += coco_eval.to_results(predictions, batch, image_ids, dataset.categories,
+                                                    category_ids=dataset.category_ids)
             if dist.enabled:
                 gathered = [None] * dist.world_size
                 tdist.all_gather_object(gathered, results)
@@ -266,7 +267,8 @@ def dataset_info(dataset, config) -> dict:
     return {"name": dataset.name, "root": config.data.get("root") or None, "num_classes": dataset.num_classes,
             "categories": [c["name"] for c in dataset.categories], "keypoints": list(dataset.keypoint_names),
             "splits": {"train": len(dataset.train), "test": len(dataset.test)},
-            "min_size": config.data.min_size, "max_size": config.data.max_size}
+            "min_size": config.data.min_size, "max_size": config.data.max_size,
+            **({"labels": "category_id"} if dataset.label_ids else {})}
 
 
 # ------------------------------------------------------------------------ config check
@@ -285,6 +287,8 @@ def _check(c) -> None:
     E = config_check.ConfigError
     if c.data.name not in DATASETS:
         raise E(f"unknown data.name {c.data.name!r} for detection; valid: {', '.join(DATASETS)}")
+    if c.data.get("labels", "contiguous") not in coco.LABELS:
+        raise E(f"data.labels={c.data.labels!r}; valid: {', '.join(coco.LABELS)}")
     if c.data.name == "coco":
         for which in ("train", "test"):
             ann, images = coco.split_paths(c.data, which)
