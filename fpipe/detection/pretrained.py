@@ -86,16 +86,35 @@ def check_whole_model(report, opts) -> None:
         report.notes.append(f"kept at their initialisation by skip_layers: {short_names(sorted(on_purpose))}")
 
 
+# The trunk of a classification checkpoint, by where its tensors live in a detection model: the
+# body, and (C4) res5 in the box head. {model prefix: trunk prefix}
+TRUNK_PARTS = {"backbone.body.": "", "roi_heads.box_head.layer4.": "layer4."}
+
+
 def backbone_weights(params, model_state, weights_cfg, workdir, write_report=True, *, obj=None):
     """``model.weights.path`` (a classification checkpoint, any format fpipe.weights reads) into
-    ``backbone.body``: the loader sees the body as a trunk, as in classification."""
-    body = {"trunk": params["backbone"]["body"]}
-    body_state = {"trunk": model_state["backbone"]["body"]}
+    ``backbone.body``: the loader sees the body as a trunk, as in classification. A C4 model's
+    res5 lives in its box head (``roi_heads.box_head.layer4``) and is part of that trunk too."""
     if not weights_cfg.path:
         logging.warning("model.weights.path is empty: the backbone starts from its RANDOM initialisation.")
         return params, model_state, None
-    body, body_state, provenance = loop.load_weights(body, body_state, weights_cfg, workdir, write_report, obj=obj)
-    params = {**params, "backbone": {**params["backbone"], "body": body["trunk"]}}
-    body_state = tree.shaped_like(model_state["backbone"]["body"], body_state.get("trunk", {}))
-    model_state = {**model_state, "backbone": {**model_state["backbone"], "body": body_state}}
-    return params, model_state, {**provenance, "part": "backbone.body"}
+    flat_params, flat_state = tree.flatten(params), tree.flatten(model_state)
+    model_name = {}  # trunk name -> model name
+
+    def as_trunk(flat):
+        out = {}
+        for name, value in flat.items():
+            prefix = next((p for p in TRUNK_PARTS if name.startswith(p)), None)
+            if prefix is not None:
+                trunk_name = TRUNK_PARTS[prefix] + name[len(prefix):]
+                model_name[trunk_name] = name
+                out[trunk_name] = value
+        return {"trunk": tree.unflatten(out)}
+
+    trunk, trunk_state = as_trunk(flat_params), as_trunk(flat_state)
+    trunk, trunk_state, provenance = loop.load_weights(trunk, trunk_state, weights_cfg, workdir, write_report, obj=obj)
+    back = lambda t: {model_name[n]: v for n, v in tree.flatten(t.get("trunk", {})).items()}
+    params = tree.shaped_like(params, tree.unflatten({**flat_params, **back(trunk)}))
+    model_state = tree.shaped_like(model_state, tree.unflatten({**flat_state, **back(trunk_state)}))
+    parts = sorted({p for p in TRUNK_PARTS for n in model_name.values() if n.startswith(p)})
+    return params, model_state, {**provenance, "part": " + ".join(p.rstrip(".") for p in parts)}
