@@ -11,8 +11,9 @@ import torch
 
 from fpipe import defaults, tree
 from fpipe.detection import model as det_model
-from fpipe.detection import pretrained, train, transform
-from test_detection_train import TINY, main
+from fpipe.detection import pretrained, train
+from test_detection_model import assert_predicts_as_torchvision
+from test_detection_train import main
 
 HERE = pathlib.Path(__file__).resolve().parent / "fixtures" / "detection"
 C4_ARGS = ["--config.model.detection.fpn.enabled=False", "--config.model.detection.backbone.features=('res4',)",
@@ -68,25 +69,11 @@ def test_c4_names_and_shapes_equal_torchvisions_parts(facts):
 
 
 def test_c4_proposals_and_detections_equal_torchvision(facts, loaded):
-    model, params, state = loaded
+    _, params, state = loaded
     model_facts = torch.load(HERE / "model_facts.pt", weights_only=True)  # the images and their batch
-    batch, sizes = model_facts["batch"], facts["image_sizes"]
-    assert torch.equal(model_facts["image_sizes"], sizes)
-    cfg = c4_config(facts)
-    cfg.rpn_only = True
-    proposals = det_model.build(cfg, 91).predict(params, state, batch, sizes)
-    for got, want in zip(proposals, facts["proposals"]):
-        assert got["boxes"].shape == want.shape
-        torch.testing.assert_close(got["boxes"], want, rtol=1e-4, atol=1e-2)
-    dets = model.predict(params, state, batch, sizes)
-    assert [len(d["boxes"]) for d in dets] == [len(d["boxes"]) for d in facts["resized"]] == [30, 30]
-    for got, want in zip(dets, facts["resized"]):
-        assert torch.equal(got["labels"], want["labels"])
-        torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-3, atol=1e-4)
-        torch.testing.assert_close(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-2)
-    final = transform.postprocess(dets, sizes, facts["original_sizes"])
-    for got, want in zip(final, facts["detections"]):
-        torch.testing.assert_close(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-2)
+    assert torch.equal(model_facts["image_sizes"], facts["image_sizes"])
+    assert_predicts_as_torchvision(c4_config(facts), params, state, model_facts["batch"], facts["image_sizes"],
+                                   facts["original_sizes"], facts)
 
 
 def test_c4_options_are_checked():
