@@ -210,3 +210,27 @@ def test_a_coco_run_with_category_id_labels_scores_a_torchvision_checkpoint_as_t
     want = coco_eval.evaluate(coco_eval.from_dict(cf["coco"]), theirs, ("bbox",))["bbox"]
     assert 0 < want["AP"] < 100
     assert results["heads"]["bbox"] == want
+
+
+def test_a_detectron2_detector_gives_its_backbone_only(tmp_path):
+    """detectron2 names its RPN proposal_generator.rpn_head and its ResNet otherwise (though its
+    roi_heads.box_predictor.* are torchvision's names): its ResNet loads into backbone.body."""
+    import pickle
+
+    from fpipe.models import resnet
+    from test_weights_formats import to_detectron2
+    _, params, state = _small()
+    trunk_params, trunk_state = resnet.init(7, depth=18)
+    file = {**tree.flatten(trunk_params), **tree.flatten(trunk_state)}
+    model = {f"backbone.bottom_up.{k}": v for k, v in to_detectron2(file).items() if "num_batches" not in k}
+    model["proposal_generator.rpn_head.objectness_logits.weight"] = torch.zeros(3, 256, 1, 1).numpy()
+    model["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(4, 32).numpy()
+    with open(tmp_path / "model_final.pkl", "wb") as f:
+        pickle.dump({"model": model, "__author__": "Detectron2 Model Zoo"}, f, protocol=2)
+    new_params, _, provenance = pretrained.initial_weights(params, state, _weights(tmp_path / "model_final.pkl"),
+                                                           str(tmp_path))
+    assert provenance["part"] == "backbone.body" and provenance["trunk_loaded"] == provenance["trunk_total"]
+    body = tree.flatten(new_params["backbone"]["body"])
+    assert all(torch.equal(body[n], t) for n, t in tree.flatten(trunk_params).items())
+    assert torch.equal(new_params["roi_heads"]["box_predictor"]["cls_score"]["weight"],
+                       params["roi_heads"]["box_predictor"]["cls_score"]["weight"])

@@ -2,7 +2,7 @@
 
     params, state, provenance = pretrained.initial_weights(params, state, config.model.weights, workdir)
 
-- A **whole detection model** (a file with ``rpn.head.*`` or ``roi_heads.*`` tensors: torchvision's
+- A **whole detection model** (a file whose names include the model's ``rpn.head.*``: torchvision's
   COCO checkpoints such as ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth``, the ``model`` entry of its
   reference scripts' checkpoints, or an fpipe detection run's checkpoint) loads by name into every
   tensor of the model. torchvision's names are fpipe's, so ``format: auto`` finds them under any
@@ -25,7 +25,10 @@ from fpipe.weights import detect, transforms
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import short_names
 
-DETECTION_PARTS = ("rpn.head.", "roi_heads.")  # names only a whole detection model's file holds
+# A file holds a whole detection model in fpipe's (torchvision's) names when one of its names ends in
+# a name of the model's RPN head. detectron2's detectors name theirs proposal_generator.rpn_head.*
+# (and their ResNet otherwise): such a file gives only its backbone (renames.DETECTRON2_RESNET).
+DETECTION_PART = "rpn.head."
 
 
 def initial_weights(params, model_state, weights_cfg, workdir, write_report=True):
@@ -35,14 +38,19 @@ def initial_weights(params, model_state, weights_cfg, workdir, write_report=True
         logging.warning("model.weights.path is empty: the model starts from its RANDOM initialisation.")
         return params, model_state, None
     obj = weights.read_checkpoint(weights_cfg.path, stub_objects=bool(weights_cfg.get("stub_objects", False)))
-    if holds_detection_model(obj):
+    if holds_detection_model(obj, tree.flatten(params)):
         return model_weights(params, model_state, weights_cfg, workdir, write_report, obj=obj)
     return backbone_weights(params, model_state, weights_cfg, workdir, write_report, obj=obj)
 
 
-def holds_detection_model(obj) -> bool:
-    """Whether a file's tensors include a detector's RPN or RoI heads (not only a backbone)."""
-    return any(f".{part}" in f".{name}" for name in transforms.tensor_leaves(obj) for part in DETECTION_PARTS)
+def holds_detection_model(obj, model_names) -> bool:
+    """Whether one of the file's tensor names is, or ends in, a name of the model's RPN head."""
+    rpn_names = {n for n in model_names if n.startswith(DETECTION_PART)}
+    for name in transforms.tensor_leaves(obj):
+        parts = name.split(".")
+        if any(".".join(parts[i:]) in rpn_names for i in range(len(parts))):
+            return True
+    return False
 
 
 def model_weights(params, model_state, weights_cfg, workdir, write_report=True, *, obj=None):
