@@ -9,6 +9,17 @@ holds COCO AP per head (bbox, segm, keypoints) from pycocotools on the 256 test 
 sizes are torchvision's recipe scaled down to small images: anchors 16-256 px, 256-channel FPN
 narrowed to 64, fewer proposals and sampled RoIs (see docs/DETECTION.md for measured numbers).
 Real data: ``--config.data.name=coco --config.data.root=/data/coco`` (and torchvision's sizes).
+
+Variant ``:coco_torchvision``: torchvision's fasterrcnn_resnet50_fpn on COCO as its reference
+scripts train it (ResNet-50 + FPN with frozen BatchNorms, 800-1333 px, batch 16, lr 0.02, 26
+epochs, decay at 16 and 22, 1000 warmup steps), labels = COCO's category ids (91 classes with the
+background), so torchvision's COCO checkpoints load whole. Their COCO AP, without training:
+
+    python main.py --config=configs/detection.py:coco_torchvision --config.data.root=/data/coco \
+      --config.model.weights.path=fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --config.total_steps=0
+
+(expected: torchvision's published box AP 37.0 for that file; not measured here, no COCO on
+this machine). Add ``--config.model.detection.mask_head.enabled=True`` for maskrcnn_resnet50_fpn.
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -16,10 +27,13 @@ from ml_collections.config_dict import placeholder
 from fpipe import defaults
 
 
+VARIANTS = ("coco_torchvision",)
+
+
 def get_config(arg=None):
-    if arg:
-        raise ValueError(f"configs/detection.py has no variants ({arg!r}); switch heads by "
-                         "--config.model.detection.mask_head.enabled=True / keypoint_head.enabled=True")
+    if arg and arg not in VARIANTS:
+        raise ValueError(f"unknown detection variant {arg!r}; valid: {VARIANTS} (switch heads by "
+                         "--config.model.detection.mask_head.enabled=True / keypoint_head.enabled=True)")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.compile = False              # the model syncs with the host (NMS, image sizes): eager
@@ -64,4 +78,18 @@ def get_config(arg=None):
     c.optim.clip_grad_norm = 10.0
     c.schedule = defaults.schedule()
     c.schedule.warmup_steps = 50
+    if arg:
+        globals()[arg](c)
     return c
+
+
+def coco_torchvision(c):
+    """torchvision's fasterrcnn_resnet50_fpn and its reference recipe on COCO (module docstring)."""
+    c.data.name, c.data.labels = "coco", "category_id"
+    c.data.min_size, c.data.max_size, c.data.fixed_canvas = 800, 1333, False  # pad each batch to its largest image
+    c.data.batch_size, c.data.eval_batch_size, c.data.max_objects = 16, 8, 100
+    c.model.detection = defaults.detection_model()  # torchvision's keys and values
+    c.num_threads = 0
+    c.total_epochs, c.ckpt_epochs = 26.0, 1.0
+    c.optim.lr, c.optim.clip_grad_norm = 0.02, 0.0
+    c.schedule.name, c.schedule.milestones_epochs, c.schedule.warmup_steps = "multistep", (16, 22), 1000

@@ -226,6 +226,7 @@ def detection_data():
     c.min_side = 64                # scenes: image sides drawn from min_side..max_side px
     c.max_side = 128
     c.max_objects_per_image = 4    # scenes: 1..this many objects
+    c.labels = "contiguous"        # coco: labels 1..C by sorted category id | category_id (torchvision's 91 COCO classes)
     c.root = ""                    # coco: root/annotations/instances_<split>.json + root/<split>/
     c.train_split = "train2017"    # coco: split names
     c.test_split = "val2017"

@@ -115,6 +115,12 @@ def split_like(flat: dict, *references: dict) -> tuple:
     return tuple(out)
 
 
+def shaped_like(reference: dict, tree: dict) -> dict:
+    """``tree``'s leaves in ``reference``'s nested dicts, empty ones included (``flatten`` drops
+    empty dicts, e.g. the statistics of a GroupNorm, which a model may still index)."""
+    return {k: shaped_like(v, tree.get(k, {})) if isinstance(v, dict) else tree[k] for k, v in reference.items()}
+
+
 def get_path(tree: dict, path: str, *, what: str = "tree"):
     """Returns the sub-tree or leaf at a dotted path, with a "did you mean" error."""
     node = tree

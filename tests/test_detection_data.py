@@ -87,6 +87,19 @@ def test_coco_reader_polygons_crowd_and_errors(tmp_path):
     assert s["boxes"].tolist() == [[2, 1, 6, 4], [10, 2, 15, 7]]
     assert s["iscrowd"].tolist() == [False, True] and s["masks"].shape == (2, 10, 20)
     assert s["masks"][0, 1:4, 2:6].all() and s["masks"][1].sum() == 10
+    ids = coco.CocoSplit(coco.read_annotations(str(ann)), str(tmp_path), str(ann), labels="category_id")[0]
+    assert ids["labels"].tolist() == [5, 2]  # data.labels="category_id": the ids themselves (torchvision's COCO)
+    with pytest.raises(ValueError, match="data.labels='ids'; valid: contiguous, category_id"):
+        coco.CocoSplit(coco.read_annotations(str(ann)), str(tmp_path), str(ann), labels="ids")
+    (tmp_path / "annotations").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+        (tmp_path / split).mkdir()
+        Image.new("RGB", (20, 10)).save(tmp_path / split / "a.png")
+    cfg = {"root": str(tmp_path), "train_split": "train", "test_split": "val"}
+    assert coco.build(cfg).num_classes == 2 and coco.build(cfg).category_ids == (2, 5)
+    by_id = coco.build({**cfg, "labels": "category_id"})
+    assert by_id.num_classes == 5 and by_id.category_ids == (0, 2, 0, 0, 5)  # 0: no category has the label
     batch = collate.collate([s], [0], min_size=10, max_size=20, max_objects=4, num_keypoints=0)
     assert batch["valid"].tolist() == [[True, False, False, False]]  # crowd regions never train
     bad = tmp_path / "bad.json"

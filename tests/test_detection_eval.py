@@ -62,3 +62,20 @@ def test_model_style_roi_masks_are_pasted_and_sizes_map_back():
     assert 20 < metrics["segm"]["AP"] < 100  # box-shaped masks: right for rectangles only
     sizes = {r["image_id"]: r["segmentation"]["size"] for r in results if "segmentation" in r}
     assert all(sizes[i] == list(ds.test[i]["image"].shape[-2:]) for i in sizes)
+
+
+def test_labels_are_mapped_by_category_ids_and_labels_without_a_category_dropped():
+    """data.labels="category_id": label l is category id l; labels no category has are no result."""
+    ds = scenes.build({"num_train": 4, "num_test": 8})
+    gt = coco_eval.ground_truth(ds.test, ds.categories)
+    b = batches(ds)[0]
+    preds = perfect(b)
+    by_index = coco_eval.to_results(preds, b, coco_eval.image_ids(gt), ds.categories)
+    ids = (0,) + ds.category_ids  # label l + 1 is category l: label 1 has none
+    shifted = [{**p, "labels": p["labels"] + 1} for p in preds]
+    by_id = coco_eval.to_results(shifted, b, coco_eval.image_ids(gt), ds.categories, category_ids=ids)
+    assert by_id == by_index
+    ids = (1, 0, 3)  # label 2 has no category: its detections are no results
+    some = coco_eval.to_results(preds, b, coco_eval.image_ids(gt), ds.categories, category_ids=ids)
+    assert len(some) < len(by_index) and {r["category_id"] for r in some} <= {1, 3}
+    assert some == [r for r in by_index if r["category_id"] in (1, 3)]

@@ -4,6 +4,7 @@ param names and shapes of the Faster / Mask / Keypoint R-CNN layouts."""
 import importlib.util
 import pathlib
 
+import ml_collections
 import pytest
 import torch
 
@@ -74,20 +75,25 @@ def test_names_and_shapes_equal_torchvision(facts):
 
 def test_proposals_and_detections_equal_torchvision(facts, loaded):
     model, params, state = loaded
-    batch, sizes = facts["batch"], facts["image_sizes"]
-    cfg = _config(facts)
-    cfg.rpn_only = True
-    proposals = det_model.build(cfg, 91).predict(params, state, batch, sizes)
+    assert_predicts_as_torchvision(_config(facts), params, state, facts["batch"], facts["image_sizes"],
+                                   [tuple(im.shape[-2:]) for im in facts["images"]], facts)
+
+
+def assert_predicts_as_torchvision(cfg, params, state, batch, sizes, originals, facts, num_classes=91):
+    """The proposals (``rpn_only``), the detections in the resized frame (labels equal, boxes 1e-2
+    px, scores 1e-4) and back in the original images equal torchvision's ``facts``."""
+    rpn_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    rpn_cfg.rpn_only = True
+    proposals = det_model.build(rpn_cfg, num_classes).predict(params, state, batch, sizes)
     for got, want in zip(proposals, facts["proposals"]):
         assert got["boxes"].shape == want.shape
         torch.testing.assert_close(got["boxes"], want, rtol=1e-4, atol=1e-2)
-    dets = model.predict(params, state, batch, sizes)
+    dets = det_model.build(cfg, num_classes).predict(params, state, batch, sizes)
     assert [len(d["boxes"]) for d in dets] == [len(d["boxes"]) for d in facts["resized"]] == [30, 30]
     for got, want in zip(dets, facts["resized"]):
         assert torch.equal(got["labels"], want["labels"])
         torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-2)
-    originals = [tuple(im.shape[-2:]) for im in facts["images"]]
     final = transform.postprocess(dets, sizes, originals)
     for got, want in zip(final, facts["detections"]):
         torch.testing.assert_close(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-2)

@@ -83,31 +83,6 @@ def test_model_config_takes_the_models_new_keys_and_refuses_unknown_ones():
         train.model_config(cfg)
 
 
-def test_backbone_weights_load_a_classification_checkpoint_into_backbone_body(tmp_path):
-    """A torchvision-named ResNet-18 file lands in backbone.body (params and BN statistics), nothing else moves."""
-    import torch
-
-    from fpipe import tree
-    from fpipe.detection import model as det_model
-    from fpipe.detection import train
-    from fpipe.models import resnet
-    cfg = defaults.detection_model()
-    cfg.backbone.name, cfg.fpn.out_channels = "resnet18", 32
-    model = det_model.build(train.model_config(cfg), 4)
-    params, state = model.init(0)
-    trunk_params, trunk_state = resnet.init(7, depth=18)
-    file = {**tree.flatten(trunk_params), **tree.flatten(trunk_state)}
-    torch.save(file, tmp_path / "resnet18.pth")
-    wcfg = defaults.weights()
-    wcfg.path = str(tmp_path / "resnet18.pth")
-    new_params, new_state, provenance = train.backbone_weights(params, state, wcfg, str(tmp_path))
-    body = {**tree.flatten(new_params["backbone"]["body"]), **tree.flatten(new_state["backbone"]["body"])}
-    assert body.keys() == file.keys() and all(torch.equal(body[k], file[k]) for k in file)
-    assert provenance["trunk_loaded"] == provenance["trunk_total"] > 0
-    assert torch.equal(new_params["rpn"]["head"]["cls_logits"]["weight"], params["rpn"]["head"]["cls_logits"]["weight"])
-    assert (tmp_path / "weights_report.txt").exists()
-
-
 def test_a_run_resumed_from_a_middle_checkpoint_ends_bit_identical(tmp_path):
     """Data by (epoch, step), RPN/RoI sampling by (seed, step, rank): resuming changes nothing."""
     import os
@@ -130,3 +105,18 @@ def test_a_run_resumed_from_a_middle_checkpoint_ends_bit_identical(tmp_path):
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
     results = [json.loads((tmp_path / w / "results.json").read_text())["heads"] for w in ("straight", "resumed")]
     assert results[0] == results[1]
+
+
+def test_total_steps_0_evaluates_a_loaded_detection_checkpoint_as_the_run_that_wrote_it(tmp_path):
+    """model.weights.path = a detection run's checkpoint (a whole model), total_steps=0: no training,
+    the same COCO AP as that run's final evaluation; nothing but the results is written."""
+    main(tmp_path / "trained", "--config.total_steps=2", "--config.ckpt_steps=2")
+    ckpt = tmp_path / "trained" / "checkpoints" / "ckpt_00000002.pt"
+    proc = main(tmp_path / "eval", "--config.total_steps=0", f"--config.model.weights.path={ckpt}")
+    assert "evaluating the model as loaded" in proc.stderr
+    trained, evaluated = (json.loads((tmp_path / w / "results.json").read_text()) for w in ("trained", "eval"))
+    assert evaluated["heads"] == trained["heads"] and evaluated["step"] == 0
+    assert evaluated["weights"]["part"] == "model"
+    assert evaluated["weights"]["trunk_loaded"] == evaluated["weights"]["trunk_total"] > 0
+    assert not (tmp_path / "eval" / "checkpoints").exists() or not any((tmp_path / "eval" / "checkpoints").iterdir())
+    assert "whole detection model" in (tmp_path / "eval" / "weights_report.txt").read_text()

@@ -7,6 +7,7 @@ import sys
 import time
 
 import ml_collections
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -105,3 +106,55 @@ def test_layer_freeze_rule_matching_nothing_is_an_error(tmp_path):
     proc = main(tmp_path, "--config.total_steps=2", "--config.layer_freeze.rules=('trunk.layr1.*',)",
                 "--config.layer_freeze.freeze_steps=1", check=False, config="configs/finetune.py")
     assert proc.returncode != 0 and "matches no parameter" in proc.stderr
+
+
+def _books(tmp_path, monkeypatch, *, total=6, log=2, ckpt=3, start=0):
+    """A Bookkeeping over one process, its saves recorded instead of written."""
+    from fpipe.train import distributed
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    config = ml_collections.ConfigDict(dict(log_steps=log, ckpt_steps=ckpt, eval_steps=None,
+                                            data=dict(batch_size=4)))
+    saves = []
+    books = periodic.Bookkeeping(config, str(tmp_path), distributed.init(), lambda step, state, best=None:
+                                 saves.append((step, state["x"])) or step, total_steps=total, steps_per_epoch=3,
+                                 start_step=start, eval_images=0, write=False, resumed=False)
+    return books, saves
+
+
+class _Stop:
+    requested = None
+
+
+def test_bookkeeping_logs_checkpoints_and_stops_as_the_loop_did(tmp_path, monkeypatch):
+    from fpipe.train.signals import Stopped
+    books, saves = _books(tmp_path, monkeypatch)
+    logged = []
+    books.writer.write_scalars = lambda step, scalars: logged.append((step, scalars))
+    stop = _Stop()
+    for done in (1, 2, 3):
+        books.step_done(done, {"loss": torch.tensor(float(done)), "nonfinite": torch.tensor(0, dtype=torch.int32)}, 0.5)
+        books.log(done, {"x": done}, lr=0.1)
+        books.checkpoint(done, {"x": done}, stop)
+    assert [s for s, _ in logged] == [2] and logged[0][1]["loss"] == 1.5 and logged[0][1]["epoch"] == 2 / 3
+    assert saves == [(3, 3)]
+    books.step_done(4, {"loss": torch.tensor(4.0), "nonfinite": torch.tensor(0, dtype=torch.int32)}, 0.5)
+    stop.requested = 15  # SIGTERM after step 4: a checkpoint of step 4, then Stopped
+    with pytest.raises(Stopped):
+        books.checkpoint(4, {"x": 4}, stop)
+    assert saves == [(3, 3), (4, 4)]
+    books.stopped({"x": 4}, 15)  # already saved: not again
+    assert saves == [(3, 3), (4, 4)]
+
+
+def test_bookkeeping_saves_the_completed_steps_when_stopped_and_never_a_non_finite_state(tmp_path, monkeypatch):
+    from fpipe.train.divergence import DivergedError
+    books, saves = _books(tmp_path, monkeypatch)
+    books.step_done(1, {"loss": torch.tensor(1.0), "nonfinite": torch.tensor(0, dtype=torch.int32)}, 0.0)
+    books.stopped({"x": 1}, 2)  # SIGINT mid-step 2: step 1's state is saved
+    assert saves == [(1, 1)]
+    books.step_done(2, {"loss": torch.tensor(float("nan")), "nonfinite": torch.tensor(1, dtype=torch.int32)}, 0.0)
+    with pytest.raises(DivergedError, match="diverged by step 2"):
+        books.log(2, {"trainable": {}, "x": 2}, lr=0.1)
+    books.stopped({"x": 2}, 2)
+    assert saves == [(1, 1)]  # the non-finite state is never saved

@@ -55,3 +55,12 @@ def test_first_match_order_wins():
     assert tree.first_match("heads.fc.bias", rules) == 10.0
     assert tree.first_match("trunk.bn1.bias", rules) == 0.0
     assert tree.first_match("trunk.conv1.weight", rules) == 1.0
+
+
+def test_shaped_like_keeps_the_reference_s_empty_dicts():
+    """flatten drops empty dicts (a GroupNorm's statistics); shaped_like puts them back."""
+    reference = {"body": {"gn": {}, "bn": {"running_mean": 0}}, "head": {}}
+    restored = tree.unflatten({"body.bn.running_mean": 1})
+    assert tree.shaped_like(reference, restored) == {"body": {"gn": {}, "bn": {"running_mean": 1}}, "head": {}}
+    with pytest.raises(KeyError):
+        tree.shaped_like(reference, {})  # a leaf the reference has must be there

@@ -18,6 +18,19 @@ def init(seed, in_channels=256 * 7 * 7, representation_size=1024, num_classes=91
     return {"box_head": head, "box_predictor": predictor}, {}
 
 
+def init_predictor(seed, in_features=2048, num_classes=91):
+    """``{"box_predictor": ...}`` alone (FastRCNNPredictor), for a box head of another kind (C4's res5)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"box_predictor": {"cls_score": layers.linear_init(gen, in_features, num_classes),
+                              "bbox_pred": layers.linear_init(gen, in_features, num_classes * 4)}}
+
+
+def apply_predictor(params, x):
+    """FastRCNNPredictor on ``[..., F]`` box features: ``(class_logits, box_deltas)``."""
+    pred = params["box_predictor"]
+    return layers.linear(pred["cls_score"], x), layers.linear(pred["bbox_pred"], x)
+
+
 def apply(params, state, pooled, *, train=False):
     """``pooled [..., C, PH, PW]`` RoI features -> ``((class_logits, box_deltas), state)``."""
     del train

@@ -11,7 +11,10 @@ keys): ``bbox`` [x, y, w, h] becomes xyxy; boxes under 1 px wide or high are dro
 torchvision's reference scripts do); ``iscrowd`` regions are kept with ``iscrowd=True`` (never
 trained on, ignored by evaluation); polygon and RLE (compressed or not) segmentations decode
 through ``pycocotools.mask``, an annotation without one gets its box as mask; ``keypoints``
-[x1, y1, v1, ...] become K×P×3. Category ids map to labels 1..C in sorted id order. Images
+[x1, y1, v1, ...] become K×P×3. Category ids map to labels 1..C in sorted id order
+(``data.labels="contiguous"``), or are the labels themselves (``data.labels="category_id"``:
+1..the largest id, the ids no category has never occur; torchvision's COCO models, 91 classes
+with the background, predict these). Images
 decode through ``fpipe.data.decode`` (RGB uint8; its size limits apply) and must have the size
 the file states. Problems are one-line errors naming the file and what is missing.
 """
@@ -28,6 +31,7 @@ from fpipe.detection.scenes import DetectionDataset
 COCO_PERSON_SIGMAS = (.026, .025, .025, .035, .035, .079, .079, .072, .072, .062, .062, .107, .107,
                       .087, .087, .089, .089)
 DEFAULT_SIGMA = 0.05  # other keypoint sets: one sigma for every keypoint (see docs/DETECTION.md)
+LABELS = ("contiguous", "category_id")  # data.labels: 1..C in sorted id order | the category ids
 
 
 class CocoFormatError(ValueError):
@@ -60,14 +64,23 @@ def read_annotations(path: str) -> dict:
 class CocoSplit:
     """One split: ``split[i]`` is the sample of the i-th image in the file's order."""
 
-    def __init__(self, annotations: dict, image_dir: str, source: str = "", limits=decode.Limits()):
+    def __init__(self, annotations: dict, image_dir: str, source: str = "", limits=decode.Limits(),
+                 labels: str = "contiguous"):
         if not os.path.isdir(image_dir):
             raise CocoFormatError(f"COCO image folder {image_dir!r} does not exist")
+        if labels not in LABELS:
+            raise ValueError(f"data.labels={labels!r}; valid: {', '.join(LABELS)}")
         self.image_dir, self.source, self.limits = image_dir, source, limits
         self.coco_dict = annotations  # the ground truth as the file gives it (evaluation)
         self.images = list(annotations["images"])
         ids = sorted(c["id"] for c in annotations["categories"])
-        self.label_of = {cid: i + 1 for i, cid in enumerate(ids)}
+        if labels == "category_id":
+            bad = [cid for cid in ids if not (isinstance(cid, int) and cid >= 1)]
+            if bad:
+                raise CocoFormatError(f"{source}: data.labels='category_id' needs category ids >= 1, got {bad[:5]}")
+            self.label_of = {cid: cid for cid in ids}
+        else:
+            self.label_of = {cid: i + 1 for i, cid in enumerate(ids)}
         self.by_image = {img["id"]: [] for img in self.images}
         for ann in annotations["annotations"]:
             if ann["image_id"] not in self.by_image:
@@ -137,6 +150,7 @@ def split_paths(data_cfg, which: str) -> tuple:
 def build(data_cfg) -> DetectionDataset:
     """The COCO-format dataset ``config.data`` names (see the module docstring)."""
     splits, categories = {}, None
+    labels = (data_cfg.get("labels") if hasattr(data_cfg, "get") else None) or "contiguous"
     for which in ("train", "test"):
         ann_path, image_dir = split_paths(data_cfg, which)
         annotations = read_annotations(ann_path)
@@ -144,10 +158,14 @@ def build(data_cfg) -> DetectionDataset:
         if categories is not None and [c["id"] for c in cats] != [c["id"] for c in categories]:
             raise CocoFormatError(f"{ann_path}: its categories differ from the train file's")
         categories = cats
-        splits[which] = CocoSplit(annotations, image_dir, ann_path)
+        splits[which] = CocoSplit(annotations, image_dir, ann_path, labels=labels)
     names = tuple(max((c.get("keypoints", []) for c in categories), key=len))
     sigmas = COCO_PERSON_SIGMAS if len(names) == 17 else (DEFAULT_SIGMA,) * len(names)
-    return DetectionDataset("coco", categories, splits["train"], splits["test"], names, sigmas)
+    label_ids = ()
+    if labels == "category_id":
+        ids = {int(c["id"]) for c in categories}
+        label_ids = tuple(i if i in ids else 0 for i in range(1, max(ids, default=0) + 1))
+    return DetectionDataset("coco", categories, splits["train"], splits["test"], names, sigmas, label_ids)
 
 
 def to_coco_dict(split, categories, *, file_names=None) -> dict:

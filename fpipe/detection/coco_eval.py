@@ -54,7 +54,7 @@ def image_ids(gt) -> list:
     return [int(im["id"]) for im in gt.dataset["images"]]
 
 
-def to_results(predictions, batch, image_ids, categories, *, mask_threshold: float = 0.5) -> list:
+def to_results(predictions, batch, image_ids, categories, *, mask_threshold: float = 0.5, category_ids=None) -> list:
     """COCO result dicts of one batch's predictions in the files' pixels (the module docstring).
 
     predictions: ``model.predict``'s list, one dict per image (``boxes``, ``scores``, ``labels``
@@ -62,9 +62,12 @@ def to_results(predictions, batch, image_ids, categories, *, mask_threshold: flo
     boxes as torchvision does (``transform.postprocess``), or D×H×W probabilities on the batch's
     canvas — and ``keypoints`` D×P×3);
     image_ids: the split's COCO image ids (``batch["index"]`` indexes them); rows with ``batch["mask"]`` False
-    (evaluation padding) are skipped."""
+    (evaluation padding) are skipped; label ``l`` is ``categories[l - 1]``, or the category id
+    ``category_ids[l - 1]`` when given (``DetectionDataset.category_ids``): detections of a label
+    without a category (0 there, e.g. the unused ids of torchvision's 91 COCO classes) are dropped."""
     from pycocotools import mask as mask_utils
     keep = batch.get("mask")
+    ids = list(category_ids) if category_ids is not None else [int(c["id"]) for c in categories]
     out = []
     for row, pred in enumerate(predictions):
         if keep is not None and not bool(keep[row]):
@@ -73,10 +76,14 @@ def to_results(predictions, batch, image_ids, categories, *, mask_threshold: flo
         original = tuple(int(v) for v in batch["orig_size"][row])
         pred = {k: v.detach().float().cpu() if k != "labels" else v.detach().cpu()
                 for k, v in pred.items() if isinstance(v, torch.Tensor)}
+        cats = [ids[int(l) - 1] if 1 <= int(l) <= len(ids) else 0 for l in pred["labels"]]
+        if not all(cats):  # labels no category has: not a result
+            kept = torch.tensor([i for i, c in enumerate(cats) if c], dtype=torch.int64)
+            pred, cats = {k: v[kept] for k, v in pred.items()}, [c for c in cats if c]
         image_masks = pred.pop("masks") if pred.get("masks") is not None and pred["masks"].ndim == 3 else None
         pred = transform.postprocess([pred], [size], [original])[0]  # boxes, keypoints; RoI masks pasted
-        base = [{"image_id": int(image_ids[int(batch["index"][row])]), "category_id": int(categories[int(l) - 1]["id"]),
-                 "score": float(s)} for s, l in zip(pred["scores"], pred["labels"])]
+        base = [{"image_id": int(image_ids[int(batch["index"][row])]), "category_id": int(c),
+                 "score": float(s)} for s, c in zip(pred["scores"], cats)]
         boxes = pred["boxes"]
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
         out += [{**b, "bbox": box} for b, box in zip(base, xywh)]

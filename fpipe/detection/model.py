@@ -6,9 +6,10 @@
 torchvision's detection names: ``backbone.body.*`` (any fpipe trunk; ResNet's names are
 torchvision's), ``backbone.fpn.*``, ``rpn.head.*``, ``roi_heads.box_head.fc6/fc7``,
 ``roi_heads.box_predictor.*``, ``roi_heads.mask_head/mask_predictor.*``,
-``roi_heads.keypoint_head/keypoint_predictor.*``. State is the trunk's norm statistics under
-``backbone.body``; with frozen norms (the default, torchvision's FrozenBatchNorm2d) it passes
-through unchanged.
+``roi_heads.keypoint_head/keypoint_predictor.*``; a C4 model (``fpn.enabled=False``) has no
+``backbone.fpn`` and its res5 as ``roi_heads.box_head.layer4.*``. State is the trunk's norm
+statistics under ``backbone.body`` (and C4's res5 under ``roi_heads.box_head``); with frozen
+norms (the default, torchvision's FrozenBatchNorm2d) it passes through unchanged.
 
 Images come normalised and padded (fpipe.detection.transform); ``image_sizes`` are each image's
 (h, w) before padding. Detections are in that (resized) frame: ``transform.postprocess`` maps
@@ -31,6 +32,7 @@ from fpipe.detection.proposals import propose
 from fpipe.detection.roi_align import multiscale_roi_align
 from fpipe.detection.roi_targets import select_training_samples
 from fpipe.detection.sampling import sample
+from fpipe.models import resnet
 from fpipe.models.model import build_trunk
 
 # ResNet's stages in the order Detectron's FREEZE_AT counts them (stem = 1, res2 = 2, ...).
@@ -50,7 +52,7 @@ def default_config():
         freeze_conv_body=False,  # MODEL.BACKBONE.FREEZE (all of backbone.body) / trainable_backbone_layers=0
     ))
     c.fpn = ml_collections.ConfigDict(dict(
-        enabled=True,  # MODEL.FPN (C4 without FPN is not supported yet: fpn.enabled=False raises)
+        enabled=True,  # MODEL.FPN; False: C4 (R-50-C4): RPN and pooler on the one feature, res5 as the box head
         out_channels=256,  # FeaturePyramidNetwork(out_channels=) / MODEL.RESNETS.BACKBONE_OUT_CHANNELS
     ))
     c.rpn = ml_collections.ConfigDict(dict(
@@ -114,11 +116,15 @@ class DetModel(NamedTuple):
 
 def build(det_cfg, num_classes) -> DetModel:
     """The model of ``det_cfg`` (:func:`default_config`'s layout) with ``num_classes`` including
-    the background (torchvision's num_classes, 91 for COCO)."""
+    the background (torchvision's num_classes, 91 for COCO).
+
+    ``fpn.enabled=False`` is C4 (Detectron's R-50-C4): a ResNet's res4 (``backbone.features =
+    ("res4",)``) feeds the RPN (one level: ``rpn.anchor_sizes = ((32, 64, 128, 256, 512),)``) and
+    the RoI pooler (Detectron: ``box_head.pooler_resolution = 14``, sampling ratio 0); the box head
+    is the trunk's res5 (``roi_heads.box_head.layer4.*``, not in ``backbone.body``) and a global
+    average pool, then the predictor. No mask / keypoint heads on C4 yet."""
     cfg = det_cfg
-    if not cfg.fpn.enabled:
-        raise NotImplementedError("model.detection.fpn.enabled=False (C4 Faster R-CNN) is not supported yet; "
-                                  "only FPN backbones are")
+    c4 = not cfg.fpn.enabled
     b = cfg.backbone
     trunk = build_trunk(b.name, **dict(b.options))
     feature_names = tuple(b.features)
@@ -129,10 +135,19 @@ def build(det_cfg, num_classes) -> DetModel:
     if len(set(num_anchors)) != 1:
         raise ValueError(f"the RPN head shares one conv over levels: every level needs the same number of "
                          f"anchors, got {num_anchors}")
-    if len(anchor_sizes) != len(feature_names) + 1:
+    if c4:
+        if feature_names != ("res4",) or not hasattr(trunk.spec, "block"):
+            raise ValueError(f"C4 (fpn.enabled=False) needs a ResNet trunk and backbone.features=('res4',) "
+                             f"(res5 becomes the box head); got {b.name!r} with features {feature_names}")
+        if len(anchor_sizes) != 1 or len(ratios) != 1:
+            raise ValueError(f"C4 has one feature level: rpn.anchor_sizes and rpn.aspect_ratios need one entry "
+                             f"each, e.g. ((32, 64, 128, 256, 512),) and ((0.5, 1.0, 2.0),); got {anchor_sizes}")
+        if mh.enabled or kh.enabled:
+            raise NotImplementedError("mask / keypoint heads on a C4 model (fpn.enabled=False) are not "
+                                      "supported yet; use FPN")
+    elif len(anchor_sizes) != len(feature_names) + 1:
         raise ValueError(f"{len(feature_names)} backbone features + the FPN pool level need "
                          f"{len(feature_names) + 1} anchor sizes, got {len(anchor_sizes)}")
-    out_ch = cfg.fpn.out_channels
 
     def trunk_channels():
         params, state = trunk.init(0)
@@ -143,12 +158,29 @@ def build(det_cfg, num_classes) -> DetModel:
         return [int(feats[f].shape[1]) for f in feature_names], norms
 
     in_channels, body_norms = trunk_channels()  # body_norms: layers with running statistics
+    out_ch = in_channels[0] if c4 else cfg.fpn.out_channels  # what the RPN and the pooler see
+    res5_norms = [n for n in body_norms if c4 and n.startswith("layer4.")]  # C4: the box head's norms
+    body_norms = [n for n in body_norms if n not in res5_norms]
+    if c4 and res5_norms and not b.frozen_norms:
+        raise NotImplementedError("C4 with backbone.frozen_norms=False (BatchNorms that train, res5's in the box "
+                                  "head among them) is not supported yet; keep frozen_norms=True or use GroupNorm")
 
     def init(seed=0):
         body, body_state = trunk.init(seed)
-        params = {"backbone": {"body": body, "fpn": fpn.init(seed + 1, in_channels, out_ch)[0]},
-                  "rpn": {"head": rpn.init(seed + 2, out_ch, num_anchors[0], r.conv_depth)[0]}}
-        if not cfg.rpn_only:
+        if c4:  # res5 leaves the body for the box head (torchvision's IntermediateLayerGetter drops it too)
+            body, res5 = {k: v for k, v in body.items() if k != "layer4"}, {"layer4": body["layer4"]}
+            res5_state = {"layer4": body_state["layer4"]} if "layer4" in body_state else {}
+            body_state = {k: v for k, v in body_state.items() if k != "layer4"}
+            params = {"backbone": {"body": body}}
+        else:
+            params = {"backbone": {"body": body, "fpn": fpn.init(seed + 1, in_channels, out_ch)[0]}}
+        params["rpn"] = {"head": rpn.init(seed + 2, out_ch, num_anchors[0], r.conv_depth)[0]}
+        state = {"backbone": {"body": body_state}}
+        if not cfg.rpn_only and c4:
+            res5_channels = trunk.spec.channels("res5")
+            params["roi_heads"] = {"box_head": res5, **box_head.init_predictor(seed + 3, res5_channels, num_classes)}
+            state["roi_heads"] = {"box_head": res5_state}
+        elif not cfg.rpn_only:
             pooled = out_ch * bh.pooler_resolution ** 2
             roi = box_head.init(seed + 3, pooled, bh.representation_size, num_classes)[0]
             if mh.enabled:
@@ -156,7 +188,18 @@ def build(det_cfg, num_classes) -> DetModel:
             if kh.enabled:
                 roi.update(keypoint_head.init(seed + 5, out_ch, tuple(kh.layers), kh.num_keypoints)[0])
             params["roi_heads"] = roi
-        return params, {"backbone": {"body": body_state}}
+        return params, state
+
+    def box_outputs(params, state, pooled):
+        """``(class_logits, box_deltas)`` of pooled RoI features ``[..., C, P, P]``: TwoMLPHead +
+        predictor, or (C4) res5 on the RoIs, their mean over space, the predictor."""
+        roi = params["roi_heads"]
+        if not c4:
+            return box_head.apply(roi, {}, pooled)[0]
+        lead = pooled.shape[:-3]
+        x = pooled.reshape(-1, *pooled.shape[-3:])
+        x, _ = resnet.apply_stage(trunk.spec, roi["box_head"], state["roi_heads"]["box_head"], x, 3, train=False)
+        return box_head.apply_predictor(roi, x.mean(dim=(2, 3)).reshape(*lead, -1))
 
     def freeze_rules(params):
         """Regexes of the frozen params: the whole body (freeze_conv_body), else its first
@@ -170,8 +213,12 @@ def build(det_cfg, num_classes) -> DetModel:
                 raise ValueError(f"backbone.freeze_at knows ResNet's stages only; for {b.name!r} freeze by "
                                  f"freeze_conv_body or explicit rules")
             out += [r"backbone\.body\.(" + s + ")" for s in RESNET_STAGES[:b.freeze_at]]
+            if c4 and b.freeze_at >= len(RESNET_STAGES):  # res5 is the box head
+                out[-1] = r"roi_heads\.box_head\.(" + RESNET_STAGES[-1] + ")"
         if b.frozen_norms and body_norms:  # BatchNorms (with running stats) as FrozenBatchNorm2d
             out.append(r"backbone\.body\.(" + "|".join(re.escape(n) for n in body_norms) + r")\.(weight|bias)")
+        if b.frozen_norms and res5_norms and not cfg.rpn_only:  # C4: res5's, in the box head
+            out.append(r"roi_heads\.box_head\.(" + "|".join(re.escape(n) for n in res5_norms) + r")\.(weight|bias)")
         return tuple(out)
 
     def features(params, state, images, *, train=False):
@@ -179,8 +226,15 @@ def build(det_cfg, num_classes) -> DetModel:
         eval_all = b.frozen_norms or not train
         feats, new_body = trunk.apply(params["backbone"]["body"], body_state, images, train=not eval_all,
                                       features=feature_names)
-        levels, _ = fpn.apply(params["backbone"]["fpn"], {}, [feats[f] for f in feature_names])
+        if c4:
+            levels = [feats[feature_names[0]]]
+        else:
+            levels, _ = fpn.apply(params["backbone"]["fpn"], {}, [feats[f] for f in feature_names])
         return levels, {**state, "backbone": {**state["backbone"], "body": body_state if eval_all else new_body}}
+
+    def pooled_levels(levels):
+        """The levels the RoI poolers read: FPN's without its max-pool level; C4's one."""
+        return levels if c4 else levels[:-1]
 
     def rpn_outputs(params, levels, images):
         """RPN head outputs and the anchors of the padded batch (static shapes)."""
@@ -237,9 +291,9 @@ def build(det_cfg, num_classes) -> DetModel:
             roi = params["roi_heads"]
             t = select_training_samples(boxes, pvalid, gt, gt_labels, gvalid, bh.batch_size_per_image,
                                         bh.positive_fraction, bh.fg_iou_thresh, bh.bg_iou_thresh, generator)
-            pooled = multiscale_roi_align(levels[:-1], t["rois"], image_shapes, bh.pooler_resolution,
+            pooled = multiscale_roi_align(pooled_levels(levels), t["rois"], image_shapes, bh.pooler_resolution,
                                           bh.pooler_sampling_ratio)
-            (cls, reg), _ = box_head.apply(roi, {}, pooled)
+            cls, reg = box_outputs(params, state, pooled)
             out["loss_classifier"], out["loss_box_reg"] = fastrcnn_loss(cls, reg, t["labels"], t["targets"], t["valid"])
             if mh.enabled or kh.enabled:
                 # positives come first among the sampled slots: at most int(B * fraction) of them
@@ -272,8 +326,9 @@ def build(det_cfg, num_classes) -> DetModel:
         if cfg.rpn_only:
             return [{"boxes": p, "scores": s[v]} for p, s, v in zip(props, scores, valid)]
         roi = params["roi_heads"]
-        pooled = multiscale_roi_align(levels[:-1], props, image_shapes, bh.pooler_resolution, bh.pooler_sampling_ratio)
-        (cls, reg), _ = box_head.apply(roi, {}, pooled)
+        pooled = multiscale_roi_align(pooled_levels(levels), props, image_shapes, bh.pooler_resolution,
+                                      bh.pooler_sampling_ratio)
+        cls, reg = box_outputs(params, state, pooled)
         dboxes, dscores, dlabels = postprocess_detections(cls, reg, props, image_shapes, bh.score_thresh,
                                                           bh.nms_thresh, bh.detections_per_img)
         out = [{"boxes": bx, "scores": s, "labels": lb} for bx, s, lb in zip(dboxes, dscores, dlabels)]

@@ -48,19 +48,26 @@ MIN_CONTRAST = 0.25   # mean absolute difference of an object's colour from the 
 
 @dataclasses.dataclass(frozen=True)
 class DetectionDataset:
-    """A detection dataset: COCO ``categories`` (label ``i`` is ``categories[i - 1]``), splits
-    of samples (see the module docstring), and its keypoints' names and OKS sigmas."""
+    """A detection dataset: COCO ``categories`` (label ``i`` is ``categories[i - 1]``, unless
+    ``label_ids`` says otherwise), splits of samples (see the module docstring), and its
+    keypoints' names and OKS sigmas."""
     name: str
     categories: tuple
     train: object
     test: object
     keypoint_names: tuple = ()
     keypoint_sigmas: tuple = ()
+    label_ids: tuple = ()  # the category id of each label 1..n, 0 where none (COCO's labels = ids)
 
     @property
     def num_classes(self) -> int:
         """Object classes, background not counted (labels are 1..num_classes)."""
-        return len(self.categories)
+        return len(self.label_ids) if self.label_ids else len(self.categories)
+
+    @property
+    def category_ids(self) -> tuple:
+        """The COCO category id of each label 1..num_classes (0: a label no category has)."""
+        return tuple(self.label_ids) if self.label_ids else tuple(int(c["id"]) for c in self.categories)
 
     @property
     def num_keypoints(self) -> int:

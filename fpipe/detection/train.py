@@ -1,17 +1,19 @@
 """The detection run, readable top to bottom, on the classification loop's services:
 
-    processes -> data (scenes | coco, padded batches) -> model.build -> init -> weights (resume >
-    backbone from a classification checkpoint > init) -> freeze (model.freeze_rules + model.freeze)
+    processes -> data (scenes | coco, padded batches) -> model.build -> init -> weights (resume > a
+    whole detection model's file, or a classification checkpoint for the backbone (detection.pretrained)
+    > init) -> freeze (model.freeze_rules + model.freeze)
     -> optimizer, schedule -> a torch.func step over model.losses -> for each step: batch, step,
     then "is it time?" to log / evaluate (COCO AP) / checkpoint -> results.json (+ results.md)
 
-Workdir claim and fingerprint (main.py, fpipe.workdir), checkpoints (fpipe.checkpoint),
-metrics.jsonl / TensorBoard (fpipe.writers), freezing (fpipe.freeze), optimizers and schedules,
-the distributed gradient mean, divergence checks, signals and the results file are the ones
-fpipe.train.loop uses; only the data, the loss and the evaluation are detection's own.
+Workdir claim and fingerprint (main.py, fpipe.workdir), the processes and signals
+(``loop.in_processes``), checkpoints (``loop.make_saver``), the bookkeeping around the steps
+(``periodic.Bookkeeping``: metrics.jsonl / TensorBoard, the ETA, divergence checks, periodic logs
+and checkpoints, a stop's checkpoint), freezing (fpipe.freeze), optimizers and schedules, the
+distributed gradient mean and the results file are the ones fpipe.train.loop uses; only the data,
+the loss and the evaluation are detection's own.
 """
 import os
-import signal
 import time
 
 import torch
@@ -20,13 +22,13 @@ from absl import logging
 from torch.func import grad_and_value
 
 import fpipe
-from fpipe import checkpoint, files, freeze, optim, schedules, tree, writers
+from fpipe import checkpoint, files, freeze, optim, schedules, tree
 from fpipe.data import rng
-from fpipe.detection import coco, coco_eval, collate, scenes
+from fpipe.detection import coco, coco_eval, collate, pretrained, scenes
 from fpipe.detection import model as det_model
 from fpipe.train import config_check, distributed, divergence, loop, periodic
 from fpipe.train import step as step_lib
-from fpipe.train.signals import Stopped, StopOnSignal
+from fpipe.train.signals import Stopped
 
 DATASETS = {"scenes": scenes.build, "coco": coco.build}
 SHOWN = ("AP", "AP50", "AP75")  # logged to metrics.jsonl per head; results.json has every COCO stat
@@ -34,18 +36,7 @@ SHOWN = ("AP", "AP50", "AP75")  # logged to metrics.jsonl per head; results.json
 
 def run(config, workdir, run_info=None):
     """Trains and evaluates as ``config`` says; returns ``{"bbox": {"AP": ...}, ...}`` (percent)."""
-    with StopOnSignal() as stop:
-        with stop.interruptible():
-            dist = distributed.init(timeout_s=config.get("collective_timeout_s"))
-        try:
-            return _run(config, workdir, dist, stop, dict(run_info or {}))
-        except RuntimeError as e:
-            explained = distributed.explain_timeout(e, dist, config.get("collective_timeout_s"))
-            if explained is not None:
-                raise explained from e
-            raise
-        finally:
-            dist.shutdown()
+    return loop.in_processes(_run, config, workdir, run_info)
 
 
 def _run(config, workdir, dist, stop, run_info):
@@ -72,15 +63,15 @@ def _run(config, workdir, dist, stop, run_info):
         model = det_model.build(det_cfg, dataset.num_classes + 1)  # + background, as torchvision counts
         params, model_state = model.init(config.seed)
 
-        # ---------------------------------------------------------------- weights: resume > backbone > init
+        # ---------------------------------------------------------------- weights: resume > file (model | body) > init
         saved, resume_path = checkpoint.restore(workdir)
         if saved:
             logging.warning("Resuming from %s: it takes precedence over model.weights.path=%r, which is not "
                             "read.", resume_path, config.model.weights.path)
             run_info["weights"] = (saved.get("meta") or {}).get("weights")
         else:
-            params, model_state, run_info["weights"] = backbone_weights(params, model_state, config.model.weights,
-                                                                        workdir, dist.is_main)
+            params, model_state, run_info["weights"] = pretrained.initial_weights(
+                params, model_state, config.model.weights, workdir, dist.is_main)
 
         # ---------------------------------------------------------------- freeze, optimizer, schedule
         rules = (tuple(model.freeze_rules(params)) + freeze.rules(config.model.freeze)
@@ -92,18 +83,19 @@ def _run(config, workdir, dist, stop, run_info):
         base_lr, lr_message = optim.scaled_lr(config.optim, config.data.batch_size)
         logging.info("%s (world size %d)", lr_message, dist.world_size)
         opt = optim.build(config.optim, trainable)
-        schedule = schedules.build(config.schedule, steps_per_epoch, total_steps, base_lr=base_lr)
+        training = total_steps > 0  # total_steps=0: evaluate the model as loaded (e.g. a COCO checkpoint)
+        schedule = schedules.build(config.schedule, steps_per_epoch, total_steps, base_lr=base_lr) if training else None
         train_state = {"trainable": trainable, "frozen": frozen, "model_state": model_state,
                        "opt_state": opt.init(trainable)}
         start_step = 0
         if saved:
             train_state, start_step = checkpoint.restore_train_state(train_state, saved, workdir, resume_path)
             # a norm without statistics (GroupNorm) leaves empty subtrees, which a checkpoint does not keep
-            train_state["model_state"] = _like(model_state, train_state["model_state"])
+            train_state["model_state"] = tree.shaped_like(model_state, train_state["model_state"])
             logging.info("Resumed at step %d of %d.", start_step, total_steps)
         train_state = loop.to_device(train_state, dist.device)
         frozen_ref = saved.get("frozen_params") if saved else None
-        if frozen_ref is None and dist.is_main and tree.leaves(frozen):
+        if training and frozen_ref is None and dist.is_main and tree.leaves(frozen):
             frozen_ref = checkpoint.save_frozen(workdir, tree.flatten(frozen))
 
         # ---------------------------------------------------------------- the step
@@ -123,7 +115,8 @@ def _run(config, workdir, dist, stop, run_info):
                 for batch in test_loader.epoch():
                     moved = loop.to_device(batch, dist.device)
                     predictions = model.predict(params, state["model_state"], moved["image"], moved["image_size"])
-                    results += coco_eval.to_results(predictions, batch, image_ids, dataset.categories)
+                    results += coco_eval.to_results(predictions, batch, image_ids, dataset.categories,
+                                                    category_ids=dataset.category_ids)
             if dist.enabled:
                 gathered = [None] * dist.world_size
                 tdist.all_gather_object(gathered, results)
@@ -131,25 +124,17 @@ def _run(config, workdir, dist, stop, run_info):
             return coco_eval.evaluate(gt, results, iou_types(det_cfg), dataset.keypoint_sigmas)
 
     save = loop.make_saver(workdir, dist, config, opt, run_info, frozen_ref)
-
-    eval_every = schedules.to_steps(config, "eval", steps_per_epoch, default=0)
-    ckpt_every = schedules.to_steps(config, "ckpt", steps_per_epoch, default=0)
-    timer = writers.EtaTimer(total_steps, batch_size=config.data.batch_size, start_step=start_step,
-                             eval_every=eval_every, eval_images=len(dataset.test))
-    writer = writers.make_writers(workdir, dist.is_main, total_steps=total_steps, resume_step=start_step, timer=timer)
-    metric_log = periodic.MetricLog(dist)
-    nonfinite = torch.zeros((), dtype=torch.int32, device=dist.device)
-    last_saved = checkpoint.latest(workdir) if saved else None
+    # the classification loop's: metrics, timer, writers, the non-finite count, logs, checkpoints, stops
+    books = periodic.Bookkeeping(config, workdir, dist, save, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                 start_step=start_step, eval_images=len(dataset.test), write=dist.is_main and training,
+                                 resumed=bool(saved))
     results, results_step = None, None
-
-    def check_finite(done, state):
-        if int(distributed.sum_over_ranks(dist, {"n": nonfinite})["n"]):
-            divergence.raise_diverged(done, state, workdir, last_saved)
 
     try:
         # ---------------------------------------------------------------- the loop
+        if not training:
+            logging.warning("total_steps=0: evaluating the model as loaded, without training.")
         batches = train_loader.iterate(start_step)
-        saved_step = completed = start_step
         for step in range(start_step, total_steps):
             with stop.interruptible():
                 t0 = time.perf_counter()
@@ -160,38 +145,20 @@ def _run(config, workdir, dist, stop, run_info):
                     rng.seed_for("detection-sample", config.seed, step, dist.rank))
                 new_state, metrics = train_step(train_state, loop.to_device(batch, dist.device),
                                                 torch.tensor(lr, dtype=torch.float32), generator)
-            train_state, completed = new_state, step + 1
-            nonfinite = nonfinite + metrics.pop("nonfinite")
-            metric_log.add(metrics, data_time)
-            timer.tick(step + 1)
-            done = step + 1
-            is_time = lambda every: periodic.is_time(done, every, total_steps)
+            train_state, done = new_state, step + 1
+            books.step_done(done, metrics, data_time)
 
-            if is_time(config.log_steps):
-                check_finite(done, train_state)
-                scalars = metric_log.means()
-                scalars.update(lr=lr, epoch=done / steps_per_epoch)
-                if timer.images_per_second is not None:
-                    scalars["images_per_s"] = timer.images_per_second
-                writer.write_scalars(done, scalars)
-            if is_time(eval_every):
-                check_finite(done, train_state)
-                t0 = time.perf_counter()
-                results, results_step = evaluate(train_state), done
-                timer.eval_took(time.perf_counter() - t0)
-                writer.write_scalars(done, scalars_of(results))
+            books.log(done, train_state, lr)
+            if books.is_time(done, books.eval_every):
+                books.check_finite(done, train_state)
+                results, results_step = books.evaluate(done, train_state, evaluate, scalars_of), done
                 if config.best_metric:
                     head, key = config_check.best_metric_key(config.best_metric)
                     save(done, train_state, best=(config.best_metric, results[head][key] or 0.0, config.best_mode))
-            if is_time(ckpt_every) or (stop.requested and done < total_steps):
-                check_finite(done, train_state)
-                saved_step = save(done, train_state)
-                last_saved = checkpoint.checkpoint_path(workdir, done)
-            if stop.requested and done < total_steps:
-                raise Stopped(stop.requested)
+            books.checkpoint(done, train_state, stop)  # raises Stopped after it when a stop was requested
 
         # ---------------------------------------------------------------- final results
-        check_finite(total_steps, train_state)
+        books.check_finite(total_steps, train_state)
         if results is None or results_step != total_steps:
             logging.info("Evaluating the final model on %d test images…", len(dataset.test))
             results = evaluate(train_state)
@@ -204,13 +171,10 @@ def _run(config, workdir, dist, stop, run_info):
             logging.info("COCO AP on %d test images (percent):\n%s", len(dataset.test), results_table(results))
         return results
     except Stopped:
-        if dist.is_main and saved_step < completed and not int(nonfinite):
-            save(completed, train_state)
-        logging.warning("Stopped by %s at step %d; a checkpoint is written: re-run the same command to "
-                        "continue.", signal.Signals(stop.requested).name, completed)
+        books.stopped(train_state, stop.requested, training)  # the completed steps' checkpoint
         raise
     finally:
-        writer.close()
+        books.close()
 
 
 # ------------------------------------------------------------------------ the pieces
@@ -286,25 +250,6 @@ def iou_types(det_cfg) -> tuple:
         (("keypoints",) if det_cfg.keypoint_head.enabled else ())
 
 
-def backbone_weights(params, model_state, weights_cfg, workdir, write_report=True):
-    """``model.weights.path`` (a classification checkpoint, any format fpipe.weights reads) into
-    ``backbone.body``: the loader sees the body as a trunk, as in classification."""
-    body = {"trunk": params["backbone"]["body"]}
-    body_state = {"trunk": model_state["backbone"]["body"]}
-    if not weights_cfg.path:
-        logging.warning("model.weights.path is empty: the backbone starts from its RANDOM initialisation.")
-        return params, model_state, None
-    body, body_state, provenance = loop.load_weights(body, body_state, weights_cfg, workdir, write_report)
-    params = {**params, "backbone": {**params["backbone"], "body": body["trunk"]}}
-    model_state = {**model_state, "backbone": {**model_state["backbone"], "body": body_state["trunk"]}}
-    return params, model_state, provenance
-
-
-def _like(reference, restored):
-    """``restored`` with ``reference``'s nested dicts, empty ones included."""
-    return {k: _like(v, restored.get(k, {})) if isinstance(v, dict) else restored[k] for k, v in reference.items()}
-
-
 def scalars_of(results) -> dict:
     return {f"{head}/test_{k}": v for head, r in results.items() for k, v in r.items() if k in SHOWN and v is not None}
 
@@ -322,7 +267,8 @@ def dataset_info(dataset, config) -> dict:
     return {"name": dataset.name, "root": config.data.get("root") or None, "num_classes": dataset.num_classes,
             "categories": [c["name"] for c in dataset.categories], "keypoints": list(dataset.keypoint_names),
             "splits": {"train": len(dataset.train), "test": len(dataset.test)},
-            "min_size": config.data.min_size, "max_size": config.data.max_size}
+            "min_size": config.data.min_size, "max_size": config.data.max_size,
+            **({"labels": "category_id"} if dataset.label_ids else {})}
 
 
 # ------------------------------------------------------------------------ config check
@@ -341,6 +287,8 @@ def _check(c) -> None:
     E = config_check.ConfigError
     if c.data.name not in DATASETS:
         raise E(f"unknown data.name {c.data.name!r} for detection; valid: {', '.join(DATASETS)}")
+    if c.data.get("labels", "contiguous") not in coco.LABELS:
+        raise E(f"data.labels={c.data.labels!r}; valid: {', '.join(coco.LABELS)}")
     if c.data.name == "coco":
         for which in ("train", "test"):
             ann, images = coco.split_paths(c.data, which)
@@ -359,8 +307,8 @@ def _check(c) -> None:
             value = c.get(f"{key}_{unit}")
             if value is not None and not (isinstance(value, (int, float)) and value >= 0):
                 raise E(f"{key}_{unit}={value!r}: a number >= 0 is needed")
-    if schedules.to_steps(c, "total", 1, default=0) <= 0:
-        raise E("total_epochs / total_steps must be > 0")
+    if schedules.to_steps(c, "total", 1, default=0) <= 0 and c.get("total_steps") != 0:
+        raise E("total_epochs / total_steps must be > 0 (total_steps=0 evaluates the model as loaded)")
     if not (isinstance(c.log_steps, int) and c.log_steps >= 1):
         raise E(f"log_steps={c.log_steps!r}: a whole number >= 1 is needed")
     if not (isinstance(c.keep_ckpts, int) and c.keep_ckpts >= 1):

@@ -168,15 +168,7 @@ def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_no
         raise ValueError(f"unknown trunk feature(s) {unknown}; valid: {FEATURES}")
     deepest = max(FEATURES.index(f) for f in features)
     out, new_state = {}, {}
-
-    def norm(p, s, ns, key, h, name):
-        if key not in p:  # folded into the preceding conv (fpipe.models.fold)
-            return h
-        y, ns_key = layers.norm(spec.norm, p[key], s.get(key), h, train and name not in eval_norms,
-                                spec.norm_groups, sync_stats)
-        if ns_key:
-            ns[key] = ns_key
-        return y
+    norm = _norm(spec, train, eval_norms, sync_stats)
 
     def emit(name, h):
         if name in features:
@@ -192,17 +184,7 @@ def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_no
     if emit("res1", h):
         return out, _keep_rest(state, new_state)
     for stage in range(4):
-        lname = f"layer{stage + 1}"
-        lp, ls, lns = params[lname], state.get(lname, {}), {}
-        for i in range(len(lp)):
-            bname = f"{lname}.{i}"
-            bns = {}
-            h = _block(spec, lp[str(i)], ls.get(str(i), {}), bns, h, spec.stride(stage) if i == 0 else 1,
-                       lambda p, s, ns, k, t, b=bname, under="": norm(p, s, ns, k, t, f"{b}.{under}{k}"))
-            if bns:
-                lns[str(i)] = bns
-        if lns:
-            new_state[lname] = lns
+        h = _stage(spec, params, state, new_state, h, stage, norm)
         if emit(f"res{stage + 2}", h):
             return out, _keep_rest(state, new_state)
     h = torch.mean(h, dim=(2, 3), keepdim=True)
@@ -210,6 +192,45 @@ def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_no
         return out, _keep_rest(state, new_state)
     emit("flatten", torch.flatten(h, 1))
     return out, _keep_rest(state, new_state)
+
+
+def apply_stage(spec: Spec, params, state, x, stage, *, train, eval_norms=frozenset(), sync_stats=None):
+    """``(output, new_state)`` of stage ``stage`` alone (0..3: ``layer1``..``layer4``) on ``x``;
+    ``params``/``state`` hold ``layer<stage + 1>`` under that name, ``eval_norms`` names as in
+    :func:`apply` (``layer4.0.bn1``). A C4 detector's box head is res5 on the pooled RoIs."""
+    new_state = {}
+    h = _stage(spec, params, state, new_state, x, stage, _norm(spec, train, eval_norms, sync_stats))
+    return h, _keep_rest(state, new_state)
+
+
+def _norm(spec, train, eval_norms, sync_stats):
+    """``norm(p, s, ns, key, h, name)``: the norm layer ``p[key]`` (dotted ``name``) on ``h``; its
+    new statistics go to ``ns[key]``; a layer in ``eval_norms`` uses its running statistics."""
+    def norm(p, s, ns, key, h, name):
+        if key not in p:  # folded into the preceding conv (fpipe.models.fold)
+            return h
+        y, ns_key = layers.norm(spec.norm, p[key], s.get(key), h, train and name not in eval_norms,
+                                spec.norm_groups, sync_stats)
+        if ns_key:
+            ns[key] = ns_key
+        return y
+    return norm
+
+
+def _stage(spec, params, state, new_state, h, stage, norm):
+    """The blocks of ``layer<stage + 1>`` on ``h``; their new statistics into ``new_state``."""
+    lname = f"layer{stage + 1}"
+    lp, ls, lns = params[lname], state.get(lname, {}), {}
+    for i in range(len(lp)):
+        bname = f"{lname}.{i}"
+        bns = {}
+        h = _block(spec, lp[str(i)], ls.get(str(i), {}), bns, h, spec.stride(stage) if i == 0 else 1,
+                   lambda p, s, ns, k, t, b=bname, under="": norm(p, s, ns, k, t, f"{b}.{under}{k}"))
+        if bns:
+            lns[str(i)] = bns
+    if lns:
+        new_state[lname] = lns
+    return h
 
 
 def _block(spec, p, s, ns, x, stride, norm):

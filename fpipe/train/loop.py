@@ -10,7 +10,6 @@ import datetime
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import time
 
@@ -18,11 +17,11 @@ import torch
 from absl import logging
 
 import fpipe
-from fpipe import checkpoint, data, files, freeze, optim, schedules, tree, weights, writers
+from fpipe import checkpoint, data, files, freeze, optim, schedules, tree, weights
 from fpipe.evaluate import extract, topk
 from fpipe.models import layers, losses
 from fpipe.models import model as models
-from fpipe.train import compile_cache, config_check, distributed, divergence, frozen_trunk, head_grid, periodic, precision
+from fpipe.train import compile_cache, config_check, distributed, frozen_trunk, head_grid, periodic, precision
 from fpipe.train import step as step_lib
 from fpipe.train.signals import Stopped, StopOnSignal
 
@@ -33,11 +32,18 @@ def run(config, workdir, run_info=None):
     Raises ``Stopped`` (after writing a checkpoint) on SIGTERM/SIGINT, ``DivergedError`` when the
     train state goes non-finite (nothing non-finite is ever saved).
     """
+    return in_processes(_run, config, workdir, run_info)
+
+
+def in_processes(body, config, workdir, run_info=None):
+    """``body(config, workdir, dist, stop, run_info)`` between the processes' start and shutdown
+    (``distributed.init``), with SIGTERM/SIGINT as stop requests and a collective's timeout
+    explained. Every training run starts here (fpipe.detection.train too)."""
     with StopOnSignal() as stop:
         with stop.interruptible():  # nothing to lose before the first step: a signal stops at once
             dist = distributed.init(timeout_s=config.get("collective_timeout_s"))
         try:
-            return _run(config, workdir, dist, stop, dict(run_info or {}))
+            return body(config, workdir, dist, stop, dict(run_info or {}))
         except RuntimeError as e:
             explained = distributed.explain_timeout(e, dist, config.get("collective_timeout_s"))
             if explained is not None:
@@ -155,29 +161,17 @@ def _run(config, workdir, dist, stop, run_info):
             return topk.evaluate(eval_step, params, model_state, loader, dist, prepare)
 
     save = make_saver(workdir, dist, config, opt, run_info, frozen_ref)
-
-    eval_every = schedules.to_steps(config, "eval", steps_per_epoch, default=0)
-    ckpt_every = schedules.to_steps(config, "ckpt", steps_per_epoch, default=0)
-    timer = writers.EtaTimer(total_steps, batch_size=config.data.batch_size, start_step=start_step,
-                             eval_every=eval_every, eval_images=len(dataset.test))
-    writer = writers.make_writers(workdir, dist.is_main and training, total_steps=total_steps,
-                                  resume_step=start_step, timer=timer)
-    metric_log = periodic.MetricLog(dist)
-    nonfinite = torch.zeros((), dtype=torch.int32, device=dist.device)  # steps with NaN/inf, on the device
-    last_saved = checkpoint.latest(workdir) if saved else None
+    # metrics, timer, writers, the non-finite count, periodic logs and checkpoints, a stop's checkpoint
+    books = periodic.Bookkeeping(config, workdir, dist, save, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                 start_step=start_step, eval_images=len(dataset.test), write=dist.is_main and training,
+                                 resumed=bool(saved))
     results, results_step = None, None
-
-    def check_finite(done, state):
-        """One host sync: stop before logging/evaluating/saving anything after a non-finite step."""
-        if int(distributed.sum_over_ranks(dist, {"n": nonfinite})["n"]):
-            divergence.raise_diverged(done, state, workdir, last_saved)
 
     try:
         # ---------------------------------------------------------------- the loop
         if not training:
             logging.warning("model.freeze leaves nothing to train: evaluating the model as loaded.")
         batches = train_loader.iterate(start_step)
-        saved_step = completed = start_step
         for step in range(start_step, total_steps if training else start_step):
             if holding and step >= hold_until:
                 logging.info("LayerFreeze: step %d: training %s from now on.", step, hold_rules)
@@ -188,41 +182,23 @@ def _run(config, workdir, dist, stop, run_info):
                 data_time = time.perf_counter() - t0
                 lr = base_lr * schedule(step)
                 new_state, metrics = train_step(train_state, prepare(batch), torch.tensor(lr, dtype=torch.float32))
-            train_state, completed = new_state, step + 1
-            nonfinite = nonfinite + metrics.pop("nonfinite")
-            metric_log.add(metrics, data_time)
-            timer.tick(step + 1)
-            done = step + 1
-            is_time = lambda every: periodic.is_time(done, every, total_steps)
+            train_state, done = new_state, step + 1
+            books.step_done(done, metrics, data_time)
 
-            if is_time(config.log_steps):
-                check_finite(done, train_state)
-                scalars = metric_log.means()
-                scalars.update(lr=lr, epoch=done / steps_per_epoch)
-                if timer.images_per_second is not None:
-                    scalars["images_per_s"] = timer.images_per_second
-                writer.write_scalars(done, scalars)
-            if is_time(eval_every):
-                check_finite(done, train_state)
+            books.log(done, train_state, lr)
+            if books.is_time(done, books.eval_every):
+                books.check_finite(done, train_state)
                 if config.precise_bn.num_batches:
                     train_state = {**train_state, "model_state": precise_bn(train_state, train_loader, step,
                                                                             config, model, dist, eval_norms)}
-                t0 = time.perf_counter()
-                results, results_step = evaluate(train_state), done
-                timer.eval_took(time.perf_counter() - t0)
-                writer.write_scalars(done, {f"{h}/test_{k}": v for h, r in results.items() for k, v in r.items()})
+                results, results_step = books.evaluate(done, train_state, evaluate, _scalars), done
                 if config.best_metric:
                     head, key = config_check.best_metric_key(config.best_metric)
                     save(done, train_state, best=(config.best_metric, results[head][key], config.best_mode))
-            if is_time(ckpt_every) or (stop.requested and done < total_steps):
-                check_finite(done, train_state)
-                saved_step = save(done, train_state)
-                last_saved = checkpoint.checkpoint_path(workdir, done)
-            if stop.requested and done < total_steps:
-                raise Stopped(stop.requested)
+            books.checkpoint(done, train_state, stop)  # raises Stopped after it when a stop was requested
 
         # ---------------------------------------------------------------- final results
-        check_finite(total_steps, train_state)
+        books.check_finite(total_steps, train_state)
         if results is None or results_step != total_steps:
             logging.info("Evaluating the final model on %d test images…", len(dataset.test))
             results = evaluate(train_state)
@@ -241,13 +217,10 @@ def _run(config, workdir, dist, stop, run_info):
             extract_features(config, dataset, model, train_state, dist, workdir)
         return results
     except Stopped:
-        if training and dist.is_main and saved_step < completed and not int(nonfinite):
-            save(completed, train_state)  # an interrupted step's work is lost; the completed ones are kept
-        logging.warning("Stopped by %s at step %d; a checkpoint is written: re-run the same command to "
-                        "continue.", signal.Signals(stop.requested).name, completed)
+        books.stopped(train_state, stop.requested, training)  # the completed steps' checkpoint
         raise
     finally:
-        writer.close()
+        books.close()
 
 
 def build_train_step(config, model, opt, trainable, model_state, eval_norms, dist, *, compiling,
@@ -296,21 +269,28 @@ def initial_weights(params, model_state, weights_cfg, workdir, write_report=True
     return params, model_state, None
 
 
-def load_weights(params, model_state, weights_cfg, workdir, write_report=True):
+def load_weights(params, model_state, weights_cfg, workdir, write_report=True, *, obj=None):
     """``(params, model_state, provenance)``: pretrained weights in the initialised model, with the
-    load report saved to the workdir; provenance is the file's path, sha256 and trunk coverage."""
-    loaded, report = weights.load_into({**tree.flatten(params), **tree.flatten(model_state)}, weights_cfg)
+    load report saved to the workdir; provenance is the file's path, sha256 and trunk coverage.
+    ``obj``: the file's contents when the caller has read them already (``weights.read_checkpoint``)."""
+    loaded, report = weights.load_into({**tree.flatten(params), **tree.flatten(model_state)}, weights_cfg, obj=obj)
+    new_params, new_state = tree.split_like(loaded, params, model_state)
+    return new_params, new_state, record_load(report, weights_cfg.path, workdir, write_report)
+
+
+def record_load(report, path, workdir, write_report=True) -> dict:
+    """The load report logged and (``write_report``) saved to the workdir as weights_report.json /
+    .txt; returns the provenance: the file's path, sha256, trunk coverage, source and format.
+    (Shared with fpipe.detection.train, which loads whole detection models.)"""
     if write_report:
         files.atomic_write(os.path.join(workdir, "weights_report.json"),
                            lambda f: json.dump(report.to_dict(), f, indent=2), mode="w")
         files.atomic_write(os.path.join(workdir, "weights_report.txt"),
                            lambda f: f.write(report.summary() + "\n"), mode="w")
-    logging.info("Weights loaded from %s:\n%s", weights_cfg.path, report.summary())
-    new_params, new_state = tree.split_like(loaded, params, model_state)
-    provenance = {"path": os.path.abspath(weights_cfg.path), "sha256": _sha256(weights_cfg.path),
-                  "trunk_loaded": report.trunk_loaded, "trunk_total": report.trunk_total,
-                  "source": report.source, "format": report.format}
-    return new_params, new_state, provenance
+    logging.info("Weights loaded from %s:\n%s", path, report.summary())
+    return {"path": os.path.abspath(path), "sha256": _sha256(path),
+            "trunk_loaded": report.trunk_loaded, "trunk_total": report.trunk_total,
+            "source": report.source, "format": report.format}
 
 
 def step_cache(config, dist, *parts):
@@ -385,6 +365,10 @@ def to_device(t, device):
             return tuple(move(v) for v in x)
         return x.to(device, non_blocking=device.type != "cpu") if isinstance(x, torch.Tensor) else x
     return None if t is None else tree.map_leaves(move, t) if isinstance(t, dict) else move(t)
+
+
+def _scalars(results):
+    return {f"{h}/test_{k}": v for h, r in results.items() for k, v in r.items()}
 
 
 def _group(group):

@@ -1,13 +1,20 @@
-"""What the loop does every so often: the "is it time" rule, metric logging, PreciseBN statistics.
+"""What the loop does every so often: the "is it time" rule, metric logging, the bookkeeping every
+training run shares after its steps, PreciseBN statistics.
 
 The loop (fpipe/train/loop.py) calls these as plain checks after each step, in this order:
 log metrics -> PreciseBN + evaluate (+ best checkpoint) -> checkpoint; so evaluation sees precise
-statistics and a checkpoint sees the results it was evaluated with.
+statistics and a checkpoint sees the results it was evaluated with. fpipe.detection.train runs
+the same ``Bookkeeping``; only its evaluation and results are its own.
 """
-import torch
+import signal
+import time
 
-from fpipe import tree
-from fpipe.train import distributed
+import torch
+from absl import logging
+
+from fpipe import checkpoint, schedules, tree, writers
+from fpipe.train import distributed, divergence
+from fpipe.train.signals import Stopped
 
 
 def is_time(done, every_n, total):
@@ -35,6 +42,89 @@ class MetricLog:
         out["data_time"] = distributed.max_over_ranks(self.dist, data_time)
         self.sums, self.count = {}, 0
         return out
+
+
+class Bookkeeping:
+    """What a training run does around its steps, the same for every run (the classification
+    loop, the detection run): the step metrics (``MetricLog``), the ETA timer and the writers, the
+    count of non-finite steps (kept on the device: one host sync, ``check_finite``, before anything
+    is logged, evaluated or saved), the log every ``log_steps``, the checkpoint every ``ckpt_*`` or
+    on a stop request, and the checkpoint of the completed steps when stopped.
+
+    ``save(step, state, best=None) -> step`` is ``fpipe.train.loop.make_saver``'s; ``write``: this
+    process writes metrics (rank 0, and only when something trains); ``resumed``: the workdir held a
+    checkpoint (a divergence then points at the latest one)."""
+
+    def __init__(self, config, workdir, dist, save, *, total_steps, steps_per_epoch, start_step, eval_images,
+                 write, resumed):
+        self.workdir, self.dist, self.save = workdir, dist, save
+        self.total_steps, self.steps_per_epoch, self.log_every = total_steps, steps_per_epoch, config.log_steps
+        self.eval_every = schedules.to_steps(config, "eval", steps_per_epoch, default=0)
+        self.ckpt_every = schedules.to_steps(config, "ckpt", steps_per_epoch, default=0)
+        self.timer = writers.EtaTimer(total_steps, batch_size=config.data.batch_size, start_step=start_step,
+                                      eval_every=self.eval_every, eval_images=eval_images)
+        self.writer = writers.make_writers(workdir, write, total_steps=total_steps, resume_step=start_step,
+                                           timer=self.timer)
+        self.metric_log = MetricLog(dist)
+        self.nonfinite = torch.zeros((), dtype=torch.int32, device=dist.device)  # steps with NaN/inf, on the device
+        self.last_saved = checkpoint.latest(workdir) if resumed else None
+        self.saved_step = self.completed = start_step
+
+    def step_done(self, done, metrics, data_time):
+        """After step ``done`` (its new state accepted): its non-finite flag, metrics and time."""
+        self.completed = done
+        self.nonfinite = self.nonfinite + metrics.pop("nonfinite")
+        self.metric_log.add(metrics, data_time)
+        self.timer.tick(done)
+
+    def is_time(self, done, every):
+        return is_time(done, every, self.total_steps)
+
+    def check_finite(self, done, state):
+        """One host sync: stop before logging/evaluating/saving anything after a non-finite step."""
+        if int(distributed.sum_over_ranks(self.dist, {"n": self.nonfinite})["n"]):
+            divergence.raise_diverged(done, state, self.workdir, self.last_saved)
+
+    def log(self, done, state, lr):
+        """Every ``log_steps``: the period's mean metrics, lr, epoch and images/s to the writers."""
+        if not self.is_time(done, self.log_every):
+            return
+        self.check_finite(done, state)
+        scalars = self.metric_log.means()
+        scalars.update(lr=lr, epoch=done / self.steps_per_epoch)
+        if self.timer.images_per_second is not None:
+            scalars["images_per_s"] = self.timer.images_per_second
+        self.writer.write_scalars(done, scalars)
+
+    def evaluate(self, done, state, evaluate, scalars_of):
+        """``evaluate(state)``, timed for the ETA, its ``scalars_of(results)`` to the writers."""
+        t0 = time.perf_counter()
+        results = evaluate(state)
+        self.timer.eval_took(time.perf_counter() - t0)
+        self.writer.write_scalars(done, scalars_of(results))
+        return results
+
+    def checkpoint(self, done, state, stop):
+        """Every ``ckpt_*``, or when a stop is requested before the end: a checkpoint; then the stop
+        (``Stopped``)."""
+        stopping = stop.requested and done < self.total_steps
+        if self.is_time(done, self.ckpt_every) or stopping:
+            self.check_finite(done, state)
+            self.saved_step = self.save(done, state)
+            self.last_saved = checkpoint.checkpoint_path(self.workdir, done)
+        if stopping:
+            raise Stopped(stop.requested)
+
+    def stopped(self, state, signum, training=True):
+        """On ``Stopped``: the completed steps' checkpoint unless saved already (never a non-finite
+        state); an interrupted step's work is lost."""
+        if training and self.dist.is_main and self.saved_step < self.completed and not int(self.nonfinite):
+            self.save(self.completed, state)
+        logging.warning("Stopped by %s at step %d; a checkpoint is written: re-run the same command to "
+                        "continue.", signal.Signals(signum).name, self.completed)
+
+    def close(self):
+        self.writer.close()
 
 
 def precise_bn_statistics(apply, params, model_state, batches, eval_norms, momentum):

@@ -42,6 +42,10 @@ def merge(target: dict, tensors: dict, origin: dict, report: LoadReport, *, load
     report.heads_loaded = [n for n in report.loaded if n.startswith("heads.")]
     wanted = ("trunk.", "heads.") if load_heads else ("trunk.",)
     report.missing = [n for n in target if n.startswith(wanted) and n not in loaded and not is_counter(n)]
+    counters = [n for n in target if n.startswith(wanted) and n not in loaded and is_counter(n)]
+    if counters:  # FrozenBatchNorm2d files (torchvision's detection checkpoints) have none; skip_layers drops them
+        report.notes.append(f"{len(counters)} num_batches_tracked counter(s) kept at the model's initial values "
+                            "(counters, not weights: skipped by skip_layers or not in the file)")
     return out
 
 
