@@ -23,7 +23,8 @@ Output per case:
   ratio_vs_eager: Y      eager step time / fpipe step time (goal >= 1.1)
   first_call_s: ...      the first call (the compilation) of each program, in this process
   second_run_first_call_s: ...  the first call in a fresh process after this one compiled
-                          (what a second run waits with a warm inductor/AOTAutograd cache)
+                          (what a second run waits: fpipe loads the step it saved,
+                          fpipe.train.compile_cache; torch.compile has its inductor/AOTAutograd caches)
   memory: each program alone in a fresh process: the step peak RSS (the process's peak over 5
           steps after the compiling first call, VmHWM reset), and the process peak (compile included)
   memory_vs_compiled: Z  fpipe's step peak RSS / the compiled module's (goal <= 1.1)
@@ -36,6 +37,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -219,6 +221,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.child:
         return child(args)
+    # fpipe's saved steps in a directory of this benchmark's own: its first call compiles, a fresh
+    # process loads (set FPIPE_COMPILE_CACHE to reuse a directory across benchmark runs).
+    os.environ.setdefault("FPIPE_COMPILE_CACHE", tempfile.mkdtemp(prefix="fpipe-bench-cache-"))
     for mode in args.mode:
         for depth in args.depth:
             for size in args.image_size:
