@@ -83,8 +83,8 @@ def setup(mode, depth, image_size, batch_size, seed=0):
 def fpipe_program(s):
     step = loop_lib.build_train_step(s["config"], s["model"], s["opt"], s["trainable"], s["state"],
                                      s["eval_norms"], distributed.Dist(), compiling=True)
-    box = {"ts": {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
-                  "opt_state": s["opt"].init(s["trainable"])}}
+    box = {"ts": loop_lib.channels_last({"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
+                                         "opt_state": s["opt"].init(s["trainable"])})}  # as the loop, compiling
     lr = torch.tensor(s["lr"], dtype=torch.float32)
 
     def run():

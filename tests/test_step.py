@@ -5,6 +5,7 @@ import torch
 
 from fpipe import freeze, optim, tree
 from fpipe.models import model as models
+from fpipe.train import loop
 from fpipe.train import step as step_lib
 
 
@@ -107,20 +108,28 @@ def test_eval_step_counts_are_exact_with_padding_mask():
     assert int(counts["fc"]["top5"]) == 4  # 5 classes: top-5 always hits
 
 
-def test_compiled_step_equals_eager():
-    model, params, state, trainable, frozen = build(("trunk",), dict(fc=models.head_config("flatten")))
+def test_compiled_step_on_the_loops_channels_last_state_equals_eager():
+    """As the loop compiles: conv weights (and their momentum) channels-last; layer4 and fc train."""
+    rules = (r"trunk\.(conv1|bn1|layer1|layer2|layer3)\..*",)
+    model, params, state, trainable, frozen = build(rules, dict(fc=models.head_config("flatten")))
     eval_norms = freeze.eval_norms(state, frozen)
     opt = optim.build(optim_cfg(), trainable)
     step = step_lib.make_step(model, opt, eval_norms=eval_norms)
     compiled = step_lib.maybe_compile(step, True)
-    ts0 = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
-    a, b = ts0, ts0
+    a = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
+    b = loop.channels_last(a)
+    weight = "trunk.layer4.0.conv1.weight"
+    assert b["trainable"]["trunk"]["layer4"]["0"]["conv1"]["weight"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(tree.flatten(b["trainable"])[weight], tree.flatten(a["trainable"])[weight])
+    given = {n: t.stride() for n, t in tree.flatten(b).items()}
     for batch in batches(3):
         a, ma = step(a, batch, torch.tensor(0.05))
         b, mb = compiled(b, batch, torch.tensor(0.05))
     for n, t in tree.flatten(a["trainable"]).items():
         torch.testing.assert_close(tree.flatten(b["trainable"])[n], t, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(mb["loss"], ma["loss"], rtol=1e-4, atol=1e-5)
+    # The step gives back the layout it was given (else every call would compile anew).
+    assert {n: t.stride() for n, t in tree.flatten(b).items()} == given
 
 
 def test_compile_failure_falls_back_to_eager_with_a_logged_reason(monkeypatch, caplog):
