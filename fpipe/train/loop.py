@@ -299,9 +299,9 @@ def channels_last(train_state):
     """The train state with its 4-D float tensors (conv weights, their optimizer slots) in
     channels-last memory, as compiled steps run them: the convolutions then follow their weights'
     layout, and inductor neither converts each weight every step nor mixes layouts between the
-    forward and backward kernels (ResNet-18 64 px: the compiled step 1.14x torch.compile'd
-    nn.Module instead of 0.85x, benchmarks/train_step.py). Values are unchanged; so are checkpoints'
-    hashes (fpipe.checkpoint hashes contiguous bytes)."""
+    forward and backward kernels (ResNet-18 64 px, benchmarks/train_step.py: 0.91-1.05x
+    torch.compile'd nn.Module over four runs instead of 0.82-0.85x). Values are unchanged; so are
+    checkpoints' hashes (fpipe.checkpoint hashes contiguous bytes)."""
     def convert(t):
         if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point():
             # empty_like spells out channels-last strides even for 1x1 kernels, as the step's outputs
@@ -316,10 +316,9 @@ def step_cache(config, dist, *parts):
     (``config.compile_cache_dir``; fpipe.train.compile_cache), or None: off, or several processes
     (their collectives are not saved: each run compiles)."""
     directory = config.get("compile_cache_dir", "")
+    if directory == "auto":
+        directory = compile_cache.default_dir()
     if not directory or dist.world_size > 1:
-        return None
-    directory = compile_cache.default_dir() if directory == "auto" else directory
-    if not directory:
         return None
     return directory, compile_cache.step_key(config, str(dist.device), *parts)
 
