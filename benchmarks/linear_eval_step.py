@@ -4,16 +4,17 @@
     PYTHONPATH=. python benchmarks/linear_eval_step.py --depth 50 --image-size 224 --batch-size 32
 
 One model (a ResNet trunk, frozen, and one linear head ``fc`` on the pooled features), one batch,
-three programs, timed in one process, round-robin (so a busy machine slows each alike):
+four programs, timed in one process, round-robin (so a busy machine slows each alike):
 
   eager    what a user would write otherwise: a torchvision-style ``nn.Module`` with the trunk's
            ``requires_grad=False`` and ``trunk.eval()``, ``loss.backward()``, ``torch.optim.SGD``
            (momentum 0.9). Same weights: fpipe's params are copied into it by torchvision name.
-  step     fpipe's train step as the loop should build it: ``freeze.partition(params, ["trunk"])``,
+  compiled the same with ``torch.compile(net)`` (the trunk frozen; the optimizer eager).
+  step     fpipe's train step as the loop builds it: ``freeze.partition(params, ["trunk"])``,
            ``eval_norms``; ``frozen_trunk.frozen_trunk`` (frozen norms folded, the trunk compiled with
            inductor's freezing: packed oneDNN weights, fused bias/ReLU/add, under no_grad), then
-           ``make_step`` over the heads with fpipe.optim's SGD (momentum 0.9), via
-           ``frozen_trunk.on_features``. Images are handed over channels_last.
+           the compiled ``make_step`` over the heads' tensors (``heads_only``) with fpipe.optim's
+           SGD (momentum 0.9), via ``frozen_trunk.on_features``. Images NCHW, as the loader gives.
   forward  the floor: the same eager nn.Module trunk forward under ``torch.inference_mode``. A
            linear-eval step cannot cost less than computing the features. Also shown: fpipe's own
            trunk forward, and the nn.Module forward with channels_last weights and input.
@@ -24,6 +25,7 @@ peak RSS (ru_maxrss) over the RSS after the model, batch and (for the step) comp
 i.e. what the steps themselves add. Output lines per model:
 
   ratio_vs_eager: X       eager time / step time (>1: fpipe is faster)
+  ratio_vs_compiled: W    compiled nn.Module time / step time
   ratio_vs_forward: Y     step time / forward time (1.0 is the floor)
   memory_vs_forward: Z    step peak-memory rise / forward peak-memory rise
 """
@@ -165,22 +167,24 @@ def make_optimizer(trainable):
     return optim.build(cfg, trainable), "fpipe.optim sgd"
 
 
-def fpipe_step(model, params, state, batch, *, split=True, compile_head=False, compile=True,
-               fold_norms=True, nhwc=True):
+def fpipe_step(model, params, state, batch, *, split=True, compile_head=True, compile=True,
+               fold_norms=True, nhwc=False):
     """``(run, train_state_box, optimizer_name)``: ``run()`` does one step on the batch.
 
-    split (the default, what the loop should build): ``frozen_trunk.frozen_trunk`` (the frozen trunk as
-    a compiled constant under no_grad) then the heads' step, eager unless ``compile_head``.
-    Otherwise the whole step over the whole model (frozen norms folded and channels_last weights
-    if asked), compiled if ``compile``.
+    split (the default, what the loop builds, fpipe.train.loop): ``frozen_trunk.frozen_trunk`` (the
+    frozen trunk as a compiled constant under no_grad) then the heads' step over the heads' tensors
+    only (``heads_only``), compiled unless ``compile_head=False``; images as the loader gives them
+    (NCHW) unless ``nhwc``. Otherwise the whole step over the whole model (frozen norms folded and
+    channels_last weights if asked), compiled if ``compile``.
     """
     trainable, frozen = freeze.partition(params, ["trunk"])
     eval_norms = freeze.eval_norms(state, frozen)
     opt, opt_name = make_optimizer(trainable)
     if split:
-        ft = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=compile)
+        ft = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=compile,
+                                 batch_size=batch["image"].shape[0])
         step = step_lib.maybe_compile(step_lib.make_step(ft.model, opt, eval_norms=eval_norms), compile_head)
-        step = ft_lib.on_features(step, ft.features)
+        step = ft_lib.on_features(ft_lib.heads_only(step), ft.features)
     else:
         if fold_norms:
             frozen = fold.fold_frozen_norms(frozen, state, eval_norms)
@@ -199,7 +203,9 @@ def fpipe_step(model, params, state, batch, *, split=True, compile_head=False, c
     return run, box, opt_name
 
 
-def eager_step(depth, params, state, batch):
+def eager_step(depth, params, state, batch, compiled=False):
+    """The user's linear-eval step: trunk frozen (``requires_grad=False``, eval mode), ``fc`` trained
+    by ``torch.optim.SGD``; ``compiled``: the module under ``torch.compile`` (the optimizer eager)."""
     net = torch_module(depth, params, state)
     for p in net.parameters():
         p.requires_grad_(False)
@@ -208,7 +214,7 @@ def eager_step(depth, params, state, batch):
     net.train()
     for m in (net.conv1, net.bn1, net.layer1, net.layer2, net.layer3, net.layer4):
         m.eval()
-    run = sgd_head_runner(net, net.fc)
+    run = sgd_head_runner(torch.compile(net) if compiled else net, net.fc)
     return (lambda: run(batch)), net
 
 
@@ -332,6 +338,7 @@ def measure_memory(args, name):
 def programs(depth, model, params, state, batch, only=None):
     makers = {
         "eager_step": lambda: eager_step(depth, params, state, batch)[0],
+        "compiled_step": lambda: eager_step(depth, params, state, batch, compiled=True)[0],
         "fpipe_step": lambda: fpipe_step(model, params, state, batch)[0],
         "forward": lambda: eager_forward(depth, params, state, batch)[0],
         "forward_nhwc": lambda: eager_forward(depth, params, state, batch, nhwc=True)[0],
@@ -341,21 +348,24 @@ def programs(depth, model, params, state, batch, only=None):
 
 
 def bench(args, depth):
+    torch._dynamo.reset()  # each depth compiles as in a fresh process (no automatic-dynamic recompiles)
     torch.set_num_threads(args.threads)
     model, params, state, batch = build(depth, args.image_size, args.batch_size)
     progs = programs(depth, model, params, state, batch)
     # The same outputs: one step of each from the same start gives the same loss and head.
     loss_eager, loss_fpipe = float(progs["eager_step"]().detach()), float(progs["fpipe_step"]())
+    loss_compiled = float(progs["compiled_step"]().detach())
     progs = programs(depth, model, params, state, batch)  # fresh states for timing
     med, first = time_round_robin(progs, args.iters, args.warmup)
     per_s = lambda n: args.batch_size / med[n]
     print(f"== ResNet-{depth}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
           f"median of {args.iters} after {args.warmup} warm-up; optimizer: {make_optimizer({'w': torch.zeros(1)})[1]}")
-    print(f"first-step loss: eager {loss_eager:.6f}  fpipe {loss_fpipe:.6f}")
+    print(f"first-step loss: eager {loss_eager:.6f}  compiled nn.Module {loss_compiled:.6f}  fpipe {loss_fpipe:.6f}")
     for n in progs:
         print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {per_s(n):8.1f} images/s   first call {first[n]:6.2f} s")
     print(f"compile_s: {first['fpipe_step'] - med['fpipe_step']:.1f}")
     print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
+    print(f"ratio_vs_compiled: {med['compiled_step'] / med['fpipe_step']:.3f}")
     print(f"ratio_vs_forward: {med['fpipe_step'] / med['forward']:.3f}")
     print(f"ratio_vs_forward_nhwc: {med['fpipe_step'] / med['forward_nhwc']:.3f}")
     print(f"eager_vs_forward: {med['eager_step'] / med['forward']:.3f}")

@@ -36,7 +36,7 @@ def get_config(arg=None):
                          "--config.model.detection.mask_head.enabled=True / keypoint_head.enabled=True)")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.compile = False              # the model syncs with the host (NMS, image sizes): eager
+    c.compile = False              # True compiles all but the RPN's NMS; no faster on a CPU (docs/DETECTION.md)
     c.compile_min_images = 100_000
     c.num_threads = 1              # torch threads (0: torch's default); 1 is fastest on a busy 2-core machine
     c.total_epochs = 1.0

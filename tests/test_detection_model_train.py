@@ -133,26 +133,102 @@ def test_frozen_body_and_bn_stats_stay_bit_identical(rule):
     assert any(n.startswith("rpn.head.") for n in changed) and any(n.startswith("roi_heads.") for n in changed)
 
 
-def test_losses_with_given_proposals_trace_as_one_graph():
-    """With the proposals computed outside (train_proposals: the RPN's NMS is data-dependent),
-    the whole training loss, mask and keypoint heads included, traces without a graph break."""
+def test_losses_with_given_proposals_equal_eager_and_trace_as_one_graph():
+    """With what is data-dependent computed outside (train_proposals: the RPN's NMS, the pooler's
+    scales, the samplers' keys from the same generator), the losses equal the eager ones and the
+    whole training loss, mask and keypoint heads included, traces without a graph break."""
     cfg = tiny_config(mask=True, keypoints=True)
     cfg.mask_head.target_max_grid = 4
     model = det_model.build(cfg, 4)
     params, state = model.init(0)
     batch = tiny_batch(masks=True, keypoints=True)
-    proposals = model.train_proposals(params, state, batch)
-    assert proposals[0].shape == (2, 40, 4) and proposals[1].dtype == torch.bool
-    torch.manual_seed(0)
-    eager, eager_losses = model.losses(params, state, batch, proposals=proposals)
-    assert torch.isfinite(eager)
+    given = model.train_proposals(params, state, batch, torch.Generator().manual_seed(5))
+    assert given["boxes"].shape == (2, 40, 4) and given["valid"].dtype == torch.bool
+    assert given["rpn_keys"].shape[0] == 2 and given["roi_keys"].shape == (2, 40 + 3)
+    total, losses = model.losses(params, state, batch, proposals=given)
+    eager, eager_losses = model.losses(params, state, batch, generator=torch.Generator().manual_seed(5))
+    assert set(losses) == set(eager_losses) and all(torch.isfinite(v) for v in losses.values())
+    for k in losses:
+        torch.testing.assert_close(losses[k], eager_losses[k], rtol=1e-5, atol=1e-6, msg=k)
+    other = model.train_proposals(params, state, batch, torch.Generator().manual_seed(6))
+    assert not torch.equal(model.losses(params, state, batch, proposals=other)[0], total)  # the keys matter
 
-    def fn(params, state, batch, proposals):
-        return model.losses(params, state, batch, proposals=proposals)[0]
+    def fn(params, state, batch, given):
+        return model.losses(params, state, batch, proposals=given)[0]
 
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(fn)(params, state, batch, proposals)
+    explained = torch._dynamo.explain(fn)(params, state, batch, given)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compiled_detection_step_equals_the_eager_step():
+    """train.make_step(compiling=True): train_proposals eagerly, then one fullgraph-compiled update
+    over losses(proposals=...) with the optimizer. Traced by AOTAutograd (backend aot_eager, the
+    graph inductor would get; inductor itself compiles for minutes here) it gives the eager step's
+    params, state and metrics bit for bit, with the same generator."""
+    from fpipe import defaults, freeze, optim
+    from fpipe.detection import train as det_train
+    model = det_model.build(tiny_config(), 4)
+    params, state = model.init(0)
+    trainable, frozen = freeze.partition(params, model.freeze_rules(params))
+    ocfg = defaults.optim()
+    ocfg.update(dict(lr=0.1, momentum=0.9, weight_decay=1e-4, clip_grad_norm=10.0))
+    opt = optim.build(ocfg, trainable)
+    ts = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
+    batch, lr = tiny_batch(), torch.tensor(0.1)
+    eager = det_train.make_step(model, opt)(ts, batch, lr, torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    step = det_train.make_step(model, opt, compiling=True, compile_options={"backend": "aot_eager"})
+    compiled = step(ts, batch, lr, torch.Generator().manual_seed(1))
+    assert set(compiled[1]) == set(eager[1]) >= {"loss", "loss_classifier", "loss_objectness", "grad_norm"}
+    as_tree = lambda out: {"state": out[0], "metrics": out[1]}  # noqa: E731
+    for got, want in zip(tree.leaves(as_tree(compiled)), tree.leaves(as_tree(eager))):
+        assert torch.equal(got, want)
+    assert not torch.equal(compiled[0]["trainable"]["rpn"]["head"]["conv"]["0"]["0"]["weight"],
+                           ts["trainable"]["rpn"]["head"]["conv"]["0"]["0"]["weight"])  # it did train
+
+
+def test_fpn_levels_narrow_what_the_rpn_and_the_roi_heads_read(monkeypatch):
+    """fpn.rpn_levels / roi_levels (Detectron's FPN.RPN_MIN/MAX_LEVEL, ROI_MIN/MAX_LEVEL): the
+    explicit defaults change nothing; narrowed, the RPN's anchors and the poolers' inputs are
+    those levels only; bad spans are one-line errors naming the levels there are."""
+    batch = tiny_batch(masks=True)
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+
+    def run(**fpn):
+        cfg = tiny_config(mask=True)
+        cfg.fpn.update(fpn)
+        if fpn.get("rpn_levels"):
+            n = fpn["rpn_levels"][1] - fpn["rpn_levels"][0] + 1
+            cfg.rpn.anchor_sizes, cfg.rpn.aspect_ratios = cfg.rpn.anchor_sizes[:n], cfg.rpn.aspect_ratios[:n]
+        model = det_model.build(cfg, 4)
+        params, state = model.init(0)
+        pooled_from = []
+        real = det_model.multiscale_roi_align
+        monkeypatch.setattr(det_model, "multiscale_roi_align",
+                            lambda feats, *a, **k: pooled_from.append([f.shape[-1] for f in feats]) or real(feats, *a, **k))
+        given = model.train_proposals(params, state, batch, gen())
+        _, losses = model.losses(params, state, batch, generator=gen())
+        monkeypatch.setattr(det_model, "multiscale_roi_align", real)
+        return given, losses, pooled_from
+
+    base = run()
+    explicit = run(rpn_levels=(2, 6), roi_levels=(2, 5))
+    assert all(torch.equal(base[1][k], explicit[1][k]) for k in base[1])
+    assert base[2][0] == [24, 12, 6, 3]  # a 96-px-wide batch: P2-P5 (strides 4-32)
+    narrow = run(rpn_levels=(3, 6), roi_levels=(4, 5))
+    per_level = [h * w * 3 for h, w in ((16, 24), (8, 12), (4, 6), (2, 3), (1, 2))]  # P2-P6 of 64×96, 3 ratios
+    assert base[0]["rpn_keys"].shape[1] == sum(per_level)
+    assert narrow[0]["rpn_keys"].shape[1] == sum(per_level[1:])
+    assert narrow[2] and all(widths == [6, 3] for widths in narrow[2])  # box and mask poolers: P4, P5
+    assert not torch.equal(narrow[1]["loss_classifier"], base[1]["loss_classifier"])
+    cfg = tiny_config()
+    cfg.fpn.roi_levels = (1, 5)
+    with pytest.raises(ValueError, match=r"no FPN level \[1\] \(levels here: 2-6"):
+        det_model.build(cfg, 4)
+    cfg.fpn.roi_levels, cfg.fpn.rpn_levels = None, (3, 6)
+    with pytest.raises(ValueError, match="need 4 entries each, got 5 and 5"):
+        det_model.build(cfg, 4)
 
 
 def test_no_detections_and_no_gt_are_handled():

@@ -64,6 +64,12 @@ def test_bad_detection_config_is_refused_before_any_work(tmp_path):
     config.best_metric, config.data.min_size = "bbox/AP", 200
     with pytest.raises(ConfigError, match="min_size=200 is above data.max_size=96"):
         train.check(config)
+    config.data.min_size, config.compile = 96, True
+    config.model.detection.mask_head.enabled = True
+    with pytest.raises(ConfigError, match="mask_head.target_max_grid"):
+        train.check(config)
+    config.model.detection.mask_head.target_max_grid = 4
+    train.check(config)
 
 
 def test_torch_free_defaults_equal_the_models():

@@ -15,6 +15,7 @@ Images come normalised and padded (fpipe.detection.transform); ``image_sizes`` a
 (h, w) before padding. Detections are in that (resized) frame: ``transform.postprocess`` maps
 them back to the original images.
 """
+import math
 import re
 from typing import Any, Callable, NamedTuple
 
@@ -29,7 +30,7 @@ from fpipe.detection.losses import fastrcnn_loss, rpn_loss
 from fpipe.detection.matching import labels_from_matches, match
 from fpipe.detection.postprocess import postprocess_detections
 from fpipe.detection.proposals import propose
-from fpipe.detection.roi_align import multiscale_roi_align
+from fpipe.detection.roi_align import infer_scales, multiscale_roi_align
 from fpipe.detection.roi_targets import select_training_samples
 from fpipe.detection.sampling import sample
 from fpipe.models import resnet
@@ -54,6 +55,8 @@ def default_config():
     c.fpn = ml_collections.ConfigDict(dict(
         enabled=True,  # MODEL.FPN; False: C4 (R-50-C4): RPN and pooler on the one feature, res5 as the box head
         out_channels=256,  # FeaturePyramidNetwork(out_channels=) / MODEL.RESNETS.BACKBONE_OUT_CHANNELS
+        rpn_levels=None,  # (min, max) FPN levels the RPN sees, e.g. (2, 6) / FPN.RPN_MIN_LEVEL, RPN_MAX_LEVEL; None: all (P2-P6)
+        roi_levels=None,  # (min, max) levels the RoI heads pool from, e.g. (2, 5) / FPN.ROI_MIN_LEVEL, ROI_MAX_LEVEL; None: all but the pool level
     ))
     c.rpn = ml_collections.ConfigDict(dict(
         anchor_sizes=((32,), (64,), (128,), (256,), (512,)),  # AnchorGenerator(sizes=) / RPN.ANCHOR_SIZES
@@ -142,22 +145,29 @@ def build(det_cfg, num_classes) -> DetModel:
         if len(anchor_sizes) != 1 or len(ratios) != 1:
             raise ValueError(f"C4 has one feature level: rpn.anchor_sizes and rpn.aspect_ratios need one entry "
                              f"each, e.g. ((32, 64, 128, 256, 512),) and ((0.5, 1.0, 2.0),); got {anchor_sizes}")
+        if cfg.fpn.get("rpn_levels") is not None or cfg.fpn.get("roi_levels") is not None:
+            raise ValueError("fpn.rpn_levels / fpn.roi_levels choose FPN levels; C4 (fpn.enabled=False) has one "
+                             "level: leave them None")
         if mh.enabled or kh.enabled:
             raise NotImplementedError("mask / keypoint heads on a C4 model (fpn.enabled=False) are not "
                                       "supported yet; use FPN")
-    elif len(anchor_sizes) != len(feature_names) + 1:
-        raise ValueError(f"{len(feature_names)} backbone features + the FPN pool level need "
-                         f"{len(feature_names) + 1} anchor sizes, got {len(anchor_sizes)}")
 
     def trunk_channels():
         params, state = trunk.init(0)
         meta = lambda t: t.to("meta")  # noqa: E731
+        side = 256
         feats, _ = trunk.apply(tree.map_leaves(meta, params), tree.map_leaves(meta, state),
-                               torch.empty(1, 3, 64, 64, device="meta"), train=False, features=feature_names)
+                               torch.empty(1, 3, side, side, device="meta"), train=False, features=feature_names)
         norms = sorted({n.rsplit(".", 1)[0] for n in tree.flatten(state) if n.endswith(".running_mean")})
-        return [int(feats[f].shape[1]) for f in feature_names], norms
+        strides = [side / int(feats[f].shape[-1]) for f in feature_names]
+        return [int(feats[f].shape[1]) for f in feature_names], norms, strides
 
-    in_channels, body_norms = trunk_channels()  # body_norms: layers with running statistics
+    in_channels, body_norms, strides = trunk_channels()  # body_norms: layers with running statistics
+    rpn_idx, roi_idx = (None, None) if c4 else fpn_levels(cfg.fpn, feature_names, strides)
+    if not c4 and not len(anchor_sizes) == len(ratios) == len(rpn_idx):
+        raise ValueError(f"the RPN sees {len(rpn_idx)} FPN levels ({len(feature_names)} backbone features + the "
+                         f"pool level, fpn.rpn_levels={cfg.fpn.rpn_levels}): rpn.anchor_sizes and rpn.aspect_ratios "
+                         f"need {len(rpn_idx)} entries each, got {len(anchor_sizes)} and {len(ratios)}")
     out_ch = in_channels[0] if c4 else cfg.fpn.out_channels  # what the RPN and the pooler see
     res5_norms = [n for n in body_norms if c4 and n.startswith("layer4.")]  # C4: the box head's norms
     body_norms = [n for n in body_norms if n not in res5_norms]
@@ -233,11 +243,14 @@ def build(det_cfg, num_classes) -> DetModel:
         return levels, {**state, "backbone": {**state["backbone"], "body": body_state if eval_all else new_body}}
 
     def pooled_levels(levels):
-        """The levels the RoI poolers read: FPN's without its max-pool level; C4's one."""
-        return levels if c4 else levels[:-1]
+        """The levels the RoI poolers read: FPN's ``roi_levels`` (default: all but the max-pool
+        level); C4's one."""
+        return levels if c4 else [levels[i] for i in roi_idx]
 
     def rpn_outputs(params, levels, images):
-        """RPN head outputs and the anchors of the padded batch (static shapes)."""
+        """RPN head outputs and the anchors of the padded batch (static shapes), over the FPN's
+        ``rpn_levels`` (default: all)."""
+        levels = levels if c4 else [levels[i] for i in rpn_idx]
         (objectness, deltas), _ = rpn.apply(params["rpn"]["head"], {}, levels)
         grids = [tuple(int(s) for s in f.shape[-2:]) for f in levels]
         anchors = anchors_lib.anchors_for_levels(tuple(images.shape[-2:]), grids, anchor_sizes, ratios,
@@ -251,31 +264,44 @@ def build(det_cfg, num_classes) -> DetModel:
         return propose(objectness, deltas, anchors, image_shapes, per_level, pre, post, r.nms_thresh,
                        r.score_thresh, r.min_size)
 
-    def train_proposals(params, state, batch):
-        """``(boxes [N, post_nms_top_n_train, 4], valid)``: the training proposals, without gradient,
-        for :func:`losses`' ``proposals=`` (the NMS is data-dependent: keep it out of a compiled graph)."""
+    def train_proposals(params, state, batch, generator=None):
+        """What :func:`losses` reads from the data, computed outside it, without gradient: the
+        training proposals (``boxes [N, post_nms_top_n_train, 4]``, ``valid``; the NMS is
+        data-dependent), the pooler's level ``scales`` (from the batch's largest image) and the
+        samplers' uniform keys drawn from ``generator`` in the order ``losses`` draws them (so
+        ``losses(proposals=...)`` equals ``losses(generator=...)``). Given these, ``losses`` has no
+        host sync and one graph serves every batch of a shape (torch.compile fullgraph)."""
         with torch.no_grad():
             images = batch["image"]
             image_shapes = [tuple(int(v) for v in s) for s in batch["image_size"].tolist()]
             levels, _ = features(params, state, images, train=True)
-            boxes, _, valid = filter_(*rpn_outputs(params, levels, images), image_shapes, True)
-        return boxes, valid
+            objectness, deltas, anchors, per_level = rpn_outputs(params, levels, images)
+            boxes, _, valid = filter_(objectness, deltas, anchors, per_level, image_shapes, True)
+            scales = infer_scales([f.shape[-2:] for f in pooled_levels(levels)], image_shapes)
+            n = images.shape[0]
+            draw = lambda *shape: torch.rand(shape, generator=generator, device=images.device)  # noqa: E731
+            given = {"boxes": boxes, "valid": valid, "scales": torch.tensor(scales, device=images.device),
+                     "rpn_keys": draw(n, anchors.shape[0])}
+            if not cfg.rpn_only:
+                given["roi_keys"] = draw(n, boxes.shape[1] + batch["boxes"].shape[1])
+        return given
 
     def losses(params, state, batch, *, generator=None, proposals=None, return_state=False):
         """``(total, {name: loss})`` (``+ (new_state,)`` with ``return_state``), torchvision's loss
-        names. ``proposals``: ``train_proposals``' output; then nothing syncs with the host and the
-        function traces as one graph (torch.compile fullgraph), except that the RoI pooler's level
-        scales come from the padded batch size instead of the largest image (the same unless the
-        largest image is under ~75 px, see docs/DETECTION.md); use ``generator=None`` there."""
+        names. ``proposals``: :func:`train_proposals`' output (then ``generator`` is not used):
+        nothing syncs with the host and the function traces as one graph (torch.compile
+        fullgraph), if ``mask_head.target_max_grid`` bounds the gt masks' RoIAlign grid."""
         images = batch["image"]
         levels, new_state = features(params, state, images, train=True)
         objectness, deltas, anchors, per_level = rpn_outputs(params, levels, images)
+        given = proposals or {}
         if proposals is None:
             image_shapes = [tuple(int(v) for v in s) for s in batch["image_size"].tolist()]
             boxes, _, pvalid = filter_(objectness, deltas, anchors, per_level, image_shapes, True)
         else:
-            image_shapes = [tuple(images.shape[-2:])]  # the pooler's reference size only
-            boxes, pvalid = proposals
+            image_shapes = None  # the pooler's scales are given
+            boxes, pvalid = given["boxes"], given["valid"]
+        pool = dict(image_shapes=image_shapes, scales=given.get("scales"))
         gt, gvalid = batch["boxes"].to(objectness.dtype), batch["valid"].bool()
         gt_labels = torch.where(gvalid, batch["labels"], 0)
         # RPN: anchors -> match (0.7 / 0.3, low-quality matches kept) -> sample -> loss
@@ -284,15 +310,16 @@ def build(det_cfg, num_classes) -> DetModel:
         matched = gt.gather(1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))
         anchors_b = anchors[None].expand_as(matched)
         targets = encode(torch.where((labels == 1)[..., None], matched, anchors_b), anchors_b, RPN_WEIGHTS)
-        sampled = sample(labels, r.batch_size_per_image, r.positive_fraction, generator)
+        sampled = sample(labels, r.batch_size_per_image, r.positive_fraction, generator, given.get("rpn_keys"))
         out = {}
         out["loss_objectness"], out["loss_rpn_box_reg"] = rpn_loss(objectness, deltas, labels, targets, *sampled)
         if not cfg.rpn_only:
             roi = params["roi_heads"]
             t = select_training_samples(boxes, pvalid, gt, gt_labels, gvalid, bh.batch_size_per_image,
-                                        bh.positive_fraction, bh.fg_iou_thresh, bh.bg_iou_thresh, generator)
-            pooled = multiscale_roi_align(pooled_levels(levels), t["rois"], image_shapes, bh.pooler_resolution,
-                                          bh.pooler_sampling_ratio)
+                                        bh.positive_fraction, bh.fg_iou_thresh, bh.bg_iou_thresh, generator,
+                                        keys=given.get("roi_keys"))
+            pooled = multiscale_roi_align(pooled_levels(levels), t["rois"], output_size=bh.pooler_resolution,
+                                          sampling_ratio=bh.pooler_sampling_ratio, **pool)
             cls, reg = box_outputs(params, state, pooled)
             out["loss_classifier"], out["loss_box_reg"] = fastrcnn_loss(cls, reg, t["labels"], t["targets"], t["valid"])
             if mh.enabled or kh.enabled:
@@ -302,14 +329,14 @@ def build(det_cfg, num_classes) -> DetModel:
                 positive = t["valid"][:, :npos] & (lab > 0)
                 best_gt = torch.where(gvalid[..., None], box_iou(gt, rois), -1.0).argmax(1)  # the matcher's gt
             if mh.enabled:
-                pooled = multiscale_roi_align(levels[:-1], rois, image_shapes, mh.pooler_resolution,
-                                              mh.pooler_sampling_ratio)
+                pooled = multiscale_roi_align(pooled_levels(levels), rois, output_size=mh.pooler_resolution,
+                                              sampling_ratio=mh.pooler_sampling_ratio, **pool)
                 logits, _ = mask_head.apply(roi, {}, pooled)
                 mt = mask_head.mask_targets(batch["masks"], best_gt, rois, logits.shape[-1], mh.target_max_grid)
                 out["loss_mask"] = mask_head.mask_loss(logits, lab, mt, positive)
             if kh.enabled:
-                pooled = multiscale_roi_align(levels[:-1], rois, image_shapes, kh.pooler_resolution,
-                                              kh.pooler_sampling_ratio)
+                pooled = multiscale_roi_align(pooled_levels(levels), rois, output_size=kh.pooler_resolution,
+                                              sampling_ratio=kh.pooler_sampling_ratio, **pool)
                 heat, _ = keypoint_head.apply(roi, {}, pooled)
                 kp = batch["keypoints"].to(rois.dtype)
                 kp = kp.gather(1, best_gt[..., None, None].expand(-1, -1, *kp.shape[-2:]))
@@ -333,7 +360,7 @@ def build(det_cfg, num_classes) -> DetModel:
                                                           bh.nms_thresh, bh.detections_per_img)
         out = [{"boxes": bx, "scores": s, "labels": lb} for bx, s, lb in zip(dboxes, dscores, dlabels)]
         if mh.enabled:
-            pooled = multiscale_roi_align(levels[:-1], dboxes, image_shapes, mh.pooler_resolution,
+            pooled = multiscale_roi_align(pooled_levels(levels), dboxes, image_shapes, mh.pooler_resolution,
                                           mh.pooler_sampling_ratio)
             logits, _ = mask_head.apply(roi, {}, pooled)
             probs = logits.sigmoid()
@@ -342,7 +369,7 @@ def build(det_cfg, num_classes) -> DetModel:
             for d, m in zip(out, probs.split([len(x) for x in dboxes])):
                 d["masks"] = m  # [D, 1, 28, 28]; transform.postprocess pastes them into the image
         if kh.enabled:
-            pooled = multiscale_roi_align(levels[:-1], dboxes, image_shapes, kh.pooler_resolution,
+            pooled = multiscale_roi_align(pooled_levels(levels), dboxes, image_shapes, kh.pooler_resolution,
                                           kh.pooler_sampling_ratio)
             heat, _ = keypoint_head.apply(roi, {}, pooled)
             for d, h, bx in zip(out, heat.split([len(x) for x in dboxes]), dboxes):
@@ -350,4 +377,32 @@ def build(det_cfg, num_classes) -> DetModel:
         return out
 
     return DetModel(cfg, num_classes, trunk, init, losses, predict, freeze_rules, features, train_proposals)
+
+
+def fpn_levels(fpn_cfg, feature_names, strides):
+    """``(rpn_indices, roi_indices)`` into the FPN's outputs (one per backbone feature, then the
+    pool level) for ``fpn.rpn_levels`` / ``fpn.roi_levels``: (min, max) level numbers as Detectron
+    counts them (level k has stride 2^k: res2 -> P2 ... the pool level one past the last)."""
+    numbers = []
+    for name, stride in zip(feature_names, strides):
+        k = math.log2(stride)
+        if k != int(k):
+            raise ValueError(f"backbone feature {name!r} has stride {stride}, not a power of two: FPN levels "
+                             f"are numbered by log2(stride)")
+        numbers.append(int(k))
+    numbers.append(numbers[-1] + 1)  # the max-pool level
+
+    def pick(key, default):
+        span = fpn_cfg.get(key)
+        if span is None:
+            return default
+        if len(span) != 2 or not all(isinstance(v, int) for v in span) or span[0] > span[1]:
+            raise ValueError(f"fpn.{key}={span!r}: a (min, max) pair of level numbers, e.g. (2, 5)")
+        missing = [k for k in range(span[0], span[1] + 1) if k not in numbers]
+        if missing:
+            raise ValueError(f"fpn.{key}={tuple(span)}: no FPN level {missing} (levels here: {numbers[0]}-"
+                             f"{numbers[-1]}, from backbone.features={tuple(feature_names)} + the pool level)")
+        return tuple(numbers.index(k) for k in range(span[0], span[1] + 1))
+
+    return pick("rpn_levels", tuple(range(len(numbers)))), pick("roi_levels", tuple(range(len(numbers) - 1)))
 

@@ -30,15 +30,22 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
 
 
 def multiscale_roi_align(features, boxes, image_shapes, output_size=7, sampling_ratio=2,
-                         canonical_scale=224, canonical_level=4, eps=1e-6, max_grid=None):
+                         canonical_scale=224, canonical_level=4, eps=1e-6, max_grid=None, scales=None):
     """torchvision's MultiScaleRoIAlign over FPN ``features`` (a list, finest first; aligned=False).
 
     Each box goes to level floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps),
-    clamped to the levels present; level scales are inferred from ``image_shapes`` (h, w).
+    clamped to the levels present; level scales are inferred from ``image_shapes`` (h, w), or
+    given as a ``[L]`` tensor ``scales`` (:func:`infer_scales`' values: then nothing here depends
+    on Python numbers that change from batch to batch, and a compiled graph serves every batch).
     """
     rois, unflatten = _as_rois(boxes)
-    scales = infer_scales([f.shape[-2:] for f in features], image_shapes)
-    k_min, k_max = _level_range(scales)
+    if scales is None:
+        scales = infer_scales([f.shape[-2:] for f in features], image_shapes)
+        k_min, k_max = _level_range(scales)
+        scales = torch.tensor(scales, dtype=rois.dtype, device=rois.device)
+    else:  # powers of two: log2 is exact
+        scales = scales.to(dtype=rois.dtype, device=rois.device)
+        k_min, k_max = (-torch.log2(scales[0])).round(), (-torch.log2(scales[-1])).round()
     if len(features) == 1:
         lvl = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     else:
@@ -48,7 +55,7 @@ def multiscale_roi_align(features, boxes, image_shapes, output_size=7, sampling_
     heights = torch.tensor([f.shape[2] for f in features], device=rois.device)
     widths = torch.tensor([f.shape[3] for f in features], device=rois.device)
     level = _Level(offset=offsets[lvl], height=heights[lvl], width=widths[lvl],
-                   scale=torch.tensor(scales, dtype=rois.dtype, device=rois.device)[lvl])
+                   scale=scales[lvl])
     flat = torch.cat([_flat(f) for f in features])
     return unflatten(_pool(flat, rois, level, _pair(output_size), sampling_ratio, False, max_grid))
 
@@ -65,7 +72,7 @@ def map_levels(boxes, k_min, k_max, canonical_scale=224, canonical_level=4, eps=
     """FPN level index (0 = ``k_min``) of each ``[..., 4]`` box: torchvision's LevelMapper."""
     s = torch.sqrt(box_area(boxes))
     target = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
-    return torch.clamp(target, min=k_min, max=k_max).to(torch.int64) - k_min
+    return (torch.clamp(target, min=k_min, max=k_max) - k_min).to(torch.int64)
 
 
 def _level_range(scales):

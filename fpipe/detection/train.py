@@ -100,8 +100,7 @@ def _run(config, workdir, dist, stop, run_info):
 
         # ---------------------------------------------------------------- the step
         compiling = loop.should_compile(config, (total_steps - start_step) * config.data.batch_size)
-        train_step = step_lib.maybe_compile(make_step(model, opt, grad_reduce=distributed.grad_mean(dist)),
-                                            compiling, "detection train step")
+        train_step = make_step(model, opt, grad_reduce=distributed.grad_mean(dist), compiling=compiling)
         gt = coco_eval.ground_truth(dataset.test, dataset.categories)
         image_ids = coco_eval.image_ids(gt)
 
@@ -194,21 +193,28 @@ def collate_options(data_cfg, det_cfg, dataset) -> dict:
                 with_masks=bool(det_cfg.mask_head.enabled))
 
 
-def make_step(model, opt, *, grad_reduce=None):
+def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=None):
     """``step(train_state, batch, lr, generator) -> (train_state, metrics)``: fpipe.train.step's
     update over ``model.losses`` (grad_and_value over the trainable tree; gradient mean across
-    ranks; the optimizer's clipping; one non-finite flag), with each loss term as a metric."""
-    def loss_fn(trainable, frozen, model_state, batch, generator):
+    ranks; the optimizer's clipping; one non-finite flag), with each loss term as a metric.
+
+    ``compiling``: what depends on the data's values (the RPN's NMS, the pooler's scales, the
+    samplers' random keys) is computed first, eagerly and without gradient
+    (``model.train_proposals``: one more forward of the backbone), and the update over
+    ``losses(proposals=...)`` is one torch.compile'd graph (``compile_options``: torch.compile's);
+    same values as the eager step."""
+    def loss_fn(trainable, frozen, model_state, batch, given):
+        kwargs = {"generator": given} if isinstance(given, torch.Generator) else {"proposals": given}
         total, losses, new_state = model.losses(tree.merge(trainable, frozen), model_state, batch,
-                                                generator=generator, return_state=True)
+                                                return_state=True, **kwargs)
         return total, (losses, new_state)
 
     grad_fn = grad_and_value(loss_fn, has_aux=True)
     clip = getattr(opt, "clip_and_norm", None)
 
-    def step(train_state, batch, lr, generator):
+    def update(train_state, batch, lr, given):
         grads, (loss, (losses, new_model_state)) = grad_fn(
-            train_state["trainable"], train_state["frozen"], train_state["model_state"], batch, generator)
+            train_state["trainable"], train_state["frozen"], train_state["model_state"], batch, given)
         if grad_reduce is not None:
             grads = grad_reduce(grads)
         grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
@@ -217,6 +223,15 @@ def make_step(model, opt, *, grad_reduce=None):
         metrics["nonfinite"] = (~divergence.all_finite(trainable, new_model_state, opt_state, loss, grad_norm)
                                 ).to(torch.int32)
         return {**train_state, "trainable": trainable, "opt_state": opt_state, "model_state": new_model_state}, metrics
+
+    if not compiling:
+        return update
+    compiled = step_lib.maybe_compile(update, True, "detection train step", **(compile_options or {}))
+
+    def step(train_state, batch, lr, generator):
+        params = tree.merge(train_state["trainable"], train_state["frozen"])
+        given = model.train_proposals(params, train_state["model_state"], batch, generator)
+        return compiled(train_state, batch, lr, given)
 
     return step
 
@@ -318,6 +333,9 @@ def _check(c) -> None:
             c.model.detection.keypoint_head.num_keypoints != len(scenes.KEYPOINT_NAMES):
         raise E(f"model.detection.keypoint_head.num_keypoints={c.model.detection.keypoint_head.num_keypoints}; "
                 f"the scenes have {len(scenes.KEYPOINT_NAMES)} keypoints per object")
+    if c.compile and c.model.detection.mask_head.enabled and c.model.detection.mask_head.get("target_max_grid") is None:
+        raise E("compile=True with the mask head needs model.detection.mask_head.target_max_grid (e.g. 4): the gt "
+                "masks' RoIAlign grid must be bounded to trace as one graph; or set compile=False")
     freeze.rules(c.model.freeze)
     if c.model.weights.path and not os.path.exists(c.model.weights.path):
         raise E(f"model.weights.path={c.model.weights.path!r}: no such file")

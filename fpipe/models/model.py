@@ -189,8 +189,8 @@ def _head_input(head, feats):
         parts.append(x if head.pool is None else layers.adaptive_pool(x, head.pool, head.pool_type))
     if not parts:
         raise ValueError(f"model.heads.{head.name}.crops={head.crops}: the batch has {seen} crop(s)")
-    shapes = sorted({tuple(x.shape[1:]) for x in parts})
-    if len(shapes) > 1:
+    if any(x.shape[1:] != parts[0].shape[1:] for x in parts[1:]):  # (no sorting of symbolic sizes when traced)
+        shapes = sorted({tuple(int(d) for d in x.shape[1:]) for x in parts})
         raise ValueError(f"model.heads.{head.name}: crops of several resolutions give {head.feature} of "
                          f"shapes {shapes}; give the head a pool (e.g. pool=(1, 1)) or read a vector feature")
     x = parts[0] if len(parts) == 1 else torch.cat(parts)
