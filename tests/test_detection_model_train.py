@@ -231,6 +231,32 @@ def test_fpn_levels_narrow_what_the_rpn_and_the_roi_heads_read(monkeypatch):
         det_model.build(cfg, 4)
 
 
+@pytest.mark.parametrize("name", ["regnet_y_400mf", "convnext_tiny"])
+def test_other_trunks_feed_the_fpn(name):
+    """Any fpipe trunk with res2..res5 features is a backbone: RegNetY (frozen BatchNorms) and
+    ConvNeXt (LayerNorm) train through FPN, RPN and box head, and predict."""
+    cfg = tiny_config()
+    cfg.backbone.name, cfg.backbone.freeze_at = name, 0
+    model = det_model.build(cfg, 4)
+    params, state = model.init(0)
+    trainable, frozen = freeze.partition(params, model.freeze_rules(params))
+    batch = tiny_batch()
+
+    def loss(trainable):
+        return model.losses(tree.merge(trainable, frozen), state, batch, generator=torch.Generator().manual_seed(0))[0]
+
+    grads, total = grad_and_value(loss)(trainable)
+    assert torch.isfinite(total)
+    body = tree.flatten(grads["backbone"]["body"])
+    assert body and all(torch.isfinite(g).all() for g in body.values())
+    assert sum(float(g.abs().sum()) for g in body.values()) > 0  # the gradient reaches the trunk
+    if name.startswith("regnet"):  # frozen BatchNorms: their scale and shift are not trained
+        norms = [n[:-len(".running_mean")] for n in tree.flatten(state["backbone"]["body"]) if n.endswith("running_mean")]
+        assert len(norms) > 10 and not [n for n in norms if f"{n}.weight" in body or f"{n}.bias" in body]
+        assert all(f"{n}.weight" in tree.flatten(frozen["backbone"]["body"]) for n in norms)
+    assert len(model.predict(params, state, batch["image"], batch["image_size"])) == 2
+
+
 def test_no_detections_and_no_gt_are_handled():
     cfg = tiny_config(mask=True, keypoints=True)
     cfg.box_head.score_thresh = 1.0  # nothing passes
