@@ -245,7 +245,7 @@ def detection_model():
     c.backbone = ml_collections.ConfigDict(dict(
         name="resnet50", options={}, features=("res2", "res3", "res4", "res5"), frozen_norms=True, freeze_at=2,
         freeze_conv_body=False))
-    c.fpn = ml_collections.ConfigDict(dict(enabled=True, out_channels=256, rpn_levels=placeholder(tuple),
+    c.fpn = ml_collections.ConfigDict(dict(enabled=True, out_channels=256, simple=False, rpn_levels=placeholder(tuple),
                                            roi_levels=placeholder(tuple)))  # (min, max) level numbers; None: all
     c.rpn = ml_collections.ConfigDict(dict(
         anchor_sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5, conv_depth=1,

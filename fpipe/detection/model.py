@@ -24,7 +24,7 @@ import torch
 
 from fpipe import tree
 from fpipe.detection import anchors as anchors_lib
-from fpipe.detection import box_head, fpn, keypoint_head, mask_head, rpn
+from fpipe.detection import box_head, fpn, keypoint_head, mask_head, rpn, simple_fpn
 from fpipe.detection.boxes import RPN_WEIGHTS, box_iou, encode
 from fpipe.detection.losses import fastrcnn_loss, rpn_loss
 from fpipe.detection.matching import labels_from_matches, match
@@ -55,6 +55,7 @@ def default_config():
     c.fpn = ml_collections.ConfigDict(dict(
         enabled=True,  # MODEL.FPN; False: C4 (R-50-C4): RPN and pooler on the one feature, res5 as the box head
         out_channels=256,  # FeaturePyramidNetwork(out_channels=) / MODEL.RESNETS.BACKBONE_OUT_CHANNELS
+        simple=False,  # ViTDet's SimpleFeaturePyramid from ONE backbone feature (a ViT's ("patch_grid",)); False: torchvision's FPN
         rpn_levels=None,  # (min, max) FPN levels the RPN sees, e.g. (2, 6) / FPN.RPN_MIN_LEVEL, RPN_MAX_LEVEL; None: all (P2-P6)
         roi_levels=None,  # (min, max) levels the RoI heads pool from, e.g. (2, 5) / FPN.ROI_MIN_LEVEL, ROI_MAX_LEVEL; None: all but the pool level
     ))
@@ -163,7 +164,15 @@ def build(det_cfg, num_classes) -> DetModel:
         return [int(feats[f].shape[1]) for f in feature_names], norms, strides
 
     in_channels, body_norms, strides = trunk_channels()  # body_norms: layers with running statistics
-    rpn_idx, roi_idx = (None, None) if c4 else fpn_levels(cfg.fpn, feature_names, strides)
+    simple = not c4 and bool(cfg.fpn.get("simple"))
+    if simple:
+        if len(feature_names) != 1:
+            raise ValueError(f"fpn.simple=True (ViTDet's simple feature pyramid) builds every level from one backbone "
+                             f"feature, e.g. backbone.features=('patch_grid',) for a ViT; got {feature_names}")
+        level_names = tuple(f"simfp_{k}" for k in simple_fpn.levels(strides[0]))
+        rpn_idx, roi_idx = fpn_levels(cfg.fpn, level_names, [strides[0] / s for s in simple_fpn.SCALES])
+    else:
+        rpn_idx, roi_idx = (None, None) if c4 else fpn_levels(cfg.fpn, feature_names, strides)
     if not c4 and not len(anchor_sizes) == len(ratios) == len(rpn_idx):
         raise ValueError(f"the RPN sees {len(rpn_idx)} FPN levels ({len(feature_names)} backbone features + the "
                          f"pool level, fpn.rpn_levels={cfg.fpn.rpn_levels}): rpn.anchor_sizes and rpn.aspect_ratios "
@@ -183,7 +192,9 @@ def build(det_cfg, num_classes) -> DetModel:
             body_state = {k: v for k, v in body_state.items() if k != "layer4"}
             params = {"backbone": {"body": body}}
         else:
-            params = {"backbone": {"body": body, "fpn": fpn.init(seed + 1, in_channels, out_ch)[0]}}
+            neck = (simple_fpn.init(seed + 1, in_channels[0], out_ch, strides[0]) if simple else
+                    fpn.init(seed + 1, in_channels, out_ch))[0]
+            params = {"backbone": {"body": body, "fpn": neck}}
         params["rpn"] = {"head": rpn.init(seed + 2, out_ch, num_anchors[0], r.conv_depth)[0]}
         state = {"backbone": {"body": body_state}}
         if not cfg.rpn_only and c4:
@@ -238,6 +249,8 @@ def build(det_cfg, num_classes) -> DetModel:
                                       features=feature_names)
         if c4:
             levels = [feats[feature_names[0]]]
+        elif simple:
+            levels, _ = simple_fpn.apply(params["backbone"]["fpn"], {}, feats[feature_names[0]])
         else:
             levels, _ = fpn.apply(params["backbone"]["fpn"], {}, [feats[f] for f in feature_names])
         return levels, {**state, "backbone": {**state["backbone"], "body": body_state if eval_all else new_body}}
