@@ -88,6 +88,7 @@ def coco_torchvision(c):
     c.data.name, c.data.labels = "coco", "category_id"
     c.data.min_size, c.data.max_size, c.data.fixed_canvas = 800, 1333, False  # pad each batch to its largest image
     c.data.batch_size, c.data.eval_batch_size, c.data.max_objects = 16, 8, 100
+    c.data.hflip_prob = 0.5  # the references' --data-augmentation hflip
     c.model.detection = defaults.detection_model()  # torchvision's keys and values
     c.num_threads = 0
     c.total_epochs, c.ckpt_epochs = 26.0, 1.0

@@ -221,6 +221,7 @@ def detection_data():
     c.size_divisible = 32          # pad to a multiple of this
     c.fixed_canvas = True          # pad every batch to max_size (one shape); False: the batch's largest image
     c.max_objects = 8              # objects per image in a batch (more are cut, with a warning)
+    c.hflip_prob = 0.0             # training: mirror each image with this probability (torchvision's recipe: 0.5)
     c.num_train = 2048             # scenes: images per split
     c.num_test = 256
     c.min_side = 64                # scenes: image sides drawn from min_side..max_side px

@@ -159,3 +159,45 @@ def test_boxes_of_a_batch_match_masks_iou():
         ys, xs = torch.nonzero(b["masks"][0, j], as_tuple=True)
         from_mask = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
         assert box_iou(from_mask, b["boxes"][0, j:j + 1]).item() > 0.8
+
+
+def test_hflip_mirrors_image_masks_boxes_and_swaps_left_right_keypoints():
+    ds = small()
+    flip_map = collate.keypoint_flip_map(ds.keypoint_names)
+    assert ds.keypoint_names == ("top", "left", "right") and flip_map == (0, 2, 1)
+    assert collate.keypoint_flip_map(["nose", "left_eye", "right_eye", "left_ear", "right_ear"]) == (0, 2, 1, 4, 3)
+    for i in range(6):
+        s = ds.train[i]
+        f = collate.hflip(s, flip_map)
+        h, w = s["image"].shape[-2:]
+        assert torch.equal(f["image"][..., 0], s["image"][..., -1]) and torch.equal(f["masks"], s["masks"].flip(-1))
+        for j in range(len(s["labels"])):  # the box is still the (mirrored) mask's extent
+            ys, xs = torch.nonzero(f["masks"][j], as_tuple=True)
+            assert f["boxes"][j].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        # the mirrored "left" keypoint is the original "right" one, mirrored
+        assert torch.equal(f["keypoints"][:, 1, 0], w - s["keypoints"][:, 2, 0])
+        assert torch.equal(f["keypoints"][:, 1, 1:], s["keypoints"][:, 2, 1:])
+        back = collate.hflip(f, flip_map)  # an involution
+        assert all(torch.equal(back[k], s[k]) for k in ("image", "masks", "boxes", "labels"))
+        torch.testing.assert_close(back["keypoints"], s["keypoints"], rtol=0, atol=1e-5)  # w - (w - x): an ulp
+
+
+def test_loader_flips_by_seed_epoch_and_index_only_in_training():
+    ds = small()
+    opts = dict(min_size=64, max_size=64, max_objects=4, num_keypoints=3, with_masks=False)
+    flip_map = collate.keypoint_flip_map(ds.keypoint_names)
+    always = collate.Loader(ds.train, 8, train=True, seed=3, hflip_prob=1.0, keypoint_flip=flip_map, **opts)
+    batch = always.batch(0, 1)
+    want = collate.collate([collate.hflip(ds.train[int(i)], flip_map) for i in batch["index"]], batch["index"].tolist(),
+                           **opts)
+    assert all(torch.equal(batch[k], want[k]) for k in want)
+    half = lambda **kw: collate.Loader(ds.train, 8, train=True, seed=3, hflip_prob=0.5, keypoint_flip=flip_map,  # noqa: E731
+                                       **kw, **opts)
+    plain = collate.Loader(ds.train, 8, train=True, seed=3, **opts)
+    flips = [[not torch.equal(a["image"][k], b["image"][k]) for k in range(8)]
+             for a, b in zip(half().epoch(0), plain.epoch(0))]
+    assert 0 < sum(map(sum, flips)) < 24  # some, not all
+    ranks = [half(rank=r, world_size=2).batch(0, 1) for r in (0, 1)]  # same flips on any number of ranks
+    assert torch.equal(torch.cat([r["image"] for r in ranks]), half().batch(0, 1)["image"])
+    test = collate.Loader(ds.test, 8, train=False, hflip_prob=1.0, keypoint_flip=flip_map, **opts)
+    assert torch.equal(next(test.epoch())["image"], collate.Loader(ds.test, 8, train=False, **opts).batch(0, 0)["image"])

@@ -22,13 +22,15 @@ nearest; boxes and keypoints scaled per axis by the size ratio), then pad to a m
 batch's largest image (torchvision's way). Each image is in the canvas's top-left corner, so a
 prediction maps back by dividing by the per-axis ratio ``image_size / orig_size``.
 
-Up to ``max_objects`` (M) objects per image travel; more are cut (the first M kept; a warning
+Training can mirror samples (``hflip_prob``, torchvision's RandomHorizontalFlip) before the
+transform, keypoints reordered left <-> right. Up to ``max_objects`` (M) objects per image travel; more are cut (the first M kept; a warning
 once). Crowd regions (``iscrowd``) never become training targets: evaluation ignores them
 (``fpipe.detection.coco_eval``), as COCO's.
 """
 import contextlib
 import itertools
 import math
+import re
 
 import torch
 from absl import logging
@@ -63,6 +65,33 @@ def transform(sample: dict, min_size: int, max_size: int, with_masks: bool = Tru
             "labels": sample["labels"][keep], "masks": masks,
             "keypoints": rcnn_transform.resize_keypoints(sample["keypoints"][keep], size, new_size),
             "image_size": new_size, "orig_size": size}
+
+
+def keypoint_flip_map(names) -> tuple:
+    """Where each keypoint goes when the image is mirrored: ``left*`` and ``right*`` names swap
+    (COCO's ``left_eye`` <-> ``right_eye``, the scenes' ``left`` <-> ``right``), others stay."""
+    names = list(names)
+    swap = lambda n: re.sub("left|right", lambda m: "right" if m.group() == "left" else "left", n)  # noqa: E731
+    return tuple(names.index(swap(n)) if swap(n) in names else i for i, n in enumerate(names))
+
+
+def hflip(sample: dict, keypoint_flip=None) -> dict:
+    """A sample mirrored left to right in its own pixels (torchvision's detection
+    RandomHorizontalFlip): the image and masks flipped, boxes ``x1, x2 -> W - x2, W - x1``,
+    keypoints ``x -> W - x`` and reordered by ``keypoint_flip`` (left and right swap places),
+    invisible keypoints kept at zero."""
+    width = sample["image"].shape[-1]
+    out = dict(sample, image=sample["image"].flip(-1))
+    boxes = sample["boxes"]
+    out["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+    if sample.get("masks") is not None:
+        out["masks"] = sample["masks"].flip(-1)
+    kp = sample.get("keypoints")
+    if kp is not None and kp.numel():
+        kp = kp[:, list(keypoint_flip)] if keypoint_flip is not None else kp.clone()
+        kp[..., 0] = torch.where(kp[..., 2] > 0, width - kp[..., 0], 0.0)
+        out["keypoints"] = kp
+    return out
 
 
 _WARNED = set()
@@ -120,13 +149,14 @@ class Loader:
     ``(epoch, step)``, so any resume point and world size give the same global batches."""
 
     def __init__(self, split, batch_size: int, *, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 **collate_options):
+                 hflip_prob: float = 0.0, keypoint_flip=None, **collate_options):
         if batch_size < 1 or batch_size % world_size:
             raise ValueError(f"batch size {batch_size} (global) must be a positive multiple of world_size={world_size}")
         self.split, self.train, self.seed, self.rank = split, train, int(seed), rank
         self.local_batch_size, self.global_batch_size = batch_size // world_size, batch_size
         self.num_samples = len(split)
         self.options = collate_options
+        self.hflip_prob, self.keypoint_flip = (float(hflip_prob) if train else 0.0), keypoint_flip
         if train:
             self.steps_per_epoch = self.num_samples // batch_size
             if not self.steps_per_epoch:
@@ -148,11 +178,20 @@ class Loader:
         positions = torch.arange(start, start + self.local_batch_size)
         indices = order[positions % self.num_samples]
         with one_thread():
-            samples = [self.split[int(i)] for i in indices]
+            samples = [self.flipped(self.split[int(i)], epoch, int(i)) for i in indices]
             batch = collate(samples, indices.tolist(), **self.options)
         if not self.train:
             batch["mask"] = positions < self.num_samples
         return batch
+
+    def flipped(self, sample, epoch: int, index: int):
+        """The sample, mirrored with probability ``hflip_prob`` by a draw that depends on
+        (seed, epoch, index) only: resumable, and the same on any number of ranks."""
+        if self.hflip_prob <= 0:
+            return sample
+        if float(torch.rand((), generator=rng.generator("hflip", self.seed, epoch, index))) >= self.hflip_prob:
+            return sample
+        return hflip(sample, self.keypoint_flip)
 
     def epoch(self, epoch: int = 0, start_step: int = 0):
         order = self.order(epoch)

@@ -50,7 +50,9 @@ def _run(config, workdir, dist, stop, run_info):
         dataset = build_data(config.data)
         options = collate_options(config.data, det_cfg, dataset)
         train_loader = collate.Loader(dataset.train, config.data.batch_size, train=True, seed=config.data.seed,
-                                      rank=dist.rank, world_size=dist.world_size, **options)
+                                      rank=dist.rank, world_size=dist.world_size,
+                                      hflip_prob=config.data.get("hflip_prob", 0.0),
+                                      keypoint_flip=collate.keypoint_flip_map(dataset.keypoint_names), **options)
         test_loader = collate.Loader(dataset.test, config.data.eval_batch_size, train=False, rank=dist.rank,
                                      world_size=dist.world_size, **{**options, "with_masks": False})
         steps_per_epoch = train_loader.steps_per_epoch
@@ -315,6 +317,8 @@ def _check(c) -> None:
     for key in ("batch_size", "eval_batch_size", "min_size", "max_size", "max_objects", "size_divisible"):
         if not (isinstance(c.data[key], int) and c.data[key] >= 1):
             raise E(f"data.{key}={c.data[key]!r}: a whole number >= 1 is needed")
+    if not (isinstance(c.data.get("hflip_prob", 0.0), (int, float)) and 0 <= c.data.get("hflip_prob", 0.0) <= 1):
+        raise E(f"data.hflip_prob={c.data.hflip_prob!r}: a probability in [0, 1] is needed")
     if c.data.min_size > c.data.max_size:
         raise E(f"data.min_size={c.data.min_size} is above data.max_size={c.data.max_size}")
     for key in ("total", "log", "eval", "ckpt"):
