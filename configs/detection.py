@@ -20,6 +20,8 @@ background), so torchvision's COCO checkpoints load whole. Their COCO AP, withou
 
 (expected: torchvision's published box AP 37.0 for that file; not measured here, no COCO on
 this machine). Add ``--config.model.detection.mask_head.enabled=True`` for maskrcnn_resnet50_fpn.
+
+Variant ``:vitdet``: a small plain ViT with ViTDet's simple feature pyramid on the scenes.
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -27,7 +29,7 @@ from ml_collections.config_dict import placeholder
 from fpipe import defaults
 
 
-VARIANTS = ("coco_torchvision",)
+VARIANTS = ("coco_torchvision", "vitdet")
 
 
 def get_config(arg=None):
@@ -94,3 +96,13 @@ def coco_torchvision(c):
     c.total_epochs, c.ckpt_epochs = 26.0, 1.0
     c.optim.lr, c.optim.clip_grad_norm = 0.02, 0.0
     c.schedule.name, c.schedule.milestones_epochs, c.schedule.warmup_steps = "multistep", (16, 22), 1000
+
+
+def vitdet(c):
+    """A small plain ViT (patch 16, width 192, 6 blocks, from scratch) with ViTDet's simple
+    feature pyramid on the scenes (docs/DETECTION.md); ViTDet's own is ViT-B/L/H, pretrained."""
+    b = c.model.detection.backbone
+    b.name, b.features, b.freeze_at = "vit", ("patch_grid",), 0
+    b.options = ml_collections.ConfigDict(dict(patch_size=16, hidden_dim=192, depth=6, heads=3, mlp_dim=768,
+                                               image_size=96))
+    c.model.detection.fpn.simple = True

@@ -70,6 +70,11 @@ def test_bad_detection_config_is_refused_before_any_work(tmp_path):
         train.check(config)
     config.model.detection.mask_head.target_max_grid = 4
     train.check(config)
+    config = detection.get_config()
+    config.model.detection.backbone.name = "vit_b_16"  # the scenes' GroupNorm options do not fit a ViT
+    with pytest.raises(ConfigError, match=r"model.detection.backbone .*configs/detection.py:vitdet"):
+        train.check(config)
+    train.check(detection.get_config("vitdet"))
 
 
 def test_torch_free_defaults_equal_the_models():

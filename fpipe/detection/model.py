@@ -130,7 +130,12 @@ def build(det_cfg, num_classes) -> DetModel:
     cfg = det_cfg
     c4 = not cfg.fpn.enabled
     b = cfg.backbone
-    trunk = build_trunk(b.name, **dict(b.options))
+    try:
+        trunk = build_trunk(b.name, **dict(b.options))
+    except ValueError as e:
+        raise ValueError(f"model.detection.backbone (name={b.name!r}, options={dict(b.options)}): {e}; the options "
+                         f"belong to the trunk family (the scenes config sets a GroupNorm ResNet's: use a variant "
+                         f"such as configs/detection.py:vitdet, or a config file, for another family)") from e
     feature_names = tuple(b.features)
     r, bh, mh, kh = cfg.rpn, cfg.box_head, cfg.mask_head, cfg.keypoint_head
     anchor_sizes = tuple(tuple(s) for s in r.anchor_sizes)
