@@ -53,6 +53,9 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
     if training_norms:
         raise ValueError(f"frozen_trunk needs every trunk norm in eval mode; in train mode: {training_norms[:5]}")
     frozen = fold.fold_frozen_norms(frozen, model_state, eval_norms)
+    if not compile:  # eager oneDNN convolutions run fastest on channels-last weights and images
+        # (the main job: 700 vs 560 images/s, 28.7 vs 33.8 s, the same accuracies)
+        frozen = fold.channels_last(frozen)
     names = tuple(sorted({h.feature for h in model.heads}))
     module = _TrunkConstants(model.trunk.apply, frozen["trunk"], trunk_state, names)
     run = torch.compile(module, dynamic=False, fullgraph=True) if compile else module
@@ -73,7 +76,7 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
         # weight (ResNet-50 at 64 px: 10-15% faster; benchmarks/linear_eval_step.py).
         if not compile:
             with torch.no_grad():
-                return run(images)
+                return run(images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images)
         from torch._inductor import config as inductor  # lazily: its import takes over a second
         with torch.no_grad(), inductor.patch(freezing=True, conv_1x1_as_mm=True):
             if tuple(images.shape) in compiled_for:
