@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from benchmarks.linear_eval_step import ARCH, NUM_CLASSES, time_round_robin, torch_module
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
 from fpipe import freeze, optim
+from fpipe.models import fold
 from fpipe.models import model as model_lib
 from fpipe.train import distributed
 from fpipe.train import loop as loop_lib
@@ -83,8 +84,8 @@ def setup(mode, depth, image_size, batch_size, seed=0):
 def fpipe_program(s):
     step = loop_lib.build_train_step(s["config"], s["model"], s["opt"], s["trainable"], s["state"],
                                      s["eval_norms"], distributed.Dist(), compiling=True)
-    box = {"ts": loop_lib.channels_last({"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
-                                         "opt_state": s["opt"].init(s["trainable"])})}  # as the loop, compiling
+    box = {"ts": fold.channels_last({"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
+                                     "opt_state": s["opt"].init(s["trainable"])})}  # as the loop, compiling
     lr = torch.tensor(s["lr"], dtype=torch.float32)
 
     def run():

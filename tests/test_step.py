@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fpipe import freeze, optim, tree
+from fpipe.models import fold
 from fpipe.models import model as models
-from fpipe.train import loop
 from fpipe.train import step as step_lib
 
 
@@ -117,7 +117,7 @@ def test_compiled_step_on_the_loops_channels_last_state_equals_eager():
     step = step_lib.make_step(model, opt, eval_norms=eval_norms)
     compiled = step_lib.maybe_compile(step, True)
     a = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
-    b = loop.channels_last(a)
+    b = fold.channels_last(a)
     weight = "trunk.layer4.0.conv1.weight"
     assert b["trainable"]["trunk"]["layer4"]["0"]["conv1"]["weight"].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(tree.flatten(b["trainable"])[weight], tree.flatten(a["trainable"])[weight])

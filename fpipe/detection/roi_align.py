@@ -40,12 +40,9 @@ def multiscale_roi_align(features, boxes, image_shapes, output_size=7, sampling_
     """
     rois, unflatten = _as_rois(boxes)
     if scales is None:
-        scales = infer_scales([f.shape[-2:] for f in features], image_shapes)
-        k_min, k_max = _level_range(scales)
-        scales = torch.tensor(scales, dtype=rois.dtype, device=rois.device)
-    else:  # powers of two: log2 is exact
-        scales = scales.to(dtype=rois.dtype, device=rois.device)
-        k_min, k_max = (-torch.log2(scales[0])).round(), (-torch.log2(scales[-1])).round()
+        scales = torch.tensor(infer_scales([f.shape[-2:] for f in features], image_shapes))
+    scales = scales.to(dtype=rois.dtype, device=rois.device)
+    k_min, k_max = (-torch.log2(scales[0])).round(), (-torch.log2(scales[-1])).round()  # powers of two: exact
     if len(features) == 1:
         lvl = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     else:
@@ -73,11 +70,6 @@ def map_levels(boxes, k_min, k_max, canonical_scale=224, canonical_level=4, eps=
     s = torch.sqrt(box_area(boxes))
     target = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
     return (torch.clamp(target, min=k_min, max=k_max) - k_min).to(torch.int64)
-
-
-def _level_range(scales):
-    # the scales are exact powers of two (infer_scales), so math.log2 is exact: no host sync
-    return int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
 
 
 class _Level:

@@ -317,8 +317,9 @@ def _check(c) -> None:
     for key in ("batch_size", "eval_batch_size", "min_size", "max_size", "max_objects", "size_divisible"):
         if not (isinstance(c.data[key], int) and c.data[key] >= 1):
             raise E(f"data.{key}={c.data[key]!r}: a whole number >= 1 is needed")
-    if not (isinstance(c.data.get("hflip_prob", 0.0), (int, float)) and 0 <= c.data.get("hflip_prob", 0.0) <= 1):
-        raise E(f"data.hflip_prob={c.data.hflip_prob!r}: a probability in [0, 1] is needed")
+    hflip = c.data.get("hflip_prob", 0.0)
+    if not (isinstance(hflip, (int, float)) and 0 <= hflip <= 1):
+        raise E(f"data.hflip_prob={hflip!r}: a probability in [0, 1] is needed")
     if c.data.min_size > c.data.max_size:
         raise E(f"data.min_size={c.data.min_size} is above data.max_size={c.data.max_size}")
     for key in ("total", "log", "eval", "ckpt"):

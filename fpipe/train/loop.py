@@ -19,7 +19,7 @@ from absl import logging
 import fpipe
 from fpipe import checkpoint, data, files, freeze, optim, schedules, tree, weights
 from fpipe.evaluate import extract, topk
-from fpipe.models import layers, losses
+from fpipe.models import fold, layers, losses
 from fpipe.models import model as models
 from fpipe.train import compile_cache, config_check, distributed, frozen_trunk, head_grid, periodic, precision
 from fpipe.train import step as step_lib
@@ -123,7 +123,7 @@ def _run(config, workdir, dist, stop, run_info):
         # on by default); a fully frozen trunk runs as a constant and only the heads are differentiated.
         compiling = should_compile(config, (total_steps - start_step) * config.data.batch_size)
         if compiling:
-            train_state = channels_last(train_state)
+            train_state = fold.channels_last(train_state)  # as compiled steps run them
         autocast = precision.autocast_dtype(config.precision, dist.device)
         sync_stats = (distributed.sync_stats(dist, _group(config.get("sync_bn_group", "global")))
                       if config.get("sync_bn") else None)
@@ -293,22 +293,6 @@ def record_load(report, path, workdir, write_report=True) -> dict:
     return {"path": os.path.abspath(path), "sha256": _sha256(path),
             "trunk_loaded": report.trunk_loaded, "trunk_total": report.trunk_total,
             "source": report.source, "format": report.format}
-
-
-def channels_last(train_state):
-    """The train state with its 4-D float tensors (conv weights, their optimizer slots) in
-    channels-last memory, as compiled steps run them: the convolutions then follow their weights'
-    layout, and inductor neither converts each weight every step nor mixes layouts between the
-    forward and backward kernels (ResNet-18 64 px, benchmarks/train_step.py: 0.91-1.05x
-    torch.compile'd nn.Module over four runs instead of 0.82-0.85x). Values are unchanged; so are
-    checkpoints' hashes (fpipe.checkpoint hashes contiguous bytes)."""
-    def convert(t):
-        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point():
-            # empty_like spells out channels-last strides even for 1x1 kernels, as the step's outputs
-            # have them (``contiguous`` keeps a 1x1 kernel's strides): equal strides, no recompile
-            return torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
-        return t
-    return tree.map_leaves(convert, train_state)
 
 
 def step_cache(config, dist, *parts):
