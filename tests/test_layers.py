@@ -43,6 +43,30 @@ def test_group_and_layer_norm_match_torch():
     torch.testing.assert_close(layers.norm("layer", p, s, x, True)[0], torch.nn.GroupNorm(1, 64)(x).detach())
 
 
+def test_conv_on_a_tiny_input_runs_as_a_matmul_with_conv2d_values_and_gradients():
+    """A "same"-padded conv whose input is at most padding + 1 per side is one dense matmul
+    (layers._tiny_input): the values and all gradients of F.conv2d, for strides 1 and 2, with and
+    without bias, 2×2, 1×2 and 1×1 inputs, 3×3 and 5×5 kernels; larger inputs keep F.conv2d."""
+    torch.manual_seed(0)
+    cases = [(2, 2, 3, 1, 1, True), (2, 2, 3, 1, 2, False), (1, 2, 3, 1, 1, False), (2, 1, 3, 1, 2, True),
+             (1, 1, 3, 1, 2, True), (2, 2, 5, 2, 1, False), (3, 3, 5, 2, 2, True)]
+    for h, w_, k, pad, stride, bias in cases:
+        assert layers._tiny_input((h, w_), (k, k), stride, pad)
+        x = torch.randn(4, 6, h, w_, requires_grad=True)
+        p = {"weight": torch.randn(10, 6, k, k, requires_grad=True)}
+        if bias:
+            p["bias"] = torch.randn(10, requires_grad=True)
+        y = layers.conv(p, x, stride, pad)
+        ref = torch.nn.functional.conv2d(x, p["weight"], p.get("bias"), stride, pad)
+        torch.testing.assert_close(y, ref)
+        grad_out = torch.randn_like(ref)
+        inputs = [x, *p.values()]
+        for g, g_ref in zip(torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out)):
+            torch.testing.assert_close(g, g_ref)
+    for hw, k, pad, stride in (((3, 3), 3, 1, 1), ((2, 2), 3, 0, 1), ((2, 2), 1, 0, 2), ((4, 4), 7, 3, 1), ((3, 3), 5, 2, 1)):
+        assert not layers._tiny_input(hw, (k, k), stride, pad)
+
+
 def test_conv_on_a_1x1_input_uses_the_centre_tap_exactly():
     """Same values and gradients as F.conv2d; the unused taps' gradients are exact zeros, also under
     bf16 autocast on CPU (where oneDNN leaves them uninitialised)."""

@@ -126,7 +126,7 @@ def test_compiled_step_on_the_loops_channels_last_state_equals_eager():
         a, ma = step(a, batch, torch.tensor(0.05))
         b, mb = compiled(b, batch, torch.tensor(0.05))
     for n, t in tree.flatten(a["trainable"]).items():
-        torch.testing.assert_close(tree.flatten(b["trainable"])[n], t, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tree.flatten(b["trainable"])[n], t, rtol=1e-4, atol=3e-5)  # float sums' order
     torch.testing.assert_close(mb["loss"], ma["loss"], rtol=1e-4, atol=1e-5)
     # The step gives back the layout it was given (else every call would compile anew).
     assert {n: t.stride() for n, t in tree.flatten(b).items()} == given

@@ -42,16 +42,19 @@ def run(workdir, config, nproc, *extra, threads=1):
 
 # finetune.py runs the same data-parallel path as supervised.py (only its optimizer rules differ,
 # checked in one process by tests/test_step.py and test_optim.py): left out to keep CI near 10 min.
-@pytest.mark.parametrize("config,rel", [("configs/linear_eval.py", 1e-5), ("configs/supervised.py", 1e-3)])
-def test_two_processes_equal_one_at_the_configs_own_settings(tmp_path, config, rel):
+@pytest.mark.parametrize("config,rel,floor", [("configs/linear_eval.py", 1e-5, 1e-2),
+                                              ("configs/supervised.py", 1e-3, 0.2)])
+def test_two_processes_equal_one_at_the_configs_own_settings(tmp_path, config, rel, floor):
     one_losses, one, one_results = run(tmp_path / "one", config, 1)
     two_losses, two, two_results = run(tmp_path / "two", config, 2)
     assert two_results["world_size"] == 2 and len(one_losses) == len(two_losses) == STEPS
     # The first losses (params after up to two updates) agree to float rounding, whatever the config.
     torch.testing.assert_close(torch.tensor(two_losses[:3]), torch.tensor(one_losses[:3]), rtol=1e-5, atol=1e-6)
     # Later, a trunk trained from scratch at lr 0.1 amplifies rounding ~1e5-fold within two steps:
-    # one process on 2 threads instead of 1 (the control: only the summation order differs)
-    # drifts as far. Two processes must stay within the control's drift (or `rel`, if larger).
+    # two processes sum the batch's gradients and BatchNorm statistics in another order, which
+    # moves the weights by up to ~1e-4 in 4 steps. So each param must stay within `rel` of its
+    # largest magnitude (at least `floor`), or within the drift of a control: one process on 2
+    # threads instead of 1 (only the summation order differs).
     control, control_results = {}, one_results
     if config != "configs/linear_eval.py":
         _, same, control_results = run(tmp_path / "control", config, 1, threads=2)
@@ -61,7 +64,7 @@ def test_two_processes_equal_one_at_the_configs_own_settings(tmp_path, config, r
     torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(one_losses), rtol=rel, atol=1e-5)
     for name, t in one["params"].items():
         err = (two["params"][name] - t).abs().max().item()
-        assert err <= max(rel * max(t.abs().max().item(), 1e-2), 4 * control.get(name, 0.0)), f"{name}: {err}"
+        assert err <= max(rel * max(t.abs().max().item(), floor), 4 * control.get(name, 0.0)), f"{name}: {err}"
     for name, t in one["model_state"].items():  # BatchNorm statistics amplify the params' rounding
         if t.is_floating_point():
             err = (two["model_state"][name] - t).abs().max().item()

@@ -53,13 +53,41 @@ def norm_init(kind, channels, zero_scale=False, groups=32):
 # ---------------------------------------------------------------- appliers
 def conv(p, x, stride=1, padding=0, groups=1):
     w = p["weight"]
-    if x.shape[-2:] == (1, 1) and padding and w.shape[-2] == w.shape[-1] == 2 * padding + 1:
-        # On a 1×1 input a "same"-padded k×k conv touches only its centre tap: the same math as a
-        # 1×1 conv with it, with a ninth of the weight traffic; it also avoids oneDNN's bf16
-        # weight gradient, which leaves the untouched taps uninitialised (NaN) on CPU.
-        w = w[:, :, padding:padding + 1, padding:padding + 1]
-        stride, padding = 1, 0
+    if groups == 1 and isinstance(padding, int) and _tiny_input(x.shape[-2:], w.shape[-2:], stride, padding):
+        return _conv_as_matmul(w, p.get("bias"), x, stride, padding)
     return F.conv2d(x, w, p.get("bias"), stride, padding, 1, groups)
+
+
+def _out_size(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _tiny_input(hw, kernel, stride, padding):
+    """True when a "same"-padded k×k conv sees an input so small (each side at most padding + 1)
+    that every output reads every input position: the conv is then one dense matrix over the
+    whole image, at most twice the kernel's size (a 3×3 conv on 2×2 or 1×1 inputs: layer4 of a
+    ResNet at 64 px, layer3/4 at 32 px)."""
+    k = kernel[0]
+    if kernel[1] != k or k != 2 * padding + 1 or max(hw) > padding + 1:
+        return False
+    outs = [_out_size(s, k, stride, padding) for s in hw]
+    return outs[0] * outs[1] * hw[0] * hw[1] <= 2 * k * k
+
+
+def _conv_as_matmul(w, bias, x, stride, padding):
+    """The conv of :func:`_tiny_input` as one matmul: output (i, j) reads input (a, b) through
+    tap (a - i·stride + padding, b - j·stride + padding). Same math as F.conv2d; oneDNN's conv
+    kernels, tuned for large images, run several times slower here (above all the backward), and
+    on a 1×1 input only the centre tap is read (exact zero gradients for the others, also under
+    bf16 autocast, where oneDNN's CPU kernel leaves them uninitialised). The output is
+    channels-last."""
+    (n, c, h, wd), o = x.shape, w.shape[0]
+    ho, wo = _out_size(h, w.shape[-2], stride, padding), _out_size(wd, w.shape[-1], stride, padding)
+    taps = w.permute(0, 2, 3, 1)  # (o, kh, kw, c): output (i, j) reads a contiguous window of taps
+    dense = torch.cat([taps[:, padding - i * stride:padding - i * stride + h, padding - j * stride:padding - j * stride + wd]
+                       .reshape(o, h * wd * c) for i in range(ho) for j in range(wo)])
+    y = F.linear(x.permute(0, 2, 3, 1).reshape(n, h * wd * c), dense, None if bias is None else bias.repeat(ho * wo))
+    return y.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
 
 
 def linear(p, x):
