@@ -158,3 +158,19 @@ def test_bookkeeping_saves_the_completed_steps_when_stopped_and_never_a_non_fini
         books.log(2, {"trainable": {}, "x": 2}, lr=0.1)
     books.stopped({"x": 2}, 2)
     assert saves == [(1, 1)]  # the non-finite state is never saved
+
+
+def test_a_non_finite_state_behind_finite_losses_is_caught_before_logging_or_saving(tmp_path, monkeypatch):
+    """The steps flag only their loss and grad norm; the books check the state itself (an inf
+    running variance leaves the train-mode loss finite) before they log, save or stop with a save."""
+    from fpipe.train.divergence import DivergedError
+    books, saves = _books(tmp_path, monkeypatch)
+    finite = {"trainable": {"w": torch.ones(3)}, "model_state": {"bn": {"running_var": torch.ones(2)}}, "x": 1}
+    books.step_done(1, {"loss": torch.tensor(1.0), "nonfinite": torch.tensor(0, dtype=torch.int32)}, 0.0)
+    books.check_finite(1, finite)  # nothing wrong: no error
+    poisoned = {**finite, "model_state": {"bn": {"running_var": torch.tensor([1.0, float("inf")])}}, "x": 2}
+    books.step_done(2, {"loss": torch.tensor(1.0), "nonfinite": torch.tensor(0, dtype=torch.int32)}, 0.0)
+    with pytest.raises(DivergedError, match=r"diverged by step 2: non-finite values in model_state:bn\.running_var"):
+        books.log(2, poisoned, lr=0.1)
+    books.stopped(poisoned, 2)
+    assert saves == []  # the non-finite state is never saved

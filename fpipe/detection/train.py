@@ -222,8 +222,7 @@ def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=
         grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
         trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], lr)
         metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **{k: v.detach() for k, v in losses.items()}}
-        metrics["nonfinite"] = (~divergence.all_finite(trainable, new_model_state, opt_state, loss, grad_norm)
-                                ).to(torch.int32)
+        metrics["nonfinite"] = divergence.step_flag(loss, grad_norm)  # the state: checked by the books
         return {**train_state, "trainable": trainable, "opt_state": opt_state, "model_state": new_model_state}, metrics
 
     if not compiling:

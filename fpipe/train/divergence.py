@@ -1,16 +1,20 @@
 """A diverged run stops with an error before anything non-finite is saved, evaluated or reported.
 
-Each train step computes one flag, "is every value of the new params, norm statistics and
-optimizer state (and the loss and grad norm) finite", inside the compiled graph; the loop adds
-the flags up on the device and looks at them (one host sync) only before it logs, evaluates or
-writes a checkpoint. So no checkpoint ever holds an ``inf`` running variance, and the advice
-"lower the lr and rerun" never resumes a poisoned checkpoint.
+Each train step flags a non-finite loss or grad norm (two scalars it has anyway) inside the
+compiled graph; the loop adds the flags up on the device and, before it logs, evaluates or
+writes a checkpoint, looks at them and checks the state itself (params, norm statistics,
+optimizer state: one pass, one host sync). So no checkpoint ever holds an ``inf`` running
+variance, and the advice "lower the lr and rerun" never resumes a poisoned checkpoint, while a
+step does not pay for reading its whole state again (22% of a ResNet-18 step at 32 px on CPU).
 """
 import math
 
 import torch
 
 from fpipe import tree
+
+
+STATE_PARTS = ("trainable", "model_state", "opt_state")  # what a step changes
 
 
 class DivergedError(FloatingPointError):
@@ -28,10 +32,24 @@ def all_finite(*trees) -> torch.Tensor:
     return torch.isfinite(torch.stack([m if m.dtype == torch.float32 else m.float() for m in peaks])).all()
 
 
+def step_flag(loss, grad_norm, skips_nonfinite=False) -> torch.Tensor:
+    """A step's int32 flag: 1 when its loss or grad norm is NaN/inf; always 0 for a step that
+    skips non-finite updates itself (loss scaling)."""
+    if skips_nonfinite:
+        return torch.zeros_like(loss, dtype=torch.int32)
+    return (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).to(torch.int32)
+
+
+def state_finite(train_state: dict) -> torch.Tensor:
+    """0-d bool: every float of the train state's params that train, norm statistics and optimizer
+    state is finite (frozen params never change)."""
+    return all_finite(*(train_state.get(part) or {} for part in STATE_PARTS))
+
+
 def nonfinite_names(train_state: dict, limit: int = 5) -> list:
     """Dotted names of the leaves holding NaN/inf (for the error message; runs on the host)."""
     bad = []
-    for part in ("trainable", "model_state", "opt_state"):
+    for part in STATE_PARTS:
         for name, t in tree.flatten(train_state.get(part) or {}).items():
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
                 bad.append(f"{part}:{name}")

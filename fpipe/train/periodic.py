@@ -80,9 +80,14 @@ class Bookkeeping:
     def is_time(self, done, every):
         return is_time(done, every, self.total_steps)
 
+    def _nonfinite(self, state):
+        """Steps with a non-finite loss or grad norm, plus 1 if the state holds NaN/inf (on the device)."""
+        return self.nonfinite + (~divergence.state_finite(state)).to(self.nonfinite)
+
     def check_finite(self, done, state):
-        """One host sync: stop before logging/evaluating/saving anything after a non-finite step."""
-        if int(distributed.sum_over_ranks(self.dist, {"n": self.nonfinite})["n"]):
+        """One host sync: stop before logging/evaluating/saving anything after a non-finite step or
+        with a non-finite value in the state."""
+        if int(distributed.sum_over_ranks(self.dist, {"n": self._nonfinite(state)})["n"]):
             divergence.raise_diverged(done, state, self.workdir, self.last_saved)
 
     def log(self, done, state, lr):
@@ -118,7 +123,7 @@ class Bookkeeping:
     def stopped(self, state, signum, training=True):
         """On ``Stopped``: the completed steps' checkpoint unless saved already (never a non-finite
         state); an interrupted step's work is lost."""
-        if training and self.dist.is_main and self.saved_step < self.completed and not int(self.nonfinite):
+        if training and self.dist.is_main and self.saved_step < self.completed and not int(self._nonfinite(state)):
             self.save(self.completed, state)
         logging.warning("Stopped by %s at step %d; a checkpoint is written: re-run the same command to "
                         "continue.", signal.Signals(signum).name, self.completed)

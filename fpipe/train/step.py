@@ -87,10 +87,9 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
             key, value = losses_lib.train_metric(kind, outputs[name], models.labels_for(outputs[name], batch[target]))
             metrics[f"{name}/{key}"] = value
         new_state.update(trainable=trainable, opt_state=opt_state)
-        # One flag for the divergence check (fpipe.train.divergence); with loss scaling a
-        # non-finite step is skipped, so only the state counts.
-        checked = (trainable, new_model_state, opt_state) + (() if scaler is not None else (loss, grad_norm))
-        metrics["nonfinite"] = (~divergence.all_finite(*checked)).to(torch.int32)
+        # The step's flag for the divergence check (fpipe.train.divergence, which also checks the
+        # state before anything is logged or saved); with loss scaling a non-finite step is skipped.
+        metrics["nonfinite"] = divergence.step_flag(loss, grad_norm, skips_nonfinite=scaler is not None)
         return new_state, metrics
 
     return step
