@@ -77,7 +77,7 @@ def _tiny_input(hw, kernel, stride, padding):
 def _conv_as_matmul(w, bias, x, stride, padding):
     """The conv of :func:`_tiny_input` as one matmul: output (i, j) reads input (a, b) through
     tap (a - i·stride + padding, b - j·stride + padding). Same math as F.conv2d; oneDNN's conv
-    kernels, tuned for large images, run several times slower here (above all the backward), and
+    kernels, tuned for large images, take about twice as long here (above all the backward), and
     on a 1×1 input only the centre tap is read (exact zero gradients for the others, also under
     bf16 autocast, where oneDNN's CPU kernel leaves them uninitialised). The output is
     channels-last."""
