@@ -84,8 +84,8 @@ def _conv_as_matmul(w, bias, x, stride, padding):
     (n, c, h, wd), o = x.shape, w.shape[0]
     ho, wo = _out_size(h, w.shape[-2], stride, padding), _out_size(wd, w.shape[-1], stride, padding)
     taps = w.permute(0, 2, 3, 1)  # (o, kh, kw, c): output (i, j) reads a contiguous window of taps
-    dense = torch.cat([taps[:, padding - i * stride:padding - i * stride + h, padding - j * stride:padding - j * stride + wd]
-                       .reshape(o, h * wd * c) for i in range(ho) for j in range(wo)])
+    windows = [(padding - i * stride, padding - j * stride) for i in range(ho) for j in range(wo)]
+    dense = torch.cat([taps[:, r:r + h, q:q + wd].reshape(o, h * wd * c) for r, q in windows])
     y = F.linear(x.permute(0, 2, 3, 1).reshape(n, h * wd * c), dense, None if bias is None else bias.repeat(ho * wo))
     return y.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
 
