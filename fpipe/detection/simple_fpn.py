@@ -65,7 +65,7 @@ def apply(params, state, feature):
         x = feature
         if scale == 4.0:
             x = _deconv(stage["0"], x)
-            x = F.gelu(_layer_norm(stage["1"], x))
+            x = F.gelu(_norm(stage["1"], x))
             x, first = _deconv(stage["3"], x), 4
         elif scale == 2.0:
             x, first = _deconv(stage["0"], x), 1
@@ -73,8 +73,8 @@ def apply(params, state, feature):
             first = 0
         else:
             x, first = F.max_pool2d(x, kernel_size=2, stride=2), 1
-        x = _layer_norm(stage[str(first)]["norm"], layers.conv(stage[str(first)], x))
-        x = _layer_norm(stage[str(first + 1)]["norm"], layers.conv(stage[str(first + 1)], x, padding=1))
+        x = _norm(stage[str(first)]["norm"], layers.conv(stage[str(first)], x))
+        x = _norm(stage[str(first + 1)]["norm"], layers.conv(stage[str(first + 1)], x, padding=1))
         outs.append(x)
     outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2, padding=0))
     return outs, state
@@ -89,9 +89,5 @@ def _deconv(p, x):
     return F.conv_transpose2d(x, p["weight"], p["bias"], stride=2)
 
 
-def _layer_norm(p, x):
-    """detectron2's channels-first LayerNorm: over the channels of each position."""
-    mean = x.mean(1, keepdim=True)
-    var = (x - mean).pow(2).mean(1, keepdim=True)
-    x = (x - mean) / torch.sqrt(var + LN_EPS)
-    return p["weight"][:, None, None] * x + p["bias"][:, None, None]
+def _norm(p, x):
+    return layers.layer_norm_2d(p, x, LN_EPS)  # detectron2's channels-first LayerNorm

@@ -19,6 +19,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from fpipe.models import layers
 from fpipe.models import trunk as trunk_lib
 
 FEATURES = ("stem", "res2", "res3", "res4", "res5", "res5avg", "flatten")
@@ -88,8 +89,7 @@ def init_params(spec: Spec, seed=0):
 
 
 def layer_norm_2d(p, x):
-    """LayerNorm over the channels of N×C×H×W (torchvision's LayerNorm2d)."""
-    return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], p["weight"], p["bias"], EPS).permute(0, 3, 1, 2)
+    return layers.layer_norm_2d(p, x, EPS)
 
 
 def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_norms=frozenset(),

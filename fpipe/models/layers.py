@@ -127,6 +127,12 @@ def _synced_batch_norm(p, s, x, momentum, eps, sync_stats):
     return y.to(x.dtype), new_s
 
 
+def layer_norm_2d(p, x, eps):
+    """LayerNorm over the channels of each position of N×C×H×W (torchvision's LayerNorm2d,
+    detectron2's channels-first LayerNorm)."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], p["weight"], p["bias"], eps).permute(0, 3, 1, 2)
+
+
 def group_norm(p, x, groups, eps=BN_EPS):
     return F.group_norm(x, groups, p["weight"], p["bias"], eps)
 
