@@ -47,12 +47,12 @@ def setup(steps):
     return model, opt, state, [next(batches) for _ in range(steps)], config.optim.lr
 
 
-def run(step, state, batches, lr):
+def run(step, state, batches, hyper):
     """Per-step wall times and the first step's loss."""
     times, losses = [], []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        state, metrics = step(state, batch, torch.tensor(lr), torch.Generator().manual_seed(i))
+        state, metrics = step(state, batch, hyper, torch.Generator().manual_seed(i))
         times.append(time.perf_counter() - t0)
         losses.append(float(metrics["loss"]))
     return times, losses[0]
@@ -66,8 +66,9 @@ def main():
     torch.set_num_threads(args.threads)
     model, opt, state, batches, lr = setup(args.steps)
 
-    eager_times, eager_loss = run(det_train.make_step(model, opt), state, batches, lr)
-    compiled_times, compiled_loss = run(det_train.make_step(model, opt, compiling=True), state, batches, lr)
+    eager_times, eager_loss = run(det_train.make_step(model, opt), state, batches, opt.inputs(lr))
+    compiled_times, compiled_loss = run(det_train.make_step(model, opt, compiling=True), state, batches,
+                                         opt.inputs(lr))
     params = tree.merge(state["trainable"], state["frozen"])
     proposal_times = []
     for i, batch in enumerate(batches):

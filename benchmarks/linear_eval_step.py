@@ -193,7 +193,7 @@ def fpipe_step(model, params, state, batch, *, split=True, compile_head=True, co
         step = step_lib.maybe_compile(step_lib.make_step(model, opt, eval_norms=eval_norms), compile)
     ts = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
     b = dict(batch, image=batch["image"].contiguous(memory_format=torch.channels_last)) if nhwc else batch
-    lr = torch.tensor(LR)
+    lr = opt.inputs(LR)  # as the loop gives them
     box = {"ts": ts}
 
     def run():

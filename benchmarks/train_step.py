@@ -86,7 +86,7 @@ def fpipe_program(s):
                                      s["eval_norms"], distributed.Dist(), compiling=True)
     box = {"ts": fold.channels_last({"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
                                      "opt_state": s["opt"].init(s["trainable"])})}  # as the loop, compiling
-    lr = torch.tensor(s["lr"], dtype=torch.float32)
+    lr = s["opt"].inputs(s["lr"])  # as the loop gives them
 
     def run():
         box["ts"], metrics = step(box["ts"], s["batch"], lr)

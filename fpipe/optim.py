@@ -2,13 +2,16 @@
 
 ``build(cfg, trainable)`` resolves every rule once, to Python floats per dotted name. ``init`` and
 ``update`` are then pure tensor functions: they never modify their inputs, never read a tensor's
-value into Python, and take the lr as a 0-d tensor, so one compiled train step serves a whole
-schedule. Only the trainable tree is given: frozen params own no optimizer state.
+value into Python, and take the lr, weight decay and momentum as 0-d tensors (``opt.inputs(lr)``),
+so one compiled train step serves a whole schedule and a sweep over those values. Whether a
+param decays and whether there is a momentum buffer (a value of 0 or not) stay fixed at build
+time: they decide the update's shape. Only the trainable tree is given: frozen params own no
+optimizer state.
 
     opt = build(config.optim, trainable)
     opt_state = opt.init(trainable)
     grads, grad_norm = clip_and_norm(grads, config.optim)
-    params, opt_state = opt.update(grads, opt_state, params, lr)
+    params, opt_state = opt.update(grads, opt_state, params, opt.inputs(lr))
 """
 import math
 import re
@@ -73,11 +76,12 @@ def clip_and_norm(grads: dict, cfg) -> tuple:
     return grads, norm
 
 
-# One update per leaf. `h`: that leaf's resolved hyper-parameters (Python numbers); `s`: its slots.
+# One update per leaf. `h`: that leaf's hyper-parameters (Python numbers, or 0-d tensors for
+# the step's inputs; `decays` and `has_momentum` are Python flags); `s`: its slots.
 
 def _momentum_step(p, d, s, lr, h):
     """torch.optim.SGD's step for direction d (weight decay already in d): lr outside the buffer."""
-    if not h["momentum"]:
+    if not h["has_momentum"]:
         return p - lr * d, {}
     buf = h["momentum"] * s["momentum"] + d  # the zero-initialised buffer makes step 1 give buf = d.
     d = d + h["momentum"] * buf if h["nesterov"] else buf
@@ -85,7 +89,7 @@ def _momentum_step(p, d, s, lr, h):
 
 
 def _sgd(p, g, s, lr, h, count):
-    d = g + h["wd"] * p if h["wd"] else g
+    d = g + h["wd"] * p if h["decays"] else g
     return _momentum_step(p, d, s, lr, h)
 
 
@@ -95,7 +99,7 @@ def _lars(p, g, s, lr, h, count):
     Excluded params (norms, biases by default) are neither adapted nor decayed by the default rules.
     The lr stays outside the momentum buffer, as with LARC wrapping torch.optim.SGD (VISSL).
     """
-    d = g + h["wd"] * p if h["wd"] else g
+    d = g + h["wd"] * p if h["decays"] else g
     if not h["lars_exclude"]:
         p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
         ok = (p_norm > 0) & (d_norm > 0)
@@ -110,7 +114,7 @@ def _adamw(p, g, s, lr, h, count):
     mu = b1 * s["mu"] + (1 - b1) * g
     nu = b2 * s["nu"] + (1 - b2) * g * g
     bc1, bc2 = _bias_correction(b1, t), _bias_correction(b2, t)
-    if h["wd"]:
+    if h["decays"]:
         p = p * (1 - lr * h["wd"])
     return p - (lr / bc1) * mu / (torch.sqrt(nu) / torch.sqrt(bc2) + h["eps"]), {"mu": mu, "nu": nu}
 
@@ -127,8 +131,8 @@ def _sgd_foreach(ps, gs, ss, lr, h, count):
     """:func:`_sgd` over a list of leaves sharing their hyper-parameters, with ``torch._foreach_*``
     ops (torch.optim.SGD's foreach path): a compiled step traces a few list ops instead of a
     loop of a few ops per leaf, and inductor sees one group of same-shaped pointwise work."""
-    ds = torch._foreach_add(gs, torch._foreach_mul(ps, h["wd"])) if h["wd"] else gs
-    if not h["momentum"]:
+    ds = torch._foreach_add(gs, torch._foreach_mul(ps, h["wd"])) if h["decays"] else gs
+    if not h["has_momentum"]:
         return torch._foreach_sub(ps, torch._foreach_mul(ds, lr)), {}
     bufs = torch._foreach_add(torch._foreach_mul(ss["momentum"], h["momentum"]), ds)
     ds = torch._foreach_add(ds, torch._foreach_mul(bufs, h["momentum"])) if h["nesterov"] else bufs
@@ -214,7 +218,10 @@ class Optimizer:
             lars_exclude, self.reports["lars_exclude"] = _resolve(
                 "lars_exclude", _get(cfg, "lars_exclude"), self.names, False, _flag)
         wd = float(_get(cfg, "weight_decay"))
-        self.hyper = {n: dict(shared, lr_mult=lr_mults[n], wd=wd * wd_mults[n],
+        if not wd >= 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {wd}")
+        self.hyper = {n: dict(shared, lr_mult=lr_mults[n], wd=wd * wd_mults[n], wd_mult=wd_mults[n],
+                              decays=bool(wd * wd_mults[n]), has_momentum=bool(shared["momentum"]),
                               lars_exclude=lars_exclude[n]) for n in self.names}
         self.slots = _slots(self.name, shared["momentum"])
         groups = {}  # leaves with the same resolved hyper-parameters, for the foreach updates
@@ -248,8 +255,19 @@ class Optimizer:
         state.update({slot: map_leaves(torch.zeros_like, params) for slot in self.slots})
         return state
 
-    def update(self, grads: dict, state: dict, params: dict, lr) -> tuple:
-        """Returns ``(new_params, new_state)``; lr is the step's lr (0-d tensor) before lr_mults."""
+    def inputs(self, lr) -> dict:
+        """The step's hyper-parameter inputs, 0-d float32 tensors: ``lr`` (before lr_mults) and the
+        config's weight decay (before wd_mults) and momentum. Given to ``update`` as tensors, they
+        are inputs of a compiled step, not constants in it: another value needs no new compile."""
+        f32 = lambda v: torch.tensor(float(v), dtype=torch.float32)
+        return {"lr": f32(lr), "weight_decay": f32(_get(self.cfg, "weight_decay")),
+                "momentum": f32(_get(self.cfg, "momentum"))}
+
+    def update(self, grads: dict, state: dict, params: dict, inputs) -> tuple:
+        """Returns ``(new_params, new_state)``. inputs: ``self.inputs(lr)``, or the step's lr alone
+        (a 0-d tensor, before lr_mults; weight decay and momentum are then the config's numbers)."""
+        inputs = inputs if isinstance(inputs, dict) else {"lr": inputs}
+        lr = inputs["lr"]
         p, g = self._flat(params, "params"), self._flat(grads, "grads")
         slots = {slot: flatten(state[slot]) for slot in self.slots}
         count = state["count"] + 1
@@ -258,7 +276,7 @@ class Optimizer:
         group_update = _FOREACH.get(self.name)
         if group_update is not None and len({(t.device, t.dtype) for t in p.values()}) <= 1:
             for names in self._groups:
-                h = self.hyper[names[0]]
+                h = _with_inputs(self.hyper[names[0]], inputs)
                 out_p, out_slots = group_update([p[n] for n in names], [g[n] for n in names],
                                                 {k: [v[n] for n in names] for k, v in slots.items()},
                                                 lr * h["lr_mult"], h, count)
@@ -269,7 +287,7 @@ class Optimizer:
             new_slots = {k: {n: v[n] for n in self.names} for k, v in new_slots.items()}
             return unflatten(new_p), {"count": count, **{k: unflatten(v) for k, v in new_slots.items()}}
         for n in self.names:
-            h = self.hyper[n]
+            h = _with_inputs(self.hyper[n], inputs)
             new_p[n], leaf_slots = leaf_update(p[n], g[n], {k: v[n] for k, v in slots.items()},
                                                lr * h["lr_mult"], h, count)
             for slot in self.slots:
@@ -298,6 +316,17 @@ class Optimizer:
                 what = ", ".join(shown) + more if names else "matched nothing"
                 lines.append(f"    {label}: {len(names)} params: {what}")
         return lines
+
+
+def _with_inputs(h, inputs):
+    """A leaf's hyper-parameters with the step's tensor inputs in place of the config's numbers
+    (times its wd_mult). A zero in the config stays a zero: no decay term, no momentum buffer."""
+    h = dict(h)
+    if h["decays"] and "weight_decay" in inputs:
+        h["wd"] = inputs["weight_decay"] if h["wd_mult"] == 1 else inputs["weight_decay"] * h["wd_mult"]
+    if h["has_momentum"] and "momentum" in inputs:
+        h["momentum"] = inputs["momentum"]
+    return h
 
 
 def build(cfg, trainable: dict) -> Optimizer:

@@ -13,7 +13,7 @@ from fpipe.train import compile_cache, distributed, loop
 from fpipe.train import step as step_lib
 
 
-def tiny_step():
+def tiny_step(weight_decay=1e-4):
     """A real fpipe train step (a one-block ViT, frozen: a short compile; a linear head) and its inputs."""
     cfg = ml_collections.ConfigDict(dict(
         trunk=defaults.trunk("vit", patch_size=4, hidden_dim=32, depth=1, heads=4, mlp_dim=64),
@@ -22,11 +22,11 @@ def tiny_step():
     params, state = model.init(0)
     trainable, frozen = freeze.partition(params, ("trunk",))
     opt_cfg = optim.default_config()
-    opt_cfg.momentum = 0.9
+    opt_cfg.momentum, opt_cfg.weight_decay = 0.9, weight_decay
     opt = optim.build(opt_cfg, trainable)
     step = step_lib.make_step(model, opt)
     ts = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
-    return step, ts
+    return step, ts, opt
 
 
 def batch(n=6, seed=1):
@@ -44,8 +44,8 @@ def assert_same(a, b, exact=True):
 
 def test_a_saved_step_loads_in_a_new_compile_state_computes_the_same_and_falls_back_on_other_inputs(
         tmp_path, caplog):
-    step, ts = tiny_step()
-    lr, directory, key = torch.tensor(0.1), str(tmp_path / "cache"), "k" * 64
+    step, ts, opt = tiny_step()
+    lr, directory, key = opt.inputs(0.1), str(tmp_path / "cache"), "k" * 64
     not_called = lambda *a: pytest.fail("the fallback ran")
     first = compile_cache.saved_or_compiled(step, (ts, batch(), lr), directory, key, "train step", not_called)
     assert not first.loaded and len(os.listdir(directory)) == 1
@@ -68,6 +68,13 @@ def test_a_saved_step_loads_in_a_new_compile_state_computes_the_same_and_falls_b
         out, _ = second(ts, batch(4), lr)  # another batch size: not what was compiled
     assert calls == [4] and "does not fit these inputs" in caplog.text
     assert_same(out["trainable"], step(ts, batch(4), lr)[0]["trainable"])
+
+    # Another weight decay (the same key: a tensor input of the step) runs the saved step as it is.
+    other_step, _, other_opt = tiny_step(weight_decay=0.05)
+    out3, _ = second(ts, batch(), other_opt.inputs(0.1))
+    assert calls == [4]
+    assert_same(out3["trainable"], other_step(ts, batch(), torch.tensor(0.1))[0]["trainable"], exact=False)
+    assert not torch.allclose(out3["trainable"]["heads"]["fc"]["weight"], out1["trainable"]["heads"]["fc"]["weight"])
 
 
 def double(x):
@@ -106,11 +113,14 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
             setattr(node, leaf, value)
         return compile_cache.step_key(c, "cpu", "train")
 
-    # The same step: durations, logging, seeds and the base lr (a tensor input of the step).
+    # The same step: durations, logging, seeds, and the base lr, weight decay and momentum (tensor
+    # inputs of the step) while they stay non-zero.
     assert changed(total_steps=5, log_steps=3, seed=7, optim__lr=0.3, schedule__warmup_steps=9) == key
-    # Another step: optimizer constants, the model, the data's shapes, the step's role.
-    for other in (dict(optim__momentum=0.5), dict(optim__weight_decay=0.0), dict(data__image_size=64),
-                  dict(model__trunk__depth=50), dict(precision__dtype="bf16")):
+    assert changed(optim__momentum=0.5, optim__weight_decay=1e-3) == key
+    # Another step: no decay or no momentum buffer, other optimizer constants, the model, the data's
+    # shapes, the step's role.
+    for other in (dict(optim__momentum=0.0), dict(optim__weight_decay=0.0), dict(optim__nesterov=True),
+                  dict(data__image_size=64), dict(model__trunk__depth=50), dict(precision__dtype="bf16")):
         assert changed(**other) != key, other
     assert compile_cache.step_key(base, "cpu", "eval") != key
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)

@@ -50,7 +50,7 @@ def _run_ours(cfg, params, steps=STEPS, seed=1):
     opt = optim.build(cfg, params)
     state, gen = opt.init(params), torch.Generator().manual_seed(seed)
     for step in range(steps):
-        params, state = opt.update(_grads(gen), state, params, torch.tensor(_lr(step)))
+        params, state = opt.update(_grads(gen), state, params, opt.inputs(_lr(step)))
     return flatten(params)
 
 
@@ -230,20 +230,25 @@ def test_frozen_params_get_no_state():
     assert optim.build(_config(momentum=0.0), trainable).init(trainable).keys() == {"count"}
 
 
-def test_compiles_once_for_all_lrs():
+@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+def test_one_compile_serves_every_lr_weight_decay_and_momentum(name):
+    """The lr, weight decay and momentum are inputs of the compiled update (``opt.inputs``): other
+    values need no new compile and give what an optimizer built with them gives."""
     from torch._dynamo.testing import CompileCounter
     params = _params()
-    opt = optim.build(_config(name="adamw", weight_decay=1e-2), params)
     counter = CompileCounter()
-    step = torch.compile(opt.update, backend=counter, fullgraph=True)
-    state, gen = opt.init(params), torch.Generator().manual_seed(1)
-    eager_params, eager_state = params, state
-    for i in range(3):
-        grads, lr = _grads(gen), torch.tensor(_lr(i))
-        params, state = step(grads, state, params, lr)
-        eager_params, eager_state = opt.update(grads, eager_state, eager_params, lr)
+    compiled = torch.compile(optim.build(_config(name=name, weight_decay=1e-2, momentum=0.9), params).update,
+                             backend=counter, fullgraph=True)
+    for wd, momentum in [(1e-2, 0.9), (5e-2, 0.5)]:
+        opt = optim.build(_config(name=name, weight_decay=wd, momentum=momentum), params)
+        ours, eager, gen = (params, opt.init(params)), (params, opt.init(params)), torch.Generator().manual_seed(1)
+        for i in range(3):
+            grads = _grads(gen)
+            ours = compiled(grads, ours[1], ours[0], opt.inputs(_lr(i)))
+            eager = opt.update(grads, eager[1], eager[0], torch.tensor(_lr(i)))  # the config's numbers
+        _assert_close(flatten(ours[0]), flatten(eager[0]))
+        assert not torch.equal(flatten(ours[0])["trunk.conv1.weight"], flatten(params)["trunk.conv1.weight"])
     assert counter.frame_count == 1
-    _assert_close(flatten(params), flatten(eager_params))
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])

@@ -145,7 +145,7 @@ def _run(config, workdir, dist, stop, run_info):
                 generator = torch.Generator(dist.device).manual_seed(  # RPN / RoI sampling, on the model's device
                     rng.seed_for("detection-sample", config.seed, step, dist.rank))
                 new_state, metrics = train_step(train_state, loop.to_device(batch, dist.device),
-                                                torch.tensor(lr, dtype=torch.float32), generator)
+                                                opt.inputs(lr), generator)
             train_state, done = new_state, step + 1
             books.step_done(done, metrics, data_time)
 
@@ -196,7 +196,7 @@ def collate_options(data_cfg, det_cfg, dataset) -> dict:
 
 
 def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=None):
-    """``step(train_state, batch, lr, generator) -> (train_state, metrics)``: fpipe.train.step's
+    """``step(train_state, batch, hyper, generator) -> (train_state, metrics)``: fpipe.train.step's
     update over ``model.losses`` (grad_and_value over the trainable tree; gradient mean across
     ranks; the optimizer's clipping; one non-finite flag), with each loss term as a metric.
 
@@ -214,13 +214,13 @@ def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=
     grad_fn = grad_and_value(loss_fn, has_aux=True)
     clip = getattr(opt, "clip_and_norm", None)
 
-    def update(train_state, batch, lr, given):
+    def update(train_state, batch, hyper, given):
         grads, (loss, (losses, new_model_state)) = grad_fn(
             train_state["trainable"], train_state["frozen"], train_state["model_state"], batch, given)
         if grad_reduce is not None:
             grads = grad_reduce(grads)
         grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
-        trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], lr)
+        trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], hyper)
         metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **{k: v.detach() for k, v in losses.items()}}
         metrics["nonfinite"] = divergence.step_flag(loss, grad_norm)  # the state: checked by the books
         return {**train_state, "trainable": trainable, "opt_state": opt_state, "model_state": new_model_state}, metrics
@@ -229,10 +229,10 @@ def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=
         return update
     compiled = step_lib.maybe_compile(update, True, "detection train step", **(compile_options or {}))
 
-    def step(train_state, batch, lr, generator):
+    def step(train_state, batch, hyper, generator):
         params = tree.merge(train_state["trainable"], train_state["frozen"])
         given = model.train_proposals(params, train_state["model_state"], batch, generator)
-        return compiled(train_state, batch, lr, given)
+        return compiled(train_state, batch, hyper, given)
 
     return step
 

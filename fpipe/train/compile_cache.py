@@ -38,6 +38,9 @@ OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_ep
                     "ckpt_epochs", "ckpt_steps", "keep_ckpts", "best_metric", "best_mode",
                     "compile_min_images", "compile_cache_dir", "collective_timeout_s", "optim.lr",
                     "schedule", "data.seed", "data.root", "data.num_workers", "model.weights")
+# Config numbers that reach the step as tensor inputs too (``optim.Optimizer.inputs``): only
+# whether they are zero shapes the step (a decay term, a momentum buffer), so only that is keyed.
+STEP_INPUTS = ("optim.weight_decay", "optim.momentum")
 
 
 def default_dir() -> str:
@@ -60,7 +63,7 @@ def source_digest() -> str:
 
 def step_key(config, *parts) -> str:
     """The key of a step compiled for ``config`` (less ``OUTSIDE_THE_STEP``) and ``parts``."""
-    flat = {k: v for k, v in tree.flatten(config.to_dict()).items()
+    flat = {k: (f"zero: {not v}" if k in STEP_INPUTS else v) for k, v in tree.flatten(config.to_dict()).items()
             if not any(k == o or k.startswith(o + ".") for o in OUTSIDE_THE_STEP)}
     facts = {"config": flat, "parts": [str(p) for p in parts], "fpipe": source_digest(),
              "torch": torch.__version__, "python": sys.version, "threads": torch.get_num_threads()}

@@ -110,10 +110,10 @@ def heads_only(step):
     """``step`` over a train state without the frozen trunk's tensors: the compiled heads step then
     takes and returns a few head tensors instead of the whole trunk (a much shorter compile, no
     copies); the trunk's params and statistics are put back unchanged."""
-    def run(train_state, batch, lr):
+    def run(train_state, batch, hyper):
         slim = {**train_state, "frozen": without_trunk(train_state["frozen"]),
                 "model_state": without_trunk(train_state["model_state"])}
-        new_state, metrics = step(slim, batch, lr)
+        new_state, metrics = step(slim, batch, hyper)
         for key in ("frozen", "model_state"):
             if "trunk" in train_state[key]:
                 new_state[key] = {**new_state[key], "trunk": train_state[key]["trunk"]}
@@ -122,9 +122,9 @@ def heads_only(step):
 
 
 def on_features(step, features):
-    """``step(train_state, batch, lr)`` with ``batch["image"]`` replaced by ``features(batch["image"])``."""
-    def run(train_state, batch, lr):
-        return step(train_state, {**batch, "image": features(batch["image"])}, lr)
+    """``step(train_state, batch, hyper)`` with ``batch["image"]`` replaced by ``features(batch["image"])``."""
+    def run(train_state, batch, hyper):
+        return step(train_state, {**batch, "image": features(batch["image"])}, hyper)
     return run
 
 

@@ -183,7 +183,7 @@ def _run(config, workdir, dist, stop, run_info):
                 batch = next(batches)
                 data_time = time.perf_counter() - t0
                 lr = base_lr * schedule(step)
-                new_state, metrics = train_step(train_state, prepare(batch), torch.tensor(lr, dtype=torch.float32))
+                new_state, metrics = train_step(train_state, prepare(batch), opt.inputs(lr))
             train_state, done = new_state, step + 1
             books.step_done(done, metrics, data_time)
 

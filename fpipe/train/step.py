@@ -1,4 +1,4 @@
-"""The train step: one pure function of (train state, batch, lr), built with ``torch.func``.
+"""The train step: one pure function of (train state, batch, hyper-parameters), built with ``torch.func``.
 
 ``grad_and_value`` differentiates the loss w.r.t. the trainable tree only; frozen params and
 norm layers are plain inputs, so a frozen trunk builds no autograd graph and keeps no
@@ -31,7 +31,9 @@ def heads_loss(outputs, batch, targets):
 
 def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_stats=None,
               autocast=None, loss_scaling=None, hold=frozenset()) -> Callable:
-    """Returns ``step(train_state, batch, lr) -> (train_state, metrics)``.
+    """Returns ``step(train_state, batch, hyper) -> (train_state, metrics)``; hyper: ``opt.inputs(lr)``
+    (the lr, weight decay and momentum as 0-d tensors: inputs of a compiled step, not constants),
+    or the lr alone.
 
     train_state: ``{"trainable", "frozen", "model_state", "opt_state"}`` trees (plus ``"scaler"``
     with loss scaling). eval_norms: dotted names of norm layers that run on running statistics;
@@ -57,7 +59,7 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
     if clip is None:
         clip = getattr(opt, "clip_and_norm", None)
 
-    def step(train_state, batch, lr):
+    def step(train_state, batch, hyper):
         norms = eval_norms
         if norms is None:  # decided at trace time from the tree structure: no graph cost
             norms = freeze.eval_norms(train_state["model_state"], train_state["frozen"])
@@ -70,7 +72,7 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
         if scaler is not None:
             grads, found_inf = precision.unscale(grads, scaler)
         grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
-        trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], lr)
+        trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], hyper)
         if hold:
             trainable = _keep_held(trainable, train_state["trainable"], hold)
             opt_state = _keep_held(opt_state, train_state["opt_state"], hold)
