@@ -28,6 +28,12 @@ flags.DEFINE_bool("config_only", False, "Print the full config (every key, its v
 flags.DEFINE_bool("verbose", False, "Show tracebacks of errors (also: FPIPE_DEBUG=1).")
 FLAGS = flags.FLAGS
 
+# libgomp (torch's OpenMP on Linux) lets an idle thread spin 300,000 times before it sleeps; on a
+# machine whose other processes keep the cores busy, those spins take the time the work needs
+# (the main job beside two busy processes on 2 cores: 85-213 s, 60-77 s with 20,000; the same on
+# a quiet machine, README "Threads"). Set before torch is imported; the user's own value wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+
 EXIT_FAILED, EXIT_REFUSED, EXIT_DIVERGED = 1, 2, 3
 
 

@@ -1,6 +1,7 @@
 """main.py end to end, as a user runs it: outputs, errors, resume after a kill, the two-step flow."""
 import json
 import math
+import os
 import pathlib
 import signal
 import subprocess
@@ -181,3 +182,15 @@ def test_a_checkpoint_with_the_wrong_frozen_file_is_refused(tmp_path):
     (tmp_path / "a" / "checkpoints" / "frozen.pt").write_bytes((tmp_path / "b" / "checkpoints" / "frozen.pt").read_bytes())
     with pytest.raises(weights.WeightsError, match="checksum differs"):
         weights.read_checkpoint(str(tmp_path / "a" / "checkpoints" / "ckpt_00000002.pt"))
+
+
+@pytest.mark.parametrize("given,expected", [(None, "20000"), ("300000", "300000")])
+def test_openmp_threads_sleep_soon_unless_the_user_says_otherwise(given, expected):
+    """main.py shortens libgomp's spin before an idle thread sleeps (busy machines) before torch
+    loads; a GOMP_SPINCOUNT the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    code = "import sys, main, os; print('torch' in sys.modules, os.environ['GOMP_SPINCOUNT'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", expected], out.stderr
