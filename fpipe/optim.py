@@ -2,8 +2,9 @@
 
 ``build(cfg, trainable)`` resolves every rule once, to Python floats per dotted name. ``init`` and
 ``update`` are then pure tensor functions: they never modify their inputs, never read a tensor's
-value into Python, and take the lr, weight decay and momentum as 0-d tensors (``opt.inputs(lr)``),
-so one compiled train step serves a whole schedule and a sweep over those values. Whether a
+value into Python, and take the lr and the other numbers (weight decay, momentum, AdamW's betas
+and eps, LARS's eta) as 0-d tensors (``opt.inputs(lr)``), so one compiled train step serves a
+whole schedule and a sweep over those values. Whether a
 param decays and whether there is a momentum buffer (a value of 0 or not) stay fixed at build
 time: they decide the update's shape. Only the trainable tree is given: frozen params own no
 optimizer state.
@@ -120,11 +121,15 @@ def _adamw(p, g, s, lr, h, count):
 
 
 def _bias_correction(beta, t):
-    """1 - beta**t, computed as -expm1(t log beta): accurate in float32 even where it is small."""
-    return -torch.expm1(t * math.log(beta)) if beta else torch.ones_like(t)
+    """1 - beta**t for t >= 1, computed as -expm1(t log beta): accurate in float32 even where it is
+    small (log beta in float64); beta may be a tensor input (beta 0: log 0 = -inf gives 1)."""
+    return -torch.expm1(t * torch.log(torch.as_tensor(beta, dtype=torch.float64)))
 
 
 _UPDATES = {"sgd": _sgd, "adamw": _adamw, "lars": _lars}
+# The config numbers each optimizer takes as tensor inputs (``Optimizer.inputs``), besides the lr.
+_INPUTS = {"sgd": ("weight_decay", "momentum"), "lars": ("weight_decay", "momentum", "lars_eta"),
+           "adamw": ("weight_decay", "beta1", "beta2", "eps")}
 
 
 def _sgd_foreach(ps, gs, ss, lr, h, count):
@@ -257,11 +262,15 @@ class Optimizer:
 
     def inputs(self, lr) -> dict:
         """The step's hyper-parameter inputs, 0-d float32 tensors: ``lr`` (before lr_mults) and the
-        config's weight decay (before wd_mults) and momentum. Given to ``update`` as tensors, they
-        are inputs of a compiled step, not constants in it: another value needs no new compile."""
-        f32 = lambda v: torch.tensor(float(v), dtype=torch.float32)
-        return {"lr": f32(lr), "weight_decay": f32(_get(self.cfg, "weight_decay")),
-                "momentum": f32(_get(self.cfg, "momentum"))}
+        config's numbers this optimizer reads (weight decay before wd_mults, momentum, betas, eps,
+        eta). Given to ``update`` as tensors, they are inputs of a compiled step, not constants in
+        it: another value needs no new compile. The betas are float64, as Python numbers are:
+        1 - 0.999 in float32 would be off by 1e-5 of itself."""
+        beta1, beta2 = _get(self.cfg, "betas")
+        numbers = dict(weight_decay=_get(self.cfg, "weight_decay"), momentum=_get(self.cfg, "momentum"),
+                       lars_eta=_get(self.cfg, "lars_eta"), eps=_get(self.cfg, "eps"), beta1=beta1, beta2=beta2)
+        return {k: torch.tensor(float(v), dtype=torch.float64 if k.startswith("beta") else torch.float32)
+                for k, v in [("lr", lr)] + [(k, numbers[k]) for k in _INPUTS[self.name]]}
 
     def update(self, grads: dict, state: dict, params: dict, inputs) -> tuple:
         """Returns ``(new_params, new_state)``. inputs: ``self.inputs(lr)``, or the step's lr alone
@@ -320,12 +329,16 @@ class Optimizer:
 
 def _with_inputs(h, inputs):
     """A leaf's hyper-parameters with the step's tensor inputs in place of the config's numbers
-    (times its wd_mult). A zero in the config stays a zero: no decay term, no momentum buffer."""
+    (the weight decay times its wd_mult). A zero weight decay or momentum in the config stays a
+    zero: no decay term, no momentum buffer."""
     h = dict(h)
     if h["decays"] and "weight_decay" in inputs:
         h["wd"] = inputs["weight_decay"] if h["wd_mult"] == 1 else inputs["weight_decay"] * h["wd_mult"]
     if h["has_momentum"] and "momentum" in inputs:
         h["momentum"] = inputs["momentum"]
+    if "beta1" in inputs:
+        h["betas"] = (inputs["beta1"], inputs["beta2"])
+    h.update({k: inputs[k] for k in ("eps", "lars_eta") if k in inputs})
     return h
 
 

@@ -113,10 +113,11 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
             setattr(node, leaf, value)
         return compile_cache.step_key(c, "cpu", "train")
 
-    # The same step: durations, logging, seeds, and the base lr, weight decay and momentum (tensor
-    # inputs of the step) while they stay non-zero.
+    # The same step: durations, logging, seeds, and the optimizer's numbers (tensor inputs of the
+    # step; the weight decay and momentum while they stay non-zero).
     assert changed(total_steps=5, log_steps=3, seed=7, optim__lr=0.3, schedule__warmup_steps=9) == key
-    assert changed(optim__momentum=0.5, optim__weight_decay=1e-3) == key
+    assert changed(optim__momentum=0.5, optim__weight_decay=1e-3, optim__betas=(0.5, 0.9), optim__eps=1e-3,
+                   optim__lars_eta=0.1) == key
     # Another step: no decay or no momentum buffer, other optimizer constants, the model, the data's
     # shapes, the step's role.
     for other in (dict(optim__momentum=0.0), dict(optim__weight_decay=0.0), dict(optim__nesterov=True),

@@ -231,16 +231,17 @@ def test_frozen_params_get_no_state():
 
 
 @pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
-def test_one_compile_serves_every_lr_weight_decay_and_momentum(name):
-    """The lr, weight decay and momentum are inputs of the compiled update (``opt.inputs``): other
-    values need no new compile and give what an optimizer built with them gives."""
+def test_one_compile_serves_every_value_of_the_hyper_parameters(name):
+    """The lr, weight decay, momentum, betas, eps and LARS eta are inputs of the compiled update
+    (``opt.inputs``): other values need no new compile and give what an optimizer built with them gives."""
     from torch._dynamo.testing import CompileCounter
     params = _params()
     counter = CompileCounter()
-    compiled = torch.compile(optim.build(_config(name=name, weight_decay=1e-2, momentum=0.9), params).update,
-                             backend=counter, fullgraph=True)
-    for wd, momentum in [(1e-2, 0.9), (5e-2, 0.5)]:
-        opt = optim.build(_config(name=name, weight_decay=wd, momentum=momentum), params)
+    first = dict(weight_decay=1e-2, momentum=0.9, betas=(0.9, 0.999), eps=1e-8, lars_eta=1e-3)
+    compiled = torch.compile(optim.build(_config(name=name, **first), params).update, backend=counter,
+                             fullgraph=True)
+    for numbers in [first, dict(weight_decay=5e-2, momentum=0.5, betas=(0.5, 0.9), eps=1e-3, lars_eta=0.2)]:
+        opt = optim.build(_config(name=name, **numbers), params)
         ours, eager, gen = (params, opt.init(params)), (params, opt.init(params)), torch.Generator().manual_seed(1)
         for i in range(3):
             grads = _grads(gen)

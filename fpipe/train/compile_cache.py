@@ -31,15 +31,17 @@ from fpipe import files, tree
 
 CACHE_ENV = "FPIPE_COMPILE_CACHE"  # overrides the default directory; "" turns the cache off
 
-# Config keys that are read outside the step (durations, logging, checkpoints, seeds, the base
-# lr, which reaches the step as a tensor input, and the schedule that makes it): a run that only
-# changes these reuses the saved step. Everything else is part of the key.
+# Config keys that are read outside the step (durations, logging, checkpoints, seeds, the
+# schedule) or reach it as tensor inputs (the base lr, AdamW's betas and eps, LARS's eta:
+# ``optim.Optimizer.inputs``): a run that only changes these reuses the saved step. Everything
+# else is part of the key.
 OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_epochs", "eval_steps",
                     "ckpt_epochs", "ckpt_steps", "keep_ckpts", "best_metric", "best_mode",
                     "compile_min_images", "compile_cache_dir", "collective_timeout_s", "optim.lr",
+                    "optim.betas", "optim.eps", "optim.lars_eta",
                     "schedule", "data.seed", "data.root", "data.num_workers", "model.weights")
-# Config numbers that reach the step as tensor inputs too (``optim.Optimizer.inputs``): only
-# whether they are zero shapes the step (a decay term, a momentum buffer), so only that is keyed.
+# Tensor inputs of the step whose zero-ness shapes it (a decay term, a momentum buffer): only
+# whether they are zero is keyed.
 STEP_INPUTS = ("optim.weight_decay", "optim.momentum")
 
 
