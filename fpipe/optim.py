@@ -4,10 +4,9 @@
 ``update`` are then pure tensor functions: they never modify their inputs, never read a tensor's
 value into Python, and take the lr and the other numbers (weight decay, momentum, AdamW's betas
 and eps, LARS's eta) as 0-d tensors (``opt.inputs(lr)``), so one compiled train step serves a
-whole schedule and a sweep over those values. Whether a
-param decays and whether there is a momentum buffer (a value of 0 or not) stay fixed at build
-time: they decide the update's shape. Only the trainable tree is given: frozen params own no
-optimizer state.
+whole schedule and a sweep over those values. Whether a param decays and whether there is a
+momentum buffer (a value of 0 or not) stay fixed at build time: they decide the update's shape.
+Only the trainable tree is given: frozen params own no optimizer state.
 
     opt = build(config.optim, trainable)
     opt_state = opt.init(trainable)
@@ -217,14 +216,12 @@ class Optimizer:
         shared = dict(momentum=float(_get(cfg, "momentum")), nesterov=bool(_get(cfg, "nesterov")),
                       betas=tuple(map(float, _get(cfg, "betas"))), eps=float(_get(cfg, "eps")),
                       lars_eta=float(_get(cfg, "lars_eta")))
-        self._check(shared)
+        wd = float(_get(cfg, "weight_decay"))
+        self._check(shared, wd)
         lars_exclude = {n: True for n in self.names}
         if self.name == "lars":
             lars_exclude, self.reports["lars_exclude"] = _resolve(
                 "lars_exclude", _get(cfg, "lars_exclude"), self.names, False, _flag)
-        wd = float(_get(cfg, "weight_decay"))
-        if not wd >= 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {wd}")
         self.hyper = {n: dict(shared, lr_mult=lr_mults[n], wd=wd * wd_mults[n], wd_mult=wd_mults[n],
                               decays=bool(wd * wd_mults[n]), has_momentum=bool(shared["momentum"]),
                               lars_exclude=lars_exclude[n]) for n in self.names}
@@ -234,7 +231,9 @@ class Optimizer:
             groups.setdefault(tuple(sorted(self.hyper[n].items())), []).append(n)
         self._groups = list(groups.values())
 
-    def _check(self, h):
+    def _check(self, h, wd):
+        if not wd >= 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {wd}")
         if not 0 <= h["momentum"] < 1:
             raise ValueError(f"optim.momentum must be in [0, 1), got {h['momentum']}")
         if h["nesterov"] and not h["momentum"] and self.name != "adamw":
@@ -274,7 +273,7 @@ class Optimizer:
 
     def update(self, grads: dict, state: dict, params: dict, inputs) -> tuple:
         """Returns ``(new_params, new_state)``. inputs: ``self.inputs(lr)``, or the step's lr alone
-        (a 0-d tensor, before lr_mults; weight decay and momentum are then the config's numbers)."""
+        (a 0-d tensor, before lr_mults; the other numbers are then the config's, as constants)."""
         inputs = inputs if isinstance(inputs, dict) else {"lr": inputs}
         lr = inputs["lr"]
         p, g = self._flat(params, "params"), self._flat(grads, "grads")

@@ -184,6 +184,7 @@ def test_first_rule_wins_and_describe_lists_matches():
     (dict(lr_mults=["heads"]), "(regex, value) pair"),
     (dict(name="lars", lars_exclude=[(".*bias", 0.0)]), "True or False"),
     (dict(momentum=0.0, nesterov=True), "nesterov"),
+    (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
 ])
 def test_config_errors(change, message):
     with pytest.raises(ValueError, match=message.replace("(", "\\(").replace(")", "\\)")):

@@ -32,8 +32,8 @@ def heads_loss(outputs, batch, targets):
 def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_stats=None,
               autocast=None, loss_scaling=None, hold=frozenset()) -> Callable:
     """Returns ``step(train_state, batch, hyper) -> (train_state, metrics)``; hyper: ``opt.inputs(lr)``
-    (the lr, weight decay and momentum as 0-d tensors: inputs of a compiled step, not constants),
-    or the lr alone.
+    (the lr and the optimizer's other numbers as 0-d tensors: inputs of a compiled step, not
+    constants), or the lr alone.
 
     train_state: ``{"trainable", "frozen", "model_state", "opt_state"}`` trees (plus ``"scaler"``
     with loss scaling). eval_norms: dotted names of norm layers that run on running statistics;
