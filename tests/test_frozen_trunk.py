@@ -1,9 +1,13 @@
-"""The fast linear-evaluation path equals the step over the whole model."""
+"""The fast linear-evaluation path equals the step over the whole model; its compiled trunk is kept."""
+import logging
+import os
+
 import pytest
 import torch
 
 from fpipe import freeze, tree
 from fpipe.models import model as model_lib
+from fpipe.train import compile_cache
 from fpipe.train import frozen_trunk as ft_lib
 from fpipe.train import step as step_lib
 from test_fold import _model
@@ -47,3 +51,61 @@ def test_frozen_trunk_refuses_a_training_trunk():
     trainable, frozen = freeze.partition(params, [r"trunk\.conv1\..*"])
     with pytest.raises(ValueError, match="whole trunk frozen"):
         ft_lib.frozen_trunk(model, trainable, frozen, state, freeze.eval_norms(state, frozen), compile=False)
+
+
+def _linear_eval_model(scale_conv1=1.0):
+    heads = dict(res4=model_lib.head_config("res4", "eval_mlp", pool=[2, 2]),
+                 fc=model_lib.head_config("flatten", "linear"))
+    model, params, state = _model(18, heads)
+    params["trunk"]["conv1"]["weight"] = params["trunk"]["conv1"]["weight"] * scale_conv1
+    trainable, frozen = freeze.partition(params, ["trunk"])
+    return model, trainable, frozen, state, freeze.eval_norms(state, frozen)
+
+
+def test_the_compiled_trunk_is_kept_and_a_later_run_loads_it_instead_of_compiling(tmp_path, monkeypatch, caplog):
+    cache, x = (str(tmp_path / "cache"), "the config's key"), torch.randn(4, 3, 32, 32)
+    eager = ft_lib.frozen_trunk(*_linear_eval_model(), compile=False).features(x)
+    first = ft_lib.frozen_trunk(*_linear_eval_model(), cache=cache).features(x)
+    for k in eager:
+        torch.testing.assert_close(first[k], eager[k], rtol=1e-4, atol=1e-5)
+    (saved,) = os.listdir(cache[0])
+    assert saved.startswith("frozen-trunk-") and saved.endswith(".pt2")
+
+    torch._dynamo.reset()  # as a new process, where compiling is not allowed
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("compiled again"))
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: lambda *a: pytest.fail("compiled again"))
+    with caplog.at_level(logging.INFO):
+        second = ft_lib.frozen_trunk(*_linear_eval_model(), cache=cache).features(x)
+    assert "Loaded the compiled frozen trunk" in caplog.text and "frozen trunk loaded and run" in caplog.text
+    for k in first:
+        assert torch.equal(second[k], first[k]), k
+
+
+def test_the_kept_trunk_is_keyed_by_its_weights_and_inputs_never_shared_with_others(monkeypatch):
+    keys = []
+    monkeypatch.setattr(compile_cache, "saved_package",  # record the key; run the trunk eagerly
+                        lambda module, images, directory, key, *a: keys.append(key) or module)
+
+    def key_of(model=_linear_eval_model(), shape=(4, 3, 32, 32), config_key="k"):
+        ft_lib.frozen_trunk(*model, cache=("unused", config_key)).features(torch.zeros(shape))
+        return keys[-1]
+
+    base = key_of()
+    assert key_of() == base and key_of(_linear_eval_model()) == base
+    others = [key_of(_linear_eval_model(scale_conv1=1.001)), key_of(shape=(2, 3, 32, 32)),
+              key_of(shape=(4, 3, 64, 64)), key_of(config_key="another trunk")]
+    assert len({base, *others}) == 5
+
+
+@pytest.mark.parametrize("spoil", ["garbage", "world_writable_dir"])
+def test_an_unreadable_or_unsafe_kept_trunk_is_not_loaded(tmp_path, caplog, spoil):
+    directory = tmp_path / "c"
+    directory.mkdir(mode=0o700)
+    path = directory / "frozen-trunk-k.pt2"
+    path.write_bytes(b"not a package")
+    os.chmod(path, 0o600)
+    if spoil == "world_writable_dir":
+        os.chmod(directory, 0o777)
+    with caplog.at_level(logging.WARNING):
+        assert compile_cache._load_package(str(path), "frozen trunk") is None
+    assert ("Could not load" if spoil == "garbage" else "writable by no one else") in caplog.text

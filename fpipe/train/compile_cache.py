@@ -12,8 +12,13 @@ the step (``OUTSIDE_THE_STEP``), fpipe's own source, the torch and Python versio
 count and the device. Any change there means another file, never a stale graph. A file that fails
 to load, or inputs its guards reject, fall back to a plain ``torch.compile`` (said in the log).
 
-The files are pickles holding code, as inductor's own cache in /tmp is: they are read only from
-a directory that this user owns and no one else may write, and only files this user wrote.
+A frozen trunk is saved another way (:func:`saved_package`): its weights are constants of its
+graph, which the precompile above refuses, so it is exported and compiled with AOTInductor into
+a package holding its kernels and packed weights; its key adds the weights' checksum.
+
+The files are pickles and shared libraries holding code, as inductor's own cache in /tmp is: they
+are read only from a directory that this user owns and no one else may write, and only files this
+user wrote.
 """
 import functools
 import hashlib
@@ -30,6 +35,7 @@ from absl import logging
 from fpipe import files, tree
 
 CACHE_ENV = "FPIPE_COMPILE_CACHE"  # overrides the default directory; "" turns the cache off
+STRICT_COMPILE_ENV = "FPIPE_STRICT_COMPILE"  # "1": a compile failure raises (the tests set it)
 
 # Config keys that are read outside the step (durations, logging, checkpoints, seeds, the
 # schedule) or reach it as tensor inputs (the base lr, AdamW's betas and eps, LARS's eta:
@@ -67,7 +73,13 @@ def step_key(config, *parts) -> str:
     """The key of a step compiled for ``config`` (less ``OUTSIDE_THE_STEP``) and ``parts``."""
     flat = {k: (f"zero: {not v}" if k in STEP_INPUTS else v) for k, v in tree.flatten(config.to_dict()).items()
             if not any(k == o or k.startswith(o + ".") for o in OUTSIDE_THE_STEP)}
-    facts = {"config": flat, "parts": [str(p) for p in parts], "fpipe": source_digest(),
+    return key_of(flat, *parts)
+
+
+def key_of(*parts) -> str:
+    """sha256 over ``parts`` and what every compiled file depends on: fpipe's source, the torch and
+    Python versions, the thread count (inductor's CPU kernels are built for it)."""
+    facts = {"parts": [p if isinstance(p, dict) else str(p) for p in parts], "fpipe": source_digest(),
              "torch": torch.__version__, "python": sys.version, "threads": torch.get_num_threads()}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=repr).encode()).hexdigest()
 
@@ -76,7 +88,7 @@ def saved_or_compiled(fn, args, directory: str, key: str, name: str, fallback):
     """``fn`` compiled for ``args``: loaded from ``directory`` if saved under ``key``, else
     compiled ahead of time and saved there. Calls whose inputs its guards reject go to
     ``fallback`` (a plain ``torch.compile(fn)``)."""
-    path = os.path.join(directory, f"{re.sub(r'[^a-z0-9]+', '-', name.lower())}-{key[:40]}.bin")
+    path = _path(directory, name, key, ".bin")
     compiled = _load(path, fn, args)
     if compiled is None:
         try:
@@ -87,6 +99,67 @@ def saved_or_compiled(fn, args, directory: str, key: str, name: str, fallback):
         _save(compiled, path, directory, name)
     compiled.disable_guard_check()  # checked in Guarded, which then goes to the fallback
     return Guarded(compiled, fallback, name)
+
+
+def saved_package(module, example, directory: str, key: str, name: str, inductor_configs: dict):
+    """``module`` (its tensors constants) compiled ahead of time for inputs shaped as ``example``:
+    loaded from ``directory`` if saved under ``key``, else exported, compiled with AOTInductor and
+    saved there. None when it cannot be exported or compiled (FPIPE_STRICT_COMPILE=1: raises): the
+    caller compiles it as usual.
+
+    A package runs only inputs of ``example``'s shape, dtype and device: ``key`` must cover them
+    and every value of the constants (the loaded package does not check them)."""
+    path = _path(directory, name, key, ".pt2")
+    loaded = _load_package(path, name)
+    if loaded is not None:
+        loaded.fpipe_loaded = True  # not compiled by this run
+        return loaded
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not _private(directory):
+            logging.warning("Not saving the compiled %s: %s must belong to this user and be writable by "
+                            "no one else.", name, directory)
+            return None
+        t0 = time.perf_counter()
+        program = torch.export.export(module, (example,), strict=False)
+        tmp = f"{path[:-len('.pt2')]}.{os.getpid()}.tmp.pt2"  # AOTInductor wants the suffix
+        try:  # written whole under another name, then renamed: a reader never sees half a package
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=inductor_configs)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except Exception as e:  # an unexportable model still runs, compiled for this run only
+        if os.environ.get(STRICT_COMPILE_ENV) == "1":
+            raise
+        logging.warning("The %s cannot be compiled ahead of time (%s: %s); compiling it for this run only.",
+                        name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    logging.info("Compiled the %s ahead of time in %.1f s and saved it to %s (%.1f MB): the next run "
+                 "with these weights loads it.", name, time.perf_counter() - t0, path, os.path.getsize(path) / 1e6)
+    return _load_package(path, name)
+
+
+def _load_package(path, name):
+    if not os.path.exists(path):
+        return None
+    if not (_private(os.path.dirname(path)) and _private(path)):
+        logging.warning("Not loading %s: it and its directory must belong to this user and be writable by "
+                        "no one else.", path)
+        return None
+    t0 = time.perf_counter()
+    try:
+        package = torch._inductor.aoti_load_package(path)
+    except Exception as e:  # another torch, a truncated file: compile anew, and overwrite it
+        logging.warning("Could not load the saved %s %s (%s: %s); compiling it anew.", name, path,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    logging.info("Loaded the compiled %s from %s in %.1f s.", name, path, time.perf_counter() - t0)
+    return package
+
+
+def _path(directory, name, key, suffix):
+    return os.path.join(directory, f"{re.sub(r'[^a-z0-9]+', '-', name.lower())}-{key[:40]}{suffix}")
 
 
 class Guarded:

@@ -14,8 +14,16 @@ import torch
 from absl import logging
 
 from fpipe import tree
+from fpipe.evaluate import fingerprint
 from fpipe.models import fold
 from fpipe.models import model as model_lib
+from fpipe.train import compile_cache
+
+
+# freezing: weights as constants (packed for oneDNN, BatchNorm folded, post-ops fused).
+# conv_1x1_as_mm: a 1×1 conv on channels-last activations is a matmul against a constant weight
+# (ResNet-50 at 64 px: 10-15% faster; benchmarks/linear_eval_step.py).
+INDUCTOR_OPTIONS = {"freezing": True, "conv_1x1_as_mm": True}
 
 
 class FrozenTrunk(NamedTuple):
@@ -23,7 +31,7 @@ class FrozenTrunk(NamedTuple):
     model: Any  # the model with ``apply(params, state, features, ...)``: heads only
 
 
-def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=True, batch_size=None):
+def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=True, batch_size=None, cache=None):
     """Splits a linear-evaluation model into a constant trunk and the heads that train on it.
 
     Returns ``FrozenTrunk(features, model)``: ``features(images)`` computes the trunk features
@@ -34,8 +42,10 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
     ``apply(params, state, features, ...)`` takes that features dict in place of images and runs
     the heads only (``params["trunk"]`` is ignored; the trunk state comes back unchanged).
     ``batch_size``: the trunk always runs on chunks of exactly this many images (the last one
-    padded), so training and evaluation batches of other sizes share one compiled graph. Use
-    it with :func:`on_features`:
+    padded), so training and evaluation batches of other sizes share one compiled graph.
+    ``cache``: ``(directory, key)`` to keep the compiled trunk for the next run (on CPU; key: the
+    config's, see fpipe.train.compile_cache; the weights' checksum and the input shape are added
+    here), or None. Use it with :func:`on_features`:
 
         ft = frozen_trunk(model, trainable, frozen, model_state, eval_norms)
         step = on_features(maybe_compile(make_step(ft.model, opt, eval_norms=eval_norms), ...), ft.features)
@@ -59,7 +69,7 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
     names = tuple(sorted({h.feature for h in model.heads}))
     module = _TrunkConstants(model.trunk.apply, frozen["trunk"], trunk_state, names)
     run = torch.compile(module, dynamic=False, fullgraph=True) if compile else module
-    compiled_for = set()
+    compiled_for = {}  # input shape -> the compiled trunk for it
 
     def features(images):  # a batch, or a tuple of crops (multi-crop): one shape at a time
         return model_lib.over_views(one_shape, images)
@@ -72,23 +82,36 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
     def run_once(images):
         # Inductor reads `freezing` when it compiles (first call, or a new input shape); the
         # `options=` of torch.compile does not reach it (torch 2.13), so patch the config here.
-        # conv_1x1_as_mm: a 1×1 conv on channels-last activations is a matmul against a constant
-        # weight (ResNet-50 at 64 px: 10-15% faster; benchmarks/linear_eval_step.py).
         if not compile:
             with torch.no_grad():
                 return run(images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images)
         from torch._inductor import config as inductor  # lazily: its import takes over a second
-        with torch.no_grad(), inductor.patch(freezing=True, conv_1x1_as_mm=True):
-            if tuple(images.shape) in compiled_for:
-                return run(images)
-            logging.info("compiling the frozen trunk for inputs %s…", tuple(images.shape))
+        with torch.no_grad(), inductor.patch(INDUCTOR_OPTIONS):
+            shape = tuple(images.shape)
+            if shape in compiled_for:
+                return compiled_for[shape](images)
+            logging.info("compiling the frozen trunk for inputs %s…", shape)
             t0 = time.perf_counter()
-            out = run(images)
-            compiled_for.add(tuple(images.shape))
-            logging.info("frozen trunk compiled in %.1f s", time.perf_counter() - t0)
+            fn = compiled_for[shape] = (_saved(module, images, cache) if cache and images.device.type == "cpu"
+                                        else None) or run
+            out = fn(images)
+            how = "loaded and run" if getattr(fn, "fpipe_loaded", False) else "compiled"
+            logging.info("frozen trunk %s in %.1f s", how, time.perf_counter() - t0)
             return out
 
     return FrozenTrunk(features, model._replace(apply=model.apply_heads))
+
+
+def _saved(module, images, cache):
+    """The trunk compiled ahead of time for ``images``' shape and kept under ``cache``'s directory
+    (loaded from there in a later run), or None (compile as usual). Only CPU runs so far: the
+    ahead-of-time package has not been tried on a GPU."""
+    directory, key = cache
+    weights = fingerprint.checksum({k: getattr(module, k) for k in module._names})
+    key = compile_cache.key_of(key, weights, tuple(images.shape), images.dtype, images.device, module._features,
+                               INDUCTOR_OPTIONS)
+    return compile_cache.saved_package(module, images, directory, key, "frozen trunk",
+                                       {**INDUCTOR_OPTIONS, "aot_inductor.compile_wrapper_opt_level": "O0"})
 
 
 def _in_chunks(fn, images, size):

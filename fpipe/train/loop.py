@@ -130,7 +130,7 @@ def _run(config, workdir, dist, stop, run_info):
         step_model, trunk_features = model, None
         if not tree.flatten(trainable.get("trunk", {})) and config.fast_frozen_trunk:
             ft = frozen_trunk.frozen_trunk(model, trainable, frozen, model_state, eval_norms, compile=compiling,
-                                           batch_size=train_loader.local_batch_size)
+                                           batch_size=train_loader.local_batch_size, cache=trunk_cache(config, dist))
             step_model, trunk_features = ft.model, ft.features
             logging.info("The trunk is frozen: it runs as a constant%s; only the heads are differentiated.",
                          " compiled with inductor freezing" if compiling else "")
@@ -295,16 +295,27 @@ def record_load(report, path, workdir, write_report=True) -> dict:
             "source": report.source, "format": report.format}
 
 
-def step_cache(config, dist, *parts):
-    """``(directory, key)`` where a compiled step of this config is kept for the next run
-    (``config.compile_cache_dir``; fpipe.train.compile_cache), or None: off, or several processes
-    (their collectives are not saved: each run compiles)."""
+def cache_dir(config, dist):
+    """Where compiled steps are kept for the next run (``config.compile_cache_dir``;
+    fpipe.train.compile_cache), or None: off, or several processes (their collectives are not
+    saved: each run compiles)."""
     directory = config.get("compile_cache_dir", "")
     if directory == "auto":
         directory = compile_cache.default_dir()
-    if not directory or dist.world_size > 1:
-        return None
-    return directory, compile_cache.step_key(config, str(dist.device), *parts)
+    return directory if directory and dist.world_size == 1 else None
+
+
+def step_cache(config, dist, *parts):
+    """``(directory, key)`` for a compiled step of this config, or None (see :func:`cache_dir`)."""
+    directory = cache_dir(config, dist)
+    return (directory, compile_cache.step_key(config, str(dist.device), *parts)) if directory else None
+
+
+def trunk_cache(config, dist):
+    """``(directory, key)`` for a compiled frozen trunk, or None: its key is the trunk's config
+    (``frozen_trunk`` adds its weights and input shape), so other heads or optimizers share it."""
+    directory = cache_dir(config, dist)
+    return (directory, compile_cache.key_of(config.model.trunk.to_dict(), str(dist.device))) if directory else None
 
 
 def should_compile(config, images_to_train: int) -> bool:

@@ -130,9 +130,6 @@ def _keep_held(new, old, held):
                            for n, v in tree.flatten(new).items()})
 
 
-STRICT_COMPILE_ENV = "FPIPE_STRICT_COMPILE"  # "1": a compile failure raises (the tests set it)
-
-
 def maybe_compile(fn, enabled, name="step", cache=None, **options):
     """``torch.compile(fn, fullgraph=True)`` when enabled, with its first call (the compilation)
     announced and timed in the log. ``cache``: ``(directory, key)`` to load the compiled ``fn``
@@ -158,7 +155,7 @@ def maybe_compile(fn, enabled, name="step", cache=None, **options):
                 use["first"] = False
                 return out
             except Exception as e:  # a compiler error must not kill a run that works eagerly
-                if not _is_compile_error(e) or os.environ.get(STRICT_COMPILE_ENV) == "1":
+                if not _is_compile_error(e) or os.environ.get(compile_cache.STRICT_COMPILE_ENV) == "1":
                     raise
                 logging.error("torch.compile of the %s FAILED (%s: %s); running it EAGERLY (slower). "
                               "Set config.compile=False to skip compilation.", name, type(e).__name__,
