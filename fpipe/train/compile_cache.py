@@ -89,7 +89,7 @@ def saved_or_compiled(fn, args, directory: str, key: str, name: str, fallback):
     compiled ahead of time and saved there. Calls whose inputs its guards reject go to
     ``fallback`` (a plain ``torch.compile(fn)``)."""
     path = _path(directory, name, key, ".bin")
-    compiled = _load(path, fn, args)
+    compiled = _load(path, fn, args, name)
     if compiled is None:
         try:
             compiled = _compile(fn, args)
@@ -132,8 +132,8 @@ def saved_package(module, example, directory: str, key: str, name: str, inductor
     except Exception as e:  # an unexportable model still runs, compiled for this run only
         if os.environ.get(STRICT_COMPILE_ENV) == "1":
             raise
-        logging.warning("The %s cannot be compiled ahead of time (%s: %s); compiling it for this run only.",
-                        name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        logging.warning("The %s cannot be compiled ahead of time (%s); compiling it for this run only.",
+                        name, _error(e))
         return None
     logging.info("Compiled the %s ahead of time in %.1f s and saved it to %s (%.1f MB): the next run "
                  "with these weights loads it.", name, time.perf_counter() - t0, path, os.path.getsize(path) / 1e6)
@@ -141,6 +141,11 @@ def saved_package(module, example, directory: str, key: str, name: str, inductor
 
 
 def _load_package(path, name):
+    return _read_saved(path, name, torch._inductor.aoti_load_package)
+
+
+def _read_saved(path, name, read):
+    """``read(path)`` for a file this user saved, or None: absent, unsafe or unreadable (logged)."""
     if not os.path.exists(path):
         return None
     if not (_private(os.path.dirname(path)) and _private(path)):
@@ -149,13 +154,16 @@ def _load_package(path, name):
         return None
     t0 = time.perf_counter()
     try:
-        package = torch._inductor.aoti_load_package(path)
-    except Exception as e:  # another torch, a truncated file: compile anew, and overwrite it
-        logging.warning("Could not load the saved %s %s (%s: %s); compiling it anew.", name, path,
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        loaded = read(path)
+    except Exception as e:  # another torch or CPU, a truncated file: compile anew, and overwrite it
+        logging.warning("Could not load the saved %s %s (%s); compiling it anew.", name, path, _error(e))
         return None
     logging.info("Loaded the compiled %s from %s in %.1f s.", name, path, time.perf_counter() - t0)
-    return package
+    return loaded
+
+
+def _error(e) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _path(directory, name, key, suffix):
@@ -206,31 +214,22 @@ def _save(compiled, path, directory, name):
         logging.info("Saved the compiled %s to %s (%.1f MB): the next run with this config loads it.",
                      name, path, len(data) / 1e6)
     except Exception as e:  # a step that cannot be saved still runs; only the next start is slower
-        logging.warning("Could not save the compiled %s (%s: %s); the next run compiles it again.", name,
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        logging.warning("Could not save the compiled %s (%s); the next run compiles it again.", name, _error(e))
 
 
-def _load(path, fn, args):
-    if not os.path.exists(path):
-        return None
-    if not (_private(os.path.dirname(path)) and _private(path)):
-        logging.warning("Not loading %s: it and its directory must belong to this user and be writable by "
-                        "no one else.", path)
-        return None
-    t0 = time.perf_counter()
-    try:
+def _load(path, fn, args, name):
+    def read(path):
         with open(path, "rb") as f, torch._guards.tracing(torch._guards.TracingContext(None)):
-            compiled = torch.compiler.load_compiled_function(f, f_globals=fn.__globals__)
-    except Exception as e:  # another torch or CPU, a truncated file: compile anew, and overwrite it
-        logging.warning("Could not load the saved step %s (%s: %s); compiling it anew.", path, type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
+            return torch.compiler.load_compiled_function(f, f_globals=fn.__globals__)
+
+    compiled = _read_saved(path, name, read)
+    if compiled is None:
         return None
     if not compiled.guard_check(*args):
-        logging.warning("The saved step %s does not fit this run's inputs (%s); compiling it anew.", path,
+        logging.warning("The saved %s %s does not fit this run's inputs (%s); compiling it anew.", name, path,
                         _why(compiled, args))
         return None
     compiled._fpipe_loaded = True
-    logging.info("Loaded the compiled step from %s in %.1f s.", path, time.perf_counter() - t0)
     return compiled
 
 
