@@ -26,8 +26,11 @@ Output per case:
                           (what a second run waits: fpipe loads the step it saved,
                           fpipe.train.compile_cache; torch.compile has its inductor/AOTAutograd caches)
   memory: each program alone in a fresh process: the step peak RSS (the process's peak over 5
-          steps after the compiling first call, VmHWM reset), and the process peak (compile included)
-  memory_vs_compiled: Z  fpipe's step peak RSS / the compiled module's (goal <= 1.1)
+          steps after the first call, VmHWM reset), and the process peak (compile included). Twice,
+          each program with compile caches of its own (inductor's, fpipe's saved steps): cold (empty:
+          the first call compiles, and what compiling leaves on the heap counts), then warm (the
+          same caches filled: the first call loads). Both programs always in the same state.
+  memory_vs_compiled (cold|warm): Z  fpipe's step peak RSS / the compiled module's (goal <= 1.1)
 """
 import argparse
 import ctypes
@@ -155,11 +158,17 @@ def child(args):
                       "aot_autograd": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k}}))
 
 
-def in_fresh_process(args, mode, depth, image_size, name, iters):
+def in_fresh_process(args, mode, depth, image_size, name, iters, caches=None):
+    """``child`` in a new process; ``caches``: a directory for its compile caches (inductor's and
+    fpipe's), else the ones this process uses."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--mode", mode, "--depth", str(depth),
            "--image-size", str(image_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
            "--iters", str(iters)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    env = dict(os.environ)
+    if caches:
+        env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+                   FPIPE_COMPILE_CACHE=os.path.join(caches, "fpipe"))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"{name} in a fresh process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -195,14 +204,18 @@ def bench(args, mode, depth, image_size):
             print(f"  {n} caches: inductor {r['inductor']} aot_autograd {r['aot_autograd']}")
         sys.stdout.flush()
     if not args.no_memory:
-        mem = {n: in_fresh_process(args, mode, depth, image_size, n, 5) for n in progs}
-        for n, r in mem.items():
-            print(f"memory {n:10s} step peak RSS {r['peak_mib']:8.1f} MiB   process peak (compile included) "
-                  f"{r['process_peak_mib']:8.1f} MiB   ({r['setup_mib']:.1f} MiB after setup)")
-        if "fpipe" in mem and "compiled" in mem:
-            print(f"memory_vs_compiled: {mem['fpipe']['peak_mib'] / mem['compiled']['peak_mib']:.3f}  (goal <= 1.1)")
-        if "fpipe" in mem and "eager" in mem:
-            print(f"memory_vs_eager: {mem['fpipe']['peak_mib'] / mem['eager']['peak_mib']:.3f}")
+        caches = {n: tempfile.mkdtemp(prefix=f"fpipe-bench-{n}-caches-") for n in progs}
+        for state in ("cold", "warm"):
+            mem = {n: in_fresh_process(args, mode, depth, image_size, n, 5, caches[n]) for n in progs}
+            for n, r in mem.items():
+                print(f"memory ({state}) {n:10s} step peak RSS {r['peak_mib']:8.1f} MiB   process peak (compile "
+                      f"included) {r['process_peak_mib']:8.1f} MiB   first call {r['first_call_s']:.1f} s")
+            if "fpipe" in mem and "compiled" in mem:
+                print(f"memory_vs_compiled ({state}): {mem['fpipe']['peak_mib'] / mem['compiled']['peak_mib']:.3f}"
+                      "  (goal <= 1.1)")
+            if "fpipe" in mem and "eager" in mem:
+                print(f"memory_vs_eager ({state}): {mem['fpipe']['peak_mib'] / mem['eager']['peak_mib']:.3f}")
+            sys.stdout.flush()
     sys.stdout.flush()
 
 
