@@ -90,7 +90,8 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
             shape = tuple(images.shape)
             if shape in compiled_for:
                 return compiled_for[shape](images)
-            logging.info("compiling the frozen trunk for inputs %s…", shape)
+            logging.info("compiling the frozen trunk for inputs %s%s…", shape,
+                         " (or loading it, if an earlier run kept it)" if cache else "")
             t0 = time.perf_counter()
             fn = compiled_for[shape] = (_saved(module, images, cache) if cache and images.device.type == "cpu"
                                         else None) or run
