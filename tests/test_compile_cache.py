@@ -142,3 +142,18 @@ def test_the_loop_keeps_steps_of_single_process_runs_where_the_config_says(monke
     monkeypatch.setenv(compile_cache.CACHE_ENV, "")
     c.compile_cache_dir = "auto"
     assert loop.step_cache(c, distributed.Dist(), "train") is None
+
+
+def test_the_loop_keys_a_kept_frozen_trunk_by_the_trunk_alone(monkeypatch, tmp_path):
+    import configs.linear_eval
+    monkeypatch.setenv(compile_cache.CACHE_ENV, str(tmp_path))
+    c = configs.linear_eval.get_config()
+    directory, key = loop.trunk_cache(c, distributed.Dist())
+    assert directory == str(tmp_path)
+    c.optim.name, c.optim.lr, c.model.heads.res4.pool = "adamw", 1e-3, (1, 1)  # other heads and optimizer
+    assert loop.trunk_cache(c, distributed.Dist())[1] == key
+    c.model.trunk.name = "resnet50"
+    assert loop.trunk_cache(c, distributed.Dist())[1] != key
+    assert loop.trunk_cache(c, distributed.Dist(world_size=2)) is None
+    c.compile_cache_dir = ""
+    assert loop.trunk_cache(c, distributed.Dist()) is None
