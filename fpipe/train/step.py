@@ -77,7 +77,7 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
             trainable = _keep_held(trainable, train_state["trainable"], hold)
             opt_state = _keep_held(opt_state, train_state["opt_state"], hold)
         metrics = {"loss": loss.detach(), "grad_norm": grad_norm}
-        new_state = {**train_state, "model_state": new_model_state}
+        new_state = {**train_state, "model_state": _like_input(train_state["model_state"], new_model_state)}
         if scaler is not None:  # a non-finite step keeps params and optimizer state, as GradScaler
             trainable = precision.where_finite(found_inf, trainable, train_state["trainable"])
             opt_state = precision.where_finite(found_inf, opt_state, train_state["opt_state"])
@@ -95,6 +95,16 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
         return new_state, metrics
 
     return step
+
+
+def _like_input(model_state, new_model_state):
+    """The new model state in the nested dicts of the one given (a stateless head's empty dict
+    added or dropped by ``apply`` would change the structure, and a compiled step's guards on it
+    would then fail on the next call: a second compile). A state leaf the input lacks is an error."""
+    extra = set(tree.flatten(new_model_state)) - set(tree.flatten(model_state))
+    if extra:
+        raise ValueError(f"the model returned state the step was not given: {sorted(extra)[:5]}")
+    return tree.shaped_like(model_state, new_model_state)
 
 
 def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
