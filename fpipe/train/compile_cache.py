@@ -118,10 +118,7 @@ def saved_package(module, example, directory: str, key: str, name: str, inductor
         loaded.fpipe_loaded = True  # not compiled by this run
         return loaded
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not _private(directory):
-            logging.warning("Not saving the compiled %s: %s must belong to this user and be writable by "
-                            "no one else.", name, directory)
+        if not _private_dir(directory, name):
             return None
         t0 = time.perf_counter()
         program = torch.export.export(module, (example,), strict=False)
@@ -149,11 +146,13 @@ def remove_least_recent_packages(directory, keep, max_bytes=PACKAGES_MAX_BYTES):
     ``keep``): a sweep over many checkpoints does not fill the disk."""
     packages = []
     for path in pathlib.Path(directory).glob("*.pt2"):
+        if path.name.endswith(".tmp.pt2"):  # another run's package being written
+            continue
         try:
-            if not path.name.endswith(".tmp.pt2"):  # another run's package being written
-                packages.append((path.stat().st_mtime, path.stat().st_size, path))
+            st = path.stat()
         except FileNotFoundError:  # removed meanwhile by another run
-            pass
+            continue
+        packages.append((st.st_mtime, st.st_size, path))
     total = 0
     for _, size, path in sorted(packages, reverse=True):
         total += size
@@ -230,10 +229,7 @@ def _savable_guards(entries):
 
 def _save(compiled, path, directory, name):
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not _private(directory):
-            logging.warning("Not saving the compiled %s: %s must belong to this user and be writable by "
-                            "no one else.", name, directory)
+        if not _private_dir(directory, name):
             return
         data = type(compiled).serialize(compiled).serialized_data
         files.atomic_write(path, lambda f: f.write(data))
@@ -257,6 +253,17 @@ def _load(path, fn, args, name):
         return None
     compiled._fpipe_loaded = True
     return compiled
+
+
+def _private_dir(directory, name) -> bool:
+    """Creates ``directory`` (this user's alone) if needed; False, said in the log, if another user
+    owns it or others may write to it: nothing compiled is saved there."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if _private(directory):
+        return True
+    logging.warning("Not saving the compiled %s: %s must belong to this user and be writable by no one else.",
+                    name, directory)
+    return False
 
 
 def _private(path) -> bool:
