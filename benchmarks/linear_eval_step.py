@@ -188,7 +188,8 @@ def fpipe_step(model, params, state, batch, *, split=True, compile_head=True, co
     opt, opt_name = make_optimizer(trainable)
     if split:  # kept for the next run as the loop keeps them (loop.trunk_cache, loop.step_cache)
         directory = compile_cache.default_dir()
-        key = compile_cache.key_of("benchmarks/linear_eval_step.py", tuple(batch["image"].shape), opt_name)
+        shapes = [(n, tuple(v.shape)) for n, v in tree.flatten(params).items()]  # which model: R18, R50, a ViT
+        key = compile_cache.key_of("benchmarks/linear_eval_step.py", shapes, tuple(batch["image"].shape), opt_name)
         ft = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=compile,
                                  batch_size=batch["image"].shape[0], cache=(directory, key) if directory else None)
         step = step_lib.maybe_compile(step_lib.make_step(ft.model, opt, eval_norms=eval_norms), compile_head,
