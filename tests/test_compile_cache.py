@@ -48,7 +48,7 @@ def test_a_saved_step_loads_in_a_new_compile_state_computes_the_same_and_falls_b
     lr, directory, key = opt.inputs(0.1), str(tmp_path / "cache"), "k" * 64
     not_called = lambda *a: pytest.fail("the fallback ran")
     first = compile_cache.saved_or_compiled(step, (ts, batch(), lr), directory, key, "train step", not_called)
-    assert not first.loaded and len(os.listdir(directory)) == 1
+    assert not compile_cache.was_loaded(first) and len(os.listdir(directory)) == 1
     assert os.stat(directory).st_mode & 0o777 == 0o700
     out1, m1 = first(ts, batch(), lr)
 
@@ -56,7 +56,7 @@ def test_a_saved_step_loads_in_a_new_compile_state_computes_the_same_and_falls_b
     calls = []
     fallback = lambda *a: calls.append(a[1]["image"].shape[0]) or step(*a)
     second = compile_cache.saved_or_compiled(step, (ts, batch(), lr), directory, key, "train step", fallback)
-    assert second.loaded
+    assert compile_cache.was_loaded(second)
     out2, m2 = second(ts, batch(), lr)
     assert_same(out2, out1)
     assert torch.equal(m2["loss"], m1["loss"]) and calls == []
@@ -94,7 +94,7 @@ def test_an_unreadable_or_unsafe_file_is_not_loaded(tmp_path, caplog, spoil):
     torch._dynamo.reset()
     with caplog.at_level(logging.WARNING):
         again = compile_cache.saved_or_compiled(double, (x,), directory, key, "toy", None)
-    assert not again.loaded
+    assert not compile_cache.was_loaded(again)
     assert ("Could not load" if spoil == "garbage" else "writable by no one else") in caplog.text
     assert torch.equal(again(x), double(x))
 

@@ -115,7 +115,7 @@ def saved_package(module, example, directory: str, key: str, name: str, inductor
     path = _path(directory, name, key, ".pt2")
     loaded = _load_package(path, name)
     if loaded is not None:
-        loaded.fpipe_loaded = True  # not compiled by this run
+        loaded.fpipe_loaded = True
         return loaded
     try:
         if not _private_dir(directory, name):
@@ -187,6 +187,11 @@ def _read_saved(path, name, read):
     return loaded
 
 
+def was_loaded(fn) -> bool:
+    """True for a step or package read from the cache (not compiled by this run): the log says so."""
+    return getattr(fn, "fpipe_loaded", False)
+
+
 def _error(e) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
@@ -200,7 +205,7 @@ class Guarded:
 
     def __init__(self, compiled, fallback, name):
         self.compiled, self.fallback, self.name, self.warned = compiled, fallback, name, False
-        self.loaded = getattr(compiled, "_fpipe_loaded", False)
+        self.fpipe_loaded = was_loaded(compiled)
 
     def __call__(self, *args):
         if self.compiled.guard_check(*args):
@@ -251,7 +256,7 @@ def _load(path, fn, args, name):
         logging.warning("The saved %s %s does not fit this run's inputs (%s); compiling it anew.", name, path,
                         _why(compiled, args))
         return None
-    compiled._fpipe_loaded = True
+    compiled.fpipe_loaded = True
     return compiled
 
 

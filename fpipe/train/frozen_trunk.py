@@ -96,7 +96,7 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
             fn = compiled_for[shape] = (_saved(module, images, cache) if cache and images.device.type == "cpu"
                                         else None) or run
             out = fn(images)
-            how = "loaded and run" if getattr(fn, "fpipe_loaded", False) else "compiled"
+            how = "loaded and run" if compile_cache.was_loaded(fn) else "compiled"
             logging.info("frozen trunk %s in %.1f s", how, time.perf_counter() - t0)
             return out
 

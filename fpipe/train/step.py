@@ -160,7 +160,7 @@ def maybe_compile(fn, enabled, name="step", cache=None, **options):
                 if cache is not None and not options:
                     use["fn"] = compile_cache.saved_or_compiled(fn, args, *cache, name, fallback=compiled)
                 out = use["fn"](*args)
-                logging.info("%s %s in %.1f s", name, "loaded and run" if getattr(use["fn"], "loaded", False)
+                logging.info("%s %s in %.1f s", name, "loaded and run" if compile_cache.was_loaded(use["fn"])
                              else "compiled", time.perf_counter() - t0)
                 use["first"] = False
                 return out
