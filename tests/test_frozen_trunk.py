@@ -7,7 +7,7 @@ import torch
 
 from fpipe import freeze, tree
 from fpipe.models import model as model_lib
-from fpipe.train import compile_cache
+from fpipe.train import compile_cache, precision
 from fpipe.train import frozen_trunk as ft_lib
 from fpipe.train import step as step_lib
 from test_fold import _model
@@ -44,6 +44,23 @@ def test_frozen_trunk_step_equals_whole_step(compile):
     for n, v in tree.flatten(new_ts["model_state"]).items():  # the heads' BN trains; trunk state unchanged
         torch.testing.assert_close(v, tree.flatten(ref_ts["model_state"])[n], rtol=1e-4, atol=1e-5)
     assert new_ts["frozen"] is frozen
+
+
+def test_the_frozen_trunk_runs_under_the_runs_mixed_precision():
+    """With ``autocast`` (config.precision bf16), the constant trunk computes what the whole model's
+    trunk computes under autocast: bf16 features, not float32 ones (the trunk is most of the work)."""
+    model, trainable, frozen, state, eval_norms = _linear_eval_model()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with precision.autocast(torch.bfloat16, "cpu"), torch.no_grad():
+        want, _ = model.trunk.apply(tree.merge(trainable, frozen)["trunk"], state["trunk"], x, train=False,
+                                    features=("flatten", "res4"))
+    fp32 = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=False).features(x)
+    bf16 = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=False,
+                               autocast=torch.bfloat16).features(x)
+    for k in ("flatten", "res4"):
+        assert bf16[k].dtype == want[k].dtype == torch.bfloat16 and fp32[k].dtype == torch.float32
+        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+        assert rel(bf16[k], want[k]) < 2e-2, k  # ~1%: the norms are folded into the weights before the cast
 
 
 def test_frozen_trunk_refuses_a_training_trunk():

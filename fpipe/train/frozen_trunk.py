@@ -17,7 +17,7 @@ from fpipe import tree
 from fpipe.evaluate import fingerprint
 from fpipe.models import fold
 from fpipe.models import model as model_lib
-from fpipe.train import compile_cache
+from fpipe.train import compile_cache, precision
 
 
 # freezing: weights as constants (packed for oneDNN, BatchNorm folded, post-ops fused).
@@ -31,7 +31,8 @@ class FrozenTrunk(NamedTuple):
     model: Any  # the model with ``apply(params, state, features, ...)``: heads only
 
 
-def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=True, batch_size=None, cache=None):
+def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=True, batch_size=None, cache=None,
+                 autocast=None):
     """Splits a linear-evaluation model into a constant trunk and the heads that train on it.
 
     Returns ``FrozenTrunk(features, model)``: ``features(images)`` computes the trunk features
@@ -45,7 +46,9 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
     padded), so training and evaluation batches of other sizes share one compiled graph.
     ``cache``: ``(directory, key)`` to keep the compiled trunk for the next run (on CPU; key: the
     config's, see fpipe.train.compile_cache; the weights' checksum and the input shape are added
-    here), or None. Use it with :func:`on_features`:
+    here), or None. ``autocast``: the run's mixed-precision dtype (``precision.autocast_dtype``), under
+    which the trunk runs as it would inside the whole model's step (None: float32). Use it with
+    :func:`on_features`:
 
         ft = frozen_trunk(model, trainable, frozen, model_state, eval_norms)
         step = on_features(maybe_compile(make_step(ft.model, opt, eval_norms=eval_norms), ...), ft.features)
@@ -67,7 +70,7 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
         # (the main job: 700 vs 560 images/s, 28.7 vs 33.8 s, the same accuracies)
         frozen = fold.channels_last(frozen)
     names = tuple(sorted({h.feature for h in model.heads}))
-    module = _TrunkConstants(model.trunk.apply, frozen["trunk"], trunk_state, names)
+    module = _TrunkConstants(model.trunk.apply, frozen["trunk"], trunk_state, names, autocast)
     run = torch.compile(module, dynamic=False, fullgraph=True) if compile else module
     compiled_for = {}  # input shape -> the compiled trunk for it
 
@@ -110,7 +113,7 @@ def _saved(module, images, cache):
     directory, key = cache
     weights = fingerprint.checksum({k: getattr(module, k) for k in module._names})
     key = compile_cache.key_of(key, weights, tuple(images.shape), images.dtype, images.device, module._features,
-                               INDUCTOR_OPTIONS)
+                               module._autocast, INDUCTOR_OPTIONS)
     return compile_cache.saved_package(module, images, directory, key, "frozen trunk",
                                        {**INDUCTOR_OPTIONS, "aot_inductor.compile_wrapper_opt_level": "O0"})
 
@@ -153,11 +156,12 @@ def on_features(step, features):
 
 
 class _TrunkConstants(torch.nn.Module):
-    """The trunk's pure apply over params and state held as buffers: constants to the compiler."""
+    """The trunk's pure apply over params and state held as buffers: constants to the compiler;
+    under autocast to ``autocast`` (a dtype, or None: float32)."""
 
-    def __init__(self, apply, params, state, features):
+    def __init__(self, apply, params, state, features, autocast=None):
         super().__init__()
-        self._apply, self._features, self._names = apply, tuple(features), {}
+        self._apply, self._features, self._autocast, self._names = apply, tuple(features), autocast, {}
         for prefix, t in (("p", params), ("s", state)):
             for name, leaf in tree.flatten(t).items():
                 key = f"{prefix}__{name.replace('.', '__')}"
@@ -168,6 +172,7 @@ class _TrunkConstants(torch.nn.Module):
         flat = {"p": {}, "s": {}}
         for key, (prefix, name) in self._names.items():
             flat[prefix][name] = getattr(self, key)
-        feats, _ = self._apply(tree.unflatten(flat["p"]), tree.unflatten(flat["s"]), images, train=False,
-                               features=self._features)
+        with precision.autocast(self._autocast, images.device.type):
+            feats, _ = self._apply(tree.unflatten(flat["p"]), tree.unflatten(flat["s"]), images, train=False,
+                                   features=self._features)
         return feats

@@ -130,7 +130,8 @@ def _run(config, workdir, dist, stop, run_info):
         step_model, trunk_features = model, None
         if not tree.flatten(trainable.get("trunk", {})) and config.fast_frozen_trunk:
             ft = frozen_trunk.frozen_trunk(model, trainable, frozen, model_state, eval_norms, compile=compiling,
-                                           batch_size=train_loader.local_batch_size, cache=trunk_cache(config, dist))
+                                           batch_size=train_loader.local_batch_size, cache=trunk_cache(config, dist),
+                                           autocast=autocast)
             step_model, trunk_features = ft.model, ft.features
             logging.info("The trunk is frozen: it runs as a constant%s; only the heads are differentiated.",
                          " compiled with inductor freezing" if compiling else "")
