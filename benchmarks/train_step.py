@@ -97,8 +97,9 @@ def fpipe_program(s):
     return run
 
 
-def torch_optimizer(net, s):
-    """torch.optim.SGD(foreach=True) with fpipe's resolved per-name rules as param groups."""
+def torch_optimizer(net, s, **impl):
+    """torch.optim.SGD(foreach=True, or ``impl``: fused=True on a GPU) with fpipe's resolved per-name
+    rules as param groups."""
     cfg, groups = s["config"].optim, {}
     named = dict(net.named_parameters())
     for name, h in s["opt"].hyper.items():
@@ -107,7 +108,7 @@ def torch_optimizer(net, s):
         groups.setdefault(key, []).append(named.pop(local))
     assert not named, f"params without a group: {list(named)[:5]}"
     return torch.optim.SGD([{"params": ps, "lr": s["lr"] * m, "weight_decay": wd} for (m, wd), ps in groups.items()],
-                           lr=s["lr"], momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
+                           lr=s["lr"], momentum=cfg.momentum, nesterov=cfg.nesterov, **(impl or {"foreach": True}))
 
 
 def module_program(s, compiled):

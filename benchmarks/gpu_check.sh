@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU path in one go, on a CUDA machine: the CUDA tests, then benchmarks/gpu_step.py's training
+# and linear-evaluation figures. Each part has a time limit and writes its log to $OUT (default
+# /tmp/gpu_check) as it runs, so a part cut short still leaves what it printed.
+#
+#   bash benchmarks/gpu_check.sh                    # env tests train linear_eval
+#   bash benchmarks/gpu_check.sh env train          # some parts only
+#
+# Wheels in .whl/ (packages the machine lacks: ml-collections, tensorboardX) are installed first,
+# without an index. A 2-process NCCL run needs two GPUs (NCCL refuses two ranks on one device);
+# tests/test_distributed.py covers the same reductions over gloo on CPU.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" FPIPE_COMPILE_CACHE=""
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fpipe-site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/fpipe-site"
+fi
+
+part() {  # part NAME SECONDS COMMAND...: runs COMMAND with a limit, output to the screen and $OUT/NAME.txt
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
+}
+
+for p in "${@:-env tests train linear_eval}"; do
+  for q in $p; do
+    case $q in
+      env) part env 60 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'" ;;
+      tests) part tests 200 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_data_cuda.py ;;
+      train) part train 270 $PY benchmarks/gpu_step.py --parts train ;;
+      linear_eval) part linear_eval 150 $PY benchmarks/gpu_step.py --parts linear_eval ;;
+      *) echo "unknown part $q; valid: env tests train linear_eval"; exit 2 ;;
+    esac
+  done
+done

@@ -1,0 +1,241 @@
+"""The GPU figures: ResNet training and frozen-trunk linear evaluation on CUDA, bf16, channels-last.
+
+    PYTHONPATH=. python benchmarks/gpu_step.py                      # on a CUDA machine: R50, 224 px, batch 256
+    PYTHONPATH=. python benchmarks/gpu_step.py --device cpu --depth 18 --image-size 32 --batch-size 8 \\
+        --steps 2 --rounds 2 --warmup 1                             # a dry run of the same code on CPU
+
+One process; the programs alternate round by round, each round ``--steps`` calls timed between two
+device synchronisations (a step is asynchronous: timing single calls would time the launch).
+
+  train (configs/supervised.py's optimizer, everything trains; images as the loader gives them):
+    fpipe             the loop's step (``loop.build_train_step``, compiled, autocast, channels-last state)
+    fpipe_cudagraphs  the same step compiled with ``mode="reduce-overhead"`` (CUDA graphs), its
+                      hyper-parameters on the device (CUDA only)
+    eager             the torchvision-style nn.Module, channels-last weights and images, autocast,
+                      ``torch.optim.SGD(fused=True)`` with fpipe's param groups
+    compiled          ``torch.compile`` of that module, the same optimizer
+  linear_eval (trunk frozen, one linear head, SGD momentum):
+    fpipe             ``frozen_trunk`` (a compiled constant, under autocast) + the heads' compiled step
+    eager, compiled   the nn.Module with the trunk frozen (eval mode, ``requires_grad=False``)
+
+Prints images/s per program, ``ratio_vs_eager`` / ``ratio_vs_compiled`` (goals on a GPU: >= 1.2 vs
+eager for training), the first call (compile) of each, the step's peak device memory above what was
+resident before it, and, on CUDA, whether fpipe's steps synchronise with the host
+(``torch.cuda.set_sync_debug_mode("error")``; the goal is none).
+"""
+import argparse
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import linear_eval_step as le
+from benchmarks import train_step as ts
+from fpipe import freeze
+from fpipe.models import fold
+from fpipe.train import distributed, frozen_trunk, precision
+from fpipe.train import loop as loop_lib
+from fpipe.train import step as step_lib
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- training
+def train_programs(args, device, dtype):
+    s = ts.setup("supervised", args.depth, args.image_size, args.batch_size)
+    batch = loop_lib.to_device(s["batch"], device)
+    state0 = {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
+              "opt_state": s["opt"].init(s["trainable"])}
+
+    def fpipe(cudagraphs=False):
+        if cudagraphs:
+            step = step_lib.maybe_compile(
+                step_lib.make_step(s["model"], s["opt"], eval_norms=s["eval_norms"], autocast=dtype), True,
+                "train step (CUDA graphs)", mode="reduce-overhead")
+            hyper = loop_lib.to_device(s["opt"].inputs(s["lr"]), device)
+        else:
+            step = loop_lib.build_train_step(s["config"], s["model"], s["opt"], s["trainable"], s["state"],
+                                             s["eval_norms"], distributed.Dist(device=device), compiling=True,
+                                             autocast=dtype)
+            hyper = s["opt"].inputs(s["lr"])  # as the loop gives them
+        box = {"ts": fold.channels_last(loop_lib.to_device(state0, device))}
+
+        def run():
+            box["ts"], metrics = step(box["ts"], batch, hyper)
+            return metrics["loss"]
+        return run
+
+    def module(compiled):
+        net = le.torch_module(args.depth, s["params"], s["state"]).to(device, memory_format=torch.channels_last)
+        opt = ts.torch_optimizer(net.train(), s, **({"fused": True} if device.type == "cuda" else {}))
+        fwd = torch.compile(net) if compiled else net
+        x = batch["image"].contiguous(memory_format=torch.channels_last)
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            with precision.autocast(dtype, device.type):
+                loss = F.cross_entropy(fwd(x), batch["label"])
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return run
+
+    progs = {"fpipe": fpipe, "eager": lambda: module(False), "compiled": lambda: module(True)}
+    if device.type == "cuda" and not args.no_cudagraphs:
+        progs["fpipe_cudagraphs"] = lambda: fpipe(cudagraphs=True)
+    return progs
+
+
+# ---------------------------------------------------------------- linear evaluation
+def linear_eval_programs(args, device, dtype):
+    model, params, state, batch = le.build(args.depth, args.image_size, args.batch_size)
+    params, state, batch = (loop_lib.to_device(t, device) for t in (params, state, batch))
+
+    def fpipe():
+        trainable, frozen = freeze.partition(params, ["trunk"])
+        eval_norms = freeze.eval_norms(state, frozen)
+        opt, _ = le.make_optimizer(trainable)
+        ft = frozen_trunk.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=True,
+                                       batch_size=args.batch_size, autocast=dtype)
+        step = step_lib.maybe_compile(step_lib.make_step(ft.model, opt, eval_norms=eval_norms, autocast=dtype),
+                                      True, "heads' step")
+        step = frozen_trunk.on_features(frozen_trunk.heads_only(step), ft.features)
+        box = {"ts": {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}}
+        hyper = opt.inputs(le.LR)
+
+        def run():
+            box["ts"], metrics = step(box["ts"], batch, hyper)
+            return metrics["loss"]
+        return run
+
+    def module(compiled):
+        net = le.torch_module(args.depth, params, state).to(device, memory_format=torch.channels_last)
+        for p in net.parameters():
+            p.requires_grad_(net.fc.weight is p or net.fc.bias is p)
+        net.train()
+        for m in (net.conv1, net.bn1, net.layer1, net.layer2, net.layer3, net.layer4):
+            m.eval()
+        opt = torch.optim.SGD(net.fc.parameters(), lr=le.LR, momentum=le.MOMENTUM)
+        fwd = torch.compile(net) if compiled else net
+        x = batch["image"].contiguous(memory_format=torch.channels_last)
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            with precision.autocast(dtype, device.type):
+                loss = F.cross_entropy(fwd(x), batch["label"])
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return run
+
+    return {"fpipe": fpipe, "eager": lambda: module(False), "compiled": lambda: module(True)}
+
+
+# ---------------------------------------------------------------- measuring
+def measure(makers, args, device):
+    """Builds and warms each program (a failure is reported, the others go on), then times them
+    in alternating rounds; returns per-program dicts."""
+    out, runs = {}, {}
+    for name, make in makers.items():
+        try:
+            run = make()
+            sync(device)
+            t = time.perf_counter()
+            loss = float(run())
+            sync(device)
+            first = time.perf_counter() - t
+            for _ in range(args.warmup):
+                run()
+            sync(device)
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            run()
+            sync(device)
+            peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else float("nan")
+            runs[name], out[name] = run, {"first_call_s": first, "first_loss": loss, "step_peak_mib": peak / 2**20}
+            print(f"{name}: first call {first:.1f} s, loss {loss:.4f}", flush=True)  # kept if a time limit cuts the run
+        except Exception as e:  # one program failing (a CUDA-graph step, say) must not hide the others
+            print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            traceback.print_exc(limit=4)
+    times = {n: [] for n in runs}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                run()
+            sync(device)
+            times[name].append((time.perf_counter() - t) / args.steps)
+    for name in runs:
+        out[name]["step_ms"] = statistics.median(times[name]) * 1e3
+        out[name]["images_per_s"] = args.batch_size / statistics.median(times[name])
+    return out, runs
+
+
+def host_syncs(run, device):
+    """None if ``run`` (warm) never synchronises with the host, else the error naming the first."""
+    if device.type != "cuda":
+        return "not checked (CPU)"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            run()
+        return None
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def report(part, res, runs, args, device):
+    print(f"== {part}: ResNet-{args.depth}, {args.image_size} px, batch {args.batch_size}, {args.dtype}, "
+          f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch "
+          f"{torch.__version__}; median of {args.rounds} rounds of {args.steps} steps")
+    for n, r in res.items():
+        if "step_ms" in r:
+            print(f"{n:17s} {r['step_ms']:9.2f} ms  {r['images_per_s']:9.1f} images/s   first call "
+                  f"{r['first_call_s']:6.1f} s   first loss {r['first_loss']:.4f}   step peak "
+                  f"{r['step_peak_mib']:8.1f} MiB")
+    for n in [n for n in res if n.startswith("fpipe") and "step_ms" in res[n]]:
+        for base in ("eager", "compiled"):
+            if "step_ms" in res.get(base, {}):
+                print(f"{n} ratio_vs_{base}: {res[base]['step_ms'] / res[n]['step_ms']:.3f}")
+        print(f"{n} host syncs in the step: {host_syncs(runs[n], device) or 'none'}")
+    sys.stdout.flush()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--parts", nargs="+", default=["train", "linear_eval"], choices=["train", "linear_eval"])
+    ap.add_argument("--depth", type=int, default=50, choices=sorted(le.ARCH))
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--dtype", default="bf16", help="config.precision.dtype: bf16, fp32")
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-cudagraphs", action="store_true", help="skip the CUDA-graph variant of fpipe's step")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = precision.autocast_dtype(args.dtype, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    for part in args.parts:
+        makers = (train_programs if part == "train" else linear_eval_programs)(args, device, dtype)
+        res, runs = measure(makers, args, device)
+        report(part, res, runs, args, device)
+        del runs
+        torch._dynamo.reset()
+
+
+if __name__ == "__main__":
+    main()
