@@ -1,4 +1,5 @@
 """Tests for fpipe.data.loader: rank sharding, exact evaluation, resume, determinism."""
+import ml_collections
 import pytest
 import torch
 
@@ -229,3 +230,19 @@ def test_batch_memory_is_reused_only_once_nothing_holds_it(num_workers):
     assert len(pointers) < loader.steps_per_epoch  # dropped batches' memory came back
     assert torch.equal(torch.cat([b["image"] for b in batches(loader)]),
                        torch.cat([b["image"].clone() for b in loader.epoch(0)]))
+
+
+def test_the_loop_asks_for_batches_on_the_gpu_except_multi_crop():
+    """On a CUDA device the loop's loaders copy batches ahead to it; multi-crop batches (views)
+    stay on the host (the loader refuses them on the device). Nothing touches CUDA here."""
+    from fpipe.train import distributed, loop
+    split = data.TensorSplit(torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.arange(8) % 2)
+    config = ml_collections.ConfigDict({"data": data.default_config()})
+    config.data.update(batch_size=4, image_size=8)
+    gpu, cpu = distributed.Dist(device=torch.device("cuda")), distributed.Dist()
+    assert loop.make_loader(split, config, gpu, train=True).device == torch.device("cuda")
+    assert loop.make_loader(split, config, gpu, train=False).device == torch.device("cuda")
+    assert loop.make_loader(split, config, cpu, train=True).device is None
+    config.data.views = ((2, "random_resized_crop(8)|normalize"),)
+    assert loop.make_loader(split, config, gpu, train=True).device is None
+    assert loop.make_loader(split, config, gpu, train=False).device == torch.device("cuda")
