@@ -92,6 +92,29 @@ def test_fingerprint_checksum_sees_every_weight_and_buffer():
     assert fp["model.trunk.name"] == "resnet18" and "model.trunk.depth" not in fp and fp["data.image_size"] == 32 and "data.batch_size" not in fp
     state["trunk"]["bn1"]["running_mean"] += 1
     assert fingerprint.of(cfg, params, state)["trunk_sha256"] != fp["trunk_sha256"]
+    assert "precision.dtype" not in fp  # float32: the fingerprints of earlier feature files still hold
+    cfg.precision.dtype = "bfloat16"
+    assert fingerprint.of(cfg, params, state)["precision.dtype"] == "bfloat16"
+
+
+def test_extraction_runs_the_model_under_the_configs_autocast_and_keeps_float32():
+    """config.precision reaches feature extraction (bf16 on a GPU: the trunk at bf16 speed); the
+    features are stored as float32 either way."""
+    from fpipe import data
+    split = data.TensorSplit(torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8), torch.arange(6) % 2)
+    c = data.default_config()
+    c.update(dict(batch_size=4, eval_batch_size=4, image_size=8))
+    loader, seen = data.Loader(split, c, train=False), []
+
+    def features_fn(p, s, images, names):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return {"x": images.flatten(1) @ torch.linspace(-1, 1, 192 * 3).reshape(192, 3)}
+
+    amp = extract.extract(features_fn, {}, {}, loader, ("x",), lambda b: b, torch.bfloat16)["features"]["x"]
+    fp32 = extract.extract(features_fn, {}, {}, loader, ("x",), lambda b: b)["features"]["x"]
+    assert seen == [torch.bfloat16] * 2 + [None] * 2
+    assert amp.dtype == fp32.dtype == torch.float32 and not torch.equal(amp, fp32)
+    torch.testing.assert_close(amp, fp32, rtol=2e-2, atol=0.5)
 
 
 def test_extraction_with_head_outputs_matches_the_models_own_forward(tmp_path):

@@ -29,6 +29,7 @@ def run_config(protocols) -> ml_collections.ConfigDict:
         features=("res3", "res4", "flatten"),
         dtype="float32",       # float32 | float16 (half the disk; protocols compute in float32)
         heads=False))          # also store heads.<name>: each head's outputs
+    c.precision = defaults.precision()  # dtype bf16 (or fp16 on CUDA): the trunk runs under autocast
     c.eval = default_config()
     c.eval.protocols = tuple(protocols)
     c.collective_timeout_s = 600.0  # a collective waiting longer (a stuck rank) stops the run

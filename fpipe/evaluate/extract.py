@@ -25,6 +25,7 @@ from absl import logging
 
 from fpipe import data
 from fpipe.evaluate import fingerprint, store
+from fpipe.train import precision
 
 SPLITS = ("train", "test")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -37,14 +38,16 @@ def path_of(directory, split, rank=None, world_size=1):
     return os.path.join(directory, "features", name + ".safetensors")
 
 
-def extract(features_fn, params, model_state, loader, names, prepare):
-    """``{"features": {name: N×...}, "labels", "indices"}`` over the loader's samples (one rank's)."""
+def extract(features_fn, params, model_state, loader, names, prepare, autocast=None):
+    """``{"features": {name: N×...}, "labels", "indices"}`` over the loader's samples (one rank's);
+    the model runs under autocast to ``autocast`` (config.precision; None: float32), the features
+    are kept as float32."""
     chunks, labels, indices = {n: [] for n in names}, [], []
     start, total = time.perf_counter(), len(loader)
     for i, batch in enumerate(loader.epoch(0)):
         batch = prepare(batch)
         keep = batch["mask"].bool() if "mask" in batch else torch.ones_like(batch["label"], dtype=torch.bool)
-        with torch.inference_mode():
+        with torch.inference_mode(), precision.autocast(autocast, batch["label"].device.type):
             feats = features_fn(params, model_state, batch["image"], names)
         for n in names:
             chunks[n].append(feats[n][keep].float().cpu())
@@ -90,7 +93,8 @@ def run(config, workdir, model, params, model_state, dataset, dist, prepare):
             logging.info("Features of %s already in %s: not recomputed.", split, path_of(workdir, split))
             continue
         loader = data.Loader(splits[split], one_view, train=False, rank=dist.rank, world_size=dist.world_size)
-        payload = extract(features_fn, params, model_state, loader, wanted, prepare)
+        payload = extract(features_fn, params, model_state, loader, wanted, prepare,
+                          precision.autocast_dtype(config.get("precision"), dist.device))
         write(workdir, split, payload, dist, fp, dtype)
     return fp
 

@@ -13,6 +13,7 @@ import torch
 
 from fpipe import tree
 from fpipe.data import config as data_config
+from fpipe.train import precision
 
 # data keys that do not change the features of the evaluation transforms
 _DATA_IGNORED = ("batch_size", "eval_batch_size", "num_workers", "train_transforms", "seed",
@@ -28,6 +29,9 @@ def of(config, params, model_state) -> dict:
     for key in data_config.default_config():
         if key not in _DATA_IGNORED or (key == "seed" and data_config.get(data, "name") == "synthetic"):
             fp[f"data.{key}"] = data_config.get(data, key)
+    autocast = precision.DTYPES.get(precision.dtype_name(config.get("precision")))
+    if autocast is not None:  # features computed under autocast are not float32 ones (float32: no key,
+        fp["precision.dtype"] = str(autocast).removeprefix("torch.")  # as before config.precision counted)
     fp["trunk_sha256"] = checksum({**tree.flatten(params.get("trunk", {})),
                                    **tree.flatten(model_state.get("trunk", {}))})
     return json.loads(json.dumps(fp))  # tuples -> lists, as read back from a file

@@ -34,10 +34,15 @@ def _get(cfg, key):
     return cfg[key] if cfg is not None and key in cfg else _DEFAULTS[key]
 
 
+def dtype_name(cfg_or_name) -> str:
+    """The dtype string of ``config.precision`` (or that string itself; None: "float32")."""
+    name = cfg_or_name if isinstance(cfg_or_name, str) or cfg_or_name is None else _get(cfg_or_name, "dtype")
+    return name or "float32"
+
+
 def autocast_dtype(cfg_or_name, device) -> Optional[torch.dtype]:
     """The autocast dtype (None: float32) for ``config.precision`` (or its ``dtype`` string)."""
-    name = cfg_or_name if isinstance(cfg_or_name, str) or cfg_or_name is None else _get(cfg_or_name, "dtype")
-    name = name or "float32"
+    name = dtype_name(cfg_or_name)
     if name not in DTYPES:
         raise ValueError(f"unknown precision {name!r}; valid: {', '.join(DTYPES)}")
     dtype = DTYPES[name]
@@ -47,8 +52,7 @@ def autocast_dtype(cfg_or_name, device) -> Optional[torch.dtype]:
 
 
 def needs_scaler(cfg_or_name) -> bool:
-    name = cfg_or_name if isinstance(cfg_or_name, str) or cfg_or_name is None else _get(cfg_or_name, "dtype")
-    return DTYPES.get(name or "float32") == torch.float16
+    return DTYPES.get(dtype_name(cfg_or_name)) == torch.float16
 
 
 def autocast(dtype: Optional[torch.dtype], device_type: str):
