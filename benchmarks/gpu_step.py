@@ -46,7 +46,32 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-# ---------------------------------------------------------------- training
+# ---------------------------------------------------------------- the programs
+def fpipe_run(step, train_state, batch, hyper):
+    """``run()``: one step of fpipe's ``step`` from the state the last one gave back; its loss."""
+    box = {"ts": train_state}
+
+    def run():
+        box["ts"], metrics = step(box["ts"], batch, hyper)
+        return metrics["loss"]
+    return run
+
+
+def module_run(net, opt, batch, dtype, compiled):
+    """``run()``: the nn.Module step a user writes: channels-last images, autocast, backward, opt.step."""
+    fwd = torch.compile(net) if compiled else net
+    x = batch["image"].contiguous(memory_format=torch.channels_last)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with precision.autocast(dtype, x.device.type):
+            loss = F.cross_entropy(fwd(x), batch["label"])
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    return run
+
+
 def train_programs(args, device, dtype):
     s = ts.setup("supervised", args.depth, args.image_size, args.batch_size)
     batch = loop_lib.to_device(s["batch"], device)
@@ -64,27 +89,12 @@ def train_programs(args, device, dtype):
                                              s["eval_norms"], distributed.Dist(device=device), compiling=True,
                                              autocast=dtype)
             hyper = s["opt"].inputs(s["lr"])  # as the loop gives them
-        box = {"ts": fold.channels_last(loop_lib.to_device(state0, device))}
-
-        def run():
-            box["ts"], metrics = step(box["ts"], batch, hyper)
-            return metrics["loss"]
-        return run
+        return fpipe_run(step, fold.channels_last(loop_lib.to_device(state0, device)), batch, hyper)
 
     def module(compiled):
         net = le.torch_module(args.depth, s["params"], s["state"]).to(device, memory_format=torch.channels_last)
         opt = ts.torch_optimizer(net.train(), s, **({"fused": True} if device.type == "cuda" else {}))
-        fwd = torch.compile(net) if compiled else net
-        x = batch["image"].contiguous(memory_format=torch.channels_last)
-
-        def run():
-            opt.zero_grad(set_to_none=True)
-            with precision.autocast(dtype, device.type):
-                loss = F.cross_entropy(fwd(x), batch["label"])
-            loss.backward()
-            opt.step()
-            return loss.detach()
-        return run
+        return module_run(net, opt, batch, dtype, compiled)
 
     progs = {"fpipe": fpipe, "eager": lambda: module(False), "compiled": lambda: module(True)}
     if device.type == "cuda" and not args.no_cudagraphs:
@@ -106,13 +116,8 @@ def linear_eval_programs(args, device, dtype):
         step = step_lib.maybe_compile(step_lib.make_step(ft.model, opt, eval_norms=eval_norms, autocast=dtype),
                                       True, "heads' step")
         step = frozen_trunk.on_features(frozen_trunk.heads_only(step), ft.features)
-        box = {"ts": {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}}
-        hyper = opt.inputs(le.LR)
-
-        def run():
-            box["ts"], metrics = step(box["ts"], batch, hyper)
-            return metrics["loss"]
-        return run
+        train_state = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
+        return fpipe_run(step, train_state, batch, opt.inputs(le.LR))
 
     def module(compiled):
         net = le.torch_module(args.depth, params, state).to(device, memory_format=torch.channels_last)
@@ -122,17 +127,7 @@ def linear_eval_programs(args, device, dtype):
         for m in (net.conv1, net.bn1, net.layer1, net.layer2, net.layer3, net.layer4):
             m.eval()
         opt = torch.optim.SGD(net.fc.parameters(), lr=le.LR, momentum=le.MOMENTUM)
-        fwd = torch.compile(net) if compiled else net
-        x = batch["image"].contiguous(memory_format=torch.channels_last)
-
-        def run():
-            opt.zero_grad(set_to_none=True)
-            with precision.autocast(dtype, device.type):
-                loss = F.cross_entropy(fwd(x), batch["label"])
-            loss.backward()
-            opt.step()
-            return loss.detach()
-        return run
+        return module_run(net, opt, batch, dtype, compiled)
 
     return {"fpipe": fpipe, "eager": lambda: module(False), "compiled": lambda: module(True)}
 
