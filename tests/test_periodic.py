@@ -59,9 +59,10 @@ def test_layer_freeze_holds_layers_then_trains_them(tmp_path):
 
 
 def test_layer_freeze_does_not_freeze_again_after_resume(tmp_path):
-    main(tmp_path / "straight", "--config.total_steps=6", *FREEZE, config="configs/supervised.py")
-    main(tmp_path / "resumed", "--config.total_steps=4", *FREEZE, config="configs/supervised.py")
-    main(tmp_path / "resumed", "--config.total_steps=6", "--allow_change=total_steps", *FREEZE,
+    every_2 = (*FREEZE, "--config.ckpt_steps=2")  # the resume point (4) and the end: fewer files to write
+    main(tmp_path / "straight", "--config.total_steps=6", *every_2, config="configs/supervised.py")
+    main(tmp_path / "resumed", "--config.total_steps=4", *every_2, config="configs/supervised.py")
+    main(tmp_path / "resumed", "--config.total_steps=6", "--allow_change=total_steps", *every_2,
          config="configs/supervised.py")
     a, b = ckpt(tmp_path / "straight", 6), ckpt(tmp_path / "resumed", 6)
     for name, t in a["params"].items():
