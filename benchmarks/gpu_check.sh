@@ -7,7 +7,10 @@
 #   bash benchmarks/gpu_check.sh env train          # some parts only
 #
 # Wheels in .whl/ (packages the machine lacks: ml-collections, tensorboardX) are installed first,
-# without an index. A 2-process NCCL run needs two GPUs (NCCL refuses two ranks on one device);
+# without an index; fetch them where pip works (.whl/ is git-ignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform any -d .whl ml-collections tensorboardX
+# A 2-process NCCL run needs two GPUs (NCCL refuses two ranks on one device);
 # tests/test_distributed.py covers the same reductions over gloo on CPU.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
