@@ -25,7 +25,9 @@ resident before it, and, on CUDA, whether fpipe's steps synchronise with the hos
 """
 import argparse
 import statistics
+import os
 import sys
+import tempfile
 import time
 import traceback
 
@@ -34,9 +36,8 @@ import torch.nn.functional as F
 
 from benchmarks import linear_eval_step as le
 from benchmarks import train_step as ts
-from fpipe import freeze
 from fpipe.models import fold
-from fpipe.train import distributed, frozen_trunk, precision
+from fpipe.train import compile_cache, precision
 from fpipe.train import loop as loop_lib
 from fpipe.train import step as step_lib
 
@@ -47,16 +48,6 @@ def sync(device):
 
 
 # ---------------------------------------------------------------- the programs
-def fpipe_run(step, train_state, batch, hyper):
-    """``run()``: one step of fpipe's ``step`` from the state the last one gave back; its loss."""
-    box = {"ts": train_state}
-
-    def run():
-        box["ts"], metrics = step(box["ts"], batch, hyper)
-        return metrics["loss"]
-    return run
-
-
 def module_run(net, opt, batch, dtype, compiled):
     """``run()``: the nn.Module step a user writes: channels-last images, autocast, backward, opt.step."""
     fwd = torch.compile(net) if compiled else net
@@ -72,33 +63,35 @@ def module_run(net, opt, batch, dtype, compiled):
     return run
 
 
+# ---------------------------------------------------------------- training
 def train_programs(args, device, dtype):
     s = ts.setup("supervised", args.depth, args.image_size, args.batch_size)
-    batch = loop_lib.to_device(s["batch"], device)
-    state0 = {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
-              "opt_state": s["opt"].init(s["trainable"])}
+    s["batch"] = batch = loop_lib.to_device(s["batch"], device)
 
-    def fpipe(cudagraphs=False):
-        if cudagraphs:
-            step = step_lib.maybe_compile(
-                step_lib.make_step(s["model"], s["opt"], eval_norms=s["eval_norms"], autocast=dtype), True,
-                "train step (CUDA graphs)", mode="reduce-overhead")
-            hyper = loop_lib.to_device(s["opt"].inputs(s["lr"]), device)
-        else:
-            step = loop_lib.build_train_step(s["config"], s["model"], s["opt"], s["trainable"], s["state"],
-                                             s["eval_norms"], distributed.Dist(device=device), compiling=True,
-                                             autocast=dtype)
-            hyper = s["opt"].inputs(s["lr"])  # as the loop gives them
-        return fpipe_run(step, fold.channels_last(loop_lib.to_device(state0, device)), batch, hyper)
+    def fpipe_cudagraphs():
+        """fpipe's step under ``mode="reduce-overhead"``, its hyper-parameters on the device."""
+        step = step_lib.maybe_compile(
+            step_lib.make_step(s["model"], s["opt"], eval_norms=s["eval_norms"], autocast=dtype), True,
+            "train step (CUDA graphs)", mode="reduce-overhead")
+        hyper = loop_lib.to_device(s["opt"].inputs(s["lr"]), device)
+        box = {"ts": fold.channels_last(loop_lib.to_device(
+            {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
+             "opt_state": s["opt"].init(s["trainable"])}, device))}
+
+        def run():
+            box["ts"], metrics = step(box["ts"], batch, hyper)
+            return metrics["loss"]
+        return run
 
     def module(compiled):
         net = le.torch_module(args.depth, s["params"], s["state"]).to(device, memory_format=torch.channels_last)
         opt = ts.torch_optimizer(net.train(), s, **({"fused": True} if device.type == "cuda" else {}))
         return module_run(net, opt, batch, dtype, compiled)
 
-    progs = {"fpipe": fpipe, "eager": lambda: module(False), "compiled": lambda: module(True)}
+    progs = {"fpipe": lambda: ts.fpipe_program(s, dtype, device), "eager": lambda: module(False),
+             "compiled": lambda: module(True)}
     if device.type == "cuda" and not args.no_cudagraphs:
-        progs["fpipe_cudagraphs"] = lambda: fpipe(cudagraphs=True)
+        progs["fpipe_cudagraphs"] = fpipe_cudagraphs
     return progs
 
 
@@ -106,18 +99,6 @@ def train_programs(args, device, dtype):
 def linear_eval_programs(args, device, dtype):
     model, params, state, batch = le.build(args.depth, args.image_size, args.batch_size)
     params, state, batch = (loop_lib.to_device(t, device) for t in (params, state, batch))
-
-    def fpipe():
-        trainable, frozen = freeze.partition(params, ["trunk"])
-        eval_norms = freeze.eval_norms(state, frozen)
-        opt, _ = le.make_optimizer(trainable)
-        ft = frozen_trunk.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=True,
-                                       batch_size=args.batch_size, autocast=dtype)
-        step = step_lib.maybe_compile(step_lib.make_step(ft.model, opt, eval_norms=eval_norms, autocast=dtype),
-                                      True, "heads' step")
-        step = frozen_trunk.on_features(frozen_trunk.heads_only(step), ft.features)
-        train_state = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
-        return fpipe_run(step, train_state, batch, opt.inputs(le.LR))
 
     def module(compiled):
         net = le.torch_module(args.depth, params, state).to(device, memory_format=torch.channels_last)
@@ -129,7 +110,8 @@ def linear_eval_programs(args, device, dtype):
         opt = torch.optim.SGD(net.fc.parameters(), lr=le.LR, momentum=le.MOMENTUM)
         return module_run(net, opt, batch, dtype, compiled)
 
-    return {"fpipe": fpipe, "eager": lambda: module(False), "compiled": lambda: module(True)}
+    return {"fpipe": lambda: le.fpipe_step(model, params, state, batch, autocast=dtype)[0],
+            "eager": lambda: module(False), "compiled": lambda: module(True)}
 
 
 # ---------------------------------------------------------------- measuring
@@ -219,6 +201,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-cudagraphs", action="store_true", help="skip the CUDA-graph variant of fpipe's step")
     args = ap.parse_args(argv)
+    # fpipe's compiled steps kept in a directory of this benchmark's own, as the other benchmarks.
+    os.environ.setdefault(compile_cache.CACHE_ENV, tempfile.mkdtemp(prefix="fpipe-bench-cache-"))
     device = torch.device(args.device)
     dtype = precision.autocast_dtype(args.dtype, device)
     if device.type == "cuda":

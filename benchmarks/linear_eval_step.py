@@ -174,14 +174,15 @@ def make_optimizer(trainable):
 
 
 def fpipe_step(model, params, state, batch, *, split=True, compile_head=True, compile=True,
-               fold_norms=True, nhwc=False):
+               fold_norms=True, nhwc=False, autocast=None):
     """``(run, train_state_box, optimizer_name)``: ``run()`` does one step on the batch.
 
     split (the default, what the loop builds, fpipe.train.loop): ``frozen_trunk.frozen_trunk`` (the
     frozen trunk as a compiled constant under no_grad) then the heads' step over the heads' tensors
     only (``heads_only``), compiled unless ``compile_head=False``; images as the loader gives them
     (NCHW) unless ``nhwc``. Otherwise the whole step over the whole model (frozen norms folded and
-    channels_last weights if asked), compiled if ``compile``.
+    channels_last weights if asked), compiled if ``compile``. ``autocast``: a mixed-precision dtype
+    (None: float32), as config.precision gives the loop.
     """
     trainable, frozen = freeze.partition(params, ["trunk"])
     eval_norms = freeze.eval_norms(state, frozen)
@@ -189,18 +190,20 @@ def fpipe_step(model, params, state, batch, *, split=True, compile_head=True, co
     if split:  # kept for the next run as the loop keeps them (loop.trunk_cache, loop.step_cache)
         directory = compile_cache.default_dir()
         shapes = [(n, tuple(v.shape)) for n, v in tree.flatten(params).items()]  # which model: R18, R50, a ViT
-        key = compile_cache.key_of("benchmarks/linear_eval_step.py", shapes, tuple(batch["image"].shape), opt_name)
+        key = compile_cache.key_of("benchmarks/linear_eval_step.py", shapes, tuple(batch["image"].shape), opt_name,
+                                   batch["image"].device, autocast)
         ft = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=compile,
-                                 batch_size=batch["image"].shape[0], cache=(directory, key) if directory else None)
-        step = step_lib.maybe_compile(step_lib.make_step(ft.model, opt, eval_norms=eval_norms), compile_head,
-                                      cache=(directory, key) if directory else None)
+                                 batch_size=batch["image"].shape[0], cache=(directory, key) if directory else None,
+                                 autocast=autocast)
+        step = step_lib.maybe_compile(step_lib.make_step(ft.model, opt, eval_norms=eval_norms, autocast=autocast),
+                                      compile_head, cache=(directory, key) if directory else None)
         step = ft_lib.on_features(ft_lib.heads_only(step), ft.features)
     else:
         if fold_norms:
             frozen = fold.fold_frozen_norms(frozen, state, eval_norms)
         if nhwc:
             frozen = fold.channels_last(frozen)
-        step = step_lib.maybe_compile(step_lib.make_step(model, opt, eval_norms=eval_norms), compile)
+        step = step_lib.maybe_compile(step_lib.make_step(model, opt, eval_norms=eval_norms, autocast=autocast), compile)
     ts = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
     b = dict(batch, image=batch["image"].contiguous(memory_format=torch.channels_last)) if nhwc else batch
     lr = opt.inputs(LR)  # as the loop gives them
@@ -270,8 +273,7 @@ def report_steps(title, progs, med, first, batch_size):
         print(title)
     for n in progs:
         print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {batch_size / med[n]:8.1f} images/s   first call {first[n]:6.2f} s")
-    print(f"compile_s: {fpipe_first - med['fpipe_step']:.1f}  (the first call in this process; the timed "
-          f"programs then load what it kept: first call {first['fpipe_step']:.1f} s)")
+    print(f"compile_s: {first['fpipe_step'] - med['fpipe_step']:.1f}")
     print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
     print(f"ratio_vs_forward: {med['fpipe_step'] / med['forward']:.3f}")
     print(f"eager_vs_forward: {med['eager_step'] / med['forward']:.3f}")

@@ -84,11 +84,15 @@ def setup(mode, depth, image_size, batch_size, seed=0):
 
 
 # ---------------------------------------------------------------- programs
-def fpipe_program(s):
+def fpipe_program(s, autocast=None, device=torch.device("cpu")):
+    """fpipe's step as the loop builds it, on ``device`` (``s["batch"]`` must be there), under
+    ``autocast`` (a dtype, or None: float32)."""
     step = loop_lib.build_train_step(s["config"], s["model"], s["opt"], s["trainable"], s["state"],
-                                     s["eval_norms"], distributed.Dist(), compiling=True)
-    box = {"ts": fold.channels_last({"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
-                                     "opt_state": s["opt"].init(s["trainable"])})}  # as the loop, compiling
+                                     s["eval_norms"], distributed.Dist(device=device), compiling=True,
+                                     autocast=autocast)
+    box = {"ts": fold.channels_last(loop_lib.to_device(  # as the loop, compiling
+        {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
+         "opt_state": s["opt"].init(s["trainable"])}, device))}
     lr = s["opt"].inputs(s["lr"])  # as the loop gives them
 
     def run():
