@@ -45,8 +45,8 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
     ``batch_size``: the trunk always runs on chunks of exactly this many images (the last one
     padded), so training and evaluation batches of other sizes share one compiled graph.
     ``cache``: ``(directory, key)`` to keep the compiled trunk for the next run (on CPU; key: the
-    config's, see fpipe.train.compile_cache; the weights' checksum and the input shape are added
-    here), or None. ``autocast``: the run's mixed-precision dtype (``precision.autocast_dtype``), under
+    config's, see fpipe.train.compile_cache; the weights' checksum, the input shape and the autocast
+    dtype are added here), or None. ``autocast``: the run's mixed-precision dtype (``precision.autocast_dtype``), under
     which the trunk runs as it would inside the whole model's step (None: float32). Use it with
     :func:`on_features`:
 
