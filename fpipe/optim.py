@@ -3,7 +3,7 @@
 ``build(cfg, trainable)`` resolves every rule once, to Python floats per dotted name. ``init`` and
 ``update`` are then pure tensor functions: they never modify their inputs, never read a tensor's
 value into Python, and take the lr and the other numbers (weight decay, momentum, AdamW's betas
-and eps, LARS's eta) as 0-d tensors (``opt.inputs(lr)``), so one compiled train step serves a
+and eps, LARS's eta) as tensors (``opt.inputs(lr)``), so one compiled train step serves a
 whole schedule and a sweep over those values. Whether a param decays and whether there is a
 momentum buffer (a value of 0 or not) stay fixed at build time: they decide the update's shape.
 Only the trainable tree is given: frozen params own no optimizer state.
@@ -121,14 +121,17 @@ def _adamw(p, g, s, lr, h, count):
 
 def _bias_correction(beta, t):
     """1 - beta**t for t >= 1, computed as -expm1(t log beta): accurate in float32 even where it is
-    small (log beta in float64); beta may be a tensor input (beta 0: log 0 = -inf gives 1)."""
-    return -torch.expm1(t * torch.log(torch.as_tensor(beta, dtype=torch.float64)))
+    small (log beta in float64); beta may be a tensor input (beta 0: log 0 = -inf gives 1). A tensor
+    is used as it is: Dynamo traces ``torch.as_tensor`` of one as reading its value out."""
+    if not isinstance(beta, torch.Tensor):
+        beta = torch.tensor(beta, dtype=torch.float64)
+    return -torch.expm1(t * torch.log(beta))
 
 
 _UPDATES = {"sgd": _sgd, "adamw": _adamw, "lars": _lars}
 # The config numbers each optimizer takes as tensor inputs (``Optimizer.inputs``), besides the lr.
 _INPUTS = {"sgd": ("weight_decay", "momentum"), "lars": ("weight_decay", "momentum", "lars_eta"),
-           "adamw": ("weight_decay", "beta1", "beta2", "eps")}
+           "adamw": ("weight_decay", "betas", "eps")}
 
 
 def _sgd_foreach(ps, gs, ss, lr, h, count):
@@ -263,13 +266,16 @@ class Optimizer:
         """The step's hyper-parameter inputs, 0-d float32 tensors: ``lr`` (before lr_mults) and the
         config's numbers this optimizer reads (weight decay before wd_mults, momentum, betas, eps,
         eta). Given to ``update`` as tensors, they are inputs of a compiled step, not constants in
-        it: another value needs no new compile. The betas are float64, as Python numbers are:
-        1 - 0.999 in float32 would be off by 1e-5 of itself."""
-        beta1, beta2 = _get(self.cfg, "betas")
+        it: another value needs no new compile. The betas are float64, as Python numbers are (1 - 0.999
+        in float32 would be off by 1e-5 of itself), and one tensor of two: Dynamo reads a 0-d float64
+        input's value out (``.item()``) and then compiles it in as a constant."""
         numbers = dict(weight_decay=_get(self.cfg, "weight_decay"), momentum=_get(self.cfg, "momentum"),
-                       lars_eta=_get(self.cfg, "lars_eta"), eps=_get(self.cfg, "eps"), beta1=beta1, beta2=beta2)
-        return {k: torch.tensor(float(v), dtype=torch.float64 if k.startswith("beta") else torch.float32)
-                for k, v in [("lr", lr)] + [(k, numbers[k]) for k in _INPUTS[self.name]]}
+                       lars_eta=_get(self.cfg, "lars_eta"), eps=_get(self.cfg, "eps"))
+        inputs = {k: torch.tensor(float(v), dtype=torch.float32)
+                  for k, v in [("lr", lr)] + [(k, numbers[k]) for k in _INPUTS[self.name] if k != "betas"]}
+        if "betas" in _INPUTS[self.name]:
+            inputs["betas"] = torch.tensor([float(b) for b in _get(self.cfg, "betas")], dtype=torch.float64)
+        return inputs
 
     def update(self, grads: dict, state: dict, params: dict, inputs) -> tuple:
         """Returns ``(new_params, new_state)``. inputs: ``self.inputs(lr)``, or the step's lr alone
@@ -335,8 +341,8 @@ def _with_inputs(h, inputs):
         h["wd"] = inputs["weight_decay"] if h["wd_mult"] == 1 else inputs["weight_decay"] * h["wd_mult"]
     if h["has_momentum"] and "momentum" in inputs:
         h["momentum"] = inputs["momentum"]
-    if "beta1" in inputs:
-        h["betas"] = (inputs["beta1"], inputs["beta2"])
+    if "betas" in inputs:
+        h["betas"] = (inputs["betas"][0], inputs["betas"][1])
     h.update({k: inputs[k] for k in ("eps", "lars_eta") if k in inputs})
     return h
 
