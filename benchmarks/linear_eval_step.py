@@ -139,7 +139,9 @@ class ResNet(nn.Module):
         return self.fc(self.features(x))
 
 
-ARCH = {18: (BasicBlock, (2, 2, 2, 2)), 50: (Bottleneck, (3, 4, 6, 3))}
+# torchvision's ResNet depths (fpipe.models.resnet.DEPTHS): any of them can be benchmarked.
+ARCH = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3)),
+        101: (Bottleneck, (3, 4, 23, 3)), 152: (Bottleneck, (3, 8, 36, 3))}
 
 
 def torch_module(depth, params, state):

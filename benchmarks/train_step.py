@@ -3,11 +3,15 @@
     PYTHONPATH=. python benchmarks/train_step.py                        # both modes, ResNet-18/50, 32 and 64 px
     PYTHONPATH=. python benchmarks/train_step.py --mode finetune --depth 18 --image-size 32
     PYTHONPATH=. python benchmarks/train_step.py --image-size 224 --batch-size 32 --depth 50
+    PYTHONPATH=. python benchmarks/train_step.py --arch vit_s16 --optimizer adamw --mode finetune --image-size 64
 
 Settings from the shipped configs (``configs/supervised.py``: SGD lr 0.1, momentum 0.9, weight
 decay 5e-4; ``configs/finetune.py``: SGD lr 0.05, Nesterov momentum 0.9, weight decay 1e-4, the
-trunk at 0.1x the lr; both: no weight decay on norms and biases), a ResNet trunk and a linear
-``fc`` head, 10 classes, batch 64, everything trains. Three programs, timed in one process,
+trunk at 0.1x the lr; both: no weight decay on norms and biases), a ResNet trunk (any of
+torchvision's depths; or ``--arch vit_s16``: a ViT-S/16 stored for the input size, the head on its
+class token) and a linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw``
+swaps the config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baselines'
+``torch.optim.AdamW(foreach=True)``), what ViTs are fine-tuned with. Three programs, timed in one process,
 round-robin (a busy machine slows each alike), medians:
 
   fpipe     fpipe's step exactly as the loop builds it (``loop.build_train_step``, compiled), on the
@@ -43,32 +47,49 @@ import sys
 import tempfile
 import time
 
+import ml_collections
 import torch
 import torch.nn.functional as F
 
+from benchmarks import vit_step
 from benchmarks.linear_eval_step import ARCH, NUM_CLASSES, time_round_robin, torch_module
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
 from fpipe import freeze, optim
 from fpipe.models import fold
 from fpipe.models import model as model_lib
+from fpipe.models import vit
 from fpipe.train import distributed
 from fpipe.train import loop as loop_lib
 
 MODES = ("supervised", "finetune")
 PROGRAMS = ("fpipe", "eager", "compiled")
+ARCHS = ("resnet", "vit_s16")
+OPTIMIZERS = ("config", "adamw")
 
 
-def config_for(mode, depth, image_size, batch_size):
+def config_for(mode, depth, image_size, batch_size, arch="resnet", optimizer="config"):
     config = importlib.import_module(f"configs.{mode}").get_config()
-    config.model.trunk.depth = depth
+    if arch == "vit_s16":
+        options = dict(vit.PRESETS["vit_small_patch16_224"], image_size=image_size)
+        config.model.trunk = ml_collections.ConfigDict(dict(name="vit", **options))
+        config.model.heads.fc = model_lib.head_config("lastCLS", "linear")
+    else:
+        config.model.trunk.depth = depth
+    if optimizer == "adamw":
+        config.optim.name, config.optim.lr, config.optim.weight_decay = "adamw", 1e-3, 0.05
     config.data.image_size = image_size
     config.data.batch_size = batch_size
     return config
 
 
-def setup(mode, depth, image_size, batch_size, seed=0):
+def case_name(args, mode, depth):
+    model = "ViT-S/16" if args.arch == "vit_s16" else f"ResNet-{depth}"
+    return f"{mode} {model}" + (", AdamW" if args.optimizer == "adamw" else "")
+
+
+def setup(mode, depth, image_size, batch_size, seed=0, arch="resnet", optimizer="config"):
     """The loop's model, partition and optimizer for this config, and one batch."""
-    config = config_for(mode, depth, image_size, batch_size)
+    config = config_for(mode, depth, image_size, batch_size, arch, optimizer)
     model = model_lib.build(config.model, num_classes=NUM_CLASSES, image_size=image_size)
     params, state = model.init(seed)
     rules = tuple(config.model.freeze) + freeze.frozen_by_rules(params, config.optim.lr_mults)
@@ -80,7 +101,7 @@ def setup(mode, depth, image_size, batch_size, seed=0):
     batch = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen),
              "label": torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)}
     return dict(config=config, model=model, params=params, state=state, trainable=trainable, frozen=frozen,
-                eval_norms=eval_norms, opt=opt, lr=base_lr, batch=batch, depth=depth)
+                eval_norms=eval_norms, opt=opt, lr=base_lr, batch=batch, depth=depth, arch=arch)
 
 
 # ---------------------------------------------------------------- programs
@@ -102,8 +123,8 @@ def fpipe_program(s, autocast=None, device=torch.device("cpu")):
 
 
 def torch_optimizer(net, s, **impl):
-    """torch.optim.SGD(foreach=True, or ``impl``: fused=True on a GPU) with fpipe's resolved per-name
-    rules as param groups."""
+    """torch.optim.SGD (AdamW where the config's is) with ``foreach=True`` (or ``impl``: fused=True on
+    a GPU), fpipe's resolved per-name rules as param groups."""
     cfg, groups = s["config"].optim, {}
     named = dict(net.named_parameters())
     for name, h in s["opt"].hyper.items():
@@ -111,12 +132,19 @@ def torch_optimizer(net, s, **impl):
         key = (h["lr_mult"], h["wd"])
         groups.setdefault(key, []).append(named.pop(local))
     assert not named, f"params without a group: {list(named)[:5]}"
-    return torch.optim.SGD([{"params": ps, "lr": s["lr"] * m, "weight_decay": wd} for (m, wd), ps in groups.items()],
-                           lr=s["lr"], momentum=cfg.momentum, nesterov=cfg.nesterov, **(impl or {"foreach": True}))
+    param_groups = [{"params": ps, "lr": s["lr"] * m, "weight_decay": wd} for (m, wd), ps in groups.items()]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=s["lr"], betas=tuple(cfg.betas), eps=cfg.eps,
+                                 **(impl or {"foreach": True}))
+    return torch.optim.SGD(param_groups, lr=s["lr"], momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           **(impl or {"foreach": True}))
 
 
 def module_program(s, compiled):
-    net = torch_module(s["depth"], s["params"], s["state"]).train()
+    if s["arch"] == "vit_s16":
+        net = vit_step.torch_module(s["model"].trunk.spec, s["params"]).train()
+    else:
+        net = torch_module(s["depth"], s["params"], s["state"]).train()
     opt = torch_optimizer(net, s)
     fwd = torch.compile(net) if compiled else net
 
@@ -138,7 +166,8 @@ def child(args):
     """One program alone: its first-call time, the peak RSS over ``--iters`` steps after it (and
     of the whole process, compilation included); prints JSON."""
     torch.set_num_threads(args.threads)
-    s = setup(args.mode[0], args.depth[0], args.image_size[0], args.batch_size)
+    s = setup(args.mode[0], args.depth[0], args.image_size[0], args.batch_size, arch=args.arch,
+              optimizer=args.optimizer)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = _kib("VmRSS")
@@ -168,7 +197,7 @@ def in_fresh_process(args, mode, depth, image_size, name, iters, caches=None):
     fpipe's), else the ones this process uses."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--mode", mode, "--depth", str(depth),
            "--image-size", str(image_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-           "--iters", str(iters)]
+           "--iters", str(iters), "--arch", args.arch, "--optimizer", args.optimizer]
     env = dict(os.environ)
     if caches:
         env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
@@ -186,12 +215,12 @@ def bench(args, mode, depth, image_size):
     # code for a second config makes its changed Python floats (weight decay) graph inputs, a
     # graph that a fresh process (the second run below) never builds.
     torch._dynamo.reset()
-    s = setup(mode, depth, image_size, args.batch_size)
+    s = setup(mode, depth, image_size, args.batch_size, arch=args.arch, optimizer=args.optimizer)
     progs = {n: make_program(n, s) for n in args.programs}
     outputs = {}
     med, first = time_round_robin(progs, args.iters, args.warmup, outputs)
     losses = {name: [float(v) for v in values] for name, values in outputs.items()}
-    print(f"== {mode} ResNet-{depth}, {image_size}px, batch {args.batch_size}, {args.threads} threads, "
+    print(f"== {case_name(args, mode, depth)}, {image_size}px, batch {args.batch_size}, {args.threads} threads, "
           f"median of {args.iters} interleaved rounds after {args.warmup} warm-up")
     print("first losses: " + "  ".join(f"{n} " + " ".join(f"{v:.5f}" for v in losses[n]) for n in progs))
     for n in progs:
@@ -227,7 +256,10 @@ def bench(args, mode, depth, image_size):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
-    ap.add_argument("--depth", type=int, nargs="+", default=[18, 50], choices=sorted(ARCH))
+    ap.add_argument("--arch", default="resnet", choices=ARCHS, help="vit_s16: ViT-S/16 (--depth is then ignored)")
+    ap.add_argument("--depth", type=int, nargs="+", default=[18, 50], choices=sorted(ARCH), help="ResNet depths")
+    ap.add_argument("--optimizer", default="config", choices=OPTIMIZERS,
+                    help="adamw: AdamW (lr 1e-3, wd 0.05) instead of the config's SGD")
     ap.add_argument("--image-size", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--iters", type=int, default=10)
@@ -243,8 +275,9 @@ def main(argv=None):
     # fpipe's saved steps in a directory of this benchmark's own: its first call compiles, a fresh
     # process loads (set FPIPE_COMPILE_CACHE to reuse a directory across benchmark runs).
     os.environ.setdefault("FPIPE_COMPILE_CACHE", tempfile.mkdtemp(prefix="fpipe-bench-cache-"))
+    depths = args.depth if args.arch == "resnet" else args.depth[:1]
     for mode in args.mode:
-        for depth in args.depth:
+        for depth in depths:
             for size in args.image_size:
                 bench(args, mode, depth, size)
 
