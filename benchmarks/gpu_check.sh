@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_check.sh                    # env tests train linear_eval
 #   bash benchmarks/gpu_check.sh env train          # some parts only
+#   bash benchmarks/gpu_check.sh vit                # ViT-S/16 training with AdamW (not in the default set)
 #
 # Wheels in .whl/ (packages the machine lacks: ml-collections, tensorboardX) are installed first,
 # without an index; fetch them where pip works (.whl/ is git-ignored):
@@ -37,7 +38,8 @@ for p in "${@:-env tests train linear_eval}"; do
       tests) part tests 200 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_data_cuda.py ;;
       train) part train 270 $PY benchmarks/gpu_step.py --parts train ;;
       linear_eval) part linear_eval 150 $PY benchmarks/gpu_step.py --parts linear_eval ;;
-      *) echo "unknown part $q; valid: env tests train linear_eval"; exit 2 ;;
+      vit) part vit 240 $PY benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128 --no-cudagraphs ;;
+      *) echo "unknown part $q; valid: env tests train linear_eval vit"; exit 2 ;;
     esac
   done
 done

@@ -1,13 +1,15 @@
 """The GPU figures: ResNet training and frozen-trunk linear evaluation on CUDA, bf16, channels-last.
 
     PYTHONPATH=. python benchmarks/gpu_step.py                      # on a CUDA machine: R50, 224 px, batch 256
+    PYTHONPATH=. python benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128
     PYTHONPATH=. python benchmarks/gpu_step.py --device cpu --depth 18 --image-size 32 --batch-size 8 \\
         --steps 2 --rounds 2 --warmup 1                             # a dry run of the same code on CPU
 
 One process; the programs alternate round by round, each round ``--steps`` calls timed between two
 device synchronisations (a step is asynchronous: timing single calls would time the launch).
 
-  train (configs/supervised.py's optimizer, everything trains; images as the loader gives them):
+  train (configs/supervised.py's optimizer or ``--optimizer adamw``, everything trains; a ResNet or
+  ``--arch vit_s16``; images as the loader gives them):
     fpipe             the loop's step (``loop.build_train_step``, compiled, autocast, channels-last state)
     fpipe_cudagraphs  the same step compiled with ``mode="reduce-overhead"`` (CUDA graphs), its
                       hyper-parameters on the device (CUDA only)
@@ -65,7 +67,8 @@ def module_run(net, opt, batch, dtype, compiled):
 
 # ---------------------------------------------------------------- training
 def train_programs(args, device, dtype):
-    s = ts.setup("supervised", args.depth, args.image_size, args.batch_size)
+    s = ts.setup("supervised", args.depth, args.image_size, args.batch_size, arch=args.arch,
+                 optimizer=args.optimizer)
     s["batch"] = batch = loop_lib.to_device(s["batch"], device)
 
     def fpipe_cudagraphs():
@@ -84,8 +87,8 @@ def train_programs(args, device, dtype):
         return run
 
     def module(compiled):
-        net = le.torch_module(args.depth, s["params"], s["state"]).to(device, memory_format=torch.channels_last)
-        opt = ts.torch_optimizer(net.train(), s, **({"fused": True} if device.type == "cuda" else {}))
+        net = ts.torch_net(s).to(device, memory_format=torch.channels_last)
+        opt = ts.torch_optimizer(net, s, **({"fused": True} if device.type == "cuda" else {}))
         return module_run(net, opt, batch, dtype, compiled)
 
     progs = {"fpipe": lambda: ts.fpipe_program(s, dtype, device), "eager": lambda: module(False),
@@ -172,7 +175,7 @@ def host_syncs(run, device):
 
 
 def report(part, res, runs, args, device):
-    print(f"== {part}: ResNet-{args.depth}, {args.image_size} px, batch {args.batch_size}, {args.dtype}, "
+    print(f"== {part}: {ts.case_name(args, '', args.depth)}, {args.image_size} px, batch {args.batch_size}, {args.dtype}, "
           f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch "
           f"{torch.__version__}; median of {args.rounds} rounds of {args.steps} steps")
     for n, r in res.items():
@@ -192,7 +195,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--parts", nargs="+", default=["train", "linear_eval"], choices=["train", "linear_eval"])
+    ap.add_argument("--arch", default="resnet", choices=ts.ARCHS, help="vit_s16: the train part on a ViT-S/16")
     ap.add_argument("--depth", type=int, default=50, choices=sorted(le.ARCH))
+    ap.add_argument("--optimizer", default="config", choices=ts.OPTIMIZERS, help="the train part's optimizer")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--dtype", default="bf16", help="config.precision.dtype: bf16, fp32")
@@ -201,6 +206,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-cudagraphs", action="store_true", help="skip the CUDA-graph variant of fpipe's step")
     args = ap.parse_args(argv)
+    if args.arch != "resnet" and "linear_eval" in args.parts:
+        ap.error("the linear_eval part runs a ResNet; give --parts train with --arch vit_s16")
     # fpipe's compiled steps kept in a directory of this benchmark's own, as the other benchmarks.
     os.environ.setdefault(compile_cache.CACHE_ENV, tempfile.mkdtemp(prefix="fpipe-bench-cache-"))
     device = torch.device(args.device)

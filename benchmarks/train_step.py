@@ -84,7 +84,7 @@ def config_for(mode, depth, image_size, batch_size, arch="resnet", optimizer="co
 
 def case_name(args, mode, depth):
     model = "ViT-S/16" if args.arch == "vit_s16" else f"ResNet-{depth}"
-    return f"{mode} {model}" + (", AdamW" if args.optimizer == "adamw" else "")
+    return f"{mode} {model}".strip() + (", AdamW" if args.optimizer == "adamw" else "")
 
 
 def setup(mode, depth, image_size, batch_size, seed=0, arch="resnet", optimizer="config"):
@@ -140,11 +140,15 @@ def torch_optimizer(net, s, **impl):
                            **(impl or {"foreach": True}))
 
 
-def module_program(s, compiled):
+def torch_net(s):
+    """The nn.Module of this setup's network (ResNet or ViT) with fpipe's weights, in train mode."""
     if s["arch"] == "vit_s16":
-        net = vit_step.torch_module(s["model"].trunk.spec, s["params"]).train()
-    else:
-        net = torch_module(s["depth"], s["params"], s["state"]).train()
+        return vit_step.torch_module(s["model"].trunk.spec, s["params"]).train()
+    return torch_module(s["depth"], s["params"], s["state"]).train()
+
+
+def module_program(s, compiled):
+    net = torch_net(s)
     opt = torch_optimizer(net, s)
     fwd = torch.compile(net) if compiled else net
 
