@@ -3,7 +3,7 @@
 ``build(cfg, trainable)`` resolves every rule once, to Python floats per dotted name. ``init`` and
 ``update`` are then pure tensor functions: they never modify their inputs, never read a tensor's
 value into Python, and take the lr and the other numbers (weight decay, momentum, AdamW's betas
-and eps, LARS's eta) as tensors (``opt.inputs(lr)``), so one compiled train step serves a
+and eps, LARS's eta) as 0-d tensors (``opt.inputs(lr)``), so one compiled train step serves a
 whole schedule and a sweep over those values. Whether a param decays and whether there is a
 momentum buffer (a value of 0 or not) stay fixed at build time: they decide the update's shape.
 Only the trainable tree is given: frozen params own no optimizer state.
@@ -109,29 +109,30 @@ def _lars(p, g, s, lr, h, count):
 
 
 def _adamw(p, g, s, lr, h, count):
-    """torch.optim.AdamW: decoupled decay p (1 - lr wd), then the bias-corrected Adam step."""
-    (b1, b2), t = h["betas"], count.to(torch.float32)
-    mu = b1 * s["mu"] + (1 - b1) * g
-    nu = b2 * s["nu"] + (1 - b2) * g * g
-    bc1, bc2 = _bias_correction(b1, t), _bias_correction(b2, t)
+    """torch.optim.AdamW: decoupled decay p (1 - lr wd), then the bias-corrected Adam step. The bias
+    corrections 1 - beta**t are -expm1(t log beta): accurate in float32 even where they are small
+    (beta 0: log 0 = -inf gives 1)."""
+    (b1, c1, log_b1), (b2, c2, log_b2) = h["beta_terms"]
+    t = count.to(torch.float32)
+    mu = b1 * s["mu"] + c1 * g
+    nu = b2 * s["nu"] + c2 * g * g
+    bc1, bc2 = -torch.expm1(t * log_b1), -torch.expm1(t * log_b2)
     if h["decays"]:
         p = p * (1 - lr * h["wd"])
     return p - (lr / bc1) * mu / (torch.sqrt(nu) / torch.sqrt(bc2) + h["eps"]), {"mu": mu, "nu": nu}
 
 
-def _bias_correction(beta, t):
-    """1 - beta**t for t >= 1, computed as -expm1(t log beta): accurate in float32 even where it is
-    small (log beta in float64); beta may be a tensor input (beta 0: log 0 = -inf gives 1). A tensor
-    is used as it is: Dynamo traces ``torch.as_tensor`` of one as reading its value out."""
-    if not isinstance(beta, torch.Tensor):
-        beta = torch.tensor(beta, dtype=torch.float64)
-    return -torch.expm1(t * torch.log(beta))
+def _beta_terms(beta):
+    """``(beta, 1 - beta, log beta)`` for an AdamW beta, computed in float64 (as Python numbers are):
+    1 - 0.999 taken in float32 would be off by 1e-5 of itself."""
+    return beta, 1.0 - beta, math.log(beta) if beta > 0 else -math.inf
 
 
 _UPDATES = {"sgd": _sgd, "adamw": _adamw, "lars": _lars}
 # The config numbers each optimizer takes as tensor inputs (``Optimizer.inputs``), besides the lr.
 _INPUTS = {"sgd": ("weight_decay", "momentum"), "lars": ("weight_decay", "momentum", "lars_eta"),
-           "adamw": ("weight_decay", "betas", "eps")}
+           "adamw": ("weight_decay", "eps", "beta1", "one_minus_beta1", "log_beta1", "beta2", "one_minus_beta2",
+                     "log_beta2")}
 
 
 def _sgd_foreach(ps, gs, ss, lr, h, count):
@@ -221,6 +222,7 @@ class Optimizer:
                       lars_eta=float(_get(cfg, "lars_eta")))
         wd = float(_get(cfg, "weight_decay"))
         self._check(shared, wd)
+        shared["beta_terms"] = tuple(map(_beta_terms, shared["betas"]))
         lars_exclude = {n: True for n in self.names}
         if self.name == "lars":
             lars_exclude, self.reports["lars_exclude"] = _resolve(
@@ -264,18 +266,17 @@ class Optimizer:
 
     def inputs(self, lr) -> dict:
         """The step's hyper-parameter inputs, 0-d float32 tensors: ``lr`` (before lr_mults) and the
-        config's numbers this optimizer reads (weight decay before wd_mults, momentum, betas, eps,
-        eta). Given to ``update`` as tensors, they are inputs of a compiled step, not constants in
-        it: another value needs no new compile. The betas are float64, as Python numbers are (1 - 0.999
-        in float32 would be off by 1e-5 of itself), and one tensor of two: Dynamo reads a 0-d float64
-        input's value out (``.item()``) and then compiles it in as a constant."""
+        config's numbers this optimizer reads (weight decay before wd_mults, momentum, eps, eta;
+        AdamW's betas as ``_beta_terms``, derived here in float64). Given to ``update`` as tensors,
+        they are inputs of a compiled step, not constants in it: another value needs no new compile.
+        Never float64: Dynamo reads a 0-d float64 input's value out (``.item()``) and then compiles it
+        in as a constant."""
         numbers = dict(weight_decay=_get(self.cfg, "weight_decay"), momentum=_get(self.cfg, "momentum"),
                        lars_eta=_get(self.cfg, "lars_eta"), eps=_get(self.cfg, "eps"))
-        inputs = {k: torch.tensor(float(v), dtype=torch.float32)
-                  for k, v in [("lr", lr)] + [(k, numbers[k]) for k in _INPUTS[self.name] if k != "betas"]}
-        if "betas" in _INPUTS[self.name]:
-            inputs["betas"] = torch.tensor([float(b) for b in _get(self.cfg, "betas")], dtype=torch.float64)
-        return inputs
+        for i, beta in enumerate(_get(self.cfg, "betas"), 1):
+            numbers.update(zip((f"beta{i}", f"one_minus_beta{i}", f"log_beta{i}"), _beta_terms(float(beta))))
+        return {k: torch.tensor(float(v), dtype=torch.float32)
+                for k, v in [("lr", lr)] + [(k, numbers[k]) for k in _INPUTS[self.name]]}
 
     def update(self, grads: dict, state: dict, params: dict, inputs) -> tuple:
         """Returns ``(new_params, new_state)``. inputs: ``self.inputs(lr)``, or the step's lr alone
@@ -341,8 +342,9 @@ def _with_inputs(h, inputs):
         h["wd"] = inputs["weight_decay"] if h["wd_mult"] == 1 else inputs["weight_decay"] * h["wd_mult"]
     if h["has_momentum"] and "momentum" in inputs:
         h["momentum"] = inputs["momentum"]
-    if "betas" in inputs:
-        h["betas"] = (inputs["betas"][0], inputs["betas"][1])
+    if "beta1" in inputs:
+        h["beta_terms"] = tuple(tuple(inputs[f"{k}{i}"] for k in ("beta", "one_minus_beta", "log_beta"))
+                                for i in (1, 2))
     h.update({k: inputs[k] for k in ("eps", "lars_eta") if k in inputs})
     return h
 
