@@ -14,7 +14,7 @@ device synchronisations (a step is asynchronous: timing single calls would time 
     fpipe_cudagraphs  the same step compiled with ``mode="reduce-overhead"`` (CUDA graphs), its
                       hyper-parameters on the device (CUDA only)
     eager             the torchvision-style nn.Module, channels-last weights and images, autocast,
-                      ``torch.optim.SGD(fused=True)`` with fpipe's param groups
+                      ``torch.optim.SGD`` (or ``AdamW``) ``(fused=True)`` with fpipe's param groups
     compiled          ``torch.compile`` of that module, the same optimizer
   linear_eval (trunk frozen, one linear head, SGD momentum):
     fpipe             ``frozen_trunk`` (a compiled constant, under autocast) + the heads' compiled step
@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 from benchmarks import linear_eval_step as le
 from benchmarks import train_step as ts
-from fpipe.models import fold
 from fpipe.train import compile_cache, precision
 from fpipe.train import loop as loop_lib
 from fpipe.train import step as step_lib
@@ -77,9 +76,7 @@ def train_programs(args, device, dtype):
             step_lib.make_step(s["model"], s["opt"], eval_norms=s["eval_norms"], autocast=dtype), True,
             "train step (CUDA graphs)", mode="reduce-overhead")
         hyper = loop_lib.to_device(s["opt"].inputs(s["lr"]), device)
-        box = {"ts": fold.channels_last(loop_lib.to_device(
-            {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
-             "opt_state": s["opt"].init(s["trainable"])}, device))}
+        box = {"ts": ts.train_state(s, device)}
 
         def run():
             box["ts"], metrics = step(box["ts"], batch, hyper)

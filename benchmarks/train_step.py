@@ -111,15 +111,20 @@ def fpipe_program(s, autocast=None, device=torch.device("cpu")):
     step = loop_lib.build_train_step(s["config"], s["model"], s["opt"], s["trainable"], s["state"],
                                      s["eval_norms"], distributed.Dist(device=device), compiling=True,
                                      autocast=autocast)
-    box = {"ts": fold.channels_last(loop_lib.to_device(  # as the loop, compiling
-        {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
-         "opt_state": s["opt"].init(s["trainable"])}, device))}
+    box = {"ts": train_state(s, device)}
     lr = s["opt"].inputs(s["lr"])  # as the loop gives them
 
     def run():
         box["ts"], metrics = step(box["ts"], s["batch"], lr)
         return metrics["loss"]
     return run
+
+
+def train_state(s, device):
+    """The initial train state as the loop hands it to a compiled step: on ``device``, channels-last."""
+    return fold.channels_last(loop_lib.to_device(
+        {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
+         "opt_state": s["opt"].init(s["trainable"])}, device))
 
 
 def torch_optimizer(net, s, **impl):
