@@ -303,6 +303,19 @@ def time_round_robin(programs, iters, warmup, warm_outputs=None):
     return {n: statistics.median(v) for n, v in times.items()}, first
 
 
+def machine() -> str:
+    """The CPU model, the vector ISA torch dispatches to, torch's version and the thread count:
+    figures are only comparable on the same machine (AVX2 and AVX-512 CPUs rank programs apart)."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return (f"{model}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
 # ---------------------------------------------------------------- memory, in a fresh process
 def _rss_kib(field):
     with open("/proc/self/status") as f:
@@ -426,6 +439,8 @@ def main(argv=None):
     # fpipe's compiled trunk and heads' step kept in a directory of this benchmark's own: its first
     # call compiles, the memory processes load (set FPIPE_COMPILE_CACHE to reuse one across runs).
     os.environ.setdefault(compile_cache.CACHE_ENV, tempfile.mkdtemp(prefix="fpipe-bench-cache-"))
+    torch.set_num_threads(args.threads)
+    print("machine:", machine())
     for depth in args.depth:
         bench(args, depth)
 

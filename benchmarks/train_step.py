@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import vit_step
-from benchmarks.linear_eval_step import ARCH, NUM_CLASSES, time_round_robin, torch_module
+from benchmarks.linear_eval_step import ARCH, NUM_CLASSES, machine, time_round_robin, torch_module
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
 from fpipe import freeze, optim
 from fpipe.models import fold
@@ -284,6 +284,8 @@ def main(argv=None):
     # fpipe's saved steps in a directory of this benchmark's own: its first call compiles, a fresh
     # process loads (set FPIPE_COMPILE_CACHE to reuse a directory across benchmark runs).
     os.environ.setdefault("FPIPE_COMPILE_CACHE", tempfile.mkdtemp(prefix="fpipe-bench-cache-"))
+    torch.set_num_threads(args.threads)
+    print("machine:", machine())
     depths = args.depth if args.arch == "resnet" else args.depth[:1]
     for mode in args.mode:
         for depth in depths:
