@@ -381,7 +381,6 @@ def programs(depth, model, params, state, batch, only=None):
 
 def bench(args, depth):
     torch._dynamo.reset()  # each depth compiles as in a fresh process (no automatic-dynamic recompiles)
-    torch.set_num_threads(args.threads)
     model, params, state, batch = build(depth, args.image_size, args.batch_size)
     progs = programs(depth, model, params, state, batch)
     # The same outputs: one step of each from the same start gives the same loss and head.

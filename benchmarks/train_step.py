@@ -219,7 +219,6 @@ def in_fresh_process(args, mode, depth, image_size, name, iters, caches=None):
 
 # ---------------------------------------------------------------- main
 def bench(args, mode, depth, image_size):
-    torch.set_num_threads(args.threads)
     # Each case compiles as a fresh process would: without this, Dynamo recompiling the same step
     # code for a second config makes its changed Python floats (weight decay) graph inputs, a
     # graph that a fresh process (the second run below) never builds.
