@@ -142,7 +142,7 @@ def heads_only(step):
                 "model_state": without_trunk(train_state["model_state"])}
         new_state, metrics = step(slim, batch, hyper)
         for key in ("frozen", "model_state"):
-            if "trunk" in train_state[key]:
+            if key in new_state and "trunk" in train_state[key]:  # (a donating step returns no model_state)
                 new_state[key] = {**new_state[key], "trunk": train_state[key]["trunk"]}
         return new_state, metrics
     return run

@@ -21,7 +21,7 @@ from fpipe import checkpoint, data, files, freeze, optim, schedules, tree, weigh
 from fpipe.evaluate import extract, topk
 from fpipe.models import fold, layers, losses
 from fpipe.models import model as models
-from fpipe.train import compile_cache, config_check, distributed, frozen_trunk, head_grid, periodic, precision
+from fpipe.train import compile_cache, config_check, distributed, donation, frozen_trunk, head_grid, periodic, precision
 from fpipe.train import step as step_lib
 from fpipe.train.signals import Stopped, StopOnSignal
 
@@ -179,12 +179,16 @@ def _run(config, workdir, dist, stop, run_info):
             if holding and step >= hold_until:
                 logging.info("LayerFreeze: step %d: training %s from now on.", step, hold_rules)
                 holding, train_step = False, make_train_step(())
-            with stop.interruptible():  # the new state is not kept until the step returns
+            with stop.interruptible():
                 t0 = time.perf_counter()
                 batch = next(batches)
                 data_time = time.perf_counter() - t0
-                lr = base_lr * schedule(step)
-                new_state, metrics = train_step(train_state, prepare(batch), opt.inputs(lr))
+                batch = prepare(batch)
+            lr = base_lr * schedule(step)
+            # A signal cuts a step short only if the step leaves train_state as it was; a compiled
+            # step past its first call writes into it (fpipe.train.donation): the signal then waits.
+            with stop.interruptible(when=not donation.overwrites(train_step, train_state)):
+                new_state, metrics = train_step(train_state, batch, opt.inputs(lr))
             train_state, done = new_state, step + 1
             books.step_done(done, metrics, data_time)
 
@@ -241,9 +245,13 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
         model, opt, eval_norms=norms, hold=held, grad_reduce=distributed.grad_mean(dist),
         sync_stats=sync_stats, autocast=autocast,
         loss_scaling=config.precision if precision.needs_scaler(config.precision) else None)
+    if compiling:  # the new state written into the old one's tensors (fpipe.train.donation)
+        step = donation.writes_into_inputs(step)
     step = step_lib.maybe_compile(step, compiling, "train step",
                                   cache=step_cache(config, dist, "train", heads_only, sorted(held)))
-    return frozen_trunk.heads_only(step) if heads_only else step
+    if heads_only:
+        step = frozen_trunk.heads_only(step)
+    return donation.Donating(step) if compiling else step
 
 
 def make_loader(split, config, dist, *, train):

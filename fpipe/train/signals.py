@@ -46,10 +46,14 @@ class StopOnSignal:
             raise Stopped(signum)
 
     @contextlib.contextmanager
-    def interruptible(self):
-        """A stretch that a signal may cut short (raising Stopped at once)."""
+    def interruptible(self, when=True):
+        """A stretch that a signal may cut short (raising Stopped at once); ``when=False``: one it
+        may not (the request then waits for the next check)."""
         if self.requested is not None:
             raise Stopped(self.requested)
+        if not when:
+            yield
+            return
         self._interruptible += 1
         try:
             yield
