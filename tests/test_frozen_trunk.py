@@ -17,7 +17,7 @@ class _SGD:
     def init(self, params):
         return {}
 
-    def update(self, grads, state, params, lr):
+    def update(self, grads, state, params, lr, in_place=False):  # (never in place)
         return tree.map_leaves(lambda p, g: p - lr * g, params, grads), state
 
 

@@ -46,11 +46,15 @@ def _config(**kw):
     return c
 
 
-def _run_ours(cfg, params, steps=STEPS, seed=1):
+def _run_ours(cfg, params, steps=STEPS, seed=1, in_place=False):
+    """fpipe's update; ``in_place``: PyTorch's fused kernels writing into (a copy of) ``params``."""
     opt = optim.build(cfg, params)
+    params = tree.map_leaves(torch.clone, params) if in_place else params
     state, gen = opt.init(params), torch.Generator().manual_seed(seed)
     for step in range(steps):
-        params, state = opt.update(_grads(gen), state, params, opt.inputs(_lr(step)))
+        given = tree.leaves(params)
+        params, state = opt.update(_grads(gen), state, params, opt.inputs(_lr(step)), in_place=in_place)
+        assert all(a is b for a, b in zip(given, tree.leaves(params))) == in_place
     return flatten(params)
 
 
@@ -76,25 +80,44 @@ def _assert_close(ours, ref):
         torch.testing.assert_close(ours[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("momentum,nesterov,wd", [(0.9, False, 1e-2), (0.9, True, 5e-2),
                                                   (0.0, False, 1e-2)])
-def test_sgd_matches_torch(momentum, nesterov, wd):
+def test_sgd_matches_torch(momentum, nesterov, wd, in_place):
     params = _params()
     cfg = _config(name="sgd", momentum=momentum, nesterov=nesterov, weight_decay=wd)
     ref = _run_torch(lambda g: torch.optim.SGD(g, lr=0.1, momentum=momentum, nesterov=nesterov,
-                                               weight_decay=wd), params)
-    ours = _run_ours(cfg, params)
+                                               weight_decay=wd, foreach=False), params)
+    ours = _run_ours(cfg, params, in_place=in_place)
     assert not torch.allclose(ours["trunk.conv1.weight"], flatten(params)["trunk.conv1.weight"])
     _assert_close(ours, ref)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("betas,wd", [((0.9, 0.999), 0.05), ((0.8, 0.95), 0.0)])
-def test_adamw_matches_torch(betas, wd):
+def test_adamw_matches_torch(betas, wd, in_place):
     params = _params()
     cfg = _config(name="adamw", betas=betas, weight_decay=wd, eps=1e-6)
     ref = _run_torch(lambda g: torch.optim.AdamW(g, lr=0.1, betas=betas, eps=1e-6,
-                                                 weight_decay=wd), params)
-    _assert_close(_run_ours(cfg, params), ref)
+                                                 weight_decay=wd, foreach=False), params)
+    _assert_close(_run_ours(cfg, params, in_place=in_place), ref)
+
+
+@pytest.mark.parametrize("name,dtype", [("lars", torch.float32), ("sgd", torch.float64)])
+def test_in_place_falls_back_to_new_tensors_where_no_fused_kernel_applies(name, dtype):
+    """LARS has no fused kernel, float64 none of ours: ``in_place`` then changes nothing."""
+    params = tree.map_leaves(lambda t: t.to(dtype), _params())
+    cfg = _config(name=name, momentum=0.9, weight_decay=1e-2)
+    opt = optim.build(cfg, params)
+    state, grads = opt.init(params), _grads(torch.Generator().manual_seed(1))
+    grads = tree.map_leaves(lambda t: t.to(dtype), grads)
+    before = tree.map_leaves(torch.clone, params)
+    new, _ = opt.update(grads, state, params, opt.inputs(0.1), in_place=True)
+    expected, _ = opt.update(grads, state, params, opt.inputs(0.1))
+    for (n, a), b, c in zip(flatten(new).items(), tree.leaves(expected), tree.leaves(params)):
+        assert torch.equal(a, b) and a is not c, n
+    for a, b in zip(tree.leaves(params), tree.leaves(before)):
+        assert torch.equal(a, b)
 
 
 def _lars_reference(params, momentum, nesterov, wd, eta, steps=STEPS, seed=1):

@@ -243,7 +243,7 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
         norms = eval_norms | freeze.eval_norms(model_state, held_tree)
     step = step_lib.make_step(
         model, opt, eval_norms=norms, hold=held, grad_reduce=distributed.grad_mean(dist),
-        sync_stats=sync_stats, autocast=autocast,
+        sync_stats=sync_stats, autocast=autocast, in_place=compiling,
         loss_scaling=config.precision if precision.needs_scaler(config.precision) else None)
     if compiling:  # the new state written into the old one's tensors (fpipe.train.donation)
         step = donation.writes_into_inputs(step)

@@ -30,7 +30,7 @@ def heads_loss(outputs, batch, targets):
 
 
 def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_stats=None,
-              autocast=None, loss_scaling=None, hold=frozenset()) -> Callable:
+              autocast=None, loss_scaling=None, hold=frozenset(), in_place=False) -> Callable:
     """Returns ``step(train_state, batch, hyper) -> (train_state, metrics)``; hyper: ``opt.inputs(lr)``
     (the lr and the optimizer's other numbers as 0-d tensors: inputs of a compiled step, not
     constants), or the lr alone.
@@ -43,7 +43,10 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
     averages grads across processes (data parallel); sync_stats: SyncBN's all-reduce of BatchNorm
     statistics; autocast: a dtype for mixed precision, or None; loss_scaling: ``config.precision``
     for fp16's dynamic loss scaling (fpipe.train.precision), or None; hold: dotted names of
-    trainable params kept fixed for now, with their optimizer state (LayerFreeze).
+    trainable params kept fixed for now, with their optimizer state (LayerFreeze); in_place: the
+    optimizer may write into the given trainable and opt_state (``Optimizer.update``), for a step
+    whose inputs are donated (fpipe.train.donation); not with ``hold`` or loss scaling, which keep
+    the old values.
     """
     targets = models.head_targets(model.heads)
 
@@ -72,7 +75,8 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
         if scaler is not None:
             grads, found_inf = precision.unscale(grads, scaler)
         grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
-        trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], hyper)
+        trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], hyper,
+                                          in_place=in_place and not hold and scaler is None)
         if hold:
             trainable = _keep_held(trainable, train_state["trainable"], hold)
             opt_state = _keep_held(opt_state, train_state["opt_state"], hold)
