@@ -147,22 +147,8 @@ def _sgd_foreach(ps, gs, ss, lr, h, count):
     return torch._foreach_sub(ps, torch._foreach_mul(ds, lr)), {"momentum": bufs}
 
 
-def _adamw_foreach(ps, gs, ss, lr, h, count):
-    """:func:`_adamw` over a list of leaves sharing their hyper-parameters (torch.optim.AdamW's
-    foreach path): the same arithmetic in the same order, a dozen list ops for the whole group."""
-    (b1, c1, log_b1), (b2, c2, log_b2) = h["beta_terms"]
-    t = count.to(torch.float32)
-    mu = torch._foreach_add(torch._foreach_mul(ss["mu"], b1), torch._foreach_mul(gs, c1))
-    nu = torch._foreach_add(torch._foreach_mul(ss["nu"], b2), torch._foreach_mul(torch._foreach_mul(gs, c2), gs))
-    bc1, bc2 = -torch.expm1(t * log_b1), -torch.expm1(t * log_b2)
-    if h["decays"]:
-        ps = torch._foreach_mul(ps, 1 - lr * h["wd"])
-    denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(nu), torch.sqrt(bc2)), h["eps"])
-    return torch._foreach_sub(ps, torch._foreach_div(torch._foreach_mul(mu, lr / bc1), denom)), {"mu": mu, "nu": nu}
-
-
 # Updates over lists of leaves that share hyper-parameters (the others go leaf by leaf).
-_FOREACH = {"sgd": _sgd_foreach, "adamw": _adamw_foreach}
+_FOREACH = {"sgd": _sgd_foreach}  # (AdamW as foreach ops compiled slower: README)
 
 
 def _number_tensor(x):
