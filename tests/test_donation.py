@@ -99,3 +99,42 @@ def test_a_signal_waits_for_the_end_of_a_stretch_that_may_not_be_cut():
         with pytest.raises(Stopped):
             with stop.interruptible():
                 pytest.fail("a requested stop must be raised before the next stretch")
+
+
+def tiny_run_config(**changes):
+    """configs/supervised.py on the tiny RegNet, compiled, 16 px (the loop as main.py runs it)."""
+    import configs.supervised
+    c = configs.supervised.get_config()
+    c.model.trunk = defaults.trunk("regnet", depth=5, w_0=8, w_a=10.0, w_m=2.0, group_width=8,
+                                   bottleneck_multiplier=1.0, se_ratio=0.0, stem_width=8)
+    c.data.image_size, c.data.batch_size = 16, 32
+    c.compile, c.compile_min_images, c.eval_steps, c.log_steps = True, 0, 1000, 1000
+    c.update(changes)
+    return c
+
+
+def test_a_sigterm_during_a_donating_step_saves_that_step_under_its_own_number(tmp_path, monkeypatch):
+    """The 4th step has written its state into the old tensors when SIGTERM arrives: the stop must
+    wait for the step's end and save step 4 (cutting it short would save step 4's params as step 3)."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    loop.run(tiny_run_config(total_steps=6, ckpt_steps=4), str(tmp_path / "straight"))
+    calls, call = [], donation.Donating.__call__
+
+    def signalled(self, *args):
+        out = call(self, *args)
+        calls.append(1)
+        if len(calls) == 4:  # after the writes, before the loop has the new state
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(donation.Donating, "__call__", signalled)
+    with pytest.raises(Stopped):
+        loop.run(tiny_run_config(total_steps=6, ckpt_steps=1000), str(tmp_path / "stopped"))
+    saved = sorted((tmp_path / "stopped" / "checkpoints").glob("ckpt_*.pt"))
+    assert [p.name for p in saved] == ["ckpt_00000004.pt"]
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "ckpt_00000004.pt", weights_only=True)
+    b = torch.load(saved[0], weights_only=True)
+    for key in ("params", "model_state"):
+        for name, t in a[key].items():
+            assert torch.equal(b[key][name], t), (key, name)
