@@ -52,7 +52,8 @@ import torch.nn.functional as F
 
 from fpipe import freeze, optim, tree
 from fpipe.models import fold
-from fpipe.train import compile_cache
+from fpipe.train import compile_cache, distributed
+from fpipe.train import loop as loop_lib
 from fpipe.train import frozen_trunk as ft_lib
 from fpipe.models import model as model_lib
 from fpipe.train import step as step_lib
@@ -197,9 +198,13 @@ def fpipe_step(model, params, state, batch, *, split=True, compile_head=True, co
         ft = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=compile,
                                  batch_size=batch["image"].shape[0], cache=(directory, key) if directory else None,
                                  autocast=autocast)
-        step = step_lib.maybe_compile(step_lib.make_step(ft.model, opt, eval_norms=eval_norms, autocast=autocast),
-                                      compile_head, cache=(directory, key) if directory else None)
-        step = ft_lib.on_features(ft_lib.heads_only(step), ft.features)
+        # The heads' step as the loop builds it (compiled: donating, fused SGD), saved under this key.
+        config = ml_collections.ConfigDict(dict(precision={None: "float32", torch.bfloat16: "bf16"}[autocast],
+                                                compile_cache_dir=directory or "", benchmark_key=key))
+        step = loop_lib.build_train_step(config, ft.model, opt, trainable, state, eval_norms,
+                                         distributed.Dist(device=batch["image"].device), compiling=compile_head,
+                                         autocast=autocast, heads_only=True)
+        step = ft_lib.on_features(step, ft.features)
     else:
         if fold_norms:
             frozen = fold.fold_frozen_norms(frozen, state, eval_norms)
