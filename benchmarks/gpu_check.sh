@@ -35,7 +35,7 @@ for p in "${@:-env tests train linear_eval}"; do
   for q in $p; do
     case $q in
       env) part env 60 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'" ;;
-      tests) part tests 200 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_data_cuda.py ;;
+      tests) part tests 260 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_data_cuda.py ;;
       train) part train 270 $PY benchmarks/gpu_step.py --parts train ;;
       linear_eval) part linear_eval 150 $PY benchmarks/gpu_step.py --parts linear_eval ;;
       vit) part vit 240 $PY benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128 --no-cudagraphs ;;

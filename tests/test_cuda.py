@@ -1,9 +1,11 @@
-"""The same runs on CUDA: fp16 with loss scaling, bf16, and the compiled linear evaluation.
+"""The same runs on CUDA: fp16 with loss scaling, bf16, the compiled linear evaluation, and the
+donating step with PyTorch's fused SGD/AdamW kernels.
 
 Skipped where no GPU is present (CI has none); on a GPU machine: `python -m pytest -q tests/test_cuda.py`.
 """
 import json
 
+import ml_collections
 import pytest
 import torch
 
@@ -29,3 +31,32 @@ def test_compiled_linear_eval_on_cuda(tmp_path):
     main(tmp_path, "--config.total_steps=20", "--config.compile=True", "--config.compile_min_images=0")
     results = json.loads((tmp_path / "results.json").read_text())["heads"]
     assert all(0 <= r["top1"] <= 100 for r in results.values())
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
+def test_the_donating_fused_step_matches_the_plain_step_on_cuda_without_host_syncs(opt_name):
+    from test_donation import batches, tiny
+    from fpipe import tree
+    from fpipe.train import distributed, loop
+    model, opt, ts, norms = tiny(opt_name)
+    device = torch.device("cuda")
+    ts = loop.to_device(ts, device)
+    config = ml_collections.ConfigDict(dict(precision="fp32"))
+    plain, donating = (loop.build_train_step(config, model, opt, ts["trainable"], ts["model_state"], norms,
+                                             distributed.Dist(device=device), compiling=c) for c in (False, True))
+    lr = opt.inputs(0.05)  # 0-d CPU tensors, as the loop gives them
+    expected, got = ts, ts
+    for i, b in enumerate(batches(4)):
+        b = loop.to_device(b, device)
+        expected, m_plain = plain(expected, b, lr)
+        torch.cuda.synchronize()
+        if i >= 2:  # compiled and warm: the step must not wait for the device
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            got, m_donated = donating(got, b, lr)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(m_donated["loss"], m_plain["loss"], rtol=1e-4, atol=1e-5)
+    for key in ("trainable", "opt_state", "model_state"):
+        for (name, x), y in zip(tree.flatten(got[key]).items(), tree.leaves(expected[key])):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
