@@ -17,7 +17,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def applies(params: list) -> bool:
     """Whether the fused kernels take these params: one device (CPU or CUDA), one float dtype."""
     kinds = {(p.device.type, p.dtype) for p in params}
-    return len(kinds) == 1 and next(iter(kinds))[0] in ("cpu", "cuda") and next(iter(kinds))[1] in DTYPES
+    if len(kinds) != 1:
+        return False
+    (device_type, dtype), = kinds
+    return device_type in ("cpu", "cuda") and dtype in DTYPES
 
 
 @torch.library.custom_op("fpipe::adamw_", mutates_args=("params", "mu", "nu"))

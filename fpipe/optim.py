@@ -299,6 +299,14 @@ class Optimizer:
         return {k: torch.tensor(float(v), dtype=torch.float32)
                 for k, v in [("lr", lr)] + [(k, numbers[k]) for k in _INPUTS[self.name]]}
 
+    def _group_args(self, p, g, slots, lr, inputs, count):
+        """For each group of leaves sharing hyper-parameters: its names and the arguments of a list
+        update, ``(params, grads, slots, lr, hyper, count)`` (``_FOREACH``, ``_FUSED``)."""
+        for names in self._groups:
+            h = _with_inputs(self.hyper[names[0]], inputs)
+            yield names, ([p[n] for n in names], [g[n] for n in names],
+                          {k: [v[n] for n in names] for k, v in slots.items()}, lr * h["lr_mult"], h, count)
+
     def update(self, grads: dict, state: dict, params: dict, inputs, in_place=False) -> tuple:
         """Returns ``(new_params, new_state)``. inputs: ``self.inputs(lr)``, or the step's lr alone
         (a 0-d tensor, before lr_mults; the other numbers are then the config's, as constants).
@@ -311,20 +319,15 @@ class Optimizer:
         slots = {slot: flatten(state[slot]) for slot in self.slots}
         count = state["count"] + 1
         if in_place and self.name in _FUSED and fused_update.applies(list(p.values())):
-            for names in self._groups:
-                h = _with_inputs(self.hyper[names[0]], inputs)
-                _FUSED[self.name]([p[n] for n in names], [g[n] for n in names],
-                                  {k: [v[n] for n in names] for k, v in slots.items()}, lr * h["lr_mult"], h, count)
+            for _, args in self._group_args(p, g, slots, lr, inputs, count):
+                _FUSED[self.name](*args)
             return params, {**state, "count": count}
         leaf_update = _UPDATES[self.name]
         new_p, new_slots = {}, {slot: {} for slot in self.slots}
         group_update = _FOREACH.get(self.name)
         if group_update is not None and len({(t.device, t.dtype) for t in p.values()}) <= 1:
-            for names in self._groups:
-                h = _with_inputs(self.hyper[names[0]], inputs)
-                out_p, out_slots = group_update([p[n] for n in names], [g[n] for n in names],
-                                                {k: [v[n] for n in names] for k, v in slots.items()},
-                                                lr * h["lr_mult"], h, count)
+            for names, args in self._group_args(p, g, slots, lr, inputs, count):
+                out_p, out_slots = group_update(*args)
                 new_p.update(zip(names, out_p))
                 for slot in self.slots:
                     new_slots[slot].update(zip(names, out_slots[slot]))
