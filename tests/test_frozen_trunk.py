@@ -17,8 +17,8 @@ class _SGD:
     def init(self, params):
         return {}
 
-    def update(self, grads, state, params, lr, in_place=False):  # (never in place)
-        return tree.map_leaves(lambda p, g: p - lr * g, params, grads), state
+    def update(self, grads, state, params, lr, in_place=False):  # (never in place); grads flat
+        return tree.map_with_names(lambda n, p: p - lr * grads[n], params), state
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -176,3 +176,17 @@ def test_the_step_gives_back_the_model_state_structure_it_was_given(with_empty_d
             new, _ = step(ts, batch, torch.tensor(0.05))
             assert _structure(new) == _structure(ts), name
             ts = new
+
+
+def test_a_model_returning_state_it_was_not_given_is_an_error_naming_it():
+    """New state the input lacks (a leaf under a new or existing key) would change the step's
+    structure; an empty dict the input lacks (a stateless layer's) is no state and is dropped."""
+    given = {"bn1": {"running_mean": torch.zeros(2)}, "fc": {}}
+    ok = {"bn1": {"running_mean": torch.ones(2)}, "head": {}}
+    assert _structure(step_lib._like_input(given, ok)) == _structure(given)
+    assert torch.equal(step_lib._like_input(given, ok)["bn1"]["running_mean"], torch.ones(2))
+    extra_layer = {"bn1": {"running_mean": torch.ones(2)}, "bn2": {"running_var": torch.ones(2)}}
+    extra_leaf = {"bn1": {"running_mean": torch.ones(2), "running_var": torch.ones(2)}}
+    for new, name in [(extra_layer, "bn2"), (extra_leaf, "bn1.running_var")]:
+        with pytest.raises(ValueError, match=f"was not given: {name}"):
+            step_lib._like_input(given, new)

@@ -26,12 +26,21 @@ def writes_into_inputs(step):
     def run(train_state, batch, hyper):
         new_state, metrics = step(train_state, batch, hyper)
         for key in DONATED:
-            new = tree.flatten(new_state.get(key, {}))
-            for name, old in tree.flatten(train_state.get(key, {})).items():
-                if isinstance(old, torch.Tensor) and new[name] is not old:
-                    old.copy_(new[name])
+            _copy_into(train_state.get(key, {}), new_state.get(key, {}))
         return {k: v for k, v in new_state.items() if k not in DONATED}, metrics
     return run
+
+
+def _copy_into(old, new):
+    """Copies each tensor of ``new`` into ``old``'s at the same place; skips what is the same
+    object (an update in place returns its input), which also keeps the compiled trace short."""
+    if new is old:
+        return
+    if isinstance(old, dict):
+        for key, value in old.items():
+            _copy_into(value, new[key])
+    elif isinstance(old, torch.Tensor):
+        old.copy_(new)
 
 
 class Donating:
