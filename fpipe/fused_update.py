@@ -8,19 +8,60 @@ custom ops they stay opaque to the compiler: one call per group of parameters.
 They write into the params and the optimizer's slots, so only a step whose inputs are donated
 (fpipe.train.donation) may call them; ``fpipe.optim.Optimizer.update(..., in_place=True)`` does.
 The 0-d tensor inputs (lr, weight decay, betas, ...) are read on the host, as CPU tensors: no sync.
+
+The fused kernels walk a param, its grad and its slots as flat arrays, element i of one against
+element i of the others, whatever their strides: a channels-last param with a grad in another
+layout gets another element's gradient, silently. So each tensor goes to the kernel as a 1-d view
+of its memory (:func:`_memory_order`), after any grad or slot whose strides differ from its
+param's was copied into the param's layout (:func:`_aligned`; a slot's copy is written back).
 """
+import contextlib
+
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def applies(params: list) -> bool:
-    """Whether the fused kernels take these params: one device (CPU or CUDA), one float dtype."""
+    """Whether the fused kernels take these params: one device (CPU or CUDA), one float dtype, each
+    param dense (no gaps or overlaps in its memory, which the kernels walk as a flat array)."""
     kinds = {(p.device.type, p.dtype) for p in params}
-    if len(kinds) != 1:
+    if len(kinds) != 1 or not all(map(_dense, params)):
         return False
     (device_type, dtype), = kinds
     return device_type in ("cpu", "cuda") and dtype in DTYPES
+
+
+def _dense(t) -> bool:
+    """True when ``t``'s elements fill its memory span exactly once (contiguous in some order of dims)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda size_stride: size_stride[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _memory_order(t):
+    """A dense tensor as a 1-d view of its memory (element i: the i-th in memory)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _aligned(params, tensors):
+    """Each tensor with its param's strides: itself where they match, else a copy in that layout."""
+    return [t if t.stride() == p.stride() else torch.empty_like(p).copy_(t) for p, t in zip(params, tensors)]
+
+
+@contextlib.contextmanager
+def _in_memory_order(params, grads, *slots):
+    """Flat views of params, grads and slots, each in its param's layout, for a fused kernel; on
+    exit a slot that had to be copied gets the updated values back."""
+    grads, aligned = _aligned(params, grads), [_aligned(params, s) for s in slots]
+    yield [[_memory_order(t) for t in ts] for ts in (params, grads, *aligned)]
+    for given, used in zip(slots, aligned):
+        for g, u in zip(given, used):
+            if u is not g:
+                g.copy_(u)
 
 
 @torch.library.custom_op("fpipe::adamw_", mutates_args=("params", "mu", "nu"))
@@ -30,9 +71,10 @@ def adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], mu: list[torch
     """torch.optim.AdamW's fused step at step ``count`` (already incremented). The betas come as
     1 - beta (float32 holds 1 - 0.999 to 5e-8; 0.999 itself to 1e-5 of 1 - 0.999)."""
     step = count.to(device=params[0].device, dtype=torch.float32)
-    torch._fused_adamw_(params, grads, mu, nu, [], [step] * len(params), lr=float(lr), beta1=1 - float(one_minus_beta1),
-                        beta2=1 - float(one_minus_beta2), weight_decay=float(weight_decay), eps=float(eps),
-                        amsgrad=False, maximize=False)
+    with _in_memory_order(params, grads, mu, nu) as (params, grads, mu, nu):
+        torch._fused_adamw_(params, grads, mu, nu, [], [step] * len(params), lr=float(lr),
+                            beta1=1 - float(one_minus_beta1), beta2=1 - float(one_minus_beta2),
+                            weight_decay=float(weight_decay), eps=float(eps), amsgrad=False, maximize=False)
 
 
 @adamw_.register_fake
@@ -45,8 +87,9 @@ def sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers
          lr: torch.Tensor, weight_decay: torch.Tensor, momentum: torch.Tensor, nesterov: bool) -> None:
     """torch.optim.SGD's fused step (dampening 0); ``momentum_buffers`` empty without momentum.
     The buffers start at zero, so the first step gives buf = d as torch.optim's does."""
-    torch._fused_sgd_(params, grads, momentum_buffers, weight_decay=float(weight_decay), momentum=float(momentum),
-                      lr=float(lr), dampening=0.0, nesterov=nesterov, maximize=False, is_first_step=False)
+    with _in_memory_order(params, grads, momentum_buffers) as (params, grads, momentum_buffers):
+        torch._fused_sgd_(params, grads, momentum_buffers, weight_decay=float(weight_decay), momentum=float(momentum),
+                          lr=float(lr), dampening=0.0, nesterov=nesterov, maximize=False, is_first_step=False)
 
 
 @sgd_.register_fake
