@@ -24,7 +24,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def applies(params: list) -> bool:
     """Whether the fused kernels take these params: one device (CPU or CUDA), one float dtype, each
-    param dense (no gaps or overlaps in its memory, which the kernels walk as a flat array)."""
+    param dense (no gaps or overlaps in the memory that the kernels walk as a flat array)."""
     kinds = {(p.device.type, p.dtype) for p in params}
     if len(kinds) != 1 or not all(map(_dense, params)):
         return False
@@ -33,13 +33,9 @@ def applies(params: list) -> bool:
 
 
 def _dense(t) -> bool:
-    """True when ``t``'s elements fill its memory span exactly once (contiguous in some order of dims)."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda size_stride: size_stride[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
+    """True when ``t`` fills its memory exactly once, contiguous or channels-last (the layouts of
+    fpipe's params; a rarer one takes the functional update). Also with symbolic shapes."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _memory_order(t):

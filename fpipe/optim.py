@@ -148,7 +148,7 @@ def _sgd_foreach(ps, gs, ss, lr, h, count):
 
 
 # Updates over lists of leaves that share hyper-parameters (the others go leaf by leaf).
-_FOREACH = {"sgd": _sgd_foreach}  # (AdamW as foreach ops compiled slower: README)
+_FOREACH = {"sgd": _sgd_foreach}  # (AdamW as foreach ops compiled slower: docs/BENCHMARKS.md)
 
 
 def _number_tensor(x):

@@ -76,3 +76,12 @@ def test_the_fused_kernels_apply_only_to_dense_params_of_one_device_and_float_dt
     assert not fused_update.applies(dense + [torch.zeros(3).expand(4, 3)])  # overlapping elements
     assert not fused_update.applies([torch.zeros(3, dtype=torch.float64)])
     assert not fused_update.applies([torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)])
+
+
+def test_applies_traces_with_symbolic_shapes():
+    """A step recompiled with dynamic shapes (Dynamo's automatic dynamic) decides it on SymInts."""
+    decide = torch.compile(lambda ps: torch.ones(()) if fused_update.applies(ps) else torch.zeros(()),
+                           dynamic=True, fullgraph=True)
+    conv = torch.zeros(4, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert decide([conv, torch.zeros(5)]).item() == 1
+    assert decide([torch.zeros(6, 4)[:, :2]]).item() == 0
