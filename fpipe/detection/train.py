@@ -197,7 +197,7 @@ def collate_options(data_cfg, det_cfg, dataset) -> dict:
 
 def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=None):
     """``step(train_state, batch, hyper, generator) -> (train_state, metrics)``: fpipe.train.step's
-    update over ``model.losses`` (grad_and_value over the trainable tree; gradient mean across
+    update over ``model.losses`` (grad_and_value over the trainable tree, flat; gradient mean across
     ranks; the optimizer's clipping; one non-finite flag), with each loss term as a metric.
 
     ``compiling``: what depends on the data's values (the RPN's NMS, the pooler's scales, the
@@ -207,7 +207,7 @@ def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=
     same values as the eager step."""
     def loss_fn(trainable, frozen, model_state, batch, given):
         kwargs = {"generator": given} if isinstance(given, torch.Generator) else {"proposals": given}
-        total, losses, new_state = model.losses(tree.merge(trainable, frozen), model_state, batch,
+        total, losses, new_state = model.losses(step_lib.merged(trainable, frozen), model_state, batch,
                                                 return_state=True, **kwargs)
         return total, (losses, new_state)
 
@@ -216,7 +216,7 @@ def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=
 
     def update(train_state, batch, hyper, given):
         grads, (loss, (losses, new_model_state)) = grad_fn(
-            train_state["trainable"], train_state["frozen"], train_state["model_state"], batch, given)
+            tree.flatten(train_state["trainable"]), train_state["frozen"], train_state["model_state"], batch, given)
         if grad_reduce is not None:
             grads = grad_reduce(grads)
         grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
