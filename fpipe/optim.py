@@ -308,7 +308,8 @@ class Optimizer:
                           {k: [v[n] for n in names] for k, v in slots.items()}, lr * h["lr_mult"], h, count)
 
     def update(self, grads: dict, state: dict, params: dict, inputs, in_place=False) -> tuple:
-        """Returns ``(new_params, new_state)``. inputs: ``self.inputs(lr)``, or the step's lr alone
+        """Returns ``(new_params, new_state)``; ``grads`` and ``params`` nested or flat (``{dotted
+        name: tensor}``), new params nested. inputs: ``self.inputs(lr)``, or the step's lr alone
         (a 0-d tensor, before lr_mults; the other numbers are then the config's, as constants).
         ``in_place``: SGD and AdamW write the new params and slots into the given tensors with
         PyTorch's fused kernels (fpipe.fused_update) and return them; only for a step whose

@@ -68,16 +68,19 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
         if norms is None:  # decided at trace time from the tree structure: no graph cost
             norms = freeze.eval_norms(train_state["model_state"], train_state["frozen"])
         scaler = train_state["scaler"] if loss_scaling is not None else None
+        flat_trainable = tree.flatten(train_state["trainable"])
         grads, (_, (loss, losses, outputs, new_model_state)) = grad_fn(  # grads: flat, as the trainable given
-            tree.flatten(train_state["trainable"]), train_state["frozen"], train_state["model_state"], batch,
+            flat_trainable, train_state["frozen"], train_state["model_state"], batch,
             None if scaler is None else scaler["scale"], norms)
         if grad_reduce is not None:  # on scaled grads: every rank then skips (or not) together
             grads = grad_reduce(grads)
         if scaler is not None:
             grads, found_inf = precision.unscale(grads, scaler)
         grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
-        trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], hyper,
+        trainable, opt_state = opt.update(grads, train_state["opt_state"], flat_trainable, hyper,
                                           in_place=in_place and not hold and scaler is None)
+        if trainable is flat_trainable:  # updated in place: the given tree holds the new values
+            trainable = train_state["trainable"]
         if hold:
             trainable = _keep_held(trainable, train_state["trainable"], hold)
             opt_state = _keep_held(opt_state, train_state["opt_state"], hold)
