@@ -309,8 +309,9 @@ class Optimizer:
 
     def update(self, grads: dict, state: dict, params: dict, inputs, in_place=False) -> tuple:
         """Returns ``(new_params, new_state)``; ``grads`` and ``params`` nested or flat (``{dotted
-        name: tensor}``), new params nested. inputs: ``self.inputs(lr)``, or the step's lr alone
-        (a 0-d tensor, before lr_mults; the other numbers are then the config's, as constants).
+        name: tensor}``); new params come nested (in place: ``params`` itself). inputs:
+        ``self.inputs(lr)``, or the step's lr alone (a 0-d tensor, before lr_mults; the other numbers
+        are then the config's, as constants).
         ``in_place``: SGD and AdamW write the new params and slots into the given tensors with
         PyTorch's fused kernels (fpipe.fused_update) and return them; only for a step whose
         inputs are donated (fpipe.train.donation). The others return new tensors regardless."""
