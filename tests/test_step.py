@@ -190,3 +190,10 @@ def test_a_model_returning_state_it_was_not_given_is_an_error_naming_it():
     for new, name in [(extra_layer, "bn2"), (extra_leaf, "bn1.running_var")]:
         with pytest.raises(ValueError, match=f"was not given: {name}"):
             step_lib._like_input(given, new)
+
+
+def test_a_param_both_trainable_and_frozen_is_an_error_not_a_silent_override():
+    trainable = {"fc.weight": torch.ones(2)}
+    assert torch.equal(step_lib.merged(trainable, {"trunk": {"w": torch.zeros(1)}})["fc"]["weight"], torch.ones(2))
+    with pytest.raises(ValueError, match=r"both trainable and frozen: \['fc.weight'\]"):
+        step_lib.merged(trainable, {"fc": {"weight": torch.zeros(2)}})

@@ -109,7 +109,11 @@ def merged(flat_trainable, frozen):
     """The model's params from the trainable tree given flat, ``{dotted name: tensor}``, and the
     frozen tree. A step differentiates the trainable tree flat: torch.func then walks one dict, not
     a few hundred nested ones, which halves Dynamo's trace of a compiled step (docs/DESIGN.md)."""
-    return tree.unflatten({**flat_trainable, **tree.flatten(frozen)})
+    flat_frozen = tree.flatten(frozen)
+    flat = {**flat_trainable, **flat_frozen}
+    if len(flat) != len(flat_trainable) + len(flat_frozen):  # a frozen value would hide a trainable one
+        raise ValueError(f"params both trainable and frozen: {sorted(set(flat_trainable) & set(flat_frozen))[:5]}")
+    return tree.unflatten(flat)
 
 
 def _like_input(model_state, new_model_state, prefix=""):
