@@ -271,7 +271,7 @@ class Optimizer:
 
     def _flat(self, tree, what):
         flat = flatten(tree)
-        if set(flat) != set(self.names):
+        if list(flat) != self.names and set(flat) != set(self.names):  # the list first: cheap to trace
             missing = [n for n in self.names if n not in flat]
             extra = [n for n in flat if n not in self._sizes]
             raise ValueError(f"{what} do not match the trainable params the optimizer was built for: "

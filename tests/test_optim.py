@@ -120,6 +120,25 @@ def test_in_place_falls_back_to_new_tensors_where_no_fused_kernel_applies(name, 
         assert torch.equal(a, b)
 
 
+def test_update_takes_trees_nested_or_flat_in_any_order_and_names_what_does_not_fit():
+    """Grads and params as nested trees or flat dicts, in any key order, give the same update; a
+    missing or unknown name is an error that names it."""
+    params, grads = _params(), _grads(torch.Generator().manual_seed(1))
+    opt = optim.build(_config(momentum=0.9, weight_decay=1e-2), params)
+    state = opt.init(params)
+    expected, _ = opt.update(grads, state, params, opt.inputs(0.1))
+    reordered = dict(reversed(list(flatten(grads).items())))
+    for g, p in [(flatten(grads), flatten(params)), (reordered, params)]:
+        new, _ = opt.update(g, state, p, opt.inputs(0.1))
+        for (n, a), b in zip(flatten(new).items(), tree.leaves(expected)):
+            assert torch.equal(a, b), n
+    missing = {n: g for n, g in flatten(grads).items() if n != "trunk.bn1.bias"}
+    with pytest.raises(ValueError, match=r"grads do not match.*missing \['trunk.bn1.bias'\]"):
+        opt.update(missing, state, params, opt.inputs(0.1))
+    with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\]"):
+        opt.update({**flatten(grads), "extra.weight": torch.zeros(1)}, state, params, opt.inputs(0.1))
+
+
 def _lars_reference(params, momentum, nesterov, wd, eta, steps=STEPS, seed=1):
     """LARS written as an optimizer over nn.Parameters: trust ratio per tensor in Python floats,
     then plain torch.optim.SGD (no weight decay) on the rescaled grads, as LARC wraps SGD."""
