@@ -27,9 +27,7 @@ resident before it, and, on CUDA, whether fpipe's steps synchronise with the hos
 """
 import argparse
 import statistics
-import os
 import sys
-import tempfile
 import time
 import traceback
 
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 
 from benchmarks import linear_eval_step as le
 from benchmarks import train_step as ts
-from fpipe.train import compile_cache, precision
+from fpipe.train import precision
 from fpipe.train import loop as loop_lib
 from fpipe.train import step as step_lib
 
@@ -205,8 +203,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.arch != "resnet" and "linear_eval" in args.parts:
         ap.error("the linear_eval part runs a ResNet; give --parts train with --arch vit_s16")
-    # fpipe's compiled steps kept in a directory of this benchmark's own, as the other benchmarks.
-    os.environ.setdefault(compile_cache.CACHE_ENV, tempfile.mkdtemp(prefix="fpipe-bench-cache-"))
+    le.own_compile_cache()  # fpipe's compiled steps, as the other benchmarks keep them
     device = torch.device(args.device)
     dtype = precision.autocast_dtype(args.dtype, device)
     if device.type == "cuda":

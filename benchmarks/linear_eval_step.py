@@ -34,11 +34,13 @@ i.e. what the steps themselves add. Output lines per model:
                           (what a second run waits: it loads the kept trunk and heads' step)
 """
 import argparse
+import atexit
 import ctypes
 import gc
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -321,6 +323,22 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
+def scratch_dir(prefix):
+    """A new directory under the system's temp folder, removed when this process exits (the
+    benchmarks' compile caches: hundreds of MB a run otherwise left behind in /tmp)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def own_compile_cache():
+    """fpipe's compiled steps kept in a directory of this benchmark run's own (its first call
+    compiles, its fresh processes load; removed at exit), unless FPIPE_COMPILE_CACHE names one to
+    reuse across runs (kept). Child processes inherit the variable and keep the parent's."""
+    if compile_cache.CACHE_ENV not in os.environ:
+        os.environ[compile_cache.CACHE_ENV] = scratch_dir("fpipe-bench-cache-")
+
+
 # ---------------------------------------------------------------- memory, in a fresh process
 def _rss_kib(field):
     with open("/proc/self/status") as f:
@@ -440,9 +458,7 @@ def main(argv=None):
     if args.memory_child:
         args.depth = args.depth[0]
         return memory_child(args)
-    # fpipe's compiled trunk and heads' step kept in a directory of this benchmark's own: its first
-    # call compiles, the memory processes load (set FPIPE_COMPILE_CACHE to reuse one across runs).
-    os.environ.setdefault(compile_cache.CACHE_ENV, tempfile.mkdtemp(prefix="fpipe-bench-cache-"))
+    own_compile_cache()  # the trunk and heads' step: the first call compiles, the memory processes load
     torch.set_num_threads(args.threads)
     print("machine:", machine())
     for depth in args.depth:

@@ -44,7 +44,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import ml_collections
@@ -52,7 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import vit_step
-from benchmarks.linear_eval_step import ARCH, NUM_CLASSES, machine, time_round_robin, torch_module
+from benchmarks.linear_eval_step import (ARCH, NUM_CLASSES, machine, own_compile_cache, scratch_dir,
+                                         time_round_robin, torch_module)
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
 from fpipe import freeze, optim
 from fpipe.models import fold
@@ -246,7 +246,7 @@ def bench(args, mode, depth, image_size):
             print(f"  {n} caches: inductor {r['inductor']} aot_autograd {r['aot_autograd']}")
         sys.stdout.flush()
     if not args.no_memory:
-        caches = {n: tempfile.mkdtemp(prefix=f"fpipe-bench-{n}-caches-") for n in progs}
+        caches = {n: scratch_dir(f"fpipe-bench-{n}-caches-") for n in progs}
         for state in ("cold", "warm"):
             mem = {n: in_fresh_process(args, mode, depth, image_size, n, 5, caches[n]) for n in progs}
             for n, r in mem.items():
@@ -280,9 +280,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.child:
         return child(args)
-    # fpipe's saved steps in a directory of this benchmark's own: its first call compiles, a fresh
-    # process loads (set FPIPE_COMPILE_CACHE to reuse a directory across benchmark runs).
-    os.environ.setdefault("FPIPE_COMPILE_CACHE", tempfile.mkdtemp(prefix="fpipe-bench-cache-"))
+    own_compile_cache()  # fpipe's saved steps: the first call compiles, a fresh process loads
     torch.set_num_threads(args.threads)
     print("machine:", machine())
     depths = args.depth if args.arch == "resnet" else args.depth[:1]

@@ -20,10 +20,11 @@ from fpipe.models import model as model_lib
 from fpipe.train import compile_cache, precision
 
 
-# freezing: weights as constants (packed for oneDNN, BatchNorm folded, post-ops fused).
-# conv_1x1_as_mm: a 1×1 conv on channels-last activations is a matmul against a constant weight
-# (ResNet-50 at 64 px: 10-15% faster; benchmarks/linear_eval_step.py).
-INDUCTOR_OPTIONS = {"freezing": True, "conv_1x1_as_mm": True}
+# freezing: weights as constants (packed for oneDNN, BatchNorm folded, post-ops fused). Inductor's
+# conv_1x1_as_mm is not set: freezing packs every conv, 1×1 included, before that lowering is
+# reached (torch 2.13: the same kernels and times with it), and 1×1 convs written as matmuls
+# against packed weights were slower (ResNet-50 64 px trunk: 184 vs 117 ms, a scratch script).
+INDUCTOR_OPTIONS = {"freezing": True}
 
 
 class FrozenTrunk(NamedTuple):
