@@ -87,3 +87,33 @@ def test_conv_on_a_1x1_input_uses_the_centre_tap_exactly():
         border = g.clone()
         border[:, :, 1, 1] = 0
         assert torch.isfinite(g).all() and border.abs().max() == 0
+
+
+def test_dense_as_a_1x1_conv_gives_linears_values_and_gradients(monkeypatch):
+    """layers.dense's oneDNN route (taken where MKL runs AVX2 code): F.linear's values and
+    gradients through torch.func, eager and compiled, for 2-d, 3-d and non-contiguous rows, with
+    and without bias; empty batches, 1-d inputs and bf16 autocast take F.linear itself."""
+    monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 16), torch.randn(24)
+    inputs = [torch.randn(7, 16), torch.randn(3, 5, 16), torch.randn(5, 3, 16).transpose(0, 1)]
+
+    def loss(params, x, fn):
+        return (fn(x, params["w"], params.get("b")) ** 2).sum()
+
+    grad = torch.func.grad_and_value(loss)
+    compiled = torch.compile(grad, backend="aot_eager", fullgraph=True)  # traced as the train step traces it
+    for x in inputs:
+        for params in ({"w": w, "b": b}, {"w": w}):
+            expected = grad(params, x, torch.nn.functional.linear)
+            for got in (grad(params, x, layers.dense), compiled(params, x, layers.dense)):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layers.dense(inputs[1], w, b).dtype == torch.bfloat16
+    assert layers.dense(torch.randn(0, 16), w).shape == (0, 24)
+    torch.testing.assert_close(layers.dense(torch.randn(16).fill_(1.0), w), w.sum(1))
+    # the route is a 1x1 conv (not F.linear), so the comparison above did test it
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or torch.conv2d(*a, **k))
+    layers.dense(inputs[0], w, b)
+    assert calls

@@ -105,7 +105,7 @@ def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_no
     def block(p, h, drop):
         y = conv(p["block"]["0"], h, padding=3, groups=h.shape[1]).permute(0, 2, 3, 1)
         y = F.layer_norm(y, y.shape[-1:], p["block"]["2"]["weight"], p["block"]["2"]["bias"], EPS)
-        y = F.linear(F.gelu(F.linear(y, **p["block"]["3"])), **p["block"]["5"]).permute(0, 3, 1, 2)
+        y = layers.dense(F.gelu(layers.dense(y, **p["block"]["3"])), **p["block"]["5"]).permute(0, 3, 1, 2)
         return trunk_lib.stochastic_depth(p["layer_scale"] * y, drop, train) + h
 
     def stage(s):

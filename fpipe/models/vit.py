@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fpipe.models import layers
 from fpipe.models.resnet import Trunk
 
 # Feature names after the last block; ``block<i>`` (i from 0) come before them, shallow to deep.
@@ -270,10 +271,10 @@ def embed(spec, params, images):
 def attention(p, x, heads):
     """Multi-head self-attention with nn.MultiheadAttention's packed q/k/v projection."""
     n, t, d = x.shape
-    q, k, v = F.linear(x, p["in_proj_weight"], p["in_proj_bias"]).view(n, t, 3, heads, d // heads).permute(
+    q, k, v = layers.dense(x, p["in_proj_weight"], p["in_proj_bias"]).view(n, t, 3, heads, d // heads).permute(
         2, 0, 3, 1, 4).unbind(0)
     y = F.scaled_dot_product_attention(q, k, v)
-    return F.linear(y.transpose(1, 2).reshape(n, t, d), p["out_proj"]["weight"], p["out_proj"]["bias"])
+    return layers.dense(y.transpose(1, 2).reshape(n, t, d), p["out_proj"]["weight"], p["out_proj"]["bias"])
 
 
 def block(spec, p, x):
@@ -287,9 +288,9 @@ def block(spec, p, x):
 def feed_forward(p, x):
     """torchvision's MLP (``0``, exact GELU, ``3``) or dinov2's SwiGLU (``w12`` = [gate; value], ``w3``)."""
     if "w12" in p:
-        gate, value = F.linear(x, p["w12"]["weight"], p["w12"]["bias"]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * value, p["w3"]["weight"], p["w3"]["bias"])
-    return F.linear(F.gelu(F.linear(x, p["0"]["weight"], p["0"]["bias"])), p["3"]["weight"], p["3"]["bias"])
+        gate, value = layers.dense(x, p["w12"]["weight"], p["w12"]["bias"]).chunk(2, dim=-1)
+        return layers.dense(F.silu(gate) * value, p["w3"]["weight"], p["w3"]["bias"])
+    return layers.dense(F.gelu(layers.dense(x, p["0"]["weight"], p["0"]["bias"])), p["3"]["weight"], p["3"]["bias"])
 
 
 def _layer_norm(p, x, eps):
