@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fpipe import freeze, tree
+from fpipe.models import layers
 from fpipe.models import model as model_lib
 from fpipe.train import compile_cache, precision
 from fpipe.train import frozen_trunk as ft_lib
@@ -22,7 +23,13 @@ class _SGD:
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_frozen_trunk_step_equals_whole_step(compile):
+def test_frozen_trunk_step_equals_whole_step(compile, monkeypatch):
+    """Also with the tiny-input convs (layer3/4 at 32 px) on layers.dense's oneDNN route, which the
+    compiled trunk takes where that route is on (layers.constant_weights; forced here)."""
+    monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
+    dense_calls = []
+    dense = layers.dense
+    monkeypatch.setattr(layers, "dense", lambda *a: dense_calls.append(1) or dense(*a))
     heads = dict(res4=model_lib.head_config("res4", "eval_mlp", pool=[2, 2]),
                  fc=model_lib.head_config("flatten", "linear"))
     model, params, state = _model(18, heads)
@@ -44,6 +51,7 @@ def test_frozen_trunk_step_equals_whole_step(compile):
     for n, v in tree.flatten(new_ts["model_state"]).items():  # the heads' BN trains; trunk state unchanged
         torch.testing.assert_close(v, tree.flatten(ref_ts["model_state"])[n], rtol=1e-4, atol=1e-5)
     assert new_ts["frozen"] is frozen
+    assert bool(dense_calls) == compile  # eager: F.linear (faster without packed weights)
 
 
 def test_the_frozen_trunk_runs_under_the_runs_mixed_precision():

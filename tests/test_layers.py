@@ -1,4 +1,5 @@
 """Pure layers against torch.nn: BatchNorm semantics (momentum, unbiased running var, counter)."""
+import pytest
 import torch
 
 from fpipe.models import layers
@@ -65,6 +66,27 @@ def test_conv_on_a_tiny_input_runs_as_a_matmul_with_conv2d_values_and_gradients(
             torch.testing.assert_close(g, g_ref)
     for hw, k, pad, stride in (((3, 3), 3, 1, 1), ((2, 2), 3, 0, 1), ((2, 2), 1, 0, 2), ((4, 4), 7, 3, 1), ((3, 3), 5, 2, 1)):
         assert not layers._tiny_input(hw, (k, k), stride, pad)
+
+
+def test_a_tiny_input_conv_on_constant_weights_takes_the_dense_route(monkeypatch):
+    """Within layers.constant_weights (the frozen trunk being compiled), a tiny-input conv's matmul
+    runs through layers.dense (a packed 1x1 conv where ROWS_AS_CONV), with F.conv2d's values;
+    outside, F.linear; and the switch is restored on leaving, also after an error."""
+    monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
+    calls = []
+    dense = layers.dense
+    monkeypatch.setattr(layers, "dense", lambda *a: calls.append(a[1].shape) or dense(*a))
+    x, p = torch.randn(4, 6, 2, 2), {"weight": torch.randn(10, 6, 3, 3), "bias": torch.randn(10)}
+    ref = torch.nn.functional.conv2d(x, p["weight"], p["bias"], 1, 1)
+    torch.testing.assert_close(layers.conv(p, x, 1, 1), ref)
+    assert calls == []
+    with layers.constant_weights():
+        torch.testing.assert_close(layers.conv(p, x, 1, 1), ref, rtol=1e-5, atol=1e-5)
+    assert calls == [(40, 24)]  # (4 positions x 10 outputs, 4 positions x 6 inputs)
+    with pytest.raises(RuntimeError), layers.constant_weights():
+        raise RuntimeError
+    layers.conv(p, x, 1, 1)
+    assert len(calls) == 1
 
 
 def test_conv_on_a_1x1_input_uses_the_centre_tap_exactly():
