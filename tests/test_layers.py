@@ -1,5 +1,4 @@
 """Pure layers against torch.nn: BatchNorm semantics (momentum, unbiased running var, counter)."""
-import pytest
 import torch
 
 from fpipe.models import layers
@@ -68,27 +67,6 @@ def test_conv_on_a_tiny_input_runs_as_a_matmul_with_conv2d_values_and_gradients(
         assert not layers._tiny_input(hw, (k, k), stride, pad)
 
 
-def test_a_tiny_input_conv_on_constant_weights_takes_the_dense_route(monkeypatch):
-    """Within layers.constant_weights (the frozen trunk being compiled), a tiny-input conv's matmul
-    runs through layers.dense (a packed 1x1 conv where ROWS_AS_CONV), with F.conv2d's values;
-    outside, F.linear; and the switch is restored on leaving, also after an error."""
-    monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
-    calls = []
-    dense = layers.dense
-    monkeypatch.setattr(layers, "dense", lambda *a: calls.append(a[1].shape) or dense(*a))
-    x, p = torch.randn(4, 6, 2, 2), {"weight": torch.randn(10, 6, 3, 3), "bias": torch.randn(10)}
-    ref = torch.nn.functional.conv2d(x, p["weight"], p["bias"], 1, 1)
-    torch.testing.assert_close(layers.conv(p, x, 1, 1), ref)
-    assert calls == []
-    with layers.constant_weights():
-        torch.testing.assert_close(layers.conv(p, x, 1, 1), ref, rtol=1e-5, atol=1e-5)
-    assert calls == [(40, 24)]  # (4 positions x 10 outputs, 4 positions x 6 inputs)
-    with pytest.raises(RuntimeError), layers.constant_weights():
-        raise RuntimeError
-    layers.conv(p, x, 1, 1)
-    assert len(calls) == 1
-
-
 def test_conv_on_a_1x1_input_uses_the_centre_tap_exactly():
     """Same values and gradients as F.conv2d; the unused taps' gradients are exact zeros, also under
     bf16 autocast on CPU (where oneDNN leaves them uninitialised)."""
@@ -112,30 +90,37 @@ def test_conv_on_a_1x1_input_uses_the_centre_tap_exactly():
 
 
 def test_dense_as_a_1x1_conv_gives_linears_values_and_gradients(monkeypatch):
-    """layers.dense's oneDNN route (taken where MKL runs AVX2 code): F.linear's values and
-    gradients through torch.func, eager and compiled, for 2-d, 3-d and non-contiguous rows, with
-    and without bias; empty batches, 1-d inputs and bf16 autocast take F.linear itself."""
+    """layers.dense's oneDNN routes (taken where MKL runs AVX2 code): F.linear's values and
+    gradients through torch.func, eager and compiled, with the rows as the conv's pixels (as many
+    rows as outputs or more) and with the weight's rows as the pixels (fewer), for 2-d, 3-d and
+    non-contiguous rows, with and without bias; empty batches, 1-d inputs, bf16 autocast and
+    products under DENSE_MIN_MACS take F.linear itself."""
     monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
+    monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
     torch.manual_seed(0)
     w, b = torch.randn(24, 16), torch.randn(24)
-    inputs = [torch.randn(7, 16), torch.randn(3, 5, 16), torch.randn(5, 3, 16).transpose(0, 1)]
+    inputs = [torch.randn(7, 16), torch.randn(30, 16), torch.randn(3, 5, 16), torch.randn(5, 6, 16).transpose(0, 1)]
 
     def loss(params, x, fn):
         return (fn(x, params["w"], params.get("b")) ** 2).sum()
 
-    grad = torch.func.grad_and_value(loss)
+    grad = torch.func.grad_and_value(loss, argnums=(0, 1))
     compiled = torch.compile(grad, backend="aot_eager", fullgraph=True)  # traced as the train step traces it
     for x in inputs:
         for params in ({"w": w, "b": b}, {"w": w}):
             expected = grad(params, x, torch.nn.functional.linear)
             for got in (grad(params, x, layers.dense), compiled(params, x, layers.dense)):
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # each route is a 1x1 conv (not F.linear), over the weight's rows or over the rows
+    images = []
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: images.append(a[0].shape) or torch.conv2d(*a, **k))
+    for x in inputs[:2]:
+        layers.dense(x, w, b)
+    assert images == [(1, 16, 24, 1), (1, 16, 30, 1)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layers.dense(inputs[1], w, b).dtype == torch.bfloat16
     assert layers.dense(torch.randn(0, 16), w).shape == (0, 24)
     torch.testing.assert_close(layers.dense(torch.randn(16).fill_(1.0), w), w.sum(1))
-    # the route is a 1x1 conv (not F.linear), so the comparison above did test it
-    calls = []
-    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or torch.conv2d(*a, **k))
-    layers.dense(inputs[0], w, b)
-    assert calls
+    monkeypatch.setattr(layers, "DENSE_MIN_MACS", 30 * 16 * 24 + 1)
+    layers.dense(inputs[1], w, b)
+    assert len(images) == 2

@@ -4,7 +4,6 @@ Initialisers return ``(params, state)``; appliers return outputs (norms also the
 Names follow torch.nn (``weight``, ``bias``, ``running_mean``, ``running_var``,
 ``num_batches_tracked``), so a torchvision ``state_dict`` maps onto these trees by name.
 """
-import contextlib
 import math
 
 import torch
@@ -86,14 +85,13 @@ def _conv_as_matmul(w, bias, x, stride, padding):
     ho, wo = _out_size(h, w.shape[-2], stride, padding), _out_size(wd, w.shape[-1], stride, padding)
     taps = w.permute(0, 2, 3, 1)  # (o, kh, kw, c): output (i, j) reads a contiguous window of taps
     windows = [(padding - i * stride, padding - j * stride) for i in range(ho) for j in range(wo)]
-    dense_w = torch.cat([taps[:, r:r + h, q:q + wd].reshape(o, h * wd * c) for r, q in windows])
-    matmul = dense if _WEIGHTS_CONSTANT else F.linear
-    y = matmul(x.permute(0, 2, 3, 1).reshape(n, h * wd * c), dense_w, None if bias is None else bias.repeat(ho * wo))
+    matrix = torch.cat([taps[:, r:r + h, q:q + wd].reshape(o, h * wd * c) for r, q in windows])
+    y = dense(x.permute(0, 2, 3, 1).reshape(n, h * wd * c), matrix, None if bias is None else bias.repeat(ho * wo))
     return y.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
 
 
 def linear(p, x):
-    return F.linear(x, p["weight"], p.get("bias"))
+    return dense(x, p["weight"], p.get("bias"))
 
 
 def _mkl_runs_avx2() -> bool:
@@ -109,41 +107,40 @@ def _mkl_runs_avx2() -> bool:
     return vendor in ("AuthenticAMD", "HygonGenuine")
 
 
-# Token-wise linears as 1×1 convolutions (see dense); a module flag, so tests can take either path.
+# Linears as 1×1 convolutions (see dense); a module flag, so tests can take either path.
 ROWS_AS_CONV = _mkl_runs_avx2()
-_WEIGHTS_CONSTANT = False  # see constant_weights
-
-
-@contextlib.contextmanager
-def constant_weights():
-    """Within: the model is being traced for a compiler that packs constant weights once (the
-    frozen trunk, inductor's freezing). Tiny-input convs (:func:`_conv_as_matmul`) then take
-    :func:`dense`'s route too: a packed oneDNN 1×1 conv runs their matmuls 2-2.5× faster than the
-    packed MKL linear freezing would make of them on AMD CPUs (64×2048×2048: 2.4 vs 5.6 ms); with
-    weights that change (a train step) or eager, F.linear is the faster one. Read at trace time."""
-    global _WEIGHTS_CONSTANT
-    before, _WEIGHTS_CONSTANT = _WEIGHTS_CONSTANT, True
-    try:
-        yield
-    finally:
-        _WEIGHTS_CONSTANT = before
+DENSE_MIN_MACS = 1 << 24  # smaller products: F.linear (64 rows, 2048 -> 100: 0.67 vs 0.73-0.84 ms)
 
 
 def dense(x, weight, bias=None):
-    """``F.linear(x, weight, bias)`` for a batch of rows (ViT tokens, ConvNeXt pixels).
+    """``F.linear(x, weight, bias)`` over a batch of rows (ViT tokens, ConvNeXt pixels, features).
 
-    Where MKL runs its AVX2 code (ROWS_AS_CONV: AMD CPUs) a float32 CPU linear runs as a 1×1
-    convolution over the rows instead, which oneDNN computes forward and backward at about twice
-    the speed (ViT-S/16 AdamW step at 64 px: 430 -> 308 ms, benchmarks/train_step.py). Same math;
-    sums in another order (about 1e-6 relative). Elsewhere, and under autocast, ``F.linear``.
+    Where MKL runs its AVX2 code (ROWS_AS_CONV: AMD CPUs) a float32 CPU product of at least
+    ``DENSE_MIN_MACS`` runs as a 1×1 convolution instead, which oneDNN computes forward and
+    backward at about twice MKL's speed there: the operand with more rows is the conv's image
+    (its rows the pixels, channels-last: no copies), the other its kernel. So ViT's tokens are
+    pixels of the weight's kernel, and a batch of 64 features (ResNet's layer4 matmuls at 64 px,
+    an fc head) is the kernel run over the weight's rows: oneDNN's conv kernels are fast over many
+    pixels and slow over few (64 rows, 2048 -> 2048, forward and backward: MKL 13.4 ms, rows as
+    pixels 18.4, the weight's rows as pixels 6.8). Same math; sums in another order (~1e-6
+    relative). Elsewhere, under autocast, and for small products, ``F.linear``.
     """
     if (not ROWS_AS_CONV or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or x.numel() == 0
-            or torch.is_autocast_enabled("cpu")):
+            or torch.is_autocast_enabled("cpu") or x.numel() * weight.shape[0] < DENSE_MIN_MACS):
         return F.linear(x, weight, bias)
-    lead, k = x.shape[:-1], x.shape[-1]
-    pixels = x.reshape(-1, k)[None, :, None, :].permute(0, 3, 1, 2)  # (1, k, rows, 1), channels-last: the rows' memory
-    y = F.conv2d(pixels, weight[:, :, None, None], bias)  # channels-last out: (1, rows, 1, out) in memory
-    return y.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])
+    lead, (n, k) = x.shape[:-1], weight.shape
+    rows = x.reshape(-1, k)
+    if rows.shape[0] >= n:  # the rows are the pixels, the weight the kernel
+        y = F.conv2d(_as_pixels(rows), weight[:, :, None, None], bias)  # channels-last: (1, rows, 1, n) in memory
+        return y.permute(0, 2, 3, 1).reshape(*lead, n)
+    y = F.conv2d(_as_pixels(weight), rows[:, :, None, None])[0, :, :, 0]  # (rows, n), column-major
+    y = y if bias is None else y + bias
+    return y.contiguous().reshape(*lead, n)
+
+
+def _as_pixels(rows):
+    """A (r, c) matrix as a 1×r image of c channels in channels-last memory: the matrix's own."""
+    return rows[None, :, None, :].permute(0, 3, 1, 2)
 
 
 def batch_norm(p, s, x, train, momentum=BN_MOMENTUM, eps=BN_EPS, sync_stats=None):
