@@ -124,3 +124,35 @@ def test_dense_as_a_1x1_conv_gives_linears_values_and_gradients(monkeypatch):
     monkeypatch.setattr(layers, "DENSE_MIN_MACS", 30 * 16 * 24 + 1)
     layers.dense(inputs[1], w, b)
     assert len(images) == 2
+
+
+def test_a_1x1_conv_on_a_2x2_map_runs_as_dense_with_conv2d_values_and_gradients(monkeypatch):
+    """Where layers.dense runs on oneDNN, a 1x1 conv whose output is at most 2x2 (stride 1 or 2,
+    with and without bias) is a dense over its pixels: F.conv2d's values and gradients, output
+    channels-last; larger outputs, padded or grouped 1x1 convs keep F.conv2d."""
+    monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
+    monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
+    routed = []
+    as_matmul = layers._pointwise_as_matmul
+    monkeypatch.setattr(layers, "_pointwise_as_matmul", lambda *a: routed.append(a[2].shape) or as_matmul(*a))
+    torch.manual_seed(0)
+    for hw, stride, bias in (((2, 2), 1, True), ((2, 1), 1, False), ((4, 4), 2, True), ((3, 3), 2, False), ((1, 2), 1, True)):
+        x = torch.randn(5, 6, *hw, requires_grad=True)
+        p = {"weight": torch.randn(10, 6, 1, 1, requires_grad=True)}
+        if bias:
+            p["bias"] = torch.randn(10, requires_grad=True)
+        routed.clear()
+        y = layers.conv(p, x, stride)
+        ref = torch.nn.functional.conv2d(x, p["weight"], p.get("bias"), stride)
+        assert len(routed) == 1 and y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        grad_out = torch.randn_like(ref)
+        inputs = [x, *p.values()]
+        for g, g_ref in zip(torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out)):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    routed.clear()
+    w = {"weight": torch.randn(12, 6, 1, 1)}
+    layers.conv(w, torch.randn(2, 6, 3, 3))  # a 3x3 output
+    layers.conv(w, torch.randn(2, 6, 2, 2), padding=1)
+    layers.conv({"weight": torch.randn(12, 3, 1, 1)}, torch.randn(2, 6, 2, 2), groups=2)
+    assert routed == []

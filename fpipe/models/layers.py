@@ -55,7 +55,20 @@ def conv(p, x, stride=1, padding=0, groups=1):
     w = p["weight"]
     if groups == 1 and isinstance(padding, int) and _tiny_input(x.shape[-2:], w.shape[-2:], stride, padding):
         return _conv_as_matmul(w, p.get("bias"), x, stride, padding)
+    if groups == 1 and padding == 0 and w.shape[-2:] == (1, 1) and isinstance(stride, int):
+        pixels = x[:, :, ::stride, ::stride] if stride > 1 else x
+        if pixels.shape[-2] * pixels.shape[-1] <= 4 and _on_onednn(pixels, w.shape[0]):
+            return _pointwise_as_matmul(w, p.get("bias"), pixels)
     return F.conv2d(x, w, p.get("bias"), stride, padding, 1, groups)
+
+
+def _pointwise_as_matmul(w, bias, x):
+    """A 1×1 conv on a map of at most 2×2 as :func:`dense` over its pixels: oneDNN's conv kernels
+    are slow on so few columns (64×2048×2×2 -> 512, forward and backward: 18.4 vs 8.8 ms; a
+    stride-2 1024 -> 2048 to 2×2: 41.4 vs 15.4), and on 4×4 maps already as fast as the matmul."""
+    n, c, h, wd = x.shape
+    y = dense(x.permute(0, 2, 3, 1).reshape(n * h * wd, c), w[:, :, 0, 0], bias)
+    return y.reshape(n, h, wd, -1).permute(0, 3, 1, 2)  # channels-last, as the conv's
 
 
 def _out_size(size, kernel, stride, padding):
@@ -125,8 +138,7 @@ def dense(x, weight, bias=None):
     pixels 18.4, the weight's rows as pixels 6.8). Same math; sums in another order (~1e-6
     relative). Elsewhere, under autocast, and for small products, ``F.linear``.
     """
-    if (not ROWS_AS_CONV or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or x.numel() == 0
-            or torch.is_autocast_enabled("cpu") or x.numel() * weight.shape[0] < DENSE_MIN_MACS):
+    if not _on_onednn(x, weight.shape[0]):
         return F.linear(x, weight, bias)
     lead, (n, k) = x.shape[:-1], weight.shape
     rows = x.reshape(-1, k)
@@ -136,6 +148,12 @@ def dense(x, weight, bias=None):
     y = F.conv2d(_as_pixels(weight), rows[:, :, None, None])[0, :, :, 0]  # (rows, n), column-major
     y = y if bias is None else y + bias
     return y.contiguous().reshape(*lead, n)
+
+
+def _on_onednn(x, outputs):
+    """Whether :func:`dense` runs ``x`` (rows of its last dim) into ``outputs`` as a 1×1 conv."""
+    return (ROWS_AS_CONV and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2 and x.numel() > 0
+            and not torch.is_autocast_enabled("cpu") and x.numel() * outputs >= DENSE_MIN_MACS)
 
 
 def _as_pixels(rows):
