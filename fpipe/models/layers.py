@@ -142,7 +142,7 @@ def dense(x, weight, bias=None):
         return F.linear(x, weight, bias)
     lead, (n, k) = x.shape[:-1], weight.shape
     rows = x.reshape(-1, k)
-    if rows.shape[0] >= n:  # the rows are the pixels, the weight the kernel
+    if rows.shape[0] > n:  # the rows are the pixels, the weight the kernel
         y = F.conv2d(_as_pixels(rows), weight[:, :, None, None], bias)  # channels-last: (1, rows, 1, n) in memory
         return y.permute(0, 2, 3, 1).reshape(*lead, n)
     y = F.conv2d(_as_pixels(weight), rows[:, :, None, None])[0, :, :, 0]  # (rows, n), column-major
