@@ -35,6 +35,11 @@ Output per case:
           the first call compiles, and what compiling leaves on the heap counts), then warm (the
           same caches filled: the first call loads). Both programs always in the same state.
   memory_vs_compiled (cold|warm): Z  fpipe's step peak RSS / the compiled module's (goal <= 1.1)
+  alone_ratio_vs_compiled|eager (cold|warm): the same ratios from those runs alone (median step after
+          the first call): one program per process, as a user runs it. Interleaved programs share one
+          heap: glibc then returns and re-faults the baselines' large blocks (R50 32 px eager alone:
+          12.6k page faults, 24 ms of system time a step) and perturbs fpipe's reuse of its own
+          memory, so interleaved ratios understate the standalone ones; runs one after another drift.
 """
 import argparse
 import ctypes
@@ -192,10 +197,14 @@ def child(args):
             f.write("5")
     except OSError:
         pass
+    times = []
     for _ in range(args.iters):
+        t = time.perf_counter()
         run()
+        times.append(time.perf_counter() - t)
     from torch._dynamo.utils import counters
     print(json.dumps({"first_call_s": first, "peak_mib": _kib("VmHWM") / 1024, "setup_mib": before / 1024,
+                      "step_ms": sorted(times)[len(times) // 2] * 1e3 if times else None,
                       "process_peak_mib": max(compile_peak, _kib("VmHWM")) / 1024,
                       "inductor": {k: v for k, v in counters["inductor"].items() if "cache" in k},
                       "aot_autograd": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k}}))
@@ -257,6 +266,10 @@ def bench(args, mode, depth, image_size):
                       "  (goal <= 1.1)")
             if "fpipe" in mem and "eager" in mem:
                 print(f"memory_vs_eager ({state}): {mem['fpipe']['peak_mib'] / mem['eager']['peak_mib']:.3f}")
+            print(f"alone ({state}): " + "  ".join(f"{n} {r['step_ms']:.1f} ms" for n, r in mem.items()))
+            for base in ("compiled", "eager"):
+                if "fpipe" in mem and base in mem:
+                    print(f"alone_ratio_vs_{base} ({state}): {mem[base]['step_ms'] / mem['fpipe']['step_ms']:.3f}")
             sys.stdout.flush()
     sys.stdout.flush()
 
