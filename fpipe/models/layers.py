@@ -55,9 +55,10 @@ def conv(p, x, stride=1, padding=0, groups=1):
     w = p["weight"]
     if groups == 1 and isinstance(padding, int) and _tiny_input(x.shape[-2:], w.shape[-2:], stride, padding):
         return _conv_as_matmul(w, p.get("bias"), x, stride, padding)
-    if groups == 1 and padding == 0 and w.shape[-2:] == (1, 1) and isinstance(stride, int):
-        pixels = x[:, :, ::stride, ::stride] if stride > 1 else x
-        if pixels.shape[-2] * pixels.shape[-1] <= 4 and _on_onednn(pixels, w.shape[0]):
+    if (groups == 1 and padding == 0 and w.shape[-2:] == (1, 1) and isinstance(stride, int)
+            and _out_size(x.shape[-2], 1, stride, 0) * _out_size(x.shape[-1], 1, stride, 0) <= 4):
+        pixels = x[:, :, ::stride, ::stride]
+        if _on_onednn(pixels, w.shape[0]):
             return _pointwise_as_matmul(w, p.get("bias"), pixels)
     return F.conv2d(x, w, p.get("bias"), stride, padding, 1, groups)
 
@@ -131,11 +132,11 @@ def dense(x, weight, bias=None):
     Where MKL runs its AVX2 code (ROWS_AS_CONV: AMD CPUs) a float32 CPU product of at least
     ``DENSE_MIN_MACS`` runs as a 1×1 convolution instead, which oneDNN computes forward and
     backward at about twice MKL's speed there: the operand with more rows is the conv's image
-    (its rows the pixels, channels-last: no copies), the other its kernel. So ViT's tokens are
-    pixels of the weight's kernel, and a batch of 64 features (ResNet's layer4 matmuls at 64 px,
-    an fc head) is the kernel run over the weight's rows: oneDNN's conv kernels are fast over many
-    pixels and slow over few (64 rows, 2048 -> 2048, forward and backward: MKL 13.4 ms, rows as
-    pixels 18.4, the weight's rows as pixels 6.8). Same math; sums in another order (~1e-6
+    (its rows the pixels, channels-last: no copies), the other its kernel, since oneDNN's conv
+    kernels are fast over many pixels and slow over few: a batch of 64 features (ResNet's layer4
+    matmuls at 64 px, an fc head) is the kernel run over the weight's rows (64 rows, 2048 -> 2048,
+    forward and backward: MKL 13.4 ms, the rows as pixels 18.4, the weight's rows 6.8), and many
+    tokens are the pixels under the weight as kernel. Same math; sums in another order (~1e-6
     relative). Elsewhere, under autocast, and for small products, ``F.linear``.
     """
     if not _on_onednn(x, weight.shape[0]):
