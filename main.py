@@ -46,8 +46,10 @@ def main(argv):
         from fpipe import config_help  # torch-free
         print(config_help.describe(config, path))
         return 0
-    from fpipe import workdir as workdir_lib
+    from fpipe import host_memory, workdir as workdir_lib
     from fpipe.train import config_check, loop  # after flag parsing: importing torch is slow
+
+    memory_note = host_memory.keep_freed_memory()  # each step reuses the last one's memory (glibc)
 
     workdir = FLAGS.workdir or workdir_lib.default_workdir(path, config, _file_config(path))
     detection = "detection" in config.get("model", {})  # configs/detection.py: fpipe.detection.train
@@ -60,6 +62,7 @@ def main(argv):
     with workdir_lib.claim(workdir, config, tuple(FLAGS.allow_change), main_process=main_process) as changes:
         if main_process:
             _log_to_file(os.path.join(workdir, "log"), f"config {path}:\n{config}")
+            logging.info(memory_note)
         overrides = config_flags.get_override_values(FLAGS["config"])
         shown = ", ".join(f"{k}={v}" for k, v in overrides.items())
         print(f"config: {path}{f' with {shown}' if shown else ''} (all keys: {workdir}/config.json)\n"

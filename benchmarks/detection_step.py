@@ -26,7 +26,7 @@ import time
 import torch
 
 from configs import detection as detection_config
-from fpipe import freeze, optim, tree
+from fpipe import freeze, host_memory, optim, tree
 from fpipe.detection import collate
 from fpipe.detection import model as det_model
 from fpipe.detection import train as det_train
@@ -64,6 +64,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(host_memory.keep_freed_memory())  # as main.py does
     model, opt, state, batches, lr = setup(args.steps)
 
     eager_times, eager_loss = run(det_train.make_step(model, opt), state, batches, opt.inputs(lr))

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from benchmarks import linear_eval_step as le
 from benchmarks import train_step as ts
+from fpipe import host_memory
 from fpipe.train import precision
 from fpipe.train import loop as loop_lib
 from fpipe.train import step as step_lib
@@ -204,6 +205,7 @@ def main(argv=None):
     if args.arch != "resnet" and "linear_eval" in args.parts:
         ap.error("the linear_eval part runs a ResNet; give --parts train with --arch vit_s16")
     le.own_compile_cache()  # fpipe's compiled steps, as the other benchmarks keep them
+    print(host_memory.keep_freed_memory())  # as main.py does
     device = torch.device(args.device)
     dtype = precision.autocast_dtype(args.dtype, device)
     if device.type == "cuda":

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fpipe import freeze, optim, tree
+from fpipe import freeze, host_memory, optim, tree
 from fpipe.models import fold
 from fpipe.train import compile_cache, distributed
 from fpipe.train import loop as loop_lib
@@ -331,6 +331,14 @@ def scratch_dir(prefix):
     return path
 
 
+def as_main_does(threads):
+    """The process as ``main.py`` sets it up, for every program measured in it, baselines included
+    (the thread count; freed host memory kept: fpipe.host_memory), so the ratios compare step code
+    under one allocator setting. ``FPIPE_KEEP_FREED_MEMORY=0`` measures under glibc's defaults."""
+    torch.set_num_threads(threads)
+    return host_memory.keep_freed_memory()
+
+
 def own_compile_cache():
     """fpipe's compiled steps kept in a directory of this benchmark run's own (its first call
     compiles, its fresh processes load; removed at exit), unless FPIPE_COMPILE_CACHE names one to
@@ -354,7 +362,6 @@ def memory_child(args):
     Prints JSON: ``base_mib`` (RSS after setup, warm-up and malloc_trim: model, batch, compiled
     code and constants) and ``rise_mib`` (the peak during the timed calls minus that).
     """
-    torch.set_num_threads(args.threads)
     model, params, state, batch = build(args.depth, args.image_size, args.batch_size)
     run = programs(args.depth, model, params, state, batch, only=args.memory_child)[args.memory_child]
     t = time.perf_counter()
@@ -455,12 +462,13 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    memory_note = as_main_does(args.threads)
     if args.memory_child:
         args.depth = args.depth[0]
         return memory_child(args)
     own_compile_cache()  # the trunk and heads' step: the first call compiles, the memory processes load
-    torch.set_num_threads(args.threads)
     print("machine:", machine())
+    print(memory_note)
     for depth in args.depth:
         bench(args, depth)
 

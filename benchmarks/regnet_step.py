@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.linear_eval_step import (NUM_CLASSES, fpipe_step, report_steps, sgd_head_runner, time_round_robin)
+from benchmarks.linear_eval_step import (NUM_CLASSES, as_main_does, fpipe_step, report_steps, sgd_head_runner, time_round_robin)
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.models import regnet
@@ -154,7 +154,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    print(as_main_does(args.threads))
     model, params, state, batch = build(args.name, args.image_size, args.batch_size)
     spec = model.trunk.spec
     progs = programs(spec, model, params, state, batch)

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import vit_step
-from benchmarks.linear_eval_step import (ARCH, NUM_CLASSES, machine, own_compile_cache, scratch_dir,
+from benchmarks.linear_eval_step import (ARCH, NUM_CLASSES, as_main_does, machine, own_compile_cache, scratch_dir,
                                          time_round_robin, torch_module)
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
 from fpipe import freeze, optim
@@ -179,7 +179,6 @@ def make_program(name, s):
 def child(args):
     """One program alone: its first-call time, the peak RSS over ``--iters`` steps after it (and
     of the whole process, compilation included); prints JSON."""
-    torch.set_num_threads(args.threads)
     s = setup(args.mode[0], args.depth[0], args.image_size[0], args.batch_size, arch=args.arch,
               optimizer=args.optimizer)
     gc.collect()
@@ -291,11 +290,12 @@ def main(argv=None):
     ap.add_argument("--no-second-run", action="store_true", help="skip the second-run first-call processes")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    memory_note = as_main_does(args.threads)
     if args.child:
         return child(args)
     own_compile_cache()  # fpipe's saved steps: the first call compiles, a fresh process loads
-    torch.set_num_threads(args.threads)
     print("machine:", machine())
+    print(memory_note)
     depths = args.depth if args.arch == "resnet" else args.depth[:1]
     for mode in args.mode:
         for depth in depths:

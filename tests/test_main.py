@@ -42,6 +42,7 @@ def test_linear_eval_writes_results_metrics_tensorboard_and_checkpoints(tmp_path
     assert list((tmp_path / "tb").iterdir())
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt_*.pt")) == [
         "ckpt_00000006.pt", "ckpt_00000012.pt"]
+    assert "host memory: " in (tmp_path / "log").read_text()  # what fpipe.host_memory did, logged
 
 
 def test_unknown_override_is_an_error_naming_the_key(tmp_path):
