@@ -5,7 +5,8 @@ blocks above its mmap threshold (128 KB, rising to at most 32 MB) are unmapped a
 the heap is trimmed, so each step faults its memory in again and the kernel zeroes it: ResNet-50
 at 64 px, batch 64, on 2 cores: 25,000-50,000 page faults and 20-200 ms of system time a step
 (483-535 ms a step alone; 400-450 ms with this); at 224 px, batch 32: 540,000-770,000 faults,
-3.2-3.5 s a step (2.2-2.6 s with this). ``keep_freed_memory`` sets glibc's ``mallopt``: never
+3.2-3.5 s a step (2.2-2.8 s with this; up to 3.5 s in steps where glibc maps blocks over 32 MB
+afresh, as it does when no free chunk fits). ``keep_freed_memory`` sets glibc's ``mallopt``: never
 trim the heap, and serve every block up to glibc's largest mmap threshold (32 MB) from it.
 Larger blocks keep glibc's mmap, since the heap fragments around them (all blocks in the heap:
 up to 1.4x the peak resident memory at 224 px). The cost: freed memory stays resident, and the
