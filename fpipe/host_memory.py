@@ -15,7 +15,7 @@ launcher (``torch.backends.xeon.run_cpu``) gets the same by preloading jemalloc 
 
 ``main.py`` calls it and logs what it did. The user's own choice wins: nothing is changed when
 ``MALLOC_*_`` or ``GLIBC_TUNABLES`` malloc settings are in the environment, another allocator is
-preloaded, or ``FPIPE_KEEP_FREED_MEMORY=0``.
+preloaded, or ``FPIPE_KEEP_FREED_MEMORY=0`` (or false, no, off).
 """
 import ctypes
 import os
@@ -30,8 +30,8 @@ _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 def keep_freed_memory() -> str:
     """Sets glibc to keep freed memory; returns what was done, a line for the log."""
-    if os.environ.get(OPT_OUT_ENV, "1") == "0":
-        return f"host memory: glibc's defaults ({OPT_OUT_ENV}=0)"
+    if os.environ.get(OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"host memory: glibc's defaults ({OPT_OUT_ENV}={os.environ[OPT_OUT_ENV]})"
     reason = _users_choice()
     if reason:
         return f"host memory: left as set ({reason})"

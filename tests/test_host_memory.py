@@ -56,6 +56,7 @@ def test_freed_blocks_are_reused_without_faulting_them_in_again():
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
 @pytest.mark.parametrize("env,note", [({host_memory.OPT_OUT_ENV: "0"}, "glibc's defaults"),
+                                      ({host_memory.OPT_OUT_ENV: "off"}, "glibc's defaults"),
                                       ({"MALLOC_TOP_PAD_": "131072"}, "left as set (MALLOC_TOP_PAD_)")])
 def test_glibc_defaults_when_asked_and_then_each_round_faults_again(env, note):
     got = rounds(**env)
