@@ -5,9 +5,10 @@ blocks above its mmap threshold (128 KB, rising to at most 32 MB) are unmapped a
 the heap is trimmed, so each step faults its memory in again and the kernel zeroes it: ResNet-50
 at 64 px, batch 64, on 2 cores: 25,000-50,000 page faults and 20-200 ms of system time a step
 (483-535 ms a step alone; 400-450 ms with this); at 224 px, batch 32: 540,000-770,000 faults,
-3.2-3.5 s a step (2.2-2.8 s with this; up to 3.5 s in steps where glibc maps blocks over 32 MB
-afresh, as it does when no free chunk fits). ``keep_freed_memory`` sets glibc's ``mallopt``: never
-trim the heap, and serve every block up to glibc's largest mmap threshold (32 MB) from it.
+3.2-3.5 s a step (2.3-2.5 s with this, after up to 3.5 s in the first five steps, where glibc
+maps blocks over 32 MB afresh until its heap has grown free chunks that fit them).
+``keep_freed_memory`` sets glibc's ``mallopt``: never trim the heap, and serve every block up to
+glibc's largest mmap threshold (32 MB) from it.
 Larger blocks keep glibc's mmap, since the heap fragments around them (all blocks in the heap:
 up to 1.4x the peak resident memory at 224 px). The cost: freed memory stays resident, and the
 peak rises with fragmentation (R50 64 px: +3-7%; 224 px batch 32: +11-18%). PyTorch's CPU
