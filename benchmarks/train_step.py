@@ -30,14 +30,15 @@ Output per case:
                           (what a second run waits: fpipe loads the step it saved,
                           fpipe.train.compile_cache; torch.compile has its inductor/AOTAutograd caches)
   memory: each program alone in a fresh process: the step peak RSS (the process's peak over
-          --warmup + 5 steps after the first call, VmHWM reset), and the process peak (compile included). Twice,
-          each program with compile caches of its own (inductor's, fpipe's saved steps): cold (empty:
+          --warmup + 5 steps after the first call, VmHWM reset), and the process peak (compile
+          included). Twice, each program with compile caches of its own (inductor's, fpipe's saved
+          steps): cold (empty:
           the first call compiles, and what compiling leaves on the heap counts), then warm (the
           same caches filled: the first call loads). Both programs always in the same state.
   memory_vs_compiled (cold|warm): Z  fpipe's step peak RSS / the compiled module's (goal <= 1.1)
   alone_ratio_vs_compiled|eager (cold|warm): the same ratios from those runs alone (median of the 5
-          steps after --warmup ones): one program per process, as a user runs it. Interleaved programs share one
-          heap: glibc then returns and re-faults the baselines' large blocks (R50 32 px eager alone:
+          steps after --warmup ones): one program per process, as a user runs it. Interleaved
+          programs share one heap: glibc then returns and re-faults the baselines' large blocks (R50 32 px eager alone:
           12.6k page faults, 24 ms of system time a step) and perturbs fpipe's reuse of its own
           memory, so interleaved ratios understate the standalone ones; runs one after another drift.
 """
@@ -177,9 +178,10 @@ def make_program(name, s):
 
 # ---------------------------------------------------------------- fresh processes
 def child(args):
-    """One program alone: its first-call time, the peak RSS over the ``--warmup`` + ``--iters`` steps
-    after it (and of the whole process, compilation included), the median of the last ``--iters``
-    (after the heap has grown: at 224 px every program faults its memory in for five steps); prints JSON."""
+    """One program alone: its first-call time, the peak RSS over the ``--warmup`` + ``--iters``
+    steps after it (and of the whole process, compilation included), the median of the last
+    ``--iters`` (after the heap has grown: at 224 px every program faults its memory in for five
+    steps); prints JSON."""
     s = setup(args.mode[0], args.depth[0], args.image_size[0], args.batch_size, arch=args.arch,
               optimizer=args.optimizer)
     gc.collect()
@@ -216,7 +218,8 @@ def in_fresh_process(args, mode, depth, image_size, name, iters, caches=None):
     fpipe's), else the ones this process uses."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--mode", mode, "--depth", str(depth),
            "--image-size", str(image_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-           "--iters", str(iters), "--warmup", str(args.warmup if iters else 0), "--arch", args.arch, "--optimizer", args.optimizer]
+           "--iters", str(iters), "--warmup", str(args.warmup if iters else 0), "--arch", args.arch,
+           "--optimizer", args.optimizer]
     env = dict(os.environ)
     if caches:
         env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
