@@ -29,18 +29,18 @@ Output per case:
   second_run_first_call_s: ...  the first call in a fresh process after this one compiled
                           (what a second run waits: fpipe loads the step it saved,
                           fpipe.train.compile_cache; torch.compile has its inductor/AOTAutograd caches)
-  memory: each program alone in a fresh process: the step peak RSS (the process's peak over
-          --warmup + 5 steps after the first call, VmHWM reset), and the process peak (compile
-          included). Twice, each program with compile caches of its own (inductor's, fpipe's saved
-          steps): cold (empty:
-          the first call compiles, and what compiling leaves on the heap counts), then warm (the
-          same caches filled: the first call loads). Both programs always in the same state.
+  memory: each program alone in a fresh process: the step peak RSS (the process's peak over --warmup
+          + 5 steps after the first call, VmHWM reset), and the process peak (compile included).
+          Twice, each program with compile caches of its own (inductor's, fpipe's saved steps): cold
+          (empty: the first call compiles, and what compiling leaves on the heap counts), then warm
+          (the same caches filled: the first call loads). Both programs always in the same state.
   memory_vs_compiled (cold|warm): Z  fpipe's step peak RSS / the compiled module's (goal <= 1.1)
   alone_ratio_vs_compiled|eager (cold|warm): the same ratios from those runs alone (median of the 5
           steps after --warmup ones): one program per process, as a user runs it. Interleaved
-          programs share one heap: glibc then returns and re-faults the baselines' large blocks (R50 32 px eager alone:
-          12.6k page faults, 24 ms of system time a step) and perturbs fpipe's reuse of its own
-          memory, so interleaved ratios understate the standalone ones; runs one after another drift.
+          programs share one heap: glibc then returns and re-faults the baselines' large blocks (R50
+          32 px eager alone: 12.6k page faults, 24 ms of system time a step) and perturbs fpipe's
+          reuse of its own memory, so interleaved ratios understate the standalone ones; runs one
+          after another drift.
 """
 import argparse
 import ctypes
