@@ -131,6 +131,37 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     assert compile_cache.step_key(base, "cpu", "train") != key
 
 
+def test_a_step_built_under_another_autocast_never_loads_this_one(monkeypatch, tmp_path):
+    """The loop derives the autocast dtype from config.precision, but build_train_step and
+    build_eval_step take it as an argument: a caller passing bf16 with a float32 config (the
+    benchmarks do) must get its own saved step, not the float32 one (nor the reverse)."""
+    keys = {}
+
+    def record(fn, args, directory, key, name, fallback):  # runs the step eagerly: no compile
+        keys.setdefault(name, []).append(key)
+        return fn
+
+    monkeypatch.setattr(compile_cache, "saved_or_compiled", record)
+    c = configs.supervised.get_config()
+    c.compile_cache_dir = str(tmp_path)
+    _, ts, opt = tiny_step()
+    model = models.build(ml_collections.ConfigDict(dict(
+        trunk=defaults.trunk("vit", patch_size=4, hidden_dim=32, depth=1, heads=4, mlp_dim=64),
+        heads=dict(fc=models.head_config("lastCLS")))), num_classes=5, image_size=16)
+    dist = distributed.Dist(device=torch.device("cpu"))
+    for autocast in (None, torch.bfloat16, None):
+        train = loop.build_train_step(c, model, opt, ts["trainable"], ts["model_state"], frozenset(), dist,
+                                      compiling=True, autocast=autocast)
+        state = tree.map_leaves(lambda t: t.clone(), ts)
+        train(state, batch(), opt.inputs(0.1))
+        evaluate = loop.build_eval_step(c, model, dist, compiling=True, autocast=autocast)
+        evaluate(tree.merge(ts["trainable"], ts["frozen"]), ts["model_state"], batch())
+    for name in ("train step", "eval step"):
+        fp32, bf16, fp32_again = keys[name]
+        assert fp32 == fp32_again and bf16 != fp32, name
+    assert keys["train step"][0] != keys["eval step"][0]
+
+
 def test_the_loop_keeps_steps_of_single_process_runs_where_the_config_says(monkeypatch, tmp_path):
     c = configs.supervised.get_config()
     monkeypatch.setenv(compile_cache.CACHE_ENV, str(tmp_path))

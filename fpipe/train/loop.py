@@ -146,8 +146,7 @@ def _run(config, workdir, dist, stop, run_info):
                                     compiling=compiling, sync_stats=sync_stats, autocast=autocast,
                                     heads_only=trunk_features is not None, hold=hold)
 
-        eval_step = step_lib.maybe_compile(step_lib.make_eval_step(step_model, autocast=autocast),
-                                           compiling, "eval step", cache=step_cache(config, dist, "eval"))
+        eval_step = build_eval_step(config, step_model, dist, compiling=compiling, autocast=autocast)
         hold_rules = freeze.rules(config.layer_freeze.rules)
         hold_until = schedules.to_steps(config.layer_freeze, "freeze", steps_per_epoch, 0) if hold_rules else 0
         holding = start_step < hold_until
@@ -248,10 +247,16 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
     if compiling:  # the new state written into the old one's tensors (fpipe.train.donation)
         step = donation.writes_into_inputs(step)
     step = step_lib.maybe_compile(step, compiling, "train step",
-                                  cache=step_cache(config, dist, "train", heads_only, sorted(held)))
+                                  cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast))
     if heads_only:
         step = frozen_trunk.heads_only(step)
     return donation.Donating(step) if compiling else step
+
+
+def build_eval_step(config, model, dist, *, compiling, autocast=None):
+    """The eval step as the loop runs it, compiled if ``compiling``."""
+    return step_lib.maybe_compile(step_lib.make_eval_step(model, autocast=autocast), compiling, "eval step",
+                                  cache=step_cache(config, dist, "eval", autocast))
 
 
 def make_loader(split, config, dist, *, train):
@@ -323,7 +328,9 @@ def cache_dir(config, dist):
 
 
 def step_cache(config, dist, *parts):
-    """``(directory, key)`` for a compiled step of this config, or None (see :func:`cache_dir`)."""
+    """``(directory, key)`` for a compiled step of this config, or None (see :func:`cache_dir`).
+    ``parts``: everything else the step is built with (its role, the autocast dtype a caller
+    passes), so that a step built another way never loads this one."""
     directory = cache_dir(config, dist)
     return (directory, compile_cache.step_key(config, str(dist.device), *parts)) if directory else None
 
