@@ -13,12 +13,17 @@ from fpipe.train import compile_cache, distributed, loop
 from fpipe.train import step as step_lib
 
 
-def tiny_step(weight_decay=1e-4):
-    """A real fpipe train step (a one-block ViT, frozen: a short compile; a linear head) and its inputs."""
+def tiny_model():
+    """A one-block ViT (frozen below: a short compile) and a linear head."""
     cfg = ml_collections.ConfigDict(dict(
         trunk=defaults.trunk("vit", patch_size=4, hidden_dim=32, depth=1, heads=4, mlp_dim=64),
         heads=dict(fc=models.head_config("lastCLS"))))
-    model = models.build(cfg, num_classes=5, image_size=16)
+    return models.build(cfg, num_classes=5, image_size=16)
+
+
+def tiny_step(weight_decay=1e-4):
+    """A real fpipe train step (tiny_model's, the trunk frozen) and its inputs."""
+    model = tiny_model()
     params, state = model.init(0)
     trainable, frozen = freeze.partition(params, ("trunk",))
     opt_cfg = optim.default_config()
@@ -145,9 +150,7 @@ def test_a_step_built_under_another_autocast_never_loads_this_one(monkeypatch, t
     c = configs.supervised.get_config()
     c.compile_cache_dir = str(tmp_path)
     _, ts, opt = tiny_step()
-    model = models.build(ml_collections.ConfigDict(dict(
-        trunk=defaults.trunk("vit", patch_size=4, hidden_dim=32, depth=1, heads=4, mlp_dim=64),
-        heads=dict(fc=models.head_config("lastCLS")))), num_classes=5, image_size=16)
+    model = tiny_model()
     dist = distributed.Dist(device=torch.device("cpu"))
     for autocast in (None, torch.bfloat16, None):
         train = loop.build_train_step(c, model, opt, ts["trainable"], ts["model_state"], frozenset(), dist,
