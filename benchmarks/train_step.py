@@ -38,9 +38,10 @@ Output per case:
           + 5 steps after the first call, VmHWM reset), and the process peak (compile included).
           Twice, each program with compile caches of its own (inductor's, fpipe's saved steps): cold
           (empty: the first call compiles, and what compiling leaves on the heap counts), then warm
-          (the same caches filled: the first call loads). Both programs always in the same state.
-  memory_vs_compiled (cold|warm): Z  fpipe's step peak RSS / the compiled module's (goal <= 1.1)
-  alone_ratio_vs_compiled|eager (cold|warm): the same ratios from those runs alone (median of the 5
+          (the same caches filled: the first call loads). Every program always in the same state.
+  memory_vs_compiled (cold|warm): Z  fpipe's step peak RSS / the compiled module's (goal <= 1.1);
+          likewise memory_vs_eager, _compiled_cl (goal <= 1.1), _eager_cl
+  alone_ratio_vs_<baseline> (cold|warm): the same ratios from those runs alone (median of the 5
           steps after --warmup ones): one program per process, as a user runs it. Interleaved
           programs share one heap: glibc then returns and re-faults the baselines' large blocks (R50
           32 px eager alone: 12.6k page faults, 24 ms of system time a step) and perturbs fpipe's
