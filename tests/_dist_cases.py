@@ -103,8 +103,10 @@ def bn_inputs():
     return xs, ws, p, s
 
 
-def run_sync_bn(dist, group=None):
-    """fpipe's synced batch_norm on this rank's shard, differentiated by torch.func.grad_and_value."""
+def run_sync_bn(dist, group=None, compiled=False):
+    """fpipe's synced batch_norm on this rank's shard, differentiated by torch.func.grad_and_value
+    (``compiled``: under torch.compile, as the train step runs it; torch.compile can drop an
+    autograd.Function's own backward under torch.func.grad, and SyncBN's all-reduce is one)."""
     xs, ws, p, s = bn_inputs()
     x, w = xs[dist.rank], ws[dist.rank]
     sync = distributed.sync_stats(dist, group)
@@ -113,7 +115,8 @@ def run_sync_bn(dist, group=None):
         y, new_s = layers.batch_norm(p, s, x, True, sync_stats=sync)
         return (y * w).sum(), (y, new_s)
 
-    (gp, gx), (_, (y, new_s)) = torch.func.grad_and_value(loss, argnums=(0, 1), has_aux=True)(p, x)
+    grads = torch.func.grad_and_value(loss, argnums=(0, 1), has_aux=True)
+    (gp, gx), (_, (y, new_s)) = (torch.compile(grads, fullgraph=True) if compiled else grads)(p, x)
     return {"y": y, "state": new_s, "grad_x": gx, "grad_weight": gp["weight"], "grad_bias": gp["bias"]}
 
 
@@ -135,6 +138,7 @@ def main(outdir):
         "ddp_torch": run_ddp(dist),
         "sync_bn": run_sync_bn(dist),
         "sync_bn_node": run_sync_bn(dist, "node"),
+        "sync_bn_compiled": run_sync_bn(dist, compiled=True),
         "sync_bn_alone": distributed.sync_stats(dist, 1) is None,
     }
     torch.save(out, os.path.join(outdir, f"rank{dist.rank}.pt"))

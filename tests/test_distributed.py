@@ -124,7 +124,7 @@ def _reference_bn():
     return ys, torch.split(gx, cases.BN_SIZES), per_rank, bn
 
 
-@pytest.mark.parametrize("key", ["sync_bn", "sync_bn_node"])
+@pytest.mark.parametrize("key", ["sync_bn", "sync_bn_node", "sync_bn_compiled"])
 def test_sync_bn_equals_batch_norm_over_the_global_batch(ranks, key):
     ys, gxs, per_rank, bn = _reference_bn()
     for r, out in enumerate(ranks):
