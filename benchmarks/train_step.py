@@ -10,8 +10,8 @@ Settings from the shipped configs (``configs/supervised.py``: SGD lr 0.1, moment
 decay 5e-4; ``configs/finetune.py``: SGD lr 0.05, Nesterov momentum 0.9, weight decay 1e-4, the
 trunk at 0.1x the lr; both: no weight decay on norms and biases), a ResNet trunk (any of
 torchvision's depths; or ``--arch vit_s16``: a ViT-S/16 stored for the input size, the head on its
-class token; or ``--arch regnet_<preset>``: a RegNet, the baselines benchmarks/regnet_step.py's
-module) and a linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw``
+class token; or a RegNet, ConvNeXt or EfficientNet preset: ``--arch regnet_y_400mf``, the
+baselines the modules of benchmarks/regnet_step.py and benchmarks/zoo_modules.py) and a linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw``
 swaps the config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baselines'
 ``torch.optim.AdamW(foreach=True)``), what ViTs are fine-tuned with. Three programs, timed in one process,
 round-robin (a busy machine slows each alike), medians:
@@ -64,21 +64,22 @@ import ml_collections
 import torch
 import torch.nn.functional as F
 
-from benchmarks import regnet_step, vit_step
+from benchmarks import regnet_step, vit_step, zoo_modules
 from benchmarks.linear_eval_step import (ARCH, NUM_CLASSES, as_main_does, machine, own_compile_cache, scratch_dir,
                                          time_round_robin, torch_module)
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
 from fpipe import freeze, optim
 from fpipe.models import fold
 from fpipe.models import model as model_lib
-from fpipe.models import regnet, vit
+from fpipe.models import convnext, efficientnet, regnet, vit
 from fpipe.train import distributed
 from fpipe.train import loop as loop_lib
 
 MODES = ("supervised", "finetune")
 PROGRAMS = ("fpipe", "eager", "compiled", "eager_cl", "compiled_cl")
 GOALS = {"compiled": 1.0, "eager": 1.1, "compiled_cl": 1.0, "eager_cl": 1.1}  # fpipe's speed over each baseline
-ARCHS = ("resnet", "vit_s16", *sorted(regnet.PRESETS))
+PRESET_ARCHS = (*regnet.PRESETS, *convnext.PRESETS, *efficientnet.PRESETS)  # trunk presets by name
+ARCHS = ("resnet", "vit_s16", *sorted(PRESET_ARCHS))
 OPTIMIZERS = ("config", "adamw")
 
 
@@ -88,7 +89,7 @@ def config_for(mode, depth, image_size, batch_size, arch="resnet", optimizer="co
         options = dict(vit.PRESETS["vit_small_patch16_224"], image_size=image_size)
         config.model.trunk = ml_collections.ConfigDict(dict(name="vit", **options))
         config.model.heads.fc = model_lib.head_config("lastCLS", "linear")
-    elif arch in regnet.PRESETS:
+    elif arch in PRESET_ARCHS:
         config.model.trunk = model_lib.trunk_config(arch)
     else:
         config.model.trunk.depth = depth
@@ -163,11 +164,13 @@ def torch_optimizer(net, s, **impl):
 
 
 def torch_net(s):
-    """The nn.Module of this setup's network (ResNet, ViT or RegNet) with fpipe's weights, in train mode."""
+    """The nn.Module of this setup's network with fpipe's weights, in train mode."""
     if s["arch"] == "vit_s16":
         return vit_step.torch_module(s["model"].trunk.spec, s["params"]).train()
     if s["arch"] in regnet.PRESETS:
         return regnet_step.torch_module(s["model"].trunk.spec, s["params"], s["state"]).train()
+    if s["arch"] in PRESET_ARCHS:
+        return zoo_modules.torch_module(s["model"].trunk.spec, s["params"], s["state"], NUM_CLASSES).train()
     return torch_module(s["depth"], s["params"], s["state"]).train()
 
 
@@ -298,7 +301,7 @@ def bench(args, mode, depth, image_size):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
-    ap.add_argument("--arch", default="resnet", choices=ARCHS, help="vit_s16: ViT-S/16; regnet_*: a RegNet (--depth is then ignored)")
+    ap.add_argument("--arch", default="resnet", choices=ARCHS, help="vit_s16: ViT-S/16; else a RegNet, ConvNeXt or EfficientNet preset (--depth is then ignored)")
     ap.add_argument("--depth", type=int, nargs="+", default=[18, 50], choices=sorted(ARCH), help="ResNet depths")
     ap.add_argument("--optimizer", default="config", choices=OPTIMIZERS,
                     help="adamw: AdamW (lr 1e-3, wd 0.05) instead of the config's SGD")

@@ -1,9 +1,16 @@
-"""The benchmarks' own housekeeping: the compile caches they make are gone when they exit, and a
-cache directory the user names is kept."""
+"""The benchmarks' own housekeeping (the compile caches they make are gone when they exit, a cache
+directory the user names is kept) and their baselines (the zoo's nn.Module twins are fpipe's network)."""
 import os
 import pathlib
 import subprocess
 import sys
+
+import ml_collections
+import pytest
+import torch
+
+from fpipe import tree
+from fpipe.models import model as models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ("import os; from benchmarks.linear_eval_step import own_compile_cache, scratch_dir; "
@@ -31,3 +38,30 @@ def test_a_compile_cache_the_user_names_is_kept(tmp_path):
     mine.mkdir()
     cache, _ = run({**os.environ, "FPIPE_COMPILE_CACHE": str(mine), "TMPDIR": str(tmp_path)})
     assert cache == mine and (mine / "step.pt2").read_text() == "x"
+
+
+@pytest.mark.parametrize("family,options", [("convnext", dict(channels=(8, 16, 16, 16), depths=(1, 1, 1, 1))),
+                                            ("efficientnet", dict(width_mult=0.25, depth_mult=0.3))])
+def test_the_baselines_zoo_modules_compute_fpipes_network(family, options):
+    """benchmarks/zoo_modules.py's twins hold fpipe's weights by name and give its logits and
+    gradients in train mode (batch statistics), so a benchmark times the same network."""
+    from benchmarks import zoo_modules
+    cfg = ml_collections.ConfigDict(dict(trunk=models.trunk_config(family, **options),
+                                         heads=dict(fc=models.head_config("flatten", "linear"))))
+    model = models.build(cfg, num_classes=5, image_size=32)
+    params, state = model.init(0)
+    net = zoo_modules.torch_module(model.trunk.spec, params, state, 5).train()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def loss(p):
+        out, _ = model.apply(p, state, x, train=True)
+        return out["fc"].square().mean(), out["fc"]
+
+    grads, logits = torch.func.grad(loss, has_aux=True)(params)
+    mine = net(x)
+    mine.square().mean().backward()
+    torch.testing.assert_close(mine, logits, rtol=1e-4, atol=1e-5)
+    named = dict(net.named_parameters())
+    for name, g in tree.flatten(grads).items():  # within float rounding of each tensor's largest
+        err = (named[name.split(".", 1)[1]].grad - g).abs().max().item()
+        assert err <= 1e-3 * g.abs().max().item() + 1e-6, (name, err)
