@@ -1,5 +1,6 @@
 """Pure layers against torch.nn: BatchNorm semantics (momentum, unbiased running var, counter)."""
 import torch
+import torch.nn.functional as F
 
 from fpipe.models import layers
 
@@ -100,6 +101,7 @@ def test_dense_as_a_1x1_conv_gives_linears_values_and_gradients(monkeypatch):
     torch.manual_seed(0)
     w, b = torch.randn(24, 16), torch.randn(24)
     inputs = [torch.randn(7, 16), torch.randn(30, 16), torch.randn(3, 5, 16), torch.randn(5, 6, 16).transpose(0, 1)]
+    prime = torch.randn(29, 16)  # 29 rows: a 1x29 image
 
     def loss(params, x, fn):
         return (fn(x, params["w"], params.get("b")) ** 2).sum()
@@ -111,19 +113,46 @@ def test_dense_as_a_1x1_conv_gives_linears_values_and_gradients(monkeypatch):
             expected = grad(params, x, torch.nn.functional.linear)
             for got in (grad(params, x, layers.dense), compiled(params, x, layers.dense)):
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad({"w": w}, prime, layers.dense), grad({"w": w}, prime, torch.nn.functional.linear),
+                               rtol=1e-5, atol=1e-5)
     # each route is a 1x1 conv (not F.linear), over the weight's rows or over the rows
     images = []
     monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: images.append(a[0].shape) or torch.conv2d(*a, **k))
     for x in inputs[:2]:
         layers.dense(x, w, b)
-    assert images == [(1, 16, 24, 1), (1, 16, 30, 1)]
+    layers.dense(prime, w, b)
+    assert images == [(2, 16, 2, 6), (2, 16, 3, 5), (1, 16, 29, 1)]  # no dim of size 1 where the rows allow
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layers.dense(inputs[1], w, b).dtype == torch.bfloat16
     assert layers.dense(torch.randn(0, 16), w).shape == (0, 24)
     torch.testing.assert_close(layers.dense(torch.randn(16).fill_(1.0), w), w.sum(1))
     monkeypatch.setattr(layers, "DENSE_MIN_MACS", 30 * 16 * 24 + 1)
     layers.dense(inputs[1], w, b)
-    assert len(images) == 2
+    assert len(images) == 3
+
+
+def test_compiled_dense_convs_take_their_image_as_it_is(monkeypatch):
+    """Compiled by inductor (as the train step is), dense's convs get their channels-last image
+    without a copy, forward and backward: inductor gives size-1 dims stride 0, and a 1×r image
+    then read as NCHW to oneDNN, which copied it on every call (ConvNeXt-T 64 px: ~40 ms a step)."""
+    from torch.profiler import ProfilerActivity, profile
+    monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
+    monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
+    w1, w2 = torch.randn(32, 16), torch.randn(16, 32)
+    x = torch.randn(2, 4, 6, 16)  # 48 rows of pixels (more than either's outputs): a (2, 16, 2, 12) image
+
+    def loss(params, x):  # each dense's image computed in the graph, as ConvNeXt's LayerNorm and GELU
+        return layers.dense(F.gelu(layers.dense(F.layer_norm(x, (16,)), params["w1"])), params["w2"]).square().sum()
+
+    grads = torch.compile(torch.func.grad(loss))
+    expected = torch.func.grad(loss)({"w1": w1, "w2": w2}, x)
+    torch.testing.assert_close(grads({"w1": w1, "w2": w2}, x), expected, rtol=1e-4, atol=1e-3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        grads({"w1": w1, "w2": w2}, x)
+    convs = [e for e in prof.events() if e.name in ("aten::_convolution", "aten::convolution_backward")]
+    copies = [e for e in prof.events() if e.name == "aten::clone" and e.cpu_parent is not None
+              and e.cpu_parent.name == "aten::contiguous"]
+    assert len(convs) == 4 and not copies, [e.cpu_parent.cpu_parent.name for e in copies]
 
 
 def test_a_1x1_conv_on_a_2x2_map_runs_as_dense_with_conv2d_values_and_gradients(monkeypatch):
