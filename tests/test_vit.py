@@ -276,7 +276,8 @@ def test_block_math_equals_torch_nn_modules():
 # ---------------------------------------------------------------- compile, meta, autocast, registry
 def test_compiles_with_fullgraph_and_equals_eager():
     """One graph, no breaks (dynamo fullgraph + AOT autograd tracing; inductor itself runs in the
-    frozen-trunk path of every linear-eval run), on an input grid that needs resampling."""
+    frozen-trunk path of every linear-eval run), on an input grid that needs resampling; the same
+    features and, under torch.func.grad, gradients."""
     trunk = vit.build(**dict(TINY, depth=2, num_registers=1, layer_scale=0.5, pos_resample="bicubic_antialias"))
     params, _ = trunk.init(0)
     x = torch.randn(2, 3, 20, 24)
@@ -288,6 +289,16 @@ def test_compiles_with_fullgraph_and_equals_eager():
     assert got["patch_grid"].shape == (2, 32, 5, 6)
     for f in features:
         torch.testing.assert_close(got[f], eager[f], atol=1e-5, rtol=1e-5)
+
+    def loss(p):  # the gradients too, through torch.func.grad under torch.compile, in train mode
+        feats, _ = trunk.apply(p, {}, x, train=True, features=features)
+        return sum(f.square().mean() for f in feats.values())
+
+    want = tree.flatten(torch.func.grad(loss)(params))
+    got = tree.flatten(torch.compile(torch.func.grad(loss), fullgraph=True, dynamic=False, backend="aot_eager")(params))
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_meta_device_bf16_autocast_and_grads(tiny):

@@ -112,7 +112,7 @@ def test_cifar_stem_keeps_32px_inputs_large():
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"resnet"}))  # ResNet: tests/test_step.py etc.
 def test_compiled_tiny_trunk_equals_eager(family):
     """fullgraph capture (no graph breaks) and functionalised BatchNorm state (aot_eager; inductor
-    runs on RegNet in benchmarks/regnet_step.py): the same features and state, in train mode."""
+    runs on RegNet in benchmarks/regnet_step.py): the same features, state and gradients, in train mode."""
     trunk = models.build_trunk(family, **TINY[family])
     params, state = trunk.init(0)
     x = torch.randn(2, 3, 64 if family == "alexnet" else 32, 64 if family == "alexnet" else 32)  # AlexNet needs 63 px
@@ -125,6 +125,17 @@ def test_compiled_tiny_trunk_equals_eager(family):
     compiled = torch.compile(run, fullgraph=True, backend="aot_eager")(params, state, x)
     for a, b in zip(tree.leaves(eager[0]) + tree.leaves(eager[1]), tree.leaves(compiled[0]) + tree.leaves(compiled[1])):
         torch.testing.assert_close(a, b)
+
+    # and the gradients, through torch.func.grad under torch.compile as the train step takes them
+    # (that composition has dropped custom backwards and in-place updates silently in PyTorch)
+    def loss(params):
+        return sum(f.square().mean() for f in run(params, state, x)[0].values())
+
+    want = tree.flatten(torch.func.grad(loss)(params))
+    got = tree.flatten(torch.compile(torch.func.grad(loss), fullgraph=True, backend="aot_eager")(params))
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_models_doc_lists_every_feature_and_preset():
