@@ -27,37 +27,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.linear_eval_step import (NUM_CLASSES, as_main_does, fpipe_step, report_steps, sgd_head_runner, time_round_robin)
+from benchmarks.zoo_modules import SqueezeExcitation, conv_bn
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.models import regnet
 
 
 # ---------------------------------------------------------------- the nn.Module a user would write
-def conv_bn(cin, cout, k, stride=1, groups=1, relu=True):
-    mods = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return nn.Sequential(*mods, *([nn.ReLU(inplace=True)] if relu else []))
-
-
-class SqueezeExcitation(nn.Module):
-    def __init__(self, channels, squeeze):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Conv2d(channels, squeeze, 1), nn.Conv2d(squeeze, channels, 1)
-
-    def forward(self, x):
-        s = F.adaptive_avg_pool2d(x, 1)
-        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
-
-
 class Block(nn.Module):
     """torchvision's ResBottleneckBlock: x (or proj(x)) + [1×1, 3×3 grouped, SE, 1×1](x), ReLU."""
 
     def __init__(self, w_in, w_out, stride, groups, se_ratio):
         super().__init__()
-        self.proj = conv_bn(w_in, w_out, 1, stride, relu=False) if (w_in != w_out or stride != 1) else None
-        f = collections.OrderedDict(a=conv_bn(w_in, w_out, 1), b=conv_bn(w_out, w_out, 3, stride, groups))
+        self.proj = conv_bn(w_in, w_out, 1, stride) if (w_in != w_out or stride != 1) else None
+        f = collections.OrderedDict(a=conv_bn(w_in, w_out, 1, act=nn.ReLU),
+                                    b=conv_bn(w_out, w_out, 3, stride, groups, act=nn.ReLU))
         if se_ratio:
-            f["se"] = SqueezeExcitation(w_out, int(round(se_ratio * w_in)))
-        f["c"] = conv_bn(w_out, w_out, 1, relu=False)
+            f["se"] = SqueezeExcitation(w_out, int(round(se_ratio * w_in)), act=F.relu)
+        f["c"] = conv_bn(w_out, w_out, 1)
         self.f = nn.Sequential(f)
 
     def forward(self, x):
@@ -69,7 +56,7 @@ class RegNet(nn.Module):
 
     def __init__(self, spec, num_classes):
         super().__init__()
-        self.stem = conv_bn(3, spec.stem_width, 3, 2)
+        self.stem = conv_bn(3, spec.stem_width, 3, 2, act=nn.ReLU)
         stages, w_in = collections.OrderedDict(), spec.stem_width
         for s, (width, depth, group) in enumerate(spec.stages, start=1):
             blocks = collections.OrderedDict()

@@ -1,4 +1,5 @@
-"""torchvision-style ``nn.Module`` twins of fpipe's ConvNeXt and EfficientNet trunks, for baselines.
+"""torchvision-style ``nn.Module`` twins of fpipe's ConvNeXt and EfficientNet trunks, for baselines
+(and the conv-BatchNorm and squeeze-excitation blocks that benchmarks/regnet_step.py's RegNet shares).
 
 What a user writes without torchvision: the same layers under torchvision's names, so fpipe's
 params load by name (``torch_module``); a linear ``fc`` on the ``flatten`` feature plays the head.
@@ -60,20 +61,24 @@ class ConvNeXt(nn.Module):
         return self.fc(torch.flatten(self.classifier(x), 1))
 
 
-def conv_bn_act(cin, cout, k, stride=1, groups=1, act=True, eps=1e-5, momentum=0.1):
+def conv_bn(cin, cout, k, stride=1, groups=1, act=None, eps=1e-5, momentum=0.1):
+    """Conv (no bias), BatchNorm, then ``act`` (an activation class: nn.ReLU, nn.SiLU) if given."""
     mods = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
             nn.BatchNorm2d(cout, eps=eps, momentum=momentum)]
-    return nn.Sequential(*mods, *([nn.SiLU(inplace=True)] if act else []))
+    return nn.Sequential(*mods, *([act(inplace=True)] if act else []))
 
 
 class SqueezeExcitation(nn.Module):
-    def __init__(self, channels, squeeze):
+    """torchvision's: ``fc1``/``fc2`` are 1×1 convs, ``act`` between them (SiLU in EfficientNet)."""
+
+    def __init__(self, channels, squeeze, act=F.silu):
         super().__init__()
         self.fc1, self.fc2 = nn.Conv2d(channels, squeeze, 1), nn.Conv2d(squeeze, channels, 1)
+        self.act = act
 
     def forward(self, x):
         s = F.adaptive_avg_pool2d(x, 1)
-        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(s))))
+        return x * torch.sigmoid(self.fc2(self.act(self.fc1(s))))
 
 
 class MBConv(nn.Module):
@@ -82,10 +87,10 @@ class MBConv(nn.Module):
         norm = dict(eps=eps, momentum=momentum)
         mods = []
         if blk.expanded != blk.in_ch:
-            mods.append(conv_bn_act(blk.in_ch, blk.expanded, 1, **norm))
-        mods += [conv_bn_act(blk.expanded, blk.expanded, blk.kernel, blk.stride, blk.expanded, **norm),
+            mods.append(conv_bn(blk.in_ch, blk.expanded, 1, act=nn.SiLU, **norm))
+        mods += [conv_bn(blk.expanded, blk.expanded, blk.kernel, blk.stride, blk.expanded, act=nn.SiLU, **norm),
                  SqueezeExcitation(blk.expanded, blk.squeeze),
-                 conv_bn_act(blk.expanded, blk.out_ch, 1, act=False, **norm)]
+                 conv_bn(blk.expanded, blk.out_ch, 1, **norm)]
         self.block = nn.Sequential(*mods)
         self.residual = blk.residual
 
@@ -100,9 +105,9 @@ class EfficientNet(nn.Module):
         assert spec.stochastic_depth_prob == 0, "the twin has no stochastic depth"
         norm = dict(eps=spec.norm_eps, momentum=spec.norm_momentum)
         stages = spec.stages()
-        layers = [conv_bn_act(3, spec.stem_width, 3, 2, **norm)]
+        layers = [conv_bn(3, spec.stem_width, 3, 2, act=nn.SiLU, **norm)]
         layers += [nn.Sequential(*[MBConv(blk, **norm) for blk in blocks]) for blocks in stages]
-        layers.append(conv_bn_act(stages[-1][-1].out_ch, spec.head_width, 1, **norm))
+        layers.append(conv_bn(stages[-1][-1].out_ch, spec.head_width, 1, act=nn.SiLU, **norm))
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(spec.head_width, num_classes)
 
