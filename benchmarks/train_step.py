@@ -10,10 +10,11 @@ Settings from the shipped configs (``configs/supervised.py``: SGD lr 0.1, moment
 decay 5e-4; ``configs/finetune.py``: SGD lr 0.05, Nesterov momentum 0.9, weight decay 1e-4, the
 trunk at 0.1x the lr; both: no weight decay on norms and biases), a ResNet trunk (any of
 torchvision's depths; or ``--arch vit_s16``: a ViT-S/16 stored for the input size, the head on its
-class token; or a RegNet, ConvNeXt or EfficientNet preset: ``--arch regnet_y_400mf``, the
-baselines the modules of benchmarks/regnet_step.py and benchmarks/zoo_modules.py) and a linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw``
-swaps the config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baselines'
-``torch.optim.AdamW(foreach=True)``), what ViTs are fine-tuned with. Three programs, timed in one process,
+class token; or a RegNet, ConvNeXt or EfficientNet preset such as ``--arch regnet_y_400mf``, whose
+baselines are the nn.Module twins of benchmarks/regnet_step.py and benchmarks/zoo_modules.py) and a
+linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw`` swaps the
+config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baselines'
+``torch.optim.AdamW(foreach=True)``), what ViTs are fine-tuned with. Five programs, timed in one process,
 round-robin (a busy machine slows each alike), medians:
 
   fpipe     fpipe's step exactly as the loop builds it (``loop.build_train_step``, compiled), on the
@@ -301,7 +302,8 @@ def bench(args, mode, depth, image_size):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
-    ap.add_argument("--arch", default="resnet", choices=ARCHS, help="vit_s16: ViT-S/16; else a RegNet, ConvNeXt or EfficientNet preset (--depth is then ignored)")
+    ap.add_argument("--arch", default="resnet", choices=ARCHS,
+                    help="vit_s16: ViT-S/16; else a RegNet, ConvNeXt or EfficientNet preset (--depth is then ignored)")
     ap.add_argument("--depth", type=int, nargs="+", default=[18, 50], choices=sorted(ARCH), help="ResNet depths")
     ap.add_argument("--optimizer", default="config", choices=OPTIMIZERS,
                     help="adamw: AdamW (lr 1e-3, wd 0.05) instead of the config's SGD")
