@@ -5,7 +5,7 @@
 
 The same programs as benchmarks/linear_eval_step.py (read it for the method), on a RegNet trunk:
 
-  eager          a torchvision-style RegNetY ``nn.Module`` written out below (no torchvision here),
+  eager          a torchvision-style RegNetY ``nn.Module`` (benchmarks/zoo_modules.py; no torchvision),
                  trunk frozen and in eval mode, a linear ``fc`` trained by ``loss.backward()`` and
                  ``torch.optim.SGD`` (momentum 0.9). fpipe's weights are copied in by torchvision name.
   fpipe_step     fpipe's step as the loop builds it: the frozen trunk compiled as a constant
@@ -19,66 +19,20 @@ Medians over ``--iters`` round-robin calls after ``--warmup``. Output lines:
   ratio_vs_forward: Y     fpipe step time / eager forward time (1.0 is the floor)
 """
 import argparse
-import collections
 
 import ml_collections
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
+from benchmarks import zoo_modules
 from benchmarks.linear_eval_step import (NUM_CLASSES, as_main_does, fpipe_step, report_steps, sgd_head_runner, time_round_robin)
-from benchmarks.zoo_modules import SqueezeExcitation, conv_bn
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.models import regnet
 
 
-# ---------------------------------------------------------------- the nn.Module a user would write
-class Block(nn.Module):
-    """torchvision's ResBottleneckBlock: x (or proj(x)) + [1×1, 3×3 grouped, SE, 1×1](x), ReLU."""
-
-    def __init__(self, w_in, w_out, stride, groups, se_ratio):
-        super().__init__()
-        self.proj = conv_bn(w_in, w_out, 1, stride) if (w_in != w_out or stride != 1) else None
-        f = collections.OrderedDict(a=conv_bn(w_in, w_out, 1, act=nn.ReLU),
-                                    b=conv_bn(w_out, w_out, 3, stride, groups, act=nn.ReLU))
-        if se_ratio:
-            f["se"] = SqueezeExcitation(w_out, int(round(se_ratio * w_in)), act=F.relu)
-        f["c"] = conv_bn(w_out, w_out, 1)
-        self.f = nn.Sequential(f)
-
-    def forward(self, x):
-        return F.relu((x if self.proj is None else self.proj(x)) + self.f(x))
-
-
-class RegNet(nn.Module):
-    """torchvision's RegNet (bottleneck multiplier 1), stages from fpipe's generated widths."""
-
-    def __init__(self, spec, num_classes):
-        super().__init__()
-        self.stem = conv_bn(3, spec.stem_width, 3, 2, act=nn.ReLU)
-        stages, w_in = collections.OrderedDict(), spec.stem_width
-        for s, (width, depth, group) in enumerate(spec.stages, start=1):
-            blocks = collections.OrderedDict()
-            for i in range(depth):
-                blocks[f"block{s}-{i}"] = Block(w_in, width, 2 if i == 0 else 1, width // group, spec.se_ratio)
-                w_in = width
-            stages[f"block{s}"] = nn.Sequential(blocks)
-        self.trunk_output = nn.Sequential(stages)
-        self.fc = nn.Linear(w_in, num_classes)
-
-    def features(self, x):
-        return torch.flatten(F.adaptive_avg_pool2d(self.trunk_output(self.stem(x)), 1), 1)
-
-    def forward(self, x):
-        return self.fc(self.features(x))
-
-
 def torch_module(spec, params, state):
-    net = RegNet(spec, NUM_CLASSES)
-    flat = {n.split(".", 1)[1]: v for n, v in tree.flatten(params).items() | tree.flatten(state).items()}
-    net.load_state_dict(flat, strict=True)
-    return net
+    """The torchvision-style RegNet of benchmarks/zoo_modules.py holding fpipe's weights."""
+    return zoo_modules.torch_module(spec, params, state, NUM_CLASSES)
 
 
 # ---------------------------------------------------------------- programs

@@ -11,7 +11,7 @@ decay 5e-4; ``configs/finetune.py``: SGD lr 0.05, Nesterov momentum 0.9, weight 
 trunk at 0.1x the lr; both: no weight decay on norms and biases), a ResNet trunk (any of
 torchvision's depths; or ``--arch vit_s16``: a ViT-S/16 stored for the input size, the head on its
 class token; or a RegNet, ConvNeXt or EfficientNet preset such as ``--arch regnet_y_400mf``, whose
-baselines are the nn.Module twins of benchmarks/regnet_step.py and benchmarks/zoo_modules.py) and a
+baselines are the nn.Module twins of benchmarks/zoo_modules.py) and a
 linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw`` swaps the
 config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baselines'
 ``torch.optim.AdamW(foreach=True)``), what ViTs are fine-tuned with. Five programs, timed in one process,
@@ -65,7 +65,7 @@ import ml_collections
 import torch
 import torch.nn.functional as F
 
-from benchmarks import regnet_step, vit_step, zoo_modules
+from benchmarks import vit_step, zoo_modules
 from benchmarks.linear_eval_step import (ARCH, NUM_CLASSES, as_main_does, machine, own_compile_cache, scratch_dir,
                                          time_round_robin, torch_module)
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
@@ -168,8 +168,6 @@ def torch_net(s):
     """The nn.Module of this setup's network with fpipe's weights, in train mode."""
     if s["arch"] == "vit_s16":
         return vit_step.torch_module(s["model"].trunk.spec, s["params"]).train()
-    if s["arch"] in regnet.PRESETS:
-        return regnet_step.torch_module(s["model"].trunk.spec, s["params"], s["state"]).train()
     if s["arch"] in PRESET_ARCHS:
         return zoo_modules.torch_module(s["model"].trunk.spec, s["params"], s["state"], NUM_CLASSES).train()
     return torch_module(s["depth"], s["params"], s["state"]).train()

@@ -1,16 +1,17 @@
-"""torchvision-style ``nn.Module`` twins of fpipe's ConvNeXt and EfficientNet trunks, for baselines
-(and the conv-BatchNorm and squeeze-excitation blocks that benchmarks/regnet_step.py's RegNet shares).
+"""torchvision-style ``nn.Module`` twins of fpipe's RegNet, ConvNeXt and EfficientNet trunks, for baselines.
 
 What a user writes without torchvision: the same layers under torchvision's names, so fpipe's
 params load by name (``torch_module``); a linear ``fc`` on the ``flatten`` feature plays the head.
 Stochastic depth is left out (fpipe's default is off); the benchmarks assert it is.
 """
+import collections
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fpipe import tree
-from fpipe.models import convnext, efficientnet
+from fpipe.models import convnext, efficientnet, regnet
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -81,6 +82,46 @@ class SqueezeExcitation(nn.Module):
         return x * torch.sigmoid(self.fc2(self.act(self.fc1(s))))
 
 
+class Block(nn.Module):
+    """torchvision's ResBottleneckBlock: x (or proj(x)) + [1×1, 3×3 grouped, SE, 1×1](x), ReLU."""
+
+    def __init__(self, w_in, w_out, stride, groups, se_ratio):
+        super().__init__()
+        self.proj = conv_bn(w_in, w_out, 1, stride) if (w_in != w_out or stride != 1) else None
+        f = collections.OrderedDict(a=conv_bn(w_in, w_out, 1, act=nn.ReLU),
+                                    b=conv_bn(w_out, w_out, 3, stride, groups, act=nn.ReLU))
+        if se_ratio:
+            f["se"] = SqueezeExcitation(w_out, int(round(se_ratio * w_in)), act=F.relu)
+        f["c"] = conv_bn(w_out, w_out, 1)
+        self.f = nn.Sequential(f)
+
+    def forward(self, x):
+        return F.relu((x if self.proj is None else self.proj(x)) + self.f(x))
+
+
+class RegNet(nn.Module):
+    """torchvision's RegNet (bottleneck multiplier 1), stages from fpipe's generated widths."""
+
+    def __init__(self, spec, num_classes):
+        super().__init__()
+        self.stem = conv_bn(3, spec.stem_width, 3, 2, act=nn.ReLU)
+        stages, w_in = collections.OrderedDict(), spec.stem_width
+        for s, (width, depth, group) in enumerate(spec.stages, start=1):
+            blocks = collections.OrderedDict()
+            for i in range(depth):
+                blocks[f"block{s}-{i}"] = Block(w_in, width, 2 if i == 0 else 1, width // group, spec.se_ratio)
+                w_in = width
+            stages[f"block{s}"] = nn.Sequential(blocks)
+        self.trunk_output = nn.Sequential(stages)
+        self.fc = nn.Linear(w_in, num_classes)
+
+    def features(self, x):
+        return torch.flatten(F.adaptive_avg_pool2d(self.trunk_output(self.stem(x)), 1), 1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
 class MBConv(nn.Module):
     def __init__(self, blk: efficientnet.Block, eps, momentum):
         super().__init__()
@@ -115,9 +156,12 @@ class EfficientNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
+TWINS = {regnet.Spec: RegNet, convnext.Spec: ConvNeXt, efficientnet.Spec: EfficientNet}
+
+
 def torch_module(spec, params, state, num_classes):
-    """The twin of ``spec`` (a ConvNeXt or EfficientNet spec) holding fpipe's params and state."""
-    net = (ConvNeXt if isinstance(spec, convnext.Spec) else EfficientNet)(spec, num_classes)
+    """The twin of ``spec`` (a RegNet, ConvNeXt or EfficientNet spec) holding fpipe's params and state."""
+    net = TWINS[type(spec)](spec, num_classes)
     flat = {n.split(".", 1)[1]: v for n, v in tree.flatten(params).items() | tree.flatten(state).items()}
     net.load_state_dict(flat, strict=True)
     return net

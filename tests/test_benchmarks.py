@@ -45,16 +45,14 @@ def test_a_compile_cache_the_user_names_is_kept(tmp_path):
                                             ("regnet", dict(depth=5, w_0=8, w_a=12, w_m=2.0, group_width=8,
                                                             stem_width=8, se_ratio=0.25))])
 def test_the_baselines_zoo_modules_compute_fpipes_network(family, options):
-    """The twins (benchmarks/zoo_modules.py, regnet_step.py) hold fpipe's weights by name and give
-    its logits and gradients in train mode (batch statistics), so a benchmark times the same network."""
-    from benchmarks import regnet_step, zoo_modules
-    from benchmarks.linear_eval_step import NUM_CLASSES
+    """benchmarks/zoo_modules.py's twins hold fpipe's weights by name and give its logits and
+    gradients in train mode (batch statistics), so a benchmark times the same network."""
+    from benchmarks import zoo_modules
     cfg = ml_collections.ConfigDict(dict(trunk=models.trunk_config(family, **options),
                                          heads=dict(fc=models.head_config("flatten", "linear"))))
-    model = models.build(cfg, num_classes=NUM_CLASSES, image_size=32)
+    model = models.build(cfg, num_classes=5, image_size=32)
     params, state = model.init(0)
-    net = (regnet_step.torch_module(model.trunk.spec, params, state) if family == "regnet" else
-           zoo_modules.torch_module(model.trunk.spec, params, state, NUM_CLASSES)).train()
+    net = zoo_modules.torch_module(model.trunk.spec, params, state, 5).train()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
     def loss(p):
