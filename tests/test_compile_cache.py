@@ -9,7 +9,7 @@ import torch
 import configs.supervised
 from fpipe import defaults, freeze, optim, tree
 from fpipe.models import model as models
-from fpipe.train import compile_cache, distributed, loop
+from fpipe.train import compile_cache, distributed, loop, remat
 from fpipe.train import step as step_lib
 
 
@@ -126,7 +126,8 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     # Another step: no decay or no momentum buffer, other optimizer constants, the model, the data's
     # shapes, the step's role.
     for other in (dict(optim__momentum=0.0), dict(optim__weight_decay=0.0), dict(optim__nesterov=True),
-                  dict(data__image_size=64), dict(model__trunk__depth=50), dict(precision__dtype="bf16")):
+                  dict(data__image_size=64), dict(model__trunk__depth=50), dict(precision__dtype="bf16"),
+                  dict(compile_remat=False)):
         assert changed(**other) != key, other
     assert compile_cache.step_key(base, "cpu", "eval") != key
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
@@ -142,7 +143,7 @@ def test_a_step_built_under_another_autocast_never_loads_this_one(monkeypatch, t
     benchmarks do) must get its own saved step, not the float32 one (nor the reverse)."""
     keys = {}
 
-    def record(fn, args, directory, key, name, fallback):  # runs the step eagerly: no compile
+    def record(fn, args, directory, key, name, fallback, inductor=None):  # runs the step eagerly: no compile
         keys.setdefault(name, []).append(key)
         return fn
 
@@ -163,6 +164,22 @@ def test_a_step_built_under_another_autocast_never_loads_this_one(monkeypatch, t
         fp32, bf16, fp32_again = keys[name]
         assert fp32 == fp32_again and bf16 != fp32, name
     assert keys["train step"][0] != keys["eval step"][0]
+
+
+def test_the_train_step_compiles_with_the_remat_pass_unless_the_config_turns_it_off(monkeypatch, tmp_path):
+    given = []
+    monkeypatch.setattr(compile_cache, "saved_or_compiled",  # runs the step eagerly: no compile
+                        lambda fn, *a, fallback, inductor=None: given.append(inductor) or fn)
+    c = configs.supervised.get_config()
+    c.compile_cache_dir = str(tmp_path)
+    _, ts, opt = tiny_step()
+    dist = distributed.Dist(device=torch.device("cpu"))
+    for remat_on in (True, False):
+        c.compile_remat = remat_on
+        train = loop.build_train_step(c, tiny_model(), opt, ts["trainable"], ts["model_state"], frozenset(), dist,
+                                      compiling=True)
+        train(tree.map_leaves(lambda t: t.clone(), ts), batch(), opt.inputs(0.1))
+    assert given == [remat.OPTIONS, None]
 
 
 def test_the_loop_keeps_steps_of_single_process_runs_where_the_config_says(monkeypatch, tmp_path):

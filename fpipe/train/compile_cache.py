@@ -87,15 +87,15 @@ def key_of(*parts) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def saved_or_compiled(fn, args, directory: str, key: str, name: str, fallback):
-    """``fn`` compiled for ``args``: loaded from ``directory`` if saved under ``key``, else
-    compiled ahead of time and saved there. Calls whose inputs its guards reject go to
-    ``fallback`` (a plain ``torch.compile(fn)``)."""
+def saved_or_compiled(fn, args, directory: str, key: str, name: str, fallback, inductor=None):
+    """``fn`` compiled for ``args`` (with ``inductor`` options): loaded from ``directory`` if saved
+    under ``key``, else compiled ahead of time and saved there. Calls whose inputs its guards
+    reject go to ``fallback`` (a plain ``torch.compile(fn)``). ``key`` must cover ``inductor``."""
     path = _path(directory, name, key, ".bin")
     compiled = _load(path, fn, args, name)
     if compiled is None:
         try:
-            compiled = _compile(fn, args)
+            compiled = _compile(fn, args, inductor)
         except torch._dynamo.exc.PackageError as e:  # a guard this torch cannot save: compile as usual
             logging.warning("The %s cannot be saved compiled (%s); compiling it for this run only.", name, e)
             return fallback
@@ -217,9 +217,9 @@ class Guarded:
         return self.fallback(*args)
 
 
-def _compile(fn, args):
+def _compile(fn, args, inductor=None):
     with torch._dynamo.config.patch(enable_aot_compile=True):
-        wrapper = torch.compile(fn, fullgraph=True, options={"guard_filter_fn": _savable_guards})
+        wrapper = torch.compile(fn, fullgraph=True, options={"guard_filter_fn": _savable_guards, **(inductor or {})})
     return wrapper.aot_compile((args, {}))
 
 

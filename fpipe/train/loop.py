@@ -21,7 +21,8 @@ from fpipe import checkpoint, data, files, freeze, optim, schedules, tree, weigh
 from fpipe.evaluate import extract, topk
 from fpipe.models import fold, layers, losses
 from fpipe.models import model as models
-from fpipe.train import compile_cache, config_check, distributed, donation, frozen_trunk, head_grid, periodic, precision
+from fpipe.train import (compile_cache, config_check, distributed, donation, frozen_trunk, head_grid, periodic,
+                         precision, remat)
 from fpipe.train import step as step_lib
 from fpipe.train.signals import Stopped, StopOnSignal
 
@@ -247,7 +248,8 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
     if compiling:  # the new state written into the old one's tensors (fpipe.train.donation)
         step = donation.writes_into_inputs(step)
     step = step_lib.maybe_compile(step, compiling, "train step",
-                                  cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast))
+                                  cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast),
+                                  inductor=remat.OPTIONS if config.compile_remat else None)
     if heads_only:
         step = frozen_trunk.heads_only(step)
     return donation.Donating(step) if compiling else step

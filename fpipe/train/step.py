@@ -163,14 +163,16 @@ def _keep_held(new, old, held):
                            for n, v in tree.flatten(new).items()})
 
 
-def maybe_compile(fn, enabled, name="step", cache=None, **options):
+def maybe_compile(fn, enabled, name="step", cache=None, inductor=None, **options):
     """``torch.compile(fn, fullgraph=True)`` when enabled, with its first call (the compilation)
     announced and timed in the log. ``cache``: ``(directory, key)`` to load the compiled ``fn``
-    from, or save it to (``fpipe.train.compile_cache``). A graph break or compiler error falls back
-    to eager with a loud error naming the cause (or raises, when FPIPE_STRICT_COMPILE=1)."""
+    from, or save it to (``fpipe.train.compile_cache``); ``inductor``: inductor options for both
+    (``fpipe.train.remat.OPTIONS``). A graph break or compiler error falls back to eager with a
+    loud error naming the cause (or raises, when FPIPE_STRICT_COMPILE=1)."""
     if not enabled:
         return fn
-    compiled = torch.compile(fn, fullgraph=True, **options)
+    merged = {**options, "options": {**options.get("options", {}), **inductor}} if inductor else options
+    compiled = torch.compile(fn, fullgraph=True, **merged)
     use = {"fn": compiled, "first": True}
 
     def run(*args):
@@ -181,7 +183,8 @@ def maybe_compile(fn, enabled, name="step", cache=None, **options):
                 logging.info("compiling the %s (first call)…", name)
                 t0 = time.perf_counter()
                 if cache is not None and not options:
-                    use["fn"] = compile_cache.saved_or_compiled(fn, args, *cache, name, fallback=compiled)
+                    use["fn"] = compile_cache.saved_or_compiled(fn, args, *cache, name, fallback=compiled,
+                                                                inductor=inductor)
                 out = use["fn"](*args)
                 logging.info("%s %s in %.1f s", name, "loaded and run" if compile_cache.was_loaded(use["fn"])
                              else "compiled", time.perf_counter() - t0)

@@ -1,0 +1,189 @@
+"""Recompute cheap values in the backward instead of keeping them: the compiled step's peak memory.
+
+fpipe's train step is one graph (forward, ``torch.func``'s backward, the update), so inductor keeps
+every value the backward reads from the forward, as autograd saved it: per conv-BatchNorm-SiLU the
+conv's output, the BatchNorm's, the SiLU's and its sigmoid. ``torch.compile`` of an nn.Module
+gets AOTAutograd's partitioner instead, which keeps the conv's output and recomputes the pointwise
+rest in the backward (EfficientNet-B0: fpipe's step peaked at twice the tensor memory).
+
+This inductor graph pass does the same on the one graph: it finds the point where the most tensor
+bytes are alive (the forward/backward boundary), and every pointwise value alive across it that
+can be rebuilt from values alive there anyway (or small ones) is rebuilt after it, right before its
+first use there, so it dies in the forward. Repeated while the estimated peak falls.
+"""
+import hashlib
+import operator
+import pathlib
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+MAX_ROUNDS = 8
+MAX_CHAIN = 12  # pointwise ops rebuilt for one value at most
+SMALL_BYTES = 1 << 16  # inputs this small may live longer (per-channel statistics, scalars)
+
+
+def _bytes(val):
+    if isinstance(val, torch.Tensor):
+        return val.numel() * val.element_size()
+    if isinstance(val, (tuple, list)):
+        return sum(_bytes(v) for v in val)
+    return 0
+
+
+def _is_view(node):
+    return node.op == "call_function" and (
+        node.target is operator.getitem
+        or (isinstance(node.target, torch._ops.OpOverload) and node.target.is_view))
+
+
+def _rebuildable(node):
+    """A pure pointwise op or a view: cheap to run again, same result (no randomness, no mutation)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    t = node.target
+    if t.is_view:
+        return True
+    if torch.Tag.pointwise not in t.tags or torch.Tag.nondeterministic_seeded in t.tags:
+        return False
+    return not t._schema.is_mutable and isinstance(node.meta.get("val"), torch.Tensor)
+
+
+class Liveness:
+    """Each value's birth, death and bytes, in graph order; views and getitems share their base's
+    storage, so they extend its life and own no bytes."""
+
+    def __init__(self, graph):
+        self.nodes = list(graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.base = {}
+        for n in self.nodes:
+            self.base[n] = self.base[n.args[0]] if _is_view(n) and isinstance(n.args[0], torch.fx.Node) else n
+        self.death = {}
+        for n in self.nodes:
+            for user in n.users:
+                b = self.base[n]
+                self.death[b] = max(self.death.get(b, 0), self.index[user])
+        end = len(self.nodes)
+        for n in self.nodes:
+            if n.op == "placeholder" or any(u.op == "output" for u in n.users):
+                self.death[self.base[n]] = end
+
+    def size(self, node):
+        if node.op != "call_function" or self.base[node] is not node or _writes_inputs(node):
+            return 0
+        return _bytes(node.meta.get("val"))
+
+    def peak(self):
+        """(index, bytes) of the most bytes alive at once, placeholders not counted."""
+        delta = [0] * (len(self.nodes) + 2)
+        for n in self.nodes:
+            s = self.size(n)
+            if s:
+                delta[self.index[n]] += s
+                delta[self.death.get(n, self.index[n]) + 1] -= s
+        best, cur, at = 0, 0, 0
+        for i, d in enumerate(delta):
+            cur += d
+            if cur > best:
+                best, at = cur, i
+        return at, best
+
+    def alive_at(self, node, at):
+        b = self.base[node]
+        return b.op == "placeholder" or self.index[b] <= at < self.death.get(b, -1)
+
+
+def _plan(node, live, at, chain):
+    """The pointwise/view nodes to run again to rebuild ``node`` after ``at`` (appended to
+    ``chain`` in order), from values alive at ``at``, placeholders and small values; False if
+    it cannot be done within MAX_CHAIN ops."""
+    for arg in node.all_input_nodes:
+        if arg in chain or arg.op in ("placeholder", "get_attr") or live.alive_at(arg, at):
+            continue
+        if _bytes(arg.meta.get("val")) <= SMALL_BYTES and not _is_view(arg):  # a view may hold a big base
+            continue
+        if not _rebuildable(arg) or len(chain) >= MAX_CHAIN or not _plan(arg, live, at, chain):
+            return False
+    chain.append(node)
+    return True
+
+
+def _writes_inputs(node):
+    """An in-place op, or a functionalized one that inductor makes in-place again later (its
+    results are its inputs' storage: they own no bytes)."""
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.is_mutable
+    return isinstance(t, torch._ops.HigherOrderOperator) and t.name().startswith("auto_functionalized")
+
+
+def _first_mutation(live):
+    return next((i for i, n in enumerate(live.nodes) if n.op == "call_function" and _writes_inputs(n)),
+                len(live.nodes))
+
+
+def rematerialize(graph):
+    """Rebuild pointwise values after the memory peak instead of keeping them across it; returns
+    (estimated peak bytes before, after)."""
+    live = Liveness(graph)
+    first = live.peak()[1]
+    for _ in range(MAX_ROUNDS):
+        at, peak = live.peak()
+        stop = _first_mutation(live)  # inputs written in place: nothing may read them after
+        crossing = [n for n in live.nodes if live.size(n) and _rebuildable(n) and live.alive_at(n, at)
+                    and not _is_view(n)]
+        changed = False
+        for node in sorted(crossing, key=lambda n: -live.index[n]):  # later first: their copies read earlier ones
+            uses = [live.index[u] for u in _users_through_views(node, keep_views=True) if live.index.get(u, -1) > at]
+            if not uses or max(uses) >= stop:
+                continue
+            chain = []
+            if not _plan(node, live, at, chain):
+                continue
+            before = live.nodes[min(uses)]
+            copies = {}
+            with graph.inserting_before(before):
+                for n in chain:
+                    copies[n] = graph.node_copy(n, lambda a: copies.get(a, a))
+                _rewire(graph, node, copies[node], live, at)
+            changed = True
+            live = Liveness(graph)  # the copies sit after ``at``: its index holds
+            stop = _first_mutation(live)
+        if not changed or live.peak()[1] >= peak:
+            break
+    return first, live.peak()[1]
+
+
+def _rewire(graph, node, copy, live, at):
+    """Users of ``node`` at or after ``at`` read ``copy``; views of ``node`` with such users get
+    copies of their own on ``copy`` (the graph's insertion point is before the first such use)."""
+    for u in list(node.users):
+        if live.index.get(u, -1) > at:
+            u.replace_input_with(node, copy)
+        elif u in live.index and _is_view(u) and any(live.index.get(w, -1) > at for w in _users_through_views(u)):
+            _rewire(graph, u, graph.node_copy(u, lambda a: copy if a is node else a), live, at)
+
+
+def _users_through_views(node, keep_views=False):
+    out = []
+    for u in node.users:
+        if _is_view(u):
+            out.extend([u] * keep_views + _users_through_views(u, keep_views))
+        else:
+            out.append(u)
+    return out
+
+
+class Rematerialize(CustomGraphPass):
+    """``rematerialize`` as an inductor post-grad pass (``torch.compile(options=OPTIONS)``)."""
+
+    def __call__(self, graph):
+        rematerialize(graph)
+        graph.lint()
+
+    def uuid(self):
+        return hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()
+
+
+OPTIONS = {"post_grad_custom_post_pass": Rematerialize()}
