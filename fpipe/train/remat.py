@@ -152,7 +152,8 @@ def rematerialize(graph):
             stop = _first_mutation(live)
         if not changed or live.peak()[1] >= peak:
             break
-    return first, live.peak()[1]
+    graph.eliminate_dead_code()  # the originals that only the rebuilt uses read
+    return first, Liveness(graph).peak()[1]
 
 
 def _rewire(graph, node, copy, live, at):
