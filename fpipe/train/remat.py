@@ -127,12 +127,12 @@ def rematerialize(graph):
     """Rebuild pointwise values after the memory peak instead of keeping them across it; returns
     (estimated peak bytes before, after)."""
     live = Liveness(graph)
-    first = live.peak()[1]
+    at, peak = live.peak()
+    first = peak
     for _ in range(MAX_ROUNDS):
-        at, peak = live.peak()
         stop = _first_mutation(live)  # inputs written in place: nothing may read them after
-        crossing = [n for n in live.nodes if live.size(n) and _rebuildable(n) and live.alive_at(n, at)
-                    and not _is_view(n)]
+        # (views own no bytes: only the values themselves cross)
+        crossing = [n for n in live.nodes if live.size(n) and _rebuildable(n) and live.alive_at(n, at)]
         changed = False
         for node in sorted(crossing, key=lambda n: -live.index[n]):  # later first: their copies read earlier ones
             uses = [live.index[u] for u in _users_through_views(node, keep_views=True) if live.index.get(u, -1) > at]
@@ -150,14 +150,18 @@ def rematerialize(graph):
             changed = True
             live = Liveness(graph)  # the copies sit after ``at``: its index holds
             stop = _first_mutation(live)
-        if not changed or live.peak()[1] >= peak:
+        if not changed:
             break
+        at, now = live.peak()
+        if now >= peak:
+            break
+        peak = now
     graph.eliminate_dead_code()  # the originals that only the rebuilt uses read
     return first, Liveness(graph).peak()[1]
 
 
 def _rewire(graph, node, copy, live, at):
-    """Users of ``node`` at or after ``at`` read ``copy``; views of ``node`` with such users get
+    """Users of ``node`` after ``at`` read ``copy``; views of ``node`` with such users get
     copies of their own on ``copy`` (the graph's insertion point is before the first such use)."""
     for u in list(node.users):
         if live.index.get(u, -1) > at:
