@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fpipe import freeze, optim, tree  # noqa: E402
-from fpipe.models import layers, model as models  # noqa: E402
-from fpipe.train import distributed, step as step_lib  # noqa: E402
+from fpipe import defaults, freeze, optim, tree  # noqa: E402
+from fpipe.models import fold, layers, model as models  # noqa: E402
+from fpipe.train import distributed, loop, step as step_lib  # noqa: E402
 
 CLASSES, SIZE, GLOBAL_BATCH, STEPS, LR = 10, 16, 8, 3, 0.1
 
@@ -89,6 +89,31 @@ def run_ddp(dist):
     return {f"heads.mlp.clf.{k}": v.detach().clone() for k, v in net.state_dict().items()}
 
 
+def run_loop_step(dist=None, steps=2):
+    """The train step as the loop builds it for a multi-process run, compiled (gradients
+    all-reduced and SyncBN's statistics inside the graph, the new state written into the old
+    tensors, the backward's recomputation pass) on a tiny RegNet with squeeze-excitation that
+    trains whole; with ``dist`` None: one process, eager, the global batch (the reference)."""
+    import configs.supervised
+    c = configs.supervised.get_config()
+    c.model.trunk = defaults.trunk("regnet", depth=5, w_0=8, w_a=10.0, w_m=2.0, group_width=8,
+                                   bottleneck_multiplier=1.0, se_ratio=0.25, stem_width=8)
+    c.model.heads = dict(fc=models.head_config("flatten", "linear"))
+    model = models.build(c.model, num_classes=CLASSES, image_size=SIZE)
+    params, state = model.init(0)
+    opt = optim.build(sgd_config(), params)
+    run_on = dist or distributed.Dist(device=torch.device("cpu"))
+    step = loop.build_train_step(c, model, opt, params, state, frozenset(), run_on, compiling=dist is not None,
+                                 sync_stats=distributed.sync_stats(dist) if dist else None)
+    ts = fold.channels_last({"trainable": params, "frozen": {}, "model_state": state, "opt_state": opt.init(params)})
+    for batch in batches(2, steps):
+        if dist:
+            batch = shard(batch, dist.rank, dist.world_size)
+        ts, _ = step(ts, batch, opt.inputs(LR))
+    return {"trainable": {k: v.clone() for k, v in tree.flatten(ts["trainable"]).items()},
+            "model_state": {k: v.clone() for k, v in tree.flatten(ts["model_state"]).items()}}
+
+
 # ---------------------------------------------------------------- SyncBN vs the global batch
 BN_SIZES, BN_CHANNELS = (3, 5), 4  # unequal shards: the count weights the statistics
 
@@ -134,6 +159,7 @@ def main(outdir):
         "sum": distributed.sum_over_ranks(dist, {"count": torch.tensor(3 + dist.rank), "fc": {"top1": 2}}),
         "linear": run_fpipe(LINEAR, ["trunk"], dist),
         "syncbn_finetune": run_fpipe(LINEAR, [], dist, sync=True, steps=2),
+        "loop_step": run_loop_step(dist),
         "ddp_fpipe": run_fpipe(MLP_BN, ["trunk"], dist),
         "ddp_torch": run_ddp(dist),
         "sync_bn": run_sync_bn(dist),

@@ -38,7 +38,7 @@ def ranks(tmp_path_factory):
     logs = []
     for p in procs:
         try:
-            logs.append(p.communicate(timeout=120)[0])
+            logs.append(p.communicate(timeout=300)[0])
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
@@ -93,6 +93,17 @@ def test_syncbn_finetune_equals_one_process_on_the_global_batch(ranks):
     for out in ranks:
         assert_trees_close(out["syncbn_finetune"]["trainable"], want["trainable"], atol=1e-4, rtol=1e-3)
         assert_trees_close(out["syncbn_finetune"]["model_state"], want["model_state"], atol=1e-4, rtol=1e-3)
+
+
+def test_the_loops_compiled_step_equals_one_eager_process_on_the_global_batch(ranks):
+    """What a multi-process run compiles (gradients all-reduced and SyncBN inside the graph, the
+    state donated, the backward's recomputation) against one eager process: params, running
+    statistics."""
+    want = cases.run_loop_step()
+    for out in ranks:
+        assert_trees_close(out["loop_step"]["trainable"], want["trainable"], atol=1e-4, rtol=1e-3)
+        assert_trees_close(out["loop_step"]["model_state"], want["model_state"], atol=1e-4, rtol=1e-3)
+    assert_trees_close(ranks[0]["loop_step"]["trainable"], ranks[1]["loop_step"]["trainable"], atol=0, rtol=0)
 
 
 def test_equals_ddp_and_torch_sgd(ranks):
