@@ -27,8 +27,9 @@ round-robin (a busy machine slows each alike), medians:
             (``net.to(memory_format=torch.channels_last)``), what PyTorch advises for CNNs; on
             CPU they train faster than NCHW (R50 64 px: 0.85x eager's time), so fpipe is also
             measured against them.
-  fpipe_no_remat  (only when named) fpipe's step with ``compile_remat=False``: what the
-            recomputation pass (``fpipe.train.remat``) changes.
+  fpipe_no_remat, fpipe_remat_all  (only when named) fpipe's step with ``compile_remat`` "off"
+            or "all" instead of the default "fused": what the recomputation pass
+            (``fpipe.train.remat``) and its modes change.
 
 Output per case:
 
@@ -81,7 +82,8 @@ from fpipe.train import loop as loop_lib
 MODES = ("supervised", "finetune")
 PROGRAMS = ("fpipe", "eager", "compiled", "eager_cl", "compiled_cl")  # the default set
 GOALS = {"compiled": 1.0, "eager": 1.1, "compiled_cl": 1.0, "eager_cl": 1.1}  # fpipe's speed over each baseline
-BASELINES = (*GOALS, "fpipe_no_remat")
+REMAT_PROGRAMS = {"fpipe_no_remat": "off", "fpipe_remat_all": "all"}  # compile_remat other than the default
+BASELINES = (*GOALS, *REMAT_PROGRAMS)
 PRESET_ARCHS = (*regnet.PRESETS, *convnext.PRESETS, *efficientnet.PRESETS)  # trunk presets by name
 ARCHS = ("resnet", "vit_s16", *sorted(PRESET_ARCHS))
 OPTIMIZERS = ("config", "adamw")
@@ -197,9 +199,9 @@ def module_program(s, compiled, channels_last=False):
 def make_program(name, s):
     if name == "fpipe":
         return fpipe_program(s)
-    if name == "fpipe_no_remat":
+    if name in REMAT_PROGRAMS:
         config = s["config"].copy_and_resolve_references()
-        config.compile_remat = False
+        config.compile_remat = REMAT_PROGRAMS[name]
         return fpipe_program({**s, "config": config})
     return module_program(s, compiled=name.startswith("compiled"), channels_last=name.endswith("_cl"))
 
@@ -318,7 +320,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=(*PROGRAMS, "fpipe_no_remat"))
+    ap.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=(*PROGRAMS, *REMAT_PROGRAMS))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     ap.add_argument("--no-second-run", action="store_true", help="skip the second-run first-call processes")
     ap.add_argument("--child", help=argparse.SUPPRESS)

@@ -127,7 +127,7 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     # shapes, the step's role.
     for other in (dict(optim__momentum=0.0), dict(optim__weight_decay=0.0), dict(optim__nesterov=True),
                   dict(data__image_size=64), dict(model__trunk__depth=50), dict(precision__dtype="bf16"),
-                  dict(compile_remat=False)):
+                  dict(compile_remat="off"), dict(compile_remat="all")):
         assert changed(**other) != key, other
     assert compile_cache.step_key(base, "cpu", "eval") != key
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
@@ -166,7 +166,7 @@ def test_a_step_built_under_another_autocast_never_loads_this_one(monkeypatch, t
     assert keys["train step"][0] != keys["eval step"][0]
 
 
-def test_the_train_step_compiles_with_the_remat_pass_unless_the_config_turns_it_off(monkeypatch, tmp_path):
+def test_the_train_step_compiles_with_the_configs_remat_mode(monkeypatch, tmp_path):
     given = []
     monkeypatch.setattr(compile_cache, "saved_or_compiled",  # runs the step eagerly: no compile
                         lambda fn, *a, fallback, inductor=None: given.append(inductor) or fn)
@@ -174,12 +174,15 @@ def test_the_train_step_compiles_with_the_remat_pass_unless_the_config_turns_it_
     c.compile_cache_dir = str(tmp_path)
     _, ts, opt = tiny_step()
     dist = distributed.Dist(device=torch.device("cpu"))
-    for remat_on in (True, False):
-        c.compile_remat = remat_on
+    assert c.compile_remat == "fused"
+    for mode in ("fused", "all", "off"):
+        c.compile_remat = mode
         train = loop.build_train_step(c, tiny_model(), opt, ts["trainable"], ts["model_state"], frozenset(), dist,
                                       compiling=True)
         train(tree.map_leaves(lambda t: t.clone(), ts), batch(), opt.inputs(0.1))
-    assert given == [remat.OPTIONS, None]
+    assert given == [{"post_grad_custom_post_pass": remat.MODES["fused"]},
+                     {"post_grad_custom_post_pass": remat.MODES["all"]}, None]
+    assert not remat.MODES["fused"].written and remat.MODES["all"].written
 
 
 def test_the_loop_keeps_steps_of_single_process_runs_where_the_config_says(monkeypatch, tmp_path):

@@ -60,6 +60,13 @@ def test_an_unknown_config_variant_is_one_line_naming_the_valid_ones(tmp_path):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing written
 
 
+def test_a_bad_compile_remat_is_one_line_naming_the_valid_ones(tmp_path):
+    proc = main(tmp_path, "--config.compile_remat=False", check=False)  # a bool until 12-03
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: unknown compile_remat 'False'; valid: ('fused', 'all', 'off')" in proc.stderr.splitlines()
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing written
+
+
 def test_killed_run_resumes_with_the_same_command_and_ends_identically(tmp_path):
     args = ["--config.total_steps=24", "--config.ckpt_steps=4", "--config.model.heads.res4.pool=(1, 1)"]
     main(tmp_path / "straight", *args)

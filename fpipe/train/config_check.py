@@ -13,7 +13,7 @@ import torch
 from fpipe import data, freeze, optim, schedules
 from fpipe.models import losses
 from fpipe.models import model as models
-from fpipe.train import head_grid, precision
+from fpipe.train import head_grid, precision, remat
 from fpipe.weights import config as weights_config
 
 
@@ -136,6 +136,7 @@ def _check_training(c) -> None:
 
     # Precision, processes, hooks.
     precision.autocast_dtype(c.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    remat.options(c.compile_remat)
     group = str(c.get("sync_bn_group", "global"))
     if group not in ("global", "node") and not group.isdigit():
         raise ConfigError(f"sync_bn_group={group!r}; valid: 'global', 'node' or a number of processes")

@@ -249,7 +249,7 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
         step = donation.writes_into_inputs(step)
     step = step_lib.maybe_compile(step, compiling, "train step",
                                   cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast),
-                                  inductor=remat.OPTIONS if config.compile_remat else None)
+                                  inductor=remat.options(config.compile_remat))
     if heads_only:
         step = frozen_trunk.heads_only(step)
     return donation.Donating(step) if compiling else step

@@ -167,7 +167,7 @@ def maybe_compile(fn, enabled, name="step", cache=None, inductor=None, **options
     """``torch.compile(fn, fullgraph=True)`` when enabled, with its first call (the compilation)
     announced and timed in the log. ``cache``: ``(directory, key)`` to load the compiled ``fn``
     from, or save it to (``fpipe.train.compile_cache``); ``inductor``: inductor options for both
-    (``fpipe.train.remat.OPTIONS``). A graph break or compiler error falls back to eager with a
+    (``fpipe.train.remat.options``). A graph break or compiler error falls back to eager with a
     loud error naming the cause (or raises, when FPIPE_STRICT_COMPILE=1)."""
     if not enabled:
         return fn
