@@ -12,7 +12,7 @@ def base_config():
     c.compile_min_images = 100_000  # ... in runs that train on at least this many images (0: always)
     c.compile_cache_dir = "auto"  # compiled steps saved for the next run ("auto": ~/.cache/fpipe/compiled; "": off)
     c.compile_remat = "fused"  # the compiled step recomputes pointwise values in its backward, less memory:
-    # "fused" those its kernels compute in place (also faster), "all" also convolutions' inputs (least memory), "off"
+    # "fused" those its kernels compute in place (no extra writes), "all" also convolutions' inputs (least memory), "off"
     # Durations: config files give *_epochs; *_steps, set on the command line, win over them
     # (converted in one place, schedules.to_steps).
     c.total_epochs = 10.0

@@ -184,7 +184,7 @@ def _computes_inputs(user):
     """Inductor computes a pointwise input of ``user`` inside the user's own kernel, never writing
     it to memory; not for the ops it hands buffers in memory (convolutions, matmuls, pooling,
     fallbacks to ATen or custom ops: ``lowering.needs_realized_inputs`` or no lowering at all)."""
-    from torch._inductor import lowering  # lazily, as inductor imports this module's options
+    from torch._inductor import lowering  # lazily: a heavy import that only a compile needs
     t = user.target
     if user.op != "call_function":
         return False
