@@ -127,7 +127,7 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     # shapes, the step's role.
     for other in (dict(optim__momentum=0.0), dict(optim__weight_decay=0.0), dict(optim__nesterov=True),
                   dict(data__image_size=64), dict(model__trunk__depth=50), dict(precision__dtype="bf16"),
-                  dict(compile_remat="off"), dict(compile_remat="all")):
+                  dict(compile_remat="off"), dict(compile_remat="fused")):
         assert changed(**other) != key, other
     assert compile_cache.step_key(base, "cpu", "eval") != key
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
@@ -174,7 +174,7 @@ def test_the_train_step_compiles_with_the_configs_remat_mode(monkeypatch, tmp_pa
     c.compile_cache_dir = str(tmp_path)
     _, ts, opt = tiny_step()
     dist = distributed.Dist(device=torch.device("cpu"))
-    assert c.compile_remat == "fused"
+    assert c.compile_remat == "all"
     for mode in ("fused", "all", "off"):
         c.compile_remat = mode
         train = loop.build_train_step(c, tiny_model(), opt, ts["trainable"], ts["model_state"], frozenset(), dist,

@@ -36,7 +36,7 @@ def batches(n=3):
 
 
 def build(model, opt, ts, norms, compiling):
-    config = ml_collections.ConfigDict(dict(precision="fp32", compile_remat="fused"))
+    config = ml_collections.ConfigDict(dict(precision="fp32", compile_remat="all"))
     return loop.build_train_step(config, model, opt, ts["trainable"], ts["model_state"], norms,
                                  distributed.Dist(device=torch.device("cpu")), compiling=compiling)
 

@@ -13,9 +13,10 @@ right before its first use there, so it dies in the forward. Repeated while the 
 
 Two modes (``config.compile_remat``): "fused" rebuilds only values that every later user computes
 inside its own kernel (pointwise ops, reductions), so the copy is never written to memory
-(EfficientNet-B0: 283 -> 168 MiB, no slower than without the pass); "all" also rebuilds those a
-convolution, matmul or fallback reads, which must be written again (EfficientNet-B0 112 MiB;
-ResNet-50 128 px b32 885 -> 578 MiB for ~4% of the step, where "fused" changes little).
+(EfficientNet-B0: 283 -> 168 MiB, no slower than without the pass); "all", the default, also
+rebuilds those a convolution, matmul or fallback reads, which must be written again
+(EfficientNet-B0 112 MiB; ResNet-50 128 px b32 885 -> 578 MiB for up to ~4% of the step, where
+"fused" changes little).
 """
 import hashlib
 import operator
