@@ -57,8 +57,8 @@ def _rebuildable(node):
 
 
 class Liveness:
-    """Each value's birth, death and bytes, in graph order; views and getitems share their base's
-    storage, so they extend its life and own no bytes."""
+    """Each value's birth, death and bytes, in graph order (views and getitems share their base's
+    storage, so they extend its life and own no bytes), and the graph's first in-place write."""
 
     def __init__(self, graph):
         self.nodes = list(graph.nodes)
@@ -75,6 +75,9 @@ class Liveness:
         for n in self.nodes:
             if n.op == "placeholder" or any(u.op == "output" for u in n.users):
                 self.death[self.base[n]] = end
+        # inputs written in place from here on: nothing rebuilt may read them after
+        self.first_mutation = next((i for i, n in enumerate(self.nodes)
+                                    if n.op == "call_function" and _writes_inputs(n)), end)
 
     def size(self, node):
         if node.op != "call_function" or self.base[node] is not node or _writes_inputs(node):
@@ -125,11 +128,6 @@ def _writes_inputs(node):
     return isinstance(t, torch._ops.HigherOrderOperator) and t.name().startswith("auto_functionalized")
 
 
-def _first_mutation(live):
-    return next((i for i, n in enumerate(live.nodes) if n.op == "call_function" and _writes_inputs(n)),
-                len(live.nodes))
-
-
 def rematerialize(graph, written=True):
     """Rebuild pointwise values after the memory peak instead of keeping them across it; returns
     (estimated peak bytes before, after). ``written``: also values that a later user needs in memory
@@ -138,16 +136,15 @@ def rematerialize(graph, written=True):
     at, peak = live.peak()
     first = peak
     for _ in range(MAX_ROUNDS):
-        stop = _first_mutation(live)  # inputs written in place: nothing may read them after
         # (views own no bytes: only the values themselves cross)
         crossing = [n for n in live.nodes if live.size(n) and _rebuildable(n) and live.alive_at(n, at)]
         changed = False
         for node in sorted(crossing, key=lambda n: -live.index[n]):  # later first: their copies read earlier ones
-            uses = [live.index[u] for u in _users_through_views(node, keep_views=True) if live.index.get(u, -1) > at]
-            if not uses or max(uses) >= stop:
+            later = [u for u in _users_through_views(node, keep_views=True) if live.index.get(u, -1) > at]
+            uses = [live.index[u] for u in later]
+            if not uses or max(uses) >= live.first_mutation:
                 continue
-            if not written and not all(_computes_inputs(u) for u in _users_through_views(node)
-                                       if live.index.get(u, -1) > at):
+            if not written and not all(_computes_inputs(u) for u in later if not _is_view(u)):
                 continue
             chain = []
             if not _plan(node, live, at, chain):
@@ -160,7 +157,6 @@ def rematerialize(graph, written=True):
                 _rewire(graph, node, copies[node], live, at)
             changed = True
             live = Liveness(graph)  # the copies sit after ``at``: its index holds
-            stop = _first_mutation(live)
         if not changed:
             break
         at, now = live.peak()
