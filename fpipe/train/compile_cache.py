@@ -33,6 +33,7 @@ import torch
 from absl import logging
 
 from fpipe import files, tree
+from fpipe.train import forked_compile
 
 CACHE_ENV = "FPIPE_COMPILE_CACHE"  # overrides the default directory; "" turns the cache off
 STRICT_COMPILE_ENV = "FPIPE_STRICT_COMPILE"  # "1": a compile failure raises (the tests set it)
@@ -90,16 +91,24 @@ def key_of(*parts) -> str:
 def saved_or_compiled(fn, args, directory: str, key: str, name: str, fallback, inductor=None):
     """``fn`` compiled for ``args`` (with ``inductor`` options): loaded from ``directory`` if saved
     under ``key``, else compiled ahead of time and saved there. Calls whose inputs its guards
-    reject go to ``fallback`` (a plain ``torch.compile(fn)``). ``key`` must cover ``inductor``."""
+    reject go to ``fallback`` (a plain ``torch.compile(fn)``). ``key`` must cover ``inductor``.
+    Compiled in a forked child where that is safe (``fpipe.train.forked_compile``), then loaded."""
     path = _path(directory, name, key, ".bin")
     compiled = _load(path, fn, args, name)
+    savable = compiled is None and _private_dir(directory, name)
+    if savable and forked_compile.available(args) and forked_compile.run_in_child(
+            lambda: _save(_compile(fn, args, inductor), path, name), name):
+        compiled = _load(path, fn, args, name)
+        if compiled is not None:
+            compiled.fpipe_loaded = False  # compiled by this run
     if compiled is None:
         try:
             compiled = _compile(fn, args, inductor)
         except torch._dynamo.exc.PackageError as e:  # a guard this torch cannot save: compile as usual
             logging.warning("The %s cannot be saved compiled (%s); compiling it for this run only.", name, e)
             return fallback
-        _save(compiled, path, directory, name)
+        if savable:
+            _save(compiled, path, name)
     compiled.disable_guard_check()  # checked in Guarded, which then goes to the fallback
     return Guarded(compiled, fallback, name)
 
@@ -117,10 +126,9 @@ def saved_package(module, example, directory: str, key: str, name: str, inductor
     if loaded is not None:
         loaded.fpipe_loaded = True
         return loaded
-    try:
-        if not _private_dir(directory, name):
-            return None
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+
+    def build():
         program = torch.export.export(module, (example,), strict=False)
         tmp = f"{path[:-len('.pt2')]}.{os.getpid()}.tmp.pt2"  # AOTInductor wants the suffix
         try:  # written whole under another name, then renamed: a reader never sees half a package
@@ -129,6 +137,11 @@ def saved_package(module, example, directory: str, key: str, name: str, inductor
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+    try:
+        if not _private_dir(directory, name):
+            return None
+        if not (forked_compile.available(example) and forked_compile.run_in_child(build, name)):
+            build()
     except Exception as e:  # an unexportable model still runs, compiled for this run only
         if os.environ.get(STRICT_COMPILE_ENV) == "1":
             raise
@@ -232,10 +245,9 @@ def _savable_guards(entries):
                  or "__import__(" in e.name) for e in entries]
 
 
-def _save(compiled, path, directory, name):
+def _save(compiled, path, name):
+    """Writes ``compiled`` to ``path``, in a directory that ``_private_dir`` accepted."""
     try:
-        if not _private_dir(directory, name):
-            return
         data = type(compiled).serialize(compiled).serialized_data
         files.atomic_write(path, lambda f: f.write(data))
         logging.info("Saved the compiled %s to %s (%.1f MB): the next run with this config loads it.",
@@ -262,8 +274,12 @@ def _load(path, fn, args, name):
 
 def _private_dir(directory, name) -> bool:
     """Creates ``directory`` (this user's alone) if needed; False, said in the log, if another user
-    owns it or others may write to it: nothing compiled is saved there."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    owns it or others may write to it, or it cannot be made: nothing compiled is saved there."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        logging.warning("Not saving the compiled %s: %s cannot be made (%s).", name, directory, _error(e))
+        return False
     if _private(directory):
         return True
     logging.warning("Not saving the compiled %s: %s must belong to this user and be writable by no one else.",
