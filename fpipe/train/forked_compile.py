@@ -7,9 +7,10 @@ measured: docs/BENCHMARKS.md). A child forked at the first call holds the same s
 then loads the saved file, as a second run would, and carries none of it.
 
 Only where forking is safe: Linux, a step on the CPU, CUDA not initialised (CUDA forbids it);
-``FPIPE_COMPILE_IN_PROCESS=1`` compiles in the process itself. The fork is made from a new thread: GNU OpenMP keeps its
-thread pool per thread that opened parallel regions, and that pool's threads do not exist in a
-child, whose first parallel op from the same thread would wait for them forever.
+``FPIPE_COMPILE_IN_PROCESS=1`` compiles in the process itself. The fork is made from a new
+thread: GNU OpenMP keeps its thread pool per thread that opened parallel regions, and that
+pool's threads do not exist in a child, whose first parallel op from the same thread would wait
+for them forever.
 """
 import ctypes
 import os
@@ -66,8 +67,12 @@ def run_in_child(work, name: str) -> bool:
     try:
         reaped.wait()
     except BaseException:  # fpipe.train.signals.Stopped (SIGTERM, SIGINT) while waiting
-        os.kill(child["pid"], signal.SIGKILL)
-        reaped.wait(timeout=10)  # the thread reaps it
+        if not reaped.is_set():
+            try:
+                os.kill(child["pid"], signal.SIGKILL)
+            except ProcessLookupError:  # exited meanwhile
+                pass
+            reaped.wait(timeout=10)  # the thread reaps it
         raise
     code = os.waitstatus_to_exitcode(child["status"])
     if code:
