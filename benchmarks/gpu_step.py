@@ -126,6 +126,7 @@ def measure(makers, args, device):
             loss = float(run())
             sync(device)
             first = time.perf_counter() - t
+            host_memory.keep_large_blocks()  # as the train loops do after their first step
             for _ in range(args.warmup):
                 run()
             sync(device)

@@ -22,7 +22,7 @@ from absl import logging
 from torch.func import grad_and_value
 
 import fpipe
-from fpipe import checkpoint, files, freeze, optim, schedules, tree
+from fpipe import checkpoint, files, freeze, host_memory, optim, schedules, tree
 from fpipe.data import rng
 from fpipe.detection import coco, coco_eval, collate, pretrained, scenes
 from fpipe.detection import model as det_model
@@ -147,6 +147,8 @@ def _run(config, workdir, dist, stop, run_info):
                 new_state, metrics = train_step(train_state, loop.to_device(batch, dist.device),
                                                 opt.inputs(lr), generator)
             train_state, done = new_state, step + 1
+            if done == start_step + 1 and host_memory.keep_large_blocks():  # the compile and loading behind
+                logging.info("host memory: blocks over 32 MB kept for reuse too from step %d on", done + 1)
             books.step_done(done, metrics, data_time)
 
             books.log(done, train_state, lr)

@@ -17,7 +17,7 @@ import torch
 from absl import logging
 
 import fpipe
-from fpipe import checkpoint, data, files, freeze, optim, schedules, tree, weights
+from fpipe import checkpoint, data, files, freeze, host_memory, optim, schedules, tree, weights
 from fpipe.evaluate import extract, topk
 from fpipe.models import fold, layers, losses
 from fpipe.models import model as models
@@ -190,6 +190,8 @@ def _run(config, workdir, dist, stop, run_info):
             with stop.interruptible(when=not donation.overwrites(train_step, train_state)):
                 new_state, metrics = train_step(train_state, batch, opt.inputs(lr))
             train_state, done = new_state, step + 1
+            if done == start_step + 1 and host_memory.keep_large_blocks():  # the compile and loading behind
+                logging.info("host memory: blocks over 32 MB kept for reuse too from step %d on", done + 1)
             books.step_done(done, metrics, data_time)
 
             books.log(done, train_state, lr)
