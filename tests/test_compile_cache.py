@@ -72,6 +72,7 @@ def test_a_saved_step_loads_in_a_new_compile_state_computes_the_same_and_falls_b
     with caplog.at_level(logging.WARNING):
         out, _ = second(ts, batch(4), lr)  # another batch size: not what was compiled
     assert calls == [4] and "does not fit these inputs" in caplog.text
+    assert "'L['batch']['image']' size mismatch at index 0. expected 6, actual 4" in caplog.text  # the guard that failed
     assert_same(out["trainable"], step(ts, batch(4), lr)[0]["trainable"])
 
     # Another weight decay (the same key: a tensor input of the step) runs the saved step as it is.

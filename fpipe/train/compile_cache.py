@@ -293,6 +293,8 @@ def _private(path) -> bool:
 
 
 def _why(compiled, args) -> str:
-    manager = compiled._artifacts.guard_manager
-    return str(manager.check_verbose(compiled.prepare_f_locals(*args))).splitlines()[-1][:300]
+    """The guard that failed, as Dynamo words it (a tensor's size, stride or dtype; a constant)."""
+    info = compiled._artifacts.guard_manager.check_verbose(compiled.prepare_f_locals(*args))
+    parts = getattr(info, "verbose_code_parts", None) or [str(info)]
+    return " ".join(" ".join(parts).split())[:300]
 
