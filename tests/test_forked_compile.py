@@ -47,6 +47,23 @@ def test_the_step_compiles_in_a_child_where_parallel_ops_run_and_this_process_lo
     assert torch.equal(step(x), double(x))
 
 
+def test_a_child_compiles_after_this_process_compiled_with_its_compile_threads(monkeypatch):
+    """Inductor's C++ compile thread pool, started and idle here, has no threads in a child: a child
+    compiling new kernels waited on it forever (a run's second compile, a benchmark's second case)."""
+    from torch._inductor import config as inductor_config
+    monkeypatch.setattr(inductor_config, "compile_threads", 2)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    unique = float(time.time_ns() % 1_000_003) / 7.0  # a constant in the kernels' source: never a cached kernel
+    x = torch.arange(6.0)
+    torch.compile(lambda a: (a * unique).sin())(x)  # here: the pool runs the C++ compile, then idles
+
+    def compile_new_kernels():
+        signal.alarm(60)  # hanging, the child dies of SIGALRM and run_in_child says False
+        out = torch.compile(lambda a: (a + unique).cos() * 3)(x)
+        assert torch.allclose(out, (x + unique).cos() * 3)
+    assert forked_compile.run_in_child(compile_new_kernels, "probe")
+
+
 def test_without_fork_it_compiles_here(tmp_path, compiles, monkeypatch):
     monkeypatch.setenv(forked_compile.IN_PROCESS_ENV, "1")
     x = torch.arange(6.0)

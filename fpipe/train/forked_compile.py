@@ -10,7 +10,8 @@ Only where forking is safe: Linux, a step on the CPU, CUDA not initialised (CUDA
 ``FPIPE_COMPILE_IN_PROCESS=1`` compiles in the process itself. The fork is made from a new
 thread: GNU OpenMP keeps its thread pool per thread that opened parallel regions, and that
 pool's threads do not exist in a child, whose first parallel op from the same thread would wait
-for them forever.
+for them forever. Inductor's C++ compile thread pool is the same trap (PyTorch resets its process
+pool at a fork, not that one): the child starts a fresh one.
 """
 import ctypes
 import os
@@ -90,6 +91,7 @@ def _run_as_child(work, name, parent):
             signal.signal(sig, signal.SIG_DFL)
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() == parent:  # else the parent died before prctl took effect
+            _drop_inherited_compile_pool()
             work()
             status = 0
     except BaseException as e:  # said here; the parent compiles again, where it raises
@@ -97,3 +99,13 @@ def _run_as_child(work, name, parent):
                         str(e).splitlines()[0] if str(e) else "")
     finally:
         os._exit(status)
+
+
+def _drop_inherited_compile_pool():
+    """Forget inductor's C++ compile thread pool as this process's parent left it. Its threads do
+    not exist in a child, and where the parent had compiled (its pool idle) the pool starts none:
+    the child's compile would wait for them forever. The next compile makes a new pool."""
+    async_compile = sys.modules.get("torch._inductor.async_compile")
+    pool = getattr(getattr(async_compile, "AsyncCompile", None), "pool", None)
+    if hasattr(pool, "cache_clear"):
+        pool.cache_clear()
