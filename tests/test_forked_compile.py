@@ -64,6 +64,24 @@ def test_a_child_compiles_after_this_process_compiled_with_its_compile_threads(m
     assert forked_compile.run_in_child(compile_new_kernels, "probe")
 
 
+def test_the_child_runs_under_the_callers_grad_inference_and_autocast_modes(tmp_path):
+    """The child runs ``work`` on a new thread, where thread-local modes start afresh: inductor
+    froze the trunk's weights only under the caller's no_grad (linear eval 10% slower without)."""
+    seen = tmp_path / "modes.json"
+
+    def record():
+        seen.write_text(json.dumps([torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                                    torch.is_autocast_enabled("cpu"), str(torch.get_autocast_dtype("cpu"))]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert forked_compile.run_in_child(record, "probe")
+    assert json.loads(seen.read_text()) == [False, False, True, "torch.bfloat16"]
+    with torch.inference_mode():
+        assert forked_compile.run_in_child(record, "probe")
+    assert json.loads(seen.read_text())[:3] == [False, True, False]
+    assert forked_compile.run_in_child(record, "probe")
+    assert json.loads(seen.read_text())[:3] == [True, False, False]
+
+
 def test_without_fork_it_compiles_here(tmp_path, compiles, monkeypatch):
     monkeypatch.setenv(forked_compile.IN_PROCESS_ENV, "1")
     x = torch.arange(6.0)

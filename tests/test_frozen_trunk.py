@@ -1,6 +1,7 @@
 """The fast linear-evaluation path equals the step over the whole model; its compiled trunk is kept."""
 import logging
 import os
+import zipfile
 
 import pytest
 import torch
@@ -91,6 +92,9 @@ def test_the_compiled_trunk_is_kept_and_a_later_run_loads_it_instead_of_compilin
         torch.testing.assert_close(first[k], eager[k], rtol=1e-4, atol=1e-5)
     (saved,) = os.listdir(cache[0])
     assert saved.startswith("frozen-trunk-") and saved.endswith(".pt2")
+    with zipfile.ZipFile(os.path.join(cache[0], saved)) as package:  # compiled in a child (Linux CPU)
+        wrapper = b"".join(package.read(n) for n in package.namelist() if n.endswith(".wrapper.cpp"))
+    assert b"_convolution_pointwise" in wrapper  # under no_grad there too: frozen, packed weights, fused post-ops
 
     torch._dynamo.reset()  # as a new process, where compiling is not allowed
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("compiled again"))

@@ -10,7 +10,8 @@ Only where forking is safe: Linux, a step on the CPU, CUDA not initialised (CUDA
 ``FPIPE_COMPILE_IN_PROCESS=1`` compiles in the process itself. The fork is made from a new
 thread: GNU OpenMP keeps its thread pool per thread that opened parallel regions, and that
 pool's threads do not exist in a child, whose first parallel op from the same thread would wait
-for them forever. Inductor's C++ compile thread pool is the same trap (PyTorch resets its process
+for them forever. The caller's thread-local modes (grad, inference, CPU autocast) are set again in
+that thread: inductor freezes weights only under no_grad, for one. Inductor's C++ compile thread pool is the same trap (PyTorch resets its process
 pool at a fork, not that one): the child starts a fresh one.
 """
 import ctypes
@@ -41,6 +42,7 @@ def run_in_child(work, name: str) -> bool:
     when it raised or the child died (said in the log; the caller then compiles here, where the
     error shows). A signal that stops this process while it waits kills the child too."""
     parent, child, forked, reaped = os.getpid(), {}, threading.Event(), threading.Event()
+    modes = _thread_modes()
     sys.stdout.flush()
     sys.stderr.flush()
 
@@ -53,7 +55,7 @@ def run_in_child(work, name: str) -> bool:
             child["error"] = e
         forked.set()
         if child.get("pid") == 0:
-            _run_as_child(work, name, parent)
+            _run_as_child(lambda: _in_modes(modes, work), name, parent)
         elif "pid" in child:
             child["status"] = os.waitpid(child["pid"], 0)[1]
             reaped.set()
@@ -109,3 +111,16 @@ def _drop_inherited_compile_pool():
     pool = getattr(getattr(async_compile, "AsyncCompile", None), "pool", None)
     if hasattr(pool, "cache_clear"):
         pool.cache_clear()
+
+
+def _thread_modes() -> dict:
+    """This thread's modes that a compile reads and a new thread does not inherit."""
+    return {"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
+            "autocast": torch.is_autocast_enabled("cpu"), "autocast_dtype": torch.get_autocast_dtype("cpu")}
+
+
+def _in_modes(modes, work):
+    """``work()`` under ``modes`` (``_thread_modes`` of another thread)."""
+    with torch.inference_mode(modes["inference"]), torch.set_grad_enabled(modes["grad"]), \
+            torch.autocast("cpu", dtype=modes["autocast_dtype"], enabled=modes["autocast"]):
+        return work()
