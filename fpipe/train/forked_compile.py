@@ -11,8 +11,9 @@ Only where forking is safe: Linux, a step on the CPU, CUDA not initialised (CUDA
 thread: GNU OpenMP keeps its thread pool per thread that opened parallel regions, and that
 pool's threads do not exist in a child, whose first parallel op from the same thread would wait
 for them forever. The caller's thread-local modes (grad, inference, CPU autocast) are set again in
-that thread: inductor freezes weights only under no_grad, for one. Inductor's C++ compile thread pool is the same trap (PyTorch resets its process
-pool at a fork, not that one): the child starts a fresh one.
+that thread: inductor freezes weights only under no_grad, for one. Inductor's C++ compile thread
+pool is the same trap as OpenMP's (PyTorch resets its process pool at a fork, not that one): the
+child starts a fresh one.
 """
 import ctypes
 import os
