@@ -30,12 +30,15 @@ import ctypes
 import os
 import platform
 
+from absl import logging
+
 OPT_OUT_ENV = "FPIPE_KEEP_FREED_MEMORY"
 # mallopt's parameter numbers (glibc's malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit systems (man mallopt)
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 _set = {"freed": False, "large": False}  # what this process's mallopt calls have set
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def keep_freed_memory() -> str:
@@ -45,7 +48,7 @@ def keep_freed_memory() -> str:
     reason = _users_choice()
     if reason:
         return f"host memory: left as set ({reason})"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not GLIBC:
         return "host memory: left as is (not glibc)"
     mallopt = _mallopt()
     if mallopt is None:
@@ -66,6 +69,13 @@ def keep_large_blocks() -> bool:
     mallopt = _mallopt()
     _set["large"] = mallopt is not None and mallopt(M_MMAP_MAX, 0) == 1
     return _set["large"]
+
+
+def keep_large_blocks_from(step: int) -> None:
+    """``keep_large_blocks`` as the train loops call it once their first step is done (``step``:
+    the next one), said in the log when it took effect."""
+    if keep_large_blocks():
+        logging.info("host memory: blocks over 32 MB kept for reuse too from step %d on", step)
 
 
 def _mallopt():

@@ -2,7 +2,6 @@
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 
@@ -11,7 +10,6 @@ import pytest
 from fpipe import host_memory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # A step's worth of blocks a round (eight of 10 MB: below glibc's largest mmap threshold), written
 # and all freed, straight through libc (torch's CPU allocator sits on the same heap). With glibc's
@@ -51,7 +49,7 @@ def rounds(block_mib=10, keep_large=False, **env):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
+@pytest.mark.skipif(not host_memory.GLIBC, reason="glibc's mallopt")
 def test_freed_blocks_are_reused_without_faulting_them_in_again():
     got = rounds()
     assert "kept" in got["note"]
@@ -59,7 +57,7 @@ def test_freed_blocks_are_reused_without_faulting_them_in_again():
     assert max(got["faults"][1:]) < PAGES // 20, got
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
+@pytest.mark.skipif(not host_memory.GLIBC, reason="glibc's mallopt")
 def test_blocks_over_32_mb_fault_every_round_until_kept_after_the_first_step():
     pages = 8 * (40 << 20) // 4096
     mapped = rounds(block_mib=40)
@@ -70,14 +68,14 @@ def test_blocks_over_32_mb_fault_every_round_until_kept_after_the_first_step():
     assert max(kept["faults"][2:]) < pages // 20, kept
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
+@pytest.mark.skipif(not host_memory.GLIBC, reason="glibc's mallopt")
 def test_large_blocks_are_left_to_glibc_where_the_user_chose_the_allocator():
     got = rounds(block_mib=40, keep_large=True, **{host_memory.OPT_OUT_ENV: "0"})
     assert got["kept_large"] is False
     assert min(got["faults"][1:]) > 8 * (40 << 20) // 4096 // 2, got
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
+@pytest.mark.skipif(not host_memory.GLIBC, reason="glibc's mallopt")
 @pytest.mark.parametrize("env,note", [({host_memory.OPT_OUT_ENV: "0"}, "glibc's defaults"),
                                       ({host_memory.OPT_OUT_ENV: "off"}, "glibc's defaults"),
                                       ({"MALLOC_TOP_PAD_": "131072"}, "left as set (MALLOC_TOP_PAD_)")])

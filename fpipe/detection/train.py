@@ -147,8 +147,8 @@ def _run(config, workdir, dist, stop, run_info):
                 new_state, metrics = train_step(train_state, loop.to_device(batch, dist.device),
                                                 opt.inputs(lr), generator)
             train_state, done = new_state, step + 1
-            if done == start_step + 1 and host_memory.keep_large_blocks():  # the compile and loading behind
-                logging.info("host memory: blocks over 32 MB kept for reuse too from step %d on", done + 1)
+            if done == start_step + 1:  # the compile and loading behind
+                host_memory.keep_large_blocks_from(done + 1)
             books.step_done(done, metrics, data_time)
 
             books.log(done, train_state, lr)

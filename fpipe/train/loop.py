@@ -190,8 +190,8 @@ def _run(config, workdir, dist, stop, run_info):
             with stop.interruptible(when=not donation.overwrites(train_step, train_state)):
                 new_state, metrics = train_step(train_state, batch, opt.inputs(lr))
             train_state, done = new_state, step + 1
-            if done == start_step + 1 and host_memory.keep_large_blocks():  # the compile and loading behind
-                logging.info("host memory: blocks over 32 MB kept for reuse too from step %d on", done + 1)
+            if done == start_step + 1:  # the compile and loading behind
+                host_memory.keep_large_blocks_from(done + 1)
             books.step_done(done, metrics, data_time)
 
             books.log(done, train_state, lr)
