@@ -25,6 +25,8 @@ import warnings
 import torch
 from absl import logging
 
+from fpipe.train import precision
+
 IN_PROCESS_ENV = "FPIPE_COMPILE_IN_PROCESS"  # "1": compile in this process
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
 
@@ -56,7 +58,7 @@ def run_in_child(work, name: str) -> bool:
             child["error"] = e
         forked.set()
         if child.get("pid") == 0:
-            _run_as_child(lambda: _in_modes(modes, work), name, parent)
+            _run_as_child(work, modes, name, parent)
         elif "pid" in child:
             child["status"] = os.waitpid(child["pid"], 0)[1]
             reaped.set()
@@ -85,9 +87,10 @@ def run_in_child(work, name: str) -> bool:
     return code == 0
 
 
-def _run_as_child(work, name, parent):
+def _run_as_child(work, modes, name, parent):
     """The child: dies with the parent, takes the default actions on SIGTERM/SIGINT, runs ``work``
-    and exits without running this process's exit handlers."""
+    under the caller's ``modes`` with a compile pool of its own, and exits without running this
+    process's exit handlers."""
     status = 1
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -95,7 +98,7 @@ def _run_as_child(work, name, parent):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() == parent:  # else the parent died before prctl took effect
             _drop_inherited_compile_pool()
-            work()
+            _in_modes(modes, work)
             status = 0
     except BaseException as e:  # said here; the parent compiles again, where it raises
         logging.warning("The child process compiling the %s failed: %s: %s", name, type(e).__name__,
@@ -115,13 +118,14 @@ def _drop_inherited_compile_pool():
 
 
 def _thread_modes() -> dict:
-    """This thread's modes that a compile reads and a new thread does not inherit."""
+    """This thread's modes that a compile reads and a new thread does not inherit (autocast: its
+    CPU dtype, None when off)."""
     return {"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
-            "autocast": torch.is_autocast_enabled("cpu"), "autocast_dtype": torch.get_autocast_dtype("cpu")}
+            "autocast": torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None}
 
 
 def _in_modes(modes, work):
     """``work()`` under ``modes`` (``_thread_modes`` of another thread)."""
     with torch.inference_mode(modes["inference"]), torch.set_grad_enabled(modes["grad"]), \
-            torch.autocast("cpu", dtype=modes["autocast_dtype"], enabled=modes["autocast"]):
+            precision.autocast(modes["autocast"], "cpu"):
         return work()
