@@ -1,4 +1,5 @@
 """Pure layers against torch.nn: BatchNorm semantics (momentum, unbiased running var, counter)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -155,11 +156,13 @@ def test_compiled_dense_convs_take_their_image_as_it_is(monkeypatch):
     assert len(convs) == 4 and not copies, [e.cpu_parent.cpu_parent.name for e in copies]
 
 
-def test_a_1x1_conv_on_a_2x2_map_runs_as_dense_with_conv2d_values_and_gradients(monkeypatch):
-    """Where layers.dense runs on oneDNN, a 1x1 conv whose output is at most 2x2 (stride 1 or 2,
-    with and without bias) is a dense over its pixels: F.conv2d's values and gradients, output
-    channels-last; larger outputs, padded or grouped 1x1 convs keep F.conv2d."""
-    monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
+@pytest.mark.parametrize("rows_as_conv", [True, False])
+def test_a_1x1_conv_on_a_2x2_map_runs_as_dense_with_conv2d_values_and_gradients(rows_as_conv, monkeypatch):
+    """On CPU in float32 (dense as oneDNN's conv on AMD, as MKL's matmul elsewhere), a 1x1 conv
+    whose output is at most 2x2 (stride 1 or 2, with and without bias) is a dense over its pixels:
+    F.conv2d's values and gradients, output channels-last; larger outputs, padded or grouped 1x1
+    convs, and convs under bf16 autocast keep F.conv2d."""
+    monkeypatch.setattr(layers, "ROWS_AS_CONV", rows_as_conv)
     monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
     routed = []
     as_matmul = layers._pointwise_as_matmul
@@ -184,4 +187,6 @@ def test_a_1x1_conv_on_a_2x2_map_runs_as_dense_with_conv2d_values_and_gradients(
     layers.conv(w, torch.randn(2, 6, 3, 3))  # a 3x3 output
     layers.conv(w, torch.randn(2, 6, 2, 2), padding=1)
     layers.conv({"weight": torch.randn(12, 3, 1, 1)}, torch.randn(2, 6, 2, 2), groups=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layers.conv(w, torch.randn(2, 6, 2, 2))
     assert routed == []

@@ -58,15 +58,26 @@ def conv(p, x, stride=1, padding=0, groups=1):
     if (groups == 1 and padding == 0 and w.shape[-2:] == (1, 1) and isinstance(stride, int)
             and _out_size(x.shape[-2], 1, stride, 0) * _out_size(x.shape[-1], 1, stride, 0) <= 4):
         pixels = x[:, :, ::stride, ::stride]
-        if _on_onednn(pixels, w.shape[0]):
+        if _dense_beats_conv(pixels, w.shape[0]):
             return _pointwise_as_matmul(w, p.get("bias"), pixels)
     return F.conv2d(x, w, p.get("bias"), stride, padding, 1, groups)
 
 
+def _dense_beats_conv(pixels, outputs):
+    """Whether a 1×1 conv onto at most 2×2 ``pixels`` runs faster as :func:`dense`: on CPU in
+    float32, where dense is MKL's AVX-512 matmul (Intel) or oneDNN's conv over the weight's rows
+    (AMD: ``_on_onednn``; MKL's AVX2 matmul there was not measured against the conv)."""
+    if ROWS_AS_CONV:
+        return _on_onednn(pixels, outputs)
+    return pixels.device.type == "cpu" and pixels.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
 def _pointwise_as_matmul(w, bias, x):
     """A 1×1 conv on a map of at most 2×2 as :func:`dense` over its pixels: oneDNN's conv kernels
-    are slow on so few columns (64×2048×2×2 -> 512, forward and backward: 18.4 vs 8.8 ms; a
-    stride-2 1024 -> 2048 to 2×2: 41.4 vs 15.4), and on 4×4 maps already as fast as the matmul."""
+    are slow on so few columns, forward and backward (AMD, dense as a conv: 64×2048×2×2 -> 512
+    18.4 vs 8.8 ms; a stride-2 1024 -> 2048 to 2×2: 41.4 vs 15.4. Intel, dense as MKL's matmul:
+    39.3 vs 7.5 and 9.3 vs 3.0 for 2048 -> 512 at 1×1; packed for inference, 11.0 vs 1.2 ms
+    forward), and on 4×4 maps about as fast as the matmul."""
     n, c, h, wd = x.shape
     y = dense(x.permute(0, 2, 3, 1).reshape(n * h * wd, c), w[:, :, 0, 0], bias)
     return y.reshape(n, h, wd, -1).permute(0, 3, 1, 2)  # channels-last, as the conv's
