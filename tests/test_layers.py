@@ -157,26 +157,31 @@ def test_compiled_dense_convs_take_their_image_as_it_is(monkeypatch):
 
 
 @pytest.mark.parametrize("rows_as_conv", [True, False])
-def test_a_1x1_conv_on_a_2x2_map_runs_as_dense_with_conv2d_values_and_gradients(rows_as_conv, monkeypatch):
-    """On CPU in float32 (dense as oneDNN's conv on AMD, as MKL's matmul elsewhere), a 1x1 conv
-    whose output is at most 2x2 (stride 1 or 2, with and without bias) is a dense over its pixels:
-    F.conv2d's values and gradients, output channels-last; larger outputs, padded or grouped 1x1
-    convs, and convs under bf16 autocast keep F.conv2d."""
+def test_a_conv_onto_at_most_2x2_pixels_runs_as_dense_with_conv2d_values_and_gradients(rows_as_conv, monkeypatch):
+    """On CPU in float32 (dense as oneDNN's conv on AMD, as MKL's matmul elsewhere), a conv whose
+    output is at most 2x2 pixels (1x1, 2x2 and 3x3 kernels, stride 1 or 2, padded or not, with and
+    without bias) is a dense over its patches: F.conv2d's values and gradients, output
+    channels-last; larger outputs, grouped convs, empty batches and convs under bf16 autocast
+    keep F.conv2d."""
     monkeypatch.setattr(layers, "ROWS_AS_CONV", rows_as_conv)
     monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
     routed = []
-    as_matmul = layers._pointwise_as_matmul
-    monkeypatch.setattr(layers, "_pointwise_as_matmul", lambda *a: routed.append(a[2].shape) or as_matmul(*a))
+    as_matmul = layers._patches_as_matmul
+    monkeypatch.setattr(layers, "_patches_as_matmul", lambda *a: routed.append(a[2].shape) or as_matmul(*a))
     torch.manual_seed(0)
-    for hw, stride, bias in (((2, 2), 1, True), ((2, 1), 1, False), ((4, 4), 2, True), ((3, 3), 2, False), ((1, 2), 1, True)):
-        x = torch.randn(5, 6, *hw, requires_grad=True)
-        p = {"weight": torch.randn(10, 6, 1, 1, requires_grad=True)}
+    cases = (  # (input h, w), kernel, stride, padding, bias
+        ((2, 2), 1, 1, 0, True), ((2, 1), 1, 1, 0, False), ((4, 4), 1, 2, 0, True), ((3, 3), 1, 2, 0, False),
+        ((1, 2), 1, 1, 0, True), ((4, 4), 3, 2, 1, True), ((3, 4), 3, 2, 1, False), ((5, 5), 3, 2, 0, True),
+        ((4, 4), 2, 2, 0, False), ((4, 3), 3, 1, 0, True))
+    for hw, k, stride, padding, bias in cases:
+        x = torch.randn(5, 6, *hw).contiguous(memory_format=torch.channels_last).requires_grad_()
+        p = {"weight": torch.randn(10, 6, k, k, requires_grad=True)}
         if bias:
             p["bias"] = torch.randn(10, requires_grad=True)
         routed.clear()
-        y = layers.conv(p, x, stride)
-        ref = torch.nn.functional.conv2d(x, p["weight"], p.get("bias"), stride)
-        assert len(routed) == 1 and y.is_contiguous(memory_format=torch.channels_last)
+        y = layers.conv(p, x, stride, padding)
+        ref = torch.nn.functional.conv2d(x, p["weight"], p.get("bias"), stride, padding)
+        assert len(routed) == 1 and y.is_contiguous(memory_format=torch.channels_last), (hw, k, stride)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         grad_out = torch.randn_like(ref)
         inputs = [x, *p.values()]
@@ -186,7 +191,9 @@ def test_a_1x1_conv_on_a_2x2_map_runs_as_dense_with_conv2d_values_and_gradients(
     w = {"weight": torch.randn(12, 6, 1, 1)}
     layers.conv(w, torch.randn(2, 6, 3, 3))  # a 3x3 output
     layers.conv(w, torch.randn(2, 6, 2, 2), padding=1)
+    layers.conv({"weight": torch.randn(12, 6, 3, 3)}, torch.randn(2, 6, 4, 4), padding=1)  # 4x4
     layers.conv({"weight": torch.randn(12, 3, 1, 1)}, torch.randn(2, 6, 2, 2), groups=2)
+    assert layers.conv(w, torch.randn(0, 6, 2, 2)).shape == (0, 12, 2, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layers.conv(w, torch.randn(2, 6, 2, 2))
     assert routed == []

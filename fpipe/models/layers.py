@@ -53,34 +53,44 @@ def norm_init(kind, channels, zero_scale=False, groups=32):
 # ---------------------------------------------------------------- appliers
 def conv(p, x, stride=1, padding=0, groups=1):
     w = p["weight"]
-    if groups == 1 and isinstance(padding, int) and _tiny_input(x.shape[-2:], w.shape[-2:], stride, padding):
-        return _conv_as_matmul(w, p.get("bias"), x, stride, padding)
-    if (groups == 1 and padding == 0 and w.shape[-2:] == (1, 1) and isinstance(stride, int)
-            and _out_size(x.shape[-2], 1, stride, 0) * _out_size(x.shape[-1], 1, stride, 0) <= 4):
-        pixels = x[:, :, ::stride, ::stride]
-        if _dense_beats_conv(pixels, w.shape[0]):
-            return _pointwise_as_matmul(w, p.get("bias"), pixels)
+    if groups == 1 and isinstance(padding, int):
+        if _tiny_input(x.shape[-2:], w.shape[-2:], stride, padding):
+            return _conv_as_matmul(w, p.get("bias"), x, stride, padding)
+        if isinstance(stride, int) and _dense_beats_conv(x, w, stride, padding):
+            return _patches_as_matmul(w, p.get("bias"), x, stride, padding)
     return F.conv2d(x, w, p.get("bias"), stride, padding, 1, groups)
 
 
-def _dense_beats_conv(pixels, outputs):
-    """Whether a 1×1 conv onto at most 2×2 ``pixels`` runs faster as :func:`dense`: on CPU in
-    float32, where dense is MKL's AVX-512 matmul (Intel) or oneDNN's conv over the weight's rows
-    (AMD: ``_on_onednn``; MKL's AVX2 matmul there was not measured against the conv)."""
-    if ROWS_AS_CONV:
-        return _on_onednn(pixels, outputs)
-    return pixels.device.type == "cpu" and pixels.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+def _dense_beats_conv(x, w, stride, padding):
+    """Whether a conv runs faster as :func:`dense` over its patches: when it makes at most 2×2
+    output pixels, on CPU in float32 (elsewhere not measured). oneDNN's conv kernels are slow on
+    so few pixels, forward and backward, e.g. a ResNet's layer4.0 at 32 and 64 px (below; on 4×4
+    maps about as fast as the matmul). Where dense is a conv itself (``ROWS_AS_CONV``: AMD), only
+    for products of at least ``DENSE_MIN_MACS``, as dense's own rule."""
+    ho, wo = (_out_size(s, k, stride, padding) for s, k in zip(x.shape[-2:], w.shape[-2:]))
+    if (ho * wo > 4 or x.numel() == 0 or x.device.type != "cpu" or x.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")):
+        return False
+    return not ROWS_AS_CONV or x.shape[0] * ho * wo * w[0].numel() * w.shape[0] >= DENSE_MIN_MACS
 
 
-def _pointwise_as_matmul(w, bias, x):
-    """A 1×1 conv on a map of at most 2×2 as :func:`dense` over its pixels: oneDNN's conv kernels
-    are slow on so few columns, forward and backward (AMD, dense as a conv: 64×2048×2×2 -> 512
-    18.4 vs 8.8 ms; a stride-2 1024 -> 2048 to 2×2: 41.4 vs 15.4. Intel, dense as MKL's matmul:
-    39.3 vs 7.5 and 9.3 vs 3.0 for 2048 -> 512 at 1×1; packed for inference, 11.0 vs 1.2 ms
-    forward), and on 4×4 maps about as fast as the matmul."""
-    n, c, h, wd = x.shape
-    y = dense(x.permute(0, 2, 3, 1).reshape(n * h * wd, c), w[:, :, 0, 0], bias)
-    return y.reshape(n, h, wd, -1).permute(0, 3, 1, 2)  # channels-last, as the conv's
+def _patches_as_matmul(w, bias, x, stride, padding):
+    """The conv of :func:`_dense_beats_conv` as one :func:`dense` over its patches (im2col: a row
+    per image and output pixel, holding the k×k window of the zero-padded input it reads). Same
+    math as F.conv2d, output channels-last. Forward and backward, ms (Intel, 2 threads, batch 64):
+    1×1 stride 2, 1024 -> 2048 onto 1×1 39.3 vs 7.5; 1×1 2048 -> 512 at 1×1 9.3 vs 3.0; 3×3
+    stride 2, 512 -> 512 from 4×4 45.1 vs 16.7, 256 -> 256 7.5 vs 5.1 (AMD, dense as a conv:
+    64×2048×2×2 -> 512 18.4 vs 8.8; 1×1 stride 2 1024 -> 2048 onto 2×2 41.4 vs 15.4)."""
+    (n, c, h, wd), (o, _, kh, kw) = x.shape, w.shape
+    ho, wo = _out_size(h, kh, stride, padding), _out_size(wd, kw, stride, padding)
+    pixels = (F.pad(x, (padding,) * 4) if padding else x).permute(0, 2, 3, 1)  # (n, h, w, c)
+    if (kh, kw) == (1, 1):  # a strided view: no copy where the input is channels-last
+        patches = pixels[:, ::stride, ::stride]
+    else:
+        patches = torch.stack([pixels[:, i * stride:i * stride + kh, j * stride:j * stride + kw]
+                               for i in range(ho) for j in range(wo)], 1)  # (n, ho·wo, kh, kw, c)
+    y = dense(patches.reshape(n * ho * wo, kh * kw * c), w.permute(0, 2, 3, 1).reshape(o, kh * kw * c), bias)
+    return y.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
 
 
 def _out_size(size, kernel, stride, padding):
