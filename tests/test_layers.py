@@ -160,9 +160,9 @@ def test_compiled_dense_convs_take_their_image_as_it_is(monkeypatch):
 def test_a_conv_onto_at_most_2x2_pixels_runs_as_dense_with_conv2d_values_and_gradients(rows_as_conv, monkeypatch):
     """On CPU in float32 (dense as oneDNN's conv on AMD, as MKL's matmul elsewhere), a conv whose
     output is at most 2x2 pixels (1x1, 2x2 and 3x3 kernels, stride 1 or 2, padded or not, with and
-    without bias) is a dense over its patches: F.conv2d's values and gradients, output
-    channels-last; larger outputs, grouped convs, empty batches and convs under bf16 autocast
-    keep F.conv2d."""
+    without bias), or from 512 input channels 3x3 (4x4 for 1x1 kernels), is a dense over its
+    patches: F.conv2d's values and gradients, output channels-last; larger outputs, grouped
+    convs, empty batches and convs under bf16 autocast keep F.conv2d."""
     monkeypatch.setattr(layers, "ROWS_AS_CONV", rows_as_conv)
     monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
     routed = []
@@ -187,7 +187,17 @@ def test_a_conv_onto_at_most_2x2_pixels_runs_as_dense_with_conv2d_values_and_gra
         inputs = [x, *p.values()]
         for g, g_ref in zip(torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out)):
             torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    # from 512 input channels: onto 3x3 pixels, and 4x4 for a 1x1 conv
+    for hw, k, stride, padding, n_routed in (((3, 3), 3, 1, 1, 1), ((6, 6), 3, 2, 1, 1), ((4, 4), 1, 1, 0, 1),
+                                             ((8, 8), 1, 2, 0, 1), ((4, 4), 3, 1, 1, 0), ((5, 5), 1, 1, 0, 0)):
+        x, p = torch.randn(2, 512, *hw), {"weight": torch.randn(3, 512, k, k)}
+        routed.clear()
+        y = layers.conv(p, x, stride, padding)
+        assert len(routed) == n_routed, (hw, k, stride)
+        torch.testing.assert_close(y, torch.nn.functional.conv2d(x, p["weight"], None, stride, padding),
+                                   rtol=1e-4, atol=1e-4)
     routed.clear()
+    layers.conv({"weight": torch.randn(12, 511, 3, 3)}, torch.randn(2, 511, 3, 3), padding=1)
     w = {"weight": torch.randn(12, 6, 1, 1)}
     layers.conv(w, torch.randn(2, 6, 3, 3))  # a 3x3 output
     layers.conv(w, torch.randn(2, 6, 2, 2), padding=1)
