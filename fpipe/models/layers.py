@@ -62,19 +62,23 @@ def conv(p, x, stride=1, padding=0, groups=1):
 
 
 def _dense_beats_conv(x, w, stride, padding):
-    """Whether a conv runs faster as :func:`dense` over its patches, on CPU in float32 (elsewhere
-    not measured): oneDNN's conv kernels are slow on few output pixels, forward and backward, the
+    """Whether a conv runs faster as :func:`dense` over its patches, on CPU (elsewhere not
+    measured): oneDNN's conv kernels are slow on few output pixels, forward and backward, the
     more so the more channels. So: at most 2×2 output pixels (a ResNet's layer4 at 32 and 64 px),
     and from 512 input channels at most 3×3 (layer4 at 96 px: 1.5-2.1× faster), or 4×4 for a 1×1
     conv (layer4 at 128 px: 1.2-1.7×; its 3×3 convs there are as fast as the matmul, and 3×3
     convs of 256 channels onto 3×3 faster). Where dense is a conv itself (``ROWS_AS_CONV``: AMD),
-    only for products of at least ``DENSE_MIN_MACS``, as dense's own rule."""
+    only for products of at least ``DENSE_MIN_MACS``, as dense's own rule. Under CPU bf16
+    autocast too, where measured (Intel with AMX: 4-13× at 2×2 and fewer pixels, 1.5× at 3×3)."""
     ho, wo = (_out_size(s, k, stride, padding) for s, k in zip(x.shape[-2:], w.shape[-2:]))
     most = 4 if x.shape[1] < 512 else 16 if w.shape[-2:] == (1, 1) else 9
-    if (ho * wo > most or x.numel() == 0 or x.device.type != "cpu" or x.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu")):
+    if ho * wo > most or x.numel() == 0 or x.device.type != "cpu":
         return False
-    return not ROWS_AS_CONV or x.shape[0] * ho * wo * w[0].numel() * w.shape[0] >= DENSE_MIN_MACS
+    if torch.is_autocast_enabled("cpu"):
+        return (not ROWS_AS_CONV and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and x.dtype in (torch.float32, torch.bfloat16))
+    return x.dtype == torch.float32 and (
+        not ROWS_AS_CONV or x.shape[0] * ho * wo * w[0].numel() * w.shape[0] >= DENSE_MIN_MACS)
 
 
 def _patches_as_matmul(w, bias, x, stride, padding):
