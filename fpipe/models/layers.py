@@ -66,8 +66,8 @@ def _dense_beats_conv(x, w, stride, padding):
     measured): oneDNN's conv kernels are slow on few output pixels, forward and backward, the
     more so the more channels. So: at most 2×2 output pixels (a ResNet's layer4 at 32 and 64 px),
     and from 512 input channels at most 3×3 (layer4 at 96 px: 1.5-2.1× faster), or 4×4 for a 1×1
-    conv (layer4 at 128 px: 1.2-1.7×; its 3×3 convs there are as fast as the matmul, and 3×3
-    convs of 256 channels onto 3×3 faster). Where dense is a conv itself (``ROWS_AS_CONV``: AMD),
+    conv (layer4 at 128 px: 1.2-1.7×). The 3×3 convs there, and 3×3 convs of 256 channels onto
+    3×3, run as fast or faster as convs. Where dense is a conv itself (``ROWS_AS_CONV``: AMD),
     only for products of at least ``DENSE_MIN_MACS``, as dense's own rule. Under CPU bf16
     autocast too, where measured (Intel with AMX: 4-13× at 2×2 and fewer pixels, 1.5× at 3×3)."""
     ho, wo = (_out_size(s, k, stride, padding) for s, k in zip(x.shape[-2:], w.shape[-2:]))
@@ -91,7 +91,7 @@ def _patches_as_matmul(w, bias, x, stride, padding):
     (n, c, h, wd), (o, _, kh, kw) = x.shape, w.shape
     ho, wo = _out_size(h, kh, stride, padding), _out_size(wd, kw, stride, padding)
     pixels = (F.pad(x, (padding,) * 4) if padding else x).permute(0, 2, 3, 1)  # (n, h, w, c)
-    if (kh, kw) == (1, 1):  # a strided view: no copy where the input is channels-last
+    if (kh, kw) == (1, 1):  # a view (at stride 1 of a channels-last input, reshaped without a copy)
         patches = pixels[:, ::stride, ::stride]
     else:
         patches = torch.stack([pixels[:, i * stride:i * stride + kh, j * stride:j * stride + kw]
