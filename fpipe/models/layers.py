@@ -74,11 +74,11 @@ def _dense_beats_conv(x, w, stride, padding):
     most = 4 if x.shape[1] < 512 else 16 if w.shape[-2:] == (1, 1) else 9
     if ho * wo > most or x.numel() == 0 or x.device.type != "cpu":
         return False
+    if ROWS_AS_CONV:  # only where dense takes its conv route for the patches' product
+        return _onednn_product(x, x.shape[0] * ho * wo * w[0].numel() * w.shape[0])
     if torch.is_autocast_enabled("cpu"):
-        return (not ROWS_AS_CONV and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and x.dtype in (torch.float32, torch.bfloat16))
-    return x.dtype == torch.float32 and (
-        not ROWS_AS_CONV or x.shape[0] * ho * wo * w[0].numel() * w.shape[0] >= DENSE_MIN_MACS)
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+    return x.dtype == torch.float32
 
 
 def _patches_as_matmul(w, bias, x, stride, padding):
@@ -182,8 +182,13 @@ def dense(x, weight, bias=None):
 
 def _on_onednn(x, outputs):
     """Whether :func:`dense` runs ``x`` (rows of its last dim) into ``outputs`` as a 1×1 conv."""
-    return (ROWS_AS_CONV and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2 and x.numel() > 0
-            and not torch.is_autocast_enabled("cpu") and x.numel() * outputs >= DENSE_MIN_MACS)
+    return x.dim() >= 2 and x.numel() > 0 and _onednn_product(x, x.numel() * outputs)
+
+
+def _onednn_product(x, macs):
+    """Whether :func:`dense` runs a product of ``macs`` on ``x``'s device and dtype as a 1×1 conv."""
+    return (ROWS_AS_CONV and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and macs >= DENSE_MIN_MACS)
 
 
 def _as_pixels(rows):
