@@ -8,8 +8,9 @@ import torch
 
 import configs.supervised
 from fpipe import defaults, freeze, optim, tree
+from fpipe.models import layers
 from fpipe.models import model as models
-from fpipe.train import compile_cache, distributed, loop, remat
+from fpipe.train import compile_cache, distributed, loop, remat, row_sums
 from fpipe.train import step as step_lib
 
 
@@ -134,6 +135,13 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     assert compile_cache.step_key(base, "cpu", "train") != key
     monkeypatch.undo()
+    # Another CPU (a cache shared by a cluster's nodes): its vendor or its vector instructions.
+    monkeypatch.setattr(layers, "cpu_vendor", lambda: "AnotherVendor")
+    assert compile_cache.step_key(base, "cpu", "train") != key
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert compile_cache.step_key(base, "cpu", "train") != key
+    monkeypatch.undo()
     monkeypatch.setattr(compile_cache, "source_digest", lambda: "another fpipe")
     assert compile_cache.step_key(base, "cpu", "train") != key
 
@@ -167,7 +175,10 @@ def test_a_step_built_under_another_autocast_never_loads_this_one(monkeypatch, t
     assert keys["train step"][0] != keys["eval step"][0]
 
 
-def test_the_train_step_compiles_with_the_configs_remat_mode(monkeypatch, tmp_path):
+@pytest.mark.parametrize("row_sums_here", [False, True])
+def test_the_train_step_compiles_with_the_configs_remat_mode_and_row_sums_where_they_run(monkeypatch, tmp_path,
+                                                                                        row_sums_here):
+    monkeypatch.setattr(row_sums, "ON_THIS_CPU", row_sums_here)
     given = []
     monkeypatch.setattr(compile_cache, "saved_or_compiled",  # runs the step eagerly: no compile
                         lambda fn, *a, fallback, inductor=None: given.append(inductor) or fn)
@@ -181,8 +192,10 @@ def test_the_train_step_compiles_with_the_configs_remat_mode(monkeypatch, tmp_pa
         train = loop.build_train_step(c, tiny_model(), opt, ts["trainable"], ts["model_state"], frozenset(), dist,
                                       compiling=True)
         train(tree.map_leaves(lambda t: t.clone(), ts), batch(), opt.inputs(0.1))
+    pre = [given_now.pop("post_grad_custom_pre_pass", None) if given_now else None for given_now in given]
     assert given == [{"post_grad_custom_post_pass": remat.MODES["fused"]},
-                     {"post_grad_custom_post_pass": remat.MODES["all"]}, None]
+                     {"post_grad_custom_post_pass": remat.MODES["all"]}, {} if row_sums_here else None]
+    assert all(isinstance(p, row_sums.RowSums) for p in pre) if row_sums_here else pre == [None] * 3
     assert not remat.MODES["fused"].written and remat.MODES["all"].written
 
 

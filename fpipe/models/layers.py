@@ -136,17 +136,21 @@ def linear(p, x):
     return dense(x, p["weight"], p.get("bias"))
 
 
+def cpu_vendor() -> str:
+    """This x86 CPU's vendor as /proc/cpuinfo says it ("GenuineIntel", "AuthenticAMD"); "" if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 def _mkl_runs_avx2() -> bool:
     """True on AMD (and Hygon) x86 CPUs, where PyTorch's float32 matmuls run MKL's AVX2 code
     even on AVX-512 hardware: about half the speed of oneDNN's kernels there."""
     if not (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()):
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return False
-    return vendor in ("AuthenticAMD", "HygonGenuine")
+    return cpu_vendor() in ("AuthenticAMD", "HygonGenuine")
 
 
 # Linears as 1×1 convolutions (see dense); a module flag, so tests can take either path.

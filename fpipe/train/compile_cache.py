@@ -33,6 +33,7 @@ import torch
 from absl import logging
 
 from fpipe import files, tree
+from fpipe.models import layers
 from fpipe.train import forked_compile
 
 CACHE_ENV = "FPIPE_COMPILE_CACHE"  # overrides the default directory; "" turns the cache off
@@ -82,9 +83,12 @@ def step_key(config, *parts) -> str:
 
 def key_of(*parts) -> str:
     """sha256 over ``parts`` and what every compiled file depends on: fpipe's source, the torch and
-    Python versions, the thread count (inductor's CPU kernels are built for it)."""
+    Python versions, the CPU (inductor's kernels are built for its vector instructions and thread
+    count; fpipe picks its conv routes and graph passes by vendor), so a cache shared by
+    different machines never hands one of them another's step."""
     facts = {"parts": [p if isinstance(p, dict) else str(p) for p in parts], "fpipe": source_digest(),
-             "torch": torch.__version__, "python": sys.version, "threads": torch.get_num_threads()}
+             "torch": torch.__version__, "python": sys.version, "threads": torch.get_num_threads(),
+             "cpu": [layers.cpu_vendor(), torch.backends.cpu.get_cpu_capability()]}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=repr).encode()).hexdigest()
 
 

@@ -22,7 +22,7 @@ from fpipe.evaluate import extract, topk
 from fpipe.models import fold, layers, losses
 from fpipe.models import model as models
 from fpipe.train import (compile_cache, config_check, distributed, donation, frozen_trunk, head_grid, periodic,
-                         precision, remat)
+                         precision, remat, row_sums)
 from fpipe.train import step as step_lib
 from fpipe.train.signals import Stopped, StopOnSignal
 
@@ -251,10 +251,17 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
         step = donation.writes_into_inputs(step)
     step = step_lib.maybe_compile(step, compiling, "train step",
                                   cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast),
-                                  inductor=remat.options(config.compile_remat))
+                                  inductor=step_passes(config))
     if heads_only:
         step = frozen_trunk.heads_only(step)
     return donation.Donating(step) if compiling else step
+
+
+def step_passes(config):
+    """Inductor's graph passes for the train step: values recomputed in the backward
+    (``compile_remat``) and, where it was measured faster, BatchNorm's sums taken row by row."""
+    passes = {**(remat.options(config.compile_remat) or {}), **row_sums.options()}
+    return passes or None
 
 
 def build_eval_step(config, model, dist, *, compiling, autocast=None):
