@@ -203,7 +203,7 @@ def fpipe_step(model, params, state, batch, *, split=True, compile_head=True, co
         # The heads' step as the loop builds it (compiled: donating, fused SGD), saved under this key.
         config = ml_collections.ConfigDict(dict(precision={None: "float32", torch.bfloat16: "bf16"}[autocast],
                                                 compile_cache_dir=directory or "", benchmark_key=key,
-                                                compile_remat="all"))
+                                                compile_remat="fused"))
         step = loop_lib.build_train_step(config, ft.model, opt, trainable, state, eval_norms,
                                          distributed.Dist(device=batch["image"].device), compiling=compile_head,
                                          autocast=autocast, heads_only=True)

@@ -27,9 +27,9 @@ round-robin (a busy machine slows each alike), medians:
             (``net.to(memory_format=torch.channels_last)``), what PyTorch advises for CNNs; on
             CPU they train faster than NCHW (R50 64 px: 0.85x eager's time), so fpipe is also
             measured against them.
-  fpipe_no_remat, fpipe_remat_fused  (only when named) fpipe's step with ``compile_remat`` "off"
-            or "fused" instead of the default "all": what the recomputation pass
-            (``fpipe.train.remat``) and its modes change.
+  fpipe_no_remat, fpipe_remat_fused, fpipe_remat_all  (only when named) fpipe's step with
+            ``compile_remat`` "off", "fused" (the default since 12-04) or "all": what the
+            recomputation pass (``fpipe.train.remat``) and its modes change.
 
 Output per case:
 
@@ -82,7 +82,7 @@ from fpipe.train import loop as loop_lib
 MODES = ("supervised", "finetune")
 PROGRAMS = ("fpipe", "eager", "compiled", "eager_cl", "compiled_cl")  # the default set
 GOALS = {"compiled": 1.0, "eager": 1.1, "compiled_cl": 1.0, "eager_cl": 1.1}  # fpipe's speed over each baseline
-REMAT_PROGRAMS = {"fpipe_no_remat": "off", "fpipe_remat_fused": "fused"}  # compile_remat other than the default
+REMAT_PROGRAMS = {"fpipe_no_remat": "off", "fpipe_remat_fused": "fused", "fpipe_remat_all": "all"}  # compile_remat modes
 BASELINES = (*GOALS, *REMAT_PROGRAMS)
 PRESET_ARCHS = (*regnet.PRESETS, *convnext.PRESETS, *efficientnet.PRESETS)  # trunk presets by name
 ARCHS = ("resnet", "vit_s16", *sorted(PRESET_ARCHS))

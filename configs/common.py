@@ -11,8 +11,9 @@ def base_config():
     c.compile = True           # torch.compile the train and eval steps (eager on failure, logged) ...
     c.compile_min_images = 100_000  # ... in runs that train on at least this many images (0: always)
     c.compile_cache_dir = "auto"  # compiled steps saved for the next run ("auto": ~/.cache/fpipe/compiled; "": off)
-    c.compile_remat = "all"    # the compiled step recomputes pointwise values in its backward, less memory:
-    # "all" also convolutions' inputs (least memory), "fused" only those its kernels compute in place (no extra writes), "off"
+    c.compile_remat = "fused"  # the compiled step recomputes pointwise values in its backward, less memory:
+    # "fused" those its kernels compute in place (no extra writes), "all" also convolutions' inputs (least memory,
+    # 4-7% slower on CPU), "off"
     # Durations: config files give *_epochs; *_steps, set on the command line, win over them
     # (converted in one place, schedules.to_steps).
     c.total_epochs = 10.0

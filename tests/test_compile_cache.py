@@ -129,7 +129,7 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     # shapes, the step's role.
     for other in (dict(optim__momentum=0.0), dict(optim__weight_decay=0.0), dict(optim__nesterov=True),
                   dict(data__image_size=64), dict(model__trunk__depth=50), dict(precision__dtype="bf16"),
-                  dict(compile_remat="off"), dict(compile_remat="fused")):
+                  dict(compile_remat="off"), dict(compile_remat="all")):
         assert changed(**other) != key, other
     assert compile_cache.step_key(base, "cpu", "eval") != key
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
@@ -186,7 +186,7 @@ def test_the_train_step_compiles_with_the_configs_remat_mode_and_row_sums_where_
     c.compile_cache_dir = str(tmp_path)
     _, ts, opt = tiny_step()
     dist = distributed.Dist(device=torch.device("cpu"))
-    assert c.compile_remat == "all"
+    assert c.compile_remat == "fused"
     for mode in ("fused", "all", "off"):
         c.compile_remat = mode
         train = loop.build_train_step(c, tiny_model(), opt, ts["trainable"], ts["model_state"], frozenset(), dist,

@@ -11,12 +11,12 @@ bytes are alive (in a train step at or after the forward's end), and every point
 across it that can be rebuilt from values alive there anyway (or small ones) is rebuilt after it,
 right before its first use there, so it dies in the forward. Repeated while the estimated peak falls.
 
-Two modes (``config.compile_remat``): "fused" rebuilds only values that every later user computes
-inside its own kernel (pointwise ops, reductions), so the copy is never written to memory
-(EfficientNet-B0: 283 -> 168 MiB, no slower than without the pass); "all", the default, also
-rebuilds those a convolution, matmul or fallback reads, which must be written again
-(EfficientNet-B0 112 MiB; ResNet-50 128 px b32 885 -> 578 MiB for up to ~4% of the step, where
-"fused" changes little).
+Two modes (``config.compile_remat``): "fused", the default, rebuilds only values that every later
+user computes inside its own kernel (pointwise ops, reductions), so the copy is never written to
+memory (EfficientNet-B0: 283 -> 168 MiB, no slower than without the pass); "all" also rebuilds
+those a convolution, matmul or fallback reads, which must be written again (EfficientNet-B0 112
+MiB; ResNet-50 128 px b32 885 -> 578 MiB) for 4-7% of the step on CPU (docs/BENCHMARKS.md,
+twenty-sixth session).
 """
 import hashlib
 import operator
