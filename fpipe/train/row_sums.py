@@ -10,7 +10,7 @@ order. The variance comes from the rows' variances and means (the law of total v
 has W pixels), as stable as one Welford pass.
 
 On the Intel CPU measured (docs/BENCHMARKS.md, twenty-sixth session) a BatchNorm + ReLU forward
-and backward ran 10-25% faster from 64 channels and 8 pixels a row up, ResNet-50 train steps 3-5%
+and backward ran 10-25% faster from 64 channels and 8 pixels a row up, ResNet-50 train steps 2-5%
 faster at 64-224 px; on AMD an earlier version of the same split made the step slower (the
 twenty-third session), so the pass runs on Intel CPUs only (``ON_THIS_CPU``).
 """
