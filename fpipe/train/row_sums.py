@@ -43,8 +43,8 @@ def _splittable(node):
     return shape if channels_last and c >= MIN_CHANNELS and w >= MIN_ROW else None
 
 
-def _over_nhw(node, dim_index):
-    dims = node.args[dim_index] if len(node.args) > dim_index else None
+def _over_nhw(node):
+    dims = node.args[1] if len(node.args) > 1 else None
     return isinstance(dims, (list, tuple)) and sorted(dims) == [0, 2, 3]
 
 
@@ -67,7 +67,7 @@ def _split_sum(graph, node, shape):
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     rows = _emit(graph, aten.sum.dim_IntList, _rows(graph, node.args[0], shape), [1])
     total = _emit(graph, aten.sum.dim_IntList, rows, [0])
-    return [_emit(graph, aten.view.default, total, [1, shape[1], 1, 1]) if keepdim else total]
+    return _emit(graph, aten.view.default, total, [1, shape[1], 1, 1]) if keepdim else total
 
 
 def _split_var_mean(graph, node, shape):
@@ -86,14 +86,14 @@ def split_row_sums(graph) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (aten.sum.dim_IntList, aten.var_mean.correction):
             continue
-        shape = _splittable(node.args[0]) if _over_nhw(node, 1) else None
+        shape = _splittable(node.args[0]) if _over_nhw(node) else None
         if shape is None:
             continue
         if node.target is aten.sum.dim_IntList:
             if node.kwargs.get("dtype") is not None:
                 continue
             with graph.inserting_before(node):
-                (total,) = _split_sum(graph, node, shape)
+                total = _split_sum(graph, node, shape)
             node.replace_all_uses_with(total)
         else:
             if node.kwargs.get("correction") != 0 or not node.kwargs.get("keepdim", False):
