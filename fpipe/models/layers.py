@@ -4,6 +4,7 @@ Initialisers return ``(params, state)``; appliers return outputs (norms also the
 Names follow torch.nn (``weight``, ``bias``, ``running_mean``, ``running_var``,
 ``num_batches_tracked``), so a torchvision ``state_dict`` maps onto these trees by name.
 """
+import functools
 import math
 
 import torch
@@ -136,8 +137,10 @@ def linear(p, x):
     return dense(x, p["weight"], p.get("bias"))
 
 
+@functools.cache
 def cpu_vendor() -> str:
-    """This x86 CPU's vendor as /proc/cpuinfo says it ("GenuineIntel", "AuthenticAMD"); "" if unknown."""
+    """This x86 CPU's vendor as /proc/cpuinfo says it ("GenuineIntel", "AuthenticAMD"); "" if unknown.
+    Read once: every saved step's key asks for it."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
