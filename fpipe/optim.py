@@ -46,11 +46,18 @@ def scaled_lr(cfg, global_batch_size: int) -> tuple:
 
 
 def global_norm(tree: dict) -> torch.Tensor:
-    """L2 norm over all leaves (in float32 at least), as a 0-d tensor; 0 for an empty tree."""
+    """L2 norm over all leaves (in float32 at least), as a 0-d tensor; 0 for an empty tree.
+
+    One ``_foreach_norm`` where the leaves share a device and float type, except in a step compiled
+    for the CPU: there inductor has no lowering for it and calls ATen's per-leaf kernels, 2.8x
+    slower than its own reductions of the per-leaf norms (ResNet-18's grads: 3.8 ms, 7% of a 32 px
+    step; docs/BENCHMARKS.md, twenty-seventh session).
+    """
     ts = leaves(tree)
     if not ts:
         return torch.zeros(())
-    if len({(g.device, g.dtype) for g in ts}) == 1 and ts[0].dtype in (torch.float32, torch.float64):
+    one_kind = len({(g.device, g.dtype) for g in ts}) == 1 and ts[0].dtype in (torch.float32, torch.float64)
+    if one_kind and not (torch.compiler.is_compiling() and ts[0].device.type == "cpu"):
         norms = torch._foreach_norm(ts)  # one list op (as clip_grad_norm_'s foreach path)
     else:
         norms = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)) for g in ts]

@@ -312,6 +312,31 @@ def test_clip_grad_norm_matches_torch(max_norm):
                                                  flatten(grads)["trunk.conv1.weight"]))
 
 
+def test_compiled_clip_grad_norm_matches_torch_without_foreach_norm():
+    """Compiled for the CPU, the norm is per-leaf reductions inductor writes itself (it has no
+    lowering for ``_foreach_norm``): the same norm and clipped grads as torch's, channels-last
+    leaves included."""
+    grads = tree.map_leaves(lambda g: g.contiguous(memory_format=torch.channels_last) if g.dim() == 4 else g,
+                            _grads(torch.Generator().manual_seed(7)))
+    ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in flatten(grads).values()]
+    for p, g in zip(ref, flatten(grads).values()):
+        p.grad = g.clone()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+    traced = []
+
+    def recording_inductor(gm, example_inputs):
+        traced.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return torch._inductor.compile(gm, example_inputs)
+
+    torch._dynamo.reset()
+    clip = torch.compile(lambda g: optim.clip_and_norm(g, {"clip_grad_norm": 0.5}), backend=recording_inductor)
+    clipped, norm = clip(grads)
+    assert torch._foreach_norm not in traced and torch.linalg.vector_norm in traced
+    torch.testing.assert_close(norm, ref_norm)
+    for p, g in zip(ref, flatten(clipped).values()):
+        torch.testing.assert_close(g, p.grad)
+
+
 def test_clip_grad_value_and_norm_when_off():
     grads = _grads(torch.Generator().manual_seed(6))
     flat = list(flatten(grads).values())
