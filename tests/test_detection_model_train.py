@@ -161,6 +161,25 @@ def test_losses_with_given_proposals_equal_eager_and_trace_as_one_graph():
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
+def test_train_proposals_record_nothing_and_ignore_the_callers_grad_mode(monkeypatch):
+    """train_proposals runs in gradient mode (the convs then take the routes of losses' gradient
+    pass) over detached values: from params that require grad nothing is recorded, and under an
+    outer torch.no_grad it gives the same proposals bit for bit."""
+    from fpipe.models import layers
+    model = det_model.build(tiny_config(), 4)
+    params, state = model.init(0)
+    batch = tiny_batch()
+    grad_modes, real = [], layers._dense_beats_conv
+    monkeypatch.setattr(layers, "_dense_beats_conv", lambda *a: grad_modes.append(torch.is_grad_enabled()) or real(*a))
+    given = model.train_proposals(tree.map_leaves(lambda t: t.clone().requires_grad_(t.is_floating_point()), params),
+                                  state, batch, torch.Generator().manual_seed(5))
+    assert all(v.grad_fn is None and not v.requires_grad for v in given.values())
+    with torch.no_grad():
+        again = model.train_proposals(params, state, batch, torch.Generator().manual_seed(5))
+    assert set(again) == set(given) and all(torch.equal(again[k], given[k]) for k in given)
+    assert len(grad_modes) > 20 and all(grad_modes)  # every conv of both calls, in gradient mode
+
+
 def test_compiled_detection_step_equals_the_eager_step():
     """train.make_step(compiling=True): train_proposals eagerly, then one fullgraph-compiled update
     over losses(proposals=...) with the optimizer. Traced by AOTAutograd (backend aot_eager, the

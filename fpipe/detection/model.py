@@ -115,7 +115,7 @@ class DetModel(NamedTuple):
     predict: Callable  # (params, state, images, image_sizes) -> [per-image dict]
     freeze_rules: Callable  # params -> tuple of full-match regexes (for fpipe.freeze.partition)
     features: Callable  # (params, state, images, *, train) -> (FPN levels, new state)
-    train_proposals: Callable  # (params, state, batch) -> (boxes, valid), no gradient (for losses(proposals=))
+    train_proposals: Callable  # (params, state, batch) -> (boxes, valid), nothing recorded (for losses(proposals=))
 
 
 def build(det_cfg, num_classes) -> DetModel:
@@ -288,9 +288,14 @@ def build(det_cfg, num_classes) -> DetModel:
         data-dependent), the pooler's level ``scales`` (from the batch's largest image) and the
         samplers' uniform keys drawn from ``generator`` in the order ``losses`` draws them (so
         ``losses(proposals=...)`` equals ``losses(generator=...)``). Given these, ``losses`` has no
-        host sync and one graph serves every batch of a shape (torch.compile fullgraph)."""
-        with torch.no_grad():
-            images = batch["image"]
+        host sync and one graph serves every batch of a shape (torch.compile fullgraph).
+
+        It runs with gradient mode on over detached values, so nothing is recorded and every
+        layer takes the route it takes inside ``losses``' gradient pass (fpipe.models.layers runs
+        some convs differently without gradients): the proposals are those ``losses`` would make."""
+        params, state = (tree.map_leaves(_detached, t) for t in (params, state))
+        with torch.enable_grad():
+            images = batch["image"].detach()
             image_shapes = [tuple(int(v) for v in s) for s in batch["image_size"].tolist()]
             levels, _ = features(params, state, images, train=True)
             objectness, deltas, anchors, per_level = rpn_outputs(params, levels, images)
@@ -424,3 +429,6 @@ def fpn_levels(fpn_cfg, feature_names, strides):
 
     return pick("rpn_levels", tuple(range(len(numbers)))), pick("roi_levels", tuple(range(len(numbers) - 1)))
 
+
+def _detached(leaf):
+    return leaf.detach() if isinstance(leaf, torch.Tensor) else leaf
