@@ -161,7 +161,8 @@ def test_a_conv_onto_at_most_2x2_pixels_runs_as_dense_with_conv2d_values_and_gra
     """On CPU in float32 (dense as oneDNN's conv on AMD, as MKL's matmul elsewhere), a conv whose
     output is at most 2x2 pixels (1x1, 2x2 and 3x3 kernels, stride 1 or 2, padded or not, with and
     without bias), or from 512 input channels 3x3 (4x4 for 1x1 kernels), is a dense over its
-    patches: F.conv2d's values and gradients, output channels-last; larger outputs, grouped
+    patches: F.conv2d's values and gradients, output channels-last; without gradients, from 256
+    input channels 3x3 onto 3x3 too (float32, where dense is MKL's); larger outputs, grouped
     convs and empty batches keep F.conv2d. Under bf16 autocast only where dense is MKL's."""
     monkeypatch.setattr(layers, "ROWS_AS_CONV", rows_as_conv)
     monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
@@ -205,6 +206,25 @@ def test_a_conv_onto_at_most_2x2_pixels_runs_as_dense_with_conv2d_values_and_gra
     layers.conv({"weight": torch.randn(12, 3, 1, 1)}, torch.randn(2, 6, 2, 2), groups=2)
     assert layers.conv(w, torch.randn(0, 6, 2, 2)).shape == (0, 12, 2, 2)
     assert routed == []
+    # without gradients (a frozen trunk), from 256 input channels a 3x3 conv onto 3x3 pixels too;
+    # not in training, not onto 4x4, not from 255 channels, not where dense is a conv (AMD)
+    w256 = {"weight": torch.randn(7, 256, 3, 3), "bias": torch.randn(7)}
+    x256 = torch.randn(2, 256, 3, 3).contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.conv2d(x256, w256["weight"], w256["bias"], 1, 1)
+    routed.clear()
+    layers.conv(w256, x256, 1, 1)
+    with torch.no_grad():
+        y = layers.conv(w256, x256, 1, 1)
+        assert len(routed) == (0 if rows_as_conv else 1)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+        layers.conv(w256, torch.randn(2, 256, 6, 6), 2, 1)  # stride 2 onto 3x3
+        assert len(routed) == (0 if rows_as_conv else 2)
+        layers.conv(w256, torch.randn(2, 256, 4, 4), 1, 1)
+        layers.conv({"weight": torch.randn(7, 255, 3, 3)}, torch.randn(2, 255, 3, 3), 1, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layers.conv(w256, x256, 1, 1)
+        assert len(routed) == (0 if rows_as_conv else 2)
+    routed.clear()
     x = torch.randn(2, 6, 2, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # routed where dense is MKL's (measured on Intel)
         y, ref = layers.conv(w, x), torch.nn.functional.conv2d(x, w["weight"])

@@ -67,12 +67,17 @@ def _dense_beats_conv(x, w, stride, padding):
     measured): oneDNN's conv kernels are slow on few output pixels, forward and backward, the
     more so the more channels. So: at most 2×2 output pixels (a ResNet's layer4 at 32 and 64 px),
     and from 512 input channels at most 3×3 (layer4 at 96 px: 1.5-2.1× faster), or 4×4 for a 1×1
-    conv (layer4 at 128 px: 1.2-1.7×). The 3×3 convs there, and 3×3 convs of 256 channels onto
-    3×3, run as fast or faster as convs. Where dense is a conv itself (``ROWS_AS_CONV``: AMD),
-    only for products of at least ``DENSE_MIN_MACS``, as dense's own rule. Under CPU bf16
-    autocast too, where measured (Intel with AMX: 4-13× at 2×2 and fewer pixels, 1.5× at 3×3)."""
+    conv (layer4 at 128 px: 1.2-1.7×). The 3×3 convs there, and in training 3×3 convs of 256
+    channels onto 3×3, run as fast or faster as convs; without gradients (a frozen trunk) those
+    run 1.25-1.7× faster as dense, at batch 16-256, compiled or eager (float32, Intel: layer3 of a
+    ResNet at 48 px). Where dense is a conv itself (``ROWS_AS_CONV``: AMD), only for products of
+    at least ``DENSE_MIN_MACS``, as dense's own rule. Under CPU bf16 autocast too, where measured
+    (Intel with AMX: 4-13× at 2×2 and fewer pixels, 1.5× at 3×3)."""
     ho, wo = (_out_size(s, k, stride, padding) for s, k in zip(x.shape[-2:], w.shape[-2:]))
     most = 4 if x.shape[1] < 512 else 16 if w.shape[-2:] == (1, 1) else 9
+    if (x.shape[1] >= 256 and w.shape[-2:] != (1, 1) and not torch.is_grad_enabled()
+            and not ROWS_AS_CONV and not torch.is_autocast_enabled("cpu")):
+        most = 9  # measured only there: Intel, float32
     if ho * wo > most or x.numel() == 0 or x.device.type != "cpu":
         return False
     if ROWS_AS_CONV:  # only where dense takes its conv route for the patches' product
