@@ -20,6 +20,8 @@ four programs, timed in one process, round-robin (so a busy machine slows each a
   forward  the floor: the same eager nn.Module trunk forward under ``torch.inference_mode``. A
            linear-eval step cannot cost less than computing the features. Also shown: fpipe's own
            trunk forward, and the nn.Module forward with channels_last weights and input.
+  extract  feature extraction's trunk as ``extract.run`` builds it (``frozen_trunk.eval_features``),
+           compiled (the step's kept trunk, loaded) and eager: ``extract_vs_forward``.
 
 Times are medians over ``--iters`` steps after ``--warmup`` steps (compile time is reported
 separately). Peak memory: each program runs alone in a fresh subprocess; the figure is the rise of
@@ -178,6 +180,13 @@ def make_optimizer(trainable):
     return optim.build(cfg, trainable), "fpipe.optim sgd"
 
 
+def _cache_key(params, batch, autocast):
+    """The key this benchmark keeps its compiled programs under (the loop's: loop.trunk_cache, step_cache)."""
+    shapes = [(n, tuple(v.shape)) for n, v in tree.flatten(params).items()]  # which model: R18, R50, a ViT
+    return compile_cache.key_of("benchmarks/linear_eval_step.py", shapes, tuple(batch["image"].shape),
+                                "fpipe.optim sgd", batch["image"].device, autocast)
+
+
 def fpipe_step(model, params, state, batch, *, split=True, compile_head=True, compile=True,
                fold_norms=True, nhwc=False, autocast=None):
     """``(run, train_state_box, optimizer_name)``: ``run()`` does one step on the batch.
@@ -193,10 +202,7 @@ def fpipe_step(model, params, state, batch, *, split=True, compile_head=True, co
     eval_norms = freeze.eval_norms(state, frozen)
     opt, opt_name = make_optimizer(trainable)
     if split:  # kept for the next run as the loop keeps them (loop.trunk_cache, loop.step_cache)
-        directory = compile_cache.default_dir()
-        shapes = [(n, tuple(v.shape)) for n, v in tree.flatten(params).items()]  # which model: R18, R50, a ViT
-        key = compile_cache.key_of("benchmarks/linear_eval_step.py", shapes, tuple(batch["image"].shape), opt_name,
-                                   batch["image"].device, autocast)
+        directory, key = compile_cache.default_dir(), _cache_key(params, batch, autocast)
         ft = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=compile,
                                  batch_size=batch["image"].shape[0], cache=(directory, key) if directory else None,
                                  autocast=autocast)
@@ -262,6 +268,15 @@ def fpipe_forward(model, params, state, batch):
     return run
 
 
+def fpipe_extract(model, params, state, batch, compile):
+    """Feature extraction's trunk as ``extract.run`` builds it (``compile``: at or past
+    ``compile_min_images``; the compiled trunk is the linear-eval step's, loaded from the cache)."""
+    directory, key = compile_cache.default_dir(), _cache_key(params, batch, None)
+    features = ft_lib.eval_features(model, params, state, ("flatten",), compile=compile,
+                                    batch_size=batch["image"].shape[0], cache=(directory, key) if directory else None)
+    return lambda: features(batch["image"])
+
+
 # ---------------------------------------------------------------- timing
 def sgd_head_runner(net, head):
     """An eager linear-eval step of ``net`` with ``torch.optim.SGD`` on ``head`` only."""
@@ -287,6 +302,9 @@ def report_steps(title, progs, med, first, batch_size):
     print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
     print(f"ratio_vs_forward: {med['fpipe_step'] / med['forward']:.3f}")
     print(f"eager_vs_forward: {med['eager_step'] / med['forward']:.3f}")
+    print(f"extract_vs_forward: {med['forward'] / med['fpipe_extract']:.3f}  (feature extraction, compiled; "
+          f"eager {med['forward'] / med['fpipe_extract_eager']:.3f}; before, model.features "
+          f"{med['forward'] / med['fpipe_forward']:.3f})")
     sys.stdout.flush()
 
 
@@ -408,6 +426,8 @@ def programs(depth, model, params, state, batch, only=None):
         "forward": lambda: eager_forward(depth, params, state, batch)[0],
         "forward_nhwc": lambda: eager_forward(depth, params, state, batch, nhwc=True)[0],
         "fpipe_forward": lambda: fpipe_forward(model, params, state, batch),
+        "fpipe_extract": lambda: fpipe_extract(model, params, state, batch, compile=True),
+        "fpipe_extract_eager": lambda: fpipe_extract(model, params, state, batch, compile=False),
     }
     return {n: make() for n, make in makers.items() if only in (None, n)}
 
@@ -437,6 +457,9 @@ def bench(args, depth):
     print(f"ratio_vs_forward: {med['fpipe_step'] / med['forward']:.3f}")
     print(f"ratio_vs_forward_nhwc: {med['fpipe_step'] / med['forward_nhwc']:.3f}")
     print(f"eager_vs_forward: {med['eager_step'] / med['forward']:.3f}")
+    print(f"extract_vs_forward: {med['forward'] / med['fpipe_extract']:.3f}  (feature extraction, compiled; "
+          f"eager {med['forward'] / med['fpipe_extract_eager']:.3f}; before, model.features "
+          f"{med['forward'] / med['fpipe_forward']:.3f})")
     if not args.no_memory:
         mem = {}
         for n in ("forward", "eager_step", "fpipe_step"):

@@ -137,3 +137,25 @@ def test_extraction_with_head_outputs_matches_the_models_own_forward(tmp_path):
     logits, _ = model.apply(params, state, batch["image"], train=False)
     torch.testing.assert_close(test.features["heads.fc"][:5], logits["fc"], rtol=1e-4, atol=1e-5)
     assert test.labels.tolist() == [ds.test[i][1] for i in range(6)]
+
+
+def test_extraction_runs_the_trunk_as_eval_features_once_with_the_runs_compile_choice(tmp_path, monkeypatch):
+    """extract.run hands its ``compile`` and ``cache`` to frozen_trunk.eval_features, built once for
+    both splits at the loader's batch size; with both splits on disk nothing is built at all."""
+    from fpipe import data
+    from fpipe.evaluate import config as eval_config
+    from fpipe.models import model as models
+    from fpipe.train import frozen_trunk
+    cfg = eval_config.run_config(("knn",))
+    cfg.data.update(name="synthetic", num_train=12, num_test=6, num_classes=3, image_size=16, eval_batch_size=5)
+    ds = data.build(cfg.data)
+    model = models.build(cfg.model, num_classes=3, image_size=16)
+    params, state = model.init(0)
+    built, real = [], frozen_trunk.eval_features
+    monkeypatch.setattr(frozen_trunk, "eval_features",
+                        lambda *a, **k: built.append(k) or real(*a, **{**k, "compile": False}))
+    cache = (str(tmp_path / "cache"), "key")
+    extract.run(cfg, str(tmp_path), model, params, state, ds, distributed.Dist(), lambda b: b, compile=True, cache=cache)
+    assert [(k["compile"], k["cache"], k["batch_size"]) for k in built] == [(True, cache, 5)]
+    extract.run(cfg, str(tmp_path), model, params, state, ds, distributed.Dist(), lambda b: b, compile=True, cache=cache)
+    assert len(built) == 1

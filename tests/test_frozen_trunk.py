@@ -84,6 +84,28 @@ def _linear_eval_model(scale_conv1=1.0):
     return model, trainable, frozen, state, freeze.eval_norms(state, frozen)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_eval_features_fold_every_norm_and_equal_the_models_features(compile, monkeypatch):
+    """eval_features (feature extraction's trunk): model.features' values, every trunk BatchNorm
+    folded into its conv (none left to run), in chunks of ``batch_size`` (a smaller batch padded)."""
+    from fpipe.models import fold
+    model, params, state = _model(18)
+    folded, real = [], fold.fold_frozen_norms
+    monkeypatch.setattr(fold, "fold_frozen_norms", lambda *a, **k: folded.append(real(*a, **k)) or folded[-1])
+    names = ("res3", "res4", "flatten")
+    features = ft_lib.eval_features(model, params, state, names, compile=compile, batch_size=4)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    got = features(x)
+    with torch.no_grad():
+        want = model.features(params, state, x, names)
+    assert set(got) == set(names)
+    for k in names:
+        assert got[k].shape == want[k].shape and not got[k].requires_grad
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4, msg=k)
+    bns = {n.rsplit(".", 1)[0] for n in tree.flatten(state["trunk"]) if n.endswith("running_mean")}
+    assert len(bns) == 20 and not [n for n in tree.flatten(folded[0]) if n.rsplit(".", 1)[0][6:] in bns]
+
+
 def test_the_compiled_trunk_is_kept_and_a_later_run_loads_it_instead_of_compiling(tmp_path, monkeypatch, caplog):
     cache, x = (str(tmp_path / "cache"), "the config's key"), torch.randn(4, 3, 32, 32)
     eager = ft_lib.frozen_trunk(*_linear_eval_model(), compile=False).features(x)

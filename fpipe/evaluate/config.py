@@ -30,6 +30,9 @@ def run_config(protocols) -> ml_collections.ConfigDict:
         dtype="float32",       # float32 | float16 (half the disk; protocols compute in float32)
         heads=False))          # also store heads.<name>: each head's outputs
     c.precision = defaults.precision()  # dtype bf16 (or fp16 on CUDA): the trunk runs under autocast
+    c.compile = True           # the trunk compiled for extraction (weights as constants; eager on failure) ...
+    c.compile_min_images = 100_000  # ... when there are at least this many images to extract (0: always)
+    c.compile_cache_dir = "auto"  # the compiled trunk saved for the next run ("auto": ~/.cache/fpipe/compiled; "": off)
     c.eval = default_config()
     c.eval.protocols = tuple(protocols)
     c.collective_timeout_s = 600.0  # a collective waiting longer (a stuck rank) stops the run

@@ -47,7 +47,7 @@ def extract(features_fn, params, model_state, loader, names, prepare, autocast=N
     for i, batch in enumerate(loader.epoch(0)):
         batch = prepare(batch)
         keep = batch["mask"].bool() if "mask" in batch else torch.ones_like(batch["label"], dtype=torch.bool)
-        with torch.inference_mode(), precision.autocast(autocast, batch["label"].device.type):
+        with torch.no_grad(), precision.autocast(autocast, batch["label"].device.type):
             feats = features_fn(params, model_state, batch["image"], names)
         for n in names:
             chunks[n].append(feats[n][keep].float().cpu())
@@ -60,8 +60,13 @@ def extract(features_fn, params, model_state, loader, names, prepare, autocast=N
             "labels": torch.cat(labels), "indices": torch.cat(indices)}
 
 
-def run(config, workdir, model, params, model_state, dataset, dist, prepare):
-    """Extracts ``config.extract.features`` (and heads) of every split unless already on disk."""
+def run(config, workdir, model, params, model_state, dataset, dist, prepare, *, compile=False, cache=None):
+    """Extracts ``config.extract.features`` (and heads) of every split unless already on disk.
+
+    The trunk runs as linear evaluation's frozen trunk does (fpipe.train.frozen_trunk.eval_features:
+    norms folded into the convs; ``compile``: one graph with the weights as constants, kept under
+    ``cache``, ``(directory, key)`` or None), the heads eagerly on its features."""
+    from fpipe.train import frozen_trunk  # imported here: fpipe.train's loop imports this module
     names = tuple(config.extract.features)
     with_heads = bool(config.extract.get("heads", False))
     dtype = config.extract.get("dtype", "float32")
@@ -69,10 +74,16 @@ def run(config, workdir, model, params, model_state, dataset, dist, prepare):
         raise ValueError(f"extract.dtype={dtype!r}; valid: {', '.join(DTYPES)}")
     fp = fingerprint.of(config, params, model_state)
     wanted = names + tuple(f"heads.{h.name}" for h in model.heads if with_heads)
+    need = tuple(dict.fromkeys(names + tuple(h.feature for h in model.heads if with_heads)))
+    autocast = precision.autocast_dtype(config.get("precision"), dist.device)
+    trunk = []  # built when a split is extracted: nothing compiles when both are on disk already
 
     def features_fn(p, s, images, _):
-        need = tuple(dict.fromkeys(names + tuple(h.feature for h in model.heads if with_heads)))
-        feats = model.features(p, s, images, need)
+        if not trunk:
+            trunk.append(frozen_trunk.eval_features(model, p, s, need, compile=compile, batch_size=images.shape[0],
+                                                    cache=cache, autocast=autocast))
+        with torch.autocast(images.device.type, enabled=False):  # the trunk applies `autocast` itself
+            feats = trunk[0](images)
         out = {n: feats[n] for n in names}
         if with_heads:
             logits, _ = model.apply_heads(p, s, feats, train=False)
@@ -93,8 +104,7 @@ def run(config, workdir, model, params, model_state, dataset, dist, prepare):
             logging.info("Features of %s already in %s: not recomputed.", split, path_of(workdir, split))
             continue
         loader = data.Loader(splits[split], one_view, train=False, rank=dist.rank, world_size=dist.world_size)
-        payload = extract(features_fn, params, model_state, loader, wanted, prepare,
-                          precision.autocast_dtype(config.get("precision"), dist.device))
+        payload = extract(features_fn, params, model_state, loader, wanted, prepare, autocast)
         write(workdir, split, payload, dist, fp, dtype)
     return fp
 

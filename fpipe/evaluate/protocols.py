@@ -60,7 +60,9 @@ def _run(config, workdir, dist, run_info):
     else:
         source = workdir
         fp = extract.run(config, workdir, model, params, state, dataset, dist,
-                         lambda b: {k: v.to(dist.device) for k, v in b.items()})
+                         lambda b: {k: v.to(dist.device) for k, v in b.items()},
+                         compile=loop.should_compile(config, len(dataset.train) + len(dataset.test)),
+                         cache=loop.trunk_cache(config, dist))
     extract_s = time.perf_counter() - t0
     train, test = extract.load(source, "train", layers), extract.load(source, "test", layers)
     fit_idx, val_idx = metrics.stratified_split(train.labels, float(ev.val_fraction), int(ev.seed))

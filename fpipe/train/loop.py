@@ -291,7 +291,8 @@ def precise_bn(train_state, train_loader, step, config, model, dist, eval_norms)
 def extract_features(config, dataset, model, train_state, dist, workdir):
     params = tree.merge(train_state["trainable"], train_state["frozen"])
     extract.run(config, workdir, model, params, train_state["model_state"], dataset, dist,
-                lambda b: to_device(b, dist.device))
+                lambda b: to_device(b, dist.device),
+                compile=should_compile(config, len(dataset.train) + len(dataset.test)), cache=trunk_cache(config, dist))
 
 
 def initial_weights(params, model_state, weights_cfg, workdir, write_report=True):
@@ -353,16 +354,17 @@ def trunk_cache(config, dist):
     return (directory, compile_cache.key_of(config.model.trunk.to_dict(), str(dist.device))) if directory else None
 
 
-def should_compile(config, images_to_train: int) -> bool:
+def should_compile(config, images: int) -> bool:
     """``config.compile``, for runs long enough to pay the compilation back: on 2 CPU cores the
     main job (14k images) takes 33 s eager and 70-90 s compiled, the compiles (20-40 s) costing
-    more than the faster steps save; past ~100k images (``compile_min_images``) they pay."""
+    more than the faster steps save; past ~100k images (``compile_min_images``) they pay.
+    ``images``: those to train on, or to extract features of."""
     if not config.compile:
         return False
     threshold = int(config.get("compile_min_images", 0) or 0)
-    if images_to_train < threshold:
-        logging.info("Not compiling: %d images to train (< compile_min_images=%d) would not pay back the "
-                     "compile time; --config.compile_min_images=0 compiles anyway.", images_to_train, threshold)
+    if images < threshold:
+        logging.info("Not compiling: %d images (< compile_min_images=%d) would not pay back the compile "
+                     "time; --config.compile_min_images=0 compiles anyway.", images, threshold)
         return False
     return True
 
