@@ -283,7 +283,7 @@ def build(det_cfg, num_classes) -> DetModel:
                        r.score_thresh, r.min_size)
 
     def train_proposals(params, state, batch, generator=None):
-        """What :func:`losses` reads from the data, computed outside it, without gradient: the
+        """What :func:`losses` reads from the data, computed outside it, not differentiated: the
         training proposals (``boxes [N, post_nms_top_n_train, 4]``, ``valid``; the NMS is
         data-dependent), the pooler's level ``scales`` (from the batch's largest image) and the
         samplers' uniform keys drawn from ``generator`` in the order ``losses`` draws them (so

@@ -203,7 +203,7 @@ def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=
     ranks; the optimizer's clipping; one non-finite flag), with each loss term as a metric.
 
     ``compiling``: what depends on the data's values (the RPN's NMS, the pooler's scales, the
-    samplers' random keys) is computed first, eagerly and without gradient
+    samplers' random keys) is computed first, eagerly and not differentiated
     (``model.train_proposals``: one more forward of the backbone), and the update over
     ``losses(proposals=...)`` is one torch.compile'd graph (``compile_options``: torch.compile's);
     same values as the eager step."""
