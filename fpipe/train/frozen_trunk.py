@@ -1,4 +1,5 @@
-"""Linear evaluation's fast path: the frozen trunk compiled as constants, and a step over the heads.
+"""Linear evaluation's fast path: the frozen trunk compiled as constants, and a step over the heads;
+feature extraction runs the same constant trunk (:func:`eval_features`).
 
 When the whole trunk is frozen and its norms run on running statistics, the trunk is a fixed
 function of the images. Compiled with inductor's freezing, its weights are packed once for
@@ -62,8 +63,7 @@ def frozen_trunk(model, trainable, frozen, model_state, eval_norms, *, compile=T
         raise ValueError("frozen_trunk needs the whole trunk frozen; trainable trunk params: "
                          f"{list(tree.flatten(trainable['trunk']))[:5]}")
     trunk_state = model_state.get("trunk", {})
-    training_norms = sorted({n.rsplit(".", 1)[0] for n in tree.flatten(trunk_state) if n.endswith("running_mean")}
-                            - {n[len("trunk."):] for n in eval_norms if n.startswith("trunk.")})
+    training_norms = sorted(_norms(trunk_state) - set(eval_norms))
     if training_norms:
         raise ValueError(f"frozen_trunk needs every trunk norm in eval mode; in train mode: {training_norms[:5]}")
     frozen = fold.fold_frozen_norms(frozen, model_state, eval_norms)
@@ -80,8 +80,7 @@ def eval_features(model, params, model_state, names, *, compile=True, batch_size
     (``compile``; else eager on channels-last weights). For feature extraction, where the trunk
     runs over whole datasets; the arguments are :func:`constant_trunk`'s."""
     trunk_state = model_state.get("trunk", {})
-    norms = {"trunk." + n.rsplit(".", 1)[0] for n in tree.flatten(trunk_state) if n.endswith("running_mean")}
-    folded = fold.fold_frozen_norms({"trunk": params["trunk"]}, {"trunk": trunk_state}, norms)
+    folded = fold.fold_frozen_norms({"trunk": params["trunk"]}, {"trunk": trunk_state}, _norms(trunk_state))
     return constant_trunk(model.trunk, folded["trunk"], trunk_state, tuple(names), compile=compile,
                           batch_size=batch_size, cache=cache, autocast=autocast)
 
@@ -128,6 +127,11 @@ def constant_trunk(trunk, params, state, names, *, compile=True, batch_size=None
             return out
 
     return features
+
+
+def _norms(trunk_state):
+    """The trunk's norms with running statistics, by their names in the model (``trunk.…``)."""
+    return {"trunk." + n.rsplit(".", 1)[0] for n in tree.flatten(trunk_state) if n.endswith("running_mean")}
 
 
 def _saved(module, images, cache):
