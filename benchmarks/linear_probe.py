@@ -2,9 +2,10 @@ r"""Linear probes on cached features: an epoch vs an epoch that runs the trunk; 
 
     PYTHONPATH=. python benchmarks/linear_probe.py
 
-1. The trunk epoch: a ResNet-50 forward at 224 px (fpipe's trunk, eval mode, inference mode;
-   what a linear evaluation with a frozen trunk pays per image at least). Timed on a few
-   batches after a warm-up and EXTRAPOLATED to an epoch of ``--samples`` images.
+1. The trunk epoch: a ResNet-50 forward at 224 px (fpipe's trunk as feature extraction runs it
+   below ``compile_min_images``: ``frozen_trunk.eval_features``, norms folded, eager; what a
+   linear evaluation with a frozen trunk pays per image at least). Timed on a few batches after
+   a warm-up and EXTRAPOLATED to an epoch of ``--samples`` images.
 2. The cached epoch: ``fpipe.evaluate.linear.train_grid`` for one epoch over ``--samples``
    random 2048-d features (batch 256), one head and a grid of 13 learning rates, for 10 and
    1000 classes. Measured whole.
@@ -21,6 +22,7 @@ import torch
 from fpipe.evaluate import config as eval_config
 from fpipe.evaluate import linear
 from fpipe.models import model as models
+from fpipe.train import frozen_trunk
 
 
 def trunk_seconds_per_image(batch, batches):
@@ -28,11 +30,11 @@ def trunk_seconds_per_image(batch, batches):
     model = models.build(cfg, num_classes=1000, image_size=224)
     params, state = model.init(0)
     x = torch.randn(batch, 3, 224, 224)
-    with torch.inference_mode():
-        model.features(params, state, x, ("flatten",))  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            model.features(params, state, x, ("flatten",))
+    features = frozen_trunk.eval_features(model, params, state, ("flatten",), compile=False)
+    features(x)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        features(x)
     return (time.perf_counter() - t0) / (batch * batches)
 
 
