@@ -159,3 +159,32 @@ def test_extraction_runs_the_trunk_as_eval_features_once_with_the_runs_compile_c
     assert [(k["compile"], k["cache"], k["batch_size"]) for k in built] == [(True, cache, 5)]
     extract.run(cfg, str(tmp_path), model, params, state, ds, distributed.Dist(), lambda b: b, compile=True, cache=cache)
     assert len(built) == 1
+
+
+def test_one_payload_out_of_sample_order_is_written_in_sample_order(tmp_path):
+    """A single payload already in sample order is written as it is (no copy); one that is not is
+    put in order, rows with their labels."""
+    p = payload([3, 0, 4, 1, 2])
+    extract.write(str(tmp_path), "train", p, distributed.Dist(), FP)
+    loaded = extract.load(str(tmp_path), "train")
+    order = torch.tensor([1, 3, 4, 0, 2])  # where sample i sits in the payload
+    assert loaded.indices.tolist() == [0, 1, 2, 3, 4] and loaded.labels.tolist() == [0, 1, 2, 0, 1]
+    for name in ("flatten", "res4"):
+        assert torch.equal(loaded.features[name], p["features"][name][order]), name
+
+
+def test_extraction_keeps_each_layer_once_in_sample_rows(tmp_path):
+    """extract() fills one tensor per layer as batches come (padding rows dropped), the same rows
+    a concatenation would give."""
+    from fpipe import data
+    split = data.TensorSplit(torch.randint(0, 256, (7, 3, 4, 4), dtype=torch.uint8), torch.arange(7) % 3)
+    c = data.default_config()
+    c.update(dict(batch_size=3, eval_batch_size=3, image_size=4))
+    loader = data.Loader(split, c, train=False)
+    out = extract.extract(lambda p, s, images, names: {"x": images.flatten(1)[:, :5], "y": images.mean((2, 3))},
+                          {}, {}, loader, ("x", "y"), lambda b: b)
+    assert out["indices"].tolist() == list(range(7)) and out["features"]["x"].shape == (7, 5)
+    assert out["features"]["y"].shape == (7, 3) and out["labels"].tolist() == [i % 3 for i in range(7)]
+    batches = [b["image"][b["mask"]] for b in data.Loader(split, c, train=False).epoch(0)]
+    assert torch.equal(out["features"]["x"], torch.cat(batches).flatten(1)[:, :5])
+    assert torch.equal(out["features"]["y"], torch.cat(batches).mean((2, 3)))

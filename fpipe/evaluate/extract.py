@@ -41,22 +41,28 @@ def path_of(directory, split, rank=None, world_size=1):
 def extract(features_fn, params, model_state, loader, names, prepare, autocast=None):
     """``{"features": {name: N×...}, "labels", "indices"}`` over the loader's samples (one rank's);
     the model runs under autocast to ``autocast`` (config.precision; None: float32), the features
-    are kept as float32."""
-    chunks, labels, indices = {n: [] for n in names}, [], []
+    are kept as float32. Each layer's rows go straight into one tensor sized for every batch (no
+    concatenation at the end: the features are held once, not twice)."""
+    out, labels, indices, filled = {}, [], [], 0
     start, total = time.perf_counter(), len(loader)
     for i, batch in enumerate(loader.epoch(0)):
         batch = prepare(batch)
         keep = batch["mask"].bool() if "mask" in batch else torch.ones_like(batch["label"], dtype=torch.bool)
         with torch.no_grad(), precision.autocast(autocast, batch["label"].device.type):
             feats = features_fn(params, model_state, batch["image"], names)
+        kept = int(keep.sum())
         for n in names:
-            chunks[n].append(feats[n][keep].float().cpu())
+            rows = feats[n][keep]
+            if n not in out:  # the eval loader's batches are all one size: room for every batch
+                out[n] = torch.empty((total * len(keep), *rows.shape[1:]), dtype=torch.float32)
+            out[n][filled:filled + kept] = rows
+        filled += kept
         labels.append(batch["label"][keep].cpu())
         indices.append(batch["index"][keep].cpu())
         if (i + 1) % max(total // 10, 1) == 0 or i + 1 == total:
             rate = (i + 1) * loader.local_batch_size / (time.perf_counter() - start)
             logging.info("extract: batch %d/%d (%.0f images/s on this process)", i + 1, total, rate)
-    return {"features": {n: torch.cat(c) for n, c in chunks.items()},
+    return {"features": {n: t[:filled] for n, t in out.items()},
             "labels": torch.cat(labels), "indices": torch.cat(indices)}
 
 
@@ -176,8 +182,8 @@ def merge(shards, path, fp, dtype, split, check_complete=True, dedupe=True):
     def produce(name):
         if name == "indices" and check_complete:
             return torch.arange(n)
-        if len(shards) == 1 and not check_complete:
-            return shards[0].tensor(name).to(specs[name][0])
+        if len(shards) == 1 and (not check_complete or torch.equal(indices[0], torch.arange(n))):
+            return shards[0].tensor(name).to(specs[name][0])  # in sample order already: no copy
         out = torch.empty(specs[name][1], dtype=specs[name][0])
         for s, idx in zip(shards, indices):
             out[idx] = s.tensor(name).to(out.dtype)
