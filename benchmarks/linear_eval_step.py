@@ -64,6 +64,7 @@ from fpipe.train import step as step_lib
 
 NUM_CLASSES = 10
 LR, MOMENTUM = 0.1, 0.9
+OPTIMIZER_NAME = "fpipe.optim sgd"  # what the step reports, and part of its compile-cache key
 
 
 # ---------------------------------------------------------------- the nn.Module a user would write
@@ -177,14 +178,14 @@ def make_optimizer(trainable):
     """fpipe.optim's SGD (momentum, no weight decay), as the eager baseline's torch.optim.SGD."""
     cfg = optim.default_config()
     cfg.name, cfg.lr, cfg.momentum, cfg.weight_decay = "sgd", LR, MOMENTUM, 0.0
-    return optim.build(cfg, trainable), "fpipe.optim sgd"
+    return optim.build(cfg, trainable), OPTIMIZER_NAME
 
 
 def _cache_key(params, batch, autocast):
     """The key this benchmark keeps its compiled programs under (the loop's: loop.trunk_cache, step_cache)."""
     shapes = [(n, tuple(v.shape)) for n, v in tree.flatten(params).items()]  # which model: R18, R50, a ViT
     return compile_cache.key_of("benchmarks/linear_eval_step.py", shapes, tuple(batch["image"].shape),
-                                "fpipe.optim sgd", batch["image"].device, autocast)
+                                OPTIMIZER_NAME, batch["image"].device, autocast)
 
 
 def fpipe_step(model, params, state, batch, *, split=True, compile_head=True, compile=True,
@@ -302,9 +303,6 @@ def report_steps(title, progs, med, first, batch_size):
     print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
     print(f"ratio_vs_forward: {med['fpipe_step'] / med['forward']:.3f}")
     print(f"eager_vs_forward: {med['eager_step'] / med['forward']:.3f}")
-    print(f"extract_vs_forward: {med['forward'] / med['fpipe_extract']:.3f}  (feature extraction, compiled; "
-          f"eager {med['forward'] / med['fpipe_extract_eager']:.3f}; before, model.features "
-          f"{med['forward'] / med['fpipe_forward']:.3f})")
     sys.stdout.flush()
 
 
