@@ -26,7 +26,8 @@ Variant ``:dinov2_imagenet`` is dinov2's linear evaluation (dinov2/eval/linear.p
 ViT-S/14 on an ``image_folder`` dataset: a grid of linear heads, {last class token, concat of the
 last 4 class tokens} x {with, without the mean patch token} x 13 learning rates, trained at once
 (each head's lr by optim.lr_mults); SGD momentum 0.9, no weight decay, cosine to 0, lr x batch/256,
-10 epochs at global batch 1024 (= dinov2's 10 x 1250 iterations at 8 x 128).
+10 epochs at global batch 1024 (= dinov2's 10 x 1250 iterations at 8 x 128); its transforms,
+random_resized_crop + flip and resize(256) + center_crop, with bicubic resizing.
 
     torchrun --nproc_per_node=8 main.py --config=configs/linear_eval.py:dinov2_imagenet \
         --config.data.root=/data/imagenet --config.model.weights.path=dinov2_vits14_pretrain.pth
@@ -85,8 +86,8 @@ def dinov2_imagenet(c):
     c.data.image_size = 224
     c.data.batch_size = 1024
     c.data.train_split, c.data.test_split = "train", "val"
-    c.data.train_transforms = "random_resized_crop|flip|normalize"
-    c.data.eval_transforms = "resize(256)|center_crop|normalize"
+    c.data.train_transforms = "random_resized_crop(interpolation='bicubic')|flip|normalize"  # dinov2's,
+    c.data.eval_transforms = "resize(256, interpolation='bicubic')|center_crop|normalize"  # bicubic
     c.data.num_workers = 8
     c.model.trunk = trunk_config("vit_small_patch14_dinov2")  # 37x37 grid, resampled to 16x16 at 224 px
     c.model.heads = ml_collections.ConfigDict()

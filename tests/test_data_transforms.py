@@ -1,6 +1,8 @@
 """Tests for fpipe.data.transforms: values by hand, shapes, determinism, op strings."""
 import pytest
+import numpy as np
 import torch
+from PIL import Image
 
 from fpipe.data import pipeline as P
 from fpipe.data import transforms as T
@@ -29,7 +31,10 @@ def test_resize_bilinear_values_by_hand():
 def test_resize_sets_shorter_side_and_keeps_aspect():
     assert T.resize(torch.zeros(3, 10, 20), 5).shape == (3, 5, 10)
     assert T.resize(torch.zeros(3, 20, 10), 5).shape == (3, 10, 5)
-    assert T.resize(torch.zeros(3, 3, 5), 4).shape == (3, 4, 7)  # 5 * 4/3 = 6.67 -> 7
+    # The longer side is truncated, as torchvision's Resize does: 5 * 4/3 = 6.67 -> 6.
+    assert T.resize(torch.zeros(3, 3, 5), 4).shape == (3, 4, 6)
+    assert T.resize_shape(360, 610, 256) == (256, 433)  # 433.78 -> 433
+    assert T.resize_shape(500, 375, 256) == (341, 256)  # 341.33 -> 341
     assert T.resize(torch.zeros(3, 9, 9), (4, 6)).shape == (3, 4, 6)
 
 
@@ -45,9 +50,11 @@ def test_center_crop_values_by_hand():
     x = torch.arange(25.0).reshape(1, 5, 5)
     assert torch.equal(T.center_crop(x, 3), x[:, 1:4, 1:4])
     y = torch.arange(36.0).reshape(1, 6, 6)
-    # Odd margin (3): one pixel top/left, two bottom/right.
-    assert torch.equal(T.center_crop(y, 3), y[:, 1:4, 1:4])
+    # Placed as torchvision's CenterCrop, round(margin / 2) with Python's round half to even:
+    # margin 3 -> 2 (the extra pixel top/left), margin 5 -> 2 (bottom/right).
+    assert torch.equal(T.center_crop(y, 3), y[:, 2:5, 2:5])
     assert torch.equal(T.center_crop(y, (2, 4)), y[:, 2:4, 1:5])
+    assert T.center_crop_box(7, 9, (2, 4)) == (2, 2, 2, 4)
     with pytest.raises(ValueError, match="larger than"):
         T.center_crop(x, 6)
 
@@ -129,6 +136,31 @@ def test_parse_errors_name_the_problem():
         P.parse("center_crop")
     with pytest.raises(ValueError, match="cannot parse"):
         P.parse("resize(x)")
+    with pytest.raises(ValueError, match="interpolation 'nearest'; valid: bilinear, bicubic"):
+        P.parse("random_resized_crop(8, interpolation='nearest')")
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_eval_transform_is_torchvisions_resize_and_center_crop_in_pillow(interpolation):
+    """``resize(S)|center_crop(C)`` gives what torchvision's ``Resize(S)`` + ``CenterCrop(C)`` give
+    on a Pillow image (sizes truncated, the crop placed by round(margin / 2), Pillow's filter):
+    within one level, on shapes whose scaled side and margins are fractional and odd."""
+    pil_filter = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
+    g = np.random.default_rng(0)
+    for height, width in [(360, 610), (500, 375), (333, 501), (300, 309), (309, 300), (300, 300)]:
+        smooth = np.cumsum(np.cumsum(g.normal(0, 4, (height, width, 3)), 0), 1)
+        pixels = np.clip(smooth - smooth.min((0, 1)) + 20, 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        short, long = min(height, width), max(height, width)
+        scaled = int(256 * long / short)  # torchvision's _compute_resized_output_size
+        new_w, new_h = (256, scaled) if width <= height else (scaled, 256)
+        resized = image.resize((new_w, new_h), pil_filter)
+        top, left = int(round((new_h - 224) / 2.0)), int(round((new_w - 224) / 2.0))
+        expected = np.asarray(resized.crop((left, top, left + 224, top + 224)))
+        pipe = P.parse(f"resize(256, interpolation={interpolation!r})|center_crop(224)")
+        ours = pipe(torch.from_numpy(pixels).permute(2, 0, 1), gen()).permute(1, 2, 0).numpy()
+        difference = np.abs(ours.astype(int) - expected.astype(int))
+        assert difference.max() <= 1 and difference.mean() < 0.05, (height, width, difference.mean())
 
 
 def test_uint8_resize_is_within_one_level_of_the_float_resize():
@@ -150,7 +182,7 @@ def test_pipeline_splits_into_geometry_per_sample_and_pixelwise_parts():
     # The planned geometry draws what the ops draw, in order, and applies the same crops.
     plan = p.plan(20, 30, gen(5))
     box = T.random_resized_crop_box(20, 30, gen(5))
-    assert plan.steps[:2] == [("crop", *box), ("resize", 8, 8)]
+    assert plan.steps[:2] == [("crop", *box), ("resize", 8, 8, "bilinear")]
     batch = torch.stack([x, x.flip(-1)])
     assert torch.equal(p.finish(batch.clone())[1], T.normalize(x.flip(-1)))
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fpipe import tree
+from fpipe.data import pipeline
 from fpipe.models import model as model_lib
 from fpipe.models import vit
 
@@ -353,6 +354,9 @@ def test_linear_eval_variants_build_and_every_key_is_overridable(variant):
         lr_of = dict(cfg.optim.lr_mults)
         assert lr_of[r"heads\.cls4_avgpool_lr_0_00100\..*"] == 1e-3
         assert {h.feature for h in model.heads} == {"lastCLS", "cls1_avgpool", "concatCLS4", "cls4_avgpool"}
+        for spec in (cfg.data.train_transforms, cfg.data.eval_transforms):  # dinov2 resizes bicubic
+            steps = pipeline.parse(spec, cfg.data.image_size).plan(500, 375, torch.Generator()).steps
+            assert [step[3] for step in steps if step[0] == "resize"] == ["bicubic"]
 
 
 def test_bad_options_and_features_name_the_valid_ones(tiny):

@@ -57,12 +57,14 @@ def register(name: str):
 
 
 @register("random_resized_crop")
-def _random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+def _random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bilinear"):
+    T.check_interpolation(interpolation)
+
     def plan(geometry, g):
         box = T.random_resized_crop_box(geometry.height, geometry.width, g, tuple(scale),
                                         tuple(ratio))
         geometry.crop(*box)
-        geometry.resize(*T.size_hw(size))
+        geometry.resize(*T.size_hw(size), interpolation)
     return Geometric(plan)
 
 
@@ -75,11 +77,13 @@ def _flip(p=0.5):
 
 
 @register("resize")
-def _resize(size):
+def _resize(size, interpolation="bilinear"):
+    T.check_interpolation(interpolation)
+
     def plan(geometry, g):
         hw = T.resize_shape(geometry.height, geometry.width, size)
         if hw != (geometry.height, geometry.width):
-            geometry.resize(*hw)
+            geometry.resize(*hw, interpolation)
     return Geometric(plan)
 
 

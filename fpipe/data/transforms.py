@@ -16,6 +16,7 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 REDUCTIONS = (8, 4, 2)  # the factors a JPEG decoder can shrink by in the DCT (1/k per side)
+INTERPOLATIONS = ("bilinear", "bicubic")  # antialiased when shrinking, as Pillow's filters
 
 
 def size_hw(size) -> tuple:
@@ -33,30 +34,36 @@ def to_float(image: torch.Tensor) -> torch.Tensor:
     return image.to(torch.float32)
 
 
-def _interpolate(image: torch.Tensor, hw: tuple) -> torch.Tensor:
-    """Bilinear resize to exactly ``hw`` (antialiased when shrinking), keeping the dtype."""
+def check_interpolation(mode: str) -> str:
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {mode!r}; valid: {', '.join(INTERPOLATIONS)}")
+    return mode
+
+
+def _interpolate(image: torch.Tensor, hw: tuple, mode: str = "bilinear") -> torch.Tensor:
+    """Resize to exactly ``hw`` (antialiased when shrinking, as Pillow's filters), keeping the dtype."""
     if tuple(image.shape[-2:]) == tuple(hw):
         return image
     if image.dtype == torch.uint8:  # PyTorch's vectorised uint8 kernel: ~3× Pillow's resize
-        return F.interpolate(image[None], size=hw, mode="bilinear", align_corners=False,
-                             antialias=True)[0]
+        return F.interpolate(image[None], size=hw, mode=mode, align_corners=False, antialias=True)[0]
     x = image[None].to(torch.float32)
-    out = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
+    out = F.interpolate(x, size=hw, mode=mode, align_corners=False, antialias=True)[0]
     return out.to(image.dtype)
 
 
 def resize_shape(height: int, width: int, size) -> tuple:
-    """The (h, w) :func:`resize` gives an ``height``×``width`` image."""
+    """The (h, w) :func:`resize` gives an ``height``×``width`` image: for an int ``size``, the
+    longer side is ``int(size * long / short)``, truncated as torchvision's ``Resize`` does."""
     if isinstance(size, int):
         short, long = min(height, width), max(height, width)
-        scaled = max(1, round(long * size / short))
+        scaled = max(1, int(size * long / short))
         return (size, scaled) if height <= width else (scaled, size)
     return size_hw(size)
 
 
-def resize(image: torch.Tensor, size) -> torch.Tensor:
-    """An int ``size`` sets the shorter side (the longer keeps the aspect, rounded); (h, w) both."""
-    return _interpolate(image, resize_shape(*image.shape[-2:], size))
+def resize(image: torch.Tensor, size, interpolation: str = "bilinear") -> torch.Tensor:
+    """An int ``size`` sets the shorter side (the longer keeps the aspect, truncated); (h, w) both."""
+    return _interpolate(image, resize_shape(*image.shape[-2:], size), check_interpolation(interpolation))
 
 
 def crop(image: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
@@ -64,13 +71,14 @@ def crop(image: torch.Tensor, top: int, left: int, height: int, width: int) -> t
 
 
 def center_crop_box(height: int, width: int, size) -> tuple:
-    """``(top, left, h, w)`` of the central ``size`` window; odd margins put the extra pixel at
-    the bottom/right."""
+    """``(top, left, h, w)`` of the central ``size`` window, placed as torchvision's
+    ``CenterCrop``: ``round(margin / 2)``, so an odd margin puts its extra pixel where Python's
+    round-half-to-even says (top/left when ``margin // 2`` is odd)."""
     th, tw = size_hw(size)
     if th > height or tw > width:
         raise ValueError(f"center_crop({th}, {tw}) is larger than the {height}×{width} image; "
                          "resize first (e.g. 'resize|center_crop')")
-    return (height - th) // 2, (width - tw) // 2, th, tw
+    return int(round((height - th) / 2.0)), int(round((width - tw) / 2.0)), th, tw
 
 
 def center_crop(image: torch.Tensor, size) -> torch.Tensor:
@@ -126,10 +134,10 @@ def random_resized_crop_box(height: int, width: int, generator: torch.Generator,
 
 
 def random_resized_crop(image: torch.Tensor, size, generator: torch.Generator,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "bilinear") -> torch.Tensor:
     """A random :func:`random_resized_crop_box`, resized to ``size`` (int: square)."""
     box = random_resized_crop_box(*image.shape[-2:], generator, scale, ratio)
-    return _interpolate(crop(image, *box), size_hw(size))
+    return _interpolate(crop(image, *box), size_hw(size), check_interpolation(interpolation))
 
 
 def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -168,8 +176,8 @@ class Geometry:
         self.steps.append(("crop", top, left, height, width))
         self.height, self.width = height, width
 
-    def resize(self, height: int, width: int):
-        self.steps.append(("resize", height, width))
+    def resize(self, height: int, width: int, interpolation: str = "bilinear"):
+        self.steps.append(("resize", height, width, interpolation))
         self.height, self.width = height, width
 
     def flip(self):
@@ -214,7 +222,7 @@ class Geometry:
             if kind == "crop":
                 image = crop(image, *args)
             elif kind == "resize":
-                image = _interpolate(image, tuple(args))
+                image = _interpolate(image, tuple(args[:2]), args[2])
             else:
                 image = hflip(image)
         return image
