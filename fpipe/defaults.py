@@ -204,7 +204,7 @@ def evaluation():
     c.low_shot = ml_collections.ConfigDict()
     c.low_shot.shots = (1, 2, 5, 10, 25)
     c.low_shot.seeds = (0, 1, 2)
-    c.low_shot.classifier = "logreg"  # logreg at C, or knn with k_nn neighbours
+    c.low_shot.classifier = "logreg"  # logreg at C, or knn (raw features, min(k_nn, shots) neighbours)
     c.low_shot.C = 1.0
     c.low_shot.k_nn = 20
     return c

@@ -99,3 +99,28 @@ def test_two_processes_write_one_set_of_files_and_give_the_same_results(one, tmp
         for layer, m in r1["protocols"][protocol].items():
             for key in ("top1", "top5", "mean_per_class"):  # rounding may move a sample or two
                 assert abs(r2["protocols"][protocol][layer][key] - m[key]) <= 100 * 2 / 80 + 1e-9, (protocol, layer)
+
+
+def test_low_shot_knn_votes_on_the_raw_features_over_at_most_k_neighbours(one, tmp_path):
+    """dinov2's few-shot kNN: L2-normalised raw features (not the standardised ones logreg gets),
+    DINO's exp(sim / T) vote over min(k_nn, shots) neighbours; checked by hand on the cached features."""
+    import torch
+    from fpipe.evaluate import metrics
+
+    workdir, _ = one
+    run(tmp_path / "shots", f"--config.eval.features_from={workdir}", "--config.eval.protocols=('low_shot',)",
+        "--config.eval.low_shot.classifier=knn", "--config.eval.layers=('flatten',)")
+    got = results(tmp_path / "shots")["protocols"]["low_shot"]["flatten"]
+    train, test = (load_file(str(workdir / "features" / f"{split}.safetensors")) for split in ("train", "test"))
+    unit = lambda a: torch.nn.functional.normalize(torch.from_numpy(a).double(), dim=1)
+    bank_all, queries = unit(train["flatten"]), unit(test["flatten"])
+    train_y, test_y = torch.from_numpy(train["labels"]).long(), torch.from_numpy(test["labels"]).long()
+    for shots in (1, 5):
+        accuracies = []
+        for seed in (0, 1):
+            chosen = metrics.per_class_sample(train_y, shots, seed)
+            top = (queries @ bank_all[chosen].T).topk(min(20, shots), dim=1)
+            votes = torch.zeros(len(queries), 6, dtype=torch.float64).scatter_add_(
+                1, train_y[chosen][top.indices], (top.values / 0.07).exp())
+            accuracies.append(100 * (votes.argmax(1) == test_y).double().mean().item())
+        assert abs(got[f"k={shots}"]["top1"] - np.mean(accuracies)) < 1e-6, (shots, got, accuracies)

@@ -4,8 +4,10 @@ For each ``k`` in ``shots`` and each seed, ``k`` train samples of every class ar
 with fewer keeps all), a classifier is fit on them alone and scored on the whole test split;
 the result is the mean and standard deviation (over seeds, ddof 0) of each metric.
 Classifiers: ``logreg`` (L-BFGS logistic regression at a fixed ``C``: too few samples to carve
-a validation split from) or ``knn`` (DINO's weighted vote with ``min(k_nn, samples)``).
-The draws are small, so every rank computes them whole (no communication).
+a validation split from; the run gives it the normalised features) or ``knn`` (DINO's weighted
+vote over ``min(k_nn, k)`` neighbours, on the raw features, as dinov2's few-shot kNN, which
+reports every k of its list up to the shots per class). The draws are small, so every rank
+computes them whole (no communication).
 """
 import numpy as np
 
@@ -29,7 +31,7 @@ def evaluate(train, test, num_classes, cfg, knn_cfg, logreg_cfg) -> dict:
                 w, b = logreg.fit(x, y, num_classes, float(cfg.C), logreg_cfg)
                 runs.append(metrics.from_scores(test_x @ w + b, test_y, num_classes))
             else:
-                k = min(int(cfg.k_nn), len(x))
+                k = min(int(cfg.k_nn), shots, len(x))
                 sims, labels = knn.neighbours(knn.normalise(x), y, knn.normalise(test_x), k)
                 runs.append(metrics.from_scores(knn.vote(sims, labels, k, float(knn_cfg.temperature), num_classes),
                                                 test_y, num_classes))

@@ -82,8 +82,10 @@ def _run(config, workdir, dist, run_info):
                 r = linear.evaluate(fit, val, tst, dataset.num_classes, ev.linear, dist)
             elif protocol == "logreg":
                 r = logreg.evaluate(fit, val, tst, dataset.num_classes, ev.logreg, dist)
-            else:
-                r = lowshot.evaluate((ax, tr_y), tst, dataset.num_classes, ev.low_shot, ev.knn, ev.logreg)
+            else:  # kNN votes on the raw features, as the knn protocol and dinov2 do; logreg on the normalised
+                shot_x, shot_test = (tr_x, te_x) if ev.low_shot.classifier == "knn" else (ax, tx)
+                r = lowshot.evaluate((shot_x, tr_y), (shot_test, te_y), dataset.num_classes, ev.low_shot, ev.knn,
+                                     ev.logreg)
             results[protocol][layer] = r
             seconds[protocol] += time.perf_counter() - start
             logging.info("%s on %s: %s (%.1f s)", protocol, layer, _summary(r), time.perf_counter() - start)
