@@ -209,3 +209,16 @@ def test_pipelines_pickle_by_their_string():
     q = pickle.loads(pickle.dumps(p))
     x = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=gen())
     assert q.spec == p.spec and torch.equal(q(x, gen(2)), p(x, gen(2)))
+
+
+def test_a_bad_transform_string_in_a_config_is_refused_naming_the_key():
+    from configs import linear_eval
+    from fpipe.train import config_check
+
+    config = linear_eval.get_config()
+    config.data.eval_transforms = "resize(256, interpolation='nearest')|center_crop|normalize"
+    with pytest.raises(config_check.ConfigError, match=r"data\.eval_transforms=.*valid: bilinear, bicubic"):
+        config_check.check(config)
+    config.data.eval_transforms, config.data.train_transforms = "resize|center_crop", "flip|centre_crop"
+    with pytest.raises(config_check.ConfigError, match=r"data\.train_transforms=.*unknown transform op 'centre_crop'"):
+        config_check.check(config)

@@ -70,7 +70,10 @@ def _check_data(c) -> None:
             raise ConfigError(f"data.{key}={c.data[key]!r}: a whole number >= 1 is needed")
     data.config.check(c.data)
     for key in ("train_transforms", "eval_transforms"):
-        data.transforms.parse(c.data[key], size=c.data.image_size)
+        try:
+            data.transforms.parse(c.data[key], size=c.data.image_size)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"data.{key}={c.data[key]!r}: {e}") from None
     for key in ("views", "eval_views"):  # multi-crop: ((count, transforms), ...)
         data.loader.views(data.config.get(c.data, key), c.data.image_size)
 
