@@ -170,3 +170,24 @@ def test_the_least_recently_used_kept_trunks_go_past_the_size_bound(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "frozen-trunk-a.pt2", "frozen-trunk-c.pt2", "frozen-trunk-d.pt2", "frozen-trunk-e.99.tmp.pt2",
         "train-step-f.bin"]
+
+
+def test_a_resumed_linear_eval_runs_the_checkpoints_trunk_not_a_fresh_init(tmp_path):
+    """With pretrained weights, a rerun (which resumes from the workdir's checkpoint and does not read
+    model.weights.path) must evaluate the same trunk: the fast path's constants come from the restored
+    train state. Before, it baked in the fresh random init and reported chance-level accuracies."""
+    import json
+    from configs import linear_eval
+    from test_main import main
+
+    model = model_lib.build(linear_eval.get_config().model, num_classes=10, image_size=16)
+    params, state = model.init(123)  # not the run's seed (0): another trunk than a fresh init
+    weights = {n.split(".", 1)[1]: v for n, v in {**tree.flatten(params), **tree.flatten(state)}.items()
+               if n.startswith("trunk.")}
+    torch.save(weights, tmp_path / "pretrained.pt")
+    run = ["--config.total_steps=4", "--config.ckpt_steps=2", f"--config.model.weights.path={tmp_path / 'pretrained.pt'}"]
+    main(tmp_path / "w", *run)
+    first = json.loads((tmp_path / "w" / "results.json").read_text())["heads"]
+    again = main(tmp_path / "w", *run)
+    assert "Resuming from" in again.stderr
+    assert json.loads((tmp_path / "w" / "results.json").read_text())["heads"] == first

@@ -130,7 +130,9 @@ def _run(config, workdir, dist, stop, run_info):
                       if config.get("sync_bn") else None)
         step_model, trunk_features = model, None
         if not tree.flatten(trainable.get("trunk", {})) and config.fast_frozen_trunk:
-            ft = frozen_trunk.frozen_trunk(model, trainable, frozen, model_state, eval_norms, compile=compiling,
+            # from the train state: on a resume it holds the checkpoint's tensors, not the fresh init's
+            ft = frozen_trunk.frozen_trunk(model, train_state["trainable"], train_state["frozen"],
+                                           train_state["model_state"], eval_norms, compile=compiling,
                                            batch_size=train_loader.local_batch_size, cache=trunk_cache(config, dist),
                                            autocast=autocast)
             step_model, trunk_features = ft.model, ft.features
