@@ -5,6 +5,13 @@ from ml_collections.config_dict import placeholder
 from fpipe import defaults  # every section's defaults; torch-free
 
 
+def no_variants(name, arg):
+    """A config without variants refuses one: ``configs/knn.py:resnet50`` must not run the default."""
+    if arg:
+        raise ValueError(f"configs/{name}.py has no variants; got {arg!r}. Fix: drop ':{arg}' and set keys "
+                         f"with --config.<key>=<value> (e.g. --config.model.trunk.name=resnet50)")
+
+
 def base_config():
     c = ml_collections.ConfigDict()
     c.seed = 0

@@ -10,6 +10,7 @@ from fpipe.defaults import head as head_config
 
 
 def get_config(arg=None):
+    common.no_variants("extract_features", arg)
     c = common.base_config()
     c.model.freeze = ("all",)               # VISSL's FREEZE_TRUNK_AND_HEAD
     c.model.heads.fc = head_config("flatten", "linear")

@@ -11,6 +11,7 @@ from fpipe.defaults import head as head_config
 
 
 def get_config(arg=None):
+    common.no_variants("finetune", arg)
     c = common.base_config()
     c.total_epochs = 5.0
     c.model.heads.fc = head_config("flatten", "linear")

@@ -8,8 +8,10 @@ With no weights the trunk is RANDOMLY initialised (the log says so loudly). Feat
 extracted once to WORKDIR/features/*.safetensors and reused by re-runs and by any other
 protocol (eval.features_from). docs/EVALUATION.md gives the numbers to expect (~40 s here).
 """
+from configs import common
 from fpipe.evaluate import config as eval_config
 
 
 def get_config(arg=None):
+    common.no_variants("knn", arg)
     return eval_config.run_config(("knn",))

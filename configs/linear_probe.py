@@ -8,8 +8,10 @@ the best chosen on a validation split carved from train, reported on test.
 
 Default: digits and a RANDOM ResNet-18 trunk (set model.weights.path). See docs/EVALUATION.md.
 """
+from configs import common
 from fpipe.evaluate import config as eval_config
 
 
 def get_config(arg=None):
+    common.no_variants("linear_probe", arg)
     return eval_config.run_config(("linear",))

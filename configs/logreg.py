@@ -6,8 +6,10 @@ C chosen on a validation split carved from train, refit on train + val, reported
 
 Default: digits and a RANDOM ResNet-18 trunk (set model.weights.path). See docs/EVALUATION.md.
 """
+from configs import common
 from fpipe.evaluate import config as eval_config
 
 
 def get_config(arg=None):
+    common.no_variants("logreg", arg)
     return eval_config.run_config(("logreg",))

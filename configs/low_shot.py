@@ -7,8 +7,10 @@ Classifier: logistic regression at C = eval.low_shot.C (too few samples for a va
 or DINO's kNN. Default: digits, a RANDOM ResNet-18 trunk (set model.weights.path). See
 docs/EVALUATION.md.
 """
+from configs import common
 from fpipe.evaluate import config as eval_config
 
 
 def get_config(arg=None):
+    common.no_variants("low_shot", arg)
     return eval_config.run_config(("low_shot",))

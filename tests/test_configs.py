@@ -88,3 +88,11 @@ def test_loading_every_config_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if ":" not in n])
+def test_an_unknown_variant_is_refused_naming_the_config(name):
+    """``--config=configs/knn.py:resnet50`` must not run knn's defaults in a workdir named after resnet50."""
+    module = __import__(f"configs.{name}", fromlist=["get_config"])
+    with pytest.raises(ValueError, match=rf"{name}.*'no_such_variant'"):
+        module.get_config("no_such_variant")
