@@ -1,4 +1,6 @@
 """Tests for fpipe.data.transforms: values by hand, shapes, determinism, op strings."""
+import re
+
 import pytest
 import numpy as np
 import torch
@@ -138,6 +140,13 @@ def test_parse_errors_name_the_problem():
         P.parse("resize(x)")
     with pytest.raises(ValueError, match="interpolation 'nearest'; valid: bilinear, bicubic"):
         P.parse("random_resized_crop(8, interpolation='nearest')")
+    # Sizes and ranges are checked when the string is read, not when the first image meets them.
+    for text, message in [("resize(-5)", "size=-5: want a whole number >= 1"), ("resize(0)", "size=0"),
+                          ("center_crop((3, 4, 5))", r"size=\(3, 4, 5\)"), ("resize(8.5)", "size=8.5"),
+                          ("random_resized_crop(8, scale=(1.0, 0.1))", r"want 0 < scale\[0\] <= scale\[1\]"),
+                          ("flip(2)", r"p=2: a probability in \[0, 1\]")]:
+        with pytest.raises(ValueError, match=rf"transform op '{re.escape(text)}': {message}"):
+            P.parse(text)
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
@@ -221,4 +230,8 @@ def test_a_bad_transform_string_in_a_config_is_refused_naming_the_key():
         config_check.check(config)
     config.data.eval_transforms, config.data.train_transforms = "resize|center_crop", "flip|centre_crop"
     with pytest.raises(config_check.ConfigError, match=r"data\.train_transforms=.*unknown transform op 'centre_crop'"):
+        config_check.check(config)
+    config.data.train_transforms = "resize|center_crop"
+    config.model.heads.res3.pool = (2,)  # a 1-element pool reached adaptive pooling as a 1-D size
+    with pytest.raises(config_check.ConfigError, match=r"model\.heads\.res3\.pool=\(2,\): write pool=2 or"):
         config_check.check(config)

@@ -58,7 +58,7 @@ def register(name: str):
 
 @register("random_resized_crop")
 def _random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bilinear"):
-    T.check_interpolation(interpolation)
+    T.check_size(size), T.check_scale_ratio(scale, ratio), T.check_interpolation(interpolation)
 
     def plan(geometry, g):
         box = T.random_resized_crop_box(geometry.height, geometry.width, g, tuple(scale),
@@ -70,6 +70,8 @@ def _random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpol
 
 @register("flip")
 def _flip(p=0.5):
+    if not 0 <= p <= 1:
+        raise ValueError(f"p={p!r}: a probability in [0, 1]")
     def plan(geometry, g):
         if T.draw_flip(g, p):
             geometry.flip()
@@ -78,7 +80,7 @@ def _flip(p=0.5):
 
 @register("resize")
 def _resize(size, interpolation="bilinear"):
-    T.check_interpolation(interpolation)
+    T.check_size(size), T.check_interpolation(interpolation)
 
     def plan(geometry, g):
         hw = T.resize_shape(geometry.height, geometry.width, size)
@@ -89,6 +91,7 @@ def _resize(size, interpolation="bilinear"):
 
 @register("center_crop")
 def _center_crop(size):
+    T.check_size(size)
     return Geometric(lambda geometry, g: geometry.crop(
         *T.center_crop_box(geometry.height, geometry.width, size)))
 
@@ -176,7 +179,10 @@ def _parse_op(text: str, size):
     except TypeError as e:
         raise ValueError(f"bad arguments for transform op {text!r}: {e}; "
                          f"signature: {name}{str(signature).split(' ->')[0]}") from None
-    return factory(*bound.args, **bound.kwargs)
+    try:
+        return factory(*bound.args, **bound.kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"transform op {text.strip()!r}: {e}") from None
 
 
 def parse(spec, size=None) -> Pipeline:

@@ -101,6 +101,21 @@ def random_flip(image: torch.Tensor, generator: torch.Generator, p: float = 0.5)
     return hflip(image) if draw_flip(generator, p) else image
 
 
+def check_size(size):
+    """A crop or resize size: a whole number >= 1, or a pair (height, width) of them."""
+    sizes = tuple(size) if isinstance(size, (tuple, list)) else (size,)
+    if len(sizes) not in (1, 2) or not all(type(v) is int and v >= 1 for v in sizes):
+        raise ValueError(f"size={size!r}: want a whole number >= 1, or a pair (height, width) of them")
+    return size
+
+
+def check_scale_ratio(scale, ratio):
+    """random_resized_crop's ranges: an area fraction and an aspect (w/h) range, each low <= high."""
+    if not (len(scale) == 2 and len(ratio) == 2 and 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"want 0 < scale[0] <= scale[1], 0 < ratio[0] <= ratio[1]; "
+                         f"got scale={tuple(scale)}, ratio={tuple(ratio)}")
+
+
 def random_resized_crop_box(height: int, width: int, generator: torch.Generator,
                             scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple:
     """``(top, left, h, w)`` of a crop with area fraction in ``scale`` and aspect w/h in ``ratio``.
@@ -108,9 +123,7 @@ def random_resized_crop_box(height: int, width: int, generator: torch.Generator,
     The ImageNet ("Inception") recipe: the area is uniform, the aspect log-uniform; after ten
     draws that do not fit, fall back to the largest central crop whose aspect is in range.
     """
-    if not (0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"want 0 < scale[0] <= scale[1], 0 < ratio[0] <= ratio[1]; "
-                         f"got scale={scale}, ratio={ratio}")
+    check_scale_ratio(scale, ratio)
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):

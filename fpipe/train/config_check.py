@@ -83,8 +83,11 @@ def _check_model(c):
     for name, head in dict(c.model.heads).items():
         pool = head.get("pool")
         sizes = () if pool is None else (pool if isinstance(pool, (tuple, list)) else (pool,))
-        if any(not (isinstance(p, int) and p >= 1) for p in sizes):
-            raise ConfigError(f"model.heads.{name}.pool={pool!r}: pooled sizes must be whole numbers >= 1")
+        if any(not (isinstance(p, int) and p >= 1) for p in sizes) or len(sizes) > 2:
+            raise ConfigError(f"model.heads.{name}.pool={pool!r}: want a whole number >= 1 (a square grid) or "
+                              "a pair (height, width) of them")
+        if len(sizes) == 1 and isinstance(pool, (tuple, list)):  # [2] would reach adaptive pooling as 1-D
+            raise ConfigError(f"model.heads.{name}.pool={pool!r}: write pool={sizes[0]} or pool=({sizes[0]}, {sizes[0]})")
     model = models.build(c.model, num_classes=max(int(c.data.get("num_classes") or 2), 2),
                          image_size=c.data.image_size)
     freeze.rules(c.model.get("freeze", ()))
