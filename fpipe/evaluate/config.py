@@ -10,6 +10,7 @@ from fpipe import defaults
 from fpipe.defaults import LINEAR_LRS  # noqa: F401 (re-exported)
 
 PROTOCOLS = ("knn", "linear", "logreg", "low_shot")
+NORMALIZE = ("standardize", "l2", "none")  # eval.normalize: the inputs of linear, logreg, low_shot
 
 default_config = defaults.evaluation  # the config.eval keys and their help: fpipe/defaults.py
 

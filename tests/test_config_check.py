@@ -1,0 +1,22 @@
+"""fpipe.train.config_check: bad values are refused before anything runs, naming the key and what is wanted."""
+import re
+
+import pytest
+
+from configs import knn
+from fpipe.train import config_check
+
+
+def test_every_protocol_value_is_checked_before_the_run_naming_its_key():
+    """A bad number used to fail after the extraction (exit 1, workdir claimed) or give a table of 0%."""
+    config_check.check(knn.get_config())
+    for key, value, wanted in [("linear.lrs", (-0.1,), "learning rates > 0"), ("knn.temperature", -1.0, "> 0"),
+                               ("knn.ks", (0,), "whole numbers >= 1"), ("low_shot.shots", (0,), "samples per class"),
+                               ("low_shot.classifier", "svm", r"one of \('logreg', 'knn'\)"),
+                               ("normalize", "l3", "one of"), ("val_fraction", 1.0, r"in \(0, 1\)"),
+                               ("logreg.Cs", (), "at least one")]:
+        config = knn.get_config()
+        section, _, name = key.rpartition(".")
+        (config.eval[section] if section else config.eval)[name] = value
+        with pytest.raises(config_check.ConfigError, match=rf"eval\.{re.escape(key)}=.*: want .*{wanted}"):
+            config_check.check(config)
