@@ -14,6 +14,10 @@ The rule (README, "Workdirs and reruns"):
   ``config_changes.jsonl`` and in results.json.
 - One run at a time: ``.lock`` holds the owner's host and pid; a lock whose process is gone (same
   host) is stale and taken over, with a warning.
+- Nothing a run wrote is lost: a folder with run outputs (``RUN_OUTPUTS``) but no ``config.json``
+  is refused; a ``config.json`` whose run left no outputs (it failed at its start, e.g. on a bad
+  weights file) is replaced by the new config, with a warning, so the corrected rerun needs no
+  ``--allow_change``.
 """
 import contextlib
 import datetime
@@ -34,6 +38,7 @@ BOOKKEEPING = (r"log_steps", r"keep_ckpts", r"ckpt_(epochs|steps)", r"best_(metr
                r"data\.max_aspect_ratio", r"extract\..*", r"collective_timeout_s")
 # Evaluation frequency changes results only through PreciseBN, which runs before each evaluation.
 EVAL_KEYS = r"eval_(epochs|steps)"
+RUN_OUTPUTS = ("checkpoints", "results.json", "metrics.jsonl", "features")  # what a run leaves once it did work
 
 
 class WorkdirError(RuntimeError):
@@ -82,7 +87,12 @@ def differences(old: dict, new: dict) -> dict:
 def check_rerun(workdir: str, config, allow_change=()) -> dict:
     """Refuses a workdir whose run had other result-affecting values; returns accepted changes."""
     path = os.path.join(workdir, CONFIG_FILE)
+    outputs = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, name))]
     if not os.path.exists(path):
+        if outputs:
+            raise WorkdirError(f"{workdir} holds {', '.join(outputs)} but no {CONFIG_FILE}: files of a run "
+                               "this one cannot tell its own, which it would overwrite. Use a new --workdir, "
+                               "or move them away.")
         return {}
     try:
         with open(path) as f:
@@ -92,8 +102,13 @@ def check_rerun(workdir: str, config, allow_change=()) -> dict:
                            "to. Use a new --workdir, or restore the file.") from None
     diff = differences(old, flat_config(config))
     refused = {k: v for k, v in diff.items() if k not in allow_change}
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:8])
+    if refused and not outputs:
+        from absl import logging
+        logging.warning("%s holds the config of a run that left no checkpoints or results (%s); this run "
+                        "takes the workdir over.", workdir, shown)
+        return {}
     if refused:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:8])
         raise WorkdirError(
             f"{workdir} holds a run of another config ({shown}"
             f"{'; …' if len(refused) > 8 else ''}). Its results would be reported as this config's. "

@@ -96,6 +96,8 @@ def _check_model(c):
     weights = weights_config.resolve(c.model.weights)
     if weights.path and not os.path.exists(weights.path):
         raise ConfigError(f"model.weights.path={weights.path!r}: no such file")
+    if weights.path and os.path.isdir(weights.path):
+        raise ConfigError(f"model.weights.path={weights.path!r} is a directory: give the weights file in it")
     crops_per_image = {key: len(data.loader.views(data.config.get(c.data, key), c.data.image_size)) or 1
                        for key in ("views", "eval_views")}
     for head in model.heads:  # its crops exist; siamese_concat_view: one crop per tower

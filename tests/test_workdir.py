@@ -1,0 +1,32 @@
+"""fpipe.workdir: a workdir belongs to one config, and nothing a run wrote is lost."""
+import json
+
+import ml_collections
+import pytest
+
+from fpipe import workdir as workdir_lib
+
+
+def config(lr):
+    return ml_collections.ConfigDict({"optim": {"lr": lr}, "log_steps": 10})
+
+
+def test_a_folder_with_run_outputs_but_no_config_is_refused_and_left_as_it_is(tmp_path):
+    (tmp_path / "results.json").write_text('{"mine": 1}')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(workdir_lib.WorkdirError, match="holds results.json, metrics.jsonl but no config.json"):
+        with workdir_lib.claim(str(tmp_path), config(0.1)):
+            pass
+    assert (tmp_path / "results.json").read_text() == '{"mine": 1}' and not (tmp_path / "config.json").exists()
+
+
+def test_a_config_whose_run_left_nothing_is_replaced_and_one_with_outputs_is_refused(tmp_path):
+    with workdir_lib.claim(str(tmp_path), config(0.1)):
+        pass  # the run failed at its start: only config.json was written
+    with workdir_lib.claim(str(tmp_path), config(0.2)) as changes:
+        assert changes == {}  # taken over, not a continuation of the other run
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 0.2
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n')  # now it did work
+    with pytest.raises(workdir_lib.WorkdirError, match=r"optim.lr: 0.2 -> 0.3.*--allow_change=optim.lr"):
+        with workdir_lib.claim(str(tmp_path), config(0.3)):
+            pass
