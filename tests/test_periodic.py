@@ -175,3 +175,14 @@ def test_a_non_finite_state_behind_finite_losses_is_caught_before_logging_or_sav
         books.log(2, poisoned, lr=0.1)
     books.stopped(poisoned, 2)
     assert saves == []  # the non-finite state is never saved
+
+
+def test_a_shorter_log_period_says_how_many_steps_its_means_cover(tmp_path, monkeypatch):
+    """Resumed at step 3 with log_steps=2, the log at step 4 averages one step, not two: the record says so."""
+    books, _ = _books(tmp_path, monkeypatch, total=7, log=2, start=3)
+    logged = []
+    books.writer.write_scalars = lambda step, scalars: logged.append((step, scalars))
+    for done in (4, 5, 6, 7):
+        books.step_done(done, {"loss": torch.tensor(float(done)), "nonfinite": torch.tensor(0, dtype=torch.int32)}, 0.5)
+        books.log(done, {"x": done}, lr=0.1)
+    assert [(s, r["loss"], r.get("steps_averaged")) for s, r in logged] == [(4, 4.0, 1), (6, 5.5, None), (7, 7.0, 1)]

@@ -95,8 +95,11 @@ class Bookkeeping:
         if not self.is_time(done, self.log_every):
             return
         self.check_finite(done, state)
+        steps = self.metric_log.count
         scalars = self.metric_log.means()
         scalars.update(lr=lr, epoch=done / self.steps_per_epoch)
+        if steps != self.log_every:  # a shorter period (after a resume, or the last): say what the means cover
+            scalars["steps_averaged"] = steps
         if self.timer.images_per_second is not None:
             scalars["images_per_s"] = self.timer.images_per_second
         self.writer.write_scalars(done, scalars)
