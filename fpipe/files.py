@@ -1,6 +1,8 @@
 """Writing files so that a crash never leaves a half-written one under the final name."""
 import os
 
+from fpipe.train import signals
+
 
 def fsync_dir(d: str) -> None:
     try:
@@ -16,7 +18,15 @@ def fsync_dir(d: str) -> None:
 
 
 def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
-    """``write_fn(file)`` into a temporary sibling, fsync, then rename onto ``path``."""
+    """``write_fn(file)`` into a temporary sibling, fsync, then rename onto ``path``.
+
+    A SIGTERM/SIGINT stop (fpipe.train.signals) is held back until the file is in place: a write
+    finishes, then the run stops (``Stopped`` is raised here, after the rename)."""
+    with signals.deferred():
+        _atomic_write(path, write_fn, mode)
+
+
+def _atomic_write(path: str, write_fn, mode: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, mode) as f:

@@ -5,6 +5,7 @@
            -> per layer: knn | linear | logreg | low_shot -> results.json, results.md, results.png
 """
 import os
+import signal
 import time
 
 import torch
@@ -16,18 +17,32 @@ from fpipe.evaluate import extract, fingerprint, knn, linear, logreg, lowshot, m
 from fpipe.evaluate import report
 from fpipe.models import model as models
 from fpipe.train import distributed
+from fpipe.train.signals import Stopped, StopOnSignal
 
 NORMALIZE = ("standardize", "l2", "none")
 
 
 def run(config, workdir, run_info=None):
     """Runs ``config.eval.protocols``; returns ``{protocol: {layer: numbers}}`` (on every rank).
-    ``run_info``: provenance from main.py (config path, fingerprint), written to results.json."""
-    dist = distributed.init(timeout_s=config.get("collective_timeout_s"))
-    try:
-        return _run(config, workdir, dist, dict(run_info or {}))
-    finally:
-        dist.shutdown()
+    ``run_info``: provenance from main.py (config path, fingerprint), written to results.json.
+
+    SIGTERM / SIGINT raise ``Stopped`` at once (main.py: exit 143 / 130), as in training: the whole
+    run may be cut short, since its one lasting work, a split's feature file, is written whole or
+    not at all (a write in progress finishes first, fpipe.files); a re-run extracts only the
+    splits that are missing."""
+    with StopOnSignal() as stop, stop.interruptible():
+        try:
+            dist = distributed.init(timeout_s=config.get("collective_timeout_s"))
+            try:
+                return _run(config, workdir, dist, dict(run_info or {}))
+            finally:
+                dist.shutdown()
+        except Stopped as e:
+            done = [s for s in extract.SPLITS if os.path.isfile(extract.path_of(workdir, s))]
+            logging.warning("Stopped by %s during the evaluation%s: re-run the same command to continue.",
+                            signal.Signals(e.signum).name,
+                            f"; the features of {', '.join(done)} are kept" if done else "")
+            raise
 
 
 def _run(config, workdir, dist, run_info):

@@ -6,9 +6,19 @@ raises :class:`Stopped` immediately, so a scheduler's grace period (Kubernetes: 
 during a long compilation. Elsewhere (writing a checkpoint or metrics) the request waits for the
 end of the step. Either way the loop then writes a checkpoint if any step is unsaved and re-raises;
 ``main.py`` exits with 128 + the signal number (143 for SIGTERM).
+
+A file write is never cut short, even inside an interruptible stretch: ``fpipe.files.atomic_write``
+runs under :func:`deferred`, which holds a signal back until the write is complete (``torch.save``
+hit by an exception half-way fails with a C++ error instead of stopping) and then raises
+:class:`Stopped` if the stretch is still interruptible.
 """
 import contextlib
 import signal
+import threading
+
+# Main-thread stretches that a signal must not cut short (file writes), and the StopOnSignal whose
+# signal arrived in an interruptible stretch meanwhile (raised when the last such stretch ends).
+_deferral = {"depth": 0, "pending": None}
 
 
 class Stopped(BaseException):
@@ -17,7 +27,8 @@ class Stopped(BaseException):
 
     def __init__(self, signum):
         self.signum = int(signum)
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal_name}")
 
 
 class StopOnSignal:
@@ -43,6 +54,9 @@ class StopOnSignal:
     def _handle(self, signum, frame):
         self.requested = signum
         if self._interruptible:
+            if _deferral["depth"]:  # a file is being written: stop once it is complete
+                _deferral["pending"] = self
+                return
             raise Stopped(signum)
 
     @contextlib.contextmanager
@@ -59,3 +73,24 @@ class StopOnSignal:
             yield
         finally:
             self._interruptible -= 1
+
+
+@contextlib.contextmanager
+def deferred():
+    """A stretch that a signal never cuts short (a file write): a stop requested inside it raises
+    :class:`Stopped` at its end instead (when it arrived in an interruptible stretch that is still
+    interruptible then), unless the stretch ends with an exception of its own. Only the main
+    thread's stretches defer: signal handlers run there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferral["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferral["depth"] -= 1
+        pending = _deferral["pending"] if not _deferral["depth"] else None
+        if pending is not None:
+            _deferral["pending"] = None
+    if pending is not None and pending._interruptible and pending.requested is not None:
+        raise Stopped(pending.requested)

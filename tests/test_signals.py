@@ -1,0 +1,180 @@
+"""SIGTERM / SIGINT never cut a file write short, and evaluation runs stop as training runs do:
+one line, exit 143 / 130, the workdir's lock released, a re-run that finishes with the same numbers.
+
+The signals come at known points (a wrapper around main.py sends them from inside a write or an
+extraction), not after a guessed sleep."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from fpipe import checkpoint, files, workdir as workdir_lib
+from fpipe.evaluate import extract, store
+from fpipe.train.signals import Stopped, StopOnSignal
+from test_main import ROOT, TINY
+
+# main.py, with the signal $SIGNAL sent to itself at $AT: "write:<name>" (in the 2nd write() call of
+# atomic_write's temporary file for <name>, i.e. inside torch.save or a feature file's write) or
+# "extract:<n>" (at the start of the n-th split's extraction).
+WRAPPER = r"""
+import os, runpy, signal, sys
+sys.path.insert(0, os.getcwd())
+from fpipe import files
+from fpipe.evaluate import extract
+sig, (kind, _, what) = getattr(signal, os.environ["SIGNAL"]), os.environ["AT"].partition(":")
+
+class Writes:
+    def __init__(self, f):
+        self._f, self._n = f, 0
+    def write(self, b):
+        self._n += 1
+        if self._n == 2:
+            os.kill(os.getpid(), sig)
+        return self._f.write(b)
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+if kind == "write":
+    def slow_open(path, mode="r", *a, **k):
+        f = open(path, mode, *a, **k)
+        return Writes(f) if os.path.basename(path).startswith(what + ".") and path.endswith(".tmp") else f
+    files.open = slow_open
+else:
+    real, calls = extract.extract, []
+    def extract_with_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == int(what):
+            os.kill(os.getpid(), sig)
+        return real(*a, **k)
+    extract.extract = extract_with_signal
+sys.argv = ["main.py", *sys.argv[1:]]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+KNN = ["--config.data.name=synthetic", "--config.data.num_train=240", "--config.data.num_test=80",
+       "--config.data.num_classes=6", "--config.data.image_size=16", "--config.data.eval_batch_size=64",
+       "--config.extract.features=('res5avg', 'flatten')", "--config.eval.protocols=('knn',)",
+       "--config.eval.knn.ks=(5, 20)"]
+
+
+def _run(args, signame=None, at=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "main.py", *args]
+    if signame:
+        env.update(SIGNAL=signame, AT=at)
+        cmd = [sys.executable, "-c", WRAPPER, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _assert_stopped(proc, signame, workdir):
+    assert proc.returncode == 128 + getattr(signal, signame), proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr and "error:" not in proc.stderr, proc.stderr[-4000:]
+    assert sum(f"Stopped by {signame}" in line for line in proc.stderr.splitlines()) == 1, proc.stderr[-4000:]
+    assert not (workdir / workdir_lib.LOCK_FILE).exists()
+    assert not list(workdir.rglob("*.tmp"))  # nothing half-written
+
+
+def _in_main_thread():
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed in the main thread only")
+
+
+def test_a_signal_inside_torch_save_stops_after_the_file_is_complete(tmp_path, monkeypatch):
+    _in_main_thread()
+    real_open = open
+
+    def slow_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if not path.endswith(".tmp"):
+            return f
+        write = f.write
+        calls = []
+
+        class F:  # the file, with a SIGINT from inside torch.save's second write
+            def write(self, b):
+                calls.append(1)
+                if len(calls) == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return write(b)
+
+            def __getattr__(self, name):
+                return getattr(f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return f.__exit__(*exc)
+        return F()
+    monkeypatch.setattr(files, "open", slow_open, raising=False)
+    frozen = {"trunk.w": torch.randn(300, 300), "trunk.b": torch.arange(7.0)}
+    with StopOnSignal() as stop, pytest.raises(Stopped) as e:
+        with stop.interruptible():
+            checkpoint.save_frozen(str(tmp_path), frozen)
+    assert e.value.signum == signal.SIGINT and stop.requested == signal.SIGINT
+    monkeypatch.undo()
+    ref = {"file": checkpoint.FROZEN_FILE, "sha256": checkpoint.checksum({"params": frozen})}
+    loaded = checkpoint.load_frozen(str(tmp_path), ref)  # whole and under its final name
+    assert all(torch.equal(loaded[k], v) for k, v in frozen.items())
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_signal_during_a_write_outside_an_interruptible_stretch_waits_for_the_check(tmp_path):
+    _in_main_thread()
+    path = tmp_path / "x.bin"
+    with StopOnSignal() as stop:
+        files.atomic_write(str(path), lambda f: (os.kill(os.getpid(), signal.SIGTERM), f.write(b"abc")))
+        assert path.read_bytes() == b"abc" and stop.requested == signal.SIGTERM
+        with pytest.raises(Stopped):  # the next interruptible stretch stops at its start
+            with stop.interruptible():
+                pass
+
+
+def test_sigint_while_writing_frozen_params_exits_130_and_the_rerun_finishes(tmp_path):
+    args = ["--config=configs/linear_eval.py", f"--workdir={tmp_path}", *TINY, "--config.total_steps=4"]
+    proc = _run(args, "SIGINT", "write:" + checkpoint.FROZEN_FILE)
+    _assert_stopped(proc, "SIGINT", tmp_path)
+    assert "Stopped by SIGINT" in (tmp_path / "log").read_text()
+    frozen = tmp_path / "checkpoints" / checkpoint.FROZEN_FILE
+    assert frozen.exists() and checkpoint._load(str(frozen))  # the write finished, then the run stopped
+    again = _run(args)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert json.loads((tmp_path / "results.json").read_text())["heads"]
+
+
+@pytest.fixture(scope="module")
+def knn_reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("knn_reference")
+    proc = _run(["--config=configs/knn.py", f"--workdir={workdir}", *KNN])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((workdir / "results.json").read_text())["protocols"]
+
+
+@pytest.mark.parametrize("signame, at, kept", [
+    ("SIGTERM", "write:train.safetensors", ("train",)),  # the file being written is finished first
+    ("SIGINT", "extract:2", ("train",)),  # the test split's extraction is dropped
+    ("SIGINT", "extract:1", ()),
+])
+def test_an_evaluation_run_stops_in_one_line_and_the_rerun_gives_the_same_results(
+        tmp_path, knn_reference, signame, at, kept):
+    args = ["--config=configs/knn.py", f"--workdir={tmp_path}", *KNN]
+    proc = _run(args, signame, at)
+    _assert_stopped(proc, signame, tmp_path)
+    assert not (tmp_path / "results.json").exists()
+    for split in extract.SPLITS:
+        path = extract.path_of(str(tmp_path), split)
+        assert os.path.exists(path) == (split in kept)
+        if split in kept:
+            assert store.Reader(path).metadata["num_samples"] == {"train": 240, "test": 80}[split]
+    again = _run(args)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert json.loads((tmp_path / "results.json").read_text())["protocols"] == knn_reference
