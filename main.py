@@ -13,6 +13,7 @@ SIGTERM (143) or SIGINT (130) after writing a checkpoint. Errors print one line;
 import importlib.util
 import logging as std_logging
 import os
+import re
 import sys
 import traceback
 
@@ -40,8 +41,15 @@ EXIT_FAILED, EXIT_REFUSED, EXIT_DIVERGED = 1, 2, 3
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = FLAGS.config
     path = config_flags.get_config_filename(FLAGS["config"])
+    config = FLAGS.config
+    try:
+        config.get("seed")
+    except OSError:  # ml_collections raises it on first use of a config file that did not load
+        if _debug():
+            raise
+        print(f"error: {_config_file_message(path)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_REFUSED)
     if FLAGS.config_only:
         from fpipe import config_help  # torch-free
         print(config_help.describe(config, path))
@@ -168,11 +176,22 @@ def _flag_message(e):
         return (f"no such config key {key.strip(chr(39))!r}{'. ' + hint if hint else ''}. List every key "
                 "with --config_only, e.g. python main.py --config=configs/linear_eval.py --config_only")
     text = str(e)
+    missing = re.search(r"earlier failure to load.*?Attempted \[[^\]]*\]:\s*(\S+)", text, re.S)
+    if missing:  # overrides given for a config file that did not load
+        return _config_file_message(missing.group(1))
     if "Error whilst parsing config file" in text and "Traceback" in text:  # the config's own error, last line
         last = [line.strip() for line in text.splitlines() if line.strip()][-1]
         return f"{text.split(': Error whilst', 1)[0]}: {last}"
     text = " ".join(text.split())
     return text[:500] if text else type(e).__name__
+
+
+
+def _config_file_message(path):
+    shipped = sorted(name for name in os.listdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"))
+                     if name.endswith(".py") and name not in ("__init__.py", "common.py"))
+    return (f"--config={path}: no such config file, or it failed to import (--verbose shows why); shipped: "
+            f"{', '.join('configs/' + n for n in shipped)}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,9 @@ def test_the_default_workdir_depends_on_result_affecting_overrides():
     (["--config.schedule.name=cosin"], "schedule.name"),
     (["--config.optim.lrr=0.1"], 'Did you mean "lr"'),
     (["--config.model.weights.path=/nonexistent/w.pth"], "/nonexistent/w.pth"),
+    (["--config.model.weights.path=/"], "is a directory"),
+    (["--config=configs/linear_evl.py"], "no such config file, or it failed to import"),
+    (["--config.data.eval_transforms=resize(0)|center_crop"], "data.eval_transforms="),
 ])
 def test_bad_config_is_one_line_before_any_work(tmp_path, args, expect):
     proc = main(tmp_path / "w", *args, check=False)
