@@ -234,3 +234,16 @@ def test_a_timm_efficientnet_file_is_inferred_inspected_and_converted(tmp_path, 
     assert cli.main(["convert", str(path), str(out_path)]) == 0
     got = io.read(out_path)
     assert sorted(got) == sorted(sd) and all(torch.equal(got[n], t) for n, t in sd.items())
+
+
+def test_convert_refuses_a_deeper_resnet_into_a_shallower_trunk(tmp_path, capsys):
+    """--trunk resnet18 on a ResNet-34 file would write a truncated ResNet-34 as a ResNet-18."""
+    from test_weights_detect import registry_trunk
+    path = tmp_path / "r34.pth"
+    torch.save(registry_trunk("resnet34"), path)
+    assert cli.main(["convert", str(path), str(tmp_path / "r18.safetensors"), "--trunk", "resnet18"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "80 file tensors belong to trunk blocks the model does not have" in err
+    assert "the file holds resnet34" in err and "set model.trunk.name=resnet34" in err
+    assert not (tmp_path / "r18.safetensors").exists()
+    assert cli.main(["convert", str(path), str(tmp_path / "r34.safetensors")]) == 0  # inferred: resnet34

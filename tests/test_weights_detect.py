@@ -1,4 +1,5 @@
 """load_into on every layout of shared/FORMATS.md, and on layouts fpipe has never seen."""
+import ast
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from fpipe.weights import WeightsError, default_config, load_into
 from fpipe.weights import detect
-from test_weights_fixtures import (assert_trunk_is, layouts, prefixed, state_dict, target, trunk)
+from test_weights_fixtures import (assert_trunk_is, layouts, mlp, prefixed, state_dict, target, trunk)
 
 LAYOUTS = layouts()
 EXPECTED_SOURCE = {  # layout -> (state_dict_key, remove_prefix) the report must name
@@ -297,3 +298,73 @@ def test_vissl_linear_eval_heads_load_by_their_order(tmp_path):
     with pytest.raises(WeightsError, match=r"VISSL head 1 .* has no counterpart: the model has 1 head\(s\) \['res2'\]"):
         load_into({k: v for k, v in tgt.items() if not k.startswith("heads.res3")},
                   {"path": str(path), "format": "vissl", "load_heads": True})
+
+
+def registry_trunk(name: str) -> dict:
+    """torchvision names -> fpipe's own seeded init of a registry trunk (nothing downloaded)."""
+    from fpipe.models import model
+    from fpipe.tree import flatten
+    if name not in _TRUNKS:
+        params, state = model.build_trunk(name).init(0)
+        _TRUNKS[name] = flatten(params) | flatten(state)
+    return dict(_TRUNKS[name])
+
+
+_TRUNKS = {}
+
+
+def as_fpipe_checkpoint(sd: dict) -> dict:
+    """``sd`` as an fpipe run's checkpoint holds it: params and BatchNorm statistics by model name."""
+    is_state = lambda n: "running" in n or n.endswith("tracked")
+    return {"params": {f"trunk.{n}": t for n, t in sd.items() if not is_state(n)},
+            "model_state": {f"trunk.{n}": t for n, t in sd.items() if is_state(n)}, "step": 4}
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "fpipe"])
+def test_deeper_resnet_into_a_shallower_one_is_refused_naming_the_count_and_the_fix(tmp_path, layout):
+    """A ResNet-34 file covers every ResNet-18 name; its extra blocks must not be dropped silently."""
+    r34 = registry_trunk("resnet34")
+    path = save(tmp_path, r34 if layout == "torchvision" else as_fpipe_checkpoint(r34))
+    with pytest.raises(WeightsError) as e:
+        load_into(target(), {"path": path})
+    msg = str(e.value)
+    assert "80 file tensors belong to trunk blocks the model does not have" in msg  # 8 blocks x 10
+    assert "layer1.2.*" in msg and "layer1.2.conv1.weight" in msg
+    assert "the file holds resnet34 (inferred" in msg and "the model is resnet18" in msg
+    assert "set model.trunk.name=resnet34" in msg and "model.weights.skip_layers=" in msg
+    skip = ast.literal_eval(msg.split("model.weights.skip_layers=")[1].rstrip("."))  # the fix as given
+    assert skip[0] == "num_batches_tracked" and "layer3.5." in skip and len(skip) == 9
+    loaded, report = load_into(target(), {"path": path, "skip_layers": skip})
+    assert report.trunk_loaded == report.trunk_total == 100
+    assert all(torch.equal(loaded[n], r34[n[len("trunk."):]]) for n in report.loaded)
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "fpipe"])
+def test_shallower_resnet_file_names_the_architecture_not_a_prefix(tmp_path, layout):
+    r18 = registry_trunk("resnet18")
+    path = save(tmp_path, r18 if layout == "torchvision" else as_fpipe_checkpoint(r18))
+    tgt = {f"trunk.{n}": torch.zeros_like(t) for n, t in registry_trunk("resnet34").items()}
+    with pytest.raises(WeightsError) as e:
+        load_into(tgt, {"path": path})
+    first, *rest = str(e.value).splitlines()  # the weights CLI shows the first line only
+    assert "only 100/180 trunk tensors" in first
+    assert "the file holds resnet18 (inferred" in first and "the model is resnet34" in first
+    assert "set model.trunk.name=resnet18" in first
+    assert "remove_prefix" not in str(e.value) and "state_dict_key" not in str(e.value)
+
+
+def test_classifier_and_projection_heads_next_to_the_trunk_still_load(tmp_path):
+    """Leftovers that are not the trunk's own blocks stay "not loaded": a classifier, projectors,
+    prototypes, and alexnet's fc8 (classifier.6, a head beside the trunk's classifier.4)."""
+    sd = {**state_dict(0), **mlp("projection_head.", [512, 256, 128]), **mlp("fc.", [512, 512, 128]),
+          "prototypes.weight": torch.randn(300, 128)}
+    loaded, report = load_into(target(), {"path": save(tmp_path, sd)})
+    assert_trunk_is(loaded, trunk(0))
+    assert {report.not_loaded[n] for n in ("fc.weight", "fc.0.weight", "projection_head.2.bias",
+                                           "prototypes.weight")} == {"not in the model"}
+    alexnet = registry_trunk("alexnet")
+    tgt = {f"trunk.{n}": torch.zeros_like(t) for n, t in alexnet.items()}
+    path = save(tmp_path, {**alexnet, "classifier.6.weight": torch.zeros(1000, 4096),
+                           "classifier.6.bias": torch.zeros(1000)}, "alexnet.pth")
+    _, report = load_into(tgt, {"path": path})
+    assert report.trunk_loaded == report.trunk_total and report.not_loaded["classifier.6.weight"] == "not in the model"

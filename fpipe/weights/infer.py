@@ -36,6 +36,26 @@ def infer_trunk(files: dict, presets=None) -> tuple:
                        "pass --trunk NAME (and --depth for a ResNet).")
 
 
+def resnet_of(files: dict):
+    """``(trunk settings, why)`` of the ResNet whose names ``files`` holds, or ``None``: tells the
+    file's trunk from the model's when a load does not fit (``{"name": "resnet34"}``)."""
+    try:
+        found = _resnet(files)
+    except WeightsError:
+        return None
+    return (trunk_settings(found[0]), found[1]) if found else None
+
+
+def trunk_settings(options: dict) -> dict:
+    """``model.trunk`` keys for inferred ResNet options: a preset's name, else ``resnet`` and the options."""
+    from fpipe.models.resnet import PRESETS
+    defaults = {"width_multiplier": 1, "groups": 1, "width_per_group": 64}
+    full = {**defaults, **options}
+    preset = next((name for name, o in PRESETS.items() if {**defaults, **o} == full), None)
+    changed = {k: v for k, v in full.items() if k == "depth" or v != defaults[k]}
+    return {"name": preset} if preset else {"name": "resnet", **changed}
+
+
 def _views(files: dict):
     """The file's names as they are, then under each rename table."""
     yield "", files

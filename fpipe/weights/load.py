@@ -8,7 +8,7 @@ import os
 
 from fpipe import checkpoint
 from fpipe.tree import flatten
-from fpipe.weights import config, detect, io, merge, renames, resample, stubs, transforms, walk
+from fpipe.weights import config, detect, infer, io, merge, renames, resample, stubs, transforms, walk
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import LoadReport
 
@@ -62,8 +62,12 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
     out = merge.merge(target, tensors, plan.names, report, load_heads=opts.load_heads)
     fix = None if plan.format.startswith("auto") and not plan.reason.startswith("explicit") else (
         lambda: detection_fix(obj, files, target))
+    architecture = lambda: architecture_mismatch(tensors, target)
     merge.check_finite(report, out)
-    merge.check(report, target, allow_partial=opts.allow_partial, load_heads=opts.load_heads, fix=fix)
+    merge.check(report, target, allow_partial=opts.allow_partial, load_heads=opts.load_heads, fix=fix,
+                architecture=architecture)
+    merge.check_leftovers(report, merge.trunk_leftovers(target, tensors, plan.names, report), target,
+                          skip_layers=opts.skip_layers, allow_partial=opts.allow_partial, architecture=architecture)
     return out, report
 
 
@@ -263,6 +267,18 @@ def detection_fix(obj: dict, files: dict, target: dict) -> str:
     if table:
         return f"use format='auto': it maps this file's names by renames.{table.upper()}"
     return detect.advice(chosen.prefix, transforms.dict_paths(obj)) + " (what format='auto' finds)"
+
+
+def architecture_mismatch(tensors: dict, target: dict):
+    """``(what differs, the model.trunk setting that fits the file)`` when the file's trunk and the
+    model's are ResNets of other depths or widths (``infer``), else ``None``."""
+    model = infer.resnet_of({n: t for n, t in target.items() if n.startswith("trunk.")})
+    found = infer.resnet_of(tensors)
+    if not model or not found or model[0] == found[0]:
+        return None
+    label = lambda s: " ".join([s["name"], *(f"{k}={v}" for k, v in s.items() if k != "name")])
+    setting = ", ".join(f"model.trunk.{k}={v}" for k, v in found[0].items())
+    return f"the file holds {label(found[0])} (inferred: {found[1]}); the model is {label(model[0])}", setting
 
 
 def _source(plan: Plan) -> str:

@@ -4,6 +4,8 @@ Rule (docs/DESIGN.md): a file name ``R`` goes to ``trunk.R`` if the model has it
 ``heads.R`` (or to ``R`` itself when it names a head: ``heads.<name>.…``) when heads were asked
 for, else it is "not loaded".
 """
+import re
+
 import torch
 
 from fpipe.weights.detect import is_counter
@@ -88,26 +90,34 @@ def _hints(report: LoadReport) -> str:
     return "".join(f" Hint: {h}." for h in found)
 
 
-def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: bool, fix=None) -> None:
+def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: bool, fix=None,
+          architecture=None) -> None:
     """Raises unless the trunk is fully covered and shapes agree (or ``allow_partial``).
 
-    ``fix``: a function returning the config change that would load the trunk, or ``None``.
+    ``fix``: a function returning the config change that would load the trunk, or ``None``;
+    ``architecture``: one returning ``(how the file's trunk differs from the model's, the setting
+    that fits it)`` or ``None`` (``load.architecture_mismatch``); it comes before ``fix``.
     """
     if allow_partial:
         return
     where = f"{report.path}: " if report.path else ""
+    failing = report.shape_mismatches or report.trunk_loaded < report.trunk_total
+    found = architecture() if architecture and failing else None
+    arch = "{}: set {}".format(*found) if found else ""
     if report.shape_mismatches:
         shown = "; ".join(f"{n}: file {list(a)} vs model {list(b)}" for n, a, b in report.shape_mismatches[:SHOW])
         raise WeightsError(f"{where}{len(report.shape_mismatches)} tensor(s) have other shapes than the "
                            f"model's: {shown}. Is the model the one the file was trained with? "
-                           f"(allow_partial=True keeps those at their init.){_hints(report)}")
+                           + (f"No: {arch}. " if arch else "")
+                           + f"(allow_partial=True keeps those at their init.){_hints(report)}")
     if report.trunk_loaded < report.trunk_total:
         model_side = [n for n in report.missing if n.startswith("trunk.")]
         file_side = [n for n, why in report.not_loaded.items() if why == "not in the model"]
-        suggestion = fix() if fix else ""
+        suggestion = "" if arch or not fix else fix()  # the architecture, when it differs, is the fix
         raise WeightsError(
             f"{where}only {report.trunk_loaded}/{report.trunk_total} trunk tensors would be loaded "
-            f"(source {report.source or '<whole file>'}); refusing to leave the rest random.\n"
+            f"(source {report.source or '<whole file>'}); refusing to leave the rest random"
+            + (f": {arch}.\n" if arch else ".\n") +
             f"  model names with no file tensor: {short_names(model_side)}\n"
             f"  file names that fit no model name: {short_names(file_side)}\n"
             + (f"  fix: {suggestion}\n" if suggestion else "")
@@ -118,3 +128,46 @@ def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: 
                            f"(model heads: {short_names(heads)}).")
 
 
+def trunk_leftovers(target: dict, tensors: dict, origin: dict, report: LoadReport) -> list:
+    """Names (R) left "not in the model" that are blocks of a deeper trunk: a model trunk name but
+    for its numbers, with that tensor's shape (``layer3.2.conv1.weight`` beside ``layer3.1.*``).
+
+    Classifiers, projectors, predictors and other copies have names or shapes of their own, so
+    they stay "not loaded"; counters are not weights.
+    """
+    kinds = {(_numberless(n[len("trunk."):]), tuple(t.shape)) for n, t in target.items() if n.startswith("trunk.")}
+    return [rel for rel, t in tensors.items() if report.not_loaded.get(origin[rel]) == "not in the model"
+            and not is_counter(rel) and (_numberless(rel), tuple(t.shape)) in kinds]
+
+
+def _numberless(name: str) -> str:
+    return re.sub(r"\d+", "#", name)
+
+
+def extra_blocks(names: list, target: dict) -> list:
+    """Each name's shortest leading path that no model trunk name has (``layer3.2.``), in order:
+    the blocks the model lacks, as ``skip_layers`` patterns."""
+    have = {p for n in target if n.startswith("trunk.") for p in _leading(n[len("trunk."):])}
+    return list(dict.fromkeys(next((p for p in _leading(n) if p not in have), n) for n in names))
+
+
+def _leading(name: str) -> list:
+    parts = name.split(".")
+    return [".".join(parts[:i]) + "." for i in range(1, len(parts))]
+
+
+def check_leftovers(report: LoadReport, leftovers: list, target: dict, *, skip_layers: tuple,
+                    allow_partial: bool, architecture=None) -> None:
+    """Refuses file tensors of trunk blocks the model lacks (``trunk_leftovers``): loading the rest
+    would pass a truncated copy of a deeper trunk for the model's own (unless ``allow_partial``)."""
+    if not leftovers or allow_partial:
+        return
+    where = f"{report.path}: " if report.path else ""
+    blocks = extra_blocks(leftovers, target)
+    found = architecture() if architecture else None
+    what, setting = found or ("the file's trunk is deeper than the model's", "model.trunk.name to the file's trunk")
+    raise WeightsError(
+        f"{where}{len(leftovers)} file tensors belong to trunk blocks the model does not have "
+        f"({short_names([b + '*' for b in blocks])}: {short_names(leftovers)}); {what}, and loading the "
+        f"rest would pass a truncated copy of the file's trunk for it. Fix: set {setting}, or drop them "
+        f"deliberately with model.weights.skip_layers={tuple(skip_layers) + tuple(blocks)!r}.")
