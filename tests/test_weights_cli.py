@@ -206,6 +206,9 @@ def test_bad_depth_trunk_and_missing_directory_are_one_line_errors(moco, tmp_pat
     assert err == f"error: {missing}: the directory {missing.parent} does not exist; create it or write elsewhere.\n"
     assert cli.main(["export", str(moco), str(missing)]) == 1
     assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["convert", str(moco), str(tmp_path)]) == 1  # a directory, not a file name
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path} is a directory: give the output file's name") and err.count("\n") == 1
 
 
 def test_stub_objects_flag_reads_an_mmengine_checkpoint(tmp_path, monkeypatch, capsys):

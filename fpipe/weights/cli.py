@@ -146,6 +146,8 @@ def export(args, build_target) -> None:
 def _check_out(out: str) -> None:
     from fpipe.weights.errors import WeightsError
     folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise WeightsError(f"{out} is a directory: give the output file's name, e.g. {os.path.join(out, 'trunk.safetensors')}")
     if not os.path.isdir(folder):
         raise WeightsError(f"{out}: the directory {folder} does not exist; create it or write elsewhere.")
 
