@@ -19,8 +19,6 @@ from fpipe.models import model as models
 from fpipe.train import distributed
 from fpipe.train.signals import Stopped, StopOnSignal
 
-NORMALIZE = ("standardize", "l2", "none")
-
 
 def run(config, workdir, run_info=None):
     """Runs ``config.eval.protocols``; returns ``{protocol: {layer: numbers}}`` (on every rank).
@@ -51,8 +49,8 @@ def _run(config, workdir, dist, run_info):
     unknown = [p for p in ev.protocols if p not in eval_config.PROTOCOLS]
     if unknown or not ev.protocols:
         raise ValueError(f"eval.protocols={tuple(ev.protocols)}: unknown {unknown}; valid: {eval_config.PROTOCOLS}")
-    if ev.normalize not in NORMALIZE:
-        raise ValueError(f"eval.normalize={ev.normalize!r}; valid: {', '.join(NORMALIZE)}")
+    if ev.normalize not in eval_config.NORMALIZE:
+        raise ValueError(f"eval.normalize={ev.normalize!r}; valid: {', '.join(eval_config.NORMALIZE)}")
     os.makedirs(workdir, exist_ok=True)
     torch.manual_seed(config.seed)
     dataset = data.build(config.data)
