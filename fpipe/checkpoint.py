@@ -442,3 +442,9 @@ def _to_cpu(t):
     if isinstance(t, dict):
         return {k: _to_cpu(v) for k, v in t.items()}
     return t
+
+
+def evaluation_pending(saved: dict) -> bool:
+    """Whether ``saved`` was written by a stop during the periodic evaluation after its step: the
+    resumed run then evaluates first, as the uninterrupted run did (its metrics and best checkpoint)."""
+    return bool((saved.get("meta") or {}).get("evaluation_pending"))

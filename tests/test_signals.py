@@ -178,3 +178,44 @@ def test_an_evaluation_run_stops_in_one_line_and_the_rerun_gives_the_same_result
     again = _run(args)
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads((tmp_path / "results.json").read_text())["protocols"] == knn_reference
+
+
+EVAL_WRAPPER = r"""
+import os, runpy, signal, sys
+sys.path.insert(0, os.getcwd())
+from fpipe.evaluate import topk
+real, calls = topk.evaluate, []
+def evaluate_with_signal(*a, **k):
+    calls.append(1)
+    if len(calls) == int(os.environ["AT"]):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a, **k)
+topk.evaluate = evaluate_with_signal
+sys.argv = ["main.py", *sys.argv[1:]]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def test_a_stop_during_a_periodic_evaluation_is_made_up_on_resume(tmp_path):
+    """SIGTERM inside the evaluation after step 8: the resumed run evaluates step 8 first, so its
+    metrics.jsonl evaluations and best checkpoint equal an uninterrupted run's (before, step 8's
+    evaluation and best candidate were lost for good)."""
+    args = ["--config=configs/linear_eval.py", *TINY, "--config.total_steps=12", "--config.eval_steps=4",
+            "--config.ckpt_steps=4", "--config.log_steps=4", "--config.best_metric=res5avg/test_top1"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert _run([*args, f"--workdir={whole}"]).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AT": "2"}  # the 2nd evaluation: after step 8
+    proc = subprocess.run([sys.executable, "-c", EVAL_WRAPPER, *args, f"--workdir={stopped}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    resumed = _run([*args, f"--workdir={stopped}"])
+    assert resumed.returncode == 0 and "stopped during its evaluation after step 8" in resumed.stderr
+
+    def evaluations(workdir):
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if any("test_top1" in k for k in r)]
+
+    assert [r["step"] for r in evaluations(stopped)] == [4, 8, 12]
+    assert evaluations(stopped) == evaluations(whole)
+    assert json.loads((stopped / "checkpoints" / "best.json").read_text()) == \
+        json.loads((whole / "checkpoints" / "best.json").read_text())

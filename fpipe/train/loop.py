@@ -172,10 +172,28 @@ def _run(config, workdir, dist, stop, run_info):
                                  resumed=bool(saved))
     results, results_step = None, None
 
+    def evaluate_after(done, state):
+        """The periodic evaluation after step ``done``: PreciseBN first, then the best checkpoint. A
+        stop inside it leaves a checkpoint that says so, and the resumed run does it first."""
+        with books.evaluation_of(done):
+            books.check_finite(done, state)
+            if config.precise_bn.num_batches:
+                state = {**state, "model_state": precise_bn(state, train_loader, done - 1, config, model, dist,
+                                                            eval_norms)}
+            scores = books.evaluate(done, state, evaluate, _scalars)
+            if config.best_metric:
+                head, key = config_check.best_metric_key(config.best_metric)
+                save(done, state, best=(config.best_metric, scores[head][key], config.best_mode))
+        return state, scores
+
     try:
         # ---------------------------------------------------------------- the loop
         if not training:
             logging.warning("model.freeze leaves nothing to train: evaluating the model as loaded.")
+        if saved and checkpoint.evaluation_pending(saved):
+            logging.info("The run was stopped during its evaluation after step %d: evaluating first.", start_step)
+            train_state, results = evaluate_after(start_step, train_state)
+            results_step = start_step
         batches = train_loader.iterate(start_step)
         for step in range(start_step, total_steps if training else start_step):
             if holding and step >= hold_until:
@@ -198,14 +216,8 @@ def _run(config, workdir, dist, stop, run_info):
 
             books.log(done, train_state, lr)
             if books.is_time(done, books.eval_every):
-                books.check_finite(done, train_state)
-                if config.precise_bn.num_batches:
-                    train_state = {**train_state, "model_state": precise_bn(train_state, train_loader, step,
-                                                                            config, model, dist, eval_norms)}
-                results, results_step = books.evaluate(done, train_state, evaluate, _scalars), done
-                if config.best_metric:
-                    head, key = config_check.best_metric_key(config.best_metric)
-                    save(done, train_state, best=(config.best_metric, results[head][key], config.best_mode))
+                train_state, results = evaluate_after(done, train_state)
+                results_step = done
             books.checkpoint(done, train_state, stop)  # raises Stopped after it when a stop was requested
 
         # ---------------------------------------------------------------- final results
@@ -372,13 +384,15 @@ def should_compile(config, images: int) -> bool:
 
 
 def make_saver(workdir, dist, config, opt, run_info, frozen_ref):
-    """``save(step, state, best=None) -> step``: a checkpoint of ``state`` after ``step`` steps
-    (rank 0; ``best=(metric, value, mode)`` for the best one), never of a non-finite one (callers
-    check first). Shared by every run that trains (fpipe.detection.train too)."""
-    def save(step, state, best=None):
+    """``save(step, state, best=None, evaluation_pending=False) -> step``: a checkpoint of ``state``
+    after ``step`` steps (rank 0; ``best=(metric, value, mode)`` for the best one; a stop during the
+    evaluation after ``step`` marks it pending), never of a non-finite one (callers check first).
+    Shared by every run that trains (fpipe.detection.train too)."""
+    def save(step, state, best=None, evaluation_pending=False):
         if dist.is_main:
             meta = {"config": config.to_json_best_effort(), "optimizer": opt.name,
-                    "weights": run_info.get("weights"), "fpipe_version": fpipe.__version__}
+                    "weights": run_info.get("weights"), "fpipe_version": fpipe.__version__,
+                    **({"evaluation_pending": True} if evaluation_pending else {})}
             payload = checkpoint.train_state_payload(state, step, frozen_ref, meta)
             if best is None:
                 path = checkpoint.save(workdir, step, payload, keep=config.keep_ckpts)

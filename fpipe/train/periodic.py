@@ -6,6 +6,7 @@ log metrics -> PreciseBN + evaluate (+ best checkpoint) -> checkpoint; so evalua
 statistics and a checkpoint sees the results it was evaluated with. fpipe.detection.train runs
 the same ``Bookkeeping``; only its evaluation and results are its own.
 """
+import contextlib
 import signal
 import time
 
@@ -69,6 +70,7 @@ class Bookkeeping:
         self.nonfinite = torch.zeros((), dtype=torch.int32, device=dist.device)  # steps with NaN/inf, on the device
         self.last_saved = checkpoint.latest(workdir) if resumed else None
         self.saved_step = self.completed = start_step
+        self.evaluating = None  # the step whose periodic evaluation is under way (evaluation_of)
 
     def step_done(self, done, metrics, data_time):
         """After step ``done`` (its new state accepted): its non-finite flag, metrics and time."""
@@ -112,6 +114,14 @@ class Bookkeeping:
         self.writer.write_scalars(done, scalars_of(results))
         return results
 
+    @contextlib.contextmanager
+    def evaluation_of(self, done):
+        """The periodic evaluation after step ``done`` is under way until the block ends; a stop
+        inside it (``stopped``) saves a checkpoint marked ``evaluation_pending``."""
+        self.evaluating = done
+        yield  # not reset when the block raises: stopped() reads it
+        self.evaluating = None
+
     def checkpoint(self, done, state, stop):
         """Every ``ckpt_*``, or when a stop is requested before the end: a checkpoint; then the stop
         (``Stopped``)."""
@@ -127,7 +137,10 @@ class Bookkeeping:
         """On ``Stopped``: the completed steps' checkpoint unless saved already (never a non-finite
         state); an interrupted step's work is lost."""
         if training and self.dist.is_main and self.saved_step < self.completed and not int(self._nonfinite(state)):
-            self.save(self.completed, state)
+            if self.evaluating == self.completed:
+                self.save(self.completed, state, evaluation_pending=True)
+            else:
+                self.save(self.completed, state)
         logging.warning("Stopped by %s at step %d; a checkpoint is written: re-run the same command to "
                         "continue.", signal.Signals(signum).name, self.completed)
 
