@@ -135,6 +135,10 @@ def _run(config, workdir, dist, stop, run_info):
         # ---------------------------------------------------------------- the loop
         if not training:
             logging.warning("total_steps=0: evaluating the model as loaded, without training.")
+        if saved and checkpoint.evaluation_pending(saved):
+            logging.info("The run was stopped during its evaluation after step %d: evaluating first.", start_step)
+            _, results = books.evaluate_after(start_step, train_state, evaluate, scalars_of)
+            results_step = start_step
         batches = train_loader.iterate(start_step)
         for step in range(start_step, total_steps):
             with stop.interruptible():
@@ -153,11 +157,8 @@ def _run(config, workdir, dist, stop, run_info):
 
             books.log(done, train_state, lr)
             if books.is_time(done, books.eval_every):
-                books.check_finite(done, train_state)
-                results, results_step = books.evaluate(done, train_state, evaluate, scalars_of), done
-                if config.best_metric:
-                    head, key = config_check.best_metric_key(config.best_metric)
-                    save(done, train_state, best=(config.best_metric, results[head][key] or 0.0, config.best_mode))
+                _, results = books.evaluate_after(done, train_state, evaluate, scalars_of)
+                results_step = done
             books.checkpoint(done, train_state, stop)  # raises Stopped after it when a stop was requested
 
         # ---------------------------------------------------------------- final results

@@ -21,7 +21,7 @@ from fpipe import checkpoint, data, files, freeze, host_memory, optim, schedules
 from fpipe.evaluate import extract, topk
 from fpipe.models import fold, layers, losses
 from fpipe.models import model as models
-from fpipe.train import (compile_cache, config_check, distributed, donation, frozen_trunk, head_grid, periodic,
+from fpipe.train import (compile_cache, distributed, donation, frozen_trunk, head_grid, periodic,
                          precision, remat, row_sums)
 from fpipe.train import step as step_lib
 from fpipe.train.signals import Stopped, StopOnSignal
@@ -173,18 +173,10 @@ def _run(config, workdir, dist, stop, run_info):
     results, results_step = None, None
 
     def evaluate_after(done, state):
-        """The periodic evaluation after step ``done``: PreciseBN first, then the best checkpoint. A
-        stop inside it leaves a checkpoint that says so, and the resumed run does it first."""
-        with books.evaluation_of(done):
-            books.check_finite(done, state)
-            if config.precise_bn.num_batches:
-                state = {**state, "model_state": precise_bn(state, train_loader, done - 1, config, model, dist,
-                                                            eval_norms)}
-            scores = books.evaluate(done, state, evaluate, _scalars)
-            if config.best_metric:
-                head, key = config_check.best_metric_key(config.best_metric)
-                save(done, state, best=(config.best_metric, scores[head][key], config.best_mode))
-        return state, scores
+        """The periodic evaluation after step ``done`` (PreciseBN before it, the best checkpoint after)."""
+        refresh = (lambda s: {**s, "model_state": precise_bn(s, train_loader, done - 1, config, model, dist,
+                                                             eval_norms)}) if config.precise_bn.num_batches else None
+        return books.evaluate_after(done, state, evaluate, _scalars, refresh)
 
     try:
         # ---------------------------------------------------------------- the loop

@@ -6,7 +6,6 @@ log metrics -> PreciseBN + evaluate (+ best checkpoint) -> checkpoint; so evalua
 statistics and a checkpoint sees the results it was evaluated with. fpipe.detection.train runs
 the same ``Bookkeeping``; only its evaluation and results are its own.
 """
-import contextlib
 import signal
 import time
 
@@ -14,7 +13,7 @@ import torch
 from absl import logging
 
 from fpipe import checkpoint, schedules, tree, writers
-from fpipe.train import distributed, divergence
+from fpipe.train import config_check, distributed, divergence
 from fpipe.train.signals import Stopped
 
 
@@ -70,7 +69,8 @@ class Bookkeeping:
         self.nonfinite = torch.zeros((), dtype=torch.int32, device=dist.device)  # steps with NaN/inf, on the device
         self.last_saved = checkpoint.latest(workdir) if resumed else None
         self.saved_step = self.completed = start_step
-        self.evaluating = None  # the step whose periodic evaluation is under way (evaluation_of)
+        self.evaluating = None  # the step whose periodic evaluation is under way (evaluate_after)
+        self.best_metric, self.best_mode = config.get("best_metric"), config.get("best_mode")
 
     def step_done(self, done, metrics, data_time):
         """After step ``done`` (its new state accepted): its non-finite flag, metrics and time."""
@@ -114,13 +114,20 @@ class Bookkeeping:
         self.writer.write_scalars(done, scalars_of(results))
         return results
 
-    @contextlib.contextmanager
-    def evaluation_of(self, done):
-        """The periodic evaluation after step ``done`` is under way until the block ends; a stop
-        inside it (``stopped``) saves a checkpoint marked ``evaluation_pending``."""
-        self.evaluating = done
-        yield  # not reset when the block raises: stopped() reads it
+    def evaluate_after(self, done, state, evaluate, scalars_of, refresh=None):
+        """``(state, results)``: the periodic evaluation after step ``done`` — ``refresh(state)`` first
+        (PreciseBN), ``evaluate``, then the best checkpoint (``best_metric``). A stop inside it leaves
+        a checkpoint marked ``evaluation_pending`` (``stopped``), and the resumed run does it first."""
+        self.evaluating = done  # not reset when a stop raises: stopped() reads it
+        self.check_finite(done, state)
+        if refresh is not None:
+            state = refresh(state)
+        results = self.evaluate(done, state, evaluate, scalars_of)
+        if self.best_metric:
+            head, key = config_check.best_metric_key(self.best_metric)
+            self.save(done, state, best=(self.best_metric, results[head][key] or 0.0, self.best_mode))
         self.evaluating = None
+        return state, results
 
     def checkpoint(self, done, state, stop):
         """Every ``ckpt_*``, or when a stop is requested before the end: a checkpoint; then the stop
