@@ -171,6 +171,17 @@ def test_feature_extraction_writes_every_sample_once_and_trains_nothing(tmp_path
         assert saved.features["flatten"].shape == (n, 512) and saved.features["res5avg"].shape == (n, 512, 1, 1)
         torch.testing.assert_close(saved.features["res5avg"].flatten(1), saved.features["flatten"])
         assert saved.labels.shape == (n,)
+    # Other weights, allowed to change: the cached features (of the first trunk) are refused, and
+    # results.json, written only once a run finishes, still describes the first run.
+    from fpipe.models import model as model_lib
+    from configs import extract_features
+    params, state = model_lib.build(extract_features.get_config().model, num_classes=10, image_size=16).init(5)
+    flat = {**tree.flatten(params), **tree.flatten(state)}
+    torch.save({n[len("trunk."):]: v for n, v in flat.items() if n.startswith("trunk.")}, tmp_path / "other.pt")
+    before = (tmp_path / "results.json").read_text()
+    proc = main(tmp_path, f"--config.model.weights.path={tmp_path / 'other.pt'}",
+                "--allow_change=model.weights.path", config="configs/extract_features.py", check=False)
+    assert proc.returncode == 1 and (tmp_path / "results.json").read_text() == before, proc.stderr[-2000:]
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):

@@ -221,6 +221,8 @@ def _run(config, workdir, dist, stop, run_info):
         if val_loader is not None:  # head_grid: each head's best member on val, reported on test
             logging.info("Evaluating the head grid on %d validation images…", len(dataset.val))
             results, grid = head_grid.select(grid_plan, results, evaluate(train_state, val_loader))
+        if config.extract.features:  # before results.json, which says the run finished: a refused
+            extract_features(config, dataset, model, train_state, dist, workdir)  # cache leaves it as it was
         if dist.is_main:
             info = {**run_info, "dataset": _dataset_info(dataset, config), "world_size": dist.world_size,
                     **({"head_grid": grid} if grid else {}),
@@ -228,8 +230,6 @@ def _run(config, workdir, dist, stop, run_info):
                     "fpipe_version": fpipe.__version__, "fpipe_commit": _commit()}
             write_results(workdir, results, info)
             log_results(results)
-        if config.extract.features:
-            extract_features(config, dataset, model, train_state, dist, workdir)
         return results
     except Stopped:
         books.stopped(train_state, stop.requested, training)  # the completed steps' checkpoint
