@@ -134,7 +134,12 @@ def run_main(argv):
         if not said.seen:  # stopped before the loop could say so (setting up, writing frozen.pt): one line
             logging.warning("Stopped by %s: re-run the same command to continue.", e.signal_name)
         sys.exit(128 + e.signum)
-    except (app.UsageError, SystemExit, KeyboardInterrupt):
+    except KeyboardInterrupt:  # SIGINT before the run's handler is installed (importing, checking the config)
+        if _debug():
+            raise
+        print("Stopped by SIGINT before the run started: re-run the same command.", file=sys.stderr, flush=True)
+        sys.exit(128 + 2)
+    except (app.UsageError, SystemExit):
         raise
     except Exception as e:  # one line for the user; the traceback goes to the log file
         if _debug():

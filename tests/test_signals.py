@@ -219,3 +219,16 @@ def test_a_stop_during_a_periodic_evaluation_is_made_up_on_resume(tmp_path):
     assert evaluations(stopped) == evaluations(whole)
     assert json.loads((stopped / "checkpoints" / "best.json").read_text()) == \
         json.loads((whole / "checkpoints" / "best.json").read_text())
+
+
+def test_sigint_before_the_run_starts_is_one_line_and_exit_130(tmp_path):
+    """A Ctrl-C while the config is checked (before the run's own handler is installed)."""
+    wrapper = ("import os, runpy, signal, sys\nsys.path.insert(0, os.getcwd())\n"
+               "from fpipe.train import config_check\n"
+               "config_check.check = lambda config: os.kill(os.getpid(), signal.SIGINT)\n"
+               "sys.argv = ['main.py', *sys.argv[1:]]\nrunpy.run_path('main.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", wrapper, "--config=configs/linear_eval.py", f"--workdir={tmp_path / 'w'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "Stopped by SIGINT before the run started: re-run the same command."
+    assert not (tmp_path / "w").exists()
