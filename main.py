@@ -191,7 +191,6 @@ def _flag_message(e):
     return text[:500] if text else type(e).__name__
 
 
-
 def _config_file_message(path):
     shipped = sorted(name for name in os.listdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"))
                      if name.endswith(".py") and name not in ("__init__.py", "common.py"))

@@ -19,11 +19,11 @@ def spying_saver(make_saver, outdir):
     def make(workdir, dist, *args, **kwargs):
         save = make_saver(workdir, dist, *args, **kwargs)
 
-        def spy(step, state, best=None):
+        def spy(step, state, best=None, evaluation_pending=False):
             torch.save({"trainable": tree.flatten(state["trainable"]), "frozen": tree.flatten(state["frozen"]),
                         "model_state": tree.flatten(state["model_state"])},
                        os.path.join(outdir, f"rank{dist.rank}_step{step}.pt"))
-            return save(step, state, best)
+            return save(step, state, best, evaluation_pending)
         return spy
     return make
 

@@ -117,8 +117,12 @@ def _books(tmp_path, monkeypatch, *, total=6, log=2, ckpt=3, start=0):
     config = ml_collections.ConfigDict(dict(log_steps=log, ckpt_steps=ckpt, eval_steps=None,
                                             data=dict(batch_size=4)))
     saves = []
-    books = periodic.Bookkeeping(config, str(tmp_path), distributed.init(), lambda step, state, best=None:
-                                 saves.append((step, state["x"])) or step, total_steps=total, steps_per_epoch=3,
+
+    def save(step, state, best=None, evaluation_pending=False):
+        saves.append((step, state["x"]))
+        return step
+
+    books = periodic.Bookkeeping(config, str(tmp_path), distributed.init(), save, total_steps=total, steps_per_epoch=3,
                                  start_step=start, eval_images=0, write=False, resumed=False)
     return books, saves
 

@@ -5,7 +5,6 @@
            -> per layer: knn | linear | logreg | low_shot -> results.json, results.md, results.png
 """
 import os
-import signal
 import time
 
 import torch
@@ -16,8 +15,7 @@ from fpipe.evaluate import config as eval_config
 from fpipe.evaluate import extract, fingerprint, knn, linear, logreg, lowshot, metrics
 from fpipe.evaluate import report
 from fpipe.models import model as models
-from fpipe.train import distributed
-from fpipe.train.signals import Stopped, StopOnSignal
+from fpipe.train.signals import Stopped
 
 
 def run(config, workdir, run_info=None):
@@ -28,18 +26,18 @@ def run(config, workdir, run_info=None):
     run may be cut short, since its one lasting work, a split's feature file, is written whole or
     not at all (a write in progress finishes first, fpipe.files); a re-run extracts only the
     splits that are missing."""
-    with StopOnSignal() as stop, stop.interruptible():
+    from fpipe.train import loop  # imported here: the loop imports this package
+    return loop.in_processes(_run_until_stopped, config, workdir, run_info)
+
+
+def _run_until_stopped(config, workdir, dist, stop, run_info):
+    with stop.interruptible():
         try:
-            dist = distributed.init(timeout_s=config.get("collective_timeout_s"))
-            try:
-                return _run(config, workdir, dist, dict(run_info or {}))
-            finally:
-                dist.shutdown()
+            return _run(config, workdir, dist, run_info)
         except Stopped as e:
             done = [s for s in extract.SPLITS if os.path.isfile(extract.path_of(workdir, s))]
             logging.warning("Stopped by %s during the evaluation%s: re-run the same command to continue.",
-                            signal.Signals(e.signum).name,
-                            f"; the features of {', '.join(done)} are kept" if done else "")
+                            e.signal_name, f"; the features of {', '.join(done)} are kept" if done else "")
             raise
 
 

@@ -51,9 +51,10 @@ class Bookkeeping:
     is logged, evaluated or saved), the log every ``log_steps``, the checkpoint every ``ckpt_*`` or
     on a stop request, and the checkpoint of the completed steps when stopped.
 
-    ``save(step, state, best=None) -> step`` is ``fpipe.train.loop.make_saver``'s; ``write``: this
-    process writes metrics (rank 0, and only when something trains); ``resumed``: the workdir held a
-    checkpoint (a divergence then points at the latest one)."""
+    ``save(step, state, best=None, evaluation_pending=False) -> step`` is
+    ``fpipe.train.loop.make_saver``'s; ``write``: this process writes metrics (rank 0, and only when
+    something trains); ``resumed``: the workdir held a checkpoint (a divergence then points at the
+    latest one)."""
 
     def __init__(self, config, workdir, dist, save, *, total_steps, steps_per_epoch, start_step, eval_images,
                  write, resumed):
@@ -144,10 +145,7 @@ class Bookkeeping:
         """On ``Stopped``: the completed steps' checkpoint unless saved already (never a non-finite
         state); an interrupted step's work is lost."""
         if training and self.dist.is_main and self.saved_step < self.completed and not int(self._nonfinite(state)):
-            if self.evaluating == self.completed:
-                self.save(self.completed, state, evaluation_pending=True)
-            else:
-                self.save(self.completed, state)
+            self.save(self.completed, state, evaluation_pending=self.evaluating == self.completed)
         logging.warning("Stopped by %s at step %d; a checkpoint is written: re-run the same command to "
                         "continue.", signal.Signals(signum).name, self.completed)
 
