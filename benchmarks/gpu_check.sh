@@ -5,7 +5,13 @@
 #
 #   bash benchmarks/gpu_check.sh                    # env tests train linear_eval
 #   bash benchmarks/gpu_check.sh env train          # some parts only
-#   bash benchmarks/gpu_check.sh vit                # ViT-S/16 training with AdamW (not in the default set)
+#   bash benchmarks/gpu_check.sh vit cudagraphs     # not in the default set: ViT-S/16 with AdamW;
+#                                                   # fpipe's ResNet step under CUDA graphs
+#
+# Compiling takes minutes there (H200 machine, torch 2.11, 2026-12-04, cold caches): ResNet-50
+# 224 px b256 train step fpipe 139 s, torch.compile(nn.Module) 56 s; linear eval fpipe 61 s (the
+# frozen trunk and the heads' step), compiled 14 s; ViT-S/16 fpipe 92 s. The limits below fit them;
+# the default parts need about 9 minutes, so a 15-minute lease holds them and little else.
 #
 # Wheels in .whl/ (packages the machine lacks: ml-collections, tensorboardX) are installed first,
 # without an index; fetch them where pip works (.whl/ is git-ignored):
@@ -34,12 +40,13 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND with a limit, output to t
 for p in "${@:-env tests train linear_eval}"; do
   for q in $p; do
     case $q in
-      env) part env 60 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'" ;;
-      tests) part tests 260 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_data_cuda.py ;;
-      train) part train 270 $PY benchmarks/gpu_step.py --parts train ;;
-      linear_eval) part linear_eval 150 $PY benchmarks/gpu_step.py --parts linear_eval ;;
+      env) part env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'" ;;
+      tests) part tests 150 $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda.py tests/test_data_cuda.py ;;
+      train) part train 280 $PY benchmarks/gpu_step.py --parts train --no-cudagraphs ;;
+      linear_eval) part linear_eval 130 $PY benchmarks/gpu_step.py --parts linear_eval ;;
+      cudagraphs) part cudagraphs 220 $PY benchmarks/gpu_step.py --parts train --programs fpipe_cudagraphs eager ;;
       vit) part vit 240 $PY benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128 --no-cudagraphs ;;
-      *) echo "unknown part $q; valid: env tests train linear_eval vit"; exit 2 ;;
+      *) echo "unknown part $q; valid: env tests train linear_eval cudagraphs vit"; exit 2 ;;
     esac
   done
 done

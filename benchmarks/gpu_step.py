@@ -202,6 +202,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-cudagraphs", action="store_true", help="skip the CUDA-graph variant of fpipe's step")
+    ap.add_argument("--programs", nargs="+", help="run only these programs (e.g. fpipe_cudagraphs eager): "
+                    "each compile takes minutes on a GPU machine")
     args = ap.parse_args(argv)
     if args.arch != "resnet" and "linear_eval" in args.parts:
         ap.error("the linear_eval part runs a ResNet; give --parts train with --arch vit_s16")
@@ -214,6 +216,11 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for part in args.parts:
         makers = (train_programs if part == "train" else linear_eval_programs)(args, device, dtype)
+        if args.programs:
+            unknown = sorted(set(args.programs) - set(makers))
+            if unknown:
+                ap.error(f"--programs {unknown}: the {part} part has {sorted(makers)}")
+            makers = {n: m for n, m in makers.items() if n in args.programs}
         res, runs = measure(makers, args, device)
         report(part, res, runs, args, device)
         del runs

@@ -13,11 +13,17 @@ from test_main import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+# test_donation's tiny RegNet: compiling a ResNet-18 train step takes minutes on an H200 machine
+# (inductor's kernels), more than these checks of the supervised run's precision are worth.
+TINY_TRUNK = [f"--config.model.trunk.{k}={v}" for k, v in dict(
+    name="regnet", depth=5, w_0=8, w_a=10.0, w_m=2.0, group_width=8, bottleneck_multiplier=1.0, se_ratio=0.0,
+    stem_width=8).items()]
+
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_mixed_precision_supervised_on_cuda(tmp_path, dtype):
     main(tmp_path, "--config.total_steps=12", "--config.log_steps=1", f"--config.precision.dtype={dtype}",
-         "--config.compile=True", "--config.compile_min_images=0",
+         "--config.compile=True", "--config.compile_min_images=0", *TINY_TRUNK,
          config="configs/supervised.py")
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert len(lines) == 12 and all(l["loss"] == l["loss"] for l in lines)

@@ -24,4 +24,6 @@ def test_device_batches_equal_cpu_batches(workers):
         assert len(cpu) == len(gpu)
         for a, b in zip(cpu, gpu):
             assert b["image"].device.type == "cuda" and b["image"].dtype == torch.float32
-            assert all(torch.equal(a[k], b[k].cpu()) for k in a)
+            for k in a:
+                diff = (a[k].double() - b[k].cpu().double()).abs()
+                assert torch.equal(a[k], b[k].cpu()), f"{k}: {int((diff > 0).sum())} values differ, max {diff.max()}"

@@ -28,9 +28,12 @@ def size_hw(size) -> tuple:
 
 
 def to_float(image: torch.Tensor) -> torch.Tensor:
-    """float32 in [0, 1]: uint8 is divided by 255, floats are only cast."""
+    """float32 in [0, 1]: uint8 is divided by 255, floats are only cast. On CUDA the divisor is a
+    device tensor: CUDA turns division by a Python number into a multiplication by its reciprocal,
+    which rounds some pixels 1 ulp away from the CPU's quotient."""
     if image.dtype == torch.uint8:
-        return image.to(torch.float32).div_(255.0)
+        divisor = 255.0 if image.device.type == "cpu" else torch.full((), 255.0, device=image.device)
+        return image.to(torch.float32).div_(divisor)
     return image.to(torch.float32)
 
 

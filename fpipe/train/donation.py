@@ -32,14 +32,13 @@ def writes_into_inputs(step):
 
 
 def _copy_into(old, new):
-    """Copies each tensor of ``new`` into ``old``'s at the same place; skips what is the same
-    object (an update in place returns its input), which also keeps the compiled trace short."""
-    if new is old:
-        return
+    """Copies each tensor of ``new`` into ``old``'s at the same place; skips a tensor that is the
+    same object (an update in place returns its input), which also keeps the compiled trace short.
+    Identity is asked of tensors only: dynamo (torch 2.11) cannot trace ``is`` between dicts."""
     if isinstance(old, dict):
         for key, value in old.items():
             _copy_into(value, new[key])
-    elif isinstance(old, torch.Tensor):
+    elif isinstance(old, torch.Tensor) and new is not old:
         old.copy_(new)
 
 
