@@ -126,12 +126,10 @@ def _debug():
 
 def run_main(argv):
     from fpipe.train.signals import Stopped  # torch-free
-    said = _StopMessages()
-    logging.get_absl_logger().addHandler(said)
     try:
         return main(argv)
     except Stopped as e:  # a checkpoint is written; the run is unfinished
-        if not said.seen:  # stopped before the loop could say so (setting up, writing frozen.pt): one line
+        if not e.reported:  # stopped before the loop could say so (setting up, writing frozen.pt): one line
             logging.warning("Stopped by %s: re-run the same command to continue.", e.signal_name)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:  # SIGINT before the run's handler is installed (importing, checking the config)
@@ -150,17 +148,6 @@ def run_main(argv):
         where = f"; the traceback is in {_LOG_FILE['path']}" if "path" in _LOG_FILE else ""
         print(f"error: {e}\n(--verbose shows the traceback{where})", file=sys.stderr, flush=True)
         sys.exit(_exit_code(e))
-
-
-class _StopMessages(std_logging.Handler):
-    """Notes whether the run has logged its "Stopped by SIG..." line (training, evaluation)."""
-
-    def __init__(self):
-        super().__init__(std_logging.WARNING)
-        self.seen = False
-
-    def emit(self, record):
-        self.seen = self.seen or str(record.msg).startswith("Stopped by")
 
 
 def parse_flags(argv):

@@ -174,8 +174,9 @@ def _run(config, workdir, dist, stop, run_info):
             files.atomic_write(os.path.join(workdir, "results.md"), lambda f: f.write(results_table(results)), mode="w")
             logging.info("COCO AP on %d test images (percent):\n%s", len(dataset.test), results_table(results))
         return results
-    except Stopped:
-        books.stopped(train_state, stop.requested, training)  # the completed steps' checkpoint
+    except Stopped as e:
+        books.stopped(train_state, stop.requested, training)  # the completed steps' checkpoint, and the message
+        e.reported = True
         raise
     finally:
         books.close()

@@ -38,6 +38,7 @@ def _run_until_stopped(config, workdir, dist, stop, run_info):
             done = [s for s in extract.SPLITS if os.path.isfile(extract.path_of(workdir, s))]
             logging.warning("Stopped by %s during the evaluation%s: re-run the same command to continue.",
                             e.signal_name, f"; the features of {', '.join(done)} are kept" if done else "")
+            e.reported = True
             raise
 
 

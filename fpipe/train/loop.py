@@ -231,8 +231,9 @@ def _run(config, workdir, dist, stop, run_info):
             write_results(workdir, results, info)
             log_results(results)
         return results
-    except Stopped:
-        books.stopped(train_state, stop.requested, training)  # the completed steps' checkpoint
+    except Stopped as e:
+        books.stopped(train_state, stop.requested, training)  # the completed steps' checkpoint, and the message
+        e.reported = True
         raise
     finally:
         books.close()

@@ -28,6 +28,7 @@ class Stopped(BaseException):
     def __init__(self, signum):
         self.signum = int(signum)
         self.signal_name = signal.Signals(signum).name
+        self.reported = False  # set once the run has logged its one-line stop message (main.py's fallback)
         super().__init__(f"stopped by {self.signal_name}")
 
 
