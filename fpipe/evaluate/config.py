@@ -4,13 +4,68 @@ An evaluation run has no optimizer, schedule or heads to train: data, a trunk, i
 what to extract and which protocols to run. Every key has a value or a typed placeholder, so
 any of them can be set from the command line.
 """
+import math
+
 import ml_collections
 
 from fpipe import defaults
 from fpipe.defaults import LINEAR_LRS  # noqa: F401 (re-exported)
+from fpipe.evaluate import lowshot
 
 PROTOCOLS = ("knn", "linear", "logreg", "low_shot")
 NORMALIZE = ("standardize", "l2", "none")  # eval.normalize: the inputs of linear, logreg, low_shot
+
+
+def _whole(v) -> bool:
+    return type(v) is int and v >= 1
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _each(test):
+    return lambda values: isinstance(values, (tuple, list)) and len(values) > 0 and all(test(v) for v in values)
+
+
+# Each protocol's numbers, checked before the workdir is claimed (before, a bad one failed after the
+# extraction, or gave a table of 0% accuracies).
+VALUES = (
+    ("knn.ks", _each(_whole), "whole numbers >= 1, at least one"),
+    ("knn.temperature", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("knn.query_chunk", _whole, "a whole number >= 1"),
+    ("knn.bank_chunk", _whole, "a whole number >= 1"),
+    ("linear.lrs", _each(lambda v: _number(v) and v > 0), "learning rates > 0, at least one"),
+    ("linear.wds", _each(lambda v: _number(v) and v >= 0), "weight decays >= 0, at least one"),
+    ("linear.epochs", _whole, "a whole number >= 1"),
+    ("linear.batch_size", _whole, "a whole number >= 1"),
+    ("linear.momentum", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("logreg.Cs", _each(lambda v: _number(v) and v > 0), "inverse regularisation strengths > 0, at least one"),
+    ("logreg.max_iter", _whole, "a whole number >= 1"),
+    ("logreg.tol", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("logreg.history", _whole, "a whole number >= 1"),
+    ("low_shot.shots", _each(_whole), "samples per class, whole numbers >= 1"),
+    ("low_shot.C", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("low_shot.k_nn", _whole, "a whole number >= 1"),
+    ("low_shot.classifier", lambda v: v in lowshot.CLASSIFIERS, f"one of {lowshot.CLASSIFIERS}"),
+    ("normalize", lambda v: v in NORMALIZE, f"one of {NORMALIZE}"),
+    ("val_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction of each class in (0, 1)"),
+)
+
+
+def check(ev) -> None:
+    """A ``ValueError`` naming the first ``config.eval`` key whose value no protocol can run with:
+    main.py checks it before the workdir is claimed, ``fpipe.evaluate.run`` again for direct callers."""
+    protocols = tuple(ev.protocols)
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise ValueError(f"eval.protocols={protocols}: unknown {bad}; valid: {PROTOCOLS}")
+    for key, fits, wanted in VALUES:
+        section, _, name = key.rpartition(".")
+        value = (ev[section] if section else ev).get(name)
+        if not fits(value):
+            raise ValueError(f"eval.{key}={value!r}: want {wanted}")
+
 
 default_config = defaults.evaluation  # the config.eval keys and their help: fpipe/defaults.py
 

@@ -45,11 +45,7 @@ def _run_until_stopped(config, workdir, dist, stop, run_info):
 def _run(config, workdir, dist, run_info):
     from fpipe.train import loop  # load_weights; imported here, the loop imports this package
     ev = config.eval
-    unknown = [p for p in ev.protocols if p not in eval_config.PROTOCOLS]
-    if unknown or not ev.protocols:
-        raise ValueError(f"eval.protocols={tuple(ev.protocols)}: unknown {unknown}; valid: {eval_config.PROTOCOLS}")
-    if ev.normalize not in eval_config.NORMALIZE:
-        raise ValueError(f"eval.normalize={ev.normalize!r}; valid: {', '.join(eval_config.NORMALIZE)}")
+    eval_config.check(ev)
     os.makedirs(workdir, exist_ok=True)
     torch.manual_seed(config.seed)
     dataset = data.build(config.data)

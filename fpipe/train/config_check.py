@@ -12,7 +12,6 @@ import torch
 
 from fpipe import data, freeze, optim, schedules
 from fpipe.evaluate import config as eval_config
-from fpipe.evaluate import lowshot
 from fpipe.models import losses
 from fpipe.models import model as models
 from fpipe.train import head_grid, precision, remat
@@ -121,57 +120,15 @@ def _check_extract(c, model) -> None:
 
 def _check_evaluation(c) -> None:
     extract = tuple(c.extract.features)
-    protocols = tuple(c.eval.protocols)
-    bad = [p for p in protocols if p not in eval_config.PROTOCOLS]
-    if bad or not protocols:
-        raise ConfigError(f"eval.protocols={protocols}: unknown {bad}; valid: {eval_config.PROTOCOLS}")
+    try:
+        eval_config.check(c.eval)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     layers = [layer for layer in c.eval.layers if layer not in extract]
     if layers:
         raise ConfigError(f"eval.layers {layers} are not extracted; extract.features={extract}")
     if c.eval.features_from and not os.path.isdir(c.eval.features_from):
         raise ConfigError(f"eval.features_from={c.eval.features_from!r}: no such workdir")
-    for key, fits, wanted in _EVAL_VALUES:
-        section, _, name = key.rpartition(".")
-        value = (c.eval[section] if section else c.eval).get(name)
-        if not fits(value):
-            raise ConfigError(f"eval.{key}={value!r}: want {wanted}")
-
-
-def _whole(v) -> bool:
-    return type(v) is int and v >= 1
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _each(test):
-    return lambda values: isinstance(values, (tuple, list)) and len(values) > 0 and all(test(v) for v in values)
-
-
-# Each protocol's numbers, checked before the workdir is claimed (before, a bad one failed after the
-# extraction, or gave a table of 0% accuracies).
-_EVAL_VALUES = (
-    ("knn.ks", _each(_whole), "whole numbers >= 1, at least one"),
-    ("knn.temperature", lambda v: _number(v) and v > 0, "a number > 0"),
-    ("knn.query_chunk", _whole, "a whole number >= 1"),
-    ("knn.bank_chunk", _whole, "a whole number >= 1"),
-    ("linear.lrs", _each(lambda v: _number(v) and v > 0), "learning rates > 0, at least one"),
-    ("linear.wds", _each(lambda v: _number(v) and v >= 0), "weight decays >= 0, at least one"),
-    ("linear.epochs", _whole, "a whole number >= 1"),
-    ("linear.batch_size", _whole, "a whole number >= 1"),
-    ("linear.momentum", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("logreg.Cs", _each(lambda v: _number(v) and v > 0), "inverse regularisation strengths > 0, at least one"),
-    ("logreg.max_iter", _whole, "a whole number >= 1"),
-    ("logreg.tol", lambda v: _number(v) and v > 0, "a number > 0"),
-    ("logreg.history", _whole, "a whole number >= 1"),
-    ("low_shot.shots", _each(_whole), "samples per class, whole numbers >= 1"),
-    ("low_shot.C", lambda v: _number(v) and v > 0, "a number > 0"),
-    ("low_shot.k_nn", _whole, "a whole number >= 1"),
-    ("low_shot.classifier", lambda v: v in lowshot.CLASSIFIERS, f"one of {lowshot.CLASSIFIERS}"),
-    ("normalize", lambda v: v in eval_config.NORMALIZE, f"one of {eval_config.NORMALIZE}"),
-    ("val_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction of each class in (0, 1)"),
-)
 
 
 def _check_training(c) -> None:
