@@ -10,10 +10,10 @@ import ml_collections
 
 from fpipe import defaults
 from fpipe.defaults import LINEAR_LRS  # noqa: F401 (re-exported)
-from fpipe.evaluate import lowshot
 
 PROTOCOLS = ("knn", "linear", "logreg", "low_shot")
 NORMALIZE = ("standardize", "l2", "none")  # eval.normalize: the inputs of linear, logreg, low_shot
+LOW_SHOT_CLASSIFIERS = ("logreg", "knn")  # eval.low_shot.classifier
 
 
 def _whole(v) -> bool:
@@ -47,7 +47,7 @@ VALUES = (
     ("low_shot.shots", _each(_whole), "samples per class, whole numbers >= 1"),
     ("low_shot.C", lambda v: _number(v) and v > 0, "a number > 0"),
     ("low_shot.k_nn", _whole, "a whole number >= 1"),
-    ("low_shot.classifier", lambda v: v in lowshot.CLASSIFIERS, f"one of {lowshot.CLASSIFIERS}"),
+    ("low_shot.classifier", lambda v: v in LOW_SHOT_CLASSIFIERS, f"one of {LOW_SHOT_CLASSIFIERS}"),
     ("normalize", lambda v: v in NORMALIZE, f"one of {NORMALIZE}"),
     ("val_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction of each class in (0, 1)"),
 )

@@ -11,9 +11,10 @@ computes them whole (no communication).
 """
 import numpy as np
 
+from fpipe.evaluate import config as eval_config
 from fpipe.evaluate import knn, logreg, metrics
 
-CLASSIFIERS = ("logreg", "knn")
+CLASSIFIERS = eval_config.LOW_SHOT_CLASSIFIERS
 
 
 def evaluate(train, test, num_classes, cfg, knn_cfg, logreg_cfg) -> dict:
