@@ -292,6 +292,11 @@ class Optimizer:
         state.update({slot: map_leaves(torch.zeros_like, params) for slot in self.slots})
         return state
 
+    def updates_in_place(self, params: dict) -> bool:
+        """Whether ``update(..., in_place=True)`` writes into ``params`` (nested or flat) with the
+        fused kernels, rather than returning new tensors."""
+        return self.name in _FUSED and fused_update.applies(list(flatten(params).values()))
+
     def inputs(self, lr) -> dict:
         """The step's hyper-parameter inputs, 0-d float32 tensors: ``lr`` (before lr_mults) and the
         config's numbers this optimizer reads (weight decay before wd_mults, momentum, eps, eta;
@@ -327,7 +332,7 @@ class Optimizer:
         p, g = self._flat(params, "params"), self._flat(grads, "grads")
         slots = {slot: flatten(state[slot]) for slot in self.slots}
         count = state["count"] + 1
-        if in_place and self.name in _FUSED and fused_update.applies(list(p.values())):
+        if in_place and self.updates_in_place(p):
             for _, args in self._group_args(p, g, slots, lr, inputs, count):
                 _FUSED[self.name](*args)
             return params, {**state, "count": count}

@@ -1,5 +1,6 @@
-"""Buffer donation (fpipe.train.donation): the compiled step writes its new state into the tensors
-it handed out last time, computes what the plain step computes, and never writes into anyone else's."""
+"""Buffer donation (fpipe.train.donation): the loop's step (compiled, or eager with a fused optimizer)
+writes its new state into the tensors it handed out last time, computes what the plain step
+computes, and never writes into anyone else's."""
 import os
 import signal
 
@@ -41,12 +42,14 @@ def build(model, opt, ts, norms, compiling):
                                  distributed.Dist(device=torch.device("cpu")), compiling=compiling)
 
 
+@pytest.mark.parametrize("compiling", [True, False], ids=["compiled", "eager"])
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
-def test_the_donating_compiled_step_matches_the_plain_step_and_overwrites_only_its_own_tensors(opt_name):
+def test_the_donating_step_matches_the_plain_step_and_overwrites_only_its_own_tensors(opt_name, compiling):
     model, opt, ts, norms = tiny(opt_name)
     initial = tree.map_leaves(lambda t: t.clone(), ts)
-    plain, donating = build(model, opt, ts, norms, False), build(model, opt, ts, norms, True)
-    assert isinstance(donating, donation.Donating) and not isinstance(plain, donation.Donating)
+    plain = step_lib.make_step(model, opt, eval_norms=norms)  # the pure step: new tensors, nothing written
+    donating = build(model, opt, ts, norms, compiling)
+    assert isinstance(donating, donation.Donating)
     lr = opt.inputs(0.05)
 
     expected, got = ts, ts
@@ -66,6 +69,15 @@ def test_the_donating_compiled_step_matches_the_plain_step_and_overwrites_only_i
         assert torch.equal(x, y), name
     assert got["frozen"] is ts["frozen"] or all(a is b for a, b in zip(tree.leaves(got["frozen"]),
                                                                        tree.leaves(ts["frozen"])))
+
+
+def test_an_eager_step_donates_only_where_the_optimizer_updates_in_place():
+    """Eagerly, donating pays only with a fused in-place update; LARS (new tensors) would be copied."""
+    model, opt, ts, norms = tiny("sgd")
+    assert isinstance(build(model, opt, ts, norms, False), donation.Donating)
+    model, opt, ts, norms = tiny("lars")
+    assert not opt.updates_in_place(ts["trainable"])
+    assert not isinstance(build(model, opt, ts, norms, False), donation.Donating)
 
 
 def test_a_state_it_did_not_hand_out_is_copied_and_a_tensor_given_twice_takes_one_update():

@@ -1,9 +1,10 @@
-"""Buffer donation: a compiled train step writes the new state into the tensors of the old one.
+"""Buffer donation: the loop's train step writes the new state into the tensors of the old one.
 
 A functional step returns new params and optimizer state beside the old ones, so at its peak
 both exist (AdamW: params and both moments twice; ViT-S 1.23x the peak of torch.compile'd
 nn.Module + torch.optim). Ending the traced step with ``old.copy_(new)`` lets inductor store
 each update straight into the old buffer, as an in-place optimizer does, with the same numbers.
+Uncompiled, the step donates where SGD or AdamW update in place (``fpipe.train.loop.build_train_step``).
 
 Donation is safe only for tensors no one else holds, so :class:`Donating` overwrites only the
 tensors it handed out itself on its previous call; anything else it is given (the first call's

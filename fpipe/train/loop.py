@@ -244,24 +244,30 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
     """The train step as the loop runs it: ``make_step`` with this run's options, compiled if
     ``compiling``. ``hold`` (LayerFreeze): these params stay fixed and their norms use running
     statistics. ``heads_only``: ``model`` is a frozen trunk's heads (``frozen_trunk``); the step
-    then takes and gives back the trunk's tensors untouched. (benchmarks/train_step.py times it.)"""
+    then takes and gives back the trunk's tensors untouched. (benchmarks/train_step.py times it.)
+
+    The step donates its input state (fpipe.train.donation) when compiled, where inductor writes
+    each new value straight into the old tensor, and uncompiled where the optimizer updates in
+    place (SGD and AdamW's fused kernels: one pass, no second copy of params and slots; ResNet-18
+    32 px b64 on 2 CPU cores 0.92x -> 1.08x the eager nn.Module's speed)."""
     held, norms = frozenset(), eval_norms
     if hold:
         _, held_tree = freeze.partition(trainable, hold)
         held = frozenset(tree.flatten(held_tree))
         norms = eval_norms | freeze.eval_norms(model_state, held_tree)
+    loss_scaling = config.precision if precision.needs_scaler(config.precision) else None
+    donating = compiling or (not held and loss_scaling is None and opt.updates_in_place(trainable))
     step = step_lib.make_step(
         model, opt, eval_norms=norms, hold=held, grad_reduce=distributed.grad_mean(dist),
-        sync_stats=sync_stats, autocast=autocast, in_place=compiling,
-        loss_scaling=config.precision if precision.needs_scaler(config.precision) else None)
-    if compiling:  # the new state written into the old one's tensors (fpipe.train.donation)
+        sync_stats=sync_stats, autocast=autocast, in_place=donating, loss_scaling=loss_scaling)
+    if donating:  # the new state written into the old one's tensors
         step = donation.writes_into_inputs(step)
     step = step_lib.maybe_compile(step, compiling, "train step",
                                   cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast),
                                   inductor=step_passes(config))
     if heads_only:
         step = frozen_trunk.heads_only(step)
-    return donation.Donating(step) if compiling else step
+    return donation.Donating(step) if donating else step
 
 
 def step_passes(config):
