@@ -132,11 +132,11 @@ def setup(mode, depth, image_size, batch_size, seed=0, arch="resnet", optimizer=
 def fpipe_program(s, autocast=None, device=torch.device("cpu"), compiling=True):
     """fpipe's step as the loop builds it, on ``device`` (``s["batch"]`` must be there), under
     ``autocast`` (a dtype, or None: float32); ``compiling=False``: as a run too short to compile
-    has it (eager, its state as loaded)."""
+    has it (eager)."""
     step = loop_lib.build_train_step(s["config"], s["model"], s["opt"], s["trainable"], s["state"],
                                      s["eval_norms"], distributed.Dist(device=device), compiling=compiling,
                                      autocast=autocast)
-    box = {"ts": train_state(s, device, channels_last=compiling)}
+    box = {"ts": train_state(s, device)}
     lr = s["opt"].inputs(s["lr"])  # as the loop gives them
 
     def run():
@@ -145,11 +145,11 @@ def fpipe_program(s, autocast=None, device=torch.device("cpu"), compiling=True):
     return run
 
 
-def train_state(s, device, channels_last=True):
-    """The initial train state as the loop hands it to a compiled step: on ``device``, channels-last."""
-    state = loop_lib.to_device({"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
-                                "opt_state": s["opt"].init(s["trainable"])}, device)
-    return fold.channels_last(state) if channels_last else state
+def train_state(s, device):
+    """The initial train state as the loop hands it to the step: on ``device``, channels-last."""
+    return fold.channels_last(loop_lib.to_device(
+        {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
+         "opt_state": s["opt"].init(s["trainable"])}, device))
 
 
 def torch_optimizer(net, s, **impl):

@@ -123,8 +123,9 @@ def _run(config, workdir, dist, stop, run_info):
         # Decisions, each visible: compile or not; mixed precision; SyncBN (global-batch statistics,
         # on by default); a fully frozen trunk runs as a constant and only the heads are differentiated.
         compiling = should_compile(config, (total_steps - start_step) * config.data.batch_size)
-        if compiling:
-            train_state = fold.channels_last(train_state)  # as compiled steps run them
+        # Conv weights and their slots NHWC, compiled or not: the eager step too runs 1.13-1.22x
+        # faster so (fpipe.models.fold.channels_last; docs/BENCHMARKS.md, thirty-first session).
+        train_state = fold.channels_last(train_state)
         autocast = precision.autocast_dtype(config.precision, dist.device)
         sync_stats = (distributed.sync_stats(dist, _group(config.get("sync_bn_group", "global")))
                       if config.get("sync_bn") else None)
