@@ -29,6 +29,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/fpipe-site"
 fi
 
+TEST_TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=130)  # a hung test fails alone
+
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND with a limit, output to the screen and $OUT/NAME.txt
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s): $*"
@@ -41,7 +43,7 @@ for p in "${@:-env tests train linear_eval}"; do
   for q in $p; do
     case $q in
       env) part env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'" ;;
-      tests) part tests 150 $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda.py tests/test_data_cuda.py ;;
+      tests) part tests 150 $PY -m pytest -v -p no:cacheprovider -n 4 $TEST_TIMEOUT tests/test_cuda.py tests/test_data_cuda.py ;;  # -v: each result named as it lands
       train) part train 280 $PY benchmarks/gpu_step.py --parts train --no-cudagraphs ;;
       linear_eval) part linear_eval 130 $PY benchmarks/gpu_step.py --parts linear_eval ;;
       cudagraphs) part cudagraphs 220 $PY benchmarks/gpu_step.py --parts train --programs fpipe_cudagraphs eager ;;
