@@ -58,7 +58,9 @@ def register(name: str):
 
 @register("random_resized_crop")
 def _random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bilinear"):
-    T.check_size(size), T.check_scale_ratio(scale, ratio), T.check_interpolation(interpolation)
+    T.check_size(size)
+    T.check_scale_ratio(scale, ratio)
+    T.check_interpolation(interpolation)
 
     def plan(geometry, g):
         box = T.random_resized_crop_box(geometry.height, geometry.width, g, tuple(scale),
@@ -80,7 +82,8 @@ def _flip(p=0.5):
 
 @register("resize")
 def _resize(size, interpolation="bilinear"):
-    T.check_size(size), T.check_interpolation(interpolation)
+    T.check_size(size)
+    T.check_interpolation(interpolation)
 
     def plan(geometry, g):
         hw = T.resize_shape(geometry.height, geometry.width, size)

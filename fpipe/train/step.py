@@ -77,9 +77,10 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
         if scaler is not None:
             grads, found_inf = precision.unscale(grads, scaler)
         grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
+        update_in_place = in_place and not hold and scaler is None
         trainable, opt_state = opt.update(grads, train_state["opt_state"], flat_trainable, hyper,
-                                          in_place=in_place and not hold and scaler is None)
-        if _same_tensors(trainable, flat_trainable):  # updated in place: the given tree holds the new values
+                                          in_place=update_in_place)
+        if update_in_place and opt.updates_in_place(flat_trainable):  # the given tree holds the new values
             trainable = train_state["trainable"]
         if hold:
             trainable = _keep_held(trainable, train_state["trainable"], hold)
@@ -161,12 +162,6 @@ def _keep_held(new, old, held):
     old_flat = tree.flatten(old)
     return tree.unflatten({n: old_flat[n] if n in held or n.split(".", 1)[-1] in held else v
                            for n, v in tree.flatten(new).items()})
-
-
-def _same_tensors(a: dict, b: dict) -> bool:
-    """Whether two flat dicts hold the very same tensors under the same names. Asked leaf by leaf:
-    dynamo (torch 2.11) cannot trace ``is`` between dicts."""
-    return len(a) == len(b) and all(k in b and isinstance(v, torch.Tensor) and v is b[k] for k, v in a.items())
 
 
 def maybe_compile(fn, enabled, name="step", cache=None, inductor=None, **options):
