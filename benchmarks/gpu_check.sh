@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_check.sh env train          # some parts only
 #   bash benchmarks/gpu_check.sh vit cudagraphs     # not in the default set: ViT-S/16 with AdamW;
 #                                                   # fpipe's ResNet step under CUDA graphs
+#   bash benchmarks/gpu_check.sh train linear_eval+tests   # a+b: side by side (the tests' compiles
+#                                                   # then slow linear eval's first calls, not its steps)
+#   DEADLINE=560 bash benchmarks/gpu_check.sh ...   # no part runs past 560 s from the start
 #
 # Compiling takes minutes there (H200 machine, torch 2.11, 2026-12-04, cold caches): ResNet-50
 # 224 px b256 train step fpipe 139 s, torch.compile(nn.Module) 56 s; linear eval fpipe 61 s (the
@@ -24,7 +27,7 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" FPIPE_COMPILE_CACHE=""
 PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" >/dev/null; then
+if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/fpipe-site ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fpipe-site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/fpipe-site"
 fi
@@ -33,22 +36,31 @@ TEST_TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=130)
 
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND with a limit, output to the screen and $OUT/NAME.txt
   local name=$1 limit=$2; shift 2
+  if [ -n "${DEADLINE:-}" ] && [ $((DEADLINE - SECONDS)) -lt "$limit" ]; then limit=$((DEADLINE - SECONDS)); fi
+  if [ "$limit" -le 0 ]; then echo "== $name: skipped, past DEADLINE"; return; fi
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
 }
 
-for p in "${@:-env tests train linear_eval}"; do
-  for q in $p; do
-    case $q in
-      env) part env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'" ;;
-      tests) part tests 150 $PY -m pytest -v -p no:cacheprovider -n 4 $TEST_TIMEOUT tests/test_cuda.py tests/test_data_cuda.py ;;  # -v: each result named as it lands
-      train) part train 280 $PY benchmarks/gpu_step.py --parts train --no-cudagraphs ;;
-      linear_eval) part linear_eval 130 $PY benchmarks/gpu_step.py --parts linear_eval ;;
-      cudagraphs) part cudagraphs 220 $PY benchmarks/gpu_step.py --parts train --programs fpipe_cudagraphs eager ;;
-      vit) part vit 240 $PY benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128 --no-cudagraphs ;;
-      *) echo "unknown part $q; valid: env tests train linear_eval cudagraphs vit"; exit 2 ;;
-    esac
-  done
+run_part() {
+  case $1 in
+    env) part env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'" ;;
+    tests) part tests 150 $PY -m pytest -v -p no:cacheprovider -n 4 $TEST_TIMEOUT tests/test_cuda.py tests/test_data_cuda.py ;;  # -v: each result named as it lands
+    train) part train 280 $PY benchmarks/gpu_step.py --parts train --no-cudagraphs ;;
+    linear_eval) part linear_eval 130 $PY benchmarks/gpu_step.py --parts linear_eval ;;
+    cudagraphs) part cudagraphs 220 $PY benchmarks/gpu_step.py --parts train --programs fpipe_cudagraphs eager ;;
+    vit) part vit 240 $PY benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128 --no-cudagraphs ;;
+    *) echo "unknown part $1; valid: env tests train linear_eval cudagraphs vit"; return 2 ;;
+  esac
+}
+
+PARTS=${*:-env tests train linear_eval}
+for q in ${PARTS//+/ }; do  # every name checked before anything runs
+  case $q in env|tests|train|linear_eval|cudagraphs|vit) ;; *) run_part "$q"; exit 2 ;; esac
+done
+for p in $PARTS; do
+  for q in ${p//+/ }; do run_part "$q" & done  # a+b: side by side
+  wait
 done

@@ -119,6 +119,27 @@ def linear_eval_programs(args, device, dtype):
 
 
 # ---------------------------------------------------------------- measuring
+def compile_counts():
+    """What the compiler has done so far in this process: its timed phases, and kernels generated."""
+    from torch._dynamo import utils
+    from torch._inductor import metrics
+    return {k: list(v) for k, v in utils.compilation_time_metrics.items()}, metrics.generated_kernel_count
+
+
+PHASES = ("_compile.compile_inner", "bytecode_tracing", "create_aot_dispatcher_function",  # nested:
+          "_recursive_joint_graph_passes", "min_cut_rematerialization_partition",  # the first is
+          "compile_fx.<locals>.fw_compiler_base", "compile_fx.<locals>.bw_compiler",  # the whole
+          "GraphLowering.run", "Scheduler.__init__", "Scheduler.codegen", "async_compile.wait",
+          "PyCodeCache.load_by_key_path", "build_guards")
+
+
+def compile_breakdown(before):
+    """The kernels generated and the compiler's main phases (seconds) since ``before`` (``compile_counts()``)."""
+    (was, kernels_was), (now, kernels) = before, compile_counts()
+    spent = {k: sum(now[k][len(was.get(k, [])):]) for k in PHASES if k in now}
+    return f"{kernels - kernels_was} kernels; " + ", ".join(f"{k} {t:.1f}" for k, t in spent.items() if t >= 0.05)
+
+
 def measure(makers, args, device):
     """Builds and warms each program (a failure is reported, the others go on), then times them
     in alternating rounds; returns per-program dicts."""
@@ -127,10 +148,13 @@ def measure(makers, args, device):
         try:
             run = make()
             sync(device)
+            compiled_before = compile_counts()
             t = time.perf_counter()
             loss = float(run())
             sync(device)
             first = time.perf_counter() - t
+            if first > 5:  # a compile: where its time went
+                print(f"{name} compile: {compile_breakdown(compiled_before)}", flush=True)
             host_memory.keep_large_blocks()  # as the train loops do after their first step
             for _ in range(args.warmup):
                 run()
