@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from benchmarks import linear_eval_step as le
 from benchmarks import train_step as ts
-from fpipe import host_memory
+from fpipe import host_memory, tree
 from fpipe.train import precision
 from fpipe.train import loop as loop_lib
 from fpipe.train import step as step_lib
@@ -78,9 +78,10 @@ def train_programs(args, device, dtype):
         hyper = loop_lib.to_device(s["opt"].inputs(s["lr"]), device)
         box = {"ts": ts.train_state(s, device)}
 
-        def run():
-            box["ts"], metrics = step(box["ts"], batch, hyper)
-            return metrics["loss"]
+        def run():  # CUDA graphs own their outputs until the next replay: the state is copied out
+            ts_out, metrics = step(box["ts"], batch, hyper)
+            box["ts"] = tree.map_leaves(torch.clone, ts_out)
+            return metrics["loss"].clone()
         return run
 
     def module(compiled):
@@ -240,7 +241,8 @@ def main(argv=None):
     print(host_memory.keep_freed_memory())  # as main.py does
     device = torch.device(args.device)
     dtype = precision.autocast_dtype(args.dtype, device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # as a run does, and before any program: each first call then times its compile alone
+        print(f"inductor's compile workers up after {step_lib.warm_compile_workers(wait_s=300):.1f} s", flush=True)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for part in args.parts:

@@ -22,8 +22,10 @@ TINY_TRUNK = [f"--config.model.trunk.{k}={v}" for k, v in dict(
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_mixed_precision_supervised_on_cuda(tmp_path, dtype):
+    # 64 px: at test_main's 16 px the RegNet's last stages are 1x1, where torch 2.11's compiled
+    # conv backward fails its own layout check on CUDA (the next test)
     main(tmp_path, "--config.total_steps=12", "--config.log_steps=1", f"--config.precision.dtype={dtype}",
-         "--config.compile=True", "--config.compile_min_images=0", *TINY_TRUNK,
+         "--config.compile=True", "--config.compile_min_images=0", "--config.data.image_size=64", *TINY_TRUNK,
          config="configs/supervised.py")
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert len(lines) == 12 and all(l["loss"] == l["loss"] for l in lines)
@@ -33,6 +35,16 @@ def test_mixed_precision_supervised_on_cuda(tmp_path, dtype):
         assert saved["scaler"]["scale"] > 0 and "loss_scale" in lines[-1]
 
 
+def test_one_by_one_feature_maps_compile_or_stop_with_the_cause(tmp_path):
+    """PyTorch's predicted conv-backward layout can be wrong for 1x1 maps on CUDA (pytorch#171622):
+    the run either trains or stops naming that cause and the fix, never a bare assert."""
+    try:
+        main(tmp_path, "--config.total_steps=2", "--config.compile=True", "--config.compile_min_images=0",
+             *TINY_TRUNK, config="configs/supervised.py")
+    except AssertionError as e:
+        assert "pytorch/pytorch#171622" in str(e) and "config.compile=False" in str(e), str(e)[-2000:]
+
+
 def test_compiled_linear_eval_on_cuda(tmp_path):
     main(tmp_path, "--config.total_steps=20", "--config.compile=True", "--config.compile_min_images=0")
     results = json.loads((tmp_path / "results.json").read_text())["heads"]
@@ -40,13 +52,16 @@ def test_compiled_linear_eval_on_cuda(tmp_path):
 
 
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
-def test_the_donating_fused_step_matches_the_plain_step_on_cuda_without_host_syncs(opt_name):
+def test_the_donating_fused_step_matches_the_plain_step_on_cuda_without_host_syncs(opt_name, monkeypatch):
     from test_donation import batches, tiny
     from fpipe import tree
     from fpipe.train import distributed, loop
     from fpipe.train import step as step_lib
     model, opt, ts, norms = tiny(opt_name)
     device = torch.device("cuda")
+    # exact fp32 on both sides: TF32 convolutions (cuDNN's default) differ by ~5e-4 between the two
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     ts = loop.to_device(ts, device)
     config = ml_collections.ConfigDict(dict(precision="fp32", compile_remat="all"))
     plain = step_lib.make_step(model, opt, eval_norms=norms)  # the pure step: new tensors, nothing written

@@ -151,6 +151,28 @@ def test_compile_failure_falls_back_to_eager_with_a_logged_reason(monkeypatch, c
         step_lib.maybe_compile(user_error, True)(torch.tensor(1))
 
 
+def test_a_layout_check_failing_in_the_compiled_code_is_named_in_one_line(monkeypatch):
+    """Inductor checks a fallback kernel's output strides at run time; where PyTorch's prediction is
+    wrong (CUDA, 1x1 feature maps), the run stops with the cause and the fix, not a bare assert."""
+    def mispredicted(fn, **kw):
+        def run(*a):
+            raise AssertionError("expected size 8==8, stride 9==1 at dim=1\n"
+                                 "Error in op: torch.ops.aten.convolution_backward.default")
+        return run
+    monkeypatch.setattr(torch, "compile", mispredicted)
+    with pytest.raises(RuntimeError, match=r"compiled toy stopped at its first call.*"
+                       r"convolution_backward.*1x1.*config.compile=False"):
+        step_lib.maybe_compile(lambda x: x + 1, True, "toy")(torch.tensor(1))
+
+    def own_assert(fn, **kw):
+        def run(*a):
+            raise AssertionError("an assert of the step's own")
+        return run
+    monkeypatch.setattr(torch, "compile", own_assert)
+    with pytest.raises(AssertionError, match="an assert of the step's own"):  # passes through as it is
+        step_lib.maybe_compile(lambda x: x, True, "toy")(torch.tensor(1))
+
+
 def _structure(t):
     return {k: _structure(v) for k, v in t.items()} if isinstance(t, dict) else None
 

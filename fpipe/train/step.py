@@ -164,6 +164,26 @@ def _keep_held(new, old, held):
                            for n, v in tree.flatten(new).items()})
 
 
+def warm_compile_workers(wait_s=0.0):
+    """Starts inductor's compile worker processes now (a CUDA run: on a CPU fpipe compiles in a
+    forked child, ``forked_compile``, whose pool is its own). Until they are up, inductor compiles
+    every Triton kernel in this process one after another: on a fresh H200 machine that put 61 s
+    of codegen into a ResNet-50 train step's first compile (docs/BENCHMARKS.md, thirty-second
+    session). Started before the data and weights load, they are ready when the step compiles.
+    ``wait_s``: wait until they are (a benchmark timing compiles side by side); returns the seconds
+    waited. Internal inductor API: a torch without it is left alone."""
+    t0 = time.perf_counter()
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+        AsyncCompile.warm_pool()
+        AsyncCompile.wakeup()
+        if wait_s:
+            AsyncCompile.wait_pool_ready(timeout=wait_s)
+    except (AttributeError, ImportError, TimeoutError) as e:
+        logging.info("inductor's compile workers not started ahead (%s: %s)", type(e).__name__, e)
+    return time.perf_counter() - t0
+
+
 def maybe_compile(fn, enabled, name="step", cache=None, inductor=None, **options):
     """``torch.compile(fn, fullgraph=True)`` when enabled, with its first call (the compilation)
     announced and timed in the log. ``cache``: ``(directory, key)`` to load the compiled ``fn``
@@ -192,6 +212,12 @@ def maybe_compile(fn, enabled, name="step", cache=None, inductor=None, **options
                 use["first"] = False
                 return out
             except Exception as e:  # a compiler error must not kill a run that works eagerly
+                if use["first"] and _is_stride_mismatch(e):
+                    raise RuntimeError(
+                        f"The compiled {name} stopped at its first call: a kernel returned other strides than "
+                        f"the compiler predicted ({_failed_op(e)}). This is a PyTorch bug, "
+                        f"seen on CUDA where a feature map shrinks to 1x1 (pytorch/pytorch#171622). Use larger "
+                        f"images (config.data.image_size) or --config.compile=False.") from e
                 if not _is_compile_error(e) or os.environ.get(compile_cache.STRICT_COMPILE_ENV) == "1":
                     raise
                 logging.error("torch.compile of the %s FAILED (%s: %s); running it EAGERLY (slower). "
@@ -201,6 +227,15 @@ def maybe_compile(fn, enabled, name="step", cache=None, inductor=None, **options
         return fn(*args)
 
     return run
+
+
+def _is_stride_mismatch(e):
+    """Inductor's run-time check of a fallback kernel's output layout failed (``assert_size_stride``)."""
+    return isinstance(e, AssertionError) and "Error in op:" in str(e) and "stride" in str(e)
+
+
+def _failed_op(e):
+    return next((l.strip() for l in str(e).splitlines() if "Error in op:" in l), "")
 
 
 def _is_compile_error(e):
