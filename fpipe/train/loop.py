@@ -57,8 +57,6 @@ def in_processes(body, config, workdir, run_info=None):
 def _run(config, workdir, dist, stop, run_info):
     started = _now()
     torch.manual_seed(config.seed)
-    if config.compile and dist.device.type == "cuda":
-        step_lib.warm_compile_workers()  # up by the time the first step compiles
     with stop.interruptible():
         # ---------------------------------------------------------------- data: every rank its shard
         grid_plan = head_grid.members(config) if head_grid.enabled(config) else None

@@ -164,26 +164,6 @@ def _keep_held(new, old, held):
                            for n, v in tree.flatten(new).items()})
 
 
-def warm_compile_workers(wait_s=0.0):
-    """Starts inductor's compile worker processes now (a CUDA run: on a CPU fpipe compiles in a
-    forked child, ``forked_compile``, whose pool is its own). Until they are up, inductor compiles
-    every Triton kernel in this process one after another: on a fresh H200 machine that put 61 s
-    of codegen into a ResNet-50 train step's first compile (docs/BENCHMARKS.md, thirty-second
-    session). Started before the data and weights load, they are ready when the step compiles.
-    ``wait_s``: wait until they are (a benchmark timing compiles side by side); returns the seconds
-    waited. Internal inductor API: a torch without it is left alone."""
-    t0 = time.perf_counter()
-    try:
-        from torch._inductor.async_compile import AsyncCompile
-        AsyncCompile.warm_pool()
-        AsyncCompile.wakeup()
-        if wait_s:
-            AsyncCompile.wait_pool_ready(timeout=wait_s)
-    except (AttributeError, ImportError, TimeoutError) as e:
-        logging.info("inductor's compile workers not started ahead (%s: %s)", type(e).__name__, e)
-    return time.perf_counter() - t0
-
-
 def maybe_compile(fn, enabled, name="step", cache=None, inductor=None, **options):
     """``torch.compile(fn, fullgraph=True)`` when enabled, with its first call (the compilation)
     announced and timed in the log. ``cache``: ``(directory, key)`` to load the compiled ``fn``
