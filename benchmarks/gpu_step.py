@@ -175,12 +175,14 @@ def measure(makers, args, device):
             for _ in range(args.warmup):
                 run()
             sync(device)
-            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             if device.type == "cuda":
+                before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            run()
-            sync(device)
-            peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else float("nan")
+                run()
+                sync(device)
+                peak = torch.cuda.max_memory_allocated(device) - before
+            else:
+                peak = cpu_step_peak(run)
             runs[name], out[name] = run, {"first_call_s": first, "first_loss": loss, "step_peak_mib": peak / 2**20}
             print(f"{name}: first call {first:.1f} s, loss {loss:.4f}", flush=True)  # kept if a time limit cuts the run
         except Exception as e:  # one program failing (a CUDA-graph step, say) must not hide the others
@@ -199,6 +201,20 @@ def measure(makers, args, device):
         out[name]["step_ms"] = statistics.median(times[name]) * 1e3
         out[name]["images_per_s"] = args.batch_size / statistics.median(times[name])
     return out, runs
+
+
+def cpu_step_peak(run):
+    """Bytes of tensors allocated at the step's peak above what was allocated before it, on a CPU:
+    the allocator's events under the profiler, summed in order (the CUDA figure's counterpart)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    now = top = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        now += nbytes
+        top = max(top, now)
+    return top
 
 
 def host_syncs(run, device):

@@ -132,6 +132,31 @@ def test_compiled_step_on_the_loops_channels_last_state_equals_eager():
     assert {n: t.stride() for n, t in tree.flatten(b).items()} == given
 
 
+def test_the_eager_grads_are_torch_funcs_bit_for_bit_with_unused_leaves_zero_and_aux_detached():
+    """Run eagerly, the step takes its grads from torch.autograd.grad (torch.func's eager transform
+    keeps every forward intermediate alive: pytorch#134612); the values must be torch.func's."""
+    model, params, state, trainable, frozen = build((), dict(fc=models.head_config("flatten")))
+    batch = batches(1)[0]
+    flat = dict(tree.flatten(trainable), unused=torch.ones(3))
+
+    def loss_fn(flat_trainable, frozen, state, batch):
+        used = {n: t for n, t in flat_trainable.items() if n != "unused"}
+        outputs, new_state = model.apply(step_lib.merged(used, frozen), state, batch["image"], train=True)
+        loss = torch.nn.functional.cross_entropy(outputs["fc"], batch["label"])
+        return loss * 2, (loss, outputs, new_state)
+
+    got_grads, (got_value, got_aux) = step_lib.grad_and_value_traced_or_eager(loss_fn)(flat, frozen, state, batch)
+    want_grads, (want_value, want_aux) = torch.func.grad_and_value(loss_fn, has_aux=True)(flat, frozen, state, batch)
+    assert list(got_grads) == list(flat) and torch.equal(got_grads["unused"], torch.zeros(3))
+    for name, g in want_grads.items():
+        assert torch.equal(got_grads[name], g), name
+    assert torch.equal(got_value, want_value)
+    for got, want in zip(tree.leaves({"a": got_aux[1], "s": got_aux[2]}), tree.leaves({"a": want_aux[1], "s": want_aux[2]})):
+        assert torch.equal(got, want) and not got.requires_grad
+    assert not got_value.requires_grad and not got_aux[0].requires_grad
+    assert all(not t.requires_grad for t in flat.values())  # the caller's tensors untouched
+
+
 def test_compile_failure_falls_back_to_eager_with_a_logged_reason(monkeypatch, caplog):
     monkeypatch.delenv("FPIPE_STRICT_COMPILE", raising=False)  # this test is about the fallback
     def broken_compile(fn, **kw):
