@@ -180,11 +180,12 @@ def test_train_proposals_record_nothing_and_ignore_the_callers_grad_mode(monkeyp
     assert len(grad_modes) > 20 and all(grad_modes)  # every conv of both calls, in gradient mode
 
 
-def test_compiled_detection_step_equals_the_eager_step():
+def test_compiled_detection_step_equals_the_eager_step(monkeypatch):
     """train.make_step(compiling=True): train_proposals eagerly, then one fullgraph-compiled update
     over losses(proposals=...) with the optimizer. Traced by AOTAutograd (backend aot_eager, the
     graph inductor would get; inductor itself compiles for minutes here) it gives the eager step's
-    params, state and metrics bit for bit, with the same generator."""
+    params, state and metrics bit for bit, with the same generator: the eager step with torch.func's
+    grads, as traced (its own autograd.grad sums the shared RPN head's grads in another order)."""
     from fpipe import defaults, freeze, optim
     from fpipe.detection import train as det_train
     model = det_model.build(tiny_config(), 4)
@@ -195,7 +196,9 @@ def test_compiled_detection_step_equals_the_eager_step():
     opt = optim.build(ocfg, trainable)
     ts = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
     batch, lr = tiny_batch(), torch.tensor(0.1)
-    eager = det_train.make_step(model, opt)(ts, batch, lr, torch.Generator().manual_seed(1))
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)  # the eager step on torch.func's path
+        eager = det_train.make_step(model, opt)(ts, batch, lr, torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     step = det_train.make_step(model, opt, compiling=True, compile_options={"backend": "aot_eager"})
     compiled = step(ts, batch, lr, torch.Generator().manual_seed(1))

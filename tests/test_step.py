@@ -156,6 +156,13 @@ def test_the_eager_grads_are_torch_funcs_bit_for_bit_with_unused_leaves_zero_and
     assert not got_value.requires_grad and not got_aux[0].requires_grad
     assert all(not t.requires_grad for t in flat.values())  # the caller's tensors untouched
 
+    def shared(flat, x):  # one weight read twice (an RPN head over FPN levels): sums may reorder
+        return (flat["w"] * x).sin().sum() + (flat["w"] @ x.T).sum(), ()
+    w, x = {"w": torch.randn(4, 8, generator=torch.Generator().manual_seed(0))}, torch.randn(4, 8)
+    got, want = (f(shared)(w, x)[0]["w"] for f in (step_lib.grad_and_value_traced_or_eager,
+                                                    lambda fn: torch.func.grad_and_value(fn, has_aux=True)))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
 
 def test_compile_failure_falls_back_to_eager_with_a_logged_reason(monkeypatch, caplog):
     monkeypatch.delenv("FPIPE_STRICT_COMPILE", raising=False)  # this test is about the fallback

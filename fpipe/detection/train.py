@@ -19,7 +19,6 @@ import time
 import torch
 import torch.distributed as tdist
 from absl import logging
-from torch.func import grad_and_value
 
 import fpipe
 from fpipe import checkpoint, files, freeze, host_memory, optim, schedules, tree
@@ -215,7 +214,7 @@ def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=
                                                 return_state=True, **kwargs)
         return total, (losses, new_state)
 
-    grad_fn = grad_and_value(loss_fn, has_aux=True)
+    grad_fn = step_lib.grad_and_value_traced_or_eager(loss_fn)  # eager: autograd's memory, not torch.func's
     clip = getattr(opt, "clip_and_norm", None)
 
     def update(train_state, batch, hyper, given):
