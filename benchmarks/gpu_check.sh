@@ -7,15 +7,19 @@
 #   bash benchmarks/gpu_check.sh env train          # some parts only
 #   bash benchmarks/gpu_check.sh vit cudagraphs     # not in the default set: ViT-S/16 with AdamW;
 #                                                   # fpipe's ResNet step under CUDA graphs
+#   bash benchmarks/gpu_check.sh first_calls        # each compile alone in a fresh process, empty caches:
+#                                                   # the fair first-call ratio (in one process the
+#                                                   # programs compiled later reuse the earlier's setup)
 #   bash benchmarks/gpu_check.sh train linear_eval+tests   # a+b: side by side (the tests' compiles
 #                                                   # then slow linear eval's first calls, not its steps)
 #   DEADLINE=560 bash benchmarks/gpu_check.sh ...   # no part runs past 560 s from the start
 #
-# Compiling takes minutes there (H200 machine, torch 2.11, 2026-12-04, cold caches): ResNet-50
-# 224 px b256 train step fpipe 139 s, torch.compile(nn.Module) 56 s; linear eval fpipe 61 s (the
-# frozen trunk and the heads' step), compiled 14 s; ViT-S/16 fpipe 92 s. The limits below fit them;
-# the default parts need about 9 minutes, so a 15-minute lease holds them and little else.
-#
+# Compiling takes minutes there (H200 machine, torch 2.11, 2026-12-04): ResNet-50 224 px b256
+# train step fpipe 114-139 s, torch.compile(nn.Module) 39-56 s (compiled after fpipe's, in the same
+# process); linear eval fpipe 52-65 s (the frozen trunk and the heads' step), compiled 11-14 s;
+# ViT-S/16 fpipe 92 s. The limits below fit them; the default parts need about 9 minutes, so a
+# 15-minute lease holds them and little else; first_calls needs about 7.
+
 # Wheels in .whl/ (packages the machine lacks: ml-collections, tensorboardX) are installed first,
 # without an index; fetch them where pip works (.whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -50,15 +54,16 @@ run_part() {
     tests) part tests 150 $PY -m pytest -v -p no:cacheprovider -n 4 $TEST_TIMEOUT tests/test_cuda.py tests/test_data_cuda.py ;;  # -v: each result named as it lands
     train) part train 280 $PY benchmarks/gpu_step.py --parts train --no-cudagraphs ;;
     linear_eval) part linear_eval 130 $PY benchmarks/gpu_step.py --parts linear_eval ;;
+    first_calls) part first_calls 420 $PY benchmarks/gpu_step.py --parts train linear_eval --first-calls-alone --no-cudagraphs ;;
     cudagraphs) part cudagraphs 220 $PY benchmarks/gpu_step.py --parts train --programs fpipe_cudagraphs eager ;;
     vit) part vit 240 $PY benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128 --no-cudagraphs ;;
-    *) echo "unknown part $1; valid: env tests train linear_eval cudagraphs vit"; return 2 ;;
+    *) echo "unknown part $1; valid: env tests train linear_eval first_calls cudagraphs vit"; return 2 ;;
   esac
 }
 
 PARTS=${*:-env tests train linear_eval}
 for q in ${PARTS//+/ }; do  # every name checked before anything runs
-  case $q in env|tests|train|linear_eval|cudagraphs|vit) ;; *) run_part "$q"; exit 2 ;; esac
+  case $q in env|tests|train|linear_eval|first_calls|cudagraphs|vit) ;; *) run_part "$q"; exit 2 ;; esac
 done
 for p in $PARTS; do
   for q in ${p//+/ }; do run_part "$q" & done  # a+b: side by side

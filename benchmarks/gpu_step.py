@@ -27,7 +27,10 @@ resident before it, and, on CUDA, whether fpipe's steps synchronise with the hos
 (``torch.cuda.set_sync_debug_mode("error")``; the goal is none).
 """
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -249,6 +252,52 @@ def report(part, res, runs, args, device):
     sys.stdout.flush()
 
 
+# ---------------------------------------------------------------- first calls in fresh processes
+COMPILING = ("fpipe", "compiled", "fpipe_cudagraphs")  # the programs whose first call compiles
+
+
+def first_call_alone(args, part, name):
+    """``name``'s first call in a new process with empty compile caches (inductor's, Triton's,
+    fpipe's), as a user's first run has it: in this process an earlier program's compile warms
+    what a later one reuses (Triton's and inductor's setup, identical kernels), which favours
+    the later. Returns the child's JSON: ``first_call_s`` and ``compile`` (phases)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--parts", part, "--device", args.device,
+           "--arch", args.arch, "--depth", str(args.depth), "--optimizer", args.optimizer,
+           "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--dtype", args.dtype]
+    caches = le.scratch_dir("gpu-step-fresh-")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+               TRITON_CACHE_DIR=os.path.join(caches, "triton"), FPIPE_COMPILE_CACHE=os.path.join(caches, "fpipe"))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("FIRST_CALL ")]
+    if out.returncode or not lines:
+        return {"error": (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]}
+    return json.loads(lines[-1][len("FIRST_CALL "):])
+
+
+def child(args, makers, device):
+    """``--child NAME``: that program's first call alone, printed as one JSON line."""
+    run = makers[args.child]()
+    sync(device)
+    before = compile_counts()
+    t = time.perf_counter()
+    run()
+    sync(device)
+    first = time.perf_counter() - t
+    print("FIRST_CALL " + json.dumps({"first_call_s": first, "compile": compile_breakdown(before)}), flush=True)
+
+
+def report_fresh(part, args):
+    got = {n: first_call_alone(args, part, n) for n in COMPILING
+           if n in (args.programs or COMPILING) and not (n == "fpipe_cudagraphs" and args.no_cudagraphs)
+           and (n != "fpipe_cudagraphs" or args.device.startswith("cuda"))}
+    for n, r in got.items():
+        print(f"{part} {n} first call alone (fresh process, empty caches): "
+              + (f"{r['first_call_s']:.1f} s; {r['compile']}" if "error" not in r else f"FAILED {r['error']}"))
+    if all("first_call_s" in got.get(n, {}) for n in ("fpipe", "compiled")):
+        print(f"{part} fpipe first_call_alone_vs_compiled: {got['fpipe']['first_call_s'] / got['compiled']['first_call_s']:.2f}")
+    sys.stdout.flush()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -265,15 +314,22 @@ def main(argv=None):
     ap.add_argument("--no-cudagraphs", action="store_true", help="skip the CUDA-graph variant of fpipe's step")
     ap.add_argument("--programs", nargs="+", help="run only these programs (e.g. fpipe_cudagraphs eager): "
                     "each compile takes minutes on a GPU machine")
+    ap.add_argument("--first-calls-alone", action="store_true",
+                    help="instead of the timed rounds: each compiling program's first call in its own fresh "
+                         "process with empty caches, as a user's first run (the fair compile-time ratio)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # first_call_alone's process: that program's first call
     args = ap.parse_args(argv)
     if args.arch != "resnet" and "linear_eval" in args.parts:
         ap.error("the linear_eval part runs a ResNet; give --parts train with --arch vit_s16")
     le.own_compile_cache()  # fpipe's compiled steps, as the other benchmarks keep them
-    print(host_memory.keep_freed_memory())  # as main.py does
+    host_memory_note = host_memory.keep_freed_memory()  # as main.py does
+    if not args.child:
+        print(host_memory_note)
     device = torch.device(args.device)
     dtype = precision.autocast_dtype(args.dtype, device)
-    if device.type == "cuda":  # as a run does, and before any program: each first call then times its compile alone
-        print(f"inductor's compile workers up after {start_compile_workers():.1f} s", flush=True)
+    if device.type == "cuda":
+        if not args.child:  # before any program: each first call here then times its own compile
+            print(f"inductor's compile workers up after {start_compile_workers():.1f} s", flush=True)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for part in args.parts:
@@ -283,6 +339,11 @@ def main(argv=None):
             if unknown:
                 ap.error(f"--programs {unknown}: the {part} part has {sorted(makers)}")
             makers = {n: m for n, m in makers.items() if n in args.programs}
+        if args.child:
+            return child(args, makers, device)
+        if args.first_calls_alone:
+            report_fresh(part, args)
+            continue
         res, runs = measure(makers, args, device)
         report(part, res, runs, args, device)
         del runs
