@@ -368,3 +368,31 @@ def test_classifier_and_projection_heads_next_to_the_trunk_still_load(tmp_path):
                            "classifier.6.bias": torch.zeros(1000)}, "alexnet.pth")
     _, report = load_into(tgt, {"path": path})
     assert report.trunk_loaded == report.trunk_total and report.not_loaded["classifier.6.weight"] == "not in the model"
+
+
+@pytest.mark.parametrize("file_trunk, model_trunk, failure", [
+    ("regnet_y_400mf", "regnet_y_800mf", "have other shapes than the model's"),
+    ("efficientnet_b0", "resnet18", "no trunk of the model found"),
+    ("resnet18", "regnet_y_400mf", "no trunk of the model found"),
+])
+def test_another_familys_trunk_is_named_with_the_setting_that_fits(tmp_path, file_trunk, model_trunk, failure):
+    """Beyond ResNet depths: a file holding any registry preset whole, loaded into another trunk,
+    names that preset and the model.trunk.name that loads it (the model's own names in the message)."""
+    path = save(tmp_path, registry_trunk(file_trunk))
+    tgt = {f"trunk.{n}": torch.zeros_like(t) for n, t in registry_trunk(model_trunk).items()}
+    with pytest.raises(WeightsError) as e:
+        load_into(tgt, {"path": path})
+    first = str(e.value).splitlines()[0]
+    assert failure in first and f"the file holds {file_trunk} (inferred" in first
+    assert f"set model.trunk.name={file_trunk}." in first
+    if "no trunk" in failure:  # the example names are the model's, not a ResNet's
+        assert next(iter(tgt))[len("trunk."):] in first
+
+
+def test_a_partial_file_of_the_models_own_trunk_names_no_other_architecture(tmp_path):
+    sd = registry_trunk("regnet_y_400mf")
+    path = save(tmp_path, {n: t for n, t in sd.items() if ".block4." not in n})
+    tgt = {f"trunk.{n}": torch.zeros_like(t) for n, t in sd.items()}
+    with pytest.raises(WeightsError, match="trunk tensors would be loaded") as e:
+        load_into(tgt, {"path": path})
+    assert "the file holds" not in str(e.value)

@@ -112,11 +112,13 @@ def _same_tensors(a: Candidate, b: Candidate, flat: dict) -> bool:
     return True
 
 
-def choose(cands: list, flat: dict, *, select: str = "", where: str = "the file") -> tuple:
-    """``(candidate, reason)`` for the copy to load; a ``WeightsError`` when none or no rule decides."""
+def choose(cands: list, flat: dict, *, select: str = "", where: str = "the file",
+           model_names=("conv1.weight", "layer1.0.bn1.running_mean")) -> tuple:
+    """``(candidate, reason)`` for the copy to load; a ``WeightsError`` when none or no rule decides.
+    ``model_names``: two of the model's trunk names, for the message when none is found."""
     if not cands:
         raise WeightsError(f"no trunk of the model found in {where}: no tensor names end in the model's "
-                           f"trunk names (such as conv1.weight, layer1.0.bn1.running_mean) with its shapes.")
+                           f"trunk names (such as {', '.join(model_names)}) with its shapes.")
     best = cands[0].coverage
     if best == 0:
         c = max(cands, key=lambda c: len(c.wrong_shape))

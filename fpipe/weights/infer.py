@@ -46,6 +46,20 @@ def resnet_of(files: dict):
     return (trunk_settings(found[0]), found[1]) if found else None
 
 
+def registry_trunk_of(files: dict):
+    """``(model.trunk settings, why)`` of the registry trunk ``files`` holds whole (a ResNet of any
+    depth, or any preset of the other families), or ``None``: names the file's architecture when
+    it does not fit the model."""
+    from fpipe.weights import cli  # the registry's presets, built on the meta device
+    presets = {name: (family, options, lambda name=name: cli.meta_target(name))
+               for name, (family, options) in cli.registry().items() if family != "resnet" and name != family}
+    try:
+        name, options, why = infer_trunk(files, presets)
+    except WeightsError:
+        return None
+    return (trunk_settings(options) if name == "resnet" else {"name": name}), why
+
+
 def trunk_settings(options: dict) -> dict:
     """``model.trunk`` keys for inferred ResNet options: a preset's name, else ``resnet`` and the options."""
     from fpipe.models.resnet import PRESETS

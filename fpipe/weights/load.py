@@ -191,7 +191,14 @@ def _plan_auto(obj: dict, files: dict, target: dict, opts) -> Plan:
     names, table, cands = _best_names(names, files, shapes)
     scope = {rel: files[src] for rel, src in names.items()}
     where = f"{opts.path}" + (f" under {opts.state_dict_key!r}" if opts.state_dict_key else "")
-    chosen, reason = detect.choose(cands, scope, select=opts.select, where=where)
+    try:
+        chosen, reason = detect.choose(cands, scope, select=opts.select, where=where,
+                                       model_names=[n for n in shapes if not detect.is_counter(n)][:2])
+    except WeightsError as e:  # none found: is it another architecture?
+        found = None if cands else architecture_mismatch(scope, target)
+        if found:
+            raise WeightsError(f"{e} Another architecture: {found[0]}: set {found[1]}.") from None
+        raise
     if table:
         reason += f"; names mapped by the rename table renames.{table.upper()}"
     prefix = chosen.prefix
@@ -270,15 +277,32 @@ def detection_fix(obj: dict, files: dict, target: dict) -> str:
 
 
 def architecture_mismatch(tensors: dict, target: dict):
-    """``(what differs, the model.trunk setting that fits the file)`` when the file's trunk and the
-    model's are ResNets of other depths or widths (``infer``), else ``None``."""
-    model = infer.resnet_of({n: t for n, t in target.items() if n.startswith("trunk.")})
-    found = infer.resnet_of(tensors)
-    if not model or not found or model[0] == found[0]:
+    """``(what differs, the model.trunk setting that fits the file)`` when the file holds another
+    trunk than the model's: ResNets of other depths or widths, or any registry preset the file
+    holds whole (``infer``); else ``None``."""
+    trunk = {n: t for n, t in target.items() if n.startswith("trunk.")}
+    model, found = infer.resnet_of(trunk), infer.resnet_of(tensors)
+    label = lambda s: " ".join([s["name"], *(f"{k}={v}" for k, v in s.items() if k != "name")])  # noqa: E731
+    setting = lambda s: ", ".join(f"model.trunk.{k}={v}" for k, v in s.items())  # noqa: E731
+    if model and found:
+        if model[0] == found[0]:
+            return None
+        return f"the file holds {label(found[0])} (inferred: {found[1]}); the model is {label(model[0])}", setting(found[0])
+    found = infer.registry_trunk_of(tensors)
+    if not found or _same_shapes(infer_target(found[0]), trunk):
         return None
-    label = lambda s: " ".join([s["name"], *(f"{k}={v}" for k, v in s.items() if k != "name")])
-    setting = ", ".join(f"model.trunk.{k}={v}" for k, v in found[0].items())
-    return f"the file holds {label(found[0])} (inferred: {found[1]}); the model is {label(model[0])}", setting
+    model_is = f"the model is {label(model[0])}" if model else "the model's trunk is another"
+    return f"the file holds {label(found[0])} (inferred: {found[1]}); {model_is}", setting(found[0])
+
+
+def infer_target(settings: dict) -> dict:
+    """``{trunk.<name>: meta tensor}`` of the trunk ``settings`` (``model.trunk`` keys) name."""
+    from fpipe.weights import cli
+    return cli.meta_target(settings["name"], **{k: v for k, v in settings.items() if k != "name"})
+
+
+def _same_shapes(a: dict, b: dict) -> bool:
+    return {n: tuple(t.shape) for n, t in a.items()} == {n: tuple(t.shape) for n, t in b.items()}
 
 
 def _source(plan: Plan) -> str:
