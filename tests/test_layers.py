@@ -69,6 +69,33 @@ def test_conv_on_a_tiny_input_runs_as_a_matmul_with_conv2d_values_and_gradients(
         assert not layers._tiny_input(hw, (k, k), stride, pad)
 
 
+@pytest.mark.parametrize("groups, channels", [(3, 6), (6, 6), (2, 8)])  # grouped, depthwise, and 2 groups
+def test_a_grouped_conv_on_a_tiny_input_runs_as_a_batched_matmul_with_conv2d_values_and_gradients(
+        groups, channels, monkeypatch):
+    """RegNet's and ResNeXt's grouped 3×3 convs, EfficientNet's depthwise ones, on 1×1 maps (the
+    last stages at 32 px): one matmul per group, the values and gradients of F.conv2d; on 2×2
+    maps they stay convolutions."""
+    torch.manual_seed(0)
+    calls = []
+    as_matmul = layers._conv_as_matmul
+    monkeypatch.setattr(layers, "_conv_as_matmul", lambda *a: calls.append(a[-1]) or as_matmul(*a))
+    layers.conv({"weight": torch.randn(channels, channels // groups, 3, 3)}, torch.randn(2, channels, 2, 2), 1, 1, groups)
+    assert calls == []
+    for h, w_, k, pad, stride, bias in [(1, 1, 3, 1, 1, True), (1, 1, 3, 1, 2, False), (1, 1, 5, 2, 1, True)]:
+        x = torch.randn(4, channels, h, w_, requires_grad=True)
+        p = {"weight": torch.randn(2 * channels, channels // groups, k, k, requires_grad=True)}
+        if bias:
+            p["bias"] = torch.randn(2 * channels, requires_grad=True)
+        y = layers.conv(p, x, stride, pad, groups)
+        assert calls.pop() == groups
+        ref = torch.nn.functional.conv2d(x, p["weight"], p.get("bias"), stride, pad, 1, groups)
+        torch.testing.assert_close(y, ref)
+        grad_out = torch.randn_like(ref)
+        inputs = [x, *p.values()]
+        for g, g_ref in zip(torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out)):
+            torch.testing.assert_close(g, g_ref)
+
+
 def test_conv_on_a_1x1_input_uses_the_centre_tap_exactly():
     """Same values and gradients as F.conv2d; the unused taps' gradients are exact zeros, also under
     bf16 autocast on CPU (where oneDNN leaves them uninitialised)."""

@@ -54,9 +54,10 @@ def norm_init(kind, channels, zero_scale=False, groups=32):
 # ---------------------------------------------------------------- appliers
 def conv(p, x, stride=1, padding=0, groups=1):
     w = p["weight"]
+    if (isinstance(padding, int) and _tiny_input(x.shape[-2:], w.shape[-2:], stride, padding)
+            and (groups == 1 or x.shape[-2:] == (1, 1))):  # grouped: on 2×2 maps oneDNN's depthwise 3×3 is faster
+        return _conv_as_matmul(w, p.get("bias"), x, stride, padding, groups)
     if groups == 1 and isinstance(padding, int):
-        if _tiny_input(x.shape[-2:], w.shape[-2:], stride, padding):
-            return _conv_as_matmul(w, p.get("bias"), x, stride, padding)
         if isinstance(stride, int) and _dense_beats_conv(x, w, stride, padding):
             return _patches_as_matmul(w, p.get("bias"), x, stride, padding)
     return F.conv2d(x, w, p.get("bias"), stride, padding, 1, groups)
@@ -122,20 +123,34 @@ def _tiny_input(hw, kernel, stride, padding):
     return outs[0] * outs[1] * hw[0] * hw[1] <= 2 * k * k
 
 
-def _conv_as_matmul(w, bias, x, stride, padding):
-    """The conv of :func:`_tiny_input` as one matmul: output (i, j) reads input (a, b) through
-    tap (a - i·stride + padding, b - j·stride + padding). Same math as F.conv2d; oneDNN's conv
-    kernels, tuned for large images, take about twice as long here (above all the backward), and
-    on a 1×1 input only the centre tap is read (exact zero gradients for the others, also under
-    bf16 autocast, where oneDNN's CPU kernel leaves them uninitialised). The output is
-    channels-last."""
+def _conv_as_matmul(w, bias, x, stride, padding, groups=1):
+    """The conv of :func:`_tiny_input` as one matmul (per group, batched): output (i, j) reads
+    input (a, b) through tap (a - i·stride + padding, b - j·stride + padding). Same math as
+    F.conv2d; oneDNN's conv kernels, tuned for large images, take about twice as long here (above
+    all the backward; grouped convs only on 1×1 maps, RegNet's last stage at 32 px: 3×3 with 8
+    channels a group 5.8× forward and backward, EfficientNet's depthwise 5×5 80×), and on
+    a 1×1 input only the centre tap is read (exact zero gradients for the others, also under bf16
+    autocast, where oneDNN's CPU kernel leaves them uninitialised). On CUDA this also keeps such
+    convs from torch 2.11's mispredicted conv-backward layouts on 1×1 maps (pytorch#171622). The
+    output is channels-last."""
     (n, c, h, wd), o = x.shape, w.shape[0]
     ho, wo = _out_size(h, w.shape[-2], stride, padding), _out_size(wd, w.shape[-1], stride, padding)
-    taps = w.permute(0, 2, 3, 1)  # (o, kh, kw, c): output (i, j) reads a contiguous window of taps
+    taps = w.permute(0, 2, 3, 1)  # (o, kh, kw, c / groups): output (i, j) reads a contiguous window of taps
     windows = [(padding - i * stride, padding - j * stride) for i in range(ho) for j in range(wo)]
-    matrix = torch.cat([taps[:, r:r + h, q:q + wd].reshape(o, h * wd * c) for r, q in windows])
-    y = dense(x.permute(0, 2, 3, 1).reshape(n, h * wd * c), matrix, None if bias is None else bias.repeat(ho * wo))
-    return y.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
+    rows = x.permute(0, 2, 3, 1)  # (n, h, w, c)
+    if groups == 1:
+        matrix = torch.cat([taps[:, r:r + h, q:q + wd].reshape(o, h * wd * c) for r, q in windows])
+        y = dense(rows.reshape(n, h * wd * c), matrix, None if bias is None else bias.repeat(ho * wo))
+        return y.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
+    cg, og = c // groups, o // groups
+    taps = taps.reshape(groups, og, *taps.shape[1:])  # (groups, og, kh, kw, cg)
+    matrix = torch.cat([taps[:, :, r:r + h, q:q + wd].reshape(groups, og, h * wd * cg) for r, q in windows], 1)
+    per_group = rows.reshape(n, h * wd, groups, cg).permute(2, 0, 1, 3).reshape(groups, n, h * wd * cg)
+    y = torch.bmm(per_group, matrix.transpose(1, 2))  # (groups, n, ho·wo·og)
+    y = y.reshape(groups, n, ho, wo, og).permute(1, 2, 3, 0, 4).reshape(n, ho, wo, o)
+    if bias is not None:
+        y = y + bias
+    return y.permute(0, 3, 1, 2)
 
 
 def linear(p, x):
