@@ -178,6 +178,10 @@ def test_infer_matches_other_families_against_presets():
     assert name == "vit_b_16" and "teacher.backbone." in why
     with pytest.raises(WeightsError, match="pass --trunk NAME"):
         infer.infer_trunk({"a.weight": torch.zeros(3)}, presets)
+    # A shallower preset's names and shapes all sit in a deeper one's file: the deeper is the file's.
+    first_blocks = {n: t for n, t in vit_target.items() if not n.startswith("trunk.encoder.layers.encoder_layer_1")}
+    presets = {"vit_shallow": ("vit", {}, lambda: first_blocks), "vit_b_16": ("vit", {}, lambda: vit_target)}
+    assert len(first_blocks) < len(vit_target) and infer.infer_trunk(files, presets)[0] == "vit_b_16"
 
 
 @pytest.mark.skipif(not HAS_RESNET, reason="fpipe.models.resnet not written yet")

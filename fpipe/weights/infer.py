@@ -24,14 +24,18 @@ def infer_trunk(files: dict, presets=None) -> tuple:
             options, why = found
             via = f" (after the {table_name} rename table)" if table_name else ""
             return "resnet", options, why + via
+    whole = []  # (tensors, name, options, why) of each preset the file holds whole
     for name, (_, options, build_target) in (presets or {}).items():
         shapes = {n[len("trunk."):]: tuple(t.shape) for n, t in build_target().items() if n.startswith("trunk.")}
         for table_name, names in _views(files):
             cands = detect.find_trunks(names, shapes)
             if cands and cands[0].coverage == 1:
                 via = f" (after the {table_name} rename table)" if table_name else ""
-                return name, options, (f"every tensor of preset {name!r} found at "
-                                       f"{cands[0].prefix or '<no prefix>'!r}{via}")
+                whole.append((len(shapes), name, options, f"every tensor of preset {name!r} found at "
+                                                          f"{cands[0].prefix or '<no prefix>'!r}{via}"))
+                break
+    if whole:  # the largest: a shallower preset's names can all be in a deeper one's file (B0 in B1)
+        return max(whole, key=lambda w: w[0])[1:]
     raise WeightsError("could not tell which trunk the file holds from its names and shapes; "
                        "pass --trunk NAME (and --depth for a ResNet).")
 

@@ -194,8 +194,8 @@ def _plan_auto(obj: dict, files: dict, target: dict, opts) -> Plan:
     try:
         chosen, reason = detect.choose(cands, scope, select=opts.select, where=where,
                                        model_names=[n for n in shapes if not detect.is_counter(n)][:2])
-    except WeightsError as e:  # none found: is it another architecture?
-        found = None if cands else architecture_mismatch(scope, target)
+    except WeightsError as e:  # none found, or none of this shape: is it another architecture?
+        found = architecture_mismatch(scope, target) if not cands or cands[0].coverage == 0 else None
         if found:
             raise WeightsError(f"{e} Another architecture: {found[0]}: set {found[1]}.") from None
         raise
