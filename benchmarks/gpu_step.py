@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128
     PYTHONPATH=. python benchmarks/gpu_step.py --device cpu --depth 18 --image-size 32 --batch-size 8 \\
         --steps 2 --rounds 2 --warmup 1                             # a dry run of the same code on CPU
+    PYTHONPATH=. python benchmarks/gpu_step.py --first-calls-alone  # each compile alone, fresh process and caches
 
 One process; the programs alternate round by round, each round ``--steps`` calls timed between two
 device synchronisations (a step is asynchronous: timing single calls would time the launch).
@@ -22,9 +23,11 @@ device synchronisations (a step is asynchronous: timing single calls would time 
     eager, compiled   the nn.Module with the trunk frozen (eval mode, ``requires_grad=False``)
 
 Prints images/s per program, ``ratio_vs_eager`` / ``ratio_vs_compiled`` (goals on a GPU: >= 1.2 vs
-eager for training), the first call (compile) of each, the step's peak device memory above what was
-resident before it, and, on CUDA, whether fpipe's steps synchronise with the host
-(``torch.cuda.set_sync_debug_mode("error")``; the goal is none).
+eager for training), the first call (compile) of each with its kernels and compiler phases, the
+step's peak memory above what was allocated before it (CUDA's allocator; on a CPU the profiler's
+allocator events), and, on CUDA, whether fpipe's steps synchronise with the host
+(``torch.cuda.set_sync_debug_mode("error")``; the goal is none). In one process a program compiled
+later reuses what an earlier compile set up; ``--first-calls-alone`` gives the fair first calls.
 """
 import argparse
 import json
