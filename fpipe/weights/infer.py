@@ -4,6 +4,7 @@ ResNets are read off directly: blocks per stage and bottleneck or basic give the
 stem and first block give width and groups. Other families are matched against each registry
 preset's names and shapes, built on the meta device (no memory, no compute).
 """
+import functools
 import re
 
 from fpipe.weights import detect, renames
@@ -54,14 +55,22 @@ def registry_trunk_of(files: dict):
     """``(model.trunk settings, why)`` of the registry trunk ``files`` holds whole (a ResNet of any
     depth, or any preset of the other families), or ``None``: names the file's architecture when
     it does not fit the model."""
-    from fpipe.weights import cli  # the registry's presets, built on the meta device
-    presets = {name: (family, options, lambda name=name: cli.meta_target(name))
+    from fpipe.weights import cli
+    presets = {name: (family, options, lambda name=name: _preset_target(name))
                for name, (family, options) in cli.registry().items() if family != "resnet" and name != family}
     try:
         name, options, why = infer_trunk(files, presets)
     except WeightsError:
         return None
     return (trunk_settings(options) if name == "resnet" else {"name": name}), why
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_target(name: str) -> dict:
+    """A registry preset's ``{trunk.<name>: meta tensor}`` (shapes only), built once per process:
+    the fifty presets take ~2 s to build, which every failing load would otherwise pay again."""
+    from fpipe.weights import cli
+    return cli.meta_target(name)
 
 
 def trunk_settings(options: dict) -> dict:
