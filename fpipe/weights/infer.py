@@ -65,6 +65,13 @@ def registry_trunk_of(files: dict):
     return (trunk_settings(options) if name == "resnet" else {"name": name}), why
 
 
+def target_of(settings: dict) -> dict:
+    """``{trunk.<name>: meta tensor}`` of the trunk that ``settings`` (``model.trunk`` keys) name."""
+    from fpipe.weights import cli
+    options = {k: v for k, v in settings.items() if k != "name"}
+    return cli.meta_target(settings["name"], **options) if options else _preset_target(settings["name"])
+
+
 @functools.lru_cache(maxsize=None)
 def _preset_target(name: str) -> dict:
     """A registry preset's ``{trunk.<name>: meta tensor}`` (shapes only), built once per process:

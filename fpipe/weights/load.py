@@ -289,16 +289,10 @@ def architecture_mismatch(tensors: dict, target: dict):
             return None
         return f"the file holds {label(found[0])} (inferred: {found[1]}); the model is {label(model[0])}", setting(found[0])
     found = infer.registry_trunk_of(tensors)
-    if not found or _same_shapes(infer_target(found[0]), trunk):
+    if not found or _same_shapes(infer.target_of(found[0]), trunk):
         return None
     model_is = f"the model is {label(model[0])}" if model else "the model's trunk is another"
     return f"the file holds {label(found[0])} (inferred: {found[1]}); {model_is}", setting(found[0])
-
-
-def infer_target(settings: dict) -> dict:
-    """``{trunk.<name>: meta tensor}`` of the trunk ``settings`` (``model.trunk`` keys) name."""
-    from fpipe.weights import cli
-    return cli.meta_target(settings["name"], **{k: v for k, v in settings.items() if k != "name"})
 
 
 def _same_shapes(a: dict, b: dict) -> bool:
