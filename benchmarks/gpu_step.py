@@ -162,6 +162,16 @@ def compile_breakdown(before):
     return f"{kernels - kernels_was} kernels; " + ", ".join(f"{k} {t:.1f}" for k, t in spent.items() if t >= 0.05)
 
 
+def first_call(run, device):
+    """``(seconds, loss, compile breakdown)`` of ``run``'s first call (its compilation, if any)."""
+    sync(device)
+    before = compile_counts()
+    t = time.perf_counter()
+    loss = float(run())
+    sync(device)
+    return time.perf_counter() - t, loss, compile_breakdown(before)
+
+
 def measure(makers, args, device):
     """Builds and warms each program (a failure is reported, the others go on), then times them
     in alternating rounds; returns per-program dicts."""
@@ -169,14 +179,9 @@ def measure(makers, args, device):
     for name, make in makers.items():
         try:
             run = make()
-            sync(device)
-            compiled_before = compile_counts()
-            t = time.perf_counter()
-            loss = float(run())
-            sync(device)
-            first = time.perf_counter() - t
+            first, loss, compiled = first_call(run, device)
             if first > 5:  # a compile: where its time went
-                print(f"{name} compile: {compile_breakdown(compiled_before)}", flush=True)
+                print(f"{name} compile: {compiled}", flush=True)
             host_memory.keep_large_blocks()  # as the train loops do after their first step
             for _ in range(args.warmup):
                 run()
@@ -279,20 +284,12 @@ def first_call_alone(args, part, name):
 
 def child(args, makers, device):
     """``--child NAME``: that program's first call alone, printed as one JSON line."""
-    run = makers[args.child]()
-    sync(device)
-    before = compile_counts()
-    t = time.perf_counter()
-    run()
-    sync(device)
-    first = time.perf_counter() - t
-    print("FIRST_CALL " + json.dumps({"first_call_s": first, "compile": compile_breakdown(before)}), flush=True)
+    first, _, compiled = first_call(makers[args.child](), device)
+    print("FIRST_CALL " + json.dumps({"first_call_s": first, "compile": compiled}), flush=True)
 
 
-def report_fresh(part, args):
-    got = {n: first_call_alone(args, part, n) for n in COMPILING
-           if n in (args.programs or COMPILING) and not (n == "fpipe_cudagraphs" and args.no_cudagraphs)
-           and (n != "fpipe_cudagraphs" or args.device.startswith("cuda"))}
+def report_fresh(part, args, makers):
+    got = {n: first_call_alone(args, part, n) for n in COMPILING if n in makers}
     for n, r in got.items():
         print(f"{part} {n} first call alone (fresh process, empty caches): "
               + (f"{r['first_call_s']:.1f} s; {r['compile']}" if "error" not in r else f"FAILED {r['error']}"))
@@ -345,7 +342,7 @@ def main(argv=None):
         if args.child:
             return child(args, makers, device)
         if args.first_calls_alone:
-            report_fresh(part, args)
+            report_fresh(part, args, makers)
             continue
         res, runs = measure(makers, args, device)
         report(part, res, runs, args, device)
