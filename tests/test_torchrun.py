@@ -55,13 +55,17 @@ def test_two_processes_equal_one_at_the_configs_own_settings(tmp_path, config, r
     # moves the weights by up to ~1e-4 in 4 steps. So each param must stay within `rel` of its
     # largest magnitude (at least `floor`), or within the drift of a control: one process on 2
     # threads instead of 1 (only the summation order differs).
-    control, control_results = {}, one_results
+    control, control_results, control_losses = {}, one_results, one_losses
     if config != "configs/linear_eval.py":
-        _, same, control_results = run(tmp_path / "control", config, 1, threads=2)
+        control_losses, same, control_results = run(tmp_path / "control", config, 1, threads=2)
         control = {k: (same["params"][k] - t).abs().max().item() for k, t in one["params"].items()}
         control |= {k: (same["model_state"][k] - t).abs().max().item() for k, t in one["model_state"].items()
                     if t.is_floating_point()}
-    torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(one_losses), rtol=rel, atol=1e-5)
+    # The losses too: within `rel`, or within the control's drift (one CPU, AMD Zen 5, drifted 1.3e-3
+    # at the 4th step with 2 threads, where two processes matched the 2-thread control to 1e-6).
+    one_l, two_l, control_l = (torch.tensor(l, dtype=torch.float64) for l in (one_losses, two_losses, control_losses))
+    allowed = torch.maximum(rel * one_l.abs() + 1e-5, 4 * (control_l - one_l).abs())
+    assert ((two_l - one_l).abs() <= allowed).all(), (one_losses, two_losses, control_losses)
     for name, t in one["params"].items():
         err = (two["params"][name] - t).abs().max().item()
         assert err <= max(rel * max(t.abs().max().item(), floor), 4 * control.get(name, 0.0)), f"{name}: {err}"
