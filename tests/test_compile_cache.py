@@ -139,6 +139,10 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     monkeypatch.setattr(layers, "cpu_vendor", lambda: "AnotherVendor")
     assert compile_cache.step_key(base, "cpu", "train") != key
     monkeypatch.undo()
+    family = layers.cpu_family()
+    monkeypatch.setattr(layers, "cpu_family", lambda: family + 1)  # AMD Zen 4 and 5 take other passes
+    assert compile_cache.step_key(base, "cpu", "train") != key
+    monkeypatch.undo()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert compile_cache.step_key(base, "cpu", "train") != key
     monkeypatch.undo()

@@ -161,9 +161,22 @@ def linear(p, x):
 def cpu_vendor() -> str:
     """This x86 CPU's vendor as /proc/cpuinfo says it ("GenuineIntel", "AuthenticAMD"); "" if unknown.
     Read once: every saved step's key asks for it."""
+    return _cpuinfo("vendor_id")
+
+
+@functools.cache
+def cpu_family() -> int:
+    """This x86 CPU's family number from /proc/cpuinfo (AMD: 25 Zen 3/4, 26 Zen 5); 0 if unknown."""
+    family = _cpuinfo("cpu family")
+    return int(family) if family.isdigit() else 0
+
+
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` of /proc/cpuinfo, or "" (no such file or field)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.split(":", 1)[0].strip() == field), "")
     except OSError:
         return ""
 

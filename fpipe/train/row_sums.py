@@ -11,8 +11,10 @@ has W pixels), as stable as one Welford pass.
 
 On the Intel CPU measured (docs/BENCHMARKS.md, twenty-sixth session) a BatchNorm + ReLU forward
 and backward ran 10-25% faster from 64 channels and 8 pixels a row up, ResNet-50 train steps 2-5%
-faster at 64-224 px; on AMD an earlier version of the same split made the step slower (the
-twenty-third session), so the pass runs on Intel CPUs only (``ON_THIS_CPU``).
+faster at 64-224 px; on an AMD Zen 5 (family 26; thirty-third session) ResNet-50's step 1.6%
+faster at 64 px and 2.5% at 224 px, the two steps interleaved in one process. On an older AMD EPYC
+an earlier version of the same split made the step slower (the twenty-third session), so the pass
+runs on Intel CPUs and AMD's from family 26 on (``ON_THIS_CPU``).
 """
 import contextlib
 import hashlib
@@ -27,7 +29,8 @@ from fpipe.models import layers
 aten = torch.ops.aten
 MIN_CHANNELS = 64  # fewer: a row of the strided pass is a cache line or two, already streamed
 MIN_ROW = 8        # narrower rows: the per-row partial sums cost what the split saves
-ON_THIS_CPU = layers.cpu_vendor() == "GenuineIntel"
+ON_THIS_CPU = (layers.cpu_vendor() == "GenuineIntel"
+               or (layers.cpu_vendor() == "AuthenticAMD" and layers.cpu_family() >= 26))
 
 
 def _splittable(node):
