@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 
 import ml_collections
 import torch
+from torch.utils import _pytree as pytree
 
 from fpipe import tree
 from fpipe.detection import anchors as anchors_lib
@@ -293,7 +294,7 @@ def build(det_cfg, num_classes) -> DetModel:
         It runs with gradient mode on over detached values, so nothing is recorded and every
         layer takes the route it takes inside ``losses``' gradient pass (fpipe.models.layers runs
         some convs differently without gradients): the proposals are those ``losses`` would make."""
-        params, state = (tree.map_leaves(_detached, t) for t in (params, state))
+        params, state = (pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, t) for t in (params, state))
         with torch.enable_grad():
             images = batch["image"].detach()
             image_shapes = [tuple(int(v) for v in s) for s in batch["image_size"].tolist()]
@@ -428,7 +429,3 @@ def fpn_levels(fpn_cfg, feature_names, strides):
         return tuple(numbers.index(k) for k in range(span[0], span[1] + 1))
 
     return pick("rpn_levels", tuple(range(len(numbers)))), pick("roi_levels", tuple(range(len(numbers) - 1)))
-
-
-def _detached(leaf):
-    return leaf.detach() if isinstance(leaf, torch.Tensor) else leaf

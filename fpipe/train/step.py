@@ -125,13 +125,9 @@ def grad_and_value_traced_or_eager(loss_fn):
             loss, aux = loss_fn(leaves, *rest)
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         grads = {name: torch.zeros_like(leaves[name]) if g is None else g for name, g in zip(leaves, grads)}
-        return grads, pytree.tree_map(_detached, (loss, aux))
+        return grads, pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (loss, aux))
 
     return grad_and_value_of
-
-
-def _detached(x):
-    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def merged(flat_trainable, frozen):
