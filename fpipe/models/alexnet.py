@@ -72,7 +72,7 @@ def apply(spec: Spec, params, state, x, *, train, features=("fc7",), eval_norms=
         return lambda h: torch.relu(layers.linear(params["classifier"][name], F.dropout(h, spec.dropout, train)))
 
     def max_pool(h):
-        return F.max_pool2d(h, 3, 2)
+        return layers.max_pool(h, 3, 2, 0)
 
     conv1, conv2, conv3, conv4, conv5 = (conv(*c) for c in CONVS)
     stages = [("conv1", conv1), ("conv2", lambda h: conv2(max_pool(h))), ("conv3", lambda h: conv3(max_pool(h))),

@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fpipe.models import max_pool as max_pool_lib
+
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
 
@@ -318,7 +320,8 @@ def norm(kind, p, s, x, train, groups=32, sync_stats=None):
 
 
 def max_pool(x, kernel=3, stride=2, padding=1):
-    return F.max_pool2d(x, kernel, stride, padding)
+    """``F.max_pool2d``; its gradient runs ATen's kernels in a compiled CPU step (fpipe.models.max_pool)."""
+    return max_pool_lib.max_pool2d(x, kernel, stride, padding)
 
 
 def adaptive_pool(x, size, kind="avg"):
