@@ -18,34 +18,24 @@ import torch.nn.functional as F
 aten = torch.ops.aten
 
 
-@torch.library.custom_op("fpipe::max_pool2d_with_indices", mutates_args=())
-def _pool(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int],
-          ceil_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _pool_aten(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int],
+               ceil_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return aten.max_pool2d_with_indices(x, kernel, stride, padding, [1, 1], ceil_mode)
 
 
-@_pool.register_fake
-def _(x, kernel, stride, padding, ceil_mode):
-    return aten.max_pool2d_with_indices(x, kernel, stride, padding, [1, 1], ceil_mode)
-
-
-@torch.library.custom_op("fpipe::max_pool2d_backward", mutates_args=())
-def _pool_backward(grad: torch.Tensor, indices: torch.Tensor, input_size: list[int], channels_last: bool,
-                   kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool) -> torch.Tensor:
-    # ATen's backward reads only the shape and memory format of the pool's input: an empty
-    # stand-in, so the step never keeps the input alive for it.
-    like = _empty(grad, input_size, channels_last)
+def _pool_backward_aten(grad: torch.Tensor, indices: torch.Tensor, input_size: list[int], input_strides: list[int],
+                        kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool) -> torch.Tensor:
+    # ATen's backward reads only the shape and strides (its memory format) of the pool's input: an
+    # empty stand-in with the same ones, so the step never keeps the input alive for it.
+    like = torch.empty_strided(input_size, input_strides, dtype=grad.dtype, device=grad.device)
     return aten.max_pool2d_with_indices_backward(grad, like, kernel, stride, padding, [1, 1], ceil_mode, indices)
 
 
-@_pool_backward.register_fake
-def _(grad, indices, input_size, channels_last, kernel, stride, padding, ceil_mode):
-    return _empty(grad, input_size, channels_last)
-
-
-def _empty(like, size, channels_last):
-    return torch.empty(size, dtype=like.dtype, device=like.device,
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+# The same functions serve as the ops' fake (shape) implementations: ATen's ops run on fake tensors.
+_pool = torch.library.custom_op("fpipe::max_pool2d_with_indices", _pool_aten, mutates_args=())
+_pool.register_fake(_pool_aten)
+_pool_backward = torch.library.custom_op("fpipe::max_pool2d_backward", _pool_backward_aten, mutates_args=())
+_pool_backward.register_fake(_pool_backward_aten)
 
 
 class _MaxPool(torch.autograd.Function):
@@ -59,8 +49,7 @@ class _MaxPool(torch.autograd.Function):
         x, kernel, stride, padding, ceil_mode = inputs
         ctx.save_for_backward(output[1])
         ctx.mark_non_differentiable(output[1])
-        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        ctx.pool = (list(x.shape), channels_last, kernel, stride, padding, ceil_mode)
+        ctx.pool = (list(x.shape), list(x.stride()), kernel, stride, padding, ceil_mode)
 
     @staticmethod
     def backward(ctx, grad, _):
