@@ -5,13 +5,29 @@ nothing: results come back in key order. PyTorch's ``DataLoader`` is the process
 (fork or spawn, shared-memory transport, pinned memory, clean shutdown); it sees one item per
 batch and never collates. Errors in a worker come back as the original exception type and its
 one-line message, not a worker traceback.
+
+A worker's batch memory is shared memory that this process maps. Fresh shared memory costs the
+kernel a page allocation and zeroing on first write and a release when both sides drop it (2
+workers on 2 cores at 224 px: 11-14% fewer images/s than recycled memory). So a worker keeps the shared storages it sent
+and writes new batches into one again once this process has dropped every reference to it: this
+process watches each received storage (``StorageWeakRef``: PyTorch's own reference count) and
+sends its identity back over a pipe; a worker reuses only storages named there (:class:`_Pool`).
+A batch the caller keeps, or a view or numpy array of it, is never written over. Batches pinned
+for CUDA arrive as copies and are not recycled.
 """
 import math
+import multiprocessing
+import os
 
 import torch
+import torch.multiprocessing
 import torch.utils.data
+from torch.multiprocessing import reductions
 
 PREFETCH_BATCHES = 2  # per worker: batches being made ahead of the consumer
+LENT_PER_WORKER = 8   # a worker's storages out in this process at once; more are made fresh
+KEEP_FREE = 4         # returned storages a worker keeps for reuse
+WATCHED = 64          # received storages this process watches at most (callers that keep all)
 
 
 def in_worker() -> bool:
@@ -19,11 +35,66 @@ def in_worker() -> bool:
 
 
 def empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty``; in a worker process, in shared memory, so that sending it is free."""
+    """``torch.empty``; in a worker process, in shared memory (recycled: :class:`_Pool`), so that
+    sending it is free."""
     if not in_worker():
         return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    nbytes = math.prod(shape) * dtype.itemsize
+    storage = _pool.take(nbytes) if _pool is not None else torch.UntypedStorage._new_shared(nbytes)
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def _identity(storage) -> tuple | None:
+    """The shared-memory file under a storage, the same in every process that maps it (device and
+    inode); ``None`` for storages not shared by file descriptor."""
+    if not storage.is_shared() or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        return None
+    fd, _ = storage._share_fd_cpu_()  # an already shared storage: its own descriptor, no copy
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+class _Pool:
+    """A worker's shared storages: ``lent`` (sent, maybe still read by the main process) and
+    ``free`` (the main process said it dropped them). Only ``free`` ones are written again."""
+
+    def __init__(self, worker: int, returned):
+        self.worker, self.returned = worker, returned
+        self.lent, self.free, self.made = {}, [], []
+
+    def take(self, nbytes: int):
+        self._collect_returned()
+        storage = next((s for s in self.free if s.nbytes() == nbytes), None)
+        if storage is not None:
+            self.free.remove(storage)
+        else:
+            storage = torch.UntypedStorage._new_shared(nbytes)
+        identity = _identity(storage)
+        if identity is not None and len(self.lent) < LENT_PER_WORKER:
+            self.lent[identity] = storage
+            self.made.append(identity)
+        return storage
+
+    def _collect_returned(self):
+        while self.returned.poll():
+            for identity in self.returned.recv():
+                storage = self.lent.pop(identity, None)
+                if storage is not None:
+                    self.free.append(storage)
+        del self.free[:-KEEP_FREE]
+
+    def lent_for(self) -> tuple:
+        """``(worker, identities)`` lent since the last call: the batch just made holds them."""
+        made, self.made = tuple(self.made), []
+        return self.worker, made
+
+    def take_back(self):
+        """The storages of a batch that failed half-way: never sent, free again."""
+        for identity in self.lent_for()[1]:
+            self.free.append(self.lent.pop(identity))
+
+
+_pool = None  # this worker process's _Pool, made on its first batch
 
 
 class Buffers:
@@ -78,14 +149,64 @@ class _Failure:
 
 
 class _Batches(torch.utils.data.Dataset):
-    def __init__(self, make):
-        self.make = make
+    """``make(*key)`` in a worker, returned with the pooled storages it wrote: ``(batch, lent)``."""
+
+    def __init__(self, make, returned: list):
+        self.make, self.returned = make, returned
 
     def __getitem__(self, key):
+        global _pool
+        worker = torch.utils.data.get_worker_info().id
+        if _pool is None or _pool.returned is not self.returned[worker]:
+            _pool = _Pool(worker, self.returned[worker])
         try:
-            return self.make(*key)
+            batch = self.make(*key)
         except Exception as e:
+            _pool.take_back()
             return _Failure(e)
+        return batch, _pool.lent_for()
+
+
+class _Returns:
+    """This process's side of the pools: watches the storages workers lent and names each one
+    back to its worker once nothing here references it."""
+
+    def __init__(self, senders: list):
+        self.senders, self.watched = senders, []
+
+    def watch(self, batch, lent: tuple):
+        worker, identities = lent
+        for tensor in _tensors(batch):
+            storage = tensor.untyped_storage()
+            identity = _identity(storage)
+            if identity in identities:
+                self.watched.append((worker, identity, reductions.StorageWeakRef(storage)))
+        del self.watched[:-WATCHED]  # beyond that, a worker makes fresh storages
+
+    def send_dropped(self):
+        dropped, kept = {}, []
+        for worker, identity, ref in self.watched:
+            if ref.expired():
+                dropped.setdefault(worker, []).append(identity)
+            else:
+                kept.append((worker, identity, ref))
+        self.watched = kept
+        for worker, identities in dropped.items():
+            try:
+                self.senders[worker].send(identities)
+            except OSError:  # the worker has exited
+                pass
+
+
+def _tensors(item):
+    if isinstance(item, torch.Tensor):
+        yield item
+    elif isinstance(item, dict):
+        for value in item.values():
+            yield from _tensors(value)
+    elif isinstance(item, (tuple, list)):
+        for value in item:
+            yield from _tensors(value)
 
 
 def _as_is(item):
@@ -94,13 +215,28 @@ def _as_is(item):
 
 def batches(make, keys, num_workers: int, pin_memory: bool = False):
     """``make(*key)`` for each key, computed by ``num_workers`` processes, yielded in order."""
+    pipes = [multiprocessing.Pipe(duplex=False) for _ in range(num_workers)]
+    returns = _Returns([sender for _, sender in pipes])
     loader = torch.utils.data.DataLoader(
-        _Batches(make), batch_size=None, sampler=keys, num_workers=num_workers,
-        collate_fn=_as_is, pin_memory=pin_memory, prefetch_factor=PREFETCH_BATCHES)
-    for item in loader:
-        if isinstance(item, _Failure):
-            item.reraise()
-        yield item
+        _Batches(make, [receiver for receiver, _ in pipes]), batch_size=None, sampler=keys,
+        num_workers=num_workers, collate_fn=_as_is, pin_memory=pin_memory,
+        prefetch_factor=PREFETCH_BATCHES)
+    items = iter(loader)
+    try:
+        while True:
+            returns.send_dropped()  # before asking: the worker making the next batch may reuse them
+            item = next(items, None)
+            if item is None:
+                return
+            if isinstance(item, _Failure):
+                item.reraise()
+            batch, lent = item
+            del item
+            returns.watch(batch, lent)
+            yield batch
+    finally:
+        for connection in (c for pipe in pipes for c in pipe):
+            connection.close()
 
 
 def to_device_ahead(batches, device: torch.device, finish):

@@ -1,0 +1,43 @@
+"""Tests for fpipe.data.workers: batches made in worker processes come back in order, and their
+shared memory is written again only once nothing in this process references it."""
+import numpy as np
+import torch
+
+from fpipe.data import workers
+
+
+class Filled:
+    """Batch ``step``: 4096 bytes of shared memory filled with ``step % 256``."""
+
+    def __call__(self, epoch: int, step: int) -> dict:
+        image = workers.empty((4096,), torch.uint8)
+        image.fill_(step % 256)
+        return {"image": image, "step": torch.tensor(step)}
+
+
+def test_worker_memory_is_recycled_once_dropped_and_never_while_held():
+    kept, views, identities = {}, {}, []
+    for batch in workers.batches(Filled(), [(0, s) for s in range(40)], num_workers=2):
+        step = int(batch["step"])
+        assert (batch["image"] == step).all() and batch["image"].untyped_storage().is_shared()
+        identities.append(workers._identity(batch["image"].untyped_storage()))
+        if step in (1, 2):
+            kept[step] = batch                     # the whole batch, held to the end
+        elif step == 5:
+            views[step] = batch["image"][100:200]  # a view of it
+        elif step == 6:
+            views[step] = batch["image"].numpy()   # a numpy array over it
+        del batch
+    for step, batch in kept.items():
+        assert (batch["image"] == step).all(), f"batch {step} was written over while held"
+    for step, view in views.items():
+        assert (np.asarray(view) == step).all(), f"a view of batch {step} was written over"
+    # Dropped batches' memory came back: far fewer distinct storages than batches.
+    assert None not in identities and len(set(identities)) < 20
+    held = {identities[s] for s in (*kept, *views)}
+    assert all(identities[s] not in held for s in range(7, 40)), "a held storage was reused"
+
+
+def test_workers_return_batches_in_order_whatever_the_pool():
+    steps = [int(b["step"]) for b in workers.batches(Filled(), [(0, s) for s in range(12)], 3)]
+    assert steps == list(range(12))
