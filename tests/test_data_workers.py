@@ -41,3 +41,16 @@ def test_worker_memory_is_recycled_once_dropped_and_never_while_held():
 def test_workers_return_batches_in_order_whatever_the_pool():
     steps = [int(b["step"]) for b in workers.batches(Filled(), [(0, s) for s in range(12)], 3)]
     assert steps == list(range(12))
+
+
+def test_pinned_batches_leave_the_workers_memory_fresh():
+    """Batches pinned for CUDA arrive as copies this process cannot watch, so their workers keep
+    no pool (else each would hold its lent storages for ever). Without CUDA the DataLoader skips
+    the pinning itself, so the storages seen here are the workers' own."""
+    identities = []
+    for batch in workers.batches(Filled(), [(0, s) for s in range(12)], 2, pin_memory=True):
+        assert (batch["image"] == int(batch["step"])).all()
+        if not torch.cuda.is_available():
+            identities.append(workers._identity(batch["image"].untyped_storage()))
+        del batch
+    assert len(set(identities)) == len(identities)  # every batch in fresh memory

@@ -157,14 +157,17 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, key):
         global _pool
         worker = torch.utils.data.get_worker_info().id
-        if _pool is None or _pool.returned is not self.returned[worker]:
+        if not self.returned:  # no pool: fresh shared memory for every batch
+            _pool = None
+        elif _pool is None or _pool.returned is not self.returned[worker]:
             _pool = _Pool(worker, self.returned[worker])
         try:
             batch = self.make(*key)
         except Exception as e:
-            _pool.take_back()
+            if _pool is not None:
+                _pool.take_back()
             return _Failure(e)
-        return batch, _pool.lent_for()
+        return batch, _pool.lent_for() if _pool is not None else (worker, ())
 
 
 class _Returns:
@@ -214,8 +217,9 @@ def _as_is(item):
 
 
 def batches(make, keys, num_workers: int, pin_memory: bool = False):
-    """``make(*key)`` for each key, computed by ``num_workers`` processes, yielded in order."""
-    pipes = [multiprocessing.Pipe(duplex=False) for _ in range(num_workers)]
+    """``make(*key)`` for each key, computed by ``num_workers`` processes, yielded in order.
+    Pinned batches reach this process as copies: their workers make fresh memory (no pool)."""
+    pipes = [multiprocessing.Pipe(duplex=False) for _ in range(0 if pin_memory else num_workers)]
     returns = _Returns([sender for _, sender in pipes])
     loader = torch.utils.data.DataLoader(
         _Batches(make, [receiver for receiver, _ in pipes]), batch_size=None, sampler=keys,
