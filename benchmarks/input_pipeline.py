@@ -3,7 +3,8 @@
     PYTHONPATH=. python benchmarks/input_pipeline.py [--workers 2] [--rounds 3]
 
 Writes ~2,000 photo-like JPEGs (about 500×375, varied sizes and orientations, quality 90, ~65 KB
-each) once into a temporary folder, then times whole epochs over them (worker start
+each) once into a temporary folder (or reads your own: ``--dir`` an image folder with
+``train/<class>/`` images; it is never written to), then times whole epochs over them (worker start
 included) for both pipelines with the same batch size and number of worker processes:
 
 - train: random_resized_crop(224) | flip | normalize
@@ -40,12 +41,19 @@ MEAN, STD = data.transforms.IMAGENET_MEAN, data.transforms.IMAGENET_STD
 TRAIN, EVAL = "random_resized_crop|flip|normalize", "resize(256)|center_crop|normalize"
 
 
-def make_jpegs(root: str, count: int, classes: int = 10) -> None:
+def make_jpegs(root: str, count: int, classes: int = 10) -> bool:
     """``count`` JPEGs under root/train/<class>/, photo-like: smooth colour fields, shapes with
-    edges and sensor-like noise; written once (a marker file records completion)."""
+    edges and sensor-like noise; written once (a marker file records completion). A folder that
+    already holds other files (your own ``train/<class>/`` images) is used as it is, never
+    written to: returns False then."""
     marker = os.path.join(root, f"done_{count}")
     if os.path.exists(marker):
-        return
+        return True
+    if os.path.isdir(root) and os.listdir(root):
+        if not os.path.isdir(os.path.join(root, "train")):
+            raise SystemExit(f"{root!r} holds files but no train/<class>/ images; give an "
+                             "empty or new --dir for generated JPEGs, or an image folder")
+        return False
     g = np.random.default_rng(0)
     for k in range(count):
         width, height = int(g.integers(400, 640)), int(g.integers(300, 480))
@@ -66,6 +74,7 @@ def make_jpegs(root: str, count: int, classes: int = 10) -> None:
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
             os.path.join(folder, f"{k:05d}.jpg"), quality=90)
     open(marker, "w").close()
+    return True
 
 
 # --- the baseline: torchvision's PIL code paths, written out -----------------------------------
@@ -174,7 +183,7 @@ def main():
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "fpipe_bench_jpegs"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    make_jpegs(args.dir, args.images)
+    generated = make_jpegs(args.dir, args.images)
     cfg = data.default_config()
     cfg.update(dict(name="image_folder", root=args.dir, train_split="train", test_split="train",
                     image_size=224, batch_size=args.batch, eval_batch_size=args.batch,
@@ -183,7 +192,8 @@ def main():
     if args.limit:
         ds = data.Dataset(ds.name, ds.classes, _first(ds.train, args.limit), None)
     sizes = [os.path.getsize(f) for f in ds.train.files]
-    print(f"{len(sizes)} JPEGs in {args.dir}, mean {np.mean(sizes) / 1e3:.0f} KB; batch "
+    print(f"{len(sizes)} {'generated JPEGs' if generated else 'of your images'} in {args.dir}, "
+          f"mean {np.mean(sizes) / 1e3:.0f} KB; batch "
           f"{args.batch}, {args.workers} worker processes, 1 torch thread")
     runs = {
         ("train", "fpipe"): lambda: data.Loader(ds.train, cfg, train=True).epoch(0),
