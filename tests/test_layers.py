@@ -45,11 +45,14 @@ def test_group_and_layer_norm_match_torch():
     torch.testing.assert_close(layers.norm("layer", p, s, x, True)[0], torch.nn.GroupNorm(1, 64)(x).detach())
 
 
-def test_conv_on_a_tiny_input_runs_as_a_matmul_with_conv2d_values_and_gradients():
+def test_conv_on_a_tiny_input_runs_as_a_matmul_with_conv2d_values_and_gradients(monkeypatch):
     """A "same"-padded conv whose input is at most padding + 1 per side is one dense matmul
     (layers._tiny_input): the values and all gradients of F.conv2d, for strides 1 and 2, with and
     without bias, 2×2, 1×2 and 1×1 inputs, 3×3 and 5×5 kernels; larger inputs keep F.conv2d."""
     torch.manual_seed(0)
+    monkeypatch.setattr(layers, "TINY_MATRIX_MIN_ROWS", 0)  # the matrix at any batch, to test it
+    calls, as_matmul = [], layers._conv_as_matmul
+    monkeypatch.setattr(layers, "_conv_as_matmul", lambda *a: calls.append(1) or as_matmul(*a))
     cases = [(2, 2, 3, 1, 1, True), (2, 2, 3, 1, 2, False), (1, 2, 3, 1, 1, False), (2, 1, 3, 1, 2, True),
              (1, 1, 3, 1, 2, True), (2, 2, 5, 2, 1, False), (3, 3, 5, 2, 2, True)]
     for h, w_, k, pad, stride, bias in cases:
@@ -59,6 +62,7 @@ def test_conv_on_a_tiny_input_runs_as_a_matmul_with_conv2d_values_and_gradients(
         if bias:
             p["bias"] = torch.randn(10, requires_grad=True)
         y = layers.conv(p, x, stride, pad)
+        assert calls.pop() == 1
         ref = torch.nn.functional.conv2d(x, p["weight"], p.get("bias"), stride, pad)
         torch.testing.assert_close(y, ref)
         grad_out = torch.randn_like(ref)
@@ -67,6 +71,28 @@ def test_conv_on_a_tiny_input_runs_as_a_matmul_with_conv2d_values_and_gradients(
             torch.testing.assert_close(g, g_ref)
     for hw, k, pad, stride in (((3, 3), 3, 1, 1), ((2, 2), 3, 0, 1), ((2, 2), 1, 0, 2), ((4, 4), 7, 3, 1), ((3, 3), 5, 2, 1)):
         assert not layers._tiny_input(hw, (k, k), stride, pad)
+
+
+def test_a_2x2_map_takes_the_matrix_only_where_the_batch_repays_it(monkeypatch):
+    """Under gradients on CPU a 3×3 conv on a 2×2 map builds its matrix each step: only from
+    TINY_MATRIX_MIN_ROWS rows (images × output pixels); a smaller batch takes another route with
+    F.conv2d's values and gradients. Without gradients (a frozen trunk) and on 1×1 maps, always."""
+    torch.manual_seed(0)
+    calls, as_matmul = [], layers._conv_as_matmul
+    monkeypatch.setattr(layers, "_conv_as_matmul", lambda *a: calls.append(a[2].shape) or as_matmul(*a))
+    monkeypatch.setattr(layers, "TINY_MATRIX_MIN_ROWS", 4 * 16)  # batch 16 at 2×2; small tensors
+    w = torch.randn(24, 16, 3, 3, requires_grad=True)
+    for batch, hw, grad, matrix in [(8, 2, True, False), (15, 2, True, False), (16, 2, True, True),
+                                    (8, 2, False, True), (8, 1, True, True)]:
+        x = torch.randn(batch, 16, hw, hw, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            y = layers.conv({"weight": w}, x, 1, 1)
+            ref = torch.nn.functional.conv2d(x, w, None, 1, 1)
+        assert (calls.pop() == x.shape if calls else False) == matrix, (batch, hw, grad)
+        torch.testing.assert_close(y, ref)
+        if grad:
+            for g, g_ref in zip(torch.autograd.grad(y.sum(), [x, w]), torch.autograd.grad(ref.sum(), [x, w])):
+                torch.testing.assert_close(g, g_ref)
 
 
 @pytest.mark.parametrize("groups, channels", [(3, 6), (6, 6), (2, 8)])  # grouped, depthwise, and 2 groups

@@ -57,7 +57,8 @@ def norm_init(kind, channels, zero_scale=False, groups=32):
 def conv(p, x, stride=1, padding=0, groups=1):
     w = p["weight"]
     if (isinstance(padding, int) and _tiny_input(x.shape[-2:], w.shape[-2:], stride, padding)
-            and (groups == 1 or x.shape[-2:] == (1, 1))):  # grouped: on 2×2 maps oneDNN's depthwise 3×3 is faster
+            and (groups == 1 or x.shape[-2:] == (1, 1))  # grouped: on 2×2 maps oneDNN's depthwise 3×3 is faster
+            and _matrix_pays(x, w, stride, padding)):
         return _conv_as_matmul(w, p.get("bias"), x, stride, padding, groups)
     if groups == 1 and isinstance(padding, int):
         if isinstance(stride, int) and _dense_beats_conv(x, w, stride, padding):
@@ -123,6 +124,25 @@ def _tiny_input(hw, kernel, stride, padding):
         return False
     outs = [_out_size(s, k, stride, padding) for s in hw]
     return outs[0] * outs[1] * hw[0] * hw[1] <= 2 * k * k
+
+
+TINY_MATRIX_MIN_ROWS = 256  # images × output pixels under gradients on CPU: batch 64 at 2×2
+
+
+def _matrix_pays(x, w, stride, padding):
+    """Whether :func:`_conv_as_matmul` is the route. On a 1×1 map it reads the centre tap only,
+    and without gradients (a frozen trunk, whose compile folds the matrix into a constant) it
+    does the fewest multiplies: always. On a 2×2 map under gradients its matrix repeats the
+    taps (512 channels: 16 MB against the kernel's 9.4 MB), built each step and its gradient
+    summed back into the taps: on CPU only from ``TINY_MATRIX_MIN_ROWS`` rows; fewer go on to
+    :func:`_dense_beats_conv` (the patches' product). Forward and backward, eager, AMD Zen 5, 3×3
+    512 -> 512 at 2×2, ms, matrix / patches / conv: batch 8 8.0 / 1.8 / 5.0, 32 8.6 / 5.8 / 9.9,
+    56 9.7 / 9.0 / 13.8, 64 10.3 / 11.9 / 16.8, 128 13.6 / 21.9 / 25.9 (256 channels alike;
+    docs/BENCHMARKS.md, thirty-fifth session). CUDA not measured: the matrix, as before."""
+    if x.shape[-2:] == (1, 1) or x.device.type != "cpu" or not torch.is_grad_enabled():
+        return True
+    ho, wo = (_out_size(s, k, stride, padding) for s, k in zip(x.shape[-2:], w.shape[-2:]))
+    return x.shape[0] * ho * wo >= TINY_MATRIX_MIN_ROWS
 
 
 def _conv_as_matmul(w, bias, x, stride, padding, groups=1):
