@@ -81,6 +81,7 @@ def test_a_2x2_map_takes_the_matrix_only_where_the_batch_repays_it(monkeypatch):
     calls, as_matmul = [], layers._conv_as_matmul
     monkeypatch.setattr(layers, "_conv_as_matmul", lambda *a: calls.append(a[2].shape) or as_matmul(*a))
     monkeypatch.setattr(layers, "TINY_MATRIX_MIN_ROWS", 4 * 16)  # batch 16 at 2×2; small tensors
+    monkeypatch.setattr(layers, "TINY_MATRIX_RULE_CHANNELS", 16)
     w = torch.randn(24, 16, 3, 3, requires_grad=True)
     for batch, hw, grad, matrix in [(8, 2, True, False), (15, 2, True, False), (16, 2, True, True),
                                     (8, 2, False, True), (8, 1, True, True)]:
@@ -93,6 +94,9 @@ def test_a_2x2_map_takes_the_matrix_only_where_the_batch_repays_it(monkeypatch):
         if grad:
             for g, g_ref in zip(torch.autograd.grad(y.sum(), [x, w]), torch.autograd.grad(ref.sum(), [x, w])):
                 torch.testing.assert_close(g, g_ref)
+    monkeypatch.setattr(layers, "TINY_MATRIX_RULE_CHANNELS", 17)  # fewer channels: the matrix at any batch
+    layers.conv({"weight": w}, torch.randn(8, 16, 2, 2, requires_grad=True), 1, 1)
+    assert calls.pop() == (8, 16, 2, 2)
 
 
 @pytest.mark.parametrize("groups, channels", [(3, 6), (6, 6), (2, 8)])  # grouped, depthwise, and 2 groups
