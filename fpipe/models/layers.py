@@ -126,7 +126,7 @@ def _tiny_input(hw, kernel, stride, padding):
     return outs[0] * outs[1] * hw[0] * hw[1] <= 2 * k * k
 
 
-TINY_MATRIX_MIN_ROWS = 256  # images × output pixels under gradients on CPU: batch 64 at 2×2
+TINY_MATRIX_MIN_ROWS = 128  # images × output pixels under gradients on CPU: batch 32 at 2×2
 TINY_MATRIX_RULE_CHANNELS = 256  # the rule's measured range; fewer input channels: the matrix, as before
 
 
@@ -138,8 +138,9 @@ def _matrix_pays(x, w, stride, padding):
     summed back into the taps: on CPU only from ``TINY_MATRIX_MIN_ROWS`` rows; fewer go on to
     :func:`_dense_beats_conv` (the patches' product). Forward and backward, eager, AMD Zen 5, 3×3
     512 -> 512 at 2×2, ms, matrix / patches / conv: batch 8 8.0 / 1.8 / 5.0, 32 8.6 / 5.8 / 9.9,
-    56 9.7 / 9.0 / 13.8, 64 10.3 / 11.9 / 16.8, 128 13.6 / 21.9 / 25.9 (256 channels alike;
-    docs/BENCHMARKS.md, thirty-fifth session). Under 256 input channels and on CUDA, not measured
+    56 9.7 / 9.0 / 13.8, 64 10.3 / 11.9 / 16.8, 128 13.6 / 21.9 / 25.9 (256 channels alike);
+    compiled, in whole train steps, the two routes are even at batch 32 (docs/BENCHMARKS.md,
+    thirty-fifth session), which keeps the matrix. Under 256 input channels and on CUDA, not measured
     in a compiled step: the matrix, as before. The route depends on the batch each process runs,
     so one process and several may round differently (as with :func:`dense`'s own rule)."""
     if (x.shape[-2:] == (1, 1) or x.device.type != "cpu" or not torch.is_grad_enabled()
