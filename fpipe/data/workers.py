@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing
 import torch.utils.data
 from torch.multiprocessing import reductions
+from torch.utils import _pytree as pytree
 
 PREFETCH_BATCHES = 2  # per worker: batches being made ahead of the consumer
 LENT_PER_WORKER = 8   # a worker's storages out in this process at once; more are made fresh
@@ -179,7 +180,7 @@ class _Returns:
 
     def watch(self, batch, lent: tuple):
         worker, identities = lent
-        for tensor in _tensors(batch):
+        for tensor in (t for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)):
             storage = tensor.untyped_storage()
             identity = _identity(storage)
             if identity in identities:
@@ -199,17 +200,6 @@ class _Returns:
                 self.senders[worker].send(identities)
             except OSError:  # the worker has exited
                 pass
-
-
-def _tensors(item):
-    if isinstance(item, torch.Tensor):
-        yield item
-    elif isinstance(item, dict):
-        for value in item.values():
-            yield from _tensors(value)
-    elif isinstance(item, (tuple, list)):
-        for value in item:
-            yield from _tensors(value)
 
 
 def _as_is(item):
