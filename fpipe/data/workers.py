@@ -57,7 +57,8 @@ def _identity(storage) -> tuple | None:
 
 class _Pool:
     """A worker's shared storages: ``lent`` (sent, maybe still read by the main process) and
-    ``free`` (the main process said it dropped them). Only ``free`` ones are written again."""
+    ``free`` (the main process said it dropped them), each kept with its identity. Only ``free``
+    ones are written again."""
 
     def __init__(self, worker: int, returned):
         self.worker, self.returned = worker, returned
@@ -65,12 +66,13 @@ class _Pool:
 
     def take(self, nbytes: int):
         self._collect_returned()
-        storage = next((s for s in self.free if s.nbytes() == nbytes), None)
-        if storage is not None:
-            self.free.remove(storage)
+        reuse = next((entry for entry in self.free if entry[1].nbytes() == nbytes), None)
+        if reuse is not None:
+            self.free.remove(reuse)
+            identity, storage = reuse
         else:
             storage = torch.UntypedStorage._new_shared(nbytes)
-        identity = _identity(storage)
+            identity = _identity(storage)
         if identity is not None and len(self.lent) < LENT_PER_WORKER:
             self.lent[identity] = storage
             self.made.append(identity)
@@ -81,7 +83,7 @@ class _Pool:
             for identity in self.returned.recv():
                 storage = self.lent.pop(identity, None)
                 if storage is not None:
-                    self.free.append(storage)
+                    self.free.append((identity, storage))
         del self.free[:-KEEP_FREE]
 
     def lent_for(self) -> tuple:
@@ -92,7 +94,7 @@ class _Pool:
     def take_back(self):
         """The storages of a batch that failed half-way: never sent, free again."""
         for identity in self.lent_for()[1]:
-            self.free.append(self.lent.pop(identity))
+            self.free.append((identity, self.lent.pop(identity)))
 
 
 _pool = None  # this worker process's _Pool, made on its first batch
