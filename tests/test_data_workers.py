@@ -54,3 +54,23 @@ def test_pinned_batches_leave_the_workers_memory_fresh():
             identities.append(workers._identity(batch["image"].untyped_storage()))
         del batch
     assert len(set(identities)) == len(identities)  # every batch in fresh memory
+
+
+def test_a_pool_reuses_only_what_came_back_or_was_never_sent():
+    """A worker's pool, driven by hand: a storage is written again only after this process named
+    it back, or when the batch holding it failed before it was sent (``take_back``)."""
+    import multiprocessing
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    pool = workers._Pool(0, receiver)
+    first = pool.take(1024)
+    _, lent = pool.lent_for()
+    assert lent == (workers._identity(first),)
+    assert pool.take(1024) is not first, "a lent storage was handed out again"
+    pool.lent_for()
+    sender.send(list(lent))  # this process dropped the first batch
+    assert pool.take(1024) is first
+    assert pool.lent_for()[1] == lent  # lent again, under its own identity
+    failed = pool.take(2048)
+    pool.take_back()  # that batch failed half-way: never sent
+    assert pool.take(2048) is failed and pool.take(2048) is not failed
+    receiver.close(), sender.close()
