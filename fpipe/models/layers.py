@@ -77,7 +77,7 @@ def _dense_beats_conv(x, w, stride, padding):
     ResNet at 48 px). Where dense is a conv itself (``ROWS_AS_CONV``: AMD), only for products of
     at least ``DENSE_MIN_MACS``, as dense's own rule. Under CPU bf16 autocast too, where measured
     (Intel with AMX: 4-13× at 2×2 and fewer pixels, 1.5× at 3×3)."""
-    ho, wo = (_out_size(s, k, stride, padding) for s, k in zip(x.shape[-2:], w.shape[-2:]))
+    ho, wo = _out_hw(x, w, stride, padding)
     most = 4 if x.shape[1] < 512 else 16 if w.shape[-2:] == (1, 1) else 9
     if (x.shape[1] >= 256 and w.shape[-2:] != (1, 1) and not torch.is_grad_enabled()
             and not ROWS_AS_CONV and not torch.is_autocast_enabled("cpu")):
@@ -98,8 +98,8 @@ def _patches_as_matmul(w, bias, x, stride, padding):
     1×1 stride 2, 1024 -> 2048 onto 1×1 39.3 vs 7.5; 1×1 2048 -> 512 at 1×1 9.3 vs 3.0; 3×3
     stride 2, 512 -> 512 from 4×4 45.1 vs 16.7, 256 -> 256 7.5 vs 5.1 (AMD, dense as a conv:
     64×2048×2×2 -> 512 18.4 vs 8.8; 1×1 stride 2 1024 -> 2048 onto 2×2 41.4 vs 15.4)."""
-    (n, c, h, wd), (o, _, kh, kw) = x.shape, w.shape
-    ho, wo = _out_size(h, kh, stride, padding), _out_size(wd, kw, stride, padding)
+    (n, c, _, _), (o, _, kh, kw) = x.shape, w.shape
+    ho, wo = _out_hw(x, w, stride, padding)
     pixels = (F.pad(x, (padding,) * 4) if padding else x).permute(0, 2, 3, 1)  # (n, h, w, c)
     if (kh, kw) == (1, 1):  # a view (at stride 1 of a channels-last input, reshaped without a copy)
         patches = pixels[:, ::stride, ::stride]
@@ -112,6 +112,11 @@ def _patches_as_matmul(w, bias, x, stride, padding):
 
 def _out_size(size, kernel, stride, padding):
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def _out_hw(x, w, stride, padding):
+    """``(height, width)`` of the conv of ``x`` with the kernel ``w`` (int stride and padding)."""
+    return tuple(_out_size(s, k, stride, padding) for s, k in zip(x.shape[-2:], w.shape[-2:]))
 
 
 def _tiny_input(hw, kernel, stride, padding):
@@ -146,7 +151,7 @@ def _matrix_pays(x, w, stride, padding):
     if (x.shape[-2:] == (1, 1) or x.device.type != "cpu" or not torch.is_grad_enabled()
             or x.shape[1] < TINY_MATRIX_RULE_CHANNELS):
         return True
-    ho, wo = (_out_size(s, k, stride, padding) for s, k in zip(x.shape[-2:], w.shape[-2:]))
+    ho, wo = _out_hw(x, w, stride, padding)
     return x.shape[0] * ho * wo >= TINY_MATRIX_MIN_ROWS
 
 
@@ -161,7 +166,7 @@ def _conv_as_matmul(w, bias, x, stride, padding, groups=1):
     convs from torch 2.11's mispredicted conv-backward layouts on 1×1 maps (pytorch#171622). The
     output is channels-last."""
     (n, c, h, wd), o = x.shape, w.shape[0]
-    ho, wo = _out_size(h, w.shape[-2], stride, padding), _out_size(wd, w.shape[-1], stride, padding)
+    ho, wo = _out_hw(x, w, stride, padding)
     taps = w.permute(0, 2, 3, 1)  # (o, kh, kw, c / groups): output (i, j) reads a contiguous window of taps
     windows = [(padding - i * stride, padding - j * stride) for i in range(ho) for j in range(wo)]
     rows = x.permute(0, 2, 3, 1)  # (n, h, w, c)
