@@ -182,6 +182,8 @@ class _Returns:
 
     def watch(self, batch, lent: tuple):
         worker, identities = lent
+        if not identities:  # nothing pooled in it (no pool, or the worker's lent ones all out)
+            return
         for tensor in (t for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)):
             storage = tensor.untyped_storage()
             identity = _identity(storage)
