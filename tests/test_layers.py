@@ -189,6 +189,38 @@ def test_dense_as_a_1x1_conv_gives_linears_values_and_gradients(monkeypatch):
     assert len(images) == 3
 
 
+def test_1x1_convs_over_few_images_run_on_onednn_on_one_thread(monkeypatch):
+    """On one thread ATen sends a float32 1×1 stride-1 conv over fewer than 16 images to its THNN
+    path (MKL's gemm: AVX2 code on AMD, half oneDNN's speed): layers.conv and dense's convs take
+    oneDNN there, forward and backward, with F.conv2d's values and gradients."""
+    from torch.profiler import ProfilerActivity, profile
+    monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
+    monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 16, 5, 5), torch.randn(12, 16, 1, 1)
+    rows, w_rows = torch.randn(30, 16), torch.randn(24, 16)  # dense: a (2, 16, 3, 5) image
+
+    def losses(x, w, rows, w_rows):
+        return layers.conv({"weight": w}, x).square().sum() + layers.dense(rows, w_rows).square().sum()
+
+    def reference(x, w, rows, w_rows):
+        return F.conv2d(x, w).square().sum() + F.linear(rows, w_rows).square().sum()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        grads = torch.func.grad(losses, argnums=(0, 1, 2, 3))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = grads(x, w, rows, w_rows)
+        expected = torch.func.grad(reference, argnums=(0, 1, 2, 3))(x, w, rows, w_rows)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::mkldnn_convolution") == 2, sorted(set(n for n in names if "conv" in n))
+    assert not [n for n in names if "slow_conv" in n or "thnn" in n]
+
+
 def test_compiled_dense_convs_take_their_image_as_it_is(monkeypatch):
     """Compiled by inductor (as the train step is), dense's convs get their channels-last image
     without a copy, forward and backward: inductor gives size-1 dims stride 0, and a 1×r image
