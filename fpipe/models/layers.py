@@ -71,9 +71,10 @@ def conv2d(x, w, bias=None, stride=1, padding=0, groups=1):
     1×1 conv at stride 1 over 2-15 images on one thread (ATen keeps an old rule that THNN is
     faster there). THNN's gemm is MKL's, AVX2 code on AMD: 1.1-2.3× slower forward and backward
     (Zen 5, 1 thread; train steps, ResNet-18 96 px b24 285 -> 228 ms, ResNet-50 48 px b8 131 ->
-    98 ms, ViT-S/16 64 px b16, whose linears are dense's convs, 376 -> 227 ms). A dilation of 2, which a 1×1 kernel never reads, sends it to oneDNN: the same math and
-    the same oneDNN kernels as the undilated conv (its verbose log: brgconv_1x1, jit_1x1), as fast
-    at 1 and 2 threads, so taken whatever the threads. Under autocast ATen takes oneDNN anyway."""
+    98 ms, ViT-S/16 64 px b16, whose linears are dense's convs, 376 -> 227 ms). A dilation of 2,
+    which a 1×1 kernel never reads, sends it to oneDNN: the same math and the same oneDNN kernels
+    as the undilated conv (its verbose log: brgconv_1x1, jit_1x1), as fast at 1 and 2 threads, so
+    taken whatever the threads. Under autocast ATen takes oneDNN anyway."""
     one_by_one = w.shape[-2:] == (1, 1) and stride in (1, (1, 1))
     thnn = (one_by_one and x.device.type == "cpu" and x.dtype == torch.float32 and 1 < x.shape[0] < 16
             and not torch.is_autocast_enabled("cpu"))
