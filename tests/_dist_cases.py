@@ -114,6 +114,23 @@ def run_loop_step(dist=None, steps=2):
             "model_state": {k: v.clone() for k, v in tree.flatten(ts["model_state"]).items()}}
 
 
+def layout_grads(rank):
+    """Grads in the layouts a step hands over: channels-last conv weights (a 1x1 one too), a
+    transposed matrix, vectors, a float64 leaf; values that differ by rank."""
+    g = torch.Generator().manual_seed(11 + rank)
+    return {"conv": torch.randn(6, 4, 3, 3, generator=g).contiguous(memory_format=torch.channels_last),
+            "pointwise": torch.randn(8, 6, 1, 1, generator=g).contiguous(memory_format=torch.channels_last),
+            "fc": {"weight": torch.randn(5, 8, generator=g).t(), "bias": torch.randn(5, generator=g)},
+            "scale": torch.randn(3, generator=g, dtype=torch.float64)}
+
+
+def grad_mean_layouts(dist):
+    """grad_mean over several small buckets (64 bytes each), eager and compiled."""
+    reduce = distributed.grad_mean(dist, bucket_bytes=64)
+    grads = layout_grads(dist.rank)
+    return {"eager": reduce(grads), "compiled": torch.compile(reduce, fullgraph=True)(grads)}
+
+
 # ---------------------------------------------------------------- SyncBN vs the global batch
 BN_SIZES, BN_CHANNELS = (3, 5), 4  # unequal shards: the count weights the statistics
 
@@ -154,6 +171,7 @@ def main(outdir):
                  "is_main": dist.is_main, "device": str(dist.device)},
         "grad_mean": distributed.grad_mean(dist)({"a": torch.full((3,), float(dist.rank)),
                                                   "b": {"c": torch.full((2,), 1.0 + dist.rank, dtype=torch.float64)}}),
+        "grad_mean_layouts": grad_mean_layouts(dist),
         "metrics": distributed.mean_metrics(dist, {"loss": torch.tensor(2.0 * dist.rank), "h": {"top1": 1.0}}),
         "max": distributed.max_over_ranks(dist, 1.5 + dist.rank),
         "sum": distributed.sum_over_ranks(dist, {"count": torch.tensor(3 + dist.rank), "fc": {"top1": 2}}),

@@ -80,6 +80,28 @@ def test_collectives(ranks):
         assert out["sum"] == {"count": 7, "fc": {"top1": 4}}
 
 
+def test_grad_mean_keeps_each_grads_layout_over_several_buckets(ranks):
+    """Each grad comes back the mean over ranks with its own strides (a channels-last grad stays
+    channels-last: the fused optimizer would copy it otherwise), eager and compiled."""
+    from fpipe import tree
+    given = [tree.flatten(cases.layout_grads(r)) for r in range(2)]
+    for out in ranks:
+        for how in ("eager", "compiled"):
+            got = tree.flatten(out["grad_mean_layouts"][how])
+            assert list(got) == list(given[0])
+            for name, g in got.items():
+                torch.testing.assert_close(g, (given[0][name] + given[1][name]) / 2, msg=lambda m: f"{how} {name}: {m}")
+                assert g.stride() == given[0][name].stride(), (how, name, g.stride(), given[0][name].stride())
+
+
+def test_buckets_follow_the_backward_and_split_by_size_and_dtype():
+    flat = {"stem": torch.zeros(4), "l1": torch.zeros(8), "l1.half": torch.zeros(2, dtype=torch.float16),
+            "l2": torch.zeros(2), "head": torch.zeros(3)}
+    assert distributed.buckets(flat, bucket_bytes=16) == [["head", "l2"], ["l1.half"], ["l1"], ["stem"]]
+    assert distributed.buckets(flat, bucket_bytes=1 << 20) == [["head", "l2", "l1", "stem"], ["l1.half"]]
+    assert distributed.buckets({}, 16) == []
+
+
 def test_linear_head_equals_one_process_on_the_global_batch(ranks):
     want = cases.run_fpipe(cases.LINEAR, ["trunk"])
     for out in ranks:

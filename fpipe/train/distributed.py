@@ -119,13 +119,21 @@ def _all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return y.wait() if isinstance(y, funcol.AsyncCollectiveTensor) else y
 
 
-def grad_mean(dist: Dist) -> Optional[Callable[[dict], dict]]:
+BUCKET_BYTES = 25 << 20  # DistributedDataParallel's default bucket_cap_mb
+
+
+def grad_mean(dist: Dist, bucket_bytes: int = BUCKET_BYTES) -> Optional[Callable[[dict], dict]]:
     """``grads -> grads`` averaged over all ranks; ``None`` for a single process.
 
-    Leaves are packed into one flat buffer per (device, dtype), so a ResNet's ~160 gradient
-    tensors cost one all-reduce, not 160; each buffer is divided by the world size and summed
-    (as DistributedDataParallel does: with a power-of-two world size the two orders agree bit for bit).
-    The mean of per-rank mean losses is the global batch's mean when every rank has the same
+    Leaves are packed into flat buffers of about ``bucket_bytes`` (:func:`buckets`: the last
+    layers' grads first, as the backward produces them, one dtype and device each), so a ResNet's
+    ~160 gradient tensors cost a few all-reduces, not 160; compiled, each can start as soon as its
+    grads exist (:func:`overlap_options`). Each grad is packed in the order its elements lie in
+    memory and comes back with its own strides: a channels-last grad stays channels-last, and the
+    optimizer's fused kernels take it without a copy (ResNet-18 64 px b32 on 2 gloo processes of
+    1 thread: 61 -> 40 ms of the step). Each buffer is divided by the world size and summed (as
+    DistributedDataParallel does: with a power-of-two world size the two orders agree bit for
+    bit). The mean of per-rank mean losses is the global batch's mean when every rank has the same
     batch size, as the rank-sharded loader gives.
     """
     if not dist.enabled:
@@ -134,22 +142,60 @@ def grad_mean(dist: Dist) -> Optional[Callable[[dict], dict]]:
 
     def reduce(grads: dict) -> dict:
         flat = tree.flatten(grads)
-        buckets = defaultdict(list)
-        for name, g in flat.items():
-            buckets[(g.device, g.dtype)].append(name)
-        reduced = {}
-        for names in buckets.values():  # issue every collective first, then wait on each
-            buffer = torch.cat([flat[n].reshape(-1) for n in names]) / world
-            reduced[tuple(names)] = funcol.all_reduce(buffer, "sum", group_name)
+        packed = {n: _memory_order(g) for n, g in flat.items()}  # name -> (flat values, restore)
+        reduced = []  # issue every collective first, then wait on each
+        for names in buckets(flat, bucket_bytes):
+            buffer = torch.cat([packed[n][0] for n in names]) / world
+            reduced.append((names, funcol.all_reduce(buffer, "sum", group_name)))
         out = {}
-        for names, buffer in reduced.items():
+        for names, buffer in reduced:
             if isinstance(buffer, funcol.AsyncCollectiveTensor):  # eager: wait here, not in opt code
                 buffer = buffer.wait()
             pieces = torch.split(buffer, [flat[n].numel() for n in names])
-            out.update({n: p.view_as(flat[n]) for n, p in zip(names, pieces)})
+            out.update({n: packed[n][1](p) for n, p in zip(names, pieces)})
         return tree.unflatten({n: out[n] for n in flat})
 
     return reduce
+
+
+def buckets(flat: dict, bucket_bytes: int = BUCKET_BYTES) -> list:
+    """The names of ``flat``'s tensors in all-reduce buckets: in reverse order (a model's params are
+    listed input first, so its backward produces their grads roughly last first), one device and
+    dtype per bucket, a bucket closed once it holds ``bucket_bytes`` or more."""
+    done, filling = [], {}  # (device, dtype) -> [names, bytes]
+    for name in reversed(list(flat)):
+        t = flat[name]
+        bucket = filling.setdefault((t.device, t.dtype), [[], 0])
+        if not bucket[0]:
+            done.append(bucket[0])
+        bucket[0].append(name)
+        bucket[1] += t.numel() * t.element_size()
+        if bucket[1] >= bucket_bytes:
+            del filling[(t.device, t.dtype)]
+    return done
+
+
+def overlap_options(dist: Dist) -> Optional[dict]:
+    """Inductor options for a compiled step that all-reduces grads: each bucket's collective moved
+    as early as its grads allow and its wait as late as its first use, so it runs beside the
+    backward of earlier layers (where the collective has its own engine: NCCL's stream; on 2 CPU
+    cores, whose gloo threads share the cores with the step, it measured even). None for one process."""
+    if not dist.enabled:
+        return None
+    return {"reorder_for_compute_comm_overlap": True,
+            "reorder_for_compute_comm_overlap_passes": ["raise_comms", "sink_waits"]}
+
+
+def _memory_order(t: torch.Tensor):
+    """``(flat, restore)``: ``t``'s elements as a 1-d tensor in the order they lie in memory (a view
+    when ``t`` is dense in some dimension order: channels-last grads stay channels-last), and the
+    function that gives a flat tensor of that order back ``t``'s shape and strides."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    permuted = t.permute(order)
+    if not permuted.is_contiguous():
+        return t.reshape(-1), lambda flat: flat.view(t.shape)
+    inverse = sorted(range(t.dim()), key=order.__getitem__)
+    return permuted.reshape(-1), lambda flat: flat.view(permuted.shape).permute(inverse)
 
 
 class _SumAcrossRanks(torch.autograd.Function):

@@ -265,16 +265,18 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
         step = donation.writes_into_inputs(step)
     step = step_lib.maybe_compile(step, compiling, "train step",
                                   cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast),
-                                  inductor=step_passes(config))
+                                  inductor=step_passes(config, dist))
     if heads_only:
         step = frozen_trunk.heads_only(step)
     return donation.Donating(step) if donating else step
 
 
-def step_passes(config):
+def step_passes(config, dist=None):
     """Inductor's graph passes for the train step: values recomputed in the backward
-    (``compile_remat``) and, where it was measured faster, BatchNorm's sums taken row by row."""
-    passes = {**(remat.options(config.compile_remat) or {}), **row_sums.options()}
+    (``compile_remat``), where it was measured faster BatchNorm's sums taken row by row, and with
+    several processes the gradients' all-reduces overlapped with the backward."""
+    passes = {**(remat.options(config.compile_remat) or {}), **row_sums.options(),
+              **((dist and distributed.overlap_options(dist)) or {})}
     return passes or None
 
 

@@ -1,0 +1,166 @@
+"""Data-parallel training step over processes: fpipe under torchrun vs. DistributedDataParallel.
+
+    PYTHONPATH=. python benchmarks/ddp_step.py                  # 2 processes, supervised ResNet-18, 64 px, b32 each
+    PYTHONPATH=. python benchmarks/ddp_step.py --mode finetune --depth 50 --image-size 32
+    PYTHONPATH=. python benchmarks/ddp_step.py --nproc 4 --threads 4 --arch vit_s16 --optimizer adamw
+
+Run as above, it starts ``--nproc`` processes with ``torch.distributed.run`` (torchrun; gloo on
+CPU, NCCL with ``--device cuda``, one GPU each), each with ``--threads`` threads (default: the
+cores divided among them, where torchrun alone would give each one). Every process holds the
+same network (train_step.py's setups: the shipped configs, ResNets or the other trunks) and its
+own batch of ``--batch-size`` images. Programs, timed round-robin, each call started together
+on all ranks (a barrier), medians on rank 0:
+
+  fpipe     the loop's step for a multi-process run (``loop.build_train_step`` with the run's
+            ``Dist``: gradients averaged inside the compiled step, fpipe.train.distributed).
+  eager, compiled, eager_cl, compiled_cl  train_step.py's nn.Module baselines wrapped in
+            ``DistributedDataParallel`` (its default 25 MB buckets, all-reduces overlapped with
+            the backward), ``torch.compile`` of the wrapped module for the compiled ones (Dynamo's
+            DDP optimizer splits the graph at the buckets), ``_cl``: channels-last.
+
+Output: each program's median step time and images/s over all processes, and
+``ratio_vs_<baseline>``: its time / fpipe's (>1: fpipe is faster), with train_step.py's goals.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from benchmarks import train_step
+from benchmarks.linear_eval_step import NUM_CLASSES, as_main_does, machine, own_compile_cache
+from fpipe import host_memory
+from fpipe.train import distributed
+from fpipe.train import loop as loop_lib
+
+
+def rank_setup(args, dist):
+    """train_step.py's setup, the same network on every rank, this rank's own images."""
+    s = train_step.setup(args.mode, args.depth, args.image_size, args.batch_size, arch=args.arch,
+                         optimizer=args.optimizer)
+    gen = torch.Generator().manual_seed(1000 + dist.rank)
+    s["batch"] = loop_lib.to_device(
+        {"image": torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen),
+         "label": torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=gen)}, dist.device)
+    return s
+
+
+def fpipe_program(s, dist):
+    step = loop_lib.build_train_step(s["config"], s["model"], s["opt"], s["trainable"], s["state"],
+                                     s["eval_norms"], dist, compiling=True)
+    box = {"ts": train_step.train_state(s, dist.device)}
+    lr = s["opt"].inputs(s["lr"])
+
+    def run():
+        box["ts"], metrics = step(box["ts"], s["batch"], lr)
+        return metrics["loss"]
+    return run
+
+
+def ddp_program(s, dist, compiled, channels_last):
+    net = train_step.torch_net(s).to(dist.device)
+    images = s["batch"]["image"]
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    opt = train_step.torch_optimizer(net, s, **({"fused": True} if dist.device.type == "cuda" else {}))
+    wrapped = DistributedDataParallel(net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    forward = torch.compile(wrapped) if compiled else wrapped
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(forward(images), s["batch"]["label"])
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    return run
+
+
+def timed(run, dist):
+    """One call, started together on every rank; seconds until this rank has its result."""
+    tdist.barrier()
+    t = time.perf_counter()
+    loss = run()
+    if dist.device.type == "cuda":
+        torch.cuda.synchronize()
+    else:
+        float(loss)
+    return time.perf_counter() - t
+
+
+def rank_main(args):
+    as_main_does(args.threads)
+    own_compile_cache()
+    dist = distributed.init()
+    s = rank_setup(args, dist)
+    programs = {}
+    for name in args.programs:
+        programs[name] = (fpipe_program(s, dist) if name == "fpipe" else
+                          ddp_program(s, dist, name.startswith("compiled"), name.endswith("_cl")))
+    first, times = {}, {n: [] for n in programs}
+    for name, run in programs.items():
+        first[name] = timed(run, dist)
+        host_memory.keep_large_blocks()  # as the train loops do after their first step
+        for _ in range(args.warmup - 1):
+            timed(run, dist)
+    for _ in range(args.iters):
+        for name, run in programs.items():
+            times[name].append(timed(run, dist))
+    if dist.is_main:
+        med = {n: statistics.median(v) for n, v in times.items()}
+        images = args.batch_size * dist.world_size
+        print(f"== {train_step.case_name(args, args.mode, args.depth)}, {args.image_size}px, {dist.world_size} "
+              f"processes ({dist.backend}, {args.threads} threads each), batch {args.batch_size} each, median of "
+              f"{args.iters} interleaved rounds after {args.warmup} warm-up")
+        for n in programs:
+            print(f"{n:11s} {med[n] * 1e3:8.1f} ms  {images / med[n]:7.1f} images/s   first call {first[n]:6.1f} s")
+        for base, goal in train_step.GOALS.items():
+            if "fpipe" in med and base in med:
+                print(f"ratio_vs_{base}: {med[base] / med['fpipe']:.3f}  (goal >= {goal})")
+        sys.stdout.flush()
+    dist.shutdown()
+
+
+def launch(args, argv):
+    """This script under torchrun, ``--nproc`` processes of ``--threads`` threads."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           os.path.abspath(__file__), *argv, "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    print("machine:", machine())
+    sys.stdout.flush()
+    return subprocess.run(cmd, env=env).returncode
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--mode", default="supervised", choices=train_step.MODES)
+    ap.add_argument("--arch", default="resnet", choices=train_step.ARCHS)
+    ap.add_argument("--depth", type=int, default=18)
+    ap.add_argument("--optimizer", default="config", choices=train_step.OPTIMIZERS)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32, help="per process")
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="per process (default: the cores / --nproc)")
+    ap.add_argument("--programs", nargs="+", default=list(train_step.PROGRAMS), choices=train_step.PROGRAMS)
+    args = ap.parse_args(argv)
+    if "RANK" in os.environ:
+        return rank_main(args)
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    return launch(args, [a for a in argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
