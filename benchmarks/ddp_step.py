@@ -18,11 +18,17 @@ on all ranks (a barrier), medians on rank 0:
             the backward), ``torch.compile`` of the wrapped module for the compiled ones (Dynamo's
             DDP optimizer splits the graph at the buckets), ``_cl``: channels-last.
 
-Output: each program's median step time and images/s over all processes, and
-``ratio_vs_<baseline>``: its time / fpipe's (>1: fpipe is faster), with train_step.py's goals.
+Output: each program's median step time, images/s over all processes and page faults a step,
+and ``ratio_vs_<baseline>``: its time / fpipe's (>1: fpipe is faster), with train_step.py's goals.
+Then ``alone_ratio_vs_<baseline>``: the same from each program alone in its own torchrun launch,
+as a user runs one (skip with ``--no-alone``). Programs interleaved in one process share its heap:
+the more of them, the more fpipe's step faults its memory in afresh (ResNet-50 64 px b16: 6, 454
+and 1278 faults a step beside one, two and four baselines; 271, 297 and 343 ms).
 """
 import argparse
+import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -83,15 +89,17 @@ def ddp_program(s, dist, compiled, channels_last):
 
 
 def timed(run, dist):
-    """One call, started together on every rank; seconds until this rank has its result."""
+    """One call, started together on every rank: seconds until this rank has its result, and the
+    page faults it took (a program faulting its memory in afresh each step pays for it)."""
     tdist.barrier()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
     loss = run()
     if dist.device.type == "cuda":
         torch.cuda.synchronize()
     else:
         float(loss)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def rank_main(args):
@@ -103,23 +111,27 @@ def rank_main(args):
     for name in args.programs:
         programs[name] = (fpipe_program(s, dist) if name == "fpipe" else
                           ddp_program(s, dist, name.startswith("compiled"), name.endswith("_cl")))
-    first, times = {}, {n: [] for n in programs}
+    first, times, faults = {}, {n: [] for n in programs}, {n: [] for n in programs}
     for name, run in programs.items():
-        first[name] = timed(run, dist)
+        first[name] = timed(run, dist)[0]
         host_memory.keep_large_blocks()  # as the train loops do after their first step
         for _ in range(args.warmup - 1):
             timed(run, dist)
     for _ in range(args.iters):
         for name, run in programs.items():
-            times[name].append(timed(run, dist))
+            seconds, minor_faults = timed(run, dist)
+            times[name].append(seconds)
+            faults[name].append(minor_faults)
     if dist.is_main:
         med = {n: statistics.median(v) for n, v in times.items()}
+        print("RESULT " + json.dumps({n: med[n] for n in programs}))
         images = args.batch_size * dist.world_size
         print(f"== {train_step.case_name(args, args.mode, args.depth)}, {args.image_size}px, {dist.world_size} "
               f"processes ({dist.backend}, {args.threads} threads each), batch {args.batch_size} each, median of "
               f"{args.iters} interleaved rounds after {args.warmup} warm-up")
         for n in programs:
-            print(f"{n:11s} {med[n] * 1e3:8.1f} ms  {images / med[n]:7.1f} images/s   first call {first[n]:6.1f} s")
+            print(f"{n:11s} {med[n] * 1e3:8.1f} ms  {images / med[n]:7.1f} images/s   first call {first[n]:6.1f} s"
+                  f"   page faults a step {statistics.median(faults[n]):8.0f}")
         for base, goal in train_step.GOALS.items():
             if "fpipe" in med and base in med:
                 print(f"ratio_vs_{base}: {med[base] / med['fpipe']:.3f}  (goal >= {goal})")
@@ -127,17 +139,42 @@ def rank_main(args):
     dist.shutdown()
 
 
-def launch(args, argv):
-    """This script under torchrun, ``--nproc`` processes of ``--threads`` threads."""
+def launch(args, argv, programs):
+    """This script under torchrun for ``programs``: ``--nproc`` processes of ``--threads`` threads;
+    rank 0's median step times, having passed its output through."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           os.path.abspath(__file__), *argv, "--threads", str(args.threads)]
+           os.path.abspath(__file__), *argv, "--threads", str(args.threads), "--programs", *programs]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
            "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    print("machine:", machine())
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    result = None
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+        else:
+            print(line)
     sys.stdout.flush()
-    return subprocess.run(cmd, env=env).returncode
+    if out.returncode or result is None:
+        raise SystemExit(f"torchrun for {programs} failed (exit {out.returncode})")
+    return result
+
+
+def launch_all(args, argv):
+    print("machine:", machine(), f"(each process: {args.threads} threads)")
+    sys.stdout.flush()
+    launch(args, argv, args.programs)
+    if args.no_alone or "fpipe" not in args.programs:
+        return 0
+    alone = {}
+    for name in args.programs:
+        alone.update(launch(args, argv + ["--iters", str(args.iters), "--warmup", str(args.warmup)], [name]))
+    print("alone: " + "  ".join(f"{n} {t * 1e3:.1f} ms" for n, t in alone.items()))
+    for base, goal in train_step.GOALS.items():
+        if base in alone:
+            print(f"alone_ratio_vs_{base}: {alone[base] / alone['fpipe']:.3f}  (goal >= {goal})")
+    return 0
 
 
 def main(argv=None):
@@ -155,11 +192,17 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="per process (default: the cores / --nproc)")
     ap.add_argument("--programs", nargs="+", default=list(train_step.PROGRAMS), choices=train_step.PROGRAMS)
+    ap.add_argument("--no-alone", action="store_true", help="skip each program's own launch")
     args = ap.parse_args(argv)
     if "RANK" in os.environ:
         return rank_main(args)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
-    return launch(args, [a for a in argv])
+    passed = [a for a in argv if a != "--no-alone"]
+    if "--programs" in passed:  # each launch names its own
+        i = passed.index("--programs")
+        j = next((k for k in range(i + 1, len(passed)) if passed[k].startswith("--")), len(passed))
+        passed = passed[:i] + passed[j:]
+    return launch_all(args, passed)
 
 
 if __name__ == "__main__":
