@@ -36,7 +36,6 @@ import time
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks import train_step
@@ -70,22 +69,10 @@ def fpipe_program(s, dist):
 
 
 def ddp_program(s, dist, compiled, channels_last):
-    net = train_step.torch_net(s).to(dist.device)
-    images = s["batch"]["image"]
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    opt = train_step.torch_optimizer(net, s, **({"fused": True} if dist.device.type == "cuda" else {}))
-    wrapped = DistributedDataParallel(net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    forward = torch.compile(wrapped) if compiled else wrapped
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(forward(images), s["batch"]["label"])
-        loss.backward()
-        opt.step()
-        return loss.detach()
-    return run
+    """train_step.py's nn.Module step, the module wrapped in DistributedDataParallel."""
+    cuda = dist.device.type == "cuda"
+    wrap = lambda net: DistributedDataParallel(net.to(dist.device), device_ids=[dist.device.index] if cuda else None)
+    return train_step.module_program(s, compiled, channels_last, wrap=wrap, **({"fused": True} if cuda else {}))
 
 
 def timed(run, dist):

@@ -182,13 +182,16 @@ def torch_net(s):
     return torch_module(s["depth"], s["params"], s["state"]).train()
 
 
-def module_program(s, compiled, channels_last=False):
+def module_program(s, compiled, channels_last=False, wrap=None, **optimizer_impl):
+    """The nn.Module step; ``wrap``: a function of the module giving the one to run (compiled
+    after it), e.g. DistributedDataParallel; ``optimizer_impl``: ``torch_optimizer``'s."""
     net = torch_net(s)
     images = s["batch"]["image"]
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    opt = torch_optimizer(net, s)
+    opt = torch_optimizer(net, s, **optimizer_impl)
+    net = wrap(net) if wrap else net
     fwd = torch.compile(net) if compiled else net
 
     def run():
