@@ -75,9 +75,10 @@ def ddp_program(s, dist, compiled, channels_last):
     return train_step.module_program(s, compiled, channels_last, wrap=wrap, **({"fused": True} if cuda else {}))
 
 
-def timed(run, dist):
+def timed(run, dist, losses=None):
     """One call, started together on every rank: seconds until this rank has its result, and the
-    page faults it took (a program faulting its memory in afresh each step pays for it)."""
+    page faults it took (a program faulting its memory in afresh each step pays for it);
+    ``losses``: a list that gets the call's loss."""
     tdist.barrier()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
@@ -86,7 +87,10 @@ def timed(run, dist):
         torch.cuda.synchronize()
     else:
         float(loss)
-    return time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    seconds = time.perf_counter() - t
+    if losses is not None:
+        losses.append(float(loss))
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def rank_main(args):
@@ -99,11 +103,12 @@ def rank_main(args):
         programs[name] = (fpipe_program(s, dist) if name == "fpipe" else
                           ddp_program(s, dist, name.startswith("compiled"), name.endswith("_cl")))
     first, times, faults = {}, {n: [] for n in programs}, {n: [] for n in programs}
+    losses = {n: [] for n in programs}  # the first calls': equal across programs, as a check
     for name, run in programs.items():
-        first[name] = timed(run, dist)[0]
+        first[name] = timed(run, dist, losses[name])[0]
         host_memory.keep_large_blocks()  # as the train loops do after their first step
         for _ in range(args.warmup - 1):
-            timed(run, dist)
+            timed(run, dist, losses[name])
     for _ in range(args.iters):
         for name, run in programs.items():
             seconds, minor_faults = timed(run, dist)
@@ -116,6 +121,7 @@ def rank_main(args):
         print(f"== {train_step.case_name(args, args.mode, args.depth)}, {args.image_size}px, {dist.world_size} "
               f"processes ({dist.backend}, {args.threads} threads each), batch {args.batch_size} each, median of "
               f"{args.iters} interleaved rounds after {args.warmup} warm-up")
+        print("rank 0's first losses: " + "  ".join(f"{n} " + " ".join(f"{v:.5f}" for v in losses[n]) for n in programs))
         for n in programs:
             print(f"{n:11s} {med[n] * 1e3:8.1f} ms  {images / med[n]:7.1f} images/s   first call {first[n]:6.1f} s"
                   f"   page faults a step {statistics.median(faults[n]):8.0f}")
