@@ -22,7 +22,6 @@ nothing to synchronise, which is what ``make_step`` expects for "off".
 import dataclasses
 import datetime
 import os
-from collections import defaultdict
 from typing import Callable, Optional
 
 import torch
