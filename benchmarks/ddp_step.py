@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/ddp_step.py                  # 2 processes, supervised ResNet-18, 64 px, b32 each
     PYTHONPATH=. python benchmarks/ddp_step.py --mode finetune --depth 50 --image-size 32
-    PYTHONPATH=. python benchmarks/ddp_step.py --nproc 4 --threads 4 --arch vit_s16 --optimizer adamw
+    PYTHONPATH=. python benchmarks/ddp_step.py --arch vit_s16 --optimizer adamw --mode finetune --batch-size 16
 
 Run as above, it starts ``--nproc`` processes with ``torch.distributed.run`` (torchrun; gloo on
 CPU, NCCL with ``--device cuda``, one GPU each), each with ``--threads`` threads (default: the
@@ -56,18 +56,6 @@ def rank_setup(args, dist):
     return s
 
 
-def fpipe_program(s, dist):
-    step = loop_lib.build_train_step(s["config"], s["model"], s["opt"], s["trainable"], s["state"],
-                                     s["eval_norms"], dist, compiling=True)
-    box = {"ts": train_step.train_state(s, dist.device)}
-    lr = s["opt"].inputs(s["lr"])
-
-    def run():
-        box["ts"], metrics = step(box["ts"], s["batch"], lr)
-        return metrics["loss"]
-    return run
-
-
 def ddp_program(s, dist, compiled, channels_last):
     """train_step.py's nn.Module step, the module wrapped in DistributedDataParallel."""
     cuda = dist.device.type == "cuda"
@@ -100,7 +88,7 @@ def rank_main(args):
     s = rank_setup(args, dist)
     programs = {}
     for name in args.programs:
-        programs[name] = (fpipe_program(s, dist) if name == "fpipe" else
+        programs[name] = (train_step.fpipe_program(s, device=dist.device, dist=dist) if name == "fpipe" else
                           ddp_program(s, dist, name.startswith("compiled"), name.endswith("_cl")))
     first, times, faults = {}, {n: [] for n in programs}, {n: [] for n in programs}
     losses = {n: [] for n in programs}  # the first calls': equal across programs, as a check
@@ -162,7 +150,7 @@ def launch_all(args, argv):
         return 0
     alone = {}
     for name in args.programs:
-        alone.update(launch(args, argv + ["--iters", str(args.iters), "--warmup", str(args.warmup)], [name]))
+        alone.update(launch(args, argv, [name]))
     print("alone: " + "  ".join(f"{n} {t * 1e3:.1f} ms" for n, t in alone.items()))
     for base, goal in train_step.GOALS.items():
         if base in alone:

@@ -132,13 +132,13 @@ def setup(mode, depth, image_size, batch_size, seed=0, arch="resnet", optimizer=
 
 
 # ---------------------------------------------------------------- programs
-def fpipe_program(s, autocast=None, device=torch.device("cpu"), compiling=True):
+def fpipe_program(s, autocast=None, device=torch.device("cpu"), compiling=True, dist=None):
     """fpipe's step as the loop builds it, on ``device`` (``s["batch"]`` must be there), under
     ``autocast`` (a dtype, or None: float32); ``compiling=False``: as a run too short to compile
-    has it (eager)."""
+    has it (eager); ``dist``: the run's processes (default: this one alone)."""
     step = loop_lib.build_train_step(s["config"], s["model"], s["opt"], s["trainable"], s["state"],
-                                     s["eval_norms"], distributed.Dist(device=device), compiling=compiling,
-                                     autocast=autocast)
+                                     s["eval_norms"], dist or distributed.Dist(device=device),
+                                     compiling=compiling, autocast=autocast)
     box = {"ts": train_state(s, device)}
     lr = s["opt"].inputs(s["lr"])  # as the loop gives them
 
