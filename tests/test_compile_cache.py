@@ -226,6 +226,7 @@ def test_the_loop_keys_a_kept_frozen_trunk_by_the_trunk_alone(monkeypatch, tmp_p
     assert loop.trunk_cache(c, distributed.Dist())[1] == key
     c.model.trunk.name = "resnet50"
     assert loop.trunk_cache(c, distributed.Dist())[1] != key
-    assert loop.trunk_cache(c, distributed.Dist(world_size=2)) is None
+    assert loop.trunk_cache(c, distributed.Dist(world_size=2))[0] == str(tmp_path)  # no collectives in it
+    assert loop.step_cache(c, distributed.Dist(world_size=2), "train") is None  # gradients all-reduced
     c.compile_cache_dir = ""
     assert loop.trunk_cache(c, distributed.Dist()) is None
