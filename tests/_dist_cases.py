@@ -89,13 +89,15 @@ def run_ddp(dist):
     return {f"heads.mlp.clf.{k}": v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def run_loop_step(dist=None, steps=2):
+def run_loop_step(dist=None, steps=2, cache_dir=""):
     """The train step as the loop builds it for a multi-process run, compiled (gradients
     all-reduced and SyncBN's statistics inside the graph, the new state written into the old
     tensors, the backward's recomputation pass) on a tiny RegNet with squeeze-excitation that
-    trains whole; with ``dist`` None: one process, eager, the global batch (the reference)."""
+    trains whole; with ``dist`` None: one process, eager, the global batch (the reference).
+    ``cache_dir``: the step saved there by a forked compiler and loaded back, as a run keeps it."""
     import configs.supervised
     c = configs.supervised.get_config()
+    c.compile_cache_dir = cache_dir
     c.model.trunk = defaults.trunk("regnet", depth=5, w_0=8, w_a=10.0, w_m=2.0, group_width=8,
                                    bottleneck_multiplier=1.0, se_ratio=0.25, stem_width=8)
     c.model.heads = dict(fc=models.head_config("flatten", "linear"))
@@ -178,6 +180,8 @@ def main(outdir):
         "linear": run_fpipe(LINEAR, ["trunk"], dist),
         "syncbn_finetune": run_fpipe(LINEAR, [], dist, sync=True, steps=2),
         "loop_step": run_loop_step(dist),
+        "loop_step_saved": run_loop_step(dist, cache_dir=os.path.join(outdir, "compiled")),
+        "saved_files": sorted(os.listdir(os.path.join(outdir, "compiled"))),
         "ddp_fpipe": run_fpipe(MLP_BN, ["trunk"], dist),
         "ddp_torch": run_ddp(dist),
         "sync_bn": run_sync_bn(dist),

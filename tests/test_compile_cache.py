@@ -203,10 +203,14 @@ def test_the_train_step_compiles_with_the_configs_remat_mode_and_row_sums_where_
     assert not remat.MODES["fused"].written and remat.MODES["all"].written
 
 
-def test_the_loop_keeps_steps_of_single_process_runs_where_the_config_says(monkeypatch, tmp_path):
+def test_the_loop_keeps_steps_where_the_config_says_keyed_by_the_processes(monkeypatch, tmp_path):
     c = configs.supervised.get_config()
     monkeypatch.setenv(compile_cache.CACHE_ENV, str(tmp_path))
     assert loop.step_cache(c, distributed.Dist(), "train")[0] == str(tmp_path)  # "auto"
+    keys = {loop.step_cache(c, distributed.Dist(**d), "train")[1]
+            for d in ({}, {"world_size": 2, "group_name": "0"}, {"world_size": 4, "group_name": "0"},
+                      {"world_size": 2, "group_name": "1"})}
+    assert len(keys) == 4  # a step's collectives name their group and divide by the world size
     c.compile_cache_dir = str(tmp_path / "mine")
     assert loop.step_cache(c, distributed.Dist(), "train")[0] == str(tmp_path / "mine")
     c.compile_cache_dir = ""
@@ -226,7 +230,6 @@ def test_the_loop_keys_a_kept_frozen_trunk_by_the_trunk_alone(monkeypatch, tmp_p
     assert loop.trunk_cache(c, distributed.Dist())[1] == key
     c.model.trunk.name = "resnet50"
     assert loop.trunk_cache(c, distributed.Dist())[1] != key
-    assert loop.trunk_cache(c, distributed.Dist(world_size=2))[0] == str(tmp_path)  # no collectives in it
-    assert loop.step_cache(c, distributed.Dist(world_size=2), "train") is None  # gradients all-reduced
+    assert loop.trunk_cache(c, distributed.Dist(world_size=2)) == loop.trunk_cache(c, distributed.Dist())
     c.compile_cache_dir = ""
     assert loop.trunk_cache(c, distributed.Dist()) is None

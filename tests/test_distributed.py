@@ -128,6 +128,18 @@ def test_the_loops_compiled_step_equals_one_eager_process_on_the_global_batch(ra
     assert_trees_close(ranks[0]["loop_step"]["trainable"], ranks[1]["loop_step"]["trainable"], atol=0, rtol=0)
 
 
+def test_the_loops_step_saved_with_its_collectives_and_loaded_equals_one_process(ranks):
+    """Under torchrun the compiled step is kept for the next run (its all-reduces inside): each rank
+    here runs the step a forked compiler saved, loaded back, as a second run would."""
+    want = cases.run_loop_step()
+    for out in ranks:
+        assert any(f.startswith("train-step-") for f in out["saved_files"]), out["saved_files"]
+        assert_trees_close(out["loop_step_saved"]["trainable"], want["trainable"], atol=1e-4, rtol=1e-3)
+        assert_trees_close(out["loop_step_saved"]["model_state"], want["model_state"], atol=1e-4, rtol=1e-3)
+    assert_trees_close(ranks[0]["loop_step_saved"]["trainable"], ranks[1]["loop_step_saved"]["trainable"],
+                       atol=0, rtol=0)
+
+
 def test_equals_ddp_and_torch_sgd(ranks):
     """A head with BatchNorm1d, unsynced on both sides (each rank's own statistics), as DDP does."""
     for r, out in enumerate(ranks):
