@@ -178,12 +178,7 @@ def main(argv=None):
     if "RANK" in os.environ:
         return rank_main(args)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
-    passed = [a for a in argv if a != "--no-alone"]
-    if "--programs" in passed:  # each launch names its own
-        i = passed.index("--programs")
-        j = next((k for k in range(i + 1, len(passed)) if passed[k].startswith("--")), len(passed))
-        passed = passed[:i] + passed[j:]
-    return launch_all(args, passed)
+    return launch_all(args, argv)  # each launch appends its own --threads and --programs: the last ones count
 
 
 if __name__ == "__main__":

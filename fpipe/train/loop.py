@@ -271,12 +271,12 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
     return donation.Donating(step) if donating else step
 
 
-def step_passes(config, dist=None):
+def step_passes(config, dist):
     """Inductor's graph passes for the train step: values recomputed in the backward
     (``compile_remat``), where it was measured faster BatchNorm's sums taken row by row, and with
     several processes the gradients' all-reduces overlapped with the backward."""
     passes = {**(remat.options(config.compile_remat) or {}), **row_sums.options(),
-              **((dist and distributed.overlap_options(dist)) or {})}
+              **(distributed.overlap_options(dist) or {})}
     return passes or None
 
 
@@ -345,7 +345,7 @@ def record_load(report, path, workdir, write_report=True) -> dict:
             "source": report.source, "format": report.format}
 
 
-def cache_dir(config, dist):
+def cache_dir(config):
     """Where compiled steps are kept for the next run (``config.compile_cache_dir``;
     fpipe.train.compile_cache), or None: off."""
     directory = config.get("compile_cache_dir", "")
@@ -362,7 +362,7 @@ def step_cache(config, dist, *parts):
     in the key (a compiled 2-process supervised run on the digits: 66 s the first time, 11 s the
     second, its step loaded in 1.6-1.8 s; each rank writes the whole file under its own name, then
     renames it)."""
-    directory = cache_dir(config, dist)
+    directory = cache_dir(config)
     if not directory:
         return None
     return directory, compile_cache.step_key(config, str(dist.device), dist.world_size, dist.group_name, *parts)
@@ -372,7 +372,7 @@ def trunk_cache(config, dist):
     """``(directory, key)`` for a compiled frozen trunk, or None: its key is the trunk's config
     (``frozen_trunk`` adds its weights and input shape), so other heads or optimizers share it.
     It holds no collectives: runs of any number of processes share it."""
-    directory = cache_dir(config, dist)
+    directory = cache_dir(config)
     return (directory, compile_cache.key_of(config.model.trunk.to_dict(), str(dist.device))) if directory else None
 
 
