@@ -48,7 +48,7 @@ from fpipe.train import loop as loop_lib
 def rank_setup(args, dist):
     """train_step.py's setup, the same network on every rank, this rank's own images."""
     s = train_step.setup(args.mode, args.depth, args.image_size, args.batch_size, arch=args.arch,
-                         optimizer=args.optimizer)
+                         optimizer=args.optimizer, freeze_rules=args.freeze)
     gen = torch.Generator().manual_seed(1000 + dist.rank)
     s["batch"] = loop_lib.to_device(
         {"image": torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen),
@@ -167,6 +167,7 @@ def main(argv=None):
     ap.add_argument("--arch", default="resnet", choices=train_step.ARCHS)
     ap.add_argument("--depth", type=int, default=18)
     ap.add_argument("--optimizer", default="config", choices=train_step.OPTIMIZERS)
+    ap.add_argument("--freeze", nargs="+", default=[], metavar="REGEX", help="more model.freeze rules (train_step.py's)")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32, help="per process")
     ap.add_argument("--iters", type=int, default=8)

@@ -5,6 +5,7 @@
     PYTHONPATH=. python benchmarks/train_step.py --image-size 224 --batch-size 32 --depth 50
     PYTHONPATH=. python benchmarks/train_step.py --arch vit_s16 --optimizer adamw --mode finetune --image-size 64
     PYTHONPATH=. python benchmarks/train_step.py --arch regnet_y_400mf --mode supervised --image-size 64
+    PYTHONPATH=. python benchmarks/train_step.py --mode finetune --freeze 'trunk\.(conv1|bn1|layer1)\..*'
 
 Settings from the shipped configs (``configs/supervised.py``: SGD lr 0.1, momentum 0.9, weight
 decay 5e-4; ``configs/finetune.py``: SGD lr 0.05, Nesterov momentum 0.9, weight decay 1e-4, the
@@ -14,7 +15,10 @@ class token; or a RegNet, ConvNeXt or EfficientNet preset such as ``--arch regne
 baselines are the nn.Module twins of benchmarks/zoo_modules.py) and a
 linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw`` swaps the
 config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baselines'
-``torch.optim.AdamW(foreach=True)``), what ViTs are fine-tuned with. Five programs, timed in one process,
+``torch.optim.AdamW(foreach=True)``), what ViTs are fine-tuned with. ``--freeze`` adds
+``model.freeze`` rules (above: detectron2's FREEZE_AT=2, the stem and layer1 frozen and their
+norms on running statistics); the baselines' matching params then take no gradient and their
+norms run in eval mode. Five programs, timed in one process,
 round-robin (a busy machine slows each alike), medians:
 
   fpipe     fpipe's step exactly as the loop builds it (``loop.build_train_step``, compiled), on the
@@ -75,7 +79,7 @@ from benchmarks import vit_step, zoo_modules
 from benchmarks.linear_eval_step import (ARCH, NUM_CLASSES, as_main_does, machine, own_compile_cache, scratch_dir,
                                          time_round_robin, torch_module)
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
-from fpipe import freeze, host_memory, optim
+from fpipe import freeze, host_memory, optim, tree
 from fpipe.models import fold
 from fpipe.models import model as model_lib
 from fpipe.models import convnext, efficientnet, regnet, vit
@@ -92,8 +96,9 @@ ARCHS = ("resnet", "vit_s16", *sorted(PRESET_ARCHS))
 OPTIMIZERS = ("config", "adamw")
 
 
-def config_for(mode, depth, image_size, batch_size, arch="resnet", optimizer="config"):
+def config_for(mode, depth, image_size, batch_size, arch="resnet", optimizer="config", freeze_rules=()):
     config = importlib.import_module(f"configs.{mode}").get_config()
+    config.model.freeze = tuple(config.model.freeze or ()) + tuple(freeze_rules)
     if arch == "vit_s16":
         options = dict(vit.PRESETS["vit_small_patch16_224"], image_size=image_size)
         config.model.trunk = ml_collections.ConfigDict(dict(name="vit", **options))
@@ -111,12 +116,13 @@ def config_for(mode, depth, image_size, batch_size, arch="resnet", optimizer="co
 
 def case_name(args, mode, depth):
     model = {"vit_s16": "ViT-S/16", "resnet": f"ResNet-{depth}"}.get(args.arch, args.arch)
-    return f"{mode} {model}".strip() + (", AdamW" if args.optimizer == "adamw" else "")
+    return (f"{mode} {model}".strip() + (", AdamW" if args.optimizer == "adamw" else "")
+            + (f", frozen {' '.join(args.freeze)}" if getattr(args, "freeze", None) else ""))
 
 
-def setup(mode, depth, image_size, batch_size, seed=0, arch="resnet", optimizer="config"):
+def setup(mode, depth, image_size, batch_size, seed=0, arch="resnet", optimizer="config", freeze_rules=()):
     """The loop's model, partition and optimizer for this config, and one batch."""
-    config = config_for(mode, depth, image_size, batch_size, arch, optimizer)
+    config = config_for(mode, depth, image_size, batch_size, arch, optimizer, freeze_rules)
     model = model_lib.build(config.model, num_classes=NUM_CLASSES, image_size=image_size)
     params, state = model.init(seed)
     rules = tuple(config.model.freeze) + freeze.frozen_by_rules(params, config.optim.lr_mults)
@@ -159,7 +165,7 @@ def torch_optimizer(net, s, **impl):
     """torch.optim.SGD (AdamW where the config's is) with ``foreach=True`` (or ``impl``: fused=True on
     a GPU), fpipe's resolved per-name rules as param groups."""
     cfg, groups = s["config"].optim, {}
-    named = dict(net.named_parameters())
+    named = {n: p for n, p in net.named_parameters() if p.requires_grad}
     for name, h in s["opt"].hyper.items():
         local = name.split(".", 1)[1]  # trunk.layer1.0.conv1.weight, heads.fc.weight -> torchvision's names
         key = (h["lr_mult"], h["wd"])
@@ -174,12 +180,21 @@ def torch_optimizer(net, s, **impl):
 
 
 def torch_net(s):
-    """The nn.Module of this setup's network with fpipe's weights, in train mode."""
+    """The nn.Module of this setup's network with fpipe's weights, in train mode, its frozen params
+    without gradients and the norms fpipe runs with running statistics in eval mode (detectron2's
+    FrozenBatchNorm)."""
     if s["arch"] == "vit_s16":
-        return vit_step.torch_module(s["model"].trunk.spec, s["params"]).train()
-    if s["arch"] in PRESET_ARCHS:
-        return zoo_modules.torch_module(s["model"].trunk.spec, s["params"], s["state"], NUM_CLASSES).train()
-    return torch_module(s["depth"], s["params"], s["state"]).train()
+        net = vit_step.torch_module(s["model"].trunk.spec, s["params"]).train()
+    elif s["arch"] in PRESET_ARCHS:
+        net = zoo_modules.torch_module(s["model"].trunk.spec, s["params"], s["state"], NUM_CLASSES).train()
+    else:
+        net = torch_module(s["depth"], s["params"], s["state"]).train()
+    frozen = {n.split(".", 1)[1] for n in tree.flatten(s["frozen"])}  # torchvision's names
+    for name, p in net.named_parameters():
+        p.requires_grad_(name not in frozen)
+    for name in s["eval_norms"]:
+        net.get_submodule(name.split(".", 1)[1]).eval()
+    return net
 
 
 def module_program(s, compiled, channels_last=False, wrap=None, **optimizer_impl):
@@ -220,7 +235,7 @@ def child(args):
     ``--iters`` (after the heap has grown: at 224 px every program faults its memory in for five
     steps); prints JSON."""
     s = setup(args.mode[0], args.depth[0], args.image_size[0], args.batch_size, arch=args.arch,
-              optimizer=args.optimizer)
+              optimizer=args.optimizer, freeze_rules=args.freeze)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = _kib("VmRSS")
@@ -257,7 +272,7 @@ def in_fresh_process(args, mode, depth, image_size, name, iters, caches=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--mode", mode, "--depth", str(depth),
            "--image-size", str(image_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
            "--iters", str(iters), "--warmup", str(args.warmup if iters else 0), "--arch", args.arch,
-           "--optimizer", args.optimizer]
+           "--optimizer", args.optimizer, *(["--freeze", *args.freeze] if args.freeze else [])]
     env = dict(os.environ)
     if caches:
         env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
@@ -274,7 +289,8 @@ def bench(args, mode, depth, image_size):
     # code for a second config makes its changed Python floats (weight decay) graph inputs, a
     # graph that a fresh process (the second run below) never builds.
     torch._dynamo.reset()
-    s = setup(mode, depth, image_size, args.batch_size, arch=args.arch, optimizer=args.optimizer)
+    s = setup(mode, depth, image_size, args.batch_size, arch=args.arch, optimizer=args.optimizer,
+              freeze_rules=args.freeze)
     progs = {n: make_program(n, s) for n in args.programs}
     outputs = {}
     med, first = time_round_robin(progs, args.iters, args.warmup, outputs)
@@ -329,6 +345,9 @@ def main(argv=None):
     ap.add_argument("--depth", type=int, nargs="+", default=[18, 50], choices=sorted(ARCH), help="ResNet depths")
     ap.add_argument("--optimizer", default="config", choices=OPTIMIZERS,
                     help="adamw: AdamW (lr 1e-3, wd 0.05) instead of the config's SGD")
+    ap.add_argument("--freeze", nargs="+", default=[], metavar="REGEX",
+                    help="more model.freeze rules, e.g. 'trunk\\.(conv1|bn1|layer1)\\..*' (detectron2's FREEZE_AT=2): "
+                         "the baselines' matching params take no gradient and their norms run in eval mode")
     ap.add_argument("--image-size", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--iters", type=int, default=10)

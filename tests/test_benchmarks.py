@@ -67,3 +67,19 @@ def test_the_baselines_zoo_modules_compute_fpipes_network(family, options):
     for name, g in tree.flatten(grads).items():  # within float rounding of each tensor's largest
         err = (named[name.split(".", 1)[1]].grad - g).abs().max().item()
         assert err <= 1e-3 * g.abs().max().item() + 1e-6, (name, err)
+
+
+def test_train_steps_baselines_with_a_frozen_stem_train_what_fpipe_trains():
+    """train_step.py's ``--freeze``: the nn.Module baseline takes no gradient for the frozen params,
+    runs their norms on running statistics, and its steps give fpipe's losses and updates."""
+    from benchmarks import train_step
+    s = train_step.setup("finetune", 18, 32, 4, freeze_rules=(r"trunk\.(conv1|bn1|layer1)\..*",))
+    s["lr"] = 1e-3  # both programs' lr: small enough that float rounding does not grow over the steps
+    assert {n for n in tree.flatten(s["frozen"]) if "layer1" in n} and "trunk.bn1" in s["eval_norms"]
+    net = train_step.torch_net(s)
+    assert not net.conv1.weight.requires_grad and not net.layer1[0].bn1.training
+    assert net.layer2[0].conv1.weight.requires_grad and net.layer2[0].bn1.training
+    fpipe_run = train_step.fpipe_program(s, compiling=False)
+    module_run = train_step.module_program(s, compiled=False, channels_last=True)
+    for _ in range(3):
+        torch.testing.assert_close(module_run(), fpipe_run(), rtol=1e-4, atol=1e-5)

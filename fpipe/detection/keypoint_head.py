@@ -8,6 +8,8 @@ upsampled ×2 bilinear to 56×56 heatmaps, one per keypoint.
 import torch
 import torch.nn.functional as F
 
+from fpipe.models.layers import conv  # the layer code the trunks run (oneDNN off THNN)
+
 
 def init(seed, in_channels=256, layers=(512,) * 8, num_keypoints=17):
     """``(params, {})``: kaiming_normal(fan_out, relu) weights, zero biases, as torchvision."""
@@ -29,7 +31,7 @@ def apply(params, state, pooled, *, train=False):
     x = pooled.reshape(-1, *pooled.shape[-3:])
     for key in sorted(params["keypoint_head"], key=int):
         p = params["keypoint_head"][key]
-        x = torch.relu(F.conv2d(x, p["weight"], p["bias"], padding=1))
+        x = torch.relu(conv(p, x, padding=1))
     p = params["keypoint_predictor"]["kps_score_lowres"]
     x = F.conv_transpose2d(x, p["weight"], p["bias"], stride=2, padding=1)
     x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False, recompute_scale_factor=False)

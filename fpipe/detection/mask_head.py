@@ -7,6 +7,7 @@ Names as torchvision 0.29 under ``roi_heads``: ``mask_head.<i>.0.*`` (four 3×3 
 import torch
 import torch.nn.functional as F
 
+from fpipe.models.layers import conv  # the layer code the trunks run (oneDNN off THNN)
 from fpipe.detection.roi_align import roi_align
 
 
@@ -36,10 +37,10 @@ def apply(params, state, pooled, *, train=False):
     x = pooled.reshape(-1, *pooled.shape[-3:])
     for i in range(len(params["mask_head"])):
         p = params["mask_head"][str(i)]["0"]
-        x = torch.relu(F.conv2d(x, p["weight"], p["bias"], padding=1))
+        x = torch.relu(conv(p, x, padding=1))
     pred = params["mask_predictor"]
     x = torch.relu(F.conv_transpose2d(x, pred["conv5_mask"]["weight"], pred["conv5_mask"]["bias"], stride=2))
-    x = F.conv2d(x, pred["mask_fcn_logits"]["weight"], pred["mask_fcn_logits"]["bias"])
+    x = conv(pred["mask_fcn_logits"], x)
     return x.reshape(*lead, *x.shape[-3:]), state
 
 

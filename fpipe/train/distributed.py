@@ -141,7 +141,7 @@ def grad_mean(dist: Dist, bucket_bytes: int = BUCKET_BYTES) -> Optional[Callable
 
     def reduce(grads: dict) -> dict:
         flat = tree.flatten(grads)
-        packed = {n: _memory_order(g) for n, g in flat.items()}  # name -> (flat values, restore)
+        packed = {n: _flat_with_restore(g) for n, g in flat.items()}  # name -> (flat values, restore)
         reduced = []  # issue every collective first, then wait on each
         for names in buckets(flat, bucket_bytes):
             buffer = torch.cat([packed[n][0] for n in names]) / world
@@ -185,7 +185,7 @@ def overlap_options(dist: Dist) -> Optional[dict]:
             "reorder_for_compute_comm_overlap_passes": ["raise_comms", "sink_waits"]}
 
 
-def _memory_order(t: torch.Tensor):
+def _flat_with_restore(t: torch.Tensor):
     """``(flat, restore)``: ``t``'s elements as a 1-d tensor in the order they lie in memory (a view
     when ``t`` is dense in some dimension order: channels-last grads stay channels-last), and the
     function that gives a flat tensor of that order back ``t``'s shape and strides."""
