@@ -352,8 +352,11 @@ def scratch_dir(prefix):
 def as_main_does(threads):
     """The process as ``main.py`` sets it up, for every program measured in it, baselines included
     (the thread count; freed host memory kept: fpipe.host_memory), so the ratios compare step code
-    under one allocator setting. ``FPIPE_KEEP_FREED_MEMORY=0`` measures under glibc's defaults."""
+    under one allocator setting. ``FPIPE_KEEP_FREED_MEMORY=0`` measures under glibc's defaults.
+    Every program's compile caches are keyed by the CPU's vector instructions, as fpipe's are
+    (``compile_cache.key_inductor_caches_by_isa``): the baselines' second runs hit the same caches."""
     torch.set_num_threads(threads)
+    compile_cache.key_inductor_caches_by_isa()
     return host_memory.keep_freed_memory()
 
 

@@ -233,3 +233,33 @@ def test_the_loop_keys_a_kept_frozen_trunk_by_the_trunk_alone(monkeypatch, tmp_p
     assert loop.trunk_cache(c, distributed.Dist(world_size=2)) == loop.trunk_cache(c, distributed.Dist())
     c.compile_cache_dir = ""
     assert loop.trunk_cache(c, distributed.Dist()) is None
+
+
+ISA_SCRIPT = """
+import torch
+from fpipe.train import step
+x = torch.randn(37, 1003, generator=torch.Generator().manual_seed(0))
+f = lambda x: torch.softmax(x * 2 + 1, dim=1).sum(0) + x.relu().mean(1).sum()
+print(float((step.maybe_compile(f, True)(x) - f(x)).abs().max()))
+"""
+
+
+def test_inductors_cache_never_hands_kernels_of_other_vector_instructions(tmp_path):
+    """One inductor cache directory used with this CPU's vector instructions, then with narrower
+    ones (ATEN_CPU_CAPABILITY, as on an older machine sharing the directory): inductor's key does
+    not tell them apart, and its 16-float kernels built for 8 gave values of 1e38 (AVX2 after
+    AVX-512) or did not compile (no vectors after AVX2); fpipe keys its compiles by them."""
+    import subprocess
+    import sys
+    narrower = {"AVX512": "avx2", "AVX2": "default"}.get(torch.backends.cpu.get_cpu_capability())
+    if narrower is None:
+        pytest.skip("an x86 CPU with AVX2 or AVX-512 (and its narrower capability) is needed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), PYTHONPATH=root,
+               FPIPE_STRICT_COMPILE="1", OMP_NUM_THREADS="1")
+    for capability in ("", narrower):
+        out = subprocess.run([sys.executable, "-c", ISA_SCRIPT], cwd=root, capture_output=True, text=True,
+                             env={**env, **({"ATEN_CPU_CAPABILITY": capability} if capability else {})}, timeout=300)
+        assert out.returncode == 0, (capability, out.stderr[-2000:])
+        assert float(out.stdout.split()[-1]) < 1e-4, (capability, out.stdout)

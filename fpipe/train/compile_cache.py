@@ -92,6 +92,23 @@ def key_of(*parts) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=repr).encode()).hexdigest()
 
 
+def key_inductor_caches_by_isa() -> str:
+    """Adds this CPU's vector instructions to every torch.compile cache key of this process
+    (``torch.compiler.config.cache_key_tag``, kept beside a tag the user set); returns the tag.
+
+    Inductor's FX graph cache keys a CPU graph without the vector width its C++ kernels were
+    written for (torch 2.13): a cache directory shared by an AVX-512 and an AVX2 machine, or a run
+    under ``ATEN_CPU_CAPABILITY=avx2`` after one without, loads kernels written for 16 floats a
+    vector and builds them for 8. A ResNet-18 train step then gave NaN losses and a softmax values
+    of 1e38, without an error. fpipe's own saved steps carry the same facts in their key (:func:`key_of`)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    tag = f"fpipe-cpu-isa={torch.backends.cpu.get_cpu_capability()}{'+amx' if amx else ''}"
+    current = torch.compiler.config.cache_key_tag
+    if tag not in current.split("|"):
+        torch.compiler.config.cache_key_tag = f"{current}|{tag}" if current else tag
+    return tag
+
+
 def saved_or_compiled(fn, args, directory: str, key: str, name: str, fallback, inductor=None):
     """``fn`` compiled for ``args`` (with ``inductor`` options): loaded from ``directory`` if saved
     under ``key``, else compiled ahead of time and saved there. Calls whose inputs its guards

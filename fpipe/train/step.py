@@ -196,6 +196,7 @@ def maybe_compile(fn, enabled, name="step", cache=None, inductor=None, **options
     loud error naming the cause (or raises, when FPIPE_STRICT_COMPILE=1)."""
     if not enabled:
         return fn
+    compile_cache.key_inductor_caches_by_isa()
     merged = {**options, "options": {**options.get("options", {}), **inductor}} if inductor else options
     compiled = torch.compile(fn, fullgraph=True, **merged)
     use = {"fn": compiled, "first": True}
