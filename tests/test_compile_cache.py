@@ -146,6 +146,10 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert compile_cache.step_key(base, "cpu", "train") != key
     monkeypatch.undo()
+    amx = torch.cpu._is_amx_tile_supported()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: not amx)  # AVX-512 with or without AMX
+    assert compile_cache.step_key(base, "cpu", "train") != key
+    monkeypatch.undo()
     monkeypatch.setattr(compile_cache, "source_digest", lambda: "another fpipe")
     assert compile_cache.step_key(base, "cpu", "train") != key
 

@@ -88,21 +88,29 @@ def key_of(*parts) -> str:
     different machines never hands one of them another's step."""
     facts = {"parts": [p if isinstance(p, dict) else str(p) for p in parts], "fpipe": source_digest(),
              "torch": torch.__version__, "python": sys.version, "threads": torch.get_num_threads(),
-             "cpu": [layers.cpu_vendor(), layers.cpu_family(), torch.backends.cpu.get_cpu_capability()]}
+             "cpu": [layers.cpu_vendor(), layers.cpu_family(), cpu_isa()]}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def cpu_isa() -> str:
+    """The vector instructions compiled CPU code is built for: ATen's capability (which
+    ``ATEN_CPU_CAPABILITY`` lowers), with VNNI and AMX where present (inductor's AVX-512 variants)."""
+    extras = "".join(f"+{name}" for name, probe in (("vnni", "_is_vnni_supported"), ("amx", "_is_amx_tile_supported"))
+                     if getattr(torch.cpu, probe, lambda: False)())
+    return torch.backends.cpu.get_cpu_capability() + extras
 
 
 def key_inductor_caches_by_isa() -> str:
     """Adds this CPU's vector instructions to every torch.compile cache key of this process
-    (``torch.compiler.config.cache_key_tag``, kept beside a tag the user set); returns the tag.
+    (``torch.compiler.config.cache_key_tag``, kept beside a tag the user set: :func:`cpu_isa`);
+returns the tag.
 
     Inductor's FX graph cache keys a CPU graph without the vector width its C++ kernels were
     written for (torch 2.13): a cache directory shared by an AVX-512 and an AVX2 machine, or a run
     under ``ATEN_CPU_CAPABILITY=avx2`` after one without, loads kernels written for 16 floats a
     vector and builds them for 8. A ResNet-18 train step then gave NaN losses and a softmax values
     of 1e38, without an error. fpipe's own saved steps carry the same facts in their key (:func:`key_of`)."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    tag = f"fpipe-cpu-isa={torch.backends.cpu.get_cpu_capability()}{'+amx' if amx else ''}"
+    tag = f"fpipe-cpu-isa={cpu_isa()}"
     current = torch.compiler.config.cache_key_tag
     if tag not in current.split("|"):
         torch.compiler.config.cache_key_tag = f"{current}|{tag}" if current else tag
