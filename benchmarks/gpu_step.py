@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from benchmarks import linear_eval_step as le
 from benchmarks import train_step as ts
 from fpipe import host_memory, tree
-from fpipe.train import precision
+from fpipe.train import compile_cache, precision
 from fpipe.train import loop as loop_lib
 from fpipe.train import step as step_lib
 
@@ -323,6 +323,7 @@ def main(argv=None):
         ap.error("the linear_eval part runs a ResNet; give --parts train with --arch vit_s16")
     le.own_compile_cache()  # fpipe's compiled steps, as the other benchmarks keep them
     host_memory_note = host_memory.keep_freed_memory()  # as main.py does
+    compile_cache.key_inductor_caches_by_isa()  # every program's compile caches keyed as fpipe's are
     if not args.child:
         print(host_memory_note)
     device = torch.device(args.device)
