@@ -1,6 +1,8 @@
 """Compiled steps saved to disk and loaded by the next run (fpipe.train.compile_cache)."""
 import logging
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -253,8 +255,6 @@ def test_inductors_cache_never_hands_kernels_of_other_vector_instructions(tmp_pa
     ones (ATEN_CPU_CAPABILITY, as on an older machine sharing the directory): inductor's key does
     not tell them apart, and its 16-float kernels built for 8 gave values of 1e38 (AVX2 after
     AVX-512) or did not compile (no vectors after AVX2); fpipe keys its compiles by them."""
-    import subprocess
-    import sys
     narrower = {"AVX512": "avx2", "AVX2": "default"}.get(torch.backends.cpu.get_cpu_capability())
     if narrower is None:
         pytest.skip("an x86 CPU with AVX2 or AVX-512 (and its narrower capability) is needed")

@@ -101,9 +101,9 @@ def cpu_isa() -> str:
 
 
 def key_inductor_caches_by_isa() -> str:
-    """Adds this CPU's vector instructions to every torch.compile cache key of this process
-    (``torch.compiler.config.cache_key_tag``, kept beside a tag the user set: :func:`cpu_isa`);
-returns the tag.
+    """Adds this CPU's vector instructions (:func:`cpu_isa`) to every torch.compile cache key of
+    this process (``torch.compiler.config.cache_key_tag``, kept beside a tag the user set); returns
+    the tag.
 
     Inductor's FX graph cache keys a CPU graph without the vector width its C++ kernels were
     written for (torch 2.13): a cache directory shared by an AVX-512 and an AVX2 machine, or a run
