@@ -115,8 +115,8 @@ def normalize(x):
     return x.sub_(mean).div_(std)
 
 
-def baseline_train(image):
-    image = image.crop(rrc_box(*image.size)).resize((224, 224), Image.BILINEAR)
+def baseline_train(image, size=224):
+    image = image.crop(rrc_box(*image.size)).resize((size, size), Image.BILINEAR)
     if random.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     return normalize(to_tensor(image))

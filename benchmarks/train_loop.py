@@ -1,0 +1,191 @@
+"""The whole training loop on JPEGs: ``main.py`` against the loop a PyTorch user writes.
+
+    PYTHONPATH=. python benchmarks/train_loop.py                  # supervised ResNet-18, 224 px, b32, 2 workers
+    PYTHONPATH=. python benchmarks/train_loop.py --mode finetune --depth 50 --image-size 128 --steps 30
+
+The step benchmarks time one step on a batch already in memory. A user's run also decodes and
+augments JPEGs in worker processes that share the cores with the step, waits for batches, and
+logs. This times that, each program in a process of its own, on the same folder of real-size
+JPEGs (input_pipeline.py's, written once, or your own ``--dir`` with ``train/<class>/`` images),
+with the same batch size, worker processes and number of steps:
+
+  fpipe     ``python main.py --config=configs/<mode>.py`` on the folder (``image_folder``, a split
+            file listing its images), compiled as a full-size run is (``compile_min_images=0``),
+            train transforms ``random_resized_crop|flip|normalize``, ``data.num_workers``
+            workers; its own images/s (``metrics.jsonl``: the loop's timer, from the end of step 2
+            to the end of the last step).
+  eager, compiled, eager_cl, compiled_cl  the loop written by hand: ``DataLoader(shuffle=True,
+            drop_last=True, num_workers=...)`` over input_pipeline.py's Pillow transforms
+            (torchvision's code paths) at the same size, train_step.py's nn.Module and
+            ``torch.optim.SGD(foreach=True)`` with the config's param groups, ``loss.item()`` every
+            ``--log-steps`` as a user prints it; ``torch.compile`` of the module for the compiled
+            ones, channels-last memory for ``_cl``. Images/s over the same steps, timed the same way.
+
+Each process runs with torch's default thread count (or ``--threads``) and the allocator setting
+``main.py`` uses (benchmarks/linear_eval_step.py's ``as_main_does``). Output: each program's
+images/s (median over ``--rounds``; the programs' order alternates between rounds) and
+``ratio_vs_<baseline>``: fpipe's images/s over the baseline's (>1: fpipe trains faster). No goal
+of its own: the train-step goals (train_step.py) are what fpipe owes; this shows how much of
+them survives a real run.
+"""
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+import torch.utils.data
+
+from benchmarks import input_pipeline, train_step
+from benchmarks.linear_eval_step import as_main_does, machine, scratch_dir
+from fpipe import data
+
+BASELINES = ("eager", "compiled", "eager_cl", "compiled_cl")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_images(args):
+    """The folder's train images (written first if it is input_pipeline.py's), as fpipe's
+    image_folder finds them: ``(files, label indices, class names, generated)``."""
+    generated = input_pipeline.make_jpegs(args.dir, args.images)
+    cfg = data.default_config()
+    cfg.update(dict(name="image_folder", root=args.dir, train_split="train", test_split="train"))
+    ds = data.build(cfg)
+    return ds.train.files, [int(k) for k in ds.train.labels], ds.classes, generated
+
+
+def split_file(files, labels, classes, test_images):
+    """A split file listing ``files`` as ``train`` and the first ``test_images`` of them again as
+    ``test`` (main.py evaluates once at the end; that is not timed)."""
+    path = os.path.join(scratch_dir("fpipe-train-loop-split-"), "split.csv")
+    rows = list(zip(files, labels))
+    with open(path, "w") as f:
+        for split, some in (("train", rows), ("test", rows[:test_images])):
+            f.writelines(f"{file},{classes[label]},{split}\n" for file, label in some)
+    return path
+
+
+# ---------------------------------------------------------------- the programs, each in its own process
+def run_fpipe(args, csv):
+    """main.py on the folder; its images/s from metrics.jsonl."""
+    workdir = os.path.join(scratch_dir("fpipe-train-loop-run-"), "run")
+    flags = {"data.name": "image_folder", "data.root": args.dir, "data.split_file": csv,
+             "data.train_split": "train", "data.test_split": "test", "data.image_size": args.image_size,
+             "data.batch_size": args.batch_size, "data.num_workers": args.workers,
+             "data.train_transforms": input_pipeline.TRAIN, "model.trunk.depth": args.depth,
+             "total_steps": args.steps, "log_steps": args.log_steps, "compile_min_images": 0,
+             "compile_cache_dir": scratch_dir("fpipe-train-loop-cache-")}
+    cmd = [sys.executable, os.path.join(REPO, "main.py"), f"--config={os.path.join(REPO, 'configs', args.mode)}.py",
+           f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items())]
+    done = subprocess.run(cmd, cwd=REPO, env=_child_env(args), capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"main.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    last = [r for r in rows if r.get("step") == args.steps and "images_per_s" in r]
+    if not last:
+        raise SystemExit(f"main.py logged no images_per_s at step {args.steps}: {rows[-3:]}")
+    return last[-1]["images_per_s"]
+
+
+def run_baseline(args, name):
+    """The hand-written loop ``name`` in a fresh process (this file with ``--child``); its images/s."""
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", name]
+    done = subprocess.run(cmd, cwd=REPO, env=_child_env(args), capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the {name} loop failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"]
+
+
+def _child_env(args):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def baseline_loop(args, name):
+    """What a torchvision user writes: DataLoader + Pillow transforms, nn.Module, torch.optim.
+    Prints its images/s over steps 3..``--steps`` as JSON."""
+    as_main_does(torch.get_num_threads())
+    files, labels, classes, _ = train_images(args)
+    s = train_step.setup(args.mode, args.depth, args.image_size, args.batch_size)
+    channels_last = name.endswith("_cl")
+    net = train_step.torch_net(s)
+    net.fc = torch.nn.Linear(net.fc.in_features, len(classes))  # the folder's classes, as main.py's head has
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = train_step.torch_optimizer(net, s)
+    forward = torch.compile(net) if name.startswith("compiled") else net
+    transform = functools.partial(input_pipeline.baseline_train, size=args.image_size)
+    loader = torch.utils.data.DataLoader(
+        input_pipeline.Files(files, labels, transform), batch_size=args.batch_size, shuffle=True,
+        drop_last=True, num_workers=args.workers, worker_init_fn=input_pipeline._seed_worker,
+        generator=torch.Generator().manual_seed(0))
+    ends = []
+    for step, (images, target) in enumerate(loader, 1):
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(forward(images), target)
+        loss.backward()
+        opt.step()
+        if step % args.log_steps == 0:
+            loss.item()
+        ends.append(time.perf_counter())
+        if step == args.steps:
+            break
+    if len(ends) < args.steps:
+        raise SystemExit(f"{len(files)} images give {len(ends)} batches of {args.batch_size}; "
+                         f"--steps {args.steps} needs more (--images)")
+    print(json.dumps({"images_per_s": args.batch_size * (args.steps - 2) / (ends[-1] - ends[1])}))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=train_step.MODES, default="supervised")
+    parser.add_argument("--depth", type=int, choices=(18, 34, 50, 101, 152), default=18)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30, help="train steps a run takes (the first two untimed)")
+    parser.add_argument("--log-steps", type=int, default=10)
+    parser.add_argument("--images", type=int, default=1280, help="JPEGs written (at least steps × batch)")
+    parser.add_argument("--test-images", type=int, default=32, help="main.py's final evaluation (untimed)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    parser.add_argument("--programs", nargs="+", choices=BASELINES, default=list(BASELINES), help="baselines")
+    parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "fpipe_bench_jpegs"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return baseline_loop(args, args.child)
+    if args.steps < 3 or args.steps * args.batch_size > args.images:
+        parser.error("--steps must be at least 3 and --steps × --batch-size at most --images")
+    files, labels, classes, generated = train_images(args)
+    csv = split_file(files, labels, classes, args.test_images)
+    print(f"{len(files)} {'generated JPEGs' if generated else 'of your images'} in {args.dir}, {len(classes)} classes")
+    print(f"machine: {machine()}")
+    print(f"== {args.mode} ResNet-{args.depth}, {args.image_size} px, batch {args.batch_size}, {args.workers} "
+          f"workers, {args.steps} steps (images/s from step 3 on), {args.rounds} round(s)")
+    names = ["fpipe", *args.programs]
+    rates = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            rates[name].append(run_fpipe(args, csv) if name == "fpipe" else run_baseline(args, name))
+            print(f"  round {r + 1}: {name:12s} {rates[name][-1]:7.1f} images/s", flush=True)
+    rate = {n: statistics.median(v) for n, v in rates.items()}
+    for name in names:
+        print(f"{name:12s} {rate[name]:7.1f} images/s")
+    for name in args.programs:
+        print(f"ratio_vs_{name}: {rate['fpipe'] / rate[name]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
