@@ -48,6 +48,7 @@ def data():
     c.batch_size = 64              # GLOBAL training batch, split evenly across ranks
     c.eval_batch_size = 256        # GLOBAL evaluation batch; each rank gets ceil(it / world_size)
     c.num_workers = 0              # worker processes per process (0: batches made in the caller)
+    c.worker_niceness = 19         # workers' CPU priority below the step's (0-19, os.nice; 0: the same)
     # Op strings (fpipe.data.transforms; torchvision's geometry, docs/DATA.md); a bare crop/resize
     # size means ``image_size``; resize/random_resized_crop take interpolation='bilinear'|'bicubic'.
     # No flip by default: the default data are digits, which a mirror does not preserve.

@@ -306,7 +306,8 @@ def test_split_file_lists_paths_labels_and_splits(tmp_path):
 
 def test_config_check_names_the_key(tmp_path):
     config_lib.check(cfg())
-    for key, value in [("num_workers", -1), ("max_image_pixels", 0), ("max_aspect_ratio", 0.5),
+    for key, value in [("num_workers", -1), ("worker_niceness", -1), ("worker_niceness", 20),
+                       ("max_image_pixels", 0), ("max_aspect_ratio", 0.5),
                        ("split_file", str(tmp_path / "none.csv"))]:
         with pytest.raises(ValueError, match=f"data.{key}="):
             config_lib.check(cfg(**{key: value}))

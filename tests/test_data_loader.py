@@ -1,4 +1,6 @@
 """Tests for fpipe.data.loader: rank sharding, exact evaluation, resume, determinism."""
+import os
+
 import ml_collections
 import pytest
 import torch
@@ -203,6 +205,22 @@ def test_a_worker_error_is_one_clean_line():
     with pytest.raises(ValueError) as error:
         list(loader.epoch())
     assert str(error.value) == "cannot decode image file 'x.jpg' (bad). Fix: replace it."
+
+
+def test_workers_run_at_the_configured_priority_below_the_loop():
+    class Niceness:  # every image holds the niceness of the process that read it
+        labels = torch.zeros(8, dtype=torch.int64)
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.full((3, 4, 4), os.nice(0), dtype=torch.uint8), 0
+    for niceness, workers in ((5, 2), (0, 2), (5, 0)):  # without workers: the loop's own
+        loader = data.Loader(Niceness(), cfg(num_workers=workers, worker_niceness=niceness, eval_batch_size=4),
+                             train=False)
+        seen = {round(float(b["image"].max()) * 255) for b in loader.epoch()}
+        assert seen == {min(os.nice(0) + (niceness if workers else 0), 19)}, (niceness, workers)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

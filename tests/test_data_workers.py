@@ -1,6 +1,9 @@
 """Tests for fpipe.data.workers: batches made in worker processes come back in order, and their
 shared memory is written again only once nothing in this process references it."""
+import os
+
 import numpy as np
+import pytest
 import torch
 
 from fpipe.data import workers
@@ -74,3 +77,17 @@ def test_a_pool_reuses_only_what_came_back_or_was_never_sent():
     pool.take_back()  # that batch failed half-way: never sent
     assert pool.take(2048) is failed and pool.take(2048) is not failed
     receiver.close(), sender.close()
+
+
+class Niceness:
+    """Batch ``step``: the niceness of the process that made it."""
+
+    def __call__(self, epoch: int, step: int) -> dict:
+        return {"niceness": torch.tensor(os.nice(0))}
+
+
+@pytest.mark.parametrize("niceness", [0, 7])
+def test_workers_run_the_given_niceness_below_the_caller(niceness):
+    made = [int(b["niceness"]) for b in workers.batches(Niceness(), [(0, s) for s in range(4)], num_workers=2,
+                                                        niceness=niceness)]
+    assert made == [min(os.nice(0) + niceness, 19)] * 4

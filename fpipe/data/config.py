@@ -34,6 +34,10 @@ def check(data_cfg) -> None:
     if not float(get(data_cfg, "max_aspect_ratio")) >= 1:
         raise ValueError(f"data.max_aspect_ratio={get(data_cfg, 'max_aspect_ratio')!r}: a ratio "
                          ">= 1 is needed (long side / short side)")
+    niceness = get(data_cfg, "worker_niceness")
+    if not (isinstance(niceness, int) and 0 <= niceness <= 19):
+        raise ValueError(f"data.worker_niceness={niceness!r}: a whole number from 0 (the step's priority) "
+                         "to 19 (the lowest) is needed")
     split_file = get(data_cfg, "split_file")
     if split_file and not os.path.isfile(split_file):
         raise ValueError(f"data.split_file={split_file!r} is not a file")

@@ -51,6 +51,7 @@ class Loader:
         self.split, self.train, self.rank, self.world_size = split, train, rank, world_size
         self.seed = int(get("seed") if seed is None else seed)
         self.num_workers = int(get("num_workers"))
+        self.worker_niceness = int(get("worker_niceness"))
         self.num_samples = len(split)
         spec = get("train_transforms" if train else "eval_transforms")
         self.transform = pipeline.parse(spec, size=int(get("image_size")))
@@ -187,8 +188,8 @@ class Loader:
             # memory to map and fill); they are finished here, or on the device.
             on_host = not on_device and not self.views
             make = self.batch if not (on_device or on_host) else _Raw(self)
-            made = workers.batches(make, keys, self.num_workers,
-                                   pin_memory=torch.cuda.is_available())
+            made = workers.batches(make, keys, self.num_workers, pin_memory=torch.cuda.is_available(),
+                                   niceness=self.worker_niceness)
             if on_host:
                 made = (self._finish(batch) for batch in made)
         if on_device:

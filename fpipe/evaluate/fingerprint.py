@@ -16,7 +16,7 @@ from fpipe.data import config as data_config
 from fpipe.train import precision
 
 # data keys that do not change the features of the evaluation transforms
-_DATA_IGNORED = ("batch_size", "eval_batch_size", "num_workers", "train_transforms", "seed",
+_DATA_IGNORED = ("batch_size", "eval_batch_size", "num_workers", "worker_niceness", "train_transforms", "seed",
                  "views", "eval_views")  # features are of the one evaluation view
 
 

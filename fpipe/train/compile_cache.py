@@ -50,7 +50,8 @@ OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_ep
                     "ckpt_epochs", "ckpt_steps", "keep_ckpts", "best_metric", "best_mode",
                     "compile_min_images", "compile_cache_dir", "collective_timeout_s", "optim.lr",
                     "optim.betas", "optim.eps", "optim.lars_eta",
-                    "schedule", "data.seed", "data.root", "data.num_workers", "model.weights")
+                    "schedule", "data.seed", "data.root", "data.num_workers",
+                    "data.worker_niceness", "model.weights")
 # Tensor inputs of the step whose zero-ness shapes it (a decay term, a momentum buffer): only
 # whether they are zero is keyed.
 STEP_INPUTS = ("optim.weight_decay", "optim.momentum")
