@@ -20,6 +20,8 @@ with the same batch size, worker processes and number of steps:
             ``torch.optim.SGD(foreach=True)`` with the config's param groups, ``loss.item()`` every
             ``--log-steps`` as a user prints it; ``torch.compile`` of the module for the compiled
             ones, channels-last memory for ``_cl``. Images/s over the same steps, timed the same way.
+            ``--baseline-niceness 19`` runs their workers at the lowest CPU priority, as fpipe's
+            run by default (``data.worker_niceness``): what that alone gives a hand-written loop.
 
 Each process runs with torch's default thread count (or ``--threads``) and the allocator setting
 ``main.py`` uses (benchmarks/linear_eval_step.py's ``as_main_does``). Output: each program's
@@ -126,7 +128,7 @@ def baseline_loop(args, name):
     transform = functools.partial(input_pipeline.baseline_train, size=args.image_size)
     loader = torch.utils.data.DataLoader(
         input_pipeline.Files(files, labels, transform), batch_size=args.batch_size, shuffle=True,
-        drop_last=True, num_workers=args.workers, worker_init_fn=input_pipeline._seed_worker,
+        drop_last=True, num_workers=args.workers, worker_init_fn=functools.partial(_worker_start, args.baseline_niceness),
         generator=torch.Generator().manual_seed(0))
     ends = []
     for step, (images, target) in enumerate(loader, 1):
@@ -147,6 +149,12 @@ def baseline_loop(args, name):
     print(json.dumps({"images_per_s": args.batch_size * (args.steps - 2) / (ends[-1] - ends[1])}))
 
 
+def _worker_start(niceness, worker_id):
+    """input_pipeline.py's worker seeding; ``niceness`` below the loop's CPU priority, as fpipe's workers run."""
+    input_pipeline._seed_worker(worker_id)
+    os.nice(niceness)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=train_step.MODES, default="supervised")
@@ -161,6 +169,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     parser.add_argument("--programs", nargs="+", choices=BASELINES, default=list(BASELINES), help="baselines")
+    parser.add_argument("--baseline-niceness", type=int, default=0,
+                        help="the baselines' workers this far below their loop in CPU priority (fpipe's: "
+                             "data.worker_niceness, 19); 0: as DataLoader runs them")
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "fpipe_bench_jpegs"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
