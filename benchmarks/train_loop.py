@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/train_loop.py                  # supervised ResNet-18, 224 px, b32, 2 workers
     PYTHONPATH=. python benchmarks/train_loop.py --mode finetune --depth 50 --image-size 128 --steps 30
+    PYTHONPATH=. python benchmarks/train_loop.py --freeze trunk --depth 50 --image-size 64 --batch-size 64
 
 The step benchmarks time one step on a batch already in memory. A user's run also decodes and
 augments JPEGs in worker processes that share the cores with the step, waits for batches, and
@@ -83,6 +84,8 @@ def run_fpipe(args, csv):
              "data.train_transforms": input_pipeline.TRAIN, "model.trunk.depth": args.depth,
              "total_steps": args.steps, "log_steps": args.log_steps, "compile_min_images": 0,
              "compile_cache_dir": scratch_dir("fpipe-train-loop-cache-")}
+    if args.freeze:
+        flags["model.freeze"] = repr(tuple(args.freeze))
     cmd = [sys.executable, os.path.join(REPO, "main.py"), f"--config={os.path.join(REPO, 'configs', args.mode)}.py",
            f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items())]
     done = subprocess.run(cmd, cwd=REPO, env=_child_env(args), capture_output=True, text=True)
@@ -117,7 +120,7 @@ def baseline_loop(args, name):
     Prints its images/s over steps 3..``--steps`` as JSON."""
     as_main_does(torch.get_num_threads())
     files, labels, classes, _ = train_images(args)
-    s = train_step.setup(args.mode, args.depth, args.image_size, args.batch_size)
+    s = train_step.setup(args.mode, args.depth, args.image_size, args.batch_size, freeze_rules=args.freeze)
     channels_last = name.endswith("_cl")
     net = train_step.torch_net(s)
     net.fc = torch.nn.Linear(net.fc.in_features, len(classes))  # the folder's classes, as main.py's head has
@@ -166,6 +169,10 @@ def main(argv=None):
     parser.add_argument("--log-steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=1280, help="JPEGs written (at least steps × batch)")
     parser.add_argument("--test-images", type=int, default=32, help="main.py's final evaluation (untimed)")
+    parser.add_argument("--freeze", nargs="+", default=[], metavar="REGEX",
+                        help="model.freeze rules, as train_step.py's; 'trunk': linear evaluation of the "
+                             "trunk's pooled features (main.py's frozen trunk, the baselines' trunk without "
+                             "gradients and in eval mode)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     parser.add_argument("--programs", nargs="+", choices=BASELINES, default=list(BASELINES), help="baselines")
@@ -183,7 +190,7 @@ def main(argv=None):
     csv = split_file(files, labels, classes, args.test_images)
     print(f"{len(files)} {'generated JPEGs' if generated else 'of your images'} in {args.dir}, {len(classes)} classes")
     print(f"machine: {machine()}")
-    print(f"== {args.mode} ResNet-{args.depth}, {args.image_size} px, batch {args.batch_size}, {args.workers} "
+    print(f"== {args.mode} ResNet-{args.depth}{', frozen ' + ' '.join(args.freeze) if args.freeze else ''}, {args.image_size} px, batch {args.batch_size}, {args.workers} "
           f"workers, {args.steps} steps (images/s from step 3 on), {args.rounds} round(s)")
     names = ["fpipe", *args.programs]
     rates = {n: [] for n in names}
