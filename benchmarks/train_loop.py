@@ -131,8 +131,8 @@ def baseline_loop(args, name):
     transform = functools.partial(input_pipeline.baseline_train, size=args.image_size)
     loader = torch.utils.data.DataLoader(
         input_pipeline.Files(files, labels, transform), batch_size=args.batch_size, shuffle=True,
-        drop_last=True, num_workers=args.workers, worker_init_fn=functools.partial(_worker_start, args.baseline_niceness),
-        generator=torch.Generator().manual_seed(0))
+        drop_last=True, num_workers=args.workers, generator=torch.Generator().manual_seed(0),
+        worker_init_fn=functools.partial(_worker_start, args.baseline_niceness))
     ends = []
     for step, (images, target) in enumerate(loader, 1):
         if channels_last:
@@ -190,8 +190,9 @@ def main(argv=None):
     csv = split_file(files, labels, classes, args.test_images)
     print(f"{len(files)} {'generated JPEGs' if generated else 'of your images'} in {args.dir}, {len(classes)} classes")
     print(f"machine: {machine()}")
-    print(f"== {args.mode} ResNet-{args.depth}{', frozen ' + ' '.join(args.freeze) if args.freeze else ''}, {args.image_size} px, batch {args.batch_size}, {args.workers} "
-          f"workers, {args.steps} steps (images/s from step 3 on), {args.rounds} round(s)")
+    frozen = f", frozen {' '.join(args.freeze)}" if args.freeze else ""
+    print(f"== {args.mode} ResNet-{args.depth}{frozen}, {args.image_size} px, batch {args.batch_size}, "
+          f"{args.workers} workers, {args.steps} steps (images/s from step 3 on), {args.rounds} round(s)")
     names = ["fpipe", *args.programs]
     rates = {n: [] for n in names}
     for r in range(args.rounds):
