@@ -26,7 +26,10 @@ not the goals' measure: programs interleaved in one process share its heap, and 
 the slower fpipe's step (ResNet-50 64 px b16: 6, 454 and 1278 faults a step beside one, two and
 four baselines; 271, 297 and 343 ms. Finetune ResNet-18 32 px b16: 61.6-66.4 ms beside any one or
 three baselines, 105 ms beside all four, 60.5 ms alone, while the eager module takes 88-91 ms in
-every setting; the mechanism is not known).
+every setting. It comes and goes: two later runs beside all four took 67.8 and 72.8 ms with no
+faults. When it comes, the time is in the compiled step's own kernels, first touching memory the
+process was given afresh: torch.profiler's self time of the compiled graph 124 vs 10.7 ms a step,
+8,210 faults, while its convolutions and collectives take what they take alone).
 """
 import argparse
 import json
