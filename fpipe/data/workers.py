@@ -18,7 +18,7 @@ for CUDA arrive as copies and are not recycled.
 Workers run at a lower CPU priority than this process (``niceness``, ``data.worker_niceness``):
 where they share cores with a CPU step, a worker that takes a core from one of the step's threads
 stalls all of them at the next barrier; at the lowest priority the workers fill the cores the
-step leaves idle instead (2 workers on 2 cores, ResNet-18 b64 at 32 px: 855 vs 593 images/s,
+step leaves idle instead (2 workers on 2 cores, ResNet-18 b64 at 32 px: 786-855 vs 593 images/s,
 64 px 337 vs 310; 224 px b32 the same; benchmarks/train_loop.py's run of main.py).
 """
 import functools
