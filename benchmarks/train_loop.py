@@ -99,9 +99,10 @@ def run_fpipe(args, csv):
     return last[-1]["images_per_s"]
 
 
-def run_baseline(args, name):
-    """The hand-written loop ``name`` in a fresh process (this file with ``--child``); its images/s."""
-    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", name]
+def run_baseline(args, argv, name):
+    """The hand-written loop ``name`` in a fresh process (this file with this run's ``argv`` and
+    ``--child``); its images/s."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", name]
     done = subprocess.run(cmd, cwd=REPO, env=_child_env(args), capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"the {name} loop failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -181,6 +182,7 @@ def main(argv=None):
                              "data.worker_niceness, 19); 0: as DataLoader runs them")
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "fpipe_bench_jpegs"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.child:
         return baseline_loop(args, args.child)
@@ -197,7 +199,7 @@ def main(argv=None):
     rates = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            rates[name].append(run_fpipe(args, csv) if name == "fpipe" else run_baseline(args, name))
+            rates[name].append(run_fpipe(args, csv) if name == "fpipe" else run_baseline(args, argv, name))
             print(f"  round {r + 1}: {name:12s} {rates[name][-1]:7.1f} images/s", flush=True)
     rate = {n: statistics.median(v) for n, v in rates.items()}
     for name in names:
