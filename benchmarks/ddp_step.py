@@ -45,7 +45,7 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks import train_step
-from benchmarks.linear_eval_step import NUM_CLASSES, as_main_does, machine, own_compile_cache
+from benchmarks.linear_eval_step import NUM_CLASSES, as_main_does, machine, own_compile_cache, resnet_arg
 from fpipe import host_memory
 from fpipe.train import distributed
 from fpipe.train import loop as loop_lib
@@ -171,7 +171,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--mode", default="supervised", choices=train_step.MODES)
     ap.add_argument("--arch", default="resnet", choices=train_step.ARCHS)
-    ap.add_argument("--depth", type=int, default=18)
+    ap.add_argument("--depth", type=resnet_arg, default=18, metavar="RESNET", help="a ResNet depth or name")
     ap.add_argument("--optimizer", default="config", choices=train_step.OPTIMIZERS)
     ap.add_argument("--freeze", nargs="+", default=[], metavar="REGEX", help="more model.freeze rules (train_step.py's)")
     ap.add_argument("--image-size", type=int, default=64)

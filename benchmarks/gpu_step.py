@@ -303,7 +303,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--parts", nargs="+", default=["train", "linear_eval"], choices=["train", "linear_eval"])
     ap.add_argument("--arch", default="resnet", choices=ts.ARCHS, help="vit_s16: the train part on a ViT-S/16")
-    ap.add_argument("--depth", type=int, default=50, choices=sorted(le.ARCH))
+    ap.add_argument("--depth", type=le.resnet_arg, default=50, metavar="RESNET", help="a ResNet depth or name")
     ap.add_argument("--optimizer", default="config", choices=ts.OPTIMIZERS, help="the train part's optimizer")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=256)

@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fpipe import freeze, host_memory, optim, tree
-from fpipe.models import fold
+from fpipe.models import fold, resnet
 from fpipe.train import compile_cache, distributed
 from fpipe.train import loop as loop_lib
 from fpipe.train import frozen_trunk as ft_lib
@@ -90,13 +90,14 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, width_per_group=64):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        width = int(planes * width_per_group / 64) * groups  # ResNeXt's and the wide ResNets' inner width
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -110,30 +111,34 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """torchvision's ResNet, written out (no torchvision here); ``fc`` is the linear head."""
+    """torchvision's ResNet, written out (no torchvision here); ``fc`` is the linear head.
+    ``groups``/``width_per_group``: torchvision's ResNeXt and wide ResNets; ``width_multiplier``:
+    every stage and the stem that many times wider (SimCLR's ResNet-50 x2, VISSL's)."""
 
-    def __init__(self, block, layers, num_classes):
+    def __init__(self, block, layers, num_classes, groups=1, width_per_group=64, width_multiplier=1):
         super().__init__()
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.inner = {} if block is BasicBlock else dict(groups=groups, width_per_group=width_per_group)
+        w = 64 * width_multiplier
+        self.inplanes = w
+        self.conv1 = nn.Conv2d(3, w, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(block, 64, layers[0], 1)
-        self.layer2 = self._make_layer(block, 128, layers[1], 2)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2)
-        self.layer4 = self._make_layer(block, 512, layers[3], 2)
+        self.layer1 = self._make_layer(block, w, layers[0], 1)
+        self.layer2 = self._make_layer(block, 2 * w, layers[1], 2)
+        self.layer3 = self._make_layer(block, 4 * w, layers[2], 2)
+        self.layer4 = self._make_layer(block, 8 * w, layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(8 * w * block.expansion, num_classes)
 
     def _make_layer(self, block, planes, blocks, stride):
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        layers = [block(self.inplanes, planes, stride, downsample, **self.inner)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, **self.inner) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def features(self, x):
@@ -148,11 +153,35 @@ class ResNet(nn.Module):
 # torchvision's ResNet depths (fpipe.models.resnet.DEPTHS): any of them can be benchmarked.
 ARCH = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3)),
         101: (Bottleneck, (3, 4, 23, 3)), 152: (Bottleneck, (3, 8, 36, 3))}
+# ... and by name: torchvision's ResNeXt and wide ResNets, SimCLR's wider ResNet-50s (fpipe's options).
+NAMED = {**{n: o for n, o in resnet.PRESETS.items() if not n.startswith("resnet")},
+         "resnet50x2": dict(depth=50, width_multiplier=2), "resnet50x4": dict(depth=50, width_multiplier=4)}
+RESNETS = (*ARCH, *NAMED)  # what --depth takes
+
+
+def resnet_arg(text):
+    """``--depth``'s type: a depth (``50``) or a name of ``NAMED`` (``resnext50_32x4d``)."""
+    if text in NAMED:
+        return text
+    if text.isdigit() and int(text) in ARCH:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"unknown ResNet {text!r}; valid: {', '.join(map(str, RESNETS))}")
+
+
+def resnet_options(depth):
+    """fpipe's ResNet options of a ``--depth`` value."""
+    return dict(NAMED[depth]) if depth in NAMED else dict(depth=depth)
+
+
+def resnet_title(depth):
+    return depth if depth in NAMED else f"ResNet-{depth}"
 
 
 def torch_module(depth, params, state):
-    """The nn.Module with fpipe's weights, copied by torchvision name (``trunk.`` dropped, ``heads.``)."""
-    net = ResNet(*ARCH[depth], NUM_CLASSES)
+    """The nn.Module with fpipe's weights, copied by torchvision name (``trunk.`` dropped, ``heads.``);
+    ``depth``: a ``--depth`` value."""
+    options = resnet_options(depth)
+    net = ResNet(*ARCH[options.pop("depth")], NUM_CLASSES, **options)
     flat = {n.split(".", 1)[1]: v for n, v in tree.flatten(params).items() | tree.flatten(state).items()}
     net.load_state_dict(flat, strict=True)
     return net
@@ -160,7 +189,7 @@ def torch_module(depth, params, state):
 
 # ---------------------------------------------------------------- programs
 def build(depth, image_size, batch_size, seed=0):
-    cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config(depth=depth),
+    cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config(**resnet_options(depth)),
                                          heads=dict(fc=model_lib.head_config("flatten", "linear"))))
     model = model_lib.build(cfg, num_classes=NUM_CLASSES, image_size=image_size)
     params, state = model.init(seed)
@@ -446,7 +475,7 @@ def bench(args, depth):
     progs = programs(depth, model, params, state, batch)  # fresh states for timing
     med, first = time_round_robin(progs, args.iters, args.warmup)
     per_s = lambda n: args.batch_size / med[n]
-    print(f"== ResNet-{depth}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
+    print(f"== {resnet_title(depth)}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
           f"median of {args.iters} after {args.warmup} warm-up; optimizer: {make_optimizer({'w': torch.zeros(1)})[1]}")
     print(f"first-step loss: eager {loss_eager:.6f}  compiled nn.Module {loss_compiled:.6f}  fpipe {loss_fpipe:.6f}")
     for n in progs:
@@ -480,7 +509,8 @@ def bench(args, depth):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--depth", type=int, nargs="+", default=[18, 50], choices=sorted(ARCH))
+    ap.add_argument("--depth", type=resnet_arg, nargs="+", default=[18, 50], metavar="RESNET",
+                    help=f"ResNet depths or names: {', '.join(map(str, RESNETS))}")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import torch.utils.data
 
 from benchmarks import input_pipeline, train_step
-from benchmarks.linear_eval_step import as_main_does, machine, scratch_dir
+from benchmarks.linear_eval_step import RESNETS, as_main_does, machine, resnet_arg, resnet_options, resnet_title, scratch_dir
 from fpipe import data
 
 BASELINES = ("eager", "compiled", "eager_cl", "compiled_cl")
@@ -81,7 +81,8 @@ def run_fpipe(args, csv):
     flags = {"data.name": "image_folder", "data.root": args.dir, "data.split_file": csv,
              "data.train_split": "train", "data.test_split": "test", "data.image_size": args.image_size,
              "data.batch_size": args.batch_size, "data.num_workers": args.workers,
-             "data.train_transforms": input_pipeline.TRAIN, "model.trunk.depth": args.depth,
+             "data.train_transforms": input_pipeline.TRAIN,
+             **{f"model.trunk.{k}": v for k, v in resnet_options(args.depth).items()},
              "total_steps": args.steps, "log_steps": args.log_steps, "compile_min_images": 0,
              "compile_cache_dir": scratch_dir("fpipe-train-loop-cache-")}
     if args.freeze:
@@ -162,7 +163,8 @@ def _worker_start(niceness, worker_id):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=train_step.MODES, default="supervised")
-    parser.add_argument("--depth", type=int, choices=(18, 34, 50, 101, 152), default=18)
+    parser.add_argument("--depth", type=resnet_arg, default=18, metavar="RESNET",
+                        help=f"a ResNet depth or name: {', '.join(map(str, RESNETS))}")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
@@ -193,7 +195,7 @@ def main(argv=None):
     print(f"{len(files)} {'generated JPEGs' if generated else 'of your images'} in {args.dir}, {len(classes)} classes")
     print(f"machine: {machine()}")
     frozen = f", frozen {' '.join(args.freeze)}" if args.freeze else ""
-    print(f"== {args.mode} ResNet-{args.depth}{frozen}, {args.image_size} px, batch {args.batch_size}, "
+    print(f"== {args.mode} {resnet_title(args.depth)}{frozen}, {args.image_size} px, batch {args.batch_size}, "
           f"{args.workers} workers, {args.steps} steps (images/s from step 3 on), {args.rounds} round(s)")
     names = ["fpipe", *args.programs]
     rates = {n: [] for n in names}

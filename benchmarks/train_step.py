@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/train_step.py                        # both modes, ResNet-18/50, 32 and 64 px
     PYTHONPATH=. python benchmarks/train_step.py --mode finetune --depth 18 --image-size 32
     PYTHONPATH=. python benchmarks/train_step.py --image-size 224 --batch-size 32 --depth 50
+    PYTHONPATH=. python benchmarks/train_step.py --mode finetune --depth resnext50_32x4d wide_resnet50_2 --image-size 64
     PYTHONPATH=. python benchmarks/train_step.py --arch vit_s16 --optimizer adamw --mode finetune --image-size 64
     PYTHONPATH=. python benchmarks/train_step.py --arch regnet_y_400mf --mode supervised --image-size 64
     PYTHONPATH=. python benchmarks/train_step.py --mode finetune --freeze 'trunk\.(conv1|bn1|layer1)\..*'
@@ -10,7 +11,7 @@
 Settings from the shipped configs (``configs/supervised.py``: SGD lr 0.1, momentum 0.9, weight
 decay 5e-4; ``configs/finetune.py``: SGD lr 0.05, Nesterov momentum 0.9, weight decay 1e-4, the
 trunk at 0.1x the lr; both: no weight decay on norms and biases), a ResNet trunk (any of
-torchvision's depths; or ``--arch vit_s16``: a ViT-S/16 stored for the input size, the head on its
+torchvision's depths, or by name its ResNeXt and wide ResNets and SimCLR's ``resnet50x2``; or ``--arch vit_s16``: a ViT-S/16 stored for the input size, the head on its
 class token; or a RegNet, ConvNeXt or EfficientNet preset such as ``--arch regnet_y_400mf``, whose
 baselines are the nn.Module twins of benchmarks/zoo_modules.py) and a
 linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw`` swaps the
@@ -76,8 +77,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import vit_step, zoo_modules
-from benchmarks.linear_eval_step import (ARCH, NUM_CLASSES, as_main_does, machine, own_compile_cache, scratch_dir,
-                                         time_round_robin, torch_module)
+from benchmarks.linear_eval_step import (NUM_CLASSES, RESNETS, as_main_does, machine, own_compile_cache, resnet_arg,
+                                         resnet_options, resnet_title, scratch_dir, time_round_robin, torch_module)
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
 from fpipe import freeze, host_memory, optim, tree
 from fpipe.models import fold
@@ -106,7 +107,8 @@ def config_for(mode, depth, image_size, batch_size, arch="resnet", optimizer="co
     elif arch in PRESET_ARCHS:
         config.model.trunk = model_lib.trunk_config(arch)
     else:
-        config.model.trunk.depth = depth
+        for key, value in resnet_options(depth).items():  # a depth, or a named ResNet's options
+            config.model.trunk[key] = value
     if optimizer == "adamw":
         config.optim.name, config.optim.lr, config.optim.weight_decay = "adamw", 1e-3, 0.05
     config.data.image_size = image_size
@@ -115,7 +117,7 @@ def config_for(mode, depth, image_size, batch_size, arch="resnet", optimizer="co
 
 
 def case_name(args, mode, depth):
-    model = {"vit_s16": "ViT-S/16", "resnet": f"ResNet-{depth}"}.get(args.arch, args.arch)
+    model = {"vit_s16": "ViT-S/16", "resnet": resnet_title(depth)}.get(args.arch, args.arch)
     return (f"{mode} {model}".strip() + (", AdamW" if args.optimizer == "adamw" else "")
             + (f", frozen {' '.join(args.freeze)}" if getattr(args, "freeze", None) else ""))
 
@@ -342,7 +344,8 @@ def main(argv=None):
     ap.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--arch", default="resnet", choices=ARCHS,
                     help="vit_s16: ViT-S/16; else a RegNet, ConvNeXt or EfficientNet preset (--depth is then ignored)")
-    ap.add_argument("--depth", type=int, nargs="+", default=[18, 50], choices=sorted(ARCH), help="ResNet depths")
+    ap.add_argument("--depth", type=resnet_arg, nargs="+", default=[18, 50], metavar="RESNET",
+                    help=f"ResNet depths or names: {', '.join(map(str, RESNETS))}")
     ap.add_argument("--optimizer", default="config", choices=OPTIMIZERS,
                     help="adamw: AdamW (lr 1e-3, wd 0.05) instead of the config's SGD")
     ap.add_argument("--freeze", nargs="+", default=[], metavar="REGEX",

@@ -109,3 +109,26 @@ def test_train_loops_split_file_gives_main_py_the_baselines_images(tmp_path):
     assert by_file(ds.test) == {f: theirs[f] for f in files[:4]}
     assert {pathlib.Path(f).parent.name for f in theirs} == {"2", "10", "cat"}
     assert all(pathlib.Path(f).parent.name == c for f, c in theirs.items())
+
+
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "resnet50x2"])
+def test_the_baselines_named_resnets_compute_fpipes_network(name):
+    """linear_eval_step.py's nn.Module for a named ResNet (grouped or wider convs, a wider stem)
+    holds fpipe's weights by name and gives its logits and gradients in train mode."""
+    from benchmarks import linear_eval_step as le
+    model, params, state, batch = le.build(name, 32, 4)
+    params, state = (tree.map_leaves(lambda v: v.double() if v.is_floating_point() else v, t) for t in (params, state))
+    image = batch["image"].double()  # float64: a deep trunk's rounding does not hide a wrong layer
+    net = le.torch_module(name, params, state).double().train()  # fpipe's float32 values, exactly
+
+    def loss(p):
+        out, _ = model.apply(p, state, image, train=True)
+        return out["fc"].square().mean(), out["fc"]
+
+    grads, logits = torch.func.grad(loss, has_aux=True)(params)
+    mine = net(image)
+    mine.square().mean().backward()
+    torch.testing.assert_close(mine, logits, rtol=1e-9, atol=1e-9)
+    named = dict(net.named_parameters())
+    for n, g in tree.flatten(grads).items():
+        torch.testing.assert_close(named[n.split(".", 1)[1]].grad, g, rtol=1e-7, atol=1e-9 * g.abs().max().item())
