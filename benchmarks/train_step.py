@@ -19,8 +19,9 @@ config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baseline
 ``torch.optim.AdamW(foreach=True)``), what ViTs are fine-tuned with. ``--freeze`` adds
 ``model.freeze`` rules (above: detectron2's FREEZE_AT=2, the stem and layer1 frozen and their
 norms on running statistics); the baselines' matching params then take no gradient and their
-norms run in eval mode. Five programs, timed in one process,
-round-robin (a busy machine slows each alike), medians:
+norms run in eval mode. Five programs, each in its own process, timed round-robin a step at a
+time (a busy machine slows each alike; benchmarks/process_rounds.py; ``--in-one-process``: all in
+this one, sharing its heap, as before 12-05), medians:
 
   fpipe     fpipe's step exactly as the loop builds it (``loop.build_train_step``, compiled), on the
             config's partition, eval norms and ``fpipe.optim`` optimizer.
@@ -56,11 +57,11 @@ Output per case:
           fresh process (goal, cold: <= 2.0; likewise _compiled_cl); first_call_s (warm): fpipe's
           first call with its caches filled, what a second run waits (goal <= 5 s)
   alone_ratio_vs_<baseline> (cold|warm): the same ratios from those runs alone (median of the 5
-          steps after --warmup ones): one program per process, as a user runs it. Interleaved
-          programs share one heap: glibc then returns and re-faults the baselines' large blocks (R50
-          32 px eager alone: 12.6k page faults, 24 ms of system time a step) and perturbs fpipe's
-          reuse of its own memory, so interleaved ratios understate the standalone ones; runs one
-          after another drift.
+          steps after --warmup ones), one after another (so the machine's drift between them
+          counts). Programs interleaved in one process (``--in-one-process``) share one heap: fpipe's
+          steps then fault in fresh memory where the others' blocks fragment it (finetune
+          wide_resnet50_2 64 px b32: 0.97x eager so, 1.46-1.49x alone), which the default rounds,
+          a process per program, avoid.
 """
 import argparse
 import ctypes
@@ -76,7 +77,7 @@ import ml_collections
 import torch
 import torch.nn.functional as F
 
-from benchmarks import vit_step, zoo_modules
+from benchmarks import process_rounds, vit_step, zoo_modules
 from benchmarks.linear_eval_step import (NUM_CLASSES, RESNETS, as_main_does, machine, own_compile_cache, resnet_arg,
                                          resnet_options, resnet_title, scratch_dir, time_round_robin, torch_module)
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
@@ -268,13 +269,26 @@ def child(args):
                       "aot_autograd": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k}}))
 
 
+def child_argv(args, mode, depth, image_size, role, name, iters, warmup):
+    """This file's command line for a process that runs program ``name`` of this case (``role``:
+    ``--child``, alone; ``--serve``, in the rounds of ``process_rounds``)."""
+    return [sys.executable, os.path.abspath(__file__), role, name, "--mode", mode, "--depth", str(depth),
+            "--image-size", str(image_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+            "--iters", str(iters), "--warmup", str(warmup), "--arch", args.arch, "--optimizer", args.optimizer,
+            *(["--freeze", *args.freeze] if args.freeze else [])]
+
+
+def serve(args):
+    """One program in ``process_rounds``' rounds."""
+    s = setup(args.mode[0], args.depth[0], args.image_size[0], args.batch_size, arch=args.arch,
+              optimizer=args.optimizer, freeze_rules=args.freeze)
+    process_rounds.serve(make_program(args.serve, s), args.warmup)
+
+
 def in_fresh_process(args, mode, depth, image_size, name, iters, caches=None):
     """``child`` in a new process; ``caches``: a directory for its compile caches (inductor's and
     fpipe's), else the ones this process uses."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--mode", mode, "--depth", str(depth),
-           "--image-size", str(image_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-           "--iters", str(iters), "--warmup", str(args.warmup if iters else 0), "--arch", args.arch,
-           "--optimizer", args.optimizer, *(["--freeze", *args.freeze] if args.freeze else [])]
+    cmd = child_argv(args, mode, depth, image_size, "--child", name, iters, args.warmup if iters else 0)
     env = dict(os.environ)
     if caches:
         env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
@@ -291,14 +305,19 @@ def bench(args, mode, depth, image_size):
     # code for a second config makes its changed Python floats (weight decay) graph inputs, a
     # graph that a fresh process (the second run below) never builds.
     torch._dynamo.reset()
-    s = setup(mode, depth, image_size, args.batch_size, arch=args.arch, optimizer=args.optimizer,
-              freeze_rules=args.freeze)
-    progs = {n: make_program(n, s) for n in args.programs}
-    outputs = {}
-    med, first = time_round_robin(progs, args.iters, args.warmup, outputs)
-    losses = {name: [float(v) for v in values] for name, values in outputs.items()}
+    progs = args.programs
+    if args.in_one_process:
+        s = setup(mode, depth, image_size, args.batch_size, arch=args.arch, optimizer=args.optimizer,
+                  freeze_rules=args.freeze)
+        outputs = {}
+        med, first = time_round_robin({n: make_program(n, s) for n in progs}, args.iters, args.warmup, outputs)
+        losses = {name: [float(v) for v in values] for name, values in outputs.items()}
+    else:
+        commands = {n: child_argv(args, mode, depth, image_size, "--serve", n, args.iters, args.warmup) for n in progs}
+        med, first, losses = process_rounds.time_round_robin(commands, args.iters, args.warmup)
+    where = "in one process" if args.in_one_process else "each program in its own process"
     print(f"== {case_name(args, mode, depth)}, {image_size}px, batch {args.batch_size}, {args.threads} threads, "
-          f"median of {args.iters} interleaved rounds after {args.warmup} warm-up")
+          f"median of {args.iters} interleaved rounds after {args.warmup} warm-up, {where}")
     print("first losses: " + "  ".join(f"{n} " + " ".join(f"{v:.5f}" for v in losses[n]) for n in progs))
     for n in progs:
         print(f"{n:11s} {med[n] * 1e3:8.1f} ms  {args.batch_size / med[n]:7.1f} images/s   first call {first[n]:6.1f} s")
@@ -359,11 +378,16 @@ def main(argv=None):
     ap.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=(*PROGRAMS, *REMAT_PROGRAMS))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     ap.add_argument("--no-second-run", action="store_true", help="skip the second-run first-call processes")
+    ap.add_argument("--in-one-process", action="store_true",
+                    help="time the interleaved programs in this process (before 12-05: they share one heap)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     memory_note = as_main_does(args.threads)
     if args.child:
         return child(args)
+    if args.serve:
+        return serve(args)
     own_compile_cache()  # fpipe's saved steps: the first call compiles, a fresh process loads
     print("machine:", machine())
     print(memory_note)

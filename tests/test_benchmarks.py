@@ -132,3 +132,25 @@ def test_the_baselines_named_resnets_compute_fpipes_network(name):
     named = dict(net.named_parameters())
     for n, g in tree.flatten(grads).items():
         torch.testing.assert_close(named[n.split(".", 1)[1]].grad, g, rtol=1e-7, atol=1e-9 * g.abs().max().item())
+
+
+CHILD = ("import sys, time; from benchmarks import process_rounds; calls = [0]\n"
+         "def run():\n"
+         "    calls[0] += 1; time.sleep(float(sys.argv[1])); return calls[0]\n"
+         "if sys.argv[2] == 'fail': raise SystemExit('no program here')\n"
+         "print('a line that is not the protocol'); process_rounds.serve(run, warmup=2)\n")
+
+
+def test_process_rounds_time_each_program_in_its_own_process():
+    """process_rounds: each program's first and warm-up outputs, its own step time (not another's),
+    one process per program; a program whose process dies names itself."""
+    from benchmarks import process_rounds
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    commands = {"quick": [sys.executable, "-c", CHILD, "0.01", "ok"], "slow": [sys.executable, "-c", CHILD, "0.08", "ok"]}
+    median, first, outputs = process_rounds.time_round_robin(commands, iters=3, warmup=2, env=env)
+    assert outputs == {"quick": [1.0, 2.0], "slow": [1.0, 2.0]}
+    assert 0.01 <= median["quick"] < 0.06 <= 0.08 <= median["slow"]
+    assert first["slow"] >= 0.08
+    with pytest.raises(RuntimeError, match="the broken program's process ended"):
+        process_rounds.time_round_robin({"quick": commands["quick"], "broken": [sys.executable, "-c", CHILD, "0", "fail"]},
+                                        iters=1, warmup=1, env=env)
