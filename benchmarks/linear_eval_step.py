@@ -2,9 +2,12 @@
 
     PYTHONPATH=. python benchmarks/linear_eval_step.py                  # ResNet-18 and -50, 32 px, batch 64
     PYTHONPATH=. python benchmarks/linear_eval_step.py --depth 50 --image-size 224 --batch-size 32
+    PYTHONPATH=. python benchmarks/linear_eval_step.py --depth resnext50_32x4d wide_resnet50_2 --image-size 64
 
 One model (a ResNet trunk, frozen, and one linear head ``fc`` on the pooled features), one batch,
-four programs, timed in one process, round-robin (so a busy machine slows each alike):
+these programs, each in a process of its own, timed round-robin a step at a time (so a busy
+machine slows each alike, and no program runs on a heap the others fragmented:
+benchmarks/process_rounds.py; ``--in-one-process``: all in this one, as before 12-05):
 
   eager    what a user would write otherwise: a torchvision-style ``nn.Module`` with the trunk's
            ``requires_grad=False`` and ``trunk.eval()``, ``loss.backward()``, ``torch.optim.SGD``
@@ -54,6 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmarks import process_rounds
 from fpipe import freeze, host_memory, optim, tree
 from fpipe.models import fold, resnet
 from fpipe.train import compile_cache, distributed
@@ -326,7 +330,7 @@ def report_steps(title, progs, med, first, batch_size):
     """The per-program lines and the ratios the zoo benchmarks (regnet_step, vit_step) print."""
     if title:
         print(title)
-    for n in progs:
+    for n in med:
         print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {batch_size / med[n]:8.1f} images/s   first call {first[n]:6.2f} s")
     print(f"compile_s: {first['fpipe_step'] - med['fpipe_step']:.1f}")
     print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
@@ -437,10 +441,28 @@ def memory_child(args):
                       "first_call_s": first}))
 
 
+def case_argv(args, depth, iters=None):
+    """The command-line options of this case, for a process of its own."""
+    return ["--depth", str(depth), "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+            "--threads", str(args.threads), "--iters", str(args.iters if iters is None else iters),
+            "--warmup", str(args.warmup)]
+
+
+def serve(args):
+    """One program in ``process_rounds``' rounds."""
+    model, params, state, batch = build(args.depth, args.image_size, args.batch_size)
+    run = programs(args.depth, model, params, state, batch, only=args.serve)[args.serve]
+    process_rounds.serve(lambda: _scalar(run()), args.warmup)
+
+
+def _scalar(out):
+    """A program's output as a float for ``serve``: the step's loss, or a feature's first value."""
+    out = next(iter(out.values())) if isinstance(out, dict) else out
+    return float(out.detach().reshape(-1)[0])
+
+
 def measure_memory(args, name):
-    cmd = [sys.executable, __file__, "--memory-child", name, "--depth", str(args.depth[0]),
-           "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-           "--threads", str(args.threads), "--iters", str(min(args.iters, 5)), "--warmup", str(args.warmup)]
+    cmd = [sys.executable, __file__, "--memory-child", name, *case_argv(args, args.depth[0], min(args.iters, 5))]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     if out.returncode:
         raise RuntimeError(f"memory run of {name} failed:\n{out.stderr[-2000:]}")
@@ -448,6 +470,10 @@ def measure_memory(args, name):
 
 
 # ---------------------------------------------------------------- main
+PROGRAMS = ("eager_step", "compiled_step", "fpipe_step", "forward", "forward_nhwc", "fpipe_forward", "fpipe_extract",
+            "fpipe_extract_eager")
+
+
 def programs(depth, model, params, state, batch, only=None):
     makers = {
         "eager_step": lambda: eager_step(depth, params, state, batch)[0],
@@ -459,6 +485,7 @@ def programs(depth, model, params, state, batch, only=None):
         "fpipe_extract": lambda: fpipe_extract(model, params, state, batch, compile=True),
         "fpipe_extract_eager": lambda: fpipe_extract(model, params, state, batch, compile=False),
     }
+    assert tuple(makers) == PROGRAMS
     return {n: make() for n, make in makers.items() if only in (None, n)}
 
 
@@ -472,13 +499,21 @@ def bench(args, depth):
     fpipe_first = time.perf_counter() - t
     loss_eager = float(progs["eager_step"]().detach())
     loss_compiled = float(progs["compiled_step"]().detach())
-    progs = programs(depth, model, params, state, batch)  # fresh states for timing
-    med, first = time_round_robin(progs, args.iters, args.warmup)
+    if args.in_one_process:
+        progs = programs(depth, model, params, state, batch)  # fresh states for timing
+        med, first = time_round_robin(progs, args.iters, args.warmup)
+    else:  # each in a process of its own (benchmarks/process_rounds.py), fpipe's loading what this one kept
+        del progs
+        commands = {n: [sys.executable, os.path.abspath(__file__), "--serve", n, *case_argv(args, depth)]
+                    for n in PROGRAMS}
+        med, first, _ = process_rounds.time_round_robin(commands, args.iters, args.warmup)
     per_s = lambda n: args.batch_size / med[n]
+    where = "in one process" if args.in_one_process else "each program in its own process"
     print(f"== {resnet_title(depth)}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
-          f"median of {args.iters} after {args.warmup} warm-up; optimizer: {make_optimizer({'w': torch.zeros(1)})[1]}")
+          f"median of {args.iters} after {args.warmup} warm-up, {where}; optimizer: "
+          f"{make_optimizer({'w': torch.zeros(1)})[1]}")
     print(f"first-step loss: eager {loss_eager:.6f}  compiled nn.Module {loss_compiled:.6f}  fpipe {loss_fpipe:.6f}")
-    for n in progs:
+    for n in med:
         print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {per_s(n):8.1f} images/s   first call {first[n]:6.2f} s")
     print(f"compile_s: {fpipe_first - med['fpipe_step']:.1f}  (the first call in this process; the timed "
           f"programs then load what it kept: first call {first['fpipe_step']:.1f} s)")
@@ -517,12 +552,15 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--in-one-process", action="store_true",
+                    help="time the programs in this process (before 12-05: they share one heap)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     memory_note = as_main_does(args.threads)
-    if args.memory_child:
+    if args.memory_child or args.serve:
         args.depth = args.depth[0]
-        return memory_child(args)
+        return memory_child(args) if args.memory_child else serve(args)
     own_compile_cache()  # the trunk and heads' step: the first call compiles, the memory processes load
     print("machine:", machine())
     print(memory_note)
