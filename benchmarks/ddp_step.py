@@ -29,7 +29,13 @@ three baselines, 105 ms beside all four, 60.5 ms alone, while the eager module t
 every setting. It comes and goes: two later runs beside all four took 67.8 and 72.8 ms with no
 faults. When it comes, the time is in the compiled step's own kernels, first touching memory the
 process was given afresh: torch.profiler's self time of the compiled graph 124 vs 10.7 ms a step,
-8,210 faults, while its convolutions and collectives take what they take alone).
+8,210 faults, while its convolutions and collectives take what they take alone). The same in
+train_step.py with a large model showed where the memory comes from: the heap's new top. Finetune
+wide_resnet50_2 64 px b32 beside the four baselines in one process, fpipe's slow steps faulted
+5.6k-27k pages and grew the heap by 22-56 MB each while it held 1.2 GB free in holes (mallinfo2):
+its blocks fit no hole the others' live blocks left; train_step.py now runs each program in a
+process of its own, and ``main.py``'s own steps fault ~10 pages each, median, with the loader in
+the process (supervised ResNet-18 64 px b64, no workers).
 """
 import argparse
 import json
