@@ -189,6 +189,23 @@ def test_dense_as_a_1x1_conv_gives_linears_values_and_gradients(monkeypatch):
     assert len(images) == 3
 
 
+def test_a_dense_tie_takes_the_weight_as_kernel_only_without_gradients(monkeypatch):
+    """As many rows as outputs: without gradients (a frozen trunk, whose weight freezing packs)
+    the weight is the conv's kernel; with them, as before, the rows are. F.linear's values both ways."""
+    monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
+    monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
+    w, x = torch.randn(24, 16), torch.randn(24, 16)
+    kernels = []
+    monkeypatch.setattr(torch.nn.functional, "conv2d",
+                        lambda *a, **k: kernels.append(a[1].data_ptr()) or torch.conv2d(*a, **k))
+    with torch.no_grad():
+        frozen = layers.dense(x, w)
+    training = layers.dense(x, w)
+    assert kernels == [w.data_ptr(), x.data_ptr()]
+    for y in (frozen, training):
+        torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
 def test_1x1_convs_over_few_images_run_on_onednn_on_one_thread(monkeypatch):
     """On one thread ATen sends a float32 1×1 stride-1 conv over fewer than 16 images to its THNN
     path (MKL's gemm: AVX2 code on AMD, half oneDNN's speed): layers.conv and dense's convs take
