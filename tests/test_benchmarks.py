@@ -54,7 +54,14 @@ def test_the_baselines_zoo_modules_compute_fpipes_network(family, options):
     params, state = model.init(0)
     net = zoo_modules.torch_module(model.trunk.spec, params, state, 5).train()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # float32: within float rounding of each gradient's largest value
+    assert_module_computes(net, model, params, state, x, logits_tol=(1e-4, 1e-5), grad_tol=(0.0, 1e-3, 1e-6))
 
+
+def assert_module_computes(net, model, params, state, x, logits_tol, grad_tol):
+    """The nn.Module ``net`` (train mode) gives fpipe's logits and gradients of a loss on them on
+    ``x``; tolerances ``(rtol, atol)``, the gradients' ``(rtol, atol relative to each one's
+    largest value, atol)``."""
     def loss(p):
         out, _ = model.apply(p, state, x, train=True)
         return out["fc"].square().mean(), out["fc"]
@@ -62,11 +69,11 @@ def test_the_baselines_zoo_modules_compute_fpipes_network(family, options):
     grads, logits = torch.func.grad(loss, has_aux=True)(params)
     mine = net(x)
     mine.square().mean().backward()
-    torch.testing.assert_close(mine, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mine, logits, rtol=logits_tol[0], atol=logits_tol[1])
     named = dict(net.named_parameters())
-    for name, g in tree.flatten(grads).items():  # within float rounding of each tensor's largest
-        err = (named[name.split(".", 1)[1]].grad - g).abs().max().item()
-        assert err <= 1e-3 * g.abs().max().item() + 1e-6, (name, err)
+    for name, g in tree.flatten(grads).items():
+        torch.testing.assert_close(named[name.split(".", 1)[1]].grad, g, rtol=grad_tol[0],
+                                   atol=grad_tol[1] * g.abs().max().item() + grad_tol[2], msg=lambda m: f"{name}: {m}")
 
 
 def test_train_steps_baselines_with_a_frozen_stem_train_what_fpipe_trains():
@@ -120,18 +127,7 @@ def test_the_baselines_named_resnets_compute_fpipes_network(name):
     params, state = (tree.map_leaves(lambda v: v.double() if v.is_floating_point() else v, t) for t in (params, state))
     image = batch["image"].double()  # float64: a deep trunk's rounding does not hide a wrong layer
     net = le.torch_module(name, params, state).double().train()  # fpipe's float32 values, exactly
-
-    def loss(p):
-        out, _ = model.apply(p, state, image, train=True)
-        return out["fc"].square().mean(), out["fc"]
-
-    grads, logits = torch.func.grad(loss, has_aux=True)(params)
-    mine = net(image)
-    mine.square().mean().backward()
-    torch.testing.assert_close(mine, logits, rtol=1e-9, atol=1e-9)
-    named = dict(net.named_parameters())
-    for n, g in tree.flatten(grads).items():
-        torch.testing.assert_close(named[n.split(".", 1)[1]].grad, g, rtol=1e-7, atol=1e-9 * g.abs().max().item())
+    assert_module_computes(net, model, params, state, image, logits_tol=(1e-9, 1e-9), grad_tol=(1e-7, 1e-9, 1e-12))
 
 
 CHILD = ("import sys, time; from benchmarks import process_rounds; calls = [0]\n"
