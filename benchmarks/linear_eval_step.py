@@ -326,7 +326,7 @@ def sgd_head_runner(net, head):
     return run
 
 
-def report_steps(title, progs, med, first, batch_size):
+def report_steps(title, med, first, batch_size):
     """The per-program lines and the ratios the zoo benchmarks (regnet_step, vit_step) print."""
     if title:
         print(title)
@@ -359,6 +359,34 @@ def time_round_robin(programs, iters, warmup, warm_outputs=None):
             run()
             times[name].append(time.perf_counter() - t)
     return {n: statistics.median(v) for n, v in times.items()}, first
+
+
+def rounds(args, script, argv, names, make_programs):
+    """``(median seconds, first-call seconds)`` of the programs ``make_programs()`` builds, named
+    ``names``: each in a process of its own (``script`` run again with ``argv`` and ``--serve
+    NAME``: benchmarks/process_rounds.py), or all in this one with ``--in-one-process``."""
+    if args.in_one_process:
+        return time_round_robin(make_programs(), args.iters, args.warmup)
+    commands = {n: [sys.executable, os.path.abspath(script), *argv, "--serve", n] for n in names}
+    med, first, _ = process_rounds.time_round_robin(commands, args.iters, args.warmup)
+    return med, first
+
+
+def where(args):
+    """How ``rounds`` timed the programs, for a benchmark's header line."""
+    return "in one process" if args.in_one_process else "each program in its own process"
+
+
+def serve_program(run, warmup):
+    """A program's side of ``rounds``."""
+    process_rounds.serve(lambda: _scalar(run()), warmup)
+
+
+def add_round_flags(ap):
+    """``--in-one-process`` and the hidden ``--serve`` of the benchmarks that time with ``rounds``."""
+    ap.add_argument("--in-one-process", action="store_true",
+                    help="time the programs in this process (before 12-05: they share one heap)")
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
 
 
 def machine() -> str:
@@ -451,8 +479,7 @@ def case_argv(args, depth, iters=None):
 def serve(args):
     """One program in ``process_rounds``' rounds."""
     model, params, state, batch = build(args.depth, args.image_size, args.batch_size)
-    run = programs(args.depth, model, params, state, batch, only=args.serve)[args.serve]
-    process_rounds.serve(lambda: _scalar(run()), args.warmup)
+    serve_program(programs(args.depth, model, params, state, batch, only=args.serve)[args.serve], args.warmup)
 
 
 def _scalar(out):
@@ -499,18 +526,12 @@ def bench(args, depth):
     fpipe_first = time.perf_counter() - t
     loss_eager = float(progs["eager_step"]().detach())
     loss_compiled = float(progs["compiled_step"]().detach())
-    if args.in_one_process:
-        progs = programs(depth, model, params, state, batch)  # fresh states for timing
-        med, first = time_round_robin(progs, args.iters, args.warmup)
-    else:  # each in a process of its own (benchmarks/process_rounds.py), fpipe's loading what this one kept
-        del progs
-        commands = {n: [sys.executable, os.path.abspath(__file__), "--serve", n, *case_argv(args, depth)]
-                    for n in PROGRAMS}
-        med, first, _ = process_rounds.time_round_robin(commands, args.iters, args.warmup)
+    del progs  # timed with fresh states: each in a process of its own, fpipe's loading what this one kept
+    med, first = rounds(args, __file__, case_argv(args, depth), PROGRAMS,
+                        lambda: programs(depth, model, params, state, batch))
     per_s = lambda n: args.batch_size / med[n]
-    where = "in one process" if args.in_one_process else "each program in its own process"
     print(f"== {resnet_title(depth)}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
-          f"median of {args.iters} after {args.warmup} warm-up, {where}; optimizer: "
+          f"median of {args.iters} after {args.warmup} warm-up, {where(args)}; optimizer: "
           f"{make_optimizer({'w': torch.zeros(1)})[1]}")
     print(f"first-step loss: eager {loss_eager:.6f}  compiled nn.Module {loss_compiled:.6f}  fpipe {loss_fpipe:.6f}")
     for n in med:
@@ -552,10 +573,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--in-one-process", action="store_true",
-                    help="time the programs in this process (before 12-05: they share one heap)")
+    add_round_flags(ap)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
-    ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     memory_note = as_main_does(args.threads)
     if args.memory_child or args.serve:

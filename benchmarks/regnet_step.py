@@ -13,18 +13,21 @@ The same programs as benchmarks/linear_eval_step.py (read it for the method), on
   forward        the floor: the nn.Module trunk forward under ``torch.inference_mode``.
   fpipe_forward  fpipe's eager trunk forward (``model.features``), for reference.
 
-Medians over ``--iters`` round-robin calls after ``--warmup``. Output lines:
+Medians over ``--iters`` round-robin calls after ``--warmup``, each program in a process of its own
+(``--in-one-process``: all in this one, as before 12-05). Output lines:
 
   ratio_vs_eager: X       eager step time / fpipe step time (>1: fpipe is faster)
   ratio_vs_forward: Y     fpipe step time / eager forward time (1.0 is the floor)
 """
 import argparse
+import sys
 
 import ml_collections
 import torch
 
 from benchmarks import zoo_modules
-from benchmarks.linear_eval_step import (NUM_CLASSES, as_main_does, fpipe_step, report_steps, sgd_head_runner, time_round_robin)
+from benchmarks.linear_eval_step import (NUM_CLASSES, add_round_flags, as_main_does, fpipe_step, report_steps,
+                                         rounds, serve_program, sgd_head_runner, where)
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.models import regnet
@@ -94,20 +97,24 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_round_flags(ap)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
-    print(as_main_does(args.threads))
+    note = as_main_does(args.threads)
     model, params, state, batch = build(args.name, args.image_size, args.batch_size)
     spec = model.trunk.spec
+    if args.serve:
+        return serve_program(programs(spec, model, params, state, batch)[args.serve], args.warmup)
+    print(note)
     progs = programs(spec, model, params, state, batch)
     # Same math: one step of each from the same start gives the same loss; the same features.
     loss_eager, loss_fpipe = float(progs["eager_step"]().detach()), float(progs["fpipe_step"]())
     feat_err = (progs["forward"]() - progs["fpipe_forward"]()["flatten"]).abs().max().item()
-    progs = programs(spec, model, params, state, batch)  # fresh states for timing
-    med, first = time_round_robin(progs, args.iters, args.warmup)
+    med, first = rounds(args, __file__, argv, list(progs), lambda: programs(spec, model, params, state, batch))
     print(f"== {args.name}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
-          f"median of {args.iters} after {args.warmup} warm-up")
+          f"median of {args.iters} after {args.warmup} warm-up, {where(args)}")
     print(f"first-step loss: eager {loss_eager:.6f}  fpipe {loss_fpipe:.6f}; max feature difference {feat_err:.2e}")
-    report_steps("", progs, med, first, args.batch_size)
+    report_steps("", med, first, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ import torch.nn.functional as F
 
 from benchmarks import process_rounds, vit_step, zoo_modules
 from benchmarks.linear_eval_step import (NUM_CLASSES, RESNETS, as_main_does, machine, own_compile_cache, resnet_arg,
-                                         resnet_options, resnet_title, scratch_dir, time_round_robin, torch_module)
+                                         resnet_options, resnet_title, scratch_dir, time_round_robin, torch_module,
+                                         where)
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
 from fpipe import freeze, host_memory, optim, tree
 from fpipe.models import fold
@@ -315,9 +316,8 @@ def bench(args, mode, depth, image_size):
     else:
         commands = {n: child_argv(args, mode, depth, image_size, "--serve", n, args.iters, args.warmup) for n in progs}
         med, first, losses = process_rounds.time_round_robin(commands, args.iters, args.warmup)
-    where = "in one process" if args.in_one_process else "each program in its own process"
     print(f"== {case_name(args, mode, depth)}, {image_size}px, batch {args.batch_size}, {args.threads} threads, "
-          f"median of {args.iters} interleaved rounds after {args.warmup} warm-up, {where}")
+          f"median of {args.iters} interleaved rounds after {args.warmup} warm-up, {where(args)}")
     print("first losses: " + "  ".join(f"{n} " + " ".join(f"{v:.5f}" for v in losses[n]) for n in progs))
     for n in progs:
         print(f"{n:11s} {med[n] * 1e3:8.1f} ms  {args.batch_size / med[n]:7.1f} images/s   first call {first[n]:6.1f} s")

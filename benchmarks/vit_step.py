@@ -4,7 +4,8 @@
     PYTHONPATH=. python benchmarks/vit_step.py --image-size 224 --batch-size 32
 
 One model (a ViT-S/16 trunk, frozen, stored for the input size, and one linear head ``fc`` on
-``lastCLS``), one batch, timed in one process, round-robin (benchmarks/linear_eval_step.py's timer):
+``lastCLS``), one batch, each program in a process of its own, timed round-robin (linear_eval_step.py's
+``rounds``; ``--in-one-process``: all in this one, as before 12-05):
 
   eager    what a user would write otherwise: a torchvision-style ViT ``nn.Module`` written out
            below (explicit q/k/v projection and ``scaled_dot_product_attention``, no
@@ -20,6 +21,7 @@ Output lines: ``ratio_vs_eager`` (eager step time / fpipe step time, >1: fpipe f
 ``ratio_vs_forward`` (fpipe step time / eager forward time; 1.0 is the floor).
 """
 import argparse
+import sys
 import collections
 
 import ml_collections
@@ -27,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.linear_eval_step import (NUM_CLASSES, as_main_does, fpipe_step, make_optimizer, report_steps, sgd_head_runner, time_round_robin)
+from benchmarks.linear_eval_step import (NUM_CLASSES, add_round_flags, as_main_does, fpipe_step, make_optimizer, report_steps,
+                                         rounds, serve_program, sgd_head_runner, where)
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.models import vit
@@ -159,18 +162,22 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_round_flags(ap)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
-    print(as_main_does(args.threads))
+    note = as_main_does(args.threads)
     model, params, state, batch = build(args.image_size, args.batch_size)
+    if args.serve:
+        return serve_program(programs(model, params, state, batch)[args.serve], args.warmup)
+    print(note)
     progs = programs(model, params, state, batch)
     # Same math: one step of each from the same start gives the same loss.
     loss_eager, loss_fpipe = float(progs["eager_step"]().detach()), float(progs["fpipe_step"]())
-    progs = programs(model, params, state, batch)  # fresh states for timing
-    med, first = time_round_robin(progs, args.iters, args.warmup)
+    med, first = rounds(args, __file__, argv, list(progs), lambda: programs(model, params, state, batch))
     print(f"== ViT-S/16, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, median of "
-          f"{args.iters} after {args.warmup} warm-up; optimizer: {make_optimizer({'w': torch.zeros(1)})[1]}")
+          f"{args.iters} after {args.warmup} warm-up, {where(args)}; optimizer: {make_optimizer({'w': torch.zeros(1)})[1]}")
     print(f"first-step loss: eager {loss_eager:.6f}  fpipe {loss_fpipe:.6f}")
-    report_steps("", progs, med, first, args.batch_size)
+    report_steps("", med, first, args.batch_size)
 
 
 if __name__ == "__main__":
