@@ -5,9 +5,9 @@
     PYTHONPATH=. python benchmarks/linear_eval_step.py --depth resnext50_32x4d wide_resnet50_2 --image-size 64
 
 One model (a ResNet trunk, frozen, and one linear head ``fc`` on the pooled features), one batch,
-these programs, each in a process of its own, timed round-robin a step at a time (so a busy
-machine slows each alike, and no program runs on a heap the others fragmented:
-benchmarks/process_rounds.py; ``--in-one-process``: all in this one, as before 12-05):
+these programs, each in a process of its own, timed taking turns (so a busy machine slows each
+alike, and no program runs on a heap the others fragmented; a turn is an untimed step, then steps
+back to back: benchmarks/process_rounds.py; ``--in-one-process``: all in this one, as before 12-05):
 
   eager    what a user would write otherwise: a torchvision-style ``nn.Module`` with the trunk's
            ``requires_grad=False`` and ``trunk.eval()``, ``loss.backward()``, ``torch.optim.SGD``
@@ -362,14 +362,16 @@ def time_round_robin(programs, iters, warmup, warm_outputs=None):
 
 
 def rounds(args, script, argv, names, make_programs):
-    """``(median seconds, first-call seconds)`` of the programs ``make_programs()`` builds, named
-    ``names``: each in a process of its own (``script`` run again with ``argv`` and ``--serve
-    NAME``: benchmarks/process_rounds.py), or all in this one with ``--in-one-process``."""
+    """``(median seconds, first-call seconds, first and warm-up outputs as floats)`` of the programs
+    ``make_programs()`` builds, named ``names``: each in a process of its own (``script`` run again
+    with ``argv`` and ``--serve NAME``: benchmarks/process_rounds.py), or all in this one with
+    ``--in-one-process``."""
     if args.in_one_process:
-        return time_round_robin(make_programs(), args.iters, args.warmup)
+        outputs = {}
+        med, first = time_round_robin(make_programs(), args.iters, args.warmup, outputs)
+        return med, first, {n: [_scalar(v) for v in values] for n, values in outputs.items()}
     commands = {n: [sys.executable, os.path.abspath(script), *argv, "--serve", n] for n in names}
-    med, first, _ = process_rounds.time_round_robin(commands, args.iters, args.warmup)
-    return med, first
+    return process_rounds.time_round_robin(commands, args.iters, args.warmup)
 
 
 def where(args):
@@ -527,8 +529,8 @@ def bench(args, depth):
     loss_eager = float(progs["eager_step"]().detach())
     loss_compiled = float(progs["compiled_step"]().detach())
     del progs  # timed with fresh states: each in a process of its own, fpipe's loading what this one kept
-    med, first = rounds(args, __file__, case_argv(args, depth), PROGRAMS,
-                        lambda: programs(depth, model, params, state, batch))
+    med, first, _ = rounds(args, __file__, case_argv(args, depth), PROGRAMS,
+                           lambda: programs(depth, model, params, state, batch))
     per_s = lambda n: args.batch_size / med[n]
     print(f"== {resnet_title(depth)}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
           f"median of {args.iters} after {args.warmup} warm-up, {where(args)}; optimizer: "

@@ -6,7 +6,7 @@ allocate and free theirs (a baseline's gradients live from its backward to its n
 fpipe's next step can find no hole for a large block and faults the heap's new top in afresh
 (finetune wide_resnet50_2 64 px b32 on 2 cores: 30k page faults in some steps, fpipe 0.97x eager
 interleaved in one process against 1.46-1.49x alone). A user runs one program per process; this
-times them so, still taking turns a step at a time.
+times them so, still taking turns.
 
 The parent (``time_round_robin``) starts one child per program (the benchmark's own command with a
 serving flag); the child builds its program, then ``serve`` answers one line per command: ``first``

@@ -110,7 +110,7 @@ def main(argv=None):
     # Same math: one step of each from the same start gives the same loss; the same features.
     loss_eager, loss_fpipe = float(progs["eager_step"]().detach()), float(progs["fpipe_step"]())
     feat_err = (progs["forward"]() - progs["fpipe_forward"]()["flatten"]).abs().max().item()
-    med, first = rounds(args, __file__, argv, list(progs), lambda: programs(spec, model, params, state, batch))
+    med, first, _ = rounds(args, __file__, argv, list(progs), lambda: programs(spec, model, params, state, batch))
     print(f"== {args.name}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
           f"median of {args.iters} after {args.warmup} warm-up, {where(args)}")
     print(f"first-step loss: eager {loss_eager:.6f}  fpipe {loss_fpipe:.6f}; max feature difference {feat_err:.2e}")

@@ -19,9 +19,10 @@ config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baseline
 ``torch.optim.AdamW(foreach=True)``), what ViTs are fine-tuned with. ``--freeze`` adds
 ``model.freeze`` rules (above: detectron2's FREEZE_AT=2, the stem and layer1 frozen and their
 norms on running statistics); the baselines' matching params then take no gradient and their
-norms run in eval mode. Five programs, each in its own process, timed round-robin a step at a
-time (a busy machine slows each alike; benchmarks/process_rounds.py; ``--in-one-process``: all in
-this one, sharing its heap, as before 12-05), medians:
+norms run in eval mode. Five programs, each in its own process, timed taking turns (a busy
+machine slows each alike; a turn is an untimed step, then steps back to back:
+benchmarks/process_rounds.py; ``--in-one-process``: all in this one, sharing its heap, as before
+12-05), medians:
 
   fpipe     fpipe's step exactly as the loop builds it (``loop.build_train_step``, compiled), on the
             config's partition, eval norms and ``fpipe.optim`` optimizer.
@@ -77,10 +78,10 @@ import ml_collections
 import torch
 import torch.nn.functional as F
 
-from benchmarks import process_rounds, vit_step, zoo_modules
-from benchmarks.linear_eval_step import (NUM_CLASSES, RESNETS, as_main_does, machine, own_compile_cache, resnet_arg,
-                                         resnet_options, resnet_title, scratch_dir, time_round_robin, torch_module,
-                                         where)
+from benchmarks import vit_step, zoo_modules
+from benchmarks.linear_eval_step import (NUM_CLASSES, RESNETS, add_round_flags, as_main_does, machine,
+                                         own_compile_cache, resnet_arg, resnet_options, resnet_title, rounds,
+                                         scratch_dir, serve_program, torch_module, where)
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
 from fpipe import freeze, host_memory, optim, tree
 from fpipe.models import fold
@@ -270,26 +271,26 @@ def child(args):
                       "aot_autograd": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k}}))
 
 
-def child_argv(args, mode, depth, image_size, role, name, iters, warmup):
-    """This file's command line for a process that runs program ``name`` of this case (``role``:
-    ``--child``, alone; ``--serve``, in the rounds of ``process_rounds``)."""
-    return [sys.executable, os.path.abspath(__file__), role, name, "--mode", mode, "--depth", str(depth),
-            "--image-size", str(image_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-            "--iters", str(iters), "--warmup", str(warmup), "--arch", args.arch, "--optimizer", args.optimizer,
-            *(["--freeze", *args.freeze] if args.freeze else [])]
+def case_argv(args, mode, depth, image_size, iters, warmup):
+    """This case's command-line options, for a process of its own (``--child``, alone; ``--serve``,
+    in ``rounds``)."""
+    return ["--mode", mode, "--depth", str(depth), "--image-size", str(image_size), "--batch-size",
+            str(args.batch_size), "--threads", str(args.threads), "--iters", str(iters), "--warmup", str(warmup),
+            "--arch", args.arch, "--optimizer", args.optimizer, *(["--freeze", *args.freeze] if args.freeze else [])]
 
 
 def serve(args):
-    """One program in ``process_rounds``' rounds."""
+    """One program in ``rounds``."""
     s = setup(args.mode[0], args.depth[0], args.image_size[0], args.batch_size, arch=args.arch,
               optimizer=args.optimizer, freeze_rules=args.freeze)
-    process_rounds.serve(make_program(args.serve, s), args.warmup)
+    serve_program(make_program(args.serve, s), args.warmup)
 
 
 def in_fresh_process(args, mode, depth, image_size, name, iters, caches=None):
     """``child`` in a new process; ``caches``: a directory for its compile caches (inductor's and
     fpipe's), else the ones this process uses."""
-    cmd = child_argv(args, mode, depth, image_size, "--child", name, iters, args.warmup if iters else 0)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name,
+           *case_argv(args, mode, depth, image_size, iters, args.warmup if iters else 0)]
     env = dict(os.environ)
     if caches:
         env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
@@ -307,15 +308,14 @@ def bench(args, mode, depth, image_size):
     # graph that a fresh process (the second run below) never builds.
     torch._dynamo.reset()
     progs = args.programs
-    if args.in_one_process:
+
+    def in_this_process():
         s = setup(mode, depth, image_size, args.batch_size, arch=args.arch, optimizer=args.optimizer,
                   freeze_rules=args.freeze)
-        outputs = {}
-        med, first = time_round_robin({n: make_program(n, s) for n in progs}, args.iters, args.warmup, outputs)
-        losses = {name: [float(v) for v in values] for name, values in outputs.items()}
-    else:
-        commands = {n: child_argv(args, mode, depth, image_size, "--serve", n, args.iters, args.warmup) for n in progs}
-        med, first, losses = process_rounds.time_round_robin(commands, args.iters, args.warmup)
+        return {n: make_program(n, s) for n in progs}
+
+    med, first, losses = rounds(args, __file__, case_argv(args, mode, depth, image_size, args.iters, args.warmup),
+                                progs, in_this_process)
     print(f"== {case_name(args, mode, depth)}, {image_size}px, batch {args.batch_size}, {args.threads} threads, "
           f"median of {args.iters} interleaved rounds after {args.warmup} warm-up, {where(args)}")
     print("first losses: " + "  ".join(f"{n} " + " ".join(f"{v:.5f}" for v in losses[n]) for n in progs))
@@ -378,10 +378,8 @@ def main(argv=None):
     ap.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=(*PROGRAMS, *REMAT_PROGRAMS))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     ap.add_argument("--no-second-run", action="store_true", help="skip the second-run first-call processes")
-    ap.add_argument("--in-one-process", action="store_true",
-                    help="time the interleaved programs in this process (before 12-05: they share one heap)")
+    add_round_flags(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     memory_note = as_main_does(args.threads)
     if args.child:

@@ -173,7 +173,7 @@ def main(argv=None):
     progs = programs(model, params, state, batch)
     # Same math: one step of each from the same start gives the same loss.
     loss_eager, loss_fpipe = float(progs["eager_step"]().detach()), float(progs["fpipe_step"]())
-    med, first = rounds(args, __file__, argv, list(progs), lambda: programs(model, params, state, batch))
+    med, first, _ = rounds(args, __file__, argv, list(progs), lambda: programs(model, params, state, batch))
     print(f"== ViT-S/16, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, median of "
           f"{args.iters} after {args.warmup} warm-up, {where(args)}; optimizer: {make_optimizer({'w': torch.zeros(1)})[1]}")
     print(f"first-step loss: eager {loss_eager:.6f}  fpipe {loss_fpipe:.6f}")
