@@ -57,9 +57,12 @@ class ConvNeXt(nn.Module):
         self.classifier = nn.Sequential(LayerNorm2d(c[-1], eps=convnext.EPS))
         self.fc = nn.Linear(c[-1], num_classes)
 
+    def embed(self, x):
+        """fpipe's ``flatten`` feature: the pooled map after the classifier's LayerNorm."""
+        return torch.flatten(self.classifier(self.features(x).mean((2, 3), keepdim=True)), 1)
+
     def forward(self, x):
-        x = self.features(x).mean((2, 3), keepdim=True)
-        return self.fc(torch.flatten(self.classifier(x), 1))
+        return self.fc(self.embed(x))
 
 
 def conv_bn(cin, cout, k, stride=1, groups=1, act=None, eps=1e-5, momentum=0.1):
@@ -115,11 +118,12 @@ class RegNet(nn.Module):
         self.trunk_output = nn.Sequential(stages)
         self.fc = nn.Linear(w_in, num_classes)
 
-    def features(self, x):
+    def embed(self, x):
+        """fpipe's ``flatten`` feature."""
         return torch.flatten(F.adaptive_avg_pool2d(self.trunk_output(self.stem(x)), 1), 1)
 
     def forward(self, x):
-        return self.fc(self.features(x))
+        return self.fc(self.embed(x))
 
 
 class MBConv(nn.Module):
@@ -152,8 +156,12 @@ class EfficientNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(spec.head_width, num_classes)
 
+    def embed(self, x):
+        """fpipe's ``flatten`` feature."""
+        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+
     def forward(self, x):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+        return self.fc(self.embed(x))
 
 
 TWINS = {regnet.Spec: RegNet, convnext.Spec: ConvNeXt, efficientnet.Spec: EfficientNet}

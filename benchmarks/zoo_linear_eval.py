@@ -1,0 +1,144 @@
+"""Frozen-trunk linear-evaluation step on the zoo's trunks: fpipe's step vs. nn.Module code, eager and compiled.
+
+    PYTHONPATH=. python benchmarks/zoo_linear_eval.py                        # RegNetY-400MF, 64 px, batch 64
+    PYTHONPATH=. python benchmarks/zoo_linear_eval.py --name convnext_tiny efficientnet_b0 --batch-size 32
+    PYTHONPATH=. python benchmarks/zoo_linear_eval.py --name regnet_y_1_6gf --image-size 224 --batch-size 16
+
+The programs of benchmarks/linear_eval_step.py (read it for the method) on a RegNet, ConvNeXt or
+EfficientNet preset (ResNets: linear_eval_step.py; ViT: vit_step.py):
+
+  eager_step     the torchvision-style twin (benchmarks/zoo_modules.py; no torchvision) holding
+                 fpipe's weights by torchvision name, trunk frozen (``requires_grad=False``) and
+                 in eval mode, a linear ``fc`` on the ``flatten`` feature trained by
+                 ``loss.backward()`` and ``torch.optim.SGD`` (momentum 0.9).
+  compiled_step  the same under ``torch.compile(net)`` (the optimizer eager).
+  fpipe_step     fpipe's step as the loop builds it: the frozen trunk compiled as a constant
+                 (``frozen_trunk``), the head's step over fpipe.optim's SGD (momentum 0.9).
+  forward        the floor: the twin's trunk forward under ``torch.inference_mode``.
+  fpipe_forward  fpipe's eager trunk forward (``model.features``), for reference.
+
+Medians over ``--iters`` turns after ``--warmup``, each program in a process of its own
+(``--in-one-process``: all in this one, as before 12-05). Output lines per trunk:
+
+  ratio_vs_eager: X       eager step time / fpipe step time (>1: fpipe is faster)
+  ratio_vs_compiled: W    compiled nn.Module step time / fpipe step time
+  ratio_vs_forward: Y     fpipe step time / eager forward time (1.0 is the floor)
+"""
+import argparse
+import sys
+
+import ml_collections
+import torch
+
+from benchmarks import zoo_modules
+from benchmarks.linear_eval_step import (NUM_CLASSES, add_round_flags, as_main_does, fpipe_step, machine,
+                                         own_compile_cache, report_steps, rounds, serve_program, sgd_head_runner, where)
+from fpipe import tree
+from fpipe.models import convnext, efficientnet, regnet
+from fpipe.models import model as model_lib
+
+NAMES = sorted({**regnet.PRESETS, **convnext.PRESETS, **efficientnet.PRESETS})
+
+
+# ---------------------------------------------------------------- programs
+def build(name, image_size, batch_size, seed=0):
+    cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config(name),
+                                         heads=dict(fc=model_lib.head_config("flatten", "linear"))))
+    model = model_lib.build(cfg, num_classes=NUM_CLASSES, image_size=image_size)
+    params, state = model.init(seed)
+    gen = torch.Generator().manual_seed(seed)
+    state = tree.map_with_names(  # pretrained-like running statistics
+        lambda n, v: (torch.rand(v.shape, generator=gen) * 0.2 - 0.1 if n.endswith("running_mean") else
+                      torch.rand(v.shape, generator=gen) + 0.5 if n.endswith("running_var") else v), state)
+    batch = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen),
+             "label": torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)}
+    return model, params, state, batch
+
+
+def torch_module(model, params, state):
+    """The twin of benchmarks/zoo_modules.py holding fpipe's weights."""
+    return zoo_modules.torch_module(model.trunk.spec, params, state, NUM_CLASSES)
+
+
+def eager_step(model, params, state, batch, compiled=False):
+    """The user's linear-eval step: every trunk param frozen, the whole net in eval mode (``fc`` has
+    no mode), ``fc`` trained; ``compiled``: the net under ``torch.compile`` (the optimizer eager)."""
+    net = torch_module(model, params, state).eval()
+    for name, p in net.named_parameters():
+        p.requires_grad_(name.startswith("fc."))
+    run = sgd_head_runner(torch.compile(net) if compiled else net, net.fc)
+    return lambda: run(batch)
+
+
+def eager_forward(model, params, state, batch):
+    net = torch_module(model, params, state).eval()
+
+    def run():
+        with torch.inference_mode():
+            return net.embed(batch["image"])
+
+    return run
+
+
+def fpipe_forward(model, params, state, batch):
+    def run():
+        with torch.inference_mode():
+            return model.features(params, state, batch["image"])
+    return run
+
+
+PROGRAMS = ("eager_step", "compiled_step", "fpipe_step", "forward", "fpipe_forward")
+
+
+def programs(model, params, state, batch):
+    return {"eager_step": eager_step(model, params, state, batch),
+            "compiled_step": eager_step(model, params, state, batch, compiled=True),
+            "fpipe_step": fpipe_step(model, params, state, batch)[0],
+            "forward": eager_forward(model, params, state, batch),
+            "fpipe_forward": fpipe_forward(model, params, state, batch)}
+
+
+def bench(args, name):
+    torch._dynamo.reset()  # each trunk compiles as in a fresh process
+    model, params, state, batch = build(name, args.image_size, args.batch_size)
+    progs = programs(model, params, state, batch)
+    # Same math: one step of each from the same start gives the same loss; the same features.
+    losses = {n: float(progs[n]().detach()) for n in ("eager_step", "compiled_step", "fpipe_step")}
+    feat_err = (progs["forward"]() - progs["fpipe_forward"]()["flatten"]).abs().max().item()
+    del progs  # timed with fresh states, each in a process of its own
+    case = ["--name", name, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+            "--threads", str(args.threads), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    med, first, _ = rounds(args, __file__, case, PROGRAMS, lambda: programs(model, params, state, batch))
+    print(f"== {name}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
+          f"median of {args.iters} after {args.warmup} warm-up, {where(args)}")
+    print("first-step loss: " + "  ".join(f"{n} {v:.6f}" for n, v in losses.items()) +
+          f"; max feature difference {feat_err:.2e}")
+    report_steps("", med, first, args.batch_size)
+    print(f"ratio_vs_compiled: {med['compiled_step'] / med['fpipe_step']:.3f}")
+    sys.stdout.flush()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", nargs="+", default=["regnet_y_400mf"], choices=NAMES, metavar="PRESET",
+                    help=f"RegNet, ConvNeXt or EfficientNet presets: {', '.join(NAMES)}")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_round_flags(ap)
+    args = ap.parse_args(argv)
+    note = as_main_does(args.threads)
+    if args.serve:
+        model, params, state, batch = build(args.name[0], args.image_size, args.batch_size)
+        return serve_program(programs(model, params, state, batch)[args.serve], args.warmup)
+    own_compile_cache()  # the first call compiles, the programs' processes load what it kept
+    print("machine:", machine())
+    print(note)
+    for name in args.name:
+        bench(args, name)
+
+
+if __name__ == "__main__":
+    main()
