@@ -26,8 +26,10 @@ class _SGD:
 @pytest.mark.parametrize("compile", [False, True])
 def test_frozen_trunk_step_equals_whole_step(compile, monkeypatch):
     """Also with the tiny-input convs (layer3/4 at 32 px) and linears as oneDNN 1x1 convs
-    (layers.dense's route where MKL is slow; forced here)."""
+    (layers.dense's route where MKL is slow; forced here, for every product: compiled, the trunk's
+    take their weights as kernels, layers.constant_weights)."""
     monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
+    monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
     heads = dict(res4=model_lib.head_config("res4", "eval_mlp", pool=[2, 2]),
                  fc=model_lib.head_config("flatten", "linear"))
     model, params, state = _model(18, heads)
@@ -66,6 +68,20 @@ def test_the_frozen_trunk_runs_under_the_runs_mixed_precision():
         assert bf16[k].dtype == want[k].dtype == torch.bfloat16 and fp32[k].dtype == torch.float32
         rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
         assert rel(bf16[k], want[k]) < 2e-2, k  # ~1%: the norms are folded into the weights before the cast
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_only_the_compiled_trunk_runs_its_weights_as_constants(compile, monkeypatch):
+    """layers.constant_weights (dense's packed-weight route) holds while the compiled trunk, whose
+    weights freezing packs, is traced and run; the eager trunk's weights stay unpacked tensors."""
+    model, trainable, frozen, state, eval_norms = _linear_eval_model()
+    seen = []
+    real = layers.dense
+    monkeypatch.setattr(layers, "dense", lambda *a, **k: seen.append(layers._CONSTANT_WEIGHTS) or real(*a, **k))
+    ft = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=compile)
+    ft.features(torch.randn(2, 3, 32, 32))
+    assert seen and set(seen) == {compile}
+    assert not layers._CONSTANT_WEIGHTS
 
 
 def test_frozen_trunk_refuses_a_training_trunk():

@@ -206,6 +206,28 @@ def test_a_dense_tie_takes_the_weight_as_kernel_only_without_gradients(monkeypat
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
 
 
+def test_constant_weights_make_every_gradient_free_dense_weight_a_kernel(monkeypatch):
+    """Within constant_weights (the compiled frozen trunk) a product over fewer rows than outputs
+    takes the weight as its conv's kernel without gradients; outside it, or with gradients, the rows."""
+    monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
+    monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
+    w, x = torch.randn(24, 16), torch.randn(8, 16)
+    kernels = []
+    monkeypatch.setattr(torch.nn.functional, "conv2d",
+                        lambda *a, **k: kernels.append(a[1].data_ptr()) or torch.conv2d(*a, **k))
+    ys = []
+    with layers.constant_weights():
+        with torch.no_grad():
+            ys.append(layers.dense(x, w))
+        ys.append(layers.dense(x, w))
+    with torch.no_grad():
+        ys.append(layers.dense(x, w))
+    assert kernels == [w.data_ptr(), x.data_ptr(), x.data_ptr()]
+    assert not layers._CONSTANT_WEIGHTS
+    for y in ys:
+        torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
 def test_1x1_convs_over_few_images_run_on_onednn_on_one_thread(monkeypatch):
     """On one thread ATen sends a float32 1×1 stride-1 conv over fewer than 16 images to its THNN
     path (MKL's gemm: AVX2 code on AMD, half oneDNN's speed): layers.conv and dense's convs take

@@ -4,6 +4,7 @@ Initialisers return ``(params, state)``; appliers return outputs (norms also the
 Names follow torch.nn (``weight``, ``bias``, ``running_mean``, ``running_var``,
 ``num_batches_tracked``), so a torchvision ``state_dict`` maps onto these trees by name.
 """
+import contextlib
 import functools
 import math
 
@@ -258,17 +259,36 @@ def dense(x, weight, bias=None):
         return F.linear(x, weight, bias)
     lead, (n, k) = x.shape[:-1], weight.shape
     rows = x.reshape(-1, k)
-    # A tie goes to the weight as kernel without gradients (a frozen trunk): freezing packs that
-    # constant once, while as the image it has oneDNN reorder the rows into a kernel every call
-    # (ResNet-50 64 px b64 frozen trunk, layer3's 1024 rows onto 1024: 97-105 -> 94-99 ms;
-    # ResNeXt-101 32x8d 428 -> 414 ms, 46 reorders of 0.32 ms gone). With gradients, unmeasured.
-    if rows.shape[0] > n or (rows.shape[0] == n and not torch.is_grad_enabled()):  # the rows are the pixels
+    # Without gradients a tie, and any product within constant_weights() (a frozen trunk), takes
+    # the weight as kernel: freezing packs that constant once, while the rows as kernel are
+    # reordered every call (ResNet-50 64 px b64 frozen trunk: ties, layer3's 1024 rows onto 1024,
+    # 97-105 -> 94-99 ms; then layer4's 256 rows onto 512-2048, 98-100 -> 96-100 ms; ResNeXt-101
+    # 32x8d 428 -> 414 ms). With gradients, unmeasured.
+    if rows.shape[0] > n or (not torch.is_grad_enabled() and (rows.shape[0] == n or _CONSTANT_WEIGHTS)):
         y = conv2d(_as_pixels(rows), weight[:, :, None, None], bias)  # channels-last: (rows, n) in memory
         return y.permute(0, 2, 3, 1).reshape(*lead, n)
     y = conv2d(_as_pixels(weight), rows[:, :, None, None])  # channels-last: (n, rows) in memory
     y = y.permute(0, 2, 3, 1).reshape(n, -1).t()  # (rows, n), column-major
     y = y if bias is None else y + bias
     return y.contiguous().reshape(*lead, n)
+
+
+_CONSTANT_WEIGHTS = False  # set within constant_weights()
+
+
+@contextlib.contextmanager
+def constant_weights():
+    """Within it, a gradient-free :func:`dense` makes its weight the conv's kernel whatever the rows:
+    the weights are constants of a compile that packs them once (the frozen trunk's, under
+    inductor's freezing), and a packed kernel beats the rows as kernel, which oneDNN reorders every
+    call (Zen 5, 2 threads, µs: 256 rows 400 -> 400 183 vs 206, 512 -> 2048 2218 vs 2274, 64 rows
+    1024 -> 1024 291 vs 330; the weight unpacked as kernel would take 227, 2515 and 1169)."""
+    global _CONSTANT_WEIGHTS
+    before, _CONSTANT_WEIGHTS = _CONSTANT_WEIGHTS, True
+    try:
+        yield
+    finally:
+        _CONSTANT_WEIGHTS = before
 
 
 def _on_onednn(x, outputs):

@@ -16,7 +16,7 @@ from absl import logging
 
 from fpipe import tree
 from fpipe.evaluate import fingerprint
-from fpipe.models import fold
+from fpipe.models import fold, layers
 from fpipe.models import model as model_lib
 from fpipe.train import compile_cache, precision
 
@@ -110,11 +110,12 @@ def constant_trunk(trunk, params, state, names, *, compile=True, batch_size=None
     def run_once(images):
         # Inductor reads `freezing` when it compiles (first call, or a new input shape); the
         # `options=` of torch.compile does not reach it (torch 2.13), so patch the config here.
+        # Under constant_weights, dense's products take the weights, which freezing packs, as kernels.
         if not compile:
             with torch.no_grad():
                 return run(images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images)
         from torch._inductor import config as inductor  # lazily: its import takes over a second
-        with torch.no_grad(), inductor.patch(INDUCTOR_OPTIONS):
+        with torch.no_grad(), inductor.patch(INDUCTOR_OPTIONS), layers.constant_weights():
             shape = tuple(images.shape)
             if shape in compiled_for:
                 return compiled_for[shape](images)
