@@ -122,6 +122,28 @@ def test_eval_features_fold_every_norm_and_equal_the_models_features(compile, mo
     assert len(bns) == 20 and not [n for n in tree.flatten(folded[0]) if n.rsplit(".", 1)[0][6:] in bns]
 
 
+def test_a_compiled_regnets_grouped_convs_on_2x2_maps_keep_the_models_features(monkeypatch):
+    """A RegNet at 32 px (groups of 8 on 2×2 and 1×1 maps): the compiled frozen trunk, which runs
+    those grouped convs as batched matmuls (layers._grouped_matrix_pays), gives model.features."""
+    import ml_collections
+    cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config("regnet", depth=5, w_0=8, w_a=12, w_m=2.0,
+                                                                      group_width=8, stem_width=8),
+                                         heads=dict(fc=model_lib.head_config("flatten", "linear"))))
+    model = model_lib.build(cfg, num_classes=5, image_size=32)
+    params, state = model.init(0)
+    routes = []
+    real = layers._conv_as_matmul
+    monkeypatch.setattr(layers, "_conv_as_matmul", lambda w, b, x, *a: routes.append(tuple(x.shape[-2:])) or
+                        real(w, b, x, *a))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    got = ft_lib.eval_features(model, params, state, ("res4", "flatten"), compile=True)(x)
+    assert (2, 2) in routes
+    with torch.no_grad():
+        want = model.features(params, state, x, ("res4", "flatten"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
 def test_the_compiled_trunk_is_kept_and_a_later_run_loads_it_instead_of_compiling(tmp_path, monkeypatch, caplog):
     cache, x = (str(tmp_path / "cache"), "the config's key"), torch.randn(4, 3, 32, 32)
     eager = ft_lib.frozen_trunk(*_linear_eval_model(), compile=False).features(x)

@@ -228,6 +228,27 @@ def test_constant_weights_make_every_gradient_free_dense_weight_a_kernel(monkeyp
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("width", [4, 8, 24])
+def test_a_frozen_trunks_grouped_convs_on_2x2_maps_run_as_a_batched_matmul(width, monkeypatch):
+    """Within constant_weights and without gradients a grouped 3×3 conv on a 2×2 map of at least 8
+    channels a group is one torch.bmm; narrower groups, or outside the context, oneDNN's conv.
+    F.conv2d's values every way."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(5, 3 * width, 2, 2, generator=gen), torch.randn(3 * width, width, 3, 3, generator=gen), \
+        torch.randn(3 * width, generator=gen)
+    bmms = []
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: bmms.append(1) or real(*a))
+    want = F.conv2d(x, w, b, 1, 1, 1, 3)
+    with torch.no_grad():
+        with layers.constant_weights():
+            frozen = layers.conv({"weight": w, "bias": b}, x, 1, 1, 3)
+        plain = layers.conv({"weight": w, "bias": b}, x, 1, 1, 3)
+    assert len(bmms) == (width >= layers.GROUPED_MATRIX_MIN_WIDTH)
+    for y in (frozen, plain):
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
 def test_1x1_convs_over_few_images_run_on_onednn_on_one_thread(monkeypatch):
     """On one thread ATen sends a float32 1×1 stride-1 conv over fewer than 16 images to its THNN
     path (MKL's gemm: AVX2 code on AMD, half oneDNN's speed): layers.conv and dense's convs take

@@ -112,7 +112,7 @@ def test_cifar_stem_keeps_32px_inputs_large():
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"resnet"}))  # ResNet: tests/test_step.py etc.
 def test_compiled_tiny_trunk_equals_eager(family):
     """fullgraph capture (no graph breaks) and functionalised BatchNorm state (aot_eager; inductor
-    runs on RegNet in benchmarks/regnet_step.py): the same features, state and gradients, in train mode."""
+    runs the zoo's frozen trunks in benchmarks/zoo_linear_eval.py): the same features, state and gradients, in train mode."""
     trunk = models.build_trunk(family, **TINY[family])
     params, state = trunk.init(0)
     x = torch.randn(2, 3, 64 if family == "alexnet" else 32, 64 if family == "alexnet" else 32)  # AlexNet needs 63 px

@@ -58,13 +58,29 @@ def norm_init(kind, channels, zero_scale=False, groups=32):
 def conv(p, x, stride=1, padding=0, groups=1):
     w = p["weight"]
     if (isinstance(padding, int) and _tiny_input(x.shape[-2:], w.shape[-2:], stride, padding)
-            and (groups == 1 or x.shape[-2:] == (1, 1))  # grouped: on 2×2 maps oneDNN's depthwise 3×3 is faster
+            and (groups == 1 or x.shape[-2:] == (1, 1) or _grouped_matrix_pays(x, groups))
             and _matrix_pays(x, w, stride, padding)):
         return _conv_as_matmul(w, p.get("bias"), x, stride, padding, groups)
     if groups == 1 and isinstance(padding, int):
         if isinstance(stride, int) and _dense_beats_conv(x, w, stride, padding):
             return _patches_as_matmul(w, p.get("bias"), x, stride, padding)
     return conv2d(x, w, p.get("bias"), stride, padding, groups)
+
+
+GROUPED_MATRIX_MIN_WIDTH = 8  # input channels per group; depthwise and narrower groups: oneDNN's conv
+
+
+def _grouped_matrix_pays(x, groups):
+    """Whether a grouped conv on a 2×2 map runs as :func:`_conv_as_matmul`'s batched matmul: within
+    :func:`constant_weights` and without gradients (a frozen trunk, where the matrix is a constant
+    folded once), from ``GROUPED_MATRIX_MIN_WIDTH`` channels a group. oneDNN's grouped kernels are
+    slow there, the more so at widths off its 16-float vectors (Zen 5, 2 threads, batch 64, 3×3,
+    µs, oneDNN packed / the matmul and its copies: 888 channels in groups of 24 668 / 344, 440 of 8
+    197 / 131, 1024 of 32 577 / 451, 400 of 16 124 / 122; frozen trunks at 32 px b64: RegNetY-1.6GF
+    20.3-20.8 -> 18.4 ms, RegNetY-400MF 8.7 -> 8.1-8.4, ResNeXt-50 unchanged). Under gradients the
+    matrix is built every step: not measured, oneDNN's conv."""
+    return (_CONSTANT_WEIGHTS and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.shape[1] // groups >= GROUPED_MATRIX_MIN_WIDTH)
 
 
 def conv2d(x, w, bias=None, stride=1, padding=0, groups=1):
@@ -175,8 +191,9 @@ def _conv_as_matmul(w, bias, x, stride, padding, groups=1):
     """The conv of :func:`_tiny_input` as one matmul (per group, batched): output (i, j) reads
     input (a, b) through tap (a - i·stride + padding, b - j·stride + padding). Same math as
     F.conv2d; oneDNN's conv kernels, tuned for large images, take about twice as long here (above
-    all the backward; grouped convs only on 1×1 maps, RegNet's last stage at 32 px: 3×3 with 8
-    channels a group 5.8× forward and backward, EfficientNet's depthwise 5×5 80×), and on
+    all the backward; grouped convs on 1×1 maps, RegNet's last stage at 32 px: 3×3 with 8
+    channels a group 5.8× forward and backward, EfficientNet's depthwise 5×5 80×; on 2×2 maps
+    only in a frozen trunk, :func:`_grouped_matrix_pays`), and on
     a 1×1 input only the centre tap is read (exact zero gradients for the others, also under bf16
     autocast, where oneDNN's CPU kernel leaves them uninitialised). On CUDA this also keeps such
     convs from torch 2.11's mispredicted conv-backward layouts on 1×1 maps (pytorch#171622). The
