@@ -327,13 +327,14 @@ def sgd_head_runner(net, head):
 
 
 def report_steps(title, med, first, batch_size):
-    """The per-program lines and the ratios the zoo benchmarks (regnet_step, vit_step) print."""
+    """The per-program lines and the ratios the zoo benchmarks (zoo_linear_eval, vit_step) print."""
     if title:
         print(title)
     for n in med:
         print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {batch_size / med[n]:8.1f} images/s   first call {first[n]:6.2f} s")
     print(f"compile_s: {first['fpipe_step'] - med['fpipe_step']:.1f}")
     print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
+    print(f"ratio_vs_compiled: {med['compiled_step'] / med['fpipe_step']:.3f}")
     print(f"ratio_vs_forward: {med['fpipe_step'] / med['forward']:.3f}")
     print(f"eager_vs_forward: {med['eager_step'] / med['forward']:.3f}")
     sys.stdout.flush()

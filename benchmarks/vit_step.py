@@ -11,14 +11,15 @@ One model (a ViT-S/16 trunk, frozen, stored for the input size, and one linear h
            below (explicit q/k/v projection and ``scaled_dot_product_attention``, no
            nn.MultiheadAttention; the same math), trunk ``requires_grad=False``, ``loss.backward()``,
            ``torch.optim.SGD`` (momentum 0.9) on the head. Same weights, copied by name.
+  compiled the same under ``torch.compile(net)`` (the optimizer eager).
   step     fpipe's step as the loop builds it: the frozen trunk compiled as a constant
            (fpipe.train.frozen_trunk, inductor freezing), ``make_step`` over the head with fpipe.optim's
            SGD, compiled (``maybe_compile``), via ``frozen_trunk.on_features``.
   forward  the floor: the eager nn.Module trunk under ``torch.inference_mode``; also fpipe's own
            eager trunk forward.
 
-Output lines: ``ratio_vs_eager`` (eager step time / fpipe step time, >1: fpipe faster) and
-``ratio_vs_forward`` (fpipe step time / eager forward time; 1.0 is the floor).
+Output lines: ``ratio_vs_eager`` (eager step time / fpipe step time, >1: fpipe faster),
+``ratio_vs_compiled`` (the compiled module's step time / fpipe's) and ``ratio_vs_forward`` (fpipe step time / eager forward time; 1.0 is the floor).
 """
 import argparse
 import sys
@@ -118,13 +119,14 @@ def build(image_size, batch_size, seed=0):
     return model, params, state, batch
 
 
-def eager_step(spec, params, batch):
+def eager_step(spec, params, batch, compiled=False):
+    """``compiled``: the module under ``torch.compile`` (the optimizer eager)."""
     net = torch_module(spec, params).train()
     for p in net.parameters():
         p.requires_grad_(False)
     for p in net.fc.parameters():
         p.requires_grad_(True)
-    run = sgd_head_runner(net, net.fc)
+    run = sgd_head_runner(torch.compile(net) if compiled else net, net.fc)
     return lambda: run(batch)
 
 
@@ -149,6 +151,7 @@ def programs(model, params, state, batch):
     spec = model.trunk.spec
     return {
         "eager_step": eager_step(spec, params, batch),
+        "compiled_step": eager_step(spec, params, batch, compiled=True),
         "fpipe_step": fpipe_step(model, params, state, batch, compile_head=True, nhwc=False)[0],
         "forward": eager_forward(spec, params, batch),
         "fpipe_forward": fpipe_forward(model, params, state, batch),
@@ -172,11 +175,12 @@ def main(argv=None):
     print(note)
     progs = programs(model, params, state, batch)
     # Same math: one step of each from the same start gives the same loss.
-    loss_eager, loss_fpipe = float(progs["eager_step"]().detach()), float(progs["fpipe_step"]())
+    loss_eager, loss_compiled = float(progs["eager_step"]().detach()), float(progs["compiled_step"]().detach())
+    loss_fpipe = float(progs["fpipe_step"]())
     med, first, _ = rounds(args, __file__, argv, list(progs), lambda: programs(model, params, state, batch))
     print(f"== ViT-S/16, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, median of "
           f"{args.iters} after {args.warmup} warm-up, {where(args)}; optimizer: {make_optimizer({'w': torch.zeros(1)})[1]}")
-    print(f"first-step loss: eager {loss_eager:.6f}  fpipe {loss_fpipe:.6f}")
+    print(f"first-step loss: eager {loss_eager:.6f}  compiled {loss_compiled:.6f}  fpipe {loss_fpipe:.6f}")
     report_steps("", med, first, args.batch_size)
 
 

@@ -25,7 +25,6 @@ Medians over ``--iters`` turns after ``--warmup``, each program in a process of 
   ratio_vs_forward: Y     fpipe step time / eager forward time (1.0 is the floor)
 """
 import argparse
-import sys
 
 import ml_collections
 import torch
@@ -114,8 +113,6 @@ def bench(args, name):
     print("first-step loss: " + "  ".join(f"{n} {v:.6f}" for n, v in losses.items()) +
           f"; max feature difference {feat_err:.2e}")
     report_steps("", med, first, args.batch_size)
-    print(f"ratio_vs_compiled: {med['compiled_step'] / med['fpipe_step']:.3f}")
-    sys.stdout.flush()
 
 
 def main(argv=None):
