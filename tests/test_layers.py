@@ -231,7 +231,7 @@ def test_constant_weights_make_every_gradient_free_dense_weight_a_kernel(monkeyp
 @pytest.mark.parametrize("width", [4, 8, 24])
 def test_a_frozen_trunks_grouped_convs_on_2x2_maps_run_as_a_batched_matmul(width, monkeypatch):
     """Within constant_weights and without gradients a grouped 3×3 conv on a 2×2 map of at least 8
-    channels a group is one torch.bmm; narrower groups, or outside the context, oneDNN's conv.
+    channels a group is one torch.bmm; narrower groups, outside the context or under autocast, oneDNN's conv.
     F.conv2d's values every way."""
     gen = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(5, 3 * width, 2, 2, generator=gen), torch.randn(3 * width, width, 3, 3, generator=gen), \
@@ -244,6 +244,8 @@ def test_a_frozen_trunks_grouped_convs_on_2x2_maps_run_as_a_batched_matmul(width
         with layers.constant_weights():
             frozen = layers.conv({"weight": w, "bias": b}, x, 1, 1, 3)
         plain = layers.conv({"weight": w, "bias": b}, x, 1, 1, 3)
+        with layers.constant_weights(), torch.autocast("cpu", torch.bfloat16):  # measured in float32 only
+            layers.conv({"weight": w, "bias": b}, x, 1, 1, 3)
     assert len(bmms) == (width >= layers.GROUPED_MATRIX_MIN_WIDTH)
     for y in (frozen, plain):
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)

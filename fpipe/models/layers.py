@@ -77,9 +77,10 @@ def _grouped_matrix_pays(x, groups):
     slow there, the more so at widths off its 16-float vectors (Zen 5, 2 threads, batch 64, 3×3,
     µs, oneDNN packed / the matmul and its copies: 888 channels in groups of 24 668 / 344, 440 of 8
     197 / 131, 1024 of 32 577 / 451, 400 of 16 124 / 122; frozen trunks at 32 px b64: RegNetY-1.6GF
-    20.3-20.8 -> 18.4 ms, RegNetY-400MF 8.7 -> 8.1-8.4, ResNeXt-50 unchanged). Under gradients the
-    matrix is built every step: not measured, oneDNN's conv."""
+    20.3-20.8 -> 18.4 ms, RegNetY-400MF 8.7 -> 8.1-8.4, ResNeXt-50 unchanged). Float32 only; under
+    gradients, whose matrix is built every step, 0.6-1.3× oneDNN's speed: the conv."""
     return (_CONSTANT_WEIGHTS and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and x.shape[1] // groups >= GROUPED_MATRIX_MIN_WIDTH)
 
 
