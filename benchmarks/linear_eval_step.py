@@ -193,12 +193,17 @@ def torch_module(depth, params, state):
 
 # ---------------------------------------------------------------- programs
 def build(depth, image_size, batch_size, seed=0):
-    cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config(**resnet_options(depth)),
-                                         heads=dict(fc=model_lib.head_config("flatten", "linear"))))
+    return build_trunk(model_lib.trunk_config(**resnet_options(depth)), image_size, batch_size, seed)
+
+
+def build_trunk(trunk, image_size, batch_size, seed=0):
+    """``(model, params, state, batch)``: ``trunk`` (a config.model.trunk) with a linear ``fc`` on
+    ``flatten``, pretrained-like running statistics (so eval-mode norms are not identities) and a
+    random batch."""
+    cfg = ml_collections.ConfigDict(dict(trunk=trunk, heads=dict(fc=model_lib.head_config("flatten", "linear"))))
     model = model_lib.build(cfg, num_classes=NUM_CLASSES, image_size=image_size)
     params, state = model.init(seed)
     gen = torch.Generator().manual_seed(seed)
-    # Pretrained-like running statistics, so eval-mode norms are not identities.
     state = tree.map_with_names(
         lambda n, v: (torch.rand(v.shape, generator=gen) * 0.2 - 0.1 if n.endswith("running_mean") else
                       torch.rand(v.shape, generator=gen) + 0.5 if n.endswith("running_var") else v), state)

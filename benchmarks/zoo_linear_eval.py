@@ -26,13 +26,12 @@ Medians over ``--iters`` turns after ``--warmup``, each program in a process of 
 """
 import argparse
 
-import ml_collections
 import torch
 
 from benchmarks import zoo_modules
-from benchmarks.linear_eval_step import (NUM_CLASSES, add_round_flags, as_main_does, fpipe_step, machine,
-                                         own_compile_cache, report_steps, rounds, serve_program, sgd_head_runner, where)
-from fpipe import tree
+from benchmarks.linear_eval_step import (NUM_CLASSES, add_round_flags, as_main_does, build_trunk, fpipe_step,
+                                         machine, own_compile_cache, report_steps, rounds, serve_program,
+                                         sgd_head_runner, where)
 from fpipe.models import convnext, efficientnet, regnet
 from fpipe.models import model as model_lib
 
@@ -41,17 +40,7 @@ NAMES = sorted({**regnet.PRESETS, **convnext.PRESETS, **efficientnet.PRESETS})
 
 # ---------------------------------------------------------------- programs
 def build(name, image_size, batch_size, seed=0):
-    cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config(name),
-                                         heads=dict(fc=model_lib.head_config("flatten", "linear"))))
-    model = model_lib.build(cfg, num_classes=NUM_CLASSES, image_size=image_size)
-    params, state = model.init(seed)
-    gen = torch.Generator().manual_seed(seed)
-    state = tree.map_with_names(  # pretrained-like running statistics
-        lambda n, v: (torch.rand(v.shape, generator=gen) * 0.2 - 0.1 if n.endswith("running_mean") else
-                      torch.rand(v.shape, generator=gen) + 0.5 if n.endswith("running_var") else v), state)
-    batch = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen),
-             "label": torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)}
-    return model, params, state, batch
+    return build_trunk(model_lib.trunk_config(name), image_size, batch_size, seed)
 
 
 def torch_module(model, params, state):
