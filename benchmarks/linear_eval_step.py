@@ -390,6 +390,17 @@ def serve_program(run, warmup):
     process_rounds.serve(lambda: _scalar(run()), warmup)
 
 
+def add_case_flags(ap, *, image_size, batch_size, iters, warmup):
+    """The options of one frozen-trunk case with these defaults (the thread count: torch's), and
+    ``add_round_flags``' (linear_eval_step.py, zoo_linear_eval.py, vit_step.py)."""
+    ap.add_argument("--image-size", type=int, default=image_size)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_round_flags(ap)
+
+
 def add_round_flags(ap):
     """``--in-one-process`` and the hidden ``--serve`` of the benchmarks that time with ``rounds``."""
     ap.add_argument("--in-one-process", action="store_true",
@@ -477,9 +488,10 @@ def memory_child(args):
                       "first_call_s": first}))
 
 
-def case_argv(args, depth, iters=None):
-    """The command-line options of this case, for a process of its own."""
-    return ["--depth", str(depth), "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+def case_argv(args, depth, iters=None, model_flag="--depth"):
+    """The command-line options of this case, for a process of its own (``model_flag``: the option
+    naming the model, ``--name`` in zoo_linear_eval.py)."""
+    return [model_flag, str(depth), "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
             "--threads", str(args.threads), "--iters", str(args.iters if iters is None else iters),
             "--warmup", str(args.warmup)]
 
@@ -575,13 +587,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depth", type=resnet_arg, nargs="+", default=[18, 50], metavar="RESNET",
                     help=f"ResNet depths or names: {', '.join(map(str, RESNETS))}")
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_case_flags(ap, image_size=32, batch_size=64, iters=20, warmup=3)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    add_round_flags(ap)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     memory_note = as_main_does(args.threads)

@@ -19,19 +19,20 @@ One model (a ViT-S/16 trunk, frozen, stored for the input size, and one linear h
            eager trunk forward.
 
 Output lines: ``ratio_vs_eager`` (eager step time / fpipe step time, >1: fpipe faster),
-``ratio_vs_compiled`` (the compiled module's step time / fpipe's) and ``ratio_vs_forward`` (fpipe step time / eager forward time; 1.0 is the floor).
+``ratio_vs_compiled`` (the compiled module's step time / fpipe's) and ``ratio_vs_forward`` (fpipe
+step time / eager forward time; 1.0 is the floor).
 """
 import argparse
-import sys
 import collections
+import sys
 
 import ml_collections
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.linear_eval_step import (NUM_CLASSES, add_round_flags, as_main_does, fpipe_step, make_optimizer, report_steps,
-                                         rounds, serve_program, sgd_head_runner, where)
+from benchmarks.linear_eval_step import (NUM_CLASSES, add_case_flags, as_main_does, fpipe_step, make_optimizer,
+                                         report_steps, rounds, serve_program, sgd_head_runner, where)
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.models import vit
@@ -160,12 +161,7 @@ def programs(model, params, state, batch):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    add_round_flags(ap)
+    add_case_flags(ap, image_size=64, batch_size=16, iters=10, warmup=2)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     note = as_main_does(args.threads)
@@ -179,7 +175,8 @@ def main(argv=None):
     loss_fpipe = float(progs["fpipe_step"]())
     med, first, _ = rounds(args, __file__, argv, list(progs), lambda: programs(model, params, state, batch))
     print(f"== ViT-S/16, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, median of "
-          f"{args.iters} after {args.warmup} warm-up, {where(args)}; optimizer: {make_optimizer({'w': torch.zeros(1)})[1]}")
+          f"{args.iters} after {args.warmup} warm-up, {where(args)}; optimizer: "
+          f"{make_optimizer({'w': torch.zeros(1)})[1]}")
     print(f"first-step loss: eager {loss_eager:.6f}  compiled {loss_compiled:.6f}  fpipe {loss_fpipe:.6f}")
     report_steps("", med, first, args.batch_size)
 

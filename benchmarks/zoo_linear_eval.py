@@ -29,9 +29,9 @@ import argparse
 import torch
 
 from benchmarks import zoo_modules
-from benchmarks.linear_eval_step import (NUM_CLASSES, add_round_flags, as_main_does, build_trunk, fpipe_step,
-                                         machine, own_compile_cache, report_steps, rounds, serve_program,
-                                         sgd_head_runner, where)
+from benchmarks.linear_eval_step import (NUM_CLASSES, add_case_flags, as_main_does, build_trunk, case_argv,
+                                         fpipe_forward, fpipe_step, machine, own_compile_cache, report_steps, rounds,
+                                         serve_program, sgd_head_runner, where)
 from fpipe.models import convnext, efficientnet, regnet
 from fpipe.models import model as model_lib
 
@@ -68,13 +68,6 @@ def eager_forward(model, params, state, batch):
     return run
 
 
-def fpipe_forward(model, params, state, batch):
-    def run():
-        with torch.inference_mode():
-            return model.features(params, state, batch["image"])
-    return run
-
-
 PROGRAMS = ("eager_step", "compiled_step", "fpipe_step", "forward", "fpipe_forward")
 
 
@@ -94,9 +87,8 @@ def bench(args, name):
     losses = {n: float(progs[n]().detach()) for n in ("eager_step", "compiled_step", "fpipe_step")}
     feat_err = (progs["forward"]() - progs["fpipe_forward"]()["flatten"]).abs().max().item()
     del progs  # timed with fresh states, each in a process of its own
-    case = ["--name", name, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-            "--threads", str(args.threads), "--iters", str(args.iters), "--warmup", str(args.warmup)]
-    med, first, _ = rounds(args, __file__, case, PROGRAMS, lambda: programs(model, params, state, batch))
+    med, first, _ = rounds(args, __file__, case_argv(args, name, model_flag="--name"), PROGRAMS,
+                           lambda: programs(model, params, state, batch))
     print(f"== {name}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
           f"median of {args.iters} after {args.warmup} warm-up, {where(args)}")
     print("first-step loss: " + "  ".join(f"{n} {v:.6f}" for n, v in losses.items()) +
@@ -108,12 +100,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", nargs="+", default=["regnet_y_400mf"], choices=NAMES, metavar="PRESET",
                     help=f"RegNet, ConvNeXt or EfficientNet presets: {', '.join(NAMES)}")
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    add_round_flags(ap)
+    add_case_flags(ap, image_size=64, batch_size=64, iters=20, warmup=3)
     args = ap.parse_args(argv)
     note = as_main_does(args.threads)
     if args.serve:

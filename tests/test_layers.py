@@ -189,15 +189,22 @@ def test_dense_as_a_1x1_conv_gives_linears_values_and_gradients(monkeypatch):
     assert len(images) == 3
 
 
-def test_a_dense_tie_takes_the_weight_as_kernel_only_without_gradients(monkeypatch):
-    """As many rows as outputs: without gradients (a frozen trunk, whose weight freezing packs)
-    the weight is the conv's kernel; with them, as before, the rows are. F.linear's values both ways."""
+def _dense_kernels_recorded(monkeypatch):
+    """Every product on dense's conv route (forced), and the list that receives each conv's kernel
+    (its data pointer)."""
     monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
     monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
-    w, x = torch.randn(24, 16), torch.randn(24, 16)
     kernels = []
     monkeypatch.setattr(torch.nn.functional, "conv2d",
                         lambda *a, **k: kernels.append(a[1].data_ptr()) or torch.conv2d(*a, **k))
+    return kernels
+
+
+def test_a_dense_tie_takes_the_weight_as_kernel_only_without_gradients(monkeypatch):
+    """As many rows as outputs: without gradients (a frozen trunk, whose weight freezing packs)
+    the weight is the conv's kernel; with them, as before, the rows are. F.linear's values both ways."""
+    kernels = _dense_kernels_recorded(monkeypatch)
+    w, x = torch.randn(24, 16), torch.randn(24, 16)
     with torch.no_grad():
         frozen = layers.dense(x, w)
     training = layers.dense(x, w)
@@ -209,12 +216,8 @@ def test_a_dense_tie_takes_the_weight_as_kernel_only_without_gradients(monkeypat
 def test_constant_weights_make_every_gradient_free_dense_weight_a_kernel(monkeypatch):
     """Within constant_weights (the compiled frozen trunk) a product over fewer rows than outputs
     takes the weight as its conv's kernel without gradients; outside it, or with gradients, the rows."""
-    monkeypatch.setattr(layers, "ROWS_AS_CONV", True)
-    monkeypatch.setattr(layers, "DENSE_MIN_MACS", 0)
+    kernels = _dense_kernels_recorded(monkeypatch)
     w, x = torch.randn(24, 16), torch.randn(8, 16)
-    kernels = []
-    monkeypatch.setattr(torch.nn.functional, "conv2d",
-                        lambda *a, **k: kernels.append(a[1].data_ptr()) or torch.conv2d(*a, **k))
     ys = []
     with layers.constant_weights():
         with torch.no_grad():
