@@ -1,4 +1,4 @@
-"""Training step with the trunk training (supervised, finetune): fpipe vs. nn.Module + torch.optim.
+r"""Training step with the trunk training (supervised, finetune): fpipe vs. nn.Module + torch.optim.
 
     PYTHONPATH=. python benchmarks/train_step.py                        # both modes, ResNet-18/50, 32 and 64 px
     PYTHONPATH=. python benchmarks/train_step.py --mode finetune --depth 18 --image-size 32
@@ -12,7 +12,8 @@ Settings from the shipped configs (``configs/supervised.py``: SGD lr 0.1, moment
 decay 5e-4; ``configs/finetune.py``: SGD lr 0.05, Nesterov momentum 0.9, weight decay 1e-4, the
 trunk at 0.1x the lr; both: no weight decay on norms and biases), a ResNet trunk (any of
 torchvision's depths, or by name its ResNeXt and wide ResNets and SimCLR's ``resnet50x2``; or ``--arch vit_s16``: a ViT-S/16 stored for the input size, the head on its
-class token; or a RegNet, ConvNeXt or EfficientNet preset such as ``--arch regnet_y_400mf``, whose
+class token, or any other ViT preset by name such as ``--arch vit_b_16`` (benchmarks/vit_step.py's
+twin: DINO's, DeiT's and DINOv2's layouts too); or a RegNet, ConvNeXt or EfficientNet preset such as ``--arch regnet_y_400mf``, whose
 baselines are the nn.Module twins of benchmarks/zoo_modules.py) and a
 linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw`` swaps the
 config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baselines'
@@ -96,17 +97,18 @@ GOALS = {"compiled": 1.0, "eager": 1.1, "compiled_cl": 1.0, "eager_cl": 1.1}  # 
 REMAT_PROGRAMS = {"fpipe_no_remat": "off", "fpipe_remat_fused": "fused", "fpipe_remat_all": "all"}  # compile_remat modes
 BASELINES = (*GOALS, *REMAT_PROGRAMS)
 PRESET_ARCHS = (*regnet.PRESETS, *convnext.PRESETS, *efficientnet.PRESETS)  # trunk presets by name
-ARCHS = ("resnet", "vit_s16", *sorted(PRESET_ARCHS))
+VIT_ARCHS = {"vit_s16": "vit_small_patch16_224", **{name: name for name in vit.PRESETS}}  # short name: ViT-S/16
+ARCHS = ("resnet", *VIT_ARCHS, *sorted(PRESET_ARCHS))
 OPTIMIZERS = ("config", "adamw")
 
 
 def config_for(mode, depth, image_size, batch_size, arch="resnet", optimizer="config", freeze_rules=()):
     config = importlib.import_module(f"configs.{mode}").get_config()
     config.model.freeze = tuple(config.model.freeze or ()) + tuple(freeze_rules)
-    if arch == "vit_s16":
-        options = dict(vit.PRESETS["vit_small_patch16_224"], image_size=image_size)
+    if arch in VIT_ARCHS:  # stored for the input size; the head on the class token (or the pooled patches)
+        options = dict(vit.PRESETS[VIT_ARCHS[arch]], image_size=image_size)
         config.model.trunk = ml_collections.ConfigDict(dict(name="vit", **options))
-        config.model.heads.fc = model_lib.head_config("lastCLS", "linear")
+        config.model.heads.fc = model_lib.head_config(vit_step.default_feature(vit.Spec(**options)), "linear")
     elif arch in PRESET_ARCHS:
         config.model.trunk = model_lib.trunk_config(arch)
     else:
@@ -188,8 +190,8 @@ def torch_net(s):
     """The nn.Module of this setup's network with fpipe's weights, in train mode, its frozen params
     without gradients and the norms fpipe runs with running statistics in eval mode (detectron2's
     FrozenBatchNorm)."""
-    if s["arch"] == "vit_s16":
-        net = vit_step.torch_module(s["model"].trunk.spec, s["params"]).train()
+    if s["arch"] in VIT_ARCHS:
+        net = vit_step.torch_module(s["model"].trunk.spec, s["params"], s["model"].heads[0].feature).train()
     elif s["arch"] in PRESET_ARCHS:
         net = zoo_modules.torch_module(s["model"].trunk.spec, s["params"], s["state"], NUM_CLASSES).train()
     else:
@@ -362,7 +364,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--arch", default="resnet", choices=ARCHS,
-                    help="vit_s16: ViT-S/16; else a RegNet, ConvNeXt or EfficientNet preset (--depth is then ignored)")
+                    help="vit_s16 (ViT-S/16) or any ViT preset (vit_b_16, vit_small_patch14_reg4_dinov2, ...; "
+                         "benchmarks/vit_step.py's twin), else a RegNet, ConvNeXt or EfficientNet preset "
+                         "(--depth is then ignored)")
     ap.add_argument("--depth", type=resnet_arg, nargs="+", default=[18, 50], metavar="RESNET",
                     help=f"ResNet depths or names: {', '.join(map(str, RESNETS))}")
     ap.add_argument("--optimizer", default="config", choices=OPTIMIZERS,

@@ -1,16 +1,20 @@
-"""ViT-S/16 linear evaluation: fpipe's compiled step vs. eager nn.Module code, and vs. the forward floor.
+"""ViT linear evaluation: fpipe's compiled step vs. eager nn.Module code, eager and compiled, and vs. the forward floor.
 
-    PYTHONPATH=. python benchmarks/vit_step.py                                 # 64 px, batch 16
+    PYTHONPATH=. python benchmarks/vit_step.py                                 # ViT-S/16, 64 px, batch 16
     PYTHONPATH=. python benchmarks/vit_step.py --image-size 224 --batch-size 32
+    PYTHONPATH=. python benchmarks/vit_step.py --name vit_b_16 vit_small_patch14_reg4_dinov2 --feature cls1_avgpool
 
-One model (a ViT-S/16 trunk, frozen, stored for the input size, and one linear head ``fc`` on
-``lastCLS``), one batch, each program in a process of its own, timed round-robin (linear_eval_step.py's
+One model per preset (``--name``, any of fpipe.models.vit's: torchvision's, DINO's, DeiT's,
+DINOv2's; frozen, stored for the input size, by default 4 patches a side), one linear head ``fc``
+on ``--feature`` (default lastCLS; dinov2 reads cls1_avgpool or cls4_avgpool, DINO concatCLS4),
+one batch, each program in a process of its own, timed round-robin (linear_eval_step.py's
 ``rounds``; ``--in-one-process``: all in this one, as before 12-05):
 
   eager    what a user would write otherwise: a torchvision-style ViT ``nn.Module`` written out
            below (explicit q/k/v projection and ``scaled_dot_product_attention``, no
-           nn.MultiheadAttention; the same math), trunk ``requires_grad=False``, ``loss.backward()``,
-           ``torch.optim.SGD`` (momentum 0.9) on the head. Same weights, copied by name.
+           nn.MultiheadAttention; layer scale, registers, SwiGLU as timm/dinov2 write them; the
+           same math), trunk ``requires_grad=False``, ``loss.backward()``, ``torch.optim.SGD``
+           (momentum 0.9) on the head. Same weights, copied by name.
   compiled the same under ``torch.compile(net)`` (the optimizer eager).
   step     fpipe's step as the loop builds it: the frozen trunk compiled as a constant
            (fpipe.train.frozen_trunk, inductor freezing), ``make_step`` over the head with fpipe.optim's
@@ -18,27 +22,31 @@ One model (a ViT-S/16 trunk, frozen, stored for the input size, and one linear h
   forward  the floor: the eager nn.Module trunk under ``torch.inference_mode``; also fpipe's own
            eager trunk forward.
 
-Output lines: ``ratio_vs_eager`` (eager step time / fpipe step time, >1: fpipe faster),
+Output lines per preset: ``ratio_vs_eager`` (eager step time / fpipe step time, >1: fpipe faster),
 ``ratio_vs_compiled`` (the compiled module's step time / fpipe's) and ``ratio_vs_forward`` (fpipe
 step time / eager forward time; 1.0 is the floor).
 """
 import argparse
 import collections
-import sys
 
 import ml_collections
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.linear_eval_step import (NUM_CLASSES, add_case_flags, as_main_does, fpipe_step, make_optimizer,
-                                         report_steps, rounds, serve_program, sgd_head_runner, where)
+from benchmarks.linear_eval_step import (NUM_CLASSES, add_case_flags, as_main_does, case_argv, fpipe_step, machine,
+                                         make_optimizer, own_compile_cache, report_steps, rounds, serve_program,
+                                         sgd_head_runner, where)
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.models import vit
 
 
 # ---------------------------------------------------------------- the nn.Module a user would write
+FEATURE_WIDTHS = {"lastCLS": 1, "lastPOOL": 1, "concatCLS4": 4, "concatPOOL4": 4, "cls1_avgpool": 2,
+                  "cls4_avgpool": 5}  # the linear-evaluation features the twin computes, in hidden widths
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -55,63 +63,134 @@ class SelfAttention(nn.Module):
         return self.out_proj(y)
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, dim, heads, mlp_dim):
+class LayerScale(nn.Module):
+    def __init__(self, dim):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
-        self.self_attention = SelfAttention(dim, heads)
-        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(mlp_dim, dim))
+        self.gamma = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x = x + self.self_attention(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        return x * self.gamma
+
+
+class SwiGLU(nn.Module):
+    """dinov2's SwiGLUFFN: ``w12`` gives the gate then the value half, silu(gate)·value, then ``w3``."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, spec):
+        super().__init__()
+        d, m = spec.hidden_dim, spec.mlp_dim
+        self.ln_1 = nn.LayerNorm(d, eps=spec.ln_eps)
+        self.self_attention = SelfAttention(d, spec.heads)
+        self.ln_2 = nn.LayerNorm(d, eps=spec.ln_eps)
+        self.mlp = (SwiGLU(d, m) if spec.mlp == "swiglu" else
+                    nn.Sequential(nn.Linear(d, m), nn.GELU(), nn.Dropout(0.0), nn.Linear(m, d)))
+        self.ls_1, self.ls_2 = (LayerScale(d), LayerScale(d)) if spec.layer_scale else (nn.Identity(), nn.Identity())
+
+    def forward(self, x):
+        x = x + self.ls_1(self.self_attention(self.ln_1(x)))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
 class Encoder(nn.Module):
-    def __init__(self, tokens, dim, depth, heads, mlp_dim):
+    def __init__(self, spec):
         super().__init__()
-        self.pos_embedding = nn.Parameter(torch.empty(1, tokens, dim))
+        self.pos_embedding = nn.Parameter(torch.empty(1, spec.grid ** 2 + spec.pos_rows, spec.hidden_dim))
         self.layers = nn.Sequential(collections.OrderedDict(
-            (f"encoder_layer_{i}", EncoderBlock(dim, heads, mlp_dim)) for i in range(depth)))
-        self.ln = nn.LayerNorm(dim, eps=1e-6)
-
-    def forward(self, x):
-        return self.ln(self.layers(x + self.pos_embedding))
+            (f"encoder_layer_{i}", EncoderBlock(spec)) for i in range(spec.depth)))
+        if not spec.fc_norm:
+            self.ln = nn.LayerNorm(spec.hidden_dim, eps=spec.ln_eps)
 
 
 class ViT(nn.Module):
-    """torchvision's VisionTransformer, written out; ``fc`` is the linear head on the class token."""
+    """torchvision's VisionTransformer written out, with the timm/DINO/DINOv2 options fpipe's presets
+    use (distillation token, registers, position rows for patches only, layer scale, ``fc_norm``,
+    SwiGLU); ``fc`` is the linear head on ``feature`` (one of ``FEATURE_WIDTHS``)."""
 
-    def __init__(self, spec, num_classes):
+    def __init__(self, spec, num_classes, feature="lastCLS"):
         super().__init__()
+        if feature not in FEATURE_WIDTHS:
+            raise ValueError(f"the nn.Module twin has no feature {feature!r}; valid: {tuple(FEATURE_WIDTHS)}")
         d = spec.hidden_dim
-        self.patch_size = spec.patch_size
-        self.class_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.spec, self.feature = spec, feature
+        if spec.class_token:
+            self.class_token = nn.Parameter(torch.zeros(1, 1, d))
+        if spec.dist_token:
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, d))
+        if spec.num_registers:
+            self.register_tokens = nn.Parameter(torch.zeros(1, spec.num_registers, d))
         self.conv_proj = nn.Conv2d(3, d, spec.patch_size, spec.patch_size)
-        self.encoder = Encoder(1 + spec.grid ** 2, d, spec.depth, spec.heads, spec.mlp_dim)
-        self.fc = nn.Linear(d, num_classes)
+        self.encoder = Encoder(spec)
+        if spec.fc_norm:
+            self.fc_norm = nn.LayerNorm(d, eps=spec.ln_eps)
+        self.fc = nn.Linear(FEATURE_WIDTHS[feature] * d, num_classes)
+
+    def tokens(self, x):
+        """``[class, distillation, registers…, patches…]`` with position embeddings (the stored grid)."""
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        pos, rows, n = self.encoder.pos_embedding, self.spec.pos_rows, x.shape[0]
+        prefix = [t + pos[:, i:i + 1] if rows else t
+                  for i, t in enumerate(getattr(self, k) for k in ("class_token", "dist_token") if hasattr(self, k))]
+        if self.spec.num_registers:
+            prefix.append(self.register_tokens)
+        return torch.cat([t.expand(n, -1, -1) for t in prefix] + [x + pos[:, rows:]], dim=1)
 
     def features(self, x):
-        x = self.conv_proj(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.encoder(x)[:, 0]
+        last4 = self.feature in ("concatCLS4", "concatPOOL4", "cls4_avgpool")
+        x, outs = self.tokens(x), []
+        for i, layer in enumerate(self.encoder.layers):
+            x = layer(x)
+            if last4 and i >= self.spec.depth - 4:
+                outs.append(x)
+        outs = [self.encoder.ln(t) if hasattr(self.encoder, "ln") else t for t in (outs or [x])]
+
+        def pool(t):
+            m = t[:, self.spec.num_prefix:].mean(dim=1)
+            return self.fc_norm(m) if hasattr(self, "fc_norm") else m
+
+        top = outs[-1]
+        return {"lastCLS": lambda: top[:, 0], "lastPOOL": lambda: pool(top),
+                "concatCLS4": lambda: torch.cat([t[:, 0] for t in outs], dim=-1),
+                "concatPOOL4": lambda: torch.cat([pool(t) for t in outs], dim=-1),
+                "cls1_avgpool": lambda: torch.cat([top[:, 0], pool(top)], dim=-1),
+                "cls4_avgpool": lambda: torch.cat([t[:, 0] for t in outs] + [pool(top)], dim=-1)}[self.feature]()
 
     def forward(self, x):
         return self.fc(self.features(x))
 
 
-def torch_module(spec, params):
-    net = ViT(spec, NUM_CLASSES)
+def torch_module(spec, params, feature="lastCLS"):
+    net = ViT(spec, NUM_CLASSES, feature)
     net.load_state_dict({n.split(".", 1)[1]: v for n, v in tree.flatten(params).items()}, strict=True)
     return net
 
 
 # ---------------------------------------------------------------- programs
-def build(image_size, batch_size, seed=0):
-    options = dict(vit.PRESETS["vit_small_patch16_224"], image_size=image_size)
+NAMES = sorted(vit.PRESETS)
+DEFAULT_NAME = "vit_small_patch16_224"
+
+
+def default_feature(spec):
+    return "lastCLS" if spec.class_token else "lastPOOL"
+
+
+def build(name, image_size, batch_size, feature=None, seed=0):
+    """``(model, params, state, batch)``: the preset ``name`` stored for ``image_size`` (a multiple
+    of its patch size), a linear ``fc`` on ``feature`` (default: lastCLS, or lastPOOL without a
+    class token), and a random batch."""
+    options = dict(vit.PRESETS[name], image_size=image_size)
+    spec = vit.Spec(**options)  # its errors name the option to fix (e.g. a size off the patch grid)
     cfg = ml_collections.ConfigDict(dict(trunk=dict(name="vit", **options),
-                                         heads=dict(fc=model_lib.head_config("lastCLS", "linear"))))
+                                         heads=dict(fc=model_lib.head_config(feature or default_feature(spec),
+                                                                            "linear"))))
     model = model_lib.build(cfg, num_classes=NUM_CLASSES, image_size=image_size)
     params, state = model.init(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -120,9 +199,13 @@ def build(image_size, batch_size, seed=0):
     return model, params, state, batch
 
 
-def eager_step(spec, params, batch, compiled=False):
+def head_feature(model):
+    return model.heads[0].feature
+
+
+def eager_step(model, params, batch, compiled=False):
     """``compiled``: the module under ``torch.compile`` (the optimizer eager)."""
-    net = torch_module(spec, params).train()
+    net = torch_module(model.trunk.spec, params, head_feature(model)).train()
     for p in net.parameters():
         p.requires_grad_(False)
     for p in net.fc.parameters():
@@ -131,8 +214,8 @@ def eager_step(spec, params, batch, compiled=False):
     return lambda: run(batch)
 
 
-def eager_forward(spec, params, batch):
-    net = torch_module(spec, params).eval()
+def eager_forward(model, params, batch):
+    net = torch_module(model.trunk.spec, params, head_feature(model)).eval()
 
     def run():
         with torch.inference_mode():
@@ -144,41 +227,71 @@ def eager_forward(spec, params, batch):
 def fpipe_forward(model, params, state, batch):
     def run():
         with torch.inference_mode():
-            return model.features(params, state, batch["image"], ("lastCLS",))
+            return model.features(params, state, batch["image"], (head_feature(model),))
     return run
 
 
+PROGRAMS = ("eager_step", "compiled_step", "fpipe_step", "forward", "fpipe_forward")
+
+
 def programs(model, params, state, batch):
-    spec = model.trunk.spec
     return {
-        "eager_step": eager_step(spec, params, batch),
-        "compiled_step": eager_step(spec, params, batch, compiled=True),
+        "eager_step": eager_step(model, params, batch),
+        "compiled_step": eager_step(model, params, batch, compiled=True),
         "fpipe_step": fpipe_step(model, params, state, batch, compile_head=True, nhwc=False)[0],
-        "forward": eager_forward(spec, params, batch),
+        "forward": eager_forward(model, params, batch),
         "fpipe_forward": fpipe_forward(model, params, state, batch),
     }
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_case_flags(ap, image_size=64, batch_size=16, iters=10, warmup=2)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = ap.parse_args(argv)
-    note = as_main_does(args.threads)
-    model, params, state, batch = build(args.image_size, args.batch_size)
-    if args.serve:
-        return serve_program(programs(model, params, state, batch)[args.serve], args.warmup)
-    print(note)
+def image_size_for(args, name):
+    """``--image-size``, or 4 patches a side (64 px for /16, 56 px for /14, 32 px for /8)."""
+    return args.image_size or 4 * vit.PRESETS[name].get("patch_size", vit.OPTIONS["patch_size"])
+
+
+def case(args, name):
+    """This case's command-line options, for a process of its own."""
+    argv = case_argv(argparse.Namespace(**{**vars(args), "image_size": image_size_for(args, name)}), name,
+                     model_flag="--name")
+    return argv + (["--feature", args.feature] if args.feature else [])
+
+
+def bench(args, name):
+    torch._dynamo.reset()  # each preset compiles as in a fresh process
+    size = image_size_for(args, name)
+    model, params, state, batch = build(name, size, args.batch_size, args.feature)
     progs = programs(model, params, state, batch)
-    # Same math: one step of each from the same start gives the same loss.
-    loss_eager, loss_compiled = float(progs["eager_step"]().detach()), float(progs["compiled_step"]().detach())
-    loss_fpipe = float(progs["fpipe_step"]())
-    med, first, _ = rounds(args, __file__, argv, list(progs), lambda: programs(model, params, state, batch))
-    print(f"== ViT-S/16, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, median of "
+    # Same math: one step of each from the same start gives the same loss; the same features.
+    losses = {n: float(progs[n]().detach()) for n in ("eager_step", "compiled_step", "fpipe_step")}
+    feat_err = (progs["forward"]() - progs["fpipe_forward"]()[head_feature(model)]).abs().max().item()
+    del progs  # timed with fresh states, each in a process of its own
+    med, first, _ = rounds(args, __file__, case(args, name), PROGRAMS, lambda: programs(model, params, state, batch))
+    print(f"== {name}, {head_feature(model)}, {size}px, batch {args.batch_size}, {args.threads} threads, median of "
           f"{args.iters} after {args.warmup} warm-up, {where(args)}; optimizer: "
           f"{make_optimizer({'w': torch.zeros(1)})[1]}")
-    print(f"first-step loss: eager {loss_eager:.6f}  compiled {loss_compiled:.6f}  fpipe {loss_fpipe:.6f}")
+    print("first-step loss: " + "  ".join(f"{n} {v:.6f}" for n, v in losses.items()) +
+          f"; max feature difference {feat_err:.2e}")
     report_steps("", med, first, args.batch_size)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", nargs="+", default=[DEFAULT_NAME], choices=NAMES, metavar="PRESET",
+                    help=f"ViT presets: {', '.join(NAMES)}")
+    ap.add_argument("--feature", choices=tuple(FEATURE_WIDTHS),
+                    help="the feature the linear head reads (default: lastCLS, or lastPOOL without a class token)")
+    add_case_flags(ap, image_size=None, batch_size=16, iters=10, warmup=2)
+    args = ap.parse_args(argv)
+    note = as_main_does(args.threads)
+    if args.serve:
+        name = args.name[0]
+        model, params, state, batch = build(name, image_size_for(args, name), args.batch_size, args.feature)
+        return serve_program(programs(model, params, state, batch)[args.serve], args.warmup)
+    own_compile_cache()  # the first call compiles, the programs' processes load what it kept
+    print("machine:", machine())
+    print(note)
+    for name in args.name:
+        bench(args, name)
 
 
 if __name__ == "__main__":

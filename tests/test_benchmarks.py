@@ -1,5 +1,6 @@
 """The benchmarks' own housekeeping (the compile caches they make are gone when they exit, a cache
-directory the user names is kept) and their baselines (the zoo's nn.Module twins are fpipe's network)."""
+directory the user names is kept) and their baselines (the zoo's and the ViTs' nn.Module twins are
+fpipe's network)."""
 import os
 import pathlib
 import subprocess
@@ -128,6 +129,32 @@ def test_the_baselines_named_resnets_compute_fpipes_network(name):
     image = batch["image"].double()  # float64: a deep trunk's rounding does not hide a wrong layer
     net = le.torch_module(name, params, state).double().train()  # fpipe's float32 values, exactly
     assert_module_computes(net, model, params, state, image, logits_tol=(1e-9, 1e-9), grad_tol=(1e-7, 1e-9, 1e-12))
+
+
+
+@pytest.mark.parametrize("preset,feature", [("vit_b_16", "lastCLS"),
+                                            ("vit_small_patch14_reg4_dinov2", "cls4_avgpool"),
+                                            ("deit_small_distilled_patch16_224", "concatPOOL4"),
+                                            ("vit_giant_patch14_dinov2", "cls1_avgpool")])
+def test_the_baselines_vit_computes_fpipes_network(preset, feature):
+    """vit_step.py's nn.Module twin (also train_step.py's for ViT presets): registers, layer scale,
+    position rows for the patches only, the distillation token and SwiGLU as fpipe's presets have
+    them; it holds fpipe's weights by name and gives its logits and gradients on each
+    linear-evaluation feature. Small widths of each preset's layout; float64."""
+    from benchmarks import vit_step
+    from fpipe.models import vit
+    options = dict(vit.PRESETS[preset], hidden_dim=32, depth=4, heads=2, mlp_dim=48)
+    options["image_size"] = 2 * options["patch_size"]
+    cfg = ml_collections.ConfigDict(dict(trunk=dict(name="vit", **options),
+                                         heads=dict(fc=models.head_config(feature, "linear"))))
+    model = models.build(cfg, num_classes=5, image_size=options["image_size"])
+    params, state = model.init(0)
+    gen = torch.Generator().manual_seed(1)  # not the init's values: layer scale and tokens that matter
+    params = tree.map_leaves(lambda v: torch.randn(v.shape, generator=gen, dtype=torch.float64) * 0.5, params)
+    net = vit_step.ViT(model.trunk.spec, 5, feature).double()
+    net.load_state_dict({n.split(".", 1)[1]: v for n, v in tree.flatten(params).items()}, strict=True)
+    image = torch.randn(3, 3, options["image_size"], options["image_size"], generator=gen, dtype=torch.float64)
+    assert_module_computes(net.train(), model, params, state, image, logits_tol=(1e-9, 1e-9), grad_tol=(1e-7, 1e-9, 1e-12))
 
 
 CHILD = ("import sys, time; from benchmarks import process_rounds; calls = [0]\n"
