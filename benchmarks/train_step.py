@@ -385,6 +385,8 @@ def main(argv=None):
     add_round_flags(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.arch in VIT_ARCHS:
+        vit_step.check_sizes(ap, VIT_ARCHS[args.arch], args.image_size)
     memory_note = as_main_does(args.threads)
     if args.child:
         return child(args)

@@ -244,9 +244,23 @@ def programs(model, params, state, batch):
     }
 
 
+def patch_size(name):
+    return vit.PRESETS[name].get("patch_size", vit.OPTIONS["patch_size"])
+
+
 def image_size_for(args, name):
     """``--image-size``, or 4 patches a side (64 px for /16, 56 px for /14, 32 px for /8)."""
-    return args.image_size or 4 * vit.PRESETS[name].get("patch_size", vit.OPTIONS["patch_size"])
+    return args.image_size or 4 * patch_size(name)
+
+
+def check_sizes(ap, name, sizes):
+    """``ap.error`` unless every size is a multiple of the preset's patch size (the model is stored
+    for the input size: its position grid)."""
+    p = patch_size(name)
+    bad = [size for size in sizes if size % p]
+    if bad:
+        ap.error(f"--image-size {' '.join(map(str, bad))}: {name} takes multiples of its patch size {p} "
+                 f"(e.g. {4 * p} or {16 * p})")
 
 
 def case(args, name):
@@ -282,6 +296,8 @@ def main(argv=None):
                     help="the feature the linear head reads (default: lastCLS, or lastPOOL without a class token)")
     add_case_flags(ap, image_size=None, batch_size=16, iters=10, warmup=2)
     args = ap.parse_args(argv)
+    for name in args.name:
+        check_sizes(ap, name, [image_size_for(args, name)])
     note = as_main_does(args.threads)
     if args.serve:
         name = args.name[0]

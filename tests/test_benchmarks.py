@@ -157,6 +157,18 @@ def test_the_baselines_vit_computes_fpipes_network(preset, feature):
     assert_module_computes(net.train(), model, params, state, image, logits_tol=(1e-9, 1e-9), grad_tol=(1e-7, 1e-9, 1e-12))
 
 
+
+def test_a_vit_size_off_its_patch_grid_is_refused_before_anything_runs(capsys):
+    """vit_step.py and train_step.py name the preset, its patch size and sizes that fit."""
+    from benchmarks import train_step, vit_step
+    for main, argv in ((vit_step.main, ["--name", "vit_small_patch14_reg4_dinov2", "--image-size", "64"]),
+                       (train_step.main, ["--arch", "vit_small_patch14_reg4_dinov2", "--image-size", "56", "60"])):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert "--image-size " + argv[-1] + ": vit_small_patch14_reg4_dinov2 takes multiples of its patch size 14" in err, err
+
+
 CHILD = ("import sys, time; from benchmarks import process_rounds; calls = [0]\n"
          "def run():\n"
          "    calls[0] += 1; time.sleep(float(sys.argv[1])); return calls[0]\n"
