@@ -135,7 +135,8 @@ def test_the_baselines_named_resnets_compute_fpipes_network(name):
 @pytest.mark.parametrize("preset,feature", [("vit_b_16", "lastCLS"),
                                             ("vit_small_patch14_reg4_dinov2", "cls4_avgpool"),
                                             ("deit_small_distilled_patch16_224", "concatPOOL4"),
-                                            ("vit_giant_patch14_dinov2", "cls1_avgpool")])
+                                            ("vit_giant_patch14_dinov2", "cls1_avgpool"),
+                                            ("vit_b_16+fc_norm", "lastPOOL")])
 def test_the_baselines_vit_computes_fpipes_network(preset, feature):
     """vit_step.py's nn.Module twin (also train_step.py's for ViT presets): registers, layer scale,
     position rows for the patches only, the distillation token and SwiGLU as fpipe's presets have
@@ -143,7 +144,8 @@ def test_the_baselines_vit_computes_fpipes_network(preset, feature):
     linear-evaluation feature. Small widths of each preset's layout; float64."""
     from benchmarks import vit_step
     from fpipe.models import vit
-    options = dict(vit.PRESETS[preset], hidden_dim=32, depth=4, heads=2, mlp_dim=48)
+    preset, _, flag = preset.partition("+")  # "+fc_norm": MAE's global pool (no preset has it)
+    options = dict(vit.PRESETS[preset], hidden_dim=32, depth=4, heads=2, mlp_dim=48, **({flag: True} if flag else {}))
     options["image_size"] = 2 * options["patch_size"]
     cfg = ml_collections.ConfigDict(dict(trunk=dict(name="vit", **options),
                                          heads=dict(fc=models.head_config(feature, "linear"))))
