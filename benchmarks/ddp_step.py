@@ -50,7 +50,7 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks import train_step, vit_step
+from benchmarks import train_step
 from benchmarks.linear_eval_step import NUM_CLASSES, as_main_does, machine, own_compile_cache, resnet_arg
 from fpipe import host_memory
 from fpipe.train import distributed
@@ -188,8 +188,7 @@ def main(argv=None):
     ap.add_argument("--programs", nargs="+", default=list(train_step.PROGRAMS), choices=train_step.PROGRAMS)
     ap.add_argument("--no-alone", action="store_true", help="skip each program's own launch")
     args = ap.parse_args(argv)
-    if args.arch in train_step.VIT_ARCHS:
-        vit_step.check_sizes(ap, train_step.VIT_ARCHS[args.arch], [args.image_size])
+    train_step.check_image_sizes(ap, args.arch, [args.image_size])
     if "RANK" in os.environ:
         return rank_main(args)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)

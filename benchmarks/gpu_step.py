@@ -43,7 +43,6 @@ import torch.nn.functional as F
 
 from benchmarks import linear_eval_step as le
 from benchmarks import train_step as ts
-from benchmarks import vit_step
 from fpipe import host_memory, tree
 from fpipe.train import compile_cache, precision
 from fpipe.train import loop as loop_lib
@@ -322,8 +321,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.arch != "resnet" and "linear_eval" in args.parts:
         ap.error("the linear_eval part runs a ResNet; give --parts train with --arch vit_s16")
-    if args.arch in ts.VIT_ARCHS:
-        vit_step.check_sizes(ap, ts.VIT_ARCHS[args.arch], [args.image_size])
+    ts.check_image_sizes(ap, args.arch, [args.image_size])
     le.own_compile_cache()  # fpipe's compiled steps, as the other benchmarks keep them
     host_memory_note = host_memory.keep_freed_memory()  # as main.py does
     compile_cache.key_inductor_caches_by_isa()  # every program's compile caches keyed as fpipe's are

@@ -331,12 +331,40 @@ def sgd_head_runner(net, head):
     return run
 
 
-def report_steps(title, med, first, batch_size):
-    """The per-program lines and the ratios the zoo benchmarks (zoo_linear_eval, vit_step) print."""
-    if title:
-        print(title)
+def serve_or_run(args, note, case_programs, bench):
+    """zoo_linear_eval.py's and vit_step.py's main after parsing: in a ``rounds`` process, serve the
+    program ``--serve`` of ``case_programs(name)`` (the first ``--name``); else ``bench(args, name)``
+    for every ``--name``, the first call compiling into this run's own cache."""
+    if args.serve:
+        return serve_program(case_programs(args.name[0])[args.serve], args.warmup)
+    own_compile_cache()  # the first call compiles, the programs' processes load what it kept
+    print("machine:", machine())
+    print(note)
+    for name in args.name:
+        bench(args, name)
+
+
+TWIN_PROGRAMS = ("eager_step", "compiled_step", "fpipe_step", "forward", "fpipe_forward")  # zoo_linear_eval, vit_step
+
+
+def compare_programs(args, script, argv, header, make_programs, feature):
+    """zoo_linear_eval.py's and vit_step.py's case: one step of each of ``make_programs()``' steps
+    from the same start (their losses) and the twin's trunk features against fpipe's ``feature``
+    (same math), then ``TWIN_PROGRAMS`` timed by ``rounds`` (``script`` run again with ``argv``);
+    prints ``header`` with how they were timed, the per-program lines and the ratios."""
+    torch._dynamo.reset()  # each case compiles as in a fresh process
+    progs = make_programs()
+    losses = {n: float(progs[n]().detach()) for n in ("eager_step", "compiled_step", "fpipe_step")}
+    feat_err = (progs["forward"]() - progs["fpipe_forward"]()[feature]).abs().max().item()
+    del progs  # timed with fresh states, each in a process of its own
+    med, first, _ = rounds(args, script, argv, TWIN_PROGRAMS, make_programs)
+    print(f"== {header}, batch {args.batch_size}, {args.threads} threads, median of {args.iters} after "
+          f"{args.warmup} warm-up, {where(args)}; optimizer: {make_optimizer({'w': torch.zeros(1)})[1]}")
+    print("first-step loss: " + "  ".join(f"{n} {v:.6f}" for n, v in losses.items()) +
+          f"; max feature difference {feat_err:.2e}")
     for n in med:
-        print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {batch_size / med[n]:8.1f} images/s   first call {first[n]:6.2f} s")
+        print(f"{n:14s} {med[n] * 1e3:8.2f} ms  {args.batch_size / med[n]:8.1f} images/s   "
+              f"first call {first[n]:6.2f} s")
     print(f"compile_s: {first['fpipe_step'] - med['fpipe_step']:.1f}")
     print(f"ratio_vs_eager: {med['eager_step'] / med['fpipe_step']:.3f}")
     print(f"ratio_vs_compiled: {med['compiled_step'] / med['fpipe_step']:.3f}")

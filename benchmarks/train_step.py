@@ -102,6 +102,12 @@ ARCHS = ("resnet", *VIT_ARCHS, *sorted(PRESET_ARCHS))
 OPTIMIZERS = ("config", "adamw")
 
 
+def check_image_sizes(ap, arch, sizes):
+    """``ap.error`` unless a ViT preset's patch size divides every size (vit_step.check_sizes)."""
+    if arch in VIT_ARCHS:
+        vit_step.check_sizes(ap, VIT_ARCHS[arch], sizes)
+
+
 def config_for(mode, depth, image_size, batch_size, arch="resnet", optimizer="config", freeze_rules=()):
     config = importlib.import_module(f"configs.{mode}").get_config()
     config.model.freeze = tuple(config.model.freeze or ()) + tuple(freeze_rules)
@@ -191,7 +197,7 @@ def torch_net(s):
     without gradients and the norms fpipe runs with running statistics in eval mode (detectron2's
     FrozenBatchNorm)."""
     if s["arch"] in VIT_ARCHS:
-        net = vit_step.torch_module(s["model"].trunk.spec, s["params"], s["model"].heads[0].feature).train()
+        net = vit_step.torch_module(s["model"].trunk.spec, s["params"], vit_step.head_feature(s["model"])).train()
     elif s["arch"] in PRESET_ARCHS:
         net = zoo_modules.torch_module(s["model"].trunk.spec, s["params"], s["state"], NUM_CLASSES).train()
     else:
@@ -385,8 +391,7 @@ def main(argv=None):
     add_round_flags(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.arch in VIT_ARCHS:
-        vit_step.check_sizes(ap, VIT_ARCHS[args.arch], args.image_size)
+    check_image_sizes(ap, args.arch, args.image_size)
     memory_note = as_main_does(args.threads)
     if args.child:
         return child(args)

@@ -34,9 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.linear_eval_step import (NUM_CLASSES, add_case_flags, as_main_does, case_argv, fpipe_step, machine,
-                                         make_optimizer, own_compile_cache, report_steps, rounds, serve_program,
-                                         sgd_head_runner, where)
+from benchmarks.linear_eval_step import (NUM_CLASSES, add_case_flags, as_main_does, case_argv, compare_programs,
+                                         fpipe_step, serve_or_run, sgd_head_runner)
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.models import vit
@@ -231,9 +230,6 @@ def fpipe_forward(model, params, state, batch):
     return run
 
 
-PROGRAMS = ("eager_step", "compiled_step", "fpipe_step", "forward", "fpipe_forward")
-
-
 def programs(model, params, state, batch):
     return {
         "eager_step": eager_step(model, params, batch),
@@ -271,21 +267,10 @@ def case(args, name):
 
 
 def bench(args, name):
-    torch._dynamo.reset()  # each preset compiles as in a fresh process
     size = image_size_for(args, name)
     model, params, state, batch = build(name, size, args.batch_size, args.feature)
-    progs = programs(model, params, state, batch)
-    # Same math: one step of each from the same start gives the same loss; the same features.
-    losses = {n: float(progs[n]().detach()) for n in ("eager_step", "compiled_step", "fpipe_step")}
-    feat_err = (progs["forward"]() - progs["fpipe_forward"]()[head_feature(model)]).abs().max().item()
-    del progs  # timed with fresh states, each in a process of its own
-    med, first, _ = rounds(args, __file__, case(args, name), PROGRAMS, lambda: programs(model, params, state, batch))
-    print(f"== {name}, {head_feature(model)}, {size}px, batch {args.batch_size}, {args.threads} threads, median of "
-          f"{args.iters} after {args.warmup} warm-up, {where(args)}; optimizer: "
-          f"{make_optimizer({'w': torch.zeros(1)})[1]}")
-    print("first-step loss: " + "  ".join(f"{n} {v:.6f}" for n, v in losses.items()) +
-          f"; max feature difference {feat_err:.2e}")
-    report_steps("", med, first, args.batch_size)
+    compare_programs(args, __file__, case(args, name), f"{name}, {head_feature(model)}, {size}px",
+                     lambda: programs(model, params, state, batch), head_feature(model))
 
 
 def main(argv=None):
@@ -298,16 +283,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     for name in args.name:
         check_sizes(ap, name, [image_size_for(args, name)])
-    note = as_main_does(args.threads)
-    if args.serve:
-        name = args.name[0]
-        model, params, state, batch = build(name, image_size_for(args, name), args.batch_size, args.feature)
-        return serve_program(programs(model, params, state, batch)[args.serve], args.warmup)
-    own_compile_cache()  # the first call compiles, the programs' processes load what it kept
-    print("machine:", machine())
-    print(note)
-    for name in args.name:
-        bench(args, name)
+    serve_or_run(args, as_main_does(args.threads),
+                 lambda name: programs(*build(name, image_size_for(args, name), args.batch_size, args.feature)), bench)
 
 
 if __name__ == "__main__":

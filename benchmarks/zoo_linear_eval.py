@@ -30,8 +30,7 @@ import torch
 
 from benchmarks import zoo_modules
 from benchmarks.linear_eval_step import (NUM_CLASSES, add_case_flags, as_main_does, build_trunk, case_argv,
-                                         fpipe_forward, fpipe_step, machine, own_compile_cache, report_steps, rounds,
-                                         serve_program, sgd_head_runner, where)
+                                         compare_programs, fpipe_forward, fpipe_step, serve_or_run, sgd_head_runner)
 from fpipe.models import convnext, efficientnet, regnet
 from fpipe.models import model as model_lib
 
@@ -68,9 +67,6 @@ def eager_forward(model, params, state, batch):
     return run
 
 
-PROGRAMS = ("eager_step", "compiled_step", "fpipe_step", "forward", "fpipe_forward")
-
-
 def programs(model, params, state, batch):
     return {"eager_step": eager_step(model, params, state, batch),
             "compiled_step": eager_step(model, params, state, batch, compiled=True),
@@ -80,20 +76,9 @@ def programs(model, params, state, batch):
 
 
 def bench(args, name):
-    torch._dynamo.reset()  # each trunk compiles as in a fresh process
     model, params, state, batch = build(name, args.image_size, args.batch_size)
-    progs = programs(model, params, state, batch)
-    # Same math: one step of each from the same start gives the same loss; the same features.
-    losses = {n: float(progs[n]().detach()) for n in ("eager_step", "compiled_step", "fpipe_step")}
-    feat_err = (progs["forward"]() - progs["fpipe_forward"]()["flatten"]).abs().max().item()
-    del progs  # timed with fresh states, each in a process of its own
-    med, first, _ = rounds(args, __file__, case_argv(args, name, model_flag="--name"), PROGRAMS,
-                           lambda: programs(model, params, state, batch))
-    print(f"== {name}, {args.image_size}px, batch {args.batch_size}, {args.threads} threads, "
-          f"median of {args.iters} after {args.warmup} warm-up, {where(args)}")
-    print("first-step loss: " + "  ".join(f"{n} {v:.6f}" for n, v in losses.items()) +
-          f"; max feature difference {feat_err:.2e}")
-    report_steps("", med, first, args.batch_size)
+    compare_programs(args, __file__, case_argv(args, name, model_flag="--name"), f"{name}, {args.image_size}px",
+                     lambda: programs(model, params, state, batch), "flatten")
 
 
 def main(argv=None):
@@ -102,15 +87,8 @@ def main(argv=None):
                     help=f"RegNet, ConvNeXt or EfficientNet presets: {', '.join(NAMES)}")
     add_case_flags(ap, image_size=64, batch_size=64, iters=20, warmup=3)
     args = ap.parse_args(argv)
-    note = as_main_does(args.threads)
-    if args.serve:
-        model, params, state, batch = build(args.name[0], args.image_size, args.batch_size)
-        return serve_program(programs(model, params, state, batch)[args.serve], args.warmup)
-    own_compile_cache()  # the first call compiles, the programs' processes load what it kept
-    print("machine:", machine())
-    print(note)
-    for name in args.name:
-        bench(args, name)
+    serve_or_run(args, as_main_does(args.threads),
+                 lambda name: programs(*build(name, args.image_size, args.batch_size)), bench)
 
 
 if __name__ == "__main__":

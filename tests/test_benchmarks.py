@@ -131,7 +131,6 @@ def test_the_baselines_named_resnets_compute_fpipes_network(name):
     assert_module_computes(net, model, params, state, image, logits_tol=(1e-9, 1e-9), grad_tol=(1e-7, 1e-9, 1e-12))
 
 
-
 @pytest.mark.parametrize("preset,feature", [("vit_b_16", "lastCLS"),
                                             ("vit_small_patch14_reg4_dinov2", "cls4_avgpool"),
                                             ("deit_small_distilled_patch16_224", "concatPOOL4"),
@@ -157,7 +156,6 @@ def test_the_baselines_vit_computes_fpipes_network(preset, feature):
     net.load_state_dict({n.split(".", 1)[1]: v for n, v in tree.flatten(params).items()}, strict=True)
     image = torch.randn(3, 3, options["image_size"], options["image_size"], generator=gen, dtype=torch.float64)
     assert_module_computes(net.train(), model, params, state, image, logits_tol=(1e-9, 1e-9), grad_tol=(1e-7, 1e-9, 1e-12))
-
 
 
 def test_a_vit_size_off_its_patch_grid_is_refused_before_anything_runs(capsys):
