@@ -1,4 +1,6 @@
 """fpipe.train.remat: rebuilt values give the same numbers, and fewer bytes stay alive."""
+import uuid
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,3 +155,70 @@ def test_the_compiled_step_with_the_pass_gives_eagers_numbers_and_holds_less():
 def test_an_unknown_mode_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"valid: \('fused', 'all', 'off'\)"):
         remat.options(True)
+
+
+
+def layer_scale_loss(p, x, labels):
+    """Pre-norm residual blocks with layer scale (DINOv2's) and a classifier's loss: the labels
+    change every gradient value and no forward value but the loss."""
+    for i in range(len(p) // 4):
+        h = F.gelu(F.layer_norm(x, x.shape[-1:], p[f"n{i}"]) @ p[f"a{i}"]) @ p[f"b{i}"]
+        x = x + p[f"s{i}"] * h
+    return F.cross_entropy(x.mean(1), labels)
+
+
+def layer_scale_step(p, x, labels):
+    g = torch.func.grad(layer_scale_loss)(p, x, labels)
+    return {k: p[k] - 0.1 * g[k] for k in p}
+
+
+class RecordingPass(remat.Rematerialize):
+    """The "fused" pass; then the values of the nodes it added, run eagerly on each of ``inputs``."""
+
+    def __init__(self, inputs):
+        super().__init__(written=False)
+        self.inputs, self.values = inputs, []
+        self.key = uuid.uuid4().hex  # a fresh compile, whatever inductor's cache holds
+
+    def __call__(self, graph):
+        before = set(graph.nodes)
+        super().__call__(graph)
+        rebuilt = {n for n in graph.nodes if n not in before}
+        for args in self.inputs:
+            values = {}
+
+            class Recording(torch.fx.Interpreter):
+                def run_node(self, n):
+                    out = super().run_node(n)
+                    if n in rebuilt:
+                        values[n.name] = out
+                    return out
+            Recording(graph.owning_module).run(*args)
+            self.values.append(values)
+
+    def uuid(self):
+        return self.key
+
+
+def test_the_compiled_step_rebuilds_forward_values_and_no_gradient():
+    """Inductor moves each weight's gradient sum next to the update that reads it, so gradient
+    terms stay alive across the backward's peak. Rebuilding them there (as the pass once did, for
+    DINOv2's layer scale) fused every block's sums into one kernel that took g++ 7 s. Rebuilt values
+    must come from the forward alone (the layer norms' normalised inputs, GELU's derivative): the
+    same whatever the labels."""
+    gen = torch.Generator().manual_seed(0)
+    p = {}
+    for i in range(4):
+        p.update({f"n{i}": torch.rand(64, generator=gen) + 0.5, f"a{i}": torch.randn(64, 128, generator=gen) / 8,
+                  f"b{i}": torch.randn(128, 64, generator=gen) / 11, f"s{i}": torch.rand(64, generator=gen) / 10})
+    x = torch.randn(8, 16, 64, generator=gen)
+    labels = [torch.arange(8), torch.arange(8).flip(0) + 20]
+    recorder = RecordingPass([(*p.values(), x, y) for y in labels])  # the graph's inputs: its leaves in order
+    got = torch.compile(layer_scale_step, fullgraph=True, options={"post_grad_custom_post_pass": recorder})(p, x, labels[0])
+    expected = layer_scale_step(p, x, labels[0])
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6, msg=k)
+    first, second = recorder.values
+    assert first, "nothing rebuilt: the forward's values should be"
+    on_labels = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not on_labels, on_labels

@@ -10,6 +10,10 @@ This inductor graph pass does the same on the one graph: it finds the point wher
 bytes are alive (in a train step at or after the forward's end), and every pointwise value alive
 across it that can be rebuilt from values alive there anyway (or small ones) is rebuilt after it,
 right before its first use there, so it dies in the forward. Repeated while the estimated peak falls.
+Only forward values are rebuilt, never gradient terms: inductor moves each weight's gradient sum
+next to the update that reads it, so gradient terms stay alive across the peak too, and rebuilding
+them there fused every layer-scale block's sums of DINOv2's ViT into one kernel that took g++ 7 s
+(docs/BENCHMARKS.md, forty-fourth session).
 
 Two modes (``config.compile_remat``): "fused", the default, rebuilds only values that every later
 user computes inside its own kernel (pointwise ops, reductions), so the copy is never written to
@@ -54,6 +58,26 @@ def _rebuildable(node):
     if torch.Tag.pointwise not in t.tags or torch.Tag.nondeterministic_seeded in t.tags:
         return False
     return not t._schema.is_mutable and isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _on_gradients(graph):
+    """The values computed from the loss's gradient, and so the optimizer's update: those that
+    follow from a tensor the backward makes from nothing (its seed, however inductor folded it, and
+    its other constants). Not those the backward computes from forward values alone: a ReLU's mask,
+    a BatchNorm's centred input. Backward nodes are those traced under autograd's grad (dynamo's
+    ``source_fn_stack``). Nothing is marked in a graph without that record, nor where inductor
+    folded the seed into an input (a loss times a tensor the step takes): the pass then works as
+    before this rule."""
+    marked = set()
+    for n in graph.nodes:
+        inputs = n.all_input_nodes
+        if any(a in marked for a in inputs) or (not inputs and n.op == "call_function" and _in_backward(n)):
+            marked.add(n)
+    return marked
+
+
+def _in_backward(node):
+    return any(entry[0] == "_autograd_grad" for entry in node.meta.get("source_fn_stack") or ())
 
 
 class Liveness:
@@ -137,7 +161,9 @@ def rematerialize(graph, written=True):
     first = peak
     for _ in range(MAX_ROUNDS):
         # (views own no bytes: only the values themselves cross)
-        crossing = [n for n in live.nodes if live.size(n) and _rebuildable(n) and live.alive_at(n, at)]
+        on_gradients = _on_gradients(graph)
+        crossing = [n for n in live.nodes if live.size(n) and _rebuildable(n) and live.alive_at(n, at)
+                    and n not in on_gradients]
         changed = False
         for node in sorted(crossing, key=lambda n: -live.index[n]):  # later first: their copies read earlier ones
             later = [u for u in _users_through_views(node, keep_views=True) if live.index.get(u, -1) > at]
