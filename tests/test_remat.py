@@ -158,17 +158,19 @@ def test_an_unknown_mode_names_the_valid_ones():
 
 
 
-def layer_scale_loss(p, x, labels):
-    """Pre-norm residual blocks with layer scale (DINOv2's) and a classifier's loss: the labels
-    change every gradient value and no forward value but the loss."""
+def layer_scale_loss(p, x, targets, *scale):
+    """Pre-norm residual blocks with layer scale (DINOv2's) and a squared error (times ``scale``,
+    as loss scaling does): the targets change every gradient value and no forward value but the
+    loss."""
     for i in range(len(p) // 4):
         h = F.gelu(F.layer_norm(x, x.shape[-1:], p[f"n{i}"]) @ p[f"a{i}"]) @ p[f"b{i}"]
         x = x + p[f"s{i}"] * h
-    return F.cross_entropy(x.mean(1), labels)
+    loss = (x.mean(1) - targets).square().mean()
+    return loss * scale[0] if scale else loss
 
 
-def layer_scale_step(p, x, labels):
-    g = torch.func.grad(layer_scale_loss)(p, x, labels)
+def layer_scale_step(p, x, targets, *scale):
+    g = torch.func.grad(layer_scale_loss)(p, x, targets, *scale)
     return {k: p[k] - 0.1 * g[k] for k in p}
 
 
@@ -200,25 +202,29 @@ class RecordingPass(remat.Rematerialize):
         return self.key
 
 
-def test_the_compiled_step_rebuilds_forward_values_and_no_gradient():
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "loss_times_an_input"])
+def test_the_compiled_step_rebuilds_forward_values_and_no_gradient(scaled):
     """Inductor moves each weight's gradient sum next to the update that reads it, so gradient
     terms stay alive across the backward's peak. Rebuilding them there (as the pass once did, for
     DINOv2's layer scale) fused every block's sums into one kernel that took g++ 7 s. Rebuilt values
     must come from the forward alone (the layer norms' normalised inputs, GELU's derivative): the
-    same whatever the labels."""
+    same whatever the targets. ``scaled``: inductor folds the backward's seed into the input that
+    multiplies the loss."""
     gen = torch.Generator().manual_seed(0)
     p = {}
     for i in range(4):
         p.update({f"n{i}": torch.rand(64, generator=gen) + 0.5, f"a{i}": torch.randn(64, 128, generator=gen) / 8,
                   f"b{i}": torch.randn(128, 64, generator=gen) / 11, f"s{i}": torch.rand(64, generator=gen) / 10})
     x = torch.randn(8, 16, 64, generator=gen)
-    labels = [torch.arange(8), torch.arange(8).flip(0) + 20]
-    recorder = RecordingPass([(*p.values(), x, y) for y in labels])  # the graph's inputs: its leaves in order
-    got = torch.compile(layer_scale_step, fullgraph=True, options={"post_grad_custom_post_pass": recorder})(p, x, labels[0])
-    expected = layer_scale_step(p, x, labels[0])
+    targets = [torch.randn(8, 64, generator=gen) for _ in range(2)]
+    scale = (torch.tensor(1024.0),) if scaled else ()
+    recorder = RecordingPass([(*p.values(), x, y, *scale) for y in targets])  # the graph's inputs: its leaves in order
+    got = torch.compile(layer_scale_step, fullgraph=True,
+                        options={"post_grad_custom_post_pass": recorder})(p, x, targets[0], *scale)
+    expected = layer_scale_step(p, x, targets[0], *scale)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6, msg=k)
     first, second = recorder.values
     assert first, "nothing rebuilt: the forward's values should be"
-    on_labels = [name for name in first if not torch.equal(first[name], second[name])]
-    assert not on_labels, on_labels
+    on_targets = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not on_targets, on_targets

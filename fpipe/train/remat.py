@@ -62,16 +62,16 @@ def _rebuildable(node):
 
 def _on_gradients(graph):
     """The values computed from the loss's gradient, and so the optimizer's update: those that
-    follow from a tensor the backward makes from nothing (its seed, however inductor folded it, and
-    its other constants). Not those the backward computes from forward values alone: a ReLU's mask,
-    a BatchNorm's centred input. Backward nodes are those traced under autograd's grad (dynamo's
-    ``source_fn_stack``). Nothing is marked in a graph without that record, nor where inductor
-    folded the seed into an input (a loss times a tensor the step takes): the pass then works as
-    before this rule."""
+    follow from what the backward makes from nothing or from the step's inputs alone (its seed,
+    however inductor folded it: into a constant, or into the input a scaled loss is multiplied by;
+    its other constants; a weight's transpose). Not those the backward computes from forward values:
+    a ReLU's mask, a BatchNorm's centred input. Backward nodes are those traced under autograd's
+    grad (dynamo's ``source_fn_stack``); in a graph without that record nothing is marked."""
     marked = set()
     for n in graph.nodes:
         inputs = n.all_input_nodes
-        if any(a in marked for a in inputs) or (not inputs and n.op == "call_function" and _in_backward(n)):
+        seed = n.op == "call_function" and _in_backward(n) and all(a.op == "placeholder" for a in inputs)
+        if seed or any(a in marked for a in inputs):
             marked.add(n)
     return marked
 
