@@ -157,7 +157,6 @@ def test_an_unknown_mode_names_the_valid_ones():
         remat.options(True)
 
 
-
 def layer_scale_loss(p, x, targets, *scale):
     """Pre-norm residual blocks with layer scale (DINOv2's) and a squared error (times ``scale``,
     as loss scaling does): the targets change every gradient value and no forward value but the

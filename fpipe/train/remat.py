@@ -159,9 +159,9 @@ def rematerialize(graph, written=True):
     live = Liveness(graph)
     at, peak = live.peak()
     first = peak
+    on_gradients = _on_gradients(graph)  # the copies added below are of forward values: never among them
     for _ in range(MAX_ROUNDS):
         # (views own no bytes: only the values themselves cross)
-        on_gradients = _on_gradients(graph)
         crossing = [n for n in live.nodes if live.size(n) and _rebuildable(n) and live.alive_at(n, at)
                     and n not in on_gradients]
         changed = False
