@@ -85,11 +85,8 @@ def _winograd_pays(x, w, stride, padding):
     16.3 / 8.2, 256 at 14×14 b32 15.3 / 11.2), but in a whole trunk inductor fused their strided
     tile transforms into slow kernels (8×8: 4.8 ms of transforms around a 0.8 ms product): not
     routed. Under 128 channels not measured on 4×4 maps (64 at 16×16: 2.8 / 4.2)."""
-    if not (_CONSTANT_WEIGHTS and not torch.is_grad_enabled() and not ROWS_AS_CONV
-            and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
-        return False
-    return (w.shape[-2:] == (3, 3) and stride in (1, (1, 1)) and padding == 1
-            and x.shape[1] >= WINOGRAD_MIN_CHANNELS and x.shape[-2:] == (winograd.TILE, winograd.TILE))
+    return (_in_frozen_float32_trunk(x) and not ROWS_AS_CONV and w.shape[-2:] == (3, 3)
+            and stride in (1, (1, 1)) and padding == 1 and x.shape[1] >= WINOGRAD_MIN_CHANNELS and x.shape[-2:] == (winograd.TILE, winograd.TILE))
 
 
 GROUPED_MATRIX_MIN_WIDTH = 8  # input channels per group; depthwise and narrower groups: oneDNN's conv
@@ -104,9 +101,15 @@ def _grouped_matrix_pays(x, groups):
     197 / 131, 1024 of 32 577 / 451, 400 of 16 124 / 122; frozen trunks at 32 px b64: RegNetY-1.6GF
     20.3-20.8 -> 18.4 ms, RegNetY-400MF 8.7 -> 8.1-8.4, ResNeXt-50 unchanged). Float32 only; under
     gradients, whose matrix is built every step, 0.6-1.3× oneDNN's speed: the conv."""
+    return _in_frozen_float32_trunk(x) and x.shape[1] // groups >= GROUPED_MATRIX_MIN_WIDTH
+
+
+def _in_frozen_float32_trunk(x):
+    """Whether ``x`` is a float32 CPU activation of a compiled frozen trunk: within
+    :func:`constant_weights`, without gradients, not under autocast (where a route may rebuild a
+    weight into a constant that inductor's freezing folds once)."""
     return (_CONSTANT_WEIGHTS and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and x.shape[1] // groups >= GROUPED_MATRIX_MIN_WIDTH)
+            and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
 
 
 def conv2d(x, w, bias=None, stride=1, padding=0, groups=1):
