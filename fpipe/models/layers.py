@@ -81,15 +81,13 @@ def _winograd_pays(x, w, stride, padding):
     4×4 maps: one tile covers the map (ResNet's layer3 at 64 px, layer4 at 128 px), where oneDNN's
     direct kernels are slowest. Intel Xeon (AVX-512, AMX), 2 threads, compiled with freezing, ms
     direct / Winograd, the conv alone: 256 channels b64 3.84 / 1.16, b8 0.79 / 0.66; 512 b64 17.8 /
-    3.7; 128 b64 0.65 / 0.47. Larger maps, alone, win too (128 at 8×8 3.4 / 2.6, 512 at 7×7 b32
-    16.3 / 8.2, 256 at 14×14 b32 15.3 / 11.2), but in a whole trunk inductor fused their strided
-    tile transforms into slow kernels (8×8: 4.8 ms of transforms around a 0.8 ms product), and
-    with transforms 3× faster (rows, then columns) ResNet-50's trunk gained 1% at 128 px and
-    -1.5 to +2% at 224 px: MKL's bmm ran those shapes at 210-310 GFLOP/s, oneDNN's direct conv
-    at 330 (docs/BENCHMARKS.md, forty-sixth session). Not routed. Under 128 channels not measured
-    on 4×4 maps (64 at 16×16: 2.8 / 4.2)."""
+    3.7; 128 b64 0.65 / 0.47; fewer channels not measured on 4×4 maps. Larger maps win alone but
+    not in a whole trunk, even with faster tile transforms (ResNet-50 at 128 and 224 px:
+    0.985-1.02×): MKL's bmm runs those shapes slower than oneDNN's direct conv (docs/BENCHMARKS.md,
+    forty-fifth and forty-sixth sessions)."""
     return (_in_frozen_float32_trunk(x) and not ROWS_AS_CONV and w.shape[-2:] == (3, 3)
-            and stride in (1, (1, 1)) and padding == 1 and x.shape[1] >= WINOGRAD_MIN_CHANNELS and x.shape[-2:] == (winograd.TILE, winograd.TILE))
+            and stride in (1, (1, 1)) and padding == 1 and x.shape[1] >= WINOGRAD_MIN_CHANNELS
+            and x.shape[-2:] == (winograd.TILE, winograd.TILE))
 
 
 GROUPED_MATRIX_MIN_WIDTH = 8  # input channels per group; depthwise and narrower groups: oneDNN's conv
