@@ -48,6 +48,35 @@ def test_folded_trunk_equals_eval_forward(depth):
             assert v is tree.flatten(state["trunk"])[n]
 
 
+@pytest.mark.parametrize("family,options,middle", [
+    ("regnet", dict(depth=5, w_0=8, w_a=12, w_m=2.0, group_width=8, stem_width=8, se_ratio=0.25), "res4"),
+    ("efficientnet", dict(width_mult=0.25, depth_mult=0.3), "stage4")])
+def test_conv_norm_pairs_of_other_trunks_fold_every_norm_and_keep_their_outputs(family, options, middle):
+    """torchvision's conv-norm pairs (``X.0`` then ``X.1``: RegNet, EfficientNet) fold like ResNet's:
+    no BatchNorm left in the frozen tree, the eval-mode features unchanged."""
+    cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config(family, **options),
+                                         heads=dict(fc=model_lib.head_config("flatten", "linear"))))
+    model = model_lib.build(cfg, num_classes=5, image_size=32)
+    params, state = model.init(0)
+    gen = torch.Generator().manual_seed(3)
+    state = tree.map_with_names(lambda n, v: torch.randn(v.shape, generator=gen) * 0.2 if n.endswith("running_mean")
+                                else torch.rand(v.shape, generator=gen) + 0.5 if n.endswith("running_var") else v, state)
+    norms = {n[:-len(".running_mean")] for n in tree.flatten(state) if n.endswith("running_mean")}
+    params = tree.map_with_names(lambda n, v: torch.rand(v.shape, generator=gen) + 0.5
+                                 if n.rsplit(".", 1)[0] in norms else v, params)
+    trainable, frozen = freeze.partition(params, ["trunk"])
+    eval_norms = freeze.eval_norms(state, frozen)
+    folded = fold.fold_frozen_norms(frozen, state, eval_norms)
+    assert norms and set(fold.foldable(frozen, state, eval_norms)) == norms
+    assert not {n.rsplit(".", 1)[0] for n in tree.flatten(folded)} & norms
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    feats = (middle, "flatten")
+    ref, _ = model.trunk.apply(params["trunk"], state["trunk"], x, train=False, features=feats)
+    out, _ = model.trunk.apply(folded["trunk"], state["trunk"], x, train=False, features=feats)
+    for f in ref:
+        torch.testing.assert_close(out[f], ref[f], rtol=1e-4, atol=1e-5 * float(ref[f].abs().max()), msg=f)
+
+
 def test_names_removed_and_added():
     model, params, state = _model(50)
     trainable, frozen = freeze.partition(params, ["trunk"])

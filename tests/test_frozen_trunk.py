@@ -73,8 +73,10 @@ def test_the_frozen_trunk_runs_under_the_runs_mixed_precision():
 @pytest.mark.parametrize("compile", [False, True])
 def test_only_the_compiled_trunk_runs_its_weights_as_constants(compile, monkeypatch):
     """layers.constant_weights (dense's packed-weight route) holds while the compiled trunk, whose
-    weights freezing packs, is traced and run; the eager trunk's weights stay unpacked tensors."""
-    model, trainable, frozen, state, eval_norms = _linear_eval_model()
+    weights freezing packs, is traced and run; the eager trunk's weights stay unpacked tensors.
+    (The tiny RegNet: its convs on 2×2 and 1×1 maps are products; it compiles in a quarter of
+    ResNet-18's time.)"""
+    model, trainable, frozen, state, eval_norms = _frozen(*_tiny_regnet())
     seen = []
     real = layers.dense
     monkeypatch.setattr(layers, "dense", lambda *a, **k: seen.append(layers._CONSTANT_WEIGHTS) or real(*a, **k))
@@ -105,7 +107,7 @@ def test_eval_features_fold_every_norm_and_equal_the_models_features(compile, mo
     """eval_features (feature extraction's trunk): model.features' values, every trunk BatchNorm
     folded into its conv (none left to run), in chunks of ``batch_size`` (a smaller batch padded)."""
     from fpipe.models import fold
-    model, params, state = _model(18)
+    model, params, state = _tiny_regnet()
     folded, real = [], fold.fold_frozen_norms
     monkeypatch.setattr(fold, "fold_frozen_norms", lambda *a, **k: folded.append(real(*a, **k)) or folded[-1])
     names = ("res3", "res4", "flatten")
@@ -122,15 +124,26 @@ def test_eval_features_fold_every_norm_and_equal_the_models_features(compile, mo
     assert len(bns) == 20 and not [n for n in tree.flatten(folded[0]) if n.rsplit(".", 1)[0][6:] in bns]
 
 
-def test_a_compiled_regnets_grouped_convs_on_2x2_maps_keep_the_models_features(monkeypatch):
-    """A RegNet at 32 px (groups of 8 on 2×2 and 1×1 maps): the compiled frozen trunk, which runs
-    those grouped convs as batched matmuls (layers._grouped_matrix_pays), gives model.features."""
+def _frozen(model, params, state):
+    """``(model, trainable, frozen, state, eval_norms)`` with the whole trunk frozen."""
+    trainable, frozen = freeze.partition(params, ["trunk"])
+    return model, trainable, frozen, state, freeze.eval_norms(state, frozen)
+
+
+def _tiny_regnet():
+    """A RegNet of 5 blocks, 8-64 channels in groups of 8, for 32 px: model, params, state."""
     import ml_collections
     cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config("regnet", depth=5, w_0=8, w_a=12, w_m=2.0,
                                                                       group_width=8, stem_width=8),
                                          heads=dict(fc=model_lib.head_config("flatten", "linear"))))
     model = model_lib.build(cfg, num_classes=5, image_size=32)
-    params, state = model.init(0)
+    return (model, *model.init(0))
+
+
+def test_a_compiled_regnets_grouped_convs_on_2x2_maps_keep_the_models_features(monkeypatch):
+    """A RegNet at 32 px (groups of 8 on 2×2 and 1×1 maps): the compiled frozen trunk, which runs
+    those grouped convs as batched matmuls (layers._grouped_matrix_pays), gives model.features."""
+    model, params, state = _tiny_regnet()
     routes = []
     real = layers._conv_as_matmul
     monkeypatch.setattr(layers, "_conv_as_matmul", lambda w, b, x, *a: routes.append(tuple(x.shape[-2:])) or
@@ -146,8 +159,8 @@ def test_a_compiled_regnets_grouped_convs_on_2x2_maps_keep_the_models_features(m
 
 def test_the_compiled_trunk_is_kept_and_a_later_run_loads_it_instead_of_compiling(tmp_path, monkeypatch, caplog):
     cache, x = (str(tmp_path / "cache"), "the config's key"), torch.randn(4, 3, 32, 32)
-    eager = ft_lib.frozen_trunk(*_linear_eval_model(), compile=False).features(x)
-    first = ft_lib.frozen_trunk(*_linear_eval_model(), cache=cache).features(x)
+    eager = ft_lib.frozen_trunk(*_frozen(*_tiny_regnet()), compile=False).features(x)
+    first = ft_lib.frozen_trunk(*_frozen(*_tiny_regnet()), cache=cache).features(x)
     for k in eager:
         torch.testing.assert_close(first[k], eager[k], rtol=1e-4, atol=1e-5)
     (saved,) = os.listdir(cache[0])
@@ -160,7 +173,7 @@ def test_the_compiled_trunk_is_kept_and_a_later_run_loads_it_instead_of_compilin
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("compiled again"))
     monkeypatch.setattr(torch, "compile", lambda *a, **k: lambda *a: pytest.fail("compiled again"))
     with caplog.at_level(logging.INFO):
-        second = ft_lib.frozen_trunk(*_linear_eval_model(), cache=cache).features(x)
+        second = ft_lib.frozen_trunk(*_frozen(*_tiny_regnet()), cache=cache).features(x)
     assert "Loaded the compiled frozen trunk" in caplog.text and "frozen trunk loaded and run" in caplog.text
     for k in first:
         assert torch.equal(second[k], first[k]), k

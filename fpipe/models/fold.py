@@ -6,8 +6,9 @@ when it builds the step; checkpoints keep the original params):
     frozen = fold.fold_frozen_norms(frozen, model_state, eval_norms)   # conv -> conv + bias
     frozen = fold.channels_last(frozen)                                # 4-d weights, NHWC layout
 
-A norm ``X.bnK`` follows the conv ``X.convK`` (``X.downsample.1`` follows ``X.downsample.0``) in
-the ResNet family. Running in eval mode (it is in ``eval_norms``) with frozen scale and shift, it is
+A norm ``X.bnK`` follows the conv ``X.convK`` in the ResNet family; a norm ``X.1`` follows the conv
+``X.0`` in torchvision's conv-norm pairs (ResNet's ``downsample``, RegNet's and EfficientNet's
+blocks). Running in eval mode (it is in ``eval_norms``) with frozen scale and shift, it is
 an affine map per channel, so ``bn(conv(x, W, b)) == conv(x, W * s, (b - mean) * s + shift)`` with
 ``s = weight / sqrt(running_var + eps)``. The folded tree has no params for that norm; the trunk's
 apply skips a norm whose params are absent. Model state is not touched: the running statistics
@@ -26,7 +27,7 @@ def conv_of(norm_name):
     prefix = f"{parent}." if parent else ""
     if key.startswith("bn") and key[2:].isdigit():
         return f"{prefix}conv{key[2:]}"
-    if key == "1" and parent.endswith("downsample"):
+    if key == "1" and parent:
         return f"{prefix}0"
     return None
 
@@ -35,14 +36,16 @@ def foldable(frozen, model_state, eval_norms):
     """``{norm_name: conv_name}`` of the norms that :func:`fold_frozen_norms` folds.
 
     A norm folds when it runs in eval mode (in ``eval_norms``), has running statistics, its
-    ``weight`` and ``bias`` are both frozen, and the conv before it is frozen as well.
+    ``weight`` and ``bias`` are both frozen, and the conv before it (a 4-d weight with the norm's
+    channel count as outputs) is frozen as well.
     """
     fp, st = tree.flatten(frozen), tree.flatten(model_state)
     out = {}
     for name in sorted(eval_norms):
         conv = conv_of(name)
         if (conv is not None and f"{conv}.weight" in fp and f"{name}.weight" in fp
-                and f"{name}.bias" in fp and f"{name}.running_mean" in st and f"{name}.running_var" in st):
+                and f"{name}.bias" in fp and f"{name}.running_mean" in st and f"{name}.running_var" in st
+                and fp[f"{conv}.weight"].dim() == 4 and fp[f"{conv}.weight"].shape[0] == fp[f"{name}.weight"].numel()):
             out[name] = conv
     return out
 
