@@ -43,9 +43,10 @@ def foldable(frozen, model_state, eval_norms):
     out = {}
     for name in sorted(eval_norms):
         conv = conv_of(name)
-        if (conv is not None and f"{conv}.weight" in fp and f"{name}.weight" in fp
-                and f"{name}.bias" in fp and f"{name}.running_mean" in st and f"{name}.running_var" in st
-                and fp[f"{conv}.weight"].dim() == 4 and fp[f"{conv}.weight"].shape[0] == fp[f"{name}.weight"].numel()):
+        kernel = fp.get(f"{conv}.weight") if conv is not None else None
+        if (kernel is not None and kernel.dim() == 4 and f"{name}.weight" in fp and f"{name}.bias" in fp
+                and kernel.shape[0] == fp[f"{name}.weight"].numel()
+                and f"{name}.running_mean" in st and f"{name}.running_var" in st):
             out[name] = conv
     return out
 
