@@ -204,7 +204,7 @@ def main(outdir):
         "loop_step": rank_0_compiles_first(dist, lambda: run_loop_step(dist), os.path.join(outdir, "compiled-once")),
         "loop_step_saved": rank_0_compiles_first(dist, lambda: run_loop_step(dist, cache_dir=saved),
                                                  os.path.join(saved, "train-step-*.bin")),
-        "saved_files": sorted(os.listdir(os.path.join(outdir, "compiled"))),
+        "saved_files": sorted(os.listdir(saved)),
         "ddp_fpipe": run_fpipe(MLP_BN, ["trunk"], dist),
         "ddp_torch": run_ddp(dist),
         "sync_bn": run_sync_bn(dist),

@@ -6,6 +6,7 @@ import torch
 from fpipe import freeze, tree
 from fpipe.models import fold
 from fpipe.models import model as model_lib
+from test_zoo import TINY
 
 
 def _model(depth=18, heads=None, image_size=32):
@@ -15,13 +16,18 @@ def _model(depth=18, heads=None, image_size=32):
     params, state = model.init(0)
     gen = torch.Generator().manual_seed(1)
     # Running statistics and affine params far from identity, so a wrong fold shows.
-    state = tree.map_with_names(
-        lambda n, v: (torch.randn(v.shape, generator=gen) * 0.2 if n.endswith("running_mean") else
-                      torch.rand(v.shape, generator=gen) + 0.5 if n.endswith("running_var") else v), state)
+    state = _random_statistics(state, gen)
     params = tree.map_with_names(
         lambda n, v: (torch.rand(v.shape, generator=gen) + 0.5 if n.endswith(("bn1.weight", "bn2.weight", "bn3.weight"))
                       else torch.randn(v.shape, generator=gen) * 0.1 if n.endswith("bias") else v), params)
     return model, params, state
+
+
+def _random_statistics(state, gen):
+    """``state`` with running means ~N(0, 0.2²) and running variances in [0.5, 1.5)."""
+    return tree.map_with_names(
+        lambda n, v: (torch.randn(v.shape, generator=gen) * 0.2 if n.endswith("running_mean") else
+                      torch.rand(v.shape, generator=gen) + 0.5 if n.endswith("running_var") else v), state)
 
 
 def _names(t):
@@ -48,9 +54,8 @@ def test_folded_trunk_equals_eval_forward(depth):
             assert v is tree.flatten(state["trunk"])[n]
 
 
-@pytest.mark.parametrize("family,options,middle", [
-    ("regnet", dict(depth=5, w_0=8, w_a=12, w_m=2.0, group_width=8, stem_width=8, se_ratio=0.25), "res4"),
-    ("efficientnet", dict(width_mult=0.25, depth_mult=0.3), "stage4")])
+@pytest.mark.parametrize("family,options,middle", [("regnet", dict(TINY["regnet"], se_ratio=0.25), "res4"),
+                                                   ("efficientnet", TINY["efficientnet"], "stage4")])
 def test_conv_norm_pairs_of_other_trunks_fold_every_norm_and_keep_their_outputs(family, options, middle):
     """torchvision's conv-norm pairs (``X.0`` then ``X.1``: RegNet, EfficientNet) fold like ResNet's:
     no BatchNorm left in the frozen tree, the eval-mode features unchanged."""
@@ -59,8 +64,7 @@ def test_conv_norm_pairs_of_other_trunks_fold_every_norm_and_keep_their_outputs(
     model = model_lib.build(cfg, num_classes=5, image_size=32)
     params, state = model.init(0)
     gen = torch.Generator().manual_seed(3)
-    state = tree.map_with_names(lambda n, v: torch.randn(v.shape, generator=gen) * 0.2 if n.endswith("running_mean")
-                                else torch.rand(v.shape, generator=gen) + 0.5 if n.endswith("running_var") else v, state)
+    state = _random_statistics(state, gen)
     norms = {n[:-len(".running_mean")] for n in tree.flatten(state) if n.endswith("running_mean")}
     params = tree.map_with_names(lambda n, v: torch.rand(v.shape, generator=gen) + 0.5
                                  if n.rsplit(".", 1)[0] in norms else v, params)

@@ -13,6 +13,7 @@ from fpipe.train import compile_cache, precision
 from fpipe.train import frozen_trunk as ft_lib
 from fpipe.train import step as step_lib
 from test_fold import _model
+from test_zoo import TINY
 
 
 class _SGD:
@@ -98,8 +99,7 @@ def _linear_eval_model(scale_conv1=1.0):
                  fc=model_lib.head_config("flatten", "linear"))
     model, params, state = _model(18, heads)
     params["trunk"]["conv1"]["weight"] = params["trunk"]["conv1"]["weight"] * scale_conv1
-    trainable, frozen = freeze.partition(params, ["trunk"])
-    return model, trainable, frozen, state, freeze.eval_norms(state, frozen)
+    return _frozen(model, params, state)
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -131,10 +131,9 @@ def _frozen(model, params, state):
 
 
 def _tiny_regnet():
-    """A RegNet of 5 blocks, 8-64 channels in groups of 8, for 32 px: model, params, state."""
+    """The zoo tests' tiny RegNet (5 blocks, 8-64 channels in groups of 8) for 32 px: model, params, state."""
     import ml_collections
-    cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config("regnet", depth=5, w_0=8, w_a=12, w_m=2.0,
-                                                                      group_width=8, stem_width=8),
+    cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config("regnet", **TINY["regnet"]),
                                          heads=dict(fc=model_lib.head_config("flatten", "linear"))))
     model = model_lib.build(cfg, num_classes=5, image_size=32)
     return (model, *model.init(0))
