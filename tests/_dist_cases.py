@@ -168,17 +168,8 @@ def run_sync_bn(dist, group=None, compiled=False):
 
 def rank_0_compiles_first(dist, run, done, wait_s=240):
     """``run()`` on both ranks, rank 1 starting once ``done`` (a glob) exists: rank 0 compiles
-    alone, and rank 1 then reads what it wrote (inductor's cache, or the saved step) instead of
-    compiling the same graph on the same 2 cores. A ``done`` without a ``*`` is made here when
-    rank 0's compile ends. Rank 1 starts anyway after ``wait_s``: then both compile, as before."""
-    if dist.rank == 0 and "*" not in done:
-        def mark(*_):
-            open(done, "w").close()
-        torch._dynamo.callback.callback_handler.register_end_callback(mark)
-        try:
-            return run()
-        finally:
-            torch._dynamo.callback.callback_handler.remove_end_callback(mark)
+    alone, and rank 1 then reads what it wrote (the saved step) instead of compiling the same
+    graph on the same 2 cores. Rank 1 starts anyway after ``wait_s``: then both compile."""
     deadline = time.monotonic() + wait_s
     while dist.rank == 1 and not glob.glob(done) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -201,9 +192,8 @@ def main(outdir):
         "sum": distributed.sum_over_ranks(dist, {"count": torch.tensor(3 + dist.rank), "fc": {"top1": 2}}),
         "linear": run_fpipe(LINEAR, ["trunk"], dist),
         "syncbn_finetune": run_fpipe(LINEAR, [], dist, sync=True, steps=2),
-        "loop_step": rank_0_compiles_first(dist, lambda: run_loop_step(dist), os.path.join(outdir, "compiled-once")),
-        "loop_step_saved": rank_0_compiles_first(dist, lambda: run_loop_step(dist, cache_dir=saved),
-                                                 os.path.join(saved, "train-step-*.bin")),
+        "loop_step": rank_0_compiles_first(dist, lambda: run_loop_step(dist, cache_dir=saved),
+                                           os.path.join(saved, "train-step-*.bin")),
         "saved_files": sorted(os.listdir(saved)),
         "ddp_fpipe": run_fpipe(MLP_BN, ["trunk"], dist),
         "ddp_torch": run_ddp(dist),

@@ -38,7 +38,7 @@ def ranks(tmp_path_factory):
     logs = []
     for p in procs:
         try:
-            logs.append(p.communicate(timeout=300)[0])
+            logs.append(p.communicate(timeout=600)[0])
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
@@ -117,27 +117,19 @@ def test_syncbn_finetune_equals_one_process_on_the_global_batch(ranks):
         assert_trees_close(out["syncbn_finetune"]["model_state"], want["model_state"], atol=1e-4, rtol=1e-3)
 
 
-def test_the_loops_compiled_step_equals_one_eager_process_on_the_global_batch(ranks):
+def test_the_loops_compiled_step_saved_and_loaded_equals_one_eager_process_on_the_global_batch(ranks):
     """What a multi-process run compiles (gradients all-reduced and SyncBN inside the graph, the
-    state donated, the backward's recomputation) against one eager process: params, running
-    statistics."""
-    want = cases.run_loop_step()
-    for out in ranks:
-        assert_trees_close(out["loop_step"]["trainable"], want["trainable"], atol=1e-4, rtol=1e-3)
-        assert_trees_close(out["loop_step"]["model_state"], want["model_state"], atol=1e-4, rtol=1e-3)
-    assert_trees_close(ranks[0]["loop_step"]["trainable"], ranks[1]["loop_step"]["trainable"], atol=0, rtol=0)
-
-
-def test_the_loops_step_saved_with_its_collectives_and_loaded_equals_one_process(ranks):
-    """Under torchrun the compiled step is kept for the next run (its all-reduces inside): each rank
-    here runs the step a forked compiler saved, loaded back, as a second run would."""
+    state donated, the backward's recomputation), kept for the next run as the default config
+    does: rank 0 runs the step its forked compiler saved, rank 1 loads that file as a second run
+    would. Against one eager process: params and running statistics. (The same step under a
+    plain torch.compile, compile_cache_dir="", differs only in how it is compiled: the collectives
+    inside torch.compile are the grad_mean and sync_bn cases.)"""
     want = cases.run_loop_step()
     for out in ranks:
         assert any(f.startswith("train-step-") for f in out["saved_files"]), out["saved_files"]
-        assert_trees_close(out["loop_step_saved"]["trainable"], want["trainable"], atol=1e-4, rtol=1e-3)
-        assert_trees_close(out["loop_step_saved"]["model_state"], want["model_state"], atol=1e-4, rtol=1e-3)
-    assert_trees_close(ranks[0]["loop_step_saved"]["trainable"], ranks[1]["loop_step_saved"]["trainable"],
-                       atol=0, rtol=0)
+        assert_trees_close(out["loop_step"]["trainable"], want["trainable"], atol=1e-4, rtol=1e-3)
+        assert_trees_close(out["loop_step"]["model_state"], want["model_state"], atol=1e-4, rtol=1e-3)
+    assert_trees_close(ranks[0]["loop_step"]["trainable"], ranks[1]["loop_step"]["trainable"], atol=0, rtol=0)
 
 
 def test_equals_ddp_and_torch_sgd(ranks):
