@@ -130,26 +130,29 @@ def tiny_run_config(**changes):
 
 def test_a_sigterm_during_a_donating_step_saves_that_step_under_its_own_number(tmp_path, monkeypatch):
     """The 4th step has written its state into the old tensors when SIGTERM arrives: the stop must
-    wait for the step's end and save step 4 (cutting it short would save step 4's params as step 3)."""
+    wait for the step's end and save step 4 (cutting it short would save step 4's params as step 3,
+    or the state from before the step). The reference: a copy of what the 4th step returned."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
-    loop.run(tiny_run_config(total_steps=6, ckpt_steps=4), str(tmp_path / "straight"))
-    calls, call = [], donation.Donating.__call__
+    calls, fourth, call = [], {}, donation.Donating.__call__
 
     def signalled(self, *args):
         out = call(self, *args)
         calls.append(1)
         if len(calls) == 4:  # after the writes, before the loop has the new state
+            for key in ("trainable", "model_state"):
+                fourth[key] = {n: t.clone() for n, t in tree.flatten(out[0][key]).items()}
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
     monkeypatch.setattr(donation.Donating, "__call__", signalled)
     with pytest.raises(Stopped):
         loop.run(tiny_run_config(total_steps=6, ckpt_steps=1000), str(tmp_path / "stopped"))
+    assert len(calls) == 4
     saved = sorted((tmp_path / "stopped" / "checkpoints").glob("ckpt_*.pt"))
     assert [p.name for p in saved] == ["ckpt_00000004.pt"]
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "ckpt_00000004.pt", weights_only=True)
-    b = torch.load(saved[0], weights_only=True)
-    for key in ("params", "model_state"):
-        for name, t in a[key].items():
-            assert torch.equal(b[key][name], t), (key, name)
+    ckpt = torch.load(saved[0], weights_only=True)
+    for key, saved_key in (("trainable", "params"), ("model_state", "model_state")):
+        assert set(ckpt[saved_key]) == set(fourth[key]), key
+        for name, t in fourth[key].items():
+            assert torch.equal(ckpt[saved_key][name], t), (key, name)
