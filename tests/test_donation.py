@@ -15,11 +15,15 @@ from fpipe.train import step as step_lib
 from fpipe.train.signals import StopOnSignal, Stopped
 
 
+def tiny_regnet():
+    """The tiny RegNet (5 blocks, groups of 8, no squeeze-excitation) that the step and loop tests here train."""
+    return defaults.trunk("regnet", depth=5, w_0=8, w_a=10.0, w_m=2.0, group_width=8, bottleneck_multiplier=1.0,
+                          se_ratio=0.0, stem_width=8)
+
+
 def tiny(opt_name="adamw"):
     """A tiny RegNet (BatchNorm state to donate), its stem frozen (frozen tensors are not donated)."""
-    trunk = defaults.trunk("regnet", depth=5, w_0=8, w_a=10.0, w_m=2.0, group_width=8, bottleneck_multiplier=1.0,
-                           se_ratio=0.0, stem_width=8)
-    cfg = ml_collections.ConfigDict(dict(trunk=trunk, heads=dict(fc=models.head_config("res5avg"))))
+    cfg = ml_collections.ConfigDict(dict(trunk=tiny_regnet(), heads=dict(fc=models.head_config("res5avg"))))
     model = models.build(cfg, num_classes=5, image_size=16)
     params, state = model.init(0)
     frozen, trainable = freeze.partition(params, (r"trunk\.stem\..*",))
@@ -120,8 +124,7 @@ def tiny_run_config(**changes):
     """configs/supervised.py on the tiny RegNet, compiled, 16 px (the loop as main.py runs it)."""
     import configs.supervised
     c = configs.supervised.get_config()
-    c.model.trunk = defaults.trunk("regnet", depth=5, w_0=8, w_a=10.0, w_m=2.0, group_width=8,
-                                   bottleneck_multiplier=1.0, se_ratio=0.0, stem_width=8)
+    c.model.trunk = tiny_regnet()
     c.data.image_size, c.data.batch_size = 16, 32
     c.compile, c.compile_min_images, c.eval_steps, c.log_steps = True, 0, 1000, 1000
     c.update(changes)

@@ -3,6 +3,7 @@ import logging
 import os
 import zipfile
 
+import ml_collections
 import pytest
 import torch
 
@@ -132,7 +133,6 @@ def _frozen(model, params, state):
 
 def _tiny_regnet():
     """The zoo tests' tiny RegNet (5 blocks, 8-64 channels in groups of 8) for 32 px: model, params, state."""
-    import ml_collections
     cfg = ml_collections.ConfigDict(dict(trunk=model_lib.trunk_config("regnet", **TINY["regnet"]),
                                          heads=dict(fc=model_lib.head_config("flatten", "linear"))))
     model = model_lib.build(cfg, num_classes=5, image_size=32)
