@@ -115,6 +115,10 @@ def constant_trunk(trunk, params, state, names, *, compile=True, batch_size=None
             with torch.no_grad():
                 return run(images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images)
         from torch._inductor import config as inductor  # lazily: its import takes over a second
+        # An ahead-of-time package runs code for its example's strides and does not check them
+        # (other strides: another image's features), so every compiled trunk takes contiguous
+        # images, as the loader's batches are (a no-op for them).
+        images = images.contiguous()
         with torch.no_grad(), inductor.patch(INDUCTOR_OPTIONS), layers.constant_weights():
             shape = tuple(images.shape)
             if shape in compiled_for:
