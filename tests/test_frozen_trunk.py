@@ -185,6 +185,12 @@ def test_the_compiled_trunk_is_kept_and_a_later_run_loads_it_instead_of_compilin
         got = ft_lib.frozen_trunk(*_frozen(*_tiny_regnet()), cache=cache).features(v)
         for k in want[name]:
             torch.testing.assert_close(got[k], want[name][k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+    # Nor on another dtype of the same shape (it read float64 images as float32 ones): the trunk
+    # refuses them, as the eager model does.
+    trunk = ft_lib.frozen_trunk(*_frozen(*_tiny_regnet()), cache=cache)
+    trunk.features(x)
+    with pytest.raises(Exception, match="(?i)double|float64"):
+        trunk.features(x.double())
 
 
 def test_the_kept_trunk_is_keyed_by_its_weights_and_inputs_never_shared_with_others(monkeypatch):

@@ -97,7 +97,7 @@ def constant_trunk(trunk, params, state, names, *, compile=True, batch_size=None
         params = fold.channels_last(params)
     module = _TrunkConstants(trunk.apply, params, state, names, autocast)
     run = torch.compile(module, dynamic=False, fullgraph=True) if compile else module
-    compiled_for = {}  # input shape -> the compiled trunk for it
+    compiled_for = {}  # (input shape, dtype, device) -> the compiled trunk for it
 
     def features(images):
         return model_lib.over_views(one_shape, images)
@@ -121,12 +121,13 @@ def constant_trunk(trunk, params, state, names, *, compile=True, batch_size=None
         images = images.contiguous()
         with torch.no_grad(), inductor.patch(INDUCTOR_OPTIONS), layers.constant_weights():
             shape = tuple(images.shape)
-            if shape in compiled_for:
-                return compiled_for[shape](images)
+            kind = (shape, images.dtype, images.device)  # a package runs only its example's kind
+            if kind in compiled_for:
+                return compiled_for[kind](images)
             logging.info("compiling the frozen trunk for inputs %s%s…", shape,
                          " (or loading it, if an earlier run kept it)" if cache else "")
             t0 = time.perf_counter()
-            fn = compiled_for[shape] = (_saved(module, images, cache) if cache and images.device.type == "cpu"
+            fn = compiled_for[kind] = (_saved(module, images, cache) if cache and images.device.type == "cpu"
                                         else None) or run
             out = fn(images)
             how = "loaded and run" if compile_cache.was_loaded(fn) else "compiled"
