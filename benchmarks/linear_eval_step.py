@@ -37,6 +37,9 @@ i.e. what the steps themselves add. Output lines per model:
   memory_vs_forward: Z    step peak-memory rise / forward peak-memory rise
   second_run_first_call_s: the step's first call in a fresh process after this one compiled it
                           (what a second run waits: it loads the kept trunk and heads' step)
+  first_call_vs_compiled (cold): with ``--first-calls``, fpipe's first step / the compiled
+                          module's, each alone in a fresh process with empty compile caches
+                          (the compile goal: <= 2.0)
 """
 import argparse
 import atexit
@@ -536,9 +539,9 @@ def _scalar(out):
     return float(out.detach().reshape(-1)[0])
 
 
-def measure_memory(args, name):
+def measure_memory(args, name, env=None):
     cmd = [sys.executable, __file__, "--memory-child", name, *case_argv(args, args.depth[0], min(args.iters, 5))]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env or dict(os.environ))
     if out.returncode:
         raise RuntimeError(f"memory run of {name} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -608,7 +611,23 @@ def bench(args, depth):
         print(f"memory_eager_vs_forward: {mem['eager_step']['rise_mib'] / max(mem['forward']['rise_mib'], 1e-9):.3f}")
         print(f"second_run_first_call_s: fpipe {mem['fpipe_step']['first_call_s']:.1f}  (a fresh process; "
               f"this one's first call {fpipe_first:.1f})")
+    if args.first_calls:
+        first_calls_cold(args, depth)
     sys.stdout.flush()
+
+
+def first_calls_cold(args, depth):
+    """fpipe's first linear-eval step and the compiled module's, each alone in a fresh process with
+    empty compile caches of its own (inductor's, fpipe's kept programs), as a user's first run has
+    them: the compile goal's ratio."""
+    first = {}
+    for name in ("fpipe_step", "compiled_step"):
+        caches = scratch_dir(f"fpipe-bench-{name}-caches-")
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+                   **{compile_cache.CACHE_ENV: os.path.join(caches, "fpipe")})
+        first[name] = measure_memory(argparse.Namespace(**dict(vars(args), depth=[depth])), name, env)["first_call_s"]
+    print(f"first_call_s (cold): fpipe {first['fpipe_step']:.1f}  compiled {first['compiled_step']:.1f}")
+    print(f"first_call_vs_compiled (cold): {first['fpipe_step'] / first['compiled_step']:.2f}  (goal <= 2.0)")
 
 
 def main(argv=None):
@@ -617,6 +636,8 @@ def main(argv=None):
                     help=f"ResNet depths or names: {', '.join(map(str, RESNETS))}")
     add_case_flags(ap, image_size=32, batch_size=64, iters=20, warmup=3)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--first-calls", action="store_true",
+                    help="also time each program's first call alone, from empty compile caches")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     memory_note = as_main_does(args.threads)
