@@ -471,6 +471,13 @@ def as_main_does(threads):
     return host_memory.keep_freed_memory()
 
 
+def caches_env(caches):
+    """This process's environment for a child whose compile caches (inductor's, fpipe's kept
+    programs) live in the folder ``caches``: empty there, a user's first run; filled, a second."""
+    return dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+                **{compile_cache.CACHE_ENV: os.path.join(caches, "fpipe")})
+
+
 def own_compile_cache():
     """fpipe's compiled steps kept in a directory of this benchmark run's own (its first call
     compiles, its fresh processes load; removed at exit), unless FPIPE_COMPILE_CACHE names one to
@@ -622,9 +629,7 @@ def first_calls_cold(args, depth):
     them: the compile goal's ratio."""
     first = {}
     for name in ("fpipe_step", "compiled_step"):
-        caches = scratch_dir(f"fpipe-bench-{name}-caches-")
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
-                   **{compile_cache.CACHE_ENV: os.path.join(caches, "fpipe")})
+        env = caches_env(scratch_dir(f"fpipe-bench-{name}-caches-"))
         first[name] = measure_memory(argparse.Namespace(**dict(vars(args), depth=[depth])), name, env)["first_call_s"]
     print(f"first_call_s (cold): fpipe {first['fpipe_step']:.1f}  compiled {first['compiled_step']:.1f}")
     print(f"first_call_vs_compiled (cold): {first['fpipe_step'] / first['compiled_step']:.2f}  (goal <= 2.0)")

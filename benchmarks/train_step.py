@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import vit_step, zoo_modules
-from benchmarks.linear_eval_step import (NUM_CLASSES, RESNETS, add_round_flags, as_main_does, machine,
+from benchmarks.linear_eval_step import (NUM_CLASSES, RESNETS, add_round_flags, as_main_does, caches_env, machine,
                                          own_compile_cache, resnet_arg, resnet_options, resnet_title, rounds,
                                          scratch_dir, serve_program, torch_module, where)
 from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status field, in KiB
@@ -299,11 +299,7 @@ def in_fresh_process(args, mode, depth, image_size, name, iters, caches=None):
     fpipe's), else the ones this process uses."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name,
            *case_argv(args, mode, depth, image_size, iters, args.warmup if iters else 0)]
-    env = dict(os.environ)
-    if caches:
-        env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
-                   FPIPE_COMPILE_CACHE=os.path.join(caches, "fpipe"))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=caches_env(caches) if caches else dict(os.environ))
     if out.returncode:
         raise RuntimeError(f"{name} in a fresh process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

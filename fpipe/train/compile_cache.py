@@ -149,9 +149,9 @@ def saved_package(module, example, directory: str, key: str, name: str, inductor
     saved there. None when it cannot be exported or compiled (FPIPE_STRICT_COMPILE=1: raises): the
     caller compiles it as usual.
 
-    A package runs only inputs of ``example``'s shape, dtype, device and strides: ``key`` must
-    cover them and every value of the constants, and callers hand it inputs laid out as
-    ``example`` was (the loaded package checks none of these; other strides give wrong values)."""
+    A package runs only inputs of ``example``'s shape, dtype, device and strides, and checks none
+    of them (other strides or another dtype give wrong values): ``key`` must cover the shape, dtype,
+    device and every value of the constants, and callers hand it inputs with ``example``'s strides."""
     path = _path(directory, name, key, ".pt2")
     loaded = _load_package(path, name)
     if loaded is not None:
