@@ -332,8 +332,9 @@ def main(argv=None):
     if device.type == "cuda":
         if not args.child:  # before any program: each first call here then times its own compile
             print(f"inductor's compile workers up after {start_compile_workers():.1f} s", flush=True)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # as main.py's runs set it (config.cudnn_benchmark), for every program alike; float32
+        # matmuls keep PyTorch's default (no TF32), as fpipe's runs do
+        loop_lib.choose_conv_algorithms({"cudnn_benchmark": True}, device)
     for part in args.parts:
         makers = (train_programs if part == "train" else linear_eval_programs)(args, device, dtype)
         if args.programs:

@@ -21,6 +21,7 @@ def base_config():
     c.compile_remat = "fused"  # the compiled step recomputes pointwise values in its backward, less memory:
     # "fused" those its kernels compute in place (no extra writes), "all" also convolutions' inputs (least memory,
     # 4-7% slower on CPU), "off"
+    c.cudnn_benchmark = True   # CUDA: cuDNN times its conv algorithms per shape, keeps the fastest (False: heuristics)
     # Durations: config files give *_epochs; *_steps, set on the command line, win over them
     # (converted in one place, schedules.to_steps).
     c.total_epochs = 10.0

@@ -40,6 +40,7 @@ def get_config(arg=None):
     c.seed = 0
     c.compile = False              # True compiles all but the RPN's NMS; no faster on a CPU (docs/DETECTION.md)
     c.compile_min_images = 100_000
+    c.cudnn_benchmark = True       # CUDA: conv algorithms timed per shape; False if data.fixed_canvas=False (sizes vary)
     c.num_threads = 1              # torch threads (0: torch's default); 1 is fastest on a busy 2-core machine
     c.total_epochs = 1.0
     c.total_steps = placeholder(int)

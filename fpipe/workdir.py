@@ -34,7 +34,7 @@ CHANGES_FILE = "config_changes.jsonl"
 LOCK_FILE = ".lock"
 # Keys that never change a run's numbers (full-match regexes over dotted names).
 BOOKKEEPING = (r"log_steps", r"keep_ckpts", r"ckpt_(epochs|steps)", r"best_(metric|mode)", r"compile", r"compile_min_images",
-               r"compile_cache_dir", r"compile_remat", r"fast_frozen_trunk", r"data\.num_workers", r"data\.worker_niceness", r"data\.max_image_pixels",
+               r"compile_cache_dir", r"compile_remat", r"cudnn_benchmark", r"fast_frozen_trunk", r"data\.num_workers", r"data\.worker_niceness", r"data\.max_image_pixels",
                r"data\.max_aspect_ratio", r"extract\..*", r"collective_timeout_s")
 # Evaluation frequency changes results only through PreciseBN, which runs before each evaluation.
 EVAL_KEYS = r"eval_(epochs|steps)"

@@ -125,6 +125,7 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     # The same step: durations, logging, seeds, and the optimizer's numbers (tensor inputs of the
     # step; the weight decay and momentum while they stay non-zero).
     assert changed(total_steps=5, log_steps=3, seed=7, optim__lr=0.3, schedule__warmup_steps=9) == key
+    assert changed(cudnn_benchmark=False) == key  # cuDNN's algorithm choice is made when the step runs
     assert changed(optim__momentum=0.5, optim__weight_decay=1e-3, optim__betas=(0.5, 0.9), optim__eps=1e-3,
                    optim__lars_eta=0.1) == key
     # Another step: no decay or no momentum buffer, other optimizer constants, the model, the data's

@@ -96,3 +96,33 @@ def test_an_unknown_variant_is_refused_naming_the_config(name):
     module = __import__(f"configs.{name}", fromlist=["get_config"])
     with pytest.raises(ValueError, match=rf"{name}.*'no_such_variant'"):
         module.get_config("no_such_variant")
+
+
+@pytest.mark.parametrize("name", ["supervised", "detection"])
+def test_a_training_run_on_cuda_sets_cudnn_benchmark_from_its_config_and_a_cpu_run_leaves_it(name, monkeypatch):
+    import torch
+    from fpipe.train import distributed, loop
+
+    class Dist:  # what distributed.init gives a process, without a process group
+        device = torch.device("cuda", 0)
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(distributed, "init", lambda **kwargs: Dist())
+    seen = lambda config: loop.in_processes(lambda *args: torch.backends.cudnn.benchmark, config, "unused")
+    before = torch.backends.cudnn.benchmark
+    try:
+        config = load(name)
+        assert config.cudnn_benchmark is True  # the shipped default: steps of fixed shapes
+        torch.backends.cudnn.benchmark = False
+        assert seen(config) is True
+        config.cudnn_benchmark = False
+        torch.backends.cudnn.benchmark = True
+        assert seen(config) is False
+        Dist.device = torch.device("cpu")
+        config.cudnn_benchmark = True
+        torch.backends.cudnn.benchmark = False
+        assert seen(config) is False
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -55,6 +55,7 @@ def test_the_default_workdir_depends_on_result_affecting_overrides():
     assert workdir_lib.default_workdir("configs/linear_eval.py", base, base) == os.path.join("runs", "linear_eval")
     logged = linear_eval.get_config()
     logged.log_steps = 1  # bookkeeping: same results, same workdir
+    logged.cudnn_benchmark = False
     assert workdir_lib.default_workdir("configs/linear_eval.py", logged, base) == os.path.join("runs", "linear_eval")
     other = linear_eval.get_config()
     other.optim.lr = 0.001

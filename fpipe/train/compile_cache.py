@@ -48,7 +48,7 @@ PACKAGES_MAX_BYTES = 2 * 2**30
 # else is part of the key.
 OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_epochs", "eval_steps",
                     "ckpt_epochs", "ckpt_steps", "keep_ckpts", "best_metric", "best_mode",
-                    "compile_min_images", "compile_cache_dir", "collective_timeout_s", "optim.lr",
+                    "compile_min_images", "compile_cache_dir", "cudnn_benchmark", "collective_timeout_s", "optim.lr",
                     "optim.betas", "optim.eps", "optim.lars_eta",
                     "schedule", "data.seed", "data.root", "data.num_workers",
                     "data.worker_niceness", "model.weights")

@@ -43,6 +43,7 @@ def in_processes(body, config, workdir, run_info=None):
     with StopOnSignal() as stop:
         with stop.interruptible():  # nothing to lose before the first step: a signal stops at once
             dist = distributed.init(timeout_s=config.get("collective_timeout_s"))
+            choose_conv_algorithms(config, dist.device)
         try:
             return body(config, workdir, dist, stop, dict(run_info or {}))
         except RuntimeError as e:
@@ -52,6 +53,14 @@ def in_processes(body, config, workdir, run_info=None):
             raise
         finally:
             dist.shutdown()
+
+
+def choose_conv_algorithms(config, device) -> None:
+    """On CUDA, ``config.cudnn_benchmark``: cuDNN times its algorithms for each new conv shape and
+    keeps the fastest (torchvision's reference recipes and DINO do; fpipe's steps have fixed
+    shapes); False keeps PyTorch's default, cuDNN's heuristics. CPU runs are left as they are."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = bool(config.get("cudnn_benchmark", False))
 
 
 def _run(config, workdir, dist, stop, run_info):
