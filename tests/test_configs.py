@@ -98,7 +98,7 @@ def test_an_unknown_variant_is_refused_naming_the_config(name):
         module.get_config("no_such_variant")
 
 
-@pytest.mark.parametrize("name", ["supervised", "detection"])
+@pytest.mark.parametrize("name", ["supervised", "detection", "knn"])
 def test_a_training_run_on_cuda_sets_cudnn_benchmark_from_its_config_and_a_cpu_run_leaves_it(name, monkeypatch):
     import torch
     from fpipe.train import distributed, loop

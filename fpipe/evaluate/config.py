@@ -89,6 +89,7 @@ def run_config(protocols) -> ml_collections.ConfigDict:
     c.compile = True           # the trunk compiled for extraction (weights as constants; eager on failure) ...
     c.compile_min_images = 100_000  # ... when there are at least this many images to extract (0: always)
     c.compile_cache_dir = "auto"  # the compiled trunk saved for the next run ("auto": ~/.cache/fpipe/compiled; "": off)
+    c.cudnn_benchmark = True   # CUDA: cuDNN times its conv algorithms per shape, keeps the fastest (False: heuristics)
     c.eval = default_config()
     c.eval.protocols = tuple(protocols)
     c.collective_timeout_s = 600.0  # a collective waiting longer (a stuck rank) stops the run
