@@ -90,6 +90,25 @@ def double(x):
     return x * 2 + 1
 
 
+def test_a_step_is_saved_per_input_shape_so_that_another_dataset_keeps_its_own(tmp_path):
+    """The config's key leaves out the dataset (its name, files, transforms); the inputs' shapes
+    (another class count in the heads, another image size) give a file of its own, which the next
+    run loads, instead of a saved step whose guards turn them away to an unsaved compile."""
+    directory, key = str(tmp_path / "c"), "b" * 64
+    ten, hundred = ({"w": torch.zeros(n, 4), "x": torch.ones(2, 4)} for n in (10, 100))
+    loaded = lambda args: compile_cache.was_loaded(
+        compile_cache.saved_or_compiled(lambda a: a["w"] @ a["x"].T, (args,), directory, key, "toy",
+                                        lambda *a: pytest.fail("the fallback ran")))
+    assert not loaded(ten) and not loaded(hundred)  # each compiled and saved
+    assert len(os.listdir(directory)) == 2
+    torch._dynamo.reset()
+    assert loaded(ten) and loaded(hundred)
+    assert loaded({"w": torch.zeros(100, 4), "x": torch.ones(2, 4)})  # other values, the same shapes
+    channels_last = torch.zeros(10, 4, 2, 2).contiguous(memory_format=torch.channels_last)
+    assert compile_cache.input_signature((channels_last,)) != compile_cache.input_signature((channels_last.contiguous(),))
+    assert compile_cache.input_signature((ten,)) != compile_cache.input_signature(({"x": ten["x"], "w": ten["w"]},))
+
+
 @pytest.mark.parametrize("spoil", ["garbage", "world_writable_dir"])
 def test_an_unreadable_or_unsafe_file_is_not_loaded(tmp_path, caplog, spoil):
     directory, key, x = str(tmp_path / "c"), "a" * 64, torch.arange(3.0)
@@ -126,6 +145,11 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     # step; the weight decay and momentum while they stay non-zero).
     assert changed(total_steps=5, log_steps=3, seed=7, optim__lr=0.3, schedule__warmup_steps=9) == key
     assert changed(cudnn_benchmark=False) == key  # cuDNN's algorithm choice is made when the step runs
+    # Which images and how they are read and augmented: the step sees batches, whose shapes key
+    # the file (test_a_step_is_saved_per_input_shape).
+    assert changed(data__name="image_folder", data__train_transforms="random_resized_crop|flip|normalize",
+                   data__eval_transforms="resize(40)|center_crop|normalize", data__test_split="test",
+                   data__max_image_pixels=10**6) == key
     assert changed(optim__momentum=0.5, optim__weight_decay=1e-3, optim__betas=(0.5, 0.9), optim__eps=1e-3,
                    optim__lars_eta=0.1) == key
     # Another step: no decay or no momentum buffer, other optimizer constants, the model, the data's

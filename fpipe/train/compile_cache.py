@@ -51,7 +51,13 @@ OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_ep
                     "compile_min_images", "compile_cache_dir", "cudnn_benchmark", "collective_timeout_s", "optim.lr",
                     "optim.betas", "optim.eps", "optim.lars_eta",
                     "schedule", "data.seed", "data.root", "data.num_workers",
-                    "data.worker_niceness", "model.weights")
+                    "data.worker_niceness", "model.weights",
+                    # which images, how they are read and augmented: the step sees only the batches,
+                    # whose shapes (image size, the dataset's classes in the heads) key the file
+                    # (``input_signature``)
+                    "data.name", "data.split_file", "data.train_split", "data.test_split", "data.val_split",
+                    "data.train_transforms", "data.eval_transforms", "data.max_image_pixels",
+                    "data.max_aspect_ratio", "data.num_train", "data.num_test")
 # Tensor inputs of the step whose zero-ness shapes it (a decay term, a momentum buffer): only
 # whether they are zero is keyed.
 STEP_INPUTS = ("optim.weight_decay", "optim.momentum")
@@ -123,7 +129,7 @@ def saved_or_compiled(fn, args, directory: str, key: str, name: str, fallback, i
     under ``key``, else compiled ahead of time and saved there. Calls whose inputs its guards
     reject go to ``fallback`` (a plain ``torch.compile(fn)``). ``key`` must cover ``inductor``.
     Compiled in a forked child where that is safe (``fpipe.train.forked_compile``), then loaded."""
-    path = _path(directory, name, key, ".bin")
+    path = _path(directory, name, hashlib.sha256((key + input_signature(args)).encode()).hexdigest(), ".bin")
     compiled = _load(path, fn, args, name)
     savable = compiled is None and _private_dir(directory, name)
     if savable and forked_compile.available(args) and forked_compile.run_in_child(
@@ -265,6 +271,17 @@ def _compile(fn, args, inductor=None):
     with torch._dynamo.config.patch(enable_aot_compile=True):
         wrapper = torch.compile(fn, fullgraph=True, options={"guard_filter_fn": _savable_guards, **(inductor or {})})
     return wrapper.aot_compile((args, {}))
+
+
+def input_signature(args) -> str:
+    """What a saved step's guards check of its inputs, as text: the tree's structure and each
+    tensor's shape, strides, dtype and device (other leaves by type and value). Part of a saved
+    step's file name, so that inputs of another shape (another dataset's classes, another image
+    size) never load a step their guards would reject: they get a file of their own."""
+    leaves, spec = torch.utils._pytree.tree_flatten(args)
+    described = [(tuple(t.shape), t.stride(), str(t.dtype), str(t.device)) if isinstance(t, torch.Tensor)
+                 else (type(t).__name__, repr(t)) for t in leaves]
+    return f"{spec}|{described}"
 
 
 def _savable_guards(entries):
