@@ -150,6 +150,10 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     assert changed(data__name="image_folder", data__train_transforms="random_resized_crop|flip|normalize",
                    data__eval_transforms="resize(40)|center_crop|normalize", data__test_split="test",
                    data__max_image_pixels=10**6) == key
+    # Work outside the step: PreciseBN before evaluations, features after the run, the head grid's
+    # validation carve-out, when layer freezing ends.
+    assert changed(precise_bn__num_batches=8, extract__features=("res5avg",), head_grid__val_fraction=0.2,
+                   layer_freeze__freeze_steps=30) == key
     assert changed(optim__momentum=0.5, optim__weight_decay=1e-3, optim__betas=(0.5, 0.9), optim__eps=1e-3,
                    optim__lars_eta=0.1) == key
     # Another step: no decay or no momentum buffer, other optimizer constants, the model, the data's

@@ -57,7 +57,11 @@ OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_ep
                     # (``input_signature``)
                     "data.name", "data.split_file", "data.train_split", "data.test_split", "data.val_split",
                     "data.train_transforms", "data.eval_transforms", "data.max_image_pixels",
-                    "data.max_aspect_ratio", "data.num_train", "data.num_test")
+                    "data.max_aspect_ratio", "data.num_train", "data.num_test",
+                    # run before an evaluation, after the run, on the data's split, or when to switch
+                    # steps (the params held are the step's own part of the key)
+                    "precise_bn", "extract", "head_grid.val_fraction", "layer_freeze.freeze_epochs",
+                    "layer_freeze.freeze_steps")
 # Tensor inputs of the step whose zero-ness shapes it (a decay term, a momentum buffer): only
 # whether they are zero is keyed.
 STEP_INPUTS = ("optim.weight_decay", "optim.momentum")
