@@ -3,11 +3,12 @@
 Inside a compiled step inductor would generate, and g++ compile, one kernel per parameter for the
 update (ViT-S/16 with AdamW: ~40 s of a ~85 s compile on 2 cores); the fused kernels that
 ``torch.optim`` uses (``fused=True``) do the same arithmetic in one pass per tensor, in place. As
-custom ops they stay opaque to the compiler: one call per group of parameters.
+custom ops they stay opaque to the compiler: one call for all parameters.
 
 They write into the params and the optimizer's slots, so only a step whose inputs are donated
 (fpipe.train.donation) may call them; ``fpipe.optim.Optimizer.update(..., in_place=True)`` does.
-The 0-d tensor inputs (lr, weight decay, betas, ...) are read on the host, as CPU tensors: no sync.
+The tensor inputs (lr, weight decay, betas, the per-param multipliers, ...) are read on the host,
+as CPU tensors: no sync. Params sharing their lr and weight decay go to one kernel call.
 
 The fused kernels walk a param, its grad and its slots as flat arrays, element i of one against
 element i of the others, whatever their strides: a channels-last param with a grad in another
@@ -60,34 +61,54 @@ def _in_memory_order(params, grads, *slots):
                 g.copy_(u)
 
 
+def _groups(lr, lr_mults, weight_decay, wd_mults) -> list:
+    """``[(lr, weight decay, indices)]``: the params sharing their lr × lr_mult and weight decay ×
+    wd_mult, products taken in float32 (as the functional update takes them), read on the host."""
+    groups = {}
+    for i, key in enumerate(zip((lr * lr_mults).tolist(), (weight_decay * wd_mults).tolist())):
+        groups.setdefault(key, []).append(i)
+    return [(lr_i, wd_i, indices) for (lr_i, wd_i), indices in groups.items()]
+
+
+def _pick(indices, *lists):
+    return [[ts[i] for i in indices] if ts else [] for ts in lists]
+
+
 @torch.library.custom_op("fpipe::adamw_", mutates_args=("params", "mu", "nu"))
 def adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], mu: list[torch.Tensor], nu: list[torch.Tensor],
-           count: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor, one_minus_beta1: torch.Tensor,
-           one_minus_beta2: torch.Tensor, eps: torch.Tensor) -> None:
-    """torch.optim.AdamW's fused step at step ``count`` (already incremented). The betas come as
-    1 - beta (float32 holds 1 - 0.999 to 5e-8; 0.999 itself to 1e-5 of 1 - 0.999)."""
+           count: torch.Tensor, lr: torch.Tensor, lr_mults: torch.Tensor, weight_decay: torch.Tensor,
+           wd_mults: torch.Tensor, one_minus_beta1: torch.Tensor, one_minus_beta2: torch.Tensor,
+           eps: torch.Tensor) -> None:
+    """torch.optim.AdamW's fused step at step ``count`` (already incremented), param i at lr ×
+    ``lr_mults[i]`` and weight decay × ``wd_mults[i]``: the rules are inputs, so a compiled step
+    serves any of them. The betas come as 1 - beta (float32 holds 1 - 0.999 to 5e-8; 0.999 itself
+    to 1e-5 of 1 - 0.999)."""
     step = count.to(device=params[0].device, dtype=torch.float32)
-    with _in_memory_order(params, grads, mu, nu) as (params, grads, mu, nu):
-        torch._fused_adamw_(params, grads, mu, nu, [], [step] * len(params), lr=float(lr),
-                            beta1=1 - float(one_minus_beta1), beta2=1 - float(one_minus_beta2),
-                            weight_decay=float(weight_decay), eps=float(eps), amsgrad=False, maximize=False)
+    for lr_i, wd_i, indices in _groups(lr, lr_mults, weight_decay, wd_mults):
+        with _in_memory_order(*_pick(indices, params, grads, mu, nu)) as (ps, gs, ms, ns):
+            torch._fused_adamw_(ps, gs, ms, ns, [], [step] * len(ps), lr=lr_i,
+                                beta1=1 - float(one_minus_beta1), beta2=1 - float(one_minus_beta2),
+                                weight_decay=wd_i, eps=float(eps), amsgrad=False, maximize=False)
 
 
 @adamw_.register_fake
-def _(params, grads, mu, nu, count, lr, weight_decay, one_minus_beta1, one_minus_beta2, eps):
+def _(params, grads, mu, nu, count, lr, lr_mults, weight_decay, wd_mults, one_minus_beta1, one_minus_beta2, eps):
     return None
 
 
 @torch.library.custom_op("fpipe::sgd_", mutates_args=("params", "momentum_buffers"))
 def sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-         lr: torch.Tensor, weight_decay: torch.Tensor, momentum: torch.Tensor, nesterov: bool) -> None:
-    """torch.optim.SGD's fused step (dampening 0); ``momentum_buffers`` empty without momentum.
-    The buffers start at zero, so the first step gives buf = d as torch.optim's does."""
-    with _in_memory_order(params, grads, momentum_buffers) as (params, grads, momentum_buffers):
-        torch._fused_sgd_(params, grads, momentum_buffers, weight_decay=float(weight_decay), momentum=float(momentum),
-                          lr=float(lr), dampening=0.0, nesterov=nesterov, maximize=False, is_first_step=False)
+         lr: torch.Tensor, lr_mults: torch.Tensor, weight_decay: torch.Tensor, wd_mults: torch.Tensor,
+         momentum: torch.Tensor, nesterov: torch.Tensor) -> None:
+    """torch.optim.SGD's fused step (dampening 0), param i at lr × ``lr_mults[i]`` and weight decay
+    × ``wd_mults[i]``; ``nesterov`` 0 or 1. ``momentum_buffers`` empty without momentum. The buffers
+    start at zero, so the first step gives buf = d as torch.optim's does."""
+    for lr_i, wd_i, indices in _groups(lr, lr_mults, weight_decay, wd_mults):
+        with _in_memory_order(*_pick(indices, params, grads, momentum_buffers)) as (ps, gs, bufs):
+            torch._fused_sgd_(ps, gs, bufs, weight_decay=wd_i, momentum=float(momentum), lr=lr_i,
+                              dampening=0.0, nesterov=bool(nesterov), maximize=False, is_first_step=False)
 
 
 @sgd_.register_fake
-def _(params, grads, momentum_buffers, lr, weight_decay, momentum, nesterov):
+def _(params, grads, momentum_buffers, lr, lr_mults, weight_decay, wd_mults, momentum, nesterov):
     return None

@@ -6,6 +6,9 @@ value into Python, and take the lr and the other numbers (weight decay, momentum
 and eps, LARS's eta) as 0-d tensors (``opt.inputs(lr)``), so one compiled train step serves a
 whole schedule and a sweep over those values. Whether a param decays and whether there is a
 momentum buffer (a value of 0 or not) stay fixed at build time: they decide the update's shape.
+The in-place update with PyTorch's fused kernels (``update(..., in_place=True)``) also takes each
+param's lr and weight decay multipliers and Nesterov as tensors (``opt.inputs``): one compiled
+step serves any ``lr_mults``, ``wd_mults`` and ``nesterov``.
 Only the trainable tree is given: frozen params own no optimizer state.
 
     opt = build(config.optim, trainable)
@@ -162,21 +165,21 @@ def _number_tensor(x):
     return x if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=torch.float32)
 
 
-def _sgd_fused(ps, gs, ss, lr, h, count):
-    torch.ops.fpipe.sgd_(ps, gs, ss.get("momentum", []), _number_tensor(lr),
-                         _number_tensor(h["wd"] if h["decays"] else 0.0),
-                         _number_tensor(h["momentum"] if h["has_momentum"] else 0.0), h["nesterov"])
+def _sgd_fused(ps, gs, ss, x, count):
+    torch.ops.fpipe.sgd_(ps, gs, ss.get("momentum", []), x["lr"], x["lr_mults"], x["weight_decay"], x["wd_mults"],
+                         x["momentum"], x["nesterov"])
 
 
-def _adamw_fused(ps, gs, ss, lr, h, count):
-    (_, c1, _), (_, c2, _) = h["beta_terms"]
-    torch.ops.fpipe.adamw_(ps, gs, ss["mu"], ss["nu"], count, _number_tensor(lr),
-                           _number_tensor(h["wd"] if h["decays"] else 0.0), _number_tensor(c1), _number_tensor(c2),
-                           _number_tensor(h["eps"]))
+def _adamw_fused(ps, gs, ss, x, count):
+    torch.ops.fpipe.adamw_(ps, gs, ss["mu"], ss["nu"], count, x["lr"], x["lr_mults"], x["weight_decay"],
+                           x["wd_mults"], x["one_minus_beta1"], x["one_minus_beta2"], x["eps"])
 
 
-# In-place updates with PyTorch's fused kernels, for steps whose inputs are donated (``in_place``).
+# In-place updates with PyTorch's fused kernels, for steps whose inputs are donated (``in_place``):
+# one call over every param, their lr_mults, wd_mults and Nesterov given as tensors (``Optimizer.inputs``).
 _FUSED = {"sgd": _sgd_fused, "adamw": _adamw_fused}
+# Config keys a compiled step with the fused update takes as tensor inputs, not constants.
+FUSED_INPUT_KEYS = ("lr_mults", "wd_mults", "nesterov")
 
 
 def _slots(name, momentum):
@@ -303,13 +306,19 @@ class Optimizer:
         AdamW's betas as ``_beta_terms``, derived here in float64). Given to ``update`` as tensors,
         they are inputs of a compiled step, not constants in it: another value needs no new compile.
         Never float64: Dynamo reads a 0-d float64 input's value out (``.item()``) and then compiles it
-        in as a constant."""
+        in as a constant. SGD and AdamW add what their fused update takes (``FUSED_INPUT_KEYS``):
+        ``lr_mults`` and ``wd_mults``, 1-d over ``self.names``, and ``nesterov`` (0 or 1)."""
         numbers = dict(weight_decay=_get(self.cfg, "weight_decay"), momentum=_get(self.cfg, "momentum"),
                        lars_eta=_get(self.cfg, "lars_eta"), eps=_get(self.cfg, "eps"))
         for i, beta in enumerate(_get(self.cfg, "betas"), 1):
             numbers.update(zip((f"beta{i}", f"one_minus_beta{i}", f"log_beta{i}"), _beta_terms(float(beta))))
-        return {k: torch.tensor(float(v), dtype=torch.float32)
-                for k, v in [("lr", lr)] + [(k, numbers[k]) for k in _INPUTS[self.name]]}
+        out = {k: torch.tensor(float(v), dtype=torch.float32)
+               for k, v in [("lr", lr)] + [(k, numbers[k]) for k in _INPUTS[self.name]]}
+        if self.name in _FUSED:  # the fused update's rules, per param in self.names' order
+            out["lr_mults"] = torch.tensor([self.hyper[n]["lr_mult"] for n in self.names], dtype=torch.float32)
+            out["wd_mults"] = torch.tensor([self.hyper[n]["wd_mult"] for n in self.names], dtype=torch.float32)
+            out["nesterov"] = torch.tensor(float(_get(self.cfg, "nesterov")), dtype=torch.float32)
+        return out
 
     def _group_args(self, p, g, slots, lr, inputs, count):
         """For each group of leaves sharing hyper-parameters: its names and the arguments of a list
@@ -333,8 +342,11 @@ class Optimizer:
         slots = {slot: flatten(state[slot]) for slot in self.slots}
         count = state["count"] + 1
         if in_place and self.updates_in_place(p):
-            for _, args in self._group_args(p, g, slots, lr, inputs, count):
-                _FUSED[self.name](*args)
+            numbers = {**self.inputs(0.0), **inputs}  # the config's numbers (constants) where not given
+            if not self.hyper[self.names[0]]["has_momentum"]:
+                numbers["momentum"] = torch.zeros((), dtype=torch.float32)
+            _FUSED[self.name]([p[n] for n in self.names], [g[n] for n in self.names],
+                              {k: [v[n] for n in self.names] for k, v in slots.items()}, numbers, count)
             return params, {**state, "count": count}
         leaf_update = _UPDATES[self.name]
         new_p, new_slots = {}, {slot: {} for slot in self.slots}

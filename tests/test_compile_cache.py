@@ -163,6 +163,15 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
                   dict(compile_remat="off"), dict(compile_remat="all")):
         assert changed(**other) != key, other
     assert compile_cache.step_key(base, "cpu", "eval") != key
+    # A step with the fused update takes the lr_mults, wd_mults and Nesterov as inputs: one key for
+    # all of them, never a plain step's (test_a_step_saved_with_one_optimizers_rules_runs_anothers).
+    fused = compile_cache.step_key(base, "cpu", "train", fused_update=True)
+    finetune_rules = dict(optim__nesterov=True, optim__lr_mults=((r"trunk\..*", 0.1),), optim__wd_mults=())
+    c = configs.supervised.get_config()
+    for name, value in finetune_rules.items():
+        setattr(c.optim, name.split("__")[1], value)
+    assert compile_cache.step_key(c, "cpu", "train", fused_update=True) == fused != key
+    assert changed(**finetune_rules) != key
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     assert compile_cache.step_key(base, "cpu", "train") != key
     monkeypatch.undo()
@@ -298,3 +307,36 @@ def test_inductors_cache_never_hands_kernels_of_other_vector_instructions(tmp_pa
                              env={**env, **({"ATEN_CPU_CAPABILITY": capability} if capability else {})}, timeout=300)
         assert out.returncode == 0, (capability, out.stderr[-2000:])
         assert float(out.stdout.split()[-1]) < 1e-4, (capability, out.stdout)
+
+
+def test_a_step_saved_with_one_optimizers_rules_runs_anothers(tmp_path, caplog):
+    """Saved by a run with supervised's SGD (no Nesterov, one lr), loaded by one with finetune's
+    (Nesterov, the weight at 10x the lr, no decay on the bias): it must compute the second
+    run's update, as its eager step does, not the first's."""
+    model, dist = tiny_model(), distributed.Dist(device=torch.device("cpu"))
+    runs = {}
+    for name, rules in (("supervised", dict(nesterov=False, lr_mults=(), wd_mults=())),
+                        ("finetune", dict(nesterov=True, lr_mults=((r"heads\.fc\.weight", 10.0),),
+                                          wd_mults=((r".*bias", 0.0),)))):
+        c = configs.supervised.get_config()
+        c.compile_cache_dir = str(tmp_path)
+        c.optim.update(dict(momentum=0.9, weight_decay=1e-2, **rules))
+        _, ts, _ = tiny_step()
+        opt = optim.build(c.optim, ts["trainable"])
+        ts["opt_state"] = opt.init(ts["trainable"])
+        outs = {}
+        for compiling in (False, True):
+            torch._dynamo.reset()
+            train = loop.build_train_step(c, model, opt, ts["trainable"], ts["model_state"], frozenset(), dist,
+                                          compiling=compiling)
+            state = tree.map_leaves(lambda t: t.clone(), ts)
+            for i in range(2):  # the second step reads the momentum buffers the first wrote
+                with caplog.at_level(logging.INFO):
+                    state, _ = train(state, batch(seed=i), opt.inputs(0.1))
+            outs[compiling] = state["trainable"]
+        runs[name] = outs
+    assert "train step loaded and run" in caplog.text  # finetune's run loaded supervised's step
+    for name, outs in runs.items():
+        assert_same(outs[True], outs[False], exact=False)
+    weight = lambda name: runs[name][False]["heads"]["fc"]["weight"]
+    assert not torch.allclose(weight("supervised"), weight("finetune"))

@@ -26,9 +26,14 @@ LAYOUTS = [("channels_last", "channels_last", "channels_last"), ("channels_last"
            ("contiguous", "channels_last", "permuted"), ("permuted", "contiguous", "channels_last")]
 
 
-def _torch_steps(make_opt, steps):
+# Per-param rules (optim.lr_mults, optim.wd_mults) as the ops take them: param i at lr × LR_MULTS[i]
+LR_MULTS, WD_MULTS = (1.0, 1.0, 0.5, 2.0), (1.0, 1.0, 0.0, 0.5)
+
+
+def _torch_steps(make_opt, steps, lr, wd):
+    """torch.optim's steps with one param group per param, at its lr and weight decay multipliers."""
     params = [p.clone().requires_grad_() for p in _values(0)]
-    opt = make_opt(params)
+    opt = make_opt([{"params": [p], "lr": lr * m, "weight_decay": wd * w} for p, m, w in zip(params, LR_MULTS, WD_MULTS)])
     for step in range(steps):
         for p, g in zip(params, _values(step + 1)):
             p.grad = g
@@ -40,14 +45,15 @@ def _torch_steps(make_opt, steps):
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sgd_matches_torch_in_any_layout(layouts, nesterov):
     p_layout, g_layout, s_layout = layouts
-    ref = _torch_steps(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=nesterov,
-                                                  foreach=False), steps=3)
+    ref = _torch_steps(lambda groups: torch.optim.SGD(groups, momentum=0.9, nesterov=nesterov, foreach=False),
+                       steps=3, lr=0.1, wd=0.01)
     params = [_layout(p, p_layout) for p in _values(0)]
     bufs = [_layout(torch.zeros_like(p), s_layout) for p in params]
     given = list(params)
     for step in range(3):
         grads = [_layout(g, g_layout) for g in _values(step + 1)]
-        fused_update.sgd_(params, grads, bufs, torch.tensor(0.1), torch.tensor(0.01), torch.tensor(0.9), nesterov)
+        fused_update.sgd_(params, grads, bufs, torch.tensor(0.1), torch.tensor(LR_MULTS), torch.tensor(0.01),
+                          torch.tensor(WD_MULTS), torch.tensor(0.9), torch.tensor(float(nesterov)))
     for ours, theirs, g in zip(params, ref, given):
         assert ours is g
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -56,15 +62,16 @@ def test_sgd_matches_torch_in_any_layout(layouts, nesterov):
 @pytest.mark.parametrize("layouts", LAYOUTS)
 def test_adamw_matches_torch_in_any_layout(layouts):
     p_layout, g_layout, s_layout = layouts
-    ref = _torch_steps(lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05,
-                                                    foreach=False), steps=3)
+    ref = _torch_steps(lambda groups: torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=False),
+                       steps=3, lr=0.01, wd=0.05)
     params = [_layout(p, p_layout) for p in _values(0)]
     mu = [_layout(torch.zeros_like(p), s_layout) for p in params]
     nu = [_layout(torch.zeros_like(p), s_layout) for p in params]
     for step in range(3):
         grads = [_layout(g, g_layout) for g in _values(step + 1)]
-        fused_update.adamw_(params, grads, mu, nu, torch.tensor(step + 1), torch.tensor(0.01), torch.tensor(0.05),
-                            torch.tensor(0.1), torch.tensor(0.001), torch.tensor(1e-8))
+        fused_update.adamw_(params, grads, mu, nu, torch.tensor(step + 1), torch.tensor(0.01), torch.tensor(LR_MULTS),
+                            torch.tensor(0.05), torch.tensor(WD_MULTS), torch.tensor(0.1), torch.tensor(0.001),
+                            torch.tensor(1e-8))
     for ours, theirs in zip(params, ref):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 

@@ -32,7 +32,7 @@ import time
 import torch
 from absl import logging
 
-from fpipe import files, tree
+from fpipe import files, optim, tree
 from fpipe.models import layers
 from fpipe.train import forked_compile
 
@@ -85,11 +85,15 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
-def step_key(config, *parts) -> str:
-    """The key of a step compiled for ``config`` (less ``OUTSIDE_THE_STEP``) and ``parts``."""
+def step_key(config, *parts, fused_update=False) -> str:
+    """The key of a step compiled for ``config`` (less ``OUTSIDE_THE_STEP``) and ``parts``.
+    ``fused_update``: the step updates with ``fpipe.fused_update``'s ops, which take the
+    optimizer's lr_mults, wd_mults and Nesterov as tensor inputs (``optim.FUSED_INPUT_KEYS``): those
+    are left out, so finetune's rules load a step saved by a supervised run."""
+    outside = OUTSIDE_THE_STEP + (tuple(f"optim.{k}" for k in optim.FUSED_INPUT_KEYS) if fused_update else ())
     flat = {k: (f"zero: {not v}" if k in STEP_INPUTS else v) for k, v in tree.flatten(config.to_dict()).items()
-            if not any(k == o or k.startswith(o + ".") for o in OUTSIDE_THE_STEP)}
-    return key_of(flat, *parts)
+            if not any(k == o or k.startswith(o + ".") for o in outside)}
+    return key_of(flat, *parts, *(("fused update",) if fused_update else ()))
 
 
 def key_of(*parts) -> str:

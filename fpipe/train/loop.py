@@ -272,8 +272,10 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
         sync_stats=sync_stats, autocast=autocast, in_place=donating, loss_scaling=loss_scaling)
     if donating:  # the new state written into the old one's tensors
         step = donation.writes_into_inputs(step)
+    fused = donating and not held and loss_scaling is None and opt.updates_in_place(trainable)
     step = step_lib.maybe_compile(step, compiling, "train step",
-                                  cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast),
+                                  cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast,
+                                                   fused_update=fused),
                                   inductor=step_passes(config, dist))
     if heads_only:
         step = frozen_trunk.heads_only(step)
@@ -363,10 +365,11 @@ def cache_dir(config):
     return directory or None
 
 
-def step_cache(config, dist, *parts):
+def step_cache(config, dist, *parts, fused_update=False):
     """``(directory, key)`` for a compiled step of this config, or None (see :func:`cache_dir`).
     ``parts``: everything else the step is built with (its role, the autocast dtype a caller
-    passes), so that a step built another way never loads this one. Under torchrun the saved step
+    passes), so that a step built another way never loads this one; ``fused_update``: the step
+    takes the optimizer's rules as inputs (``compile_cache.step_key``). Under torchrun the saved step
     holds its collectives, which name their process group and divide by the world size: both are
     in the key (a compiled 2-process supervised run on the digits: 66 s the first time, 11 s the
     second, its step loaded in 1.6-1.8 s; each rank writes the whole file under its own name, then
@@ -374,7 +377,8 @@ def step_cache(config, dist, *parts):
     directory = cache_dir(config)
     if not directory:
         return None
-    return directory, compile_cache.step_key(config, str(dist.device), dist.world_size, dist.group_name, *parts)
+    return directory, compile_cache.step_key(config, str(dist.device), dist.world_size, dist.group_name, *parts,
+                                             fused_update=fused_update)
 
 
 def trunk_cache(config, dist):
