@@ -172,6 +172,16 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
         setattr(c.optim, name.split("__")[1], value)
     assert compile_cache.step_key(c, "cpu", "train", fused_update=True) == fused != key
     assert changed(**finetune_rules) != key
+    # The eval step is keyed without what only training reads: any optimizer, BatchNorm sync or
+    # recomputation pass loads it; the model, image size and autocast still count.
+    evaluation = lambda c, *parts: compile_cache.step_key(c, "cpu", "eval", *parts, evaluation=True)
+    trained_otherwise = configs.supervised.get_config()
+    trained_otherwise.optim.update(dict(name="adamw", lr_mults=((r"trunk\..*", 0.1),), clip_grad_norm=1.0))
+    trained_otherwise.update(dict(sync_bn=False, compile_remat="off"))
+    assert evaluation(trained_otherwise) == evaluation(base) != compile_cache.step_key(base, "cpu", "eval")
+    deeper = configs.supervised.get_config()
+    deeper.model.trunk.depth = 50
+    assert evaluation(deeper) != evaluation(base) != evaluation(base, torch.bfloat16)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     assert compile_cache.step_key(base, "cpu", "train") != key
     monkeypatch.undo()

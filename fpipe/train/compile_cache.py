@@ -62,6 +62,9 @@ OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_ep
                     # steps (the params held are the step's own part of the key)
                     "precise_bn", "extract", "head_grid.val_fraction", "layer_freeze.freeze_epochs",
                     "layer_freeze.freeze_steps")
+# Config keys only the train step reads: the optimizer, BatchNorm's sync, the recomputation pass,
+# layers held for a while. The eval step (a forward pass, no inductor options) is keyed without them.
+TRAINING_ONLY = ("optim", "sync_bn", "sync_bn_group", "compile_remat", "layer_freeze")
 # Tensor inputs of the step whose zero-ness shapes it (a decay term, a momentum buffer): only
 # whether they are zero is keyed.
 STEP_INPUTS = ("optim.weight_decay", "optim.momentum")
@@ -85,12 +88,14 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
-def step_key(config, *parts, fused_update=False) -> str:
+def step_key(config, *parts, fused_update=False, evaluation=False) -> str:
     """The key of a step compiled for ``config`` (less ``OUTSIDE_THE_STEP``) and ``parts``.
     ``fused_update``: the step updates with ``fpipe.fused_update``'s ops, which take the
     optimizer's lr_mults, wd_mults and Nesterov as tensor inputs (``optim.FUSED_INPUT_KEYS``): those
-    are left out, so finetune's rules load a step saved by a supervised run."""
+    are left out, so finetune's rules load a step saved by a supervised run. ``evaluation``: the
+    eval step, which none of ``TRAINING_ONLY`` reaches."""
     outside = OUTSIDE_THE_STEP + (tuple(f"optim.{k}" for k in optim.FUSED_INPUT_KEYS) if fused_update else ())
+    outside += TRAINING_ONLY if evaluation else ()
     flat = {k: (f"zero: {not v}" if k in STEP_INPUTS else v) for k, v in tree.flatten(config.to_dict()).items()
             if not any(k == o or k.startswith(o + ".") for o in outside)}
     return key_of(flat, *parts, *(("fused update",) if fused_update else ()))

@@ -294,7 +294,7 @@ def step_passes(config, dist):
 def build_eval_step(config, model, dist, *, compiling, autocast=None):
     """The eval step as the loop runs it, compiled if ``compiling``."""
     return step_lib.maybe_compile(step_lib.make_eval_step(model, autocast=autocast), compiling, "eval step",
-                                  cache=step_cache(config, dist, "eval", autocast))
+                                  cache=step_cache(config, dist, "eval", autocast, evaluation=True))
 
 
 def make_loader(split, config, dist, *, train):
@@ -365,11 +365,11 @@ def cache_dir(config):
     return directory or None
 
 
-def step_cache(config, dist, *parts, fused_update=False):
+def step_cache(config, dist, *parts, fused_update=False, evaluation=False):
     """``(directory, key)`` for a compiled step of this config, or None (see :func:`cache_dir`).
     ``parts``: everything else the step is built with (its role, the autocast dtype a caller
-    passes), so that a step built another way never loads this one; ``fused_update``: the step
-    takes the optimizer's rules as inputs (``compile_cache.step_key``). Under torchrun the saved step
+    passes), so that a step built another way never loads this one; ``fused_update`` (the step
+    takes the optimizer's rules as inputs) and ``evaluation`` (the eval step): ``compile_cache.step_key``. Under torchrun the saved step
     holds its collectives, which name their process group and divide by the world size: both are
     in the key (a compiled 2-process supervised run on the digits: 66 s the first time, 11 s the
     second, its step loaded in 1.6-1.8 s; each rank writes the whole file under its own name, then
@@ -378,7 +378,7 @@ def step_cache(config, dist, *parts, fused_update=False):
     if not directory:
         return None
     return directory, compile_cache.step_key(config, str(dist.device), dist.world_size, dist.group_name, *parts,
-                                             fused_update=fused_update)
+                                             fused_update=fused_update, evaluation=evaluation)
 
 
 def trunk_cache(config, dist):
