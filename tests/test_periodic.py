@@ -32,6 +32,7 @@ def test_precise_bn_is_the_equal_weight_mean_of_batch_statistics():
     torch.testing.assert_close(new_state["trunk"]["bn1"]["running_mean"], mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(new_state["trunk"]["bn1"]["running_var"], var, rtol=1e-4, atol=1e-5)
     assert torch.equal(new_state["trunk"]["bn1"]["num_batches_tracked"], state["trunk"]["bn1"]["num_batches_tracked"])
+    assert new_state["heads"] == {"fc": {}} == state["heads"]  # the structure given, a stateless head's empty dict too
     # norms in eval mode (frozen) are left alone
     kept = periodic.precise_bn_statistics(model.apply, params, state, batches, frozenset({"trunk.bn1"}), layers.BN_MOMENTUM)
     assert kept["trunk"]["bn1"]["running_mean"] is state["trunk"]["bn1"]["running_mean"]

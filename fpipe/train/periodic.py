@@ -182,6 +182,8 @@ def precise_bn_statistics(apply, params, model_state, batches, eval_norms, momen
             count += 1
     out = dict(flat)
     out.update({k: v / count for k, v in sums.items()})
-    return tree.unflatten(out)
+    # in the given nested dicts, a stateless head's empty one included: the eval step's saved file
+    # is keyed by its inputs' structure (a run with PreciseBN then loads one a run without it saved)
+    return tree.shaped_like(model_state, tree.unflatten(out))
 
 
