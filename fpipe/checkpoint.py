@@ -391,11 +391,14 @@ def restore_train_state(train_state: dict, saved: dict, workdir: str, path: str 
     _check_fits(where, "optimizer state", _flat(saved["opt_state"]), _flat(train_state["opt_state"]),
                 hint=f"was optim.name changed? the checkpoint's optimizer: "
                      f"{(saved.get('meta') or {}).get('optimizer', 'unknown')}")
+    # In the nested dicts of the state being built, empty ones included (a stateless head's model
+    # state): a saved compiled step is keyed by its inputs' structure, so a resumed run loads it.
+    like = lambda key, flat: tree.shaped_like(train_state[key], _unflat(flat))
     restored = {
-        "trainable": _unflat({n: params[n] for n in _flat(train_state["trainable"])}),
-        "frozen": _unflat({n: params[n] for n in _flat(train_state["frozen"])}),
-        "model_state": _unflat(saved["model_state"]),
-        "opt_state": saved["opt_state"],
+        "trainable": like("trainable", {n: params[n] for n in _flat(train_state["trainable"])}),
+        "frozen": like("frozen", {n: params[n] for n in _flat(train_state["frozen"])}),
+        "model_state": like("model_state", saved["model_state"]),
+        "opt_state": tree.shaped_like(train_state["opt_state"], saved["opt_state"]),
     }
     if "scaler" in train_state:
         restored["scaler"] = saved.get("scaler") or train_state["scaler"]

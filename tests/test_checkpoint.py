@@ -203,3 +203,20 @@ def test_best_value_survives_a_restart(tmp_path):
     assert ckpt.save_best(wd, 300, {"step": 300}, "acc", 0.9)
     with pytest.raises(ValueError, match="tracks 'acc'"):
         ckpt.save_best(wd, 400, {"step": 400}, "loss", 0.1, mode="min")
+
+
+def test_a_restored_train_state_has_the_structure_of_the_one_built(tmp_path):
+    """Nested dicts as the run built them, a stateless head's empty model state included: a saved
+    compiled step is keyed by its inputs' structure, and a resumed run must load it."""
+    g = torch.Generator().manual_seed(0)
+    built = {"trainable": {"heads": {"fc": {"weight": torch.zeros(3, 2)}}},
+             "frozen": {"trunk": {"conv1": {"weight": torch.zeros(2, 3)}}},
+             "model_state": {"trunk": {"bn1": {"running_mean": torch.zeros(2)}}, "heads": {"fc": {}}},
+             "opt_state": {"count": torch.tensor(0), "momentum": {"heads": {"fc": {"weight": torch.zeros(3, 2)}}}}}
+    trained = tree.map_leaves(lambda t: t + torch.rand(t.shape, generator=g) if t.is_floating_point() else t + 1, built)
+    payload = ckpt.train_state_payload(trained, 5, ckpt.save_frozen(str(tmp_path), tree.flatten(trained["frozen"])), {})
+    restored, step = ckpt.restore_train_state(built, payload, str(tmp_path))
+    assert step == 5 and restored["model_state"]["heads"] == {"fc": {}}
+    assert torch.utils._pytree.tree_structure(restored) == torch.utils._pytree.tree_structure(built)
+    for a, b in zip(tree.leaves(restored), tree.leaves(trained)):
+        assert torch.equal(a, b)
