@@ -9,8 +9,9 @@ Such a file keeps the guards on the step's inputs (tree structure, shapes, dtype
 not the guards on what the step closes over (model, optimizer rules, freezing), which cannot be
 saved. Those are covered by the file's key instead: the config without the keys that never reach
 the step (``OUTSIDE_THE_STEP``), fpipe's own source, the torch and Python versions, the thread
-count and the device; the file's name adds what its guards check (``input_signature``). Any change there means another file, never a stale graph. A file that fails
-to load, or inputs its guards reject, fall back to a plain ``torch.compile`` (said in the log).
+count and the device; the file's name adds what its guards check (``input_signature``). Any
+change there means another file, never a stale graph. A file that fails to load, or inputs its
+guards reject, fall back to a plain ``torch.compile`` (said in the log).
 
 A frozen trunk is saved another way (:func:`saved_package`): its weights are constants of its
 graph, which the precompile above refuses, so it is exported and compiled with AOTInductor into
