@@ -155,7 +155,7 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     assert changed(precise_bn__num_batches=8, extract__features=("res5avg",), head_grid__val_fraction=0.2,
                    layer_freeze__freeze_steps=30) == key
     assert changed(optim__momentum=0.5, optim__weight_decay=1e-3, optim__betas=(0.5, 0.9), optim__eps=1e-3,
-                   optim__lars_eta=0.1) == key
+                   optim__lars_eta=0.1, optim__scale_lr=True, optim__reference_batch_size=128) == key
     # Another step: no decay or no momentum buffer, other optimizer constants, the model, the data's
     # shapes, the step's role.
     for other in (dict(optim__momentum=0.0), dict(optim__weight_decay=0.0), dict(optim__nesterov=True),

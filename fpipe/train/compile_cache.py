@@ -44,13 +44,13 @@ STRICT_COMPILE_ENV = "FPIPE_STRICT_COMPILE"  # "1": a compile failure raises (th
 PACKAGES_MAX_BYTES = 2 * 2**30
 
 # Config keys that are read outside the step (durations, logging, checkpoints, seeds, the
-# schedule) or reach it as tensor inputs (the base lr, AdamW's betas and eps, LARS's eta:
-# ``optim.Optimizer.inputs``): a run that only changes these reuses the saved step. Everything
-# else is part of the key.
+# schedule, the base lr's linear scaling) or reach it as tensor inputs (the base lr, AdamW's betas
+# and eps, LARS's eta: ``optim.Optimizer.inputs``): a run that only changes these reuses the saved
+# step. Everything else is part of the key.
 OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_epochs", "eval_steps",
                     "ckpt_epochs", "ckpt_steps", "keep_ckpts", "best_metric", "best_mode",
                     "compile_min_images", "compile_cache_dir", "cudnn_benchmark", "collective_timeout_s", "optim.lr",
-                    "optim.betas", "optim.eps", "optim.lars_eta",
+                    "optim.betas", "optim.eps", "optim.lars_eta", "optim.scale_lr", "optim.reference_batch_size",
                     "schedule", "data.seed", "data.root", "data.num_workers",
                     "data.worker_niceness", "model.weights",
                     # which images, how they are read and augmented: the step sees only the batches,
