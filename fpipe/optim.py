@@ -266,6 +266,11 @@ class Optimizer:
         for n in self.names:
             groups.setdefault(tuple(sorted(self.hyper[n].items())), []).append(n)
         self._groups = list(groups.values())
+        # The fused update's rules as tensors (``inputs``): fixed for this optimizer, made once.
+        self._rules = {} if self.name not in _FUSED else {
+            "lr_mults": torch.tensor([self.hyper[n]["lr_mult"] for n in self.names], dtype=torch.float32),
+            "wd_mults": torch.tensor([self.hyper[n]["wd_mult"] for n in self.names], dtype=torch.float32),
+            "nesterov": torch.tensor(float(shared["nesterov"]), dtype=torch.float32)}
 
     def _check(self, h, wd):
         if not wd >= 0:
@@ -314,11 +319,7 @@ class Optimizer:
             numbers.update(zip((f"beta{i}", f"one_minus_beta{i}", f"log_beta{i}"), _beta_terms(float(beta))))
         out = {k: torch.tensor(float(v), dtype=torch.float32)
                for k, v in [("lr", lr)] + [(k, numbers[k]) for k in _INPUTS[self.name]]}
-        if self.name in _FUSED:  # the fused update's rules, per param in self.names' order
-            out["lr_mults"] = torch.tensor([self.hyper[n]["lr_mult"] for n in self.names], dtype=torch.float32)
-            out["wd_mults"] = torch.tensor([self.hyper[n]["wd_mult"] for n in self.names], dtype=torch.float32)
-            out["nesterov"] = torch.tensor(float(_get(self.cfg, "nesterov")), dtype=torch.float32)
-        return out
+        return {**out, **self._rules}  # the fused update's rules, per param in self.names' order
 
     def _group_args(self, p, g, slots, lr, inputs, count):
         """For each group of leaves sharing hyper-parameters: its names and the arguments of a list
@@ -342,7 +343,9 @@ class Optimizer:
         slots = {slot: flatten(state[slot]) for slot in self.slots}
         count = state["count"] + 1
         if in_place and self.updates_in_place(p):
-            numbers = {**self.inputs(0.0), **inputs}  # the config's numbers (constants) where not given
+            # the config's numbers (constants) where not given, e.g. the lr alone
+            complete = {"lr", *_INPUTS[self.name], *self._rules} <= inputs.keys()
+            numbers = dict(inputs) if complete else {**self.inputs(0.0), **inputs}
             if not self.hyper[self.names[0]]["has_momentum"]:
                 numbers["momentum"] = torch.zeros((), dtype=torch.float32)
             _FUSED[self.name]([p[n] for n in self.names], [g[n] for n in self.names],

@@ -272,7 +272,7 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
         sync_stats=sync_stats, autocast=autocast, in_place=donating, loss_scaling=loss_scaling)
     if donating:  # the new state written into the old one's tensors
         step = donation.writes_into_inputs(step)
-    fused = donating and not held and loss_scaling is None and opt.updates_in_place(trainable)
+    fused = step_lib.updates_fused(opt, trainable, in_place=donating, hold=held, loss_scaling=loss_scaling)
     step = step_lib.maybe_compile(step, compiling, "train step",
                                   cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast,
                                                    fused_update=fused),

@@ -78,11 +78,10 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
         if scaler is not None:
             grads, found_inf = precision.unscale(grads, scaler)
         grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
-        update_in_place = in_place and not hold and scaler is None
         trainable, opt_state = opt.update(grads, train_state["opt_state"], flat_trainable, hyper,
-                                          in_place=update_in_place)
-        if update_in_place and opt.updates_in_place(flat_trainable):  # the given tree holds the new values
-            trainable = train_state["trainable"]
+                                          in_place=in_place and not hold and loss_scaling is None)
+        if updates_fused(opt, flat_trainable, in_place=in_place, hold=hold, loss_scaling=loss_scaling):
+            trainable = train_state["trainable"]  # the given tree holds the new values
         if hold:
             trainable = _keep_held(trainable, train_state["trainable"], hold)
             opt_state = _keep_held(opt_state, train_state["opt_state"], hold)
@@ -105,6 +104,12 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
         return new_state, metrics
 
     return step
+
+
+def updates_fused(opt, trainable, *, in_place, hold, loss_scaling) -> bool:
+    """Whether :func:`make_step`'s step updates with the optimizer's fused in-place kernels, which
+    take its lr_mults, wd_mults and Nesterov as inputs (a saved step's key then leaves them out)."""
+    return bool(in_place and not hold and loss_scaling is None and opt.updates_in_place(trainable))
 
 
 def grad_and_value_traced_or_eager(loss_fn):
