@@ -3,9 +3,10 @@
 ``build(cfg, trainable)`` resolves every rule once, to Python floats per dotted name. ``init`` and
 ``update`` are then pure tensor functions: they never modify their inputs, never read a tensor's
 value into Python, and take the lr and the other numbers (weight decay, momentum, AdamW's betas
-and eps, LARS's eta) as 0-d tensors (``opt.inputs(lr)``), so one compiled train step serves a
-whole schedule and a sweep over those values. Whether a param decays and whether there is a
-momentum buffer (a value of 0 or not) stay fixed at build time: they decide the update's shape.
+and eps, LARS's eta, the gradient clipping's bound) as 0-d tensors (``opt.inputs(lr)``), so one
+compiled train step serves a whole schedule and a sweep over those values. Whether a param decays,
+whether there is a momentum buffer and whether grads are clipped (a value of 0 or not) stay fixed
+at build time: they decide the update's shape.
 The in-place update with PyTorch's fused kernels (``update(..., in_place=True)``) also takes each
 param's lr and weight decay multipliers and Nesterov as tensors (``opt.inputs``): one compiled
 step serves any ``lr_mults``, ``wd_mults`` and ``nesterov``.
@@ -13,8 +14,9 @@ Only the trainable tree is given: frozen params own no optimizer state.
 
     opt = build(config.optim, trainable)
     opt_state = opt.init(trainable)
-    grads, grad_norm = clip_and_norm(grads, config.optim)
-    params, opt_state = opt.update(grads, opt_state, params, opt.inputs(lr))
+    hyper = opt.inputs(lr)
+    grads, grad_norm = opt.clip_and_norm(grads, hyper)
+    params, opt_state = opt.update(grads, opt_state, params, hyper)
 """
 import math
 import re
@@ -67,22 +69,27 @@ def global_norm(tree: dict) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def clip_and_norm(grads: dict, cfg) -> tuple:
+def clip_and_norm(grads: dict, cfg, inputs=None) -> tuple:
     """Returns ``(grads, grad_norm)``: grads clipped as configured, and their norm before clipping.
 
     Clip by global norm like ``torch.nn.utils.clip_grad_norm_`` (same 1e-6 guard), or by value;
-    the norm is a 0-d tensor whether or not clipping is on, for the log and the NaN check.
+    the norm is a 0-d tensor whether or not clipping is on, for the log and the NaN check. Whether
+    to clip comes from ``cfg``; the bound from ``inputs`` where it holds one (``Optimizer.inputs``:
+    a tensor input of a compiled step, so another bound needs no new compile), else from ``cfg``.
     """
     max_norm, max_value = _get(cfg, "clip_grad_norm"), _get(cfg, "clip_grad_value")
     if max_norm and max_value:
         raise ValueError("set one of optim.clip_grad_norm and optim.clip_grad_value, not both "
                          f"(got {max_norm} and {max_value})")
+    inputs = inputs if isinstance(inputs, dict) else {}
     norm = global_norm(grads)
     if max_norm:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        max_norm = inputs.get("clip_grad_norm", max_norm)
+        coef = torch.clamp(torch.reciprocal(norm + 1e-6) * max_norm, max=1.0)  # max_norm / (...) as torch's
         grads = map_leaves(lambda g: g * coef.to(g.dtype), grads)
     elif max_value:
-        grads = map_leaves(lambda g: g.clamp(-max_value, max_value), grads)
+        bound = _number_tensor(inputs.get("clip_grad_value", max_value))
+        grads = map_leaves(lambda g: g.clamp(-bound.to(g.dtype), bound.to(g.dtype)), grads)
     return grads, norm
 
 
@@ -178,6 +185,8 @@ def _adamw_fused(ps, gs, ss, x, count):
 # In-place updates with PyTorch's fused kernels, for steps whose inputs are donated (``in_place``):
 # one call over every param, their lr_mults, wd_mults and Nesterov given as tensors (``Optimizer.inputs``).
 _FUSED = {"sgd": _sgd_fused, "adamw": _adamw_fused}
+# Clipping's bounds: tensor inputs of the step while set (``Optimizer.inputs``).
+CLIP_KEYS = ("clip_grad_norm", "clip_grad_value")
 # Config keys a compiled step with the fused update takes as tensor inputs, not constants.
 FUSED_INPUT_KEYS = ("lr_mults", "wd_mults", "nesterov")
 
@@ -317,8 +326,9 @@ class Optimizer:
                        lars_eta=_get(self.cfg, "lars_eta"), eps=_get(self.cfg, "eps"))
         for i, beta in enumerate(_get(self.cfg, "betas"), 1):
             numbers.update(zip((f"beta{i}", f"one_minus_beta{i}", f"log_beta{i}"), _beta_terms(float(beta))))
+        clip = [(k, _get(self.cfg, k)) for k in CLIP_KEYS if _get(self.cfg, k)]  # on or off: fixed
         out = {k: torch.tensor(float(v), dtype=torch.float32)
-               for k, v in [("lr", lr)] + [(k, numbers[k]) for k in _INPUTS[self.name]]}
+               for k, v in [("lr", lr)] + [(k, numbers[k]) for k in _INPUTS[self.name]] + clip}
         return {**out, **self._rules}  # the fused update's rules, per param in self.names' order
 
     def _group_args(self, p, g, slots, lr, inputs, count):
@@ -371,8 +381,9 @@ class Optimizer:
                 new_slots[slot][n] = leaf_slots[slot]
         return unflatten(new_p), {"count": count, **{k: unflatten(v) for k, v in new_slots.items()}}
 
-    def clip_and_norm(self, grads: dict) -> tuple:
-        return clip_and_norm(grads, self.cfg)
+    def clip_and_norm(self, grads: dict, inputs=None) -> tuple:
+        """:func:`clip_and_norm` by this optimizer's config, the bound from ``inputs`` if given."""
+        return clip_and_norm(grads, self.cfg, inputs)
 
     def describe(self, max_names: int | None = 8) -> list:
         """Lines for the log: the optimizer, then each rule and the params it matched."""

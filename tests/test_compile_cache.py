@@ -156,6 +156,9 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
                    layer_freeze__freeze_steps=30) == key
     assert changed(optim__momentum=0.5, optim__weight_decay=1e-3, optim__betas=(0.5, 0.9), optim__eps=1e-3,
                    optim__lars_eta=0.1, optim__scale_lr=True, optim__reference_batch_size=128) == key
+    clipped = changed(optim__clip_grad_norm=3.0)
+    assert clipped != key and changed(optim__clip_grad_norm=0.5) == clipped  # the bound: an input
+    assert changed(optim__clip_grad_norm=0.0) == key and changed(optim__clip_grad_value=1.0) not in (key, clipped)
     # Another step: no decay or no momentum buffer, other optimizer constants, the model, the data's
     # shapes, the step's role.
     for other in (dict(optim__momentum=0.0), dict(optim__weight_decay=0.0), dict(optim__nesterov=True),

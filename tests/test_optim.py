@@ -356,6 +356,30 @@ def test_clip_grad_value_and_norm_when_off():
         optim.clip_and_norm(grads, {"clip_grad_norm": 1.0, "clip_grad_value": 0.3})
 
 
+@pytest.mark.parametrize("key", ["clip_grad_norm", "clip_grad_value"])
+def test_one_compile_serves_every_clipping_bound(key):
+    """The bound is an input of the step (``opt.inputs``): another bound needs no new compile and
+    clips as torch's ``clip_grad_norm_`` / ``clip_grad_value_`` do with it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    params = _params()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = None
+    for bound in (0.5, 0.01):
+        opt = optim.build(_config(**{key: bound}), params)
+        compiled = compiled or torch.compile(opt.clip_and_norm, backend=counter, fullgraph=True)
+        grads = _grads(torch.Generator().manual_seed(8))
+        clipped, norm = compiled(grads, opt.inputs(0.1))
+        ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in flatten(grads).values()]
+        for p, g in zip(ref, flatten(grads).values()):
+            p.grad = g.clone()
+        clip_ = torch.nn.utils.clip_grad_norm_ if key == "clip_grad_norm" else torch.nn.utils.clip_grad_value_
+        clip_(ref, bound)
+        for p, g in zip(ref, flatten(clipped).values()):
+            torch.testing.assert_close(g, p.grad)
+        assert not torch.equal(flatten(clipped)["trunk.conv1.weight"], flatten(grads)["trunk.conv1.weight"])
+    assert counter.frame_count == 1
+
+
 def test_scaled_lr():
     cfg = optim.default_config()
     cfg.lr = 0.3

@@ -222,7 +222,7 @@ def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=
             tree.flatten(train_state["trainable"]), train_state["frozen"], train_state["model_state"], batch, given)
         if grad_reduce is not None:
             grads = grad_reduce(grads)
-        grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
+        grads, grad_norm = clip(grads, hyper) if clip is not None else (grads, optim.global_norm(grads))
         trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], hyper)
         metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **{k: v.detach() for k, v in losses.items()}}
         metrics["nonfinite"] = divergence.step_flag(loss, grad_norm)  # the state: checked by the books

@@ -45,7 +45,7 @@ PACKAGES_MAX_BYTES = 2 * 2**30
 
 # Config keys that are read outside the step (durations, logging, checkpoints, seeds, the
 # schedule, the base lr's linear scaling) or reach it as tensor inputs (the base lr, AdamW's betas
-# and eps, LARS's eta: ``optim.Optimizer.inputs``): a run that only changes these reuses the saved
+# and eps, LARS's eta: ``optim.Optimizer.inputs``; clipping's bound: ``STEP_INPUTS``): a run that only changes these reuses the saved
 # step. Everything else is part of the key.
 OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_epochs", "eval_steps",
                     "ckpt_epochs", "ckpt_steps", "keep_ckpts", "best_metric", "best_mode",
@@ -66,9 +66,9 @@ OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_ep
 # Config keys only the train step reads: the optimizer, BatchNorm's sync, the recomputation pass,
 # layers held for a while. The eval step (a forward pass, no inductor options) is keyed without them.
 TRAINING_ONLY = ("optim", "sync_bn", "sync_bn_group", "compile_remat", "layer_freeze")
-# Tensor inputs of the step whose zero-ness shapes it (a decay term, a momentum buffer): only
-# whether they are zero is keyed.
-STEP_INPUTS = ("optim.weight_decay", "optim.momentum")
+# Tensor inputs of the step whose zero-ness shapes it (a decay term, a momentum buffer, clipping):
+# only whether they are zero is keyed.
+STEP_INPUTS = ("optim.weight_decay", "optim.momentum", *(f"optim.{k}" for k in optim.CLIP_KEYS))
 
 
 def default_dir() -> str:

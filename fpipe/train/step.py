@@ -30,7 +30,7 @@ def heads_loss(outputs, batch, targets):
     return total, losses
 
 
-def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_stats=None,
+def make_step(model, opt, *, eval_norms=None, grad_reduce=None, sync_stats=None,
               autocast=None, loss_scaling=None, hold=frozenset(), in_place=False) -> Callable:
     """Returns ``step(train_state, batch, hyper) -> (train_state, metrics)``; hyper: ``opt.inputs(lr)``
     (the lr and the optimizer's other numbers as 0-d tensors: inputs of a compiled step, not
@@ -39,8 +39,8 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
     train_state: ``{"trainable", "frozen", "model_state", "opt_state"}`` trees (plus ``"scaler"``
     with loss scaling). eval_norms: dotted names of norm layers that run on running statistics;
     default: those whose params are frozen (``freeze.eval_norms``), so frozen BatchNorms never
-    update. clip: ``grads -> (grads, grad_norm)``; default: the optimizer's own
-    (``opt.clip_and_norm``, from ``optim.clip_grad_*``). grad_reduce:
+    update. Grads are clipped by the optimizer (``opt.clip_and_norm``, from ``optim.clip_grad_*``,
+    the bound from ``hyper``). grad_reduce:
     averages grads across processes (data parallel); sync_stats: SyncBN's all-reduce of BatchNorm
     statistics; autocast: a dtype for mixed precision, or None; loss_scaling: ``config.precision``
     for fp16's dynamic loss scaling (fpipe.train.precision), or None; hold: dotted names of
@@ -61,8 +61,7 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
         return (loss if scale is None else loss * scale), (loss, losses, outputs, new_model_state)
 
     grad_fn = grad_and_value_traced_or_eager(loss_fn)
-    if clip is None:
-        clip = getattr(opt, "clip_and_norm", None)
+    clip = getattr(opt, "clip_and_norm", None)  # an optimizer of one's own may not clip
 
     def step(train_state, batch, hyper):
         norms = eval_norms
@@ -77,7 +76,7 @@ def make_step(model, opt, *, eval_norms=None, clip=None, grad_reduce=None, sync_
             grads = grad_reduce(grads)
         if scaler is not None:
             grads, found_inf = precision.unscale(grads, scaler)
-        grads, grad_norm = clip(grads) if clip is not None else (grads, optim.global_norm(grads))
+        grads, grad_norm = clip(grads, hyper) if clip is not None else (grads, optim.global_norm(grads))
         trainable, opt_state = opt.update(grads, train_state["opt_state"], flat_trainable, hyper,
                                           in_place=in_place and not hold and loss_scaling is None)
         if updates_fused(opt, flat_trainable, in_place=in_place, hold=hold, loss_scaling=loss_scaling):
