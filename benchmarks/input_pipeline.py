@@ -1,11 +1,14 @@
 """Input pipeline throughput at 224 px: fpipe's loader vs torch DataLoader + Pillow transforms.
 
     PYTHONPATH=. python benchmarks/input_pipeline.py [--workers 2] [--rounds 3]
+    PYTHONPATH=. python benchmarks/input_pipeline.py --progressive        # other encodings, sizes:
+    PYTHONPATH=. python benchmarks/input_pipeline.py --quality 95 --subsampling 4:4:4 --size 2
 
-Writes ~2,000 photo-like JPEGs (about 500×375, varied sizes and orientations, quality 90, ~65 KB
-each) once into a temporary folder (or reads your own: ``--dir`` an image folder with
-``train/<class>/`` images; it is never written to), then times whole epochs over them (worker start
-included) for both pipelines with the same batch size and number of worker processes:
+Writes ~2,000 photo-like JPEGs (about 500×375 times ``--size``, varied sizes and orientations,
+quality 90, 4:2:0, sequential: ~65 KB each) once into a temporary folder named by those settings
+(or reads your own: ``--dir`` an image folder with ``train/<class>/`` images; it is never written
+to), then times whole epochs over them (worker start included) for both pipelines with the same
+batch size and number of worker processes:
 
 - train: random_resized_crop(224) | flip | normalize
 - eval:  resize(256) | center_crop(224) | normalize
@@ -41,15 +44,32 @@ MEAN, STD = data.transforms.IMAGENET_MEAN, data.transforms.IMAGENET_STD
 TRAIN, EVAL = "random_resized_crop|flip|normalize", "resize(256)|center_crop|normalize"
 
 
-def make_jpegs(root: str, count: int, classes: int = 10) -> bool:
+ENCODING = dict(quality=90, subsampling="4:2:0", progressive=False, size=1.0)  # the default set
+
+
+def encoding_tag(encoding: dict) -> str:
+    """A name for a set of generated JPEGs: "" for the default encoding, else its settings."""
+    changed = {k: v for k, v in encoding.items() if v != ENCODING[k]}
+    return "_".join(k if v is True else f"{k}{str(v).replace(':', '')}" for k, v in sorted(changed.items()))
+
+
+def make_jpegs(root: str, count: int, classes: int = 10, encoding: dict = ENCODING) -> bool:
     """``count`` JPEGs under root/train/<class>/, photo-like: smooth colour fields, shapes with
-    edges and sensor-like noise; written once (a marker file records completion). A folder that
-    already holds other files (your own ``train/<class>/`` images) is used as it is, never
-    written to: returns False then."""
-    marker = os.path.join(root, f"done_{count}")
+    edges and sensor-like noise, encoded as ``encoding`` says (``ENCODING``'s keys: Pillow's
+    quality, chroma subsampling, progressive, and a size factor); written once (a marker file
+    records completion and the encoding). A folder that already holds other files (your own
+    ``train/<class>/`` images) is used as it is, never written to: returns False then; one
+    generated with another encoding is refused."""
+    encoding = {**ENCODING, **encoding}
+    tag = encoding_tag(encoding)
+    marker = os.path.join(root, f"done_{count}" + (f"_{tag}" if tag else ""))
     if os.path.exists(marker):
         return True
     if os.path.isdir(root) and os.listdir(root):
+        others = [f for f in os.listdir(root) if f.startswith("done_")]
+        if others:
+            raise SystemExit(f"{root!r} holds JPEGs generated otherwise ({others[0]}); give "
+                             "another --dir, or the settings they were generated with")
         if not os.path.isdir(os.path.join(root, "train")):
             raise SystemExit(f"{root!r} holds files but no train/<class>/ images; give an "
                              "empty or new --dir for generated JPEGs, or an image folder")
@@ -71,8 +91,12 @@ def make_jpegs(root: str, count: int, classes: int = 10) -> bool:
         pixels += g.normal(0, 9, pixels.shape)
         folder = os.path.join(root, "train", f"class_{k % classes}")
         os.makedirs(folder, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-            os.path.join(folder, f"{k:05d}.jpg"), quality=90)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        if encoding["size"] != 1.0:
+            image = image.resize((max(1, round(width * encoding["size"])),
+                                  max(1, round(height * encoding["size"]))), Image.BICUBIC)
+        image.save(os.path.join(folder, f"{k:05d}.jpg"), quality=encoding["quality"],
+                   subsampling=encoding["subsampling"], progressive=encoding["progressive"])
     open(marker, "w").close()
     return True
 
@@ -180,10 +204,22 @@ def main():
     parser.add_argument("--limit", type=int, default=0, help="use only the first N (0: all)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "fpipe_bench_jpegs"))
+    parser.add_argument("--quality", type=int, default=ENCODING["quality"], help="of the generated JPEGs")
+    parser.add_argument("--subsampling", default=ENCODING["subsampling"], choices=("4:4:4", "4:2:2", "4:2:0"),
+                        help="the generated JPEGs' chroma subsampling")
+    parser.add_argument("--progressive", action="store_true", help="generate progressive JPEGs")
+    parser.add_argument("--size", type=float, default=ENCODING["size"],
+                        help="the generated images' sides times this (1: about 500×375)")
+    parser.add_argument("--dir", default=None, help="an image folder (default: generated JPEGs in "
+                        "a temporary folder named by the settings above)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    generated = make_jpegs(args.dir, args.images)
+    encoding = dict(quality=args.quality, subsampling=args.subsampling, progressive=args.progressive,
+                    size=args.size)
+    if args.dir is None:
+        tag = encoding_tag(encoding)
+        args.dir = os.path.join(tempfile.gettempdir(), "fpipe_bench_jpegs" + (f"_{tag}" if tag else ""))
+    generated = make_jpegs(args.dir, args.images, encoding=encoding)
     cfg = data.default_config()
     cfg.update(dict(name="image_folder", root=args.dir, train_split="train", test_split="train",
                     image_size=224, batch_size=args.batch, eval_batch_size=args.batch,
@@ -192,7 +228,8 @@ def main():
     if args.limit:
         ds = data.Dataset(ds.name, ds.classes, _first(ds.train, args.limit), None)
     sizes = [os.path.getsize(f) for f in ds.train.files]
-    print(f"{len(sizes)} {'generated JPEGs' if generated else 'of your images'} in {args.dir}, "
+    what = f"generated JPEGs ({encoding_tag(encoding) or 'the default encoding'})" if generated else "of your images"
+    print(f"{len(sizes)} {what} in {args.dir}, "
           f"mean {np.mean(sizes) / 1e3:.0f} KB; batch "
           f"{args.batch}, {args.workers} worker processes, 1 torch thread")
     runs = {
