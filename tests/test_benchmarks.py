@@ -189,3 +189,24 @@ def test_process_rounds_time_each_program_in_its_own_process():
     with pytest.raises(RuntimeError, match="the broken program's process ended"):
         process_rounds.time_round_robin({"quick": commands["quick"], "broken": [sys.executable, "-c", CHILD, "0", "fail"]},
                                         iters=1, warmup=1, env=env)
+
+
+def test_input_pipeline_generates_the_encoding_asked_for_and_refuses_a_set_made_otherwise(tmp_path):
+    """benchmarks/input_pipeline.py: JPEGs in the encoding and size asked for; a folder generated
+    with other settings is refused, never timed as if it held the set asked for."""
+    from PIL import Image
+    from benchmarks import input_pipeline
+    root = str(tmp_path / "set")
+    encoding = dict(progressive=True, subsampling="4:4:4", size=0.5)
+    assert input_pipeline.make_jpegs(root, 2, encoding=encoding)
+    files = sorted(pathlib.Path(root).glob("train/*/*.jpg"))
+    assert len(files) == 2
+    for f in files:
+        with Image.open(f) as image:
+            assert image.info.get("progressive") and max(image.size) <= 320
+            assert image.layer[0][1:3] == image.layer[1][1:3]  # no chroma subsampling
+    assert input_pipeline.make_jpegs(root, 2, encoding=encoding)  # the same set: reused
+    with pytest.raises(SystemExit, match="generated otherwise"):
+        input_pipeline.make_jpegs(root, 2)
+    assert input_pipeline.encoding_tag(input_pipeline.ENCODING) == ""
+    assert input_pipeline.encoding_tag({**input_pipeline.ENCODING, **encoding}) == "progressive_size0.5_subsampling444"
