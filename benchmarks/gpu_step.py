@@ -273,8 +273,7 @@ def first_call_alone(args, part, name):
            "--arch", args.arch, "--depth", str(args.depth), "--optimizer", args.optimizer,
            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--dtype", args.dtype]
     caches = le.scratch_dir("gpu-step-fresh-")
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
-               TRITON_CACHE_DIR=os.path.join(caches, "triton"), FPIPE_COMPILE_CACHE=os.path.join(caches, "fpipe"))
+    env = dict(le.caches_env(caches), TRITON_CACHE_DIR=os.path.join(caches, "triton"))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in out.stdout.splitlines() if l.startswith("FIRST_CALL ")]
     if out.returncode or not lines:

@@ -45,8 +45,8 @@ PACKAGES_MAX_BYTES = 2 * 2**30
 
 # Config keys that are read outside the step (durations, logging, checkpoints, seeds, the
 # schedule, the base lr's linear scaling) or reach it as tensor inputs (the base lr, AdamW's betas
-# and eps, LARS's eta: ``optim.Optimizer.inputs``; clipping's bound: ``STEP_INPUTS``): a run that only changes these reuses the saved
-# step. Everything else is part of the key.
+# and eps, LARS's eta: ``optim.Optimizer.inputs``; clipping's bound: ``STEP_INPUTS``): a run that
+# only changes these reuses the saved step. Everything else is part of the key.
 OUTSIDE_THE_STEP = ("seed", "total_epochs", "total_steps", "log_steps", "eval_epochs", "eval_steps",
                     "ckpt_epochs", "ckpt_steps", "keep_ckpts", "best_metric", "best_mode",
                     "compile_min_images", "compile_cache_dir", "cudnn_benchmark", "collective_timeout_s", "optim.lr",

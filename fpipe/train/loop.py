@@ -369,11 +369,11 @@ def step_cache(config, dist, *parts, fused_update=False, evaluation=False):
     """``(directory, key)`` for a compiled step of this config, or None (see :func:`cache_dir`).
     ``parts``: everything else the step is built with (its role, the autocast dtype a caller
     passes), so that a step built another way never loads this one; ``fused_update`` (the step
-    takes the optimizer's rules as inputs) and ``evaluation`` (the eval step): ``compile_cache.step_key``. Under torchrun the saved step
-    holds its collectives, which name their process group and divide by the world size: both are
-    in the key (a compiled 2-process supervised run on the digits: 66 s the first time, 11 s the
-    second, its step loaded in 1.6-1.8 s; each rank writes the whole file under its own name, then
-    renames it)."""
+    takes the optimizer's rules as inputs) and ``evaluation`` (the eval step):
+    ``compile_cache.step_key``. Under torchrun the saved step holds its collectives, which name
+    their process group and divide by the world size: both are in the key (a compiled 2-process
+    supervised run on the digits: 66 s the first time, 11 s the second, its step loaded in 1.6-1.8
+    s; each rank writes the whole file under its own name, then renames it)."""
     directory = cache_dir(config)
     if not directory:
         return None

@@ -77,9 +77,9 @@ def make_step(model, opt, *, eval_norms=None, grad_reduce=None, sync_stats=None,
         if scaler is not None:
             grads, found_inf = precision.unscale(grads, scaler)
         grads, grad_norm = clip(grads, hyper) if clip is not None else (grads, optim.global_norm(grads))
-        trainable, opt_state = opt.update(grads, train_state["opt_state"], flat_trainable, hyper,
-                                          in_place=in_place and not hold and loss_scaling is None)
-        if updates_fused(opt, flat_trainable, in_place=in_place, hold=hold, loss_scaling=loss_scaling):
+        fused = updates_fused(opt, flat_trainable, in_place=in_place, hold=hold, loss_scaling=loss_scaling)
+        trainable, opt_state = opt.update(grads, train_state["opt_state"], flat_trainable, hyper, in_place=fused)
+        if fused:
             trainable = train_state["trainable"]  # the given tree holds the new values
         if hold:
             trainable = _keep_held(trainable, train_state["trainable"], hold)
