@@ -10,7 +10,7 @@ import torch
 from fpipe import freeze, tree
 from fpipe.models import layers
 from fpipe.models import model as model_lib
-from fpipe.train import compile_cache, precision
+from fpipe.train import aoti_package, compile_cache, precision
 from fpipe.train import frozen_trunk as ft_lib
 from fpipe.train import step as step_lib
 from test_fold import _model
@@ -125,6 +125,10 @@ def test_eval_features_fold_every_norm_and_equal_the_models_features(compile, mo
     assert len(bns) == 20 and not [n for n in tree.flatten(folded[0]) if n.rsplit(".", 1)[0][6:] in bns]
 
 
+def _address(t):
+    return torch.ops.mkldnn.data_ptr(t) if t.is_mkldnn else t.data_ptr()
+
+
 def _frozen(model, params, state):
     """``(model, trainable, frozen, state, eval_norms)`` with the whole trunk frozen."""
     trainable, frozen = freeze.partition(params, ["trunk"])
@@ -176,6 +180,14 @@ def test_the_compiled_trunk_is_kept_and_a_later_run_loads_it_instead_of_compilin
     assert "Loaded the compiled frozen trunk" in caplog.text and "frozen trunk loaded and run" in caplog.text
     for k in first:
         assert torch.equal(second[k], first[k]), k
+    # Loaded with its constants (packed conv weights, biases) 64-byte aligned; AOTInductor's own
+    # loader leaves them 16 bytes past a boundary (glibc's malloc), which slows the trunk.
+    package = compile_cache._load_package(os.path.join(cache[0], saved), "frozen trunk")
+    assert isinstance(package, aoti_package.AlignedPackage) and len(package.constants) > 4
+    assert {_address(t) % 64 for t in package.constants.values()} == {0}
+    assert any(t.is_mkldnn for t in package.constants.values())
+    for k, v in package(x.contiguous()).items():
+        assert torch.equal(v, first[k]), k
     # A package holds code for its inputs' strides and does not check them (it returned another
     # image's features for channels-last input): the trunk hands it contiguous images, whatever came.
     # The first input loads the package, the second finds it kept in the process.

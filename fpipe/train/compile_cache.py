@@ -15,7 +15,8 @@ guards reject, fall back to a plain ``torch.compile`` (said in the log).
 
 A frozen trunk is saved another way (:func:`saved_package`): its weights are constants of its
 graph, which the precompile above refuses, so it is exported and compiled with AOTInductor into
-a package holding its kernels and packed weights; its key adds the weights' checksum.
+a package holding its kernels and packed weights; its key adds the weights' checksum. It is
+loaded with those weights on 64-byte boundaries (:mod:`fpipe.train.aoti_package`).
 
 The files are pickles and shared libraries holding code, as inductor's own cache in /tmp is: they
 are read only from a directory that this user owns and no one else may write, and only files this
@@ -35,7 +36,7 @@ from absl import logging
 
 from fpipe import files, optim, tree
 from fpipe.models import layers
-from fpipe.train import forked_compile
+from fpipe.train import aoti_package, forked_compile
 
 CACHE_ENV = "FPIPE_COMPILE_CACHE"  # overrides the default directory; "" turns the cache off
 STRICT_COMPILE_ENV = "FPIPE_STRICT_COMPILE"  # "1": a compile failure raises (the tests set it)
@@ -227,7 +228,7 @@ def remove_least_recent_packages(directory, keep, max_bytes=PACKAGES_MAX_BYTES):
 
 
 def _load_package(path, name):
-    package = _read_saved(path, name, torch._inductor.aoti_load_package)
+    package = _read_saved(path, name, aoti_package.load)
     if package is not None:
         os.utime(path)  # used now: the last to be removed
     return package
