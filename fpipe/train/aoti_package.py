@@ -3,7 +3,7 @@
 AOTInductor's CPU runtime copies a package's constants (a frozen trunk's packed weights) into one
 ``malloc``'d block. glibc serves a block that large from ``mmap``, 16 bytes past a page boundary,
 so every weight starts in the middle of a cache line and each 64-byte vector load of it reads two
-lines. The frozen trunk ran 3-10% slower than the same graph compiled in memory (Intel Xeon,
+lines. The frozen trunk ran up to 10% slower than the same graph compiled in memory (Intel Xeon,
 ResNet-18 64 px b64: 43.9 ms, with aligned copies 40.0; in memory 39.8). :func:`load` hands the
 runner copies in PyTorch's own allocations, which are 64-byte aligned, and frees the block: the
 same values, the same results.
@@ -44,13 +44,15 @@ class AlignedPackage:
     """A package's runner whose constants are ``self.constants``, copies it reads in place."""
 
     def __init__(self, runner):
-        by_fqn = runner.extract_constants_map(False)  # by original name ("block2-0"); set by
-        fqns = runner.get_constant_names_to_original_fqns()  # the runner's name ("block2_0")
-        if sorted(fqns.values()) != sorted(by_fqn) or set(fqns) != set(runner.get_constant_names_to_dtypes()):
-            raise ValueError("the package's constants are not named one to one")  # a constant left
-            # out would stay in the block freed below
-        constants = {name: by_fqn[fqn].clone() for name, fqn in fqns.items()}
-        del by_fqn
+        # The runner lists its constants by their original names ("block2-0") but takes them back
+        # by its own ("block2_0"). A constant left out would keep pointing into the freed block.
+        by_original = runner.extract_constants_map(False)
+        original_of = runner.get_constant_names_to_original_fqns()
+        if (sorted(original_of.values()) != sorted(by_original)
+                or set(original_of) != set(runner.get_constant_names_to_dtypes())):
+            raise ValueError("the package's constants are not named one to one")
+        constants = {name: by_original[original].clone() for name, original in original_of.items()}
+        del by_original
         # Handed over by reference (user-managed) into the idle buffer, which then becomes the
         # active one; the runner's own block is freed.
         runner.update_constant_buffer(constants, True, True, True)
@@ -60,5 +62,6 @@ class AlignedPackage:
         self.out_spec = pytree.treespec_loads(runner.get_call_spec()[1])
 
     def __call__(self, *args):
+        """The model on ``args``' tensors, in order (the package's inputs), as its output tree."""
         inputs = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
         return pytree.tree_unflatten(self.runner.run(inputs), self.out_spec)
