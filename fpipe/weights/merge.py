@@ -53,10 +53,10 @@ def merge(target: dict, tensors: dict, origin: dict, report: LoadReport, *, load
 
 def _like(tensor: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The file tensor with the model tensor's dtype, device and requires_grad, in memory of its
-    own: never a view of the file. A memory-mapped ``.pth`` or safetensors file rewritten in place
-    by another job would otherwise change the weights under a run, tensors that share one storage in the file
-    would share it in the model, and safetensors' tensors sit at any 4-byte offset (PyTorch's own
-    allocations start on 64-byte boundaries, as vector loads want)."""
+    own: never a view of the file. A memory-mapped ``.pth`` or safetensors file rewritten in
+    place by another job would otherwise change the weights under a run, tensors that share one
+    storage in the file would share it in the model, and safetensors' tensors sit at any 4-byte
+    offset (PyTorch's own allocations start on 64-byte boundaries, as vector loads want)."""
     if ref.is_meta:  # a meta target gives shapes only: nothing runs on these
         return tensor.detach().to(dtype=ref.dtype)
     out = tensor.detach().to(device=ref.device, dtype=ref.dtype, memory_format=torch.contiguous_format, copy=True)
