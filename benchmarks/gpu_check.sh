@@ -31,9 +31,10 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" FPIPE_COMPILE_CACHE=""
 PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/fpipe-site ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fpipe-site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/fpipe-site"
+if compgen -G ".whl/*.whl" >/dev/null; then  # installed once per machine; on the path every run
+  [ -d /tmp/fpipe-site ] || $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/fpipe-site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/fpipe-site"
 fi
 
 TEST_TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=130)  # a hung test fails alone

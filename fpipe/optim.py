@@ -354,7 +354,8 @@ class Optimizer:
         count = state["count"] + 1
         if in_place and self.updates_in_place(p):
             # the config's numbers (constants) where not given, e.g. the lr alone
-            complete = {"lr", *_INPUTS[self.name], *self._rules} <= inputs.keys()
+            # (a loop, not set <= dict_keys: torch 2.11's Dynamo cannot trace that comparison)
+            complete = all(key in inputs for key in ("lr", *_INPUTS[self.name], *self._rules))
             numbers = dict(inputs) if complete else {**self.inputs(0.0), **inputs}
             if not self.hyper[self.names[0]]["has_momentum"]:
                 numbers["momentum"] = torch.zeros((), dtype=torch.float32)
