@@ -69,6 +69,13 @@ def global_norm(tree: dict) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def clip_by(opt, grads: dict, inputs) -> tuple:
+    """``(grads, grad_norm)`` as a train step takes them: ``opt.clip_and_norm(grads, inputs)``; for
+    an optimizer of one's own without that method, the grads as they are and their global norm."""
+    clip = getattr(opt, "clip_and_norm", None)
+    return clip(grads, inputs) if clip is not None else (grads, global_norm(grads))
+
+
 def clip_and_norm(grads: dict, cfg, inputs=None) -> tuple:
     """Returns ``(grads, grad_norm)``: grads clipped as configured, and their norm before clipping.
 

@@ -215,14 +215,13 @@ def make_step(model, opt, *, grad_reduce=None, compiling=False, compile_options=
         return total, (losses, new_state)
 
     grad_fn = step_lib.grad_and_value_traced_or_eager(loss_fn)  # eager: autograd's memory, not torch.func's
-    clip = getattr(opt, "clip_and_norm", None)
 
     def update(train_state, batch, hyper, given):
         grads, (loss, (losses, new_model_state)) = grad_fn(
             tree.flatten(train_state["trainable"]), train_state["frozen"], train_state["model_state"], batch, given)
         if grad_reduce is not None:
             grads = grad_reduce(grads)
-        grads, grad_norm = clip(grads, hyper) if clip is not None else (grads, optim.global_norm(grads))
+        grads, grad_norm = optim.clip_by(opt, grads, hyper)
         trainable, opt_state = opt.update(grads, train_state["opt_state"], train_state["trainable"], hyper)
         metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **{k: v.detach() for k, v in losses.items()}}
         metrics["nonfinite"] = divergence.step_flag(loss, grad_norm)  # the state: checked by the books

@@ -61,7 +61,6 @@ def make_step(model, opt, *, eval_norms=None, grad_reduce=None, sync_stats=None,
         return (loss if scale is None else loss * scale), (loss, losses, outputs, new_model_state)
 
     grad_fn = grad_and_value_traced_or_eager(loss_fn)
-    clip = getattr(opt, "clip_and_norm", None)  # an optimizer of one's own may not clip
 
     def step(train_state, batch, hyper):
         norms = eval_norms
@@ -76,7 +75,7 @@ def make_step(model, opt, *, eval_norms=None, grad_reduce=None, sync_stats=None,
             grads = grad_reduce(grads)
         if scaler is not None:
             grads, found_inf = precision.unscale(grads, scaler)
-        grads, grad_norm = clip(grads, hyper) if clip is not None else (grads, optim.global_norm(grads))
+        grads, grad_norm = optim.clip_by(opt, grads, hyper)
         fused = updates_fused(opt, flat_trainable, in_place=in_place, hold=hold, loss_scaling=loss_scaling)
         trainable, opt_state = opt.update(grads, train_state["opt_state"], flat_trainable, hyper, in_place=fused)
         if fused:
