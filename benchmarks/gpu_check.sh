@@ -10,6 +10,9 @@
 #   bash benchmarks/gpu_check.sh first_calls        # each compile alone in a fresh process, empty caches:
 #                                                   # the fair first-call ratio (in one process the
 #                                                   # programs compiled later reuse the earlier's setup)
+#   bash benchmarks/gpu_check.sh diagnose           # where linear eval's first call and its steps spend
+#                                                   # their time: the compile alone under cProfile, then
+#                                                   # 3 steps of each program under torch.profiler
 #   bash benchmarks/gpu_check.sh train linear_eval+tests   # a+b: side by side (the tests' compiles
 #                                                   # then slow linear eval's first calls, not its steps)
 #   DEADLINE=560 bash benchmarks/gpu_check.sh ...   # no part runs past 560 s from the start
@@ -57,14 +60,16 @@ run_part() {
     linear_eval) part linear_eval 130 $PY benchmarks/gpu_step.py --parts linear_eval ;;
     first_calls) part first_calls 420 $PY benchmarks/gpu_step.py --parts train linear_eval --first-calls-alone --no-cudagraphs ;;
     cudagraphs) part cudagraphs 220 $PY benchmarks/gpu_step.py --parts train --programs fpipe_cudagraphs eager ;;
+    diagnose) part diagnose_compile 200 $PY benchmarks/gpu_step.py --parts linear_eval --first-calls-alone --programs fpipe --profile-first-call 40
+              part diagnose_steps 150 $PY benchmarks/gpu_step.py --parts linear_eval --rounds 2 --trace-steps 3 ;;
     vit) part vit 240 $PY benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128 --no-cudagraphs ;;
-    *) echo "unknown part $1; valid: env tests train linear_eval first_calls cudagraphs vit"; return 2 ;;
+    *) echo "unknown part $1; valid: env tests train linear_eval first_calls cudagraphs diagnose vit"; return 2 ;;
   esac
 }
 
 PARTS=${*:-env tests train linear_eval}
 for q in ${PARTS//+/ }; do  # every name checked before anything runs
-  case $q in env|tests|train|linear_eval|first_calls|cudagraphs|vit) ;; *) run_part "$q"; exit 2 ;; esac
+  case $q in env|tests|train|linear_eval|first_calls|cudagraphs|diagnose|vit) ;; *) run_part "$q"; exit 2 ;; esac
 done
 for p in $PARTS; do
   for q in ${p//+/ }; do run_part "$q" & done  # a+b: side by side

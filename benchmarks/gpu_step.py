@@ -5,6 +5,9 @@
     PYTHONPATH=. python benchmarks/gpu_step.py --device cpu --depth 18 --image-size 32 --batch-size 8 \\
         --steps 2 --rounds 2 --warmup 1                             # a dry run of the same code on CPU
     PYTHONPATH=. python benchmarks/gpu_step.py --first-calls-alone  # each compile alone, fresh process and caches
+    PYTHONPATH=. python benchmarks/gpu_step.py --parts linear_eval --first-calls-alone --programs fpipe \
+        --profile-first-call 40                                     # where that compile's time goes (cProfile)
+    PYTHONPATH=. python benchmarks/gpu_step.py --parts linear_eval --trace-steps 3  # device busy vs wall time
 
 One process; the programs alternate round by round, each round ``--steps`` calls timed between two
 device synchronisations (a step is asynchronous: timing single calls would time the launch).
@@ -30,8 +33,11 @@ allocator events), and, on CUDA, whether fpipe's steps synchronise with the host
 later reuses what an earlier compile set up; ``--first-calls-alone`` gives the fair first calls.
 """
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -40,11 +46,12 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from absl import logging as absl_logging
 
 from benchmarks import linear_eval_step as le
 from benchmarks import train_step as ts
 from fpipe import host_memory, tree
-from fpipe.train import compile_cache, precision
+from fpipe.train import compile_cache, forked_compile, precision
 from fpipe.train import loop as loop_lib
 from fpipe.train import step as step_lib
 
@@ -162,14 +169,35 @@ def compile_breakdown(before):
     return f"{kernels - kernels_was} kernels; " + ", ".join(f"{k} {t:.1f}" for k, t in spent.items() if t >= 0.05)
 
 
-def first_call(run, device):
-    """``(seconds, loss, compile breakdown)`` of ``run``'s first call (its compilation, if any)."""
+def first_call(run, device, profile_lines=0):
+    """``(seconds, loss, compile breakdown)`` of ``run``'s first call (its compilation, if any).
+    ``profile_lines``: also print that many of the compiler's functions by cumulative time
+    (cProfile), to find where a slow compile spends it."""
     sync(device)
     before = compile_counts()
+    profiler = cProfile.Profile() if profile_lines else None
     t = time.perf_counter()
+    if profiler:
+        profiler.enable()
     loss = float(run())
     sync(device)
-    return time.perf_counter() - t, loss, compile_breakdown(before)
+    seconds = time.perf_counter() - t
+    if profiler:
+        profiler.disable()
+        print_compile_profile(profiler, profile_lines)
+    return seconds, loss, compile_breakdown(before)
+
+
+COMPILER_CODE = r"_inductor|triton|subprocess|cpp_builder|codecache|async_compile|_functorch|_dynamo/output_graph"
+
+
+def print_compile_profile(profiler, lines):
+    """The compiler's functions (``COMPILER_CODE``) by cumulative time, then every function by its own."""
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(COMPILER_CODE, lines)
+    stats.sort_stats("tottime").print_stats(max(lines // 2, 5))
+    print("\n".join(l for l in text.getvalue().splitlines() if l.strip()), flush=True)
 
 
 def measure(makers, args, device):
@@ -179,7 +207,7 @@ def measure(makers, args, device):
     for name, make in makers.items():
         try:
             run = make()
-            first, loss, compiled = first_call(run, device)
+            first, loss, compiled = first_call(run, device, args.profile_first_call)
             if first > 5:  # a compile: where its time went
                 print(f"{name} compile: {compiled}", flush=True)
             host_memory.keep_large_blocks()  # as the train loops do after their first step
@@ -211,7 +239,31 @@ def measure(makers, args, device):
     for name in runs:
         out[name]["step_ms"] = statistics.median(times[name]) * 1e3
         out[name]["images_per_s"] = args.batch_size / statistics.median(times[name])
+    for name, run in runs.items() if args.trace_steps else ():
+        print_step_trace(name, run, device, args.trace_steps)
     return out, runs
+
+
+def print_step_trace(name, run, device, steps, rows=12):
+    """``steps`` warm steps under torch.profiler: wall time per step against the time the device
+    (or, on a CPU, the operators) was busy, and the kernels that took most of it. A device busy for
+    much less than the wall time waits on the host: launches, Python, synchronisations."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            run()
+        sync(device)
+        wall = (time.perf_counter() - t) / steps * 1e3
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in events) / steps / 1e3
+    print(f"{name} trace: {wall:.2f} ms a step, {'device' if cuda else 'operators'} busy {busy:.2f} ms "
+          f"({busy / wall:.0%}), {sum(e.count for e in events if e.device_type.name == 'CUDA') // steps if cuda else '-'} "
+          f"kernels a step", flush=True)
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
 
 def cpu_step_peak(run):
@@ -271,10 +323,18 @@ def first_call_alone(args, part, name):
     the later. Returns the child's JSON: ``first_call_s`` and ``compile`` (phases)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--parts", part, "--device", args.device,
            "--arch", args.arch, "--depth", str(args.depth), "--optimizer", args.optimizer,
-           "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--dtype", args.dtype]
+           "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
+           "--profile-first-call", str(args.profile_first_call)]
     caches = le.scratch_dir("gpu-step-fresh-")
     env = dict(le.caches_env(caches), TRITON_CACHE_DIR=os.path.join(caches, "triton"))
+    if args.profile_first_call:  # the compile in the profiled process, not a forked child (CPU)
+        env[forked_compile.IN_PROCESS_ENV] = "1"
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in out.stderr.splitlines():  # fpipe's log: the frozen trunk's and the step's compiles apart
+        if " compiled in " in line or " loaded and run in " in line:
+            print(f"  {part} {name}: {line.split(':absl:', 1)[-1]}")
+    if args.profile_first_call:
+        print("\n".join(l for l in out.stdout.splitlines() if not l.startswith("FIRST_CALL ")), flush=True)
     lines = [l for l in out.stdout.splitlines() if l.startswith("FIRST_CALL ")]
     if out.returncode or not lines:
         return {"error": (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]}
@@ -282,8 +342,10 @@ def first_call_alone(args, part, name):
 
 
 def child(args, makers, device):
-    """``--child NAME``: that program's first call alone, printed as one JSON line."""
-    first, _, compiled = first_call(makers[args.child](), device)
+    """``--child NAME``: that program's first call alone, printed as one JSON line; fpipe's log
+    (on stderr) says what each of its compiles took."""
+    absl_logging.set_verbosity(absl_logging.INFO)
+    first, _, compiled = first_call(makers[args.child](), device, args.profile_first_call)
     print("FIRST_CALL " + json.dumps({"first_call_s": first, "compile": compiled}), flush=True)
 
 
@@ -316,6 +378,12 @@ def main(argv=None):
     ap.add_argument("--first-calls-alone", action="store_true",
                     help="instead of the timed rounds: each compiling program's first call in its own fresh "
                          "process with empty caches, as a user's first run (the fair compile-time ratio)")
+    ap.add_argument("--profile-first-call", type=int, default=0, metavar="LINES",
+                    help="print where each first call (the compile) spent its time: that many of the "
+                         "compiler's functions by cumulative time (cProfile)")
+    ap.add_argument("--trace-steps", type=int, default=0, metavar="STEPS",
+                    help="after the timed rounds, profile that many steps of each program (torch.profiler): "
+                         "the device's busy time against the wall time, and the top kernels")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # first_call_alone's process: that program's first call
     args = ap.parse_args(argv)
     if args.arch != "resnet" and "linear_eval" in args.parts:

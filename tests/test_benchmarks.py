@@ -210,3 +210,25 @@ def test_input_pipeline_generates_the_encoding_asked_for_and_refuses_a_set_made_
         input_pipeline.make_jpegs(root, 2)
     assert input_pipeline.encoding_tag(input_pipeline.ENCODING) == ""
     assert input_pipeline.encoding_tag({**input_pipeline.ENCODING, **encoding}) == "progressive_size0.5_subsampling444"
+
+
+def test_gpu_steps_diagnostics_say_where_a_step_and_a_compile_spend_their_time(capsys):
+    """benchmarks/gpu_step.py's --trace-steps and --profile-first-call (for a GPU lease): the step's
+    wall time against its operators' busy time, with the operator that took it; the compile's
+    profile keeps the compiler's calls (a compiler run is a subprocess) and drops the rest."""
+    from benchmarks import gpu_step
+    a = torch.randn(256, 256)
+    gpu_step.print_step_trace("matmuls", lambda: [a @ a for _ in range(20)], torch.device("cpu"), steps=2)
+    out = capsys.readouterr().out
+    wall, busy = (float(out.split(word)[0].split()[-1]) for word in (" ms a step", " ms ("))
+    assert 0 < busy <= wall * 1.05 and "aten::mm" in out.split("\n", 1)[1].splitlines()[3]
+
+    import cProfile
+    profiler = cProfile.Profile()
+    profiler.enable()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    sorted(range(1000), key=lambda i: -i)
+    profiler.disable()
+    gpu_step.print_compile_profile(profiler, 6)
+    by_cumulative = capsys.readouterr().out.split("Ordered by: internal time")[0]
+    assert "subprocess.py" in by_cumulative and "<lambda>" not in by_cumulative
