@@ -194,10 +194,11 @@ COMPILER_CODE = r"_inductor|triton|subprocess|cpp_builder|codecache|async_compil
 def print_compile_profile(profiler, lines):
     """The compiler's functions (``COMPILER_CODE``) by cumulative time, then every function by its own."""
     text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text).strip_dirs()
+    stats = pstats.Stats(profiler, stream=text)  # the paths kept: the filter reads their packages
     stats.sort_stats("cumulative").print_stats(COMPILER_CODE, lines)
     stats.sort_stats("tottime").print_stats(max(lines // 2, 5))
-    print("\n".join(l for l in text.getvalue().splitlines() if l.strip()), flush=True)
+    packages = os.path.dirname(os.path.dirname(torch.__file__)) + os.sep  # shown relative to it
+    print("\n".join(l.replace(packages, "") for l in text.getvalue().splitlines() if l.strip()), flush=True)
 
 
 def measure(makers, args, device):
