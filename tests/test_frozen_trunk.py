@@ -60,16 +60,41 @@ def test_the_frozen_trunk_runs_under_the_runs_mixed_precision():
     trunk computes under autocast: bf16 features, not float32 ones (the trunk is most of the work)."""
     model, trainable, frozen, state, eval_norms = _linear_eval_model()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    inputs = model_lib.head_inputs(model.heads)  # the heads' inputs: res4 pooled, flatten
     with precision.autocast(torch.bfloat16, "cpu"), torch.no_grad():
         want, _ = model.trunk.apply(tree.merge(trainable, frozen)["trunk"], state["trunk"], x, train=False,
                                     features=("flatten", "res4"))
+        want = model_lib.pool_inputs(want, inputs)
     fp32 = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=False).features(x)
     bf16 = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=False,
                                autocast=torch.bfloat16).features(x)
-    for k in ("flatten", "res4"):
+    assert sorted(bf16) == sorted(want) == ["flatten", "res4/avg2x2"]
+    for k in want:
         assert bf16[k].dtype == want[k].dtype == torch.bfloat16 and fp32[k].dtype == torch.float32
         rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
         assert rel(bf16[k], want[k]) < 2e-2, k  # ~1%: the norms are folded into the weights before the cast
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_trunk_hands_the_heads_pooled_grids_of_every_crop(compile):
+    """A head's pooling runs in the constant trunk: the heads' step gets each resolution's pooled
+    grid (res4 at 1x1), not the feature map, and the heads compute what the whole model does on
+    multi-crop input (two resolutions, a pooled head and a vector head)."""
+    heads = dict(vec=model_lib.head_config("res5avg", "linear"),
+                 grid=model_lib.head_config("res4", "eval_mlp", pool=[1, 1]))
+    model, params, state = _model(18, heads)
+    model, trainable, frozen, state, eval_norms = _frozen(model, params, state)
+    gen = torch.Generator().manual_seed(7)
+    crops = (torch.randn(4, 3, 32, 32, generator=gen), torch.randn(4, 3, 32, 32, generator=gen),
+             torch.randn(4, 3, 16, 16, generator=gen))
+    ft = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, compile=compile)
+    feats = ft.features(crops)
+    assert [(n, sorted(f)) for n, f in feats] == [(2, ["res4/avg1x1", "res5avg"]), (1, ["res4/avg1x1", "res5avg"])]
+    assert [tuple(f["res4/avg1x1"].shape) for _, f in feats] == [(8, 256, 1, 1), (4, 256, 1, 1)]
+    out, _ = ft.model.apply(tree.merge(trainable, frozen), state, feats, train=False, eval_norms=eval_norms)
+    want, _ = model.apply(tree.merge(trainable, frozen), state, crops, train=False, eval_norms=eval_norms)
+    for name in ("vec", "grid"):
+        torch.testing.assert_close(out[name], want[name], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("compile", [False, True])

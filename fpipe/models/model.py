@@ -137,15 +137,7 @@ def build(model_cfg, *, num_classes, image_size, target_sizes=None) -> Model:
         return apply_heads(params, {**state, "trunk": trunk_state}, feats, train=train,
                            eval_norms=eval_norms, sync_stats=sync_stats)
 
-    def apply_heads(params, state, feats, *, train, eval_norms=frozenset(), sync_stats=None):
-        """The heads alone on trunk features ``{name: tensor}``; the trunk state passes through."""
-        outputs, head_states = {}, {}
-        for h in heads:
-            x = _head_input(h, feats)
-            outputs[h.name], head_states[h.name] = _apply_head(
-                h, params["heads"][h.name], state.get("heads", {}).get(h.name, {}), x, train,
-                _under(f"heads.{h.name}", eval_norms), sync_stats)
-        return outputs, {"trunk": state.get("trunk", {}), "heads": head_states}
+    apply_heads = apply_heads_of(heads)
 
     def features(params, state, images, names=("flatten",)):
         """Trunk features in eval mode, for feature extraction."""
@@ -153,6 +145,43 @@ def build(model_cfg, *, num_classes, image_size, target_sizes=None) -> Model:
                                                 features=tuple(names))[0], images)
 
     return Model(trunk, heads, init, apply, apply_heads, features, init_heads)
+
+
+def apply_heads_of(heads):
+    """``apply_heads(params, state, feats, *, train, ...)``: ``heads`` alone on trunk features
+    ``{name: tensor}`` (each pooled as its head says), the trunk state passing through."""
+    def apply_heads(params, state, feats, *, train, eval_norms=frozenset(), sync_stats=None):
+        outputs, head_states = {}, {}
+        for h in heads:
+            x = _head_input(h, feats)
+            outputs[h.name], head_states[h.name] = _apply_head(
+                h, params["heads"][h.name], state.get("heads", {}).get(h.name, {}), x, train,
+                _under(f"heads.{h.name}", eval_norms), sync_stats)
+        return outputs, {"trunk": state.get("trunk", {}), "heads": head_states}
+    return apply_heads
+
+
+def head_inputs(heads) -> dict:
+    """``{input name: (feature, pool, pool_type)}``: what the heads read, each feature as pooled for
+    its heads (a pooled input is named ``<feature>/<pool_type><h>x<w>``; an unpooled one, as its
+    feature). A frozen trunk computes these (fpipe.train.frozen_trunk), so its output and the
+    heads' step carry pooled grids, not whole feature maps."""
+    return {_input_name(h): (h.feature, h.pool, h.pool_type) for h in heads}
+
+
+def reading_inputs(heads) -> tuple:
+    """``heads`` reading :func:`head_inputs`' names, already pooled."""
+    return tuple(h._replace(feature=_input_name(h), pool=None) for h in heads)
+
+
+def pool_inputs(feats: dict, inputs: dict) -> dict:
+    """``{input name: tensor}`` from trunk features ``feats``, pooled as ``inputs`` (:func:`head_inputs`) says."""
+    return {name: feats[f] if pool is None else layers.adaptive_pool(feats[f], pool, kind)
+            for name, (f, pool, kind) in inputs.items()}
+
+
+def _input_name(head) -> str:
+    return head.feature if head.pool is None else f"{head.feature}/{head.pool_type}{head.pool[0]}x{head.pool[1]}"
 
 
 def over_views(run, images):
