@@ -383,7 +383,8 @@ def step_cache(config, dist, *parts, fused_update=False, evaluation=False):
 
 def trunk_cache(config, dist):
     """``(directory, key)`` for a compiled frozen trunk, or None: its key is the trunk's config
-    (``frozen_trunk`` adds its weights and input shape), so other heads or optimizers share it.
+    (``frozen_trunk`` adds its weights, the input shape and the heads' pooled inputs), so runs
+    with other optimizers, or other heads on the same inputs, share it.
     It holds no collectives: runs of any number of processes share it."""
     directory = cache_dir(config)
     return (directory, compile_cache.key_of(config.model.trunk.to_dict(), str(dist.device))) if directory else None
