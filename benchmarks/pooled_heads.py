@@ -8,7 +8,7 @@ programs built from the loop's own pieces (``loop.build_train_step``, compiled, 
 
   fpipe         what the loop runs: ``frozen_trunk`` computes each head's pooled input in its
                 constant graph (``model.head_inputs``) and the heads' step reads it as it is.
-  pool_in_step  the same trunk handing over whole feature maps (``constant_trunk`` on the features'
+  pool_in_step  the same trunk handing over whole feature maps (``eval_features`` on the features'
                 names) and the heads' step pooling them (``model.apply_heads``): fpipe before
                 2026-12-06.
 
@@ -26,7 +26,6 @@ import torch
 from benchmarks.linear_eval_step import machine
 from configs import linear_eval
 from fpipe import freeze, optim, tree
-from fpipe.models import fold
 from fpipe.models import model as model_lib
 from fpipe.train import distributed
 from fpipe.train import frozen_trunk as ft_lib
@@ -34,22 +33,23 @@ from fpipe.train import loop as loop_lib
 
 
 def programs(config, model, params, state, batch_size):
-    """``{name: (features, step)}``: the two ways to feed the heads, each step compiled as the loop builds it."""
+    """``({name: (features, step)}, trainable, frozen, opt)``: the two ways to feed the heads, each
+    step compiled as the loop builds it."""
     trainable, frozen = freeze.partition(params, config.model.freeze)
     eval_norms = freeze.eval_norms(state, frozen)
     opt = optim.build(config.optim, trainable)
     dist = distributed.Dist(device=torch.device("cpu"))
     ft = ft_lib.frozen_trunk(model, trainable, frozen, state, eval_norms, batch_size=batch_size)
-    folded = fold.fold_frozen_norms(frozen, state, eval_norms)
-    names = tuple(sorted({h.feature for h in model.heads}))
-    whole_maps = ft_lib.constant_trunk(model.trunk, folded["trunk"], state["trunk"], names, batch_size=batch_size)
+    # the same constant trunk (every norm folded) giving the features whole, as before 2026-12-06
+    whole_maps = ft_lib.eval_features(model, params, state, sorted({h.feature for h in model.heads}),
+                                      batch_size=batch_size)
     out = {}
     for name, heads_model, features in (("fpipe", ft.model, ft.features),
                                         ("pool_in_step", model._replace(apply=model.apply_heads), whole_maps)):
         step = loop_lib.build_train_step(config, heads_model, opt, trainable, state, eval_norms, dist,
                                          compiling=True, heads_only=True)
-        out[name] = (features, step, opt)
-    return out, trainable, frozen
+        out[name] = (features, step)
+    return out, trainable, frozen, opt
 
 
 def main(argv=None):
@@ -66,7 +66,7 @@ def main(argv=None):
         config.compile_cache_dir = ""  # each program compiles here: no kept step from another run
     model = model_lib.build(config.model, num_classes=args.classes, image_size=args.image_size)
     params, state = model.init(0)
-    progs, trainable, frozen = programs(config, model, params, state, args.batch_size)
+    progs, trainable, frozen, opt = programs(config, model, params, state, args.batch_size)
     gen = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen),
              "label": torch.randint(0, args.classes, (args.batch_size,), generator=gen),
@@ -74,7 +74,7 @@ def main(argv=None):
     print(f"machine: {machine()}\n== {config.model.trunk.name}, heads {', '.join(h.name for h in model.heads)} "
           f"({args.variant or 'the main job'}), {args.image_size} px, batch {args.batch_size}")
     runs, times = {}, {}
-    for name, (features, step, opt) in progs.items():
+    for name, (features, step) in progs.items():
         fresh = lambda t: tree.map_leaves(torch.clone, t)  # each program its own state, the same values
         box = {"ts": {"trainable": fresh(trainable), "frozen": frozen, "model_state": fresh(state),
                       "opt_state": opt.init(trainable)}}
