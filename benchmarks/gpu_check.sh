@@ -11,10 +11,12 @@
 #                                                   # the fair first-call ratio (in one process the
 #                                                   # programs compiled later reuse the earlier's setup)
 #   bash benchmarks/gpu_check.sh diagnose           # where linear eval's first call and its steps spend
-#                                                   # their time: the compile alone under cProfile (its
-#                                                   # kernels compiled by inductor's workers, then in the
-#                                                   # process), then 3 steps of each program under
-#                                                   # torch.profiler (about 7 minutes)
+#                                                   # their time: the compile alone under cProfile (and
+#                                                   # how many Triton kernels were compiled in the process
+#                                                   # rather than by inductor's workers), the same with the
+#                                                   # workers started first, 3 steps of each program under
+#                                                   # torch.profiler, then the compile with every kernel
+#                                                   # compiled in the process (about 8 minutes)
 #   bash benchmarks/gpu_check.sh train linear_eval+tests   # a+b: side by side (the tests' compiles
 #                                                   # then slow linear eval's first calls, not its steps)
 #   DEADLINE=560 bash benchmarks/gpu_check.sh ...   # no part runs past 560 s from the start
@@ -63,9 +65,12 @@ run_part() {
     first_calls) part first_calls 420 $PY benchmarks/gpu_step.py --parts train linear_eval --first-calls-alone --no-cudagraphs ;;
     cudagraphs) part cudagraphs 220 $PY benchmarks/gpu_step.py --parts train --programs fpipe_cudagraphs eager ;;
     diagnose) part diagnose_compile 150 $PY benchmarks/gpu_step.py --parts linear_eval --first-calls-alone --programs fpipe --profile-first-call 40
-              # again with every kernel compiled in the process: the profile then shows each compile, not a wait
-              part diagnose_compile_serial 150 env TORCHINDUCTOR_COMPILE_THREADS=1 $PY benchmarks/gpu_step.py --parts linear_eval --first-calls-alone --programs fpipe --profile-first-call 40
-              part diagnose_steps 150 $PY benchmarks/gpu_step.py --parts linear_eval --rounds 2 --trace-steps 3 ;;
+              # again with inductor's workers up before the compile: if the kernels above were compiled
+              # "in this process" (workers not up yet) and this one is fast, starting them earlier is the fix
+              part diagnose_compile_warm 120 $PY benchmarks/gpu_step.py --parts linear_eval --first-calls-alone --programs fpipe --warm-workers
+              part diagnose_steps 150 $PY benchmarks/gpu_step.py --parts linear_eval --rounds 2 --trace-steps 3
+              # last: every kernel compiled in the process, so the profile shows each compile, not a wait
+              part diagnose_compile_serial 150 env TORCHINDUCTOR_COMPILE_THREADS=1 $PY benchmarks/gpu_step.py --parts linear_eval --first-calls-alone --programs fpipe --profile-first-call 40 ;;
     vit) part vit 240 $PY benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128 --no-cudagraphs ;;
     *) echo "unknown part $1; valid: env tests train linear_eval first_calls cudagraphs diagnose vit"; return 2 ;;
   esac

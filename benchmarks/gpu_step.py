@@ -148,11 +148,35 @@ def start_compile_workers(timeout_s=300):
     return time.perf_counter() - t0
 
 
+TRITON_COMPILES = {"here": 0, "workers": 0}  # Triton kernels compiled in this process / by inductor's workers
+
+
+def count_triton_compiles():
+    """Counts where inductor compiles each Triton kernel: in its worker processes once they are up,
+    in this process (inside code generation, one config after another) before. A small graph whose
+    kernels all compile here waits on each in turn. Internal inductor API: left alone if absent."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+    except ImportError:
+        return
+    triton = AsyncCompile.triton
+    if getattr(triton, "counted", False):
+        return
+
+    def counted(self, *args, **kwargs):
+        TRITON_COMPILES["workers" if self.use_process_pool() else "here"] += 1
+        return triton(self, *args, **kwargs)
+    counted.counted = True
+    AsyncCompile.triton = counted
+
+
 def compile_counts():
-    """What the compiler has done so far in this process: its timed phases, and kernels generated."""
+    """What the compiler has done so far in this process: its timed phases, kernels generated, and
+    where Triton kernels were compiled (``count_triton_compiles``)."""
     from torch._dynamo import utils
     from torch._inductor import metrics
-    return {k: list(v) for k, v in utils.compilation_time_metrics.items()}, metrics.generated_kernel_count
+    return ({k: list(v) for k, v in utils.compilation_time_metrics.items()}, metrics.generated_kernel_count,
+            dict(TRITON_COMPILES))
 
 
 PHASES = ("_compile.compile_inner", "bytecode_tracing", "create_aot_dispatcher_function",  # nested:
@@ -164,9 +188,12 @@ PHASES = ("_compile.compile_inner", "bytecode_tracing", "create_aot_dispatcher_f
 
 def compile_breakdown(before):
     """The kernels generated and the compiler's main phases (seconds) since ``before`` (``compile_counts()``)."""
-    (was, kernels_was), (now, kernels) = before, compile_counts()
+    (was, kernels_was, triton_was), (now, kernels, triton) = before, compile_counts()
     spent = {k: sum(now[k][len(was.get(k, [])):]) for k in PHASES if k in now}
-    return f"{kernels - kernels_was} kernels; " + ", ".join(f"{k} {t:.1f}" for k, t in spent.items() if t >= 0.05)
+    here, workers = (triton[k] - triton_was[k] for k in ("here", "workers"))
+    where = f" (Triton: {here} compiled in this process, {workers} by the workers)" if here or workers else ""
+    return (f"{kernels - kernels_was} kernels{where}; "
+            + ", ".join(f"{k} {t:.1f}" for k, t in spent.items() if t >= 0.05))
 
 
 def first_call(run, device, profile_lines=0):
@@ -325,7 +352,7 @@ def first_call_alone(args, part, name):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--parts", part, "--device", args.device,
            "--arch", args.arch, "--depth", str(args.depth), "--optimizer", args.optimizer,
            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
-           "--profile-first-call", str(args.profile_first_call)]
+           "--profile-first-call", str(args.profile_first_call)] + (["--warm-workers"] if args.warm_workers else [])
     caches = le.scratch_dir("gpu-step-fresh-")
     env = dict(le.caches_env(caches), TRITON_CACHE_DIR=os.path.join(caches, "triton"))
     if args.profile_first_call:  # the compile in the profiled process, not a forked child (CPU)
@@ -385,6 +412,9 @@ def main(argv=None):
     ap.add_argument("--trace-steps", type=int, default=0, metavar="STEPS",
                     help="after the timed rounds, profile that many steps of each program (torch.profiler): "
                          "the device's busy time against the wall time, and the top kernels")
+    ap.add_argument("--warm-workers", action="store_true",
+                    help="with --first-calls-alone: start inductor's compile workers in each fresh process before "
+                         "its first call is timed (a user's run starts them at its first compile)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # first_call_alone's process: that program's first call
     args = ap.parse_args(argv)
     if args.arch != "resnet" and "linear_eval" in args.parts:
@@ -398,7 +428,8 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = precision.autocast_dtype(args.dtype, device)
     if device.type == "cuda":
-        if not args.child:  # before any program: each first call here then times its own compile
+        count_triton_compiles()
+        if not args.child or args.warm_workers:  # before any program: each first call here then times its own compile
             print(f"inductor's compile workers up after {start_compile_workers():.1f} s", flush=True)
         # as main.py's runs set it (config.cudnn_benchmark), for every program alike; float32
         # matmuls keep PyTorch's default (no TF32), as fpipe's runs do

@@ -232,3 +232,19 @@ def test_gpu_steps_diagnostics_say_where_a_step_and_a_compile_spend_their_time(c
     gpu_step.print_compile_profile(profiler, 40)
     by_cumulative = capsys.readouterr().out.split("Ordered by: internal time")[0]
     assert "torch/_inductor/compile_fx.py" in by_cumulative and "<lambda>" not in by_cumulative
+
+
+def test_gpu_steps_compile_breakdown_says_where_triton_kernels_were_compiled(monkeypatch):
+    """``count_triton_compiles``: a Triton kernel compiled before inductor's workers are up is counted
+    "in this process" (a small graph then waits on each compile in turn), after it "by the workers"."""
+    from torch._inductor.async_compile import AsyncCompile
+    from benchmarks import gpu_step
+    ready = iter([False, True, True])
+    monkeypatch.setattr(AsyncCompile, "triton", lambda self, name, source, device_str="cuda": name)
+    monkeypatch.setattr(AsyncCompile, "use_process_pool", classmethod(lambda cls: next(ready)))
+    monkeypatch.setattr(gpu_step, "TRITON_COMPILES", {"here": 0, "workers": 0})
+    gpu_step.count_triton_compiles()
+    gpu_step.count_triton_compiles()  # once only: a second wrapper would count each kernel twice
+    before = gpu_step.compile_counts()
+    assert [AsyncCompile().triton(k, "src") for k in ("k0", "k1", "k2")] == ["k0", "k1", "k2"]
+    assert "(Triton: 1 compiled in this process, 2 by the workers)" in gpu_step.compile_breakdown(before)
