@@ -35,6 +35,7 @@ later reuses what an earlier compile set up; ``--first-calls-alone`` gives the f
 import argparse
 import cProfile
 import io
+import itertools
 import json
 import os
 import pstats
@@ -148,13 +149,14 @@ def start_compile_workers(timeout_s=300):
     return time.perf_counter() - t0
 
 
-TRITON_COMPILES = {"here": 0, "workers": 0}  # Triton kernels compiled in this process / by inductor's workers
+TRITON_COMPILES = []  # where each Triton kernel was compiled, in order: "here" (this process) or "workers"
 
 
 def count_triton_compiles():
-    """Counts where inductor compiles each Triton kernel: in its worker processes once they are up,
-    in this process (inside code generation, one config after another) before. A small graph whose
-    kernels all compile here waits on each in turn. Internal inductor API: left alone if absent."""
+    """Records, in ``TRITON_COMPILES``, where inductor compiles each Triton kernel: in its worker
+    processes once they are up, before that in this process (inside code generation, one config
+    after another), so a small graph compiled before the workers are up waits on each kernel in
+    turn. Internal inductor API: left alone if absent."""
     try:
         from torch._inductor.async_compile import AsyncCompile
     except ImportError:
@@ -164,7 +166,7 @@ def count_triton_compiles():
         return
 
     def counted(self, *args, **kwargs):
-        TRITON_COMPILES["workers" if self.use_process_pool() else "here"] += 1
+        TRITON_COMPILES.append("workers" if self.use_process_pool() else "here")
         return triton(self, *args, **kwargs)
     counted.counted = True
     AsyncCompile.triton = counted
@@ -176,7 +178,7 @@ def compile_counts():
     from torch._dynamo import utils
     from torch._inductor import metrics
     return ({k: list(v) for k, v in utils.compilation_time_metrics.items()}, metrics.generated_kernel_count,
-            dict(TRITON_COMPILES))
+            len(TRITON_COMPILES))
 
 
 PHASES = ("_compile.compile_inner", "bytecode_tracing", "create_aot_dispatcher_function",  # nested:
@@ -190,8 +192,8 @@ def compile_breakdown(before):
     """The kernels generated and the compiler's main phases (seconds) since ``before`` (``compile_counts()``)."""
     (was, kernels_was, triton_was), (now, kernels, triton) = before, compile_counts()
     spent = {k: sum(now[k][len(was.get(k, [])):]) for k in PHASES if k in now}
-    here, workers = (triton[k] - triton_was[k] for k in ("here", "workers"))
-    where = f" (Triton: {here} compiled in this process, {workers} by the workers)" if here or workers else ""
+    runs = [f"{len(list(group))} {where}" for where, group in itertools.groupby(TRITON_COMPILES[triton_was:triton])]
+    where = f" (Triton kernels compiled, in order: {', '.join(runs)})" if runs else ""
     return (f"{kernels - kernels_was} kernels{where}; "
             + ", ".join(f"{k} {t:.1f}" for k, t in spent.items() if t >= 0.05))
 

@@ -236,15 +236,17 @@ def test_gpu_steps_diagnostics_say_where_a_step_and_a_compile_spend_their_time(c
 
 def test_gpu_steps_compile_breakdown_says_where_triton_kernels_were_compiled(monkeypatch):
     """``count_triton_compiles``: a Triton kernel compiled before inductor's workers are up is counted
-    "in this process" (a small graph then waits on each compile in turn), after it "by the workers"."""
+    "here" (in this process: a small graph then waits on each compile in turn), after it "workers";
+    the breakdown gives them in order, so a trunk's and a later step's compiles show apart."""
     from torch._inductor.async_compile import AsyncCompile
     from benchmarks import gpu_step
-    ready = iter([False, True, True])
+    ready = iter([False, True, True, False])
     monkeypatch.setattr(AsyncCompile, "triton", lambda self, name, source, device_str="cuda": name)
     monkeypatch.setattr(AsyncCompile, "use_process_pool", classmethod(lambda cls: next(ready)))
-    monkeypatch.setattr(gpu_step, "TRITON_COMPILES", {"here": 0, "workers": 0})
+    monkeypatch.setattr(gpu_step, "TRITON_COMPILES", [])
     gpu_step.count_triton_compiles()
     gpu_step.count_triton_compiles()  # once only: a second wrapper would count each kernel twice
+    assert AsyncCompile().triton("k0", "src") == "k0"
     before = gpu_step.compile_counts()
-    assert [AsyncCompile().triton(k, "src") for k in ("k0", "k1", "k2")] == ["k0", "k1", "k2"]
-    assert "(Triton: 1 compiled in this process, 2 by the workers)" in gpu_step.compile_breakdown(before)
+    assert [AsyncCompile().triton(k, "src") for k in ("k1", "k2", "k3")] == ["k1", "k2", "k3"]
+    assert "(Triton kernels compiled, in order: 2 workers, 1 here)" in gpu_step.compile_breakdown(before)
