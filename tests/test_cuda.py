@@ -51,6 +51,20 @@ def test_compiled_linear_eval_on_cuda(tmp_path):
     assert all(0 <= r["top1"] <= 100 for r in results.values())
 
 
+def test_a_second_compiled_run_on_cuda_loads_its_saved_step_and_agrees(tmp_path):
+    """A second run with the same config loads the heads' step the first compiled and saved (as on
+    the CPU: tests/test_compile_cache.py), and evaluates as the first did."""
+    cache, runs = tmp_path / "compiled", [tmp_path / "first", tmp_path / "second"]
+    for workdir in runs:
+        main(workdir, "--config.total_steps=20", "--config.compile=True", "--config.compile_min_images=0",
+             f"--config.compile_cache_dir={cache}")
+    log = (runs[1] / "log").read_text()
+    assert "train step loaded and run" in log, log[-3000:]
+    first, second = (json.loads((w / "results.json").read_text())["heads"] for w in runs)
+    # the frozen trunk is compiled again (cuDNN may pick other algorithms): a test image or two may flip
+    assert all(abs(first[h]["top1"] - second[h]["top1"]) <= 1.0 for h in first), (first, second)
+
+
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
 def test_the_donating_fused_step_matches_the_plain_step_on_cuda_without_host_syncs(opt_name, monkeypatch):
     from test_donation import batches, tiny
