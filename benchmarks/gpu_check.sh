@@ -59,7 +59,7 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND with a limit, output to t
 run_part() {
   case $1 in
     env) part env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'" ;;
-    tests) part tests 150 $PY -m pytest -v -p no:cacheprovider -n 4 $TEST_TIMEOUT tests/test_cuda.py tests/test_data_cuda.py ;;  # -v: each result named as it lands
+    tests) part tests 200 $PY -m pytest -v -p no:cacheprovider -n 4 $TEST_TIMEOUT tests/test_cuda.py tests/test_data_cuda.py ;;  # -v: each result named as it lands
     train) part train 280 $PY benchmarks/gpu_step.py --parts train --no-cudagraphs ;;
     linear_eval) part linear_eval 130 $PY benchmarks/gpu_step.py --parts linear_eval ;;
     first_calls) part first_calls 420 $PY benchmarks/gpu_step.py --parts train linear_eval --first-calls-alone --no-cudagraphs ;;
