@@ -44,7 +44,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # installed once per machine; on th
   export PYTHONPATH="$PYTHONPATH:/tmp/fpipe-site"
 fi
 
-TEST_TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=130)  # a hung test fails alone
+TEST_TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=180)  # a hung test fails alone
 
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND with a limit, output to the screen and $OUT/NAME.txt
   local name=$1 limit=$2; shift 2
