@@ -17,6 +17,8 @@
 #                                                   # workers started first, 3 steps of each program under
 #                                                   # torch.profiler, then the compile with every kernel
 #                                                   # compiled in the process (about 8 minutes)
+#   bash benchmarks/gpu_check.sh second_run         # the main job compiled, twice: the second loads the first's
+#                                                   # steps (the goal: training starts within 5 s)
 #   bash benchmarks/gpu_check.sh train linear_eval+tests   # a+b: side by side (the tests' compiles
 #                                                   # then slow linear eval's first calls, not its steps)
 #   DEADLINE=560 bash benchmarks/gpu_check.sh ...   # no part runs past 560 s from the start
@@ -71,14 +73,18 @@ run_part() {
               part diagnose_steps 150 $PY benchmarks/gpu_step.py --parts linear_eval --rounds 2 --trace-steps 3
               # last: every kernel compiled in the process, so the profile shows each compile, not a wait
               part diagnose_compile_serial 150 env TORCHINDUCTOR_COMPILE_THREADS=1 $PY benchmarks/gpu_step.py --parts linear_eval --first-calls-alone --programs fpipe --profile-first-call 40 ;;
+    second_run) part second_run 240 bash -c 'd=$(mktemp -d); for i in 1 2; do s=$SECONDS
+                  '"$PY"' main.py --config=configs/linear_eval.py --config.compile_min_images=0 --config.compile_cache_dir=$d/cache \
+                    --workdir=$d/run$i 2>&1 | grep -E "compiled in|loaded and run in|Loaded the compiled|Saved the compiled|FAILED|Error|top1="
+                  echo "main job run $i: $((SECONDS - s)) s"; done; rm -rf "$d"' ;;
     vit) part vit 240 $PY benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128 --no-cudagraphs ;;
-    *) echo "unknown part $1; valid: env tests train linear_eval first_calls cudagraphs diagnose vit"; return 2 ;;
+    *) echo "unknown part $1; valid: env tests train linear_eval first_calls cudagraphs diagnose second_run vit"; return 2 ;;
   esac
 }
 
 PARTS=${*:-env tests train linear_eval}
 for q in ${PARTS//+/ }; do  # every name checked before anything runs
-  case $q in env|tests|train|linear_eval|first_calls|cudagraphs|diagnose|vit) ;; *) run_part "$q"; exit 2 ;; esac
+  case $q in env|tests|train|linear_eval|first_calls|cudagraphs|diagnose|second_run|vit) ;; *) run_part "$q"; exit 2 ;; esac
 done
 for p in $PARTS; do
   for q in ${p//+/ }; do run_part "$q" & done  # a+b: side by side
