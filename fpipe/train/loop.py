@@ -81,6 +81,7 @@ def _run(config, workdir, dist, stop, run_info):
         test_loader = make_loader(dataset.test, config, dist, train=False)
         steps_per_epoch = train_loader.steps_per_epoch
         total_steps = schedules.to_steps(config, "total", steps_per_epoch)
+        start_compile_workers(config, dist.device, total_steps * config.data.batch_size)  # GPU: up by the first compile
 
         # ---------------------------------------------------------------- model
         sizes = dict(num_classes=dataset.num_classes, image_size=config.data.image_size,
@@ -388,6 +389,22 @@ def trunk_cache(config, dist):
     It holds no collectives: runs of any number of processes share it."""
     directory = cache_dir(config)
     return (directory, compile_cache.key_of(config.model.trunk.to_dict(), str(dist.device))) if directory else None
+
+
+def start_compile_workers(config, device, images: int) -> bool:
+    """On CUDA, in a run that will compile: starts inductor's Triton compile workers now, while the
+    model and its weights load, rather than at the first compile as PyTorch does. Until they are up
+    inductor compiles each kernel in this process, one after another: the suspected cause of the
+    heads' step's 40-55 s first compile on an H100 (docs/BENCHMARKS.md). True if it started them."""
+    threshold = int(config.get("compile_min_images", 0) or 0)
+    if torch.device(device).type != "cuda" or not config.compile or images < threshold:
+        return False
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:  # a torch without it starts them at the first compile
+        return False
+    maybe_warm_pool()
+    return True
 
 
 def should_compile(config, images: int) -> bool:
