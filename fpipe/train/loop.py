@@ -396,8 +396,7 @@ def start_compile_workers(config, device, images: int) -> bool:
     model and its weights load, rather than at the first compile as PyTorch does. Until they are up
     inductor compiles each kernel in this process, one after another: the suspected cause of the
     heads' step's 40-55 s first compile on an H100 (docs/BENCHMARKS.md). True if it started them."""
-    threshold = int(config.get("compile_min_images", 0) or 0)
-    if torch.device(device).type != "cuda" or not config.compile or images < threshold:
+    if torch.device(device).type != "cuda" or not should_compile(config, images, say=False):
         return False
     try:
         from torch._inductor.async_compile import maybe_warm_pool
@@ -407,17 +406,18 @@ def start_compile_workers(config, device, images: int) -> bool:
     return True
 
 
-def should_compile(config, images: int) -> bool:
+def should_compile(config, images: int, say: bool = True) -> bool:
     """``config.compile``, for runs long enough to pay the compilation back: on 2 CPU cores the
     main job (14k images) takes 33 s eager and 70-90 s compiled, the compiles (20-40 s) costing
     more than the faster steps save; past ~100k images (``compile_min_images``) they pay.
-    ``images``: those to train on, or to extract features of."""
+    ``images``: those to train on, or to extract features of; ``say``: log a decision not to."""
     if not config.compile:
         return False
     threshold = int(config.get("compile_min_images", 0) or 0)
     if images < threshold:
-        logging.info("Not compiling: %d images (< compile_min_images=%d) would not pay back the compile "
-                     "time; --config.compile_min_images=0 compiles anyway.", images, threshold)
+        if say:
+            logging.info("Not compiling: %d images (< compile_min_images=%d) would not pay back the compile "
+                         "time; --config.compile_min_images=0 compiles anyway.", images, threshold)
         return False
     return True
 
