@@ -198,18 +198,3 @@ def test_compilation_only_for_runs_that_pay_it_back():
     assert loop.should_compile(c, 1)
     c.compile = False
     assert not loop.should_compile(c, 10 ** 9)
-
-
-def test_a_gpu_run_that_will_compile_starts_inductors_compile_workers_before_it_compiles(monkeypatch):
-    from configs import linear_eval
-    from torch._inductor import async_compile
-    from fpipe.train import loop
-    started = []
-    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: started.append(True))
-    c = linear_eval.get_config()
-    enough = c.compile_min_images
-    assert not loop.start_compile_workers(c, "cpu", enough) and not started  # the CPU's C++ needs none
-    assert not loop.start_compile_workers(c, "cuda", enough - 1) and not started  # will not compile
-    assert loop.start_compile_workers(c, "cuda", enough) and started == [True]
-    c.compile = False
-    assert not loop.start_compile_workers(c, "cuda", 10 ** 9) and started == [True]

@@ -81,7 +81,6 @@ def _run(config, workdir, dist, stop, run_info):
         test_loader = make_loader(dataset.test, config, dist, train=False)
         steps_per_epoch = train_loader.steps_per_epoch
         total_steps = schedules.to_steps(config, "total", steps_per_epoch)
-        start_compile_workers(config, dist.device, total_steps * config.data.batch_size)  # GPU: up by the first compile
 
         # ---------------------------------------------------------------- model
         sizes = dict(num_classes=dataset.num_classes, image_size=config.data.image_size,
@@ -391,33 +390,17 @@ def trunk_cache(config, dist):
     return (directory, compile_cache.key_of(config.model.trunk.to_dict(), str(dist.device))) if directory else None
 
 
-def start_compile_workers(config, device, images: int) -> bool:
-    """On CUDA, in a run that will compile: starts inductor's Triton compile workers now, while the
-    model and its weights load, rather than at the first compile as PyTorch does. Until they are up
-    inductor compiles each kernel in this process, one after another: the suspected cause of the
-    heads' step's 40-55 s first compile on an H100 (docs/BENCHMARKS.md). True if it started them."""
-    if torch.device(device).type != "cuda" or not should_compile(config, images, say=False):
-        return False
-    try:
-        from torch._inductor.async_compile import maybe_warm_pool
-    except ImportError:  # a torch without it starts them at the first compile
-        return False
-    maybe_warm_pool()
-    return True
-
-
-def should_compile(config, images: int, say: bool = True) -> bool:
+def should_compile(config, images: int) -> bool:
     """``config.compile``, for runs long enough to pay the compilation back: on 2 CPU cores the
     main job (14k images) takes 33 s eager and 70-90 s compiled, the compiles (20-40 s) costing
     more than the faster steps save; past ~100k images (``compile_min_images``) they pay.
-    ``images``: those to train on, or to extract features of; ``say``: log a decision not to."""
+    ``images``: those to train on, or to extract features of."""
     if not config.compile:
         return False
     threshold = int(config.get("compile_min_images", 0) or 0)
     if images < threshold:
-        if say:
-            logging.info("Not compiling: %d images (< compile_min_images=%d) would not pay back the compile "
-                         "time; --config.compile_min_images=0 compiles anyway.", images, threshold)
+        logging.info("Not compiling: %d images (< compile_min_images=%d) would not pay back the compile "
+                     "time; --config.compile_min_images=0 compiles anyway.", images, threshold)
         return False
     return True
 
