@@ -12,11 +12,10 @@
 #                                                   # programs compiled later reuse the earlier's setup)
 #   bash benchmarks/gpu_check.sh diagnose           # where linear eval's first call and its steps spend
 #                                                   # their time: the compile alone under cProfile (and
-#                                                   # how many Triton kernels were compiled in the process
-#                                                   # rather than by inductor's workers), the same with the
-#                                                   # workers started first, 3 steps of each program under
-#                                                   # torch.profiler, then the compile with every kernel
-#                                                   # compiled in the process (about 8 minutes)
+#                                                   # where each Triton kernel was compiled: in the process
+#                                                   # or by inductor's workers), 3 steps of each program
+#                                                   # under torch.profiler, then the compile with every
+#                                                   # kernel compiled in the process (about 7 minutes)
 #   bash benchmarks/gpu_check.sh second_run         # the main job compiled, twice: the second loads the first's
 #                                                   # steps (the goal: training starts within 5 s)
 #   bash benchmarks/gpu_check.sh train linear_eval+tests   # a+b: side by side (the tests' compiles
@@ -67,9 +66,6 @@ run_part() {
     first_calls) part first_calls 420 $PY benchmarks/gpu_step.py --parts train linear_eval --first-calls-alone --no-cudagraphs ;;
     cudagraphs) part cudagraphs 220 $PY benchmarks/gpu_step.py --parts train --programs fpipe_cudagraphs eager ;;
     diagnose) part diagnose_compile 150 $PY benchmarks/gpu_step.py --parts linear_eval --first-calls-alone --programs fpipe --profile-first-call 40
-              # again with inductor's workers up before the compile: if the kernels above were compiled
-              # "in this process" (workers not up yet) and this one is fast, starting them earlier is the fix
-              part diagnose_compile_warm 120 $PY benchmarks/gpu_step.py --parts linear_eval --first-calls-alone --programs fpipe --warm-workers
               part diagnose_steps 150 $PY benchmarks/gpu_step.py --parts linear_eval --rounds 2 --trace-steps 3
               # last: every kernel compiled in the process, so the profile shows each compile, not a wait
               part diagnose_compile_serial 150 env TORCHINDUCTOR_COMPILE_THREADS=1 $PY benchmarks/gpu_step.py --parts linear_eval --first-calls-alone --programs fpipe --profile-first-call 40 ;;

@@ -354,7 +354,7 @@ def first_call_alone(args, part, name):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--parts", part, "--device", args.device,
            "--arch", args.arch, "--depth", str(args.depth), "--optimizer", args.optimizer,
            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
-           "--profile-first-call", str(args.profile_first_call)] + (["--warm-workers"] if args.warm_workers else [])
+           "--profile-first-call", str(args.profile_first_call)]
     caches = le.scratch_dir("gpu-step-fresh-")
     env = dict(le.caches_env(caches), TRITON_CACHE_DIR=os.path.join(caches, "triton"))
     if args.profile_first_call:  # the compile in the profiled process, not a forked child (CPU)
@@ -414,9 +414,6 @@ def main(argv=None):
     ap.add_argument("--trace-steps", type=int, default=0, metavar="STEPS",
                     help="after the timed rounds, profile that many steps of each program (torch.profiler): "
                          "the device's busy time against the wall time, and the top kernels")
-    ap.add_argument("--warm-workers", action="store_true",
-                    help="with --first-calls-alone: start inductor's compile workers in each fresh process before "
-                         "its first call is timed (a user's run starts them at its first compile)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # first_call_alone's process: that program's first call
     args = ap.parse_args(argv)
     if args.arch != "resnet" and "linear_eval" in args.parts:
@@ -431,7 +428,7 @@ def main(argv=None):
     dtype = precision.autocast_dtype(args.dtype, device)
     if device.type == "cuda":
         count_triton_compiles()
-        if not args.child or args.warm_workers:  # before any program: each first call here then times its own compile
+        if not args.child:  # before any program: each first call here then times its own compile
             print(f"inductor's compile workers up after {start_compile_workers():.1f} s", flush=True)
         # as main.py's runs set it (config.cudnn_benchmark), for every program alike; float32
         # matmuls keep PyTorch's default (no TF32), as fpipe's runs do
