@@ -18,6 +18,8 @@
 #                                                   # kernel compiled in the process (about 7 minutes)
 #   bash benchmarks/gpu_check.sh second_run         # the main job compiled, twice: the second loads the first's
 #                                                   # steps (the goal: training starts within 5 s)
+#   bash benchmarks/gpu_check.sh cudnn_fusion       # the frozen R50 trunk with cuDNN's fused conv+bias+ReLU
+#                                                   # against fpipe's compiled trunk (linear eval's 1.15x)
 #   bash benchmarks/gpu_check.sh train linear_eval+tests   # a+b: side by side (the tests' compiles
 #                                                   # then slow linear eval's first calls, not its steps)
 #   DEADLINE=560 bash benchmarks/gpu_check.sh ...   # no part runs past 560 s from the start
@@ -73,14 +75,15 @@ run_part() {
                   '"$PY"' main.py --config=configs/linear_eval.py --config.compile_min_images=0 --config.compile_cache_dir=$d/cache \
                     --workdir=$d/run$i 2>&1 | grep -E "compiled in|loaded and run in|Loaded the compiled|Saved the compiled|FAILED|Error|top1="
                   echo "main job run $i: $((SECONDS - s)) s"; done; rm -rf "$d"' ;;
+    cudnn_fusion) part cudnn_fusion 150 $PY benchmarks/cudnn_fusion.py ;;
     vit) part vit 240 $PY benchmarks/gpu_step.py --parts train --arch vit_s16 --optimizer adamw --batch-size 128 --no-cudagraphs ;;
-    *) echo "unknown part $1; valid: env tests train linear_eval first_calls cudagraphs diagnose second_run vit"; return 2 ;;
+    *) echo "unknown part $1; valid: env tests train linear_eval first_calls cudagraphs diagnose second_run cudnn_fusion vit"; return 2 ;;
   esac
 }
 
 PARTS=${*:-env tests train linear_eval}
 for q in ${PARTS//+/ }; do  # every name checked before anything runs
-  case $q in env|tests|train|linear_eval|first_calls|cudagraphs|diagnose|second_run|vit) ;; *) run_part "$q"; exit 2 ;; esac
+  case $q in env|tests|train|linear_eval|first_calls|cudagraphs|diagnose|second_run|cudnn_fusion|vit) ;; *) run_part "$q"; exit 2 ;; esac
 done
 for p in $PARTS; do
   for q in ${p//+/ }; do run_part "$q" & done  # a+b: side by side

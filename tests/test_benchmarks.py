@@ -250,3 +250,21 @@ def test_gpu_steps_compile_breakdown_says_where_triton_kernels_were_compiled(mon
     before = gpu_step.compile_counts()
     assert [AsyncCompile().triton(k, "src") for k in ("k1", "k2", "k3")] == ["k1", "k2", "k3"]
     assert "(Triton kernels compiled, in order: 2 workers, 1 here)" in gpu_step.compile_breakdown(before)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_cudnn_fusions_written_out_trunk_computes_the_models_features(depth):
+    """benchmarks/cudnn_fusion.py times cuDNN's fused conv+bias+ReLU against fpipe's trunk on the
+    same folded weights, written out block by block: that walk (basic and bottleneck blocks, the
+    stride in the 3x3 conv, the downsample path) must compute the model's own pooled features."""
+    from benchmarks import cudnn_fusion, linear_eval_step as le
+    from fpipe import freeze
+    from fpipe.models import fold
+    model, params, state, batch = le.build(depth, 32, 2)
+    _, frozen = freeze.partition(params, ["trunk"])
+    folded = tree.flatten(fold.fold_frozen_norms(frozen, state, freeze.eval_norms(state, frozen))["trunk"])
+    with torch.no_grad():
+        ours = cudnn_fusion.folded_trunk(folded, cudnn_fusion.plain_ops())(batch["image"])
+        theirs = model.features(params, state, batch["image"], ["flatten"])["flatten"].flatten(1)
+    assert ours.shape == theirs.shape == (2, 512 if depth == 18 else 2048)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
