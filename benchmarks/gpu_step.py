@@ -158,16 +158,17 @@ def count_triton_compiles():
     after another), so a small graph compiled before the workers are up waits on each kernel in
     turn. Internal inductor API: left alone if absent."""
     try:
-        from torch._inductor.async_compile import AsyncCompile
+        from torch._inductor.async_compile import AsyncCompile, CompiledTritonKernels
     except ImportError:
         return
     triton = AsyncCompile.triton
     if getattr(triton, "counted", False):
         return
 
-    def counted(self, *args, **kwargs):
-        TRITON_COMPILES.append("workers" if self.use_process_pool() else "here")
-        return triton(self, *args, **kwargs)
+    def counted(self, kernel_name, source_code, *args, **kwargs):
+        if CompiledTritonKernels.get(source_code) is None:  # a kernel handed on earlier is not compiled again
+            TRITON_COMPILES.append("workers" if self.use_process_pool() else "here")
+        return triton(self, kernel_name, source_code, *args, **kwargs)
     counted.counted = True
     AsyncCompile.triton = counted
 

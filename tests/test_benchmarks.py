@@ -238,17 +238,23 @@ def test_gpu_steps_compile_breakdown_says_where_triton_kernels_were_compiled(mon
     """``count_triton_compiles``: a Triton kernel compiled before inductor's workers are up is counted
     "here" (in this process: a small graph then waits on each compile in turn), after it "workers";
     the breakdown gives them in order, so a trunk's and a later step's compiles show apart."""
-    from torch._inductor.async_compile import AsyncCompile
+    from torch._inductor.async_compile import AsyncCompile, CompiledTritonKernels
     from benchmarks import gpu_step
     ready = iter([False, True, True, False])
-    monkeypatch.setattr(AsyncCompile, "triton", lambda self, name, source, device_str="cuda": name)
+    handed_on = set()  # inductor hands a kernel to its workers while generating code, then asks again on loading
+
+    def compile(self, name, source, device_str="cuda"):
+        handed_on.add(source)
+        return name
+    monkeypatch.setattr(AsyncCompile, "triton", compile)
     monkeypatch.setattr(AsyncCompile, "use_process_pool", classmethod(lambda cls: next(ready)))
+    monkeypatch.setattr(CompiledTritonKernels, "get", staticmethod(lambda source: "future" if source in handed_on else None))
     monkeypatch.setattr(gpu_step, "TRITON_COMPILES", [])
     gpu_step.count_triton_compiles()
     gpu_step.count_triton_compiles()  # once only: a second wrapper would count each kernel twice
-    assert AsyncCompile().triton("k0", "src") == "k0"
+    assert AsyncCompile().triton("k0", "src0") == "k0"
     before = gpu_step.compile_counts()
-    assert [AsyncCompile().triton(k, "src") for k in ("k1", "k2", "k3")] == ["k1", "k2", "k3"]
+    assert [AsyncCompile().triton(k, f"src{k[1]}") for k in ("k1", "k2", "k2", "k3")] == ["k1", "k2", "k2", "k3"]
     assert "(Triton kernels compiled, in order: 2 workers, 1 here)" in gpu_step.compile_breakdown(before)
 
 
