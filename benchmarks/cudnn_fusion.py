@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import linear_eval_step as le
+from benchmarks.gpu_step import sync, time_rounds
 from fpipe import freeze, tree
 from fpipe.models import fold
 from fpipe.train import frozen_trunk as ft_lib
@@ -87,11 +88,6 @@ def folded_trunk(folded: dict, ops):
     return run
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -132,15 +128,7 @@ def main(argv=None):
             error = ((out - reference).abs().max() / reference.abs().max()).item()
             print(f"{name:6s} first call {time.perf_counter() - t0:6.1f} s; largest difference from fpipe's "
                   f"features {error:.2e} of their largest value")
-        times = {name: [] for name in runs}
-        for _ in range(args.rounds):
-            for name, run in runs.items():
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    run()
-                sync(device)
-                times[name].append((time.perf_counter() - t0) / args.steps)
+        times = time_rounds(runs, args.rounds, args.steps, device)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     for name, m in ms.items():
         print(f"{name:6s} {m:8.2f} ms a batch, {args.batch_size / m * 1e3:9.0f} images/s")

@@ -199,6 +199,21 @@ def compile_breakdown(before):
             + ", ".join(f"{k} {t:.1f}" for k, t in spent.items() if t >= 0.05))
 
 
+def time_rounds(runs, rounds, steps, device) -> dict:
+    """Seconds a call of each of ``runs`` ({name: fn}), a list per name: ``rounds`` rounds with the
+    programs alternated, each round ``steps`` calls between two device synchronisations."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                run()
+            sync(device)
+            times[name].append((time.perf_counter() - t) / steps)
+    return times
+
+
 def first_call(run, device, profile_lines=0):
     """``(seconds, loss, compile breakdown)`` of ``run``'s first call (its compilation, if any).
     ``profile_lines``: also print that many of the compiler's functions by cumulative time
@@ -258,15 +273,7 @@ def measure(makers, args, device):
         except Exception as e:  # one program failing (a CUDA-graph step, say) must not hide the others
             print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             traceback.print_exc(limit=4)
-    times = {n: [] for n in runs}
-    for _ in range(args.rounds):
-        for name, run in runs.items():
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                run()
-            sync(device)
-            times[name].append((time.perf_counter() - t) / args.steps)
+    times = time_rounds(runs, args.rounds, args.steps, device)
     for name in runs:
         out[name]["step_ms"] = statistics.median(times[name]) * 1e3
         out[name]["images_per_s"] = args.batch_size / statistics.median(times[name])
