@@ -174,6 +174,20 @@ def test_jpegs_decoded_down_to_a_row_equal_the_full_decode(tmp_path, subsampling
             assert (pixels[..., 3] == 255).all()
 
 
+@pytest.mark.parametrize("spec", ["resize(256)|center_crop(224)", "resize(256, interpolation='bicubic')|center_crop(224)",
+                                  "resize(300)|center_crop(224)"])
+def test_a_resize_then_crop_decodes_only_the_rows_its_kept_rows_read_and_equals_the_full_decode(tmp_path, spec):
+    """Eval's resize|center_crop: the decoder stops below the last row the kept rows' filter reads
+    (``Geometry.rows_read``); the pixels equal the tensor path's on the whole file."""
+    pipe = pipeline.parse(spec, 224)
+    assert pipeline.parse("resize(256)|center_crop(224)").plan(375, 500, None).rows_read(375) == 354  # of 375
+    for i, (height, width) in enumerate([(375, 500), (500, 375), (333, 333), (481, 257)]):
+        path = str(smooth_jpeg(tmp_path / f"{i}.jpg", height, width, seed=i))
+        plan = lambda h, w: pipe.plan(h, w, None)
+        assert plan(height, width).reduction() == 1 and plan(height, width).rows_read(height) < height
+        assert torch.equal(decode.read(path, plan), pipe(decode.decode(path), None)), (spec, height, width)
+
+
 def test_jpeg_rows_is_only_for_8_bit_rgb_jpegs(tmp_path):
     grey = tmp_path / "grey.jpg"
     Image.new("L", (8, 8), 100).save(grey)

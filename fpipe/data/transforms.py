@@ -209,6 +209,20 @@ class Geometry:
                 return next((k for k in REDUCTIONS if shrink >= k), 1)
         return 1
 
+    def rows_read(self, height: int) -> int:
+        """How many top rows of an image ``height`` rows high (the planned height, or the reduced one a
+        JPEG was decoded at) the steps read. When they start with a resize and then a crop (eval's
+        ``resize|center_crop``), the crop's last row reads the resize's input only down to its
+        filter's reach, so a decoder may stop there; otherwise every row."""
+        if len(self.steps) < 2 or self.steps[0][0] != "resize" or self.steps[1][0] != "crop":
+            return height
+        _, resized_height, _, interpolation = self.steps[0]
+        _, top, _, crop_height, _ = self.steps[1]
+        scale = height / resized_height
+        reach = {"bilinear": 1.0, "bicubic": 2.0}[interpolation] * max(scale, 1.0)  # PyTorch's antialiased filter
+        last_centre = (top + crop_height - 0.5) * scale
+        return min(height, int(last_centre + reach + 0.5) + 2)  # + 2: a margin for rounding
+
     def leading_crop(self, shape: tuple, scale=(1.0, 1.0)):
         """``(box, n)``: the crops the steps start with, as one ``(top, left, h, w)`` box in an
         image of ``shape`` (the planned size × ``scale``), and how many steps it replaces;
