@@ -56,6 +56,13 @@ def fused_ops():
     return conv_relu, conv_add_relu
 
 
+def folded_weights(params: dict, state: dict) -> dict:
+    """The trunk's flat params with every BatchNorm folded into its conv (a weight and a bias each),
+    as the frozen trunk runs them."""
+    _, frozen = freeze.partition(params, ["trunk"])
+    return tree.flatten(fold.fold_frozen_norms(frozen, state, freeze.eval_norms(state, frozen))["trunk"])
+
+
 def blocks(folded: dict) -> list:
     """``(name, stride)`` of every residual block, in order (torchvision's names: ``layer2.0``)."""
     names = sorted({n.rsplit(".", 2)[0] for n in folded if n.startswith("layer") and ".conv1." in n},
@@ -105,10 +112,8 @@ def main(argv=None):
     model, params, state, batch = le.build(args.depth, args.image_size, args.batch_size)
     params, state = (loop_lib.to_device(t, device) for t in (params, state))
     images = batch["image"].to(device)
-    trainable, frozen = freeze.partition(params, ["trunk"])
-    folded = tree.flatten(fold.fold_frozen_norms(frozen, state, freeze.eval_norms(state, frozen))["trunk"])
     as_input = lambda t: t.to(dtype).contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.to(dtype)
-    folded = {n: as_input(t) for n, t in folded.items()}
+    folded = {n: as_input(t) for n, t in folded_weights(params, state).items()}
     x = as_input(images)
 
     features = ft_lib.eval_features(model, params, state, ["flatten"], batch_size=args.batch_size, autocast=autocast)

@@ -154,9 +154,9 @@ TRITON_COMPILES = []  # where each Triton kernel was compiled, in order: "here" 
 
 def count_triton_compiles():
     """Records, in ``TRITON_COMPILES``, where inductor compiles each Triton kernel: in its worker
-    processes once they are up, before that in this process (inside code generation, one config
-    after another), so a small graph compiled before the workers are up waits on each kernel in
-    turn. Internal inductor API: left alone if absent."""
+    processes once they are up (handed on during code generation), before that in this process
+    (each config in turn, as the generated module loads). Internal inductor API: left alone if
+    absent."""
     try:
         from torch._inductor.async_compile import AsyncCompile, CompiledTritonKernels
     except ImportError:

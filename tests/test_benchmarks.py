@@ -264,11 +264,8 @@ def test_cudnn_fusions_written_out_trunk_computes_the_models_features(depth):
     same folded weights, written out block by block: that walk (basic and bottleneck blocks, the
     stride in the 3x3 conv, the downsample path) must compute the model's own pooled features."""
     from benchmarks import cudnn_fusion, linear_eval_step as le
-    from fpipe import freeze
-    from fpipe.models import fold
     model, params, state, batch = le.build(depth, 32, 2)
-    _, frozen = freeze.partition(params, ["trunk"])
-    folded = tree.flatten(fold.fold_frozen_norms(frozen, state, freeze.eval_norms(state, frozen))["trunk"])
+    folded = cudnn_fusion.folded_weights(params, state)
     with torch.no_grad():
         ours = cudnn_fusion.folded_trunk(folded, cudnn_fusion.plain_ops())(batch["image"])
         theirs = model.features(params, state, batch["image"], ["flatten"])["flatten"].flatten(1)

@@ -143,9 +143,9 @@ def read(path: str, plan, limits: Limits = Limits()):
     The geometry is planned from the header alone; a JPEG is then decoded at 1/k of its size
     (k = ``geometry.reduction()``, 1 unless the resize shrinks by k or more). An 8-bit RGB JPEG
     is decoded by :func:`jpeg_rows` straight into the array the geometry reads, only down to the
-    last row of the leading crop, or the last row a resize's kept rows read
-    (``Geometry.rows_read``: eval's center crop); other files are decoded by Pillow, the leading crop taken
-    before the pixels are copied out. The rest of the geometry is applied to the tensor.
+    last row of the leading crop, or the last row a resize's kept rows read (``Geometry.rows_read``:
+    eval's center crop); other files are decoded by Pillow, the leading crop taken before the
+    pixels are copied out. The rest of the geometry is applied to the tensor.
     """
     with open_image(path, limits) as image:
         geometry = plan(image.size[1], image.size[0])
@@ -153,8 +153,8 @@ def read(path: str, plan, limits: Limits = Limits()):
         size = (image.size[1], image.size[0])
         box, _ = geometry.leading_crop(size, scale)
         top, left, height, width = box if box is not None else (0, 0, *size)
-        pixels = (jpeg_rows(image, top + height) if box is not None
-                  else jpeg_rows(image, geometry.rows_read(size[0]), array_rows=size[0]))
+        rows = top + height if box is not None else geometry.rows_read(height)
+        pixels = jpeg_rows(image, rows, array_rows=top + height)
         if pixels is not None:  # RGB + padding: the resize reads 4 channels as they are
             region = torch.from_numpy(pixels[top:, left:left + width]).permute(2, 0, 1)
             return geometry.apply(region, scale, cropped=box is not None)[:3]
@@ -187,13 +187,13 @@ def jpeg_rows(image: Image.Image, rows: int, array_rows: int = None):
             and 0 < rows <= height and tuple(image.tile[0][1]) == (0, 0, width, height)
             and _rgbx_decoding_works()):
         return None
-    return _decode_rgbx(image, rows, max(rows, array_rows or rows))
+    return _decode_rgbx(image, rows, array_rows)
 
 
 def _decode_rgbx(image: Image.Image, rows: int, array_rows: int = None):
     width = image.size[0]
     name, _, offset, args = image.tile[0]
-    pixels = np.empty((array_rows or rows, width, 4), np.uint8)
+    pixels = np.empty((max(rows, array_rows or rows), width, 4), np.uint8)
     pixels[rows:] = 0
     pixels[rows - 1, 0, 3] = 0
     target = Image.core.map_buffer(pixels, (width, rows), "raw", 0, ("RGBX", 0, 1))  # the first rows
