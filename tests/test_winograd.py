@@ -37,7 +37,7 @@ def test_conv3x3_in_float32_errs_as_little_as_winograd_does():
 def test_only_the_frozen_trunks_4x4_maps_of_many_channels_take_winograd(monkeypatch):
     """The route holds within constant_weights, without gradients, on float32 4×4 maps from
     WINOGRAD_MIN_CHANNELS, stride 1: nowhere else."""
-    monkeypatch.setattr(layers, "ROWS_AS_CONV", False)
+    monkeypatch.setattr(layers, "WINOGRAD_ON_CPU", True)
     w = torch.randn(128, 128, 3, 3)
     x = torch.randn(2, 128, 4, 4)
     with torch.no_grad():
@@ -48,17 +48,27 @@ def test_only_the_frozen_trunks_4x4_maps_of_many_channels_take_winograd(monkeypa
             assert not layers._winograd_pays(x, w, 2, 1)
             assert not layers._winograd_pays(x[:, :64], w[:, :64], 1, 1)
             assert not layers._winograd_pays(x.double(), w.double(), 1, 1)
-            monkeypatch.setattr(layers, "ROWS_AS_CONV", True)  # AMD: MKL's AVX2 products, not measured faster
+            monkeypatch.setattr(layers, "WINOGRAD_ON_CPU", False)  # AMD with AVX-512: MKL's AVX2 products
             assert not layers._winograd_pays(x, w, 1, 1)
-    monkeypatch.setattr(layers, "ROWS_AS_CONV", False)
+    monkeypatch.setattr(layers, "WINOGRAD_ON_CPU", True)
     with layers.constant_weights():
         assert not layers._winograd_pays(x, w, 1, 1)  # gradients on
+
+
+@pytest.mark.parametrize("vendor,avx512,routed", [("GenuineIntel", True, True), ("GenuineIntel", False, True),
+                                                  ("AuthenticAMD", True, False), ("AuthenticAMD", False, True)])
+def test_winograd_runs_where_mkls_products_use_the_cpus_full_width(monkeypatch, vendor, avx512, routed):
+    """MKL runs its AVX2 code on AMD CPUs: half the width of an AVX-512 Zen 4 or 5 (Winograd's
+    products no faster than oneDNN's direct conv there), the full width of an AVX2 Zen 3."""
+    monkeypatch.setattr(layers, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
+    assert layers._mkl_runs_full_width() is routed or not torch.backends.mkl.is_available()
 
 
 def test_the_compiled_frozen_trunk_routes_winograd_and_keeps_the_models_features(monkeypatch):
     """A ResNet-18 at 64 px has 4×4 maps of 256 channels in layer3: the compiled frozen trunk runs
     those 3×3 convs by Winograd and its features stay those of the eager model."""
-    monkeypatch.setattr(layers, "ROWS_AS_CONV", False)
+    monkeypatch.setattr(layers, "WINOGRAD_ON_CPU", True)
     routed, real = [], winograd.conv3x3
     monkeypatch.setattr(winograd, "conv3x3", lambda *a: routed.append(tuple(a[0].shape[1:])) or real(*a))
     cfg = dict(trunk=model_lib.trunk_config("resnet", depth=18), heads=dict(fc=model_lib.head_config("flatten", "linear")))

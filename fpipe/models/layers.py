@@ -76,16 +76,16 @@ WINOGRAD_MIN_CHANNELS = 128
 def _winograd_pays(x, w, stride, padding):
     """Whether a 3×3 conv (stride 1, padding 1) runs as :func:`winograd.conv3x3`: in a frozen
     trunk (within :func:`constant_weights`, no gradients: the transformed kernel is a constant
-    folded once), on a float32 CPU where products run on MKL's AVX-512 code (not ``ROWS_AS_CONV``:
-    on AMD MKL's AVX2 bmm made it even at best), from ``WINOGRAD_MIN_CHANNELS`` input channels, on
-    4×4 maps: one tile covers the map (ResNet's layer3 at 64 px, layer4 at 128 px), where oneDNN's
-    direct kernels are slowest. Intel Xeon (AVX-512, AMX), 2 threads, compiled with freezing, ms
-    direct / Winograd, the conv alone: 256 channels b64 3.84 / 1.16, b8 0.79 / 0.66; 512 b64 17.8 /
-    3.7; 128 b64 0.65 / 0.47; fewer channels not measured on 4×4 maps. Larger maps win alone but
-    not in a whole trunk, even with faster tile transforms (ResNet-50 at 128 and 224 px:
-    0.985-1.02×): MKL's bmm runs those shapes slower than oneDNN's direct conv (docs/BENCHMARKS.md,
-    forty-fifth and forty-sixth sessions)."""
-    return (_in_frozen_float32_trunk(x) and not ROWS_AS_CONV and w.shape[-2:] == (3, 3)
+    folded once), on a float32 CPU where its products run on MKL at the CPU's full vector width
+    (``WINOGRAD_ON_CPU``), from ``WINOGRAD_MIN_CHANNELS`` input channels, on 4×4 maps: one tile
+    covers the map (ResNet's layer3 at 64 px, layer4 at 128 px), where oneDNN's direct kernels are
+    slowest. Intel Xeon (AVX-512, AMX), 2 threads, compiled with freezing, ms direct / Winograd,
+    the conv alone: 256 channels b64 3.84 / 1.16, b8 0.79 / 0.66; 512 b64 17.8 / 3.7; 128 b64 0.65
+    / 0.47; AMD Zen 3 (AVX2): 256 b64 7.1 / 4.2, 512 b64 23.2 / 11.5, 128 b64 1.75 / 1.18. Larger
+    maps win alone but not in a whole trunk, even with faster tile transforms (ResNet-50 at 128
+    and 224 px: 0.985-1.02×): MKL's bmm runs those shapes slower than oneDNN's direct conv
+    (docs/BENCHMARKS.md, forty-fifth, forty-sixth and fifty-fifth sessions)."""
+    return (_in_frozen_float32_trunk(x) and WINOGRAD_ON_CPU and w.shape[-2:] == (3, 3)
             and stride in (1, (1, 1)) and padding == 1 and x.shape[1] >= WINOGRAD_MIN_CHANNELS
             and x.shape[-2:] == (winograd.TILE, winograd.TILE))
 
@@ -284,8 +284,18 @@ def _mkl_runs_avx2() -> bool:
     return cpu_vendor() in ("AuthenticAMD", "HygonGenuine")
 
 
+def _mkl_runs_full_width() -> bool:
+    """Whether MKL's float32 products use this CPU's widest vectors: everywhere but on AMD CPUs
+    with AVX-512 (Zen 4 and 5), where MKL runs its AVX2 code; on AVX2 CPUs (Zen 2 and 3) that code
+    is the full width, and as fast as oneDNN's (Zen 3, 2 threads: 1×1-conv products of 64-2048
+    channels 150-185 GFLOP/s on either)."""
+    return not _mkl_runs_avx2() or not torch.cpu._is_avx512_supported()
+
+
 # Linears as 1×1 convolutions (see dense); a module flag, so tests can take either path.
 ROWS_AS_CONV = _mkl_runs_avx2()
+# The frozen trunk's 3×3 convs on 4×4 maps by Winograd (see _winograd_pays); a flag, as above.
+WINOGRAD_ON_CPU = _mkl_runs_full_width()
 DENSE_MIN_MACS = 1 << 24  # smaller products: F.linear (64 rows, 2048 -> 100: 0.67 vs 0.73-0.84 ms)
 
 
