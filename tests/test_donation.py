@@ -50,8 +50,8 @@ def build(model, opt, ts, norms, compiling):
                          ids=["adamw-compiled", "adamw-eager", "sgd-eager"])
 def test_the_donating_step_matches_the_plain_step_and_overwrites_only_its_own_tensors(opt_name, compiling):
     """Eagerly each optimizer donates by its own fused in-place update; compiled, inductor writes
-    every new value into the old tensor whatever the optimizer (SGD's compiled donation is each
-    multi-process step's in tests/test_distributed.py)."""
+    every new value into the old tensor whatever the optimizer (SGD's compiled donation is the
+    SIGTERM test's below, and each multi-process step's in tests/test_distributed.py)."""
     model, opt, ts, norms = tiny(opt_name)
     initial = tree.map_leaves(lambda t: t.clone(), ts)
     plain = step_lib.make_step(model, opt, eval_norms=norms)  # the pure step: new tensors, nothing written
@@ -121,12 +121,12 @@ def test_a_signal_waits_for_the_end_of_a_stretch_that_may_not_be_cut():
 
 
 def tiny_run_config(**changes):
-    """configs/supervised.py on the tiny RegNet, eager, 16 px (the loop as main.py runs it)."""
+    """configs/supervised.py on the tiny RegNet, compiled, 16 px (the loop as main.py runs it)."""
     import configs.supervised
     c = configs.supervised.get_config()
     c.model.trunk = tiny_regnet()
     c.data.image_size, c.data.batch_size = 16, 32
-    c.compile, c.eval_steps, c.log_steps = False, 1000, 1000
+    c.compile, c.compile_min_images, c.eval_steps, c.log_steps = True, 0, 1000, 1000
     c.update(changes)
     return c
 
@@ -134,10 +134,7 @@ def tiny_run_config(**changes):
 def test_a_sigterm_during_a_donating_step_saves_that_step_under_its_own_number(tmp_path, monkeypatch):
     """The 4th step has written its state into the old tensors when SIGTERM arrives: the stop must
     wait for the step's end and save step 4 (cutting it short would save step 4's params as step 3,
-    or the state from before the step). The reference: a copy of what the 4th step returned.
-    Eager: SGD's fused update writes in place as the compiled step does, and the loop's
-    bookkeeping after a donating step is the same (compiled, this test spent 55 of its 61 s
-    compiling on a 2-core Zen 3)."""
+    or the state from before the step). The reference: a copy of what the 4th step returned."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     calls, fourth, call = [], {}, donation.Donating.__call__
