@@ -75,3 +75,16 @@ def test_without_a_gradient_it_is_f_max_pool2d(monkeypatch):
     assert calls == []
     max_pool.max_pool2d(x, 3, 2, 1)
     assert calls == [1]
+
+
+def test_a_compiled_gradient_with_respect_to_the_pools_own_input_is_right():
+    """``torch.compile`` of ``torch.func.grad`` (torch 2.13) differentiates an autograd.Function's
+    forward instead of calling its backward when the Function's input is the differentiated
+    argument itself (here that forward's custom op would give a zero gradient, silently). The
+    pool's gate (``x.requires_grad``, False there while tracing) keeps such a call on F.max_pool2d."""
+    x = relu_images(True)
+    weights = torch.randn_like(F.max_pool2d(x, 3, 2, 1))
+    want = torch.func.grad(loss)(x, weights, lambda x, *a: F.max_pool2d(x, *a), (3, 2, 1))
+    got = torch.compile(torch.func.grad(loss), backend="aot_eager", fullgraph=True)(x, weights, max_pool.max_pool2d, (3, 2, 1))
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want)
