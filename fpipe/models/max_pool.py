@@ -12,8 +12,9 @@ call ATen's ``max_pool2d_with_indices`` and its backward, opaque to the compiler
 Used where a gradient flows on CPU; otherwise (no grad, or a GPU) ``F.max_pool2d`` as before.
 The gate also keeps gradients right: under ``torch.compile`` of ``torch.func.grad`` (torch 2.13) an
 ``autograd.Function`` applied to a constant or to the differentiated argument itself has its
-forward differentiated instead of its backward called (here: a zero gradient, silently), and such
-an input does not require grad while traced. Double backward through the pool is not supported.
+forward differentiated instead of its backward called (pytorch/pytorch#193279; here a zero
+gradient, silently), and such an input does not require grad while traced. Double backward
+through the pool is not supported.
 """
 import torch
 import torch.nn.functional as F
