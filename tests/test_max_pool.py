@@ -20,6 +20,11 @@ def relu_images(channels_last, n=3, c=5, h=11, w=9):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def f_max_pool2d(x, kernel, stride, padding, ceil_mode):
+    """The reference: PyTorch's own pool, with a case's arguments."""
+    return F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)
+
+
 def loss(x, weights, pool, args):
     return (pool(x, *args) * weights).sum()
 
@@ -29,10 +34,9 @@ def loss(x, weights, pool, args):
 def test_values_and_gradients_equal_f_max_pool2d_bit_for_bit(args, channels_last):
     """Eager, by torch.func.grad (as fpipe's step) and by autograd, ties included."""
     x = relu_images(channels_last)
-    reference = lambda x, k, s, p, c: F.max_pool2d(x, k, s, p, ceil_mode=c)
-    weights = torch.randn_like(reference(x, *args))
-    assert torch.equal(max_pool.max_pool2d(x, *args), reference(x, *args))
-    want = torch.func.grad(loss)(x, weights, reference, args)
+    weights = torch.randn_like(f_max_pool2d(x, *args))
+    assert torch.equal(max_pool.max_pool2d(x, *args), f_max_pool2d(x, *args))
+    want = torch.func.grad(loss)(x, weights, f_max_pool2d, args)
     assert torch.equal(torch.func.grad(loss)(x, weights, max_pool.max_pool2d, args), want)
     leaf = x.clone().requires_grad_()
     loss(leaf, weights, max_pool.max_pool2d, args).backward()
@@ -82,9 +86,9 @@ def test_a_compiled_gradient_with_respect_to_the_pools_own_input_is_right():
     forward instead of calling its backward when the Function's input is the differentiated
     argument itself (here that forward's custom op would give a zero gradient, silently). The
     pool's gate (``x.requires_grad``, False there while tracing) keeps such a call on F.max_pool2d."""
-    x = relu_images(True)
-    weights = torch.randn_like(F.max_pool2d(x, 3, 2, 1))
-    want = torch.func.grad(loss)(x, weights, lambda x, *a: F.max_pool2d(x, *a), (3, 2, 1))
-    got = torch.compile(torch.func.grad(loss), backend="aot_eager", fullgraph=True)(x, weights, max_pool.max_pool2d, (3, 2, 1))
+    x, args = relu_images(True), CASES[0]
+    weights = torch.randn_like(f_max_pool2d(x, *args))
+    want = torch.func.grad(loss)(x, weights, f_max_pool2d, args)
+    got = torch.compile(torch.func.grad(loss), backend="aot_eager", fullgraph=True)(x, weights, max_pool.max_pool2d, args)
     assert want.abs().sum() > 0
     torch.testing.assert_close(got, want)
