@@ -65,3 +65,27 @@ def test_vissl_dims_list_the_input_size_first():
     with pytest.raises(ValueError, match=r"model.heads.h: vissl_dims=True lists the input size first.*input here is 512"):
         models.build(cfg(h=models.head_config("res5avg", "mlp", dims=[2048, 10], vissl_dims=True)),
                      num_classes=10, image_size=32)
+
+
+def test_building_a_model_allocates_no_trunk(monkeypatch):
+    """The heads' input shapes come from the trunk on the meta device, init included: building a
+    RegNet-Y 128GF (645M values) draws none of them (it took 9 s and 2.6 GB of memory before)."""
+    inits = []
+
+    def recording(name, **options):
+        trunk = build_trunk(name, **options)
+
+        def init(seed=0):
+            params, state = trunk.init(seed)
+            inits.append({t.device.type for t in tree.leaves(params) + tree.leaves(state)})
+            return params, state
+        return trunk._replace(init=init)
+
+    build_trunk = models.build_trunk
+    monkeypatch.setattr(models, "build_trunk", recording)
+    m = models.build(ml_collections.ConfigDict(dict(trunk=dict(name="regnet_y_128gf"), heads=dict(
+        fc=models.head_config("flatten", "linear"), res4=models.head_config("res4", "eval_mlp", pool=[2, 2])))),
+        num_classes=7, image_size=64)
+    assert inits == [{"meta"}]
+    shapes = {n: tuple(t.shape) for n, t in tree.flatten(m.init_heads(0)[0]).items()}
+    assert shapes["fc.weight"] == (7, 7392) and shapes["res4.clf.clf.0.weight"] == (7, 2904 * 2 * 2)

@@ -35,6 +35,7 @@ from fpipe.detection.roi_align import infer_scales, multiscale_roi_align
 from fpipe.detection.roi_targets import select_training_samples
 from fpipe.detection.sampling import sample
 from fpipe.models import resnet
+from fpipe.models import trunk as trunk_lib
 from fpipe.models.model import build_trunk
 
 # ResNet's stages in the order Detectron's FREEZE_AT counts them (stem = 1, res2 = 2, ...).
@@ -160,11 +161,8 @@ def build(det_cfg, num_classes) -> DetModel:
                                       "supported yet; use FPN")
 
     def trunk_channels():
-        params, state = trunk.init(0)
-        meta = lambda t: t.to("meta")  # noqa: E731
         side = 256
-        feats, _ = trunk.apply(tree.map_leaves(meta, params), tree.map_leaves(meta, state),
-                               torch.empty(1, 3, side, side, device="meta"), train=False, features=feature_names)
+        feats, state = trunk_lib.meta_features(trunk, feature_names, side)
         norms = sorted({n.rsplit(".", 1)[0] for n in tree.flatten(state) if n.endswith(".running_mean")})
         strides = [side / int(feats[f].shape[-1]) for f in feature_names]
         return [int(feats[f].shape[1]) for f in feature_names], norms, strides

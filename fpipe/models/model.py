@@ -13,6 +13,7 @@ from fpipe import defaults, tree
 from fpipe.models import heads as heads_lib
 from fpipe.models import losses
 from fpipe.models import alexnet, convnext, efficientnet, layers, regnet, resnet, vit
+from fpipe.models import trunk as trunk_lib
 from fpipe.models.trunk import Trunk
 
 # Trunk families by name. A family module has FEATURES, OPTIONS (option -> default), PRESETS
@@ -323,11 +324,7 @@ def _feature_shapes(trunk, names, image_size):
     """Per-sample shapes of trunk features, computed on the meta device (no memory, no FLOPs)."""
     if not names:
         return {}
-    params, state = trunk.init(0)
-    to_meta = lambda t: t.to("meta")
-    feats, _ = trunk.apply(tree.map_leaves(to_meta, params), tree.map_leaves(to_meta, state),
-                           torch.empty(1, 3, image_size, image_size, device="meta"),
-                           train=False, features=tuple(names))
+    feats, _ = trunk_lib.meta_features(trunk, names, image_size)
     return {n: tuple(f.shape[1:]) for n, f in feats.items()}
 
 

@@ -26,19 +26,15 @@ def registry() -> dict:
 
 def meta_target(name: str, **options) -> dict:
     """``{trunk.<name>: tensor}`` of a registry trunk, built on the meta device: shapes, no memory."""
-    import torch
     from fpipe.models import model
+    from fpipe.models.trunk import init_on_meta
     from fpipe.tree import flatten
     try:
         trunk = model.build_trunk(name, **options)
     except ValueError as e:
         from fpipe.weights.errors import WeightsError
         raise WeightsError(f"--trunk {name} {_shown(options)}: {e}") from None
-    try:
-        with torch.device("meta"):
-            params, state = trunk.init(0)
-    except Exception:  # noqa: BLE001 - an init that cannot run on meta: shapes from a real one
-        params, state = trunk.init(0)
+    params, state = init_on_meta(trunk)
     return {f"trunk.{n}": t for n, t in torchvision_order(flatten(params), flatten(state)).items()}
 
 
