@@ -70,7 +70,7 @@ def test_vissl_dims_list_the_input_size_first():
 def test_building_a_model_allocates_no_trunk(monkeypatch):
     """The heads' input shapes come from the trunk on the meta device, init included: building a
     RegNet-Y 128GF (645M values) draws none of them (it took 9 s and 2.6 GB of memory before)."""
-    inits = []
+    inits, build_trunk = [], models.build_trunk
 
     def recording(name, **options):
         trunk = build_trunk(name, **options)
@@ -81,7 +81,6 @@ def test_building_a_model_allocates_no_trunk(monkeypatch):
             return params, state
         return trunk._replace(init=init)
 
-    build_trunk = models.build_trunk
     monkeypatch.setattr(models, "build_trunk", recording)
     m = models.build(ml_collections.ConfigDict(dict(trunk=dict(name="regnet_y_128gf"), heads=dict(
         fc=models.head_config("flatten", "linear"), res4=models.head_config("res4", "eval_mlp", pool=[2, 2])))),

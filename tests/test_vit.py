@@ -10,6 +10,7 @@ from fpipe import tree
 from fpipe.data import pipeline
 from fpipe.models import model as model_lib
 from fpipe.models import vit
+from fpipe.models.trunk import init_on_meta
 
 # timm name -> ours (the weights helper's rename table says the same; kept here independently).
 TIMM_TO_OURS = [
@@ -61,7 +62,7 @@ def relative_error(a, b):
 @pytest.mark.parametrize("manifest", sorted(MANIFESTS))
 def test_names_shapes_dtypes_equal_the_manifests(reference, manifest):
     preset, overrides = MANIFESTS[manifest]
-    params, state = vit.build(**{**vit.PRESETS[preset], **overrides}).init(0, meta=True)
+    params, state = init_on_meta(vit.build(**{**vit.PRESETS[preset], **overrides}))
     assert state == {}
     got = {n: (list(t.shape), str(t.dtype)) for n, t in tree.flatten(params).items()}
     expected = {ours(n): (s, d) for n, s, d in reference.load_manifest(manifest) if ours(n)}
@@ -71,7 +72,7 @@ def test_names_shapes_dtypes_equal_the_manifests(reference, manifest):
 def test_init_on_the_meta_device_is_the_real_init_without_values():
     options = dict(TINY, layer_scale=0.1, num_registers=2)
     real, _ = vit.build(**options).init(3)
-    meta, _ = vit.build(**options).init(3, meta=True)
+    meta, _ = init_on_meta(vit.build(**options))
     assert {n: t.shape for n, t in tree.flatten(real).items()} == {n: t.shape for n, t in tree.flatten(meta).items()}
     assert all(t.is_meta for t in tree.leaves(meta))
     layer = real["encoder"]["layers"]["encoder_layer_0"]
@@ -467,7 +468,7 @@ def test_vit_giant_dinov2_presets_have_dinov2s_dims(preset, registers):
     """dinov2's vit_giant2: D 1536, 40 blocks, 24 heads, patch 14, SwiGLUFFNFused at mlp_ratio 4."""
     hidden = (int(1536 * 4 * 2 / 3) + 7) // 8 * 8
     trunk = vit.build(**vit.PRESETS[preset])
-    params, _ = trunk.init(0, meta=True)
+    params, _ = init_on_meta(trunk)
     flat = tree.flatten(params)
     last = "encoder.layers.encoder_layer_39."
     assert trunk.spec.heads == 24 and trunk.features[39] == "block39" and "block40" not in trunk.features

@@ -264,9 +264,10 @@ def test_dinov2_training_teacher_with_block_chunks_loads(swiglu):
     target = {f"trunk.{ours(n)}": torch.zeros(()).expand(s) for n, s, _ in rows if ours(n)}
     if swiglu:  # the target is what fpipe's vit builds for this layout
         from fpipe.models import vit
+        from fpipe.models.trunk import init_on_meta
         from fpipe.tree import flatten
         options = dict(vit.PRESETS["vit_small_patch14_dinov2"], mlp="swiglu", mlp_dim=1024)
-        built, _ = vit.build(**options).init(0, meta=True)
+        built, _ = init_on_meta(vit.build(**options))
         assert {f"trunk.{n}": tuple(t.shape) for n, t in flatten(built).items()} == {
             n: tuple(t.shape) for n, t in target.items()}
     loaded, report = load_into(target, {}, obj={"teacher": teacher})
@@ -302,8 +303,9 @@ def deit_distilled_file() -> dict:
 
 def deit_target(heads=False) -> dict:
     from fpipe.models import vit
+    from fpipe.models.trunk import init_on_meta
     from fpipe.tree import flatten
-    params, _ = vit.build(**vit.PRESETS["deit_small_distilled_patch16_224"]).init(0, meta=True)
+    params, _ = init_on_meta(vit.build(**vit.PRESETS["deit_small_distilled_patch16_224"]))
     out = {f"trunk.{n}": torch.zeros(()).expand(t.shape) for n, t in flatten(params).items()}
     return out | ({"heads.head.weight": torch.zeros(1000, 384), "heads.head.bias": torch.zeros(1000)} if heads else {})
 

@@ -148,24 +148,21 @@ def build(**options) -> Trunk:
     if unknown:
         raise ValueError(f"unknown ViT option(s) {unknown}; valid: {tuple(OPTIONS)}")
     spec = Spec(**{**options, "layer_scale": options.get("layer_scale") or 0.0})
-    return Trunk(spec, lambda seed=0, meta=False: init_params(spec, seed, meta),
+    return Trunk(spec, lambda seed=0: init_params(spec, seed),
                  lambda *a, **k: apply(spec, *a, **k), spec.features)
 
 
 # ---------------------------------------------------------------- init
-def init_params(spec: Spec, seed=0, meta=False):
-    """``(params, {})`` initialised as torchvision's ViT (layer scale, registers as DINOv2).
-
-    ``meta=True`` gives the same tree on the meta device (shapes only, no memory, no work).
-    """
+def init_params(spec: Spec, seed=0):
+    """``(params, {})`` initialised as torchvision's ViT (layer scale, registers as DINOv2);
+    under ``torch.device("meta")`` the same tree with no values (fpipe.models.trunk.init_on_meta)."""
     gen = torch.Generator().manual_seed(seed)
     init = torch.nn.init
 
     def new(shape, fill):
-        t = torch.empty(shape, device="meta" if meta else None)
-        if not meta:
-            with torch.no_grad():
-                fill(t)
+        t = torch.empty(shape)
+        with torch.no_grad():
+            fill(t)
         return t
 
     zeros, ones = init.zeros_, init.ones_
