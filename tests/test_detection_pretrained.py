@@ -4,12 +4,11 @@ are one-line errors; a classification checkpoint still goes to backbone.body."""
 import importlib.util
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 
+import _forked_main as forked_main
 from fpipe import defaults, tree
 from fpipe.detection import model as det_model
 from fpipe.detection import coco_eval, pretrained, train
@@ -186,7 +185,7 @@ def test_a_coco_run_with_category_id_labels_scores_a_torchvision_checkpoint_as_t
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / split / info["file_name"])
     torch.save(_with(drawn, cf["add"]), tmp_path / "fasterrcnn_resnet50_fpn_coco.pth")
     o = cf["options"]
-    cmd = [sys.executable, "main.py", "--config=configs/detection.py:coco_torchvision", f"--workdir={tmp_path / 'run'}",
+    cmd = ["--config=configs/detection.py:coco_torchvision", f"--workdir={tmp_path / 'run'}",
            f"--config.data.root={root}", "--config.data.train_split=train", "--config.data.test_split=val",
            f"--config.data.min_size={o['min_size']}", f"--config.data.max_size={o['max_size']}",
            "--config.data.batch_size=2", "--config.data.eval_batch_size=2", "--config.num_threads=1",
@@ -194,7 +193,7 @@ def test_a_coco_run_with_category_id_labels_scores_a_torchvision_checkpoint_as_t
            f"--config.model.detection.rpn.post_nms_top_n_test={o['rpn_post_nms_top_n_test']}",
            f"--config.model.detection.box_head.detections_per_img={o['box_detections_per_img']}",
            f"--config.model.weights.path={tmp_path / 'fasterrcnn_resnet50_fpn_coco.pth'}", "--config.total_steps=0"]
-    proc = subprocess.run(cmd, cwd=HERE.parents[2], capture_output=True, text=True, timeout=300)
+    proc = forked_main.run(cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["dataset"]["num_classes"] == 90 and results["dataset"]["labels"] == "category_id"

@@ -1,11 +1,11 @@
 """The detection run end to end through main.py: a few steps of each head, results.json with COCO AP."""
 import json
 import pathlib
-import subprocess
 import sys
 
 import pytest
 
+import _forked_main as forked_main
 from fpipe import defaults
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -18,8 +18,8 @@ TINY = ["--config.data.num_train=16", "--config.data.num_test=4", "--config.data
 
 
 def main(workdir, *args, check=True):
-    cmd = [sys.executable, "main.py", "--config=configs/detection.py", f"--workdir={workdir}", *TINY, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = ["--config=configs/detection.py", f"--workdir={workdir}", *TINY, *args]
+    proc = forked_main.run(cmd, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -2,15 +2,13 @@
 and torchrun (2 gloo processes: one set of feature files, the same numbers as one process)."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from test_main import ROOT
-from test_torchrun import free_port
+import _forked_main as forked_main
+from test_torchrun import torchrun
 
 SMALL = ["--config.data.name=synthetic", "--config.data.num_train=240", "--config.data.num_test=80",
          "--config.data.num_classes=6", "--config.data.image_size=16", "--config.data.eval_batch_size=64",
@@ -23,11 +21,9 @@ SMALL = ["--config.data.name=synthetic", "--config.data.num_train=240", "--confi
 
 
 def run(workdir, *extra, nproc=1, check=True):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                 f"--master_port={free_port()}", "--master_addr=127.0.0.1"] if nproc > 1 else [sys.executable])
-    cmd = [*launcher, "main.py", "--config=configs/knn.py", f"--workdir={workdir}", *SMALL, *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = ["--config=configs/knn.py", f"--workdir={workdir}", *SMALL, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = torchrun(nproc, cmd, env) if nproc > 1 else forked_main.run(cmd, env=env)
     if check:
         assert proc.returncode == 0, f"{cmd}:\n{proc.stderr[-4000:]}"
     return proc

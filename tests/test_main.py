@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import _forked_main as forked_main
 from fpipe import host_memory, tree, weights
 from fpipe.evaluate import extract
 
@@ -21,8 +22,8 @@ TINY = ["--config.compile=False", "--config.data.image_size=16", "--config.data.
 
 
 def main(workdir, *args, check=True, config="configs/linear_eval.py"):
-    cmd = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *TINY, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    cmd = [f"--config={config}", f"--workdir={workdir}", *TINY, *args]
+    proc = forked_main.run(cmd, timeout=600)  # python main.py CMD, its imports done beforehand
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -73,8 +74,7 @@ def test_killed_run_resumes_with_the_same_command_and_ends_identically(tmp_path)
     args = ["--config.total_steps=24", "--config.ckpt_steps=4", "--config.model.heads.res4.pool=(1, 1)"]
     main(tmp_path / "straight", *args)
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "main.py", "--config=configs/linear_eval.py", f"--workdir={killed}", *TINY, *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = forked_main.start(["--config=configs/linear_eval.py", f"--workdir={killed}", *TINY, *args])
     deadline = time.time() + 300
     while not list((killed / "checkpoints").glob("ckpt_0000000[48].pt")) and time.time() < deadline:
         time.sleep(0.05)

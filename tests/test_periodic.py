@@ -2,7 +2,6 @@
 import json
 import pathlib
 import signal
-import subprocess
 import sys
 import time
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import _forked_main as forked_main
 from fpipe import tree
 from fpipe.models import layers
 from fpipe.models import model as models
@@ -88,15 +88,15 @@ def test_best_checkpoint_keeps_the_best_evaluation(tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
-    cmd = [sys.executable, "main.py", "--config=configs/supervised.py", f"--workdir={tmp_path}", *TINY,
-           "--config.total_steps=400", "--config.ckpt_steps=1000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = forked_main.start(["--config=configs/supervised.py", f"--workdir={tmp_path}", *TINY,
+                              "--config.total_steps=400", "--config.ckpt_steps=1000"])
     deadline = time.time() + 300
     metrics = tmp_path / "metrics.jsonl"
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    err = proc.stderr
     assert proc.returncode == 143, err[-3000:]  # 128 + SIGTERM: schedulers see an unfinished run
     assert "Stopped by SIGTERM" in err
     saved = sorted((tmp_path / "checkpoints").glob("ckpt_*.pt"))

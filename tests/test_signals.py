@@ -1,7 +1,7 @@
 """SIGTERM / SIGINT never cut a file write short, and evaluation runs stop as training runs do:
 one line, exit 143 / 130, the workdir's lock released, a re-run that finishes with the same numbers.
 
-The signals come at known points (a wrapper around main.py sends them from inside a write or an
+The signals come at known points (code run before main.py sends them from inside a write or an
 extraction), not after a guessed sleep."""
 import json
 import os
@@ -13,20 +13,20 @@ import threading
 import pytest
 import torch
 
+import _forked_main as forked_main
 from fpipe import checkpoint, files, workdir as workdir_lib
 from fpipe.evaluate import extract, store
 from fpipe.train.signals import Stopped, StopOnSignal
 from test_main import ROOT, TINY
 
-# main.py, with the signal $SIGNAL sent to itself at $AT: "write:<name>" (in the 2nd write() call of
-# atomic_write's temporary file for <name>, i.e. inside torch.save or a feature file's write) or
-# "extract:<n>" (at the start of the n-th split's extraction).
-WRAPPER = r"""
-import os, runpy, signal, sys
-sys.path.insert(0, os.getcwd())
+# Run before main.py (tests/_forked_main.py): the signal SIGNAL sent to the process itself at AT:
+# "write:<name>" (in the 2nd write() call of atomic_write's temporary file for <name>, i.e. inside
+# torch.save or a feature file's write) or "extract:<n>" (at the start of the n-th split's extraction).
+SIGNAL_AT = r"""
+import os, signal
 from fpipe import files
 from fpipe.evaluate import extract
-sig, (kind, _, what) = getattr(signal, os.environ["SIGNAL"]), os.environ["AT"].partition(":")
+sig, (kind, _, what) = getattr(signal, SIGNAL), AT.partition(":")
 
 class Writes:
     def __init__(self, f):
@@ -56,8 +56,6 @@ else:
             os.kill(os.getpid(), sig)
         return real(*a, **k)
     extract.extract = extract_with_signal
-sys.argv = ["main.py", *sys.argv[1:]]
-runpy.run_path("main.py", run_name="__main__")
 """
 
 KNN = ["--config.data.name=synthetic", "--config.data.num_train=240", "--config.data.num_test=80",
@@ -66,13 +64,10 @@ KNN = ["--config.data.name=synthetic", "--config.data.num_train=240", "--config.
        "--config.eval.knn.ks=(5, 20)"]
 
 
-def _run(args, signame=None, at=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "main.py", *args]
-    if signame:
-        env.update(SIGNAL=signame, AT=at)
-        cmd = [sys.executable, "-c", WRAPPER, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+def _run(args, signame=None, at=None, timeout=300, prelude=SIGNAL_AT):
+    """main.py ARGS, with ``prelude`` run first when ``signame`` is given."""
+    return forked_main.run(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout,
+                           prelude=f"SIGNAL, AT = {signame!r}, {at!r}\n{prelude}" if signame else None)
 
 
 def _assert_stopped(proc, signame, workdir):
@@ -180,19 +175,17 @@ def test_an_evaluation_run_stops_in_one_line_and_the_rerun_gives_the_same_result
     assert json.loads((tmp_path / "results.json").read_text())["protocols"] == knn_reference
 
 
-EVAL_WRAPPER = r"""
-import os, runpy, signal, sys
-sys.path.insert(0, os.getcwd())
+# The signal SIGNAL sent at the start of the AT-th evaluation.
+SIGNAL_AT_EVALUATION = r"""
+import os, signal
 from fpipe.evaluate import topk
 real, calls = topk.evaluate, []
 def evaluate_with_signal(*a, **k):
     calls.append(1)
-    if len(calls) == int(os.environ["AT"]):
-        os.kill(os.getpid(), signal.SIGTERM)
+    if len(calls) == int(AT):
+        os.kill(os.getpid(), getattr(signal, SIGNAL))
     return real(*a, **k)
 topk.evaluate = evaluate_with_signal
-sys.argv = ["main.py", *sys.argv[1:]]
-runpy.run_path("main.py", run_name="__main__")
 """
 
 
@@ -204,9 +197,7 @@ def test_a_stop_during_a_periodic_evaluation_is_made_up_on_resume(tmp_path):
             "--config.ckpt_steps=4", "--config.log_steps=4", "--config.best_metric=res5avg/test_top1"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert _run([*args, f"--workdir={whole}"]).returncode == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "AT": "2"}  # the 2nd evaluation: after step 8
-    proc = subprocess.run([sys.executable, "-c", EVAL_WRAPPER, *args, f"--workdir={stopped}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = _run([*args, f"--workdir={stopped}"], "SIGTERM", 2, prelude=SIGNAL_AT_EVALUATION)  # after step 8
     assert proc.returncode == 143, proc.stderr[-3000:]
     resumed = _run([*args, f"--workdir={stopped}"])
     assert resumed.returncode == 0 and "stopped during its evaluation after step 8" in resumed.stderr

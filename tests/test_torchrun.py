@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import _forked_main as forked_main
 from fpipe import weights
 from test_main import ROOT, TINY
 
@@ -27,12 +28,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def torchrun(nproc, args, env):
+    """``torchrun --nproc_per_node=NPROC main.py ARGS`` (gloo, this host), its output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "--master_addr=127.0.0.1", "main.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
 def run(workdir, config, nproc, *extra, threads=1):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                 f"--master_port={free_port()}", "--master_addr=127.0.0.1"] if nproc > 1 else [sys.executable])
-    cmd = [*launcher, "main.py", f"--config={config}", f"--workdir={workdir}", *ARGS, *extra]
+    cmd = [f"--config={config}", f"--workdir={workdir}", *ARGS, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    proc = (torchrun(nproc, cmd, env) if nproc > 1 else forked_main.run(cmd, env=env))
     assert proc.returncode == 0, f"{cmd}:\n{proc.stderr[-4000:]}"
     losses = [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(l)]
@@ -84,10 +90,7 @@ def test_two_processes_equal_one_at_the_configs_own_settings(tmp_path, config, r
 
 
 def test_extraction_under_torchrun_covers_every_sample_once(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "--master_addr=127.0.0.1", "main.py", "--config=configs/extract_features.py", f"--workdir={tmp_path}",
-           *TINY]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = torchrun(2, ["--config=configs/extract_features.py", f"--workdir={tmp_path}", *TINY],
+                    {**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2

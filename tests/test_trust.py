@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import _forked_main as forked_main
 from fpipe import checkpoint, files, tree, workdir as workdir_lib
 from test_main import ROOT, TINY, main
 
@@ -178,10 +179,8 @@ def test_the_main_job_compiles_whole_graphs(tmp_path):
     """compile=True as shipped: the frozen trunk, the heads' train step and the eval step compile
     with fullgraph=True (FPIPE_STRICT_COMPILE makes a graph break or eager fallback an error)."""
     args = [a for a in TINY if not a.startswith("--config.compile")]
-    cmd = [sys.executable, "main.py", "--config=configs/linear_eval.py", f"--workdir={tmp_path}", *args,
-           "--config.total_steps=2", "--config.compile_min_images=0"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "FPIPE_STRICT_COMPILE": "1"})
+    proc = forked_main.run(["--config=configs/linear_eval.py", f"--workdir={tmp_path}", *args, "--config.total_steps=2",
+                            "--config.compile_min_images=0"], env={**os.environ, "FPIPE_STRICT_COMPILE": "1"}, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for what in ("frozen trunk compiled", "train step compiled", "eval step compiled"):
         assert what in proc.stderr
