@@ -15,11 +15,13 @@ import atexit
 import json
 import os
 import pathlib
+import select
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRELOAD = ("torch", "torch._dynamo", "fpipe.host_memory", "fpipe.workdir", "fpipe.train.config_check",
@@ -53,8 +55,8 @@ def start(args, *, env=None, prelude=None):
 
 class Running:
     """A main.py run in a child of its environment's server, which is this run's alone until it
-    ends (another run meanwhile starts another server): ``pid``, ``send_signal``, ``wait``, then
-    ``returncode``, ``stdout``, ``stderr``."""
+    is waited for (another run meanwhile starts another server): ``pid``, ``send_signal``,
+    ``wait``, then ``returncode``, ``stdout``, ``stderr``."""
 
     def __init__(self, args, env, prelude):
         self.args, self.returncode, self.stdout, self.stderr = ["main.py", *args], None, None, None
@@ -62,6 +64,8 @@ class Running:
         self._server = _servers.pop(self._key, None) or _start_server(env)
         self._tmp = tempfile.TemporaryDirectory()
         self._out, self._err = (os.path.join(self._tmp.name, n) for n in ("stdout", "stderr"))
+        for path in (self._out, self._err):  # there even if the run is killed before it opens them
+            pathlib.Path(path).touch()
         request = {"args": args, "stdout": self._out, "stderr": self._err, "prelude": prelude}
         self._server.stdin.write(json.dumps(request).encode() + b"\n")
         self.pid = int(_reply(self._server))
@@ -105,7 +109,6 @@ def _keep(key, server):
 
 def _reply(server, deadline=None):
     """The server's next line; TimeoutExpired past ``deadline`` (``time.monotonic()``)."""
-    import select
     while deadline is not None:
         if select.select([server.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
             break
@@ -155,23 +158,21 @@ def _child(main, request):
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-    sys.argv = [str(ROOT / "main.py"), *request["args"]]
+        os.dup2(os.open(path, os.O_WRONLY), fd)
+    sys.argv = ["main.py", *request["args"]]  # as typed in ROOT
     code = 0
     try:
         exec(request["prelude"], {"__name__": "__prelude__"})
         main["app"].run(main["run_main"], flags_parser=main["parse_flags"])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if not isinstance(e.code, (int, type(None))):
+    except SystemExit as e:  # the interpreter's rules: None is 0, an int itself, anything else printed, 1
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if code == 1 and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
     except BaseException:
-        import traceback
         traceback.print_exc()
         code = 1
     try:
-        import atexit as exit_handlers
-        exit_handlers._run_exitfuncs()
+        atexit._run_exitfuncs()  # as at the interpreter's exit
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
