@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRELOAD = ("torch", "torch._dynamo", "fpipe.host_memory", "fpipe.workdir", "fpipe.train.config_check",
            "fpipe.train.loop", "fpipe.evaluate", "fpipe.detection.train", "tensorboardX", "PIL.Image",
            "sklearn.datasets")
-MAX_SERVERS = 2  # ~0.5 GB each
+MAX_SERVERS = 2  # ~0.4 GB each
 _servers = {}  # environment -> Popen of its server, the most recently used last
 
 
