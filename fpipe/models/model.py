@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from fpipe import defaults, tree
+from fpipe import defaults
 from fpipe.models import heads as heads_lib
 from fpipe.models import losses
 from fpipe.models import alexnet, convnext, efficientnet, layers, regnet, resnet, vit
