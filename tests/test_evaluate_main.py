@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import _forked_main as forked_main
 from test_torchrun import torchrun
 
 SMALL = ["--config.data.name=synthetic", "--config.data.num_train=240", "--config.data.num_test=80",
@@ -23,7 +22,7 @@ SMALL = ["--config.data.name=synthetic", "--config.data.num_train=240", "--confi
 def run(workdir, *extra, nproc=1, check=True):
     cmd = ["--config=configs/knn.py", f"--workdir={workdir}", *SMALL, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = torchrun(nproc, cmd, env) if nproc > 1 else forked_main.run(cmd, env=env)
+    proc = torchrun(nproc, cmd, env)
     if check:
         assert proc.returncode == 0, f"{cmd}:\n{proc.stderr[-4000:]}"
     return proc

@@ -29,7 +29,10 @@ def free_port():
 
 
 def torchrun(nproc, args, env):
-    """``torchrun --nproc_per_node=NPROC main.py ARGS`` (gloo, this host), its output captured."""
+    """``torchrun --nproc_per_node=NPROC main.py ARGS`` (gloo, this host), its output captured; one
+    process: ``python main.py ARGS`` (forked, tests/_forked_main.py)."""
+    if nproc == 1:
+        return forked_main.run(args, env=env)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "--master_addr=127.0.0.1", "main.py", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -38,7 +41,7 @@ def torchrun(nproc, args, env):
 def run(workdir, config, nproc, *extra, threads=1):
     cmd = [f"--config={config}", f"--workdir={workdir}", *ARGS, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = (torchrun(nproc, cmd, env) if nproc > 1 else forked_main.run(cmd, env=env))
+    proc = torchrun(nproc, cmd, env)
     assert proc.returncode == 0, f"{cmd}:\n{proc.stderr[-4000:]}"
     losses = [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(l)]
