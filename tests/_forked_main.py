@@ -4,8 +4,8 @@ main.py imports, so that each run skips the 3-6 s of importing torch, Dynamo and
 Of ~110 main.py processes the suite starts, each spent most of its CPU importing (docs/BENCHMARKS.md,
 fifty-ninth and sixtieth sessions). A server process per environment (started on first use, with
 exactly the environment a subprocess would get) runs main.py's module code, imports the
-libraries, and then forks one child per run: the child sets the arguments, working directory
-and output files and calls main.py's own entry point (``app.run(run_main, ...)``), so a run sees
+libraries, and then forks one child per run: the child (in the repo root, as the server) sets
+the arguments and output files and calls main.py's own entry point (``app.run(run_main, ...)``), so a run sees
 the same code, flags, environment and exit status as ``subprocess.run([python, "main.py", ...])``.
 Only the imports happened earlier. The server never runs a tensor op, so no OpenMP pool or other
 thread exists at the fork (checked). Runs that test startup itself (signals while importing,
