@@ -109,6 +109,42 @@ def test_a_step_is_saved_per_input_shape_so_that_another_dataset_keeps_its_own(t
     assert compile_cache.input_signature((ten,)) != compile_cache.input_signature(({"x": ten["x"], "w": ten["w"]},))
 
 
+def test_the_directory_keeps_the_recently_used_steps_within_its_size_bound(tmp_path, monkeypatch):
+    """Every new key (another config, an edited fpipe) saves a file: past ``MAX_BYTES`` in all the
+    least recently used go, and loading a step counts as using it."""
+    directory, key = tmp_path / "c", "e" * 64
+    toy = lambda n: compile_cache.saved_or_compiled(
+        lambda a: a["w"] @ a["x"].T, ({"w": torch.zeros(n, 4), "x": torch.ones(2, 4)},), str(directory), key, "toy",
+        lambda *a: pytest.fail("the fallback ran"))
+    saved = []
+    for n in (10, 20):
+        toy(n)
+        saved += [p for p in directory.iterdir() if p not in saved]
+    ten, twenty = saved
+    for age, path in enumerate(saved):  # both long unused, ten the longer
+        os.utime(path, (1e9 + age, 1e9 + age))
+    torch._dynamo.reset()
+    assert compile_cache.was_loaded(toy(10)) and ten.stat().st_mtime > 1e9 + 10  # loaded: used now
+    size = ten.stat().st_size
+    monkeypatch.setattr(compile_cache, "MAX_BYTES", size * 5 // 2)  # room for two steps of about this size
+    assert not compile_cache.was_loaded(toy(30))  # saved: the third file
+    assert ten.exists() and not twenty.exists() and len(list(directory.iterdir())) == 2
+
+
+def test_the_least_recently_used_compiled_files_go_past_the_size_bound(tmp_path):
+    """Packages and saved steps share the bound; files being written by another run stay."""
+    names = ["frozen-trunk-a.pt2", "train-step-b.bin", "frozen-trunk-c.pt2", "eval-step-d.bin"]  # a least recent
+    for age, name in enumerate(names):
+        (tmp_path / name).write_bytes(b"x" * 300)
+        os.utime(tmp_path / name, (1e9 + age, 1e9 + age))
+    (tmp_path / "frozen-trunk-e.99.tmp.pt2").write_bytes(b"x" * 5000)  # other runs writing theirs
+    (tmp_path / "train-step-f.bin.99.tmp").write_bytes(b"x" * 5000)
+    compile_cache.remove_least_recent(tmp_path, keep=tmp_path / "frozen-trunk-a.pt2", max_bytes=700)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "eval-step-d.bin", "frozen-trunk-a.pt2", "frozen-trunk-c.pt2", "frozen-trunk-e.99.tmp.pt2",
+        "train-step-f.bin.99.tmp"]
+
+
 @pytest.mark.parametrize("spoil", ["garbage", "world_writable_dir"])
 def test_an_unreadable_or_unsafe_file_is_not_loaded(tmp_path, caplog, spoil):
     directory, key, x = str(tmp_path / "c"), "a" * 64, torch.arange(3.0)

@@ -259,20 +259,6 @@ def test_an_unreadable_or_unsafe_kept_trunk_is_not_loaded(tmp_path, caplog, spoi
     assert ("Could not load" if spoil == "garbage" else "writable by no one else") in caplog.text
 
 
-def test_the_least_recently_used_kept_trunks_go_past_the_size_bound(tmp_path):
-    sizes = {"a": 300, "b": 300, "c": 300, "d": 300}  # "a" least recently used, "d" most
-    for age, (name, size) in enumerate(reversed(sizes.items())):
-        path = tmp_path / f"frozen-trunk-{name}.pt2"
-        path.write_bytes(b"x" * size)
-        os.utime(path, (1e9 - age, 1e9 - age))
-    (tmp_path / "frozen-trunk-e.99.tmp.pt2").write_bytes(b"x" * 5000)  # another run writing one
-    (tmp_path / "train-step-f.bin").write_bytes(b"x" * 5000)
-    compile_cache.remove_least_recent_packages(tmp_path, keep=tmp_path / "frozen-trunk-a.pt2", max_bytes=700)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "frozen-trunk-a.pt2", "frozen-trunk-c.pt2", "frozen-trunk-d.pt2", "frozen-trunk-e.99.tmp.pt2",
-        "train-step-f.bin"]
-
-
 def test_a_resumed_linear_eval_runs_the_checkpoints_trunk_not_a_fresh_init(tmp_path):
     """With pretrained weights, a rerun (which resumes from the workdir's checkpoint and does not read
     model.weights.path) must evaluate the same trunk: the fast path's constants come from the restored

@@ -40,9 +40,10 @@ from fpipe.train import aoti_package, forked_compile
 
 CACHE_ENV = "FPIPE_COMPILE_CACHE"  # overrides the default directory; "" turns the cache off
 STRICT_COMPILE_ENV = "FPIPE_STRICT_COMPILE"  # "1": a compile failure raises (the tests set it)
-# A package holds a trunk's packed weights (26 MB for ResNet-18 at 32 px, 114 MB for ResNet-50 at
-# 64 px): past this many bytes in all, the least recently used packages are removed.
-PACKAGES_MAX_BYTES = 2 * 2**30
+# The directory's files, packages (a trunk's packed weights: 26 MB for ResNet-18 at 32 px, 114 MB for
+# ResNet-50 at 64 px) and saved steps (3-10 MB each): past this many bytes in all, the least recently
+# used are removed, so that sweeps and edits of fpipe (each a new key) do not fill the disk.
+MAX_BYTES = 2 * 2**30
 
 # Config keys that are read outside the step (durations, logging, checkpoints, seeds, the
 # schedule, the base lr's linear scaling) or reach it as tensor inputs (the base lr, AdamW's betas
@@ -202,36 +203,46 @@ def saved_package(module, example, directory: str, key: str, name: str, inductor
         return None
     logging.info("Compiled the %s ahead of time in %.1f s and saved it to %s (%.1f MB): the next run "
                  "with these weights loads it.", name, time.perf_counter() - t0, path, os.path.getsize(path) / 1e6)
-    remove_least_recent_packages(directory, keep=path)
+    remove_least_recent(directory, keep=path, max_bytes=MAX_BYTES)
     return _load_package(path, name)
 
 
-def remove_least_recent_packages(directory, keep, max_bytes=PACKAGES_MAX_BYTES):
-    """Removes the least recently used packages in ``directory`` past ``max_bytes`` in all (never
-    ``keep``): a sweep over many checkpoints does not fill the disk."""
-    packages = []
-    for path in pathlib.Path(directory).glob("*.pt2"):
-        if path.name.endswith(".tmp.pt2"):  # another run's package being written
+def remove_least_recent(directory, keep, max_bytes):
+    """Removes the least recently used packages and saved steps in ``directory`` past ``max_bytes``
+    in all (never ``keep``): a sweep over many checkpoints or configs does not fill the disk. Files
+    another run is writing (``*.tmp.pt2``, ``*.tmp``) are left alone."""
+    kept = []
+    for path in (*pathlib.Path(directory).glob("*.pt2"), *pathlib.Path(directory).glob("*.bin")):
+        if path.name.endswith(".tmp.pt2"):
             continue
         try:
             st = path.stat()
         except FileNotFoundError:  # removed meanwhile by another run
             continue
-        packages.append((st.st_mtime, st.st_size, path))
+        kept.append((st.st_mtime, st.st_size, path))
     total = 0
-    for _, size, path in sorted(packages, reverse=True):
+    for _, size, path in sorted(kept, reverse=True):
         total += size
         if total > max_bytes and str(path) != str(keep):
             path.unlink(missing_ok=True)
-            logging.info("Removed the compiled %s (least recently used; the packages kept hold %.1f GB at most).",
-                         path, max_bytes / 2**30)
+            logging.info("Removed the compiled %s (least recently used; the compiled files kept hold %.1f GB "
+                         "at most).", path, max_bytes / 2**30)
 
 
 def _load_package(path, name):
     package = _read_saved(path, name, aoti_package.load)
     if package is not None:
-        os.utime(path)  # used now: the last to be removed
+        _touch(path)
     return package
+
+
+def _touch(path):
+    """Marks a loaded file used now, the last to be removed (:func:`remove_least_recent`); a file
+    removed meanwhile by another run, or a read-only disk, changes nothing."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _read_saved(path, name, read):
@@ -313,10 +324,12 @@ def _save(compiled, path, name):
     try:
         data = type(compiled).serialize(compiled).serialized_data
         files.atomic_write(path, lambda f: f.write(data))
-        logging.info("Saved the compiled %s to %s (%.1f MB): the next run with this config loads it.",
-                     name, path, len(data) / 1e6)
     except Exception as e:  # a step that cannot be saved still runs; only the next start is slower
         logging.warning("Could not save the compiled %s (%s); the next run compiles it again.", name, _error(e))
+        return
+    logging.info("Saved the compiled %s to %s (%.1f MB): the next run with this config loads it.",
+                 name, path, len(data) / 1e6)
+    remove_least_recent(os.path.dirname(path), keep=path, max_bytes=MAX_BYTES)
 
 
 def _load(path, fn, args, name):
@@ -331,6 +344,7 @@ def _load(path, fn, args, name):
         logging.warning("The saved %s %s does not fit this run's inputs (%s); compiling it anew.", name, path,
                         _why(compiled, args))
         return None
+    _touch(path)
     compiled.fpipe_loaded = True
     return compiled
 
