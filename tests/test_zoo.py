@@ -131,18 +131,15 @@ def test_compiled_tiny_trunk_equals_eager(family):
     def grads_and_outputs(params):  # a code object of its own: Dynamo counts recompiles per code object, and
         return torch.func.grad_and_value(loss, has_aux=True)(params)  # grad_and_value's wrapper is everyone's
 
-    eager = run(params, state, x)
-    want = tree.flatten(torch.func.grad(lambda p: loss(p)[0])(params))
-    got, (_, compiled) = torch.compile(grads_and_outputs, fullgraph=True, backend="aot_eager")(params)
-    for what, want_out, got_out in (("features", eager[0], compiled[0]), ("state", eager[1], compiled[1])):
-        want_out, got_out = tree.flatten(want_out), tree.flatten(got_out)
-        assert list(got_out) == list(want_out), what
-        for name in want_out:
-            torch.testing.assert_close(got_out[name], want_out[name], msg=lambda m: f"{what} {name}: {m}")
-    got = tree.flatten(got)
-    assert list(got) == list(want)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    (features, new_state), grads = run(params, state, x), torch.func.grad(lambda p: loss(p)[0])(params)
+    got_grads, (_, (got_features, got_state)) = torch.compile(grads_and_outputs, fullgraph=True,
+                                                              backend="aot_eager")(params)
+    for what, want, got, tolerance in (("features", features, got_features, {}), ("state", new_state, got_state, {}),
+                                       ("gradient", grads, got_grads, dict(rtol=1e-4, atol=1e-6))):
+        want, got = tree.flatten(want), tree.flatten(got)
+        assert list(got) == list(want), what
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **tolerance, msg=lambda m: f"{what} {name}: {m}")
 
 
 def test_models_doc_lists_every_feature_and_preset():
