@@ -211,17 +211,18 @@ def remove_least_recent(directory, keep, max_bytes):
     """Removes the least recently used packages and saved steps in ``directory`` past ``max_bytes``
     in all (never ``keep``): a sweep over many checkpoints or configs does not fill the disk. Files
     another run is writing (``*.tmp.pt2``, ``*.tmp``) are left alone."""
-    kept = []
+    on_disk = []
     for path in (*pathlib.Path(directory).glob("*.pt2"), *pathlib.Path(directory).glob("*.bin")):
+        # a package another run is writing (a step being written, *.bin.<n>.tmp, is not globbed)
         if path.name.endswith(".tmp.pt2"):
             continue
         try:
             st = path.stat()
         except FileNotFoundError:  # removed meanwhile by another run
             continue
-        kept.append((st.st_mtime, st.st_size, path))
+        on_disk.append((st.st_mtime, st.st_size, path))
     total = 0
-    for _, size, path in sorted(kept, reverse=True):
+    for _, size, path in sorted(on_disk, reverse=True):
         total += size
         if total > max_bytes and str(path) != str(keep):
             path.unlink(missing_ok=True)
