@@ -89,3 +89,14 @@ def test_a_step_compiled_with_the_pass_matches_batchnorm2d(monkeypatch):
     torch.testing.assert_close(g_p["bias"], bn.bias.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(new_s["running_mean"], bn.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(new_s["running_var"], bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("vendor, family, avx512, runs", [
+    ("GenuineIntel", 6, True, True), ("GenuineIntel", 6, False, True),
+    ("AuthenticAMD", 26, True, True),   # Zen 5: measured faster
+    ("AuthenticAMD", 25, False, True),  # Zen 3: measured faster
+    ("AuthenticAMD", 25, True, False),  # Zen 4: an earlier split was slower there
+    ("AuthenticAMD", 23, False, False),  # Zen 2: never measured
+    ("", 0, False, False)])
+def test_the_pass_runs_on_the_cpus_where_it_was_measured_faster(vendor, family, avx512, runs):
+    assert row_sums.runs_on(vendor, family, avx512) is runs
