@@ -13,7 +13,7 @@ On the Intel CPU measured (docs/BENCHMARKS.md, twenty-sixth session) a BatchNorm
 and backward ran 10-25% faster from 64 channels and 8 pixels a row up, ResNet-50 train steps 2-5%
 faster at 64-224 px; on an AMD Zen 5 (family 26; thirty-third session) ResNet-50's step 1.6%
 faster at 64 px and 2.5% at 224 px, the two steps interleaved in one process; on an AMD Zen 3
-(family 25, AVX2 only; sixty-third session) 4-7% faster at 128 and 224 px. On an AMD EPYC with
+(family 25, AVX2 only; sixty-third session) 4-7% faster at 64, 128 and 224 px. On an AMD EPYC with
 AVX-512 of an earlier family (Zen 4, also family 25) an earlier version of the same split made the
 step slower (the twenty-third session), so the pass runs where it was measured faster
 (``runs_on``): Intel CPUs, AMD's Zen 5 and up, and AMD's family 25 without AVX-512.
