@@ -266,6 +266,13 @@ def cpu_family() -> int:
     return int(family) if family.isdigit() else 0
 
 
+def cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512, whatever ``ATEN_CPU_CAPABILITY`` lowers ATen's kernels to: the
+    conv routes and graph passes that depend on it follow the hardware. A torch without the probe
+    counts as AVX-512 (every such choice as it was before the probe)."""
+    return getattr(torch.cpu, "_is_avx512_supported", lambda: True)()
+
+
 def _cpuinfo(field: str) -> str:
     """The first ``field`` of /proc/cpuinfo, or "" (no such file or field)."""
     try:
@@ -289,8 +296,7 @@ def _mkl_runs_full_width() -> bool:
     with AVX-512 (Zen 4 and 5), where MKL runs its AVX2 code; on AVX2 CPUs (Zen 2 and 3) that code
     is the full width, and as fast as oneDNN's (Zen 3, 2 threads: 1×1-conv products of 64-2048
     channels 150-185 GFLOP/s on either)."""
-    avx512 = getattr(torch.cpu, "_is_avx512_supported", lambda: True)()  # (a torch without the probe: as before)
-    return not _mkl_runs_avx2() or not avx512
+    return not _mkl_runs_avx2() or not cpu_has_avx512()
 
 
 # Linears as 1×1 convolutions (see dense); a module flag, so tests can take either path.

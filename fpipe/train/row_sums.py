@@ -40,8 +40,7 @@ def runs_on(vendor: str, family: int, avx512: bool) -> bool:
     return vendor == "AuthenticAMD" and (family >= 26 or (family == 25 and not avx512))
 
 
-ON_THIS_CPU = runs_on(layers.cpu_vendor(), layers.cpu_family(),
-                      getattr(torch.cpu, "_is_avx512_supported", lambda: True)())  # unknown: as before (off)
+ON_THIS_CPU = runs_on(layers.cpu_vendor(), layers.cpu_family(), layers.cpu_has_avx512())
 
 
 def _splittable(node):
