@@ -53,6 +53,13 @@ def encoding_tag(encoding: dict) -> str:
     return "_".join(k if v is True else f"{k}{str(v).replace(':', '')}" for k, v in sorted(changed.items()))
 
 
+def default_dir(count: int, encoding: dict = ENCODING) -> str:
+    """The temporary folder of ``count`` generated JPEGs of ``encoding``, named by both, so that
+    benchmarks asking for different sets never share (and refuse) one folder."""
+    tag = encoding_tag({**ENCODING, **encoding})
+    return os.path.join(tempfile.gettempdir(), f"fpipe_bench_jpegs_{count}" + (f"_{tag}" if tag else ""))
+
+
 def make_jpegs(root: str, count: int, classes: int = 10, encoding: dict = ENCODING) -> bool:
     """``count`` JPEGs under root/train/<class>/, photo-like: smooth colour fields, shapes with
     edges and sensor-like noise, encoded as ``encoding`` says (``ENCODING``'s keys: Pillow's
@@ -211,14 +218,12 @@ def main():
     parser.add_argument("--size", type=float, default=ENCODING["size"],
                         help="the generated images' sides times this (1: about 500×375)")
     parser.add_argument("--dir", default=None, help="an image folder (default: generated JPEGs in "
-                        "a temporary folder named by the settings above)")
+                        "a temporary folder named by --images and the settings above)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     encoding = dict(quality=args.quality, subsampling=args.subsampling, progressive=args.progressive,
                     size=args.size)
-    if args.dir is None:
-        tag = encoding_tag(encoding)
-        args.dir = os.path.join(tempfile.gettempdir(), "fpipe_bench_jpegs" + (f"_{tag}" if tag else ""))
+    args.dir = args.dir or default_dir(args.images, encoding)
     generated = make_jpegs(args.dir, args.images, encoding=encoding)
     cfg = data.default_config()
     cfg.update(dict(name="image_folder", root=args.dir, train_split="train", test_split="train",

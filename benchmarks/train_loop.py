@@ -38,7 +38,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -170,7 +169,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30, help="train steps a run takes (the first two untimed)")
     parser.add_argument("--log-steps", type=int, default=10)
-    parser.add_argument("--images", type=int, default=1280, help="JPEGs written (at least steps × batch)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="JPEGs written (at least steps × batch; default: that, and at least 1,280)")
     parser.add_argument("--test-images", type=int, default=32, help="main.py's final evaluation (untimed)")
     parser.add_argument("--freeze", nargs="+", default=[], metavar="REGEX",
                         help="model.freeze rules, as train_step.py's; 'trunk': linear evaluation of the "
@@ -182,14 +182,18 @@ def main(argv=None):
     parser.add_argument("--baseline-niceness", type=int, default=0,
                         help="the baselines' workers this far below their loop in CPU priority (fpipe's: "
                              "data.worker_niceness, 19); 0: as DataLoader runs them")
-    parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "fpipe_bench_jpegs"))
+    parser.add_argument("--dir", default=None, help="an image folder with train/<class>/ images (default: "
+                        "input_pipeline.py's generated JPEGs, --images of them, in a temporary folder)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.images = args.images or max(1280, args.steps * args.batch_size)
+    args.dir = args.dir or input_pipeline.default_dir(args.images)
     if args.child:
         return baseline_loop(args, args.child)
     if args.steps < 3 or args.steps * args.batch_size > args.images:
-        parser.error("--steps must be at least 3 and --steps × --batch-size at most --images")
+        parser.error(f"--steps must be at least 3 and --steps × --batch-size ({args.steps} × {args.batch_size}) "
+                     f"at most --images ({args.images})")
     files, labels, classes, generated = train_images(args)
     csv = split_file(files, labels, classes, args.test_images)
     print(f"{len(files)} {'generated JPEGs' if generated else 'of your images'} in {args.dir}, {len(classes)} classes")

@@ -209,6 +209,11 @@ def test_input_pipeline_generates_the_encoding_asked_for_and_refuses_a_set_made_
     with pytest.raises(SystemExit, match="generated otherwise"):
         input_pipeline.make_jpegs(root, 2)
     assert input_pipeline.encoding_tag(input_pipeline.ENCODING) == ""
+    # The default folders: one per set, so input_pipeline.py's 2,000 JPEGs and train_loop.py's
+    # 1,280 (or steps × batch) never meet in one folder, which make_jpegs would refuse.
+    dirs = {input_pipeline.default_dir(2000), input_pipeline.default_dir(1280),
+            input_pipeline.default_dir(1280, encoding), input_pipeline.default_dir(1280, dict(progressive=True))}
+    assert len(dirs) == 4 and input_pipeline.default_dir(1280) == input_pipeline.default_dir(1280, {})
     assert input_pipeline.encoding_tag({**input_pipeline.ENCODING, **encoding}) == "progressive_size0.5_subsampling444"
 
 
