@@ -223,7 +223,8 @@ def main():
     torch.set_num_threads(1)
     encoding = dict(quality=args.quality, subsampling=args.subsampling, progressive=args.progressive,
                     size=args.size)
-    args.dir = args.dir or default_dir(args.images, encoding)
+    if args.dir is None:
+        args.dir = default_dir(args.images, encoding)
     generated = make_jpegs(args.dir, args.images, encoding=encoding)
     cfg = data.default_config()
     cfg.update(dict(name="image_folder", root=args.dir, train_split="train", test_split="train",

@@ -187,8 +187,10 @@ def main(argv=None):
     parser.add_argument("--child", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args.images = args.images or max(1280, args.steps * args.batch_size)
-    args.dir = args.dir or input_pipeline.default_dir(args.images)
+    if args.images is None:
+        args.images = max(1280, args.steps * args.batch_size)
+    if args.dir is None:
+        args.dir = input_pipeline.default_dir(args.images)
     if args.child:
         return baseline_loop(args, args.child)
     if args.steps < 3 or args.steps * args.batch_size > args.images:

@@ -232,7 +232,7 @@ def test_the_key_follows_the_step_not_the_run_bookkeeping(monkeypatch):
     monkeypatch.setattr(layers, "cpu_family", lambda: family + 1)  # AMD Zen 4 and 5 take other passes
     assert compile_cache.step_key(base, "cpu", "train") != key
     monkeypatch.undo()
-    avx512 = layers.cpu_has_avx512()  # Zen 3 and Zen 4 (one family) take other passes, at any ATen capability
+    avx512 = layers.cpu_has_avx512()  # Zen 3 and Zen 4 (one family) take other conv routes, at any ATen capability
     monkeypatch.setattr(layers, "cpu_has_avx512", lambda: not avx512)
     assert compile_cache.step_key(base, "cpu", "train") != key
     monkeypatch.undo()

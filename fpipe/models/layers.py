@@ -268,7 +268,7 @@ def cpu_family() -> int:
 
 def cpu_has_avx512() -> bool:
     """Whether this CPU has AVX-512, whatever ``ATEN_CPU_CAPABILITY`` lowers ATen's kernels to: the
-    conv routes and graph passes that depend on it follow the hardware. A torch without the probe
+    conv routes that depend on it (``WINOGRAD_ON_CPU``) follow the hardware. A torch without the probe
     counts as AVX-512 (every such choice as it was before the probe)."""
     return getattr(torch.cpu, "_is_avx512_supported", lambda: True)()
 

@@ -107,9 +107,9 @@ def step_key(config, *parts, fused_update=False, evaluation=False) -> str:
 def key_of(*parts) -> str:
     """sha256 over ``parts`` and what every compiled file depends on: fpipe's source, the torch and
     Python versions, the CPU (inductor's kernels are built for its vector instructions and thread
-    count; fpipe picks its conv routes and graph passes by vendor, family and AVX-512, which
-    ``ATEN_CPU_CAPABILITY`` does not lower), so a cache shared by different machines never hands one
-    of them another's step."""
+    count; fpipe picks its graph passes by vendor and family and its conv routes by vendor and
+    AVX-512, which ``ATEN_CPU_CAPABILITY`` does not lower), so a cache shared by different
+    machines never hands one of them another's step."""
     facts = {"parts": [p if isinstance(p, dict) else str(p) for p in parts], "fpipe": source_digest(),
              "torch": torch.__version__, "python": sys.version, "threads": torch.get_num_threads(),
              "cpu": [layers.cpu_vendor(), layers.cpu_family(), cpu_isa(), layers.cpu_has_avx512()]}
