@@ -47,7 +47,8 @@ Output per case:
   first_call_s (in turn): ...  the first call (the compilation) of each program, one after another,
                           sharing inductor's cache: a later program reuses the C++ kernels an
                           earlier one built (ViT-S/16 AdamW, Zen 4: the module 23.9 s after fpipe,
-                          30.9 s alone), so not the goal's ratio: first_call_vs_compiled (cold) is
+                          30.9 s alone), so not the goal's ratio, which is first_call_vs_compiled
+                          (cold) below
   second_run_first_call_s: ...  the first call in a fresh process after this one compiled
                           (what a second run waits: fpipe loads the step it saved,
                           fpipe.train.compile_cache; torch.compile has its inductor/AOTAutograd caches)
