@@ -71,20 +71,22 @@ def plot(path, results, layers):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    per_layer = [(title, protocol, key) for title, protocol, key in columns(results) if protocol != "low_shot"]
     low = results.get("low_shot")
-    fig, axes = plt.subplots(1, 2 if low else 1, figsize=(11 if low else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    for title, protocol, key in columns(results):
-        if protocol == "low_shot":
-            continue
-        ys = [value(results, protocol, key, layer) for layer in layers]
-        ax.plot(range(len(layers)), ys, marker="o", label=title)
-    ax.set(xticks=range(len(layers)), xticklabels=layers, xlabel="layer", ylabel="test top-1 (%)",
-           title="Accuracy per layer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = bool(per_layer) + bool(low)  # a run of low-shot alone gets no empty per-layer panel
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels if panels > 1 else 6, 4), squeeze=False)
+    axes = iter(axes[0])
+    if per_layer:
+        ax = next(axes)
+        for title, protocol, key in per_layer:
+            ys = [value(results, protocol, key, layer) for layer in layers]
+            ax.plot(range(len(layers)), ys, marker="o", label=title)
+        ax.set(xticks=range(len(layers)), xticklabels=layers, xlabel="layer", ylabel="test top-1 (%)",
+               title="Accuracy per layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     if low:
-        ax = axes[0][1]
+        ax = next(axes)
         for layer in layers:
             ks = sorted(low[layer], key=lambda k: int(k.split("=")[1]))
             xs = [int(k.split("=")[1]) for k in ks]
