@@ -157,16 +157,18 @@ def parse_flags(argv):
     except Exception as e:  # absl's flags.Error, and ml_collections' errors for config keys
         if "--verbose" in argv or os.environ.get("FPIPE_DEBUG") == "1":
             raise
-        print(f"error: {_flag_message(e)}", file=sys.stderr, flush=True)
+        print(f"error: {_flag_message(e, argv)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_REFUSED)
 
 
-def _flag_message(e):
+def _flag_message(e, argv=()):
     if isinstance(e, (AttributeError, KeyError)):  # ml_collections: overriding a key that does not exist
         detail = str(e.args[0] if e.args else e).replace("\\'", "'").replace("\\n", "\n").strip("'\"")
         key, _, hint = detail.partition("\n")
-        return (f"no such config key {key.strip(chr(39))!r}{'. ' + hint if hint else ''}. List every key "
-                "with --config_only, e.g. python main.py --config=configs/linear_eval.py --config_only")
+        hint = f" {hint.strip()}" if hint.strip() else ""
+        config = _config_flag(argv) or "--config=configs/linear_eval.py"
+        return (f"no such config key {key.strip(chr(39))!r}.{hint} List every key with --config_only, e.g. "
+                f"python main.py {config} --config_only")
     text = str(e)
     missing = re.search(r"earlier failure to load.*?Attempted \[[^\]]*\]:\s*(\S+)", text, re.S)
     if missing:  # overrides given for a config file that did not load
@@ -176,6 +178,17 @@ def _flag_message(e):
         return f"{text.split(': Error whilst', 1)[0]}: {last}"
     text = " ".join(text.split())
     return text[:500] if text else type(e).__name__
+
+
+def _config_flag(argv):
+    """The --config flag that absl uses (the last ``--config=F`` or ``--config F``), or None."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            found = arg
+        elif arg == "--config" and i + 1 < len(argv):
+            found = f"--config={argv[i + 1]}"
+    return found
 
 
 def _config_file_message(path):

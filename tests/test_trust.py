@@ -73,7 +73,8 @@ def test_the_default_workdir_depends_on_result_affecting_overrides():
     (["--config.keep_ckpts=0"], "keep_ckpts"),
     (["--config.extract.features=('res9',)"], "extract.features"),
     (["--config.schedule.name=cosin"], "schedule.name"),
-    (["--config.optim.lrr=0.1"], 'Did you mean "lr"'),
+    (["--config.optim.lrr=0.1"], """'lrr'. Did you mean "lr" instead of "lrr"? List every key with --config_only, """
+     "e.g. python main.py --config=configs/linear_eval.py --config_only"),
     (["--config.model.weights.path=/nonexistent/w.pth"], "/nonexistent/w.pth"),
     (["--config.model.weights.path=/"], "is a directory"),
     (["--config=configs/linear_evl.py"], "no such config file, or it failed to import"),
@@ -85,6 +86,16 @@ def test_bad_config_is_one_line_before_any_work(tmp_path, args, expect):
     assert expect in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") <= 3, proc.stderr
     assert not (tmp_path / "w").exists()  # nothing written
+
+
+@pytest.mark.parametrize("config", [["--config=configs/knn.py"], ["--config", "configs/finetune.py"]])
+def test_an_unknown_key_names_the_users_own_config_file_in_its_hint(tmp_path, config):
+    proc = forked_main.run([*config, f"--workdir={tmp_path / 'w'}", "--config.zzz=1"], timeout=120)
+    path = config[-1].removeprefix("--config=")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: no such config key 'zzz'. List every key with --config_only, e.g. python main.py "
+        f"--config={path} --config_only")
+    assert not (tmp_path / "w").exists()
 
 
 def test_best_metric_accepts_the_logged_name(tmp_path):
