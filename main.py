@@ -24,7 +24,8 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
 flags.DEFINE_string("workdir", None, "Where logs, checkpoints and results go; default: runs/<config name>, "
                     "plus +<hash> when result-affecting keys are overridden.")
 flags.DEFINE_list("allow_change", [], "Config keys allowed to differ from the run already in --workdir "
-                  "(e.g. total_epochs to train longer); any other difference is refused.")
+                  "(e.g. total_epochs to train longer), and 'dataset' to resume although the splits hold "
+                  "other images, labels or classes; any other difference is refused.")
 flags.DEFINE_bool("config_only", False, "Print the full config (every key, its value and help) and exit.")
 flags.DEFINE_bool("verbose", False, "Show tracebacks of errors (also: FPIPE_DEBUG=1).")
 FLAGS = flags.FLAGS
@@ -76,7 +77,7 @@ def main(argv):
         print(f"config: {path}{f' with {shown}' if shown else ''} (all keys: {workdir}/config.json)\n"
               f"workdir: {workdir}", flush=True)
         run = dict(config_path=path, fingerprint=workdir_lib.fingerprint(config),
-                   config_changes={k: list(v) for k, v in changes.items()})
+                   config_changes={k: list(v) for k, v in changes.items()}, allow_change=list(FLAGS.allow_change))
         if detection:  # Faster / Mask / Keypoint R-CNN: its own data, loss and COCO evaluation
             detection_train.run(config, workdir, run_info=run)
         elif "eval" in config:  # an evaluation run (configs/knn.py & co.): fpipe.evaluate, no training

@@ -1,4 +1,6 @@
-"""Writing files so that a crash never leaves a half-written one under the final name."""
+"""Writing files so that a crash never leaves a half-written one under the final name; a file's
+checksum."""
+import hashlib
 import os
 
 from fpipe.train import signals
@@ -15,6 +17,15 @@ def fsync_dir(d: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sha256(path: str, chunk: int = 1 << 22) -> str:
+    """The hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: str, write_fn, mode: str = "wb") -> None:

@@ -12,6 +12,10 @@ The rule (README, "Workdirs and reruns"):
   the two ways out: a new ``--workdir``, or ``--allow_change=KEY,...`` for keys that may change
   on resume (e.g. ``total_epochs`` to train longer); accepted changes are recorded in
   ``config_changes.jsonl`` and in results.json.
+- The data too: a checkpoint records what its run's splits held (``fpipe.data.identity``), and a
+  resume whose splits hold other images, labels or classes is refused (``--allow_change=dataset``
+  continues anyway, recorded as above); a checkpoint written before fpipe recorded it is resumed
+  with a warning.
 - One run at a time: ``.lock`` holds the owner's host and pid; a lock whose process is gone (same
   host) is stale and taken over, with a warning.
 - Nothing a run wrote is lost: a folder with run outputs (``RUN_OUTPUTS``) but no ``config.json``
@@ -115,6 +119,34 @@ def check_rerun(workdir: str, config, allow_change=()) -> dict:
             f"Use a new --workdir, or, to continue that run with these keys changed, "
             f"--allow_change={','.join(refused)}")
     return diff
+
+
+def check_resumed_data(saved, current: dict, checkpoint: str, workdir: str, allow_change=(), *,
+                       main_process: bool = True) -> dict:
+    """Refuses to resume from ``checkpoint`` when the splits' digests (``saved``, as it recorded
+    them; ``current``, this run's) differ, unless ``dataset`` is in ``allow_change``; returns the
+    accepted changes ``{"dataset.<split>": (old, new)}``, recorded in ``config_changes.jsonl``."""
+    from absl import logging
+    if saved is None:
+        logging.warning("%s predates fpipe recording what a run's splits hold: the data is not checked "
+                        "against it.", checkpoint)
+        return {}
+    changed = {f"dataset.{name}": (saved.get(name), current.get(name)) for name in ("train", "test", "val")
+               if saved.get(name) != current.get(name)}
+    if not changed:
+        return {}
+    shown = "; ".join(f"{k}: {a or 'none'} -> {b or 'none'}" for k, (a, b) in changed.items())
+    if "dataset" not in allow_change:
+        raise WorkdirError(
+            f"{checkpoint} was written by a run on other data ({shown}): resuming would continue its "
+            "schedule and sample order on these splits and report them as one run. Use a new --workdir, "
+            "restore the data as it was, or, to continue anyway, --allow_change=dataset")
+    logging.warning("Resuming on other data, as --allow_change=dataset allows: %s", shown)
+    if main_process:
+        record = {"time": _now(), "changes": {k: list(v) for k, v in changed.items()}}
+        with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return changed
 
 
 @contextlib.contextmanager

@@ -86,15 +86,22 @@ def test_fingerprint_checksum_sees_every_weight_and_buffer():
     assert base == fingerprint.checksum({"b": torch.tensor(3), "a": torch.ones(2, 2)})
     assert base != fingerprint.checksum({"a": torch.ones(2, 2), "b": torch.tensor(4)})
     assert base != fingerprint.checksum({"a": torch.ones(4), "b": torch.tensor(3)})
+    from fpipe import data
     from fpipe.evaluate import config as eval_config
     cfg = eval_config.run_config(("knn",))
-    fp = fingerprint.of(cfg, params, state)
+    split = lambda n: data.TensorSplit(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n) % 2)
+    dataset = data.Dataset("tiny", ("a", "b"), split(4), split(2))
+    fp = fingerprint.of(cfg, params, state, dataset)
     assert fp["model.trunk.name"] == "resnet18" and "model.trunk.depth" not in fp and fp["data.image_size"] == 32 and "data.batch_size" not in fp
+    assert fp["data.train"].startswith("4 samples, sha256 ") and fp["data.test"].startswith("2 samples")
+    grown = fingerprint.of(cfg, params, state, data.Dataset("tiny", ("a", "b"), split(5), split(2)))
+    assert fingerprint.differences(fp, grown) == [f"data.train: {fp['data.train']!r} (cache) vs "
+                                                  f"{grown['data.train']!r} (this run)"]
     state["trunk"]["bn1"]["running_mean"] += 1
-    assert fingerprint.of(cfg, params, state)["trunk_sha256"] != fp["trunk_sha256"]
-    assert "precision.dtype" not in fp  # float32: the fingerprints of earlier feature files still hold
+    assert fingerprint.of(cfg, params, state, dataset)["trunk_sha256"] != fp["trunk_sha256"]
+    assert "precision.dtype" not in fp  # float32: no key
     cfg.precision.dtype = "bfloat16"
-    assert fingerprint.of(cfg, params, state)["precision.dtype"] == "bfloat16"
+    assert fingerprint.of(cfg, params, state, dataset)["precision.dtype"] == "bfloat16"
 
 
 def test_extraction_runs_the_model_under_the_configs_autocast_and_keeps_float32():

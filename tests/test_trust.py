@@ -98,6 +98,33 @@ def test_an_unknown_key_names_the_users_own_config_file_in_its_hint(tmp_path, co
     assert not (tmp_path / "w").exists()
 
 
+def test_a_resume_on_a_folder_that_gained_images_is_refused_unless_allowed(tmp_path):
+    """The config names the folder, not what it holds: a run resumed after the training split
+    grew would continue its schedule and sample order on other data and report one run."""
+    from test_data_datasets import write_tree
+    write_tree(tmp_path / "data", {"train": {"a": 8, "b": 8}, "val": {"a": 2, "b": 2}})
+    folder = ["--config.data.name=image_folder", f"--config.data.root={tmp_path / 'data'}",
+              "--config.data.batch_size=8", "--config.ckpt_steps=2"]
+    work = tmp_path / "w"
+    main(work, *folder, "--config.total_steps=2")
+    first = json.loads((work / "results.json").read_text())["data_digest"]
+    assert first["train"].startswith("16 samples, sha256 ") and first["test"].startswith("4 samples")
+    for k in range(8, 12):
+        (tmp_path / "data/train/a" / f"img{k}.png").write_bytes((tmp_path / "data/train/a/img0.png").read_bytes())
+    longer = [*folder, "--config.total_steps=4", "--allow_change=total_steps"]
+    before = {p.name: p.read_bytes() for p in (work / "checkpoints").iterdir()}
+    proc = main(work, *longer, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (f"ckpt_00000002.pt was written by a run on other data (dataset.train: {first['train']} -> 20 samples, "
+            in proc.stderr and "--allow_change=dataset" in proc.stderr)
+    assert {p.name: p.read_bytes() for p in (work / "checkpoints").iterdir()} == before
+    main(work, *folder, "--config.total_steps=4", "--allow_change=total_steps,dataset")
+    results = json.loads((work / "results.json").read_text())
+    assert results["step"] == 4 and results["data_digest"]["test"] == first["test"]
+    assert results["config_changes"]["dataset.train"] == [first["train"], results["data_digest"]["train"]]
+    assert "dataset.train" in (work / "config_changes.jsonl").read_text()
+
+
 def test_best_metric_accepts_the_logged_name(tmp_path):
     main(tmp_path, "--config.total_steps=2", "--config.best_metric=res5avg/test_top1")
     best = json.loads((tmp_path / "checkpoints" / "best.json").read_text())

@@ -87,6 +87,11 @@ class TensorSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def identity(self) -> memoryview:
+        """The pixels' bytes, as they are stored (fpipe.data.identity)."""
+        images = self.images.detach().cpu().contiguous()
+        return memoryview(images.reshape(-1).view(torch.uint8).numpy())
+
     def __getitem__(self, index):
         i = check_index(index, len(self))
         image = self.images[i]

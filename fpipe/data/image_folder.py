@@ -40,11 +40,13 @@ class FolderSplit:
     processes then share them instead of copying every page that a reference count touches.
     """
 
-    def __init__(self, files: list, labels: list, limits: decode.Limits = decode.Limits(), targets=None):
+    def __init__(self, files: list, labels: list, limits: decode.Limits = decode.Limits(), targets=None,
+                 root: str = ""):
         self._paths = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.limits = limits
         self.targets = dict(targets or {})  # extra per-sample targets (split file columns)
+        self.root = root  # the folder the paths are given below (fpipe.data.identity)
 
     @property
     def files(self) -> list:
@@ -52,6 +54,11 @@ class FolderSplit:
 
     def path(self, index: int) -> str:
         return os.fsdecode(self._paths[base.check_index(index, len(self))])
+
+    def identity(self) -> bytes:
+        """The files' paths below ``root``: the same for a copy of the data under another root."""
+        prefix = os.fsencode(os.path.join(self.root, "")) if self.root else b""
+        return b"\0".join(p[len(prefix):] if prefix and p.startswith(prefix) else p for p in self._paths.tolist())
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -120,7 +127,7 @@ def _class_dirs(split_dir: str, walk: _Walk) -> list:
     return [e.name for e in walk.entries(split_dir) if e.is_dir()]
 
 
-def _scan(split_dir: str, classes: tuple, limits: decode.Limits) -> FolderSplit:
+def _scan(split_dir: str, classes: tuple, limits: decode.Limits, root: str) -> FolderSplit:
     walk = _Walk()
     names = _class_dirs(split_dir, walk)
     index = {name: i for i, name in enumerate(classes)}
@@ -139,7 +146,7 @@ def _scan(split_dir: str, classes: tuple, limits: decode.Limits) -> FolderSplit:
     if not files:
         raise ValueError(f"image_folder: no image files ({', '.join(EXTENSIONS)}) under "
                          f"{split_dir!r}. Expected layout: {LAYOUT}")
-    return FolderSplit(files, labels, limits)
+    return FolderSplit(files, labels, limits, root=root)
 
 
 def _from_folders(root: str, split_names: dict, limits: decode.Limits) -> tuple:
@@ -148,7 +155,7 @@ def _from_folders(root: str, split_names: dict, limits: decode.Limits) -> tuple:
     if not classes:
         raise ValueError(f"image_folder: {dirs['train']!r} has no class subfolders. "
                          f"Expected layout: {LAYOUT}")
-    return classes, {role: _scan(d, classes, limits) for role, d in dirs.items()}
+    return classes, {role: _scan(d, classes, limits, root) for role, d in dirs.items()}
 
 
 def _read_split_file(path: str) -> tuple:
@@ -225,7 +232,7 @@ def _from_split_file(split_file: str, root: str, split_names: dict, limits) -> t
             raise FileNotFoundError(f"image_folder: {len(missing)} files of {split_file!r} do "
                                     f"not exist, e.g. {missing[:3]}")
         splits[role] = FolderSplit([r[0] for r in found], [index[r[1]] for r in found], limits,
-                                   _targets(split_file, target_names, [r[2:] for r in found]))
+                                   _targets(split_file, target_names, [r[2:] for r in found]), root=base_dir)
     return classes, splits
 
 

@@ -24,6 +24,7 @@ import os
 import numpy as np
 import torch
 
+from fpipe import files
 from fpipe.data import decode
 from fpipe.detection.scenes import DetectionDataset
 
@@ -94,6 +95,12 @@ class CocoSplit:
 
     def __len__(self):
         return len(self.images)
+
+    def identity(self) -> bytes:
+        """The annotations as read: the file's sha256, or (no file) the dict's canonical JSON."""
+        if self.source and os.path.isfile(self.source):
+            return files.sha256(self.source).encode()
+        return json.dumps(self.coco_dict, sort_keys=True, default=str).encode()
 
     def __getitem__(self, index) -> dict:
         info = self.images[index]

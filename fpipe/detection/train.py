@@ -22,7 +22,7 @@ from absl import logging
 
 import fpipe
 from fpipe import checkpoint, files, freeze, host_memory, optim, schedules, tree
-from fpipe.data import rng
+from fpipe.data import identity, rng
 from fpipe.detection import coco, coco_eval, collate, pretrained, scenes
 from fpipe.detection import model as det_model
 from fpipe.train import config_check, distributed, divergence, loop, periodic
@@ -65,8 +65,11 @@ def _run(config, workdir, dist, stop, run_info):
         params, model_state = model.init(config.seed)
 
         # ---------------------------------------------------------------- weights: resume > file (model | body) > init
+        run_info["data_digest"] = identity.digest(dataset)  # what the splits hold: a resume checks it
         saved, resume_path = checkpoint.restore(workdir)
         if saved:
+            run_info.setdefault("config_changes", {}).update(loop.check_resumed_data(saved, run_info, resume_path,
+                                                                                     workdir, dist))
             logging.warning("Resuming from %s: it takes precedence over model.weights.path=%r, which is not "
                             "read.", resume_path, config.model.weights.path)
             run_info["weights"] = (saved.get("meta") or {}).get("weights")

@@ -78,7 +78,7 @@ def run(config, workdir, model, params, model_state, dataset, dist, prepare, *, 
     dtype = config.extract.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ValueError(f"extract.dtype={dtype!r}; valid: {', '.join(DTYPES)}")
-    fp = fingerprint.of(config, params, model_state)
+    fp = fingerprint.of(config, params, model_state, dataset)
     wanted = names + tuple(f"heads.{h.name}" for h in model.heads if with_heads)
     need = tuple(dict.fromkeys(names + tuple(h.feature for h in model.heads if with_heads)))
     autocast = precision.autocast_dtype(config.get("precision"), dist.device)

@@ -3,16 +3,17 @@
 A fingerprint is a flat dict of the config keys that change the feature values (trunk, data,
 eval transforms) plus ``trunk_sha256``, the checksum of the trunk's weights as they were when
 the features were computed (loaded from a file, randomly initialised or trained: all the same
-here). A protocol that reads a cache made by another model, weights or data would print a
-wrong number; :func:`check` refuses instead and names the keys that differ.
+here), and ``data.train`` / ``data.test``, what the splits held (fpipe.data.identity: a folder
+that gained or lost images since). A protocol that reads a cache made by another model, weights
+or data would print a wrong number; :func:`check` refuses instead and names the keys that differ.
 """
 import hashlib
 import json
 
-import torch
 
 from fpipe import tree
 from fpipe.data import config as data_config
+from fpipe.data import identity
 from fpipe.train import precision
 
 # data keys that do not change the features of the evaluation transforms
@@ -20,8 +21,9 @@ _DATA_IGNORED = ("batch_size", "eval_batch_size", "num_workers", "worker_nicenes
                  "views", "eval_views")  # features are of the one evaluation view
 
 
-def of(config, params, model_state) -> dict:
-    """The fingerprint of features computed with ``config`` from this model's trunk."""
+def of(config, params, model_state, dataset) -> dict:
+    """The fingerprint of features of ``dataset``'s train and test splits computed with ``config``
+    from this model's trunk."""
     # the trunk as named (unset options mean the preset's defaults; the weights checksum below
     # covers every shape, so two spellings of one architecture differ only by name here)
     fp = {f"model.trunk.{k}": v for k, v in config.model.trunk.items() if v is not None}
@@ -34,6 +36,8 @@ def of(config, params, model_state) -> dict:
         fp["precision.dtype"] = str(autocast).removeprefix("torch.")  # as before config.precision counted)
     fp["trunk_sha256"] = checksum({**tree.flatten(params.get("trunk", {})),
                                    **tree.flatten(model_state.get("trunk", {}))})
+    fp["data.train"], fp["data.test"] = (identity.split_digest(split, dataset.classes)
+                                         for split in (dataset.train, dataset.test))
     return json.loads(json.dumps(fp))  # tuples -> lists, as read back from a file
 
 
@@ -41,9 +45,8 @@ def checksum(flat: dict) -> str:
     """sha256 over names, dtypes, shapes and bytes of a flat dict of tensors, in name order."""
     h = hashlib.sha256()
     for name in sorted(flat):
-        t = flat[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"{name}|".encode())
+        identity.update(h, flat[name])
     return h.hexdigest()
 
 
@@ -65,6 +68,9 @@ def check(stored: dict, current: dict, where: str):
     if diff:
         hint = (" trunk_sha256 differs: the trunk's weights are not the ones the cache was made with "
                 "(model.weights.path, seed, or training)." if any(d.startswith("trunk_sha256") for d in diff) else "")
+        if any(d.startswith(("data.train:", "data.test:")) for d in diff):
+            hint += (" The splits hold other images, labels or classes than when the cache was made (or it "
+                     "predates fpipe recording them).")
         raise ValueError(f"cached features in {where} were made by another model, weights or data; they "
                          f"differ in: {'; '.join(diff)}.{hint} Fix: run with the same settings as the "
                          "extraction, or extract anew (drop eval.features_from, or use a fresh --workdir).")

@@ -57,7 +57,7 @@ def _run(config, workdir, dist, run_info):
     t0 = time.perf_counter()
     if ev.features_from:
         source = ev.features_from
-        fp = fingerprint.of(config, params, state)
+        fp = fingerprint.of(config, params, state, dataset)
         for split in extract.SPLITS:
             path = extract.path_of(source, split)
             if not os.path.isfile(path):

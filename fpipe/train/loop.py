@@ -7,7 +7,6 @@
 Everything the run decides is logged once; every periodic action is a plain check after the step.
 """
 import datetime
-import hashlib
 import json
 import os
 import subprocess
@@ -18,6 +17,8 @@ from absl import logging
 
 import fpipe
 from fpipe import checkpoint, data, files, freeze, host_memory, optim, schedules, tree, weights
+from fpipe import workdir as workdir_lib
+from fpipe.data import identity
 from fpipe.evaluate import extract, topk
 from fpipe.models import fold, layers, losses
 from fpipe.models import model as models
@@ -71,6 +72,7 @@ def _run(config, workdir, dist, stop, run_info):
         grid_plan = head_grid.members(config) if head_grid.enabled(config) else None
         config, model_config_without_grid = head_grid.expand(config), config.model  # one member per (lr, wd)
         dataset = data.build(config.data)
+        run_info["data_digest"] = identity.digest(dataset)  # what the splits hold: a resume checks it
         val_loader = None
         if grid_plan:
             dataset, val_from = head_grid.carve_val(dataset, config)
@@ -94,6 +96,8 @@ def _run(config, workdir, dist, stop, run_info):
         # ---------------------------------------------------------------- weights: resume > pretrained > init
         saved, resume_path = checkpoint.restore(workdir)
         if saved:
+            run_info.setdefault("config_changes", {}).update(check_resumed_data(saved, run_info, resume_path,
+                                                                                workdir, dist))
             logging.warning("Resuming from %s: it takes precedence over model.weights.path=%r, which is not "
                             "read.", resume_path, config.model.weights.path)
             run_info["weights"] = (saved.get("meta") or {}).get("weights")
@@ -351,7 +355,7 @@ def record_load(report, path, workdir, write_report=True) -> dict:
         files.atomic_write(os.path.join(workdir, "weights_report.txt"),
                            lambda f: f.write(report.summary() + "\n"), mode="w")
     logging.info("Weights loaded from %s:\n%s", path, report.summary())
-    return {"path": os.path.abspath(path), "sha256": _sha256(path),
+    return {"path": os.path.abspath(path), "sha256": files.sha256(path),
             "trunk_loaded": report.trunk_loaded, "trunk_total": report.trunk_total,
             "source": report.source, "format": report.format}
 
@@ -405,6 +409,15 @@ def should_compile(config, images: int) -> bool:
     return True
 
 
+def check_resumed_data(saved, run_info, resume_path, workdir, dist) -> dict:
+    """The data changes a resume from ``saved`` accepts (``--allow_change=dataset``); any other
+    change of what the splits hold refuses it (fpipe.workdir.check_resumed_data)."""
+    changes = workdir_lib.check_resumed_data((saved.get("meta") or {}).get("data"), run_info["data_digest"],
+                                             resume_path, workdir, run_info.get("allow_change", ()),
+                                             main_process=dist.is_main)
+    return {k: list(v) for k, v in changes.items()}
+
+
 def make_saver(workdir, dist, config, opt, run_info, frozen_ref):
     """``save(step, state, best=None, evaluation_pending=False) -> step``: a checkpoint of ``state``
     after ``step`` steps (rank 0; ``best=(metric, value, mode)`` for the best one; a stop during the
@@ -413,7 +426,8 @@ def make_saver(workdir, dist, config, opt, run_info, frozen_ref):
     def save(step, state, best=None, evaluation_pending=False):
         if dist.is_main:
             meta = {"config": config.to_json_best_effort(), "optimizer": opt.name,
-                    "weights": run_info.get("weights"), "fpipe_version": fpipe.__version__,
+                    "weights": run_info.get("weights"), "data": run_info.get("data_digest"),
+                    "fpipe_version": fpipe.__version__,
                     **({"evaluation_pending": True} if evaluation_pending else {})}
             payload = checkpoint.train_state_payload(state, step, frozen_ref, meta)
             if best is None:
@@ -471,14 +485,6 @@ def _dataset_info(dataset, config):
 
 def _now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _sha256(path, chunk=1 << 22):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _commit():

@@ -1,0 +1,52 @@
+"""What a dataset holds, one digest per split, so that a resume or a features cache can tell
+that the data is the one it was made from.
+
+The config names where the data lives (``data.root``), not what is there: a folder that gained
+or lost images, a class renamed, a split file edited would otherwise continue a run, or serve its
+cached features, as if nothing had changed. A split's digest covers its length, class names,
+labels and extra targets, and what its samples are made from where the split says so
+(``split.identity() -> bytes``: an image folder's paths below its root, an in-memory split's
+pixels, a COCO split's annotation file). Generated splits (``synthetic``) are their config's.
+"""
+import hashlib
+
+import torch
+
+from fpipe.data import base
+
+SPLITS = ("train", "test", "val")
+
+
+def update(h, t: torch.Tensor) -> None:
+    """Feeds a tensor's dtype, shape and bytes to the hash ``h``."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def split_digest(split, classes=()) -> str:
+    """``"N samples, sha256 <16 hex>"`` of one split."""
+    h = hashlib.sha256(f"{len(split)}|{list(classes)!r}|".encode())
+    labels = getattr(split, "labels", None)
+    if isinstance(labels, torch.Tensor):
+        update(h, labels)
+    for name, values in sorted(base.targets_of(split).items()):
+        h.update(f"|{name}|".encode())
+        update(h, values)
+    own = getattr(split, "identity", None)
+    if callable(own):
+        h.update(own())
+    return f"{len(split)} samples, sha256 {h.hexdigest()[:16]}"
+
+
+def digest(dataset) -> dict:
+    """``{split: split_digest}`` for the dataset's train, test and (if any) val splits."""
+    classes = getattr(dataset, "classes", ())
+    return {name: split_digest(getattr(dataset, name), classes) for name in SPLITS
+            if getattr(dataset, name, None) is not None}
+
+
+def differences(saved: dict, current: dict) -> list:
+    """``split: saved -> current`` for every split whose digest differs."""
+    return [f"{name}: {saved.get(name, 'none')} -> {current.get(name, 'none')}"
+            for name in SPLITS if saved.get(name) != current.get(name)]
