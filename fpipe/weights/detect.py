@@ -117,8 +117,10 @@ def choose(cands: list, flat: dict, *, select: str = "", where: str = "the file"
     """``(candidate, reason)`` for the copy to load; a ``WeightsError`` when none or no rule decides.
     ``model_names``: two of the model's trunk names, for the message when none is found."""
     if not cands:
-        raise WeightsError(f"no trunk of the model found in {where}: no tensor names end in the model's "
-                           f"trunk names (such as {', '.join(model_names)}) with its shapes.")
+        raise WeightsError(f"no trunk of the model found in {where}: no prefix in it holds a quarter or more of "
+                           f"the model's trunk tensors (names ending in the trunk's, such as "
+                           f"{', '.join(model_names)}, with its shapes); `python -m fpipe.weights inspect` "
+                           "lists what the file holds.")
     best = cands[0].coverage
     if best == 0:
         c = max(cands, key=lambda c: len(c.wrong_shape))
