@@ -65,6 +65,8 @@ class LoadReport:
 
 
 def short_names(names: list) -> str:
+    if not names:
+        return "none"
     more = f", … (+{len(names) - SHOW})" if len(names) > SHOW else ""
     return ", ".join(names[:SHOW]) + more
 
