@@ -316,3 +316,28 @@ def test_config_check_names_the_key(tmp_path):
 def test_transforms_parse_is_still_importable_from_transforms():
     from fpipe.data import transforms
     assert transforms.parse("resize(8)|normalize").spec == "resize(8)|normalize"
+
+
+def test_splits_that_share_images_are_refused_naming_them(tmp_path):
+    """A held-out accuracy measured on training images is a wrong number: one folder reached from
+    two splits, a split file listing an image twice, a split named twice are errors."""
+    write_tree(tmp_path, {"train": {"a": 2, "b": 1}})
+    (tmp_path / "val").symlink_to(tmp_path / "train")  # the test split is the train folder
+    with pytest.raises(ValueError, match=f"'{tmp_path / 'val'}' \\(split 'val'\\) is the directory "
+                                         f"'{tmp_path / 'train'}' of split 'train'"):
+        data.build(cfg(name="image_folder", root=str(tmp_path)))
+    (tmp_path / "val").unlink()
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "a").symlink_to(tmp_path / "train" / "a")  # one class shared
+    with pytest.raises(ValueError, match="split 'val'.*of split 'train'"):
+        data.build(cfg(name="image_folder", root=str(tmp_path)))
+    rows = ["path,label,split", "train/a/img0.png,a,train", "train/b/img0.png,b,train",
+            "train/a/img1.png,a,test", "./train/a/img0.png,a,test"]
+    (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"lists 1 image file\(s\) in more than one split, e.g. '.*train/a/img0.png' "
+                                         r"in train \('train'\) and test \('test'\)"):
+        data.build(cfg(name="image_folder", split_file=str(tmp_path / "s.csv"), test_split="test"))
+    with pytest.raises(ValueError, match="data.train_split and data.test_split are both 'train'"):
+        data.config.check(cfg(name="image_folder", root=str(tmp_path), test_split="train"))
+    with pytest.raises(ValueError, match="data.test_split and data.val_split are both 'val'.*data.val_split=''"):
+        data.config.check(cfg(name="image_folder", root=str(tmp_path), val_split="val"))

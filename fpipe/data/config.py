@@ -38,6 +38,12 @@ def check(data_cfg) -> None:
     if not (isinstance(niceness, int) and 0 <= niceness <= 19):
         raise ValueError(f"data.worker_niceness={niceness!r}: a whole number from 0 (the step's priority) "
                          "to 19 (the lowest) is needed")
+    roles = {role: get(data_cfg, f"{role}_split") for role in ("train", "test", "val")}
+    for a, b in (("train", "test"), ("train", "val"), ("test", "val")):
+        if roles[a] and roles[a] == roles[b]:
+            raise ValueError(f"data.{a}_split and data.{b}_split are both {roles[a]!r}: the {b} split's "
+                             f"accuracy would be measured on the {a} split's images. Fix: name another split "
+                             "of held-out images" + (", or data.val_split='' for none" if b == "val" else ""))
     split_file = get(data_cfg, "split_file")
     if split_file and not os.path.isfile(split_file):
         raise ValueError(f"data.split_file={split_file!r} is not a file")

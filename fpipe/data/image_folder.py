@@ -76,14 +76,20 @@ def _is_image(name: str) -> bool:
 
 
 class _Walk:
-    """Directories visited under one split, by device and inode: reaching one twice is an error."""
+    """Directories visited under the splits, by device and inode: reaching one twice is an error
+    (its images would count twice, or in two splits)."""
 
     def __init__(self):
         self.seen = {}
+        self.split = ""  # the split being walked
 
     def enter(self, path: str):
         st = os.stat(path)
-        first = self.seen.setdefault((st.st_dev, st.st_ino), path)
+        first, split = self.seen.setdefault((st.st_dev, st.st_ino), (path, self.split))
+        if split != self.split:
+            raise ValueError(f"image_folder: {path!r} (split {self.split!r}) is the directory {first!r} of "
+                             f"split {split!r}: a held-out accuracy would count images the model trained on. "
+                             "Fix: give each split its own images.")
         if first != path:
             raise ValueError(f"image_folder: {path!r} is the directory {first!r} again (a "
                              "symlink loop, or two links to one folder would count its images "
@@ -127,8 +133,8 @@ def _class_dirs(split_dir: str, walk: _Walk) -> list:
     return [e.name for e in walk.entries(split_dir) if e.is_dir()]
 
 
-def _scan(split_dir: str, classes: tuple, limits: decode.Limits, root: str) -> FolderSplit:
-    walk = _Walk()
+def _scan(split_dir: str, classes: tuple, limits: decode.Limits, root: str, walk: _Walk) -> FolderSplit:
+    walk.split = os.path.basename(split_dir)
     names = _class_dirs(split_dir, walk)
     index = {name: i for i, name in enumerate(classes)}
     extra = [c for c in names if c not in index]
@@ -151,11 +157,12 @@ def _scan(split_dir: str, classes: tuple, limits: decode.Limits, root: str) -> F
 
 def _from_folders(root: str, split_names: dict, limits: decode.Limits) -> tuple:
     dirs = {role: _split_dir(root, name) for role, name in split_names.items()}
-    classes = tuple(_class_dirs(dirs["train"], _Walk()))
+    classes = tuple(_class_dirs(dirs["train"], _Walk()))  # its own walk: _scan enters these again
     if not classes:
         raise ValueError(f"image_folder: {dirs['train']!r} has no class subfolders. "
                          f"Expected layout: {LAYOUT}")
-    return classes, {role: _scan(d, classes, limits, root) for role, d in dirs.items()}
+    walk = _Walk()  # one for every split: a folder reached from two splits is refused
+    return classes, {role: _scan(d, classes, limits, root, walk) for role, d in dirs.items()}
 
 
 def _read_split_file(path: str) -> tuple:
@@ -233,6 +240,7 @@ def _from_split_file(split_file: str, root: str, split_names: dict, limits) -> t
                                     f"not exist, e.g. {missing[:3]}")
         splits[role] = FolderSplit([r[0] for r in found], [index[r[1]] for r in found], limits,
                                    _targets(split_file, target_names, [r[2:] for r in found]), root=base_dir)
+    _check_disjoint(splits, split_names, split_file)
     return classes, splits
 
 
@@ -256,3 +264,19 @@ def build(data_cfg) -> base.Dataset:
         classes, splits = _from_folders(root, split_names, limits)
     return base.Dataset("image_folder", classes, splits["train"], splits["test"],
                         splits.get("val"))
+
+
+def _check_disjoint(splits: dict, split_names: dict, split_file: str) -> None:
+    """Refuses a split file that lists one image (by normalised path) in two splits: a held-out
+    accuracy would count images the model trained on."""
+    seen = {}
+    for role, split in splits.items():
+        for path in split.files:
+            seen.setdefault(os.path.normpath(path), []).append(role)
+    shared = {path: roles for path, roles in seen.items() if len(set(roles)) > 1}
+    if shared:
+        first, roles = next(iter(shared.items()))
+        pairs = " and ".join(f"{r} ({split_names[r]!r})" for r in dict.fromkeys(roles))
+        raise ValueError(f"image_folder: {split_file!r} lists {len(shared)} image file(s) in more than one split, "
+                         f"e.g. {first!r} in {pairs}: a held-out accuracy would count images the model trained "
+                         "on. Fix: list each image in one split only.")
