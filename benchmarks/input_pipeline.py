@@ -227,10 +227,11 @@ def main():
         args.dir = default_dir(args.images, encoding)
     generated = make_jpegs(args.dir, args.images, encoding=encoding)
     cfg = data.default_config()
-    cfg.update(dict(name="image_folder", root=args.dir, train_split="train", test_split="train",
-                    image_size=224, batch_size=args.batch, eval_batch_size=args.batch,
-                    num_workers=args.workers, train_transforms=TRAIN, eval_transforms=EVAL))
-    ds = data.build(cfg)
+    cfg.update(dict(name="image_folder", root=args.dir, image_size=224, batch_size=args.batch,
+                    eval_batch_size=args.batch, num_workers=args.workers, train_transforms=TRAIN,
+                    eval_transforms=EVAL))
+    split, classes = image_folder.folder_split(args.dir)  # train and eval both read these images
+    ds = data.Dataset("image_folder", classes, split, None)
     if args.limit:
         ds = data.Dataset(ds.name, ds.classes, _first(ds.train, args.limit), None)
     sizes = [os.path.getsize(f) for f in ds.train.files]

@@ -46,30 +46,36 @@ import torch.utils.data
 
 from benchmarks import input_pipeline, train_step
 from benchmarks.linear_eval_step import RESNETS, as_main_does, machine, resnet_arg, resnet_options, resnet_title, scratch_dir
-from fpipe import data
+from fpipe.data import image_folder
 
 BASELINES = ("eager", "compiled", "eager_cl", "compiled_cl")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train_images(args):
+def folder_images(args):
     """The folder's train images (written first if it is input_pipeline.py's), as fpipe's
     image_folder finds them: ``(files, label indices, class names, generated)``."""
     generated = input_pipeline.make_jpegs(args.dir, args.images)
-    cfg = data.default_config()
-    cfg.update(dict(name="image_folder", root=args.dir, train_split="train", test_split="train"))
-    ds = data.build(cfg)
-    return ds.train.files, [int(k) for k in ds.train.labels], ds.classes, generated
+    split, classes = image_folder.folder_split(args.dir)
+    return split.files, [int(k) for k in split.labels], classes, generated
+
+
+def held_out(files, labels, test_images):
+    """``(train rows, test rows)`` of ``(file, label)``: ``test_images`` spread evenly over the
+    folder (over its classes) are held out for main.py's final evaluation, the rest train (every
+    program the same)."""
+    rows = list(zip(files, labels))
+    test = set(range(0, len(rows), max(len(rows) // max(test_images, 1), 1))[:test_images])
+    return [r for i, r in enumerate(rows) if i not in test], [r for i, r in enumerate(rows) if i in test]
 
 
 def split_file(files, labels, classes, test_images):
-    """A split file listing ``files`` as ``train`` and the first ``test_images`` of them again as
-    ``test`` (main.py evaluates once at the end; that is not timed)."""
+    """A split file with the rows of :func:`held_out` as ``train`` and ``test`` (main.py evaluates
+    once at the end; that is not timed)."""
     path = os.path.join(scratch_dir("fpipe-train-loop-split-"), "split.csv")
-    rows = list(zip(files, labels))
     with open(path, "w") as f:
-        for split, some in (("train", rows), ("test", rows[:test_images])):
-            f.writelines(f"{file},{classes[label]},{split}\n" for file, label in some)
+        for split, rows in zip(("train", "test"), held_out(files, labels, test_images)):
+            f.writelines(f"{file},{classes[label]},{split}\n" for file, label in rows)
     return path
 
 
@@ -120,7 +126,8 @@ def baseline_loop(args, name):
     """What a torchvision user writes: DataLoader + Pillow transforms, nn.Module, torch.optim.
     Prints its images/s over steps 3..``--steps`` as JSON."""
     as_main_does(torch.get_num_threads())
-    files, labels, classes, _ = train_images(args)
+    files, labels, classes, _ = folder_images(args)
+    files, labels = zip(*held_out(files, labels, args.test_images)[0])
     s = train_step.setup(args.mode, args.depth, args.image_size, args.batch_size, freeze_rules=args.freeze)
     channels_last = name.endswith("_cl")
     net = train_step.torch_net(s)
@@ -170,8 +177,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30, help="train steps a run takes (the first two untimed)")
     parser.add_argument("--log-steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=None,
-                        help="JPEGs written (at least steps × batch; default: that, and at least 1,280)")
-    parser.add_argument("--test-images", type=int, default=32, help="main.py's final evaluation (untimed)")
+                        help="JPEGs written (at least steps × batch + test images; default: that, and at least 1,280)")
+    parser.add_argument("--test-images", type=int, default=32,
+                        help="images spread over the folder, held out for main.py's final evaluation (untimed)")
     parser.add_argument("--freeze", nargs="+", default=[], metavar="REGEX",
                         help="model.freeze rules, as train_step.py's; 'trunk': linear evaluation of the "
                              "trunk's pooled features (main.py's frozen trunk, the baselines' trunk without "
@@ -188,17 +196,18 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.images is None:
-        args.images = max(1280, args.steps * args.batch_size)
+        args.images = max(1280, args.steps * args.batch_size + args.test_images)
     if args.dir is None:
         args.dir = input_pipeline.default_dir(args.images)
     if args.child:
         return baseline_loop(args, args.child)
-    if args.steps < 3 or args.steps * args.batch_size > args.images:
+    if args.steps < 3 or args.steps * args.batch_size > args.images - args.test_images:
         parser.error(f"--steps must be at least 3 and --steps × --batch-size ({args.steps} × {args.batch_size}) "
-                     f"at most --images ({args.images})")
-    files, labels, classes, generated = train_images(args)
+                     f"at most --images less --test-images ({args.images} - {args.test_images})")
+    files, labels, classes, generated = folder_images(args)
     csv = split_file(files, labels, classes, args.test_images)
-    print(f"{len(files)} {'generated JPEGs' if generated else 'of your images'} in {args.dir}, {len(classes)} classes")
+    print(f"{len(files)} {'generated JPEGs' if generated else 'of your images'} in {args.dir}, {len(classes)} classes "
+          f"({args.test_images} held out for main.py's final evaluation)")
     print(f"machine: {machine()}")
     frozen = f", frozen {' '.join(args.freeze)}" if args.freeze else ""
     print(f"== {args.mode} {resnet_title(args.depth)}{frozen}, {args.image_size} px, batch {args.batch_size}, "

@@ -96,7 +96,8 @@ def test_train_steps_baselines_with_a_frozen_stem_train_what_fpipe_trains():
 def test_train_loops_split_file_gives_main_py_the_baselines_images(tmp_path):
     """benchmarks/train_loop.py: main.py reads the folder through the split file it writes; that
     must be the images and classes the hand-written loop's DataLoader reads, and the test split
-    the first ``test_images`` of them (class names that sort apart as numbers and as text)."""
+    ``test_images`` spread over the folder, held out of both (class names that sort apart as
+    numbers and as text)."""
     from PIL import Image
     from benchmarks import train_loop
     from fpipe import data
@@ -105,16 +106,17 @@ def test_train_loops_split_file_gives_main_py_the_baselines_images(tmp_path):
         for k in range(count):
             Image.new("RGB", (8, 6), (k * 40, 0, 0)).save(tmp_path / "train" / name / f"{k}.jpg")
     args = ml_collections.ConfigDict(dict(dir=str(tmp_path), images=6))
-    files, labels, classes, generated = train_loop.train_images(args)
+    files, labels, classes, generated = train_loop.folder_images(args)
     assert not generated and len(files) == 6
-    split = train_loop.split_file(files, labels, classes, test_images=4)
+    split = train_loop.split_file(files, labels, classes, test_images=2)
     cfg = data.default_config()
     cfg.update(dict(name="image_folder", root=str(tmp_path), split_file=split, train_split="train", test_split="test"))
     ds = data.build(cfg)
     by_file = lambda s: {f: ds.classes[int(k)] for f, k in zip(s.files, s.labels)}
     theirs = {f: classes[k] for f, k in zip(files, labels)}
-    assert by_file(ds.train) == theirs
-    assert by_file(ds.test) == {f: theirs[f] for f in files[:4]}
+    train, test = train_loop.held_out(files, labels, 2)
+    assert by_file(ds.train) == {f: classes[k] for f, k in train} and len(train) == 4
+    assert by_file(ds.test) == {f: theirs[f] for f in (files[0], files[3])} and [f for f, _ in test] == [files[0], files[3]]
     assert {pathlib.Path(f).parent.name for f in theirs} == {"2", "10", "cat"}
     assert all(pathlib.Path(f).parent.name == c for f, c in theirs.items())
 

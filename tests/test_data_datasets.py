@@ -323,13 +323,13 @@ def test_splits_that_share_images_are_refused_naming_them(tmp_path):
     two splits, a split file listing an image twice, a split named twice are errors."""
     write_tree(tmp_path, {"train": {"a": 2, "b": 1}})
     (tmp_path / "val").symlink_to(tmp_path / "train")  # the test split is the train folder
-    with pytest.raises(ValueError, match=f"'{tmp_path / 'val'}' \\(split 'val'\\) is the directory "
-                                         f"'{tmp_path / 'train'}' of split 'train'"):
+    with pytest.raises(ValueError, match=f"'{tmp_path / 'val'}' \\(the test split\\) is the directory "
+                                         f"'{tmp_path / 'train'}' of the train split"):
         data.build(cfg(name="image_folder", root=str(tmp_path)))
     (tmp_path / "val").unlink()
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "a").symlink_to(tmp_path / "train" / "a")  # one class shared
-    with pytest.raises(ValueError, match="split 'val'.*of split 'train'"):
+    with pytest.raises(ValueError, match="the test split.*of the train split"):
         data.build(cfg(name="image_folder", root=str(tmp_path)))
     rows = ["path,label,split", "train/a/img0.png,a,train", "train/b/img0.png,b,train",
             "train/a/img1.png,a,test", "./train/a/img0.png,a,test"]
@@ -341,3 +341,7 @@ def test_splits_that_share_images_are_refused_naming_them(tmp_path):
         data.config.check(cfg(name="image_folder", root=str(tmp_path), test_split="train"))
     with pytest.raises(ValueError, match="data.test_split and data.val_split are both 'val'.*data.val_split=''"):
         data.config.check(cfg(name="image_folder", root=str(tmp_path), val_split="val"))
+    (tmp_path / "val" / "a").unlink()
+    (tmp_path / "val" / "a").mkdir()
+    with pytest.raises(ValueError, match="the test split.*is the directory.*of the train split"):  # one name twice
+        data.build(cfg(name="image_folder", root=str(tmp_path), test_split="train"))

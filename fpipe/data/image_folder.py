@@ -81,14 +81,14 @@ class _Walk:
 
     def __init__(self):
         self.seen = {}
-        self.split = ""  # the split being walked
+        self.split = ""  # the role (train, test, val) of the split being walked
 
     def enter(self, path: str):
         st = os.stat(path)
         first, split = self.seen.setdefault((st.st_dev, st.st_ino), (path, self.split))
         if split != self.split:
-            raise ValueError(f"image_folder: {path!r} (split {self.split!r}) is the directory {first!r} of "
-                             f"split {split!r}: a held-out accuracy would count images the model trained on. "
+            raise ValueError(f"image_folder: {path!r} (the {self.split} split) is the directory {first!r} of the "
+                             f"{split} split: a held-out accuracy would count images the model trained on. "
                              "Fix: give each split its own images.")
         if first != path:
             raise ValueError(f"image_folder: {path!r} is the directory {first!r} again (a "
@@ -133,8 +133,8 @@ def _class_dirs(split_dir: str, walk: _Walk) -> list:
     return [e.name for e in walk.entries(split_dir) if e.is_dir()]
 
 
-def _scan(split_dir: str, classes: tuple, limits: decode.Limits, root: str, walk: _Walk) -> FolderSplit:
-    walk.split = os.path.basename(split_dir)
+def _scan(split_dir: str, classes: tuple, limits: decode.Limits, root: str, walk: _Walk, role: str) -> FolderSplit:
+    walk.split = role
     names = _class_dirs(split_dir, walk)
     index = {name: i for i, name in enumerate(classes)}
     extra = [c for c in names if c not in index]
@@ -162,7 +162,14 @@ def _from_folders(root: str, split_names: dict, limits: decode.Limits) -> tuple:
         raise ValueError(f"image_folder: {dirs['train']!r} has no class subfolders. "
                          f"Expected layout: {LAYOUT}")
     walk = _Walk()  # one for every split: a folder reached from two splits is refused
-    return classes, {role: _scan(d, classes, limits, root, walk) for role, d in dirs.items()}
+    return classes, {role: _scan(d, classes, limits, root, walk, role) for role, d in dirs.items()}
+
+
+def folder_split(root: str, split: str = "train", limits: decode.Limits = decode.Limits()) -> tuple:
+    """``(FolderSplit, classes)``: the images of ``root/<split>/<class>/`` as ``build`` lists them, for
+    tools that read one folder (benchmarks/train_loop.py)."""
+    classes, splits = _from_folders(root, {"train": split}, limits)
+    return splits["train"], classes
 
 
 def _read_split_file(path: str) -> tuple:
