@@ -42,6 +42,10 @@ EXIT_FAILED, EXIT_REFUSED, EXIT_DIVERGED = 1, 2, 3
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS["config"].value is None:
+        print(f"error: no --config given, e.g. python main.py --config=configs/linear_eval.py; shipped: "
+              f"{_shipped_configs()}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_REFUSED)
     path = config_flags.get_config_filename(FLAGS["config"])
     config = FLAGS.config
     try:
@@ -193,10 +197,14 @@ def _config_flag(argv):
 
 
 def _config_file_message(path):
-    shipped = sorted(name for name in os.listdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"))
-                     if name.endswith(".py") and name not in ("__init__.py", "common.py"))
     return (f"--config={path}: no such config file, or it failed to import (--verbose shows why); shipped: "
-            f"{', '.join('configs/' + n for n in shipped)}")
+            f"{_shipped_configs()}")
+
+
+def _shipped_configs():
+    names = sorted(name for name in os.listdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"))
+                   if name.endswith(".py") and name not in ("__init__.py", "common.py"))
+    return ", ".join("configs/" + n for n in names)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,11 @@ def claim(workdir: str, config, allow_change=(), *, main_process: bool = True):
     if not main_process:
         yield {}
         return
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"--workdir={workdir}: cannot create it ({e.strerror}). Fix: a --workdir in a "
+                           "writable place.") from None
     lock = _acquire(workdir)
     try:
         changes = check_rerun(workdir, config, allow_change)

@@ -125,6 +125,17 @@ def test_a_resume_on_a_folder_that_gained_images_is_refused_unless_allowed(tmp_p
     assert "dataset.train" in (work / "config_changes.jsonl").read_text()
 
 
+def test_no_config_and_an_uncreatable_workdir_are_one_line_refusals(tmp_path):
+    proc = forked_main.run([], timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "error: no --config given, e.g. python main.py --config=configs/linear_eval.py; shipped: configs/")
+    assert proc.stderr.count("\n") == 1
+    (tmp_path / "file").write_text("")
+    proc = main(tmp_path / "file" / "w", check=False)  # below a file: no folder can be made there
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--workdir={tmp_path / 'file' / 'w'}: cannot create it (Not a directory)" in proc.stderr
+
+
 def test_best_metric_accepts_the_logged_name(tmp_path):
     main(tmp_path, "--config.total_steps=2", "--config.best_metric=res5avg/test_top1")
     best = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
