@@ -1,5 +1,6 @@
 """``python -m fpipe.weights inspect|convert|export``."""
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,38 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     torch.save(trunk(0), plain)
     code, _, err = run(["export", plain, tmp_path / "o.pth"], capsys)
     assert code == 1 and "not an fpipe checkpoint" in err
+
+
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(moco, tmp_path, capsys):
+    """convert X X, or export a workdir onto its own checkpoint through last.pt: writing the output
+    over the file being read (its tensors mapped from it) destroyed both."""
+    src = tmp_path / "in.pth"
+    src.write_bytes(moco.read_bytes())
+    code, _, err = run(["convert", src, src], capsys)
+    assert code == 1 and f"{src} is the file being read" in err and src.read_bytes() == moco.read_bytes()
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    sd = state_dict(5)
+    ckpt = workdir / "checkpoints" / "ckpt_00000020.pt"
+    torch.save({"params": {f"trunk.{n}": t for n, t in sd.items() if "running" not in n and "tracked" not in n},
+                "model_state": {}}, ckpt)
+    (workdir / "checkpoints" / "last.pt").symlink_to(ckpt.name)
+    before = ckpt.read_bytes()
+    code, _, err = run(["export", workdir, workdir / "checkpoints" / "last.pt"], capsys)
+    assert code == 1 and "is the file being read" in err and ckpt.read_bytes() == before
+
+
+def test_a_failed_write_leaves_the_old_output_as_it_was(moco, tmp_path, monkeypatch):
+    out_path = tmp_path / "r18.pth"
+    out_path.write_bytes(b"an earlier export")
+
+    def fail(obj, f):  # half a file, then the disk is full
+        (open(f, "wb") if isinstance(f, (str, os.PathLike)) else f).write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        io.write(trunk(0), out_path)
+    assert out_path.read_bytes() == b"an earlier export" and list(tmp_path.iterdir()) == [out_path]
 
 
 def test_module_entry_point_fails_in_one_line(tmp_path):

@@ -108,7 +108,7 @@ def inspect(args, build_target) -> None:
 
 def convert(args, build_target) -> None:
     from fpipe.weights import io, load, transforms
-    _check_out(args.out)
+    _check_out(args.out, args.file)
     obj = load.read_checkpoint(args.file, stub_objects=args.stub_objects)
     target, trunk = build_target(args, transforms.tensor_leaves(obj))
     if args.heads:
@@ -125,8 +125,8 @@ def export(args, build_target) -> None:
     from fpipe.tree import flatten
     from fpipe.weights import io, load
     from fpipe.weights.errors import WeightsError
-    _check_out(args.out)
     path = _checkpoint_in(args.file)
+    _check_out(args.out, path)
     obj = load.read_checkpoint(path)
     if not load.is_fpipe_checkpoint(obj):
         raise WeightsError(f"{path}: not an fpipe checkpoint (needs 'params' and 'model_state' dicts).")
@@ -139,8 +139,12 @@ def export(args, build_target) -> None:
     print(f"{args.out}: {len(plain)} tensors with torchvision names from {path}")
 
 
-def _check_out(out: str) -> None:
+def _check_out(out: str, source: str) -> None:
+    """Refuses an output that is a directory, lies in none, or is the file read (a link to it too)."""
     from fpipe.weights.errors import WeightsError
+    if os.path.exists(out) and os.path.isfile(source) and os.path.samefile(out, source):
+        raise WeightsError(f"{out} is the file being read ({source}): write the output elsewhere, so that the "
+                           "input is kept.")
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out):
         raise WeightsError(f"{out} is a directory: give the output file's name, e.g. {os.path.join(out, 'trunk.safetensors')}")

@@ -160,11 +160,15 @@ def _qualname(g) -> str:
 
 
 def write(flat: dict, path: str) -> None:
-    """Writes ``{name: tensor}``: safetensors for ``.safetensors``, else ``torch.save``."""
+    """Writes ``{name: tensor}``: safetensors for ``.safetensors``, else ``torch.save``; into a
+    temporary sibling renamed onto ``path`` (fpipe.files.atomic_write), so a failed or interrupted
+    write leaves ``path`` as it was, and tensors still mapped from a file of that name stay whole."""
+    from fpipe import files
     path = os.fspath(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in flat.items()}
     if path.endswith(SAFETENSORS_EXTENSIONS):
-        from safetensors.torch import save_file
-        save_file({k: v.clone() for k, v in tensors.items()}, path)  # no shared storage
+        from safetensors.torch import save
+        blob = save({k: v.clone() for k, v in tensors.items()})  # no shared storage
+        files.atomic_write(path, lambda f: f.write(blob))
     else:
-        torch.save(tensors, path)
+        files.atomic_write(path, lambda f: torch.save(tensors, f))
