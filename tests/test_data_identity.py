@@ -24,7 +24,6 @@ def test_an_image_folders_digest_follows_its_files_and_classes_not_its_root(tmp_
     shutil.copy(tmp_path / "a/train/cat/img0.png", tmp_path / "a/train/cat/extra.png")  # one image more
     grown = identity.digest(folder(tmp_path / "a"))
     assert grown["train"].startswith("6 samples") and grown["test"] == first["test"]
-    assert identity.differences(first, grown) == [f"train: {first['train']} -> {grown['train']}"]
 
     (tmp_path / "a/train/cat/extra.png").rename(tmp_path / "a/train/cat/other.png")  # as many, other files
     renamed = identity.digest(folder(tmp_path / "a"))

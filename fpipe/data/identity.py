@@ -45,8 +45,3 @@ def digest(dataset) -> dict:
     return {name: split_digest(getattr(dataset, name), classes) for name in SPLITS
             if getattr(dataset, name, None) is not None}
 
-
-def differences(saved: dict, current: dict) -> list:
-    """``split: saved -> current`` for every split whose digest differs."""
-    return [f"{name}: {saved.get(name, 'none')} -> {current.get(name, 'none')}"
-            for name in SPLITS if saved.get(name) != current.get(name)]

@@ -10,7 +10,6 @@ or data would print a wrong number; :func:`check` refuses instead and names the 
 import hashlib
 import json
 
-
 from fpipe import tree
 from fpipe.data import config as data_config
 from fpipe.data import identity
