@@ -11,7 +11,8 @@ The rule (README, "Workdirs and reruns"):
   values. Otherwise the run is refused before anything is written, naming the keys that differ and
   the two ways out: a new ``--workdir``, or ``--allow_change=KEY,...`` for keys that may change
   on resume (e.g. ``total_epochs`` to train longer); accepted changes are recorded in
-  ``config_changes.jsonl`` and in results.json.
+  ``config_changes.jsonl`` and in results.json, and the results of the run before the change are
+  moved aside (``results.superseded-<k>.json``), never left beside the new config.
 - The data too: a checkpoint records what its run's splits held (``fpipe.data.identity``), and a
   resume whose splits hold other images, labels or classes is refused (``--allow_change=dataset``
   continues anyway, recorded as above); a checkpoint written before fpipe recorded it is resumed
@@ -43,6 +44,7 @@ BOOKKEEPING = (r"log_steps", r"keep_ckpts", r"ckpt_(epochs|steps)", r"best_(metr
 # Evaluation frequency changes results only through PreciseBN, which runs before each evaluation.
 EVAL_KEYS = r"eval_(epochs|steps)"
 RUN_OUTPUTS = ("checkpoints", "results.json", "metrics.jsonl", "features")  # what a run leaves once it did work
+RESULT_FILES = ("results.json", "results.md", "results.png")  # a finished run's results
 
 
 class WorkdirError(RuntimeError):
@@ -143,9 +145,7 @@ def check_resumed_data(saved, current: dict, checkpoint: str, workdir: str, allo
             "restore the data as it was, or, to continue anyway, --allow_change=dataset")
     logging.warning("Resuming on other data, as --allow_change=dataset allows: %s", shown)
     if main_process:
-        record = {"time": _now(), "changes": {k: list(v) for k, v in changed.items()}}
-        with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _record_changes(workdir, changed)
     return changed
 
 
@@ -167,14 +167,37 @@ def claim(workdir: str, config, allow_change=(), *, main_process: bool = True):
     try:
         changes = check_rerun(workdir, config, allow_change)
         if changes:
-            record = {"time": _now(), "changes": {k: list(v) for k, v in changes.items()}}
-            with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
-                f.write(json.dumps(record, default=str) + "\n")
+            _record_changes(workdir, changes)
         files.atomic_write(os.path.join(workdir, CONFIG_FILE),
                            lambda f: f.write(config.to_json_best_effort(indent=2)), mode="w")
         yield changes
     finally:
         _release(lock)
+
+
+def _record_changes(workdir: str, changes: dict) -> None:
+    """Appends accepted changes to config_changes.jsonl, and moves the results already there aside
+    (``results.superseded-<k>.*``): they are the config's before the change, and a run stopped
+    before its own end would otherwise leave them beside the new config.json."""
+    record = {"time": _now(), "changes": {k: list(v) for k, v in changes.items()}}
+    with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+    present = [name for name in RESULT_FILES if os.path.exists(os.path.join(workdir, name))]
+    if not present:
+        return
+    k = 1
+    while any(os.path.exists(os.path.join(workdir, _superseded(name, k))) for name in RESULT_FILES):
+        k += 1
+    for name in present:
+        os.replace(os.path.join(workdir, name), os.path.join(workdir, _superseded(name, k)))
+    from absl import logging
+    logging.warning("%s: the results of the run before the change are kept as %s; this run writes its own when "
+                    "it finishes.", workdir, ", ".join(_superseded(name, k) for name in present))
+
+
+def _superseded(name: str, k: int) -> str:
+    stem, ext = os.path.splitext(name)
+    return f"{stem}.superseded-{k}{ext}"
 
 
 def _now() -> str:

@@ -172,7 +172,7 @@ def test_feature_extraction_writes_every_sample_once_and_trains_nothing(tmp_path
         torch.testing.assert_close(saved.features["res5avg"].flatten(1), saved.features["flatten"])
         assert saved.labels.shape == (n,)
     # Other weights, allowed to change: the cached features (of the first trunk) are refused, and
-    # results.json, written only once a run finishes, still describes the first run.
+    # the first run's results.json is kept aside, not left beside the new config as if it were its.
     from fpipe.models import model as model_lib
     from configs import extract_features
     params, state = model_lib.build(extract_features.get_config().model, num_classes=10, image_size=16).init(5)
@@ -181,7 +181,8 @@ def test_feature_extraction_writes_every_sample_once_and_trains_nothing(tmp_path
     before = (tmp_path / "results.json").read_text()
     proc = main(tmp_path, f"--config.model.weights.path={tmp_path / 'other.pt'}",
                 "--allow_change=model.weights.path", config="configs/extract_features.py", check=False)
-    assert proc.returncode == 1 and (tmp_path / "results.json").read_text() == before, proc.stderr[-2000:]
+    assert proc.returncode == 1 and not (tmp_path / "results.json").exists(), proc.stderr[-2000:]
+    assert (tmp_path / "results.superseded-1.json").read_text() == before
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):

@@ -30,3 +30,26 @@ def test_a_config_whose_run_left_nothing_is_replaced_and_one_with_outputs_is_ref
     with pytest.raises(workdir_lib.WorkdirError, match=r"optim.lr: 0.2 -> 0.3.*--allow_change=optim.lr"):
         with workdir_lib.claim(str(tmp_path), config(0.3)):
             pass
+
+
+def test_an_accepted_change_moves_the_earlier_results_aside(tmp_path):
+    """results.json of the run before a change is that config's: a continuation stopped before its
+    end must not leave it beside the new config.json, as if it were the new config's."""
+    with workdir_lib.claim(str(tmp_path), config(0.1)):
+        pass
+    for name, text in (("results.json", '{"step": 4}'), ("results.md", "| 4 |"), ("results.png", "png")):
+        (tmp_path / name).write_text(text)
+    with workdir_lib.claim(str(tmp_path), config(0.1)) as changes:  # the same config: results stay
+        assert changes == {}
+    assert (tmp_path / "results.json").read_text() == '{"step": 4}'
+    with workdir_lib.claim(str(tmp_path), config(0.2), allow_change=("optim.lr",)) as changes:
+        assert changes == {"optim.lr": (0.1, 0.2)}
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "results.md").exists()
+    assert (tmp_path / "results.superseded-1.json").read_text() == '{"step": 4}'
+    assert (tmp_path / "results.superseded-1.md").read_text() == "| 4 |"
+    assert (tmp_path / "results.superseded-1.png").read_text() == "png"
+    (tmp_path / "results.json").write_text('{"step": 8}')  # the continuation finished; another change
+    with workdir_lib.claim(str(tmp_path), config(0.3), allow_change=("optim.lr",)):
+        pass
+    assert (tmp_path / "results.superseded-2.json").read_text() == '{"step": 8}'
+    assert (tmp_path / "results.superseded-1.json").read_text() == '{"step": 4}'
