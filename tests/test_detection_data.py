@@ -201,3 +201,11 @@ def test_loader_flips_by_seed_epoch_and_index_only_in_training():
     assert torch.equal(torch.cat([r["image"] for r in ranks]), half().batch(0, 1)["image"])
     test = collate.Loader(ds.test, 8, train=False, hflip_prob=1.0, keypoint_flip=flip_map, **opts)
     assert torch.equal(next(test.epoch())["image"], collate.Loader(ds.test, 8, train=False, **opts).batch(0, 0)["image"])
+
+
+def test_a_coco_test_split_sharing_the_train_images_is_refused(tmp_path):
+    ds = small()
+    coco.write(ds.train, ds.categories, str(tmp_path / "annotations" / "instances_train.json"), str(tmp_path / "train"))
+    with pytest.raises(coco.CocoFormatError, match=r"instances_train.json: \d+ of its images are the train split's "
+                                                   r"too .*AP would count images the model trained on"):
+        coco.build({"root": str(tmp_path), "train_split": "train", "test_split": "train"})

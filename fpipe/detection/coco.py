@@ -154,6 +154,17 @@ def split_paths(data_cfg, which: str) -> tuple:
     return ann, images
 
 
+def _check_disjoint(train: CocoSplit, test: CocoSplit) -> None:
+    """Refuses a test split that shares image files with the train split: its AP would count
+    images the model trained on."""
+    files = lambda split: {os.path.realpath(os.path.join(split.image_dir, i["file_name"])) for i in split.images}
+    shared = files(train) & files(test)
+    if shared:
+        raise CocoFormatError(f"{test.source}: {len(shared)} of its images are the train split's too ({train.source}), "
+                              f"e.g. {sorted(shared)[0]!r}: its AP would count images the model trained on. Fix: a "
+                              "test split of held-out images (data.test_split, data.test_annotations).")
+
+
 def build(data_cfg) -> DetectionDataset:
     """The COCO-format dataset ``config.data`` names (see the module docstring)."""
     splits, categories = {}, None
@@ -166,6 +177,7 @@ def build(data_cfg) -> DetectionDataset:
             raise CocoFormatError(f"{ann_path}: its categories differ from the train file's")
         categories = cats
         splits[which] = CocoSplit(annotations, image_dir, ann_path, labels=labels)
+    _check_disjoint(splits["train"], splits["test"])
     names = tuple(max((c.get("keypoints", []) for c in categories), key=len))
     sigmas = COCO_PERSON_SIGMAS if len(names) == 17 else (DEFAULT_SIGMA,) * len(names)
     label_ids = ()
