@@ -136,6 +136,17 @@ def test_no_config_and_an_uncreatable_workdir_are_one_line_refusals(tmp_path):
     assert f"--workdir={tmp_path / 'file' / 'w'}: cannot create it (Not a directory)" in proc.stderr
 
 
+def test_a_workdir_given_as_weights_names_its_checkpoints(tmp_path):
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    for name in ("ckpt_00000002.pt", "ckpt_00000004.pt", "best.pt"):
+        (run / name).write_bytes(b"")
+    proc = main(tmp_path / "w", f"--config.model.weights.path={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and (
+        f"is a directory (a run's workdir: its newest checkpoint is {run / 'ckpt_00000004.pt'}, its best "
+        f"{run / 'best.pt'}): give the weights file") in proc.stderr
+
+
 def test_best_metric_accepts_the_logged_name(tmp_path):
     main(tmp_path, "--config.total_steps=2", "--config.best_metric=res5avg/test_top1")
     best = json.loads((tmp_path / "checkpoints" / "best.json").read_text())

@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from fpipe import data, freeze, optim, schedules
+from fpipe import checkpoint, data, freeze, optim, schedules
 from fpipe.evaluate import config as eval_config
 from fpipe.models import losses
 from fpipe.models import model as models
@@ -96,7 +96,11 @@ def _check_model(c):
     if weights.path and not os.path.exists(weights.path):
         raise ConfigError(f"model.weights.path={weights.path!r}: no such file")
     if weights.path and os.path.isdir(weights.path):
-        raise ConfigError(f"model.weights.path={weights.path!r} is a directory: give the weights file in it")
+        newest = checkpoint.find_latest(weights.path)  # a run's workdir: name its checkpoints
+        best = os.path.join(weights.path, "checkpoints", "best.pt")
+        found = (f" (a run's workdir: its newest checkpoint is {newest}"
+                 + (f", its best {best}" if os.path.isfile(best) else "") + ")") if newest else ""
+        raise ConfigError(f"model.weights.path={weights.path!r} is a directory{found}: give the weights file")
     crops_per_image = {key: len(data.loader.views(data.config.get(c.data, key), c.data.image_size)) or 1
                        for key in ("views", "eval_views")}
     for head in model.heads:  # its crops exist; siamese_concat_view: one crop per tower
