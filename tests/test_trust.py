@@ -78,6 +78,8 @@ def test_the_default_workdir_depends_on_result_affecting_overrides():
     (["--config.model.weights.path=/nonexistent/w.pth"], "/nonexistent/w.pth"),
     (["--config.model.weights.path=/"], "is a directory"),
     (["--config=configs/linear_evl.py"], "no such config file, or it failed to import"),
+    (["--config.data.name=image_folder"], "data.name='image_folder' needs data.root"),
+    (["--config.data.name=image_folder", "--config.data.root=/nonexistent"], "data.root='/nonexistent' is not a directory"),
     (["--config.data.eval_transforms=resize(0)|center_crop"], "data.eval_transforms="),
 ])
 def test_bad_config_is_one_line_before_any_work(tmp_path, args, expect):

@@ -47,3 +47,9 @@ def check(data_cfg) -> None:
     split_file = get(data_cfg, "split_file")
     if split_file and not os.path.isfile(split_file):
         raise ValueError(f"data.split_file={split_file!r} is not a file")
+    root = get(data_cfg, "root")
+    if get(data_cfg, "name") == "image_folder" and not (root or split_file):
+        raise ValueError("data.name='image_folder' needs data.root (root/<split>/<class>/<image>) or data.split_file, "
+                         "e.g. --config.data.root=/data/imagenet")
+    if root and not os.path.isdir(root):
+        raise ValueError(f"data.root={root!r} is not a directory")
