@@ -337,6 +337,13 @@ def test_splits_that_share_images_are_refused_naming_them(tmp_path):
     with pytest.raises(ValueError, match=r"lists 1 image file\(s\) in more than one split, e.g. '.*train/a/img0.png' "
                                          r"in train \('train'\) and test \('test'\)"):
         data.build(cfg(name="image_folder", split_file=str(tmp_path / "s.csv"), test_split="test"))
+    rows[-1] = "train/a/img1.png,a,test"  # one test image listed twice; twice in train is oversampling
+    (tmp_path / "s.csv").write_text("\n".join(rows + ["train/a/img0.png,a,train"]) + "\n")
+    with pytest.raises(ValueError, match=r"lists 1 image file\(s\) more than once in a held-out split, e.g. "
+                                         r"'.*train/a/img1.png' in test \('test'\)"):
+        data.build(cfg(name="image_folder", split_file=str(tmp_path / "s.csv"), test_split="test"))
+    (tmp_path / "s.csv").write_text("\n".join(rows[:-1] + ["train/a/img0.png,a,train"]) + "\n")
+    assert len(data.build(cfg(name="image_folder", split_file=str(tmp_path / "s.csv"), test_split="test")).train) == 3
     with pytest.raises(ValueError, match="data.train_split and data.test_split are both 'train'"):
         data.config.check(cfg(name="image_folder", root=str(tmp_path), test_split="train"))
     with pytest.raises(ValueError, match="data.test_split and data.val_split are both 'val'.*data.val_split=''"):

@@ -274,12 +274,20 @@ def build(data_cfg) -> base.Dataset:
 
 
 def _check_disjoint(splits: dict, split_names: dict, split_file: str) -> None:
-    """Refuses a split file that lists one image (by normalised path) in two splits: a held-out
-    accuracy would count images the model trained on."""
+    """Refuses a split file that lists one image (by normalised path) in two splits, or twice in
+    a held-out split: a held-out accuracy would count images the model trained on, or one image
+    twice. (Twice in train is oversampling, and allowed.)"""
     seen = {}
     for role, split in splits.items():
         for path in split.files:
             seen.setdefault(os.path.normpath(path), []).append(role)
+    twice = {path: roles for path, roles in seen.items() if any(roles.count(r) > 1 for r in roles if r != "train")}
+    if twice:
+        first, roles = next(iter(twice.items()))
+        role = next(r for r in roles if r != "train" and roles.count(r) > 1)
+        raise ValueError(f"image_folder: {split_file!r} lists {len(twice)} image file(s) more than once in a held-out "
+                         f"split, e.g. {first!r} in {role} ({split_names[role]!r}): its accuracy would count them "
+                         "twice. Fix: list each held-out image once.")
     shared = {path: roles for path, roles in seen.items() if len(set(roles)) > 1}
     if shared:
         first, roles = next(iter(shared.items()))
