@@ -209,3 +209,11 @@ def test_a_coco_test_split_sharing_the_train_images_is_refused(tmp_path):
     with pytest.raises(coco.CocoFormatError, match=r"instances_train.json: \d+ of its images are the train split's "
                                                    r"too .*AP would count images the model trained on"):
         coco.build({"root": str(tmp_path), "train_split": "train", "test_split": "train"})
+    # a test folder of its own whose one image is a link to a training image: the same file
+    coco.write(ds.test, ds.categories, str(tmp_path / "annotations" / "instances_val.json"), str(tmp_path / "val"))
+    coco.build({"root": str(tmp_path), "train_split": "train", "test_split": "val"})  # disjoint: accepted
+    first_val = sorted((tmp_path / "val").iterdir())[0]
+    first_val.unlink()
+    first_val.symlink_to(sorted((tmp_path / "train").iterdir())[0])
+    with pytest.raises(coco.CocoFormatError, match=r"instances_val.json: 1 of its images are the train split's too"):
+        coco.build({"root": str(tmp_path), "train_split": "train", "test_split": "val"})

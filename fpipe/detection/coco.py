@@ -157,12 +157,23 @@ def split_paths(data_cfg, which: str) -> tuple:
 def _check_disjoint(train: CocoSplit, test: CocoSplit) -> None:
     """Refuses a test split that shares image files with the train split: its AP would count
     images the model trained on."""
-    files = lambda split: {os.path.realpath(os.path.join(split.image_dir, i["file_name"])) for i in split.images}
-    shared = files(train) & files(test)
+    shared = _resolved_files(train) & _resolved_files(test)
     if shared:
         raise CocoFormatError(f"{test.source}: {len(shared)} of its images are the train split's too ({train.source}), "
                               f"e.g. {sorted(shared)[0]!r}: its AP would count images the model trained on. Fix: a "
                               "test split of held-out images (data.test_split, data.test_annotations).")
+
+
+def _resolved_files(split: CocoSplit) -> set:
+    """The split's image paths with every link resolved, as ``os.path.realpath`` gives them; the
+    folder is resolved once and only a name that is a link or has folders in it on its own (a
+    per-image realpath cost ~2.5 s for COCO's 123 k images)."""
+    folder = os.path.realpath(split.image_dir)
+    out = set()
+    for info in split.images:
+        path = os.path.join(folder, info["file_name"])
+        out.add(os.path.realpath(path) if os.sep in info["file_name"] or os.path.islink(path) else path)
+    return out
 
 
 def build(data_cfg) -> DetectionDataset:
