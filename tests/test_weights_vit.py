@@ -144,6 +144,18 @@ def test_dinov2_hub_file_with_registers_and_layer_scale_resamples_the_grid(tmp_p
     assert report.not_loaded["mask_token"] == "not in the model"
 
 
+def test_dinov2_hub_file_with_registers_into_the_preset_folds_the_class_position_into_the_token():
+    """The preset keeps timm's layout (no class row): the file's class row is added to the class
+    token once, the rest is the 37x37 grid unchanged (before, this load failed on the shape and
+    named the preset without registers)."""
+    f = dinov2_hub_file()
+    f["cls_token"] = torch.randn(1, 1, 384)
+    loaded, report = load_into(our_target("vit_small_patch14_reg4_dinov2"), {}, obj=f)
+    assert report.trunk_loaded == report.trunk_total
+    assert torch.equal(loaded["trunk.class_token"], f["cls_token"] + f["pos_embed"][:, :1])
+    assert torch.equal(loaded["trunk.encoder.pos_embedding"], f["pos_embed"][:, 1:])
+
+
 def test_timm_dinov2_with_registers_has_no_class_position_and_gets_a_zero_one():
     f = timm_file("vit_small_patch14_reg4_dinov2")  # pos_embed [1, 1369, 384]: no_embed_class
     loaded, report = load_into(our_target("vit_small_patch14_reg4_dinov2", pos_tokens=257), {}, obj=f)

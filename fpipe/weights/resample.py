@@ -51,7 +51,7 @@ def fits(name: str, file_shape: tuple, model_shape: tuple) -> bool:
         (pf, _), (pm, _) = split_tokens(file_shape[1]), split_tokens(model_shape[1])
     except ValueError:
         return False
-    return pf == pm or (pf == 0 and pm == 1)
+    return pf == pm or (pf, pm) in ((0, 1), (1, 0))
 
 
 def adapt(tensors: dict, shapes: dict) -> tuple:
@@ -59,7 +59,8 @@ def adapt(tensors: dict, shapes: dict) -> tuple:
 
     ``tensors``: ``{model name: tensor}``; ``shapes``: ``{model name: shape}``. A file without
     the class token's position (timm's DINOv2 with registers folds it into ``cls_token``) gets
-    a zero one, which is the same model.
+    a zero one, which is the same model; a file with it (DINOv2's own and Hugging Face's files
+    with registers) for a model without it has it folded into the class token, the same sum.
     """
     out, notes = dict(tensors), []
     for name, t in tensors.items():
@@ -72,6 +73,10 @@ def adapt(tensors: dict, shapes: dict) -> tuple:
         if split_tokens(t.shape[1])[0] == 0 and split_tokens(want[1])[0] == 1:
             t = torch.cat([t.new_zeros(1, 1, t.shape[2]), t], dim=1)
             notes.append(f"{name}: no class-token position in the file (folded into its class token); a zero one added")
+        token = name[:-len("encoder.pos_embedding")] + "class_token" if name.endswith("encoder.pos_embedding") else ""
+        if split_tokens(t.shape[1])[0] == 1 and split_tokens(want[1])[0] == 0 and token in tensors:
+            out[token], t = tensors[token] + t[:, :1], t[:, 1:]
+            notes.append(f"{name}: the file's class-token position folded into {token} (the model adds none)")
         if tuple(t.shape) != tuple(want):
             old, new = split_tokens(t.shape[1])[1], split_tokens(want[1])[1]
             t = resample_pos_embedding(t, want[1])
