@@ -91,8 +91,9 @@ def main(argv=None, *, build_target=registry_target) -> int:
 def inspect(args, build_target) -> None:
     from fpipe.weights import detect, load, transforms
     obj = load.read_checkpoint(args.file, stub_objects=args.stub_objects)
-    files = transforms.tensor_leaves(obj)
-    print(f"{args.file}: {len(files)} tensors, {_mb(files.values())}")
+    stored = transforms.tensor_leaves(obj)
+    print(f"{args.file}: {len(stored)} tensors, {_mb(stored.values())}")
+    files = load.file_tensors(obj)[0]
     target, trunk = build_target(args, files)
     print(outline(obj, roots={n.split(".")[1] for n in target} | {"fc"}))
     cands = detect.find_trunks(files, load.trunk_shapes(target))
@@ -107,10 +108,10 @@ def inspect(args, build_target) -> None:
 
 
 def convert(args, build_target) -> None:
-    from fpipe.weights import io, load, transforms
+    from fpipe.weights import io, load
     _check_out(args.out, args.file)
     obj = load.read_checkpoint(args.file, stub_objects=args.stub_objects)
-    target, trunk = build_target(args, transforms.tensor_leaves(obj))
+    target, trunk = build_target(args, load.file_tensors(obj)[0])
     if args.heads:
         target.update(_fc_target(args, obj, target))
     cfg = {**_weights_cfg(args), "load_heads": args.heads, "skip_layers": []}  # keep the counters
@@ -206,9 +207,9 @@ def _mb(tensors) -> str:
 
 def _fc_target(args, obj: dict, trunk_target: dict) -> dict:
     """``heads.fc.*`` shaped like the file's classifier next to the trunk (for --heads)."""
-    from fpipe.weights import load, transforms
+    from fpipe.weights import load
     from fpipe.weights.errors import WeightsError
-    files = transforms.tensor_leaves(obj)
+    files = load.file_tensors(obj)[0]
     opts = load.config.resolve({**_weights_cfg(args), "load_heads": True})
     plan = load.make_plan(obj, files, trunk_target, opts)
     dtype = next(iter(trunk_target.values())).dtype

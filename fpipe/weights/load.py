@@ -8,7 +8,7 @@ import os
 
 from fpipe import checkpoint
 from fpipe.tree import flatten
-from fpipe.weights import config, detect, infer, io, merge, renames, resample, stubs, transforms, walk
+from fpipe.weights import config, detect, fuse, infer, io, merge, renames, resample, stubs, transforms, walk
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import LoadReport
 
@@ -45,13 +45,16 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
     else:
         opts = dataclasses.replace(opts, path=opts.path or "<object given to load_into>")
         _check_contents(obj, opts.path)
-    files = transforms.tensor_leaves(obj)
+    files, packed = file_tensors(obj)
     plan = make_plan(obj, files, target, opts)
     report = LoadReport(path=opts.path, format=plan.format, state_dict_key=plan.state_dict_key,
                         remove_prefix=plan.remove_prefix, reason=plan.reason,
                         candidates=plan.candidates, source=_source(plan),
                         roots=sorted({n.split(".")[1] for n in target if n.count(".") >= 2} | {"fc"}))
     report.not_loaded.update(plan.dropped)
+    if packed:
+        report.notes.append(f"{len(packed)} groups of separate projections packed into one tensor each, "
+                            f"as the model stores them (e.g. {packed[0]})")
     replaced = stubs.stubbed(obj) if opts.stub_objects else {}
     if replaced:
         report.notes.append("objects replaced by inert stand-ins (stub_objects=True): " +
@@ -88,6 +91,12 @@ def read_checkpoint(path: str, *, stub_objects: bool = False) -> dict:
     if not transforms.tensor_leaves(obj):
         raise WeightsError(f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:20]))}).")
     return obj
+
+
+def file_tensors(obj: dict) -> tuple:
+    """``({dotted name: tensor}, packed names)``: the file's tensors, with separate q/k/v (and
+    gate/up) projections packed as fpipe's trunks store them (``fuse.pack``)."""
+    return fuse.pack(transforms.tensor_leaves(obj))
 
 
 def _check_contents(obj, path: str) -> None:
@@ -210,12 +219,22 @@ def _plan_auto(obj: dict, files: dict, target: dict, opts) -> Plan:
         else:
             other = next((a for a in copies if rel.startswith(a)), None)
             dropped[src] = f"identical copy at {other!r}" if other is not None else f"outside the chosen copy {prefix!r}"
+    if opts.load_heads:  # a classifier beside the trunk's prefix (Hugging Face's *ForImageClassification)
+        beside = {rel: src for rel, src in names.items() if not rel.startswith(prefix) and rel not in kept
+                  and _is_head(rel, target)}
+        kept.update(beside)
+        for src in beside.values():
+            del dropped[src]
     kept = _finish(kept, opts, dropped)
     src_prefix = _source_prefix(names, chosen) if table else prefix
     full = (opts.state_dict_key + "." if opts.state_dict_key else "") + src_prefix
     key, rest = detect.split_prefix(full, transforms.dict_paths(obj))
     return Plan(kept, dropped, "auto" + (f" ({table} names)" if table else ""), key, rest, reason=reason,
                 candidates=[c.describe() for c in cands if c.coverage > 0])
+
+
+def _is_head(rel: str, target: dict) -> bool:
+    return f"heads.{rel}" in target or (rel.startswith("heads.") and rel in target)
 
 
 def _best_names(names: dict, files: dict, shapes: dict) -> tuple:

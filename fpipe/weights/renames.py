@@ -133,9 +133,61 @@ TIMM_EFFICIENTNET = (
     (r"(^|\.)classifier\.(weight|bias)$", r"\1classifier.1.\2"),
 )
 
+# Hugging Face transformers' files (save_pretrained; the hub's model.safetensors / pytorch_model.bin)
+# and, where transformers 5 renamed modules, its in-memory state dicts. fuse.pack has already
+# packed the separate q/k/v (and SwiGLU gate/up) projections into one "{a,b,c}" name each.
+# ViTModel, DeiT, ViTMAE and DINOv2 (with registers) -> torchvision's ViT (+ layer scale, SwiGLU).
+HF_VIT = (
+    (r"(^|\.)embeddings\.cls_token$", r"\1class_token"),
+    (r"(^|\.)embeddings\.distillation_token$", r"\1dist_token"),
+    (r"(^|\.)embeddings\.register_tokens$", r"\1register_tokens"),
+    (r"(^|\.)embeddings\.position_embeddings$", r"\1encoder.pos_embedding"),
+    (r"(^|\.)embeddings\.patch_embeddings\.projection\.", r"\1conv_proj."),
+    (r"(^|\.)(encoder\.layer|layers)\.(\d+)\.", r"\1encoder.layers.encoder_layer_\3."),
+    (r"\.attention\.(attention\.\{query,key,value\}|\{q_proj,k_proj,v_proj\})\.(weight|bias)$",
+     r".self_attention.in_proj_\2"),
+    (r"\.attention\.(output\.dense|o_proj)\.", ".self_attention.out_proj."),
+    (r"\.(intermediate\.dense|mlp\.fc1)\.", ".mlp.0."),
+    (r"\.(output\.dense|mlp\.fc2)\.", ".mlp.3."),
+    (r"\.mlp\.(weights_in|\{gate_proj,up_proj\})\.", ".mlp.w12."),
+    (r"\.mlp\.(weights_out|down_proj)\.", ".mlp.w3."),
+    (r"\.(layernorm_before|norm1)\.", ".ln_1."),
+    (r"\.(layernorm_after|norm2)\.", ".ln_2."),
+    (r"\.layer_scale([12])\.lambda1$", r".ls_\1.gamma"),
+    (r"(^|\.)layernorm\.(weight|bias)$", r"\1encoder.ln.\2"),
+    (r"(^|\.)classifier\.(weight|bias)$", r"\1heads.head.\2"),
+)
+# ResNetModel / ResNetForImageClassification (microsoft/resnet-*) -> torchvision's ResNet: a
+# block's layer.<j> is conv<j+1> + bn<j+1>, its shortcut the downsample.
+HF_RESNET = (
+    (r"(^|\.)embedder\.embedder\.convolution\.", r"\1conv1."),
+    (r"(^|\.)embedder\.embedder\.normalization\.", r"\1bn1."),
+    (r"(^|\.)encoder\.stages\.(\d)\.layers\.(\d+)\.", lambda m: f"{m[1]}layer{int(m[2]) + 1}.{m[3]}."),
+    (r"\.shortcut\.convolution\.", ".downsample.0."), (r"\.shortcut\.normalization\.", ".downsample.1."),
+    (r"\.layer\.(\d)\.convolution\.", lambda m: f".conv{int(m[1]) + 1}."),
+    (r"\.layer\.(\d)\.normalization\.", lambda m: f".bn{int(m[1]) + 1}."),
+    (r"(^|\.)classifier\.1\.", r"\1fc."),
+)
+# ConvNextModel / ConvNextForImageClassification (facebook/convnext-*) -> torchvision's ConvNeXt;
+# its stage 0 has no downsampling layer (the embeddings are the stem), the final layernorm is
+# torchvision's classifier.0.
+HF_CONVNEXT = (
+    (r"(^|\.)embeddings\.patch_embeddings\.", r"\1features.0.0."),
+    (r"(^|\.)embeddings\.layernorm\.", r"\1features.0.1."),
+    (r"(^|\.)encoder\.stages\.(\d)\.downsampling_layer\.([01])\.",
+     lambda m: f"{m[1]}features.{2 * int(m[2])}.{m[3]}."),
+    (r"(^|\.)encoder\.stages\.(\d)\.layers\.(\d+)\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 1}.{m[3]}."),
+    (r"\.dwconv\.", ".block.0."), (r"\.pwconv1\.", ".block.3."), (r"\.pwconv2\.", ".block.5."),
+    (r"(features\.\d+\.\d+)\.layernorm\.", r"\1.block.2."),
+    (r"\.layer_scale_parameter$", ".layer_scale"),
+    (r"(^|\.)classifier\.(weight|bias)$", r"\1classifier.2.\2"),
+    (r"(^|\.)layernorm\.(weight|bias)$", r"\1classifier.0.\2"),
+)
+
 TABLES = {"timm_vit": TIMM_VIT, "timm_vit_swiglu": TIMM_VIT_SWIGLU, "detectron2_resnet": DETECTRON2_RESNET,
           "sequential_resnet": SEQUENTIAL_RESNET, "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET,
-          "timm_convnext": TIMM_CONVNEXT, "fb_convnext": FB_CONVNEXT, "timm_efficientnet": TIMM_EFFICIENTNET}
+          "timm_convnext": TIMM_CONVNEXT, "fb_convnext": FB_CONVNEXT, "timm_efficientnet": TIMM_EFFICIENTNET,
+          "hf_vit": HF_VIT, "hf_resnet": HF_RESNET, "hf_convnext": HF_CONVNEXT}
 _COMPILED = {}
 
 

@@ -1,0 +1,49 @@
+"""Separate projections -> one packed tensor, as fpipe's (torchvision's) trunks store them.
+
+Hugging Face transformers keeps a ViT's attention as three Linears (``attention.attention.query``
+/ ``key`` / ``value`` in its files, ``q_proj`` / ``k_proj`` / ``v_proj`` in transformers 5's
+state dicts) where torchvision packs them into ``in_proj_weight`` [3·D, D]; transformers 5's
+DINOv2 SwiGLU splits dinov2's ``w12`` into ``gate_proj`` and ``up_proj``. ``pack`` replaces
+each complete group by one tensor, concatenated along dim 0 in the group's order, under the
+name ``<prefix>.{a,b,c}.<leaf>``, so reports still say which file tensors it came from; the
+rename tables (``renames``) map these names like any other.
+"""
+import torch
+
+GROUPS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+LEAVES = ("weight", "bias")
+
+
+def packed_name(prefix: str, group: tuple, leaf: str) -> str:
+    return _join(prefix, f"{{{','.join(group)}}}", leaf)
+
+
+def pack(files: dict) -> tuple:
+    """``(files, packed)``: ``files`` ({name: tensor}) with each complete group packed, and the
+    packed names. Groups whose parts differ in shape or dtype stay as they are."""
+    out, packed_names = dict(files), []
+    for name in files:
+        prefix, part, leaf = _split(name)
+        for group in GROUPS:
+            if part != group[0] or leaf not in LEAVES:
+                continue
+            names = [_join(prefix, p, leaf) for p in group]
+            parts = [files.get(n) for n in names]
+            if any(t is None for t in parts) or len({(tuple(t.shape), t.dtype) for t in parts}) != 1:
+                continue
+            packed = packed_name(prefix, group, leaf)
+            out[packed] = torch.cat(parts, dim=0)
+            packed_names.append(packed)
+            for n in names:
+                del out[n]
+    return out, packed_names
+
+
+def _join(prefix: str, part: str, leaf: str) -> str:
+    return f"{prefix}.{part}.{leaf}" if prefix else f"{part}.{leaf}"
+
+
+def _split(name: str) -> tuple:
+    head, _, leaf = name.rpartition(".")
+    prefix, _, part = head.rpartition(".")
+    return prefix, part, leaf
