@@ -124,7 +124,7 @@ def precision():
 def weights():
     """``config.model.weights``: which file loads into the model, and how (fpipe.weights)."""
     c = ml_collections.ConfigDict()
-    c.path = ""                    # a checkpoint file; empty: random initialisation
+    c.path = ""                    # a checkpoint file or a Hugging Face model folder; empty: random init
     c.format = "auto"              # auto | torchvision (plain names) | vissl | fpipe
     c.state_dict_key = ""          # dotted path of the sub-dict holding the weights
     c.skip_layers = ("num_batches_tracked",)  # substrings or regexes of names to drop

@@ -20,3 +20,16 @@ def test_every_protocol_value_is_checked_before_the_run_naming_its_key():
         (config.eval[section] if section else config.eval)[name] = value
         with pytest.raises(config_check.ConfigError, match=rf"eval\.{re.escape(key)}=.*: want .*{wanted}"):
             config_check.check(config)
+
+
+def test_weights_path_may_be_a_model_folder_but_not_any_folder(tmp_path):
+    """A Hugging Face model folder (its model.safetensors, pytorch_model.bin or shard index) is a
+    weights path; a folder of something else is refused, saying what a model folder holds."""
+    from configs import linear_eval
+    config = linear_eval.get_config()
+    config.model.weights.path = str(tmp_path)
+    with pytest.raises(config_check.ConfigError, match="is a directory: give the weights file .or a Hugging Face "
+                                                       "model folder, holding model.safetensors or pytorch_model.bin"):
+        config_check.check(config)
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    config_check.check(config)  # the folder's own errors come when it is read

@@ -16,6 +16,7 @@ from fpipe.models import losses
 from fpipe.models import model as models
 from fpipe.train import head_grid, precision, remat
 from fpipe.weights import config as weights_config
+from fpipe.weights import folders as weights_folders
 
 
 
@@ -95,12 +96,13 @@ def _check_model(c):
     weights = weights_config.resolve(c.model.weights)
     if weights.path and not os.path.exists(weights.path):
         raise ConfigError(f"model.weights.path={weights.path!r}: no such file")
-    if weights.path and os.path.isdir(weights.path):
+    if weights.path and os.path.isdir(weights.path) and not weights_folders.is_model_folder(weights.path):
         newest = checkpoint.find_latest(weights.path)  # a run's workdir: name its checkpoints
         best = os.path.join(weights.path, "checkpoints", "best.pt")
         found = (f" (a run's workdir: its newest checkpoint is {newest}"
                  + (f", its best {best}" if os.path.isfile(best) else "") + ")") if newest else ""
-        raise ConfigError(f"model.weights.path={weights.path!r} is a directory{found}: give the weights file")
+        raise ConfigError(f"model.weights.path={weights.path!r} is a directory{found}: give the weights file "
+                          f"(or a Hugging Face model folder, holding {' or '.join(weights_folders.WEIGHT_FILES)})")
     crops_per_image = {key: len(data.loader.views(data.config.get(c.data, key), c.data.image_size)) or 1
                        for key in ("views", "eval_views")}
     for head in model.heads:  # its crops exist; siamese_concat_view: one crop per tower
@@ -179,3 +181,4 @@ def check_best_metric(c) -> None:
     if c.get("best_mode", "max") != want:
         raise ConfigError(f"best_metric={c.best_metric!r} is best when {'lowest' if want == 'min' else 'highest'}: "
                           f"set best_mode={want!r}")
+

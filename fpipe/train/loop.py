@@ -19,6 +19,7 @@ import fpipe
 from fpipe import checkpoint, data, files, freeze, host_memory, optim, schedules, tree, weights
 from fpipe import workdir as workdir_lib
 from fpipe.data import identity
+from fpipe.weights import folders as weights_folders
 from fpipe.evaluate import extract, topk
 from fpipe.models import fold, layers, losses
 from fpipe.models import model as models
@@ -355,7 +356,7 @@ def record_load(report, path, workdir, write_report=True) -> dict:
         files.atomic_write(os.path.join(workdir, "weights_report.txt"),
                            lambda f: f.write(report.summary() + "\n"), mode="w")
     logging.info("Weights loaded from %s:\n%s", path, report.summary())
-    return {"path": os.path.abspath(path), "sha256": files.sha256(path),
+    return {"path": os.path.abspath(path), "sha256": weights_folders.sha256(path),
             "trunk_loaded": report.trunk_loaded, "trunk_total": report.trunk_total,
             "source": report.source, "format": report.format}
 

@@ -21,7 +21,7 @@ import struct
 import numpy as np
 import torch
 
-from fpipe.weights import numpy_pickle, stubs
+from fpipe.weights import folders, numpy_pickle, stubs
 from fpipe.weights.errors import WeightsError
 
 SAFETENSORS_EXTENSIONS = (".safetensors",)
@@ -44,8 +44,24 @@ SAFE_GLOBALS = [argparse.Namespace, *_numpy_globals()]
 
 
 def read(path: str, *, stub_objects: bool = False):
-    """Returns what the file holds (usually a nested dict with tensors at the leaves)."""
-    path = os.fspath(path)
+    """Returns what the file holds (usually a nested dict with tensors at the leaves); for a
+    Hugging Face model folder, its weights file, or its shards merged (``folders``)."""
+    paths = folders.weight_files(os.fspath(path))
+    if len(paths) == 1:
+        return _read_file(paths[0], stub_objects)
+    merged = {}
+    for shard in paths:
+        part = _read_file(shard, stub_objects)
+        if not isinstance(part, dict):
+            raise WeightsError(f"{shard}: a shard holds a {type(part).__name__}, not a dict of named tensors.")
+        clash = sorted(map(str, merged.keys() & part.keys()))
+        if clash:
+            raise WeightsError(f"{shard}: holds {', '.join(clash[:3])} again (read from an earlier shard).")
+        merged.update(part)
+    return merged
+
+
+def _read_file(path: str, stub_objects: bool):
     kind = sniff(path)
     if kind == "safetensors":
         return _read_safetensors(path)

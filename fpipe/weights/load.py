@@ -8,7 +8,7 @@ import os
 
 from fpipe import checkpoint
 from fpipe.tree import flatten
-from fpipe.weights import config, detect, fuse, infer, io, merge, renames, resample, stubs, transforms, walk
+from fpipe.weights import config, detect, folders, fuse, infer, io, merge, renames, resample, stubs, transforms, walk
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import LoadReport
 
@@ -52,6 +52,9 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
                         candidates=plan.candidates, source=_source(plan),
                         roots=sorted({n.split(".")[1] for n in target if n.count(".") >= 2} | {"fc"}))
     report.not_loaded.update(plan.dropped)
+    if os.path.isdir(opts.path):
+        read = [os.path.relpath(f, opts.path) for f in folders.weight_files(opts.path)]
+        report.notes.append(f"a model folder: read {', '.join(read[:4])}" + (f" and {len(read) - 4} more" if len(read) > 4 else ""))
     if packed:
         report.notes.append(f"{len(packed)} groups of separate projections packed into one tensor each, "
                             f"as the model stores them (e.g. {packed[0]})")
