@@ -34,6 +34,8 @@ TRUNKS = {
     "dinov2-tiny-swiglu": ("vit", dict(hidden_dim=48, depth=2, heads=3, mlp_dim=128, patch_size=14, image_size=56,
                                        layer_scale=1.0, mlp="swiglu")),
     "convnext-tiny-224": ("convnext_tiny", {}),
+    "regnet-y-400mf": ("regnet_y_400mf", {}),
+    "regnet-x-400mf": ("regnet_x_400mf", {}),
 }
 
 
@@ -67,7 +69,7 @@ def run(trunk, params, state, loaded, features, size, seed):
 def test_hub_file_computes_what_transformers_computes(reference, tmp_path, name):
     trunk, params, state, target = build(name)
     loaded, report = load_into(target, {"path": str(seeded_file(reference, name, tmp_path))})
-    table = "hf_" + next((f for f in ("resnet", "convnext") if name.startswith(f)), "vit")
+    table = "hf_" + next((f for f in ("resnet", "regnet", "convnext") if name.startswith(f)), "vit")
     assert report.format == f"auto ({table} names)" and report.trunk_loaded == report.trunk_total
     expected = OUTPUTS[name]
     if "pooled" in expected:
@@ -160,9 +162,13 @@ def test_an_hf_vit_file_for_a_resnet_model_names_the_architecture(reference, tmp
         load_into(target, {"path": str(path)})
 
 
-def test_cli_inspect_infers_the_trunk_of_an_hf_file(reference, tmp_path, capsys):
-    path = seeded_file(reference, "resnet-50", tmp_path)
+@pytest.mark.parametrize("name, inferred, counts", [
+    ("resnet-50", "ResNet-50 (after the hf_resnet rename table)", ("320 tensors", "265/265 tensors loaded")),
+    # HF RegNet's names also fit HF_RESNET's rules, as a ResNet of no known depth: not an answer
+    ("regnet-y-400mf", "preset 'regnet_y_400mf' found at 'regnet.' (after the hf_regnet rename table)",
+     ("384 tensors", "329/329 tensors loaded"))])
+def test_cli_inspect_infers_the_trunk_of_an_hf_file(reference, tmp_path, capsys, name, inferred, counts):
+    path = seeded_file(reference, name, tmp_path)
     assert cli.main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "ResNet-50 (after the hf_resnet rename table)" in out and "320 tensors" in out
-    assert "265/265 tensors loaded" in out
+    assert inferred in out and all(c in out for c in counts), out

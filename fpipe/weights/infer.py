@@ -19,8 +19,12 @@ def infer_trunk(files: dict, presets=None) -> tuple:
     ``presets``: ``{name: (family, options, build_target)}`` to try when the file is not a
     ResNet; ``build_target()`` returns ``{trunk.<name>: meta tensor}``.
     """
+    not_resnet = None  # a ResNet-like layout of no known depth: said only if nothing else fits
     for table_name, names in _views(files):
-        found = _resnet(names)
+        try:
+            found = _resnet(names)
+        except WeightsError as e:  # under a rename table it may be another family's layout (HF RegNet)
+            not_resnet, found = not_resnet or e, None
         if found:
             options, why = found
             via = f" (after the {table_name} rename table)" if table_name else ""
@@ -37,6 +41,8 @@ def infer_trunk(files: dict, presets=None) -> tuple:
                 break
     if whole:  # the largest: a shallower preset's names can all be in a deeper one's file (B0 in B1)
         return max(whole, key=lambda w: w[0])[1:]
+    if not_resnet:
+        raise not_resnet
     raise WeightsError("could not tell which trunk the file holds from its names and shapes; "
                        "pass --trunk NAME (and --depth for a ResNet).")
 

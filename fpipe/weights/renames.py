@@ -168,6 +168,20 @@ HF_RESNET = (
     (r"\.layer\.(\d)\.normalization\.", lambda m: f".bn{int(m[1]) + 1}."),
     (r"(^|\.)classifier\.1\.", r"\1fc."),
 )
+# RegNetModel / RegNetForImageClassification (facebook/regnet-*, the SEER ones too) -> torchvision's
+# RegNet: a block's layer.0/1 are a/b, RegNetY's layer.2 its squeeze-excitation and layer.3 its c
+# (RegNetX's c is layer.2), the shortcut its proj.
+HF_REGNET = (
+    (r"(^|\.)embedder\.embedder\.convolution\.", r"\1stem.0."),
+    (r"(^|\.)embedder\.embedder\.normalization\.", r"\1stem.1."),
+    (r"(^|\.)encoder\.stages\.(\d)\.layers\.(\d+)\.",
+     lambda m: f"{m[1]}trunk_output.block{int(m[2]) + 1}.block{int(m[2]) + 1}-{m[3]}."),
+    (r"\.shortcut\.convolution\.", ".proj.0."), (r"\.shortcut\.normalization\.", ".proj.1."),
+    (r"\.layer\.2\.attention\.0\.", ".f.se.fc1."), (r"\.layer\.2\.attention\.2\.", ".f.se.fc2."),
+    (r"\.layer\.([0123])\.(convolution|normalization)\.",
+     lambda m: f".f.{'abcc'[int(m[1])]}.{0 if m[2] == 'convolution' else 1}."),
+    (r"(^|\.)classifier\.1\.", r"\1fc."),
+)
 # ConvNextModel / ConvNextForImageClassification (facebook/convnext-*) -> torchvision's ConvNeXt;
 # its stage 0 has no downsampling layer (the embeddings are the stem), the final layernorm is
 # torchvision's classifier.0.
@@ -187,7 +201,8 @@ HF_CONVNEXT = (
 TABLES = {"timm_vit": TIMM_VIT, "timm_vit_swiglu": TIMM_VIT_SWIGLU, "detectron2_resnet": DETECTRON2_RESNET,
           "sequential_resnet": SEQUENTIAL_RESNET, "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET,
           "timm_convnext": TIMM_CONVNEXT, "fb_convnext": FB_CONVNEXT, "timm_efficientnet": TIMM_EFFICIENTNET,
-          "hf_vit": HF_VIT, "hf_resnet": HF_RESNET, "hf_convnext": HF_CONVNEXT}
+          "hf_vit": HF_VIT, "hf_resnet": HF_RESNET, "hf_regnet": HF_REGNET,
+          "hf_convnext": HF_CONVNEXT}
 _COMPILED = {}
 
 
