@@ -256,22 +256,25 @@ def test_fc_norm_pools_then_norms_and_no_class_token_layout():
     torch.testing.assert_close(feats["lastPOOL"], F.layer_norm(feats["block4"].mean(1), (32,), fc["weight"], fc["bias"], 1e-6))
 
 
-def test_block_math_equals_torch_nn_modules():
-    """One block against nn.LayerNorm + nn.MultiheadAttention + nn.Linear/GELU (torchvision's EncoderBlock)."""
-    trunk = vit.build(**dict(TINY, depth=1))
+@pytest.mark.parametrize("mlp, gelu", [("gelu", "none"), ("gelu_tanh", "tanh")])
+def test_block_math_equals_torch_nn_modules(mlp, gelu):
+    """One block against nn.LayerNorm + nn.MultiheadAttention + nn.Linear/GELU (torchvision's
+    EncoderBlock); gelu_tanh: GELU's tanh approximation, Flax's nn.gelu."""
+    trunk = vit.build(**dict(TINY, depth=1, mlp=mlp))
     params, _ = trunk.init(0)
     p = params["encoder"]["layers"]["encoder_layer_0"]
     for t in tree.leaves(p):  # non-trivial norms and biases
         t.add_(0.1 * torch.randn(t.shape))
     ln1, ln2 = torch.nn.LayerNorm(32, eps=1e-6), torch.nn.LayerNorm(32, eps=1e-6)
     attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
-    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Dropout(), torch.nn.Linear(64, 32))
-    for module, key in ((ln1, "ln_1"), (ln2, "ln_2"), (attn, "self_attention"), (mlp, "mlp")):
+    ffn = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(approximate=gelu), torch.nn.Dropout(),
+                              torch.nn.Linear(64, 32))
+    for module, key in ((ln1, "ln_1"), (ln2, "ln_2"), (attn, "self_attention"), (ffn, "mlp")):
         module.load_state_dict(tree.flatten(p[key]))
     x = torch.randn(2, 7, 32)
     with torch.no_grad():
         h = x + attn(ln1(x), ln1(x), ln1(x), need_weights=False)[0]
-        expected = h + mlp.eval()(ln2(h))
+        expected = h + ffn.eval()(ln2(h))
     torch.testing.assert_close(vit.block(trunk.spec, p, x), expected, atol=1e-5, rtol=1e-5)
 
 

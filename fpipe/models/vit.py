@@ -39,9 +39,11 @@ _NEEDS_4_BLOCKS = ("concatCLS4", "concatPOOL4", "cls4_avgpool")
 #   bicubic_offset     no antialiasing, scale factor (new + 0.1) / old: DINO's and DINOv2's hub
 #                      models without registers (their "interpolate_offset" kludge)
 RESAMPLE_MODES = ("bicubic", "bicubic_antialias", "bicubic_offset")
-# The block's feed-forward: gelu = fc, GELU, fc (mlp.0, mlp.3); swiglu = dinov2's SwiGLUFFN, w12
-# [2·mlp_dim, D] holding the gate then the value half, silu(gate)·value, then w3 [D, mlp_dim].
-MLPS = ("gelu", "swiglu")
+# The block's feed-forward: gelu = fc, GELU, fc (mlp.0, mlp.3); gelu_tanh the same with GELU's
+# tanh approximation (Flax's nn.gelu: big_vision's and google-research/vision_transformer's ViTs);
+# swiglu = dinov2's SwiGLUFFN, w12 [2·mlp_dim, D] holding the gate then the value half,
+# silu(gate)·value, then w3 [D, mlp_dim].
+MLPS = ("gelu", "gelu_tanh", "swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,16 +280,18 @@ def block(spec, p, x):
     """Pre-norm encoder block: x + ls_1·attn(ln_1(x)), then + ls_2·mlp(ln_2(x))."""
     y = attention(p["self_attention"], _layer_norm(p["ln_1"], x, spec.ln_eps), spec.heads)
     x = x + (y * p["ls_1"]["gamma"] if "ls_1" in p else y)
-    y = feed_forward(p["mlp"], _layer_norm(p["ln_2"], x, spec.ln_eps))
+    y = feed_forward(p["mlp"], _layer_norm(p["ln_2"], x, spec.ln_eps), "tanh" if spec.mlp == "gelu_tanh" else "none")
     return x + (y * p["ls_2"]["gamma"] if "ls_2" in p else y)
 
 
-def feed_forward(p, x):
-    """torchvision's MLP (``0``, exact GELU, ``3``) or dinov2's SwiGLU (``w12`` = [gate; value], ``w3``)."""
+def feed_forward(p, x, approximate="none"):
+    """torchvision's MLP (``0``, GELU, exact or ``approximate="tanh"``, ``3``) or dinov2's SwiGLU
+    (``w12`` = [gate; value], ``w3``)."""
     if "w12" in p:
         gate, value = layers.dense(x, p["w12"]["weight"], p["w12"]["bias"]).chunk(2, dim=-1)
         return layers.dense(F.silu(gate) * value, p["w3"]["weight"], p["w3"]["bias"])
-    return layers.dense(F.gelu(layers.dense(x, p["0"]["weight"], p["0"]["bias"])), p["3"]["weight"], p["3"]["bias"])
+    hidden = F.gelu(layers.dense(x, p["0"]["weight"], p["0"]["bias"]), approximate=approximate)
+    return layers.dense(hidden, p["3"]["weight"], p["3"]["bias"])
 
 
 def _layer_norm(p, x, eps):

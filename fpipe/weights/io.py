@@ -3,7 +3,8 @@
 PyTorch files go through ``torch.load(weights_only=True)`` with a short allow-list of harmless
 globals that real checkpoints carry (``argparse.Namespace``, numpy scalars and dtypes);
 ``.safetensors`` files through the safetensors package; other pickles (detectron2's ``.pkl``)
-through an unpickler that builds numpy arrays and containers only. The kind of file is sniffed
+through an unpickler that builds numpy arrays and containers only; ``.npz`` archives (JAX/Flax)
+through ``numpy.load(allow_pickle=False)``, then into PyTorch's layouts (``flax_layout``). The kind of file is sniffed
 from its bytes, never from its name. Every failure is one ``WeightsError`` that names the file
 and says whether it is corrupt or refused, and why.
 
@@ -17,14 +18,17 @@ import os
 import pickle
 import re
 import struct
+import zipfile
 
 import numpy as np
 import torch
 
-from fpipe.weights import folders, numpy_pickle, stubs
+from fpipe.weights import flax_layout, folders, numpy_pickle, stubs, walk
 from fpipe.weights.errors import WeightsError
 
 SAFETENSORS_EXTENSIONS = (".safetensors",)
+MAX_NPZ_INFLATION = 100  # unpacked / file size above which an .npz that unpacks to over
+MIN_NPZ_REFUSED = 1 << 30  # this many bytes is refused (a decompression bomb)
 STUB_HINT = ("To take only its tensors, with every other object replaced by an inert stand-in "
              "(nothing from the file runs), set model.weights.stub_objects=True "
              "(CLI: --stub-objects).")
@@ -67,12 +71,15 @@ def _read_file(path: str, stub_objects: bool):
         return _read_safetensors(path)
     if kind == "numpy_pickle":
         return numpy_pickle.read(path)
+    if kind == "npz":
+        return _read_npz(path)
     return _read_torch(path, kind, stub_objects)
 
 
 def sniff(path: str) -> str:
-    """'safetensors', 'zip' (torch >= 1.6), 'pickle' (older torch), 'numpy_pickle' (a plain
-    pickle, as detectron2 writes) or 'tar' (oldest torch), by content; else a WeightsError."""
+    """'safetensors', 'zip' (torch >= 1.6), 'npz' (numpy's zip of arrays: JAX/Flax), 'pickle'
+    (older torch), 'numpy_pickle' (a plain pickle, as detectron2 writes) or 'tar' (oldest torch),
+    by content; else a WeightsError."""
     if not os.path.exists(path):
         raise WeightsError(f"{path}: no such file.")
     if os.path.isdir(path):
@@ -89,13 +96,43 @@ def sniff(path: str) -> str:
         raise WeightsError(f"{path}: truncated or corrupt safetensors file (its header claims "
                            f"{header_len} bytes, the file has {size}).")
     if head.startswith(b"PK\x03\x04"):
-        return "zip"
+        return "npz" if _is_npz(path) else "zip"
     if head.startswith(b"\x80"):
         return "pickle" if TORCH_MAGIC in head[:16] else "numpy_pickle"
     if len(head) > 262 and head[257:262] == b"ustar":
         return "tar"
     raise WeightsError(f"{path}: not a PyTorch, safetensors or pickle weights file "
                        f"(it starts with {head[:16]!r}).")
+
+
+def _is_npz(path: str) -> bool:
+    """A zip of ``.npy`` arrays (numpy's ``savez``), not a PyTorch archive (which holds ``data.pkl``)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def _read_npz(path: str) -> dict:
+    """A JAX/Flax ``.npz`` (arrays only: numpy refuses pickled objects here), in PyTorch's layouts."""
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+    if len(infos) > walk.MAX_ENTRIES:
+        raise WeightsError(f"{path}: refused: {len(infos)} arrays, over the limit of {walk.MAX_ENTRIES}.")
+    unpacked, packed = sum(i.file_size for i in infos), max(os.path.getsize(path), 1)
+    if unpacked > MAX_NPZ_INFLATION * packed and unpacked > MIN_NPZ_REFUSED:
+        raise WeightsError(f"{path}: refused: its arrays would unpack to {unpacked >> 20} MiB from "
+                           f"{packed >> 20} MiB (a decompression bomb?).")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except ValueError as e:
+        raise WeightsError(f"{path}: refused: an .npz may hold only arrays, not pickled objects ({e}).") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise WeightsError(f"{path}: truncated or corrupt .npz file ({e}).") from None
+    return flax_layout.to_torch(arrays)
 
 
 def _read_safetensors(path: str) -> dict:

@@ -133,6 +133,24 @@ TIMM_EFFICIENTNET = (
     (r"(^|\.)classifier\.(weight|bias)$", r"\1classifier.1.\2"),
 )
 
+# JAX/Flax ViTs (.npz, in PyTorch's layouts by flax_layout; fuse.pack has packed query/key/value):
+# google-research/vision_transformer (ViT-*.npz, AugReg: MultiHeadDotProductAttention_1,
+# MlpBlock_3, LayerNorm_0/2, Transformer/posembed_input) and big_vision (..._0, LayerNorm_0/1, a
+# top-level pos_embedding without a class row) -> torchvision's ViT. Flax's gelu is the tanh
+# approximation: the trunk option mlp="gelu_tanh" computes it.
+FLAX_VIT = (
+    (r"(^|\.)embedding\.(weight|bias)$", r"\1conv_proj.\2"),
+    (r"(^|\.)cls$", r"\1class_token"),
+    (r"(^|\.)(Transformer\.posembed_input\.)?pos_embedding$", r"\1encoder.pos_embedding"),
+    (r"(^|\.)Transformer\.encoderblock_(\d+)\.", r"\1encoder.layers.encoder_layer_\2."),
+    (r"\.LayerNorm_0\.", ".ln_1."), (r"\.LayerNorm_[12]\.", ".ln_2."),
+    (r"\.MultiHeadDotProductAttention_\d\.\{query,key,value\}\.(weight|bias)$", r".self_attention.in_proj_\1"),
+    (r"\.MultiHeadDotProductAttention_\d\.out\.", ".self_attention.out_proj."),
+    (r"\.MlpBlock_\d\.Dense_0\.", ".mlp.0."), (r"\.MlpBlock_\d\.Dense_1\.", ".mlp.3."),
+    (r"(^|\.)Transformer\.encoder_norm\.", r"\1encoder.ln."),
+    (r"(^|\.)head\.(weight|bias)$", r"\1heads.head.\2"),
+)
+
 # Hugging Face transformers' files (save_pretrained; the hub's model.safetensors / pytorch_model.bin)
 # and, where transformers 5 renamed modules, its in-memory state dicts. fuse.pack has already
 # packed the separate q/k/v (and SwiGLU gate/up) projections into one "{a,b,c}" name each.
@@ -201,7 +219,7 @@ HF_CONVNEXT = (
 TABLES = {"timm_vit": TIMM_VIT, "timm_vit_swiglu": TIMM_VIT_SWIGLU, "detectron2_resnet": DETECTRON2_RESNET,
           "sequential_resnet": SEQUENTIAL_RESNET, "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET,
           "timm_convnext": TIMM_CONVNEXT, "fb_convnext": FB_CONVNEXT, "timm_efficientnet": TIMM_EFFICIENTNET,
-          "hf_vit": HF_VIT, "hf_resnet": HF_RESNET, "hf_regnet": HF_REGNET,
+          "flax_vit": FLAX_VIT, "hf_vit": HF_VIT, "hf_resnet": HF_RESNET, "hf_regnet": HF_REGNET,
           "hf_convnext": HF_CONVNEXT}
 _COMPILED = {}
 
