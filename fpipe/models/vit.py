@@ -43,7 +43,7 @@ RESAMPLE_MODES = ("bicubic", "bicubic_antialias", "bicubic_offset")
 # tanh approximation (Flax's nn.gelu: big_vision's and google-research/vision_transformer's ViTs);
 # swiglu = dinov2's SwiGLUFFN, w12 [2·mlp_dim, D] holding the gate then the value half,
 # silu(gate)·value, then w3 [D, mlp_dim].
-MLPS = ("gelu", "gelu_tanh", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")  # quick_gelu: x·sigmoid(1.702x), OpenAI CLIP's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,8 @@ class Spec:
     pos_resample: str = "bicubic"
     mlp: str = "gelu"             # the FFN (MLPS); with swiglu, mlp_dim is SwiGLU's hidden width
     dist_token: bool = False      # DeiT's distillation token after the class token (features ignore it)
+    pre_norm: bool = False        # CLIP's ln_pre: a LayerNorm of the tokens before the first block
+    patch_bias: bool = True       # conv_proj has a bias (CLIP's has none)
 
     def __post_init__(self):
         for key in ("patch_size", "hidden_dim", "depth", "heads", "mlp_dim", "image_size"):
@@ -118,6 +120,10 @@ _H = dict(hidden_dim=1280, depth=32, heads=16, mlp_dim=5120)
 _DEIT = dict(patch_size=16, dist_token=True, pos_resample="bicubic_antialias")
 _DINOV2 = dict(patch_size=14, image_size=518, layer_scale=1e-5, pos_resample="bicubic_offset")
 _DINOV2_REG = dict(_DINOV2, num_registers=4, pos_embed_class=False, pos_resample="bicubic_antialias")
+# CLIP image towers (OpenAI's, open_clip's): ln_pre, no patch bias, LayerNorm eps 1e-5; OpenAI's
+# weights were trained with QuickGELU (the _quickgelu presets), most open_clip ones with GELU.
+_CLIP = dict(pre_norm=True, patch_bias=False, ln_eps=1e-5)
+_QUICK = dict(_CLIP, mlp="quick_gelu")
 PRESETS = {
     # torchvision
     "vit_b_16": dict(_B, patch_size=16), "vit_b_32": dict(_B, patch_size=32),
@@ -142,6 +148,16 @@ PRESETS = {
     "vit_base_patch14_reg4_dinov2": dict(_B, **_DINOV2_REG),
     "vit_large_patch14_reg4_dinov2": dict(_L, **_DINOV2_REG),
     "vit_giant_patch14_reg4_dinov2": dict(_G, **_DINOV2_REG),
+    # CLIP image towers, timm's names (projection to the text space not included: a head)
+    "vit_base_patch32_clip_224": dict(_B, patch_size=32, **_CLIP),
+    "vit_base_patch16_clip_224": dict(_B, patch_size=16, **_CLIP),
+    "vit_large_patch14_clip_224": dict(_L, patch_size=14, **_CLIP),
+    "vit_large_patch14_clip_336": dict(_L, patch_size=14, image_size=336, **_CLIP),
+    "vit_huge_patch14_clip_224": dict(_H, patch_size=14, **_CLIP),
+    "vit_base_patch32_clip_quickgelu_224": dict(_B, patch_size=32, **_QUICK),
+    "vit_base_patch16_clip_quickgelu_224": dict(_B, patch_size=16, **_QUICK),
+    "vit_large_patch14_clip_quickgelu_224": dict(_L, patch_size=14, **_QUICK),
+    "vit_large_patch14_clip_quickgelu_336": dict(_L, patch_size=14, image_size=336, **_QUICK),
 }
 
 
@@ -183,8 +199,11 @@ def init_params(spec: Spec, seed=0):
     if spec.num_registers:
         params["register_tokens"] = new((1, spec.num_registers, d), normal(1e-6))
     params["conv_proj"] = {
-        "weight": new((d, 3, p, p), lambda t: init.trunc_normal_(t, std=math.sqrt(1 / (3 * p * p)), generator=gen)),
-        "bias": new((d,), zeros)}
+        "weight": new((d, 3, p, p), lambda t: init.trunc_normal_(t, std=math.sqrt(1 / (3 * p * p)), generator=gen))}
+    if spec.patch_bias:
+        params["conv_proj"]["bias"] = new((d,), zeros)
+    if spec.pre_norm:
+        params["ln_pre"] = norm()
     layers = {}
     for i in range(spec.depth):
         layer = {"ln_1": norm(), "self_attention": {
@@ -245,7 +264,7 @@ def resample_pos_embedding(pos, new_grid_hw, num_prefix, *, mode="bicubic", old_
 
 def patch_embed(params, images, patch_size):
     """``conv_proj``: non-overlapping patches to N×D×h×w (torchvision's ``conv_proj`` output)."""
-    return F.conv2d(images, params["conv_proj"]["weight"], params["conv_proj"]["bias"], stride=patch_size)
+    return F.conv2d(images, params["conv_proj"]["weight"], params["conv_proj"].get("bias"), stride=patch_size)
 
 
 def embed(spec, params, images):
@@ -280,17 +299,21 @@ def block(spec, p, x):
     """Pre-norm encoder block: x + ls_1·attn(ln_1(x)), then + ls_2·mlp(ln_2(x))."""
     y = attention(p["self_attention"], _layer_norm(p["ln_1"], x, spec.ln_eps), spec.heads)
     x = x + (y * p["ls_1"]["gamma"] if "ls_1" in p else y)
-    y = feed_forward(p["mlp"], _layer_norm(p["ln_2"], x, spec.ln_eps), "tanh" if spec.mlp == "gelu_tanh" else "none")
+    y = feed_forward(p["mlp"], _layer_norm(p["ln_2"], x, spec.ln_eps), spec.mlp)
     return x + (y * p["ls_2"]["gamma"] if "ls_2" in p else y)
 
 
-def feed_forward(p, x, approximate="none"):
-    """torchvision's MLP (``0``, GELU, exact or ``approximate="tanh"``, ``3``) or dinov2's SwiGLU
+def feed_forward(p, x, mlp="gelu"):
+    """torchvision's MLP (``0``, the activation ``mlp`` names, ``3``) or dinov2's SwiGLU
     (``w12`` = [gate; value], ``w3``)."""
     if "w12" in p:
         gate, value = layers.dense(x, p["w12"]["weight"], p["w12"]["bias"]).chunk(2, dim=-1)
         return layers.dense(F.silu(gate) * value, p["w3"]["weight"], p["w3"]["bias"])
-    hidden = F.gelu(layers.dense(x, p["0"]["weight"], p["0"]["bias"]), approximate=approximate)
+    hidden = layers.dense(x, p["0"]["weight"], p["0"]["bias"])
+    if mlp == "quick_gelu":
+        hidden = hidden * torch.sigmoid(1.702 * hidden)
+    else:
+        hidden = F.gelu(hidden, approximate="tanh" if mlp == "gelu_tanh" else "none")
     return layers.dense(hidden, p["3"]["weight"], p["3"]["bias"])
 
 
@@ -317,6 +340,8 @@ def apply(spec: Spec, params, state, images, *, train, features=None, eval_norms
     keep = 4 if any(f in _NEEDS_4_BLOCKS for f in final) else 1  # last blocks' outputs the features read
     out, last = {}, []
     x = embed(spec, params, images)
+    if spec.pre_norm:
+        x = _layer_norm(params["ln_pre"], x, spec.ln_eps)
     for i in range(n_blocks):
         x = block(spec, params["encoder"]["layers"][f"encoder_layer_{i}"], x)
         if f"block{i}" in features:

@@ -27,6 +27,7 @@ TIMM_VIT = (
     (r"\.mlp\.fc1\.", ".mlp.0."),
     (r"\.mlp\.fc2\.", ".mlp.3."),
     (r"\.ls([12])\.gamma$", r".ls_\1.gamma"),
+    (r"(^|\.)norm_pre\.", r"\1ln_pre."),
     (r"(^|\.)norm\.(weight|bias)$", r"\1encoder.ln.\2"),
     (r"(^|\.)head\.(weight|bias)$", r"\1heads.head.\2"),
 )
@@ -133,6 +134,34 @@ TIMM_EFFICIENTNET = (
     (r"(^|\.)classifier\.(weight|bias)$", r"\1classifier.1.\2"),
 )
 
+# CLIP image towers: OpenAI's and open_clip's state dicts (visual.*; the text tower's resblocks
+# sit at the top, other shapes) and transformers' CLIPVisionModel / CLIPModel (vision_model.*,
+# fuse.pack has packed q/k/v_proj) -> torchvision's ViT + ln_pre. class_embedding [D] and
+# positional_embedding [N, D] take the model's leading 1-dims on load (resample). The projection
+# into the text space (proj, visual_projection) is no trunk tensor: left out.
+OPENCLIP_VIT = (
+    (r"(^|\.)class_embedding$", r"\1class_token"),
+    (r"(^|\.)positional_embedding$", r"\1encoder.pos_embedding"),
+    (r"(^|\.)conv1\.weight$", r"\1conv_proj.weight"),
+    (r"(^|\.)transformer\.resblocks\.(\d+)\.", r"\1encoder.layers.encoder_layer_\2."),
+    (r"\.attn\.in_proj_(weight|bias)$", r".self_attention.in_proj_\1"),
+    (r"\.attn\.out_proj\.", ".self_attention.out_proj."),
+    (r"\.mlp\.c_fc\.", ".mlp.0."), (r"\.mlp\.c_proj\.", ".mlp.3."),
+    (r"(^|\.)ln_post\.", r"\1encoder.ln."),
+)
+HF_CLIP = (
+    (r"(^|\.)embeddings\.class_embedding$", r"\1class_token"),
+    (r"(^|\.)embeddings\.patch_embedding\.weight$", r"\1conv_proj.weight"),
+    (r"(^|\.)embeddings\.position_embedding\.weight$", r"\1encoder.pos_embedding"),
+    (r"(^|\.)pre_layrnorm\.", r"\1ln_pre."),
+    (r"(^|\.)encoder\.layers\.(\d+)\.", r"\1encoder.layers.encoder_layer_\2."),
+    (r"\.self_attn\.\{q_proj,k_proj,v_proj\}\.(weight|bias)$", r".self_attention.in_proj_\1"),
+    (r"\.self_attn\.out_proj\.", ".self_attention.out_proj."),
+    (r"\.layer_norm1\.", ".ln_1."), (r"\.layer_norm2\.", ".ln_2."),
+    (r"\.mlp\.fc1\.", ".mlp.0."), (r"\.mlp\.fc2\.", ".mlp.3."),
+    (r"(^|\.)post_layernorm\.", r"\1encoder.ln."),
+)
+
 # JAX/Flax ViTs (.npz, in PyTorch's layouts by flax_layout; fuse.pack has packed query/key/value):
 # google-research/vision_transformer (ViT-*.npz, AugReg: MultiHeadDotProductAttention_1,
 # MlpBlock_3, LayerNorm_0/2, Transformer/posembed_input) and big_vision (..._0, LayerNorm_0/1, a
@@ -219,7 +248,7 @@ HF_CONVNEXT = (
 TABLES = {"timm_vit": TIMM_VIT, "timm_vit_swiglu": TIMM_VIT_SWIGLU, "detectron2_resnet": DETECTRON2_RESNET,
           "sequential_resnet": SEQUENTIAL_RESNET, "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET,
           "timm_convnext": TIMM_CONVNEXT, "fb_convnext": FB_CONVNEXT, "timm_efficientnet": TIMM_EFFICIENTNET,
-          "flax_vit": FLAX_VIT, "hf_vit": HF_VIT, "hf_resnet": HF_RESNET, "hf_regnet": HF_REGNET,
+          "openclip_vit": OPENCLIP_VIT, "hf_clip": HF_CLIP, "flax_vit": FLAX_VIT, "hf_vit": HF_VIT, "hf_resnet": HF_RESNET, "hf_regnet": HF_REGNET,
           "hf_convnext": HF_CONVNEXT}
 _COMPILED = {}
 

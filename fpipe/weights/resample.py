@@ -38,11 +38,13 @@ def resample_pos_embedding(pos: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 def fits(name: str, file_shape: tuple, model_shape: tuple) -> bool:
-    """Whether a file tensor fits a model tensor, counting resamplable position embeddings."""
-    if tuple(file_shape) == tuple(model_shape):
+    """Whether a file tensor fits a model tensor, counting resamplable position embeddings and
+    leading 1-dims (CLIP's class_embedding [D] for a class token [1, 1, D])."""
+    if tuple(file_shape) == tuple(model_shape) or _squeezed(file_shape) == _squeezed(model_shape):
         return True
     if name.endswith("layer_scale"):
         return math.prod(file_shape) == math.prod(model_shape)
+    file_shape = (1,) * (len(model_shape) - len(file_shape)) + tuple(file_shape)  # [N, D] positions
     if not name.endswith("pos_embedding") or len(file_shape) != 3 or len(model_shape) != 3:
         return False
     if file_shape[0] != model_shape[0] or file_shape[2] != model_shape[2]:
@@ -55,7 +57,8 @@ def fits(name: str, file_shape: tuple, model_shape: tuple) -> bool:
 
 
 def adapt(tensors: dict, shapes: dict) -> tuple:
-    """``(tensors, notes)``: each ``pos_embedding`` of another grid resampled to the model's.
+    """``(tensors, notes)``: tensors in the model's shapes: layer scales and leading 1-dims
+    reshaped, then each ``pos_embedding`` of another grid resampled to the model's.
 
     ``tensors``: ``{model name: tensor}``; ``shapes``: ``{model name: shape}``. A file without
     the class token's position (timm's DINOv2 with registers folds it into ``cls_token``) gets
@@ -63,19 +66,24 @@ def adapt(tensors: dict, shapes: dict) -> tuple:
     with registers) for a model without it has it folded into the class token, the same sum.
     """
     out, notes = dict(tensors), []
+    grids = []
     for name, t in tensors.items():
         want = shapes.get(name)
         if want is None or tuple(t.shape) == tuple(want) or not fits(name, t.shape, want):
             continue
-        if name.endswith("layer_scale"):
+        if name.endswith("layer_scale") or _squeezed(t.shape) == _squeezed(want):
             out[name] = t.reshape(want)
-            continue
+        else:
+            grids.append(name)
+    for name in grids:  # after the class tokens took their shapes: a position row may fold into one
+        t, want = out[name], shapes[name]
+        t = t.reshape((1,) * (len(want) - t.dim()) + tuple(t.shape))
         if split_tokens(t.shape[1])[0] == 0 and split_tokens(want[1])[0] == 1:
             t = torch.cat([t.new_zeros(1, 1, t.shape[2]), t], dim=1)
             notes.append(f"{name}: no class-token position in the file (folded into its class token); a zero one added")
         token = name[:-len("encoder.pos_embedding")] + "class_token" if name.endswith("encoder.pos_embedding") else ""
-        if split_tokens(t.shape[1])[0] == 1 and split_tokens(want[1])[0] == 0 and token in tensors:
-            out[token], t = tensors[token] + t[:, :1], t[:, 1:]
+        if split_tokens(t.shape[1])[0] == 1 and split_tokens(want[1])[0] == 0 and token in out:
+            out[token], t = out[token] + t[:, :1], t[:, 1:]
             notes.append(f"{name}: the file's class-token position folded into {token} (the model adds none)")
         if tuple(t.shape) != tuple(want):
             old, new = split_tokens(t.shape[1])[1], split_tokens(want[1])[1]
@@ -83,3 +91,11 @@ def adapt(tensors: dict, shapes: dict) -> tuple:
             notes.append(f"{name}: position grid {old}x{old} resampled to {new}x{new} (bicubic, antialiased, as timm)")
         out[name] = t
     return out, notes
+
+
+def _squeezed(shape) -> tuple:
+    """The shape without its leading 1-dims: the same numbers in the same order."""
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape

@@ -1,0 +1,77 @@
+"""CLIP image towers load by ``format: auto`` and compute what open_clip, timm and transformers compute.
+
+tests/fixtures/clip holds open_clip's and timm's names and shapes for a small CLIP (open_clip's
+file holds the text tower too, its resblocks at the top) and their outputs with seeded weights
+(``make_clip_fixtures.py``, run in a separate venv); transformers' CLIPModel is in
+tests/fixtures/hf. OpenAI's weights use QuickGELU (``mlp="quick_gelu"``, the ``*_quickgelu``
+presets), most open_clip ones GELU: both are checked.
+"""
+import json
+import pathlib
+
+import pytest
+import safetensors.torch
+import torch
+
+from _trunks import assert_close_to_largest
+from fpipe import tree
+from fpipe.models import model as model_lib
+from fpipe.models import vit
+from fpipe.weights import load_into
+
+CLIP = pathlib.Path(__file__).parent / "fixtures" / "clip"
+HF = pathlib.Path(__file__).parent / "fixtures" / "hf"
+FIXTURE = json.loads((CLIP / "manifests.json").read_text())
+OUTPUTS = torch.load(CLIP / "outputs.pt", weights_only=True)
+TABLES = {"open_clip": "openclip_vit", "timm": "timm_vit"}
+
+
+def tiny_clip(mlp, **overrides):
+    options = {**vit.PRESETS["vit_base_patch16_clip_224"], **FIXTURE["config"], "mlp": mlp, **overrides}
+    return model_lib.build_trunk("vit", **options)
+
+
+def load_and_run(trunk, path, seed, features=("lastCLS", "block0")):
+    params, _ = trunk.init(0)
+    loaded, report = load_into({f"trunk.{n}": t for n, t in tree.flatten(params).items()}, {"path": str(path)})
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    picked = tree.unflatten({n: loaded[f"trunk.{n}"] for n in tree.flatten(params)})
+    return trunk.apply(picked, {}, images, train=False, features=features)[0], report
+
+
+@pytest.mark.parametrize("name", sorted(OUTPUTS))
+def test_clip_tower_computes_what_its_library_computes(reference, tmp_path, name):
+    library, act = name.rsplit("_", 1)
+    path = tmp_path / f"{name}.pt"
+    torch.save(reference.seeded_state_dict(FIXTURE["models"][name]["state_dict"], 0), path)
+    trunk = tiny_clip("quick_gelu" if act == "quickgelu" else "gelu")
+    out, report = load_and_run(trunk, path, OUTPUTS[name]["input_seed"])
+    assert report.format == f"auto ({TABLES[library]} names)" and report.trunk_loaded == report.trunk_total
+    assert_close_to_largest(out["lastCLS"], OUTPUTS[name]["cls"], name)
+    if "block0_cls" in OUTPUTS[name]:
+        assert_close_to_largest(out["block0"][:, 0], OUTPUTS[name]["block0_cls"], name)
+    if library == "open_clip":  # the text tower's blocks and positions sit at the top: not this trunk
+        assert "visual.proj" in report.not_loaded  # the projection into the text space: no trunk tensor
+        assert any(n.startswith("transformer.resblocks.") for n in report.not_loaded)
+
+
+def test_the_activation_matters(reference, tmp_path):
+    """GELU for QuickGELU weights is a measurably different model: the presets name which."""
+    path = tmp_path / "w.pt"
+    torch.save(reference.seeded_state_dict(FIXTURE["models"]["open_clip_quickgelu"]["state_dict"], 0), path)
+    out, _ = load_and_run(tiny_clip("gelu"), path, 100)
+    err = (out["lastCLS"] - OUTPUTS["open_clip_quickgelu"]["cls"]).abs().max()
+    assert err > 1e-3 * OUTPUTS["open_clip_quickgelu"]["cls"].abs().max()
+
+
+def test_transformers_clip_model_takes_the_vision_tower_not_the_text_tower(reference, tmp_path):
+    """CLIPModel's text tower has the vision tower's block names and, here, its width."""
+    manifest = json.loads((HF / "manifests.json").read_text())["clip-vit-tiny"]["state_dict"]
+    expected = torch.load(HF / "outputs.pt", weights_only=True)["clip-vit-tiny"]
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(reference.seeded_state_dict(manifest, 0), path)
+    out, report = load_and_run(tiny_clip("quick_gelu", mlp_dim=128), path, expected["input_seed"])
+    assert report.format == "auto (hf_clip names)" and report.trunk_loaded == report.trunk_total
+    assert report.state_dict_key + report.remove_prefix == "vision_model."
+    assert_close_to_largest(out["lastCLS"], expected["cls"], "clip")
+    assert_close_to_largest(out["block0"][:, 0], expected["block0_cls"], "clip")
