@@ -31,15 +31,15 @@ def tiny_clip(mlp, **overrides):
     return model_lib.build_trunk("vit", **options)
 
 
-def load_and_run(trunk, path, seed, features=("lastCLS", "block0")):
+def load_and_run(trunk, path, seed, features=("lastCLS", "block0"), size=32):
     params, _ = trunk.init(0)
     loaded, report = load_into({f"trunk.{n}": t for n, t in tree.flatten(params).items()}, {"path": str(path)})
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
     picked = tree.unflatten({n: loaded[f"trunk.{n}"] for n in tree.flatten(params)})
     return trunk.apply(picked, {}, images, train=False, features=features)[0], report
 
 
-@pytest.mark.parametrize("name", sorted(OUTPUTS))
+@pytest.mark.parametrize("name", sorted(FIXTURE["models"]))
 def test_clip_tower_computes_what_its_library_computes(reference, tmp_path, name):
     library, act = name.rsplit("_", 1)
     path = tmp_path / f"{name}.pt"
@@ -75,3 +75,14 @@ def test_transformers_clip_model_takes_the_vision_tower_not_the_text_tower(refer
     assert report.state_dict_key + report.remove_prefix == "vision_model."
     assert_close_to_largest(out["lastCLS"], expected["cls"], "clip")
     assert_close_to_largest(out["block0"][:, 0], expected["block0_cls"], "clip")
+
+
+def test_openai_torchscript_archive_is_read_without_running_it(monkeypatch):
+    """OpenAI's CLIP files are TorchScript archives, which torch.load refuses under weights_only
+    and torch.jit.load would run: fpipe reads their tensors with inert stand-ins for their classes."""
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was called"))
+    trunk = tiny_clip("quick_gelu", hidden_dim=32, heads=2, mlp_dim=128, depth=1)
+    out, report = load_and_run(trunk, CLIP / "openai_clip_traced.pt", OUTPUTS["openai_traced"]["input_seed"],
+                               features=("lastCLS",))
+    assert report.format == "auto (openclip_vit names)" and report.trunk_loaded == report.trunk_total
+    assert_close_to_largest(out["lastCLS"], OUTPUTS["openai_traced"]["cls"], "traced")

@@ -179,3 +179,28 @@ def test_shared_lists_beside_a_trunk_load_and_inspect_quickly(tmp_path, capsys):
         loaded, _ = load_into(target(), {"path": str(path)})
     assert code == 0 and "history: list" in out
     assert_trunk_is(loaded, trunk(0))
+
+
+def test_a_torchscript_archive_runs_nothing_it_names(tmp_path):
+    """A zip that looks like TorchScript (constants.pkl beside data.pkl) is read with inert
+    stand-ins: a pickled call in it is never made, whatever the archive claims to be."""
+    import pathlib
+    import zipfile
+
+    class Payload:
+        def __init__(self, marker):
+            self.marker = str(marker)
+
+        def __reduce__(self):
+            return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+    marker, path = tmp_path / "pwned", tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2), "call": Payload(marker)}, path)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr(f"{z.namelist()[0].split('/')[0]}/constants.pkl", b"\x80\x02).")
+    assert io.sniff(str(path)) == "torchscript"
+    try:
+        io.read(path)
+    except WeightsError as e:
+        assert "TorchScript archive" in str(e)
+    assert not marker.exists()

@@ -4,7 +4,9 @@ PyTorch files go through ``torch.load(weights_only=True)`` with a short allow-li
 globals that real checkpoints carry (``argparse.Namespace``, numpy scalars and dtypes);
 ``.safetensors`` files through the safetensors package; other pickles (detectron2's ``.pkl``)
 through an unpickler that builds numpy arrays and containers only; ``.npz`` archives (JAX/Flax)
-through ``numpy.load(allow_pickle=False)``, then into PyTorch's layouts (``flax_layout``). The kind of file is sniffed
+through ``numpy.load(allow_pickle=False)``, then into PyTorch's layouts (``flax_layout``);
+TorchScript archives (OpenAI's CLIP ``.pt``) through the same loader with inert stand-ins for
+their classes, so their tensors come out and their code is never loaded. The kind of file is sniffed
 from its bytes, never from its name. Every failure is one ``WeightsError`` that names the file
 and says whether it is corrupt or refused, and why.
 
@@ -73,12 +75,14 @@ def _read_file(path: str, stub_objects: bool):
         return numpy_pickle.read(path)
     if kind == "npz":
         return _read_npz(path)
+    if kind == "torchscript":
+        return _read_torchscript(path)
     return _read_torch(path, kind, stub_objects)
 
 
 def sniff(path: str) -> str:
-    """'safetensors', 'zip' (torch >= 1.6), 'npz' (numpy's zip of arrays: JAX/Flax), 'pickle'
-    (older torch), 'numpy_pickle' (a plain pickle, as detectron2 writes) or 'tar' (oldest torch),
+    """'safetensors', 'zip' (torch >= 1.6), 'torchscript' (torch.jit.save), 'npz' (numpy's zip of
+    arrays: JAX/Flax), 'pickle' (older torch), 'numpy_pickle' (a plain pickle, as detectron2 writes) or 'tar' (oldest torch),
     by content; else a WeightsError."""
     if not os.path.exists(path):
         raise WeightsError(f"{path}: no such file.")
@@ -96,7 +100,7 @@ def sniff(path: str) -> str:
         raise WeightsError(f"{path}: truncated or corrupt safetensors file (its header claims "
                            f"{header_len} bytes, the file has {size}).")
     if head.startswith(b"PK\x03\x04"):
-        return "npz" if _is_npz(path) else "zip"
+        return _zip_kind(path)
     if head.startswith(b"\x80"):
         return "pickle" if TORCH_MAGIC in head[:16] else "numpy_pickle"
     if len(head) > 262 and head[257:262] == b"ustar":
@@ -105,14 +109,29 @@ def sniff(path: str) -> str:
                        f"(it starts with {head[:16]!r}).")
 
 
-def _is_npz(path: str) -> bool:
-    """A zip of ``.npy`` arrays (numpy's ``savez``), not a PyTorch archive (which holds ``data.pkl``)."""
+def _zip_kind(path: str) -> str:
+    """'npz' (a zip of ``.npy`` arrays: numpy's ``savez``), 'torchscript' (``torch.jit.save``: its
+    ``constants.pkl`` beside ``data.pkl``) or 'zip' (``torch.save``)."""
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError):
-        return False
-    return bool(names) and all(n.endswith(".npy") for n in names)
+        return "zip"  # torch's reader says what is wrong with it
+    if names and all(n.endswith(".npy") for n in names):
+        return "npz"
+    return "torchscript" if any(n.split("/")[-1] == "constants.pkl" for n in names) else "zip"
+
+
+def _read_torchscript(path: str) -> dict:
+    """A TorchScript archive's tensors by attribute path (its state_dict names), read with stand-ins
+    for its classes: its code is never loaded or run (``torch.load`` refuses such archives under
+    ``weights_only``; torch.jit.load would run them)."""
+    try:
+        with open(path, "rb") as f, torch.serialization._open_zipfile_reader(f) as reader:
+            root = torch.serialization._load(reader, "cpu", stubs.pickle_module(allowed_globals()))
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged archive
+        raise WeightsError(f"{path}: truncated or corrupt TorchScript archive ({_cause(str(e)) or type(e).__name__}).") from None
+    return {where: v for where, v in walk.entries(root, stubs.module_attributes) if isinstance(v, torch.Tensor)}
 
 
 def _read_npz(path: str) -> dict:

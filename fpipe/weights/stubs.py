@@ -5,6 +5,7 @@
 the original class, its constructor, ``__setstate__`` or ``__reduce__`` callable is never even
 looked up (``model.weights.stub_objects``). ``globals_in`` lists the names a pickle refers to by
 reading its opcodes; ``locate`` says where in the file each sits, for refusal messages.
+``module_attributes`` walks a TorchScript archive read this way (``io``).
 """
 import pickle
 import pickletools
@@ -68,6 +69,15 @@ def children(node):
     if isinstance(node, StandIn):
         return node.contents.items()
     return walk.container_items(node)
+
+
+def module_attributes(node):
+    """``walk`` children of a TorchScript module tree read with stand-ins: a module is a stand-in
+    whose state is its attributes (parameters, buffers, submodules), so paths are state_dict names."""
+    if isinstance(node, StandIn):
+        state = node.contents.get("state")
+        return state.items() if isinstance(state, dict) else None
+    return walk.dict_items(node)
 
 
 def stubbed(obj) -> dict:
