@@ -348,3 +348,36 @@ def test_timm_efficientnet_names_load_every_tensor(preset, tmp_path):
     assert "TIMM_EFFICIENTNET" in report.reason
     assert {n: why for n, why in report.not_loaded.items() if "num_batches" not in n} == {
         "state_dict.classifier.weight": "not in the model", "state_dict.classifier.bias": "not in the model"}
+
+
+def whole_model(sd: dict) -> torch.nn.Module:
+    """``torch.save(model)``'s object: nested nn.Modules whose parameters and buffers carry ``sd``'s
+    names, plus a non-persistent buffer (not in a state_dict, so not loaded either)."""
+    root = torch.nn.Module()
+    for name, tensor in sd.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        if tensor.is_floating_point() and not leaf.startswith("running_"):
+            module.register_parameter(leaf, torch.nn.Parameter(tensor.clone()))
+        else:
+            module.register_buffer(leaf, tensor.clone())
+    root.layer1.register_buffer("cache", torch.zeros(3), persistent=False)
+    return root
+
+
+def test_a_whole_pickled_model_loads_with_stub_objects_under_its_state_dict_names(tmp_path):
+    """torch.save(model) (tutorials' model.pth): refused by default, naming what it is; with
+    stub_objects its modules become dicts of their parameters, buffers and submodules."""
+    path = tmp_path / "model.pth"
+    torch.save({"epoch": 3, "model": whole_model(state_dict(0))}, path)
+    with pytest.raises(WeightsError, match=r"a whole pickled model \(torch.save\(model\)\); its tensors come out "
+                                           r"under their state_dict names\. .*stub_objects=True"):
+        load_into(target(), {"path": str(path)})
+    loaded, report = load_into(target(), {"path": str(path), "stub_objects": True})
+    assert_trunk_is(loaded, trunk(0))
+    assert report.state_dict_key == "model" and not report.remove_prefix
+    assert not any("cache" in n for n in report.not_loaded)  # non-persistent: not part of the model's state

@@ -172,8 +172,9 @@ def _read_torch(path: str, kind: str, stub_objects: bool):
         with contextlib.ExitStack() as stack:
             source = path if by_name else stack.enter_context(open(path, "rb"))
             if stub_objects:
-                return torch.load(source, map_location="cpu", weights_only=False, pickle_module=stubs.pickle_module(allowed_globals()),
-                                  mmap=mmap)
+                return stubs.modules_as_dicts(torch.load(
+                    source, map_location="cpu", weights_only=False, pickle_module=stubs.pickle_module(allowed_globals()),
+                    mmap=mmap))
             stack.enter_context(torch.serialization.safe_globals(SAFE_GLOBALS))
             return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -202,9 +203,11 @@ def _refusal(path: str, kind: str, message: str) -> str:
     where = stubs.locate(path, kind, set(names))
     shown = ", ".join(f"{n} (at {where[n]})" if n in where else n for n in names[:8]) or "an object"
     more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    whole = (" It is a whole pickled model (torch.save(model)); its tensors come out under their state_dict "
+             "names." if any(n.startswith("torch.nn.modules.") for n in names) else "")
     return (f"{path}: refused to load {shown}{more}: weights files may hold only tensors, containers, "
             f"numbers, strings, argparse.Namespace and numpy scalars, because creating anything "
-            f"else can run code. {STUB_HINT}")
+            f"else can run code.{whole} {STUB_HINT}")
 
 
 def unsafe_globals_in(message: str) -> list:

@@ -13,6 +13,7 @@ import types
 import zipfile
 
 from fpipe.weights import walk
+from fpipe.weights.errors import WeightsError
 
 
 class StandIn:
@@ -69,6 +70,37 @@ def children(node):
     if isinstance(node, StandIn):
         return node.contents.items()
     return walk.container_items(node)
+
+
+def modules_as_dicts(obj, _depth=0, _memo=None):
+    """``obj`` with every stand-in for an ``nn.Module`` (a whole pickled model: ``torch.save(model)``;
+    its state holds ``_parameters``, ``_buffers``, ``_modules``) replaced by a dict of its
+    parameters, persistent buffers and submodules, so its tensors have their state_dict names.
+    Other stand-ins stay; shared parts are converted once; depth is bounded as ``walk``'s."""
+    memo = {} if _memo is None else _memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if _depth > walk.MAX_DEPTH:
+        raise WeightsError(f"nested deeper than {walk.MAX_DEPTH} levels")
+    state = obj.contents.get("state") if isinstance(obj, StandIn) else None
+    if isinstance(state, dict) and isinstance(state.get("_modules"), dict) and isinstance(state.get("_parameters"), dict):
+        skip = _non_persistent(state.get("_non_persistent_buffers_set"))
+        buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in skip}
+        members = {**state["_parameters"], **buffers, **state["_modules"]}
+        out = memo[id(obj)] = {}
+        out.update({k: modules_as_dicts(v, _depth + 1, memo) for k, v in members.items() if v is not None})
+        return out
+    if isinstance(obj, dict):
+        out = memo[id(obj)] = {}
+        out.update({k: modules_as_dicts(v, _depth + 1, memo) for k, v in obj.items()})
+        return out
+    return obj
+
+
+def _non_persistent(names) -> set:
+    """The names in a pickled ``set`` (a stand-in holding its list), or none."""
+    items = names.contents.get("[0]") if isinstance(names, StandIn) else names
+    return set(items) if isinstance(items, (list, tuple, set)) else set()
 
 
 def module_attributes(node):
