@@ -60,6 +60,12 @@ def save(tmp_path, obj, name="w.ckpt"):
     ("pytorch_byol", lambda: {"online_network_state_dict": prefixed("encoder.", sequential(trunk(0))),
                               "target_network_state_dict": prefixed("encoder.", sequential(trunk(1))),
                               "optimizer_state_dict": {"state": {}}}, "online_network_state_dict"),
+    # MoCo's naming in other code: the key encoder as <name>_k, ALBEF/BLIP's momentum model as <name>_m
+    ("key_suffix", lambda: {"model": {**prefixed("backbone.", trunk(0)), **prefixed("backbone_k.", trunk(1))}},
+     "backbone."),
+    ("momentum_suffix", lambda: {"model": {**prefixed("visual_encoder_m.", trunk(1)),
+                                           **prefixed("visual_encoder.", trunk(0))}}, "visual_encoder."),
+    ("query_key", lambda: {"encoder_query": trunk(0), "encoder_key": trunk(1)}, "encoder_query"),
 ])
 def test_online_copy_is_taken_and_select_takes_the_other(tmp_path, name, obj, taken):
     path = save(tmp_path, obj())
@@ -69,7 +75,8 @@ def test_online_copy_is_taken_and_select_takes_the_other(tmp_path, name, obj, ta
     assert "training-only" in report.reason or "evaluates" in report.reason
     other = {"solo_learn": "momentum_backbone", "solo_learn_old": "momentum_encoder", "mmpretrain": "momentum_encoder",
              "mmpretrain_byol": "target_net", "lightly": "backbone_momentum", "pytorch_byol": "target_network_state_dict",
-             "lightly_dino": "student_backbone", "lightly_dino_benchmark": "student_backbone"}[name]
+             "lightly_dino": "student_backbone", "lightly_dino_benchmark": "student_backbone",
+             "key_suffix": "backbone_k", "momentum_suffix": "visual_encoder_m", "query_key": "encoder_key"}[name]
     loaded, _ = load_into(target(), {"path": path, "select": other})
     assert_trunk_is(loaded, trunk(1))
 

@@ -30,8 +30,11 @@ PREFERRED = {
 # One-word names also count as words of a name part: lightly's DINO examples keep
 # student_backbone + teacher_backbone, its benchmarks backbone (the teacher, which their
 # forward() and linear evaluation use) + student_backbone: the teacher is taken in both.
+# MoCo's naming carries over to other code: a word "key", or a last word "k" (backbone_k,
+# model_k: the key encoder) or "m" (ALBEF's and BLIP's visual_encoder_m: the momentum model).
 TRAINING_ONLY = {"encoder_k", "student", "loss"}
-TRAINING_WORDS = {"momentum", "target"}
+TRAINING_WORDS = {"momentum", "target", "key"}
+TRAINING_SUFFIXES = {"k", "m"}
 
 
 def is_counter(name: str) -> bool:
@@ -164,7 +167,9 @@ def _names(segment: str, key: str) -> bool:
 
 
 def _training_only(segment: str) -> bool:
-    return any(_names(segment, k) for k in TRAINING_ONLY) or bool(set(segment.split("_")) & TRAINING_WORDS)
+    words = segment.split("_")
+    return (any(_names(segment, k) for k in TRAINING_ONLY) or bool(set(words) & TRAINING_WORDS)
+            or (len(words) > 1 and words[-1] in TRAINING_SUFFIXES))
 
 
 def _score(c: Candidate) -> int:
