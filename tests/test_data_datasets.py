@@ -352,3 +352,13 @@ def test_splits_that_share_images_are_refused_naming_them(tmp_path):
     (tmp_path / "val" / "a").mkdir()
     with pytest.raises(ValueError, match="the test split.*is the directory.*of the train split"):  # one name twice
         data.build(cfg(name="image_folder", root=str(tmp_path), test_split="train"))
+
+
+def test_data_root_is_checked_only_for_the_datasets_that_read_it(tmp_path):
+    """A root left over from an image_folder config (another machine's /data/imagenet) does not
+    stop a digits run, which never reads it; an image_folder run with it is refused before any work."""
+    missing = str(tmp_path / "imagenet")
+    data.config.check(cfg(name="digits", root=missing))
+    data.config.check(cfg(name="synthetic", root=missing))
+    with pytest.raises(ValueError, match=r"data.root=.*imagenet' is not a directory"):
+        data.config.check(cfg(name="image_folder", root=missing))

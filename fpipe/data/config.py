@@ -10,6 +10,7 @@ from fpipe import defaults
 
 default_config = defaults.data  # the config.data keys and their help: fpipe/defaults.py
 _DEFAULTS = default_config()
+READS_ROOT = ("image_folder", "coco")  # the datasets that read data.root (digits and synthetic ignore it)
 
 
 def get(data_cfg, key: str):
@@ -51,5 +52,5 @@ def check(data_cfg) -> None:
     if get(data_cfg, "name") == "image_folder" and not (root or split_file):
         raise ValueError("data.name='image_folder' needs data.root (root/<split>/<class>/<image>) or data.split_file, "
                          "e.g. --config.data.root=/data/imagenet")
-    if root and not os.path.isdir(root):
+    if root and get(data_cfg, "name") in READS_ROOT and not os.path.isdir(root):
         raise ValueError(f"data.root={root!r} is not a directory")
