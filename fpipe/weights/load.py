@@ -54,10 +54,12 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
     report.not_loaded.update(plan.dropped)
     if os.path.isdir(opts.path):
         read = [os.path.relpath(f, opts.path) for f in folders.weight_files(opts.path)]
-        report.notes.append(f"a model folder: read {', '.join(read[:4])}" + (f" and {len(read) - 4} more" if len(read) > 4 else ""))
+        more = f" and {len(read) - 4} more" if len(read) > 4 else ""
+        report.notes.append(f"a model folder: read {', '.join(read[:4])}{more}")
     if packed:
+        example = next((n for n in packed if n in plan.names.values()), packed[0])  # one that loads
         report.notes.append(f"{len(packed)} groups of separate projections packed into one tensor each, "
-                            f"as the model stores them (e.g. {packed[0]})")
+                            f"as the model stores them (e.g. {example})")
     replaced = stubs.stubbed(obj) if opts.stub_objects else {}
     if replaced:
         report.notes.append("objects replaced by inert stand-ins (stub_objects=True): " +
