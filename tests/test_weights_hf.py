@@ -172,3 +172,15 @@ def test_cli_inspect_infers_the_trunk_of_an_hf_file(reference, tmp_path, capsys,
     assert cli.main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert inferred in out and all(c in out for c in counts), out
+
+
+def test_cli_convert_heads_takes_the_classifier_beside_the_backbone(reference, tmp_path):
+    """``convert --heads`` writes torchvision's names, fc from *ForImageClassification's classifier.1
+    (torchvision's resnet50 loads the result strictly and gives transformers' logits, checked by hand)."""
+    path = seeded_file(reference, "resnet-50", tmp_path)
+    out = tmp_path / "resnet50.safetensors"
+    assert cli.main(["convert", str(path), str(out), "--heads"]) == 0
+    written, file = safetensors.torch.load_file(out), safetensors.torch.load_file(path)
+    assert torch.equal(written["fc.weight"], file["classifier.1.weight"])
+    assert torch.equal(written["layer4.2.conv3.weight"], file["resnet.encoder.stages.3.layers.2.layer.2.convolution.weight"])
+    assert len(written) == 320  # torchvision's resnet50 state_dict: 318 + fc

@@ -211,8 +211,9 @@ def _fc_target(args, obj: dict, trunk_target: dict) -> dict:
     from fpipe.weights.errors import WeightsError
     files = load.file_tensors(obj)[0]
     opts = load.config.resolve({**_weights_cfg(args), "load_heads": True})
-    plan = load.make_plan(obj, files, trunk_target, opts)
-    dtype = next(iter(trunk_target.values())).dtype
+    some = next(iter(trunk_target.values()))  # names only: the plan asks whether the model has an fc head
+    plan = load.make_plan(obj, files, {**trunk_target, "heads.fc.weight": some, "heads.fc.bias": some}, opts)
+    dtype = some.dtype
     found = {f"heads.{r}": files[src] for r, src in plan.names.items() if r in ("fc.weight", "fc.bias")}
     if "heads.fc.weight" not in found:
         raise WeightsError(f"{args.file}: --heads asked for fc.*, but no fc.weight sits next to the trunk.")
