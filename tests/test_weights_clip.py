@@ -17,7 +17,8 @@ from _trunks import assert_close_to_largest
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.models import vit
-from fpipe.weights import load_into
+from fpipe.models.trunk import init_on_meta
+from fpipe.weights import WeightsError, load_into
 
 CLIP = pathlib.Path(__file__).parent / "fixtures" / "clip"
 HF = pathlib.Path(__file__).parent / "fixtures" / "hf"
@@ -86,3 +87,14 @@ def test_openai_torchscript_archive_is_read_without_running_it(monkeypatch):
                                features=("lastCLS",))
     assert report.format == "auto (openclip_vit names)" and report.trunk_loaded == report.trunk_total
     assert_close_to_largest(out["lastCLS"], OUTPUTS["openai_traced"]["cls"], "traced")
+
+
+def test_a_clip_file_for_a_plain_vit_names_both_clip_presets():
+    """The GELU and QuickGELU CLIP presets hold the same tensors: the refusal names both, since only
+    the file's origin tells them apart (OpenAI's weights: QuickGELU)."""
+    def zeros(name):  # the preset's names and shapes, no memory
+        meta, _ = init_on_meta(model_lib.build_trunk(name))
+        return {n: torch.zeros(()).expand(t.shape) for n, t in tree.flatten(meta).items()}
+    with pytest.raises(WeightsError, match=r"the file holds vit_base_patch16_clip_224 .*preset\(s\) "
+                                           r"vit_base_patch16_clip_quickgelu_224 hold the same tensors"):
+        load_into({f"trunk.{n}": t for n, t in zeros("vit_b_16").items()}, {}, obj=zeros("vit_base_patch16_clip_224"))

@@ -40,7 +40,12 @@ def infer_trunk(files: dict, presets=None) -> tuple:
                                                           f"{cands[0].prefix or '<no prefix>'!r}{via}"))
                 break
     if whole:  # the largest: a shallower preset's names can all be in a deeper one's file (B0 in B1)
-        return max(whole, key=lambda w: w[0])[1:]
+        size, name, options, why = max(whole, key=lambda w: w[0])
+        twins = [w[1] for w in whole if w[0] == size and w[1] != name]
+        if twins:  # the same tensors: names and shapes cannot tell these apart
+            why += (f"; preset(s) {', '.join(twins)} hold the same tensors and differ only in what tensors "
+                    "cannot show (activation, norm eps, position resampling): pick by where the file comes from")
+        return name, options, why
     if not_resnet:
         raise not_resnet
     raise WeightsError("could not tell which trunk the file holds from its names and shapes; "
