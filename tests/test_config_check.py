@@ -33,3 +33,24 @@ def test_weights_path_may_be_a_model_folder_but_not_any_folder(tmp_path):
         config_check.check(config)
     (tmp_path / "model.safetensors.index.json").write_text("{}")
     config_check.check(config)  # the folder's own errors come when it is read
+
+
+def test_a_model_folders_config_json_must_agree_with_the_trunk(tmp_path):
+    """GELU or QuickGELU, eps 1e-12 or 1e-6: the same tensors, other features. A Hugging Face
+    folder's config.json says which the weights were trained with; a trunk that computes otherwise
+    is refused before any work, naming the settings to use."""
+    from configs import linear_eval
+    config = linear_eval.get_config("vit_s16")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    config.model.weights.path = str(tmp_path)
+    (tmp_path / "config.json").write_text('{"vision_config": {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}, '
+                                          '"text_config": {"hidden_act": "gelu"}}')
+    with pytest.raises(config_check.ConfigError, match=r"its config.json says the trunk computes mlp='quick_gelu', "
+                                                       r"ln_eps=1e-05; the model has mlp='gelu', ln_eps=1e-06\. Set "
+                                                       r"--config.model.trunk.mlp=quick_gelu "
+                                                       r"--config.model.trunk.ln_eps=1e-05"):
+        config_check.check(config)
+    config.model.trunk.mlp, config.model.trunk.ln_eps = "quick_gelu", 1e-5
+    config_check.check(config)
+    (tmp_path / "config.json").write_text("[not a model config")  # unreadable: nothing to check
+    config_check.check(config)

@@ -17,6 +17,7 @@ from fpipe.models import model as models
 from fpipe.train import head_grid, precision, remat
 from fpipe.weights import config as weights_config
 from fpipe.weights import folders as weights_folders
+from fpipe.weights import hf_config
 
 
 
@@ -103,6 +104,13 @@ def _check_model(c):
                  + (f", its best {best}" if os.path.isfile(best) else "") + ")") if newest else ""
         raise ConfigError(f"model.weights.path={weights.path!r} is a directory{found}: give the weights file "
                           f"(or a Hugging Face model folder, holding {' or '.join(weights_folders.WEIGHT_FILES)})")
+    wrong = hf_config.mismatches(hf_config.read(weights.path), model.trunk.spec) if weights.path else []
+    if wrong:  # the same tensors, another function: features would differ with no error
+        said = ", ".join(f"{option}={theirs!r}" for option, theirs, _ in wrong)
+        raise ConfigError(f"model.weights.path={weights.path!r}: its config.json says the trunk computes {said}; "
+                          f"the model has {', '.join(f'{o}={ours!r}' for o, _, ours in wrong)}. Set "
+                          + " ".join(f"--config.model.trunk.{o}={theirs}" for o, theirs, _ in wrong)
+                          + " (names and shapes cannot tell these apart)")
     crops_per_image = {key: len(data.loader.views(data.config.get(c.data, key), c.data.image_size)) or 1
                        for key in ("views", "eval_views")}
     for head in model.heads:  # its crops exist; siamese_concat_view: one crop per tower
