@@ -19,8 +19,9 @@ def infer_trunk(files: dict, presets=None) -> tuple:
     ``presets``: ``{name: (family, options, build_target)}`` to try when the file is not a
     ResNet; ``build_target()`` returns ``{trunk.<name>: meta tensor}``.
     """
+    views = list(_views(files))  # the file's names under each rename table, once for all presets
     not_resnet = None  # a ResNet-like layout of no known depth: said only if nothing else fits
-    for table_name, names in _views(files):
+    for table_name, names in views:
         try:
             found = _resnet(names)
         except WeightsError as e:  # under a rename table it may be another family's layout (HF RegNet)
@@ -32,7 +33,7 @@ def infer_trunk(files: dict, presets=None) -> tuple:
     whole = []  # (tensors, name, options, why) of each preset the file holds whole
     for name, (_, options, build_target) in (presets or {}).items():
         shapes = {n[len("trunk."):]: tuple(t.shape) for n, t in build_target().items() if n.startswith("trunk.")}
-        for table_name, names in _views(files):
+        for table_name, names in views:
             cands = detect.find_trunks(names, shapes)
             if cands and cands[0].coverage == 1:
                 via = f" (after the {table_name} rename table)" if table_name else ""
@@ -102,11 +103,13 @@ def trunk_settings(options: dict) -> dict:
 
 
 def _views(files: dict):
-    """The file's names as they are, then under each rename table."""
+    """The file's names as they are, then under each rename table that gives other names."""
     yield "", files
+    seen = {frozenset(files)}
     for table_name, table in renames.TABLES.items():
         mapped = renames.rename_all(files, table)
-        if mapped:
+        if mapped and frozenset(mapped) not in seen:
+            seen.add(frozenset(mapped))
             yield table_name, {new: files[old] for new, old in mapped.items()}
 
 
