@@ -37,6 +37,11 @@ def test_a_folder_reads_model_safetensors_before_pytorch_model_bin(tmp_path):
     assert folders.is_model_folder(str(tmp_path)) and not folders.is_model_folder(str(tmp_path / "model.safetensors"))
 
 
+def test_an_open_clip_repo_folder_reads_its_open_clip_file(tmp_path):
+    torch.save({"visual.conv1.weight": torch.ones(1)}, tmp_path / "open_clip_pytorch_model.bin")
+    assert equal(io.read(tmp_path), {"visual.conv1.weight": torch.ones(1)})
+
+
 def test_shards_are_merged_in_the_indexs_order(tmp_path):
     folder = sharded(tmp_path / "m")
     assert [p.rsplit("/", 1)[1] for p in folders.weight_files(str(folder))] == [

@@ -3,7 +3,8 @@
 A folder as ``save_pretrained`` writes it, or as the hub cache keeps it
 (``models--ORG--NAME/snapshots/<commit>/``, or the ``models--ORG--NAME`` folder itself, read at
 ``refs/main``), holds ``model.safetensors`` or ``pytorch_model.bin`` (transformers prefers the
-former), or shards of them listed by ``<name>.index.json``. Shard names come from the folder's
+former; open_clip's repos ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``), or
+shards of them listed by ``<name>.index.json``. Shard names come from the folder's
 index, an untrusted file: each must be a plain file name inside the folder.
 """
 import hashlib
@@ -14,7 +15,8 @@ import re
 from fpipe import files
 from fpipe.weights.errors import WeightsError
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# transformers' (and timm's) names in transformers' order of preference, then open_clip's
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 INDEX_SUFFIX = ".index.json"
 MAX_INDEX_BYTES = 64 << 20
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
