@@ -54,3 +54,15 @@ def test_a_model_folders_config_json_must_agree_with_the_trunk(tmp_path):
     config_check.check(config)
     (tmp_path / "config.json").write_text("[not a model config")  # unreadable: nothing to check
     config_check.check(config)
+
+
+def test_an_open_clip_folder_says_quick_gelu_in_its_own_config(tmp_path):
+    from configs import linear_eval
+    config = linear_eval.get_config("vit_s16")
+    (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"")
+    (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {"embed_dim": 512, "quick_gelu": true}}')
+    config.model.weights.path = str(tmp_path)
+    with pytest.raises(config_check.ConfigError, match=r"mlp='quick_gelu'.*Set --config.model.trunk.mlp=quick_gelu"):
+        config_check.check(config)
+    (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {"embed_dim": 512}}')  # GELU, as the trunk
+    config_check.check(config)

@@ -3,7 +3,8 @@ activation and LayerNorm eps, checked against the model's trunk before a run use
 
 Names and shapes find the trunk, but GELU and QuickGELU (OpenAI's CLIP), or eps 1e-12 (BERT's,
 kept by transformers' ViT) and 1e-6, hold the same tensors: a wrong one gives other features
-with no error. The folder's config says which it was (a CLIP model's under ``vision_config``).
+with no error. The folder's config says which it was (a CLIP model's under ``vision_config``;
+open_clip's repos say ``quick_gelu`` in ``open_clip_config.json``).
 """
 import json
 import os
@@ -17,22 +18,32 @@ ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tan
 
 
 def read(path: str) -> dict:
-    """The folder's ``config.json`` (its vision part for a two-tower model), or ``{}``: no model
-    folder, no config, or not a JSON object (the weights still load; there is just nothing to check)."""
+    """transformers' settings of the folder's trunk: its ``config.json`` (the vision part of a
+    two-tower model), or open_clip's ``open_clip_config.json`` (``quick_gelu``) put in those
+    terms; ``{}`` when there is none or it is no JSON object (the weights still load; there is
+    just nothing to check)."""
     if not folders.is_model_folder(path):
         return {}
-    config = os.path.join(folders.snapshot(path), "config.json")
-    if not os.path.isfile(config) or os.path.getsize(config) > MAX_CONFIG_BYTES:
+    folder = folders.snapshot(path)
+    found = _json(os.path.join(folder, "config.json"))
+    if found:
+        vision = found.get("vision_config")
+        return vision if isinstance(vision, dict) else found
+    model = _json(os.path.join(folder, "open_clip_config.json")).get("model_cfg")
+    if isinstance(model, dict):
+        return {"hidden_act": "quick_gelu" if model.get("quick_gelu") else "gelu"}
+    return {}
+
+
+def _json(path: str) -> dict:
+    if not os.path.isfile(path) or os.path.getsize(path) > MAX_CONFIG_BYTES:
         return {}
     try:
-        with open(config) as f:
+        with open(path) as f:
             found = json.load(f)
-    except (ValueError, OSError):
+    except (ValueError, OSError, UnicodeDecodeError):
         return {}
-    if not isinstance(found, dict):
-        return {}
-    vision = found.get("vision_config")
-    return vision if isinstance(vision, dict) else found
+    return found if isinstance(found, dict) else {}
 
 
 def mismatches(config: dict, spec) -> list:
