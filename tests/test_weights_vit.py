@@ -341,3 +341,12 @@ def test_distilled_deit_or_swiglu_file_into_a_plain_vit_names_the_option():
     f = {f"teacher.backbone.{chunked(n, 3)}": t for n, t in marked(swiglu_rows()).items() if not n.startswith("head.")}
     with pytest.raises(WeightsError, match=r"(?s)only 126/174 .*Hint: .*SwiGLU FFN: build the ViT with mlp='swiglu'"):
         load_into(our_target("vit_small_patch14_dinov2"), {}, obj=f)
+
+
+def test_a_class_position_row_for_a_model_without_a_class_token_is_a_shape_error():
+    """Folding the row needs the model's class token; without one the file is another model."""
+    target = {"trunk.encoder.pos_embedding": torch.zeros(1, 16, 32), "trunk.conv_proj.weight": torch.zeros(32, 3, 8, 8)}
+    f = {"encoder.pos_embedding": torch.zeros(1, 17, 32), "class_token": torch.zeros(1, 1, 32),
+         "conv_proj.weight": torch.zeros(32, 3, 8, 8)}
+    with pytest.raises(WeightsError, match=r"encoder.pos_embedding: file \[1, 17, 32\] vs model \[1, 16, 32\]"):
+        load_into(target, {}, obj=f)

@@ -82,7 +82,9 @@ def adapt(tensors: dict, shapes: dict) -> tuple:
             t = torch.cat([t.new_zeros(1, 1, t.shape[2]), t], dim=1)
             notes.append(f"{name}: no class-token position in the file (folded into its class token); a zero one added")
         token = name[:-len("encoder.pos_embedding")] + "class_token" if name.endswith("encoder.pos_embedding") else ""
-        if split_tokens(t.shape[1])[0] == 1 and split_tokens(want[1])[0] == 0 and token in out:
+        if split_tokens(t.shape[1])[0] == 1 and split_tokens(want[1])[0] == 0:
+            if token not in out or token not in shapes:  # no class token to fold it into: merge names the shapes
+                continue
             out[token], t = out[token] + t[:, :1], t[:, 1:]
             notes.append(f"{name}: the file's class-token position folded into {token} (the model adds none)")
         if tuple(t.shape) != tuple(want):
