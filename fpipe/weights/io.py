@@ -82,8 +82,8 @@ def _read_file(path: str, stub_objects: bool):
 
 def sniff(path: str) -> str:
     """'safetensors', 'zip' (torch >= 1.6), 'torchscript' (torch.jit.save), 'npz' (numpy's zip of
-    arrays: JAX/Flax), 'pickle' (older torch), 'numpy_pickle' (a plain pickle, as detectron2 writes) or 'tar' (oldest torch),
-    by content; else a WeightsError."""
+    arrays: JAX/Flax), 'pickle' (older torch), 'numpy_pickle' (a plain pickle, as detectron2
+    writes) or 'tar' (oldest torch), by content; else a WeightsError."""
     if not os.path.exists(path):
         raise WeightsError(f"{path}: no such file.")
     if os.path.isdir(path):
@@ -130,7 +130,8 @@ def _read_torchscript(path: str) -> dict:
         with open(path, "rb") as f, torch.serialization._open_zipfile_reader(f) as reader:
             root = torch.serialization._load(reader, "cpu", stubs.pickle_module(allowed_globals()))
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged archive
-        raise WeightsError(f"{path}: truncated or corrupt TorchScript archive ({_cause(str(e)) or type(e).__name__}).") from None
+        cause = _cause(str(e)) or type(e).__name__
+        raise WeightsError(f"{path}: truncated or corrupt TorchScript archive ({cause}).") from None
     return {where: v for where, v in walk.entries(root, stubs.module_attributes) if isinstance(v, torch.Tensor)}
 
 

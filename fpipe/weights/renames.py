@@ -248,8 +248,8 @@ HF_CONVNEXT = (
 TABLES = {"timm_vit": TIMM_VIT, "timm_vit_swiglu": TIMM_VIT_SWIGLU, "detectron2_resnet": DETECTRON2_RESNET,
           "sequential_resnet": SEQUENTIAL_RESNET, "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET,
           "timm_convnext": TIMM_CONVNEXT, "fb_convnext": FB_CONVNEXT, "timm_efficientnet": TIMM_EFFICIENTNET,
-          "openclip_vit": OPENCLIP_VIT, "hf_clip": HF_CLIP, "flax_vit": FLAX_VIT, "hf_vit": HF_VIT, "hf_resnet": HF_RESNET, "hf_regnet": HF_REGNET,
-          "hf_convnext": HF_CONVNEXT}
+          "openclip_vit": OPENCLIP_VIT, "hf_clip": HF_CLIP, "flax_vit": FLAX_VIT, "hf_vit": HF_VIT,
+          "hf_resnet": HF_RESNET, "hf_regnet": HF_REGNET, "hf_convnext": HF_CONVNEXT}
 _COMPILED = {}
 
 

@@ -83,7 +83,8 @@ def modules_as_dicts(obj, _depth=0, _memo=None):
     if _depth > walk.MAX_DEPTH:
         raise WeightsError(f"nested deeper than {walk.MAX_DEPTH} levels")
     state = obj.contents.get("state") if isinstance(obj, StandIn) else None
-    if isinstance(state, dict) and isinstance(state.get("_modules"), dict) and isinstance(state.get("_parameters"), dict):
+    is_module = isinstance(state, dict) and all(isinstance(state.get(k), dict) for k in ("_modules", "_parameters"))
+    if is_module:
         skip = _non_persistent(state.get("_non_persistent_buffers_set"))
         buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in skip}
         members = {**state["_parameters"], **buffers, **state["_modules"]}
