@@ -1,0 +1,29 @@
+"""fpipe.weights.fuse: separate projections packed as one tensor, only where a group is whole."""
+import torch
+
+from fpipe.weights import fuse
+
+
+def test_a_whole_group_is_concatenated_in_its_order_under_a_name_showing_its_parts():
+    q, k, v = torch.full((2, 3), 1.0), torch.full((2, 3), 2.0), torch.full((2, 3), 3.0)
+    files = {"a.attention.query.weight": q, "a.attention.key.weight": k, "a.attention.value.weight": v, "a.x": q}
+    out, packed = fuse.pack(files)
+    assert packed == ["a.attention.{query,key,value}.weight"]
+    assert torch.equal(out["a.attention.{query,key,value}.weight"], torch.cat([q, k, v]))
+    assert set(out) == {"a.attention.{query,key,value}.weight", "a.x"}
+
+
+def test_gate_and_up_pack_as_dinov2s_w12_and_top_level_names_work():
+    gate, up = torch.zeros(4, 2), torch.ones(4, 2)
+    out, packed = fuse.pack({"gate_proj.bias": gate[:, 0], "up_proj.bias": up[:, 0]})
+    assert packed == ["{gate_proj,up_proj}.bias"] and torch.equal(out[packed[0]], torch.cat([gate[:, 0], up[:, 0]]))
+
+
+def test_incomplete_or_unlike_groups_stay_as_they_are():
+    files = {"a.query.weight": torch.zeros(2, 3), "a.key.weight": torch.zeros(2, 3)}  # no value
+    assert fuse.pack(files) == (files, [])
+    files |= {"a.value.weight": torch.zeros(4, 3)}  # another shape: not one projection split in three
+    out, packed = fuse.pack(files)
+    assert not packed and out.keys() == files.keys()
+    files = {"a.query.scale": torch.zeros(2), "a.key.scale": torch.zeros(2), "a.value.scale": torch.zeros(2)}
+    assert fuse.pack(files)[1] == []  # only weights and biases
