@@ -98,3 +98,19 @@ def test_a_clip_file_for_a_plain_vit_names_both_clip_presets():
     with pytest.raises(WeightsError, match=r"the file holds vit_base_patch16_clip_224 .*preset\(s\) "
                                            r"vit_base_patch16_clip_quickgelu_224 hold the same tensors"):
         load_into({f"trunk.{n}": t for n, t in zeros("vit_b_16").items()}, {}, obj=zeros("vit_base_patch16_clip_224"))
+
+
+def test_transformers_siglip_tower_computes_what_transformers_computes(reference, tmp_path):
+    """SigLIP: no class token or class row, a patch bias, tanh-GELU; its MAP head is a head's job
+    (left out), so the feature is the mean patch token after the final norm (lastPOOL)."""
+    manifest = json.loads((HF / "manifests.json").read_text())["siglip-tiny"]["state_dict"]
+    expected = torch.load(HF / "outputs.pt", weights_only=True)["siglip-tiny"]
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(reference.seeded_state_dict(manifest, 0), path)
+    options = {**vit.PRESETS["vit_base_patch16_siglip_224"], **FIXTURE["config"], "mlp_dim": 128}
+    out, report = load_and_run(model_lib.build_trunk("vit", **options), path, expected["input_seed"],
+                               features=("lastPOOL", "block0"))
+    assert report.format == "auto (hf_clip names)" and report.trunk_loaded == report.trunk_total
+    assert any(n.startswith("vision_model.head.") for n in report.not_loaded)  # the MAP head
+    assert_close_to_largest(out["lastPOOL"], expected["patch_mean"], "siglip")
+    assert_close_to_largest(out["block0"][:, 0], expected["block0_first"], "siglip")

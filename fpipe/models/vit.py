@@ -124,6 +124,10 @@ _DINOV2_REG = dict(_DINOV2, num_registers=4, pos_embed_class=False, pos_resample
 # weights were trained with QuickGELU (the _quickgelu presets), most open_clip ones with GELU.
 _CLIP = dict(pre_norm=True, patch_bias=False, ln_eps=1e-5)
 _QUICK = dict(_CLIP, mlp="quick_gelu")
+# SigLIP image towers (big_vision's, transformers'): no class token (MAP-head pooling, which is a
+# head's job here: lastPOOL is the mean patch token), no class row, tanh-GELU
+_SIGLIP = dict(class_token=False, pos_embed_class=False, mlp="gelu_tanh")
+_SO400M = dict(hidden_dim=1152, depth=27, heads=16, mlp_dim=4304, patch_size=14)
 PRESETS = {
     # torchvision
     "vit_b_16": dict(_B, patch_size=16), "vit_b_32": dict(_B, patch_size=32),
@@ -158,6 +162,15 @@ PRESETS = {
     "vit_base_patch16_clip_quickgelu_224": dict(_B, patch_size=16, **_QUICK),
     "vit_large_patch14_clip_quickgelu_224": dict(_L, patch_size=14, **_QUICK),
     "vit_large_patch14_clip_quickgelu_336": dict(_L, patch_size=14, image_size=336, **_QUICK),
+    # SigLIP image towers, timm's names (the MAP head not included: a head)
+    "vit_base_patch16_siglip_224": dict(_B, patch_size=16, **_SIGLIP),
+    "vit_base_patch16_siglip_256": dict(_B, patch_size=16, image_size=256, **_SIGLIP),
+    "vit_base_patch16_siglip_384": dict(_B, patch_size=16, image_size=384, **_SIGLIP),
+    "vit_large_patch16_siglip_256": dict(_L, patch_size=16, image_size=256, **_SIGLIP),
+    "vit_large_patch16_siglip_384": dict(_L, patch_size=16, image_size=384, **_SIGLIP),
+    "vit_so400m_patch14_siglip_224": dict(_SO400M, **_SIGLIP),
+    # 384 px in 14 px patches: a 27x27 grid (the last 6 px unused), stored as for 378 px
+    "vit_so400m_patch14_siglip_384": dict(_SO400M, image_size=378, **_SIGLIP),
 }
 
 

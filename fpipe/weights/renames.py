@@ -135,7 +135,7 @@ TIMM_EFFICIENTNET = (
 )
 
 # CLIP image towers: OpenAI's and open_clip's state dicts (visual.*; the text tower's resblocks
-# sit at the top, other shapes) and transformers' CLIPVisionModel / CLIPModel (vision_model.*,
+# sit at the top, other shapes) and transformers' CLIPVisionModel / CLIPModel and SigLIP (vision_model.*,
 # fuse.pack has packed q/k/v_proj) -> torchvision's ViT + ln_pre. class_embedding [D] and
 # positional_embedding [N, D] take the model's leading 1-dims on load (resample). The projection
 # into the text space (proj, visual_projection) is no trunk tensor: left out.
@@ -151,7 +151,7 @@ OPENCLIP_VIT = (
 )
 HF_CLIP = (
     (r"(^|\.)embeddings\.class_embedding$", r"\1class_token"),
-    (r"(^|\.)embeddings\.patch_embedding\.weight$", r"\1conv_proj.weight"),
+    (r"(^|\.)embeddings\.patch_embedding\.(weight|bias)$", r"\1conv_proj.\2"),  # SigLIP's has a bias
     (r"(^|\.)embeddings\.position_embedding\.weight$", r"\1encoder.pos_embedding"),
     (r"(^|\.)pre_layrnorm\.", r"\1ln_pre."),
     (r"(^|\.)encoder\.layers\.(\d+)\.", r"\1encoder.layers.encoder_layer_\2."),
