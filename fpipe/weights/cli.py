@@ -50,7 +50,7 @@ def registry_target(args, files: dict) -> tuple:
                       if getattr(args, k) is not None}
     if args.trunk in (None, "resnet") and not resnet_options:  # --trunk resnet alone: its depth is read too
         from fpipe.weights import infer
-        presets = {name: (family, options, lambda name=name: meta_target(name))
+        presets = {name: (family, options, lambda name=name: infer.preset_target(name))  # built once per process
                    for name, (family, options) in registry().items() if family != "resnet" and name != family}
         try:
             name, options, why = infer.infer_trunk(files, presets if args.trunk is None else {})

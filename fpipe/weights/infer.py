@@ -68,7 +68,7 @@ def registry_trunk_of(files: dict):
     depth, or any preset of the other families), or ``None``: names the file's architecture when
     it does not fit the model."""
     from fpipe.weights import cli
-    presets = {name: (family, options, lambda name=name: _preset_target(name))
+    presets = {name: (family, options, lambda name=name: preset_target(name))
                for name, (family, options) in cli.registry().items() if family != "resnet" and name != family}
     try:
         name, options, why = infer_trunk(files, presets)
@@ -81,13 +81,13 @@ def target_of(settings: dict) -> dict:
     """``{trunk.<name>: meta tensor}`` of the trunk that ``settings`` (``model.trunk`` keys) name."""
     from fpipe.weights import cli
     options = {k: v for k, v in settings.items() if k != "name"}
-    return cli.meta_target(settings["name"], **options) if options else _preset_target(settings["name"])
+    return cli.meta_target(settings["name"], **options) if options else preset_target(settings["name"])
 
 
 @functools.lru_cache(maxsize=None)
-def _preset_target(name: str) -> dict:
+def preset_target(name: str) -> dict:
     """A registry preset's ``{trunk.<name>: meta tensor}`` (shapes only), built once per process:
-    the fifty presets take ~2 s to build, which every failing load would otherwise pay again."""
+    the ~70 presets take ~5 s to build, which every failing load and CLI inspect would otherwise pay again."""
     from fpipe.weights import cli
     return cli.meta_target(name)
 
