@@ -132,7 +132,7 @@ def _read_torchscript(path: str) -> dict:
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged archive
         cause = _cause(str(e)) or type(e).__name__
         raise WeightsError(f"{path}: truncated or corrupt TorchScript archive ({cause}).") from None
-    return {where: v for where, v in walk.entries(root, stubs.module_attributes) if isinstance(v, torch.Tensor)}
+    return stubs.modules_as_dicts(root)
 
 
 def _read_npz(path: str) -> dict:

@@ -5,7 +5,8 @@
 the original class, its constructor, ``__setstate__`` or ``__reduce__`` callable is never even
 looked up (``model.weights.stub_objects``). ``globals_in`` lists the names a pickle refers to by
 reading its opcodes; ``locate`` says where in the file each sits, for refusal messages.
-``module_attributes`` walks a TorchScript archive read this way (``io``).
+``modules_as_dicts`` turns the module stand-ins of a whole pickled model or a TorchScript
+archive into their state dicts (``io``).
 """
 import pickle
 import pickletools
@@ -73,44 +74,41 @@ def children(node):
 
 
 def modules_as_dicts(obj, _depth=0, _memo=None):
-    """``obj`` with every stand-in for an ``nn.Module`` (a whole pickled model: ``torch.save(model)``;
-    its state holds ``_parameters``, ``_buffers``, ``_modules``) replaced by a dict of its
-    parameters, persistent buffers and submodules, so its tensors have their state_dict names.
-    Other stand-ins stay; shared parts are converted once; depth is bounded as ``walk``'s."""
+    """``obj`` with every stand-in for a module replaced by a dict of its parameters, persistent
+    buffers and submodules (``_members``), so its tensors have their state_dict names: a whole
+    pickled model (``torch.save(model)``) or a TorchScript archive's module tree. Other stand-ins
+    stay; shared parts are converted once; depth is bounded as ``walk``'s."""
     memo = {} if _memo is None else _memo
     if id(obj) in memo:
         return memo[id(obj)]
     if _depth > walk.MAX_DEPTH:
         raise WeightsError(f"nested deeper than {walk.MAX_DEPTH} levels")
-    state = obj.contents.get("state") if isinstance(obj, StandIn) else None
-    is_module = isinstance(state, dict) and all(isinstance(state.get(k), dict) for k in ("_modules", "_parameters"))
-    if is_module:
+    members = _members(obj) if isinstance(obj, StandIn) else obj if isinstance(obj, dict) else None
+    if members is None:
+        return obj
+    out = memo[id(obj)] = {}
+    out.update({k: modules_as_dicts(v, _depth + 1, memo) for k, v in members.items() if v is not None})
+    return out
+
+
+def _members(module: StandIn):
+    """A module stand-in's members by name, or None (no module): a pickled ``nn.Module``'s state
+    holds them in ``_parameters``, ``_buffers`` (less the non-persistent ones) and ``_modules``; a
+    TorchScript module's (``__torch__.*``) state is its attributes."""
+    state = module.contents.get("state")
+    if not isinstance(state, dict):
+        return None
+    if all(isinstance(state.get(k), dict) for k in ("_modules", "_parameters")):
         skip = _non_persistent(state.get("_non_persistent_buffers_set"))
         buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in skip}
-        members = {**state["_parameters"], **buffers, **state["_modules"]}
-        out = memo[id(obj)] = {}
-        out.update({k: modules_as_dicts(v, _depth + 1, memo) for k, v in members.items() if v is not None})
-        return out
-    if isinstance(obj, dict):
-        out = memo[id(obj)] = {}
-        out.update({k: modules_as_dicts(v, _depth + 1, memo) for k, v in obj.items()})
-        return out
-    return obj
+        return {**state["_parameters"], **buffers, **state["_modules"]}
+    return state if module.qualname.startswith("__torch__.") else None
 
 
 def _non_persistent(names) -> set:
     """The names in a pickled ``set`` (a stand-in holding its list), or none."""
     items = names.contents.get("[0]") if isinstance(names, StandIn) else names
     return set(items) if isinstance(items, (list, tuple, set)) else set()
-
-
-def module_attributes(node):
-    """``walk`` children of a TorchScript module tree read with stand-ins: a module is a stand-in
-    whose state is its attributes (parameters, buffers, submodules), so paths are state_dict names."""
-    if isinstance(node, StandIn):
-        state = node.contents.get("state")
-        return state.items() if isinstance(state, dict) else None
-    return walk.dict_items(node)
 
 
 def stubbed(obj) -> dict:
