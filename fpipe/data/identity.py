@@ -9,12 +9,14 @@ labels and extra targets, and what its samples are made from where the split say
 pixels, a COCO split's annotation file). Generated splits (``synthetic``) are their config's.
 """
 import hashlib
+import weakref
 
 import torch
 
 from fpipe.data import base
 
 SPLITS = ("train", "test", "val")
+_DIGESTS = weakref.WeakKeyDictionary()  # split -> {classes: digest}
 
 
 def update(h, t: torch.Tensor) -> None:
@@ -25,7 +27,20 @@ def update(h, t: torch.Tensor) -> None:
 
 
 def split_digest(split, classes=()) -> str:
-    """``"N samples, sha256 <16 hex>"`` of one split."""
+    """``"N samples, sha256 <16 hex>"`` of one split; computed once per split object and classes
+    (a run digests its splits for its checkpoints and again for its features cache; a split does
+    not change once built)."""
+    key = tuple(classes)
+    try:
+        known = _DIGESTS.setdefault(split, {})
+    except TypeError:  # not weakly referenceable: computed each time
+        known = {}
+    if key not in known:
+        known[key] = _digest(split, key)
+    return known[key]
+
+
+def _digest(split, classes: tuple) -> str:
     h = hashlib.sha256(f"{len(split)}|{list(classes)!r}|".encode())
     labels = getattr(split, "labels", None)
     if isinstance(labels, torch.Tensor):
