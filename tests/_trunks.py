@@ -24,3 +24,15 @@ def assert_close_to_largest(actual, expected, what, rtol=1e-4):
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     err = (actual - expected).abs().max().item()
     assert err <= rtol * expected.abs().max().item(), (what, err)
+
+
+def load_target(trunk) -> tuple:
+    """``(params, state, target)``: ``trunk.init(0)`` and the loader's flat view of it (``trunk.<name>``)."""
+    params, state = trunk.init(0)
+    return params, state, {f"trunk.{n}": t for n, t in {**tree.flatten(params), **tree.flatten(state)}.items()}
+
+
+def loaded_trees(loaded: dict, params, state) -> tuple:
+    """``(params, state)`` trees holding ``load_into``'s values for the trunk."""
+    pick = lambda like: tree.unflatten({n: loaded[f"trunk.{n}"] for n in tree.flatten(like)})  # noqa: E731
+    return pick(params), pick(state)

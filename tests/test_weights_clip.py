@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from _trunks import assert_close_to_largest
+from _trunks import assert_close_to_largest, load_target, loaded_trees
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.models import vit
@@ -33,11 +33,10 @@ def tiny_clip(mlp, **overrides):
 
 
 def load_and_run(trunk, path, seed, features=("lastCLS", "block0"), size=32):
-    params, _ = trunk.init(0)
-    loaded, report = load_into({f"trunk.{n}": t for n, t in tree.flatten(params).items()}, {"path": str(path)})
+    params, state, target = load_target(trunk)
+    loaded, report = load_into(target, {"path": str(path)})
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    picked = tree.unflatten({n: loaded[f"trunk.{n}"] for n in tree.flatten(params)})
-    return trunk.apply(picked, {}, images, train=False, features=features)[0], report
+    return trunk.apply(*loaded_trees(loaded, params, state), images, train=False, features=features)[0], report
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURE["models"]))

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from _trunks import assert_close_to_largest
-from fpipe import tree
+from _trunks import assert_close_to_largest, load_target, loaded_trees
 from fpipe.models import model as model_lib
 from fpipe.weights import WeightsError, flax_layout, io, load_into
 
@@ -35,16 +34,15 @@ def archive(reference, name, tmp_path) -> pathlib.Path:
 @pytest.mark.parametrize("name", sorted(MANIFESTS))
 def test_npz_vit_computes_what_timm_computes_after_its_npz_loader(reference, tmp_path, name):
     trunk = model_lib.build_trunk("vit", **MANIFESTS[name]["config"], **OPTIONS[name])
-    params, _ = trunk.init(0)
+    params, state, target = load_target(trunk)
     expected = OUTPUTS[name]
     heads = {"heads.head.weight": torch.zeros(10, 64), "heads.head.bias": torch.zeros(10)} if "logits" in expected else {}
-    target = {f"trunk.{n}": t for n, t in tree.flatten(params).items()} | heads
+    target |= heads
     loaded, report = load_into(target, {"path": str(archive(reference, name, tmp_path)), "load_heads": bool(heads)})
     assert report.format == "auto (flax_vit names)" and report.trunk_loaded == report.trunk_total
     images = reference.seeded_images(2, expected["input_size"], seed=expected["input_seed"])
     features = ("lastPOOL", "lastCLS") if "cls" in expected else ("lastPOOL",)
-    out, _ = trunk.apply(tree.unflatten({n: loaded[f"trunk.{n}"] for n in tree.flatten(params)}), {}, images,
-                         train=False, features=features)
+    out, _ = trunk.apply(*loaded_trees(loaded, params, state), images, train=False, features=features)
     assert_close_to_largest(out["lastPOOL"], expected["patch_mean"], name)
     if "cls" in expected:  # and its classifier, head/kernel [D, classes], as the head "head"
         assert_close_to_largest(out["lastCLS"], expected["cls"], name)

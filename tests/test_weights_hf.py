@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from _trunks import assert_close_to_largest
+from _trunks import assert_close_to_largest, load_target, loaded_trees
 from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.weights import WeightsError, cli, load_into
@@ -52,16 +52,13 @@ def seeded_file(reference, name, tmp_path, *, names=None) -> pathlib.Path:
 def build(name, heads=None):
     trunk_name, options = TRUNKS[name]
     trunk = model_lib.build_trunk(trunk_name, **options)
-    params, state = trunk.init(0)
-    target = {f"trunk.{n}": t for n, t in {**tree.flatten(params), **tree.flatten(state)}.items()}
+    params, state, target = load_target(trunk)
     return trunk, params, state, {**target, **(heads or {})}
 
 
 def run(trunk, params, state, loaded, features, size, seed):
-    pick = lambda tree_: tree.unflatten({n: loaded[f"trunk.{n}"] for n in tree.flatten(tree_)})  # noqa: E731
-    images = torch.Generator().manual_seed(seed)
-    images = torch.randn(2, 3, size, size, generator=images)
-    out, _ = trunk.apply(pick(params), pick(state), images, train=False, features=features)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    out, _ = trunk.apply(*loaded_trees(loaded, params, state), images, train=False, features=features)
     return out
 
 
@@ -132,8 +129,7 @@ def test_another_input_size_resamples_the_grid_as_transformers_does(reference, t
     antialiased bicubic: ``pos_resample`` names each (the register preset's default is the latter)."""
     trunk_name, options = TRUNKS[name]
     trunk = model_lib.build_trunk(trunk_name, **options, pos_resample=resample)
-    params, state = trunk.init(0)
-    target = {f"trunk.{n}": t for n, t in tree.flatten(params).items()}
+    params, state, target = load_target(trunk)
     loaded, _ = load_into(target, {"path": str(seeded_file(reference, name, tmp_path))})
     expected = OUTPUTS[name]["resized"]
     out = run(trunk, params, state, loaded, ("lastCLS",), expected["input_size"], OUTPUTS[name]["input_seed"])
