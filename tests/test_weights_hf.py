@@ -14,7 +14,6 @@ import safetensors.torch
 import torch
 
 from _trunks import assert_close_to_largest, load_target, loaded_trees
-from fpipe import tree
 from fpipe.models import model as model_lib
 from fpipe.weights import WeightsError, cli, load_into
 
