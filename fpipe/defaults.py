@@ -14,10 +14,11 @@ from ml_collections.config_dict import placeholder
 # bn1..bn3 and downsample.1 (ResNet), VISSL's channel_bn, bn/norm/gn/ln with an optional index
 # or prefix (norm1, ln_1, fc_norm); the norm after a conv in torchvision's Conv2dNormActivation
 # (RegNet's stem/proj/a/b/c.1, EfficientNet's features.0/8.1 and block.K.1); ConvNeXt's block.2
-# downsample (features.2/4/6.0) and classifier.0 LayerNorms; ViT's class/register tokens, position embedding
-# and layer scales (ls_1.gamma; ConvNeXt's layer_scale).
+# downsample (features.2/4/6.0) and classifier.0 LayerNorms and V2's GRN (block.grn, as ConvNeXt
+# V2's recipe); ViT's class/register tokens, position embedding and layer scales (ls_1.gamma;
+# ConvNeXt's layer_scale).
 BIAS = r"(.*\.)?\w*bias"
-NORM_WEIGHT = (r"(.*\.)?((bn|\w*norm|gn|ln|channel_bn)(_?\d+)?|downsample\.1|(stem|proj|a|b|c|features\.[08]|"
+NORM_WEIGHT = (r"(.*\.)?((bn|\w*norm|gn|ln|grn|channel_bn)(_?\d+)?|downsample\.1|(stem|proj|a|b|c|features\.[08]|"
                r"block\.\d+)\.1|block\.2|features\.[246]\.0|classifier\.0)\.weight")
 EMBEDDING = r"(.*\.)?(class_token|dist_token|register_tokens|pos_embedding|layer_scale|ls_\d+\.gamma)"
 NO_DECAY = ((BIAS, 0.0), (NORM_WEIGHT, 0.0), (EMBEDDING, 0.0))
@@ -30,7 +31,7 @@ LINEAR_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.
 # against the families' own OPTIONS, so it cannot drift).
 TRUNK_OPTION_TYPES = dict(
     bottleneck_multiplier=float, channels=tuple, class_token=bool, depth=int, depth_mult=float,
-    depths=tuple, dist_token=bool, dropout=float, fc_norm=bool, group_width=int, groups=int, heads=int,
+    depths=tuple, dist_token=bool, dropout=float, fc_norm=bool, grn=bool, group_width=int, groups=int, heads=int,
     hidden_dim=int, image_size=int, layer4_stride=int, layer_scale=float, ln_eps=float,
     mlp=str, mlp_dim=int, norm=str, norm_eps=float, norm_groups=int, norm_momentum=float,
     num_registers=int, patch_bias=bool, patch_size=int, pos_embed_class=bool, pos_resample=str, pre_norm=bool,

@@ -33,6 +33,7 @@ TRUNKS = {
     "dinov2-tiny-swiglu": ("vit", dict(hidden_dim=48, depth=2, heads=3, mlp_dim=128, patch_size=14, image_size=56,
                                        layer_scale=1.0, mlp="swiglu")),
     "convnext-tiny-224": ("convnext_tiny", {}),
+    "convnextv2-atto-1k-224": ("convnextv2_atto", {}),
     "regnet-y-400mf": ("regnet_y_400mf", {}),
     "regnet-x-400mf": ("regnet_x_400mf", {}),
 }

@@ -1,8 +1,12 @@
-"""ConvNeXt tiny/small/base/large (torchvision's names) as a pure trunk; LayerNorm only, no state.
+"""ConvNeXt tiny/small/base/large (torchvision's names) and ConvNeXt V2 as a pure trunk; LayerNorm
+only, no state.
 
 A 4×4 stride-4 patchify stem, four stages of blocks (7×7 depthwise conv, LayerNorm, 4× MLP with
 GELU, layer scale, stochastic depth, residual), a LayerNorm2d + 2×2 stride-2 conv between stages.
-Features (ResNet-style names):
+ConvNeXt V2 (``grn=True``, ``layer_scale=0``: the ``convnextv2_*`` presets, timm's names and
+sizes) adds Global Response Normalization after the MLP's GELU and drops the layer scale;
+torchvision has no V2, so its GRN is named ``block.grn`` (``weight``, ``bias``: ``[4C]``), which
+keeps every other name the V1 block's. Features (ResNet-style names):
 
     stem     features.0                 res2..5  features.1/3/5/7 (the four stages)
     res5avg  global average pool of res5, N×C×1×1
@@ -24,26 +28,39 @@ from fpipe.models import trunk as trunk_lib
 
 FEATURES = ("stem", "res2", "res3", "res4", "res5", "res5avg", "flatten")
 OPTIONS = dict(channels=(96, 192, 384, 768), depths=(3, 3, 9, 3), layer_scale=1e-6,
-               stochastic_depth_prob=0.0)
+               stochastic_depth_prob=0.0, grn=False)
+_SMALL, _TINY, _LONG = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
+_V2 = dict(grn=True, layer_scale=0.0)
 PRESETS = {
-    "convnext_tiny": dict(channels=(96, 192, 384, 768), depths=(3, 3, 9, 3)),
-    "convnext_small": dict(channels=(96, 192, 384, 768), depths=(3, 3, 27, 3)),
-    "convnext_base": dict(channels=(128, 256, 512, 1024), depths=(3, 3, 27, 3)),
-    "convnext_large": dict(channels=(192, 384, 768, 1536), depths=(3, 3, 27, 3)),
+    "convnext_tiny": dict(channels=(96, 192, 384, 768), depths=_TINY),
+    "convnext_small": dict(channels=(96, 192, 384, 768), depths=_LONG),
+    "convnext_base": dict(channels=(128, 256, 512, 1024), depths=_LONG),
+    "convnext_large": dict(channels=(192, 384, 768, 1536), depths=_LONG),
+    "convnextv2_atto": dict(channels=(40, 80, 160, 320), depths=_SMALL, **_V2),
+    "convnextv2_femto": dict(channels=(48, 96, 192, 384), depths=_SMALL, **_V2),
+    "convnextv2_pico": dict(channels=(64, 128, 256, 512), depths=_SMALL, **_V2),
+    "convnextv2_nano": dict(channels=(80, 160, 320, 640), depths=(2, 2, 8, 2), **_V2),
+    "convnextv2_tiny": dict(channels=(96, 192, 384, 768), depths=_TINY, **_V2),
+    "convnextv2_base": dict(channels=(128, 256, 512, 1024), depths=_LONG, **_V2),
+    "convnextv2_large": dict(channels=(192, 384, 768, 1536), depths=_LONG, **_V2),
+    "convnextv2_huge": dict(channels=(352, 704, 1408, 2816), depths=_LONG, **_V2),
 }
 EPS = 1e-6
+GRN_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
     channels: tuple = OPTIONS["channels"]
     depths: tuple = OPTIONS["depths"]
-    layer_scale: float = OPTIONS["layer_scale"]
+    layer_scale: float = OPTIONS["layer_scale"]  # init value; 0 (or None): no layer scale (V2)
     stochastic_depth_prob: float = OPTIONS["stochastic_depth_prob"]
+    grn: bool = OPTIONS["grn"]                    # Global Response Normalization after the GELU (V2)
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))
         object.__setattr__(self, "depths", tuple(self.depths))
+        object.__setattr__(self, "layer_scale", self.layer_scale or 0.0)
         if len(self.channels) != 4 or len(self.depths) != 4:
             raise ValueError(f"ConvNeXt needs 4 stages: got channels={self.channels}, depths={self.depths}")
 
@@ -60,7 +77,8 @@ def build(**options) -> trunk_lib.Trunk:
 
 
 def init_params(spec: Spec, seed=0):
-    """Truncated-normal (std 0.02) weights, zero biases, unit norms: torchvision's init."""
+    """Truncated-normal (std 0.02) weights, zero biases, unit norms: torchvision's init; GRN's
+    weight and bias start at zero (the identity), as ConvNeXt V2's."""
     b = trunk_lib.Builder(seed)
 
     def weight(*shape):
@@ -75,10 +93,13 @@ def init_params(spec: Spec, seed=0):
     for s, (c, depth) in enumerate(zip(spec.channels, spec.depths)):
         for i in range(depth):
             name = f"features.{2 * s + 1}.{i}"
-            b.add(name, layer_scale=torch.full((c, 1, 1), spec.layer_scale))
+            if spec.layer_scale:
+                b.add(name, layer_scale=torch.full((c, 1, 1), spec.layer_scale))
             b.add(f"{name}.block.0", weight=weight(c, 1, 7, 7), bias=torch.zeros(c))
             norm(f"{name}.block.2", c)
             b.add(f"{name}.block.3", weight=weight(4 * c, c), bias=torch.zeros(4 * c))
+            if spec.grn:
+                b.add(f"{name}.block.grn", weight=torch.zeros(4 * c), bias=torch.zeros(4 * c))
             b.add(f"{name}.block.5", weight=weight(c, 4 * c), bias=torch.zeros(c))
         if s < 3:
             norm(f"features.{2 * s + 2}.0", c)
@@ -90,6 +111,13 @@ def init_params(spec: Spec, seed=0):
 
 def layer_norm_2d(p, x):
     return layers.layer_norm_2d(p, x, EPS)
+
+
+def global_response_norm(p, y):
+    """ConvNeXt V2's GRN on channels-last ``y``: each channel's L2 norm over the image, divided by
+    its mean over channels, rescales the channel; ``y + weight·(y·that) + bias``."""
+    norms = torch.linalg.vector_norm(y, dim=(1, 2), keepdim=True)
+    return y + p["weight"] * (y * (norms / (norms.mean(dim=-1, keepdim=True) + GRN_EPS))) + p["bias"]
 
 
 def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_norms=frozenset(),
@@ -105,8 +133,13 @@ def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_no
     def block(p, h, drop):
         y = conv(p["block"]["0"], h, padding=3, groups=h.shape[1]).permute(0, 2, 3, 1)
         y = F.layer_norm(y, y.shape[-1:], p["block"]["2"]["weight"], p["block"]["2"]["bias"], EPS)
-        y = layers.dense(F.gelu(layers.dense(y, **p["block"]["3"])), **p["block"]["5"]).permute(0, 3, 1, 2)
-        return trunk_lib.stochastic_depth(p["layer_scale"] * y, drop, train) + h
+        y = F.gelu(layers.dense(y, **p["block"]["3"]))
+        if spec.grn:
+            y = global_response_norm(p["block"]["grn"], y)
+        y = layers.dense(y, **p["block"]["5"]).permute(0, 3, 1, 2)
+        if spec.layer_scale:
+            y = p["layer_scale"] * y
+        return trunk_lib.stochastic_depth(y, drop, train) + h
 
     def stage(s):
         def run_stage(h):

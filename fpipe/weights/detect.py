@@ -67,6 +67,16 @@ class Candidate:
         return text
 
 
+def final_norm(trunk_shapes: dict) -> tuple:
+    """The trunk's last two tensors (names in init order) when they are one norm's 1-D ``weight``
+    and ``bias``, else ``()``: the final norm a pretraining encoder may lack (ConvNeXt V2's FCMAE)."""
+    last = [n for n in trunk_shapes if not is_counter(n)][-2:]
+    if len(last) != 2 or not last[0].endswith(".weight") or last[1] != last[0][:-len("weight")] + "bias":
+        return ()
+    shapes = [tuple(trunk_shapes[n]) for n in last]
+    return tuple(last) if len(shapes[0]) == 1 and shapes[0] == shapes[1] else ()
+
+
 def find_trunks(flat: dict, trunk_shapes: dict, *, min_coverage: float = 0.25) -> list:
     """Candidates whose coverage is at least ``min_coverage``, best first, then in file order.
 

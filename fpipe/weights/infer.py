@@ -35,9 +35,11 @@ def infer_trunk(files: dict, presets=None) -> tuple:
         shapes = {n[len("trunk."):]: tuple(t.shape) for n, t in build_target().items() if n.startswith("trunk.")}
         for table_name, names in views:
             cands = detect.find_trunks(names, shapes)
-            if cands and cands[0].coverage == 1:
+            lacking = {n for n in shapes if not detect.is_counter(n)} - set(cands[0].matched if cands else ())
+            if not lacking or lacking == set(detect.final_norm(shapes)):
                 via = f" (after the {table_name} rename table)" if table_name else ""
-                whole.append((len(shapes), name, options, f"every tensor of preset {name!r} found at "
+                but = f" but its final norm {min(lacking).rsplit('.', 1)[0]}" if lacking else ""
+                whole.append((len(shapes), name, options, f"every tensor of preset {name!r}{but} found at "
                                                           f"{cands[0].prefix or '<no prefix>'!r}{via}"))
                 break
     if whole:  # the largest: a shallower preset's names can all be in a deeper one's file (B0 in B1)

@@ -8,7 +8,8 @@ import os
 
 from fpipe import checkpoint
 from fpipe.tree import flatten
-from fpipe.weights import config, detect, folders, fuse, infer, io, merge, renames, resample, stubs, transforms, walk
+from fpipe.weights import (config, detect, folders, fuse, infer, io, merge, minkowski, renames, resample, stubs,
+                           transforms, walk)
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import LoadReport
 
@@ -45,7 +46,7 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
     else:
         opts = dataclasses.replace(opts, path=opts.path or "<object given to load_into>")
         _check_contents(obj, opts.path)
-    files, packed = file_tensors(obj)
+    files, packed, sparse = file_tensors(obj)
     plan = make_plan(obj, files, target, opts)
     report = LoadReport(path=opts.path, format=plan.format, state_dict_key=plan.state_dict_key,
                         remove_prefix=plan.remove_prefix, reason=plan.reason,
@@ -60,6 +61,9 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
         example = next((n for n in packed if n in plan.names.values()), packed[0])  # one that loads
         report.notes.append(f"{len(packed)} groups of separate projections packed into one tensor each, "
                             f"as the model stores them (e.g. {example})")
+    if sparse:
+        report.notes.append(f"{len(sparse)} MinkowskiEngine (sparse convolution) tensors put in dense layouts and "
+                            f"names, as ConvNeXt V2's fine-tuning reads its FCMAE files (e.g. {sparse[0]})")
     replaced = stubs.stubbed(obj) if opts.stub_objects else {}
     if replaced:
         report.notes.append("objects replaced by inert stand-ins (stub_objects=True): " +
@@ -99,9 +103,12 @@ def read_checkpoint(path: str, *, stub_objects: bool = False) -> dict:
 
 
 def file_tensors(obj: dict) -> tuple:
-    """``({dotted name: tensor}, packed names)``: the file's tensors, with separate q/k/v (and
-    gate/up) projections packed as fpipe's trunks store them (``fuse.pack``)."""
-    return fuse.pack(transforms.tensor_leaves(obj))
+    """``({dotted name: tensor}, packed names, densified names)``: the file's tensors, with sparse
+    convolutions in dense layouts (``minkowski.to_dense``) and separate q/k/v (and gate/up)
+    projections packed as fpipe's trunks store them (``fuse.pack``)."""
+    files, densified = minkowski.to_dense(transforms.tensor_leaves(obj))
+    files, packed = fuse.pack(files)
+    return files, packed, densified
 
 
 def _check_contents(obj, path: str) -> None:

@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from fpipe.weights.detect import is_counter
+from fpipe.weights.detect import final_norm, is_counter
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import SHOW, LoadReport, short_names
 
@@ -44,11 +44,30 @@ def merge(target: dict, tensors: dict, origin: dict, report: LoadReport, *, load
     report.heads_loaded = [n for n in report.loaded if n.startswith("heads.")]
     wanted = ("trunk.", "heads.") if load_heads else ("trunk.",)
     report.missing = [n for n in target if n.startswith(wanted) and n not in loaded and not is_counter(n)]
+    report.identity_kept = identity_final_norm(target, report.missing)
+    if report.identity_kept:
+        report.notes.append(f"the file has no {report.identity_kept[0].rsplit('.', 1)[0]} (the trunk's final norm; "
+                            "ConvNeXt V2's FCMAE encoder has none): kept at its identity init (weight 1, bias 0), "
+                            "as fine-tuning from such a file starts it")
     counters = [n for n in target if n.startswith(wanted) and n not in loaded and is_counter(n)]
     if counters:  # FrozenBatchNorm2d files (torchvision's detection checkpoints) have none; skip_layers drops them
         report.notes.append(f"{len(counters)} num_batches_tracked counter(s) kept at the model's initial values "
                             "(counters, not weights: skipped by skip_layers or not in the file)")
     return out
+
+
+def identity_final_norm(target: dict, missing: list) -> list:
+    """``missing`` when it is exactly the trunk's final norm (``detect.final_norm``) and the model
+    holds its identity there (weight 1, bias 0), a value no random init gives (features after it
+    are standardised); else ``[]``. A meta target (the CLI's dry runs) stands for a fresh model,
+    whose norms start at identity."""
+    shapes = {n: tuple(t.shape) for n, t in target.items() if n.startswith("trunk.")}
+    last = list(final_norm(shapes))
+    if not last or sorted(n for n in missing if n.startswith("trunk.")) != sorted(last):
+        return []
+    weight, bias = (target[n] for n in last)
+    at_identity = weight.is_meta or bool((weight == 1).all()) and bool((bias == 0).all())
+    return last if at_identity else []
 
 
 def _like(tensor: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -106,7 +125,8 @@ def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: 
     if allow_partial:
         return
     where = f"{report.path}: " if report.path else ""
-    failing = report.shape_mismatches or report.trunk_loaded < report.trunk_total
+    covered = report.trunk_loaded + len(report.identity_kept)
+    failing = report.shape_mismatches or covered < report.trunk_total
     found = architecture() if architecture and failing else None
     arch = "{}: set {}".format(*found) if found else ""
     if report.shape_mismatches:
@@ -115,7 +135,7 @@ def check(report: LoadReport, target: dict, *, allow_partial: bool, load_heads: 
                            f"model's: {shown}. Is the model the one the file was trained with? "
                            + (f"No: {arch}. " if arch else "")
                            + f"(allow_partial=True keeps those at their init.){_hints(report)}")
-    if report.trunk_loaded < report.trunk_total:
+    if covered < report.trunk_total:
         model_side = [n for n in report.missing if n.startswith("trunk.")]
         file_side = [n for n, why in report.not_loaded.items() if why == "not in the model"]
         suggestion = "" if arch or not fix else fix()  # the architecture, when it differs, is the fix

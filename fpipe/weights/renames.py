@@ -91,10 +91,16 @@ TIMM_REGNET = (
     (r"(^|\.)head\.fc\.", r"\1fc."),
 )
 
-# ConvNeXt, timm's names and the original facebookresearch/ConvNeXt names -> torchvision's
-# (features.0 stem, features.2s+1 stage s, features.2s its downsampling; layer scales are
-# [C] there and [C, 1, 1] here: reshaped on load).
+# ConvNeXt (V1 and V2), timm's names and the original facebookresearch/ConvNeXt(-V2) names ->
+# torchvision's (features.0 stem, features.2s+1 stage s, features.2s its downsampling; layer
+# scales are [C] there and [C, 1, 1] here: reshaped on load). V2's GRN (timm's mlp.grn, the
+# original's grn.gamma/beta [1, 1, 1, C]) is fpipe's block.grn.
+_CONVNEXT_GRN = (
+    (r"(features\.\d+\.\d+)\.(mlp\.)?grn\.", r"\1.block.grn."),
+    (r"\.grn\.gamma$", ".grn.weight"), (r"\.grn\.beta$", ".grn.bias"),
+)
 _CONVNEXT_BLOCK = (
+    *_CONVNEXT_GRN,  # before the layer scale's gamma
     (r"(features\.\d+\.\d+)\.norm\.", r"\1.block.2."),
     (r"\.gamma$", ".layer_scale"),
 )
@@ -229,9 +235,9 @@ HF_REGNET = (
      lambda m: f".f.{'abcc'[int(m[1])]}.{0 if m[2] == 'convolution' else 1}."),
     (r"(^|\.)classifier\.1\.", r"\1fc."),
 )
-# ConvNextModel / ConvNextForImageClassification (facebook/convnext-*) -> torchvision's ConvNeXt;
-# its stage 0 has no downsampling layer (the embeddings are the stem), the final layernorm is
-# torchvision's classifier.0.
+# ConvNextModel / ConvNextForImageClassification (facebook/convnext-*) and ConvNextV2's
+# (facebook/convnextv2-*) -> torchvision's ConvNeXt; its stage 0 has no downsampling layer (the
+# embeddings are the stem), the final layernorm is torchvision's classifier.0.
 HF_CONVNEXT = (
     (r"(^|\.)embeddings\.patch_embeddings\.", r"\1features.0.0."),
     (r"(^|\.)embeddings\.layernorm\.", r"\1features.0.1."),
@@ -241,6 +247,7 @@ HF_CONVNEXT = (
     (r"\.dwconv\.", ".block.0."), (r"\.pwconv1\.", ".block.3."), (r"\.pwconv2\.", ".block.5."),
     (r"(features\.\d+\.\d+)\.layernorm\.", r"\1.block.2."),
     (r"\.layer_scale_parameter$", ".layer_scale"),
+    *_CONVNEXT_GRN,
     (r"(^|\.)classifier\.(weight|bias)$", r"\1classifier.2.\2"),
     (r"(^|\.)layernorm\.(weight|bias)$", r"\1classifier.0.\2"),
 )

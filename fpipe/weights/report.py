@@ -17,6 +17,7 @@ class LoadReport:
     loaded: list = dataclasses.field(default_factory=list)      # model names given file tensors
     sources: dict = dataclasses.field(default_factory=dict)     # model name -> file name
     missing: list = dataclasses.field(default_factory=list)     # model weights left at their init
+    identity_kept: list = dataclasses.field(default_factory=list)  # of those, a final norm at identity (accepted)
     not_loaded: dict = dataclasses.field(default_factory=dict)  # file name -> why not
     shape_mismatches: list = dataclasses.field(default_factory=list)  # (model name, file, model shape)
     dtype_casts: list = dataclasses.field(default_factory=list)  # (model name, file dtype, model dtype)

@@ -39,7 +39,8 @@ def resample_pos_embedding(pos: torch.Tensor, tokens: int) -> torch.Tensor:
 
 def fits(name: str, file_shape: tuple, model_shape: tuple) -> bool:
     """Whether a file tensor fits a model tensor, counting resamplable position embeddings and
-    leading 1-dims (CLIP's class_embedding [D] for a class token [1, 1, D])."""
+    leading or trailing 1-dims (CLIP's class_embedding [D] for a class token [1, 1, D]; a 1×1
+    conv's [out, in, 1, 1] for a Linear's [out, in], as timm's small ConvNeXt V2 MLPs)."""
     if tuple(file_shape) == tuple(model_shape) or _squeezed(file_shape) == _squeezed(model_shape):
         return True
     if name.endswith("layer_scale"):
@@ -57,8 +58,8 @@ def fits(name: str, file_shape: tuple, model_shape: tuple) -> bool:
 
 
 def adapt(tensors: dict, shapes: dict) -> tuple:
-    """``(tensors, notes)``: tensors in the model's shapes: layer scales and leading 1-dims
-    reshaped, then each ``pos_embedding`` of another grid resampled to the model's.
+    """``(tensors, notes)``: tensors in the model's shapes: layer scales and leading or trailing
+    1-dims reshaped, then each ``pos_embedding`` of another grid resampled to the model's.
 
     ``tensors``: ``{model name: tensor}``; ``shapes``: ``{model name: shape}``. A file without
     the class token's position (timm's DINOv2 with registers folds it into ``cls_token``) gets
@@ -96,8 +97,10 @@ def adapt(tensors: dict, shapes: dict) -> tuple:
 
 
 def _squeezed(shape) -> tuple:
-    """The shape without its leading 1-dims: the same numbers in the same order."""
+    """The shape without its leading and trailing 1-dims: the same numbers in the same order."""
     shape = tuple(shape)
     while shape and shape[0] == 1:
         shape = shape[1:]
+    while shape and shape[-1] == 1:
+        shape = shape[:-1]
     return shape
