@@ -15,12 +15,14 @@ from ml_collections.config_dict import placeholder
 # or prefix (norm1, ln_1, fc_norm); the norm after a conv in torchvision's Conv2dNormActivation
 # (RegNet's stem/proj/a/b/c.1, EfficientNet's features.0/8.1 and block.K.1); ConvNeXt's block.2
 # downsample (features.2/4/6.0) and classifier.0 LayerNorms and V2's GRN (block.grn, as ConvNeXt
-# V2's recipe); ViT's class/register tokens, position embedding and layer scales (ls_1.gamma;
-# ConvNeXt's layer_scale).
+# V2's recipe); Swin's patch-embedding LayerNorm (features.0.2); ViT's class/register tokens,
+# position embedding and layer scales (ls_1.gamma; ConvNeXt's layer_scale), Swin's relative
+# position bias tables.
 BIAS = r"(.*\.)?\w*bias"
-NORM_WEIGHT = (r"(.*\.)?((bn|\w*norm|gn|ln|grn|channel_bn)(_?\d+)?|downsample\.1|(stem|proj|a|b|c|features\.[08]|"
-               r"block\.\d+)\.1|block\.2|features\.[246]\.0|classifier\.0)\.weight")
-EMBEDDING = r"(.*\.)?(class_token|dist_token|register_tokens|pos_embedding|layer_scale|ls_\d+\.gamma)"
+NORM_WEIGHT = (r"(.*\.)?((bn|\w*norm|gn|ln|grn|channel_bn)(_?\d+)?|downsample\.1|features\.0\.2|"
+               r"(stem|proj|a|b|c|features\.[08]|block\.\d+)\.1|block\.2|features\.[246]\.0|classifier\.0)\.weight")
+EMBEDDING = (r"(.*\.)?(class_token|dist_token|register_tokens|pos_embedding|layer_scale|ls_\d+\.gamma|"
+             r"relative_position_bias_table)")
 NO_DECAY = ((BIAS, 0.0), (NORM_WEIGHT, 0.0), (EMBEDDING, 0.0))
 NO_LARS = ((BIAS, True), (NORM_WEIGHT, True), (EMBEDDING, True))
 
@@ -31,13 +33,13 @@ LINEAR_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.
 # against the families' own OPTIONS, so it cannot drift).
 TRUNK_OPTION_TYPES = dict(
     bottleneck_multiplier=float, channels=tuple, class_token=bool, depth=int, depth_mult=float,
-    depths=tuple, dist_token=bool, dropout=float, fc_norm=bool, grn=bool, group_width=int, groups=int, heads=int,
-    hidden_dim=int, image_size=int, layer4_stride=int, layer_scale=float, ln_eps=float,
-    mlp=str, mlp_dim=int, norm=str, norm_eps=float, norm_groups=int, norm_momentum=float,
-    num_registers=int, patch_bias=bool, patch_size=int, pos_embed_class=bool, pos_resample=str, pre_norm=bool,
-    se_ratio=float,
-    stem=str, stem_width=int, stochastic_depth_prob=float, w_0=int, w_a=float, w_m=float,
-    width_mult=float, width_multiplier=int, width_per_group=int, zero_init_residual=bool)
+    depths=tuple, dist_token=bool, dropout=float, embed_dim=int, fc_norm=bool, grn=bool, group_width=int,
+    groups=int, heads=int, hidden_dim=int, image_size=int, layer4_stride=int, layer_scale=float, ln_eps=float,
+    mlp=str, mlp_dim=int, mlp_ratio=float, norm=str, norm_eps=float, norm_groups=int, norm_momentum=float,
+    num_heads=tuple, num_registers=int, patch_bias=bool, patch_size=int, pos_embed_class=bool, pos_resample=str,
+    pre_norm=bool, se_ratio=float, stem=str, stem_width=int, stochastic_depth_prob=float, w_0=int, w_a=float,
+    w_m=float, width_mult=float, width_multiplier=int, width_per_group=int, window_size=int,
+    zero_init_residual=bool)
 
 
 def data():

@@ -83,7 +83,7 @@ def check_whole_model(report, opts) -> None:
         raise WeightsError(f"{opts.path}: {len(report.shape_mismatches)} tensor(s) of the detection model have "
                            f"other shapes in the file: {shown}{more}. Is the model (backbone, num_classes, heads) "
                            f"the one the file was trained with? (skip_layers keeps named ones at their init.)")
-    missing = {strip(n): n for n in report.missing if n.startswith("trunk.") and not detect.is_counter(n)}
+    missing = {strip(n): n for n in report.missing if n.startswith("trunk.") and not detect.is_bookkeeping(n)}
     _, on_purpose = transforms.skip(missing, opts.skip_layers)
     left = [name for name in missing if name not in on_purpose]
     if left:

@@ -12,14 +12,14 @@ import torch
 from fpipe import defaults
 from fpipe.models import heads as heads_lib
 from fpipe.models import losses
-from fpipe.models import alexnet, convnext, efficientnet, layers, regnet, resnet, vit
+from fpipe.models import alexnet, convnext, efficientnet, layers, regnet, resnet, swin, vit
 from fpipe.models import trunk as trunk_lib
 from fpipe.models.trunk import Trunk
 
 # Trunk families by name. A family module has FEATURES, OPTIONS (option -> default), PRESETS
 # (torchvision/timm name -> options) and build(**options) -> Trunk; registering one is one line.
 TRUNKS = {"resnet": resnet, "regnet": regnet, "efficientnet": efficientnet, "convnext": convnext,
-          "alexnet": alexnet, "vit": vit}
+          "alexnet": alexnet, "vit": vit, "swin": swin}
 HEAD_KEYS = ("feature", "pool", "pool_type", "type", "dims", "chain", "vissl_dims", "towers", "crops",
              "target", "loss", "loss_weight") + tuple(heads_lib.MLP_OPTIONS)
 

@@ -12,7 +12,10 @@ import torch
 from fpipe.weights import resample
 from fpipe.weights.errors import WeightsError
 
+# Buffers that are bookkeeping, not weights: BatchNorm's step counter, and tables the model
+# derives from its architecture (Swin's relative_position_index), which are never read from a file.
 COUNTERS = ("num_batches_tracked",)
+DERIVED = ("relative_position_index",)
 
 # When a file holds several full copies of the trunk: the copy each project evaluates (read from
 # each project's own linear-evaluation or export code; README "Pretrained weights from elsewhere").
@@ -37,8 +40,12 @@ TRAINING_WORDS = {"momentum", "target", "key"}
 TRAINING_SUFFIXES = {"k", "m"}
 
 
-def is_counter(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in COUNTERS
+def is_bookkeeping(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in COUNTERS + DERIVED
+
+
+def is_derived(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in DERIVED
 
 
 @dataclasses.dataclass
@@ -52,7 +59,7 @@ class Candidate:
 
     @property
     def loaded(self) -> int:
-        return sum(not is_counter(n) for n in self.matched)
+        return sum(not is_bookkeeping(n) for n in self.matched)
 
     @property
     def coverage(self) -> float:
@@ -70,7 +77,7 @@ class Candidate:
 def final_norm(trunk_shapes: dict) -> tuple:
     """The trunk's last two tensors (names in init order) when they are one norm's 1-D ``weight``
     and ``bias``, else ``()``: the final norm a pretraining encoder may lack (ConvNeXt V2's FCMAE)."""
-    last = [n for n in trunk_shapes if not is_counter(n)][-2:]
+    last = [n for n in trunk_shapes if not is_bookkeeping(n)][-2:]
     if len(last) != 2 or not last[0].endswith(".weight") or last[1] != last[0][:-len("weight")] + "bias":
         return ()
     shapes = [tuple(trunk_shapes[n]) for n in last]
@@ -82,7 +89,7 @@ def find_trunks(flat: dict, trunk_shapes: dict, *, min_coverage: float = 0.25) -
 
     ``flat``: the file's tensors by dotted path; ``trunk_shapes``: ``{torchvision name: shape}``.
     """
-    total = sum(not is_counter(n) for n in trunk_shapes)
+    total = sum(not is_bookkeeping(n) for n in trunk_shapes)
     matched, wrong = defaultdict(dict), defaultdict(dict)
     for name, tensor in flat.items():
         parts = name.split(".")

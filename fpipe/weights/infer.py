@@ -35,7 +35,7 @@ def infer_trunk(files: dict, presets=None) -> tuple:
         shapes = {n[len("trunk."):]: tuple(t.shape) for n, t in build_target().items() if n.startswith("trunk.")}
         for table_name, names in views:
             cands = detect.find_trunks(names, shapes)
-            lacking = {n for n in shapes if not detect.is_counter(n)} - set(cands[0].matched if cands else ())
+            lacking = {n for n in shapes if not detect.is_bookkeeping(n)} - set(cands[0].matched if cands else ())
             if not lacking or lacking == set(detect.final_norm(shapes)):
                 via = f" (after the {table_name} rename table)" if table_name else ""
                 but = f" but its final norm {min(lacking).rsplit('.', 1)[0]}" if lacking else ""

@@ -214,7 +214,7 @@ def _plan_auto(obj: dict, files: dict, target: dict, opts) -> Plan:
     where = f"{opts.path}" + (f" under {opts.state_dict_key!r}" if opts.state_dict_key else "")
     try:
         chosen, reason = detect.choose(cands, scope, select=opts.select, where=where,
-                                       model_names=[n for n in shapes if not detect.is_counter(n)][:2])
+                                       model_names=[n for n in shapes if not detect.is_bookkeeping(n)][:2])
     except WeightsError as e:  # none found, or none of this shape: is it another architecture?
         found = architecture_mismatch(scope, target) if not cands or cands[0].coverage == 0 else None
         if found:

@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from fpipe.weights.detect import final_norm, is_counter
+from fpipe.weights.detect import COUNTERS, final_norm, is_bookkeeping, is_derived
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import SHOW, LoadReport, short_names
 
@@ -19,6 +19,9 @@ def merge(target: dict, tensors: dict, origin: dict, report: LoadReport, *, load
     for rel, tensor in tensors.items():
         src = origin[rel]
         name = f"trunk.{rel}"
+        if is_derived(rel):  # an index table: the model's own, computed from its architecture
+            report.not_loaded[src] = "derived from the architecture (the model's own is kept)"
+            continue
         if name not in target:
             name = rel if rel.startswith("heads.") and rel in target else f"heads.{rel}"
             if name not in target:
@@ -38,18 +41,18 @@ def merge(target: dict, tensors: dict, origin: dict, report: LoadReport, *, load
         report.loaded.append(name)
         report.sources[name] = src
     loaded = set(report.loaded)
-    trunk = [n for n in target if n.startswith("trunk.") and not is_counter(n)]
+    trunk = [n for n in target if n.startswith("trunk.") and not is_bookkeeping(n)]
     report.trunk_total = len(trunk)
     report.trunk_loaded = sum(n in loaded for n in trunk)
     report.heads_loaded = [n for n in report.loaded if n.startswith("heads.")]
     wanted = ("trunk.", "heads.") if load_heads else ("trunk.",)
-    report.missing = [n for n in target if n.startswith(wanted) and n not in loaded and not is_counter(n)]
+    report.missing = [n for n in target if n.startswith(wanted) and n not in loaded and not is_bookkeeping(n)]
     report.identity_kept = identity_final_norm(target, report.missing)
     if report.identity_kept:
         report.notes.append(f"the file has no {report.identity_kept[0].rsplit('.', 1)[0]} (the trunk's final norm; "
                             "ConvNeXt V2's FCMAE encoder has none): kept at its identity init (weight 1, bias 0), "
                             "as fine-tuning from such a file starts it")
-    counters = [n for n in target if n.startswith(wanted) and n not in loaded and is_counter(n)]
+    counters = [n for n in target if n.startswith(wanted) and n not in loaded and n.rsplit(".", 1)[-1] in COUNTERS]
     if counters:  # FrozenBatchNorm2d files (torchvision's detection checkpoints) have none; skip_layers drops them
         report.notes.append(f"{len(counters)} num_batches_tracked counter(s) kept at the model's initial values "
                             "(counters, not weights: skipped by skip_layers or not in the file)")
@@ -162,7 +165,7 @@ def trunk_leftovers(target: dict, tensors: dict, origin: dict, report: LoadRepor
     """
     kinds = {(_numberless(n[len("trunk."):]), tuple(t.shape)) for n, t in target.items() if n.startswith("trunk.")}
     return [rel for rel, t in tensors.items() if report.not_loaded.get(origin[rel]) == "not in the model"
-            and not is_counter(rel) and (_numberless(rel), tuple(t.shape)) in kinds]
+            and not is_bookkeeping(rel) and (_numberless(rel), tuple(t.shape)) in kinds]
 
 
 def _numberless(name: str) -> str:

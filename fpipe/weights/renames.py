@@ -252,11 +252,32 @@ HF_CONVNEXT = (
     (r"(^|\.)layernorm\.(weight|bias)$", r"\1classifier.0.\2"),
 )
 
+# Swin: timm's names (1.0: a stage's downsampling at its start, layers.<s>.downsample for s >= 1)
+# and microsoft/Swin-Transformer's (old timm, SimMIM, MoBY, EsViT: at a stage's end, s <= 2)
+# -> torchvision's (features.0 patch embedding, features.2s+1 stage s, features.2s+2 the merging
+# after it). The two differ only there, and the shapes tell them apart. The original's
+# attn_mask buffers are left out; relative_position_index is never read (detect.DERIVED).
+_SWIN = (
+    (r"(^|\.)patch_embed\.proj\.", r"\1features.0.0."), (r"(^|\.)patch_embed\.norm\.", r"\1features.0.2."),
+    (r"(^|\.)layers\.(\d)\.blocks\.(\d+)\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 1}.{m[3]}."),
+    (r"\.mlp\.fc1\.", ".mlp.0."), (r"\.mlp\.fc2\.", ".mlp.3."),
+    (r"(^|\.)head\.fc\.", r"\1head."),
+)
+TIMM_SWIN = (
+    (r"(^|\.)layers\.(\d)\.downsample\.", lambda m: f"{m[1]}features.{2 * int(m[2])}."),
+    *_SWIN,
+)
+MS_SWIN = (
+    (r"(^|\.)layers\.(\d)\.downsample\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 2}."),
+    *_SWIN,
+)
+
 TABLES = {"timm_vit": TIMM_VIT, "timm_vit_swiglu": TIMM_VIT_SWIGLU, "detectron2_resnet": DETECTRON2_RESNET,
           "sequential_resnet": SEQUENTIAL_RESNET, "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET,
           "timm_convnext": TIMM_CONVNEXT, "fb_convnext": FB_CONVNEXT, "timm_efficientnet": TIMM_EFFICIENTNET,
           "openclip_vit": OPENCLIP_VIT, "hf_clip": HF_CLIP, "flax_vit": FLAX_VIT, "hf_vit": HF_VIT,
-          "hf_resnet": HF_RESNET, "hf_regnet": HF_REGNET, "hf_convnext": HF_CONVNEXT}
+          "hf_resnet": HF_RESNET, "hf_regnet": HF_REGNET, "hf_convnext": HF_CONVNEXT, "timm_swin": TIMM_SWIN,
+          "ms_swin": MS_SWIN}
 _COMPILED = {}
 
 
