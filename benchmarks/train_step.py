@@ -13,7 +13,7 @@ decay 5e-4; ``configs/finetune.py``: SGD lr 0.05, Nesterov momentum 0.9, weight 
 trunk at 0.1x the lr; both: no weight decay on norms and biases), a ResNet trunk (any of
 torchvision's depths, or by name its ResNeXt and wide ResNets and SimCLR's ``resnet50x2``; or ``--arch vit_s16``: a ViT-S/16 stored for the input size, the head on its
 class token, or any other ViT preset by name such as ``--arch vit_b_16`` (benchmarks/vit_step.py's
-twin: DINO's, DeiT's and DINOv2's layouts too); or a RegNet, ConvNeXt or EfficientNet preset such as ``--arch regnet_y_400mf``, whose
+twin: DINO's, DeiT's and DINOv2's layouts too); or a RegNet, ConvNeXt, EfficientNet or Swin preset such as ``--arch regnet_y_400mf``, whose
 baselines are the nn.Module twins of benchmarks/zoo_modules.py) and a
 linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw`` swaps the
 config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baselines'
@@ -91,7 +91,7 @@ from benchmarks.linear_eval_step import _rss_kib as _kib  # a /proc/self/status 
 from fpipe import freeze, host_memory, optim, tree
 from fpipe.models import fold
 from fpipe.models import model as model_lib
-from fpipe.models import convnext, efficientnet, regnet, vit
+from fpipe.models import convnext, efficientnet, regnet, swin, vit
 from fpipe.train import distributed
 from fpipe.train import loop as loop_lib
 
@@ -100,7 +100,7 @@ PROGRAMS = ("fpipe", "eager", "compiled", "eager_cl", "compiled_cl")  # the defa
 GOALS = {"compiled": 1.0, "eager": 1.1, "compiled_cl": 1.0, "eager_cl": 1.1}  # fpipe's speed over each baseline
 REMAT_PROGRAMS = {"fpipe_no_remat": "off", "fpipe_remat_fused": "fused", "fpipe_remat_all": "all"}  # compile_remat modes
 BASELINES = (*GOALS, *REMAT_PROGRAMS)
-PRESET_ARCHS = (*regnet.PRESETS, *convnext.PRESETS, *efficientnet.PRESETS)  # trunk presets by name
+PRESET_ARCHS = (*regnet.PRESETS, *convnext.PRESETS, *efficientnet.PRESETS, *swin.PRESETS)  # trunk presets by name
 VIT_ARCHS = {"vit_s16": "vit_small_patch16_224", **{name: name for name in vit.PRESETS}}  # short name: ViT-S/16
 ARCHS = ("resnet", *VIT_ARCHS, *sorted(PRESET_ARCHS))
 OPTIMIZERS = ("config", "adamw")
@@ -372,7 +372,7 @@ def main(argv=None):
     ap.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--arch", default="resnet", choices=ARCHS,
                     help="vit_s16 (ViT-S/16) or any ViT preset (vit_b_16, vit_small_patch14_reg4_dinov2, ...; "
-                         "benchmarks/vit_step.py's twin), else a RegNet, ConvNeXt or EfficientNet preset "
+                         "benchmarks/vit_step.py's twin), else a RegNet, ConvNeXt, EfficientNet or Swin preset "
                          "(--depth is then ignored)")
     ap.add_argument("--depth", type=resnet_arg, nargs="+", default=[18, 50], metavar="RESNET",
                     help=f"ResNet depths or names: {', '.join(map(str, RESNETS))}")

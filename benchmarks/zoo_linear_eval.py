@@ -31,10 +31,10 @@ import torch
 from benchmarks import zoo_modules
 from benchmarks.linear_eval_step import (NUM_CLASSES, add_case_flags, as_main_does, build_trunk, case_argv,
                                          compare_programs, fpipe_forward, fpipe_step, serve_or_run, sgd_head_runner)
-from fpipe.models import convnext, efficientnet, regnet
+from fpipe.models import convnext, efficientnet, regnet, swin
 from fpipe.models import model as model_lib
 
-NAMES = sorted({**regnet.PRESETS, **convnext.PRESETS, **efficientnet.PRESETS})
+NAMES = sorted({**regnet.PRESETS, **convnext.PRESETS, **efficientnet.PRESETS, **swin.PRESETS})
 
 
 # ---------------------------------------------------------------- programs
@@ -84,7 +84,7 @@ def bench(args, name):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", nargs="+", default=["regnet_y_400mf"], choices=NAMES, metavar="PRESET",
-                    help=f"RegNet, ConvNeXt or EfficientNet presets: {', '.join(NAMES)}")
+                    help=f"RegNet, ConvNeXt, EfficientNet or Swin presets: {', '.join(NAMES)}")
     add_case_flags(ap, image_size=64, batch_size=64, iters=20, warmup=3)
     args = ap.parse_args(argv)
     serve_or_run(args, as_main_does(args.threads),

@@ -1,4 +1,4 @@
-"""torchvision-style ``nn.Module`` twins of fpipe's RegNet, ConvNeXt and EfficientNet trunks, for baselines.
+"""torchvision-style ``nn.Module`` twins of fpipe's RegNet, ConvNeXt, EfficientNet and Swin trunks, for baselines.
 
 What a user writes without torchvision: the same layers under torchvision's names, so fpipe's
 params load by name (``torch_module``); a linear ``fc`` on the ``flatten`` feature plays the head.
@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fpipe import tree
-from fpipe.models import convnext, efficientnet, regnet
+from fpipe.models import convnext, efficientnet, regnet, swin
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -22,16 +22,40 @@ class LayerNorm2d(nn.LayerNorm):
                             self.eps).permute(0, 3, 1, 2)
 
 
-class CNBlock(nn.Module):
-    def __init__(self, dim, layer_scale):
+class GRN(nn.Module):
+    """ConvNeXt V2's Global Response Normalization on channels-last maps, as its paper writes it."""
+
+    def __init__(self, dim):
         super().__init__()
-        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale))
-        self.block = nn.Sequential(nn.Conv2d(dim, dim, 7, padding=3, groups=dim), _Permute(0, 2, 3, 1),
-                                   nn.LayerNorm(dim, eps=convnext.EPS), nn.Linear(dim, 4 * dim), nn.GELU(),
-                                   nn.Linear(4 * dim, dim), _Permute(0, 3, 1, 2))
+        self.weight, self.bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        return self.layer_scale * self.block(x) + x
+        g = x.norm(p=2, dim=(1, 2), keepdim=True)
+        return self.weight * (x * (g / (g.mean(dim=-1, keepdim=True) + convnext.GRN_EPS))) + self.bias + x
+
+
+class CNBlockV2Body(nn.Sequential):
+    """V1's block with GRN after the GELU; GRN as ``grn`` so the other indices stay V1's."""
+
+    def __init__(self, dim):
+        super().__init__(collections.OrderedDict([
+            ("0", nn.Conv2d(dim, dim, 7, padding=3, groups=dim)), ("1", _Permute(0, 2, 3, 1)),
+            ("2", nn.LayerNorm(dim, eps=convnext.EPS)), ("3", nn.Linear(dim, 4 * dim)), ("4", nn.GELU()),
+            ("grn", GRN(4 * dim)), ("5", nn.Linear(4 * dim, dim)), ("6", _Permute(0, 3, 1, 2))]))
+
+
+class CNBlock(nn.Module):
+    def __init__(self, dim, layer_scale, grn=False):
+        super().__init__()
+        if layer_scale:
+            self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale))
+        self.block = CNBlockV2Body(dim) if grn else nn.Sequential(
+            nn.Conv2d(dim, dim, 7, padding=3, groups=dim), _Permute(0, 2, 3, 1), nn.LayerNorm(dim, eps=convnext.EPS),
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), _Permute(0, 3, 1, 2))
+
+    def forward(self, x):
+        y = self.block(x)
+        return (self.layer_scale * y if hasattr(self, "layer_scale") else y) + x
 
 
 class _Permute(nn.Module):
@@ -50,7 +74,7 @@ class ConvNeXt(nn.Module):
         c = spec.channels
         layers = [nn.Sequential(nn.Conv2d(3, c[0], 4, 4), LayerNorm2d(c[0], eps=convnext.EPS))]
         for s, depth in enumerate(spec.depths):
-            layers.append(nn.Sequential(*[CNBlock(c[s], spec.layer_scale) for _ in range(depth)]))
+            layers.append(nn.Sequential(*[CNBlock(c[s], spec.layer_scale, spec.grn) for _ in range(depth)]))
             if s < 3:
                 layers.append(nn.Sequential(LayerNorm2d(c[s], eps=convnext.EPS), nn.Conv2d(c[s], c[s + 1], 2, 2)))
         self.features = nn.Sequential(*layers)
@@ -164,11 +188,97 @@ class EfficientNet(nn.Module):
         return self.fc(self.embed(x))
 
 
-TWINS = {regnet.Spec: RegNet, convnext.Spec: ConvNeXt, efficientnet.Spec: EfficientNet}
+class WindowAttention(nn.Module):
+    """torchvision's shifted-window attention, written out: explicit softmax(q·kᵀ/√d + bias)."""
+
+    def __init__(self, dim, heads, window, shift):
+        super().__init__()
+        self.heads, self.window, self.shift = heads, window, shift
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        self.register_buffer("relative_position_index", swin.relative_position_index(window))
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, h, w, c = x.shape
+        ws = self.window
+        x = F.pad(x, (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))
+        ph, pw = x.shape[1:3]
+        shifts = tuple(0 if ws >= side else self.shift for side in (ph, pw))
+        if any(shifts):
+            x = torch.roll(x, shifts=(-shifts[0], -shifts[1]), dims=(1, 2))
+        windows = (ph // ws) * (pw // ws)
+        x = x.view(n, ph // ws, ws, pw // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n * windows, ws * ws, c)
+        q, k, v = self.qkv(x).reshape(x.shape[0], ws * ws, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q * (c // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index].view(ws * ws, ws * ws, -1)
+        attn = attn + bias.permute(2, 0, 1)
+        if any(shifts):
+            mask = swin.shift_mask(ph, pw, ws, shifts).to(attn)  # [windows, 1, t, t]
+            attn = (attn.view(n, windows, self.heads, ws * ws, ws * ws) + mask).view(-1, self.heads, ws * ws, ws * ws)
+        x = (attn.softmax(-1) @ v).transpose(1, 2).reshape(x.shape[0], ws * ws, c)
+        x = self.proj(x).view(n, ph // ws, pw // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n, ph, pw, c)
+        if any(shifts):
+            x = torch.roll(x, shifts=shifts, dims=(1, 2))
+        return x[:, :h, :w]
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim, heads, window, shift, mlp_ratio):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=swin.EPS), nn.LayerNorm(dim, eps=swin.EPS)
+        self.attn = WindowAttention(dim, heads, window, shift)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Identity(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.reduction, self.norm = nn.Linear(4 * dim, 2 * dim, bias=False), nn.LayerNorm(4 * dim, eps=swin.EPS)
+
+    def forward(self, x):
+        h, w = x.shape[1:3]
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        return self.reduction(self.norm(torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2],
+                                                   x[:, 1::2, 1::2]], -1)))
+
+
+class Swin(nn.Module):
+    """torchvision's SwinTransformer (V1) layout, channels-last inside, ``fc`` on the pooled features."""
+
+    def __init__(self, spec: swin.Spec, num_classes):
+        super().__init__()
+        assert spec.stochastic_depth_prob == 0, "the twin has no stochastic depth"
+        p = spec.patch_size
+        layers = [nn.Sequential(nn.Conv2d(3, spec.embed_dim, p, p), _Permute(0, 2, 3, 1),
+                                nn.LayerNorm(spec.embed_dim, eps=swin.EPS))]
+        for s, (depth, heads) in enumerate(zip(spec.depths, spec.num_heads)):
+            layers.append(nn.Sequential(*[SwinBlock(spec.dim(s), heads, spec.window_size,
+                                                    spec.window_size // 2 if i % 2 else 0, spec.mlp_ratio)
+                                          for i in range(depth)]))
+            if s < 3:
+                layers.append(PatchMerging(spec.dim(s)))
+        self.features = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(spec.dim(3), eps=swin.EPS)
+        self.fc = nn.Linear(spec.dim(3), num_classes)
+
+    def embed(self, x):
+        """fpipe's ``flatten`` feature: the final LayerNorm, then the average over positions."""
+        return self.norm(self.features(x)).mean((1, 2))
+
+    def forward(self, x):
+        return self.fc(self.embed(x))
+
+
+TWINS = {regnet.Spec: RegNet, convnext.Spec: ConvNeXt, efficientnet.Spec: EfficientNet, swin.Spec: Swin}
 
 
 def torch_module(spec, params, state, num_classes):
-    """The twin of ``spec`` (a RegNet, ConvNeXt or EfficientNet spec) holding fpipe's params and state."""
+    """The twin of ``spec`` (a RegNet, ConvNeXt, EfficientNet or Swin spec) holding fpipe's params and state."""
     net = TWINS[type(spec)](spec, num_classes)
     flat = {n.split(".", 1)[1]: v for n, v in tree.flatten(params).items() | tree.flatten(state).items()}
     net.load_state_dict(flat, strict=True)

@@ -42,6 +42,10 @@ def test_a_compile_cache_the_user_names_is_kept(tmp_path):
 
 
 @pytest.mark.parametrize("family,options", [("convnext", dict(channels=(8, 16, 16, 16), depths=(1, 1, 1, 1))),
+                                            ("convnext", dict(channels=(8, 16, 16, 16), depths=(1, 1, 1, 1), grn=True,
+                                                              layer_scale=0.0)),
+                                            ("swin", dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4),
+                                                          window_size=3)),
                                             ("efficientnet", dict(width_mult=0.25, depth_mult=0.3)),
                                             ("regnet", dict(depth=5, w_0=8, w_a=12, w_m=2.0, group_width=8,
                                                             stem_width=8, se_ratio=0.25))])
