@@ -34,6 +34,7 @@ TRUNKS = {
                                        layer_scale=1.0, mlp="swiglu")),
     "convnext-tiny-224": ("convnext_tiny", {}),
     "convnextv2-atto-1k-224": ("convnextv2_atto", {}),
+    "swin-tiny-patch4-window7-224": ("swin_t", {}),
     "regnet-y-400mf": ("regnet_y_400mf", {}),
     "regnet-x-400mf": ("regnet_x_400mf", {}),
 }
@@ -66,7 +67,7 @@ def run(trunk, params, state, loaded, features, size, seed):
 def test_hub_file_computes_what_transformers_computes(reference, tmp_path, name):
     trunk, params, state, target = build(name)
     loaded, report = load_into(target, {"path": str(seeded_file(reference, name, tmp_path))})
-    table = "hf_" + next((f for f in ("resnet", "regnet", "convnext") if name.startswith(f)), "vit")
+    table = "hf_" + next((f for f in ("resnet", "regnet", "convnext", "swin") if name.startswith(f)), "vit")
     assert report.format == f"auto ({table} names)" and report.trunk_loaded == report.trunk_total
     expected = OUTPUTS[name]
     if "pooled" in expected:

@@ -271,13 +271,26 @@ MS_SWIN = (
     (r"(^|\.)layers\.(\d)\.downsample\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 2}."),
     *_SWIN,
 )
+# Hugging Face transformers' Swin (microsoft/swin-*: SwinModel, SwinForImageClassification):
+# downsampling at a stage's end as the original's; fuse.pack has packed query/key/value.
+HF_SWIN = (
+    (r"(^|\.)embeddings\.patch_embeddings\.projection\.", r"\1features.0.0."),
+    (r"(^|\.)embeddings\.norm\.", r"\1features.0.2."),
+    (r"(^|\.)encoder\.layers\.(\d)\.downsample\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 2}."),
+    (r"(^|\.)encoder\.layers\.(\d)\.blocks\.(\d+)\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 1}.{m[3]}."),
+    (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
+    (r"\.attention\.self\.\{query,key,value\}\.", ".attn.qkv."), (r"\.attention\.self\.", ".attn."),
+    (r"\.attention\.output\.dense\.", ".attn.proj."),
+    (r"\.intermediate\.dense\.", ".mlp.0."), (r"\.output\.dense\.", ".mlp.3."),
+    (r"(^|\.)layernorm\.(weight|bias)$", r"\1norm.\2"), (r"(^|\.)classifier\.(weight|bias)$", r"\1head.\2"),
+)
 
 TABLES = {"timm_vit": TIMM_VIT, "timm_vit_swiglu": TIMM_VIT_SWIGLU, "detectron2_resnet": DETECTRON2_RESNET,
           "sequential_resnet": SEQUENTIAL_RESNET, "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET,
           "timm_convnext": TIMM_CONVNEXT, "fb_convnext": FB_CONVNEXT, "timm_efficientnet": TIMM_EFFICIENTNET,
           "openclip_vit": OPENCLIP_VIT, "hf_clip": HF_CLIP, "flax_vit": FLAX_VIT, "hf_vit": HF_VIT,
           "hf_resnet": HF_RESNET, "hf_regnet": HF_REGNET, "hf_convnext": HF_CONVNEXT, "timm_swin": TIMM_SWIN,
-          "ms_swin": MS_SWIN}
+          "ms_swin": MS_SWIN, "hf_swin": HF_SWIN}
 _COMPILED = {}
 
 
