@@ -253,6 +253,7 @@ class Swin(nn.Module):
     def __init__(self, spec: swin.Spec, num_classes):
         super().__init__()
         assert spec.stochastic_depth_prob == 0, "the twin has no stochastic depth"
+        assert not spec.v2, "the twin is Swin V1's"
         p = spec.patch_size
         layers = [nn.Sequential(nn.Conv2d(3, spec.embed_dim, p, p), _Permute(0, 2, 3, 1),
                                 nn.LayerNorm(spec.embed_dim, eps=swin.EPS))]

@@ -17,12 +17,12 @@ from ml_collections.config_dict import placeholder
 # downsample (features.2/4/6.0) and classifier.0 LayerNorms and V2's GRN (block.grn, as ConvNeXt
 # V2's recipe); Swin's patch-embedding LayerNorm (features.0.2); ViT's class/register tokens,
 # position embedding and layer scales (ls_1.gamma; ConvNeXt's layer_scale), Swin's relative
-# position bias tables.
+# position bias tables and V2's logit scales and position-bias MLP (timm's and the original's).
 BIAS = r"(.*\.)?\w*bias"
 NORM_WEIGHT = (r"(.*\.)?((bn|\w*norm|gn|ln|grn|channel_bn)(_?\d+)?|downsample\.1|features\.0\.2|"
                r"(stem|proj|a|b|c|features\.[08]|block\.\d+)\.1|block\.2|features\.[246]\.0|classifier\.0)\.weight")
 EMBEDDING = (r"(.*\.)?(class_token|dist_token|register_tokens|pos_embedding|layer_scale|ls_\d+\.gamma|"
-             r"relative_position_bias_table)")
+             r"relative_position_bias_table|logit_scale|cpb_mlp\.\d+\.weight)")
 NO_DECAY = ((BIAS, 0.0), (NORM_WEIGHT, 0.0), (EMBEDDING, 0.0))
 NO_LARS = ((BIAS, True), (NORM_WEIGHT, True), (EMBEDDING, True))
 
@@ -38,7 +38,7 @@ TRUNK_OPTION_TYPES = dict(
     mlp=str, mlp_dim=int, mlp_ratio=float, norm=str, norm_eps=float, norm_groups=int, norm_momentum=float,
     num_heads=tuple, num_registers=int, patch_bias=bool, patch_size=int, pos_embed_class=bool, pos_resample=str,
     pre_norm=bool, se_ratio=float, stem=str, stem_width=int, stochastic_depth_prob=float, w_0=int, w_a=float,
-    w_m=float, width_mult=float, width_multiplier=int, width_per_group=int, window_size=int,
+    v2=bool, w_m=float, width_mult=float, width_multiplier=int, width_per_group=int, window_size=int,
     zero_init_residual=bool)
 
 

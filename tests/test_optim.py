@@ -404,11 +404,12 @@ def test_lr_mult_none_is_accepted_only_for_params_partitioned_out():
 
 @pytest.mark.parametrize("preset", ["resnet18", "regnet_y_400mf", "regnet_x_400mf", "efficientnet_b0",
                                     "convnext_tiny", "convnextv2_atto", "alexnet", "vit_b_16",
-                                    "vit_small_patch14_reg4_dinov2", "swin_t"])
+                                    "vit_small_patch14_reg4_dinov2", "swin_t", "swin_v2_t"])
 def test_default_rules_spare_every_norm_bias_and_embedding_of_every_family(preset):
     """Default weight decay (and LARS) touch conv and linear weights only, whatever the family:
     every 1-D param (norms, biases, layer scales, GRN) and ViT's tokens / position embedding, and
-    Swin's relative position bias tables (as timm and the original exclude them) are spared."""
+    Swin's relative position bias tables, V2's logit scales and position-bias MLP (as timm and the
+    original exclude them) are spared."""
     from fpipe import defaults
     from fpipe.models import model as model_lib
     params, _ = model_lib.build_trunk(preset).init(0)
@@ -418,5 +419,6 @@ def test_default_rules_spare_every_norm_bias_and_embedding_of_every_family(prese
     hyper = optim.build(cfg, {"trunk": params}).hyper
     spared = {n for n in flat if hyper[n]["wd"] == 0.0}
     embeddings = {n for n in flat if n.rsplit(".", 1)[-1] in ("class_token", "register_tokens", "pos_embedding",
-                                                               "layer_scale", "gamma", "relative_position_bias_table")}
+                                                               "layer_scale", "gamma", "relative_position_bias_table",
+                                                               "logit_scale")} | {n for n in flat if ".cpb_mlp." in n}
     assert spared == {n for n, t in flat.items() if t.ndim <= 1} | embeddings

@@ -1,5 +1,6 @@
 """Swin Transformer against torchvision's facts (tests/fixtures/swin, made with torchvision 0.29.1):
-names, and features at 224 px, at 64 px (maps padded to whole windows) and at 64×96 px."""
+names, and features at 224 px, at 64 px (maps padded to whole windows) and at 64×96 px; Swin V2
+at 256 and 64 px."""
 import json
 import pathlib
 
@@ -9,43 +10,48 @@ import torch
 from _trunks import assert_close_to_largest
 from fpipe import tree
 from fpipe.models import swin
-from fpipe.weights import cli
+from fpipe.weights import cli, detect
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "swin"
-MANIFEST = json.loads((FIXTURES / "manifests.json").read_text())["torchvision"]["state_dict"]
-OUTPUTS = torch.load(FIXTURES / "outputs.pt", weights_only=True)["torchvision"]
+MANIFESTS = json.loads((FIXTURES / "manifests.json").read_text())
+OUTPUTS = torch.load(FIXTURES / "outputs.pt", weights_only=True)
 STAGES = {"features.1": "res2", "features.3": "res3", "features.5": "res4", "features.7": "res5"}
 
 
-def seeded_swin_t(reference):
-    """swin_t holding the seeded weights; its state gets the seeded function's zeros for the
-    relative position indices, which the trunk must not read."""
-    trunk = swin.build(**swin.PRESETS["swin_t"])
-    sd = reference.seeded_state_dict(MANIFEST, 0)
+def seeded_swin_t(reference, preset="swin_t", fixture="torchvision"):
+    """``preset`` holding the seeded weights; its state gets the seeded function's values for the
+    relative position indices (zeros) and V2's coordinate tables, which the trunk must not read."""
+    trunk = swin.build(**swin.PRESETS[preset])
+    sd = reference.seeded_state_dict(MANIFESTS[fixture]["state_dict"], 0)
     p0, s0 = trunk.init(0)
     params = tree.unflatten({n: sd[n] for n in tree.flatten(p0)})
     state = tree.unflatten({n: sd[n] for n in tree.flatten(s0)})
     return trunk, params, state, sd
 
 
-def test_names_and_shapes_are_torchvisions():
-    p, s = swin.build(**swin.PRESETS["swin_t"]).init(0)
+@pytest.mark.parametrize("preset,fixture", [("swin_t", "torchvision"), ("swin_v2_t", "torchvision_v2")])
+def test_names_and_shapes_are_torchvisions(preset, fixture):
+    p, s = swin.build(**swin.PRESETS[preset]).init(0)
     ours = {n: list(t.shape) for n, t in {**tree.flatten(p), **tree.flatten(s)}.items()}
-    theirs = {n: shape for n, shape, _ in MANIFEST if not n.startswith("head.")}
+    theirs = {n: shape for n, shape, _ in MANIFESTS[fixture]["state_dict"] if not n.startswith("head.")}
     assert ours == theirs
     assert list(cli.torchvision_order(tree.flatten(p), tree.flatten(s))) == list(theirs)  # what convert writes
     index = tree.flatten(s)["features.1.0.attn.relative_position_index"]
-    assert index.dtype == torch.int64 and index.max() == 13 * 13 - 1
+    window = swin.PRESETS[preset].get("window_size", 7)
+    assert index.dtype == torch.int64 and index.max() == (2 * window - 1) ** 2 - 1
 
 
-@pytest.mark.parametrize("size", ["224", "64", "64x96"])
-def test_eval_features_match_torchvision(reference, size):
-    trunk, params, state, sd = seeded_swin_t(reference)
+@pytest.mark.parametrize("size,preset,fixture", [("224", "swin_t", "torchvision"), ("64", "swin_t", "torchvision"),
+                                                 ("64x96", "swin_t", "torchvision"),
+                                                 ("256", "swin_v2_t", "torchvision_v2"),
+                                                 ("64", "swin_v2_t", "torchvision_v2")])
+def test_eval_features_match_torchvision(reference, size, preset, fixture):
+    trunk, params, state, sd = seeded_swin_t(reference, preset, fixture)
     if size == "64x96":
         images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(200))
     else:
         images = reference.seeded_images(2, int(size), seed=100)
-    expected = OUTPUTS[size]
+    expected = OUTPUTS[fixture][size]
     feats, new_state = trunk.apply(params, state, images, train=False, features=swin.FEATURES)
     assert new_state is state
     for module, feature in STAGES.items():
@@ -88,12 +94,13 @@ def test_heads_must_divide_each_stage():
 
 # Parameters with a 1000-class head, in millions: torchvision's and timm's model cards.
 PUBLISHED_MILLIONS = dict(swin_t=28.29, swin_s=49.61, swin_b=87.77, swin_large_patch4_window7_224=196.53,
-                          swin_base_patch4_window12_384=87.90, swin_large_patch4_window12_384=196.74)
+                          swin_base_patch4_window12_384=87.90, swin_large_patch4_window12_384=196.74,
+                          swin_v2_t=28.35, swin_v2_s=49.74, swin_v2_b=87.93)
 
 
 def test_every_preset_has_its_published_size():
     assert set(PUBLISHED_MILLIONS) == set(swin.PRESETS)
     for name, millions in PUBLISHED_MILLIONS.items():
         width = swin.Spec(**swin.PRESETS[name]).dim(3)
-        params = {n: t for n, t in cli.meta_target(name).items() if "relative_position_index" not in n}
+        params = {n: t for n, t in cli.meta_target(name).items() if not detect.is_derived(n)}
         assert round((sum(t.numel() for t in params.values()) + width * 1000 + 1000) / 1e6, 2) == millions, name

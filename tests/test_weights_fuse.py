@@ -27,3 +27,12 @@ def test_incomplete_or_unlike_groups_stay_as_they_are():
     assert not packed and out.keys() == files.keys()
     files = {"a.query.scale": torch.zeros(2), "a.key.scale": torch.zeros(2), "a.value.scale": torch.zeros(2)}
     assert fuse.pack(files)[1] == []  # only weights and biases
+
+
+def test_swin_v2_query_and_value_biases_pack_around_a_zero_key_bias():
+    q, v = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    out, packed = fuse.pack({"blocks.0.attn.q_bias": q, "blocks.0.attn.v_bias": v, "blocks.0.attn.qkv.weight": q})
+    assert packed == ["blocks.0.attn.{q_bias,v_bias}"]
+    assert torch.equal(out[packed[0]], torch.tensor([1.0, 2.0, 0.0, 0.0, 3.0, 4.0]))
+    assert set(out) == {"blocks.0.attn.{q_bias,v_bias}", "blocks.0.attn.qkv.weight"}
+    assert fuse.pack({"attn.q_bias": q}) == ({"attn.q_bias": q}, [])  # no value bias: left as it is

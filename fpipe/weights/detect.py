@@ -13,9 +13,10 @@ from fpipe.weights import resample
 from fpipe.weights.errors import WeightsError
 
 # Buffers that are bookkeeping, not weights: BatchNorm's step counter, and tables the model
-# derives from its architecture (Swin's relative_position_index), which are never read from a file.
+# derives from its architecture (Swin's relative_position_index, V2's relative_coords_table),
+# which are never read from a file.
 COUNTERS = ("num_batches_tracked",)
-DERIVED = ("relative_position_index",)
+DERIVED = ("relative_position_index", "relative_coords_table")
 
 # When a file holds several full copies of the trunk: the copy each project evaluates (read from
 # each project's own linear-evaluation or export code; README "Pretrained weights from elsewhere").

@@ -7,11 +7,16 @@ DINOv2 SwiGLU splits dinov2's ``w12`` into ``gate_proj`` and ``up_proj``. ``pack
 each complete group by one tensor, concatenated along dim 0 in the group's order, under the
 name ``<prefix>.{a,b,c}.<leaf>``, so reports still say which file tensors it came from; the
 rename tables (``renames``) map these names like any other.
+
+Swin V2 (timm, the original repository) keeps a query and a value bias and no key bias
+(``attn.q_bias``, ``attn.v_bias``) where torchvision packs one ``qkv.bias`` [3·C] whose key third
+is never used: ``pack`` writes ``<attn>.{q_bias,v_bias}`` = [q, zeros, v].
 """
 import torch
 
 GROUPS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 LEAVES = ("weight", "bias")
+QV_BIASES = ("q_bias", "v_bias")
 
 
 def packed_name(prefix: str, group: tuple, leaf: str) -> str:
@@ -36,7 +41,22 @@ def pack(files: dict) -> tuple:
             packed_names.append(packed)
             for n in names:
                 del out[n]
+        if leaf == QV_BIASES[0]:
+            _pack_query_value_biases(name, files, out, packed_names)
     return out, packed_names
+
+
+def _pack_query_value_biases(name: str, files: dict, out: dict, packed_names: list) -> None:
+    """``<attn>.q_bias`` + ``<attn>.v_bias`` -> ``<attn>.{q_bias,v_bias}`` = [q, zeros, v]."""
+    attn = name.rpartition(".")[0]
+    q_name, v_name = (f"{attn}.{b}" if attn else b for b in QV_BIASES)
+    q, v = files[q_name], files.get(v_name)
+    if v is None or q.shape != v.shape or q.dtype != v.dtype or q.dim() != 1:
+        return
+    packed = f"{attn}.{{{','.join(QV_BIASES)}}}" if attn else f"{{{','.join(QV_BIASES)}}}"
+    out[packed] = torch.cat([q, torch.zeros_like(q), v])
+    packed_names.append(packed)
+    del out[q_name], out[v_name]
 
 
 def _join(prefix: str, part: str, leaf: str) -> str:

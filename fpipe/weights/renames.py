@@ -252,15 +252,17 @@ HF_CONVNEXT = (
     (r"(^|\.)layernorm\.(weight|bias)$", r"\1classifier.0.\2"),
 )
 
-# Swin: timm's names (1.0: a stage's downsampling at its start, layers.<s>.downsample for s >= 1)
-# and microsoft/Swin-Transformer's (old timm, SimMIM, MoBY, EsViT: at a stage's end, s <= 2)
-# -> torchvision's (features.0 patch embedding, features.2s+1 stage s, features.2s+2 the merging
-# after it). The two differ only there, and the shapes tell them apart. The original's
-# attn_mask buffers are left out; relative_position_index is never read (detect.DERIVED).
+# Swin (V1 and V2): timm's names (1.0: a stage's downsampling at its start, layers.<s>.downsample
+# for s >= 1) and microsoft/Swin-Transformer's (old timm, SimMIM, MoBY, EsViT: at a stage's end,
+# s <= 2) -> torchvision's (features.0 patch embedding, features.2s+1 stage s, features.2s+2 the
+# merging after it). The two differ only there, and the shapes tell them apart. The original's
+# attn_mask buffers are left out; relative_position_index and V2's relative_coords_table are
+# never read (detect.DERIVED).
 _SWIN = (
     (r"(^|\.)patch_embed\.proj\.", r"\1features.0.0."), (r"(^|\.)patch_embed\.norm\.", r"\1features.0.2."),
     (r"(^|\.)layers\.(\d)\.blocks\.(\d+)\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 1}.{m[3]}."),
     (r"\.mlp\.fc1\.", ".mlp.0."), (r"\.mlp\.fc2\.", ".mlp.3."),
+    (r"\.attn\.\{q_bias,v_bias\}$", ".attn.qkv.bias"),  # V2: fuse.pack's [q, zeros, v]
     (r"(^|\.)head\.fc\.", r"\1head."),
 )
 TIMM_SWIN = (
