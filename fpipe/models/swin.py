@@ -182,20 +182,29 @@ _cached_window_tables = functools.lru_cache(maxsize=64)(window_tables)  # eager 
 def window_attention(p, x, heads, window, shift, v2=False):
     """Shifted-window multi-head attention on channels-last ``x`` [N, H, W, C] (torchvision's
     ``shifted_window_attention``: pad to whole windows, roll, attend with the relative position
-    bias and the wrap mask, roll back, crop); V2's cosine attention when ``v2``."""
+    bias and the wrap mask, roll back, crop); V2's cosine attention when ``v2``.
+
+    The projections are per token, so they run on the map's own tokens only: a padding token's
+    q/k/v is the bias alone (the padding is zeros), and padding outputs are cropped before the
+    output projection. Same math as projecting the padded map; at 64 px, where stages 2-4 pad
+    their maps to 3-12× the tokens, far fewer products.
+    """
     n, h, w, c = x.shape
-    x = F.pad(x, (0, 0, 0, (window - w % window) % window, 0, (window - h % window) % window))
-    ph, pw = x.shape[1:3]
-    shifts = tuple(0 if window >= side else shift for side in (ph, pw))  # no shift where one window spans the map
-    if any(shifts):
-        x = torch.roll(x, shifts=(-shifts[0], -shifts[1]), dims=(1, 2))
-    rows, cols, t = ph // window, pw // window, window * window
-    x = x.view(n, rows, window, cols, window, c).permute(0, 1, 3, 2, 4, 5).reshape(n, rows * cols, t, c)
     qkv_bias = p["qkv"]["bias"]
     if v2:  # no key bias: the key third of the packed bias takes no part (nor gets a gradient)
         qkv_bias = torch.cat([qkv_bias[:c], torch.zeros_like(qkv_bias[c:2 * c]), qkv_bias[2 * c:]])
-    q, k, v = layers.dense(x, p["qkv"]["weight"], qkv_bias).view(
-        n, rows * cols, t, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5).unbind(0)  # [n, windows, heads, t, d]
+    pad_w, pad_h = (window - w % window) % window, (window - h % window) % window
+    if pad_w or pad_h:
+        qkv = F.pad(layers.dense(x, p["qkv"]["weight"]), (0, 0, 0, pad_w, 0, pad_h)) + qkv_bias
+    else:
+        qkv = layers.dense(x, p["qkv"]["weight"], qkv_bias)
+    ph, pw = h + pad_h, w + pad_w
+    shifts = tuple(0 if window >= side else shift for side in (ph, pw))  # no shift where one window spans the map
+    if any(shifts):
+        qkv = torch.roll(qkv, shifts=(-shifts[0], -shifts[1]), dims=(1, 2))
+    rows, cols, t = ph // window, pw // window, window * window
+    q, k, v = qkv.view(n, rows, window, cols, window, 3, heads, c // heads).permute(
+        5, 0, 1, 3, 6, 2, 4, 7).reshape(3, n, rows * cols, heads, t, c // heads).unbind(0)  # [n, windows, heads, t, d]
     tables = window_tables if torch.compiler.is_compiling() else _cached_window_tables
     index, coords, mask = tables(window, ph, pw, shifts, x.device)
     table = _cpb_table(p["cpb_mlp"], coords, heads) if v2 else p["relative_position_bias_table"]
@@ -209,12 +218,11 @@ def window_attention(p, x, heads, window, shift, v2=False):
         k = F.normalize(k, dim=-1)
         q = F.normalize(q, dim=-1) * torch.clamp(p["logit_scale"], max=MAX_LOGIT_SCALE_LOG).exp()
         scale = 1.0
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
-    y = layers.dense(y.transpose(2, 3).reshape(n, rows * cols, t, c), p["proj"]["weight"], p["proj"]["bias"])
-    y = y.view(n, rows, cols, window, window, c).permute(0, 1, 3, 2, 4, 5).reshape(n, ph, pw, c)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)  # [n, windows, heads, t, d]
+    y = y.view(n, rows, cols, heads, window, window, c // heads).permute(0, 1, 4, 2, 5, 3, 6).reshape(n, ph, pw, c)
     if any(shifts):
         y = torch.roll(y, shifts=shifts, dims=(1, 2))
-    return y[:, :h, :w]
+    return layers.dense(y[:, :h, :w], p["proj"]["weight"], p["proj"]["bias"])
 
 
 def _cpb_table(p, coords, heads):
