@@ -36,3 +36,14 @@ def test_swin_v2_query_and_value_biases_pack_around_a_zero_key_bias():
     assert torch.equal(out[packed[0]], torch.tensor([1.0, 2.0, 0.0, 0.0, 3.0, 4.0]))
     assert set(out) == {"blocks.0.attn.{q_bias,v_bias}", "blocks.0.attn.qkv.weight"}
     assert fuse.pack({"attn.q_bias": q}) == ({"attn.q_bias": q}, [])  # no value bias: left as it is
+
+
+def test_a_key_projection_without_bias_packs_a_zero_key_bias():
+    """transformers' Swinv2: query and value Linears with bias, the key's without."""
+    w, q, v = torch.ones(2, 2), torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    files = {f"s.{p}.weight": w for p in ("query", "key", "value")} | {"s.query.bias": q, "s.value.bias": v}
+    out, packed = fuse.pack(files)
+    assert sorted(packed) == ["s.{query,key,value}.bias", "s.{query,key,value}.weight"]
+    assert torch.equal(out["s.{query,key,value}.bias"], torch.tensor([1.0, 2.0, 0.0, 0.0, 3.0, 4.0]))
+    del files["s.key.weight"]  # no key projection at all: nothing to pack
+    assert fuse.pack(files)[1] == []

@@ -35,6 +35,7 @@ TRUNKS = {
     "convnext-tiny-224": ("convnext_tiny", {}),
     "convnextv2-atto-1k-224": ("convnextv2_atto", {}),
     "swin-tiny-patch4-window7-224": ("swin_t", {}),
+    "swinv2-tiny-patch4-window8-256": ("swin_v2_t", {}),
     "regnet-y-400mf": ("regnet_y_400mf", {}),
     "regnet-x-400mf": ("regnet_x_400mf", {}),
 }

@@ -8,9 +8,10 @@ each complete group by one tensor, concatenated along dim 0 in the group's order
 name ``<prefix>.{a,b,c}.<leaf>``, so reports still say which file tensors it came from; the
 rename tables (``renames``) map these names like any other.
 
-Swin V2 (timm, the original repository) keeps a query and a value bias and no key bias
-(``attn.q_bias``, ``attn.v_bias``) where torchvision packs one ``qkv.bias`` [3·C] whose key third
-is never used: ``pack`` writes ``<attn>.{q_bias,v_bias}`` = [q, zeros, v].
+Swin V2 keeps a query and a value bias and no key bias (timm and the original repository:
+``attn.q_bias``, ``attn.v_bias``; transformers: a ``key`` Linear without bias) where torchvision
+packs one ``qkv.bias`` [3·C] whose key third is never used: ``pack`` writes
+``<attn>.{q_bias,v_bias}`` and ``<prefix>.{query,key,value}.bias`` as [q, zeros, v].
 """
 import torch
 
@@ -34,16 +35,24 @@ def pack(files: dict) -> tuple:
                 continue
             names = [_join(prefix, p, leaf) for p in group]
             parts = [files.get(n) for n in names]
+            if _key_without_bias(files, prefix, group, leaf, parts):  # transformers' Swinv2
+                parts[1] = torch.zeros_like(parts[0])
             if any(t is None for t in parts) or len({(tuple(t.shape), t.dtype) for t in parts}) != 1:
                 continue
             packed = packed_name(prefix, group, leaf)
             out[packed] = torch.cat(parts, dim=0)
             packed_names.append(packed)
             for n in names:
-                del out[n]
+                out.pop(n, None)
         if leaf == QV_BIASES[0]:
             _pack_query_value_biases(name, files, out, packed_names)
     return out, packed_names
+
+
+def _key_without_bias(files: dict, prefix: str, group: tuple, leaf: str, parts: list) -> bool:
+    """Query and value biases beside a key projection that has a weight and no bias."""
+    return (len(group) == 3 and leaf == "bias" and parts[1] is None and parts[0] is not None
+            and parts[2] is not None and _join(prefix, group[1], "weight") in files)
 
 
 def _pack_query_value_biases(name: str, files: dict, out: dict, packed_names: list) -> None:

@@ -273,15 +273,17 @@ MS_SWIN = (
     (r"(^|\.)layers\.(\d)\.downsample\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 2}."),
     *_SWIN,
 )
-# Hugging Face transformers' Swin (microsoft/swin-*: SwinModel, SwinForImageClassification):
-# downsampling at a stage's end as the original's; fuse.pack has packed query/key/value.
+# Hugging Face transformers' Swin and Swinv2 (microsoft/swin-*, microsoft/swinv2-*): downsampling
+# at a stage's end as the original's; fuse.pack has packed query/key/value (Swinv2's key has no
+# bias: a zero one).
 HF_SWIN = (
     (r"(^|\.)embeddings\.patch_embeddings\.projection\.", r"\1features.0.0."),
     (r"(^|\.)embeddings\.norm\.", r"\1features.0.2."),
     (r"(^|\.)encoder\.layers\.(\d)\.downsample\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 2}."),
     (r"(^|\.)encoder\.layers\.(\d)\.blocks\.(\d+)\.", lambda m: f"{m[1]}features.{2 * int(m[2]) + 1}.{m[3]}."),
     (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
-    (r"\.attention\.self\.\{query,key,value\}\.", ".attn.qkv."), (r"\.attention\.self\.", ".attn."),
+    (r"\.attention\.self\.\{query,key,value\}\.", ".attn.qkv."),
+    (r"\.attention\.self\.continuous_position_bias_mlp\.", ".attn.cpb_mlp."), (r"\.attention\.self\.", ".attn."),
     (r"\.attention\.output\.dense\.", ".attn.proj."),
     (r"\.intermediate\.dense\.", ".mlp.0."), (r"\.output\.dense\.", ".mlp.3."),
     (r"(^|\.)layernorm\.(weight|bias)$", r"\1norm.\2"), (r"(^|\.)classifier\.(weight|bias)$", r"\1head.\2"),
