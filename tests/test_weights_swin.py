@@ -16,7 +16,8 @@ import torch
 
 from _trunks import assert_close_to_largest, load_target, loaded_trees
 from fpipe.models import model as model_lib
-from fpipe.weights import detect, load_into
+from fpipe.models import swin
+from fpipe.weights import cli, detect, load_into
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "swin"
 MANIFESTS = json.loads((FIXTURES / "manifests.json").read_text())
@@ -65,3 +66,15 @@ def test_relative_position_indices_in_a_file_are_never_read(reference, tmp_path)
     name = "trunk.features.1.0.attn.relative_position_index"
     assert torch.equal(loaded[name], target[name]) and target[name].max() == 168
     assert report.not_loaded["features.1.0.attn.relative_position_index"].startswith("derived")
+
+
+def test_convert_writes_torchvisions_names_and_the_real_index_tables(reference, tmp_path, capsys):
+    weights = reference.seeded_state_dict(MANIFESTS["timm_v2"]["state_dict"], 0)
+    torch.save(weights, tmp_path / "timm.pth")
+    assert cli.main(["convert", str(tmp_path / "timm.pth"), str(tmp_path / "tv.pth")]) == 0
+    assert "swin_v2_t" in capsys.readouterr().out
+    written = torch.load(tmp_path / "tv.pth", weights_only=True)
+    theirs = [n for n, _, _ in MANIFESTS["torchvision_v2"]["state_dict"] if not n.startswith("head.")]
+    assert list(written) == theirs  # what torchvision's swin_v2_t loads strictly, in its order
+    assert torch.equal(written["features.1.0.attn.relative_position_index"], swin.relative_position_index(8))
+    assert torch.equal(written["features.7.1.attn.relative_coords_table"], swin.relative_coords_table(8))

@@ -136,8 +136,10 @@ def init_params(spec: Spec, seed=0):
 
 
 def here(t: torch.Tensor) -> torch.Tensor:
-    """A copy of CPU table ``t`` on the current default device (meta while shapes are built)."""
-    return t.to(torch.empty(0).device, copy=True)
+    """A copy of CPU table ``t`` on the current default device; on the CPU while shapes are built
+    on the meta device, so that a file written from them (``convert``) holds the real table."""
+    device = torch.empty(0).device
+    return t.clone() if device.type == "meta" else t.to(device, copy=True)
 
 
 def relative_coords_table(window: int) -> torch.Tensor:

@@ -108,7 +108,6 @@ def inspect(args, build_target) -> None:
 
 
 def convert(args, build_target) -> None:
-    import torch
     from fpipe.weights import io, load
     _check_out(args.out, args.file)
     obj = load.read_checkpoint(args.file, stub_objects=args.stub_objects)
@@ -117,12 +116,23 @@ def convert(args, build_target) -> None:
         target.update(_fc_target(args, obj, target))
     cfg = {**_weights_cfg(args), "load_heads": args.heads, "skip_layers": []}  # keep the counters
     out, report = load.load_into(target, cfg, obj=obj)
-    for n in report.identity_kept:  # a final norm the file lacks (FCMAE): written at its identity
-        out[n] = torch.full(out[n].shape, 1.0 if n.endswith(".weight") else 0.0, dtype=out[n].dtype)
+    out = {n: _written_at_init(n, t, report) if t.is_meta else t for n, t in out.items()}
     plain = {n.split(".", 1)[1]: t for n, t in out.items()}
     io.write(plain, args.out)
     print(f"{args.out}: {len(plain)} tensors with torchvision names for {trunk} "
           f"(trunk {report.trunk_loaded}/{report.trunk_total} from {report.source or args.file})")
+
+
+def _written_at_init(name: str, t, report):
+    """A tensor the file did not give, as a fresh model holds it: a final norm the file lacks
+    (FCMAE) at its identity, a BatchNorm step counter at 0."""
+    import torch
+    from fpipe.weights import detect
+    if name in report.identity_kept:
+        return torch.full(t.shape, 1.0 if name.endswith(".weight") else 0.0, dtype=t.dtype)
+    if detect.is_bookkeeping(name):
+        return torch.zeros(t.shape, dtype=t.dtype)
+    raise AssertionError(f"{name}: neither loaded nor kept at a known init")  # load_into refused those
 
 
 def export(args, build_target) -> None:
