@@ -65,9 +65,8 @@ class Spec:
             raise ValueError(f"ConvNeXt needs 4 stages: got channels={self.channels}, depths={self.depths}")
 
     def drop(self, stage, i):
-        """Stochastic depth probability of block ``i`` of ``stage`` (0-based), torchvision's ramp."""
-        index, total = sum(self.depths[:stage]) + i, sum(self.depths)
-        return self.stochastic_depth_prob * index / max(total - 1, 1)
+        """Stochastic depth probability of block ``i`` (0-based) of ``stage``."""
+        return trunk_lib.depth_ramp(self.stochastic_depth_prob, self.depths, stage, i)
 
 
 def build(**options) -> trunk_lib.Trunk:

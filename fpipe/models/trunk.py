@@ -107,6 +107,13 @@ def stochastic_depth(x, prob, train):
     return x * mask / keep
 
 
+def depth_ramp(prob, depths, stage, i):
+    """torchvision's stochastic depth schedule: ``prob`` times block ``i`` of ``stage``'s place
+    among all blocks, rising linearly from 0 (first block) to ``prob`` (last)."""
+    index, total = sum(depths[:stage]) + i, sum(depths)
+    return prob * index / max(total - 1, 1)
+
+
 def squeeze_excite(p, x, act):
     """Squeeze-and-excitation (torchvision's SqueezeExcitation: ``fc1``/``fc2`` are 1×1 convs)."""
     s = torch.mean(x, dim=(2, 3), keepdim=True)
