@@ -13,18 +13,14 @@ import re
 _WRAPPED = re.compile(r"\.(ln|linear)\.(weight|bias)$")
 
 
-def is_sparse(files: dict) -> bool:
-    """Whether ``files`` holds MinkowskiEngine kernels: ``*.kernel`` of 2 or 3 dims whose first is
-    a square kernel volume."""
-    return any(name.endswith(".kernel") and _volume_side(t) for name, t in files.items())
-
-
 def to_dense(files: dict) -> tuple:
     """``(files, converted)``: ``files`` ({name: tensor}) with sparse kernels as dense weights and
-    the ``ln``/``linear`` wrappers' names dropped, and the file names that changed."""
-    if not is_sparse(files):
-        return files, []
+    the ``ln``/``linear`` wrappers' names dropped, and the file names that changed. MinkowskiEngine
+    kernels are ``*.kernel`` of 2 or 3 dims whose first is a square kernel volume; a file with none
+    passes unchanged."""
     kernels = {name[:-len(".kernel")] for name, t in files.items() if name.endswith(".kernel") and _volume_side(t)}
+    if not kernels:
+        return files, []
     out, converted = {}, []
     for name, t in files.items():
         stem, _, leaf = name.rpartition(".")
@@ -34,7 +30,7 @@ def to_dense(files: dict) -> tuple:
         elif stem in kernels and leaf == "bias" and t.dim() == 2 and t.shape[0] == 1:
             t = t.reshape(-1)
         elif _WRAPPED.search(name) and _WRAPPED.sub(r".\2", name) not in files:
-            new = _WRAPPED.sub(r".\2", name)
+            new = _WRAPPED.sub(r".\2", name)  # the wrapped layer's own name, unless the file has it
         if new != name or t is not files[name]:
             converted.append(name)
         out[new] = t
