@@ -34,14 +34,13 @@ class GRN(nn.Module):
         return self.weight * (x * (g / (g.mean(dim=-1, keepdim=True) + convnext.GRN_EPS))) + self.bias + x
 
 
-class CNBlockV2Body(nn.Sequential):
-    """V1's block with GRN after the GELU; GRN as ``grn`` so the other indices stay V1's."""
-
-    def __init__(self, dim):
-        super().__init__(collections.OrderedDict([
-            ("0", nn.Conv2d(dim, dim, 7, padding=3, groups=dim)), ("1", _Permute(0, 2, 3, 1)),
-            ("2", nn.LayerNorm(dim, eps=convnext.EPS)), ("3", nn.Linear(dim, 4 * dim)), ("4", nn.GELU()),
-            ("grn", GRN(4 * dim)), ("5", nn.Linear(4 * dim, dim)), ("6", _Permute(0, 3, 1, 2))]))
+def cn_block_body(dim, grn=False):
+    """torchvision's CNBlock.block (depthwise conv, LayerNorm, MLP); V2's GRN after the GELU
+    as ``grn``, so the other indices stay V1's."""
+    head = [("0", nn.Conv2d(dim, dim, 7, padding=3, groups=dim)), ("1", _Permute(0, 2, 3, 1)),
+            ("2", nn.LayerNorm(dim, eps=convnext.EPS)), ("3", nn.Linear(dim, 4 * dim)), ("4", nn.GELU())]
+    tail = [("5", nn.Linear(4 * dim, dim)), ("6", _Permute(0, 3, 1, 2))]
+    return nn.Sequential(collections.OrderedDict(head + ([("grn", GRN(4 * dim))] if grn else []) + tail))
 
 
 class CNBlock(nn.Module):
@@ -49,9 +48,7 @@ class CNBlock(nn.Module):
         super().__init__()
         if layer_scale:
             self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale))
-        self.block = CNBlockV2Body(dim) if grn else nn.Sequential(
-            nn.Conv2d(dim, dim, 7, padding=3, groups=dim), _Permute(0, 2, 3, 1), nn.LayerNorm(dim, eps=convnext.EPS),
-            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), _Permute(0, 3, 1, 2))
+        self.block = cn_block_body(dim, grn)
 
     def forward(self, x):
         y = self.block(x)
