@@ -481,3 +481,89 @@ def test_vit_giant_dinov2_presets_have_dinov2s_dims(preset, registers):
     assert flat["encoder.pos_embedding"].shape == (1, (0 if registers else 1) + 37 * 37, 1536)
     assert ("register_tokens" in flat) == bool(registers)
     assert round(sum(t.numel() for t in flat.values()) / 1e6, 1) == 1136.5  # timm's model cards: 1136.5 M
+
+
+# ---------------------------------------------------------------- BEiT's relative position bias
+BEIT_TINY = dict(TINY, depth=2, pos_embed=False, rel_pos_bias="block", fc_norm=True, layer_scale=0.1)
+
+
+def beit_params(trunk, seed=0):
+    """``trunk.init`` with every bias table filled with noise (they start at zero)."""
+    params, _ = trunk.init(0)
+    gen = torch.Generator().manual_seed(seed)
+    return tree.unflatten({n: torch.randn(t.shape, generator=gen) if n.endswith("relative_position_bias_table") else t
+                           for n, t in tree.flatten(params).items()})
+
+
+def test_relative_position_index_names_each_pairs_offset():
+    """Written out pair by pair: patches by (row offset, column offset), then class to patch,
+    patch to class, class to class, as BEiT's table rows."""
+    h, w = 2, 3
+    n = (2 * h - 1) * (2 * w - 1)
+    index = vit.relative_position_index((h, w)).view(h * w + 1, h * w + 1)
+    for i in range(h * w + 1):
+        for j in range(h * w + 1):
+            if i and j:
+                (ri, ci), (rj, cj) = divmod(i - 1, w), divmod(j - 1, w)
+                want = (ri - rj + h - 1) * (2 * w - 1) + (ci - cj + w - 1)
+            else:
+                want = n + 2 if i == j == 0 else (n if i == 0 else n + 1)
+            assert index[i, j] == want, (i, j)
+
+
+def test_beit_attention_adds_the_bias_to_the_logits():
+    trunk = vit.build(**BEIT_TINY)
+    params = beit_params(trunk)
+    p = params["encoder"]["layers"]["encoder_layer_0"]["self_attention"]
+    x = torch.randn(2, 17, 32)
+    bias = vit.relative_position_bias(p["relative_position_bias_table"], trunk.spec, (4, 4))
+    q, k, v = F.linear(x, p["in_proj_weight"], p["in_proj_bias"]).view(2, 17, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8) + bias, dim=-1)
+    want = F.linear((weights @ v).transpose(1, 2).reshape(2, 17, 32), p["out_proj"]["weight"], p["out_proj"]["bias"])
+    torch.testing.assert_close(vit.attention(p, x, 4, bias), want, atol=1e-5, rtol=1e-5)
+    assert bias.shape == (4, 17, 17) and not torch.equal(bias[:, 1:, 1:], bias[:, 1:, 1:].flip(-1))
+
+
+def test_a_shared_table_is_every_blocks_table():
+    shared = vit.build(**dict(BEIT_TINY, rel_pos_bias="shared"))
+    params = beit_params(shared)
+    assert "relative_position_bias_table" not in params["encoder"]["layers"]["encoder_layer_0"]["self_attention"]
+    per_block = vit.build(**BEIT_TINY)
+    copied, _ = per_block.init(0)
+    table = params["encoder"]["relative_position_bias_table"]
+    for name, layer in copied["encoder"]["layers"].items():
+        layer.update({k: v for k, v in params["encoder"]["layers"][name].items() if k != "self_attention"})
+        layer["self_attention"].update({**params["encoder"]["layers"][name]["self_attention"],
+                                        "relative_position_bias_table": table})
+    copied.update({k: v for k, v in params.items() if k != "encoder"})
+    x = torch.randn(2, 3, 16, 20)  # another grid than the stored one: both resample the same table
+    a, _ = shared.apply(params, {}, x, train=False, features=("tokens",))
+    b, _ = per_block.apply(copied, {}, x, train=False, features=("tokens",))
+    torch.testing.assert_close(a["tokens"], b["tokens"], atol=1e-6, rtol=1e-6)
+
+
+def test_beit_compiles_with_fullgraph_and_equals_eager_on_another_grid():
+    trunk = vit.build(**BEIT_TINY)
+    params = beit_params(trunk)
+    x = torch.randn(2, 3, 12, 24)
+    eager, _ = trunk.apply(params, {}, x, train=False, features=("lastPOOL",))
+    compiled = torch.compile(lambda p, im: trunk.apply(p, {}, im, train=False, features=("lastPOOL",))[0],
+                             fullgraph=True, dynamic=False, backend="aot_eager")
+    torch.testing.assert_close(compiled(params, x)["lastPOOL"], eager["lastPOOL"], atol=1e-5, rtol=1e-5)
+
+
+def test_resampling_a_table_to_its_own_grid_changes_nothing():
+    table = torch.randn(7 * 7 + 3, 4)
+    torch.testing.assert_close(vit.resample_bias_table(table, (4, 4)), table)
+    assert vit.resample_bias_table(table, (2, 5)).shape == (3 * 9 + 3, 4)
+    with pytest.raises(ValueError, match="not \\(2g-1\\)² \\+ 3"):
+        vit.resample_bias_table(torch.randn(49, 4), (4, 4))
+
+
+def test_beit_options_are_checked():
+    with pytest.raises(ValueError, match="valid: \\('none', 'block', 'shared'\\)"):
+        vit.build(**dict(BEIT_TINY, rel_pos_bias="window"))
+    with pytest.raises(ValueError, match="exactly one token before the patches"):
+        vit.build(**dict(BEIT_TINY, num_registers=4))
+    params, _ = vit.build(**BEIT_TINY).init(0)
+    assert "pos_embedding" not in params["encoder"] and "ln" not in params["encoder"]

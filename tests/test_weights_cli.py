@@ -225,6 +225,14 @@ def test_infer_matches_other_families_against_presets():
     first_blocks = {n: t for n, t in vit_target.items() if not n.startswith("trunk.encoder.layers.encoder_layer_1")}
     presets = {"vit_shallow": ("vit", {}, lambda: first_blocks), "vit_b_16": ("vit", {}, lambda: vit_target)}
     assert len(first_blocks) < len(vit_target) and infer.infer_trunk(files, presets)[0] == "vit_b_16"
+    # A 384 px preset takes a 224 px file too (its position grid resampled): the file's own grid wins,
+    # whichever order the presets come in.
+    grid_384 = {**vit_target, "trunk.encoder.pos_embedding": torch.zeros(()).expand(1, 577, 768)}
+    for order in ((("vit_b_16_384", grid_384), ("vit_b_16", vit_target)),
+                  (("vit_b_16", vit_target), ("vit_b_16_384", grid_384))):
+        presets = {n: ("vit", {}, lambda t=t: t) for n, t in order}
+        name, _, why = infer.infer_trunk(files, presets)
+        assert name == "vit_b_16" and "vit_b_16_384" not in why, why
 
 
 @pytest.mark.skipif(not HAS_RESNET, reason="fpipe.models.resnet not written yet")

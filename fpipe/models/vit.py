@@ -8,7 +8,10 @@ plus, where a layout has them, layer scale ``…encoder_layer_<i>.ls_1.gamma``/`
 register tokens ``register_tokens`` (1×R×D), ``fc_norm`` (a norm of the pooled tokens that
 replaces ``encoder.ln``, as MAE's global-pool models), DeiT's distillation token ``dist_token``
 and, with ``mlp="swiglu"`` (DINOv2's ViT-g), dinov2's SwiGLU FFN ``mlp.w12``/``mlp.w3`` instead
-of ``mlp.0``/``mlp.3``. State is ``{}`` (LayerNorm only).
+of ``mlp.0``/``mlp.3``; BEiT's relative position bias tables (``rel_pos_bias``), per block
+``…self_attention.relative_position_bias_table`` or shared ``encoder.relative_position_bias_table``,
+with ``pos_embed=False`` (no ``encoder.pos_embedding``). State is ``{}`` (LayerNorm only; BEiT's
+table index is computed).
 
 Tokens are ``[class, distillation, registers…, patches…]``; registers never get a position
 embedding. The position embedding is stored for the ``image_size // patch_size`` grid, with class
@@ -19,6 +22,7 @@ every other feature runs all blocks; the distillation token is a feature only in
 and ``block<i>`` (position 1), the pooled features skip it.
 """
 import dataclasses
+import functools
 import math
 
 import torch
@@ -44,6 +48,12 @@ RESAMPLE_MODES = ("bicubic", "bicubic_antialias", "bicubic_offset")
 # swiglu = dinov2's SwiGLUFFN, w12 [2·mlp_dim, D] holding the gate then the value half,
 # silu(gate)·value, then w3 [D, mlp_dim].
 MLPS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")  # quick_gelu: x·sigmoid(1.702x), OpenAI CLIP's
+# BEiT's relative position bias (BEiT, BEiT v2, data2vec): a learned [(2g-1)² + 3, heads] table of
+# logit biases by (row, column) offset between patches, plus three rows: class to patch, patch to
+# class, class to class. "block": each block its own (``self_attention.relative_position_bias_table``,
+# fine-tuned files); "shared": one for all blocks (``encoder.relative_position_bias_table``, BEiT's
+# pretraining files); "none": no table.
+REL_POS_BIASES = ("none", "block", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +75,8 @@ class Spec:
     dist_token: bool = False      # DeiT's distillation token after the class token (features ignore it)
     pre_norm: bool = False        # CLIP's ln_pre: a LayerNorm of the tokens before the first block
     patch_bias: bool = True       # conv_proj has a bias (CLIP's has none)
+    pos_embed: bool = True        # an absolute position embedding (BEiT's trunks have none)
+    rel_pos_bias: str = "none"    # BEiT's relative position bias tables (REL_POS_BIASES)
 
     def __post_init__(self):
         for key in ("patch_size", "hidden_dim", "depth", "heads", "mlp_dim", "image_size"):
@@ -85,6 +97,11 @@ class Spec:
             raise ValueError(f"unknown ViT pos_resample {self.pos_resample!r}; valid: {RESAMPLE_MODES}")
         if self.mlp not in MLPS:
             raise ValueError(f"unknown ViT mlp {self.mlp!r}; valid: {MLPS}")
+        if self.rel_pos_bias not in REL_POS_BIASES:
+            raise ValueError(f"unknown ViT rel_pos_bias {self.rel_pos_bias!r}; valid: {REL_POS_BIASES}")
+        if self.rel_pos_bias != "none" and self.num_prefix != 1:
+            raise ValueError(f"ViT rel_pos_bias={self.rel_pos_bias!r} needs exactly one token before the patches "
+                             "(class_token=True, no dist_token or registers): BEiT's table has rows for one class token")
 
     @property
     def grid(self):
@@ -98,7 +115,7 @@ class Spec:
     @property
     def pos_rows(self):
         """Rows of the position embedding before the patches' (the class and distillation tokens')."""
-        return (1 + int(self.dist_token)) if self.pos_embed_class else 0
+        return (1 + int(self.dist_token)) if self.pos_embed_class and self.pos_embed else 0
 
     @property
     def features(self):
@@ -128,6 +145,12 @@ _QUICK = dict(_CLIP, mlp="quick_gelu")
 # head's job here: lastPOOL is the mean patch token), no class row, tanh-GELU
 _SIGLIP = dict(class_token=False, pos_embed_class=False, mlp="gelu_tanh")
 _SO400M = dict(hidden_dim=1152, depth=27, heads=16, mlp_dim=4304, patch_size=14)
+# BEiT's trunks (BEiT, BEiT v2; data2vec's are the same): no absolute position embedding, a
+# relative position bias per block, no key bias (q_bias/v_bias: a zero key third, which softmax
+# ignores), mean-pooled patches normed by fc_norm. Its pretraining files (*_pt22k) share one bias
+# table and keep the final norm.
+_BEIT = dict(patch_size=16, pos_embed=False, rel_pos_bias="block", fc_norm=True)
+_BEIT_PT = dict(_BEIT, rel_pos_bias="shared", fc_norm=False)
 PRESETS = {
     # torchvision
     "vit_b_16": dict(_B, patch_size=16), "vit_b_32": dict(_B, patch_size=32),
@@ -171,6 +194,16 @@ PRESETS = {
     "vit_so400m_patch14_siglip_224": dict(_SO400M, **_SIGLIP),
     # 384 px in 14 px patches: a 27x27 grid (the last 6 px unused), stored as for 378 px
     "vit_so400m_patch14_siglip_384": dict(_SO400M, image_size=378, **_SIGLIP),
+    # BEiT (timm's names; *_pt22k: microsoft/unilm's self-supervised pretraining files)
+    "beit_base_patch16_224": dict(_B, **_BEIT, layer_scale=0.1),
+    "beit_base_patch16_384": dict(_B, **_BEIT, layer_scale=0.1, image_size=384),
+    "beit_large_patch16_224": dict(_L, **_BEIT, layer_scale=1e-5),
+    "beit_large_patch16_384": dict(_L, **_BEIT, layer_scale=1e-5, image_size=384),
+    "beit_large_patch16_512": dict(_L, **_BEIT, layer_scale=1e-5, image_size=512),
+    "beitv2_base_patch16_224": dict(_B, **_BEIT, layer_scale=1e-5),
+    "beitv2_large_patch16_224": dict(_L, **_BEIT, layer_scale=1e-5),
+    "beit_base_patch16_224_pt22k": dict(_B, **_BEIT_PT, layer_scale=0.1),
+    "beit_large_patch16_224_pt22k": dict(_L, **_BEIT_PT, layer_scale=1e-5),
 }
 
 
@@ -232,9 +265,15 @@ def init_params(spec: Spec, seed=0):
         if spec.layer_scale:
             fill = lambda t: init.constant_(t, spec.layer_scale)
             layer["ls_1"], layer["ls_2"] = {"gamma": new((d,), fill)}, {"gamma": new((d,), fill)}
+        if spec.rel_pos_bias == "block":
+            layer["self_attention"]["relative_position_bias_table"] = new(bias_table_shape(spec), zeros)
         layers[f"encoder_layer_{i}"] = layer
-    rows = spec.grid ** 2 + spec.pos_rows
-    params["encoder"] = {"pos_embedding": new((1, rows, d), normal(0.02)), "layers": layers}
+    params["encoder"] = {}  # torchvision's order: pos_embedding, layers, ln
+    if spec.pos_embed:
+        params["encoder"]["pos_embedding"] = new((1, spec.grid ** 2 + spec.pos_rows, d), normal(0.02))
+    if spec.rel_pos_bias == "shared":
+        params["encoder"]["relative_position_bias_table"] = new(bias_table_shape(spec), zeros)
+    params["encoder"]["layers"] = layers
     if spec.fc_norm:
         params["fc_norm"] = norm()
     else:
@@ -285,6 +324,10 @@ def embed(spec, params, images):
     x = patch_embed(params, images, spec.patch_size)
     n, grid_hw = x.shape[0], tuple(x.shape[-2:])
     x = x.flatten(2).transpose(1, 2)
+    if not spec.pos_embed:
+        prefix = [params[name].expand(n, -1, -1) for name in ("class_token", "dist_token", "register_tokens")
+                  if name in params]
+        return torch.cat(prefix + [x], dim=1)
     pos = params["encoder"]["pos_embedding"]
     rows = spec.pos_rows
     if grid_hw != (spec.grid, spec.grid):
@@ -299,18 +342,68 @@ def embed(spec, params, images):
     return torch.cat(prefix + [x + pos[:, rows:]], dim=1)
 
 
-def attention(p, x, heads):
-    """Multi-head self-attention with nn.MultiheadAttention's packed q/k/v projection."""
+def attention(p, x, heads, bias=None):
+    """Multi-head self-attention with nn.MultiheadAttention's packed q/k/v projection; ``bias``
+    ([heads, T, T] or None) is added to the logits."""
     n, t, d = x.shape
     q, k, v = layers.dense(x, p["in_proj_weight"], p["in_proj_bias"]).view(n, t, 3, heads, d // heads).permute(
         2, 0, 3, 1, 4).unbind(0)
-    y = F.scaled_dot_product_attention(q, k, v)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
     return layers.dense(y.transpose(1, 2).reshape(n, t, d), p["out_proj"]["weight"], p["out_proj"]["bias"])
 
 
-def block(spec, p, x):
-    """Pre-norm encoder block: x + ls_1·attn(ln_1(x)), then + ls_2·mlp(ln_2(x))."""
-    y = attention(p["self_attention"], _layer_norm(p["ln_1"], x, spec.ln_eps), spec.heads)
+def bias_table_shape(spec) -> tuple:
+    """BEiT's relative position bias table for the stored grid: ``[(2g-1)² + 3, heads]``."""
+    return ((2 * spec.grid - 1) ** 2 + 3, spec.heads)
+
+
+def relative_position_index(grid_hw: tuple) -> torch.Tensor:
+    """``[(1 + h·w)²]`` int64 on the CPU: the table row of each (query, key) pair of ``[class,
+    patches…]`` on an h×w grid: (row offset + h - 1)·(2w - 1) + column offset + w - 1 between
+    patches, then the three class rows (class to patch, patch to class, class to class) last."""
+    h, w = grid_hw
+    rows, cols = torch.meshgrid(torch.arange(h, device="cpu"), torch.arange(w, device="cpu"), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    patches = (rows[:, None] - rows[None, :] + h - 1) * (2 * w - 1) + cols[:, None] - cols[None, :] + w - 1
+    n = (2 * h - 1) * (2 * w - 1)
+    index = torch.full((h * w + 1, h * w + 1), n + 1, dtype=torch.int64, device="cpu")  # patch to class
+    index[1:, 1:] = patches
+    index[0, 1:] = n  # class to patch
+    index[0, 0] = n + 2
+    return index.flatten()
+
+
+_cached_index = functools.lru_cache(maxsize=16)(relative_position_index)  # eager calls; a compiled graph holds constants
+
+
+def relative_position_bias(table, spec, grid_hw) -> torch.Tensor:
+    """``[heads, 1 + h·w, 1 + h·w]``: ``table`` read for every token pair on the input's h×w patch
+    grid. Another grid than the stored one gets the patch part of the table resampled bilinearly
+    to (2h-1)×(2w-1) offsets (transformers' BEiT with ``interpolate_pos_encoding``); the class rows stay."""
+    if tuple(grid_hw) != (spec.grid, spec.grid):
+        table = resample_bias_table(table, grid_hw)
+    index = (relative_position_index if torch.compiler.is_compiling() else _cached_index)(tuple(grid_hw))
+    t = grid_hw[0] * grid_hw[1] + 1
+    return table[index.to(table.device)].view(t, t, table.shape[-1]).permute(2, 0, 1)
+
+
+def resample_bias_table(table, grid_hw) -> torch.Tensor:
+    """A BEiT table ``[(2g-1)² + 3, heads]`` of a square g×g grid for an h×w grid: the offsets'
+    part resampled bilinearly to (2h-1)×(2w-1) (transformers' ``interpolate_pos_encoding``), the
+    three class rows kept. Also what a file of another grid gets at load (fpipe.weights.resample)."""
+    side, heads = math.isqrt(table.shape[0] - 3), table.shape[-1]
+    if side * side != table.shape[0] - 3 or side % 2 == 0:
+        raise ValueError(f"a relative position bias table of {table.shape[0]} rows is not (2g-1)² + 3 for a grid g")
+    grid = table[:-3].reshape(1, side, side, heads).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(2 * grid_hw[0] - 1, 2 * grid_hw[1] - 1), mode="bilinear",
+                         align_corners=False).to(table.dtype)
+    return torch.cat([grid.permute(0, 2, 3, 1).reshape(-1, heads), table[-3:]])
+
+
+def block(spec, p, x, bias=None):
+    """Pre-norm encoder block: x + ls_1·attn(ln_1(x)), then + ls_2·mlp(ln_2(x)); ``bias``: the
+    attention's relative position bias, if any."""
+    y = attention(p["self_attention"], _layer_norm(p["ln_1"], x, spec.ln_eps), spec.heads, bias)
     x = x + (y * p["ls_1"]["gamma"] if "ls_1" in p else y)
     y = feed_forward(p["mlp"], _layer_norm(p["ln_2"], x, spec.ln_eps), spec.mlp)
     return x + (y * p["ls_2"]["gamma"] if "ls_2" in p else y)
@@ -355,8 +448,13 @@ def apply(spec: Spec, params, state, images, *, train, features=None, eval_norms
     x = embed(spec, params, images)
     if spec.pre_norm:
         x = _layer_norm(params["ln_pre"], x, spec.ln_eps)
+    grid_hw = (images.shape[-2] // spec.patch_size, images.shape[-1] // spec.patch_size)
+    shared = params["encoder"].get("relative_position_bias_table")
+    bias = None if shared is None else relative_position_bias(shared, spec, grid_hw)
     for i in range(n_blocks):
-        x = block(spec, params["encoder"]["layers"][f"encoder_layer_{i}"], x)
+        p = params["encoder"]["layers"][f"encoder_layer_{i}"]
+        own = p["self_attention"].get("relative_position_bias_table")
+        x = block(spec, p, x, bias if own is None else relative_position_bias(own, spec, grid_hw))
         if f"block{i}" in features:
             out[f"block{i}"] = x
         if final and i >= spec.depth - keep:

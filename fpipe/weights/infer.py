@@ -39,15 +39,18 @@ def infer_trunk(files: dict, presets=None) -> tuple:
             if not lacking or lacking == set(detect.final_norm(shapes)):
                 via = f" (after the {table_name} rename table)" if table_name else ""
                 but = f" but its final norm {min(lacking).rsplit('.', 1)[0]}" if lacking else ""
-                whole.append((len(shapes), name, options, f"every tensor of preset {name!r}{but} found at "
-                                                          f"{cands[0].prefix or '<no prefix>'!r}{via}"))
+                # as stored, or only after resampling position grids (a 224 px file for a 384 px preset)
+                exact = all(tuple(names[n].shape) == shapes[tail] for tail, n in cands[0].matched.items())
+                whole.append(((exact, len(shapes)), name, options, f"every tensor of preset {name!r}{but} found at "
+                                                                   f"{cands[0].prefix or '<no prefix>'!r}{via}"))
                 break
-    if whole:  # the largest: a shallower preset's names can all be in a deeper one's file (B0 in B1)
-        size, name, options, why = max(whole, key=lambda w: w[0])
-        twins = [w[1] for w in whole if w[0] == size and w[1] != name]
+    if whole:  # as stored first, then the largest: a shallower preset's names can all be in a deeper one's file (B0 in B1)
+        rank, name, options, why = max(whole, key=lambda w: w[0])
+        twins = [w[1] for w in whole if w[0] == rank and w[1] != name]
         if twins:  # the same tensors: names and shapes cannot tell these apart
             why += (f"; preset(s) {', '.join(twins)} hold the same tensors and differ only in what tensors "
-                    "cannot show (activation, norm eps, position resampling): pick by where the file comes from")
+                    "cannot show (activation, norm eps, position resampling, init values): pick by where the file "
+                    "comes from")
         return name, options, why
     if not_resnet:
         raise not_resnet

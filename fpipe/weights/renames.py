@@ -10,7 +10,9 @@ report says which table it used.
 import re
 
 # timm's VisionTransformer (and DINO, DINOv2 hub, MAE, MoCo v3 and DeiT files, which use its
-# names) -> torchvision's VisionTransformer, plus layer scale, registers and MAE's fc_norm.
+# names) -> torchvision's VisionTransformer, plus layer scale, registers and MAE's fc_norm; BEiT's
+# (timm's and microsoft/unilm's BEiT, BEiT v2 and data2vec files) q/v biases, layer scale and
+# relative position bias tables, per block or shared (rel_pos_bias).
 # DINOv2 training files with block_chunks name blocks.<chunk>.<i> (i the global index); its
 # SwiGLU FFN keeps dinov2's names mlp.w12 / mlp.w3, which are fpipe's (vit mlp="swiglu").
 TIMM_VIT = (
@@ -27,6 +29,10 @@ TIMM_VIT = (
     (r"\.mlp\.fc1\.", ".mlp.0."),
     (r"\.mlp\.fc2\.", ".mlp.3."),
     (r"\.ls([12])\.gamma$", r".ls_\1.gamma"),
+    (r"\.gamma_([12])$", r".ls_\1.gamma"),  # BEiT's layer scale
+    (r"\.attn\.\{q_bias,v_bias\}$", ".self_attention.in_proj_bias"),  # BEiT: fuse.pack's [q, zeros, v]
+    (r"\.attn\.relative_position_bias_table$", ".self_attention.relative_position_bias_table"),
+    (r"(^|\.)rel_pos_bias\.relative_position_bias_table$", r"\1encoder.relative_position_bias_table"),
     (r"(^|\.)norm_pre\.", r"\1ln_pre."),
     (r"(^|\.)norm\.(weight|bias)$", r"\1encoder.ln.\2"),
     (r"(^|\.)head\.(weight|bias)$", r"\1heads.head.\2"),
@@ -189,7 +195,8 @@ FLAX_VIT = (
 # Hugging Face transformers' files (save_pretrained; the hub's model.safetensors / pytorch_model.bin)
 # and, where transformers 5 renamed modules, its in-memory state dicts. fuse.pack has already
 # packed the separate q/k/v (and SwiGLU gate/up) projections into one "{a,b,c}" name each.
-# ViTModel, DeiT, ViTMAE and DINOv2 (with registers) -> torchvision's ViT (+ layer scale, SwiGLU).
+# ViTModel, DeiT, ViTMAE, DINOv2 (with registers), BEiT and Data2VecVision -> torchvision's ViT (+
+# layer scale, SwiGLU, BEiT's relative position bias tables and mean-pooling fc_norm).
 HF_VIT = (
     (r"(^|\.)embeddings\.cls_token$", r"\1class_token"),
     (r"(^|\.)embeddings\.distillation_token$", r"\1dist_token"),
@@ -207,6 +214,10 @@ HF_VIT = (
     (r"\.(layernorm_before|norm1)\.", ".ln_1."),
     (r"\.(layernorm_after|norm2)\.", ".ln_2."),
     (r"\.layer_scale([12])\.lambda1$", r".ls_\1.gamma"),
+    (r"\.lambda_([12])$", r".ls_\1.gamma"),  # BEiT's and data2vec's layer scale
+    (r"(^|\.)encoder\.relative_position_bias\.", r"\1encoder."),  # a shared table
+    (r"\.(attention\.attention\.)?relative_position_bias\.", ".self_attention."),
+    (r"(^|\.)pooler\.layernorm\.", r"\1fc_norm."),  # BEiT's mean pooling
     (r"(^|\.)layernorm\.(weight|bias)$", r"\1encoder.ln.\2"),
     (r"(^|\.)classifier\.(weight|bias)$", r"\1heads.head.\2"),
 )
