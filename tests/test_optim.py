@@ -422,3 +422,60 @@ def test_default_rules_spare_every_norm_bias_and_embedding_of_every_family(prese
                                                                "layer_scale", "gamma", "relative_position_bias_table",
                                                                "logit_scale")} | {n for n in flat if ".cpb_mlp." in n}
     assert spared == {n for n, t in flat.items() if t.ndim <= 1} | embeddings
+
+
+# ---------------------------------------------------------------- layer-wise lr decay (BEiT, MAE)
+VIT_SHAPES = {"trunk.class_token": (1, 1, 4), "trunk.conv_proj.weight": (4, 3, 2, 2),
+              "trunk.encoder.pos_embedding": (1, 5, 4),
+              **{f"trunk.encoder.layers.encoder_layer_{i}.{leaf}": (4, 4) for i in range(3)
+                 for leaf in ("self_attention.in_proj_weight", "mlp.0.weight")},
+              "trunk.fc_norm.weight": (4,), "heads.fc.weight": (5, 4)}
+
+
+def _vit_layer_mult(name, decay):
+    """BEiT's get_num_layer_for_vit written out: the tokens and patch embedding are layer 0,
+    block i is layer i + 1, the rest layer depth + 1; lr scale decay^(depth + 1 - layer)."""
+    depth = 3
+    if name.startswith("trunk.encoder.layers.encoder_layer_"):
+        layer = int(name.split(".")[3].rsplit("_", 1)[1]) + 1
+    elif name in ("trunk.class_token", "trunk.conv_proj.weight", "trunk.encoder.pos_embedding"):
+        layer = 0
+    else:
+        layer = depth + 1
+    return decay ** (depth + 1 - layer)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_layer_decay_matches_torch_sgd_with_beits_per_layer_lrs(in_place):
+    gen = torch.Generator().manual_seed(0)
+    params = unflatten({n: torch.randn(s, generator=gen) for n, s in VIT_SHAPES.items()})
+    cfg = _config(layer_decay=0.5, lr_mults=[("heads\\..*", 10.0)], momentum=0.9, weight_decay=0.0)
+    opt = optim.build(cfg, params)
+    params_in = tree.map_leaves(torch.clone, params)
+    state = opt.init(params_in)
+    grads = [unflatten({n: torch.randn(s, generator=gen) for n, s in VIT_SHAPES.items()}) for _ in range(5)]
+    for step, g in enumerate(grads):
+        params_in, state = opt.update(g, state, params_in, opt.inputs(_lr(step)), in_place=in_place)
+    ref = {n: torch.nn.Parameter(t.clone()) for n, t in flatten(params).items()}
+    torch_opt = torch.optim.SGD([{"params": [p], "name": n} for n, p in ref.items()], lr=0.1, momentum=0.9)
+    for step, g in enumerate(grads):
+        for group, (n, grad) in zip(torch_opt.param_groups, flatten(g).items()):
+            group["lr"] = _lr(step) * _vit_layer_mult(n, 0.5) * (10.0 if n.startswith("heads.") else 1.0)
+            group["params"][0].grad = grad
+        torch_opt.step()
+    _assert_close(flatten(params_in), {n: p.detach() for n, p in ref.items()})
+    assert any("layer_decay 0.5 over 3 blocks" in line for line in opt.describe())
+
+
+def test_layer_decay_counts_frozen_blocks_and_refuses_trunks_without_vit_blocks():
+    gen = torch.Generator().manual_seed(0)
+    all_params = {n: torch.randn(s, generator=gen) for n, s in VIT_SHAPES.items()}
+    early = {n: t for n, t in all_params.items() if "encoder_layer_2" not in n}  # the last block frozen
+    opt = optim.build(_config(layer_decay=0.5, lr_mults=[]), unflatten(early), model_names=list(all_params))
+    assert opt.hyper["trunk.encoder.layers.encoder_layer_1.mlp.0.weight"]["lr_mult"] == 0.5 ** 2
+    assert opt.hyper["trunk.class_token"]["lr_mult"] == 0.5 ** 4
+    with pytest.raises(ValueError, match="optim.layer_decay needs a ViT trunk"):
+        optim.build(_config(layer_decay=0.5), _params())
+    with pytest.raises(ValueError, match=r"optim.layer_decay must be in \(0, 1\]"):
+        optim.build(_config(layer_decay=1.5), {})
+    assert optim.build(_config(layer_decay=1.0), _params()).layer_decay is None

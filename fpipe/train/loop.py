@@ -115,7 +115,7 @@ def _run(config, workdir, dist, stop, run_info):
                      tree.tree_size(frozen))
         base_lr, lr_message = optim.scaled_lr(config.optim, config.data.batch_size)
         logging.info("%s (world size %d)", lr_message, dist.world_size)
-        opt = optim.build(config.optim, trainable)
+        opt = optim.build(config.optim, trainable, model_names=list(tree.flatten(params)))
         for line in opt.describe():
             logging.info("optim: %s", line)
         schedule = schedules.build(config.schedule, steps_per_epoch, total_steps, base_lr=base_lr)
