@@ -12,8 +12,8 @@ one batch, each program in a process of its own, timed round-robin (linear_eval_
 
   eager    what a user would write otherwise: a torchvision-style ViT ``nn.Module`` written out
            below (explicit q/k/v projection and ``scaled_dot_product_attention``, no
-           nn.MultiheadAttention; layer scale, registers, SwiGLU as timm/dinov2 write them; the
-           same math), trunk ``requires_grad=False``, ``loss.backward()``, ``torch.optim.SGD``
+           nn.MultiheadAttention; layer scale, registers, SwiGLU as timm/dinov2 write them, BEiT's
+           relative position bias as timm's BEiT reads it; the same math), trunk ``requires_grad=False``, ``loss.backward()``, ``torch.optim.SGD``
            (momentum 0.9) on the head. Same weights, copied by name.
   compiled the same under ``torch.compile(net)`` (the optimizer eager).
   step     fpipe's step as the loop builds it: the frozen trunk compiled as a constant
@@ -28,6 +28,7 @@ step time / eager forward time; 1.0 is the floor).
 """
 import argparse
 import collections
+import math
 
 import ml_collections
 import torch
@@ -46,19 +47,35 @@ FEATURE_WIDTHS = {"lastCLS": 1, "lastPOOL": 1, "concatCLS4": 4, "concatPOOL4": 4
                   "cls4_avgpool": 5}  # the linear-evaluation features the twin computes, in hidden widths
 
 
+def add_relative_position_bias(module, spec):
+    """BEiT's table on ``module`` and its index buffer, as timm's BEiT keeps them (the stored grid)."""
+    module.relative_position_bias_table = nn.Parameter(torch.zeros(vit.bias_table_shape(spec)))
+    module.register_buffer("relative_position_index", vit.relative_position_index((spec.grid, spec.grid)),
+                           persistent=False)
+
+
+def relative_position_bias(module):
+    t = math.isqrt(module.relative_position_index.numel())
+    return module.relative_position_bias_table[module.relative_position_index].view(t, t, -1).permute(2, 0, 1)
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, spec=None):
         super().__init__()
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
+        self.own_bias = spec is not None and spec.rel_pos_bias == "block"
+        if self.own_bias:
+            add_relative_position_bias(self, spec)
 
-    def forward(self, x):
+    def forward(self, x, bias=None):
         n, t, d = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(n, t, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d)
+        bias = relative_position_bias(self) if self.own_bias else bias
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(n, t, d)
         return self.out_proj(y)
 
 
@@ -88,21 +105,24 @@ class EncoderBlock(nn.Module):
         super().__init__()
         d, m = spec.hidden_dim, spec.mlp_dim
         self.ln_1 = nn.LayerNorm(d, eps=spec.ln_eps)
-        self.self_attention = SelfAttention(d, spec.heads)
+        self.self_attention = SelfAttention(d, spec.heads, spec)
         self.ln_2 = nn.LayerNorm(d, eps=spec.ln_eps)
         self.mlp = (SwiGLU(d, m) if spec.mlp == "swiglu" else
                     nn.Sequential(nn.Linear(d, m), nn.GELU(), nn.Dropout(0.0), nn.Linear(m, d)))
         self.ls_1, self.ls_2 = (LayerScale(d), LayerScale(d)) if spec.layer_scale else (nn.Identity(), nn.Identity())
 
-    def forward(self, x):
-        x = x + self.ls_1(self.self_attention(self.ln_1(x)))
+    def forward(self, x, bias=None):
+        x = x + self.ls_1(self.self_attention(self.ln_1(x), bias))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
 class Encoder(nn.Module):
     def __init__(self, spec):
         super().__init__()
-        self.pos_embedding = nn.Parameter(torch.empty(1, spec.grid ** 2 + spec.pos_rows, spec.hidden_dim))
+        if spec.pos_embed:
+            self.pos_embedding = nn.Parameter(torch.empty(1, spec.grid ** 2 + spec.pos_rows, spec.hidden_dim))
+        if spec.rel_pos_bias == "shared":
+            add_relative_position_bias(self, spec)
         self.layers = nn.Sequential(collections.OrderedDict(
             (f"encoder_layer_{i}", EncoderBlock(spec)) for i in range(spec.depth)))
         if not spec.fc_norm:
@@ -135,6 +155,8 @@ class ViT(nn.Module):
     def tokens(self, x):
         """``[class, distillation, registers…, patches…]`` with position embeddings (the stored grid)."""
         x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        if not self.spec.pos_embed:  # BEiT: the class token, then the patches
+            return torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         pos, rows, n = self.encoder.pos_embedding, self.spec.pos_rows, x.shape[0]
         prefix = [t + pos[:, i:i + 1] if rows else t
                   for i, t in enumerate(getattr(self, k) for k in ("class_token", "dist_token") if hasattr(self, k))]
@@ -145,8 +167,9 @@ class ViT(nn.Module):
     def features(self, x):
         last4 = self.feature in ("concatCLS4", "concatPOOL4", "cls4_avgpool")
         x, outs = self.tokens(x), []
+        bias = relative_position_bias(self.encoder) if self.spec.rel_pos_bias == "shared" else None
         for i, layer in enumerate(self.encoder.layers):
-            x = layer(x)
+            x = layer(x, bias)
             if last4 and i >= self.spec.depth - 4:
                 outs.append(x)
         outs = [self.encoder.ln(t) if hasattr(self.encoder, "ln") else t for t in (outs or [x])]

@@ -141,11 +141,13 @@ def test_the_baselines_named_resnets_compute_fpipes_network(name):
                                             ("vit_small_patch14_reg4_dinov2", "cls4_avgpool"),
                                             ("deit_small_distilled_patch16_224", "concatPOOL4"),
                                             ("vit_giant_patch14_dinov2", "cls1_avgpool"),
-                                            ("vit_b_16+fc_norm", "lastPOOL")])
+                                            ("vit_b_16+fc_norm", "lastPOOL"),
+                                            ("beit_base_patch16_224", "concatPOOL4"),
+                                            ("beit_base_patch16_224_pt22k", "cls1_avgpool")])
 def test_the_baselines_vit_computes_fpipes_network(preset, feature):
     """vit_step.py's nn.Module twin (also train_step.py's for ViT presets): registers, layer scale,
-    position rows for the patches only, the distillation token and SwiGLU as fpipe's presets have
-    them; it holds fpipe's weights by name and gives its logits and gradients on each
+    position rows for the patches only, the distillation token, SwiGLU and BEiT's relative position
+    bias as fpipe's presets have them; it holds fpipe's weights by name and gives its logits and gradients on each
     linear-evaluation feature. Small widths of each preset's layout; float64."""
     from benchmarks import vit_step
     from fpipe.models import vit
