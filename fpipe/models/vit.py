@@ -376,13 +376,15 @@ def relative_position_index(grid_hw: tuple) -> torch.Tensor:
 _cached_index = functools.lru_cache(maxsize=16)(relative_position_index)  # eager calls; a compiled graph holds constants
 
 
-def relative_position_bias(table, spec, grid_hw) -> torch.Tensor:
+def relative_position_bias(table, spec, grid_hw, index=None) -> torch.Tensor:
     """``[heads, 1 + h·w, 1 + h·w]``: ``table`` read for every token pair on the input's h×w patch
-    grid. Another grid than the stored one gets the patch part of the table resampled bilinearly
-    to (2h-1)×(2w-1) offsets (transformers' BEiT with ``interpolate_pos_encoding``); the class rows stay."""
+    grid (``index``: its ``relative_position_index``, made here if not given). Another grid than the
+    stored one gets the patch part of the table resampled bilinearly to (2h-1)×(2w-1) offsets
+    (transformers' BEiT with ``interpolate_pos_encoding``); the class rows stay."""
     if tuple(grid_hw) != (spec.grid, spec.grid):
         table = resample_bias_table(table, grid_hw)
-    index = (relative_position_index if torch.compiler.is_compiling() else _cached_index)(tuple(grid_hw))
+    if index is None:
+        index = (relative_position_index if torch.compiler.is_compiling() else _cached_index)(tuple(grid_hw))
     t = grid_hw[0] * grid_hw[1] + 1
     return table[index.to(table.device)].view(t, t, table.shape[-1]).permute(2, 0, 1)
 
@@ -449,12 +451,16 @@ def apply(spec: Spec, params, state, images, *, train, features=None, eval_norms
     if spec.pre_norm:
         x = _layer_norm(params["ln_pre"], x, spec.ln_eps)
     grid_hw = (images.shape[-2] // spec.patch_size, images.shape[-1] // spec.patch_size)
+    index = None  # BEiT's: made once for every block's table
+    if spec.rel_pos_bias != "none":
+        index = (relative_position_index if torch.compiler.is_compiling() else _cached_index)(grid_hw)
+        index = index.to(images.device)
     shared = params["encoder"].get("relative_position_bias_table")
-    bias = None if shared is None else relative_position_bias(shared, spec, grid_hw)
+    bias = None if shared is None else relative_position_bias(shared, spec, grid_hw, index)
     for i in range(n_blocks):
         p = params["encoder"]["layers"][f"encoder_layer_{i}"]
         own = p["self_attention"].get("relative_position_bias_table")
-        x = block(spec, p, x, bias if own is None else relative_position_bias(own, spec, grid_hw))
+        x = block(spec, p, x, bias if own is None else relative_position_bias(own, spec, grid_hw, index))
         if f"block{i}" in features:
             out[f"block{i}"] = x
         if final and i >= spec.depth - keep:
