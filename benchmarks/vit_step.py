@@ -55,8 +55,9 @@ def add_relative_position_bias(module, spec):
 
 
 def relative_position_bias(module):
+    """[1, heads, T, T], as timm's BEiT gives it to scaled_dot_product_attention."""
     t = math.isqrt(module.relative_position_index.numel())
-    return module.relative_position_bias_table[module.relative_position_index].view(t, t, -1).permute(2, 0, 1)
+    return module.relative_position_bias_table[module.relative_position_index].view(t, t, -1).permute(2, 0, 1)[None]
 
 
 class SelfAttention(nn.Module):

@@ -344,11 +344,13 @@ def embed(spec, params, images):
 
 def attention(p, x, heads, bias=None):
     """Multi-head self-attention with nn.MultiheadAttention's packed q/k/v projection; ``bias``
-    ([heads, T, T] or None) is added to the logits."""
+    ([heads, T, T] or None) is added to the logits. It goes in as [1, heads, T, T]: PyTorch's CPU
+    attention takes its fused kernel for a 4-D mask that broadcasts over the batch, its unfused one
+    for a 3-D mask (BEiT-B at 224 px, one block b8: 32 -> 15 ms eager, 22 -> 12 ms compiled)."""
     n, t, d = x.shape
     q, k, v = layers.dense(x, p["in_proj_weight"], p["in_proj_bias"]).view(n, t, 3, heads, d // heads).permute(
         2, 0, 3, 1, 4).unbind(0)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype)[None])
     return layers.dense(y.transpose(1, 2).reshape(n, t, d), p["out_proj"]["weight"], p["out_proj"]["bias"])
 
 
