@@ -88,7 +88,7 @@ def optim():
     c.lars_eta = 0.001             # LARS trust coefficient
     c.lr_mults = ()                # e.g. (("heads\\..*", 10.0),); None freezes; unmatched params: 1.0
     c.wd_mults = NO_DECAY          # unmatched params: 1.0
-    c.layer_decay = 1.0            # ViT fine-tuning (BEiT, MAE): block i of D at lr x this^(D-i); 1: off
+    c.layer_decay = 1.0            # ViT/Swin/ConvNeXt fine-tuning: k-th of D blocks at lr x this^(D+1-k); 1: off
     c.lars_exclude = NO_LARS       # unmatched params: False (adapted)
     c.clip_grad_norm = placeholder(float)   # None or 0: off
     c.clip_grad_value = placeholder(float)  # None or 0: off

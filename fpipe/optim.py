@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from fpipe import defaults, fused_update
+from fpipe import defaults, fused_update, layer_decay
 from fpipe.defaults import BIAS, EMBEDDING, NORM_WEIGHT, NO_DECAY, NO_LARS  # noqa: F401 (re-exported)
 from fpipe.tree import first_match, flatten, leaves, map_leaves, unflatten
 
@@ -197,34 +197,6 @@ CLIP_KEYS = ("clip_grad_norm", "clip_grad_value")
 # Config keys a compiled step with the fused update takes as tensor inputs, not constants
 # (layer_decay only scales the lr_mults).
 FUSED_INPUT_KEYS = ("lr_mults", "wd_mults", "nesterov", "layer_decay")
-# BEiT's and MAE's layer-wise lr decay over a ViT trunk: block i (of D) at lr × decay^(D - i), the
-# embeddings before the blocks at decay^(D + 1), everything after the blocks (final norms, heads,
-# BEiT's shared bias table) at the full lr.
-_VIT_BLOCK = re.compile(r"(trunk\.)?encoder\.layers\.encoder_layer_(\d+)\..*")
-_VIT_EMBEDDING = re.compile(
-    r"(trunk\.)?(class_token|dist_token|register_tokens|conv_proj\..*|encoder\.pos_embedding|ln_pre\..*)")
-
-
-def layer_decay_mults(names, decay: float, model_names=None) -> tuple:
-    """``({name: lr multiplier}, description)`` of layer-wise lr decay for ``names``, the trunk's
-    depth counted over ``model_names`` (every param of the model, frozen ones too; default ``names``)."""
-    if not 0 < decay <= 1:
-        raise ValueError(f"optim.layer_decay must be in (0, 1] (1: off), got {decay}")
-    if not names:  # nothing to train (a config check): the value alone was checked
-        return {}, None
-    blocks = [int(m[2]) for m in map(_VIT_BLOCK.fullmatch, model_names or names) if m]
-    if not blocks:
-        raise ValueError("optim.layer_decay needs a ViT trunk (params named encoder.layers.encoder_layer_<i>); "
-                         "this model has none: set optim.layer_decay=1.0 or use lr_mults rules")
-    depth = max(blocks) + 1
-
-    def layer(name):
-        block = _VIT_BLOCK.fullmatch(name)
-        return int(block[2]) + 1 if block else 0 if _VIT_EMBEDDING.fullmatch(name) else depth + 1
-
-    mults = {n: decay ** (depth + 1 - layer(n)) for n in names}
-    return mults, (f"layer_decay {decay:g} over {depth} blocks: embeddings x{decay ** (depth + 1):.3g}, "
-                   f"block i x{decay:g}^({depth} - i), after the blocks x1 (times lr_mults)")
 
 
 def _slots(name, momentum):
@@ -275,8 +247,8 @@ class Optimizer:
     """Rules resolved per dotted name at build time; ``init``/``update`` are pure tensor functions."""
 
     def __init__(self, cfg, trainable: dict, model_names=None):
-        """``model_names``: every param name of the model, frozen ones too (layer decay counts the
-        trunk's blocks there); by default the trainable ones."""
+        """``model_names``: every param name of the model, frozen ones too (``optim.layer_decay``
+        counts the trunk's blocks there: fpipe.layer_decay); by default the trainable ones."""
         self.name = _get(cfg, "name")
         if self.name not in _UPDATES:
             raise ValueError(f"unknown optimizer optim.name={self.name!r}; valid: {', '.join(_UPDATES)}")
@@ -295,9 +267,9 @@ class Optimizer:
                              "trainable; partition them out first (fpipe.freeze.frozen_by_rules)")
         wd_mults, wd_report = _resolve("wd_mults", _get(cfg, "wd_mults"), self.names, 1.0, _number)
         self.reports = {"lr_mults": lr_report, "wd_mults": wd_report}
-        self.layer_decay = None  # its description, when on
+        self.layer_decay_note = None  # what fpipe.layer_decay did, when on
         if float(_get(cfg, "layer_decay")) != 1.0:
-            decays, self.layer_decay = layer_decay_mults(self.names, float(_get(cfg, "layer_decay")), model_names)
+            decays, self.layer_decay_note = layer_decay.mults(self.names, float(_get(cfg, "layer_decay")), model_names)
             lr_mults = {n: lr_mults[n] * decays[n] for n in self.names}
         shared = dict(momentum=float(_get(cfg, "momentum")), nesterov=bool(_get(cfg, "nesterov")),
                       betas=tuple(map(float, _get(cfg, "betas"))), eps=float(_get(cfg, "eps")),
@@ -446,8 +418,8 @@ class Optimizer:
                 more = f" … (+{len(names) - len(shown)} more)" if len(names) > len(shown) else ""
                 what = ", ".join(shown) + more if names else "matched nothing"
                 lines.append(f"    {label}: {len(names)} params: {what}")
-        if self.layer_decay:
-            lines.append(f"  {self.layer_decay}")
+        if self.layer_decay_note:
+            lines.append(f"  {self.layer_decay_note}")
         return lines
 
 

@@ -66,3 +66,18 @@ def test_an_open_clip_folder_says_quick_gelu_in_its_own_config(tmp_path):
         config_check.check(config)
     (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {"embed_dim": 512}}')  # GELU, as the trunk
     config_check.check(config)
+
+
+def test_layer_decay_is_checked_against_the_trunk_before_the_run():
+    """optim.layer_decay numbers ViT, Swin and ConvNeXt layers: a ResNet's config is refused before anything is written."""
+    from configs import finetune
+    config = finetune.get_config()
+    config.optim.layer_decay = 0.65
+    with pytest.raises(config_check.ConfigError, match="optim.layer_decay numbers the layers of ViT, Swin and ConvNeXt"):
+        config_check.check(config)
+    config.model.trunk.name, config.model.trunk.depth = "beit_base_patch16_224", 2
+    config.model.heads.fc.feature = "lastPOOL"
+    config_check.check(config)
+    config.optim.layer_decay = 0.0
+    with pytest.raises(config_check.ConfigError, match=r"optim.layer_decay must be in \(0, 1\]"):
+        config_check.check(config)

@@ -464,7 +464,7 @@ def test_layer_decay_matches_torch_sgd_with_beits_per_layer_lrs(in_place):
             group["params"][0].grad = grad
         torch_opt.step()
     _assert_close(flatten(params_in), {n: p.detach() for n, p in ref.items()})
-    assert any("layer_decay 0.5 over 3 blocks" in line for line in opt.describe())
+    assert any("layer_decay 0.5 over vit's 3 blocks" in line for line in opt.describe())
 
 
 def test_layer_decay_counts_frozen_blocks_and_refuses_trunks_without_vit_blocks():
@@ -474,8 +474,8 @@ def test_layer_decay_counts_frozen_blocks_and_refuses_trunks_without_vit_blocks(
     opt = optim.build(_config(layer_decay=0.5, lr_mults=[]), unflatten(early), model_names=list(all_params))
     assert opt.hyper["trunk.encoder.layers.encoder_layer_1.mlp.0.weight"]["lr_mult"] == 0.5 ** 2
     assert opt.hyper["trunk.class_token"]["lr_mult"] == 0.5 ** 4
-    with pytest.raises(ValueError, match="optim.layer_decay needs a ViT trunk"):
+    with pytest.raises(ValueError, match="optim.layer_decay numbers the layers of ViT, Swin and ConvNeXt"):
         optim.build(_config(layer_decay=0.5), _params())
     with pytest.raises(ValueError, match=r"optim.layer_decay must be in \(0, 1\]"):
         optim.build(_config(layer_decay=1.5), {})
-    assert optim.build(_config(layer_decay=1.0), _params()).layer_decay is None
+    assert optim.build(_config(layer_decay=1.0), _params()).layer_decay_note is None

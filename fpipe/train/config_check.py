@@ -10,10 +10,11 @@ import re
 
 import torch
 
-from fpipe import checkpoint, data, freeze, optim, schedules
+from fpipe import checkpoint, data, freeze, layer_decay, optim, schedules, tree
 from fpipe.evaluate import config as eval_config
 from fpipe.models import losses
 from fpipe.models import model as models
+from fpipe.models import trunk as trunk_lib
 from fpipe.train import head_grid, precision, remat
 from fpipe.weights import config as weights_config
 from fpipe.weights import folders as weights_folders
@@ -59,7 +60,7 @@ def _check(c) -> None:
     model = _check_model(c)
     freeze.rules(c.layer_freeze.rules)
     _check_extract(c, model)
-    _check_training(c)
+    _check_training(c, model)
 
 
 def _check_data(c) -> None:
@@ -145,11 +146,14 @@ def _check_evaluation(c) -> None:
         raise ConfigError(f"eval.features_from={c.eval.features_from!r}: no such workdir")
 
 
-def _check_training(c) -> None:
+def _check_training(c, model) -> None:
     """Optimizer rules, lr, schedule, precision, processes and the periodic actions."""
     if not (isinstance(c.optim.lr, (int, float)) and math.isfinite(c.optim.lr) and c.optim.lr >= 0):
         raise ConfigError(f"optim.lr={c.optim.lr!r}: the learning rate must be a finite number >= 0")
     optim.build(c.optim, {})  # checks the names, ranges and every rule's regex
+    if c.optim.get("layer_decay", 1.0) != 1.0:  # it needs a trunk whose layers it can number
+        params, _ = trunk_lib.init_on_meta(model.trunk)
+        layer_decay.mults(list(tree.flatten(params)), c.optim.layer_decay)
     for key in ("clip_grad_norm", "clip_grad_value"):
         if c.optim.get(key) is not None and c.optim[key] < 0:
             raise ConfigError(f"optim.{key}={c.optim[key]!r} must be >= 0 (0 or unset: off)")

@@ -1,0 +1,67 @@
+"""fpipe.layer_decay numbers each trunk's layers as its family's fine-tuning recipe does.
+
+The recipes are written out here on the original repositories' names (SimMIM's get_swin_layer,
+ConvNeXt V2's get_num_layer_for_convnext_single), applied to those repositories' own parameter
+names (tests/fixtures), and compared, name by name through fpipe's rename tables, with the
+multipliers fpipe gives its torchvision-named trunks. (ViT's against torch.optim.SGD: test_optim.py.)
+"""
+import json
+import pathlib
+
+import pytest
+
+from fpipe import layer_decay, tree
+from fpipe.models import model as model_lib
+from fpipe.models.trunk import init_on_meta
+from fpipe.weights import renames
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+DECAY = 0.7
+
+
+def simmim_swin_layer(name, depths):
+    if name.startswith("patch_embed"):
+        return 0
+    if name.startswith("layers."):
+        stage, part = int(name.split(".")[1]), name.split(".")[3]
+        if part in ("reduction", "norm"):  # the patch merging at the stage's end
+            return sum(depths[:stage + 1])
+        return sum(depths[:stage]) + int(part) + 1
+    return sum(depths) + 1
+
+
+def convnextv2_layer(name, depths):
+    if name.startswith("downsample_layers."):
+        return sum(depths[:int(name.split(".")[1])]) + 1
+    if name.startswith("stages."):
+        stage, block = map(int, name.split(".")[1:3])
+        return sum(depths[:stage]) + block + 1
+    return sum(depths) + 1
+
+
+@pytest.mark.parametrize("family, fixture, preset, table, recipe, depths", [
+    ("swin", "swin", "swin_t", renames.MS_SWIN, simmim_swin_layer, (2, 2, 6, 2)),
+    ("convnext", "convnextv2", "convnextv2_atto", renames.FB_CONVNEXT, convnextv2_layer, (2, 2, 6, 2))])
+def test_each_param_gets_its_recipes_multiplier(family, fixture, preset, table, recipe, depths):
+    theirs = [n for n, _, _ in json.loads((FIXTURES / fixture / "manifests.json").read_text())["official"]["state_dict"]]
+    ours = list(tree.flatten(init_on_meta(model_lib.build_trunk(preset))[0]))
+    mults, note = layer_decay.mults(ours, DECAY)
+    assert f"over {family}'s {sum(depths)} blocks" in note
+    compared = 0
+    for name in theirs:
+        mine = renames.apply(name, table)
+        if mine not in mults:  # buffers (index, masks) and the classifier: no trunk params
+            continue
+        assert mults[mine] == pytest.approx(DECAY ** (sum(depths) + 1 - recipe(name, depths))), (name, mine)
+        compared += 1
+    assert compared == len(ours)  # every trunk param has its original
+
+
+def test_families_are_told_by_their_names():
+    names = lambda preset: list(tree.flatten(init_on_meta(model_lib.build_trunk(preset))[0]))  # noqa: E731
+    assert [layer_decay.family_of(names(p)) for p in ("vit_b_16", "swin_v2_t", "convnext_tiny")] == ["vit", "swin",
+                                                                                                     "convnext"]
+    for preset in ("resnet18", "efficientnet_b0", "regnet_y_400mf"):
+        assert layer_decay.family_of(names(preset)) is None, preset
+        with pytest.raises(ValueError, match="numbers the layers of ViT, Swin and ConvNeXt trunks"):
+            layer_decay.mults(names(preset), DECAY)
