@@ -388,3 +388,34 @@ def test_a_whole_pickled_model_loads_with_stub_objects_under_its_state_dict_name
     assert_trunk_is(loaded, trunk(0))
     assert report.state_dict_key == "model" and not report.remove_prefix
     assert not any("cache" in n for n in report.not_loaded)  # non-persistent: not part of the model's state
+
+
+@pytest.mark.parametrize("name, obj, key", [
+    ("list", lambda: [trunk(0)], "0"),
+    ("model_and_optimizer", lambda: (trunk(0), {"state": {0: {"momentum_buffer": torch.zeros(3)}},
+                                                "param_groups": [{"lr": 0.1, "params": [0, 1]}]}), "0"),
+    ("list_in_a_dict", lambda: {"epoch": 3, "models": [trunk(0)]}, "models.0"),
+    ("nested", lambda: [[{"lr": 0.1}, trunk(0)]], "0.1"),
+])
+def test_a_state_dict_inside_a_list_or_tuple_loads_under_its_position(tmp_path, name, obj, key):
+    """Lists and tuples holding containers are keyed by position ("0", "1", …); lists of numbers stay leaves."""
+    loaded, report = load_into(target(), {"path": save(tmp_path, obj())})
+    assert report.state_dict_key == key and report.trunk_loaded == report.trunk_total
+    assert_trunk_is(loaded, trunk(0))
+    loaded, report = load_into(target(), {"path": save(tmp_path, obj()), "state_dict_key": key})
+    assert_trunk_is(loaded, trunk(0))
+    with pytest.raises(WeightsError, match="holds a list, not a dict of named tensors"):
+        load_into(target(), {"path": save(tmp_path, [1, 2, 3])})
+
+
+def test_lists_shared_many_ways_are_converted_once():
+    """40 levels of [x, x]: 2^40 paths to one state dict, each container converted and read once."""
+    from fpipe.weights import walk
+    obj = [trunk(0)]
+    for _ in range(40):
+        obj = [obj, obj]
+    converted = walk.positions_as_keys(obj)
+    assert converted["0"] is converted["1"]
+    loaded, report = load_into(target(), {}, obj=obj)
+    assert report.state_dict_key == ".".join(["0"] * 41) and report.trunk_loaded == report.trunk_total
+    assert_trunk_is(loaded, trunk(0))

@@ -45,7 +45,7 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
         obj = read_checkpoint(opts.path, stub_objects=opts.stub_objects)
     else:
         opts = dataclasses.replace(opts, path=opts.path or "<object given to load_into>")
-        _check_contents(obj, opts.path)
+        obj = _contents(obj, opts.path)
     files, packed, sparse = file_tensors(obj)
     plan = make_plan(obj, files, target, opts)
     report = LoadReport(path=opts.path, format=plan.format, state_dict_key=plan.state_dict_key,
@@ -89,8 +89,7 @@ def read_checkpoint(path: str, *, stub_objects: bool = False) -> dict:
     An fpipe checkpoint keeps its frozen params in a sibling file (``frozen_params``: written
     once per run); they are read back into ``params`` here, so the checkpoint loads whole.
     """
-    obj = io.read(path, stub_objects=stub_objects)
-    _check_contents(obj, path)
+    obj = _contents(io.read(path, stub_objects=stub_objects), path)
     if checkpoint.is_checkpoint(obj):
         try:
             frozen = checkpoint.frozen_params_of(path, obj, io.read)
@@ -111,14 +110,17 @@ def file_tensors(obj: dict) -> tuple:
     return files, packed, densified
 
 
-def _check_contents(obj, path: str) -> None:
-    """A dict whose structure can be walked: no cycles, bounded depth and size (``walk``)."""
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors.")
+def _contents(obj, path: str) -> dict:
+    """``obj`` as a dict whose structure can be walked (no cycles, bounded depth and size:
+    ``walk``), lists and tuples holding state dicts keyed by position (``walk.positions_as_keys``)."""
     try:
         walk.check(obj)
     except WeightsError as e:
         raise WeightsError(f"{path}: refused: {e}") from None
+    obj = walk.positions_as_keys(obj)
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of named tensors.")
+    return obj
 
 
 def make_plan(obj: dict, files: dict, target: dict, opts: config.Options) -> Plan:

@@ -4,6 +4,8 @@ A pickle can describe structures whose naive walk never ends or overflows the st
 shared 2^64 ways in a 2 KB file, a dict that contains itself, thousands of nesting levels. Every
 walk over loaded contents in ``fpipe.weights`` goes through ``entries``, so none can hang.
 """
+import torch
+
 from fpipe.weights.errors import WeightsError
 
 MAX_DEPTH = 64            # nesting levels; real checkpoints use fewer than 10
@@ -76,3 +78,45 @@ def check(obj) -> None:
     """Walks dicts, lists and tuples once: raises ``WeightsError`` on cycles, depth or size."""
     for _ in entries(obj, container_items):
         pass
+
+
+def positions_as_keys(obj):
+    """``obj`` with each list or tuple that holds containers with tensors in them turned into a
+    dict keyed ``"0"``, ``"1"``, …, so that a state dict saved inside one (``[state_dict]``,
+    ``(model, optimizer)``) has dotted names like any other (``0.conv1.weight``); other lists
+    (an optimizer's ``param_groups``, numbers, bare tensors) stay values. ``obj`` itself when
+    nothing changes. Call after ``check``: each container is looked at once (memoised by id), a
+    shared one becomes one shared dict, so this is as bounded as the walk."""
+    tensors = {}
+
+    def holds_tensors(node) -> bool:
+        if isinstance(node, torch.Tensor):
+            return True
+        if not isinstance(node, (dict, list, tuple)):
+            return False
+        if id(node) not in tensors:
+            tensors[id(node)] = False  # set before the children: a cycle cannot recurse (check refused them anyway)
+            tensors[id(node)] = any(holds_tensors(v) for v in (node.values() if isinstance(node, dict) else node))
+        return tensors[id(node)]
+
+    def is_holder(node) -> bool:
+        return (isinstance(node, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in node)
+                and holds_tensors(node))
+
+    if not is_holder(obj) and not any(is_holder(v) for _, v in entries(obj, container_items)):
+        return obj
+    memo = {}
+
+    def convert(node):
+        if id(node) in memo:
+            return memo[id(node)]
+        if isinstance(node, dict):
+            out = {k: convert(v) for k, v in node.items()}
+        elif is_holder(node):
+            out = {str(i): convert(v) for i, v in enumerate(node)}
+        else:
+            return node
+        memo[id(node)] = out
+        return out
+
+    return convert(obj)
