@@ -101,7 +101,8 @@ class Spec:
             raise ValueError(f"unknown ViT rel_pos_bias {self.rel_pos_bias!r}; valid: {REL_POS_BIASES}")
         if self.rel_pos_bias != "none" and self.num_prefix != 1:
             raise ValueError(f"ViT rel_pos_bias={self.rel_pos_bias!r} needs exactly one token before the patches "
-                             "(class_token=True, no dist_token or registers): BEiT's table has rows for one class token")
+                             "(class_token=True, no dist_token or registers): BEiT's table has rows for one class "
+                             "token")
 
     @property
     def grid(self):
@@ -375,7 +376,8 @@ def relative_position_index(grid_hw: tuple) -> torch.Tensor:
     return index.flatten()
 
 
-_cached_index = functools.lru_cache(maxsize=16)(relative_position_index)  # eager calls; a compiled graph holds constants
+# for eager calls (a compiled graph holds the index as a constant)
+_cached_index = functools.lru_cache(maxsize=16)(relative_position_index)
 
 
 def relative_position_bias(table, spec, grid_hw, index=None) -> torch.Tensor:

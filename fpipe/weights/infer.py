@@ -44,7 +44,7 @@ def infer_trunk(files: dict, presets=None) -> tuple:
                 whole.append(((exact, len(shapes)), name, options, f"every tensor of preset {name!r}{but} found at "
                                                                    f"{cands[0].prefix or '<no prefix>'!r}{via}"))
                 break
-    if whole:  # as stored first, then the largest: a shallower preset's names can all be in a deeper one's file (B0 in B1)
+    if whole:  # as stored first, then the largest (a shallower preset's names can all be in a deeper one's file)
         rank, name, options, why = max(whole, key=lambda w: w[0])
         twins = [w[1] for w in whole if w[0] == rank and w[1] != name]
         if twins:  # the same tensors: names and shapes cannot tell these apart

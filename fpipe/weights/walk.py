@@ -81,27 +81,26 @@ def check(obj) -> None:
 
 
 def positions_as_keys(obj):
-    """``obj`` with each list or tuple that holds containers with tensors in them turned into a
+    """``obj`` with each list or tuple that holds a dict of tensors (at any depth) turned into a
     dict keyed ``"0"``, ``"1"``, …, so that a state dict saved inside one (``[state_dict]``,
-    ``(model, optimizer)``) has dotted names like any other (``0.conv1.weight``); other lists
-    (an optimizer's ``param_groups``, numbers, bare tensors) stay values. ``obj`` itself when
-    nothing changes. Call after ``check``: each container is looked at once (memoised by id), a
-    shared one becomes one shared dict, so this is as bounded as the walk."""
-    tensors = {}
+    ``(model, optimizer)``) has dotted names like any other (``0.conv1.weight``); other lists (an
+    optimizer's ``param_groups``, numbers, bare tensors) stay values. ``obj`` itself when nothing
+    changes. Call after ``check``: each container is looked at once (memoised by id), a shared one
+    becomes one shared dict, so this is as bounded as the walk."""
+    found = {}
 
-    def holds_tensors(node) -> bool:
-        if isinstance(node, torch.Tensor):
-            return True
+    def has_state(node) -> bool:  # a dict with a tensor in it, here or below
         if not isinstance(node, (dict, list, tuple)):
             return False
-        if id(node) not in tensors:
-            tensors[id(node)] = False  # set before the children: a cycle cannot recurse (check refused them anyway)
-            tensors[id(node)] = any(holds_tensors(v) for v in (node.values() if isinstance(node, dict) else node))
-        return tensors[id(node)]
+        if id(node) not in found:
+            found[id(node)] = False  # set first: no container is entered twice
+            values = node.values() if isinstance(node, dict) else node
+            found[id(node)] = any((isinstance(node, dict) and isinstance(v, torch.Tensor)) or has_state(v)
+                                  for v in values)
+        return found[id(node)]
 
     def is_holder(node) -> bool:
-        return (isinstance(node, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in node)
-                and holds_tensors(node))
+        return isinstance(node, (list, tuple)) and has_state(node)
 
     if not is_holder(obj) and not any(is_holder(v) for _, v in entries(obj, container_items)):
         return obj
