@@ -182,3 +182,17 @@ def test_cli_convert_heads_takes_the_classifier_beside_the_backbone(reference, t
     assert torch.equal(written["fc.weight"], file["classifier.1.weight"])
     assert torch.equal(written["layer4.2.conv3.weight"], file["resnet.encoder.stages.3.layers.2.layer.2.convolution.weight"])
     assert len(written) == 320  # torchvision's resnet50 state_dict: 318 + fc
+
+
+def test_cli_inspect_of_a_model_folder_takes_what_its_config_says(reference, tmp_path, capsys):
+    """Names and shapes find ViT-B; the folder's config.json adds its LayerNorm eps (1e-12, which the
+    tensors cannot show), so the trunk line printed is one that computes what transformers computes."""
+    folder = tmp_path / "vit-base"
+    folder.mkdir()
+    seeded_file(reference, "vit-base-patch16-224-in21k", tmp_path).rename(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_act": "gelu",
+                                                    "layer_norm_eps": 1e-12}))
+    assert cli.main(["inspect", str(folder)]) == 0
+    trunk = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("trunk: "))
+    assert "--ln-eps 1e-12 (inferred:" in trunk and trunk.endswith("ln_eps 1e-12 from its config.json); "
+                                                                   "candidates by plain names:"), trunk

@@ -54,6 +54,7 @@ def registry_target(args, files: dict) -> tuple:
                    for name, (family, options) in registry().items() if family != "resnet" and name != family}
         try:
             name, options, why = infer.infer_trunk(files, presets if args.trunk is None else {})
+            options, why = _with_folder_config(args.file, name, options, why)
             return meta_target(name, **options), f"{name} {_shown(options)} (inferred: {why})".replace("  ", " ")
         except WeightsError:
             if args.trunk is None:
@@ -63,6 +64,18 @@ def registry_target(args, files: dict) -> tuple:
     if name not in names:
         raise WeightsError(f"--trunk {name!r}: unknown; valid: {', '.join(sorted(names))}.")
     return meta_target(name, **resnet_options), f"{name} {_shown(resnet_options)}".strip()
+
+
+def _with_folder_config(path: str, name: str, options: dict, why: str) -> tuple:
+    """``(options, why)`` with what a model folder's config.json says that tensors cannot
+    (``hf_config``: a ViT's activation, LayerNorm eps) where it differs from the inferred trunk's."""
+    from fpipe.models import model
+    from fpipe.weights import hf_config
+    wrong = hf_config.mismatches(hf_config.read(path), model.build_trunk(name, **options).spec)
+    if not wrong:
+        return options, why
+    said = ", ".join(f"{key} {theirs}" for key, theirs, _ in wrong)
+    return {**options, **{key: theirs for key, theirs, _ in wrong}}, f"{why}; {said} from its config.json"
 
 
 def torchvision_order(params: dict, state: dict) -> dict:
