@@ -11,11 +11,12 @@ r"""Training step with the trunk training (supervised, finetune): fpipe vs. nn.M
 Settings from the shipped configs (``configs/supervised.py``: SGD lr 0.1, momentum 0.9, weight
 decay 5e-4; ``configs/finetune.py``: SGD lr 0.05, Nesterov momentum 0.9, weight decay 1e-4, the
 trunk at 0.1x the lr; both: no weight decay on norms and biases), a ResNet trunk (any of
-torchvision's depths, or by name its ResNeXt and wide ResNets and SimCLR's ``resnet50x2``; or ``--arch vit_s16``: a ViT-S/16 stored for the input size, the head on its
-class token, or any other ViT preset by name such as ``--arch vit_b_16`` (benchmarks/vit_step.py's
-twin: DINO's, DeiT's and DINOv2's layouts too); or a RegNet, ConvNeXt, EfficientNet or Swin preset such as ``--arch regnet_y_400mf``, whose
-baselines are the nn.Module twins of benchmarks/zoo_modules.py) and a
-linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw`` swaps the
+torchvision's depths, or by name its ResNeXt and wide ResNets and SimCLR's ``resnet50x2``; or
+``--arch vit_s16``: a ViT-S/16 stored for the input size, the head on its class token, or any
+other ViT preset by name such as ``--arch vit_b_16`` (benchmarks/vit_step.py's twin: DINO's,
+DeiT's, DINOv2's and BEiT's layouts too); or a RegNet, ConvNeXt, EfficientNet or Swin preset such
+as ``--arch regnet_y_400mf``, whose baselines are the nn.Module twins of benchmarks/zoo_modules.py)
+and a linear ``fc`` head, 10 classes, batch 64, everything trains. ``--optimizer adamw`` swaps the
 config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baselines'
 ``torch.optim.AdamW(foreach=True)``), what ViTs are fine-tuned with. ``--freeze`` adds
 ``model.freeze`` rules (above: detectron2's FREEZE_AT=2, the stem and layer1 frozen and their

@@ -14,7 +14,8 @@ one batch, each program in a process of its own, timed round-robin (linear_eval_
            below (explicit q/k/v projection and ``scaled_dot_product_attention``, no
            nn.MultiheadAttention; layer scale, registers, SwiGLU as timm/dinov2 write them, BEiT's
            relative position bias as timm's BEiT reads it; the same math), trunk
-           ``requires_grad=False``, ``loss.backward()``, ``torch.optim.SGD`` (momentum 0.9) on the head. Same weights, copied by name.
+           ``requires_grad=False``, ``loss.backward()``, ``torch.optim.SGD`` (momentum 0.9) on the
+           head. Same weights, copied by name.
   compiled the same under ``torch.compile(net)`` (the optimizer eager).
   step     fpipe's step as the loop builds it: the frozen trunk compiled as a constant
            (fpipe.train.frozen_trunk, inductor freezing), ``make_step`` over the head with fpipe.optim's

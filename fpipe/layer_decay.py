@@ -48,7 +48,8 @@ def mults(names, decay: float, model_names=None) -> tuple:
     family = family_of(every)
     if family is None:
         raise ValueError("optim.layer_decay numbers the layers of ViT, Swin and ConvNeXt trunks "
-                         "(fpipe/layer_decay.py); this model is none of them: set optim.layer_decay=1.0 or use optim.lr_mults rules")
+                         "(fpipe/layer_decay.py); this model is none of them: set optim.layer_decay=1.0 or use "
+                         "optim.lr_mults rules")
     if family == "vit":
         depth = 1 + max(int(m[1]) for m in map(_VIT_BLOCK.fullmatch, every) if m)
         layer = lambda name: _vit_layer(name, depth)  # noqa: E731

@@ -69,11 +69,13 @@ def test_an_open_clip_folder_says_quick_gelu_in_its_own_config(tmp_path):
 
 
 def test_layer_decay_is_checked_against_the_trunk_before_the_run():
-    """optim.layer_decay numbers ViT, Swin and ConvNeXt layers: a ResNet's config is refused before anything is written."""
+    """optim.layer_decay numbers ViT, Swin and ConvNeXt layers: a ResNet's config is refused before
+    anything is written."""
     from configs import finetune
     config = finetune.get_config()
     config.optim.layer_decay = 0.65
-    with pytest.raises(config_check.ConfigError, match="optim.layer_decay numbers the layers of ViT, Swin and ConvNeXt"):
+    with pytest.raises(config_check.ConfigError,
+                       match="optim.layer_decay numbers the layers of ViT, Swin and ConvNeXt"):
         config_check.check(config)
     config.model.trunk.name, config.model.trunk.depth = "beit_base_patch16_224", 2
     config.model.heads.fc.feature = "lastPOOL"

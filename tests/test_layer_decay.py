@@ -43,7 +43,8 @@ def convnextv2_layer(name, depths):
     ("swin", "swin", "swin_t", renames.MS_SWIN, simmim_swin_layer, (2, 2, 6, 2)),
     ("convnext", "convnextv2", "convnextv2_atto", renames.FB_CONVNEXT, convnextv2_layer, (2, 2, 6, 2))])
 def test_each_param_gets_its_recipes_multiplier(family, fixture, preset, table, recipe, depths):
-    theirs = [n for n, _, _ in json.loads((FIXTURES / fixture / "manifests.json").read_text())["official"]["state_dict"]]
+    manifest = json.loads((FIXTURES / fixture / "manifests.json").read_text())["official"]
+    theirs = [n for n, _, _ in manifest["state_dict"]]
     ours = list(tree.flatten(init_on_meta(model_lib.build_trunk(preset))[0]))
     mults, note = layer_decay.mults(ours, DECAY)
     assert f"over {family}'s {sum(depths)} blocks" in note

@@ -516,7 +516,8 @@ def test_beit_attention_adds_the_bias_to_the_logits():
     params = beit_params(trunk)
     p = params["encoder"]["layers"]["encoder_layer_0"]["self_attention"]
     x = torch.randn(2, 17, 32)
-    bias = vit.relative_position_bias(p["relative_position_bias_table"], trunk.spec, (4, 4))
+    bias = vit.relative_position_bias(p["relative_position_bias_table"], trunk.spec, (4, 4),
+                                      vit.relative_position_index((4, 4)))
     q, k, v = F.linear(x, p["in_proj_weight"], p["in_proj_bias"]).view(2, 17, 3, 4, 8).permute(2, 0, 3, 1, 4)
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8) + bias, dim=-1)
     want = F.linear((weights @ v).transpose(1, 2).reshape(2, 17, 32), p["out_proj"]["weight"], p["out_proj"]["bias"])

@@ -26,7 +26,6 @@ buffers, so names and files match torchvision's; apply computes them from ``wind
 reads no file's.
 """
 import dataclasses
-import functools
 import math
 
 import torch
@@ -152,10 +151,7 @@ def relative_coords_table(window: int) -> torch.Tensor:
 def relative_position_index(window: int) -> torch.Tensor:
     """``[w⁴]`` int64 on the CPU: for each (query, key) pair of a w×w window, its row in the bias
     table ``[(2w-1)², heads]`` (row offset·(2w-1) + column offset, both shifted to start at 0)."""
-    ar = torch.arange(window, device="cpu")
-    coords = torch.stack(torch.meshgrid(ar, ar, indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]) + (window - 1)
-    return (rel[0] * (2 * window - 1) + rel[1]).flatten()
+    return trunk_lib.relative_offset_index(window, window).flatten()
 
 
 def shift_mask(height: int, width: int, window: int, shifts: tuple) -> torch.Tensor:
@@ -177,7 +173,7 @@ def window_tables(window: int, height: int, width: int, shifts: tuple, device) -
     return relative_position_index(window).to(device), relative_coords_table(window).to(device), mask
 
 
-_cached_window_tables = functools.lru_cache(maxsize=64)(window_tables)  # eager calls; a compiled graph holds constants
+_window_tables = trunk_lib.cached_when_eager(window_tables, maxsize=64)
 
 
 def window_attention(p, x, heads, window, shift, v2=False):
@@ -206,8 +202,7 @@ def window_attention(p, x, heads, window, shift, v2=False):
     rows, cols, t = ph // window, pw // window, window * window
     q, k, v = qkv.view(n, rows, window, cols, window, 3, heads, c // heads).permute(
         5, 0, 1, 3, 6, 2, 4, 7).reshape(3, n, rows * cols, heads, t, c // heads).unbind(0)  # [n, windows, heads, t, d]
-    tables = window_tables if torch.compiler.is_compiling() else _cached_window_tables
-    index, coords, mask = tables(window, ph, pw, shifts, x.device)
+    index, coords, mask = _window_tables(window, ph, pw, shifts, x.device)
     table = _cpb_table(p["cpb_mlp"], coords, heads) if v2 else p["relative_position_bias_table"]
     bias = table[index].view(t, t, heads).permute(2, 0, 1)  # [heads, t, t]
     if v2:

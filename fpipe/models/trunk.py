@@ -5,6 +5,7 @@ A family module (resnet, regnet, efficientnet, convnext, alexnet, ...) provides 
 (shallow to deep), ``OPTIONS`` (option -> default), ``PRESETS`` (torchvision/timm name ->
 options) and ``build(**options) -> Trunk``; fpipe.models.model registers families by name.
 """
+import functools
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -112,6 +113,22 @@ def depth_ramp(prob, depths, stage, i):
     among all blocks, rising linearly from 0 (first block) to ``prob`` (last)."""
     index, total = sum(depths[:stage]) + i, sum(depths)
     return prob * index / max(total - 1, 1)
+
+
+def relative_offset_index(height: int, width: int) -> torch.Tensor:
+    """``[h·w, h·w]`` int64 on the CPU: for each (query, key) pair of an h×w grid, its row in a
+    relative position bias table of (2h-1)×(2w-1) offsets: (row offset + h - 1)·(2w - 1) + column
+    offset + w - 1 (Swin's window tables, BEiT's patch tables)."""
+    rows, cols = torch.meshgrid(torch.arange(height, device="cpu"), torch.arange(width, device="cpu"), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    return (rows[:, None] - rows[None, :] + height - 1) * (2 * width - 1) + cols[:, None] - cols[None, :] + width - 1
+
+
+def cached_when_eager(fn, maxsize: int):
+    """``fn`` memoised for eager calls; called afresh while ``torch.compile`` traces, where the
+    graph holds its result as a constant (for tables made from shapes: indices, masks)."""
+    cached = functools.lru_cache(maxsize=maxsize)(fn)
+    return lambda *args: (fn if torch.compiler.is_compiling() else cached)(*args)
 
 
 def squeeze_excite(p, x, act):

@@ -22,13 +22,13 @@ every other feature runs all blocks; the distillation token is a feature only in
 and ``block<i>`` (position 1), the pooled features skip it.
 """
 import dataclasses
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from fpipe.models import layers
+from fpipe.models import trunk as trunk_lib
 from fpipe.models.resnet import Trunk
 
 # Feature names after the last block; ``block<i>`` (i from 0) come before them, shallow to deep.
@@ -360,46 +360,48 @@ def bias_table_shape(spec) -> tuple:
     return ((2 * spec.grid - 1) ** 2 + 3, spec.heads)
 
 
+def bias_table_grid(rows: int):
+    """The grid side g of a BEiT table of ``rows`` = (2g-1)² + 3 rows, or None (Swin's tables
+    have no class rows: (2w-1)² - 3 is no odd square)."""
+    side = math.isqrt(max(rows - 3, 0))
+    return (side + 1) // 2 if side * side == rows - 3 and side % 2 else None
+
+
 def relative_position_index(grid_hw: tuple) -> torch.Tensor:
     """``[(1 + h·w)²]`` int64 on the CPU: the table row of each (query, key) pair of ``[class,
     patches…]`` on an h×w grid: (row offset + h - 1)·(2w - 1) + column offset + w - 1 between
     patches, then the three class rows (class to patch, patch to class, class to class) last."""
     h, w = grid_hw
-    rows, cols = torch.meshgrid(torch.arange(h, device="cpu"), torch.arange(w, device="cpu"), indexing="ij")
-    rows, cols = rows.flatten(), cols.flatten()
-    patches = (rows[:, None] - rows[None, :] + h - 1) * (2 * w - 1) + cols[:, None] - cols[None, :] + w - 1
     n = (2 * h - 1) * (2 * w - 1)
     index = torch.full((h * w + 1, h * w + 1), n + 1, dtype=torch.int64, device="cpu")  # patch to class
-    index[1:, 1:] = patches
+    index[1:, 1:] = trunk_lib.relative_offset_index(h, w)
     index[0, 1:] = n  # class to patch
     index[0, 0] = n + 2
     return index.flatten()
 
 
-# for eager calls (a compiled graph holds the index as a constant)
-_cached_index = functools.lru_cache(maxsize=16)(relative_position_index)
+_relative_position_index = trunk_lib.cached_when_eager(relative_position_index, maxsize=16)
 
 
-def relative_position_bias(table, spec, grid_hw, index=None) -> torch.Tensor:
+def relative_position_bias(table, spec, grid_hw, index) -> torch.Tensor:
     """``[heads, 1 + h·w, 1 + h·w]``: ``table`` read for every token pair on the input's h×w patch
-    grid (``index``: its ``relative_position_index``, made here if not given). Another grid than the
-    stored one gets the patch part of the table resampled bilinearly to (2h-1)×(2w-1) offsets
+    grid (``index``: its ``relative_position_index``, on the table's device). Another grid than
+    the stored one gets the patch part of the table resampled bilinearly to (2h-1)×(2w-1) offsets
     (transformers' BEiT with ``interpolate_pos_encoding``); the class rows stay."""
     if tuple(grid_hw) != (spec.grid, spec.grid):
         table = resample_bias_table(table, grid_hw)
-    if index is None:
-        index = (relative_position_index if torch.compiler.is_compiling() else _cached_index)(tuple(grid_hw))
     t = grid_hw[0] * grid_hw[1] + 1
-    return table[index.to(table.device)].view(t, t, table.shape[-1]).permute(2, 0, 1)
+    return table[index].view(t, t, table.shape[-1]).permute(2, 0, 1)
 
 
 def resample_bias_table(table, grid_hw) -> torch.Tensor:
     """A BEiT table ``[(2g-1)² + 3, heads]`` of a square g×g grid for an h×w grid: the offsets'
     part resampled bilinearly to (2h-1)×(2w-1) (transformers' ``interpolate_pos_encoding``), the
     three class rows kept. Also what a file of another grid gets at load (fpipe.weights.resample)."""
-    side, heads = math.isqrt(table.shape[0] - 3), table.shape[-1]
-    if side * side != table.shape[0] - 3 or side % 2 == 0:
+    g, heads = bias_table_grid(table.shape[0]), table.shape[-1]
+    if g is None:
         raise ValueError(f"a relative position bias table of {table.shape[0]} rows is not (2g-1)² + 3 for a grid g")
+    side = 2 * g - 1
     grid = table[:-3].reshape(1, side, side, heads).permute(0, 3, 1, 2)
     grid = F.interpolate(grid.float(), size=(2 * grid_hw[0] - 1, 2 * grid_hw[1] - 1), mode="bilinear",
                          align_corners=False).to(table.dtype)
@@ -457,8 +459,7 @@ def apply(spec: Spec, params, state, images, *, train, features=None, eval_norms
     grid_hw = (images.shape[-2] // spec.patch_size, images.shape[-1] // spec.patch_size)
     index = None  # BEiT's: made once for every block's table
     if spec.rel_pos_bias != "none":
-        index = (relative_position_index if torch.compiler.is_compiling() else _cached_index)(grid_hw)
-        index = index.to(images.device)
+        index = _relative_position_index(grid_hw).to(images.device)
     shared = params["encoder"].get("relative_position_bias_table")
     bias = None if shared is None else relative_position_bias(shared, spec, grid_hw, index)
     for i in range(n_blocks):

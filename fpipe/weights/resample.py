@@ -52,7 +52,7 @@ def fits(name: str, file_shape: tuple, model_shape: tuple) -> bool:
         return math.prod(file_shape) == math.prod(model_shape)
     if name.endswith("relative_position_bias_table"):
         return (len(file_shape) == len(model_shape) == 2 and file_shape[1] == model_shape[1]
-                and _bias_grid(file_shape[0]) is not None and _bias_grid(model_shape[0]) is not None)
+                and None not in (vit.bias_table_grid(file_shape[0]), vit.bias_table_grid(model_shape[0])))
     file_shape = (1,) * (len(model_shape) - len(file_shape)) + tuple(file_shape)  # [N, D] positions
     if not name.endswith("pos_embedding") or len(file_shape) != 3 or len(model_shape) != 3:
         return False
@@ -83,7 +83,7 @@ def adapt(tensors: dict, shapes: dict) -> tuple:
         if name.endswith("layer_scale") or _squeezed(t.shape) == _squeezed(want):
             out[name] = t.reshape(want)
         elif name.endswith("relative_position_bias_table"):
-            old, new = _bias_grid(t.shape[0]), _bias_grid(want[0])
+            old, new = vit.bias_table_grid(t.shape[0]), vit.bias_table_grid(want[0])
             out[name] = vit.resample_bias_table(t, (new, new))
             notes.append(f"{name}: relative position bias table of a {old}x{old} grid resampled to {new}x{new} "
                          "(bilinear, as transformers' BEiT; BEiT's own fine-tuning interpolates otherwise)")
@@ -107,12 +107,6 @@ def adapt(tensors: dict, shapes: dict) -> tuple:
             notes.append(f"{name}: position grid {old}x{old} resampled to {new}x{new} (bicubic, antialiased, as timm)")
         out[name] = t
     return out, notes
-
-
-def _bias_grid(rows: int):
-    """The grid g of a BEiT table of ``rows`` = (2g-1)² + 3 rows, or None (Swin's tables have no +3)."""
-    side = math.isqrt(max(rows - 3, 0))
-    return (side + 1) // 2 if side * side == rows - 3 and side % 2 else None
 
 
 def _squeezed(shape) -> tuple:

@@ -2,7 +2,8 @@
 
 A pickle can describe structures whose naive walk never ends or overflows the stack: sub-dicts
 shared 2^64 ways in a 2 KB file, a dict that contains itself, thousands of nesting levels. Every
-walk over loaded contents in ``fpipe.weights`` goes through ``entries``, so none can hang.
+walk over loaded contents in ``fpipe.weights`` goes through ``entries``, so none can hang (the one
+rebuild, ``positions_as_keys``, runs after ``check`` and memoises each container).
 """
 import torch
 
