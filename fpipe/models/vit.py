@@ -144,7 +144,8 @@ _CLIP = dict(pre_norm=True, patch_bias=False, ln_eps=1e-5)
 _QUICK = dict(_CLIP, mlp="quick_gelu")
 # SigLIP image towers (big_vision's, transformers'): no class token (MAP-head pooling, which is a
 # head's job here: lastPOOL is the mean patch token), no class row, tanh-GELU
-_SIGLIP = dict(class_token=False, pos_embed_class=False, mlp="gelu_tanh")
+_GAP = dict(class_token=False, pos_embed_class=False)
+_SIGLIP = dict(_GAP, mlp="gelu_tanh")
 _SO400M = dict(hidden_dim=1152, depth=27, heads=16, mlp_dim=4304, patch_size=14)
 # BEiT's trunks (BEiT, BEiT v2; data2vec's are the same): no absolute position embedding, a
 # relative position bias per block, no key bias (q_bias/v_bias: a zero key third, which softmax
@@ -195,6 +196,11 @@ PRESETS = {
     "vit_so400m_patch14_siglip_224": dict(_SO400M, **_SIGLIP),
     # 384 px in 14 px patches: a 27x27 grid (the last 6 px unused), stored as for 378 px
     "vit_so400m_patch14_siglip_384": dict(_SO400M, image_size=378, **_SIGLIP),
+    # I-JEPA's encoders (timm's names, its *_ijepa weights): no class token, features = lastPOOL
+    "vit_huge_patch14_gap_224": dict(_H, patch_size=14, pos_resample="bicubic_antialias", **_GAP),
+    "vit_huge_patch16_gap_448": dict(_H, patch_size=16, image_size=448, pos_resample="bicubic_antialias", **_GAP),
+    "vit_giant_patch16_gap_224": dict(hidden_dim=1408, depth=40, heads=16, mlp_dim=6144, patch_size=16,
+                                      pos_resample="bicubic_antialias", **_GAP),
     # BEiT (timm's names; *_pt22k: microsoft/unilm's self-supervised pretraining files)
     "beit_base_patch16_224": dict(_B, **_BEIT, layer_scale=0.1),
     "beit_base_patch16_384": dict(_B, **_BEIT, layer_scale=0.1, image_size=384),

@@ -37,6 +37,14 @@ PREFERRED = {
 # MoCo's naming carries over to other code: a word "key", or a last word "k" (backbone_k,
 # model_k: the key encoder) or "m" (ALBEF's and BLIP's visual_encoder_m: the momentum model).
 TRAINING_ONLY = {"encoder_k", "student", "loss"}
+# The one pair whose "target" copy is the evaluated one: Meta's MSN, I-JEPA and V-JEPA save
+# {"encoder", "target_encoder", "predictor" or "prototypes", "opt", ...} at the top of the file and
+# evaluate target_encoder, the EMA copy (MSN's linear_eval.py, V-JEPA's evals' checkpoint_key);
+# BYOL-style code naming its copies encoder / target_encoder evaluates encoder. So the pair decides
+# for target_encoder at the top of a file, and is refused anywhere else.
+EMA_EVALUATED = ("encoder", "target_encoder")
+EMA_EVALUATED_WHY = ("MSN, I-JEPA and V-JEPA evaluate target_encoder, their EMA copy (MSN's linear_eval.py, "
+                     "V-JEPA's checkpoint_key; timm's I-JEPA weights are encoder, the context encoder)")
 TRAINING_WORDS = {"momentum", "target", "key"}
 TRAINING_SUFFIXES = {"k", "m"}
 
@@ -160,6 +168,15 @@ def choose(cands: list, flat: dict, *, select: str = "", where: str = "the file"
     if len(pool) == 1:
         only = "the only full copy of the trunk" if best == 1 else f"the best partial copy ({best:.0%})"
         return pool[0], only + _alias_note(pool[0])
+    pair = _encoder_target_pair(pool)
+    if pair and pair[1].prefix.startswith(EMA_EVALUATED[1] + "."):
+        return pair[1], (f"2 {what} of the trunk; took {pair[1].prefix!r} by convention: {EMA_EVALUATED_WHY}. "
+                         f"To take the other, set select={pair[0].prefix!r}")
+    if pair:
+        raise WeightsError(f"2 different {what} of the trunk in {where}, encoder and target_encoder below "
+                           f"{pair[0].prefix[:-len('encoder.')]!r}, and no convention decides: MSN and the JEPAs "
+                           "evaluate target_encoder (their EMA copy), BYOL-style code encoder; set "
+                           f"model.weights.select. Candidates:\n{_listing(cands)}")
     scores = [_score(c) for c in pool]
     top = max(scores)
     winners = [c for c, s in zip(pool, scores) if s == top]
@@ -173,6 +190,17 @@ def choose(cands: list, flat: dict, *, select: str = "", where: str = "the file"
     raise WeightsError(f"{len(pool)} different {what} of the trunk in {where} and no convention decides "
                        f"which to load; set model.weights.select (or state_dict_key / remove_prefix). "
                        f"Candidates:\n{_listing(cands)}")
+
+
+def _encoder_target_pair(pool: list):
+    """``(encoder, target_encoder)`` when the two copies differ only in that one name part."""
+    if len(pool) != 2:
+        return None
+    a, b = (_segments(c.prefix) for c in pool)
+    differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    if len(a) != len(b) or len(differ) != 1 or {a[differ[0]], b[differ[0]]} != set(EMA_EVALUATED):
+        return None
+    return tuple(sorted(pool, key=lambda c: _segments(c.prefix)[differ[0]] != EMA_EVALUATED[0]))
 
 
 def _segments(prefix: str) -> list:
