@@ -32,6 +32,17 @@ random_resized_crop + flip and resize(256) + center_crop, with bicubic resizing.
     torchrun --nproc_per_node=8 main.py --config=configs/linear_eval.py:dinov2_imagenet \
         --config.data.root=/data/imagenet --config.model.weights.path=dinov2_vits14_pretrain.pth
 
+Variant ``:beit_imagenet`` is BEiT's linear probe (microsoft/unilm beit/run_linear_eval.py) of a
+BEiT-B pretraining file (shared relative position bias): one linear head per block on that block's
+class token and patch mean side by side (``block<i>_cls_avgpool``, not normed), all trained at
+once; AdamW lr 4e-3 (its README's), weight decay 1e-4 on every head parameter, cosine to 0, 100
+epochs at global batch 1024, heads drawn from N(0, 0.01²); its transforms (random_resized_crop +
+flip, resize(256, bicubic) + center_crop) and its mean and std of 0.5. It reports every block;
+BEiT's paper reads the best one.
+
+    torchrun --nproc_per_node=8 main.py --config=configs/linear_eval.py:beit_imagenet \
+        --config.data.root=/data/imagenet --config.model.weights.path=beit_base_patch16_224_pt22k.pth
+
 Variants ``:multi_crop`` (SwAV/VISSL multi-resolution crops, data.views) and ``:multi_input``
 (VISSL's several inputs mapped to heads, head crops=..., and a siamese_concat_view head,
 towers=4) run on the digits as they are.
@@ -41,7 +52,7 @@ import ml_collections
 from configs import common
 from fpipe.defaults import head as head_config, trunk as trunk_config
 
-VARIANTS = ("vissl_imagenet", "vit_s16", "dinov2_imagenet", "multi_crop", "multi_input")
+VARIANTS = ("vissl_imagenet", "vit_s16", "dinov2_imagenet", "beit_imagenet", "multi_crop", "multi_input")
 DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 
 
@@ -95,7 +106,7 @@ def dinov2_imagenet(c):
     for feature in ("lastCLS", "cls1_avgpool", "concatCLS4", "cls4_avgpool"):  # dinov2: n_blocks x avgpool
         for lr in DINOV2_LRS:
             name = f"{feature}_lr_{lr:.5f}".replace(".", "_")
-            c.model.heads[name] = head_config(feature, "linear")
+            c.model.heads[name] = head_config(feature, "linear", init_std=0.01)  # dinov2's init
             lr_mults.append((rf"heads\.{name}\..*", lr))
     c.optim.name = "sgd"
     c.optim.lr = 1.0                      # each head's lr is its lr_mult (x batch/256)
@@ -105,6 +116,29 @@ def dinov2_imagenet(c):
     c.optim.weight_decay = 0.0
     c.optim.scale_lr = True
     c.optim.reference_batch_size = 256
+    c.schedule.name = "cosine"
+    c.schedule.warmup_epochs = 0.0
+    c.eval_epochs = 1.0
+
+
+def beit_imagenet(c):
+    c.total_epochs = 100.0
+    c.data.name = "image_folder"
+    c.data.image_size = 224
+    c.data.batch_size = 1024
+    c.data.train_split, c.data.test_split = "train", "val"
+    half = "normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))"  # BEiT's default (not ImageNet's)
+    c.data.train_transforms = f"random_resized_crop|flip|{half}"
+    c.data.eval_transforms = f"resize(256, interpolation='bicubic')|center_crop|{half}"
+    c.data.num_workers = 8
+    c.model.trunk = trunk_config("beit_base_patch16_224_pt22k")
+    c.model.heads = ml_collections.ConfigDict()
+    for i in range(12):
+        c.model.heads[f"block{i:02d}"] = head_config(f"block{i}_cls_avgpool", "linear", init_std=0.01)
+    c.optim.name = "adamw"
+    c.optim.lr = 4e-3
+    c.optim.weight_decay = 1e-4
+    c.optim.wd_mults = ()                 # BEiT decays the heads' biases too
     c.schedule.name = "cosine"
     c.schedule.warmup_epochs = 0.0
     c.eval_epochs = 1.0

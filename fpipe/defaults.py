@@ -170,6 +170,8 @@ def head(feature, type="linear", pool=None, dims=None, towers=1, crops=(), targe
     siamese_concat_view. ``crops=(first, count)``: the crops it reads (VISSL's several inputs
     mapped to heads). Multi-task: ``target`` (``label`` or a dataset's extra target) learnt by
     ``loss`` (cross_entropy | bce | mse), weighted by ``loss_weight`` in the summed loss.
+    ``options``: the layers' (fpipe.models.heads.MLP_OPTIONS: ``use_bn``, …, ``init_std`` for
+    DINO's, dinov2's and BEiT's N(0, 0.01²) linear probes).
 
     Unset values are typed placeholders, so ``--config.model.heads.NAME.pool='(2, 2)'`` works."""
     c = ml_collections.ConfigDict(dict(feature=feature, type=type, towers=towers, crops=tuple(crops),

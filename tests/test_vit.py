@@ -2,6 +2,7 @@
 import math
 import re
 
+import ml_collections
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,7 +232,14 @@ def test_features_are_vissl_and_dinov2_definitions(tiny):
     close(feats["patch_grid"], blocks[-1][:, 3:].reshape(3, 4, 4, 32).permute(0, 3, 1, 2))
     assert feats["patch_grid"][:, :, 1, 2].equal(feats["tokens"][:, 3 + 1 * 4 + 2])  # row-major patches
     assert feats["cls4_avgpool"].shape == (3, 5 * 32)
-    assert trunk.features[:5] == _blocks(5) and trunk.features[5:] == vit.FEATURES
+    for i in range(5):  # block features: the block's output as it is, not normed (BEiT's probe)
+        raw = feats[f"block{i}"]
+        close(feats[f"block{i}CLS"], raw[:, 0])
+        close(feats[f"block{i}POOL"], raw[:, 3:].mean(1))
+        close(feats[f"block{i}_cls_avgpool"], torch.cat([raw[:, 0], raw[:, 3:].mean(1)], 1))
+    assert trunk.features[:8] == ("block0", "block0CLS", "block0POOL", "block0_cls_avgpool", "block1",
+                                  "block1CLS", "block1POOL", "block1_cls_avgpool")
+    assert trunk.features[:20][::4] == _blocks(5) and trunk.features[20:] == vit.FEATURES
 
 
 def test_blocks_run_only_as_far_as_the_deepest_requested_feature(tiny):
@@ -242,6 +250,8 @@ def test_blocks_run_only_as_far_as_the_deepest_requested_feature(tiny):
     del cut["encoder"]["ln"]
     part, _ = trunk.apply(cut, {}, x, train=False, features=("block1",))  # later blocks would KeyError
     assert set(part) == {"block1"} and torch.equal(part["block1"], full["block1"])
+    part, _ = trunk.apply(cut, {}, x, train=False, features=("block1_cls_avgpool", "block0CLS"))
+    assert set(part) == {"block1_cls_avgpool", "block0CLS"}
 
 
 def test_fc_norm_pools_then_norms_and_no_class_token_layout():
@@ -249,6 +259,7 @@ def test_fc_norm_pools_then_norms_and_no_class_token_layout():
     params, _ = trunk.init(0)
     assert "ln" not in params["encoder"] and "class_token" not in params and "fc_norm" in params
     assert "lastCLS" not in trunk.features and "concatPOOL4" in trunk.features
+    assert "block0POOL" in trunk.features and not {"block0CLS", "block0_cls_avgpool"} & set(trunk.features)
     x = torch.randn(2, 3, 16, 16)
     feats, _ = trunk.apply(params, {}, x, train=False, features=("block4", "lastPOOL", "tokens"))
     assert feats["tokens"].shape == (2, 16, 32) and torch.equal(feats["tokens"], feats["block4"])
@@ -324,7 +335,6 @@ def test_meta_device_bf16_autocast_and_grads(tiny):
 def test_model_registry_builds_a_vit_with_heads_on_vectors():
     cfg = dict(trunk=dict(name="vit", **TINY), heads=dict(
         cls=model_lib.head_config("lastCLS", "linear"), dino=model_lib.head_config("cls4_avgpool", "linear")))
-    import ml_collections
     model = model_lib.build(ml_collections.ConfigDict(cfg), num_classes=10, image_size=16)
     params, state = model.init(0)
     assert params["heads"]["cls"]["weight"].shape == (10, 32)
@@ -333,7 +343,7 @@ def test_model_registry_builds_a_vit_with_heads_on_vectors():
     assert out["cls"].shape == out["dino"].shape == (2, 10)
 
 
-@pytest.mark.parametrize("variant", ["vit_s16", "dinov2_imagenet"])
+@pytest.mark.parametrize("variant", ["vit_s16", "dinov2_imagenet", "beit_imagenet"])
 def test_linear_eval_variants_build_and_every_key_is_overridable(variant):
     from ml_collections import config_dict
     from configs import linear_eval
@@ -361,6 +371,12 @@ def test_linear_eval_variants_build_and_every_key_is_overridable(variant):
         for spec in (cfg.data.train_transforms, cfg.data.eval_transforms):  # dinov2 resizes bicubic
             steps = pipeline.parse(spec, cfg.data.image_size).plan(500, 375, torch.Generator()).steps
             assert [step[3] for step in steps if step[0] == "resize"] == ["bicubic"]
+    if variant == "beit_imagenet":  # a head per block on its class token and patch mean, 2 x 768 wide
+        assert [h.feature for h in model.heads] == [f"block{i}_cls_avgpool" for i in range(12)]
+        assert model.trunk.spec.rel_pos_bias == "shared" and not cfg.optim.wd_mults
+        params, _ = model.init_heads(0)
+        w = params["block11"]["weight"]  # heads block00 … block11: config order is sorted order
+        assert w.shape == (10, 1536) and 0.009 < w.std() < 0.011 and not params["block11"]["bias"].any()
 
 
 def test_bad_options_and_features_name_the_valid_ones(tiny):
@@ -377,8 +393,13 @@ def test_bad_options_and_features_name_the_valid_ones(tiny):
     with pytest.raises(ValueError, match=r"'vit' \(vit\) takes no option\(s\) \['width_multiplier'\]; vit's options: \['class_token'"):
         model_lib.build_trunk("vit", width_multiplier=2)
     trunk, params, x = tiny
-    with pytest.raises(ValueError, match=r"unknown ViT feature\(s\) \['block5'\]; valid: \('block0'"):
+    with pytest.raises(ValueError, match=r"unknown ViT feature\(s\) \['block5'\]; valid: block0, block0CLS, "):
         trunk.apply(params, {}, x, train=False, features=("block5",))
+    with pytest.raises(ValueError, match=r"valid: block<0-11>, block<0-11>CLS, block<0-11>POOL, "
+                                         r"block<0-11>_cls_avgpool, tokens, patch_grid, lastCLS, "):
+        model_lib.build(ml_collections.ConfigDict({"trunk": {"name": "vit_b_16"},
+                                                   "heads": {"h": {"feature": "block12POOL"}}}),
+                        num_classes=10, image_size=224)
     assert "concatCLS4" not in vit.build(**dict(TINY, depth=3)).features
 
 
@@ -474,7 +495,7 @@ def test_vit_giant_dinov2_presets_have_dinov2s_dims(preset, registers):
     params, _ = init_on_meta(trunk)
     flat = tree.flatten(params)
     last = "encoder.layers.encoder_layer_39."
-    assert trunk.spec.heads == 24 and trunk.features[39] == "block39" and "block40" not in trunk.features
+    assert trunk.spec.heads == 24 and "block39_cls_avgpool" in trunk.features and "block40" not in trunk.features
     assert flat[last + "mlp.w12.weight"].shape == (2 * hidden, 1536) == (8192, 1536)
     assert flat[last + "mlp.w3.weight"].shape == (1536, hidden)
     assert flat[last + "ls_2.gamma"].shape == (1536,) and flat["conv_proj.weight"].shape == (1536, 3, 14, 14)

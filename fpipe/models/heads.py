@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from fpipe.models import layers
 
 HEAD_TYPES = ("linear", "mlp", "eval_mlp")
+# init_std: Linear weights drawn from N(0, init_std²), biases zero (DINO's, dinov2's, BEiT's linear
+# probes: 0.01); None: torch.nn.Linear's default init.
 MLP_OPTIONS = dict(use_bn=False, use_relu=False, use_dropout=False, dropout=0.5, use_bias=True,
-                   skip_last_layer_relu_bn=True)
+                   skip_last_layer_relu_bn=True, init_std=None)
 
 
 def mlp_plan(in_dim, dims, use_bn, use_relu, use_dropout, skip_last_layer_relu_bn, **_):
@@ -38,7 +40,8 @@ def init(gen, kind, in_shape, dims, **options):
     if kind == "linear":
         if len(dims) != 1:
             raise ValueError(f"a linear head has one output size, got dims={list(dims)}")
-        return layers.linear_init(gen, in_dim, dims[0], bias=options.get("use_bias", True)), {}
+        return layers.linear_init(gen, in_dim, dims[0], bias=options.get("use_bias", True),
+                                  std=options.get("init_std")), {}
     if kind == "eval_mlp":
         bn_p, bn_s = layers.norm_init("batch", in_shape[0])
         clf_p, clf_s = init(gen, "mlp", in_shape, dims, **options)
@@ -47,7 +50,7 @@ def init(gen, kind, in_shape, dims, **options):
     params, state = {}, {}
     for idx, op, size in mlp_plan(in_dim, dims, **opts):
         if op == "linear":
-            params[str(idx)] = layers.linear_init(gen, *size, bias=opts["use_bias"])
+            params[str(idx)] = layers.linear_init(gen, *size, bias=opts["use_bias"], std=opts["init_std"])
         elif op == "bn":
             params[str(idx)], state[str(idx)] = layers.norm_init("batch", size)
     return {"clf": params}, ({"clf": state} if state else {})

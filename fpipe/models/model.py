@@ -276,7 +276,7 @@ def _parse_head(name, h, num_classes, features, target_sizes=None):
     if unknown:
         raise ValueError(f"model.heads.{name}: unknown key(s) {unknown}; valid: {HEAD_KEYS}")
     if h.get("feature") not in features:
-        raise ValueError(f"model.heads.{name}.feature={h.get('feature')!r}; valid: {features}")
+        raise ValueError(f"model.heads.{name}.feature={h.get('feature')!r}; valid: {trunk_lib.feature_listing(features)}")
     target, loss, weight, num_classes = _parse_target(name, h, num_classes, target_sizes)
     crops = tuple(h.pop("crops", None) or ())
     if crops and not (len(crops) == 2 and all(isinstance(v, int) for v in crops) and crops[0] >= 0 and crops[1] >= 1):

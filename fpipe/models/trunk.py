@@ -6,6 +6,7 @@ A family module (resnet, regnet, efficientnet, convnext, alexnet, ...) provides 
 options) and ``build(**options) -> Trunk``; fpipe.models.model registers families by name.
 """
 import functools
+import re
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -28,6 +29,28 @@ class Trunk(NamedTuple):
     init: Callable
     apply: Callable
     features: tuple = ()
+
+
+def feature_listing(names) -> str:
+    """``names`` for an error message, each numbered run of 8 or more folded: a ViT-B's 48 block
+    features read ``block<0-11>, block<0-11>CLS, …`` instead of one by one."""
+    def run_of(name):  # (text before the number, text after it), or None without one
+        digits = re.search(r"\d+", name)
+        return (name[:digits.start()], name[digits.end():]) if digits else None
+
+    runs = {}
+    for name in names:
+        if run_of(name):
+            runs.setdefault(run_of(name), []).append(int(re.search(r"\d+", name).group()))
+    out = []
+    for name in names:
+        run = run_of(name)
+        indices = runs.get(run, ())
+        if len(indices) < 8 or indices != list(range(indices[0], indices[-1] + 1)):
+            out.append(name)
+        elif f"{run[0]}<{indices[0]}-{indices[-1]}>{run[1]}" not in out:
+            out.append(f"{run[0]}<{indices[0]}-{indices[-1]}>{run[1]}")
+    return ", ".join(out)
 
 
 def init_on_meta(trunk: Trunk) -> tuple:

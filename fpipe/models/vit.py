@@ -31,9 +31,12 @@ from fpipe.models import layers
 from fpipe.models import trunk as trunk_lib
 from fpipe.models.resnet import Trunk
 
-# Feature names after the last block; ``block<i>`` (i from 0) come before them, shallow to deep.
+# Feature names after the last block; the block features (i from 0) come before them, shallow to deep.
 FEATURES = ("tokens", "patch_grid", "lastCLS", "lastPOOL", "concatCLS4", "concatPOOL4",
             "cls1_avgpool", "cls4_avgpool")
+# What a block feature ``block<i><read>`` reads of block i's output, not normed: the tokens, the
+# class token, the patch mean, or both side by side (BEiT's linear probe of every block).
+BLOCK_READS = ("", "CLS", "POOL", "_cls_avgpool")
 _NEEDS_CLASS_TOKEN = ("lastCLS", "concatCLS4", "cls1_avgpool", "cls4_avgpool")
 _NEEDS_4_BLOCKS = ("concatCLS4", "concatPOOL4", "cls4_avgpool")
 # How a stored position grid is resampled to another input grid (all bicubic, align_corners=False):
@@ -120,7 +123,8 @@ class Spec:
 
     @property
     def features(self):
-        names = [f"block{i}" for i in range(self.depth)] + list(FEATURES)
+        reads = BLOCK_READS if self.class_token else ("", "POOL")
+        names = [f"block{i}{read}" for i in range(self.depth) for read in reads] + list(FEATURES)
         if not self.class_token:
             names = [n for n in names if n not in _NEEDS_CLASS_TOKEN]
         if self.depth < 4:
@@ -454,9 +458,10 @@ def apply(spec: Spec, params, state, images, *, train, features=None, eval_norms
         features = ("lastCLS",) if spec.class_token else ("lastPOOL",)
     unknown = [f for f in features if f not in valid]
     if unknown:
-        raise ValueError(f"unknown ViT feature(s) {unknown}; valid: {valid}")
-    final = [f for f in features if not f.startswith("block")]
-    n_blocks = spec.depth if final else 1 + max((int(f[len("block"):]) for f in features), default=-1)
+        raise ValueError(f"unknown ViT feature(s) {unknown}; valid: {trunk_lib.feature_listing(valid)}")
+    reads = {f: _block_read(f) for f in features if _block_read(f)}
+    final = [f for f in features if f not in reads]
+    n_blocks = spec.depth if final else 1 + max((i for i, _ in reads.values()), default=-1)
     keep = 4 if any(f in _NEEDS_4_BLOCKS for f in final) else 1  # last blocks' outputs the features read
     out, last = {}, []
     x = embed(spec, params, images)
@@ -472,13 +477,38 @@ def apply(spec: Spec, params, state, images, *, train, features=None, eval_norms
         p = params["encoder"]["layers"][f"encoder_layer_{i}"]
         own = p["self_attention"].get("relative_position_bias_table")
         x = block(spec, p, x, bias if own is None else relative_position_bias(own, spec, grid_hw, index))
-        if f"block{i}" in features:
-            out[f"block{i}"] = x
+        out.update({f: _read_block(spec, x, read) for f, (j, read) in reads.items() if j == i})
         if final and i >= spec.depth - keep:
             last.append(x)
     if final:
         out.update(_final_features(spec, params, last, final, images))
     return out, state
+
+
+def _block_read(name):
+    """``(block index, read)`` of a block feature's name (``block3POOL``: (3, "POOL")), else None.
+    String methods, not a regex: torch.compile folds them on the constant names."""
+    for read in BLOCK_READS[::-1]:
+        index = name[len("block"):len(name) - len(read)]
+        if name.startswith("block") and name.endswith(read) and index.isdigit():
+            return int(index), read
+    return None
+
+
+def _read_block(spec, x, read):
+    """A block feature (``BLOCK_READS``) of the block output ``x``, as it is: no norm."""
+    if read == "CLS":
+        return x[:, 0]
+    if read == "POOL":
+        return _patch_mean(spec, x)
+    if read == "_cls_avgpool":
+        return torch.cat([x[:, 0], _patch_mean(spec, x)], dim=-1)
+    return x
+
+
+def _patch_mean(spec, t):
+    """The mean of the patch tokens (class and distillation tokens and registers excluded)."""
+    return t[:, spec.num_prefix:].mean(dim=1)
 
 
 def _final_features(spec, params, last, names, images):
@@ -487,8 +517,8 @@ def _final_features(spec, params, last, names, images):
     cls = lambda t: t[:, 0]
     patches = lambda t: t[:, spec.num_prefix:]
 
-    def pool(t):  # mean of the patch tokens (registers and class token excluded), fc_norm'ed if any
-        m = patches(t).mean(dim=1)
+    def pool(t):  # the patch mean, fc_norm'ed if any
+        m = _patch_mean(spec, t)
         return _layer_norm(params["fc_norm"], m, spec.ln_eps) if spec.fc_norm else m
 
     top = normed[-1]

@@ -130,7 +130,8 @@ def _check_extract(c, model) -> None:
     extract = tuple(c.extract.features)
     unknown = [f for f in extract if f not in model.trunk.features]
     if unknown or len(set(extract)) != len(extract):
-        raise ConfigError(f"extract.features={extract!r}: each once, from {model.trunk.features}")
+        raise ConfigError(f"extract.features={extract!r}: each once, from "
+                          f"{trunk_lib.feature_listing(model.trunk.features)}")
 
 
 def _check_evaluation(c) -> None:
