@@ -43,6 +43,15 @@ BEiT's paper reads the best one.
     torchrun --nproc_per_node=8 main.py --config=configs/linear_eval.py:beit_imagenet \
         --config.data.root=/data/imagenet --config.model.weights.path=beit_base_patch16_224_pt22k.pth
 
+Variant ``:mae_imagenet`` is MAE's linear probe (facebookresearch/mae main_linprobe.py) of an MAE
+ViT-B/16 pretraining file: the normed class token through BatchNorm1d(affine=False, eps=1e-6) and
+a linear head drawn from N(0, 0.01²); LARS, lr 0.1 x batch/256, no weight decay, 10 warmup epochs
+from 0 then cosine to 0, 90 epochs at global batch 16384; random_resized_crop (bicubic) + flip,
+resize(256, bicubic) + center_crop.
+
+    torchrun --nproc_per_node=8 main.py --config=configs/linear_eval.py:mae_imagenet \
+        --config.data.root=/data/imagenet --config.model.weights.path=mae_pretrain_vit_base.pth
+
 Variants ``:multi_crop`` (SwAV/VISSL multi-resolution crops, data.views) and ``:multi_input``
 (VISSL's several inputs mapped to heads, head crops=..., and a siamese_concat_view head,
 towers=4) run on the digits as they are.
@@ -52,7 +61,8 @@ import ml_collections
 from configs import common
 from fpipe.defaults import head as head_config, trunk as trunk_config
 
-VARIANTS = ("vissl_imagenet", "vit_s16", "dinov2_imagenet", "beit_imagenet", "multi_crop", "multi_input")
+VARIANTS = ("vissl_imagenet", "vit_s16", "dinov2_imagenet", "beit_imagenet", "mae_imagenet", "multi_crop",
+            "multi_input")
 DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 
 
@@ -142,6 +152,32 @@ def beit_imagenet(c):
     c.schedule.name = "cosine"
     c.schedule.warmup_epochs = 0.0
     c.eval_epochs = 1.0
+
+
+def mae_imagenet(c):
+    c.total_epochs = 90.0
+    c.data.name = "image_folder"
+    c.data.image_size = 224
+    c.data.batch_size = 16384
+    c.data.train_split, c.data.test_split = "train", "val"
+    c.data.train_transforms = "random_resized_crop(interpolation='bicubic')|flip|normalize"
+    c.data.eval_transforms = "resize(256, interpolation='bicubic')|center_crop|normalize"
+    c.data.num_workers = 8
+    c.model.trunk = trunk_config("vit_base_patch16_224")
+    c.model.heads = ml_collections.ConfigDict()
+    c.model.heads.lastCLS = head_config("lastCLS", "eval_mlp", bn_affine=False, bn_eps=1e-6, init_std=0.01)
+    c.optim.name = "lars"
+    c.optim.lr = 0.1
+    c.optim.scale_lr = True               # lr x global batch / 256
+    c.optim.reference_batch_size = 256
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 0.0
+    c.schedule.name = "cosine"
+    c.schedule.warmup_epochs = 10.0
+    c.schedule.warmup_factor = 0.0
+    c.eval_epochs = 1.0
+    c.best_metric = "lastCLS/top1"
 
 
 def vissl_imagenet(c):

@@ -50,8 +50,20 @@ def frozen_by_rules(params, value_rules):
                  if tree.first_match(n, [(r, marker if v is None else v) for r, v in value_rules]) is marker)
 
 
-def eval_norms(state, frozen):
-    """Dotted names of norm layers with running statistics whose scale (``.weight``) is frozen."""
+def eval_norms(state, frozen, trainable=None):
+    """Dotted names of norm layers with running statistics whose scale (``.weight``) is frozen. A
+    layer without params (``affine=False``, MAE's probe) follows the module around it: frozen when
+    that module's params (``trainable`` tells which are not) are all frozen."""
     frozen_names = set(tree.flatten(frozen))
+    trainable_names = set(tree.flatten(trainable)) if trainable is not None else None
     layers = {n.rsplit(".", 1)[0] for n in tree.flatten(state) if n.endswith(".running_mean")}
-    return frozenset(l for l in layers if f"{l}.weight" in frozen_names or f"{l}.bias" in frozen_names)
+
+    def frozen_layer(layer):
+        own = {f"{layer}.weight", f"{layer}.bias"}
+        if own & frozen_names or trainable_names is None or own & trainable_names:
+            return bool(own & frozen_names)
+        parent = layer.rsplit(".", 1)[0] + "."
+        return (any(n.startswith(parent) for n in frozen_names)
+                and not any(n.startswith(parent) for n in trainable_names))
+
+    return frozenset(l for l in layers if frozen_layer(l))

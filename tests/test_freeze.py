@@ -42,3 +42,17 @@ def test_none_in_a_value_policy_freezes_by_first_match():
     trainable, frozen = freeze.partition(params, frozen_rules)
     assert {n.split(".")[1] for n in tree.flatten(frozen)} == {"layer1", "layer2", "layer3"}
     assert {n.split(".")[1] for n in tree.flatten(trainable)} == {"conv1", "bn1", "layer4"}
+
+
+def test_a_norm_without_params_follows_the_module_around_it():
+    """MAE's probe BatchNorm (affine=False) has running statistics but no params: frozen with its head."""
+    state = {"heads": {"mae": {"channel_bn": {"running_mean": torch.zeros(4)}},
+                       "vissl": {"channel_bn": {"running_mean": torch.zeros(4)}}}}
+    params = {"heads": {"mae": {"clf": {"clf": {"0": {"weight": torch.zeros(2, 4)}}}},
+                        "vissl": {"channel_bn": {"weight": torch.ones(4)},
+                                  "clf": {"clf": {"0": {"weight": torch.zeros(2, 4)}}}}}}
+    trainable, frozen = freeze.partition(params, [r"heads\.mae\..*"])
+    assert freeze.eval_norms(state, frozen, trainable) == {"heads.mae.channel_bn"}
+    trainable, frozen = freeze.partition(params, [r"heads\.vissl\..*"])
+    assert freeze.eval_norms(state, frozen, trainable) == {"heads.vissl.channel_bn"}
+    assert freeze.eval_norms(state, frozen) == {"heads.vissl.channel_bn"}  # without trainable: as before

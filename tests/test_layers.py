@@ -390,3 +390,16 @@ def test_a_conv_onto_at_most_2x2_pixels_runs_as_dense_with_conv2d_values_and_gra
         y, ref = layers.conv(w, x), torch.nn.functional.conv2d(x, w["weight"])
         assert y.dtype == ref.dtype == torch.bfloat16 and len(routed) == (0 if rows_as_conv else 1)
         torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_synced_batch_norm_of_one_process_is_batch_norm(affine):
+    """The SyncBN path with an identity all-reduce (one process) computes BatchNorm, with or without
+    the affine params (MAE's probe BatchNorm has none)."""
+    _, s = layers.norm_init("batch", 6)
+    p = {"weight": torch.rand(6) + 0.5, "bias": torch.randn(6)} if affine else {}
+    x = torch.randn(5, 6)
+    want, want_s = layers.batch_norm(p, s, x, True, eps=1e-6)
+    got, got_s = layers.batch_norm(p, s, x, True, eps=1e-6, sync_stats=lambda *sums: sums)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_s["running_var"], want_s["running_var"])

@@ -343,7 +343,7 @@ def test_model_registry_builds_a_vit_with_heads_on_vectors():
     assert out["cls"].shape == out["dino"].shape == (2, 10)
 
 
-@pytest.mark.parametrize("variant", ["vit_s16", "dinov2_imagenet", "beit_imagenet"])
+@pytest.mark.parametrize("variant", ["vit_s16", "dinov2_imagenet", "beit_imagenet", "mae_imagenet"])
 def test_linear_eval_variants_build_and_every_key_is_overridable(variant):
     from ml_collections import config_dict
     from configs import linear_eval
@@ -371,6 +371,10 @@ def test_linear_eval_variants_build_and_every_key_is_overridable(variant):
         for spec in (cfg.data.train_transforms, cfg.data.eval_transforms):  # dinov2 resizes bicubic
             steps = pipeline.parse(spec, cfg.data.image_size).plan(500, 375, torch.Generator()).steps
             assert [step[3] for step in steps if step[0] == "resize"] == ["bicubic"]
+    if variant == "mae_imagenet":  # the normed class token, a BatchNorm without params, a linear head
+        params, state = model.init_heads(0)
+        assert set(params["lastCLS"]) == {"clf"} and "running_var" in state["lastCLS"]["channel_bn"]
+        assert cfg.optim.name == "lars" and model.heads[0].layers[0][1]["bn_eps"] == 1e-6
     if variant == "beit_imagenet":  # a head per block on its class token and patch mean, 2 x 768 wide
         assert [h.feature for h in model.heads] == [f"block{i}_cls_avgpool" for i in range(12)]
         assert model.trunk.spec.rel_pos_bias == "shared" and not cfg.optim.wd_mults

@@ -12,9 +12,15 @@ from fpipe.models import layers
 
 HEAD_TYPES = ("linear", "mlp", "eval_mlp")
 # init_std: Linear weights drawn from N(0, init_std²), biases zero (DINO's, dinov2's, BEiT's linear
-# probes: 0.01); None: torch.nn.Linear's default init.
+# probes: 0.01); None: torch.nn.Linear's default init. bn_affine, bn_eps: the head's BatchNorms
+# (eval_mlp's channel_bn, mlp's use_bn); MAE's linear probe is BatchNorm1d(affine=False, eps=1e-6).
 MLP_OPTIONS = dict(use_bn=False, use_relu=False, use_dropout=False, dropout=0.5, use_bias=True,
-                   skip_last_layer_relu_bn=True, init_std=None)
+                   skip_last_layer_relu_bn=True, init_std=None, bn_affine=True, bn_eps=layers.BN_EPS)
+
+
+def _bn_init(channels, affine):
+    params, state = layers.norm_init("batch", channels)
+    return (params if affine else {}), state
 
 
 def mlp_plan(in_dim, dims, use_bn, use_relu, use_dropout, skip_last_layer_relu_bn, **_):
@@ -42,17 +48,20 @@ def init(gen, kind, in_shape, dims, **options):
             raise ValueError(f"a linear head has one output size, got dims={list(dims)}")
         return layers.linear_init(gen, in_dim, dims[0], bias=options.get("use_bias", True),
                                   std=options.get("init_std")), {}
-    if kind == "eval_mlp":
-        bn_p, bn_s = layers.norm_init("batch", in_shape[0])
-        clf_p, clf_s = init(gen, "mlp", in_shape, dims, **options)
-        return {"channel_bn": bn_p, "clf": clf_p}, {"channel_bn": bn_s, **({"clf": clf_s} if clf_s else {})}
     opts = {**MLP_OPTIONS, **options}
+    if kind == "eval_mlp":
+        bn_p, bn_s = _bn_init(in_shape[0], opts["bn_affine"])
+        clf_p, clf_s = init(gen, "mlp", in_shape, dims, **options)
+        return ({**({"channel_bn": bn_p} if bn_p else {}), "clf": clf_p},
+                {"channel_bn": bn_s, **({"clf": clf_s} if clf_s else {})})
     params, state = {}, {}
     for idx, op, size in mlp_plan(in_dim, dims, **opts):
         if op == "linear":
             params[str(idx)] = layers.linear_init(gen, *size, bias=opts["use_bias"], std=opts["init_std"])
         elif op == "bn":
-            params[str(idx)], state[str(idx)] = layers.norm_init("batch", size)
+            bn_p, state[str(idx)] = _bn_init(size, opts["bn_affine"])
+            if bn_p:
+                params[str(idx)] = bn_p
     return {"clf": params}, ({"clf": state} if state else {})
 
 
@@ -61,9 +70,9 @@ def apply(kind, params, state, x, *, train, eval_norms=frozenset(), sync_stats=N
     if kind == "linear":
         return layers.linear(params, x.flatten(1)), state
     if kind == "eval_mlp":
-        h, bn_s = layers.batch_norm(params["channel_bn"], state["channel_bn"], x,
+        h, bn_s = layers.batch_norm(params.get("channel_bn", {}), state["channel_bn"], x,
                                     train and "channel_bn" not in eval_norms,
-                                    sync_stats=sync_stats)
+                                    eps=options.get("bn_eps", layers.BN_EPS), sync_stats=sync_stats)
         y, clf_s = apply("mlp", params["clf"], state.get("clf", {}), h, train=train,
                          eval_norms={n[4:] for n in eval_norms if n.startswith("clf.")},
                          sync_stats=sync_stats, **options)
@@ -76,8 +85,8 @@ def apply(kind, params, state, x, *, train, eval_norms=frozenset(), sync_stats=N
         if op == "linear":
             h = layers.linear(p[key], h)
         elif op == "bn":
-            h, new_s[key] = layers.batch_norm(p[key], s[key], h, train and f"clf.{key}" not in eval_norms,
-                                              sync_stats=sync_stats)
+            h, new_s[key] = layers.batch_norm(p.get(key, {}), s[key], h, train and f"clf.{key}" not in eval_norms,
+                                              eps=opts["bn_eps"], sync_stats=sync_stats)
         elif op == "relu":
             h = torch.relu(h)
         else:

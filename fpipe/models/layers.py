@@ -400,17 +400,19 @@ def batch_norm(p, s, x, train, momentum=BN_MOMENTUM, eps=BN_EPS, sync_stats=None
     place (momentum, unbiased running variance, ``num_batches_tracked`` + 1); otherwise the
     running statistics normalise and the state comes back unchanged. ``sync_stats`` (SyncBN)
     all-reduces ``(count, sum, sum of squares)`` per channel across processes, differentiably.
+    ``p`` without ``weight``/``bias``: no affine transform (``affine=False``).
     """
+    weight, bias = p.get("weight"), p.get("bias")
     if not train:
-        return F.batch_norm(x, s["running_mean"], s["running_var"], p["weight"], p["bias"], False, 0.0, eps), s
+        return F.batch_norm(x, s["running_mean"], s["running_var"], weight, bias, False, 0.0, eps), s
     if sync_stats is not None:
-        return _synced_batch_norm(p, s, x, momentum, eps, sync_stats)
+        return _synced_batch_norm(weight, bias, s, x, momentum, eps, sync_stats)
     y, _, _, mean, var = torch.ops.aten._native_batch_norm_legit_functional(
-        x, p["weight"], p["bias"], s["running_mean"], s["running_var"], True, momentum, eps)
+        x, weight, bias, s["running_mean"], s["running_var"], True, momentum, eps)
     return y, {"running_mean": mean, "running_var": var, "num_batches_tracked": s["num_batches_tracked"] + 1}
 
 
-def _synced_batch_norm(p, s, x, momentum, eps, sync_stats):
+def _synced_batch_norm(weight, bias, s, x, momentum, eps, sync_stats):
     # Each rank's sums are taken about its own mean (two passes) and travel in float64: the global
     # variance as E[x^2] - E[x]^2 in float32 loses every digit when |mean| >> std (a 1x1 feature
     # map over a few images: errors of 1e-3 after two steps, where one process gives 1e-5).
@@ -427,7 +429,9 @@ def _synced_batch_norm(p, s, x, momentum, eps, sync_stats):
     mean = total / count
     var = (total_sq / count - mean * mean).clamp_min(0)
     mean, var = mean.float(), var.float()
-    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps) * p["weight"].view(shape) + p["bias"].view(shape)
+    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape) + bias.view(shape)
     unbiased = var * count / (count - 1).clamp_min(1)
     new_s = {"running_mean": (1 - momentum) * s["running_mean"] + momentum * mean.detach(),
              "running_var": (1 - momentum) * s["running_var"] + momentum * unbiased.detach(),

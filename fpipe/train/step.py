@@ -65,7 +65,7 @@ def make_step(model, opt, *, eval_norms=None, grad_reduce=None, sync_stats=None,
     def step(train_state, batch, hyper):
         norms = eval_norms
         if norms is None:  # decided at trace time from the tree structure: no graph cost
-            norms = freeze.eval_norms(train_state["model_state"], train_state["frozen"])
+            norms = freeze.eval_norms(train_state["model_state"], train_state["frozen"], train_state["trainable"])
         scaler = train_state["scaler"] if loss_scaling is not None else None
         flat_trainable = tree.flatten(train_state["trainable"])
         grads, (_, (loss, losses, outputs, new_model_state)) = grad_fn(  # grads: flat, as the trainable given
