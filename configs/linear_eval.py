@@ -32,6 +32,16 @@ random_resized_crop + flip and resize(256) + center_crop, with bicubic resizing.
     torchrun --nproc_per_node=8 main.py --config=configs/linear_eval.py:dinov2_imagenet \
         --config.data.root=/data/imagenet --config.model.weights.path=dinov2_vits14_pretrain.pth
 
+Variant ``:dino_imagenet`` is DINO's linear evaluation (facebookresearch/dino eval_linear.py) of its
+ViT-S/16 teacher: one linear head ``linear`` on the normed class tokens of the last 4 blocks
+(``concatCLS4``; for ViT-B/16 DINO reads ``cls1_avgpool``: set the trunk and
+``--config.model.heads.linear.feature=cls1_avgpool``), drawn from N(0, 0.01²); SGD momentum 0.9,
+lr 0.001 x batch/256, no weight decay, cosine to 0, 100 epochs at global batch 1024;
+random_resized_crop + flip, resize(256, bicubic) + center_crop.
+
+    torchrun --nproc_per_node=8 main.py --config=configs/linear_eval.py:dino_imagenet \
+        --config.data.root=/data/imagenet --config.model.weights.path=dino_deitsmall16_pretrain_full_checkpoint.pth
+
 Variant ``:beit_imagenet`` is BEiT's linear probe (microsoft/unilm beit/run_linear_eval.py) of a
 BEiT-B pretraining file (shared relative position bias): one linear head per block on that block's
 class token and patch mean side by side (``block<i>_cls_avgpool``, not normed), all trained at
@@ -61,8 +71,8 @@ import ml_collections
 from configs import common
 from fpipe.defaults import head as head_config, trunk as trunk_config
 
-VARIANTS = ("vissl_imagenet", "vit_s16", "dinov2_imagenet", "beit_imagenet", "mae_imagenet", "multi_crop",
-            "multi_input")
+VARIANTS = ("vissl_imagenet", "vit_s16", "dinov2_imagenet", "dino_imagenet", "beit_imagenet", "mae_imagenet",
+            "multi_crop", "multi_input")
 DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 
 
@@ -129,6 +139,31 @@ def dinov2_imagenet(c):
     c.schedule.name = "cosine"
     c.schedule.warmup_epochs = 0.0
     c.eval_epochs = 1.0
+
+
+def dino_imagenet(c):
+    c.total_epochs = 100.0
+    c.data.name = "image_folder"
+    c.data.image_size = 224
+    c.data.batch_size = 1024
+    c.data.train_split, c.data.test_split = "train", "val"
+    c.data.train_transforms = "random_resized_crop|flip|normalize"
+    c.data.eval_transforms = "resize(256, interpolation='bicubic')|center_crop|normalize"
+    c.data.num_workers = 8
+    c.model.trunk = trunk_config("vit_small_patch16_224")
+    c.model.heads = ml_collections.ConfigDict()
+    c.model.heads.linear = head_config("concatCLS4", "linear", init_std=0.01)
+    c.optim.name = "sgd"
+    c.optim.lr = 0.001
+    c.optim.scale_lr = True               # lr x global batch / 256
+    c.optim.reference_batch_size = 256
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 0.0
+    c.schedule.name = "cosine"
+    c.schedule.warmup_epochs = 0.0
+    c.eval_epochs = 1.0
+    c.best_metric = "linear/top1"
 
 
 def beit_imagenet(c):

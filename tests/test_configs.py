@@ -79,7 +79,7 @@ def test_overrides_of_tuples_and_placeholders_parse(tmp_path):
 def test_loading_every_config_imports_no_torch():
     """Config files build from fpipe.defaults only: loading one (a sweep tool, --config_only) is cheap."""
     variants = [*CONFIGS, "linear_eval:vit_s16", "linear_eval:dinov2_imagenet", "linear_eval:beit_imagenet",
-                "linear_eval:mae_imagenet"]
+                "linear_eval:mae_imagenet", "linear_eval:dino_imagenet"]
     script = ("import sys\nsys.path.insert(0, '.')\n"
               f"for name in {variants!r}:\n"
               "    name, _, arg = name.partition(':')\n"

@@ -343,7 +343,8 @@ def test_model_registry_builds_a_vit_with_heads_on_vectors():
     assert out["cls"].shape == out["dino"].shape == (2, 10)
 
 
-@pytest.mark.parametrize("variant", ["vit_s16", "dinov2_imagenet", "beit_imagenet", "mae_imagenet"])
+@pytest.mark.parametrize("variant", ["vit_s16", "dinov2_imagenet", "dino_imagenet", "beit_imagenet",
+                                     "mae_imagenet"])
 def test_linear_eval_variants_build_and_every_key_is_overridable(variant):
     from ml_collections import config_dict
     from configs import linear_eval
@@ -371,6 +372,9 @@ def test_linear_eval_variants_build_and_every_key_is_overridable(variant):
         for spec in (cfg.data.train_transforms, cfg.data.eval_transforms):  # dinov2 resizes bicubic
             steps = pipeline.parse(spec, cfg.data.image_size).plan(500, 375, torch.Generator()).steps
             assert [step[3] for step in steps if step[0] == "resize"] == ["bicubic"]
+    if variant == "dino_imagenet":  # the last 4 normed class tokens of ViT-S/16, 4 x 384 wide
+        params, _ = model.init_heads(0)
+        assert params["linear"]["weight"].shape == (10, 4 * 384) and not params["linear"]["bias"].any()
     if variant == "mae_imagenet":  # the normed class token, a BatchNorm without params, a linear head
         params, state = model.init_heads(0)
         assert set(params["lastCLS"]) == {"clf"} and "running_var" in state["lastCLS"]["channel_bn"]
