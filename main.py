@@ -64,7 +64,8 @@ def main(argv):
 
     memory_note = host_memory.keep_freed_memory()  # each step reuses the last one's memory (glibc)
 
-    workdir = FLAGS.workdir or workdir_lib.default_workdir(path, config, _file_config(path))
+    file_config = _file_config(path)
+    workdir = FLAGS.workdir or workdir_lib.default_workdir(path, config, file_config)
     detection = "detection" in config.get("model", {})  # configs/detection.py: fpipe.detection.train
     if detection:
         from fpipe.detection import train as detection_train
@@ -72,7 +73,8 @@ def main(argv):
     else:
         config_check.check(config)  # every value, before any data, model or file is touched
     main_process = int(os.environ.get("RANK", "0")) == 0
-    with workdir_lib.claim(workdir, config, tuple(FLAGS.allow_change), main_process=main_process) as changes:
+    with workdir_lib.claim(workdir, config, tuple(FLAGS.allow_change), main_process=main_process,
+                           file_config=file_config) as changes:
         if main_process:
             _log_to_file(os.path.join(workdir, "log"), f"config {path}:\n{config}")
             logging.info(memory_note)
@@ -93,7 +95,8 @@ def main(argv):
 
 
 def _file_config(path):
-    """The config file's own values (no overrides), for naming the default workdir."""
+    """The config file's own values (no overrides): they name the default workdir, and are the
+    values a key added by a newer fpipe takes in an older run's workdir (workdir.check_rerun)."""
     file, _, arg = path.partition(":")
     spec = importlib.util.spec_from_file_location("fpipe_config_file", file)
     module = importlib.util.module_from_spec(spec)

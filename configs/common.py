@@ -38,6 +38,7 @@ def base_config():
     c.model.trunk = defaults.trunk("resnet18")  # a family or any preset: see docs/MODELS.md
     c.model.heads = ml_collections.ConfigDict()
     c.model.weights = defaults.weights()
+    c.model.head_weights = defaults.head_weights()
     c.model.freeze = ()
     c.optim = defaults.optim()
     c.schedule = defaults.schedule()

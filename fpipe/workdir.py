@@ -90,8 +90,12 @@ def differences(old: dict, new: dict) -> dict:
             if old.get(k, missing) != new.get(k, missing)}
 
 
-def check_rerun(workdir: str, config, allow_change=()) -> dict:
-    """Refuses a workdir whose run had other result-affecting values; returns accepted changes."""
+def check_rerun(workdir: str, config, allow_change=(), file_config=None) -> dict:
+    """Refuses a workdir whose run had other result-affecting values; returns accepted changes.
+
+    A key that the workdir's config lacks (a newer fpipe added it) and that has the config file's
+    own value (``file_config``: not overridden) is no change: new keys default to what the code
+    did before them."""
     path = os.path.join(workdir, CONFIG_FILE)
     outputs = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, name))]
     if not os.path.exists(path):
@@ -107,6 +111,13 @@ def check_rerun(workdir: str, config, allow_change=()) -> dict:
         raise WorkdirError(f"{path} is unreadable ({e}); it records which config this workdir belongs "
                            "to. Use a new --workdir, or restore the file.") from None
     diff = differences(old, flat_config(config))
+    own = flat_config(file_config) if file_config is not None else {}
+    added = [k for k, (_, new) in diff.items() if k not in old and k in own and own[k] == new]
+    if added:
+        from absl import logging
+        logging.info("%s: keys this fpipe added since that run, at the config file's values: %s", workdir,
+                     ", ".join(added))
+        diff = {k: v for k, v in diff.items() if k not in added}
     refused = {k: v for k, v in diff.items() if k not in allow_change}
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:8])
     if refused and not outputs:
@@ -150,10 +161,11 @@ def check_resumed_data(saved, current: dict, checkpoint: str, workdir: str, allo
 
 
 @contextlib.contextmanager
-def claim(workdir: str, config, allow_change=(), *, main_process: bool = True):
+def claim(workdir: str, config, allow_change=(), *, main_process: bool = True, file_config=None):
     """Locks ``workdir``, checks the rerun rule and writes config.json (main process only).
 
     Yields the accepted changes ``{key: (old, new)}``. Nothing is written when refused.
+    ``file_config``: the config file's own values (``check_rerun``).
     """
     if not main_process:
         yield {}
@@ -165,7 +177,7 @@ def claim(workdir: str, config, allow_change=(), *, main_process: bool = True):
                            "writable place.") from None
     lock = _acquire(workdir)
     try:
-        changes = check_rerun(workdir, config, allow_change)
+        changes = check_rerun(workdir, config, allow_change, file_config)
         if changes:
             _record_changes(workdir, changes)
         files.atomic_write(os.path.join(workdir, CONFIG_FILE),

@@ -53,3 +53,24 @@ def test_an_accepted_change_moves_the_earlier_results_aside(tmp_path):
         pass
     assert (tmp_path / "results.superseded-2.json").read_text() == '{"step": 8}'
     assert (tmp_path / "results.superseded-1.json").read_text() == '{"step": 4}'
+
+
+def test_a_key_added_by_a_newer_fpipe_at_the_config_files_value_is_no_change(tmp_path):
+    """A workdir written before fpipe had a key: rerunning the same config file is accepted when the
+    new key has the file's own value, refused when the command line set it to another."""
+    with workdir_lib.claim(str(tmp_path), config(0.1)):
+        pass
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n')
+    newer = config(0.1)
+    newer.model = ml_collections.ConfigDict({"head_weights": {"path": "", "rename": ()}})
+    with workdir_lib.claim(str(tmp_path), newer, file_config=newer) as changes:
+        assert changes == {}
+    (tmp_path / "config.json").write_text(json.dumps({"optim": {"lr": 0.1}, "log_steps": 10}))  # the old one
+    overridden = config(0.1)
+    overridden.model = ml_collections.ConfigDict({"head_weights": {"path": "heads.pth", "rename": ()}})
+    with pytest.raises(workdir_lib.WorkdirError, match=r"model.head_weights.path: None -> 'heads.pth'"):
+        with workdir_lib.claim(str(tmp_path), overridden, file_config=newer):
+            pass
+    with pytest.raises(workdir_lib.WorkdirError, match=r"model.head_weights.path"):  # no file config: as before
+        with workdir_lib.claim(str(tmp_path), newer):
+            pass

@@ -105,6 +105,12 @@ def _check_model(c):
                  + (f", its best {best}" if os.path.isfile(best) else "") + ")") if newest else ""
         raise ConfigError(f"model.weights.path={weights.path!r} is a directory{found}: give the weights file "
                           f"(or a Hugging Face model folder, holding {' or '.join(weights_folders.WEIGHT_FILES)})")
+    head_path = c.model.get("head_weights", {}).get("path", "")
+    if head_path and not os.path.isfile(head_path):
+        raise ConfigError(f"model.head_weights.path={head_path!r}: no such file")
+    if head_path and not model.heads:
+        raise ConfigError(f"model.head_weights.path={head_path!r} but model.heads is empty: add the head the "
+                          "released one was trained as (its feature, its classes)")
     wrong = hf_config.mismatches(hf_config.read(weights.path), model.trunk.spec) if weights.path else []
     if wrong:  # the same tensors, another function: features would differ with no error
         said = ", ".join(f"{option}={theirs!r}" for option, theirs, _ in wrong)

@@ -20,6 +20,7 @@ from fpipe import checkpoint, data, files, freeze, host_memory, optim, schedules
 from fpipe import workdir as workdir_lib
 from fpipe.data import identity
 from fpipe.weights import folders as weights_folders
+from fpipe.weights import heads_file as weights_heads_file
 from fpipe.evaluate import extract, topk
 from fpipe.models import fold, layers, losses
 from fpipe.models import model as models
@@ -99,12 +100,17 @@ def _run(config, workdir, dist, stop, run_info):
         if saved:
             run_info.setdefault("config_changes", {}).update(check_resumed_data(saved, run_info, resume_path,
                                                                                 workdir, dist))
-            logging.warning("Resuming from %s: it takes precedence over model.weights.path=%r, which is not "
-                            "read.", resume_path, config.model.weights.path)
+            logging.warning("Resuming from %s: it takes precedence over model.weights.path=%r%s, which is not "
+                            "read.", resume_path, config.model.weights.path,
+                            f" and model.head_weights.path={config.model.head_weights.path!r}"
+                            if config.model.head_weights.path else "")
             run_info["weights"] = (saved.get("meta") or {}).get("weights")
         else:
             params, model_state, run_info["weights"] = initial_weights(params, model_state, config.model.weights,
                                                                        workdir, dist.is_main)
+            if config.model.head_weights.path:
+                params, model_state, run_info["head_weights"] = load_head_weights(
+                    params, model_state, config.model.head_weights, workdir, dist.is_main)
 
         # ---------------------------------------------------------------- freeze, optimizer, schedule
         freeze_rules = tuple(config.model.freeze) + freeze.frozen_by_rules(params, config.optim.lr_mults)
@@ -346,14 +352,23 @@ def load_weights(params, model_state, weights_cfg, workdir, write_report=True, *
     return new_params, new_state, record_load(report, weights_cfg.path, workdir, write_report)
 
 
-def record_load(report, path, workdir, write_report=True) -> dict:
-    """The load report logged and (``write_report``) saved to the workdir as weights_report.json /
+def load_head_weights(params, model_state, head_weights_cfg, workdir, write_report=True):
+    """``(params, model_state, provenance)`` with a released head's file (``model.head_weights``:
+    fpipe.weights.heads_file) in the model's heads; its report is head_weights_report.json / .txt."""
+    loaded, report = weights_heads_file.load_heads({**tree.flatten(params), **tree.flatten(model_state)},
+                                                   head_weights_cfg)
+    new_params, new_state = tree.split_like(loaded, params, model_state)
+    return new_params, new_state, record_load(report, head_weights_cfg.path, workdir, write_report, "head_weights")
+
+
+def record_load(report, path, workdir, write_report=True, name="weights") -> dict:
+    """The load report logged and (``write_report``) saved to the workdir as <name>_report.json /
     .txt; returns the provenance: the file's path, sha256, trunk coverage, source and format.
     (Shared with fpipe.detection.train, which loads whole detection models.)"""
     if write_report:
-        files.atomic_write(os.path.join(workdir, "weights_report.json"),
+        files.atomic_write(os.path.join(workdir, f"{name}_report.json"),
                            lambda f: json.dump(report.to_dict(), f, indent=2), mode="w")
-        files.atomic_write(os.path.join(workdir, "weights_report.txt"),
+        files.atomic_write(os.path.join(workdir, f"{name}_report.txt"),
                            lambda f: f.write(report.summary() + "\n"), mode="w")
     logging.info("Weights loaded from %s:\n%s", path, report.summary())
     return {"path": os.path.abspath(path), "sha256": weights_folders.sha256(path),

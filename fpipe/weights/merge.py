@@ -37,7 +37,7 @@ def merge(target: dict, tensors: dict, origin: dict, report: LoadReport, *, load
             continue
         if tensor.dtype != ref.dtype:
             report.dtype_casts.append((name, _dtype(tensor), _dtype(ref)))
-        out[name] = _like(tensor, ref)
+        out[name] = like(tensor, ref)
         report.loaded.append(name)
         report.sources[name] = src
     loaded = set(report.loaded)
@@ -73,7 +73,7 @@ def identity_final_norm(target: dict, missing: list) -> list:
     return last if at_identity else []
 
 
-def _like(tensor: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def like(tensor: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The file tensor with the model tensor's dtype, device and requires_grad, in memory of its
     own: never a view of the file. A memory-mapped ``.pth`` or safetensors file rewritten in
     place by another job would otherwise change the weights under a run, tensors that share one

@@ -45,7 +45,7 @@ class LoadReport:
                  f"  format: {self.format}; source: {self.source or '<whole file>'}",
                  f"  why: {self.reason}" if self.reason else None,
                  f"  trunk: {self.trunk_loaded}/{self.trunk_total} tensors loaded "
-                 f"({self.trunk_coverage:.1%})"]
+                 f"({self.trunk_coverage:.1%})" if self.trunk_total or not self.heads_loaded else None]
         if self.heads_loaded:
             lines.append(f"  heads: {len(self.heads_loaded)} tensors loaded ({short_names(self.heads_loaded)})")
         if len(self.candidates) > 1:
