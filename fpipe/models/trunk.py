@@ -34,22 +34,17 @@ class Trunk(NamedTuple):
 def feature_listing(names) -> str:
     """``names`` for an error message, each numbered run of 8 or more folded: a ViT-B's 48 block
     features read ``block<0-11>, block<0-11>CLS, …`` instead of one by one."""
-    def run_of(name):  # (text before the number, text after it), or None without one
-        digits = re.search(r"\d+", name)
-        return (name[:digits.start()], name[digits.end():]) if digits else None
-
+    parts = [re.fullmatch(r"(\D*)(\d+)(.*)", n) for n in names]  # (before, number, after) or None
     runs = {}
-    for name in names:
-        if run_of(name):
-            runs.setdefault(run_of(name), []).append(int(re.search(r"\d+", name).group()))
+    for m in filter(None, parts):
+        runs.setdefault((m[1], m[3]), []).append(int(m[2]))
     out = []
-    for name in names:
-        run = run_of(name)
-        indices = runs.get(run, ())
-        if len(indices) < 8 or indices != list(range(indices[0], indices[-1] + 1)):
+    for name, m in zip(names, parts):
+        indices = runs[m[1], m[3]] if m else []
+        if len(indices) >= 8 and indices == list(range(indices[0], indices[-1] + 1)):
+            name = f"{m[1]}<{indices[0]}-{indices[-1]}>{m[3]}"
+        if name not in out:
             out.append(name)
-        elif f"{run[0]}<{indices[0]}-{indices[-1]}>{run[1]}" not in out:
-            out.append(f"{run[0]}<{indices[0]}-{indices[-1]}>{run[1]}")
     return ", ".join(out)
 
 

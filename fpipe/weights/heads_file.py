@@ -9,7 +9,7 @@ loaded. Nothing is left at its init without an error: a head that stays random w
 random classifier's accuracy as the released one's.
 """
 from fpipe import tree
-from fpipe.weights import load, merge, transforms
+from fpipe.weights import detect, load, merge, transforms
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import LoadReport, short_names
 
@@ -19,7 +19,7 @@ def load_heads(target_flat: dict, cfg) -> tuple:
     tensors of the file ``cfg.path`` (``model.head_weights``) in place."""
     path, key, rules = cfg["path"], cfg.get("state_dict_key", ""), tuple(cfg.get("rename", ()) or ())
     target = tree.flatten(target_flat)
-    heads = {n[len("heads."):] for n in target if n.startswith("heads.") and not _counter(n)}
+    heads = {n[len("heads."):] for n in target if n.startswith("heads.") and not n.endswith(detect.COUNTERS)}
     if not heads:
         raise WeightsError(f"model.head_weights.path={path!r} but the model has no heads to load it into; "
                            "add a head (model.heads) reading the feature the released head was trained on.")
@@ -65,7 +65,3 @@ def _destination(rel: str, heads: set, only):
     if found is None and only is not None:
         found = next((f"{only}.{t}" for t in tails if f"{only}.{t}" in heads), None)
     return found
-
-
-def _counter(name: str) -> bool:
-    return name.endswith("num_batches_tracked")
