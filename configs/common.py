@@ -61,6 +61,9 @@ def base_config():
     c.head_grid.wd_mults = (1.0,)       # multipliers of optim.weight_decay
     c.head_grid.val_fraction = 0.1      # of train, per class, when the dataset has no val split
     c.best_metric = ""                  # e.g. "res5avg/top1": keep checkpoints/best.pt
+    # all | present: label heads scored over every class, or over the classes the evaluated split
+    # holds (ImageNet-A/R as the test split: top-k among their 200 of ImageNet's 1000 classes)
+    c.eval_classes = "all"
     c.best_mode = "max"
     # Feature extraction after the run: trunk features per split to WORKDIR/features/<split>.pt.
     c.extract = ml_collections.ConfigDict(dict(features=()))  # e.g. ("res5avg", "flatten")

@@ -216,3 +216,19 @@ def test_openmp_threads_sleep_soon_unless_the_user_says_otherwise(given, expecte
     code = "import sys, main, os; print('torch' in sys.modules, os.environ['GOMP_SPINCOUNT'])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", expected], out.stderr
+
+
+def test_eval_classes_present_scores_over_the_test_splits_classes(tmp_path):
+    """A test split holding 2 of the 4 training classes (ImageNet-R's 200 of 1000): with
+    eval_classes=present no head loses an image to an absent class, so each scores at least as
+    well, and the runs differ; config.json says which was used."""
+    from test_data_datasets import write_tree
+    write_tree(tmp_path / "data", {"train": {c: 6 for c in "abcd"}, "val": {"a": 8, "b": 8}})
+    common = ["--config.data.name=image_folder", f"--config.data.root={tmp_path / 'data'}",
+              "--config.total_steps=2", "--config.data.batch_size=8"]
+    main(tmp_path / "all", *common)
+    main(tmp_path / "present", *common, "--config.eval_classes=present")
+    scores = {run: {h: r["top1"] for h, r in json.loads((tmp_path / run / "results.json").read_text())["heads"].items()}
+              for run in ("all", "present")}
+    assert all(scores["present"][h] >= scores["all"][h] for h in scores["all"]) and scores["present"] != scores["all"]
+    assert json.loads((tmp_path / "present" / "config.json").read_text())["eval_classes"] == "present"

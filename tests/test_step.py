@@ -108,6 +108,23 @@ def test_eval_step_counts_are_exact_with_padding_mask():
     assert int(counts["fc"]["top5"]) == 4  # 5 classes: top-5 always hits
 
 
+def test_eval_step_scores_label_heads_over_the_present_classes_only():
+    """eval_classes="present": top-k among the classes the split holds (ImageNet-R's 200 of 1000)."""
+    model, params, state, _, _ = build(("trunk",), dict(fc=models.head_config("flatten")))
+    batch = batches(1)[0]
+    logits = model.apply(params, state, batch["image"], train=False)[0]["fc"]
+    present = torch.tensor([True, False, True, False, True])
+    batch["label"] = torch.tensor([0, 2, 4, 0, 2, 4])
+    counts = step_lib.make_eval_step(model, topk=(1, 2))(params, state, {**batch, "classes": present})
+    masked = logits.masked_fill(~present, float("-inf"))
+    assert int(counts["fc"]["top1"]) == int((masked.argmax(1) == batch["label"]).sum())
+    hit2 = (masked.topk(2, dim=1).indices == batch["label"][:, None]).any(1)
+    assert int(counts["fc"]["top2"]) == int(hit2.sum())
+    unmasked = step_lib.make_eval_step(model, topk=(1, 2))(params, state, batch)
+    assert int(unmasked["fc"]["top1"]) == int((logits.argmax(1) == batch["label"]).sum())
+    assert (masked.argmax(1) != logits.argmax(1)).any()  # the mask changed some answers: the test bites
+
+
 def test_compiled_step_on_the_loops_channels_last_state_equals_eager():
     """As the loop compiles: conv weights (and their momentum) channels-last; layer4 and fc train."""
     rules = (r"trunk\.(conv1|bn1|layer1|layer2|layer3)\..*",)

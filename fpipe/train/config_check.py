@@ -53,6 +53,9 @@ def _check(c) -> None:
         raise ConfigError(f"log_steps={c.log_steps!r}: a whole number >= 1 is needed")
     if not (isinstance(c.keep_ckpts, int) and c.keep_ckpts >= 1):
         raise ConfigError(f"keep_ckpts={c.keep_ckpts!r}: keep at least 1 checkpoint (resuming needs one)")
+    if c.get("eval_classes", "all") not in ("all", "present"):
+        raise ConfigError(f"eval_classes={c.eval_classes!r}; valid: 'all', 'present' (the classes the evaluated "
+                          "split holds)")
     if not (isinstance(c.get("compile_min_images", 0), int) and c.get("compile_min_images", 0) >= 0):
         raise ConfigError(f"compile_min_images={c.compile_min_images!r}: a whole number >= 0 is needed")
     _check_data(c)

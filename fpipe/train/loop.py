@@ -184,7 +184,11 @@ def _run(config, workdir, dist, stop, run_info):
             params, model_state = tree.merge(state["trainable"], state["frozen"]), state["model_state"]
             if trunk_features:  # the trunk's tensors are constants of the compiled trunk
                 params, model_state = frozen_trunk.without_trunk(params), frozen_trunk.without_trunk(model_state)
-            return topk.evaluate(eval_step, params, model_state, loader, dist, prepare)
+            scoring = prepare
+            if config.get("eval_classes", "all") == "present":  # each label head scored over the classes the split holds
+                classes = present_classes(loader.split, dataset.num_classes).to(dist.device)
+                scoring = lambda batch: {**prepare(batch), "classes": classes}  # noqa: E731
+            return topk.evaluate(eval_step, params, model_state, loader, dist, scoring)
 
     save = make_saver(workdir, dist, config, opt, run_info, frozen_ref)
     # metrics, timer, writers, the non-finite count, periodic logs and checkpoints, a stop's checkpoint
@@ -306,6 +310,11 @@ def build_eval_step(config, model, dist, *, compiling, autocast=None):
     """The eval step as the loop runs it, compiled if ``compiling``."""
     return step_lib.maybe_compile(step_lib.make_eval_step(model, autocast=autocast), compiling, "eval step",
                                   cache=step_cache(config, dist, "eval", autocast, evaluation=True))
+
+
+def present_classes(split, num_classes: int) -> torch.Tensor:
+    """Bool per class: whether ``split`` holds a sample of it (``eval_classes="present"``)."""
+    return torch.bincount(split.labels, minlength=num_classes)[:num_classes] > 0
 
 
 def make_loader(split, config, dist, *, train):

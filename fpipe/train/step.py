@@ -162,7 +162,9 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
     """Returns ``eval_step(params, model_state, batch) -> {head: {"top1": count, ...}, "count": n}``.
 
     Counts (not means) so that shards and batches add up exactly; ``batch["mask"]`` marks padding.
-    Each head is scored on its own target by its loss's metrics (``fpipe.models.losses``).
+    Each head is scored on its own target by its loss's metrics (``fpipe.models.losses``);
+    ``batch["classes"]`` (bool per class, ``eval_classes="present"``) limits the label heads' top-k
+    to those classes (ImageNet-A/R: 200 of ImageNet's 1000).
     """
     targets = models.head_targets(model.heads)
 
@@ -178,6 +180,8 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
             if logits.shape[0] != valid.shape[0]:  # one row per crop (data.eval_views): their mean
                 logits = logits.float().reshape(-1, valid.shape[0], logits.shape[1]).mean(0)
             target, kind, _ = targets[name]
+            if "classes" in batch and target == "label" and kind == "cross_entropy":
+                logits = logits.masked_fill(~batch["classes"], float("-inf"))
             counts[name] = losses_lib.eval_counts(kind, logits, batch[target], valid, topk)
         return counts
 
