@@ -111,128 +111,89 @@ def vit_s16(c):
     c.best_metric = "patch_grid/top1"
 
 
-def dinov2_imagenet(c):
-    c.total_epochs = 10.0
+BICUBIC_EVAL = "resize(256, interpolation='bicubic')|center_crop|normalize"
+
+
+def _imagenet(c, epochs, batch_size, train_transforms, eval_transforms=BICUBIC_EVAL):
+    """An ImageNet recipe's data: root/train and root/val at 224 px (image_folder), evaluated every
+    epoch, cosine to 0 without warmup; the heads are the variant's."""
+    c.total_epochs = epochs
     c.data.name = "image_folder"
     c.data.image_size = 224
-    c.data.batch_size = 1024
+    c.data.batch_size = batch_size       # global: split over torchrun's processes
     c.data.train_split, c.data.test_split = "train", "val"
-    c.data.train_transforms = "random_resized_crop(interpolation='bicubic')|flip|normalize"  # dinov2's,
-    c.data.eval_transforms = "resize(256, interpolation='bicubic')|center_crop|normalize"  # bicubic
+    c.data.train_transforms, c.data.eval_transforms = train_transforms, eval_transforms
     c.data.num_workers = 8
-    c.model.trunk = trunk_config("vit_small_patch14_dinov2")  # 37x37 grid, resampled to 16x16 at 224 px
+    c.eval_epochs = 1.0
+    c.schedule.name = "cosine"
+    c.schedule.warmup_epochs = 0.0
     c.model.heads = ml_collections.ConfigDict()
+
+
+def _scaled(c, name, lr, weight_decay=0.0):
+    """``name`` (sgd or lars: momentum 0.9, no nesterov) at ``lr`` x global batch / 256."""
+    c.optim.name = name
+    c.optim.lr = lr
+    c.optim.scale_lr = True
+    c.optim.reference_batch_size = 256
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = weight_decay
+
+
+def dinov2_imagenet(c):
+    _imagenet(c, 10.0, 1024, "random_resized_crop(interpolation='bicubic')|flip|normalize")  # dinov2's: bicubic
+    c.model.trunk = trunk_config("vit_small_patch14_dinov2")  # 37x37 grid, resampled to 16x16 at 224 px
     lr_mults = []
     for feature in ("lastCLS", "cls1_avgpool", "concatCLS4", "cls4_avgpool"):  # dinov2: n_blocks x avgpool
         for lr in DINOV2_LRS:
             name = f"{feature}_lr_{lr:.5f}".replace(".", "_")
             c.model.heads[name] = head_config(feature, "linear", init_std=0.01)  # dinov2's init
             lr_mults.append((rf"heads\.{name}\..*", lr))
-    c.optim.name = "sgd"
-    c.optim.lr = 1.0                      # each head's lr is its lr_mult (x batch/256)
+    _scaled(c, "sgd", 1.0)                # each head's lr is its lr_mult (x batch/256)
     c.optim.lr_mults = tuple(lr_mults)
-    c.optim.momentum = 0.9
-    c.optim.nesterov = False
-    c.optim.weight_decay = 0.0
-    c.optim.scale_lr = True
-    c.optim.reference_batch_size = 256
-    c.schedule.name = "cosine"
-    c.schedule.warmup_epochs = 0.0
-    c.eval_epochs = 1.0
 
 
 def dino_imagenet(c):
-    c.total_epochs = 100.0
-    c.data.name = "image_folder"
-    c.data.image_size = 224
-    c.data.batch_size = 1024
-    c.data.train_split, c.data.test_split = "train", "val"
-    c.data.train_transforms = "random_resized_crop|flip|normalize"
-    c.data.eval_transforms = "resize(256, interpolation='bicubic')|center_crop|normalize"
-    c.data.num_workers = 8
+    _imagenet(c, 100.0, 1024, "random_resized_crop|flip|normalize")
     c.model.trunk = trunk_config("vit_small_patch16_224")
-    c.model.heads = ml_collections.ConfigDict()
     c.model.heads.linear = head_config("concatCLS4", "linear", init_std=0.01)
-    c.optim.name = "sgd"
-    c.optim.lr = 0.001
-    c.optim.scale_lr = True               # lr x global batch / 256
-    c.optim.reference_batch_size = 256
-    c.optim.momentum = 0.9
-    c.optim.nesterov = False
-    c.optim.weight_decay = 0.0
-    c.schedule.name = "cosine"
-    c.schedule.warmup_epochs = 0.0
-    c.eval_epochs = 1.0
+    _scaled(c, "sgd", 0.001)
     c.best_metric = "linear/top1"
 
 
 def beit_imagenet(c):
-    c.total_epochs = 100.0
-    c.data.name = "image_folder"
-    c.data.image_size = 224
-    c.data.batch_size = 1024
-    c.data.train_split, c.data.test_split = "train", "val"
     half = "normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))"  # BEiT's default (not ImageNet's)
-    c.data.train_transforms = f"random_resized_crop|flip|{half}"
-    c.data.eval_transforms = f"resize(256, interpolation='bicubic')|center_crop|{half}"
-    c.data.num_workers = 8
+    _imagenet(c, 100.0, 1024, f"random_resized_crop|flip|{half}",
+              f"resize(256, interpolation='bicubic')|center_crop|{half}")
     c.model.trunk = trunk_config("beit_base_patch16_224_pt22k")
-    c.model.heads = ml_collections.ConfigDict()
     for i in range(12):
         c.model.heads[f"block{i:02d}"] = head_config(f"block{i}_cls_avgpool", "linear", init_std=0.01)
     c.optim.name = "adamw"
     c.optim.lr = 4e-3
     c.optim.weight_decay = 1e-4
     c.optim.wd_mults = ()                 # BEiT decays the heads' biases too
-    c.schedule.name = "cosine"
-    c.schedule.warmup_epochs = 0.0
-    c.eval_epochs = 1.0
 
 
 def mae_imagenet(c):
-    c.total_epochs = 90.0
-    c.data.name = "image_folder"
-    c.data.image_size = 224
-    c.data.batch_size = 16384
-    c.data.train_split, c.data.test_split = "train", "val"
-    c.data.train_transforms = "random_resized_crop(interpolation='bicubic')|flip|normalize"
-    c.data.eval_transforms = "resize(256, interpolation='bicubic')|center_crop|normalize"
-    c.data.num_workers = 8
+    _imagenet(c, 90.0, 16384, "random_resized_crop(interpolation='bicubic')|flip|normalize")
     c.model.trunk = trunk_config("vit_base_patch16_224")
-    c.model.heads = ml_collections.ConfigDict()
     c.model.heads.lastCLS = head_config("lastCLS", "eval_mlp", bn_affine=False, bn_eps=1e-6, init_std=0.01)
-    c.optim.name = "lars"
-    c.optim.lr = 0.1
-    c.optim.scale_lr = True               # lr x global batch / 256
-    c.optim.reference_batch_size = 256
-    c.optim.momentum = 0.9
-    c.optim.nesterov = False
-    c.optim.weight_decay = 0.0
-    c.schedule.name = "cosine"
+    _scaled(c, "lars", 0.1)
     c.schedule.warmup_epochs = 10.0
     c.schedule.warmup_factor = 0.0
-    c.eval_epochs = 1.0
     c.best_metric = "lastCLS/top1"
 
 
 def vissl_imagenet(c):
-    c.total_epochs = 28.0
-    c.data.name = "image_folder"
-    c.data.image_size = 224
-    c.data.batch_size = 256
-    c.data.train_split, c.data.test_split = "train", "val"
-    c.data.train_transforms = "random_resized_crop|flip|normalize"
-    c.data.eval_transforms = "resize(256)|center_crop|normalize"
-    c.data.num_workers = 8
+    _imagenet(c, 28.0, 256, "random_resized_crop|flip|normalize", "resize(256)|center_crop|normalize")
     c.model.trunk.name = "resnet50"
-    c.model.heads = common.ml_collections.ConfigDict()
     for feature, grid in (("conv1", 12), ("res2", 6), ("res3", 4), ("res4", 3), ("res5", 2), ("res5avg", None)):
         c.model.heads[feature] = head_config(feature, "eval_mlp", pool=None if grid is None else [grid, grid])
     c.optim.lr = 0.01
     c.optim.scale_lr = True               # lr x global batch / 256
     c.optim.reference_batch_size = 256
     c.schedule.name = "multistep"
-    c.schedule.warmup_epochs = 0.0
     c.schedule.milestones_epochs = (8.0, 16.0, 24.0)
     c.schedule.gamma = 0.1
     c.eval_epochs = 4.0
