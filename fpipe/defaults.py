@@ -97,6 +97,19 @@ def optim():
     return c
 
 
+def mix():
+    """``config.mix``: Mixup / CutMix and label smoothing of the training batches, as timm's Mixup
+    (DeiT's, MAE's, BEiT's fine-tuning: mixup_alpha 0.8, cutmix_alpha 1.0, label_smoothing 0.1);
+    fpipe.data.mix. The heads then learn soft targets; evaluation is unchanged."""
+    c = ml_collections.ConfigDict()
+    c.mixup_alpha = 0.0            # Beta(a, a) ratio of two whole images; 0: no Mixup
+    c.cutmix_alpha = 0.0           # Beta(a, a) ratio of a box pasted from another image; 0: no CutMix
+    c.switch_prob = 0.5            # with both: the chance a batch is CutMix rather than Mixup
+    c.prob = 1.0                   # the chance a batch is mixed at all
+    c.label_smoothing = 0.0        # s: 1 - s + s/C on the class, s/C elsewhere (with or without mixing)
+    return c
+
+
 def schedule():
     """``config.schedule``: cosine to 0 over the whole run, no warmup, no delay."""
     c = ml_collections.ConfigDict()

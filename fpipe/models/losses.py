@@ -3,7 +3,8 @@
 A head's ``loss`` says how its logits meet its ``target`` (a batch key: ``label`` or one of the
 dataset's extra targets, multi-task learning as VISSL's heads with their own targets):
 
-- ``cross_entropy``: one class index per sample; scored by top-k accuracy (``top1``, ``top5``).
+- ``cross_entropy``: one class index per sample (or a row of class probabilities: Mixup's,
+  label smoothing's soft targets, fpipe.data.mix); scored by top-k accuracy (``top1``, ``top5``).
 - ``bce``: several independent binary targets (multi-label attributes, 0/1 per column), one
   logit each; scored by ``acc``, the percentage of (sample, column) decisions right at logit 0.
 - ``mse``: real-valued targets (regression), one output per column; scored by ``mse``.
@@ -34,7 +35,7 @@ def loss(kind: str, logits, target):
     """The mean loss of a batch, in float32 whatever the logits' precision."""
     logits = logits.float()
     if kind == "cross_entropy":
-        return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target.float() if target.is_floating_point() else target)
     target = _as_columns(target, logits)
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, target)
@@ -44,7 +45,8 @@ def loss(kind: str, logits, target):
 def train_metric(kind: str, logits, target) -> tuple:
     """``(name, value)`` logged per step beside the loss: ``train_top1``, ``train_acc`` or ``train_mse``."""
     logits = logits.detach().float()
-    if kind == "cross_entropy":
+    if kind == "cross_entropy":  # soft targets: their most likely class
+        target = target.argmax(1) if target.is_floating_point() else target
         return "train_top1", 100.0 * (logits.argmax(1) == target).float().mean()
     target = _as_columns(target, logits)
     if kind == "bce":

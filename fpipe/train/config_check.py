@@ -11,6 +11,7 @@ import re
 import torch
 
 from fpipe import checkpoint, data, freeze, layer_decay, optim, schedules, tree
+from fpipe.data import mix as data_mix
 from fpipe.evaluate import config as eval_config
 from fpipe.models import losses
 from fpipe.models import model as models
@@ -63,7 +64,32 @@ def _check(c) -> None:
     model = _check_model(c)
     freeze.rules(c.layer_freeze.rules)
     _check_extract(c, model)
+    _check_mix(c, model)
     _check_training(c, model)
+
+
+def _check_mix(c, model) -> None:
+    """Mixup / CutMix mix images and labels: every head must learn the labels by cross-entropy."""
+    m = c.get("mix")
+    if not m:
+        return
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if not (isinstance(m[key], (int, float)) and m[key] >= 0):
+            raise ConfigError(f"mix.{key}={m[key]!r}: a number >= 0 is needed (0: off)")
+    for key in ("switch_prob", "prob"):
+        if not (isinstance(m[key], (int, float)) and 0 <= m[key] <= 1):
+            raise ConfigError(f"mix.{key}={m[key]!r}: a probability in [0, 1] is needed")
+    if not (isinstance(m.label_smoothing, (int, float)) and 0 <= m.label_smoothing < 1):
+        raise ConfigError(f"mix.label_smoothing={m.label_smoothing!r}: a number in [0, 1) is needed")
+    if not data_mix.enabled(m):
+        return
+    other = [h.name for h in model.heads if h.target != "label" or h.loss != "cross_entropy"]
+    if other:
+        raise ConfigError(f"mix (Mixup / CutMix / label smoothing) makes soft class targets, but model.heads "
+                          f"{other} learn another target or loss; mix only label heads, or set mix.* to 0")
+    if (m.mixup_alpha > 0 or m.cutmix_alpha > 0) and tuple(c.data.get("views") or ()):
+        raise ConfigError("mix.mixup_alpha / cutmix_alpha with data.views (multi-crop): each crop would need its "
+                          "own pairing; use one of the two")
 
 
 def _check_data(c) -> None:

@@ -19,6 +19,7 @@ import fpipe
 from fpipe import checkpoint, data, files, freeze, host_memory, optim, schedules, tree, weights
 from fpipe import workdir as workdir_lib
 from fpipe.data import identity
+from fpipe.data import mix as data_mix
 from fpipe.weights import folders as weights_folders
 from fpipe.weights import heads_file as weights_heads_file
 from fpipe.evaluate import extract, topk
@@ -150,6 +151,7 @@ def _run(config, workdir, dist, stop, run_info):
         sync_stats = (distributed.sync_stats(dist, _group(config.get("sync_bn_group", "global")))
                       if config.get("sync_bn") else None)
         step_model, trunk_features = model, None
+        mixing = data_mix.enabled(config.get("mix"))
         if not tree.flatten(trainable.get("trunk", {})) and config.fast_frozen_trunk:
             # from the train state: on a resume it holds the checkpoint's tensors, not the fresh init's
             ft = frozen_trunk.frozen_trunk(model, train_state["trainable"], train_state["frozen"],
@@ -160,9 +162,12 @@ def _run(config, workdir, dist, stop, run_info):
             logging.info("The trunk is frozen: it runs as a constant%s; only the heads are differentiated.",
                          " compiled with inductor freezing" if compiling else "")
 
-        def prepare(batch):
-            """A loader batch on this process's device; trunk features in place of images if frozen."""
+        def prepare(batch, step=None):
+            """A loader batch on this process's device, mixed for training ``step`` (``config.mix``);
+            trunk features in place of images if frozen."""
             batch = to_device(batch, dist.device)
+            if step is not None and mixing:
+                batch = mix_batch(batch, config.mix, dataset.num_classes, config.data.seed, step)
             return {**batch, "image": trunk_features(batch["image"])} if trunk_features else batch
 
         def make_train_step(hold):
@@ -220,7 +225,7 @@ def _run(config, workdir, dist, stop, run_info):
                 t0 = time.perf_counter()
                 batch = next(batches)
                 data_time = time.perf_counter() - t0
-                batch = prepare(batch)
+                batch = prepare(batch, step)
             lr = base_lr * schedule(step)
             # A signal cuts a step short only if the step leaves train_state as it was; a compiled
             # step past its first call writes into it (fpipe.train.donation): the signal then waits.
@@ -310,6 +315,14 @@ def build_eval_step(config, model, dist, *, compiling, autocast=None):
     """The eval step as the loop runs it, compiled if ``compiling``."""
     return step_lib.maybe_compile(step_lib.make_eval_step(model, autocast=autocast), compiling, "eval step",
                                   cache=step_cache(config, dist, "eval", autocast, evaluation=True))
+
+
+def mix_batch(batch, cfg, num_classes: int, seed: int, step: int) -> dict:
+    """The batch with Mixup / CutMix and label smoothing applied (fpipe.data.mix): soft targets
+    ``[N, num_classes]`` in place of the labels."""
+    lam, box = data_mix.draw(cfg, data_mix.generator(seed, step), tuple(batch["image"].shape[-2:]))
+    images, targets = data_mix.apply(batch["image"], batch["label"], num_classes, lam, box, cfg.label_smoothing)
+    return {**batch, "image": images, "label": targets}
 
 
 def present_classes(split, num_classes: int) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""Mixup, CutMix and label smoothing of a training batch (``config.mix``), as timm's ``Mixup``
+(``mode="batch"``) gives them to DeiT's, MAE's and BEiT's fine-tuning recipes.
+
+Per batch: with probability ``prob`` it is mixed, by CutMix with probability ``switch_prob`` when
+both alphas are set (else by the one that is), with a ratio ``lam ~ Beta(alpha, alpha)``:
+- Mixup: ``lam * x + (1 - lam) * x.flip(0)``;
+- CutMix: a box of ``1 - lam`` of the area (sides ``int(sqrt(1 - lam) * H or W)``, centre uniform,
+  clipped at the edges; timm 1.0's rounding of odd sides) copied from ``x.flip(0)``; ``lam``
+  becomes the area left unpasted.
+The labels become ``lam * smooth(y) + (1 - lam) * smooth(y.flip(0))`` with ``smooth`` the one-hot
+with ``label_smoothing`` spread evenly (``1 - s + s/C`` on the class, ``s/C`` elsewhere: what
+``F.cross_entropy(label_smoothing=s)`` learns). Draws come from numpy's generator seeded by the
+data seed and the step (timm's come from numpy's global one), so a resumed run mixes as the
+uninterrupted one; each process pairs the samples of its own share of the batch (``flip(0)``),
+as timm does, so N processes mix otherwise than one.
+"""
+import numpy as np
+import torch
+
+
+def enabled(cfg) -> bool:
+    return bool(cfg) and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 or cfg.label_smoothing > 0)
+
+
+def generator(seed: int, step: int) -> np.random.Generator:
+    """The draws of one step's batch: the same on every process, and on a resume."""
+    return np.random.default_rng([int(seed), int(step)])
+
+
+def draw(cfg, rng: np.random.Generator, size: tuple):
+    """``(lam, box)`` for one batch of images of ``size`` (H, W): ``box`` is ``(top, bottom, left,
+    right)`` for CutMix, None for Mixup; ``lam`` 1.0 when the batch is not mixed."""
+    mixup, cutmix = cfg.mixup_alpha > 0, cfg.cutmix_alpha > 0
+    if not (mixup or cutmix) or rng.random() >= cfg.prob:
+        return 1.0, None
+    use_cutmix = cutmix and (not mixup or rng.random() < cfg.switch_prob)
+    alpha = cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    return (lam, cutmix_box(size, lam, rng)) if use_cutmix else (lam, None)
+
+
+def cutmix_box(size: tuple, lam: float, rng: np.random.Generator) -> tuple:
+    """A box of about ``1 - lam`` of an image of ``size`` (H, W), centre uniform, clipped."""
+    h, w = size
+    cut = (1.0 - lam) ** 0.5
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+    return (max(cy - ch // 2, 0), min(cy + (ch + 1) // 2, h), max(cx - cw // 2, 0), min(cx + (cw + 1) // 2, w))
+
+
+def apply(images, labels, num_classes: int, lam: float, box, label_smoothing: float = 0.0):
+    """``(images, soft targets [N, num_classes])`` mixed by ``lam`` and ``box`` (``draw``)."""
+    targets = smooth_one_hot(labels, num_classes, label_smoothing)
+    if lam == 1.0:
+        return images, targets
+    partner = images.flip(0)
+    if box is None:
+        images = lam * images + (1.0 - lam) * partner
+    else:
+        top, bottom, left, right = box
+        images = images.clone()
+        images[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / (images.shape[-2] * images.shape[-1])
+    return images, lam * targets + (1.0 - lam) * targets.flip(0)
+
+
+def smooth_one_hot(labels, num_classes: int, smoothing: float):
+    """One-hot rows with ``smoothing`` spread evenly over the classes."""
+    off = smoothing / num_classes
+    out = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return out.scatter_(1, labels[:, None], 1.0 - smoothing + off)
