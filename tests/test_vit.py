@@ -597,3 +597,35 @@ def test_beit_options_are_checked():
         vit.build(**dict(BEIT_TINY, num_registers=4))
     params, _ = vit.build(**BEIT_TINY).init(0)
     assert "pos_embedding" not in params["encoder"] and "ln" not in params["encoder"]
+
+
+def test_stochastic_depth_drops_or_keeps_each_samples_branch_whole():
+    """timm's drop_path_rate: block 0 never drops, the last at the full rate; in training each
+    sample's attention and MLP branch is dropped or kept scaled by 1/(1-p), in eval never touched."""
+    trunk = vit.build(**dict(TINY, depth=2), stochastic_depth_prob=0.5, layer_scale=0.3)
+    params, _ = trunk.init(0)
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    plain = vit.build(**dict(TINY, depth=2), layer_scale=0.3)
+    want, _ = plain.apply(params, {}, x, train=False, features=("block1",))
+    got, _ = trunk.apply(params, {}, x, train=False, features=("block1",))
+    assert torch.equal(got["block1"], want["block1"])  # eval: no drop
+    torch.manual_seed(0)
+    got, _ = trunk.apply(params, {}, x, train=True, features=("block0", "block1"))
+    x0, p = got["block0"], params["encoder"]["layers"]["encoder_layer_1"]
+    spec = trunk.spec
+    ln = lambda q, t: F.layer_norm(t, (32,), q["weight"], q["bias"], 1e-6)
+    attn = vit.attention(p["self_attention"], ln(p["ln_1"], x0), spec.heads) * p["ls_1"]["gamma"]
+    seen = set()
+    for i in range(64):
+        candidates = {}
+        for a in (0.0, 2.0):  # dropped, or kept and scaled by 1/(1 - 0.5)
+            y = x0[i] + a * attn[i]
+            mlp = vit.feed_forward(p["mlp"], ln(p["ln_2"], y)) * p["ls_2"]["gamma"]
+            for m in (0.0, 2.0):
+                candidates[a, m] = y + m * mlp
+        match = [k for k, c in candidates.items() if torch.allclose(got["block1"][i], c, atol=1e-5)]
+        assert len(match) == 1, i
+        seen.add(match[0])
+    assert seen == {(0.0, 0.0), (0.0, 2.0), (2.0, 0.0), (2.0, 2.0)}
+    block0, _ = plain.apply(params, {}, x, train=False, features=("block0",))
+    assert torch.equal(got["block0"], block0["block0"])  # block 0: rate 0

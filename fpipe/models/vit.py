@@ -80,6 +80,7 @@ class Spec:
     patch_bias: bool = True       # conv_proj has a bias (CLIP's has none)
     pos_embed: bool = True        # an absolute position embedding (BEiT's trunks have none)
     rel_pos_bias: str = "none"    # BEiT's relative position bias tables (REL_POS_BIASES)
+    stochastic_depth_prob: float = 0.0  # timm's drop_path_rate: block i drops at rate·i/(depth-1) in training
 
     def __post_init__(self):
         for key in ("patch_size", "hidden_dim", "depth", "heads", "mlp_dim", "image_size"):
@@ -418,13 +419,13 @@ def resample_bias_table(table, grid_hw) -> torch.Tensor:
     return torch.cat([grid.permute(0, 2, 3, 1).reshape(-1, heads), table[-3:]])
 
 
-def block(spec, p, x, bias=None):
+def block(spec, p, x, bias=None, drop=0.0, train=False):
     """Pre-norm encoder block: x + ls_1·attn(ln_1(x)), then + ls_2·mlp(ln_2(x)); ``bias``: the
-    attention's relative position bias, if any."""
+    attention's relative position bias, if any; ``drop``: each branch's stochastic depth in training."""
     y = attention(p["self_attention"], _layer_norm(p["ln_1"], x, spec.ln_eps), spec.heads, bias)
-    x = x + (y * p["ls_1"]["gamma"] if "ls_1" in p else y)
+    x = x + trunk_lib.stochastic_depth(y * p["ls_1"]["gamma"] if "ls_1" in p else y, drop, train)
     y = feed_forward(p["mlp"], _layer_norm(p["ln_2"], x, spec.ln_eps), spec.mlp)
-    return x + (y * p["ls_2"]["gamma"] if "ls_2" in p else y)
+    return x + trunk_lib.stochastic_depth(y * p["ls_2"]["gamma"] if "ls_2" in p else y, drop, train)
 
 
 def feed_forward(p, x, mlp="gelu"):
@@ -450,8 +451,9 @@ def apply(spec: Spec, params, state, images, *, train, features=None, eval_norms
     """Returns ``({feature: tensor}, state)`` for the requested ``features`` (default: ``lastCLS``,
     or ``lastPOOL`` without a class token).
 
-    A ViT has no train-mode behaviour (no dropout, no BatchNorm), so ``train``, ``eval_norms`` and
-    ``sync_stats`` change nothing; they keep the trunk contract. Blocks run only as far as needed.
+    A ViT has no dropout and no BatchNorm: ``train`` only turns on stochastic depth (when set);
+    ``eval_norms`` and ``sync_stats`` change nothing, they keep the trunk contract. Blocks run only
+    as far as needed.
     """
     valid = spec.features
     if features is None:
@@ -476,7 +478,8 @@ def apply(spec: Spec, params, state, images, *, train, features=None, eval_norms
     for i in range(n_blocks):
         p = params["encoder"]["layers"][f"encoder_layer_{i}"]
         own = p["self_attention"].get("relative_position_bias_table")
-        x = block(spec, p, x, bias if own is None else relative_position_bias(own, spec, grid_hw, index))
+        drop = trunk_lib.depth_ramp(spec.stochastic_depth_prob, (spec.depth,), 0, i)
+        x = block(spec, p, x, bias if own is None else relative_position_bias(own, spec, grid_hw, index), drop, train)
         out.update({f: _read_block(spec, x, read) for f, (j, read) in reads.items() if j == i})
         if final and i >= spec.depth - keep:
             last.append(x)
