@@ -38,9 +38,6 @@ def check(config) -> None:
 
 def _check(c) -> None:
     if "eval" in c:  # an evaluation run (configs/knn.py & co.): no optimizer, schedule or heads to train
-        if c.get("eval_classes", "all") != "all" or data_mix.enabled(c.get("mix")):
-            raise ConfigError("eval_classes and mix.* act on the heads of a training run; an evaluation run's "
-                              "protocols (config.eval) score over every class of unmixed features: leave them unset")
         _check_data(c)
         model = _check_model(c)
         _check_extract(c, model)
