@@ -98,15 +98,17 @@ def optim():
 
 
 def mix():
-    """``config.mix``: Mixup / CutMix and label smoothing of the training batches, as timm's Mixup
-    (DeiT's, MAE's, BEiT's fine-tuning: mixup_alpha 0.8, cutmix_alpha 1.0, label_smoothing 0.1);
-    fpipe.data.mix. The heads then learn soft targets; evaluation is unchanged."""
+    """``config.mix``: random erasing, Mixup / CutMix and label smoothing of the training batches, as
+    timm's RandomErasing and Mixup (DeiT's, MAE's, BEiT's fine-tuning: random_erasing 0.25,
+    mixup_alpha 0.8, cutmix_alpha 1.0, label_smoothing 0.1); fpipe.data.mix. The heads then learn
+    soft targets; evaluation is unchanged."""
     c = ml_collections.ConfigDict()
     c.mixup_alpha = 0.0            # Beta(a, a) ratio of two whole images; 0: no Mixup
     c.cutmix_alpha = 0.0           # Beta(a, a) ratio of a box pasted from another image; 0: no CutMix
     c.switch_prob = 0.5            # with both: the chance a batch is CutMix rather than Mixup
     c.prob = 1.0                   # the chance a batch is mixed at all
     c.label_smoothing = 0.0        # s: 1 - s + s/C on the class, s/C elsewhere (with or without mixing)
+    c.random_erasing = 0.0         # timm's RandomErasing (mode pixel) per image, before mixing: MAE's reprob 0.25
     return c
 
 

@@ -1,5 +1,5 @@
-"""fpipe.data.mix against timm's Mixup (tests/fixtures/mix) and torch's label smoothing, and its
-place in the run: soft targets train, evaluation stays on the labels."""
+"""fpipe.data.mix against timm's Mixup and RandomErasing (tests/fixtures/mix) and torch's label
+smoothing, and its place in the run: soft targets train, evaluation stays on the labels."""
 import json
 import pathlib
 
@@ -82,7 +82,7 @@ def test_draws_depend_on_the_seed_and_step_only():
 def test_a_run_with_mixup_trains_on_soft_targets_and_evaluates_on_labels(tmp_path):
     from test_main import main
     main(tmp_path / "mix", "--config.total_steps=4", "--config.mix.mixup_alpha=0.8", "--config.mix.cutmix_alpha=1.0",
-         "--config.mix.label_smoothing=0.1", config="configs/supervised.py")
+         "--config.mix.label_smoothing=0.1", "--config.mix.random_erasing=0.25", config="configs/supervised.py")
     results = json.loads((tmp_path / "mix" / "results.json").read_text())
     assert 0 <= results["heads"]["fc"]["top1"] <= 100
     main(tmp_path / "plain", "--config.total_steps=4", config="configs/supervised.py")
@@ -111,3 +111,31 @@ def test_mixing_heads_of_other_targets_or_multi_crop_is_refused():
     assert isinstance(c.mix, ml_collections.ConfigDict)
     from configs import knn
     assert "mix" not in knn.get_config() and "eval_classes" not in knn.get_config()  # no heads to mix or score
+
+
+class PythonRandom:
+    """python's random module (what timm's RandomErasing draws from) behind the methods mix uses."""
+
+    def __init__(self, seed):
+        self.state = __import__("random").Random(seed)
+
+    def random(self):
+        return self.state.random()
+
+    def uniform(self, a, b):
+        return self.state.uniform(a, b)
+
+    def integers(self, low, high):  # numpy's exclusive high; python's randint is inclusive
+        return self.state.randint(low, high - 1)
+
+
+@pytest.mark.parametrize("seed", sorted(FACTS["erasing"]))
+def test_random_erasing_erases_what_timm_erases_from_the_same_draws(seed):
+    torch.manual_seed(seed)  # timm's noise comes from torch's global generator
+    got = mix.random_erase(FACTS["images"], 0.5, PythonRandom(seed))
+    torch.testing.assert_close(got, FACTS["erasing"][seed], rtol=0, atol=0)
+
+
+def test_the_erasing_fixture_erases_some_images_and_keeps_others():
+    changed = [(FACTS["erasing"][s] != FACTS["images"]).flatten(1).any(1) for s in FACTS["erasing"]]
+    assert torch.stack(changed).any() and not torch.stack(changed).all()

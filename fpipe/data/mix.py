@@ -13,18 +13,26 @@ with ``label_smoothing`` spread evenly (``1 - s + s/C`` on the class, ``s/C`` el
 data seed and the step (timm's come from numpy's global one), so a resumed run mixes as the
 uninterrupted one; each process pairs the samples of its own share of the batch (``flip(0)``),
 as timm does, so N processes mix otherwise than one.
+
+``random_erasing`` (timm's RandomErasing, ``mode="pixel"``: MAE's and DeiT's ``reprob`` 0.25)
+erases a box of each normalised image with that probability, before the mixing, as timm's
+per-image transform comes before its batch Mixup.
 """
+import math
+
 import numpy as np
 import torch
 
 
 def enabled(cfg) -> bool:
-    return bool(cfg) and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 or cfg.label_smoothing > 0)
+    return bool(cfg) and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 or cfg.label_smoothing > 0
+                          or cfg.get("random_erasing", 0) > 0)
 
 
-def generator(seed: int, step: int) -> np.random.Generator:
-    """The draws of one step's batch: the same on every process, and on a resume."""
-    return np.random.default_rng([int(seed), int(step)])
+def generator(seed: int, step: int, stream: int = 0) -> np.random.Generator:
+    """The draws of one step's batch (``stream`` 0: mixing, 1: erasing): the same on every
+    process, and on a resume."""
+    return np.random.default_rng([int(seed), int(step), int(stream)])
 
 
 def draw(cfg, rng: np.random.Generator, size: tuple):
@@ -62,6 +70,32 @@ def apply(images, labels, num_classes: int, lam: float, box, label_smoothing: fl
         images[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
         lam = 1.0 - (bottom - top) * (right - left) / (images.shape[-2] * images.shape[-1])
     return images, lam * targets + (1.0 - lam) * targets.flip(0)
+
+
+ERASE_AREA = (0.02, 1 / 3)                     # of the image, uniform
+ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))  # of the box, log-uniform
+
+
+def random_erase(images, prob: float, rng, noise=None):
+    """timm's RandomErasing (``mode="pixel"``, one box) on each normalised image of the batch:
+    with probability ``prob``, a box of 2-33% of the area and aspect 0.3-3.3 (10 tries to fit)
+    filled with N(0, 1) noise (``noise``: a torch generator, None: torch's global one). Returns a
+    new tensor; the draws are ``rng``'s, in timm's order."""
+    images = images.clone()
+    h_img, w_img = images.shape[-2:]
+    for image in images:
+        if rng.random() > prob:
+            continue
+        for _ in range(10):
+            area = rng.uniform(*ERASE_AREA) * h_img * w_img
+            aspect = math.exp(rng.uniform(*ERASE_LOG_ASPECT))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < w_img and h < h_img:
+                top, left = int(rng.integers(0, h_img - h + 1)), int(rng.integers(0, w_img - w + 1))
+                image[:, top:top + h, left:left + w] = torch.randn(
+                    (image.shape[0], h, w), generator=noise, dtype=image.dtype, device=image.device)
+                break
+    return images
 
 
 def smooth_one_hot(labels, num_classes: int, smoothing: float):

@@ -76,7 +76,7 @@ def _check_mix(c, model) -> None:
     for key in ("mixup_alpha", "cutmix_alpha"):
         if not (isinstance(m[key], (int, float)) and m[key] >= 0):
             raise ConfigError(f"mix.{key}={m[key]!r}: a number >= 0 is needed (0: off)")
-    for key in ("switch_prob", "prob"):
+    for key in ("switch_prob", "prob", "random_erasing"):
         if not (isinstance(m[key], (int, float)) and 0 <= m[key] <= 1):
             raise ConfigError(f"mix.{key}={m[key]!r}: a probability in [0, 1] is needed")
     if not (isinstance(m.label_smoothing, (int, float)) and 0 <= m.label_smoothing < 1):
@@ -87,9 +87,9 @@ def _check_mix(c, model) -> None:
     if other:
         raise ConfigError(f"mix (Mixup / CutMix / label smoothing) makes soft class targets, but model.heads "
                           f"{other} learn another target or loss; mix only label heads, or set mix.* to 0")
-    if (m.mixup_alpha > 0 or m.cutmix_alpha > 0) and tuple(c.data.get("views") or ()):
-        raise ConfigError("mix.mixup_alpha / cutmix_alpha with data.views (multi-crop): each crop would need its "
-                          "own pairing; use one of the two")
+    if (m.mixup_alpha > 0 or m.cutmix_alpha > 0 or m.random_erasing > 0) and tuple(c.data.get("views") or ()):
+        raise ConfigError("mix.mixup_alpha / cutmix_alpha / random_erasing with data.views (multi-crop): each crop "
+                          "would need its own draws; use one of the two")
 
 
 def _check_data(c) -> None:

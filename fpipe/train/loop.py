@@ -318,10 +318,15 @@ def build_eval_step(config, model, dist, *, compiling, autocast=None):
 
 
 def mix_batch(batch, cfg, num_classes: int, seed: int, step: int) -> dict:
-    """The batch with Mixup / CutMix and label smoothing applied (fpipe.data.mix): soft targets
-    ``[N, num_classes]`` in place of the labels."""
-    lam, box = data_mix.draw(cfg, data_mix.generator(seed, step), tuple(batch["image"].shape[-2:]))
-    images, targets = data_mix.apply(batch["image"], batch["label"], num_classes, lam, box, cfg.label_smoothing)
+    """The batch with random erasing, Mixup / CutMix and label smoothing applied (fpipe.data.mix):
+    soft targets ``[N, num_classes]`` in place of the labels."""
+    images = batch["image"]
+    if cfg.random_erasing > 0:
+        rng = data_mix.generator(seed, step, stream=1)
+        noise = torch.Generator(device=images.device).manual_seed(int(rng.integers(2 ** 62)))
+        images = data_mix.random_erase(images, cfg.random_erasing, rng, noise)
+    lam, box = data_mix.draw(cfg, data_mix.generator(seed, step), tuple(images.shape[-2:]))
+    images, targets = data_mix.apply(images, batch["label"], num_classes, lam, box, cfg.label_smoothing)
     return {**batch, "image": images, "label": targets}
 
 
