@@ -139,3 +139,18 @@ def test_random_erasing_erases_what_timm_erases_from_the_same_draws(seed):
 def test_the_erasing_fixture_erases_some_images_and_keeps_others():
     changed = [(FACTS["erasing"][s] != FACTS["images"]).flatten(1).any(1) for s in FACTS["erasing"]]
     assert torch.stack(changed).any() and not torch.stack(changed).all()
+
+
+def test_maes_finetuning_recipe_runs_end_to_end_on_a_small_vit(tmp_path):
+    """configs/finetune.py:mae_vit_b as it is (fc_norm pooling, drop path, layer decay, AdamW,
+    warmup from 0, Mixup/CutMix/smoothing/erasing), on the digits with a ViT shrunk to 2 blocks."""
+    from test_main import main
+    small = ["--config.data.name=digits", "--config.data.num_workers=0", "--config.model.trunk.depth=2",
+             "--config.model.trunk.hidden_dim=48", "--config.model.trunk.heads=3", "--config.model.trunk.mlp_dim=96",
+             "--config.model.trunk.patch_size=4", "--config.model.trunk.image_size=16", "--config.total_steps=4",
+             "--config.schedule.warmup_epochs=0.05"]
+    main(tmp_path, *small, config="configs/finetune.py:mae_vit_b")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["heads"]) == {"head"}
+    log = (tmp_path / "log").read_text()
+    assert "layer_decay" in log or "layer decay" in log
