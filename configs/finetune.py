@@ -11,7 +11,7 @@ main_finetune.py with FINETUNE.md's settings) on an ``image_folder`` dataset: me
 tokens through ``fc_norm`` (the pretraining file's final norm left out, fc_norm at its identity
 init, as MAE's global_pool model starts), a linear head drawn from N(0, (2e-5)²); AdamW lr 5e-4 x
 batch/256, weight decay 0.05 (not on norms, biases, tokens and positions), layer decay 0.65,
-5 warmup epochs from 0 then cosine to 0 (MAE's floor is 1e-6), 100 epochs at global batch 1024;
+5 warmup epochs from 0 then cosine to 1e-6, 100 epochs at global batch 1024;
 stochastic depth 0.1, Mixup 0.8 / CutMix 1.0 / label smoothing 0.1, random erasing 0.25;
 random_resized_crop (bicubic) + flip, resize(256, bicubic) + center_crop. Not reproduced: MAE's
 RandAugment (rand-m9-mstd0.5-inc1), which fpipe lacks, so expect less than its 83.6% top-1.
@@ -71,6 +71,7 @@ def mae_vit_b(c):
     c.schedule.name = "cosine"
     c.schedule.warmup_epochs = 5.0
     c.schedule.warmup_factor = 0.0
+    c.schedule.end_lr = 1e-6              # MAE's min_lr
     c.precise_bn.num_batches = 0          # no BatchNorm in a ViT
     c.mix.mixup_alpha = 0.8
     c.mix.cutmix_alpha = 1.0
