@@ -13,8 +13,8 @@ init, as MAE's global_pool model starts), a linear head drawn from N(0, (2e-5)²
 batch/256, weight decay 0.05 (not on norms, biases, tokens and positions), layer decay 0.65,
 5 warmup epochs from 0 then cosine to 1e-6, 100 epochs at global batch 1024;
 stochastic depth 0.1, Mixup 0.8 / CutMix 1.0 / label smoothing 0.1, random erasing 0.25;
-random_resized_crop (bicubic) + flip, resize(256, bicubic) + center_crop. Not reproduced: MAE's
-RandAugment (rand-m9-mstd0.5-inc1), which fpipe lacks, so expect less than its 83.6% top-1.
+random_resized_crop (bicubic) + flip + RandAugment (rand-m9-mstd0.5-inc1, timm's pixels),
+resize(256, bicubic) + center_crop. MAE reports 83.6% top-1.
 
     torchrun --nproc_per_node=8 main.py --config=configs/finetune.py:mae_vit_b \
         --config.data.root=/data/imagenet --config.model.weights.path=mae_pretrain_vit_base.pth
@@ -55,7 +55,7 @@ def mae_vit_b(c):
     c.data.image_size = 224
     c.data.batch_size = 1024              # global: split over torchrun's processes
     c.data.train_split, c.data.test_split = "train", "val"
-    c.data.train_transforms = "random_resized_crop(interpolation='bicubic')|flip|normalize"
+    c.data.train_transforms = "random_resized_crop(interpolation='bicubic')|flip|rand_augment|normalize"
     c.data.eval_transforms = "resize(256, interpolation='bicubic')|center_crop|normalize"
     c.data.num_workers = 10
     c.model.trunk = trunk_config("vit_base_patch16_224", fc_norm=True, stochastic_depth_prob=0.1)

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from fpipe.data import rand_augment as RA
 from fpipe.data import transforms as T
 
 
@@ -97,6 +98,21 @@ def _center_crop(size):
     T.check_size(size)
     return Geometric(lambda geometry, g: geometry.crop(
         *T.center_crop_box(geometry.height, geometry.width, size)))
+
+
+@register("rand_augment")
+def _rand_augment(magnitude=9, num_layers=2, magnitude_std=0.5, increasing=True, prob=0.5, translate_pct=0.45,
+                  fill=(124, 116, 104), interpolation="bicubic"):
+    """timm's RandAugment (default: "rand-m9-mstd0.5-inc1", fill = ImageNet's mean): fpipe.data.rand_augment."""
+    if interpolation not in RA.RESAMPLE:
+        raise ValueError(f"rand_augment interpolation={interpolation!r}; valid: {tuple(RA.RESAMPLE)}")
+    options = dict(magnitude=float(magnitude), num_layers=int(num_layers), magnitude_std=float(magnitude_std),
+                   increasing=bool(increasing), prob=float(prob), translate_pct=float(translate_pct),
+                   fill=tuple(int(v) for v in fill), interpolation=interpolation)
+
+    def op(image, generator):
+        return RA.from_pil(RA.augment(RA.to_pil(image), RA.TorchDraws(generator), **options))
+    return op
 
 
 @register("normalize")
@@ -202,4 +218,8 @@ def parse(spec, size=None) -> Pipeline:
         texts = list(spec)
     else:
         raise TypeError(f"transforms: want a '|'-joined string or a list, got {spec!r}")
+    names = [t.split("(")[0].strip() for t in texts]
+    if "rand_augment" in names and "normalize" in names[:names.index("rand_augment")]:
+        raise ValueError(f"transforms {spec!r}: rand_augment works on pixels in [0, 1] (8-bit images); place it "
+                         "before normalize")
     return Pipeline([_parse_op(t, size) for t in texts], "|".join(t.strip() for t in texts), size)
