@@ -35,6 +35,19 @@ def generator(seed: int, step: int, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(step), int(stream)])
 
 
+def training_batch(batch: dict, cfg, num_classes: int, seed: int, step: int) -> dict:
+    """``batch`` of training ``step`` with random erasing, Mixup / CutMix and label smoothing
+    applied: soft targets ``[N, num_classes]`` in place of the labels."""
+    images = batch["image"]
+    if cfg.random_erasing > 0:
+        rng = generator(seed, step, stream=1)
+        noise = torch.Generator(device=images.device).manual_seed(int(rng.integers(2 ** 62)))
+        images = random_erase(images, cfg.random_erasing, rng, noise)
+    lam, box = draw(cfg, generator(seed, step), tuple(images.shape[-2:]))
+    images, targets = apply(images, batch["label"], num_classes, lam, box, cfg.label_smoothing)
+    return {**batch, "image": images, "label": targets}
+
+
 def draw(cfg, rng: np.random.Generator, size: tuple):
     """``(lam, box)`` for one batch of images of ``size`` (H, W): ``box`` is ``(top, bottom, left,
     right)`` for CutMix, None for Mixup; ``lam`` 1.0 when the batch is not mixed."""

@@ -28,3 +28,9 @@ def evaluate(eval_fn, params, model_state, loader, dist, prepare):
         head, k = name.rsplit(".", 1)
         results.setdefault(head, {})[k] = losses.finish(k, value, n)
     return results
+
+
+def present_classes(split, num_classes: int) -> torch.Tensor:
+    """Bool per class: whether ``split`` holds a sample of it (``eval_classes="present"``: the
+    eval step then scores label heads among these classes only)."""
+    return torch.bincount(split.labels, minlength=num_classes)[:num_classes] > 0

@@ -167,7 +167,7 @@ def _run(config, workdir, dist, stop, run_info):
             trunk features in place of images if frozen."""
             batch = to_device(batch, dist.device)
             if step is not None and mixing:
-                batch = mix_batch(batch, config.mix, dataset.num_classes, config.data.seed, step)
+                batch = data_mix.training_batch(batch, config.mix, dataset.num_classes, config.data.seed, step)
             return {**batch, "image": trunk_features(batch["image"])} if trunk_features else batch
 
         def make_train_step(hold):
@@ -191,7 +191,7 @@ def _run(config, workdir, dist, stop, run_info):
                 params, model_state = frozen_trunk.without_trunk(params), frozen_trunk.without_trunk(model_state)
             scoring = prepare
             if config.get("eval_classes", "all") == "present":  # each label head scored over the classes the split holds
-                classes = present_classes(loader.split, dataset.num_classes).to(dist.device)
+                classes = topk.present_classes(loader.split, dataset.num_classes).to(dist.device)
                 scoring = lambda batch: {**prepare(batch), "classes": classes}  # noqa: E731
             return topk.evaluate(eval_step, params, model_state, loader, dist, scoring)
 
@@ -315,24 +315,6 @@ def build_eval_step(config, model, dist, *, compiling, autocast=None):
     """The eval step as the loop runs it, compiled if ``compiling``."""
     return step_lib.maybe_compile(step_lib.make_eval_step(model, autocast=autocast), compiling, "eval step",
                                   cache=step_cache(config, dist, "eval", autocast, evaluation=True))
-
-
-def mix_batch(batch, cfg, num_classes: int, seed: int, step: int) -> dict:
-    """The batch with random erasing, Mixup / CutMix and label smoothing applied (fpipe.data.mix):
-    soft targets ``[N, num_classes]`` in place of the labels."""
-    images = batch["image"]
-    if cfg.random_erasing > 0:
-        rng = data_mix.generator(seed, step, stream=1)
-        noise = torch.Generator(device=images.device).manual_seed(int(rng.integers(2 ** 62)))
-        images = data_mix.random_erase(images, cfg.random_erasing, rng, noise)
-    lam, box = data_mix.draw(cfg, data_mix.generator(seed, step), tuple(images.shape[-2:]))
-    images, targets = data_mix.apply(images, batch["label"], num_classes, lam, box, cfg.label_smoothing)
-    return {**batch, "image": images, "label": targets}
-
-
-def present_classes(split, num_classes: int) -> torch.Tensor:
-    """Bool per class: whether ``split`` holds a sample of it (``eval_classes="present"``)."""
-    return torch.bincount(split.labels, minlength=num_classes)[:num_classes] > 0
 
 
 def make_loader(split, config, dist, *, train):
