@@ -92,3 +92,14 @@ def test_in_a_pipeline_it_runs_per_sample_on_uint8_and_refuses_normalised_input(
     with pytest.raises(ValueError, match="interpolation='nearest'"):
         pipeline.parse("rand_augment(interpolation='nearest')")
     assert isinstance(RA.to_pil(image), Image.Image)
+
+
+def test_rand_augment_in_the_evaluation_transforms_is_refused():
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from configs import supervised
+    from fpipe.train import config_check
+    c = supervised.get_config()
+    c.data.eval_transforms = "resize|center_crop|rand_augment|normalize"
+    with pytest.raises(config_check.ConfigError, match="rand_augment, a training augmentation"):
+        config_check.check(c)

@@ -107,6 +107,10 @@ def _check_data(c) -> None:
             data.transforms.parse(c.data[key], size=c.data.image_size)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"data.{key}={c.data[key]!r}: {e}") from None
+    evaluated = " ".join([str(c.data.eval_transforms)] + [str(v) for v in (data.config.get(c.data, "eval_views") or ())])
+    if "rand_augment" in evaluated:
+        raise ConfigError("data.eval_transforms / eval_views hold rand_augment, a training augmentation: the test "
+                          "images would be scored augmented; keep it in data.train_transforms")
     for key in ("views", "eval_views"):  # multi-crop: ((count, transforms), ...)
         data.loader.views(data.config.get(c.data, key), c.data.image_size)
 
