@@ -10,7 +10,8 @@ quality 90, 4:2:0, sequential: ~65 KB each) once into a temporary folder named b
 to), then times whole epochs over them (worker start included) for both pipelines with the same
 batch size and number of worker processes:
 
-- train: random_resized_crop(224) | flip | normalize
+- train: random_resized_crop(224) | flip | normalize (``--rand-augment``: | rand_augment | before
+  normalize, timm's rand-m9-mstd0.5-inc1, the fine-tuning recipes' pipeline)
 - eval:  resize(256) | center_crop(224) | normalize
 
 The baseline is what a torchvision user writes, by hand because torchvision is not installed:
@@ -18,7 +19,9 @@ The baseline is what a torchvision user writes, by hand because torchvision is n
 paths per sample — ``RandomResizedCrop`` (its box draw and fallback; crop then resize, bilinear),
 ``RandomHorizontalFlip`` (transpose), ``ToTensor``, ``Normalize`` (in place, i.e. with
 ``inplace=True``; torchvision's default clones first, which is slower) — and ``DataLoader``'s
-default collate. Both give float32 normalised N×3×224×224 batches.
+default collate; with ``--rand-augment`` the same Pillow RandAugment ops on the flipped PIL image, as
+timm's transform applies them (python's and numpy's generators draw them). Both give float32
+normalised N×3×224×224 batches.
 Rounds are interleaved and the median of each is kept (the machine is shared). Two rates: images
 per wall-clock second, and images per CPU-second (user + system time of the process and its
 workers: what one core delivers, robust to other load on the machine; use it to size a node).
@@ -38,7 +41,7 @@ import torch.utils.data
 from PIL import Image
 
 from fpipe import data
-from fpipe.data import image_folder
+from fpipe.data import image_folder, rand_augment
 
 MEAN, STD = data.transforms.IMAGENET_MEAN, data.transforms.IMAGENET_STD
 TRAIN, EVAL = "random_resized_crop|flip|normalize", "resize(256)|center_crop|normalize"
@@ -146,10 +149,25 @@ def normalize(x):
     return x.sub_(mean).div_(std)
 
 
-def baseline_train(image, size=224):
+class GlobalDraws:
+    """RandAugment's draws as timm makes them: the ops by numpy's global generator, the rest by python's."""
+
+    def choice(self, n, k):
+        return list(np.random.choice(n, k))
+
+    def random(self):
+        return random.random()
+
+    def gauss(self, mu, sigma):
+        return random.gauss(mu, sigma)
+
+
+def baseline_train(image, size=224, augment=False):
     image = image.crop(rrc_box(*image.size)).resize((size, size), Image.BILINEAR)
     if random.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    if augment:
+        image = rand_augment.augment(image, GlobalDraws())
     return normalize(to_tensor(image))
 
 
@@ -176,6 +194,7 @@ class Files(torch.utils.data.Dataset):
 
 def _seed_worker(worker_id):
     random.seed(torch.initial_seed() % 2 ** 32)
+    np.random.seed(torch.initial_seed() % 2 ** 32)
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -217,6 +236,7 @@ def main():
     parser.add_argument("--progressive", action="store_true", help="generate progressive JPEGs")
     parser.add_argument("--size", type=float, default=ENCODING["size"],
                         help="the generated images' sides times this (1: about 500×375)")
+    parser.add_argument("--rand-augment", action="store_true", help="train with timm's RandAugment too")
     parser.add_argument("--dir", default=None, help="an image folder (default: generated JPEGs in "
                         "a temporary folder named by --images and the settings above)")
     args = parser.parse_args()
@@ -228,7 +248,9 @@ def main():
     generated = make_jpegs(args.dir, args.images, encoding=encoding)
     cfg = data.default_config()
     cfg.update(dict(name="image_folder", root=args.dir, image_size=224, batch_size=args.batch,
-                    eval_batch_size=args.batch, num_workers=args.workers, train_transforms=TRAIN,
+                    eval_batch_size=args.batch, num_workers=args.workers,
+                    train_transforms=TRAIN.replace("|normalize", "|rand_augment|normalize") if args.rand_augment
+                    else TRAIN,
                     eval_transforms=EVAL))
     split, classes = image_folder.folder_split(args.dir)  # train and eval both read these images
     ds = data.Dataset("image_folder", classes, split, None)
@@ -243,7 +265,8 @@ def main():
         ("train", "fpipe"): lambda: data.Loader(ds.train, cfg, train=True).epoch(0),
         ("eval", "fpipe"): lambda: data.Loader(ds.train, cfg, train=False).epoch(0),
     }
-    for kind, transform in (("train", baseline_train), ("eval", baseline_eval)):
+    train = (lambda image: baseline_train(image, augment=True)) if args.rand_augment else baseline_train
+    for kind, transform in (("train", train), ("eval", baseline_eval)):
         runs[(kind, "baseline")] = lambda transform=transform, kind=kind: iter(torch.utils.data.DataLoader(
             Files(ds.train.files, ds.train.labels, transform), batch_size=args.batch,
             shuffle=kind == "train", drop_last=kind == "train", num_workers=args.workers,
