@@ -132,7 +132,8 @@ class PythonRandom:
 @pytest.mark.parametrize("seed", sorted(FACTS["erasing"]))
 def test_random_erasing_erases_what_timm_erases_from_the_same_draws(seed):
     torch.manual_seed(seed)  # timm's noise comes from torch's global generator
-    got = mix.random_erase(FACTS["images"], 0.5, PythonRandom(seed))
+    rng = PythonRandom(seed)  # one generator for the whole batch, in turn, as timm's global one
+    got = mix.random_erase(FACTS["images"], 0.5, [rng] * len(FACTS["images"]))
     torch.testing.assert_close(got, FACTS["erasing"][seed], rtol=0, atol=0)
 
 
@@ -154,3 +155,15 @@ def test_maes_finetuning_recipe_runs_end_to_end_on_a_small_vit(tmp_path):
     assert set(results["heads"]) == {"head"}
     log = (tmp_path / "log").read_text()
     assert "layer_decay" in log or "layer decay" in log
+
+
+def test_erasing_draws_by_sample_so_a_split_batch_erases_alike():
+    """Two processes each holding half of a global batch erase what one process erases."""
+    cfg = config(random_erasing=0.6)
+    images, labels = torch.randn(8, 3, 12, 12), torch.arange(8) % 3
+    index = torch.tensor([5, 17, 3, 9, 11, 0, 2, 40])
+    whole = mix.training_batch({"image": images, "label": labels, "index": index}, cfg, 3, seed=0, step=7)
+    halves = [mix.training_batch({"image": images[s], "label": labels[s], "index": index[s]}, cfg, 3, seed=0, step=7)
+              for s in (slice(0, 4), slice(4, 8))]
+    assert torch.equal(whole["image"], torch.cat([h["image"] for h in halves]))
+    assert not torch.equal(whole["image"], images)

@@ -16,7 +16,8 @@ as timm does, so N processes mix otherwise than one.
 
 ``random_erasing`` (timm's RandomErasing, ``mode="pixel"``: MAE's and DeiT's ``reprob`` 0.25)
 erases a box of each normalised image with that probability, before the mixing, as timm's
-per-image transform comes before its batch Mixup.
+per-image transform comes before its batch Mixup; each image draws from a generator seeded by
+(data seed, step, sample index), so any number of processes erases alike.
 """
 import math
 
@@ -39,10 +40,10 @@ def training_batch(batch: dict, cfg, num_classes: int, seed: int, step: int) -> 
     """``batch`` of training ``step`` with random erasing, Mixup / CutMix and label smoothing
     applied: soft targets ``[N, num_classes]`` in place of the labels."""
     images = batch["image"]
-    if cfg.random_erasing > 0:
-        rng = generator(seed, step, stream=1)
-        noise = torch.Generator(device=images.device).manual_seed(int(rng.integers(2 ** 62)))
-        images = random_erase(images, cfg.random_erasing, rng, noise)
+    if cfg.random_erasing > 0:  # each sample's own draws: the same for any number of processes
+        rngs = [np.random.default_rng([int(seed), int(step), 1, int(i)]) for i in batch["index"].tolist()]
+        noises = [torch.Generator().manual_seed(int(rng.integers(2 ** 62))) for rng in rngs]
+        images = random_erase(images, cfg.random_erasing, rngs, noises)
     lam, box = draw(cfg, generator(seed, step), tuple(images.shape[-2:]))
     images, targets = apply(images, batch["label"], num_classes, lam, box, cfg.label_smoothing)
     return {**batch, "image": images, "label": targets}
@@ -89,14 +90,15 @@ ERASE_AREA = (0.02, 1 / 3)                     # of the image, uniform
 ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))  # of the box, log-uniform
 
 
-def random_erase(images, prob: float, rng, noise=None):
+def random_erase(images, prob: float, rngs, noises=None):
     """timm's RandomErasing (``mode="pixel"``, one box) on each normalised image of the batch:
     with probability ``prob``, a box of 2-33% of the area and aspect 0.3-3.3 (10 tries to fit)
-    filled with N(0, 1) noise (``noise``: a torch generator, None: torch's global one). Returns a
-    new tensor; the draws are ``rng``'s, in timm's order."""
+    filled with N(0, 1) noise. ``rngs``: each image's draws (in timm's order; one object for all
+    draws them in turn, as timm's global generator); ``noises``: each image's torch generator for
+    the noise (None: torch's global one). Returns a new tensor."""
     images = images.clone()
     h_img, w_img = images.shape[-2:]
-    for image in images:
+    for image, rng, noise in zip(images, rngs, noises or [None] * len(images)):
         if rng.random() > prob:
             continue
         for _ in range(10):
@@ -105,8 +107,8 @@ def random_erase(images, prob: float, rng, noise=None):
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if w < w_img and h < h_img:
                 top, left = int(rng.integers(0, h_img - h + 1)), int(rng.integers(0, w_img - w + 1))
-                image[:, top:top + h, left:left + w] = torch.randn(
-                    (image.shape[0], h, w), generator=noise, dtype=image.dtype, device=image.device)
+                patch = torch.randn((image.shape[0], h, w), generator=noise, dtype=image.dtype)
+                image[:, top:top + h, left:left + w] = patch.to(image.device)
                 break
     return images
 
