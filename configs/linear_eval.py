@@ -34,8 +34,9 @@ random_resized_crop + flip and resize(256) + center_crop, with bicubic resizing.
 
 Variant ``:dino_imagenet`` is DINO's linear evaluation (facebookresearch/dino eval_linear.py) of its
 ViT-S/16 teacher: one linear head ``linear`` on the normed class tokens of the last 4 blocks
-(``concatCLS4``; for ViT-B/16 DINO reads ``cls1_avgpool``: set the trunk and
-``--config.model.heads.linear.feature=cls1_avgpool``), drawn from N(0, 0.01²); SGD momentum 0.9,
+(``concatCLS4``; for ViT-B DINO reads the class token and patch mean in its own interleaved order:
+set the trunk and ``--config.model.heads.linear.feature=cls1_avgpool_interleaved``, which its
+released ViT-B heads need), drawn from N(0, 0.01²); SGD momentum 0.9,
 lr 0.001 x batch/256, no weight decay, cosine to 0, 100 epochs at global batch 1024;
 random_resized_crop + flip, resize(256, bicubic) + center_crop.
 

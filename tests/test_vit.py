@@ -228,6 +228,8 @@ def test_features_are_vissl_and_dinov2_definitions(tiny):
     close(feats["concatCLS4"], torch.cat(cls[1:], 1))
     close(feats["concatPOOL4"], torch.cat(mean[1:], 1))
     close(feats["cls1_avgpool"], torch.cat([cls[-1], mean[-1]], 1))
+    dino = torch.cat((cls[-1].unsqueeze(-1), mean[-1].unsqueeze(-1)), dim=-1).reshape(3, -1)  # eval_linear.py's
+    close(feats["cls1_avgpool_interleaved"], dino)
     close(feats["cls4_avgpool"], torch.cat(cls[1:] + [mean[-1]], 1))
     close(feats["patch_grid"], blocks[-1][:, 3:].reshape(3, 4, 4, 32).permute(0, 3, 1, 2))
     assert feats["patch_grid"][:, :, 1, 2].equal(feats["tokens"][:, 3 + 1 * 4 + 2])  # row-major patches

@@ -33,11 +33,11 @@ from fpipe.models.resnet import Trunk
 
 # Feature names after the last block; the block features (i from 0) come before them, shallow to deep.
 FEATURES = ("tokens", "patch_grid", "lastCLS", "lastPOOL", "concatCLS4", "concatPOOL4",
-            "cls1_avgpool", "cls4_avgpool")
+            "cls1_avgpool", "cls4_avgpool", "cls1_avgpool_interleaved")
 # What a block feature ``block<i><read>`` reads of block i's output, not normed: the tokens, the
 # class token, the patch mean, or both side by side (BEiT's linear probe of every block).
 BLOCK_READS = ("", "CLS", "POOL", "_cls_avgpool")
-_NEEDS_CLASS_TOKEN = ("lastCLS", "concatCLS4", "cls1_avgpool", "cls4_avgpool")
+_NEEDS_CLASS_TOKEN = ("lastCLS", "concatCLS4", "cls1_avgpool", "cls4_avgpool", "cls1_avgpool_interleaved")
 _NEEDS_4_BLOCKS = ("concatCLS4", "concatPOOL4", "cls4_avgpool")
 # How a stored position grid is resampled to another input grid (all bicubic, align_corners=False):
 #   bicubic            torch's bicubic (a=-0.75) at the new size, no antialiasing
@@ -535,5 +535,7 @@ def _final_features(spec, params, last, names, images):
         "concatPOOL4": lambda: torch.cat([pool(t) for t in normed[-4:]], dim=-1),
         "cls1_avgpool": lambda: torch.cat([cls(top), pool(top)], dim=-1),
         "cls4_avgpool": lambda: torch.cat([cls(t) for t in normed[-4:]] + [pool(top)], dim=-1),
+        # DINO's eval_linear.py order (its released ViT-B heads): class and mean values alternating
+        "cls1_avgpool_interleaved": lambda: torch.stack([cls(top), pool(top)], dim=-1).flatten(1),
     }
     return {name: make[name]() for name in names}
