@@ -30,10 +30,10 @@ def enabled(cfg) -> bool:
                           or cfg.get("random_erasing", 0) > 0)
 
 
-def generator(seed: int, step: int, stream: int = 0) -> np.random.Generator:
-    """The draws of one step's batch (``stream`` 0: mixing, 1: erasing): the same on every
-    process, and on a resume."""
-    return np.random.default_rng([int(seed), int(step), int(stream)])
+def generator(seed: int, step: int, index=None) -> np.random.Generator:
+    """The draws of one step: the batch's mixing, or (``index``) that sample's erasing; the same
+    on every process, and on a resume."""
+    return np.random.default_rng([int(seed), int(step), 0] if index is None else [int(seed), int(step), 1, int(index)])
 
 
 def training_batch(batch: dict, cfg, num_classes: int, seed: int, step: int) -> dict:
@@ -41,7 +41,7 @@ def training_batch(batch: dict, cfg, num_classes: int, seed: int, step: int) -> 
     applied: soft targets ``[N, num_classes]`` in place of the labels."""
     images = batch["image"]
     if cfg.random_erasing > 0:  # each sample's own draws: the same for any number of processes
-        rngs = [np.random.default_rng([int(seed), int(step), 1, int(i)]) for i in batch["index"].tolist()]
+        rngs = [generator(seed, step, i) for i in batch["index"].tolist()]
         noises = [torch.Generator().manual_seed(int(rng.integers(2 ** 62))) for rng in rngs]
         images = random_erase(images, cfg.random_erasing, rngs, noises)
     lam, box = draw(cfg, generator(seed, step), tuple(images.shape[-2:]))
