@@ -11,6 +11,9 @@ puts what lies between the blocks (fpipe's, i.e. torchvision's, names):
       last block, before(s + 1).
   ConvNeXt (ConvNeXt V2, ``single``): the stem ``features.0`` 1; block j of stage s before(s) + j + 1;
       the downsampling before stage s (``features.<2s>``) with that stage's first block, before(s) + 1.
+  ConvNeXt V2's ``group`` (``optim.layer_decay_type``; its Base, Large and Huge, stages of 3, 3, 27
+      and 3 blocks): 12 layers, the stem 0, stage 0 (and the downsampling before it) 1, stage 1 and
+      its downsampling 2, stage 2's downsampling 3, its block j 3 + j // 3, stage 3 12.
 
 before(s): the blocks of the stages before s. Blocks are counted over every param of the model,
 frozen ones too, so freezing the last blocks changes no one's multiplier.
@@ -23,6 +26,8 @@ _VIT_EMBEDDING = re.compile(_TRUNK + r"(?:class_token|dist_token|register_tokens
                                      r"encoder\.pos_embedding|ln_pre\..*)")
 _STAGED = re.compile(_TRUNK + r"features\.(\d+)\.(?:(\d+)\.)?.*")  # features.<k>[.<block j>].…
 FAMILIES = ("vit", "swin", "convnext")
+KINDS = ("single", "group")  # optim.layer_decay_type: a layer per block, or ConvNeXt V2's groups of 3
+GROUP_DEPTHS = [3, 3, 27, 3]  # the ConvNeXt stages "group" numbers
 
 
 def family_of(names) -> str | None:
@@ -37,11 +42,13 @@ def family_of(names) -> str | None:
     return None
 
 
-def mults(names, decay: float, model_names=None) -> tuple:
+def mults(names, decay: float, model_names=None, kind: str = "single") -> tuple:
     """``({name: lr multiplier}, description)`` for ``names``; blocks counted over ``model_names``
-    (every param of the model; default ``names``)."""
+    (every param of the model; default ``names``); ``kind``: one of KINDS."""
     if not 0 < decay <= 1:
         raise ValueError(f"optim.layer_decay must be in (0, 1] (1: off), got {decay}")
+    if kind not in KINDS:
+        raise ValueError(f"optim.layer_decay_type={kind!r}; valid: {', '.join(KINDS)}")
     if not names:  # nothing to train (a config check): the value alone was checked
         return {}, None
     every = list(model_names or names)
@@ -53,17 +60,37 @@ def mults(names, decay: float, model_names=None) -> tuple:
     if family == "vit":
         depth = 1 + max(int(m[1]) for m in map(_VIT_BLOCK.fullmatch, every) if m)
         layer = lambda name: _vit_layer(name, depth)  # noqa: E731
-        where = "the embeddings"
+        where, unit = "the embeddings", "blocks"
     else:
         depths = [1 + max((int(m[2]) for m in map(_STAGED.fullmatch, every) if m and m[2] and int(m[1]) == 2 * s + 1),
                           default=-1) for s in range(4)]
         depth = sum(depths)
         layer = lambda name: _staged_layer(name, depths, family == "swin")  # noqa: E731
-        where = "the patch embedding" if family == "swin" else "the stem (as its first block)"
+        where, unit = "the patch embedding" if family == "swin" else "the stem (as its first block)", "blocks"
+        if kind == "group":
+            if family != "convnext" or depths != GROUP_DEPTHS:
+                raise ValueError(f"optim.layer_decay_type='group' numbers ConvNeXt V2's Base, Large and Huge "
+                                 f"(stages of {GROUP_DEPTHS} blocks); this trunk is a {family} of {depths}: "
+                                 "set optim.layer_decay_type='single'")
+            depth, layer, where, unit = 12, _convnext_group_layer, "the stem", "layers"
     first = decay ** (depth + 1 - min(layer(n) for n in every))
     return ({n: decay ** (depth + 1 - layer(n)) for n in names},
-            f"layer_decay {decay:g} over {family}'s {depth} blocks: {where} x{first:.3g}, block k (from 1) "
+            f"layer_decay {decay:g} over {family}'s {depth} {unit}"
+            f"{' (ConvNeXt V2 groups of 3 blocks)' if kind == 'group' else ''}: {where} x{first:.3g}, {unit[:-1]} k (from 1) "
             f"x{decay:g}^({depth + 1} - k), after the blocks x1 (times lr_mults)")
+
+
+def _convnext_group_layer(name: str) -> int:
+    m = _STAGED.fullmatch(name)
+    if not m:
+        return 13
+    k = int(m[1])
+    stage = (k - 1) // 2 if k % 2 else k // 2
+    if k == 0 or stage in (0, 1):  # the stem 0; stage 0 and 1 with the downsampling before them
+        return 0 if k == 0 else stage + 1
+    if stage == 3:
+        return 12
+    return 3 + int(m[2]) // 3 if k % 2 else 3
 
 
 def _vit_layer(name: str, depth: int) -> int:

@@ -196,7 +196,7 @@ _FUSED = {"sgd": _sgd_fused, "adamw": _adamw_fused}
 CLIP_KEYS = ("clip_grad_norm", "clip_grad_value")
 # Config keys a compiled step with the fused update takes as tensor inputs, not constants
 # (layer_decay only scales the lr_mults).
-FUSED_INPUT_KEYS = ("lr_mults", "wd_mults", "nesterov", "layer_decay")
+FUSED_INPUT_KEYS = ("lr_mults", "wd_mults", "nesterov", "layer_decay", "layer_decay_type")
 
 
 def _slots(name, momentum):
@@ -268,8 +268,12 @@ class Optimizer:
         wd_mults, wd_report = _resolve("wd_mults", _get(cfg, "wd_mults"), self.names, 1.0, _number)
         self.reports = {"lr_mults": lr_report, "wd_mults": wd_report}
         self.layer_decay_note = None  # what fpipe.layer_decay did, when on
+        if _get(cfg, "layer_decay_type") not in layer_decay.KINDS:
+            raise ValueError(f"optim.layer_decay_type={_get(cfg, 'layer_decay_type')!r}; valid: "
+                             f"{', '.join(layer_decay.KINDS)}")
         if float(_get(cfg, "layer_decay")) != 1.0:
-            decays, self.layer_decay_note = layer_decay.mults(self.names, float(_get(cfg, "layer_decay")), model_names)
+            decays, self.layer_decay_note = layer_decay.mults(self.names, float(_get(cfg, "layer_decay")), model_names,
+                                                              _get(cfg, "layer_decay_type"))
             lr_mults = {n: lr_mults[n] * decays[n] for n in self.names}
         shared = dict(momentum=float(_get(cfg, "momentum")), nesterov=bool(_get(cfg, "nesterov")),
                       betas=tuple(map(float, _get(cfg, "betas"))), eps=float(_get(cfg, "eps")),

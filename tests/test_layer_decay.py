@@ -58,6 +58,41 @@ def test_each_param_gets_its_recipes_multiplier(family, fixture, preset, table, 
     assert compared == len(ours)  # every trunk param has its original
 
 
+def convnextv2_group_layer(name):
+    """ConvNeXt V2's get_num_layer_for_convnext ('group'), written out on its names."""
+    if name.startswith("downsample_layers."):
+        stage = int(name.split(".")[1])
+        return 0 if stage == 0 else stage + 1 if stage in (1, 2) else 12
+    if name.startswith("stages."):
+        stage, block = map(int, name.split(".")[1:3])
+        return stage + 1 if stage in (0, 1) else 3 + block // 3 if stage == 2 else 12
+    return 13
+
+
+def test_convnextv2_groups_give_each_param_its_recipes_multiplier():
+    """layer_decay_type='group' on ConvNeXt V2-Base (stages of 3, 3, 27, 3 blocks): ConvNeXt V2's
+    names, made from the Atto fixture's block names at Base's depths, numbered as its recipe does."""
+    manifest = json.loads((FIXTURES / "convnextv2" / "manifests.json").read_text())["official"]
+    atto = [n for n, _, _ in manifest["state_dict"]]
+    theirs = [n for n in atto if not n.startswith("stages.")]
+    for stage, depth in enumerate((3, 3, 27, 3)):
+        rests = [n.split(".", 3)[3] for n in atto if n.startswith(f"stages.{stage}.0.")]
+        theirs += [f"stages.{stage}.{j}.{rest}" for j in range(depth) for rest in rests]
+    ours = list(tree.flatten(init_on_meta(model_lib.build_trunk("convnextv2_base"))[0]))
+    mults, note = layer_decay.mults(ours, DECAY, kind="group")
+    assert "over convnext's 12 layers (ConvNeXt V2 groups of 3 blocks): the stem x" in note
+    mapped = {renames.apply(n, renames.FB_CONVNEXT): n for n in theirs}
+    assert set(ours) <= set(mapped)
+    for mine in ours:
+        assert mults[mine] == pytest.approx(DECAY ** (12 + 1 - convnextv2_group_layer(mapped[mine]))), mine
+    assert len({round(m, 12) for m in mults.values()}) == 14  # layers 0..12 and the final norm's 13
+    with pytest.raises(ValueError, match=r"numbers ConvNeXt V2's Base.*convnext of \[2, 2, 6, 2\]"):
+        layer_decay.mults(list(tree.flatten(init_on_meta(model_lib.build_trunk("convnextv2_atto"))[0])), DECAY,
+                          kind="group")
+    with pytest.raises(ValueError, match="layer_decay_type='grp'; valid: single, group"):
+        layer_decay.mults(ours, DECAY, kind="grp")
+
+
 def test_families_are_told_by_their_names():
     names = lambda preset: list(tree.flatten(init_on_meta(model_lib.build_trunk(preset))[0]))  # noqa: E731
     assert [layer_decay.family_of(names(p)) for p in ("vit_b_16", "swin_v2_t", "convnext_tiny")] == ["vit", "swin",

@@ -193,7 +193,7 @@ def _check_training(c, model) -> None:
     optim.build(c.optim, {})  # checks the names, ranges and every rule's regex
     if c.optim.get("layer_decay", 1.0) != 1.0:  # it needs a trunk whose layers it can number
         params, _ = trunk_lib.init_on_meta(model.trunk)
-        layer_decay.mults(list(tree.flatten(params)), c.optim.layer_decay)
+        layer_decay.mults(list(tree.flatten(params)), c.optim.layer_decay, kind=c.optim.get("layer_decay_type", "single"))
     for key in ("clip_grad_norm", "clip_grad_value"):
         if c.optim.get(key) is not None and c.optim[key] < 0:
             raise ConfigError(f"optim.{key}={c.optim[key]!r} must be >= 0 (0 or unset: off)")
