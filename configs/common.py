@@ -43,6 +43,7 @@ def base_config():
     c.optim = defaults.optim()
     c.schedule = defaults.schedule()
     c.mix = defaults.mix()              # Mixup / CutMix / label smoothing of training batches: off
+    c.ema = defaults.ema()              # an average of the weights evaluated beside them (<head>_ema): off
     c.precision = defaults.precision()  # dtype: float32 | bf16 | fp16 (CUDA, loss scaling)
     # Processes: `torchrun --nproc_per_node=N main.py ...` splits data.batch_size (global) over N.
     # BatchNorms that train use the global batch's statistics (SyncBN), so 1 and N processes give

@@ -16,6 +16,7 @@ could not be restored is never written). What goes in is the caller's; the conve
         data         the data loader's position
         hooks        {hook name: hook.state_dict()}
         scaler       the gradient scaler's state, or None
+        ema          {"params", "model_state"}: flat averages of the trained weights (config.ema), or absent
         meta         {"fpipe_version": str, "config": config as a JSON string}
 
 ``save`` adds one reserved key, ``"fpipe_checkpoint"``: ``{"format", "step", "sha256"}``; the
@@ -374,6 +375,7 @@ def train_state_payload(train_state: dict, step: int, frozen_ref, meta: dict) ->
     return {"params": _to_cpu(_flat(train_state["trainable"])), "frozen_params": frozen_ref,
             "model_state": _to_cpu(_flat(train_state["model_state"])),
             "opt_state": _to_cpu(train_state["opt_state"]), "scaler": _to_cpu(train_state.get("scaler")),
+            **({"ema": _to_cpu(train_state["ema"])} if "ema" in train_state else {}),
             "step": int(step),
             "rng": {"torch": torch.get_rng_state()}, "meta": meta}
 
@@ -402,6 +404,12 @@ def restore_train_state(train_state: dict, saved: dict, workdir: str, path: str 
     }
     if "scaler" in train_state:
         restored["scaler"] = saved.get("scaler") or train_state["scaler"]
+    if "ema" in train_state:  # the average of the weights (config.ema), in the order it was built
+        saved_ema = saved.get("ema") or {}
+        for part, what in (("params", "EMA params"), ("model_state", "EMA model state")):
+            _check_fits(where, what, saved_ema.get(part) or {}, train_state["ema"][part],
+                        hint="was ema.decay set after the run started?" if not saved_ema else "")
+        restored["ema"] = {part: {n: saved_ema[part][n] for n in names} for part, names in train_state["ema"].items()}
     torch.set_rng_state(saved["rng"]["torch"])
     return restored, int(saved["step"])
 

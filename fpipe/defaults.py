@@ -113,6 +113,18 @@ def mix():
     return c
 
 
+def ema():
+    """``config.ema``: an exponential moving average of the trained weights, evaluated beside them
+    (results ``<head>_ema``), as timm's ModelEmaV3 (DeiT fine-tunes with decay 0.99996, ConvNeXt
+    0.9999); fpipe.train.ema."""
+    c = ml_collections.ConfigDict()
+    c.decay = 0.0                  # ema = decay * ema + (1 - decay) * weights after every step; 0: off
+    c.warmup = False               # timm's warmup: decay min(decay, 1 - (1 + (n - 1) / gamma) ** -power) at update n
+    c.warmup_gamma = 1.0
+    c.warmup_power = 0.75          # timm: 3/4 for long runs, 2/3 for short ones
+    return c
+
+
 def schedule():
     """``config.schedule``: cosine to 0 over the whole run, no warmup, no delay."""
     c = ml_collections.ConfigDict()

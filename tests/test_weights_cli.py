@@ -91,6 +91,29 @@ def test_export_round_trip_is_exact(tmp_path, capsys):
     assert all(torch.equal(back[n], t) and back[n].dtype == t.dtype for n, t in original.items())
 
 
+def test_export_of_a_checkpoint_with_an_average_says_which_copy_and_ema_exports_the_average(tmp_path, capsys):
+    sd = state_dict(5)
+    params = {f"trunk.{n}": t for n, t in sd.items() if "running" not in n and "tracked" not in n and "fc" not in n}
+    model_state = {f"trunk.{n}": t for n, t in sd.items() if "running" in n or "tracked" in n}
+    trained = sorted(n for n in params if n.startswith("trunk.layer4."))  # the rest frozen: not averaged
+    average = {"params": {n: params[n] * 0.5 for n in trained},
+               "model_state": {n: t * 2 if t.is_floating_point() else t for n, t in model_state.items()}}
+    ckpt = tmp_path / "ckpt_00000004.pt"
+    torch.save({"params": params, "model_state": model_state, "ema": average, "step": 4}, ckpt)
+    code, out, _ = run(["export", ckpt, tmp_path / "live.pth"], capsys)
+    assert code == 0 and "--ema exports their average" in out
+    live = torch.load(tmp_path / "live.pth", weights_only=True)
+    assert all(torch.equal(live[n[len("trunk."):]], t) for n, t in (params | model_state).items())
+    code, out, _ = run(["export", ckpt, tmp_path / "ema.pth", "--ema"], capsys)
+    assert code == 0 and "the average of its trained weights" in out
+    got = torch.load(tmp_path / "ema.pth", weights_only=True)
+    expected = params | model_state | average["params"] | average["model_state"]
+    assert trained and all(torch.equal(got[n[len("trunk."):]], t) for n, t in expected.items())
+    torch.save({"params": params, "model_state": model_state, "step": 4}, ckpt)
+    code, _, err = run(["export", ckpt, tmp_path / "x.pth", "--ema"], capsys)
+    assert code == 1 and "holds no average" in err
+
+
 def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     code, out, err = run(["convert", tmp_path / "missing.pth", tmp_path / "o.pth"], capsys)
     assert code == 1 and err.strip() == f"error: {tmp_path / 'missing.pth'}: no such file."

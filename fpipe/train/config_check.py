@@ -16,7 +16,7 @@ from fpipe.evaluate import config as eval_config
 from fpipe.models import losses
 from fpipe.models import model as models
 from fpipe.models import trunk as trunk_lib
-from fpipe.train import head_grid, precision, remat
+from fpipe.train import ema, head_grid, precision, remat
 from fpipe.weights import config as weights_config
 from fpipe.weights import folders as weights_folders
 from fpipe.weights import hf_config
@@ -208,7 +208,30 @@ def _check_training(c, model) -> None:
         raise ConfigError(f"sync_bn_group={group!r}; valid: 'global', 'node' or a number of processes")
     if c.precise_bn.num_batches < 0:
         raise ConfigError(f"precise_bn.num_batches={c.precise_bn.num_batches} must be >= 0")
+    _check_ema(c)
     check_best_metric(c)
+
+
+def _check_ema(c) -> None:
+    e = c.get("ema")
+    if not e:
+        return
+    if not (isinstance(e.decay, (int, float)) and 0 <= e.decay < 1):
+        raise ConfigError(f"ema.decay={e.decay!r}: a number in [0, 1) is needed (0: off; DeiT 0.99996)")
+    if not isinstance(e.warmup, bool):
+        raise ConfigError(f"ema.warmup={e.warmup!r}: True or False")
+    for key in ("warmup_gamma", "warmup_power"):
+        if not (isinstance(e[key], (int, float)) and e[key] > 0):
+            raise ConfigError(f"ema.{key}={e[key]!r}: a number > 0 is needed")
+    if not ema.enabled(e):
+        return
+    if head_grid.enabled(c):
+        raise ConfigError("ema.decay with head_grid: the grid chooses each head's member by its live weights; "
+                          "set ema.decay=0 or head_grid.lrs=()")
+    taken = [h for h in c.model.heads if h.endswith(ema.SUFFIX)]
+    if taken:
+        raise ConfigError(f"model.heads {taken}: '{ema.SUFFIX}' names the averaged weights' results (ema.decay); "
+                          "rename the heads")
 
 
 def best_metric_key(metric: str) -> tuple:
@@ -223,8 +246,10 @@ def check_best_metric(c) -> None:
         return
     head, key = best_metric_key(c.best_metric)
     metrics = {h: losses.METRICS.get(c.model.heads[h].get("loss") or "cross_entropy", ()) for h in c.model.heads}
+    if ema.enabled(c.get("ema")):  # the averaged weights' results too
+        metrics.update({f"{h}{ema.SUFFIX}": ks for h, ks in metrics.items()})
     valid = [f"{h}/test_{k}" for h, ks in metrics.items() for k in ks]
-    if head not in c.model.heads or key not in metrics[head]:
+    if head not in metrics or key not in metrics[head]:
         raise ConfigError(f"best_metric={c.best_metric!r}; valid: {', '.join(valid)} (as logged to "
                           "metrics.jsonl; the 'test_' may be left out)")
     if c.get("best_mode", "max") not in ("max", "min"):

@@ -14,7 +14,7 @@ import torch
 from fpipe import tree
 
 
-STATE_PARTS = ("trainable", "model_state", "opt_state")  # what a step changes
+STATE_PARTS = ("trainable", "model_state", "opt_state", "ema")  # what a step changes (ema: config.ema)
 
 
 class DivergedError(FloatingPointError):

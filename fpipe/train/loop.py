@@ -25,7 +25,7 @@ from fpipe.weights import heads_file as weights_heads_file
 from fpipe.evaluate import extract, topk
 from fpipe.models import fold, layers, losses
 from fpipe.models import model as models
-from fpipe.train import (compile_cache, distributed, donation, frozen_trunk, head_grid, periodic,
+from fpipe.train import (compile_cache, distributed, donation, ema, frozen_trunk, head_grid, periodic,
                          precision, remat, row_sums)
 from fpipe.train import step as step_lib
 from fpipe.train.signals import Stopped, StopOnSignal
@@ -130,12 +130,14 @@ def _run(config, workdir, dist, stop, run_info):
                        "opt_state": opt.init(trainable)}
         if precision.needs_scaler(config.precision):
             train_state["scaler"] = precision.scaler_init(config.precision)
+        if ema.enabled(config.get("ema")) and tree.leaves(trainable):  # the average starts at the loaded weights
+            train_state[ema.KEY] = ema.init(trainable, model_state)
         start_step = 0
         if saved:
             train_state, start_step = checkpoint.restore_train_state(train_state, saved, workdir, resume_path)
             logging.info("Resumed at step %d of %d.", start_step, total_steps)
         train_state = to_device(train_state, dist.device)
-        training = bool(tree.leaves(trainable))
+        training, averaging = bool(tree.leaves(trainable)), ema.KEY in train_state
         frozen_ref = saved.get("frozen_params") if saved else None
         if training and frozen_ref is None and dist.is_main and tree.leaves(frozen):
             frozen_ref = checkpoint.save_frozen(workdir, tree.flatten(frozen))
@@ -185,6 +187,13 @@ def _run(config, workdir, dist, stop, run_info):
 
     # -------------------------------------------------------------------- services for the loop
     def evaluate(state, loader=test_loader):
+        """Each head's results on ``loader``; with ``config.ema`` the averaged weights' too (``<head>_ema``)."""
+        results = evaluate_weights(state, loader)
+        if averaging:
+            results.update(ema.named(evaluate_weights(ema.as_train_state(state), loader)))
+        return results
+
+    def evaluate_weights(state, loader):
         with stop.interruptible():
             params, model_state = tree.merge(state["trainable"], state["frozen"]), state["model_state"]
             if trunk_features:  # the trunk's tensors are constants of the compiled trunk
@@ -204,9 +213,12 @@ def _run(config, workdir, dist, stop, run_info):
 
     def evaluate_after(done, state):
         """The periodic evaluation after step ``done`` (PreciseBN before it, the best checkpoint after)."""
-        refresh = (lambda s: {**s, "model_state": precise_bn(s, train_loader, done - 1, config, model, dist,
-                                                             eval_norms)}) if config.precise_bn.num_batches else None
-        return books.evaluate_after(done, state, evaluate, _scalars, refresh)
+        def refresh(state):  # the statistics of the live weights, and of their average (config.ema)
+            statistics = lambda s: precise_bn(s, train_loader, done - 1, config, model, dist, eval_norms)  # noqa: E731
+            state = {**state, "model_state": statistics(state)}
+            return ema.with_model_state(state, statistics(ema.as_train_state(state))) if averaging else state
+        return books.evaluate_after(done, state, evaluate, _scalars,
+                                    refresh if config.precise_bn.num_batches else None)
 
     try:
         # ---------------------------------------------------------------- the loop
@@ -231,6 +243,8 @@ def _run(config, workdir, dist, stop, run_info):
             # step past its first call writes into it (fpipe.train.donation): the signal then waits.
             with stop.interruptible(when=not donation.overwrites(train_step, train_state)):
                 new_state, metrics = train_step(train_state, batch, opt.inputs(lr))
+                if averaging:  # config.ema: the average of the weights moves towards the new ones
+                    new_state = ema.updated(new_state, ema.decay_at(config.ema, step + 1))
             train_state, done = new_state, step + 1
             if done == start_step + 1:  # the compile and loading behind
                 host_memory.keep_large_blocks_from(done + 1)
@@ -297,6 +311,7 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
                                   cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast,
                                                    fused_update=fused),
                                   inductor=step_passes(config, dist))
+    step = ema.kept_out(step)  # the average (config.ema) is updated by the loop, after the step
     if heads_only:
         step = frozen_trunk.heads_only(step)
     return donation.Donating(step) if donating else step

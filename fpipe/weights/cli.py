@@ -158,12 +158,20 @@ def export(args, build_target) -> None:
     if not load.is_fpipe_checkpoint(obj):
         raise WeightsError(f"{path}: not an fpipe checkpoint (needs 'params' and 'model_state' dicts).")
     flat = flatten(obj["params"]) | flatten(obj["model_state"])
+    averaged = isinstance(obj.get("ema"), dict)
+    if args.ema and not averaged:
+        raise WeightsError(f"{path}: --ema, but the checkpoint holds no average of its weights (its run had "
+                           "ema.decay=0); export it without --ema.")
+    if args.ema:  # the average of what trained (config.ema); frozen params are their own average
+        flat |= flatten(obj["ema"].get("params") or {}) | flatten(obj["ema"].get("model_state") or {})
     plain = {n[len("trunk."):]: t for n, t in flat.items() if n.startswith("trunk.")}
     plain |= {n[len("heads."):]: t for n, t in flat.items() if n.startswith("heads.fc.")}
     if not plain:
         raise WeightsError(f"{path}: the checkpoint has no trunk.* tensors.")
     io.write(plain, args.out)
-    print(f"{args.out}: {len(plain)} tensors with torchvision names from {path}")
+    copy = (" (the average of its trained weights)" if args.ema else
+            " (its live weights; --ema exports their average, which it also holds)" if averaged else "")
+    print(f"{args.out}: {len(plain)} tensors with torchvision names from {path}{copy}")
 
 
 def _check_out(out: str, source: str) -> None:
@@ -277,6 +285,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("out", help="OUT.safetensors or OUT.pth (the directory must exist)")
         s.add_argument("--traceback", action="store_true", help="show the full error")
         if name == "export":
+            s.add_argument("--ema", action="store_true",
+                           help="the average of the trained weights a run with config.ema saved")
             continue
         s.add_argument("--trunk", default=None, metavar="NAME",
                        help="a trunk family or preset of the model registry (resnet, resnet50, vit_b_16, ...); "

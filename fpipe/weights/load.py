@@ -137,16 +137,36 @@ is_fpipe_checkpoint = checkpoint.is_checkpoint
 
 
 def _plan_fpipe(files: dict, opts) -> Plan:
+    """params and model_state by model name; with ``select='ema'`` the average of the trained
+    weights that a run with ``config.ema`` saved (``ema.params``, ``ema.model_state``), and its
+    frozen params from ``params``. Without it the live weights load; the reason names the other."""
+    averaged = any(src.startswith("ema.") for src in files)
+    if opts.select not in ("", "ema") or (opts.select == "ema" and not averaged):
+        held = "its weights and their average (select='ema')" if averaged else "one copy of its weights"
+        raise WeightsError(f"model.weights.select={opts.select!r}: an fpipe checkpoint holds {held}; "
+                           f"valid: {['', 'ema'] if averaged else ['']}")
+    parts = ("ema.params", "ema.model_state") if opts.select == "ema" else ()
     names, dropped = {}, {}
+    for part in parts + ("params", "model_state"):  # the first part holding a name gives it
+        for src in files:
+            group, _, rel = src[len(part) + 1:].partition(".") if src.startswith(part + ".") else ("", "", "")
+            if group in ("trunk", "heads") and rel:
+                names.setdefault(rel, src)
+    taken = set(names.values())
     for src in files:
-        part, _, rest = src.partition(".")
-        group, _, rel = rest.partition(".")
-        if part in ("params", "model_state") and group in ("trunk", "heads") and rel:
-            names[rel] = src
-        else:
-            dropped[src] = "not a params/model_state entry of trunk.* or heads.*"
+        if src not in taken:
+            dropped[src] = ("the average of the trained weights: select='ema' takes it"
+                            if src.startswith("ema.") and not parts else
+                            "the live copy of a weight whose average is taken (select='ema')"
+                            if parts and src.startswith(("params.", "model_state.")) else
+                            "not a params/model_state entry of trunk.* or heads.*")
     names = _finish(names, opts, dropped)
-    return Plan(names, dropped, "fpipe", reason="fpipe checkpoint: params and model_state by model name")
+    reason = "fpipe checkpoint: params and model_state by model name"
+    if parts:
+        reason = "fpipe checkpoint: the average of its trained weights (ema.*, select='ema'), frozen params from params"
+    elif averaged:
+        reason += "; it also holds their average (config.ema), which select='ema' takes"
+    return Plan(names, dropped, "fpipe", reason=reason)
 
 
 def _plan_explicit(files: dict, opts, *, fmt: str = "", reason: str = "") -> Plan:

@@ -1,0 +1,86 @@
+"""An exponential moving average of the trained weights (``config.ema``): timm's ModelEmaV3, the
+``model_ema`` of DeiT's and ConvNeXt's fine-tuning recipes.
+
+After every step ``ema = decay * ema + (1 - decay) * live`` over the trainable params and the
+float model state (BatchNorm's running statistics; counters are copied), as
+``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn`` and ``use_buffers=True``
+computes it. The average starts from the weights the run starts with (after loading), lives in
+the train state as ``train_state["ema"] = {"params": {name: t}, "model_state": {name: t}}``, is
+saved and resumed with it, and is evaluated beside the live model: its results are the heads'
+names with :data:`SUFFIX` (``fc_ema``). Frozen params are not copied: their average is themselves.
+"""
+import torch
+
+from fpipe import tree
+
+SUFFIX = "_ema"  # results of the averaged weights: "<head>_ema" (a name TensorBoard keeps as it is)
+KEY = "ema"      # its place in the train state
+
+
+def enabled(cfg) -> bool:
+    return bool(cfg and cfg.get("decay"))
+
+
+def init(trainable: dict, model_state: dict) -> dict:
+    """The average at the start: a copy of the trainable params and the model state."""
+    return {"params": {n: t.detach().clone() for n, t in tree.flatten(trainable).items()},
+            "model_state": {n: t.detach().clone() for n, t in tree.flatten(model_state).items()}}
+
+
+def decay_at(cfg, updates: int) -> float:
+    """The decay of the ``updates``-th update (1 for the first). With ``cfg.warmup`` (timm's
+    ModelEmaV3): 0 at the first, then ``1 - (1 + (n - 1) / warmup_gamma) ** -warmup_power``, at
+    most ``cfg.decay``, so early averages forget the random or pretrained start."""
+    if not cfg.warmup:
+        return float(cfg.decay)
+    n = updates - 1
+    if n <= 0:
+        return 0.0
+    return min(float(cfg.decay), 1.0 - (1.0 + n / cfg.warmup_gamma) ** -cfg.warmup_power)
+
+
+def updated(train_state: dict, decay: float) -> dict:
+    """``train_state`` with its average moved towards its live weights (new tensors: the given
+    average is left as it was)."""
+    average = train_state[KEY]
+    live = {"params": tree.flatten(train_state["trainable"]), "model_state": tree.flatten(train_state["model_state"])}
+    new = {}
+    for part, old in average.items():
+        floats = [n for n, t in old.items() if t.is_floating_point()]
+        moved = dict(zip(floats, torch._foreach_lerp([old[n] for n in floats], [live[part][n] for n in floats],
+                                                     1.0 - decay))) if floats else {}
+        # in the strides the average had (a 1x1 kernel's channels-last ones are lost by lerp): an
+        # evaluation compiled for them is not compiled again
+        moved = {n: m if m.stride() == old[n].stride() else torch.empty_like(old[n]).copy_(m) for n, m in moved.items()}
+        # counters copied (cloned: a donating step overwrites the live tensors in place)
+        new[part] = {n: moved[n] if n in moved else live[part][n].clone() for n in old}
+    return {**train_state, KEY: new}
+
+
+def as_train_state(train_state: dict) -> dict:
+    """The train state with the average in place of the live weights: what evaluating it reads."""
+    average = train_state[KEY]
+    return {**train_state,
+            "trainable": tree.shaped_like(train_state["trainable"], tree.unflatten(average["params"])),
+            "model_state": tree.shaped_like(train_state["model_state"], tree.unflatten(average["model_state"]))}
+
+
+def with_model_state(train_state: dict, model_state: dict) -> dict:
+    """``train_state`` whose average holds ``model_state`` (PreciseBN's statistics of the averaged weights)."""
+    return {**train_state, KEY: {**train_state[KEY], "model_state": tree.flatten(model_state)}}
+
+
+def kept_out(step):
+    """``step`` given the train state without the average and returning it untouched: a compiled
+    step then neither takes nor guards the averaged tensors."""
+    def run(train_state, batch, hyper):
+        if KEY not in train_state:
+            return step(train_state, batch, hyper)
+        new_state, metrics = step({k: v for k, v in train_state.items() if k != KEY}, batch, hyper)
+        return {**new_state, KEY: train_state[KEY]}, metrics
+    return run
+
+
+def named(results: dict) -> dict:
+    """The average's results per head, under ``<head>_ema``."""
+    return {f"{head}{SUFFIX}": r for head, r in results.items()}
