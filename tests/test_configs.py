@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
 CONFIGS += ["linear_eval:vissl_imagenet", "linear_eval:multi_crop",
             "linear_eval:multi_input", "supervised:multi_task", "detection:coco_torchvision",
-            "finetune:mae_vit_b"]  # documented variants (get_config's argument)
+            "finetune:mae_vit_b", "finetune:convnextv2_base"]  # documented variants (get_config's argument)
 FLAG_TYPES = (bool, int, float, str, tuple)  # what config_flags can parse from a command line
 
 

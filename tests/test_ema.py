@@ -187,3 +187,14 @@ def test_the_average_keeps_the_strides_it_had_so_a_compiled_evaluation_is_not_co
     new = ema.updated(state, 0.5)[ema.KEY]["params"]["w"]
     assert new.stride() == live.stride() and torch.equal(new, live)
 
+
+def test_convnext_v2s_finetuning_recipe_runs_end_to_end_with_its_groups_and_average(tmp_path):
+    """configs/finetune.py:convnextv2_base as it is (layer decay over 12 groups of 3 blocks, EMA,
+    drop path, AdamW, Mixup/CutMix/smoothing/erasing), on the digits with its stages 8 channels wide."""
+    small = ["--config.data.name=digits", "--config.data.num_workers=0", "--config.data.image_size=32",
+             "--config.model.trunk.channels=(8, 8, 8, 8)", "--config.total_steps=3",
+             "--config.schedule.warmup_epochs=0.05"]
+    main(tmp_path, *small, config="configs/finetune.py:convnextv2_base")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["heads"]) == {"head", "head_ema"}
+    assert "layer_decay 0.6 over convnext's 12 layers (ConvNeXt V2 groups of 3 blocks)" in (tmp_path / "log").read_text()
