@@ -27,6 +27,16 @@ def init(trainable: dict, model_state: dict) -> dict:
             "model_state": {n: t.detach().clone() for n, t in tree.flatten(model_state).items()}}
 
 
+def describe(cfg, average) -> str:
+    """What the run averages, for the log (``average``: :func:`init`'s, or None: nothing trains)."""
+    if average is None:
+        return "ema.decay is set but nothing trains: no average is kept and no <head>_ema result is reported"
+    warmup = (f", warmed up as timm's ModelEmaV3 (gamma {cfg.warmup_gamma:g}, power {cfg.warmup_power:g})"
+              if cfg.warmup else "")
+    return (f"an average of {len(average['params'])} trained tensors and {len(average['model_state'])} statistics, "
+            f"decay {cfg.decay:g}{warmup}, evaluated beside the weights as <head>{SUFFIX}")
+
+
 def decay_at(cfg, updates: int) -> float:
     """The decay of the ``updates``-th update (1 for the first). With ``cfg.warmup`` (timm's
     ModelEmaV3): 0 at the first, then ``1 - (1 + (n - 1) / warmup_gamma) ** -warmup_power``, at

@@ -130,8 +130,10 @@ def _run(config, workdir, dist, stop, run_info):
                        "opt_state": opt.init(trainable)}
         if precision.needs_scaler(config.precision):
             train_state["scaler"] = precision.scaler_init(config.precision)
-        if ema.enabled(config.get("ema")) and tree.leaves(trainable):  # the average starts at the loaded weights
-            train_state[ema.KEY] = ema.init(trainable, model_state)
+        if ema.enabled(config.get("ema")):  # the average starts at the loaded weights
+            if tree.leaves(trainable):
+                train_state[ema.KEY] = ema.init(trainable, model_state)
+            logging.info("ema: %s", ema.describe(config.ema, train_state.get(ema.KEY)))
         start_step = 0
         if saved:
             train_state, start_step = checkpoint.restore_train_state(train_state, saved, workdir, resume_path)
