@@ -176,11 +176,13 @@ def head_weights():
     """``config.model.head_weights``: a released head's file (DINO's ``*_linearweights.pth``,
     dinov2's ``*_linear_head.pth``) loaded into ``model.heads`` after ``model.weights``
     (fpipe.weights.heads_file): each head tensor from the file tensor whose name ends in
-    ``<head>.<param>`` (or in ``<param>`` with one head); anything left at its init is an error."""
+    ``<head>.<param>`` (or in ``<param>`` with one head); anything left at its init is an error,
+    except in the heads ``heads`` leaves out."""
     c = ml_collections.ConfigDict()
     c.path = ""                    # empty: the heads keep their initialisation
     c.state_dict_key = ""          # dotted path of the sub-dict holding them ('state_dict')
     c.rename = ()                  # ((regex, replacement), ...): first match wins
+    c.heads = ()                   # the heads the file is for (the others keep their init); empty: every head
     return c
 
 

@@ -79,3 +79,34 @@ def test_evaluating_a_released_head_reproduces_the_run_that_trained_it(tmp_path)
     assert {h: r["top1"] for h, r in results["heads"].items()} == {h: r["top1"] for h, r in trained.items()}
     assert results["head_weights"]["path"].endswith("heads.pth") and results["step"] == 0  # nothing trained
     assert "heads: " in (tmp_path / "eval" / "head_weights_report.txt").read_text()
+
+
+def test_a_file_for_some_heads_loads_those_and_leaves_the_others_to_train(tmp_path):
+    """model.head_weights.heads: the released head evaluated (frozen) beside heads that train from
+    their init. Heads are independent, so the run ends as the one that trained them all."""
+    main(tmp_path / "train", "--config.total_steps=6")
+    trained = json.loads((tmp_path / "train" / "results.json").read_text())["heads"]
+    ckpt = torch.load(sorted((tmp_path / "train" / "checkpoints").glob("ckpt_*.pt"))[-1], weights_only=True)
+    head = {n: t for part in ("params", "model_state") for n, t in tree.flatten(ckpt[part]).items()
+            if n.startswith("heads.res5avg.")}
+    torch.save({"state_dict": {n[len("heads."):]: t for n, t in head.items()}}, tmp_path / "res5avg.pth")
+    main(tmp_path / "eval", "--config.total_steps=6", r"--config.model.freeze=('trunk', r'heads\.res5avg\..*')",
+         f"--config.model.head_weights.path={tmp_path / 'res5avg.pth'}", "--config.model.head_weights.heads=('res5avg',)")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["heads"]
+    assert results == trained
+    report = (tmp_path / "eval" / "head_weights_report.txt").read_text()
+    assert "heads.conv1: kept at its init (not in model.head_weights.heads)" in report
+
+
+def test_heads_the_model_lacks_are_refused_naming_the_valid_ones(tmp_path):
+    torch.save({"weight": torch.randn(5, 12), "bias": torch.randn(5)}, tmp_path / "head.pth")
+    with pytest.raises(WeightsError, match=r"names \['c'\], not heads of the model; valid: \['a', 'b'\]"):
+        heads_file.load_heads(target("a", "b"), {"path": str(tmp_path / "head.pth"), "heads": ("c",)})
+    out, report = heads_file.load_heads(target("a", "b"), {"path": str(tmp_path / "head.pth"), "heads": ("b",)})
+    assert out["heads.b.weight"].any() and not out["heads.a.weight"].any()  # a bare weight: the one named head
+    from fpipe.train import config_check
+    from configs import linear_eval
+    c = linear_eval.get_config()
+    c.model.head_weights.path, c.model.head_weights.heads = str(tmp_path / "head.pth"), ("res6",)
+    with pytest.raises(config_check.ConfigError, match=r"heads names \['res6'\].*valid: \['conv1', 'res3'"):
+        config_check.check(c)

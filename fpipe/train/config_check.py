@@ -144,6 +144,11 @@ def _check_model(c):
     if head_path and not model.heads:
         raise ConfigError(f"model.head_weights.path={head_path!r} but model.heads is empty: add the head the "
                           "released one was trained as (its feature, its classes)")
+    named = tuple(c.model.get("head_weights", {}).get("heads", ()) or ())
+    unknown = sorted(set(named) - {h.name for h in model.heads})
+    if unknown:
+        raise ConfigError(f"model.head_weights.heads names {unknown}, not heads of the model; valid: "
+                          f"{sorted(h.name for h in model.heads)}")
     wrong = hf_config.mismatches(hf_config.read(weights.path), model.trunk.spec) if weights.path else []
     if wrong:  # the same tensors, another function: features would differ with no error
         said = ", ".join(f"{option}={theirs!r}" for option, theirs, _ in wrong)

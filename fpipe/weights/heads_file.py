@@ -6,7 +6,9 @@ A file tensor goes to ``heads.<head>.<param>`` when its name ends in ``<head>.<p
 head, in ``<param>`` (dinov2's bare ``weight``/``bias``). Every head tensor must get exactly one
 file tensor of its shape; anything else in the file (optimizer state, epochs) is listed as not
 loaded. Nothing is left at its init without an error: a head that stays random would report a
-random classifier's accuracy as the released one's.
+random classifier's accuracy as the released one's. ``heads`` names the heads the file is for
+when others should keep their init and train (the released head evaluated beside a new one);
+each named head is then held to the same rule.
 """
 from fpipe import tree
 from fpipe.weights import detect, load, merge, transforms
@@ -23,6 +25,7 @@ def load_heads(target_flat: dict, cfg) -> tuple:
     if not heads:
         raise WeightsError(f"model.head_weights.path={path!r} but the model has no heads to load it into; "
                            "add a head (model.heads) reading the feature the released head was trained on.")
+    heads, kept = _chosen(heads, tuple(cfg.get("heads", ()) or ()))
     files, _, _ = load.file_tensors(load.read_checkpoint(path))
     names = transforms.rename(transforms.select({n: n for n in files}, key), rules)
     only = {n.split(".")[0] for n in heads}
@@ -30,7 +33,8 @@ def load_heads(target_flat: dict, cfg) -> tuple:
     for rel, src in names.items():
         dest = _destination(rel, heads, next(iter(only)) if len(only) == 1 else None)
         if dest is None:
-            report.not_loaded[src] = "no head of the model ends its name"
+            report.not_loaded[src] = ("not for the heads named in model.head_weights.heads" if kept else
+                                      "no head of the model ends its name")
         elif dest in mapped:
             raise WeightsError(f"{path}: {mapped[dest]!r} and {src!r} both fit heads.{dest}; set "
                                "model.head_weights.state_dict_key or rename to keep one.")
@@ -52,8 +56,21 @@ def load_heads(target_flat: dict, cfg) -> tuple:
         report.loaded.append("heads." + dest)
         report.sources["heads." + dest] = src
     report.heads_loaded = sorted(report.loaded)
+    report.notes += [f"heads.{h}: kept at its init (not in model.head_weights.heads)" for h in kept]
     merge.check_finite(report, out)
     return out, report
+
+
+def _chosen(heads: set, names: tuple) -> tuple:
+    """``(head tensors to load, heads kept at their init)`` for ``model.head_weights.heads``
+    (``names``; empty: every head)."""
+    every = {h.split(".")[0] for h in heads}
+    unknown = sorted(set(names) - every)
+    if unknown:
+        raise WeightsError(f"model.head_weights.heads names {unknown}, not heads of the model; valid: {sorted(every)}")
+    if not names:
+        return heads, []
+    return {h for h in heads if h.split(".")[0] in names}, sorted(every - set(names))
 
 
 def _destination(rel: str, heads: set, only):
