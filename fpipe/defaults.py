@@ -36,7 +36,7 @@ TRUNK_OPTION_TYPES = dict(
     depths=tuple, dist_token=bool, dropout=float, embed_dim=int, fc_norm=bool, grn=bool, group_width=int,
     groups=int, heads=int, hidden_dim=int, image_size=int, layer4_stride=int, layer_scale=float, ln_eps=float,
     mlp=str, mlp_dim=int, mlp_ratio=float, norm=str, norm_eps=float, norm_groups=int, norm_momentum=float,
-    num_heads=tuple, num_registers=int, patch_bias=bool, patch_size=int, pos_embed=bool, pos_embed_class=bool,
+    num_heads=tuple, num_registers=int, padding=str, patch_bias=bool, patch_size=int, pos_embed=bool, pos_embed_class=bool,
     pos_resample=str, pre_norm=bool, rel_pos_bias=str, se_ratio=float, stem=str, stem_width=int,
     stochastic_depth_prob=float, w_0=int, w_a=float,
     v2=bool, w_m=float, width_mult=float, width_multiplier=int, width_per_group=int, window_size=int,

@@ -12,6 +12,12 @@ Stochastic depth (``stochastic_depth_prob``, torchvision trains with 0.2, rising
 blocks) is off by default; when set it acts in train mode only, drawing from torch's global
 generator (reproducible under ``torch.manual_seed``). B5..B7 use torchvision's BatchNorm settings
 for them (eps 1e-3, momentum 0.01).
+
+``padding="same"`` pads as TensorFlow does (timm's ``tf_efficientnet_*``, ported from Google's
+checkpoints): a stride-2 conv pads ``max((ceil(H/2) - 1) * 2 + k - H, 0)`` rows, the extra one
+at the bottom and right, where torchvision pads ``k // 2`` on each side. The two hold the same
+tensors but compute other features, so the ``tf_efficientnet_b*`` presets (BatchNorm eps 1e-3,
+as timm builds them) must be named to load such a file right.
 """
 import dataclasses
 import math
@@ -23,8 +29,11 @@ from fpipe.models import layers
 from fpipe.models import trunk as trunk_lib
 
 FEATURES = ("stem",) + tuple(f"stage{i}" for i in range(1, 8)) + ("head_conv", "avgpool", "flatten")
-OPTIONS = dict(width_mult=1.0, depth_mult=1.0, stochastic_depth_prob=0.0, norm_eps=1e-5, norm_momentum=0.1)
+OPTIONS = dict(width_mult=1.0, depth_mult=1.0, stochastic_depth_prob=0.0, norm_eps=1e-5, norm_momentum=0.1,
+               padding="symmetric")
+PADDINGS = ("symmetric", "same")  # torchvision's k // 2 on each side, or TensorFlow's "same"
 _B5 = dict(norm_eps=1e-3, norm_momentum=0.01)
+_TF = dict(padding="same", norm_eps=1e-3)  # timm's tf_efficientnet_*: BatchNorm momentum left at 0.1
 PRESETS = {
     "efficientnet_b0": dict(width_mult=1.0, depth_mult=1.0),
     "efficientnet_b1": dict(width_mult=1.0, depth_mult=1.1),
@@ -35,6 +44,8 @@ PRESETS = {
     "efficientnet_b6": dict(width_mult=1.8, depth_mult=2.6, **_B5),
     "efficientnet_b7": dict(width_mult=2.0, depth_mult=3.1, **_B5),
 }
+PRESETS.update({f"tf_{name}": {"width_mult": p["width_mult"], "depth_mult": p["depth_mult"], **_TF}
+                for name, p in list(PRESETS.items())})
 # (expand ratio, kernel, stride, in channels, out channels, blocks) of B0's seven stages
 STAGES = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
           (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1))
@@ -69,6 +80,11 @@ class Spec:
     stochastic_depth_prob: float = OPTIONS["stochastic_depth_prob"]
     norm_eps: float = OPTIONS["norm_eps"]
     norm_momentum: float = OPTIONS["norm_momentum"]
+    padding: str = OPTIONS["padding"]
+
+    def __post_init__(self):
+        if self.padding not in PADDINGS:
+            raise ValueError(f"model.trunk.padding={self.padding!r}; valid: {', '.join(PADDINGS)}")
 
     @property
     def stem_width(self):
@@ -93,6 +109,16 @@ class Spec:
                 index += 1
             out.append(tuple(blocks))
         return tuple(out)
+
+
+def same_padding(size, kernel: int, stride: int) -> tuple:
+    """TensorFlow's "same" padding of an ``size`` (H, W) input as ``F.pad``'s (left, right, top,
+    bottom): the output is ceil(size / stride), the odd row or column of padding at the end."""
+    out = []
+    for n in reversed(tuple(size)):  # W first, as F.pad takes them
+        total = max((math.ceil(n / stride) - 1) * stride + kernel - n, 0)
+        out += [total // 2, total - total // 2]
+    return tuple(out)
 
 
 def build(**options) -> trunk_lib.Trunk:
@@ -139,7 +165,11 @@ def apply(spec: Spec, params, state, x, *, train, features=("flatten",), eval_no
     def conv_bn(name, h, stride=1, groups=1, act=True):
         p = trunk_lib.child(params, name)
         k = p["0"]["weight"].shape[-1]
-        h = bn(p.get("1", {}), f"{name}.1", layers.conv(p["0"], h, stride, (k - 1) // 2, groups))
+        if spec.padding == "same" and stride > 1:
+            h, pad = F.pad(h, same_padding(h.shape[-2:], k, stride)), 0
+        else:
+            pad = (k - 1) // 2
+        h = bn(p.get("1", {}), f"{name}.1", layers.conv(p["0"], h, stride, pad, groups))
         return F.silu(h) if act else h
 
     def mbconv(blk, h):

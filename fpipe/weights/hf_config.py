@@ -1,5 +1,6 @@
 """What a Hugging Face model folder's ``config.json`` says that its tensors cannot: a ViT's
-activation and LayerNorm eps, checked against the model's trunk before a run uses the weights.
+activation and LayerNorm eps, a timm EfficientNet's padding and BatchNorm eps, checked against
+the model's trunk before a run uses the weights.
 
 Names and shapes find the trunk, but GELU and QuickGELU (OpenAI's CLIP), or eps 1e-12 (BERT's,
 kept by transformers' ViT) and 1e-6, hold the same tensors: a wrong one gives other features
@@ -8,6 +9,7 @@ open_clip's repos say ``quick_gelu`` in ``open_clip_config.json``).
 """
 import json
 import os
+import re
 
 from fpipe.weights import folders
 
@@ -48,8 +50,11 @@ def _json(path: str) -> dict:
 
 def mismatches(config: dict, spec) -> list:
     """``[(option, the folder's value, the model's value)]`` where a ViT ``spec`` computes otherwise
-    than ``config`` says (``mlp`` from hidden_act or use_swiglu_ffn, ``ln_eps`` from layer_norm_eps)."""
+    than ``config`` says (``mlp`` from hidden_act or use_swiglu_ffn, ``ln_eps`` from layer_norm_eps),
+    or an EfficientNet ``spec`` otherwise than timm builds the ``architecture`` it names."""
     out = []
+    if hasattr(spec, "padding"):
+        return _efficientnet_mismatches(config.get("architecture"), spec)
     if not hasattr(spec, "mlp") or not hasattr(spec, "ln_eps"):
         return out
     act = "swiglu" if config.get("use_swiglu_ffn") else ACTIVATIONS.get(config.get("hidden_act"))
@@ -59,6 +64,18 @@ def mismatches(config: dict, spec) -> list:
     if isinstance(eps, (int, float)) and not _close(float(eps), spec.ln_eps):
         out.append(("ln_eps", float(eps), spec.ln_eps))
     return out
+
+
+def _efficientnet_mismatches(architecture, spec) -> list:
+    """timm's ``tf_efficientnet_b*`` pad as TensorFlow does with BatchNorm eps 1e-3; its
+    ``efficientnet_b*`` pad symmetrically with eps 1e-5 (torchvision's B5..B7, fpipe's presets of
+    those names, use 1e-3)."""
+    m = re.fullmatch(r"(tf_)?efficientnet_b[0-7]", architecture) if isinstance(architecture, str) else None
+    if not m:
+        return []
+    padding, eps = ("same", 1e-3) if m[1] else ("symmetric", 1e-5)
+    return ([("padding", padding, spec.padding)] if padding != spec.padding else []) + (
+        [("norm_eps", eps, spec.norm_eps)] if not _close(eps, spec.norm_eps) else [])
 
 
 def _close(a: float, b: float) -> bool:

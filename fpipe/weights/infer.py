@@ -49,7 +49,7 @@ def infer_trunk(files: dict, presets=None) -> tuple:
         twins = [w[1] for w in whole if w[0] == rank and w[1] != name]
         if twins:  # the same tensors: names and shapes cannot tell these apart
             why += (f"; preset(s) {', '.join(twins)} hold the same tensors and differ only in what tensors "
-                    "cannot show (activation, norm eps, position resampling, init values): pick by where the file "
+                    "cannot show (activation, padding, norm eps, position resampling, init values): pick by where the file "
                     "comes from")
         return name, options, why
     if not_resnet:
