@@ -31,6 +31,7 @@ def features(reference, tmp_path, preset, writer, size):
     params, state, target = load_target(trunk)
     loaded, report = load_into(target, {"path": str(path)})
     assert report.trunk_loaded == report.trunk_total
+    assert "name their tensors alike" in report.summary()  # the report says which trunk the file needs
     expected = OUTPUTS[writer][size]
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(expected["input_seed"]))
     out, _ = trunk.apply(*loaded_trees(loaded, params, state), images, train=False, features=("stage2", "head_conv"))

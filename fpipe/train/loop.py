@@ -268,6 +268,9 @@ def _run(config, workdir, dist, stop, run_info):
             logging.info("Evaluating the head grid on %d validation images…", len(dataset.val))
             results, grid = head_grid.select(grid_plan, results, evaluate(train_state, val_loader))
         if config.extract.features:  # before results.json, which says the run finished: a refused
+            if averaging:
+                logging.info("extract.features: of the live weights; their average (config.ema) is in the "
+                             "checkpoint: configs/extract_features.py with model.weights.select=ema extracts its")
             extract_features(config, dataset, model, train_state, dist, workdir)  # cache leaves it as it was
         if dist.is_main:
             info = {**run_info, "dataset": _dataset_info(dataset, config), "world_size": dist.world_size,

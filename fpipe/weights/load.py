@@ -61,6 +61,8 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
         example = next((n for n in packed if n in plan.names.values()), packed[0])  # one that loads
         report.notes.append(f"{len(packed)} groups of separate projections packed into one tensor each, "
                             f"as the model stores them (e.g. {example})")
+    if plan.format == "auto (timm_efficientnet names)":  # names cannot tell timm's own from Google's ports
+        report.notes.append(TIMM_EFFICIENTNET_NOTE)
     if sparse:
         report.notes.append(f"{len(sparse)} MinkowskiEngine (sparse convolution) tensors put in dense layouts and "
                             f"names, as ConvNeXt V2's fine-tuning reads its FCMAE files (e.g. {sparse[0]})")
@@ -81,6 +83,13 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
     merge.check_leftovers(report, merge.trunk_leftovers(target, tensors, plan.names, report), target,
                           skip_layers=opts.skip_layers, allow_partial=opts.allow_partial, architecture=architecture)
     return out, report
+
+
+TIMM_EFFICIENTNET_NOTE = (
+    "timm's efficientnet_b* (symmetric padding, BatchNorm eps 1e-5) and tf_efficientnet_b* (Google's ports: "
+    "TensorFlow's 'same' padding, eps 1e-3) name their tensors alike, and compute other features: the trunk must "
+    "be the file's (model.trunk.name=tf_efficientnet_b0 … b7 for a tf_ file; torchvision's efficientnet_b5 … b7 "
+    "presets use eps 1e-3, timm's own 1e-5: model.trunk.norm_eps=1e-5)")
 
 
 def read_checkpoint(path: str, *, stub_objects: bool = False) -> dict:
