@@ -48,6 +48,12 @@ def check(data_cfg) -> None:
     split_file = get(data_cfg, "split_file")
     if split_file and not os.path.isfile(split_file):
         raise ValueError(f"data.split_file={split_file!r} is not a file")
+    real = get(data_cfg, "real_labels")
+    if real and (get(data_cfg, "name") != "image_folder" or not os.path.isfile(real)):
+        raise ValueError(f"data.real_labels={real!r}: " + ("no such file (ImageNet-ReaL's real.json)"
+                                                          if get(data_cfg, "name") == "image_folder" else
+                                                          "ImageNet-ReaL relabels ImageNet's validation images, an "
+                                                          "image_folder dataset"))
     root = get(data_cfg, "root")
     if get(data_cfg, "name") == "image_folder" and not (root or split_file):
         raise ValueError("data.name='image_folder' needs data.root (root/<split>/<class>/<image>) or data.split_file, "

@@ -22,11 +22,11 @@ def evaluate(eval_fn, params, model_state, loader, dist, prepare):
             logging.info("evaluating: batch %d/%d", i + 1, loader.steps_per_epoch)
             last_report = time.perf_counter()
     totals = dict(tree.flatten(distributed.sum_over_ranks(dist, totals)))
-    n = int(totals.pop("count", 0))
+    n, n_real = int(totals.pop("count", 0)), int(totals.pop("real_count", 0))  # real: the images ReaL scores
     results = {}
     for name, value in totals.items():
         head, k = name.rsplit(".", 1)
-        results.setdefault(head, {})[k] = losses.finish(k, value, n)
+        results.setdefault(head, {})[k] = losses.finish(k, value, n_real if k == "real_top1" else n)
     return results
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 LOSSES = ("cross_entropy", "bce", "mse")
 METRICS = {"cross_entropy": ("top1", "top5"), "bce": ("acc",), "mse": ("mse",)}
-PERCENT = ("top1", "top5", "acc")          # counts that are divided by the sample count, in %
+PERCENT = ("top1", "top5", "acc", "real_top1")  # counts that are divided by the sample count, in %
 LOWER_IS_BETTER = ("mse",)
 
 

@@ -251,6 +251,9 @@ def check_best_metric(c) -> None:
         return
     head, key = best_metric_key(c.best_metric)
     metrics = {h: losses.METRICS.get(c.model.heads[h].get("loss") or "cross_entropy", ()) for h in c.model.heads}
+    if c.data.get("real_labels"):  # label heads also score ImageNet-ReaL
+        labels = {h for h in c.model.heads if (c.model.heads[h].get("target") or "label") == "label"}
+        metrics = {h: ks + (("real_top1",) if "top1" in ks and h in labels else ()) for h, ks in metrics.items()}
     if ema.enabled(c.get("ema")):  # the averaged weights' results too
         metrics.update({f"{h}{ema.SUFFIX}": ks for h, ks in metrics.items()})
     valid = [f"{h}/test_{k}" for h, ks in metrics.items() for k in ks]

@@ -22,7 +22,7 @@ from fpipe.data import identity
 from fpipe.data import mix as data_mix
 from fpipe.weights import folders as weights_folders
 from fpipe.weights import heads_file as weights_heads_file
-from fpipe.evaluate import extract, topk
+from fpipe.evaluate import extract, real, topk
 from fpipe.models import fold, layers, losses
 from fpipe.models import model as models
 from fpipe.train import (compile_cache, distributed, donation, ema, frozen_trunk, head_grid, periodic,
@@ -84,6 +84,8 @@ def _run(config, workdir, dist, stop, run_info):
                          len(config.head_grid.lrs) * len(config.head_grid.wd_mults), val_from)
         train_loader = make_loader(dataset.train, config, dist, train=True)
         test_loader = make_loader(dataset.test, config, dist, train=False)
+        real_lists = real.lists(config.data, dataset)  # data.real_labels: ImageNet-ReaL's, or None
+        real_lists = None if real_lists is None else real_lists.to(dist.device)
         steps_per_epoch = train_loader.steps_per_epoch
         total_steps = schedules.to_steps(config, "total", steps_per_epoch)
 
@@ -200,10 +202,19 @@ def _run(config, workdir, dist, stop, run_info):
             params, model_state = tree.merge(state["trainable"], state["frozen"]), state["model_state"]
             if trunk_features:  # the trunk's tensors are constants of the compiled trunk
                 params, model_state = frozen_trunk.without_trunk(params), frozen_trunk.without_trunk(model_state)
-            scoring = prepare
-            if config.get("eval_classes", "all") == "present":  # each label head scored over the classes the split holds
-                classes = topk.present_classes(loader.split, dataset.num_classes).to(dist.device)
-                scoring = lambda batch: {**prepare(batch), "classes": classes}  # noqa: E731
+            classes = (topk.present_classes(loader.split, dataset.num_classes).to(dist.device)
+                       if config.get("eval_classes", "all") == "present" else None)
+            lists = real_lists if loader is test_loader else None
+
+            def scoring(batch):
+                """The eval step's batch: with eval_classes=present each label head scored over the classes
+                the split holds; with data.real_labels each image's ImageNet-ReaL classes."""
+                out = prepare(batch)
+                if classes is not None:
+                    out["classes"] = classes
+                if lists is not None:
+                    out["real"] = lists[batch["index"].to(lists.device)]
+                return out
             return topk.evaluate(eval_step, params, model_state, loader, dist, scoring)
 
     save = make_saver(workdir, dist, config, opt, run_info, frozen_ref)

@@ -14,6 +14,7 @@ from torch.func import grad_and_value
 from torch.utils import _pytree as pytree
 
 from fpipe import freeze, optim, tree
+from fpipe.evaluate import real
 from fpipe.models import losses as losses_lib
 from fpipe.models import model as models
 from fpipe.train import compile_cache, divergence, precision
@@ -164,7 +165,8 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
     Counts (not means) so that shards and batches add up exactly; ``batch["mask"]`` marks padding.
     Each head is scored on its own target by its loss's metrics (``fpipe.models.losses``);
     ``batch["classes"]`` (bool per class, ``eval_classes="present"``) limits the label heads' top-k
-    to those classes (ImageNet-A/R: 200 of ImageNet's 1000).
+    to those classes (ImageNet-A/R: 200 of ImageNet's 1000); ``batch["real"]`` (each image's
+    ImageNet-ReaL classes, -1 padded: ``data.real_labels``) adds their ``real_top1``.
     """
     targets = models.head_targets(model.heads)
 
@@ -183,6 +185,9 @@ def make_eval_step(model, *, topk=(1, 5), autocast=None) -> Callable:
             if "classes" in batch and target == "label" and kind == "cross_entropy":
                 logits = logits.masked_fill(~batch["classes"], float("-inf"))
             counts[name] = losses_lib.eval_counts(kind, logits, batch[target], valid, topk)
+            if "real" in batch and target == "label" and kind == "cross_entropy":
+                found = real.hits(logits, batch["real"], valid)
+                counts[name]["real_top1"], counts["real_count"] = found["real_top1"], found["real_count"]
         return counts
 
     return eval_step
