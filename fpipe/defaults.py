@@ -68,6 +68,7 @@ def data():
     c.test_split = "val"           # the split evaluated and reported
     c.val_split = ""               # optional third split (e.g. "val" with test_split="test"); "": none
     c.real_labels = ""             # ImageNet-ReaL's real.json: label heads also report real_top1 on the test split
+    c.eval_folders = "names"       # test/val class folders named as train's, or "indices": by its class numbers (ImageNet-V2)
     c.max_image_pixels = 89_478_485  # image files above this width × height are refused
     c.max_aspect_ratio = 32.0      # ... and above this long side / short side
     c.num_classes = 10             # synthetic only

@@ -269,6 +269,20 @@ def test_val_split_folder_gives_a_third_split(tmp_path):
         data.build(cfg(name="image_folder", root=str(tmp_path), val_split="nope"))
 
 
+def test_held_out_folders_named_by_class_number_as_imagenet_v2s(tmp_path):
+    """data.eval_folders='indices': test/val class folders 0..K-1 are train's classes by number."""
+    write_tree(tmp_path, {"train": {"n02": 1, "n01": 1, "n03": 1}, "v2": {"0": 2, "2": 1}, "bad": {"3": 1}})
+    ds = data.build(cfg(name="image_folder", root=str(tmp_path), test_split="v2", eval_folders="indices"))
+    assert ds.classes == ("n01", "n02", "n03") and ds.test.labels.tolist() == [0, 0, 2]
+    assert ds.train.labels.tolist() == [0, 1, 2]  # train's own folders still by name
+    with pytest.raises(ValueError, match=r"numbers: if they are the train classes' numbers .*eval_folders='indices'"):
+        data.build(cfg(name="image_folder", root=str(tmp_path), test_split="v2"))
+    with pytest.raises(ValueError, match=r"class folders \['3'\], but data.eval_folders='indices' .* 0..2"):
+        data.build(cfg(name="image_folder", root=str(tmp_path), test_split="bad", eval_folders="indices"))
+    with pytest.raises(ValueError, match="data.eval_folders='number'; valid: 'names'"):
+        config_lib.check(cfg(name="image_folder", root=str(tmp_path), eval_folders="number"))
+
+
 def test_split_file_lists_paths_labels_and_splits(tmp_path):
     pixels = write_tree(tmp_path / "img", {"all": {"x": 6}})
     files = sorted(pixels)

@@ -48,6 +48,12 @@ def check(data_cfg) -> None:
     split_file = get(data_cfg, "split_file")
     if split_file and not os.path.isfile(split_file):
         raise ValueError(f"data.split_file={split_file!r} is not a file")
+    if get(data_cfg, "eval_folders") not in ("names", "indices"):
+        raise ValueError(f"data.eval_folders={get(data_cfg, 'eval_folders')!r}; valid: 'names' (test and val class "
+                         "folders named as train's), 'indices' (by train's class numbers, as ImageNet-V2's 0..999)")
+    if get(data_cfg, "eval_folders") == "indices" and get(data_cfg, "split_file"):
+        raise ValueError("data.eval_folders='indices' names class folders; a data.split_file names each image's "
+                         "class itself: leave data.eval_folders='names'")
     real = get(data_cfg, "real_labels")
     if real and (get(data_cfg, "name") != "image_folder" or not os.path.isfile(real)):
         raise ValueError(f"data.real_labels={real!r}: " + ("no such file (ImageNet-ReaL's real.json)"

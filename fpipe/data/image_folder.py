@@ -133,13 +133,22 @@ def _class_dirs(split_dir: str, walk: _Walk) -> list:
     return [e.name for e in walk.entries(split_dir) if e.is_dir()]
 
 
-def _scan(split_dir: str, classes: tuple, limits: decode.Limits, root: str, walk: _Walk, role: str) -> FolderSplit:
+def _scan(split_dir: str, classes: tuple, limits: decode.Limits, root: str, walk: _Walk, role: str,
+          by_index: bool = False) -> FolderSplit:
+    """A split's images and labels; ``by_index`` (``data.eval_folders='indices'``, held-out splits):
+    its class folders are named by the train split's class numbers (ImageNet-V2's 0..999)."""
     walk.split = role
     names = _class_dirs(split_dir, walk)
-    index = {name: i for i, name in enumerate(classes)}
+    index = {str(i): i for i in range(len(classes))} if by_index else {name: i for i, name in enumerate(classes)}
     extra = [c for c in names if c not in index]
+    if extra and by_index:
+        raise ValueError(f"image_folder: {split_dir!r} has class folders {extra[:10]}, but data.eval_folders="
+                         f"'indices' names them by the train split's class numbers, 0..{len(classes) - 1}")
     if extra:
-        raise ValueError(f"image_folder: {split_dir!r} has classes the train split lacks: {extra}")
+        hint = ("; its folders are numbers: if they are the train classes' numbers (ImageNet-V2's), set "
+                "data.eval_folders='indices'" if all(c.isdigit() for c in extra) and not all(
+                    c.isdigit() for c in classes) else "")
+        raise ValueError(f"image_folder: {split_dir!r} has classes the train split lacks: {extra[:10]}{hint}")
     files, labels = [], []
     for name in names:
         found = walk.images(os.path.join(split_dir, name))
@@ -155,14 +164,15 @@ def _scan(split_dir: str, classes: tuple, limits: decode.Limits, root: str, walk
     return FolderSplit(files, labels, limits, root=root)
 
 
-def _from_folders(root: str, split_names: dict, limits: decode.Limits) -> tuple:
+def _from_folders(root: str, split_names: dict, limits: decode.Limits, eval_folders: str = "names") -> tuple:
     dirs = {role: _split_dir(root, name) for role, name in split_names.items()}
     classes = tuple(_class_dirs(dirs["train"], _Walk()))  # its own walk: _scan enters these again
     if not classes:
         raise ValueError(f"image_folder: {dirs['train']!r} has no class subfolders. "
                          f"Expected layout: {LAYOUT}")
     walk = _Walk()  # one for every split: a folder reached from two splits is refused
-    return classes, {role: _scan(d, classes, limits, root, walk, role) for role, d in dirs.items()}
+    return classes, {role: _scan(d, classes, limits, root, walk, role, by_index=role != "train" and
+                                 eval_folders == "indices") for role, d in dirs.items()}
 
 
 def folder_split(root: str, split: str = "train", limits: decode.Limits = decode.Limits()) -> tuple:
@@ -268,7 +278,7 @@ def build(data_cfg) -> base.Dataset:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image_folder: data.root {root!r} is not a directory. "
                                     f"Expected layout: {LAYOUT}")
-        classes, splits = _from_folders(root, split_names, limits)
+        classes, splits = _from_folders(root, split_names, limits, str(get("eval_folders")))
     return base.Dataset("image_folder", classes, splits["train"], splits["test"],
                         splits.get("val"))
 
