@@ -7,6 +7,7 @@ r"""Training step with the trunk training (supervised, finetune): fpipe vs. nn.M
     PYTHONPATH=. python benchmarks/train_step.py --arch vit_s16 --optimizer adamw --mode finetune --image-size 64
     PYTHONPATH=. python benchmarks/train_step.py --arch regnet_y_400mf --mode supervised --image-size 64
     PYTHONPATH=. python benchmarks/train_step.py --mode finetune --freeze 'trunk\.(conv1|bn1|layer1)\..*'
+    PYTHONPATH=. python benchmarks/train_step.py --mode supervised --depth 50 --ema 0.9999   # each also averages its weights
 
 Settings from the shipped configs (``configs/supervised.py``: SGD lr 0.1, momentum 0.9, weight
 decay 5e-4; ``configs/finetune.py``: SGD lr 0.05, Nesterov momentum 0.9, weight decay 1e-4, the
@@ -21,7 +22,9 @@ config's SGD for AdamW (lr 1e-3, weight decay 0.05, the same rules; the baseline
 ``torch.optim.AdamW(foreach=True)``), what ViTs are fine-tuned with. ``--freeze`` adds
 ``model.freeze`` rules (above: detectron2's FREEZE_AT=2, the stem and layer1 frozen and their
 norms on running statistics); the baselines' matching params then take no gradient and their
-norms run in eval mode. Five programs, each in its own process, timed taking turns (a busy
+norms run in eval mode. ``--ema DECAY`` makes every program keep an average of its weights
+(fpipe: ``config.ema``'s in-place update after the step; the modules: torch's ``AveragedModel``
+with ``get_ema_multi_avg_fn``, as timm's ModelEmaV3). Five programs, each in its own process, timed taking turns (a busy
 machine slows each alike; a turn is an untimed step, then steps back to back:
 benchmarks/process_rounds.py; ``--in-one-process``: all in this one, sharing its heap, as before
 12-05), medians:
@@ -83,6 +86,7 @@ import time
 import ml_collections
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from benchmarks import vit_step, zoo_modules
 from benchmarks.linear_eval_step import (NUM_CLASSES, RESNETS, add_round_flags, as_main_does, caches_env, machine,
@@ -94,6 +98,7 @@ from fpipe.models import fold
 from fpipe.models import model as model_lib
 from fpipe.models import convnext, efficientnet, regnet, swin, vit
 from fpipe.train import distributed
+from fpipe.train import ema as ema_lib
 from fpipe.train import loop as loop_lib
 
 MODES = ("supervised", "finetune")
@@ -138,8 +143,9 @@ def case_name(args, mode, depth):
             + (f", frozen {' '.join(args.freeze)}" if getattr(args, "freeze", None) else ""))
 
 
-def setup(mode, depth, image_size, batch_size, seed=0, arch="resnet", optimizer="config", freeze_rules=()):
-    """The loop's model, partition and optimizer for this config, and one batch."""
+def setup(mode, depth, image_size, batch_size, seed=0, arch="resnet", optimizer="config", freeze_rules=(), ema=0.0):
+    """The loop's model, partition and optimizer for this config, and one batch; ``ema``: the decay
+    of an average of the weights each program keeps (0: none)."""
     config = config_for(mode, depth, image_size, batch_size, arch, optimizer, freeze_rules)
     model = model_lib.build(config.model, num_classes=NUM_CLASSES, image_size=image_size)
     params, state = model.init(seed)
@@ -152,7 +158,7 @@ def setup(mode, depth, image_size, batch_size, seed=0, arch="resnet", optimizer=
     batch = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen),
              "label": torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)}
     return dict(config=config, model=model, params=params, state=state, trainable=trainable, frozen=frozen,
-                eval_norms=eval_norms, opt=opt, lr=base_lr, batch=batch, depth=depth, arch=arch)
+                eval_norms=eval_norms, opt=opt, lr=base_lr, batch=batch, depth=depth, arch=arch, ema=ema)
 
 
 # ---------------------------------------------------------------- programs
@@ -168,15 +174,19 @@ def fpipe_program(s, autocast=None, device=torch.device("cpu"), compiling=True, 
 
     def run():
         box["ts"], metrics = step(box["ts"], s["batch"], lr)
+        if s.get("ema"):  # as the loop does after each step (config.ema)
+            ema_lib.update(box["ts"], s["ema"])
         return metrics["loss"]
     return run
 
 
 def train_state(s, device):
     """The initial train state as the loop hands it to the step: on ``device``, channels-last."""
-    return fold.channels_last(loop_lib.to_device(
-        {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
-         "opt_state": s["opt"].init(s["trainable"])}, device))
+    state = {"trainable": s["trainable"], "frozen": s["frozen"], "model_state": s["state"],
+             "opt_state": s["opt"].init(s["trainable"])}
+    if s.get("ema"):
+        state[ema_lib.KEY] = ema_lib.init(s["trainable"], s["state"])
+    return fold.channels_last(loop_lib.to_device(state, device))
 
 
 def torch_optimizer(net, s, **impl):
@@ -224,6 +234,8 @@ def module_program(s, compiled, channels_last=False, wrap=None, **optimizer_impl
         net = net.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     opt = torch_optimizer(net, s, **optimizer_impl)
+    # timm's ModelEmaV3 and torch's AveragedModel: one foreach lerp over params and buffers
+    average = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(s["ema"]), use_buffers=True) if s.get("ema") else None
     net = wrap(net) if wrap else net
     fwd = torch.compile(net) if compiled else net
 
@@ -232,6 +244,8 @@ def module_program(s, compiled, channels_last=False, wrap=None, **optimizer_impl
         loss = F.cross_entropy(fwd(images), s["batch"]["label"])
         loss.backward()
         opt.step()
+        if average is not None:
+            average.update_parameters(net)
         return loss.detach()
     return run
 
@@ -253,7 +267,7 @@ def child(args):
     ``--iters`` (after the heap has grown: at 224 px every program faults its memory in for five
     steps); prints JSON."""
     s = setup(args.mode[0], args.depth[0], args.image_size[0], args.batch_size, arch=args.arch,
-              optimizer=args.optimizer, freeze_rules=args.freeze)
+              optimizer=args.optimizer, freeze_rules=args.freeze, ema=args.ema)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = _kib("VmRSS")
@@ -289,13 +303,14 @@ def case_argv(args, mode, depth, image_size, iters, warmup):
     in ``rounds``)."""
     return ["--mode", mode, "--depth", str(depth), "--image-size", str(image_size), "--batch-size",
             str(args.batch_size), "--threads", str(args.threads), "--iters", str(iters), "--warmup", str(warmup),
-            "--arch", args.arch, "--optimizer", args.optimizer, *(["--freeze", *args.freeze] if args.freeze else [])]
+            "--arch", args.arch, "--optimizer", args.optimizer, *(["--freeze", *args.freeze] if args.freeze else []),
+            "--ema", str(args.ema)]
 
 
 def serve(args):
     """One program in ``rounds``."""
     s = setup(args.mode[0], args.depth[0], args.image_size[0], args.batch_size, arch=args.arch,
-              optimizer=args.optimizer, freeze_rules=args.freeze)
+              optimizer=args.optimizer, freeze_rules=args.freeze, ema=args.ema)
     serve_program(make_program(args.serve, s), args.warmup)
 
 
@@ -320,7 +335,7 @@ def bench(args, mode, depth, image_size):
 
     def in_this_process():
         s = setup(mode, depth, image_size, args.batch_size, arch=args.arch, optimizer=args.optimizer,
-                  freeze_rules=args.freeze)
+                  freeze_rules=args.freeze, ema=args.ema)
         return {n: make_program(n, s) for n in progs}
 
     med, first, losses = rounds(args, __file__, case_argv(args, mode, depth, image_size, args.iters, args.warmup),
@@ -384,6 +399,9 @@ def main(argv=None):
                          "the baselines' matching params take no gradient and their norms run in eval mode")
     ap.add_argument("--image-size", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                    help="every program also keeps an average of its weights (config.ema; the modules: "
+                         "torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn, as timm's ModelEmaV3)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -67,7 +67,7 @@ def test_the_average_is_torchs_averaged_model_over_a_donating_steps_updates():
     for i in range(4):
         batch = {"image": torch.randn(6, 3, 32, 32, generator=g), "label": torch.randint(0, 5, (6,), generator=g)}
         state, _ = step(state, batch, opt.inputs(0.1))
-        state = ema.updated(state, ema.decay_at(ema_config(decay=decay), i + 1))
+        ema.update(state, ema.decay_at(ema_config(decay=decay), i + 1))
         mirror.load(state)
         reference.update_parameters(mirror)
     average = state[ema.KEY]
@@ -178,13 +178,14 @@ def test_select_ema_takes_the_average_and_the_default_says_it_exists(tmp_path):
 
 
 def test_the_average_keeps_the_strides_it_had_so_a_compiled_evaluation_is_not_compiled_again():
-    """lerp gives a 1x1 kernel's channels-last tensor contiguous strides; the average keeps its own."""
+    """A 1x1 kernel's channels-last strides (which an out-of-place lerp would lose) stay as they were."""
     kernel = torch.randn(8, 4, 1, 1)
     live = torch.empty_like(kernel, memory_format=torch.channels_last).copy_(kernel)
     state = {"trainable": {"w": live}, "model_state": {}, ema.KEY: ema.init({"w": live}, {})}
     state[ema.KEY]["params"]["w"] = torch.empty_like(live).copy_(live)
     assert torch._foreach_lerp([state[ema.KEY]["params"]["w"]], [live], 0.5)[0].stride() != live.stride()
-    new = ema.updated(state, 0.5)[ema.KEY]["params"]["w"]
+    ema.update(state, 0.5)
+    new = state[ema.KEY]["params"]["w"]
     assert new.stride() == live.stride() and torch.equal(new, live)
 
 

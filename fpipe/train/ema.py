@@ -49,22 +49,21 @@ def decay_at(cfg, updates: int) -> float:
     return min(float(cfg.decay), 1.0 - (1.0 + n / cfg.warmup_gamma) ** -cfg.warmup_power)
 
 
-def updated(train_state: dict, decay: float) -> dict:
-    """``train_state`` with its average moved towards its live weights (new tensors: the given
-    average is left as it was)."""
-    average = train_state[KEY]
+def update(train_state: dict, decay: float) -> None:
+    """Moves ``train_state``'s average towards its live weights, in place. The average's tensors
+    are its own (:func:`init` copies; a resume loads them afresh), and a checkpoint or an
+    evaluation reads them between steps; the loop updates them outside a step's stop window, so
+    a stop never saves a half-updated average. In place, it also keeps their layouts (a compiled
+    evaluation of the average is not compiled again) and costs half the time of a new copy
+    (ResNet-50 on 2 cores: 7.6 vs 14.2 ms)."""
     live = {"params": tree.flatten(train_state["trainable"]), "model_state": tree.flatten(train_state["model_state"])}
-    new = {}
-    for part, old in average.items():
-        floats = [n for n, t in old.items() if t.is_floating_point()]
-        moved = dict(zip(floats, torch._foreach_lerp([old[n] for n in floats], [live[part][n] for n in floats],
-                                                     1.0 - decay))) if floats else {}
-        # in the strides the average had (a 1x1 kernel's channels-last ones are lost by lerp): an
-        # evaluation compiled for them is not compiled again
-        moved = {n: m if m.stride() == old[n].stride() else torch.empty_like(old[n]).copy_(m) for n, m in moved.items()}
-        # counters copied (cloned: a donating step overwrites the live tensors in place)
-        new[part] = {n: moved[n] if n in moved else live[part][n].clone() for n in old}
-    return {**train_state, KEY: new}
+    for part, average in train_state[KEY].items():
+        floats = [n for n, t in average.items() if t.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([average[n] for n in floats], [live[part][n] for n in floats], 1.0 - decay)
+        for n, t in average.items():  # counters are copied
+            if not t.is_floating_point():
+                t.copy_(live[part][n])
 
 
 def as_train_state(train_state: dict) -> dict:

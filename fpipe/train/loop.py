@@ -256,9 +256,9 @@ def _run(config, workdir, dist, stop, run_info):
             # step past its first call writes into it (fpipe.train.donation): the signal then waits.
             with stop.interruptible(when=not donation.overwrites(train_step, train_state)):
                 new_state, metrics = train_step(train_state, batch, opt.inputs(lr))
-                if averaging:  # config.ema: the average of the weights moves towards the new ones
-                    new_state = ema.updated(new_state, ema.decay_at(config.ema, step + 1))
             train_state, done = new_state, step + 1
+            if averaging:  # config.ema: the average moves towards the new weights, in place (a stop waits)
+                ema.update(train_state, ema.decay_at(config.ema, done))
             if done == start_step + 1:  # the compile and loading behind
                 host_memory.keep_large_blocks_from(done + 1)
             books.step_done(done, metrics, data_time)
