@@ -81,6 +81,10 @@ def test_select_takes_the_other_copy(tmp_path, saved):
     assert_trunk_is(loaded, trunk(0))
     with pytest.raises(WeightsError, match="select='nobody' matches 0"):
         load_into(target(), {"path": path, "select": "nobody"})
+    # with the copy named otherwise (an explicit format or prefix), a select would be ignored: refused
+    for explicit in ({"format": "torchvision", "state_dict_key": "teacher"}, {"remove_prefix": "teacher.module."}):
+        with pytest.raises(WeightsError, match="select='student' chooses among the copies format: auto finds"):
+            load_into(target(), {"path": path, "select": "student", **explicit})
 
 
 def test_no_convention_refuses_and_lists_candidates(tmp_path):

@@ -135,6 +135,14 @@ def _contents(obj, path: str) -> dict:
 def make_plan(obj: dict, files: dict, target: dict, opts: config.Options) -> Plan:
     if opts.format == "fpipe" or (opts.format == "auto" and is_fpipe_checkpoint(obj)):
         return _plan_fpipe(files, opts)
+    explicit = opts.format in ("vissl", "torchvision") or opts.remove_prefix or opts.append_prefix
+    if opts.select and explicit:  # the copy is the one those name: a select would be ignored
+        named = ", ".join(f"{k}={v!r}" for k, v in (("format", opts.format), ("state_dict_key", opts.state_dict_key),
+                                                     ("remove_prefix", opts.remove_prefix),
+                                                     ("append_prefix", opts.append_prefix)) if v and v != "auto")
+        raise WeightsError(f"model.weights.select={opts.select!r} chooses among the copies format: auto finds, but "
+                           f"{named} already name what loads; drop select, or name that copy with state_dict_key "
+                           f"(e.g. state_dict_key={opts.select!r}) or remove_prefix")
     if opts.format == "vissl":
         return _plan_vissl(files, opts, target)
     if opts.format == "torchvision" or opts.remove_prefix or opts.append_prefix:
