@@ -26,7 +26,7 @@ def load_heads(target_flat: dict, cfg) -> tuple:
         raise WeightsError(f"model.head_weights.path={path!r} but the model has no heads to load it into; "
                            "add a head (model.heads) reading the feature the released head was trained on.")
     heads, kept = _chosen(heads, tuple(cfg.get("heads", ()) or ()))
-    files, _, _ = load.file_tensors(load.read_checkpoint(path))
+    files = load.file_tensors(load.read_checkpoint(path))[0]
     names = transforms.rename(transforms.select({n: n for n in files}, key), rules)
     only = {n.split(".")[0] for n in heads}
     mapped, report = {}, LoadReport(path=path, format="head weights", state_dict_key=key)

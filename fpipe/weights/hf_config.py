@@ -54,7 +54,7 @@ def mismatches(config: dict, spec) -> list:
     or an EfficientNet ``spec`` otherwise than timm builds the ``architecture`` it names."""
     out = []
     if hasattr(spec, "padding"):
-        return _efficientnet_mismatches(config.get("architecture"), spec)
+        return _efficientnet_mismatches(config, spec)
     if not hasattr(spec, "mlp") or not hasattr(spec, "ln_eps"):
         return out
     act = "swiglu" if config.get("use_swiglu_ffn") else ACTIVATIONS.get(config.get("hidden_act"))
@@ -66,14 +66,20 @@ def mismatches(config: dict, spec) -> list:
     return out
 
 
-def _efficientnet_mismatches(architecture, spec) -> list:
-    """timm's ``tf_efficientnet_b*`` pad as TensorFlow does with BatchNorm eps 1e-3; its
-    ``efficientnet_b*`` pad symmetrically with eps 1e-5 (torchvision's B5..B7, fpipe's presets of
-    those names, use 1e-3)."""
+def _efficientnet_mismatches(config: dict, spec) -> list:
+    """timm's ``tf_efficientnet_b*`` (its config's ``architecture``) pad as TensorFlow does with
+    BatchNorm eps 1e-3; its ``efficientnet_b*`` pad symmetrically with eps 1e-5 (torchvision's
+    B5..B7, fpipe's presets of those names, use 1e-3); transformers' (``model_type``
+    efficientnet) are Keras ports: TensorFlow's padding, its ``batch_norm_eps``."""
+    architecture = config.get("architecture")
     m = re.fullmatch(r"(tf_)?efficientnet_b[0-7]", architecture) if isinstance(architecture, str) else None
-    if not m:
+    if config.get("model_type") == "efficientnet":
+        eps = config.get("batch_norm_eps", 1e-3)
+        padding, eps = "same", float(eps) if isinstance(eps, (int, float)) else 1e-3
+    elif m:
+        padding, eps = ("same", 1e-3) if m[1] else ("symmetric", 1e-5)
+    else:
         return []
-    padding, eps = ("same", 1e-3) if m[1] else ("symmetric", 1e-5)
     return ([("padding", padding, spec.padding)] if padding != spec.padding else []) + (
         [("norm_eps", eps, spec.norm_eps)] if not _close(eps, spec.norm_eps) else [])
 

@@ -46,6 +46,10 @@ def infer_trunk(files: dict, presets=None) -> tuple:
                 break
     if whole:  # as stored first, then the largest (a shallower preset's names can all be in a deeper one's file)
         rank, name, options, why = max(whole, key=lambda w: w[0])
+        keras = next((w for w in whole if w[0] == rank and w[1] == f"tf_{name}"), None)
+        if keras and "hf_efficientnet" in why:  # transformers' EfficientNets are all Keras ports: TF's padding
+            _, name, options, why = keras
+            why += " (transformers' EfficientNets are ports of Keras's: TensorFlow's padding, BatchNorm eps 1e-3)"
         twins = [w[1] for w in whole if w[0] == rank and w[1] != name]
         if twins:  # the same tensors: names and shapes cannot tell these apart
             why += (f"; preset(s) {', '.join(twins)} hold the same tensors and differ only in what tensors "

@@ -8,7 +8,7 @@ import os
 
 from fpipe import checkpoint
 from fpipe.tree import flatten
-from fpipe.weights import (config, detect, folders, fuse, infer, io, merge, minkowski, renames, resample, stubs,
+from fpipe.weights import (config, detect, folders, fuse, infer, io, merge, minkowski, renames, resample, stages, stubs,
                            transforms, walk)
 from fpipe.weights.errors import WeightsError
 from fpipe.weights.report import LoadReport
@@ -46,7 +46,7 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
     else:
         opts = dataclasses.replace(opts, path=opts.path or "<object given to load_into>")
         obj = _contents(obj, opts.path)
-    files, packed, sparse = file_tensors(obj)
+    files, packed, sparse, staged = file_tensors(obj)
     plan = make_plan(obj, files, target, opts)
     report = LoadReport(path=opts.path, format=plan.format, state_dict_key=plan.state_dict_key,
                         remove_prefix=plan.remove_prefix, reason=plan.reason,
@@ -63,6 +63,9 @@ def load_into(target_flat: dict, cfg=None, *, obj=None) -> tuple:
                             f"as the model stores them (e.g. {example})")
     if plan.format == "auto (timm_efficientnet names)":  # names cannot tell timm's own from Google's ports
         report.notes.append(TIMM_EFFICIENTNET_NOTE)
+    if staged:
+        report.notes.append(f"{staged} blocks numbered across stages (transformers' EfficientNet) numbered within "
+                            "them, each stage found by its blocks' output width")
     if sparse:
         report.notes.append(f"{len(sparse)} MinkowskiEngine (sparse convolution) tensors put in dense layouts and "
                             f"names, as ConvNeXt V2's fine-tuning reads its FCMAE files (e.g. {sparse[0]})")
@@ -111,12 +114,14 @@ def read_checkpoint(path: str, *, stub_objects: bool = False) -> dict:
 
 
 def file_tensors(obj: dict) -> tuple:
-    """``({dotted name: tensor}, packed names, densified names)``: the file's tensors, with sparse
-    convolutions in dense layouts (``minkowski.to_dense``) and separate q/k/v (and gate/up)
-    projections packed as fpipe's trunks store them (``fuse.pack``)."""
+    """``({dotted name: tensor}, packed names, densified names, blocks renumbered)``: the file's
+    tensors, with sparse convolutions in dense layouts (``minkowski.to_dense``), separate q/k/v
+    (and gate/up) projections packed as fpipe's trunks store them (``fuse.pack``) and blocks
+    numbered across stages numbered within them (``stages.number_by_stage``)."""
     files, densified = minkowski.to_dense(transforms.tensor_leaves(obj))
     files, packed = fuse.pack(files)
-    return files, packed, densified
+    files, staged = stages.number_by_stage(files)
+    return files, packed, densified, staged
 
 
 def _contents(obj, path: str) -> dict:

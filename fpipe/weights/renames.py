@@ -146,6 +146,27 @@ TIMM_EFFICIENTNET = (
     (r"(^|\.)classifier\.(weight|bias)$", r"\1classifier.1.\2"),
 )
 
+# transformers' EfficientNet (google/efficientnet-b0..b7, Keras ports: the tf_efficientnet_b*
+# presets' padding and eps) -> torchvision's, once fpipe.weights.stages has numbered its blocks by
+# stage (encoder.blocks.<stage>.<j>). Stage 0's blocks have no expansion.
+_HF_DS = {"depthwise_conv.depthwise_conv": "block.0.0", "depthwise_conv.depthwise_norm": "block.0.1",
+          "squeeze_excite.reduce": "block.1.fc1", "squeeze_excite.expand": "block.1.fc2",
+          "projection.project_conv": "block.2.0", "projection.project_bn": "block.2.1"}
+_HF_IR = {"expansion.expand_conv": "block.0.0", "expansion.expand_bn": "block.0.1",
+          "depthwise_conv.depthwise_conv": "block.1.0", "depthwise_conv.depthwise_norm": "block.1.1",
+          "squeeze_excite.reduce": "block.2.fc1", "squeeze_excite.expand": "block.2.fc2",
+          "projection.project_conv": "block.3.0", "projection.project_bn": "block.3.1"}
+_HF_PARTS = "|".join(re.escape(p) for p in _HF_IR)
+HF_EFFICIENTNET = (
+    (r"(^|\.)embeddings\.convolution\.", r"\1features.0.0."), (r"(^|\.)embeddings\.batchnorm\.", r"\1features.0.1."),
+    (rf"(^|\.)encoder\.blocks\.0\.(\d+)\.({_HF_PARTS})\.",
+     lambda m: f"{m[1]}features.1.{m[2]}.{_HF_DS.get(m[3], m[3])}."),
+    (rf"(^|\.)encoder\.blocks\.([1-6])\.(\d+)\.({_HF_PARTS})\.",
+     lambda m: f"{m[1]}features.{int(m[2]) + 1}.{m[3]}.{_HF_IR[m[4]]}."),
+    (r"(^|\.)encoder\.top_conv\.", r"\1features.8.0."), (r"(^|\.)encoder\.top_bn\.", r"\1features.8.1."),
+    (r"(^|\.)classifier\.(weight|bias)$", r"\1classifier.1.\2"),
+)
+
 # CLIP image towers: OpenAI's and open_clip's state dicts (visual.*; the text tower's resblocks
 # sit at the top, other shapes) and transformers' CLIPVisionModel / CLIPModel and SigLIP (vision_model.*,
 # fuse.pack has packed q/k/v_proj) -> torchvision's ViT + ln_pre. class_embedding [D] and
@@ -303,6 +324,7 @@ HF_SWIN = (
 TABLES = {"timm_vit": TIMM_VIT, "timm_vit_swiglu": TIMM_VIT_SWIGLU, "detectron2_resnet": DETECTRON2_RESNET,
           "sequential_resnet": SEQUENTIAL_RESNET, "vissl_regnet": VISSL_REGNET, "timm_regnet": TIMM_REGNET,
           "timm_convnext": TIMM_CONVNEXT, "fb_convnext": FB_CONVNEXT, "timm_efficientnet": TIMM_EFFICIENTNET,
+          "hf_efficientnet": HF_EFFICIENTNET,
           "openclip_vit": OPENCLIP_VIT, "hf_clip": HF_CLIP, "flax_vit": FLAX_VIT, "hf_vit": HF_VIT,
           "hf_resnet": HF_RESNET, "hf_regnet": HF_REGNET, "hf_convnext": HF_CONVNEXT, "timm_swin": TIMM_SWIN,
           "ms_swin": MS_SWIN, "hf_swin": HF_SWIN}
