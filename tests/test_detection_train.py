@@ -96,18 +96,11 @@ def test_model_config_takes_the_models_new_keys_and_refuses_unknown_ones():
 
 def test_a_run_resumed_from_a_middle_checkpoint_ends_bit_identical(tmp_path):
     """Data by (epoch, step), RPN/RoI sampling by (seed, step, rank): resuming changes nothing."""
-    import os
-    import shutil
-
     import torch
+    from _workdirs import rewound_copy
     args = ["--config.total_steps=3", "--config.ckpt_steps=2"]
     main(tmp_path / "straight", *args)
-    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
-    ckpts = tmp_path / "resumed" / "checkpoints"
-    os.remove(ckpts / "ckpt_00000003.pt")
-    os.remove(ckpts / "last.pt")
-    os.symlink("ckpt_00000002.pt", ckpts / "last.pt")
-    os.remove(tmp_path / "resumed" / "results.json")
+    ckpts = rewound_copy(tmp_path / "straight", tmp_path / "resumed", 2) / "checkpoints"
     proc = main(tmp_path / "resumed", *args)
     assert "Resumed at step 2 of 3" in proc.stderr
     a = torch.load(tmp_path / "straight" / "checkpoints" / "ckpt_00000003.pt", weights_only=True)

@@ -1,9 +1,7 @@
 """config.ema: the average of the trained weights against torch.optim.swa_utils.AveragedModel, and
 as a run uses it: evaluated beside the live weights, resumed bit for bit, loaded by select='ema'."""
 import json
-import os
 import re
-import shutil
 
 import ml_collections
 import pytest
@@ -14,6 +12,7 @@ from fpipe import defaults, freeze, optim, tree, weights
 from fpipe.models import model as models
 from fpipe.train import config_check, donation, ema
 from fpipe.train import step as step_lib
+from _workdirs import rewound_copy
 from test_main import main
 
 
@@ -131,12 +130,7 @@ def test_a_run_evaluates_the_average_resumes_it_bit_for_bit_and_a_load_of_it_sco
     assert any("fc_ema/test_top1" in l for l in lines)
 
     # resumed from the middle checkpoint: the same average, the same results
-    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
-    ckpts = tmp_path / "resumed" / "checkpoints"
-    os.remove(ckpts / "ckpt_00000006.pt")
-    os.remove(ckpts / "last.pt")
-    os.symlink("ckpt_00000003.pt", ckpts / "last.pt")
-    os.remove(tmp_path / "resumed" / "results.json")
+    ckpts = rewound_copy(tmp_path / "straight", tmp_path / "resumed", 3) / "checkpoints"
     proc = main(tmp_path / "resumed", *ARGS, config="configs/supervised.py")
     assert "Resumed at step 3 of 6" in proc.stderr
     a = torch.load(tmp_path / "straight" / "checkpoints" / "ckpt_00000006.pt", weights_only=True)
