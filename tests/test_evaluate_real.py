@@ -53,6 +53,8 @@ def test_lists_are_found_by_file_name_and_wrong_classes_or_files_are_refused():
         real.for_split(Split([], []), [str(i) for i in range(10)], labels)
     with pytest.raises(ValueError, match="WordNet-id order"):
         real.for_split(Split([], []), list(reversed(WNIDS)), labels)
+    numbered = [str(i) for i in range(1000)]  # a split file's integer labels, ImageNet's numbering
+    assert real.for_split(Split(["b/ILSVRC2012_val_00000004.JPEG"], [1]), numbered, labels)[0].tolist() == [[1]]
     with pytest.raises(ValueError, match=r"only 0.0% of the images' folder labels are in their ReaL lists"):
         real.for_split(Split(["b/ILSVRC2012_val_00000001.JPEG"], [4]), WNIDS, labels)
 

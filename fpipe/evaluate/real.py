@@ -5,8 +5,10 @@ relabelled with every class that fits, scored as big_vision and dinov2 report it
 ``ILSVRC2012_val_<i+1:08d>.JPEG``. A prediction is right when its top class is in the image's
 list; images with an empty list are left out of the count. The test split's files are matched by
 that name; its classes must be ImageNet's 1000 WordNet ids (``n01440764`` …) in their sorted
-order, which the indices count in. Each sample's list goes into evaluation batches as ``real``:
-indices padded with -1 (fpipe.train.step scores it).
+order, which the indices count in (or, from a split file, the integers 0..999 in ImageNet's usual
+numbering); a list file whose lists rarely hold the folder labels is refused, which catches
+another order. Each sample's list goes into evaluation batches as ``real``: indices padded with
+-1 (fpipe.train.step scores it).
 """
 import json
 import os
@@ -43,11 +45,12 @@ def read(path: str) -> list:
 def for_split(split, classes, labels: list) -> tuple:
     """``(per-sample lists as an N×L int64 tensor padded with -1, how many have a list, the share
     of those whose folder label is in their list)`` for ``split``'s files, by their names."""
-    wrong = [c for c in classes if not WNID.fullmatch(str(c))]
-    if len(classes) != 1000 or wrong or list(classes) != sorted(classes):
+    numbered = list(classes) == [str(i) for i in range(1000)]  # a split file's integer labels
+    wrong = [] if numbered else [c for c in classes if not WNID.fullmatch(str(c))]
+    if len(classes) != 1000 or wrong or not (numbered or list(classes) == sorted(classes)):
         raise ValueError(f"data.real_labels: ReaL counts ImageNet's 1000 classes in WordNet-id order, but the "
                          f"dataset has {len(classes)} classes{f' (e.g. {wrong[0]!r})' if wrong else ''}; use the "
-                         "ImageNet folders named by WordNet id (n01440764, …)")
+                         "ImageNet folders named by WordNet id (n01440764, …), or a split file labelling them 0..999")
     rows = []
     for path in split.files:
         m = VAL_FILE.fullmatch(os.path.basename(path))
