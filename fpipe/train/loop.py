@@ -204,17 +204,7 @@ def _run(config, workdir, dist, stop, run_info):
                 params, model_state = frozen_trunk.without_trunk(params), frozen_trunk.without_trunk(model_state)
             classes = (topk.present_classes(loader.split, dataset.num_classes).to(dist.device)
                        if config.get("eval_classes", "all") == "present" else None)
-            lists = real_lists if loader is test_loader else None
-
-            def scoring(batch):
-                """The eval step's batch: with eval_classes=present each label head scored over the classes
-                the split holds; with data.real_labels each image's ImageNet-ReaL classes."""
-                out = prepare(batch)
-                if classes is not None:
-                    out["classes"] = classes
-                if lists is not None:
-                    out["real"] = lists[batch["index"].to(lists.device)]
-                return out
+            scoring = eval_batches(prepare, classes, real_lists if loader is test_loader else None)
             return topk.evaluate(eval_step, params, model_state, loader, dist, scoring)
 
     save = make_saver(workdir, dist, config, opt, run_info, frozen_ref)
@@ -346,6 +336,20 @@ def build_eval_step(config, model, dist, *, compiling, autocast=None):
     """The eval step as the loop runs it, compiled if ``compiling``."""
     return step_lib.maybe_compile(step_lib.make_eval_step(model, autocast=autocast), compiling, "eval step",
                                   cache=step_cache(config, dist, "eval", autocast, evaluation=True))
+
+
+def eval_batches(prepare, classes=None, real_lists=None):
+    """``batch -> the eval step's batch``: ``prepare``'s, with ``classes`` (``eval_classes=present``:
+    each label head scored over the classes the split holds) and each image's ImageNet-ReaL list
+    from ``real_lists`` (``data.real_labels``), inputs of the step, never compiled constants."""
+    def scoring(batch):
+        out = prepare(batch)
+        if classes is not None:
+            out["classes"] = classes
+        if real_lists is not None:
+            out["real"] = real_lists[batch["index"].to(real_lists.device)]
+        return out
+    return scoring
 
 
 def make_loader(split, config, dist, *, train):
