@@ -19,6 +19,8 @@ resize(256, bicubic) + center_crop. MAE reports 83.6% top-1.
     torchrun --nproc_per_node=8 main.py --config=configs/finetune.py:mae_vit_b \
         --config.data.root=/data/imagenet --config.model.weights.path=mae_pretrain_vit_base.pth
 
+(add ``--config.accum_steps=4`` where 128 images a device do not fit, as MAE's ``accum_iter``)
+
 Variant ``:convnextv2_base`` is ConvNeXt V2-Base's ImageNet-1K fine-tuning from its FCMAE
 pretraining (facebookresearch/ConvNeXt-V2 TRAINING.md and main_finetune.py): the same data,
 augmentation and mixing as MAE's; the final LayerNorm at its identity init (FCMAE has none), a

@@ -83,3 +83,17 @@ def test_layer_decay_is_checked_against_the_trunk_before_the_run():
     config.optim.layer_decay = 0.0
     with pytest.raises(config_check.ConfigError, match=r"optim.layer_decay must be in \(0, 1\]"):
         config_check.check(config)
+
+
+@pytest.mark.parametrize("accum, views, message", [
+    (0, (), "accum_steps=0: a whole number >= 1"),
+    (3, (), "accum_steps=3 must divide data.batch_size=64"),
+    (2, ((2, "random_resized_crop|normalize"),), "with data.views .multi-crop. is not supported")])
+def test_gradient_accumulation_settings_are_checked(accum, views, message):
+    from configs import supervised
+    config = supervised.get_config()
+    config.accum_steps, config.data.views = accum, views
+    with pytest.raises(config_check.ConfigError, match=message):
+        config_check.check(config)
+    config.accum_steps, config.data.views = 4, ()
+    config_check.check(config)

@@ -79,6 +79,53 @@ def test_step_matches_autograd_and_torch_sgd(freeze_rules, dtype, rel):
     assert set(metrics) >= {"loss", "grad_norm", "res4/loss", "fc/loss", "res4/train_top1"}
 
 
+def test_accumulated_parts_match_autograd_per_part_and_torch_sgd():
+    """accum_steps=3: each batch of 6 in parts of 2, one after the other, as eager PyTorch code
+    accumulates grads (autograd per part, BatchNorm statistics moving per part, the grads' mean),
+    then one torch.optim.SGD step. Float64 (the loss in float32, as fpipe's): trunk BatchNorms
+    train on parts of 2 images."""
+    freeze_rules = (r"trunk\.(conv1|bn1|layer1)\..*",)
+    model, params, state, _, _ = build(freeze_rules, dict(fc=models.head_config("flatten")))
+    cast = lambda t: t.to(torch.float64) if t.is_floating_point() else t
+    params, state = tree.map_leaves(cast, params), tree.map_leaves(cast, state)
+    trainable, frozen = freeze.partition(params, freeze_rules)
+    eval_norms = freeze.eval_norms(state, frozen)
+    opt = optim.build(optim_cfg(), trainable)
+    step = step_lib.make_step(model, opt, eval_norms=eval_norms, accum_steps=3)
+    ts = {"trainable": trainable, "frozen": frozen, "model_state": state, "opt_state": opt.init(trainable)}
+    data = [{k: cast(v) for k, v in b.items()} for b in batches(2)]
+    for batch in data:
+        ts, metrics = step(ts, batch, torch.tensor(0.005, dtype=torch.float64))
+
+    names = sorted(tree.flatten(trainable))
+    flat = {n: t.clone().requires_grad_(n in names) for n, t in tree.flatten(params).items()}
+    sgd = torch.optim.SGD([flat[n] for n in names], lr=0.005, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    ref_state, losses = state, []
+    for batch in data:
+        total = None
+        for i in range(3):
+            part = {k: v[2 * i:2 * i + 2] for k, v in batch.items()}
+            outputs, ref_state = model.apply(tree.unflatten(flat), ref_state, part["image"], train=True,
+                                             eval_norms=eval_norms)
+            loss = torch.nn.functional.cross_entropy(outputs["fc"].float(), part["label"])  # fpipe's: float32
+            grads = torch.autograd.grad(loss, [flat[n] for n in names])
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+            losses.append(loss.item())
+        for n, g in zip(names, total):
+            flat[n].grad = g / 3
+        sgd.step()
+    ours = tree.flatten(tree.merge(ts["trainable"], ts["frozen"]))
+    for n, t in flat.items():
+        assert_close_scaled(ours[n], t.detach(), n, 1e-9)
+    moved = [n for n in tree.flatten(ref_state) if n.startswith("trunk.layer2") and n.endswith("running_mean")]
+    assert moved
+    for n, t in tree.flatten(ref_state).items():
+        assert_close_scaled(tree.flatten(ts["model_state"])[n], t, n, 1e-9)
+    assert float(metrics["loss"]) == pytest.approx(sum(losses[-3:]) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="accum_steps=4 must divide each process's batch of 6"):
+        step_lib.make_step(model, opt, eval_norms=eval_norms, accum_steps=4)(ts, data[0], torch.tensor(0.005))
+
+
 def test_frozen_trunk_keeps_running_stats_and_builds_no_graph():
     model, params, state, trainable, frozen = build(("trunk",), dict(fc=models.head_config("flatten")))
     eval_norms = freeze.eval_norms(state, frozen)

@@ -214,6 +214,13 @@ def _check_training(c, model) -> None:
     if c.precise_bn.num_batches < 0:
         raise ConfigError(f"precise_bn.num_batches={c.precise_bn.num_batches} must be >= 0")
     _check_ema(c)
+    accum = c.get("accum_steps", 1)
+    if not (isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1):
+        raise ConfigError(f"accum_steps={accum!r}: a whole number >= 1 is needed (1: no accumulation)")
+    if c.data.batch_size % accum:
+        raise ConfigError(f"accum_steps={accum} must divide data.batch_size={c.data.batch_size} into equal parts")
+    if accum > 1 and tuple(c.data.get("views") or ()):  # a frozen trunk gives crop-major rows: no equal parts
+        raise ConfigError(f"accum_steps={accum} with data.views (multi-crop) is not supported; set accum_steps=1")
     check_best_metric(c)
 
 

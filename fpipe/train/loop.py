@@ -84,6 +84,10 @@ def _run(config, workdir, dist, stop, run_info):
                          len(config.head_grid.lrs) * len(config.head_grid.wd_mults), val_from)
         train_loader = make_loader(dataset.train, config, dist, train=True)
         test_loader = make_loader(dataset.test, config, dist, train=False)
+        if train_loader.local_batch_size % int(config.get("accum_steps", 1)):
+            raise ValueError(f"accum_steps={config.accum_steps} must divide each process's batch, "
+                             f"data.batch_size={config.data.batch_size} / {dist.world_size} processes = "
+                             f"{train_loader.local_batch_size}, into equal parts")
         real_lists = real.lists(config.data, dataset)  # data.real_labels: ImageNet-ReaL's, or None
         real_lists = None if real_lists is None else real_lists.to(dist.device)
         steps_per_epoch = train_loader.steps_per_epoch
@@ -295,6 +299,9 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
     ``compiling``. ``hold`` (LayerFreeze): these params stay fixed and their norms use running
     statistics. ``heads_only``: ``model`` is a frozen trunk's heads (``frozen_trunk``); the step
     then takes and gives back the trunk's tensors untouched. (benchmarks/train_step.py times it.)
+    With ``accum_steps`` > 1 only a part's forward and backward is compiled, run once per part: the
+    whole step compiled with its parts unrolled kept every part's activations alive (ResNet-50
+    64 px b64, 4 parts, 2 CPU cores: peak RSS 1444 MiB against 1339 without accumulation).
 
     The step donates its input state (fpipe.train.donation) when compiled, where inductor writes
     each new value straight into the old tensor, and uncompiled where the optimizer updates in
@@ -306,14 +313,20 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
         held = frozenset(tree.flatten(held_tree))
         norms = eval_norms | freeze.eval_norms(model_state, held_tree, moving)
     loss_scaling = config.precision if precision.needs_scaler(config.precision) else None
-    donating = compiling or (not held and loss_scaling is None and opt.updates_in_place(trainable))
+    accum = int(config.get("accum_steps", 1))
+    whole = compiling and accum == 1  # the step compiled as one graph
+    part = (lambda fn: step_lib.maybe_compile(fn, True, "train step's part (accum_steps)",
+                                              inductor={**(remat.options(config.compile_remat) or {}),
+                                                        **row_sums.options()} or None)) if compiling and accum > 1 else None
+    donating = whole or (not held and loss_scaling is None and opt.updates_in_place(trainable))
     step = step_lib.make_step(
         model, opt, eval_norms=norms, hold=held, grad_reduce=distributed.grad_mean(dist),
-        sync_stats=sync_stats, autocast=autocast, in_place=donating, loss_scaling=loss_scaling)
+        sync_stats=sync_stats, autocast=autocast, in_place=donating, loss_scaling=loss_scaling,
+        accum_steps=accum, compile_part=part)
     if donating:  # the new state written into the old one's tensors
         step = donation.writes_into_inputs(step)
     fused = step_lib.updates_fused(opt, trainable, in_place=donating, hold=held, loss_scaling=loss_scaling)
-    step = step_lib.maybe_compile(step, compiling, "train step",
+    step = step_lib.maybe_compile(step, whole, "train step",
                                   cache=step_cache(config, dist, "train", heads_only, sorted(held), autocast,
                                                    fused_update=fused),
                                   inductor=step_passes(config, dist))

@@ -32,7 +32,8 @@ def heads_loss(outputs, batch, targets):
 
 
 def make_step(model, opt, *, eval_norms=None, grad_reduce=None, sync_stats=None,
-              autocast=None, loss_scaling=None, hold=frozenset(), in_place=False) -> Callable:
+              autocast=None, loss_scaling=None, hold=frozenset(), in_place=False, accum_steps=1,
+              compile_part=None) -> Callable:
     """Returns ``step(train_state, batch, hyper) -> (train_state, metrics)``; hyper: ``opt.inputs(lr)``
     (the lr and the optimizer's other numbers as 0-d tensors: inputs of a compiled step, not
     constants), or the lr alone.
@@ -49,7 +50,11 @@ def make_step(model, opt, *, eval_norms=None, grad_reduce=None, sync_stats=None,
     gets the grads flat, ``{dotted name: grad}`` (``fpipe.optim`` takes either form). in_place: the
     optimizer may write into the given trainable and opt_state (``Optimizer.update``), for a step
     whose inputs are donated (fpipe.train.donation); not with ``hold`` or loss scaling, which keep
-    the old values.
+    the old values. accum_steps: the batch's grads taken in this many equal parts, one after the
+    other (gradient accumulation: one part's activations alive at a time), their mean the whole
+    batch's; BatchNorms then see each part, and their running statistics move once per part.
+    compile_part: compiles one part's forward and backward (``fn -> compiled fn``), for a step that
+    is not compiled as a whole: its graph runs once per part and frees the part's activations.
     """
     targets = models.head_targets(model.heads)
 
@@ -62,6 +67,8 @@ def make_step(model, opt, *, eval_norms=None, grad_reduce=None, sync_stats=None,
         return (loss if scale is None else loss * scale), (loss, losses, outputs, new_model_state)
 
     grad_fn = grad_and_value_traced_or_eager(loss_fn)
+    if compile_part is not None:
+        grad_fn = compile_part(grad_fn)
 
     def step(train_state, batch, hyper):
         norms = eval_norms
@@ -69,9 +76,9 @@ def make_step(model, opt, *, eval_norms=None, grad_reduce=None, sync_stats=None,
             norms = freeze.eval_norms(train_state["model_state"], train_state["frozen"], train_state["trainable"])
         scaler = train_state["scaler"] if loss_scaling is not None else None
         flat_trainable = tree.flatten(train_state["trainable"])
-        grads, (_, (loss, losses, outputs, new_model_state)) = grad_fn(  # grads: flat, as the trainable given
-            flat_trainable, train_state["frozen"], train_state["model_state"], batch,
-            None if scaler is None else scaler["scale"], norms)
+        grads, loss, losses, head_metrics, new_model_state = _accumulated(  # grads: flat, as the trainable given
+            grad_fn, targets, flat_trainable, train_state["frozen"], train_state["model_state"], batch,
+            None if scaler is None else scaler["scale"], norms, accum_steps)
         if grad_reduce is not None:  # on scaled grads: every rank then skips (or not) together
             grads = grad_reduce(grads)
         if scaler is not None:
@@ -93,9 +100,7 @@ def make_step(model, opt, *, eval_norms=None, grad_reduce=None, sync_stats=None,
             metrics.update(loss_scale=scaler["scale"], skipped=found_inf.float())
         for name, head_loss in losses.items():
             metrics[f"{name}/loss"] = head_loss.detach()
-            target, kind, _ = targets[name]
-            key, value = losses_lib.train_metric(kind, outputs[name], models.labels_for(outputs[name], batch[target]))
-            metrics[f"{name}/{key}"] = value
+        metrics.update(head_metrics)
         new_state.update(trainable=trainable, opt_state=opt_state)
         # The step's flag for the divergence check (fpipe.train.divergence, which also checks the
         # state before anything is logged or saved); with loss scaling a non-finite step is skipped.
@@ -103,6 +108,50 @@ def make_step(model, opt, *, eval_norms=None, grad_reduce=None, sync_stats=None,
         return new_state, metrics
 
     return step
+
+
+def _accumulated(grad_fn, targets, flat_trainable, frozen, model_state, batch, scale, norms, parts):
+    """``(grads, loss, {head: loss}, {head/train metric: value}, new model state)`` of ``batch``
+    taken in ``parts`` equal parts one after the other, the model state passed from each to the
+    next; every value the mean over the parts (with equal parts, the whole batch's)."""
+    totals, model_state = None, model_state
+    for part in _split(batch, parts):
+        grads, (_, (loss, losses, outputs, model_state)) = grad_fn(flat_trainable, frozen, model_state, part,
+                                                                   scale, norms)
+        found = {"loss": loss, **{f"{h}/loss": v for h, v in losses.items()}}
+        for name, logits in outputs.items():
+            target, kind, _ = targets[name]
+            key, value = losses_lib.train_metric(kind, logits, models.labels_for(logits, part[target]))
+            found[f"{name}/{key}"] = value
+        totals = (grads, found) if totals is None else (
+            {n: totals[0][n] + g for n, g in grads.items()}, {k: totals[1][k] + v for k, v in found.items()})
+    grads, found = totals
+    if parts > 1:
+        grads = {n: g / parts for n, g in grads.items()}
+        found = {k: v / parts for k, v in found.items()}
+    loss = found.pop("loss")
+    losses = {h: found.pop(f"{h}/loss") for h in targets if f"{h}/loss" in found}
+    return grads, loss, losses, found, model_state
+
+
+def _split(batch: dict, parts: int) -> list:
+    """``batch`` (tensors, tuples of them: multi-crop images, dicts: a frozen trunk's features) as
+    ``parts`` batches of equal size along the first dimension."""
+    if parts == 1:
+        return [batch]
+    n = batch["label"].shape[0]
+    if n % parts:
+        raise ValueError(f"accum_steps={parts} must divide each process's batch of {n} images into equal parts")
+
+    def cut(value, i):
+        if isinstance(value, torch.Tensor):
+            return value[i * (value.shape[0] // parts):(i + 1) * (value.shape[0] // parts)]
+        if isinstance(value, tuple):
+            return tuple(cut(v, i) for v in value)
+        if isinstance(value, dict):
+            return {k: cut(v, i) for k, v in value.items()}
+        return value
+    return [{k: cut(v, i) for k, v in batch.items()} for i in range(parts)]
 
 
 def updates_fused(opt, trainable, *, in_place, hold, loss_scaling) -> bool:
