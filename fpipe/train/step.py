@@ -114,7 +114,7 @@ def _accumulated(grad_fn, targets, flat_trainable, frozen, model_state, batch, s
     """``(grads, loss, {head: loss}, {head/train metric: value}, new model state)`` of ``batch``
     taken in ``parts`` equal parts one after the other, the model state passed from each to the
     next; every value the mean over the parts (with equal parts, the whole batch's)."""
-    totals, model_state = None, model_state
+    totals = None
     for part in _split(batch, parts):
         grads, (_, (loss, losses, outputs, model_state)) = grad_fn(flat_trainable, frozen, model_state, part,
                                                                    scale, norms)
