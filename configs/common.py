@@ -34,9 +34,7 @@ def base_config():
     c.keep_ckpts = 3
     c.data = defaults.data()
     c.data.image_size = 32     # digits are 8x8: 32 px keeps every stage of a ResNet meaningful
-    # Gradient accumulation (MAE's accum_iter, ConvNeXt's update_freq): each step's batch in this many
-    # equal parts, one after another, one update; BatchNorms see each part. 1: off.
-    c.accum_steps = 1
+    c.accum_steps = 1          # gradient accumulation: each batch in this many parts, one update (MAE's accum_iter)
     c.model = ml_collections.ConfigDict()
     c.model.trunk = defaults.trunk("resnet18")  # a family or any preset: see docs/MODELS.md
     c.model.heads = ml_collections.ConfigDict()

@@ -15,7 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = {"": ("configs/common.py", None), "data.": ("fpipe/defaults.py", "data"),
             "optim.": ("fpipe/defaults.py", "optim"), "schedule.": ("fpipe/defaults.py", "schedule"),
             "precision.": ("fpipe/defaults.py", "precision"), "model.weights.": ("fpipe/defaults.py", "weights"),
-            "model.trunk.": ("fpipe/defaults.py", "trunk"), "eval.": ("fpipe/defaults.py", "evaluation")}
+            "model.trunk.": ("fpipe/defaults.py", "trunk"), "eval.": ("fpipe/defaults.py", "evaluation"),
+            "model.head_weights.": ("fpipe/defaults.py", "head_weights"), "mix.": ("fpipe/defaults.py", "mix"),
+            "ema.": ("fpipe/defaults.py", "ema")}
 # A detection config (model.detection): its own top level, data section and the model's options.
 DETECTION_SECTIONS = {**SECTIONS, "": ("configs/detection.py", "get_config"),
                       "data.": ("fpipe/defaults.py", "detection_data"),

@@ -122,7 +122,7 @@ def ema():
     c = ml_collections.ConfigDict()
     c.decay = 0.0                  # ema = decay * ema + (1 - decay) * weights after every step; 0: off
     c.warmup = False               # timm's warmup: decay min(decay, 1 - (1 + (n - 1) / gamma) ** -power) at update n
-    c.warmup_gamma = 1.0
+    c.warmup_gamma = 1.0            # the warmup's step scale (timm's default)
     c.warmup_power = 0.75          # timm: 3/4 for long runs, 2/3 for short ones
     return c
 
