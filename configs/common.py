@@ -14,7 +14,7 @@ def no_variants(name, arg):
 
 def base_config():
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0                 # model init and step randomness (data.seed: order and augmentation)
     c.compile = True           # torch.compile the train and eval steps (eager on failure, logged) ...
     c.compile_min_images = 100_000  # ... in runs that train on at least this many images (0: always)
     c.compile_cache_dir = "auto"  # compiled steps saved for the next run ("auto": ~/.cache/fpipe/compiled; "": off)
@@ -24,14 +24,14 @@ def base_config():
     c.cudnn_benchmark = True   # CUDA: cuDNN times its conv algorithms per shape, keeps the fastest (False: heuristics)
     # Durations: config files give *_epochs; *_steps, set on the command line, win over them
     # (converted in one place, schedules.to_steps).
-    c.total_epochs = 10.0
-    c.total_steps = placeholder(int)
-    c.log_steps = 10
+    c.total_epochs = 10.0      # the run's length
+    c.total_steps = placeholder(int)  # ... in steps (wins over total_epochs)
+    c.log_steps = 10           # metrics every this many steps (and after the last)
     c.eval_epochs = placeholder(float)  # unset: evaluate only at the end
-    c.eval_steps = placeholder(int)
-    c.ckpt_epochs = 1.0
-    c.ckpt_steps = placeholder(int)
-    c.keep_ckpts = 3
+    c.eval_steps = placeholder(int)  # ... in steps (wins over eval_epochs)
+    c.ckpt_epochs = 1.0        # a checkpoint every this many epochs (and after the last step)
+    c.ckpt_steps = placeholder(int)  # ... in steps (wins over ckpt_epochs)
+    c.keep_ckpts = 3           # the newest checkpoints kept (best.pt apart)
     c.data = defaults.data()
     c.data.image_size = 32     # digits are 8x8: 32 px keeps every stage of a ResNet meaningful
     c.accum_steps = 1          # gradient accumulation: each batch in this many parts, one update (MAE's accum_iter)
@@ -40,7 +40,7 @@ def base_config():
     c.model.heads = ml_collections.ConfigDict()
     c.model.weights = defaults.weights()
     c.model.head_weights = defaults.head_weights()
-    c.model.freeze = ()
+    c.model.freeze = ()        # regexes (or "trunk", "heads", "all") over dotted names: frozen params
     c.optim = defaults.optim()
     c.schedule = defaults.schedule()
     c.mix = defaults.mix()              # Mixup / CutMix / label smoothing of training batches: off
@@ -49,14 +49,17 @@ def base_config():
     # Processes: `torchrun --nproc_per_node=N main.py ...` splits data.batch_size (global) over N.
     # BatchNorms that train use the global batch's statistics (SyncBN), so 1 and N processes give
     # the same numbers; False: per-process statistics (one all-reduce less per BatchNorm layer).
-    c.sync_bn = True
+    c.sync_bn = True                    # BatchNorms that train see the global batch (SyncBN)
     c.sync_bn_group = "global"          # global | node | "<N>" processes per group (VISSL's option)
     c.fast_frozen_trunk = True          # a fully frozen trunk runs as a compiled constant
     c.collective_timeout_s = 600.0      # a collective waiting longer (a stuck rank) stops the run
     # Periodic actions (fpipe.train.periodic); each is off until configured.
-    c.layer_freeze = ml_collections.ConfigDict(dict(rules=(), freeze_epochs=0.0))  # or freeze_steps
-    c.layer_freeze.freeze_steps = placeholder(int)
-    c.precise_bn = ml_collections.ConfigDict(dict(num_batches=0))  # before each evaluation
+    c.layer_freeze = ml_collections.ConfigDict()
+    c.layer_freeze.rules = ()           # LayerFreeze (fastreid): these params held at first ...
+    c.layer_freeze.freeze_epochs = 0.0  # ... for this long
+    c.layer_freeze.freeze_steps = placeholder(int)  # ... in steps (wins over freeze_epochs)
+    c.precise_bn = ml_collections.ConfigDict()
+    c.precise_bn.num_batches = 0        # PreciseBN: BatchNorm statistics over this many batches before each evaluation
     # A grid of heads on one trunk pass (dinov2): every head once per (lr, wd_mult), each head's
     # best member chosen on a validation split, reported on test (fpipe/train/head_grid.py).
     c.head_grid = ml_collections.ConfigDict()
@@ -66,8 +69,8 @@ def base_config():
     c.best_metric = ""                  # e.g. "res5avg/top1": keep checkpoints/best.pt
     # all | present: label heads scored over every class, or over the classes the evaluated split
     # holds (ImageNet-A/R as the test split: top-k among their 200 of ImageNet's 1000 classes)
-    c.eval_classes = "all"
-    c.best_mode = "max"
-    # Feature extraction after the run: trunk features per split to WORKDIR/features/<split>.pt.
-    c.extract = ml_collections.ConfigDict(dict(features=()))  # e.g. ("res5avg", "flatten")
+    c.eval_classes = "all"              # all | present (see above)
+    c.best_mode = "max"                 # max | min: which best_metric value is best
+    c.extract = ml_collections.ConfigDict()
+    c.extract.features = ()             # after the run, these trunk features per split to WORKDIR/features/
     return c

@@ -46,13 +46,41 @@ def _comments(path: str, function=None) -> dict:
     return out
 
 
+TRUNK_OPTION = "a trunk option; null: the preset's or family's value (docs/MODELS.md lists each family's)"
+# model.heads.<name>.<key>: heads are built by defaults.head(), whose keys carry no comment of their own
+HEAD_OPTION = {
+    "feature": "the trunk feature it reads (docs/MODELS.md lists each family's)",
+    "type": "linear | mlp | eval_mlp (VISSL's: BatchNorm, then linear)",
+    "pool": "(h, w): the feature pooled to this grid first; null: as it is",
+    "pool_type": "avg | max",
+    "dims": "its layers' output sizes; null: the target's size (the class count)",
+    "chain": "layers one after the other, each a dict of these keys",
+    "vissl_dims": "dims list the input size first, as VISSL's configs do",
+    "towers": "each image's that many crops side by side (VISSL's siamese_concat_view)",
+    "crops": "(first, count): the crops it reads; empty: all",
+    "target": "label, or a dataset's extra target",
+    "loss": "cross_entropy | bce | mse",
+    "loss_weight": "its weight in the summed loss",
+    "use_bn": "mlp: BatchNorm after each hidden layer", "use_relu": "mlp: ReLU after each hidden layer",
+    "use_dropout": "mlp: dropout after each hidden layer", "dropout": "its rate",
+    "use_bias": "linear layers with a bias", "skip_last_layer_relu_bn": "no ReLU/BatchNorm after the last layer",
+    "init_std": "linear weights from N(0, init_std**2), biases 0 (the probes' init); null: torch's default",
+    "bn_affine": "its BatchNorms learn a scale and shift", "bn_eps": "its BatchNorms' eps",
+}
+
+
 def help_for(keys, sections=SECTIONS) -> dict:
     comments = {prefix: _comments(*where) for prefix, where in sections.items()}
     out = {}
     for key in keys:
         prefix = max((p for p in sections if key.startswith(p)), key=len)
         leaf = key[len(prefix):].split(".")[-1]
-        out[key] = comments[prefix].get(leaf, "")
+        found = comments[prefix].get(leaf, "")
+        if not found and prefix == "model.trunk.":
+            found = TRUNK_OPTION
+        elif not found and key.startswith("model.heads."):
+            found = HEAD_OPTION.get(leaf, "")
+        out[key] = found
     return out
 
 

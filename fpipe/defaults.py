@@ -83,7 +83,7 @@ def optim():
     c.name = "sgd"                 # sgd | adamw | lars
     c.lr = 0.1                     # base lr: scaled by scaled_lr() when scale_lr, times the schedule
     c.momentum = 0.9               # sgd and lars; dampening is always 0
-    c.nesterov = False
+    c.nesterov = False             # sgd: Nesterov momentum
     c.weight_decay = 0.0           # coupled (added to the grad) for sgd and lars; decoupled for adamw
     c.betas = (0.9, 0.999)         # adamw
     c.eps = 1e-8                   # adamw
@@ -96,7 +96,7 @@ def optim():
     c.clip_grad_norm = placeholder(float)   # None or 0: off
     c.clip_grad_value = placeholder(float)  # None or 0: off
     c.scale_lr = False             # VISSL's linear scaling rule: lr * global_batch / reference_batch_size
-    c.reference_batch_size = 256
+    c.reference_batch_size = 256   # scale_lr: the batch the base lr is given for
     return c
 
 
@@ -132,13 +132,13 @@ def schedule():
     c = ml_collections.ConfigDict()
     c.name = "cosine"              # constant | multistep | cosine | polynomial
     c.warmup_epochs = placeholder(float)  # or warmup_steps; unset: no warmup
-    c.warmup_steps = placeholder(int)
+    c.warmup_steps = placeholder(int)  # ... in steps (wins over warmup_epochs)
     c.warmup_method = "linear"     # linear | constant | exponential
     c.warmup_factor = 0.001        # multiplier at step 0 of the warmup (detectron2's default)
     c.delay_epochs = placeholder(float)  # or delay_steps: hold the base lr after warmup (cosine, polynomial)
-    c.delay_steps = placeholder(int)
+    c.delay_steps = placeholder(int)  # ... in steps
     c.milestones_epochs = placeholder(tuple)  # or milestones_steps: multistep's decay points, from step 0
-    c.milestones_steps = placeholder(tuple)
+    c.milestones_steps = placeholder(tuple)  # ... in steps
     c.gamma = 0.1                  # multistep's factor per milestone
     c.end_factor = placeholder(float)  # cosine/polynomial final multiplier (default 0) ...
     c.end_lr = placeholder(float)  # ... or final absolute lr
@@ -151,9 +151,9 @@ def precision():
     c = ml_collections.ConfigDict()
     c.dtype = "float32"            # float32 | bf16 | fp16 (fp16: CUDA only, with dynamic loss scaling)
     c.init_scale = 2.0 ** 16       # fp16 loss scale at the start
-    c.growth_factor = 2.0
-    c.backoff_factor = 0.5
-    c.growth_interval = 2000
+    c.growth_factor = 2.0          # fp16: the scale times this after growth_interval finite steps
+    c.backoff_factor = 0.5         # fp16: the scale times this after a non-finite step (skipped)
+    c.growth_interval = 2000       # fp16: finite steps before the scale grows
     return c
 
 
@@ -164,8 +164,8 @@ def weights():
     c.format = "auto"              # auto | torchvision (plain names) | vissl | fpipe
     c.state_dict_key = ""          # dotted path of the sub-dict holding the weights
     c.skip_layers = ("num_batches_tracked",)  # substrings or regexes of names to drop
-    c.remove_prefix = ""
-    c.append_prefix = ""
+    c.remove_prefix = ""           # a prefix to strip from the file's names (format: auto finds it itself)
+    c.append_prefix = ""           # a prefix to add to them
     c.rename = ()                  # ((regex, replacement), ...): first match wins
     c.select = ""                  # which copy among several: 'teacher', 'module.encoder_k.', ...
     c.allow_partial = False        # accept a trunk not fully covered, or shape mismatches

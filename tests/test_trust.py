@@ -160,6 +160,12 @@ def test_config_only_lists_every_key_with_help_and_runs_nothing(tmp_path):
     assert "optim.lr = 0.1" in proc.stdout and "data.batch_size = " in proc.stdout
     assert "# GLOBAL training batch" in proc.stdout
     assert not (tmp_path / "w").exists()
+    from fpipe import config_help
+    for name in ("linear_eval", "supervised", "finetune:convnextv2_base", "linear_eval:dinov2_imagenet"):
+        module, _, arg = name.partition(":")
+        config = __import__(f"configs.{module}", fromlist=["get_config"]).get_config(arg or None)
+        lines = config_help.describe(config).splitlines()
+        assert len(lines) > 100 and not [line for line in lines if " = " in line and "#" not in line], name
 
 
 def test_adamw_blowing_up_exits_3_and_saves_nothing_non_finite(tmp_path):
