@@ -91,7 +91,7 @@ def optim():
     c.lr_mults = ()                # e.g. (("heads\\..*", 10.0),); None freezes; unmatched params: 1.0
     c.wd_mults = NO_DECAY          # unmatched params: 1.0
     c.layer_decay = 1.0            # ViT/Swin/ConvNeXt fine-tuning: k-th of D blocks at lr x this^(D+1-k); 1: off
-    c.layer_decay_type = "single"  # a layer per block, or "group": ConvNeXt V2 Base/Large/Huge's 12 groups of 3
+    c.layer_decay_type = "single"  # a layer per block, or "group": ConvNeXt's 12 groups of 3 (V1 S-XL, V2 B-H)
     c.lars_exclude = NO_LARS       # unmatched params: False (adapted)
     c.clip_grad_norm = placeholder(float)   # None or 0: off
     c.clip_grad_value = placeholder(float)  # None or 0: off

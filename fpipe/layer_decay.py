@@ -11,8 +11,8 @@ puts what lies between the blocks (fpipe's, i.e. torchvision's, names):
       last block, before(s + 1).
   ConvNeXt (ConvNeXt V2, ``single``): the stem ``features.0`` 1; block j of stage s before(s) + j + 1;
       the downsampling before stage s (``features.<2s>``) with that stage's first block, before(s) + 1.
-  ConvNeXt V2's ``group`` (``optim.layer_decay_type``; its Base, Large and Huge, stages of 3, 3, 27
-      and 3 blocks): 12 layers, the stem 0, stage 0 (and the downsampling before it) 1, stage 1 and
+  ConvNeXt's ``group`` (``optim.layer_decay_type``: ConvNeXt V2's Base, Large and Huge, and every
+      layer decay of ConvNeXt V1's main.py, for its Small to XLarge: stages of 3, 3, 27 and 3 blocks): 12 layers, the stem 0, stage 0 (and the downsampling before it) 1, stage 1 and
       its downsampling 2, stage 2's downsampling 3, its block j 3 + j // 3, stage 3 12.
 
 before(s): the blocks of the stages before s. Blocks are counted over every param of the model,
@@ -26,7 +26,7 @@ _VIT_EMBEDDING = re.compile(_TRUNK + r"(?:class_token|dist_token|register_tokens
                                      r"encoder\.pos_embedding|ln_pre\..*)")
 _STAGED = re.compile(_TRUNK + r"features\.(\d+)\.(?:(\d+)\.)?.*")  # features.<k>[.<block j>].…
 FAMILIES = ("vit", "swin", "convnext")
-KINDS = ("single", "group")  # optim.layer_decay_type: a layer per block, or ConvNeXt V2's groups of 3
+KINDS = ("single", "group")  # optim.layer_decay_type: a layer per block, or ConvNeXt's groups of 3
 GROUP_DEPTHS = [3, 3, 27, 3]  # the ConvNeXt stages "group" numbers
 
 
@@ -69,8 +69,8 @@ def mults(names, decay: float, model_names=None, kind: str = "single") -> tuple:
         where, unit = "the patch embedding" if family == "swin" else "the stem (as its first block)", "blocks"
         if kind == "group":
             if family != "convnext" or depths != GROUP_DEPTHS:
-                raise ValueError(f"optim.layer_decay_type='group' numbers ConvNeXt V2's Base, Large and Huge "
-                                 f"(stages of {GROUP_DEPTHS} blocks); this trunk is a {family} of {depths}: "
+                raise ValueError(f"optim.layer_decay_type='group' numbers ConvNeXts with stages of {GROUP_DEPTHS} "
+                                 f"blocks (V1 Small to XLarge, V2 Base to Huge); this trunk is a {family} of {depths}: "
                                  "set optim.layer_decay_type='single'")
             depth, layer, where, unit = 12, _convnext_group_layer, "the stem", "layers"
     first = decay ** (depth + 1 - min(layer(n) for n in every))

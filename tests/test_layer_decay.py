@@ -86,11 +86,20 @@ def test_convnextv2_groups_give_each_param_its_recipes_multiplier():
     for mine in ours:
         assert mults[mine] == pytest.approx(DECAY ** (12 + 1 - convnextv2_group_layer(mapped[mine]))), mine
     assert len({round(m, 12) for m in mults.values()}) == 14  # layers 0..12 and the final norm's 13
-    with pytest.raises(ValueError, match=r"numbers ConvNeXt V2's Base.*convnext of \[2, 2, 6, 2\]"):
+    with pytest.raises(ValueError, match=r"numbers ConvNeXts with stages of \[3, 3, 27, 3\].*convnext of \[2, 2, 6, 2\]"):
         layer_decay.mults(list(tree.flatten(init_on_meta(model_lib.build_trunk("convnextv2_atto"))[0])), DECAY,
                           kind="group")
     with pytest.raises(ValueError, match="layer_decay_type='grp'; valid: single, group"):
         layer_decay.mults(ours, DECAY, kind="grp")
+
+
+def test_convnext_v1s_small_to_xlarge_take_the_groups_too():
+    """ConvNeXt V1's main.py applies the 12-group numbering to convnext_small/base/large/xlarge."""
+    for preset in ("convnext_small", "convnext_base", "convnext_large"):
+        names = list(tree.flatten(init_on_meta(model_lib.build_trunk(preset))[0]))
+        mults, _ = layer_decay.mults(names, DECAY, kind="group")
+        assert mults["features.5.26.block.0.weight"] == pytest.approx(DECAY ** (13 - (3 + 26 // 3))), preset
+        assert mults["features.7.0.block.0.weight"] == pytest.approx(DECAY), preset
 
 
 def test_families_are_told_by_their_names():
