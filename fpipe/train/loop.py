@@ -317,8 +317,8 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
     accum = int(config.get("accum_steps", 1))
     whole = compiling and accum == 1  # the step compiled as one graph
     part = (lambda fn: step_lib.maybe_compile(fn, True, "train step's part (accum_steps)",
-                                              inductor={**(remat.options(config.compile_remat) or {}),
-                                                        **row_sums.options()} or None)) if compiling and accum > 1 else None
+                                              inductor=step_passes(config, dist, collectives=False))
+            ) if compiling and accum > 1 else None
     donating = whole or (not held and loss_scaling is None and opt.updates_in_place(trainable))
     step = step_lib.make_step(
         model, opt, eval_norms=norms, hold=held, grad_reduce=distributed.grad_mean(dist),
@@ -337,12 +337,13 @@ def build_train_step(config, model, opt, trainable, model_state, eval_norms, dis
     return donation.Donating(step) if donating else step
 
 
-def step_passes(config, dist):
+def step_passes(config, dist, collectives=True):
     """Inductor's graph passes for the train step: values recomputed in the backward
     (``compile_remat``), where it was measured faster BatchNorm's sums taken row by row, and with
-    several processes the gradients' all-reduces overlapped with the backward."""
+    several processes the gradients' all-reduces overlapped with the backward (``collectives``;
+    not for an accumulated step's part, whose gradients are all-reduced after the parts)."""
     passes = {**(remat.options(config.compile_remat) or {}), **row_sums.options(),
-              **(distributed.overlap_options(dist) or {})}
+              **((distributed.overlap_options(dist) or {}) if collectives else {})}
     return passes or None
 
 

@@ -150,7 +150,7 @@ def make_plan(obj: dict, files: dict, target: dict, opts: config.Options) -> Pla
                            f"(e.g. state_dict_key={opts.select!r}) or remove_prefix")
     if opts.format == "vissl":
         return _plan_vissl(files, opts, target)
-    if opts.format == "torchvision" or opts.remove_prefix or opts.append_prefix:
+    if explicit:
         return _plan_explicit(files, opts)
     return _plan_auto(obj, files, target, opts)
 
